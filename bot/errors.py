@@ -1,0 +1,59 @@
+"""The project's exception hierarchy: one base class, specific subclasses."""
+
+from __future__ import annotations
+
+
+class DeksdenFlowError(Exception):
+    """Base class for every error the project raises on purpose."""
+
+
+class ConfigError(DeksdenFlowError):
+    """A setting is missing or has a value we cannot use."""
+
+
+class WebhookError(DeksdenFlowError):
+    """A delivery was rejected; carries the HTTP status to answer with."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+class TransitionConflict(DeksdenFlowError):
+    """A guarded state transition found the row in another state (HTTP 409)."""
+
+    def __init__(self, kind: str, entity_id: int, current: str, wanted: str) -> None:
+        super().__init__(f"{kind} {entity_id} is {current!r}; cannot move to {wanted!r}")
+        self.kind = kind
+        self.entity_id = entity_id
+        self.current = current
+        self.wanted = wanted
+
+
+class NotFound(DeksdenFlowError):
+    """A referenced row does not exist (HTTP 404)."""
+
+
+class EngineError(DeksdenFlowError):
+    """An engine could not be started or produced unusable output."""
+
+
+class GitError(DeksdenFlowError):
+    """A git command failed or timed out."""
+
+
+class ForgeError(DeksdenFlowError):
+    """A forge (GitHub, GitLab, Local) request failed after its retries."""
+
+
+class SpecError(DeksdenFlowError):
+    """A ProtocolSpec, planning output or workspace failed validation."""
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class LockBusy(DeksdenFlowError):
+    """Another worker holds the per-protocol lock."""

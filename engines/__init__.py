@@ -1,0 +1,1 @@
+"""Engines: the agents that do a protocol's work (codex CLI, scripted)."""
