@@ -1,0 +1,1 @@
+"""Forges: GitHub, GitLab and Local behind one interface."""
