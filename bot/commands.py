@@ -1,0 +1,302 @@
+"""Slash-command grammar, label intents, permission table and prompt-input sanitising (pure)."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+ArgKind = Literal["text", "step_or_next", "step", "none"]
+PermissionLevel = Literal["admin", "write", "read", "none"]
+
+
+@dataclass(frozen=True)
+class CommandInfo:
+    """One row of the command table: how a command is written and what it does."""
+
+    name: str
+    args: ArgKind
+    usage: str  # without the prefix, e.g. "run-step [N|next]"
+    summary: str
+
+
+# The single source of truth for the grammar; help text and error replies are built from it.
+COMMANDS: Mapping[str, CommandInfo] = {
+    info.name: info
+    for info in (
+        CommandInfo("plan", "text", "plan [free text]", "plan (or re-plan) a protocol for this issue"),
+        CommandInfo("run-step", "step_or_next", "run-step [N|next]", "execute step N, or the next pending step"),
+        CommandInfo("qa", "step", "qa [N]", "run the quality check on step N (default: current step)"),
+        CommandInfo("status", "none", "status", "refresh the status comment"),
+        CommandInfo("retry", "step", "retry [N]", "retry step N (default: the failed or blocked step)"),
+        CommandInfo("approve", "step", "approve [N]", "accept step N without (another) QA pass"),
+        CommandInfo("pause", "none", "pause", "stop after the running step"),
+        CommandInfo("resume", "none", "resume", "continue a paused or blocked protocol"),
+        CommandInfo("cancel", "none", "cancel", "cancel the protocol"),
+        CommandInfo("help", "none", "help", "show this help"),
+        CommandInfo("init", "none", "init", "add a starter .deksdenflow/ configuration to the repository"),
+    )
+}
+
+# Minimum repository permission per command. Repository config may override entries via
+# `required_permission(..., overrides=...)`; "auto" is the label-only intent.
+DEFAULT_PERMISSIONS: Mapping[str, PermissionLevel] = {
+    **{name: "write" for name in COMMANDS},
+    "status": "read",
+    "help": "read",
+    "auto": "write",
+}
+
+_PERMISSION_RANK: Mapping[str, int] = {"none": 0, "read": 1, "write": 2, "maintain": 2, "admin": 3}
+
+DEFAULT_LABELS: Mapping[str, str] = {
+    "deksdenflow:plan": "plan",
+    "deksdenflow:auto": "auto",
+}
+LABEL_INTENTS = frozenset({"plan", "auto"})
+
+
+@dataclass(frozen=True)
+class Command:
+    """A parsed command or label intent.
+
+    `step` is the step number for run-step/qa/retry/approve (None = "next"/"current", the job
+    decides); `text` is the free text after /plan.
+    """
+
+    name: str
+    step: int | None = None
+    text: str = ""
+    raw: str = ""
+    line: int = 0  # 1-based line in the comment body; 0 for label intents
+
+
+@dataclass(frozen=True)
+class CommandError:
+    """A line that looked like a command but could not be used; the bot replies with it."""
+
+    kind: Literal["unknown", "malformed"]
+    name: str
+    raw: str
+    message: str
+    usage: str = ""  # full usage line with prefix, empty for unknown commands
+    suggestions: tuple[str, ...] = ()
+    line: int = 0
+
+
+_FENCE_RE = re.compile(r"^\s*(`{3,}|~{3,})(.*)$")
+_QUOTE_RE = re.compile(r"^\s*>")
+_POSITIVE_INT_RE = re.compile(r"^[0-9]+$")
+
+
+def _command_re(prefix: str) -> re.Pattern[str]:
+    # The name must be followed by whitespace or end of line, so paths such as /usr/bin or
+    # URLs never parse as commands.
+    return re.compile(r"^\s*" + re.escape(prefix) + r"([A-Za-z][A-Za-z-]*)(?:\s+(.*?))?\s*$")
+
+
+def _code_lines(lines: list[str]) -> set[int]:
+    """Indexes of lines inside fenced code blocks (CommonMark-style: same char, ≥ length)."""
+    inside: set[int] = set()
+    fence: str | None = None
+    for i, line in enumerate(lines):
+        m = _FENCE_RE.match(line)
+        if fence is None:
+            # A backtick fence's info string may not contain backticks (CommonMark).
+            if m and not (m.group(1)[0] == "`" and "`" in m.group(2)):
+                fence = m.group(1)
+                inside.add(i)
+            continue
+        inside.add(i)
+        if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and not m.group(2).strip():
+            fence = None
+    return inside
+
+
+def _usage(info: CommandInfo, prefix: str) -> str:
+    return f"{prefix}{info.usage}"
+
+
+def _parse_positive(token: str) -> int | None:
+    if not _POSITIVE_INT_RE.match(token):
+        return None
+    value = int(token)
+    return value if value > 0 else None
+
+
+def _parse_one(
+    info: CommandInfo, args: str, raw: str, line_no: int, prefix: str
+) -> Command | CommandError:
+    tokens = args.split()
+
+    def malformed(message: str) -> CommandError:
+        return CommandError(
+            kind="malformed",
+            name=info.name,
+            raw=raw,
+            message=message,
+            usage=_usage(info, prefix),
+            line=line_no,
+        )
+
+    if info.args == "text":
+        return Command(info.name, text=args.strip(), raw=raw, line=line_no)
+    if info.args == "none":
+        if tokens:
+            return malformed(f"`{prefix}{info.name}` takes no arguments (got `{args.strip()}`)")
+        return Command(info.name, raw=raw, line=line_no)
+    if len(tokens) > 1:
+        return malformed(f"`{prefix}{info.name}` takes at most one argument (got `{args.strip()}`)")
+    if not tokens:
+        return Command(info.name, raw=raw, line=line_no)
+    token = tokens[0]
+    if info.args == "step_or_next" and token.lower() == "next":
+        return Command(info.name, raw=raw, line=line_no)
+    step = _parse_positive(token)
+    if step is None:
+        what = "a positive step number or `next`" if info.args == "step_or_next" else "a positive step number"
+        return malformed(f"`{token}` is not {what}")
+    return Command(info.name, step=step, raw=raw, line=line_no)
+
+
+def suggest(name: str, *, limit: int = 3) -> tuple[str, ...]:
+    """Known command names close to `name` (for "did you mean")."""
+    return tuple(difflib.get_close_matches(name.lower(), list(COMMANDS), n=limit, cutoff=0.6))
+
+
+def parse_commands(body: str, *, prefix: str = "/") -> list[Command | CommandError]:
+    """Every command line in a comment body, in order.
+
+    A command starts a line (leading whitespace allowed), outside fenced code blocks and
+    block quotes (so quoting someone's `/plan` does not re-run it). Names are case-insensitive.
+    """
+    lines = body.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    code = _code_lines(lines)
+    pattern = _command_re(prefix)
+    found: list[Command | CommandError] = []
+    for i, line in enumerate(lines):
+        if i in code or _QUOTE_RE.match(line):
+            continue
+        m = pattern.match(line)
+        if not m:
+            continue
+        name = m.group(1).lower()
+        args = m.group(2) or ""
+        raw = line.strip()
+        info = COMMANDS.get(name)
+        if info is None:
+            found.append(
+                CommandError(
+                    kind="unknown",
+                    name=name,
+                    raw=raw,
+                    message=f"`{prefix}{name}` is not a DeksdenFlow command",
+                    suggestions=tuple(f"{prefix}{s}" for s in suggest(name)),
+                    line=i + 1,
+                )
+            )
+            continue
+        found.append(_parse_one(info, args, raw, i + 1, prefix))
+    return found
+
+
+def required_permission(
+    command: str, overrides: Mapping[str, str] | None = None
+) -> PermissionLevel:
+    """The minimum repository permission for `command` (repository config may override)."""
+    if overrides and command in overrides:
+        level = overrides[command]
+        if level not in ("admin", "write", "read", "none"):
+            raise ValueError(f"unknown permission level {level!r} for command {command!r}")
+        return level  # type: ignore[return-value]  # narrowed by the check above
+    return DEFAULT_PERMISSIONS.get(command, "write")
+
+
+def permission_allows(actual: str, required: str) -> bool:
+    """Whether a user holding `actual` (GitHub/GitLab level, maintain = write) may act."""
+    return _PERMISSION_RANK.get(actual, 0) >= _PERMISSION_RANK.get(required, 99)
+
+
+def label_intent(label_name: str, labels_config: Mapping[str, str] | None = None) -> Command | None:
+    """The intent a newly added label asks for, if it is one of ours.
+
+    `labels_config` maps label name → intent ("plan" | "auto") and is merged over the defaults;
+    mapping a default label to "" disables it. Label names compare case-insensitively, as the
+    forges treat them.
+    """
+    table = {k.casefold(): v for k, v in DEFAULT_LABELS.items()}
+    for name, intent in (labels_config or {}).items():
+        table[name.casefold()] = intent
+    wanted = table.get(label_name.strip().casefold())
+    if not wanted:
+        return None
+    if wanted not in LABEL_INTENTS:
+        raise ValueError(f"label {label_name!r} maps to unknown intent {wanted!r}")
+    return Command(wanted, raw=label_name)
+
+
+def help_text(prefix: str = "/") -> str:
+    """The markdown reply to /help."""
+    rows = "\n".join(
+        f"| `{_usage(info, prefix)}` | {info.summary} | {DEFAULT_PERMISSIONS[info.name]} |"
+        for info in COMMANDS.values()
+    )
+    labels = "\n".join(f"- `{label}` → {intent}" for label, intent in DEFAULT_LABELS.items())
+    return (
+        "### DeksdenFlow commands\n\n"
+        "Write a command at the start of a line in an issue or pull-request comment "
+        "(not inside a code block or quote). `N` is a step number.\n\n"
+        "| Command | What it does | Needs |\n|---|---|---|\n"
+        f"{rows}\n\n"
+        "### Labels\n\n"
+        f"{labels}\n\n"
+        "`auto` plans, then runs every step with its QA gate until the protocol is done or blocked."
+    )
+
+
+def render_command_error(err: CommandError, prefix: str = "/") -> str:
+    """The markdown reply for a command we could not use."""
+    parts = [f"⚠️ {err.message}.", "", f"> {err.raw}"]
+    if err.usage:
+        parts += ["", f"Usage: `{err.usage}`"]
+    if err.suggestions:
+        parts += ["", "Did you mean " + " or ".join(f"`{s}`" for s in err.suggestions) + "?"]
+    parts += ["", f"Send `{prefix}help` for the list of commands."]
+    return "\n".join(parts)
+
+
+# Characters a reader cannot see but a model reads: zero-width and bidi controls.
+_INVISIBLE = (
+    "\u200b\u200c\u200d\u2060\ufeff"  # zero-width space/joiners, word joiner, BOM
+    "\u202a\u202b\u202c\u202d\u202e"  # bidi embeddings/overrides
+    "\u2066\u2067\u2068\u2069"  # bidi isolates
+    "\u200e\u200f\u061c"  # LRM, RLM, Arabic letter mark
+)
+_CONTROL = "".join(chr(c) for c in range(32) if chr(c) not in "\n\t") + "\x7f"
+_STRIP_TABLE = str.maketrans("", "", _INVISIBLE + _CONTROL)
+_HTML_COMMENT_RE = re.compile(r"<!--.*?(?:-->|\Z)", re.DOTALL)
+DEFAULT_MAX_PROMPT_CHARS = 20_000
+TRUNCATION_NOTE = "\n[… truncated by DeksdenFlow]"
+
+
+def sanitize_prompt_text(text: str, max_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> str:
+    """Untrusted issue/comment text made safe to paste into a prompt.
+
+    Drops what a human reviewer cannot see on the forge but a model would read: HTML comments
+    (also an unterminated one, which hides the rest of the text), zero-width and bidi control
+    characters, other control characters; then caps the length.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    # Repeat until stable: removing invisible characters can splice a new "<!--" together,
+    # and removing a comment can do the same; anything that was obfuscated that way goes too.
+    while True:
+        cleaned = _HTML_COMMENT_RE.sub("", text).translate(_STRIP_TABLE)
+        if cleaned == text:
+            break
+        text = cleaned
+    if len(text) > max_chars:
+        keep = max(0, max_chars - len(TRUNCATION_NOTE))
+        text = text[:keep] + TRUNCATION_NOTE[: max_chars - keep]
+    return text
