@@ -1,0 +1,342 @@
+"""The scripted engine: deterministic, offline answers read from an editable YAML script."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bot.errors import EngineError
+from engines.base import EngineRequest, EngineResult, TokenUsage
+
+ENGINE_ID = "scripted"
+DEFAULT_SCRIPT_PATH = Path(__file__).with_name("scripted_default.yml")
+
+_PLACEHOLDER = re.compile(r"\{(task|protocol|slug|title|step_index|phase)\}")
+_VERDICTS = ("PASS", "FAIL")
+
+
+def fill(text: str, context: Mapping[str, Any]) -> str:
+    """Replace the known {placeholders} only, so code and JSON braces survive untouched."""
+
+    def sub(match: re.Match[str]) -> str:
+        value = context.get(match.group(1))
+        return match.group(0) if value is None else str(value)
+
+    return _PLACEHOLDER.sub(sub, text)
+
+
+def fill_deep(value: Any, context: Mapping[str, Any]) -> Any:
+    """fill() applied to every string inside a YAML value."""
+    if isinstance(value, str):
+        return fill(value, context)
+    if isinstance(value, list):
+        return [fill_deep(v, context) for v in value]
+    if isinstance(value, dict):
+        return {k: fill_deep(v, context) for k, v in value.items()}
+    return value
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EngineError(f"scripted engine: {where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def step_section(phase_section: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    """The per-step entry of a phase (by slug, then by index), merged over its `default`."""
+    default = _mapping(phase_section.get("default"), "default")
+    steps = _mapping(phase_section.get("steps"), "steps")
+    override: Any = None
+    slug = context.get("slug")
+    index = context.get("step_index")
+    candidates: list[Any] = [slug]
+    if index is not None:
+        # YAML keys may be ints (1:) or strings ("1", "01").
+        candidates += [index, str(index)]
+        if isinstance(index, int):
+            candidates.append(f"{index:02d}")
+    for key in candidates:
+        if key is not None and key in steps:
+            override = steps[key]
+            break
+    if override is None:
+        return dict(default)
+    if not isinstance(override, dict):
+        # A bare string is shorthand for the phase's main text (decompose markdown, message).
+        return {**default, "text": override}
+    return {**default, **override}
+
+
+def usage_from(*sections: Mapping[str, Any]) -> TokenUsage:
+    """The most specific `usage:` among the sections (call, phase, top level)."""
+    for section in sections:
+        usage = section.get("usage")
+        if isinstance(usage, Mapping):
+            return TokenUsage.from_mapping(usage)
+    return TokenUsage(input_tokens=100, output_tokens=50)
+
+
+def qa_verdict(section: Mapping[str, Any], attempt: int) -> str:
+    """The verdict for the 1-based QA `attempt`; the last listed verdict repeats."""
+    verdicts = section.get("verdicts", section.get("verdict", "PASS"))
+    if isinstance(verdicts, str):
+        verdicts = [verdicts]
+    if not isinstance(verdicts, list) or not verdicts:
+        verdicts = ["PASS"]
+    verdict = str(verdicts[min(max(attempt, 1), len(verdicts)) - 1]).strip().upper()
+    return verdict if verdict in _VERDICTS else "FAIL"
+
+
+def build_plan(section: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
+    """The planning reply: exactly the keys protocol-planning.schema.json allows."""
+    filled = fill_deep(copy.deepcopy(dict(section)), context)
+    steps = filled.get("steps") or []
+    return {
+        "title": str(filled.get("title") or context.get("task") or "Scripted protocol")[:200],
+        "plan": str(filled.get("plan") or "# Plan\n"),
+        "context": str(filled.get("context") or ""),
+        "log": str(filled.get("log") or ""),
+        "setup": str(filled.get("setup") or "# Setup\n"),
+        "steps": [
+            {
+                "slug": str(step.get("slug")),
+                "title": str(step.get("title")),
+                "content": str(step.get("content") or f"# {step.get('title')}\n"),
+                "commit_type": str(step.get("commit_type") or "feat"),
+                "qa_policy": str(step.get("qa_policy") or "light"),
+            }
+            for step in steps
+            if isinstance(step, dict)
+        ],
+    }
+
+
+def _inside(workdir: Path, relative: str) -> Path:
+    target = (workdir / relative).resolve()
+    root = workdir.resolve()
+    if Path(relative).is_absolute() or not target.is_relative_to(root):
+        raise EngineError(f"scripted engine: file path {relative!r} leaves the workdir")
+    return target
+
+
+def apply_files(workdir: Path, files: Any) -> list[dict[str, str]]:
+    """Perform the scripted file edits; returns codex-style `changes` entries."""
+    changes: list[dict[str, str]] = []
+    for spec in files or []:
+        if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
+            raise EngineError(f"scripted engine: bad file entry {spec!r} (needs a path)")
+        target = _inside(workdir, spec["path"])
+        existed = target.exists()
+        if spec.get("delete"):
+            if existed:
+                target.unlink()
+                changes.append({"path": str(target), "kind": "delete"})
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if "content" in spec:
+            target.write_text(str(spec["content"]))
+        elif "append" in spec:
+            with target.open("a") as handle:
+                handle.write(str(spec["append"]))
+        else:
+            raise EngineError(
+                f"scripted engine: file {spec['path']!r} needs content, append or delete"
+            )
+        changes.append({"path": str(target), "kind": "update" if existed else "add"})
+    return changes
+
+
+@dataclass
+class _Reply:
+    message: str
+    usage: TokenUsage
+    structured: Any | None = None
+    changes: list[dict[str, str]] | None = None
+    fail: str | None = None
+
+
+class ScriptedEngine:
+    """Answers every phase from a YAML script (a path, or a dict passed by a test)."""
+
+    engine_id = ENGINE_ID
+
+    def __init__(
+        self, script: Mapping[str, Any] | Path | str | None = None, *, engine_id: str = ENGINE_ID
+    ) -> None:
+        self.engine_id = engine_id
+        self._path: Path | None = None
+        self._mtime: float | None = None
+        self._script: dict[str, Any] = {}
+        if isinstance(script, Mapping):
+            self._script = copy.deepcopy(dict(script))
+        else:
+            self._path = Path(script) if script is not None else DEFAULT_SCRIPT_PATH
+            self._reload()
+        self._threads = itertools.count(1)
+        # Fresh planning calls and QA attempts seen per protocol/step, for scripted sequences.
+        self._planning_calls: defaultdict[str, int] = defaultdict(int)
+        self._qa_calls: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.requests: list[EngineRequest] = []
+
+    @property
+    def script(self) -> dict[str, Any]:
+        self._reload()
+        return self._script
+
+    def _reload(self) -> None:
+        """(Re)read the YAML file when it changed, so a user's edits apply without a restart."""
+        if self._path is None:
+            return
+        try:
+            mtime = self._path.stat().st_mtime
+            if mtime == self._mtime:
+                return
+            loaded = yaml.safe_load(self._path.read_text())
+        except OSError as exc:
+            raise EngineError(f"scripted engine: cannot read script {self._path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise EngineError(f"scripted engine: {self._path} is not valid YAML: {exc}") from exc
+        self._script = _mapping(loaded, f"script {self._path}")
+        self._mtime = mtime
+
+    async def run(self, request: EngineRequest) -> EngineResult:
+        started = time.monotonic()
+        self.requests.append(request)
+        script = self.script
+        context = {"phase": request.phase, **dict(request.context)}
+        thread_id = request.resume_thread_id or f"scripted-{next(self._threads)}"
+        try:
+            reply = self._reply(script, request, context)
+        except EngineError as exc:
+            reply = _Reply(message="", usage=TokenUsage(), fail=str(exc))
+
+        events: list[dict[str, Any]] = [
+            {"type": "thread.started", "thread_id": thread_id},
+            {"type": "turn.started"},
+        ]
+        if reply.changes:
+            events.append(
+                {
+                    "type": "item.completed",
+                    "item": {
+                        "id": "item_0",
+                        "type": "file_change",
+                        "changes": reply.changes,
+                        "status": "completed",
+                    },
+                }
+            )
+        base = (
+            (request.previous_usage or TokenUsage()) if request.resume_thread_id else TokenUsage()
+        )
+        if reply.fail is not None:
+            events.append({"type": "turn.failed", "error": {"message": reply.fail}})
+            return EngineResult(
+                outcome="failed",
+                exit_code=1,
+                final_message=reply.message,
+                usage=TokenUsage(),
+                thread_usage=base,
+                thread_id=thread_id,
+                events=events,
+                error=reply.fail,
+                duration_s=time.monotonic() - started,
+            )
+        events.append(
+            {
+                "type": "item.completed",
+                "item": {"id": "item_1", "type": "agent_message", "text": reply.message},
+            }
+        )
+        thread_usage = base + reply.usage
+        events.append({"type": "turn.completed", "usage": thread_usage.to_dict()})
+
+        structured: Any | None = None
+        parse_error: str | None = None
+        if request.output_schema is not None:
+            if reply.structured is not None:
+                structured = reply.structured
+            else:
+                try:
+                    structured = json.loads(reply.message)
+                except ValueError as exc:
+                    parse_error = f"the final message is not JSON: {exc}"
+        return EngineResult(
+            outcome="completed",
+            exit_code=0,
+            final_message=reply.message,
+            structured=structured,
+            parse_error=parse_error,
+            usage=reply.usage,
+            thread_usage=thread_usage,
+            thread_id=thread_id,
+            events=events,
+            duration_s=time.monotonic() - started,
+        )
+
+    def _reply(
+        self, script: Mapping[str, Any], request: EngineRequest, context: Mapping[str, Any]
+    ) -> _Reply:
+        phase_section = _mapping(script.get(request.phase), request.phase)
+        protocol = str(context.get("protocol", ""))
+        if request.phase == "planning":
+            return self._planning(script, phase_section, request, context, protocol)
+
+        call = (
+            step_section(phase_section, context)
+            if request.phase != "discovery"
+            else dict(phase_section)
+        )
+        usage = usage_from(call, phase_section, script)
+        if call.get("fail"):
+            return _Reply(message="", usage=usage, fail=fill(str(call["fail"]), context))
+
+        if request.phase == "decompose":
+            text = call.get("text", call.get("content", "# {title}\n"))
+            return _Reply(message=fill(str(text), context), usage=usage)
+
+        if request.phase == "qa":
+            key = (protocol, str(context.get("slug", context.get("step_index", ""))))
+            self._qa_calls[key] += 1
+            attempt = context.get("qa_attempt") or context.get("attempt") or self._qa_calls[key]
+            verdict = qa_verdict(call, int(attempt))
+            report = fill(str(call.get("text", call.get("report", "# Quality report\n"))), context)
+            return _Reply(message=f"{report.rstrip()}\n\nVERDICT: {verdict}\n", usage=usage)
+
+        # execute and discovery both edit files in the workdir.
+        changes = apply_files(request.workdir, fill_deep(call.get("files"), context))
+        message = fill(str(call.get("text", call.get("message", "Done."))), context)
+        return _Reply(message=message, usage=usage, changes=changes)
+
+    def _planning(
+        self,
+        script: Mapping[str, Any],
+        section: Mapping[str, Any],
+        request: EngineRequest,
+        context: Mapping[str, Any],
+        protocol: str,
+    ) -> _Reply:
+        usage = usage_from(section, script)
+        if section.get("fail"):
+            return _Reply(message="", usage=usage, fail=fill(str(section["fail"]), context))
+        invalid = section.get("invalid_first", False)
+        invalid_count = int(invalid) if not isinstance(invalid, bool) else (1 if invalid else 0)
+        if request.resume_thread_id is None:
+            self._planning_calls[protocol] += 1
+            if self._planning_calls[protocol] <= invalid_count:
+                reply = str(section.get("invalid_reply", '{"title": "An incomplete plan"}'))
+                return _Reply(message=fill(reply, context), usage=usage)
+        plan = build_plan(section, context)
+        return _Reply(message=json.dumps(plan, indent=2), usage=usage, structured=plan)
