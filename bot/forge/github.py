@@ -1,0 +1,486 @@
+"""GitHubForge: the Forge interface over the GitHub REST API, with pure request-body builders."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
+
+import httpx
+
+from bot.errors import ForgeError
+from bot.forge.base import (
+    CheckReport,
+    CommentRef,
+    IssueRef,
+    Permission,
+    PullRef,
+    Reaction,
+    RepoRef,
+)
+from bot.forge.github_client import (
+    DEFAULT_API_URL,
+    Clock,
+    GitHubClient,
+    GitHubHTTPError,
+    basic_git_auth,
+)
+
+if TYPE_CHECKING:
+    from bot.forge.base import Forge
+
+log = logging.getLogger(__name__)
+
+# GitHub answers 422 for an issue/PR comment or PR body over 65,536 characters; stay below it.
+MAX_COMMENT_CHARS = 65_535
+# Check-run output.summary and output.text are each capped at 65,535 characters.
+MAX_CHECK_TEXT_CHARS = 65_535
+# Check-run actions: at most 3, label ≤ 20, description ≤ 40, identifier ≤ 20 characters.
+MAX_CHECK_ACTIONS = 3
+TRUNCATION_NOTICE = "\n\n… (truncated)"
+
+
+# --- pure builders ------------------------------------------------------------------------------
+
+
+def truncate_text(text: str, limit: int, notice: str = TRUNCATION_NOTICE) -> str:
+    """`text` cut to at most `limit` characters, ending with `notice` when cut."""
+    if len(text) <= limit:
+        return text
+    if limit <= len(notice):
+        return text[:limit]
+    return text[: limit - len(notice)] + notice
+
+
+def split_repo(full_name: str) -> tuple[str, str]:
+    owner, sep, name = full_name.partition("/")
+    if not sep or not owner or not name or "/" in name:
+        raise ForgeError(f"not a GitHub owner/name: {full_name!r}")
+    return owner, name
+
+
+def repo_path(repo: RepoRef) -> str:
+    owner, name = split_repo(repo.full_name)
+    return f"/repos/{quote(owner, safe='')}/{quote(name, safe='')}"
+
+
+def with_query(path: str, params: Mapping[str, str | int]) -> str:
+    return f"{path}?{urlencode(params)}"
+
+
+def github_time(epoch: float) -> str:
+    """Epoch seconds as the ISO 8601 UTC form the Checks API expects."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_reaction(reaction: Reaction) -> dict[str, str]:
+    return {"content": reaction}
+
+
+def build_comment(body: str) -> dict[str, str]:
+    return {"body": truncate_text(body, MAX_COMMENT_CHARS)}
+
+
+def build_status_comment_body(marker: str, body: str) -> str:
+    """The status comment text: always holds `marker` (so the next upsert finds it), always fits.
+
+    When the marker is missing or the text must be cut, the marker moves to the front, where
+    truncation cannot remove it.
+    """
+    if marker in body and len(body) <= MAX_COMMENT_CHARS:
+        return body
+    rest = body.replace(marker, "") if marker else body
+    return truncate_text(f"{marker}\n{rest}", MAX_COMMENT_CHARS)
+
+
+def is_own_comment(comment: Mapping[str, Any], *, app_id: str | None, bot_login: str) -> bool:
+    """True for a comment our app wrote: its bot user, or performed via our app."""
+    via = comment.get("performed_via_github_app") or {}
+    if app_id is not None and isinstance(via, Mapping) and str(via.get("id")) == app_id:
+        return True
+    user = comment.get("user") or {}
+    return isinstance(user, Mapping) and user.get("login") == bot_login
+
+
+def find_status_comment(
+    comments: Iterable[Mapping[str, Any]], marker: str, *, app_id: str | None, bot_login: str
+) -> Mapping[str, Any] | None:
+    """The oldest comment of ours holding `marker`; anyone can quote the marker in theirs."""
+    for comment in comments:
+        if marker in str(comment.get("body") or "") and is_own_comment(
+            comment, app_id=app_id, bot_login=bot_login
+        ):
+            return comment
+    return None
+
+
+def build_draft_pr(
+    *, head: str, base: str, title: str, body: str, draft: bool = True
+) -> dict[str, Any]:
+    return {
+        "title": title,
+        "head": head,
+        "base": base,
+        "body": truncate_text(body, MAX_COMMENT_CHARS),
+        "draft": draft,
+    }
+
+
+def build_pr_update(*, title: str | None, body: str | None) -> dict[str, str]:
+    update: dict[str, str] = {}
+    if title is not None:
+        update["title"] = title
+    if body is not None:
+        update["body"] = truncate_text(body, MAX_COMMENT_CHARS)
+    return update
+
+
+def pull_ref(repo: RepoRef, data: Mapping[str, Any]) -> PullRef:
+    return PullRef(
+        repo=repo,
+        number=int(data["number"]),
+        url=str(data.get("html_url") or ""),
+        head=str(data["head"]["ref"]),
+    )
+
+
+def build_check_run_update(check: CheckReport, *, now: float) -> dict[str, Any]:
+    """The PATCH body for a check run (everything but `head_sha`)."""
+    run: dict[str, Any] = {"name": check.name, "status": check.status}
+    if check.details_url:
+        run["details_url"] = check.details_url
+    if check.status == "in_progress":
+        run["started_at"] = github_time(now)
+    if check.status == "completed":
+        # GitHub rejects a completed run without a conclusion.
+        run["conclusion"] = check.conclusion or "neutral"
+        run["completed_at"] = github_time(now)
+    if check.title or check.summary or check.text:
+        # output.title and output.summary are both required once output is sent.
+        output: dict[str, str] = {
+            "title": check.title or check.name,
+            "summary": truncate_text(
+                check.summary or check.title or check.name, MAX_CHECK_TEXT_CHARS
+            ),
+        }
+        if check.text:
+            output["text"] = truncate_text(check.text, MAX_CHECK_TEXT_CHARS)
+        run["output"] = output
+    if check.actions:
+        run["actions"] = [
+            {
+                "label": action.label[:20],
+                "description": action.description[:40],
+                "identifier": action.identifier[:20],
+            }
+            for action in check.actions[:MAX_CHECK_ACTIONS]
+        ]
+    return run
+
+
+def build_check_run(check: CheckReport, *, now: float) -> dict[str, Any]:
+    """The POST body creating a check run."""
+    return {"head_sha": check.head_sha, **build_check_run_update(check, now=now)}
+
+
+# Repository roles as our four levels: maintain can push (write), triage cannot (read).
+_PERMISSIONS: dict[str, Permission] = {
+    "admin": "admin",
+    "maintain": "write",
+    "write": "write",
+    "triage": "read",
+    "read": "read",
+    "none": "none",
+}
+
+
+def map_permission(data: Mapping[str, Any]) -> Permission:
+    """GitHub's collaborator permission answer as ours; anything unknown is `none`."""
+    return _PERMISSIONS.get(str(data.get("permission") or "none"), "none")
+
+
+# --- the forge ----------------------------------------------------------------------------------
+
+
+class GitHubForge:
+    """The Forge operations for one GitHub App (on github.com or an Enterprise Server).
+
+    Check runs: an in-process cache of (repo, sha, name) → run id, falling back to listing the
+    sha's runs filtered by name and our app id; the lookup keeps stateless workers correct,
+    the cache saves a request per update within one worker.
+    """
+
+    provider: str = "github"
+
+    def __init__(
+        self,
+        client: GitHubClient,
+        *,
+        installation_id: int | None = None,
+        app_slug: str | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.client = client
+        self._default_installation = installation_id
+        self._app_slug = app_slug
+        self._clock = clock
+        self._installations: dict[str, int] = {}
+        self._check_runs: dict[tuple[str, str, str], tuple[int, str]] = {}
+
+    @classmethod
+    def from_app(
+        cls,
+        *,
+        app_id: int | str,
+        private_key: str | bytes,
+        api_url: str = DEFAULT_API_URL,
+        installation_id: int | None = None,
+        app_slug: str | None = None,
+        http: httpx.AsyncClient | None = None,
+        **client_options: Any,
+    ) -> GitHubForge:
+        """A forge with its own client; `client_options` go to `GitHubClient`."""
+        client = GitHubClient(
+            app_id=app_id, private_key=private_key, api_url=api_url, http=http, **client_options
+        )
+        return cls(client, installation_id=installation_id, app_slug=app_slug)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def __aenter__(self) -> GitHubForge:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # who we are / where we are installed
+
+    async def bot_login(self) -> str:
+        """`<app-slug>[bot]`, the login our comments carry; the slug is fetched once if unknown."""
+        if self._app_slug is None:
+            app = await self.client.request("GET", "/app", auth="app")
+            self._app_slug = str(app["slug"])
+        return f"{self._app_slug}[bot]"
+
+    async def installation_id(self, repo: RepoRef) -> int:
+        if repo.installation_id is not None:
+            return repo.installation_id
+        if self._default_installation is not None:
+            return self._default_installation
+        cached = self._installations.get(repo.full_name)
+        if cached is None:
+            data = await self.client.request("GET", f"{repo_path(repo)}/installation", auth="app")
+            cached = int(data["id"])
+            self._installations[repo.full_name] = cached
+        return cached
+
+    async def _request(self, repo: RepoRef, method: str, path: str, data: Any = b"") -> Any:
+        return await self.client.request(
+            method, path, data=data, installation_id=await self.installation_id(repo)
+        )
+
+    async def _get_all(
+        self, repo: RepoRef, path: str, iterable_key: str | None = None
+    ) -> list[Any]:
+        return await self.client.get_all(
+            path, iterable_key=iterable_key, installation_id=await self.installation_id(repo)
+        )
+
+    # Forge
+
+    async def add_reaction(self, comment: CommentRef, reaction: Reaction) -> None:
+        # GitHub answers 200 instead of 201 for a reaction we already left: idempotent as is.
+        path = f"{repo_path(comment.target.repo)}/issues/comments/{comment.comment_id}/reactions"
+        await self._request(comment.target.repo, "POST", path, build_reaction(reaction))
+
+    async def post_comment(self, target: IssueRef, body: str) -> CommentRef:
+        path = f"{repo_path(target.repo)}/issues/{target.number}/comments"
+        data = await self._request(target.repo, "POST", path, build_comment(body))
+        return CommentRef(target=target, comment_id=int(data["id"]))
+
+    async def upsert_status_comment(self, target: IssueRef, marker: str, body: str) -> CommentRef:
+        text = build_status_comment_body(marker, body)
+        base = repo_path(target.repo)
+        comments = await self._get_all(
+            target.repo, with_query(f"{base}/issues/{target.number}/comments", {"per_page": 100})
+        )
+        found = find_status_comment(
+            comments, marker, app_id=self.client.app_id, bot_login=await self.bot_login()
+        )
+        if found is None:
+            data = await self._request(
+                target.repo, "POST", f"{base}/issues/{target.number}/comments", {"body": text}
+            )
+            return CommentRef(target=target, comment_id=int(data["id"]))
+        comment_id = int(found["id"])
+        if found.get("body") != text:
+            await self._request(
+                target.repo, "PATCH", f"{base}/issues/comments/{comment_id}", {"body": text}
+            )
+        return CommentRef(target=target, comment_id=comment_id)
+
+    async def _open_pull_for(self, repo: RepoRef, head: str) -> PullRef | None:
+        owner, _ = split_repo(repo.full_name)
+        path = with_query(f"{repo_path(repo)}/pulls", {"head": f"{owner}:{head}", "state": "open"})
+        pulls = await self._request(repo, "GET", path)
+        return pull_ref(repo, pulls[0]) if pulls else None
+
+    async def open_draft_pr(
+        self, repo: RepoRef, *, head: str, base: str, title: str, body: str
+    ) -> PullRef:
+        existing = await self._open_pull_for(repo, head)
+        if existing is not None:
+            return existing
+        path = f"{repo_path(repo)}/pulls"
+        try:
+            data = await self._request(
+                repo, "POST", path, build_draft_pr(head=head, base=base, title=title, body=body)
+            )
+        except GitHubHTTPError as exc:
+            if exc.status_code != 422:
+                raise
+            message = str(exc).lower()
+            if "already exists" in message:
+                # Another worker opened it between our GET and POST.
+                raced = await self._open_pull_for(repo, head)
+                if raced is not None:
+                    return raced
+                raise
+            if "draft" in message and "not supported" in message:
+                # Draft PRs need a paid plan on private repositories; a ready PR beats none.
+                log.warning("%s does not support draft PRs; opening a regular one", repo.full_name)
+                data = await self._request(
+                    repo,
+                    "POST",
+                    path,
+                    build_draft_pr(head=head, base=base, title=title, body=body, draft=False),
+                )
+            else:
+                raise
+        return pull_ref(repo, data)
+
+    async def update_pr(
+        self, pull: PullRef, *, title: str | None = None, body: str | None = None
+    ) -> None:
+        update = build_pr_update(title=title, body=body)
+        if update:
+            await self._request(
+                pull.repo, "PATCH", f"{repo_path(pull.repo)}/pulls/{pull.number}", update
+            )
+
+    async def _find_check_run(self, repo: RepoRef, check: CheckReport) -> tuple[int, str] | None:
+        key = (repo.full_name, check.head_sha, check.name)
+        cached = self._check_runs.get(key)
+        if cached is not None:
+            return cached
+        params: dict[str, str | int] = {"check_name": check.name, "filter": "latest"}
+        if self.client.app_id is not None:
+            params["app_id"] = self.client.app_id
+        runs = await self.list_check_runs(repo, check.head_sha, params=params)
+        for run in runs:
+            app = run.get("app") or {}
+            if self.client.app_id is None or str(app.get("id")) == self.client.app_id:
+                found = (int(run["id"]), str(run.get("status") or ""))
+                self._check_runs[key] = found
+                return found
+        return None
+
+    async def report_check(self, repo: RepoRef, check: CheckReport) -> None:
+        key = (repo.full_name, check.head_sha, check.name)
+        now = self._clock()
+        existing = await self._find_check_run(repo, check)
+        # A finished run is not reopened: a re-run gets a new run, which GitHub shows as latest.
+        if existing is not None and not (
+            existing[1] == "completed" and check.status != "completed"
+        ):
+            run_id = existing[0]
+            await self._request(
+                repo,
+                "PATCH",
+                f"{repo_path(repo)}/check-runs/{run_id}",
+                build_check_run_update(check, now=now),
+            )
+        else:
+            data = await self._request(
+                repo, "POST", f"{repo_path(repo)}/check-runs", build_check_run(check, now=now)
+            )
+            run_id = int(data["id"])
+        self._check_runs[key] = (run_id, check.status)
+
+    async def get_permission(self, repo: RepoRef, username: str) -> Permission:
+        path = f"{repo_path(repo)}/collaborators/{quote(username, safe='')}/permission"
+        try:
+            data = await self._request(repo, "GET", path)
+        except GitHubHTTPError as exc:
+            if exc.status_code == 404:  # not a collaborator (or no such user)
+                return "none"
+            raise
+        return map_permission(data)
+
+    async def git_auth_header(self, repo: RepoRef) -> str | None:
+        token = await self.client.installation_token(await self.installation_id(repo))
+        return basic_git_auth(token.token)
+
+    # helpers for jobs
+
+    async def get_repo(self, repo: RepoRef) -> dict[str, Any]:
+        data = await self._request(repo, "GET", repo_path(repo))
+        return dict(data)
+
+    async def has_path(self, repo: RepoRef, ref: str, path: str) -> bool:
+        url = with_query(f"{repo_path(repo)}/contents/{quote(path.strip('/'))}", {"ref": ref})
+        try:
+            await self._request(repo, "GET", url)
+        except GitHubHTTPError as exc:
+            if exc.status_code == 404:
+                return False
+            raise
+        return True
+
+    async def list_check_suites(self, repo: RepoRef, sha: str) -> list[dict[str, Any]]:
+        path = with_query(f"{repo_path(repo)}/commits/{sha}/check-suites", {"per_page": 100})
+        return await self._get_all(repo, path, "check_suites")
+
+    async def list_check_runs(
+        self, repo: RepoRef, sha: str, *, params: Mapping[str, str | int] | None = None
+    ) -> list[dict[str, Any]]:
+        query = {"per_page": 100, **(params or {})}
+        path = with_query(f"{repo_path(repo)}/commits/{sha}/check-runs", query)
+        return await self._get_all(repo, path, "check_runs")
+
+    async def convert_manifest(self, code: str) -> dict[str, Any]:
+        """Exchange a manifest-flow `code` for the new app's id, slug, pem, webhook_secret…"""
+        return await _convert(self.client, code)
+
+
+async def _convert(client: GitHubClient, code: str) -> dict[str, Any]:
+    # The code is a bearer credential for the new app's key: pass it as a template variable so
+    # logs and errors show only the template.
+    data = await client.request(
+        "POST", "/app-manifests/{code}/conversions", {"code": code}, data=b"", auth="none"
+    )
+    return dict(data)
+
+
+async def convert_manifest(
+    code: str, *, api_url: str = DEFAULT_API_URL, http: httpx.AsyncClient | None = None
+) -> dict[str, Any]:
+    """The manifest conversion before any app credentials exist (an unauthenticated request)."""
+    async with GitHubClient(api_url=api_url, http=http) as client:
+        return await _convert(client, code)
+
+
+if TYPE_CHECKING:
+
+    def _implements_forge(forge: GitHubForge) -> Forge:
+        return forge
