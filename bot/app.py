@@ -1,0 +1,229 @@
+"""Starlette app factory: webhooks, health, metrics; clients held by the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from arq.connections import ArqRedis
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from bot.db import Database, database_from_settings
+from bot.errors import WebhookError
+from bot.handlers import build_router
+from bot.handlers.router import Router
+from bot.handlers.sansio import IncomingDelivery, github_delivery, gitlab_delivery
+from bot.intake import DeliveryStore, relay_outbox
+from bot.jobs.common import JOB_METRICS_KEY
+from bot.observability import Metrics, configure_logging, log_context
+from bot.queue import create_redis, delivery_job, enqueue_many, queue_stats
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    """Everything the routes use, built in the lifespan from the settings."""
+
+    settings: Settings
+    metrics: Metrics
+    router: Router
+    db: Database | None = None
+    redis: ArqRedis | None = None
+    store: DeliveryStore | None = None
+    worker_task: asyncio.Task[Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def state_of(request: Request) -> AppState:
+    state: AppState = request.app.state.df
+    return state
+
+
+async def read_body_limited(request: Request, limit: int) -> bytes:
+    """Read the body, refusing (413) as soon as it passes `limit`: never buffer a huge upload."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise WebhookError(413, f"body larger than {limit} bytes")
+        except ValueError:
+            raise WebhookError(400, "invalid Content-Length") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise WebhookError(413, f"body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+async def _receive(
+    request: Request,
+    provider: str,
+    secret_env: str,
+    secret: str | None,
+    parse: Callable[[dict[str, str], bytes, str], IncomingDelivery],
+) -> Response:
+    started = time.perf_counter()
+    state = state_of(request)
+    if not secret:
+        # Never accept unsigned deliveries: an unset secret is an operator error, not "open".
+        return _error(503, f"{provider} webhooks are not configured: set {secret_env}")
+    try:
+        body = await read_body_limited(request, state.settings.max_body_bytes)
+        delivery = parse(dict(request.headers), body, secret)
+    except WebhookError as exc:
+        state.metrics.deliveries.labels(provider, "-", f"rejected_{exc.status_code}").inc()
+        return _error(exc.status_code, exc.message)
+    with log_context(delivery_key=delivery.key):
+        if delivery.is_ping:
+            state.metrics.deliveries.labels(provider, delivery.event, "ping").inc()
+            return JSONResponse({"delivery": delivery.key, "status": "pong"}, status_code=200)
+        handled = state.router.handles(provider, delivery.event)
+        assert state.store is not None
+        try:
+            outcome, delivery_id = await state.store.store(delivery, "pending" if handled else "ignored")
+        except Exception:
+            log.exception("could not store %s delivery", provider)
+            return _error(503, "could not store the delivery; please redeliver")
+        status = outcome if (outcome == "duplicate" or handled) else "ignored"
+        state.metrics.deliveries.labels(provider, delivery.event, status).inc()
+        state.metrics.intake_latency.labels(provider).observe(time.perf_counter() - started)
+        return JSONResponse(
+            {"delivery": delivery.key, "status": status, "id": delivery_id, "event": delivery.event},
+            status_code=200 if status == "duplicate" else 202,
+        )
+
+
+async def github_webhook(request: Request) -> Response:
+    settings = state_of(request).settings
+    secret = settings.github_webhook_secret.get_secret_value() if settings.github_webhook_secret else None
+    secret = state_of(request).extra.get("github_webhook_secret") or secret
+    return await _receive(request, "github", "DEKSDENFLOW_GITHUB_WEBHOOK_SECRET", secret, github_delivery)
+
+
+async def gitlab_webhook(request: Request) -> Response:
+    settings = state_of(request).settings
+    secret = settings.gitlab_webhook_secret.get_secret_value() if settings.gitlab_webhook_secret else None
+    return await _receive(request, "gitlab", "DEKSDENFLOW_GITLAB_WEBHOOK_SECRET", secret, gitlab_delivery)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state = state_of(request)
+    problems: dict[str, str] = {}
+    try:
+        assert state.db is not None
+        await asyncio.wait_for(state.db.ping(), timeout=2)
+    except Exception as exc:
+        problems["database"] = type(exc).__name__
+    try:
+        assert state.redis is not None
+        await asyncio.wait_for(state.redis.ping(), timeout=2)
+    except Exception as exc:
+        problems["queue"] = type(exc).__name__
+    if problems:
+        return JSONResponse({"status": "unavailable", "failing": problems}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics(request: Request) -> Response:
+    state = state_of(request)
+    if state.redis is not None:
+        with contextlib.suppress(Exception):
+            stats = await asyncio.wait_for(queue_stats(state.redis), timeout=2)
+            state.metrics.queue_depth.set(stats.depth)
+            state.metrics.queue_in_progress.set(stats.in_progress)
+            counts = await state.redis.hgetall(JOB_METRICS_KEY)
+            for raw_key, raw_value in counts.items():
+                key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+                name, _, outcome = key.partition("|")
+                counter = state.metrics.jobs.labels(name, outcome)
+                # the Redis hash is the cross-process truth; bring the local counter up to it
+                delta = int(raw_value) - counter._value.get()
+                if delta > 0:
+                    counter.inc(delta)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def routes() -> list[BaseRoute]:
+    from bot.api import api_routes
+
+    return [
+        Route("/webhooks/github", github_webhook, methods=["POST"]),
+        Route("/webhooks/gitlab", gitlab_webhook, methods=["POST"]),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        *api_routes(),
+    ]
+
+
+def create_app(settings: Settings, *, embedded_worker: bool | None = None) -> Starlette:
+    """The ASGI app. `embedded_worker` defaults to True for the in-process (memory://) queue."""
+    state = AppState(settings=settings, metrics=Metrics(), router=build_router())
+    run_worker = settings.memory_queue if embedded_worker is None else embedded_worker
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        configure_logging(settings.log_level, settings.log_json, settings.secret_values())
+        if settings.database_url.startswith("sqlite"):
+            from bot.migrate import upgrade_head
+
+            await asyncio.to_thread(upgrade_head, settings.database_url)
+        state.db = database_from_settings(settings)
+        state.redis = create_redis(settings)
+        db, redis = state.db, state.redis
+
+        async def on_stored(ids: list[int]) -> None:
+            await enqueue_many(redis, [delivery_job(i) for i in ids])
+
+        state.store = DeliveryStore(db, on_stored, batch_max=settings.intake_batch_max)
+        state.store.start()
+        try:
+            relayed = await relay_outbox(db, redis)
+            if relayed:
+                log.info("relayed %d deliveries left pending by an earlier run", relayed)
+        except Exception:
+            log.warning("queue unreachable at start; the worker will relay pending deliveries")
+        if run_worker:
+            from bot.jobs.worker import build_worker
+
+            worker = build_worker(settings, ctx={"db": db, "redis": redis, **state.extra.get("worker_ctx", {})})
+            state.worker_task = asyncio.create_task(worker.async_run(), name="embedded-worker")
+            state.extra["worker"] = worker
+        try:
+            yield
+        finally:
+            if state.worker_task is not None:
+                state.worker_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await state.worker_task
+                with contextlib.suppress(Exception):
+                    await state.extra["worker"].close()
+            await state.store.stop()
+            await redis.aclose()
+            await db.dispose()
+
+    app = Starlette(routes=routes(), lifespan=lifespan)
+    app.state.df = state
+    return app

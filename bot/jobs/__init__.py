@@ -1,0 +1,1 @@
+"""Background jobs (arq): each takes plain values, loads its state and acts."""

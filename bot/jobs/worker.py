@@ -1,0 +1,109 @@
+"""arq WorkerSettings and the in-process worker used by the embedded default (memory://)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, ClassVar
+
+from arq import cron
+from arq.worker import Worker, func
+
+from bot.db import database_from_settings
+from bot.handlers import build_router
+from bot.jobs.common import MAX_TRIES
+from bot.jobs.deliveries import process_delivery, relay_pending
+from bot.queue import create_redis, redis_settings
+from bot.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def job_functions(settings: Settings) -> list[Any]:
+    """Every job the worker runs; later modules add protocol and forge jobs here."""
+    from bot.jobs import registry
+
+    return [
+        func(process_delivery, name="process_delivery", max_tries=MAX_TRIES),
+        *registry.protocol_functions(settings),
+    ]
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    """Build the services a job needs, unless the embedding process already put them in ctx."""
+    settings: Settings = ctx.setdefault("settings", load_settings())
+    if "db" not in ctx:
+        ctx["db"] = database_from_settings(settings)
+        ctx["owns_db"] = True
+    ctx.setdefault("router", build_router())
+    from bot.services import build_services
+
+    await build_services(ctx)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    from bot.services import close_services
+
+    await close_services(ctx)
+    if ctx.get("owns_db"):
+        await ctx["db"].dispose()
+
+
+def _relay_seconds(settings: Settings) -> set[int]:
+    step = max(1, min(59, int(settings.relay_interval_s)))
+    return set(range(0, 60, step))
+
+
+def worker_kwargs(settings: Settings) -> dict[str, Any]:
+    return {
+        "functions": job_functions(settings),
+        "cron_jobs": [cron(relay_pending, second=_relay_seconds(settings), run_at_startup=True, unique=True)],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "max_jobs": settings.worker_max_jobs,
+        "job_timeout": settings.job_timeout_s,
+        "poll_delay": settings.worker_poll_delay_s,
+        "max_tries": MAX_TRIES,
+        "keep_result": 3600,
+    }
+
+
+class WorkerSettings:
+    """For `arq bot.jobs.worker.WorkerSettings`; `deksdenflow worker` builds the same from settings."""
+
+    functions: ClassVar[list[Any]] = [func(process_delivery, name="process_delivery", max_tries=MAX_TRIES)]
+    on_startup = startup
+    on_shutdown = shutdown
+    max_tries = MAX_TRIES
+
+
+class InProcessWorker(Worker):
+    """A Worker on an existing pool that skips arq's Redis INFO call (fakeredis lacks INFO)."""
+
+    async def main(self) -> None:
+        from arq.worker import poll
+
+        self.ctx["redis"] = self.pool
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        async for _ in poll(self.poll_delay_s):
+            await self._poll_iteration()
+            if self.burst and await self.pool.zcard(self.queue_name) == 0:
+                await asyncio.gather(*self.tasks.values())
+                return None
+
+
+def build_worker(
+    settings: Settings, ctx: dict[str, Any] | None = None, burst: bool = False, handle_signals: bool = False
+) -> Worker:
+    kwargs = {**worker_kwargs(settings), "handle_signals": handle_signals}
+    base_ctx = {"settings": settings, **(ctx or {})}
+    if settings.memory_queue or (ctx and "redis" in ctx):
+        redis = (ctx or {}).get("redis") or create_redis(settings)
+        return InProcessWorker(redis_pool=redis, ctx=base_ctx, burst=burst, **kwargs)
+    return Worker(redis_settings=redis_settings(settings.redis_url), ctx=base_ctx, burst=burst, **kwargs)
+
+
+def run_worker(settings: Settings) -> None:
+    """Blocking entry point for `deksdenflow worker`."""
+    build_worker(settings, handle_signals=True).run()

@@ -1,0 +1,119 @@
+"""Storage operations shared by the intake, jobs and API: events, deliveries, guarded transitions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.db import Database
+from bot.errors import NotFound, TransitionConflict
+from bot.models import Event, ProtocolRun, StepRun, WebhookDelivery, utcnow
+
+M = TypeVar("M", ProtocolRun, StepRun)
+
+
+def new_event(
+    event_type: str,
+    message: str = "",
+    *,
+    project_id: int | None = None,
+    protocol_run_id: int | None = None,
+    step_run_id: int | None = None,
+    delivery_id: int | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Event:
+    return Event(
+        event_type=event_type,
+        message=message,
+        project_id=project_id,
+        protocol_run_id=protocol_run_id,
+        step_run_id=step_run_id,
+        delivery_id=delivery_id,
+        metadata_=metadata or {},
+        created_at=utcnow(),
+    )
+
+
+async def record_event(db: Database, event_type: str, message: str = "", **kwargs: Any) -> int:
+    async with db.sessions.begin() as session:
+        event = new_event(event_type, message, **kwargs)
+        session.add(event)
+        await session.flush()
+        return event.id
+
+
+async def transition(
+    session: AsyncSession,
+    model: type[M],
+    entity_id: int,
+    wanted: str,
+    allowed_from: Iterable[str],
+    *,
+    values: dict[str, Any] | None = None,
+    event_message: str = "",
+    event_metadata: dict[str, Any] | None = None,
+) -> str:
+    """Compare-and-set `status` to `wanted` when it is one of `allowed_from`; write an Event.
+
+    Returns the previous status. Raises TransitionConflict with the current status when the
+    row moved on (another worker, an operator) and NotFound when it does not exist.
+    """
+    allowed = sorted(set(allowed_from))
+    current = (await session.execute(select(model.status).where(model.id == entity_id))).scalar()
+    if current is None:
+        raise NotFound(f"{model.__tablename__} {entity_id} does not exist")
+    result = await session.execute(
+        update(model)
+        .where(model.id == entity_id, model.status.in_(allowed), model.status == current)
+        .values(status=wanted, updated_at=utcnow(), **(values or {}))
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        now = (await session.execute(select(model.status).where(model.id == entity_id))).scalar()
+        raise TransitionConflict(model.__name__, entity_id, str(now), wanted)
+    if isinstance(model, type) and model is StepRun:
+        row = (await session.execute(select(StepRun.protocol_run_id).where(StepRun.id == entity_id))).scalar()
+        ids: dict[str, Any] = {"protocol_run_id": row, "step_run_id": entity_id}
+        kind = "step"
+    else:
+        ids = {"protocol_run_id": entity_id}
+        kind = "protocol"
+    session.add(
+        new_event(
+            f"{kind}.{wanted}",
+            event_message or f"{kind} {current} → {wanted}",
+            metadata={"from": current, "to": wanted, **(event_metadata or {})},
+            **ids,
+        )
+    )
+    return str(current)
+
+
+async def load_delivery(db: Database, delivery_id: int) -> WebhookDelivery | None:
+    async with db.sessions() as session:
+        return await session.get(WebhookDelivery, delivery_id)
+
+
+async def claim_delivery(db: Database, delivery_id: int) -> bool:
+    """Move a delivery to `processing` unless a previous run already finished it."""
+    async with db.sessions.begin() as session:
+        result = await session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status.in_(("pending", "processing")))
+            .values(status="processing", attempts=WebhookDelivery.attempts + 1)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def finish_delivery(
+    db: Database, delivery_id: int, status: str, outcome: dict[str, Any], error: str | None = None
+) -> None:
+    async with db.sessions.begin() as session:
+        await session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id)
+            .values(status=status, outcome=outcome, error=error, processed_at=utcnow())
+        )
