@@ -1,0 +1,67 @@
+"""The git layer: cached mirrors, per-protocol worktrees and the git operations jobs need."""
+
+from bot.git.cache import GitCache, Worktree, remote_ref
+from bot.git.names import (
+    check_branch_name,
+    normalize_remote,
+    parse_protocol_number,
+    protocol_name,
+    safe_repo_name,
+    slugify,
+)
+from bot.git.ops import (
+    CommitInfo,
+    StatusEntry,
+    commit_all,
+    has_commit_with_trailer,
+    head_sha,
+    last_commit,
+    list_remote_branches,
+    log_messages,
+    next_protocol_number,
+    push,
+    read_file_at,
+    remote_branch_sha,
+    status_porcelain,
+)
+from bot.git.runner import (
+    GitCommandFailed,
+    GitResult,
+    GitTimeout,
+    build_git_argv,
+    build_git_env,
+    redact,
+    run_git,
+)
+
+__all__ = [
+    "CommitInfo",
+    "GitCache",
+    "GitCommandFailed",
+    "GitResult",
+    "GitTimeout",
+    "StatusEntry",
+    "Worktree",
+    "build_git_argv",
+    "build_git_env",
+    "check_branch_name",
+    "commit_all",
+    "has_commit_with_trailer",
+    "head_sha",
+    "last_commit",
+    "list_remote_branches",
+    "log_messages",
+    "next_protocol_number",
+    "normalize_remote",
+    "parse_protocol_number",
+    "protocol_name",
+    "push",
+    "read_file_at",
+    "redact",
+    "remote_branch_sha",
+    "remote_ref",
+    "run_git",
+    "safe_repo_name",
+    "slugify",
+    "status_porcelain",
+]

@@ -1,0 +1,287 @@
+"""The on-disk cache: one bare mirror per repository and one worktree per protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.errors import GitError
+from bot.git.locks import mirror_lock
+from bot.git.names import check_branch_name, normalize_remote, safe_repo_name
+from bot.git.runner import run_git
+
+log = logging.getLogger(__name__)
+
+NETWORK_TIMEOUT = 900.0
+LOCAL_TIMEOUT = 300.0
+# Remote branches live under refs/remotes/origin/* in the mirror, not refs/heads/* as with
+# `clone --mirror`: refs/heads/* holds the worktrees' protocol branches, which a mirror refspec
+# would overwrite (fetch refuses to touch a checked-out branch) or prune before they are pushed.
+REMOTE_PREFIX = "refs/remotes/origin/"
+FETCH_REFSPEC = "+refs/heads/*:refs/remotes/origin/*"
+
+
+@dataclass(frozen=True)
+class Worktree:
+    """A protocol's checkout: where it is, which branch, and the commit it was left at."""
+
+    path: Path
+    branch: str
+    mirror: Path
+    head: str
+    created: bool  # False: an existing healthy worktree was reused
+
+
+def remote_ref(branch: str) -> str:
+    """The mirror's copy of a remote branch (what other tools call `origin/<branch>`)."""
+    return REMOTE_PREFIX + check_branch_name(branch)
+
+
+def _gitdir_of(worktree: Path) -> Path | None:
+    """The admin dir a linked worktree's `.git` file points to, if it is such a file."""
+    try:
+        text = (worktree / ".git").read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("gitdir: "):
+        return None
+    gitdir = Path(text[len("gitdir: ") :].strip())
+    return gitdir if gitdir.is_absolute() else (worktree / gitdir).resolve()
+
+
+def _looks_complete(path: Path, mirror: Path) -> bool:
+    """A linked worktree of `mirror` whose `worktree add` ran to the end."""
+    gitdir = _gitdir_of(path)
+    if gitdir is None or not gitdir.is_dir():
+        return False
+    try:
+        common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve()
+    except OSError:
+        return False
+    # `worktree add` writes the index last and drops its "initializing" lock at the end: a
+    # missing index or a leftover lock means it was interrupted mid-checkout.
+    return (
+        common == mirror.resolve()
+        and (gitdir / "index").is_file()
+        and not (gitdir / "locked").exists()
+    )
+
+
+def _remove_worktree_files(mirror: Path, path: Path) -> None:
+    """Delete the directory and unlock its registration so `worktree prune` can drop it."""
+    admin_root = mirror / "worktrees"
+    target = (path / ".git").resolve()
+    if admin_root.is_dir():
+        for admin in admin_root.iterdir():
+            try:
+                registered = Path((admin / "gitdir").read_text().strip()).resolve()
+            except OSError:
+                continue
+            if registered == target:
+                # prune skips locked entries; a lock on our own path can only be stale.
+                (admin / "locked").unlink(missing_ok=True)
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+class GitCache:
+    """Mirrors under `<data_dir>/mirrors/`, worktrees under `<data_dir>/worktrees/`."""
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        network_timeout: float = NETWORK_TIMEOUT,
+        local_timeout: float = LOCAL_TIMEOUT,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.network_timeout = network_timeout
+        self.local_timeout = local_timeout
+
+    def mirror_path(self, repo_url: str) -> Path:
+        return self.data_dir / "mirrors" / f"{safe_repo_name(repo_url)}.git"
+
+    def worktree_path(self, repo_url: str, protocol_branch: str) -> Path:
+        name = check_branch_name(protocol_branch)
+        if "/" in name:
+            raise GitError(f"protocol branch {name!r} must be a single path component")
+        return self.data_dir / "worktrees" / safe_repo_name(repo_url) / name
+
+    async def ensure_mirror(
+        self, repo_url: str, auth_header: str | None = None, *, fetch: bool = True
+    ) -> Path:
+        """Create the bare mirror if missing, else `fetch --prune` it (unless fetch=False)."""
+        mirror = self.mirror_path(repo_url)
+        async with mirror_lock(mirror):
+            await self._ensure_mirror_locked(mirror, repo_url, auth_header, fetch=fetch)
+        return mirror
+
+    async def _ensure_mirror_locked(
+        self, mirror: Path, repo_url: str, auth_header: str | None, *, fetch: bool
+    ) -> None:
+        if (mirror / "HEAD").is_file():
+            if fetch:
+                await self._fetch(mirror, auth_header)
+            return
+        url = normalize_remote(repo_url)
+        # Build under a temporary name and rename: a crash mid-clone never leaves a mirror that
+        # looks complete but lacks objects or refs.
+        for stale in mirror.parent.glob(mirror.name + ".tmp-*"):
+            await asyncio.to_thread(shutil.rmtree, stale, True)
+        tmp = mirror.with_name(f"{mirror.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            t = self.local_timeout
+            await run_git(["init", "--quiet", "--bare", str(tmp)], timeout=t)
+            await run_git(["remote", "add", "--no-tags", "origin", url], cwd=tmp, timeout=t)
+            await run_git(["config", "remote.origin.fetch", FETCH_REFSPEC], cwd=tmp, timeout=t)
+            await self._fetch(tmp, auth_header)
+            tmp.rename(mirror)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+            raise
+        log.info("created mirror %s", mirror)
+
+    async def _fetch(self, mirror: Path, auth_header: str | None) -> None:
+        # --no-show-forced-updates: that check walks history on every forced update, which is
+        # slow on big repositories and tells us nothing we use.
+        await run_git(
+            ["fetch", "--quiet", "--prune", "--no-tags", "--no-show-forced-updates", "origin"],
+            cwd=mirror,
+            auth_header=auth_header,
+            timeout=self.network_timeout,
+        )
+
+    async def ensure_worktree(
+        self,
+        repo_url: str,
+        protocol_branch: str,
+        base_branch: str,
+        auth_header: str | None = None,
+        *,
+        fetch: bool = True,
+    ) -> Worktree:
+        """The protocol's worktree, at the remote branch head (or created from the base).
+
+        Idempotent and crash-safe: a healthy worktree is reused (fast-forwarded or reset to the
+        remote branch when that moved); a missing or broken one is rebuilt from the pushed
+        branch if the remote has it, else from `origin/<base>`.
+        """
+        branch = check_branch_name(protocol_branch)
+        base = check_branch_name(base_branch)
+        mirror = self.mirror_path(repo_url)
+        path = self.worktree_path(repo_url, branch)
+        async with mirror_lock(mirror):
+            await self._ensure_mirror_locked(mirror, repo_url, auth_header, fetch=fetch)
+            refs = await self._refs(mirror, [remote_ref(branch), remote_ref(base)])
+            remote_sha = refs.get(remote_ref(branch))
+            existing = await self._inspect(path, mirror)
+            if existing is not None and existing[1] == f"refs/heads/{branch}":
+                head = await self._reconcile(path, existing[0], remote_sha)
+                return Worktree(path, branch, mirror, head, created=False)
+            if path.exists() or path.is_symlink():
+                log.warning("rebuilding broken worktree %s", path)
+                await self._discard(mirror, path)
+            start = remote_sha or refs.get(remote_ref(base))
+            if start is None:
+                raise GitError(f"base branch {base!r} does not exist on the remote")
+            await self._add(mirror, path, branch, start)
+            return Worktree(path, branch, mirror, start, created=True)
+
+    async def remove_worktree(
+        self, repo_url: str, protocol_branch: str, *, delete_branch: bool = True
+    ) -> None:
+        """Drop the worktree (and its local branch); the remote branch is left alone."""
+        mirror = self.mirror_path(repo_url)
+        path = self.worktree_path(repo_url, protocol_branch)
+        if not (mirror / "HEAD").is_file():
+            return
+        async with mirror_lock(mirror):
+            await self._discard(mirror, path)
+            if delete_branch:
+                await run_git(
+                    ["update-ref", "-d", f"refs/heads/{protocol_branch}"],
+                    cwd=mirror,
+                    timeout=self.local_timeout,
+                )
+
+    async def _refs(self, repo: Path, names: list[str]) -> dict[str, str]:
+        res = await run_git(
+            ["for-each-ref", "--format=%(objectname) %(refname)", *names],
+            cwd=repo,
+            timeout=self.local_timeout,
+        )
+        wanted = set(names)
+        out: dict[str, str] = {}
+        for line in res.out.splitlines():
+            sha, _, name = line.partition(" ")
+            if name in wanted:  # for-each-ref also matches refs *below* a given name
+                out[name] = sha
+        return out
+
+    async def _inspect(self, path: Path, mirror: Path) -> tuple[str, str] | None:
+        """(HEAD sha, HEAD symref) of a complete worktree of this mirror, else None."""
+        if not _looks_complete(path, mirror):
+            return None
+        res = await run_git(
+            ["rev-parse", "--show-toplevel", "HEAD", "--symbolic-full-name", "HEAD"],
+            cwd=path,
+            timeout=self.local_timeout,
+            check=False,
+        )
+        lines = res.out.splitlines()
+        # Guard against a data_dir inside another repository: git would walk up and answer
+        # for that one.
+        if res.returncode != 0 or len(lines) != 3 or lines[0] != str(path):
+            return None
+        return lines[1], lines[2]
+
+    async def _reconcile(self, path: Path, head: str, remote_sha: str | None) -> str:
+        """Bring a reused worktree to the remote head; keep local commits not yet pushed."""
+        if remote_sha is None or remote_sha == head:
+            return head
+        if await self._is_ancestor(path, remote_sha, head):
+            # Commits made here but not pushed (a crash between commit and push): keep them so
+            # the re-run finds its step commit by trailer and only pushes.
+            return head
+        # Behind (another worker pushed) or diverged: the remote branch is the truth.
+        await run_git(
+            ["reset", "--hard", "--quiet", remote_sha], cwd=path, timeout=self.local_timeout
+        )
+        return remote_sha
+
+    async def _is_ancestor(self, repo: Path, older: str, newer: str) -> bool:
+        res = await run_git(
+            ["merge-base", "--is-ancestor", older, newer],
+            cwd=repo,
+            timeout=self.local_timeout,
+            check=False,
+        )
+        if res.returncode not in (0, 1):
+            raise GitError(f"merge-base failed: {res.err.strip()}")
+        return res.returncode == 0
+
+    async def _discard(self, mirror: Path, path: Path) -> None:
+        """Delete a worktree directory and any registration of it, however broken."""
+        await asyncio.to_thread(_remove_worktree_files, mirror, path)
+        await run_git(["worktree", "prune"], cwd=mirror, timeout=self.local_timeout)
+
+    async def _add(self, mirror: Path, path: Path, branch: str, start: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if (mirror / "worktrees").is_dir() and any((mirror / "worktrees").iterdir()):
+            # A registration whose directory vanished (crash, manual rm) would make `add` refuse
+            # the branch as "already checked out".
+            await run_git(["worktree", "prune"], cwd=mirror, timeout=self.local_timeout)
+        # -B resets a leftover local branch (from a crashed run) to the start point.
+        await run_git(
+            ["worktree", "add", "--quiet", "--no-track", "-B", branch, os.fspath(path), start],
+            cwd=mirror,
+            timeout=self.local_timeout,
+        )

@@ -1,0 +1,287 @@
+"""What a job does with git: commit, push, inspect history, read the base branch, number protocols."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.errors import GitError
+from bot.git.cache import LOCAL_TIMEOUT, NETWORK_TIMEOUT, REMOTE_PREFIX, remote_ref
+from bot.git.locks import mirror_lock
+from bot.git.names import check_branch_name, normalize_remote, parse_protocol_number
+from bot.git.runner import run_git
+
+StrPath = str | os.PathLike[str]
+PROTOCOLS_DIR = ".protocols"
+_SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+_MISSING_PATH = re.compile(r"does not exist in|exists on disk, but not in|bad file")
+
+
+@dataclass(frozen=True)
+class StatusEntry:
+    """One line of `git status --porcelain`: XY code, path, and the old path for renames."""
+
+    code: str
+    path: str
+    orig_path: str | None = None
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    sha: str
+    message: str
+    stat: str
+
+
+async def head_sha(worktree: StrPath) -> str:
+    res = await run_git(
+        ["rev-parse", "--verify", "HEAD^{commit}"], cwd=worktree, timeout=LOCAL_TIMEOUT
+    )
+    return res.out.strip()
+
+
+async def commit_all(
+    worktree: StrPath, message: str, author_name: str, author_email: str
+) -> str | None:
+    """Stage everything and commit; the new sha, or None when there was nothing to commit."""
+    await run_git(["add", "--all"], cwd=worktree, timeout=LOCAL_TIMEOUT)
+    diff = await run_git(
+        ["diff", "--cached", "--quiet"], cwd=worktree, timeout=LOCAL_TIMEOUT, check=False
+    )
+    if diff.returncode == 0:
+        return None
+    if diff.returncode != 1:
+        raise GitError(f"git diff --cached failed in {worktree}: {diff.err.strip()}")
+    ident = {
+        "GIT_AUTHOR_NAME": author_name,
+        "GIT_AUTHOR_EMAIL": author_email,
+        "GIT_COMMITTER_NAME": author_name,
+        "GIT_COMMITTER_EMAIL": author_email,
+    }
+    # The message goes through a file: it can exceed the per-argument limit of a command line.
+    # --cleanup=whitespace keeps Markdown `#` headings that the default mode would strip.
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".msg", delete=False) as fh:
+        fh.write(message)
+    try:
+        await run_git(
+            ["commit", "--quiet", "--no-verify", "--cleanup=whitespace", "-F", fh.name],
+            cwd=worktree,
+            env=ident,
+            config={"commit.gpgsign": "false"},
+            timeout=LOCAL_TIMEOUT,
+        )
+    finally:
+        os.unlink(fh.name)
+    return await head_sha(worktree)
+
+
+async def _git_common_dir(worktree: StrPath) -> Path:
+    res = await run_git(
+        ["rev-parse", "--path-format=absolute", "--git-common-dir"],
+        cwd=worktree,
+        timeout=LOCAL_TIMEOUT,
+    )
+    return Path(res.out.strip())
+
+
+async def push(
+    worktree: StrPath,
+    branch: str,
+    remote_url: str,
+    auth_header: str | None,
+    *,
+    force_with_lease: bool = False,
+) -> str:
+    """Push HEAD to `refs/heads/<branch>` at `remote_url`; return the pushed sha.
+
+    Afterwards the mirror's `origin/<branch>` is set to it, so ensure_worktree on this machine
+    sees the push without another fetch (other machines fetch before they act).
+    """
+    ref = remote_ref(branch)
+    url = normalize_remote(remote_url)
+    sha = await head_sha(worktree)
+    args = ["push", "--quiet", "--no-verify", "--porcelain"]
+    if force_with_lease:
+        # The lease is what we last saw of the remote branch; nothing seen = it must not exist.
+        seen = await _resolve(worktree, ref)
+        args.append(f"--force-with-lease=refs/heads/{branch}:{seen or ''}")
+    args += [url, f"{sha}:refs/heads/{branch}"]
+    await run_git(args, cwd=worktree, auth_header=auth_header, timeout=NETWORK_TIMEOUT)
+    mirror = await _git_common_dir(worktree)
+    origin = await run_git(
+        ["config", "--get", "remote.origin.url"], cwd=mirror, timeout=LOCAL_TIMEOUT, check=False
+    )
+    if origin.returncode == 0 and origin.out.strip() == url:
+        async with mirror_lock(mirror):
+            await run_git(["update-ref", ref, sha], cwd=mirror, timeout=LOCAL_TIMEOUT)
+    return sha
+
+
+async def _resolve(repo: StrPath, rev: str) -> str | None:
+    res = await run_git(
+        ["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        cwd=repo,
+        timeout=LOCAL_TIMEOUT,
+        check=False,
+    )
+    return res.out.strip() if res.returncode == 0 else None
+
+
+async def list_remote_branches(
+    source: StrPath, *, auth_header: str | None = None
+) -> dict[str, str]:
+    """Branch name -> sha on the remote.
+
+    `source` as a Path (a mirror or one of its worktrees) reads the mirror's view as of its last
+    fetch; as a str it is a remote URL (or local path) asked live with `git ls-remote`.
+    """
+    if isinstance(source, os.PathLike):
+        res = await run_git(
+            ["for-each-ref", "--format=%(objectname) %(refname)", REMOTE_PREFIX],
+            cwd=source,
+            timeout=LOCAL_TIMEOUT,
+        )
+        prefix = REMOTE_PREFIX
+    else:
+        res = await run_git(
+            ["ls-remote", "--heads", normalize_remote(source)],
+            auth_header=auth_header,
+            timeout=NETWORK_TIMEOUT,
+        )
+        prefix = "refs/heads/"
+    out: dict[str, str] = {}
+    for line in res.out.splitlines():
+        sha, _, name = line.replace("\t", " ").partition(" ")
+        if name.startswith(prefix) and name != REMOTE_PREFIX + "HEAD":
+            out[name[len(prefix) :]] = sha
+    return out
+
+
+async def remote_branch_sha(
+    source: StrPath, branch: str, *, auth_header: str | None = None
+) -> str | None:
+    """The remote branch's sha, or None; `source` as in list_remote_branches."""
+    check_branch_name(branch)
+    if isinstance(source, os.PathLike):
+        return await _resolve(source, remote_ref(branch))
+    branches = await list_remote_branches(source, auth_header=auth_header)
+    return branches.get(branch)
+
+
+def _base_rev(ref: str) -> str:
+    """Branch names mean the remote's branch, never a local ref that shares the name."""
+    if ref.startswith("refs/") or _SHA.match(ref):
+        return ref
+    return remote_ref(ref)
+
+
+async def read_file_at(mirror: StrPath, ref: str, path: str) -> str | None:
+    """A file's text at `ref` (a branch name = the remote branch) without a checkout; None if absent."""
+    rev = _base_rev(ref)
+    if await _resolve(mirror, rev) is None:
+        raise GitError(f"{ref!r} does not exist in {mirror}")
+    res = await run_git(
+        ["cat-file", "blob", f"{rev}:{path.lstrip('/')}"],
+        cwd=mirror,
+        timeout=LOCAL_TIMEOUT,
+        check=False,
+    )
+    if res.returncode == 0:
+        return res.stdout.decode("utf-8", "replace")
+    if _MISSING_PATH.search(res.err):
+        return None
+    raise GitError(f"cannot read {path!r} at {ref!r}: {res.err.strip()}")
+
+
+async def status_porcelain(worktree: StrPath) -> list[StatusEntry]:
+    res = await run_git(
+        ["status", "--porcelain=v1", "-z", "--untracked-files=all"],
+        cwd=worktree,
+        timeout=LOCAL_TIMEOUT,
+    )
+    fields = res.stdout.decode("utf-8", "surrogateescape").split("\0")
+    entries: list[StatusEntry] = []
+    i = 0
+    while i < len(fields):
+        item = fields[i]
+        i += 1
+        if len(item) < 4:
+            continue
+        code, path = item[:2], item[3:]
+        if code[0] in "RC":  # -z puts the rename/copy source in the next field
+            entries.append(StatusEntry(code, path, fields[i] if i < len(fields) else None))
+            i += 1
+        else:
+            entries.append(StatusEntry(code, path))
+    return entries
+
+
+async def last_commit(worktree: StrPath) -> CommitInfo:
+    res = await run_git(
+        ["show", "--stat", "--format=%H%x00%B%x00", "HEAD"], cwd=worktree, timeout=LOCAL_TIMEOUT
+    )
+    sha, message, stat = res.out.split("\0", 2)
+    return CommitInfo(sha.strip(), message.strip(), stat.strip("\n"))
+
+
+async def log_messages(worktree: StrPath, rev_range: str) -> list[str]:
+    """Full commit messages in `rev_range` (e.g. `origin/main..HEAD`), newest first."""
+    res = await run_git(
+        ["log", "-z", "--format=%B", _range(rev_range), "--"], cwd=worktree, timeout=LOCAL_TIMEOUT
+    )
+    return [m.strip() for m in res.out.split("\0") if m.strip()]
+
+
+def _range(rev_range: str) -> str:
+    if rev_range.startswith("-"):
+        raise GitError(f"unacceptable revision range {rev_range!r}")
+    return rev_range
+
+
+async def has_commit_with_trailer(
+    worktree: StrPath, marker: str, base_branch: str | None = None
+) -> str | None:
+    """The newest commit in `origin/<base>..HEAD` whose message contains `marker`, or None.
+
+    Returns the sha (truthy) so a re-run after a crash can push it instead of committing again.
+    Without a base the whole history of HEAD is searched.
+    """
+    rev = f"{remote_ref(base_branch)}..HEAD" if base_branch else "HEAD"
+    res = await run_git(
+        ["log", "--format=%H", "--fixed-strings", f"--grep={marker}", rev, "--"],
+        cwd=worktree,
+        timeout=LOCAL_TIMEOUT,
+    )
+    lines = res.out.split()
+    return lines[0] if lines else None
+
+
+async def next_protocol_number(
+    mirror: StrPath, base_branch: str, known_names_from_db: Iterable[str]
+) -> int:
+    """1 + the highest NNNN among `.protocols/NNNN-*` on the base branch, remote (and local)
+    `NNNN-*` branches, and names the database knows. Two workers may still pick the same number:
+    the database's unique constraint decides, and the loser asks again.
+    """
+    base = remote_ref(check_branch_name(base_branch))
+    res = await run_git(
+        ["for-each-ref", "--format=%(refname)", REMOTE_PREFIX, "refs/heads/"],
+        cwd=mirror,
+        timeout=LOCAL_TIMEOUT,
+    )
+    refs = res.out.splitlines()
+    names = [r.removeprefix(REMOTE_PREFIX).removeprefix("refs/heads/") for r in refs]
+    names += list(known_names_from_db)
+    if base in refs:
+        tree = await run_git(
+            ["ls-tree", "-d", "-z", "--name-only", base, "--", f"{PROTOCOLS_DIR}/"],
+            cwd=mirror,
+            timeout=LOCAL_TIMEOUT,
+        )
+        names += [p.rsplit("/", 1)[-1] for p in tree.out.split("\0") if p]
+    numbers = [n for n in map(parse_protocol_number, names) if n is not None]
+    return max(numbers, default=0) + 1

@@ -1,0 +1,192 @@
+"""Mirrors and worktrees against a real local bare origin."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.errors import GitError
+from bot.git import GitCache, head_sha, push, remote_ref
+
+# conftest.py cannot be imported under --import-mode=importlib; these mirror its fixtures' types.
+Git = Callable[..., str]
+Origin = Any
+
+BRANCH = "0004-new-feature"
+
+
+async def test_mirror_created_then_refreshed(cache: GitCache, origin: Origin, git: Git) -> None:
+    mirror = await cache.ensure_mirror(origin.url)
+    assert mirror == cache.mirror_path(origin.url)
+    assert mirror.parent == cache.data_dir / "mirrors"
+    main = git("rev-parse", "refs/remotes/origin/main", cwd=mirror)
+    assert main == git("rev-parse", "main", cwd=origin.bare)
+
+    origin.commit({"new.txt": "x\n"}, "third")
+    origin.commit({"f.txt": "y\n"}, "on a side branch", branch="side")
+    await cache.ensure_mirror(origin.url)
+    assert git("rev-parse", "refs/remotes/origin/main", cwd=mirror) == git(
+        "rev-parse", "main", cwd=origin.bare
+    )
+    assert git("rev-parse", "refs/remotes/origin/side", cwd=mirror)
+
+    git("push", "-q", "origin", ":side", cwd=origin.seed)
+    await cache.ensure_mirror(origin.url)  # --prune drops the deleted branch
+    assert "side" not in git("for-each-ref", "--format=%(refname)", cwd=mirror)
+    assert not list(mirror.parent.glob("*.tmp-*"))
+
+
+async def test_missing_remote_leaves_no_half_mirror(cache: GitCache, tmp_path: Path) -> None:
+    url = str(tmp_path / "nope.git")
+    with pytest.raises(GitError):
+        await cache.ensure_mirror(url)
+    assert not cache.mirror_path(url).exists()
+    assert not list((cache.data_dir / "mirrors").glob("*.tmp-*"))
+
+
+async def test_worktree_created_from_base(cache: GitCache, origin: Origin, git: Git) -> None:
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    assert wt.created
+    assert wt.path == cache.data_dir / "worktrees" / wt.path.parent.name / BRANCH
+    assert (wt.path / "src/app.py").read_text() == "print('hi')\n"
+    assert git("symbolic-ref", "HEAD", cwd=wt.path) == f"refs/heads/{BRANCH}"
+    assert wt.head == git("rev-parse", "main", cwd=origin.bare) == await head_sha(wt.path)
+    # No upstream configured: pushes always name their URL and ref explicitly.
+    assert f"branch.{BRANCH}" not in git("config", "--list", cwd=wt.path)
+
+    again = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    assert not again.created and again.path == wt.path and again.head == wt.head
+
+
+async def test_unknown_base_is_an_error(cache: GitCache, origin: Origin) -> None:
+    with pytest.raises(GitError, match="base branch"):
+        await cache.ensure_worktree(origin.url, BRANCH, "develop")
+
+
+async def test_deleted_worktree_rebuilt_from_pushed_branch(
+    cache: GitCache, origin: Origin, git: Git
+) -> None:
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    (wt.path / "step1.txt").write_text("one\n")
+    git("add", "-A", cwd=wt.path)
+    git("commit", "-q", "-m", "step 1", cwd=wt.path)
+    pushed = await push(wt.path, BRANCH, origin.url, None)
+    assert git("rev-parse", f"refs/heads/{BRANCH}", cwd=origin.bare) == pushed
+
+    shutil.rmtree(wt.path)  # the worker's disk was wiped, or another machine picks this up
+    rebuilt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    assert rebuilt.created and rebuilt.head == pushed
+    assert (rebuilt.path / "step1.txt").read_text() == "one\n"
+
+
+async def test_other_worker_starts_from_pushed_branch(
+    tmp_path: Path, origin: Origin, git: Git
+) -> None:
+    one, two = GitCache(tmp_path / "w1"), GitCache(tmp_path / "w2")
+    wt1 = await one.ensure_worktree(origin.url, BRANCH, "main")
+    (wt1.path / "a.txt").write_text("a\n")
+    git("add", "-A", cwd=wt1.path)
+    git("commit", "-q", "-m", "a", cwd=wt1.path)
+    sha = await push(wt1.path, BRANCH, origin.url, None)
+
+    wt2 = await two.ensure_worktree(origin.url, BRANCH, "main")
+    assert wt2.head == sha and (wt2.path / "a.txt").exists()
+
+    # Worker two moves the branch on; worker one's stale worktree catches up on reuse.
+    (wt2.path / "b.txt").write_text("b\n")
+    git("add", "-A", cwd=wt2.path)
+    git("commit", "-q", "-m", "b", cwd=wt2.path)
+    sha2 = await push(wt2.path, BRANCH, origin.url, None)
+    again = await one.ensure_worktree(origin.url, BRANCH, "main")
+    assert not again.created and again.head == sha2 and (again.path / "b.txt").exists()
+
+
+async def test_unpushed_local_commit_survives_reuse(
+    cache: GitCache, origin: Origin, git: Git
+) -> None:
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    await push(wt.path, BRANCH, origin.url, None)
+    (wt.path / "c.txt").write_text("c\n")
+    git("add", "-A", cwd=wt.path)
+    git("commit", "-q", "-m", "crash before push", cwd=wt.path)
+    local = git("rev-parse", "HEAD", cwd=wt.path)
+    again = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    assert again.head == local
+
+
+async def test_diverged_worktree_reset_to_remote(cache: GitCache, origin: Origin, git: Git) -> None:
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    await push(wt.path, BRANCH, origin.url, None)
+    remote = origin.commit({"r.txt": "remote\n"}, "remote work", branch=BRANCH)
+    (wt.path / "l.txt").write_text("local\n")
+    git("add", "-A", cwd=wt.path)
+    git("commit", "-q", "-m", "local work", cwd=wt.path)
+    again = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    assert again.head == remote
+    assert (again.path / "r.txt").exists() and not (again.path / "l.txt").exists()
+
+
+@pytest.mark.parametrize("damage", ["index", "locked", "gitfile", "emptydir"])
+async def test_broken_worktree_is_rebuilt(
+    cache: GitCache, origin: Origin, git: Git, damage: str
+) -> None:
+    """What a crash in the middle of `worktree add` (or a careless cleanup) leaves behind."""
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    admin = Path(git("rev-parse", "--path-format=absolute", "--git-dir", cwd=wt.path))
+    if damage == "index":
+        (admin / "index").unlink()
+    elif damage == "locked":
+        (admin / "locked").write_text("initializing")
+    elif damage == "gitfile":
+        (wt.path / ".git").unlink()
+    else:
+        shutil.rmtree(wt.path)
+        wt.path.mkdir()
+        (wt.path / "junk").write_text("x")
+    # A leftover local branch with a commit the remote never saw must be reset.
+    git(
+        "update-ref",
+        f"refs/heads/{BRANCH}",
+        git("rev-parse", "HEAD~1", cwd=origin.bare),
+        cwd=wt.mirror,
+    )
+    rebuilt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    assert rebuilt.created
+    assert rebuilt.head == git("rev-parse", "main", cwd=origin.bare)
+    assert (rebuilt.path / "README.md").exists() and not (rebuilt.path / "junk").exists()
+    listed = git("worktree", "list", "--porcelain", cwd=wt.mirror)
+    assert listed.count(f"worktree {rebuilt.path}") == 1
+    assert "prunable" not in listed
+
+
+async def test_concurrent_workers_on_one_machine(tmp_path: Path, origin: Origin) -> None:
+    """Two processes' worth of caches on one data dir: the file lock serializes them."""
+    a, b = GitCache(tmp_path / "data"), GitCache(tmp_path / "data")
+    results = await asyncio.gather(
+        a.ensure_worktree(origin.url, BRANCH, "main"),
+        b.ensure_worktree(origin.url, BRANCH, "main"),
+        a.ensure_worktree(origin.url, "0005-other", "main"),
+        b.ensure_mirror(origin.url),
+    )
+    assert sorted(r.created for r in results[:2]) == [False, True]
+    assert results[2].created
+
+
+async def test_remove_worktree(cache: GitCache, origin: Origin, git: Git) -> None:
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    await cache.remove_worktree(origin.url, BRANCH)
+    assert not wt.path.exists()
+    assert BRANCH not in git("for-each-ref", cwd=wt.mirror)
+    assert remote_ref("main") in git("for-each-ref", cwd=wt.mirror)
+
+
+async def test_worktree_path_rejects_nested_names(cache: GitCache, origin: Origin) -> None:
+    with pytest.raises(GitError):
+        cache.worktree_path(origin.url, "a/b")
+    with pytest.raises(GitError):
+        await cache.ensure_worktree(origin.url, "--force", "main")
