@@ -54,11 +54,17 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def _entry(value: Any, where: str) -> dict[str, Any]:
+    # A bare string is shorthand for the call's main text (decompose markdown, message).
+    if isinstance(value, str):
+        return {"text": value}
+    return dict(_mapping(value, where))
+
+
 def step_section(phase_section: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
     """The per-step entry of a phase (by slug, then by index), merged over its `default`."""
-    default = _mapping(phase_section.get("default"), "default")
+    default = _entry(phase_section.get("default"), "default")
     steps = _mapping(phase_section.get("steps"), "steps")
-    override: Any = None
     slug = context.get("slug")
     index = context.get("step_index")
     candidates: list[Any] = [slug]
@@ -69,14 +75,8 @@ def step_section(phase_section: Mapping[str, Any], context: Mapping[str, Any]) -
             candidates.append(f"{index:02d}")
     for key in candidates:
         if key is not None and key in steps:
-            override = steps[key]
-            break
-    if override is None:
-        return dict(default)
-    if not isinstance(override, dict):
-        # A bare string is shorthand for the phase's main text (decompose markdown, message).
-        return {**default, "text": override}
-    return {**default, **override}
+            return {**default, **_entry(steps[key], f"steps.{key}")}
+    return default
 
 
 def usage_from(*sections: Mapping[str, Any]) -> TokenUsage:
