@@ -1,0 +1,278 @@
+"""Command grammar, labels, permissions and prompt-text sanitising."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.commands import (
+    COMMANDS,
+    Command,
+    CommandError,
+    help_text,
+    label_intent,
+    parse_commands,
+    permission_allows,
+    render_command_error,
+    required_permission,
+    sanitize_prompt_text,
+)
+
+
+def one(body: str) -> Command | CommandError:
+    found = parse_commands(body)
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize(
+    ("body", "name", "step", "text"),
+    [
+        ("/plan", "plan", None, ""),
+        ("/plan add a login page", "plan", None, "add a login page"),
+        ("/PLAN  Shout it  ", "plan", None, "Shout it"),
+        ("   /status", "status", None, ""),
+        ("\t/help", "help", None, ""),
+        ("/run-step", "run-step", None, ""),
+        ("/run-step next", "run-step", None, ""),
+        ("/run-step NEXT", "run-step", None, ""),
+        ("/run-step 3", "run-step", 3, ""),
+        ("/Run-Step 03", "run-step", 3, ""),
+        ("/qa", "qa", None, ""),
+        ("/qa 2", "qa", 2, ""),
+        ("/retry", "retry", None, ""),
+        ("/retry 12", "retry", 12, ""),
+        ("/approve 1", "approve", 1, ""),
+        ("/pause", "pause", None, ""),
+        ("/resume", "resume", None, ""),
+        ("/cancel", "cancel", None, ""),
+        ("/init", "init", None, ""),
+        ("/status\r\n", "status", None, ""),
+    ],
+)
+def test_valid_commands(body: str, name: str, step: int | None, text: str) -> None:
+    cmd = one(body)
+    assert isinstance(cmd, Command)
+    assert (cmd.name, cmd.step, cmd.text) == (name, step, text)
+    assert cmd.line == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "name", "fragment"),
+    [
+        ("/run-step abc", "run-step", "`abc` is not a positive step number or `next`"),
+        ("/run-step 0", "run-step", "`0` is not"),
+        ("/run-step -1", "run-step", "`-1` is not"),
+        ("/run-step 1 2", "run-step", "at most one argument"),
+        ("/qa 0", "qa", "`0` is not a positive step number"),
+        ("/qa next", "qa", "`next` is not a positive step number"),
+        ("/retry 1.5", "retry", "is not a positive step number"),
+        ("/approve x", "approve", "is not"),
+        ("/pause now", "pause", "takes no arguments"),
+        ("/status please", "status", "takes no arguments"),
+        ("/cancel all of it", "cancel", "takes no arguments"),
+    ],
+)
+def test_malformed_commands(body: str, name: str, fragment: str) -> None:
+    err = one(body)
+    assert isinstance(err, CommandError)
+    assert err.kind == "malformed"
+    assert err.name == name
+    assert fragment in err.message
+    assert err.usage == "/" + COMMANDS[name].usage
+
+
+@pytest.mark.parametrize(
+    ("body", "suggestion"),
+    [
+        ("/paln", "/plan"),
+        ("/stauts", "/status"),
+        ("/runstep 2", "/run-step"),
+        ("/retyr", "/retry"),
+        ("/aprove", "/approve"),
+    ],
+)
+def test_unknown_command_suggests(body: str, suggestion: str) -> None:
+    err = one(body)
+    assert isinstance(err, CommandError)
+    assert err.kind == "unknown"
+    assert suggestion in err.suggestions
+    reply = render_command_error(err)
+    assert "Did you mean" in reply and f"`{suggestion}`" in reply
+    assert "/help" in reply
+
+
+def test_unknown_command_without_suggestion() -> None:
+    err = one("/xyzzy")
+    assert isinstance(err, CommandError) and err.kind == "unknown"
+    assert err.suggestions == ()
+    assert "Did you mean" not in render_command_error(err)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "see https://example.com/plan for details",
+        "the file /usr/bin/plan",
+        "/usr/bin/env python",
+        "// comment",
+        "/ plan",
+        "/3 things",
+        "text /plan mid-sentence",
+        "/plan.",
+        "",
+    ],
+)
+def test_not_commands(body: str) -> None:
+    assert parse_commands(body) == []
+
+
+def test_fenced_code_and_quotes_are_ignored() -> None:
+    body = "\n".join(
+        [
+            "Thanks!",
+            "```",
+            "/plan inside backticks",
+            "```",
+            "~~~text",
+            "/cancel inside tildes",
+            "```",  # a backtick line does not close a tilde fence
+            "/pause still inside",
+            "~~~",
+            "> /cancel quoted",
+            ">/pause quoted without space",
+            "  > /resume indented quote",
+            "/status",
+            "````",
+            "```",
+            "/retry inside the longer fence",
+            "````",
+            "/qa 2",
+        ]
+    )
+    found = parse_commands(body)
+    assert [(c.name, c.line) for c in found] == [("status", 13), ("qa", 18)]
+
+
+def test_unclosed_fence_hides_the_rest() -> None:
+    assert parse_commands("/status\n```\n/plan\n/cancel") == [Command("status", raw="/status", line=1)]
+
+
+def test_multiple_commands_in_order_with_errors_in_place() -> None:
+    found = parse_commands("/plan\nsome words\n/paln\n  /run-step next\n/qa zero")
+    kinds = [(type(c).__name__, c.name) for c in found]
+    assert kinds == [
+        ("Command", "plan"),
+        ("CommandError", "paln"),
+        ("Command", "run-step"),
+        ("CommandError", "qa"),
+    ]
+    assert [c.line for c in found] == [1, 3, 4, 5]
+
+
+def test_custom_prefix() -> None:
+    found = parse_commands("!df status\n/status", prefix="!df ")
+    assert [c.name for c in found] == ["status"]
+    assert found[0].line == 1
+
+
+def test_render_malformed_error() -> None:
+    err = one("/run-step abc")
+    assert isinstance(err, CommandError)
+    reply = render_command_error(err)
+    assert "Usage: `/run-step [N|next]`" in reply
+    assert "> /run-step abc" in reply
+
+
+def test_help_text_lists_every_command() -> None:
+    text = help_text()
+    for info in COMMANDS.values():
+        assert f"`/{info.usage}`" in text
+    assert "deksdenflow:auto" in text
+    assert "`!run-step [N|next]`" in help_text(prefix="!")
+
+
+@pytest.mark.parametrize(
+    ("command", "overrides", "expected"),
+    [
+        ("plan", None, "write"),
+        ("run-step", None, "write"),
+        ("status", None, "read"),
+        ("help", None, "read"),
+        ("auto", None, "write"),
+        ("cancel", {"cancel": "admin"}, "admin"),
+        ("status", {"status": "write"}, "write"),
+        ("plan", {"cancel": "admin"}, "write"),
+    ],
+)
+def test_required_permission(command: str, overrides: dict[str, str] | None, expected: str) -> None:
+    assert required_permission(command, overrides) == expected
+
+
+def test_required_permission_rejects_unknown_level() -> None:
+    with pytest.raises(ValueError):
+        required_permission("plan", {"plan": "owner"})
+
+
+@pytest.mark.parametrize(
+    ("actual", "required", "ok"),
+    [
+        ("admin", "write", True),
+        ("maintain", "write", True),
+        ("write", "write", True),
+        ("read", "write", False),
+        ("read", "read", True),
+        ("none", "read", False),
+        ("weird", "read", False),
+        ("admin", "admin", True),
+        ("write", "admin", False),
+    ],
+)
+def test_permission_allows(actual: str, required: str, ok: bool) -> None:
+    assert permission_allows(actual, required) is ok
+
+
+@pytest.mark.parametrize(
+    ("label", "config", "intent"),
+    [
+        ("deksdenflow:plan", None, "plan"),
+        ("DeksdenFlow:Plan", None, "plan"),
+        ("deksdenflow:auto", None, "auto"),
+        ("bug", None, None),
+        ("ai:plan", {"ai:plan": "plan"}, "plan"),
+        ("deksdenflow:auto", {"deksdenflow:auto": ""}, None),
+    ],
+)
+def test_label_intent(label: str, config: dict[str, str] | None, intent: str | None) -> None:
+    cmd = label_intent(label, config)
+    assert (cmd.name if cmd else None) == intent
+
+
+def test_label_intent_rejects_unknown_intent() -> None:
+    with pytest.raises(ValueError):
+        label_intent("x", {"x": "deploy"})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("plain text", "plain text"),
+        ("a<!-- hidden -->b", "ab"),
+        ("a<!--\nmulti\nline\n-->b", "ab"),
+        ("keep<!-- unterminated and the rest", "keep"),
+        ("x<!-- one -->y<!-- two -->z", "xyz"),
+        ("zero\u200bwidth\u200c\u200d\u2060\ufeff", "zerowidth"),
+        ("bidi\u202e\u202a\u202b\u202c\u202d\u2066\u2067\u2068\u2069\u200e\u200f\u061c", "bidi"),
+        ("<!\u200b-- smuggled -->ok", "ok"),
+        ("line1\r\nline2\x00\x07", "line1\nline2"),
+        ("tabs\tand\nnewlines stay", "tabs\tand\nnewlines stay"),
+    ],
+)
+def test_sanitize_prompt_text(text: str, expected: str) -> None:
+    assert sanitize_prompt_text(text) == expected
+
+
+def test_sanitize_caps_length() -> None:
+    out = sanitize_prompt_text("x" * 50_000, max_chars=1_000)
+    assert len(out) == 1_000
+    assert out.endswith("truncated by DeksdenFlow]")
+    assert sanitize_prompt_text("short", max_chars=1_000) == "short"
