@@ -272,7 +272,10 @@ class GitLabClient:
                     headers=dict(response.headers),
                     body=_decode(response),
                 )
-            except gitlab.exceptions.GitlabHttpError as exc:
+            except (
+                gitlab.exceptions.GitlabHttpError,
+                gitlab.exceptions.GitlabAuthenticationError,  # 401: not a GitlabHttpError
+            ) as exc:
                 status = exc.response_code
                 message = _error_text(exc.error_message)
                 retryable = status in RETRYABLE_STATUSES
