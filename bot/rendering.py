@@ -61,6 +61,11 @@ def inline(text: str, limit: int = _TITLE_CAP) -> str:
     return truncate(one, limit, "…")
 
 
+def short_sha(sha: str) -> str:
+    """The first 12 hex digits of a commit id (anything else is dropped)."""
+    return re.sub(r"[^0-9a-fA-F]", "", sha)[:12]
+
+
 def _fence(content: str, lang: str = "") -> str:
     # A fence longer than any backtick run inside, so output can never close it early; absurd
     # runs are shortened first so the fence itself stays small.
@@ -144,7 +149,7 @@ def _step_line(step: StepView, current: int | None) -> str:
     if step.duration_seconds is not None:
         parts.append(fmt_duration(step.duration_seconds))
     if step.commit_sha:
-        parts.append(f"`{inline(step.commit_sha, 12)}`")
+        parts.append(f"`{short_sha(step.commit_sha)}`")
     if step.check_url:
         parts.append(f"[check]({step.check_url})")
     emoji = STATUS_EMOJI.get(step.status, "❔")
@@ -457,7 +462,7 @@ def log_entry(
     if tokens is not None:
         parts.append(f"{fmt_tokens(tokens)} tokens")
     if commit_sha:
-        parts.append(f"`{inline(commit_sha, 12)}`")
+        parts.append(f"`{short_sha(commit_sha)}`")
     line = "- " + " · ".join(parts)
     if message:
         line += " — " + inline(message, 500)
