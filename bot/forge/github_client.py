@@ -20,6 +20,8 @@ import gidgethub.abc
 import gidgethub.sansio
 import httpx
 import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from uritemplate import variable
 
 from bot.errors import ForgeError
@@ -239,6 +241,7 @@ class GitHubClient:
             raise ValueError("app_id and private_key go together")
         self.app_id = str(app_id) if app_id is not None else None
         self._private_key = private_key
+        self._signing_key: rsa.RSAPrivateKey | None = None
         self.api_url = api_url.rstrip("/")
         self.requester = requester
         self._owns_http = http is None
@@ -287,12 +290,25 @@ class GitHubClient:
             return self._jwt.value
         claims = app_jwt_claims(self.app_id, now)
         try:
-            value = jwt.encode(claims, self._private_key, algorithm="RS256")
+            value = jwt.encode(claims, self._load_signing_key(), algorithm="RS256")
         except Exception:
             # PyJWT/cryptography messages can quote key material; say only what went wrong.
             raise ForgeError("could not sign the GitHub App JWT: unusable private key") from None
         self._jwt = _CachedJwt(value, float(claims["exp"]))
         return value
+
+    def _load_signing_key(self) -> rsa.RSAPrivateKey:
+        # Parsing a PEM validates the RSA key (~0.1 s); do it once, not for every JWT.
+        if self._signing_key is None:
+            raw = self._private_key
+            assert raw is not None
+            key = serialization.load_pem_private_key(
+                raw.encode() if isinstance(raw, str) else raw, password=None
+            )
+            if not isinstance(key, rsa.RSAPrivateKey):
+                raise TypeError("not an RSA key")
+            self._signing_key = key
+        return self._signing_key
 
     async def installation_token(self, installation_id: int) -> InstallationToken:
         """A cached installation token, fetched again a safety margin before `expires_at`."""

@@ -120,11 +120,11 @@ def test_app_jwt_cached_then_renewed(client: GitHubClient, clock: Any) -> None:
     assert jwt.decode(renewed, options={"verify_signature": False})["iat"] == clock.now - 60
 
 
-def test_unusable_private_key_does_not_leak() -> None:
+async def test_unusable_private_key_does_not_leak() -> None:
     bad = "-----BEGIN RSA PRIVATE KEY-----\nNOTAKEYSECRETSTUFF\n-----END RSA PRIVATE KEY-----\n"
-    client = GitHubClient(app_id=1, private_key=bad, http=httpx.AsyncClient())
-    with pytest.raises(ForgeError) as info:
-        client.app_jwt()
+    async with GitHubClient(app_id=1, private_key=bad) as client:
+        with pytest.raises(ForgeError) as info:
+            client.app_jwt()
     assert "NOTAKEYSECRETSTUFF" not in str(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
