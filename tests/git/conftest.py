@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class Origin:
     seed: Path
 
     def commit(self, files: dict[str, str], message: str, branch: str = "main") -> str:
+        _git("fetch", "-q", "--prune", "origin", cwd=self.seed)
         start = [f"origin/{branch}"] if _has(self.seed, f"origin/{branch}") else []
         _git("checkout", "-q", "-B", branch, *start, cwd=self.seed)
         for name, text in files.items():
@@ -73,10 +75,10 @@ def _has(repo: Path, rev: str) -> bool:
     return True
 
 
-@pytest.fixture
-def origin(tmp_path: Path) -> Origin:
-    bare = tmp_path / "origin.git"
-    seed = tmp_path / "seed"
+@pytest.fixture(scope="session")
+def _origin_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("origin-template")
+    bare, seed = root / "origin.git", root / "seed"
     _git("init", "-q", "--bare", "-b", "main", bare)
     _git("clone", "-q", bare, seed)
     o = Origin(url=str(bare), bare=bare, seed=seed)
@@ -85,7 +87,17 @@ def origin(tmp_path: Path) -> Origin:
         {".protocols/0003-old-task/plan.md": "# old\n", "src/app.py": "print('hi')\n"},
         "second",
     )
-    return o
+    return root
+
+
+@pytest.fixture
+def origin(tmp_path: Path, _origin_template: Path) -> Origin:
+    """A fresh copy per test of an origin with two commits on main (built once per session)."""
+    bare, seed = tmp_path / "origin.git", tmp_path / "seed"
+    shutil.copytree(_origin_template / "origin.git", bare, symlinks=True)
+    shutil.copytree(_origin_template / "seed", seed, symlinks=True)
+    _git("remote", "set-url", "origin", bare, cwd=seed)
+    return Origin(url=str(bare), bare=bare, seed=seed)
 
 
 @pytest.fixture
