@@ -23,6 +23,9 @@ class FakeResponse:
     cached_input_tokens: int = 0
     output_tokens: int = 20
     reasoning_output_tokens: int = 0
+    # When set, the stream ends with response.failed carrying this message instead of
+    # response.completed: codex turns it into turn.failed (no retries in our config).
+    failure: str | None = None
 
     def usage(self) -> JSON:
         return {
@@ -69,14 +72,36 @@ def add_file_patch(path: str, content: str) -> str:
     return f"*** Begin Patch\n*** Add File: {path}\n{body}*** End Patch\n"
 
 
-def final(text: str, **usage: int) -> FakeResponse:
+def final(
+    text: str,
+    *,
+    input_tokens: int = 100,
+    cached_input_tokens: int = 0,
+    output_tokens: int = 20,
+    reasoning_output_tokens: int = 0,
+) -> FakeResponse:
     """A response that ends the turn with an assistant message."""
-    return FakeResponse([assistant_message(text)], **usage)
+    return FakeResponse(
+        [assistant_message(text)],
+        input_tokens,
+        cached_input_tokens,
+        output_tokens,
+        reasoning_output_tokens,
+    )
 
 
-def tool_then(item: JSON, **usage: int) -> FakeResponse:
+def tool_then(
+    item: JSON,
+    *,
+    input_tokens: int = 100,
+    cached_input_tokens: int = 0,
+    output_tokens: int = 20,
+    reasoning_output_tokens: int = 0,
+) -> FakeResponse:
     """A response that only calls a tool; codex comes back with its output in the next request."""
-    return FakeResponse([item], **usage)
+    return FakeResponse(
+        [item], input_tokens, cached_input_tokens, output_tokens, reasoning_output_tokens
+    )
 
 
 @dataclass
@@ -199,7 +224,10 @@ class FakeModelServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        # A short poll interval keeps stop() (and so each test's teardown) quick.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -251,6 +279,15 @@ class FakeModelServer:
                 "type": "response.output_item.done",
                 "item": {"id": f"item_{self._counter}_{n}", **item},
             }
+        if response.failure is not None:
+            yield {
+                "type": "response.failed",
+                "response": {
+                    "id": response_id,
+                    "error": {"code": "server_error", "message": response.failure},
+                },
+            }
+            return
         yield {
             "type": "response.completed",
             "response": {"id": response_id, "usage": response.usage()},
