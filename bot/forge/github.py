@@ -428,8 +428,9 @@ class GitHubForge:
         return map_permission(data)
 
     async def git_auth_header(self, repo: RepoRef) -> str | None:
+        # The whole header line: git takes it as `http.extraheader` (see bot/git/runner.py).
         token = await self.client.installation_token(await self.installation_id(repo))
-        return basic_git_auth(token.token)
+        return f"Authorization: {basic_git_auth(token.token)}"
 
     # helpers for jobs
 

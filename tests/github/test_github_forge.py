@@ -456,8 +456,9 @@ def test_map_permission() -> None:
 
 async def test_git_auth_header(forge: GitHubForge) -> None:
     header = await forge.git_auth_header(REPO)
-    assert header is not None and header.startswith("Basic ")
-    assert base64.b64decode(header.removeprefix("Basic ")).decode() == f"x-access-token:{TOKEN}"
+    assert header is not None and header.startswith("Authorization: Basic ")
+    encoded = header.removeprefix("Authorization: Basic ")
+    assert base64.b64decode(encoded).decode() == f"x-access-token:{TOKEN}"
 
 
 async def test_installation_looked_up_when_repo_has_none(
