@@ -256,7 +256,9 @@ class GitHubClient:
         self._clock = clock
         self._jwt: _CachedJwt | None = None
         self._tokens: dict[int, InstallationToken] = {}
-        self._token_lock = asyncio.Lock()
+        # One lock per installation: concurrent first uses share one token request, while a
+        # slow (rate-limited) fetch for one installation does not hold up the others.
+        self._token_locks: dict[int, asyncio.Lock] = {}
         self._gh = _GidgetAPI(self, self.api_url)
 
     def __repr__(self) -> str:
@@ -312,7 +314,7 @@ class GitHubClient:
 
     async def installation_token(self, installation_id: int) -> InstallationToken:
         """A cached installation token, fetched again a safety margin before `expires_at`."""
-        async with self._token_lock:
+        async with self._token_locks.setdefault(installation_id, asyncio.Lock()):
             cached = self._tokens.get(installation_id)
             if cached is not None and token_is_fresh(
                 cached.expires_at, self._clock(), self._token_margin
@@ -390,7 +392,12 @@ class GitHubClient:
                 return items
             except gidgethub.HTTPException as exc:
                 status = int(exc.status_code)
-                if status == 401 and attempt == 1 and auth == "installation" and installation_id:
+                if (
+                    status == 401
+                    and attempt == 1
+                    and auth == "installation"
+                    and installation_id is not None
+                ):
                     self.invalidate_installation_token(installation_id)
                     continue
                 raise self._http_error("GET", path, exc) from None

@@ -560,3 +560,26 @@ def test_pure_helpers() -> None:
 def test_bad_repo_name() -> None:
     with pytest.raises(ForgeError):
         split_repo("no-slash")
+
+
+async def test_listing_401_renews_token_and_restarts(
+    forge: GitHubForge, mock: respx.MockRouter, make_token: MakeToken
+) -> None:
+    tokens = mock.post(f"/app/installations/{INSTALLATION_ID}/access_tokens").mock(
+        side_effect=[make_token("ghs_old"), make_token("ghs_new")]
+    )
+    listed = mock.get("/repos/octo/app/issues/12/comments").mock(
+        side_effect=[
+            httpx.Response(401, json={"message": "Bad credentials"}),
+            httpx.Response(200, json=[our_comment(3, MARKER)]),
+        ]
+    )
+    mock.patch("/repos/octo/app/issues/comments/3").mock(
+        return_value=httpx.Response(200, json={"id": 3})
+    )
+    await forge.upsert_status_comment(ISSUE, MARKER, f"{MARKER} v2")
+    assert tokens.call_count == 2
+    assert [c.request.headers["authorization"] for c in listed.calls] == [
+        "token ghs_old",
+        "token ghs_new",
+    ]
