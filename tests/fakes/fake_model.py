@@ -37,10 +37,6 @@ class FakeResponse:
         }
 
 
-# A responder decides the reply from the request body (e.g. by looking at the prompt).
-Responder = Callable[[JSON], FakeResponse]
-
-
 def assistant_message(text: str) -> JSON:
     """The final assistant message item."""
     return {
@@ -135,18 +131,24 @@ class RecordedRequest:
         return texts
 
 
+# A responder decides the reply from the request (e.g. by looking at request.user_texts()).
+Responder = Callable[[RecordedRequest], FakeResponse]
+
+
 @dataclass
 class FakeModelServer:
     """Threaded HTTP server answering POST /v1/responses from a programmable queue.
 
     Each POST pops one entry (a FakeResponse, or a Responder called with the request body).
     When the queue is empty it answers `fallback_text` and records the request in `unexpected`,
-    so a test that under-scripts sees a clear failure instead of a hang.
+    so a test that under-scripts sees a clear failure instead of a hang. A responder that
+    raises makes the stream fail (codex reports turn.failed); the error lands in `errors`.
     """
 
     fallback_text: str = "fake model: no scripted response left"
     requests: list[RecordedRequest] = field(default_factory=list)
     unexpected: list[RecordedRequest] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
     _queue: deque[FakeResponse | Responder] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _httpd: ThreadingHTTPServer | None = None
@@ -268,7 +270,13 @@ class FakeModelServer:
             return final(self.fallback_text)
         if isinstance(entry, FakeResponse):
             return entry
-        return entry(recorded.body or {})
+        try:
+            return entry(recorded)
+        except Exception as exc:  # a bug in a test's responder: fail the stream, loudly
+            message = f"fake model responder raised {exc!r}"
+            with self._lock:
+                self.errors.append(message)
+            return FakeResponse([], failure=message)
 
     def _events(self, response: FakeResponse) -> Iterator[JSON]:
         response_id = f"resp_{self._counter}"
