@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Mapping
+from contextlib import aclosing
 from typing import Any, Literal
 
 from bot.errors import ForgeError
@@ -259,12 +260,13 @@ class GitLabForge:
         user_id = await self.own_user_id()
         notes_path = f"{noteable_path(target)}/notes"
         found: dict[str, Any] | None = None
-        async for note in self._client.paginate(
-            notes_path, {"sort": "asc", "order_by": "created_at"}
-        ):
-            found = find_status_note([note], marker, user_id)
-            if found is not None:
-                break
+        # Oldest first: our status note is usually among the first notes of the thread.
+        pages = self._client.paginate(notes_path, {"sort": "asc", "order_by": "created_at"})
+        async with aclosing(pages) as notes:
+            async for note in notes:
+                found = find_status_note([note], marker, user_id)
+                if found is not None:
+                    break
         if found is None:
             note = await self._client.post(notes_path, note_payload(text))
             return CommentRef(target=target, comment_id=int(note["id"]))
@@ -386,13 +388,18 @@ class GitLabForge:
             enable_ssl_verification=enable_ssl_verification,
         )
         hooks_path = f"/projects/{project_path(project)}/hooks"
-        async for hook in self._client.paginate(hooks_path):
-            if hook.get("url") == url:
-                # Always PUT: GitLab never shows the stored token, so we cannot tell if it changed.
-                updated: dict[str, Any] = await self._client.put(
-                    f"{hooks_path}/{hook['id']}", payload
-                )
-                return updated
+        existing: dict[str, Any] | None = None
+        async with aclosing(self._client.paginate(hooks_path)) as hooks:
+            async for hook in hooks:
+                if hook.get("url") == url:
+                    existing = hook
+                    break
+        if existing is not None:
+            # Always PUT: GitLab never shows the stored token, so we cannot tell if it changed.
+            updated: dict[str, Any] = await self._client.put(
+                f"{hooks_path}/{existing['id']}", payload
+            )
+            return updated
         created: dict[str, Any] = await self._client.post(hooks_path, payload)
         return created
 

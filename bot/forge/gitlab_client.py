@@ -7,7 +7,7 @@ import email.utils
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -131,7 +131,8 @@ class GitLabClient:
     Every call runs python-gitlab in a worker thread (it is synchronous), with a timeout, and
     retries 429 and 5xx a bounded number of times. python-gitlab's own retry is switched off:
     it sleeps with `time.sleep` for as long as Retry-After says, with no cap, and cannot parse an
-    HTTP-date Retry-After.
+    HTTP-date Retry-After. Worker threads share one requests session (its connection pool is
+    thread-safe); the retry state lives on each call's stack, Retry-After in a thread-local.
     """
 
     def __init__(
@@ -231,7 +232,7 @@ class GitLabClient:
         *,
         per_page: int = 100,
         max_pages: int = 50,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield the items of a list endpoint page by page (offset pagination, X-Next-Page)."""
         page = 1
         for _ in range(max_pages):

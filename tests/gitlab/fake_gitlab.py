@@ -7,7 +7,9 @@ import fnmatch
 import itertools
 import json
 import re
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -119,6 +121,7 @@ class FakeGitLab:
         self.errors: list[BaseException] = []  # exceptions raised by routes: bugs in the fake
         self.token = token
         self._failures: list[Failure] = []
+        self._delays: list[Failure] = []  # body holds the delay in seconds
         self._lock = threading.RLock()
         self._ids = itertools.count(1000)
         self._routes = self._build_routes()
@@ -141,8 +144,7 @@ class FakeGitLab:
         class Handler(_Handler):
             owner = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         # A short poll interval: shutdown() waits up to one interval, once per test.
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -199,6 +201,15 @@ class FakeGitLab:
         with self._lock:
             self._failures.append(failure)
         return failure
+
+    def slow(
+        self, pattern: str, seconds: float, *, times: int = 1, method: str | None = None
+    ) -> None:
+        """Answer the next `times` matching requests normally, but only after `seconds`."""
+        with self._lock:
+            self._delays.append(
+                Failure(pattern, times, 0, {}, seconds, method.upper() if method else None)
+            )
 
     def requests_to(
         self, method: str | None = None, path: str | None = None
@@ -481,6 +492,9 @@ class FakeGitLab:
                 body = json.loads(raw_body)
             except ValueError:
                 body = raw_body.decode("utf-8", "replace")
+        delay = self._take_delay(method, path)
+        if delay:
+            time.sleep(delay)  # outside the lock: other requests keep being served
         with self._lock:
             index = len(self.requests)
             self.requests.append(RecordedRequest(method, path, query, headers, body))
@@ -495,6 +509,14 @@ class FakeGitLab:
                 status,
             )
         return status, out_headers, out
+
+    def _take_delay(self, method: str, path: str) -> float:
+        with self._lock:
+            for delay in self._delays:
+                if delay.matches(method, path):
+                    delay.times -= 1
+                    return float(delay.body)
+        return 0.0
 
     def _dispatch(
         self, method: str, path: str, query: dict[str, str], headers: dict[str, str], body: Any
@@ -819,6 +841,18 @@ def _paginate(items: list[Any], query: dict[str, str]) -> tuple[int, Any, dict[s
     headers = {"X-Page": str(page), "X-Per-Page": str(per_page), "X-Total": str(len(items))}
     headers["X-Next-Page"] = str(page + 1) if start + per_page < len(items) else ""
     return 200, chunk, headers
+
+
+class _Server(ThreadingHTTPServer):
+    # Non-daemon handler threads are joined by server_close(), so no socket outlives a test.
+    daemon_threads = False
+    block_on_close = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out has gone away before we answer: expected in timeout tests.
+        error = sys.exc_info()[1]
+        if not isinstance(error, (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

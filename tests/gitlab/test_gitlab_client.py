@@ -198,3 +198,32 @@ def test_project_path_encodes_namespaces() -> None:
 def test_empty_token_is_refused() -> None:
     with pytest.raises(ForgeError):
         GitLabClient("https://gitlab.example.com", "")
+
+
+async def test_read_timeout_on_get_is_retried(fake_gitlab: FakeGitLab, sleeps: list[float]) -> None:
+    fake_gitlab.slow("/user", 1.0)
+    gl = GitLabClient(fake_gitlab.url, fake_gitlab.token, timeout=0.2, sleep=sleeps.append)
+    try:
+        user = await gl.get("/user")
+    finally:
+        gl.close()
+    assert user["id"] == fake_gitlab.bot["id"]
+    assert len(sleeps) == 1
+
+
+async def test_read_timeout_on_post_is_not_retried(
+    fake_gitlab: FakeGitLab, sleeps: list[float]
+) -> None:
+    # The first POST may already have been applied: resending could post the note twice.
+    project = fake_gitlab.add_project("acme/t")
+    issue = fake_gitlab.add_issue(project)
+    path = f"/projects/{project['id']}/issues/{issue['iid']}/notes"
+    fake_gitlab.slow(path, 1.0, method="POST")
+    gl = GitLabClient(fake_gitlab.url, fake_gitlab.token, timeout=0.2, sleep=sleeps.append)
+    try:
+        with pytest.raises(GitLabAPIError) as caught:
+            await gl.post(path, {"body": "once"})
+    finally:
+        gl.close()
+    assert "Timeout" in str(caught.value)
+    assert sleeps == []
