@@ -157,6 +157,7 @@ class GitCache:
             cwd=mirror,
             auth_header=auth_header,
             timeout=self.network_timeout,
+            config={"advice.fetchShowForcedUpdates": "false"},
         )
 
     async def ensure_worktree(
