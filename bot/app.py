@@ -214,14 +214,12 @@ def create_app(settings: Settings, *, embedded_worker: bool | None = None) -> St
         try:
             yield
         finally:
-            if state.worker_task is not None:
-                state.worker_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await state.worker_task
-                with contextlib.suppress(Exception):
-                    await state.extra["worker"].close()
             await state.store.stop()
-            await redis.aclose()
+            if state.worker_task is not None:
+                from bot.jobs.worker import stop_embedded_worker
+
+                await stop_embedded_worker(state.extra["worker"], state.worker_task)
+            await redis.aclose(close_connection_pool=True)
             await db.dispose()
 
     app = Starlette(routes=routes(), lifespan=lifespan)

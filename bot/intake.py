@@ -110,12 +110,8 @@ class DeliveryStore:
     async def _after_commit(self, ids: list[int]) -> None:
         try:
             await self.on_stored(ids)
-        except Exception:  # the outbox relay picks these up later
-            log.warning(
-                "enqueue of %d stored deliveries failed; the relay will retry",
-                len(ids),
-                exc_info=True,
-            )
+        except Exception as exc:  # the outbox relay picks these up later
+            log.warning("enqueue of %d stored deliveries failed (%s); the relay will retry", len(ids), exc)
 
     async def _commit(self, batch: list[_Pending]) -> list[int]:
         firsts, repeats = split_batch(batch)

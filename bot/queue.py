@@ -11,7 +11,7 @@ from arq.constants import default_queue_name, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from fakeredis import FakeServer
-from fakeredis.aioredis import FakeConnection
+from fakeredis.aioredis import FakeAsyncRedisConnection
 from redis.asyncio import ConnectionPool
 
 from bot.settings import Settings
@@ -19,22 +19,18 @@ from bot.settings import Settings
 # A job never waits in the queue longer than a day (arq's own default expiry).
 JOB_EXPIRES_MS = 24 * 3600 * 1000
 
-# One fakeredis server per process: the in-process worker and the web app must share it.
-_memory_servers: dict[str, FakeServer] = {}
-
-
-def memory_server(url: str) -> FakeServer:
-    return _memory_servers.setdefault(url, FakeServer())
-
-
 def redis_settings(url: str) -> RedisSettings:
     return RedisSettings.from_dsn(url)
 
 
 def create_redis(settings: Settings) -> ArqRedis:
-    """An ArqRedis client; `memory://` gives the process-wide fakeredis server."""
+    """An ArqRedis client; `memory://` gives a new in-process fakeredis server.
+
+    The embedded worker is handed this same client, so the two share one queue; a second
+    app in the same process (tests) gets its own queue.
+    """
     if settings.memory_queue:
-        pool = ConnectionPool(connection_class=FakeConnection, server=memory_server(settings.redis_url))
+        pool = ConnectionPool(connection_class=FakeAsyncRedisConnection, server=FakeServer())
         return ArqRedis(connection_pool=pool)
     rs = redis_settings(settings.redis_url)
     pool = ConnectionPool.from_url(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, ClassVar
 
@@ -13,7 +14,7 @@ from bot.db import database_from_settings
 from bot.handlers import build_router
 from bot.jobs.common import MAX_TRIES
 from bot.jobs.deliveries import process_delivery, relay_pending
-from bot.queue import create_redis, redis_settings
+from bot.queue import create_redis
 from bot.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -97,13 +98,47 @@ def build_worker(
     settings: Settings, ctx: dict[str, Any] | None = None, burst: bool = False, handle_signals: bool = False
 ) -> Worker:
     kwargs = {**worker_kwargs(settings), "handle_signals": handle_signals}
+    if burst:
+        # a cron job is always queued for its next run, so a burst worker would never drain
+        kwargs["cron_jobs"] = []
     base_ctx = {"settings": settings, **(ctx or {})}
-    if settings.memory_queue or (ctx and "redis" in ctx):
-        redis = (ctx or {}).get("redis") or create_redis(settings)
-        return InProcessWorker(redis_pool=redis, ctx=base_ctx, burst=burst, **kwargs)
-    return Worker(redis_settings=redis_settings(settings.redis_url), ctx=base_ctx, burst=burst, **kwargs)
+    redis = base_ctx.get("redis") or create_redis(settings)
+    # fakeredis lacks INFO, which arq's own main() calls; real Redis gets the stock Worker
+    worker_class = InProcessWorker if settings.memory_queue else Worker
+    return worker_class(redis_pool=redis, ctx=base_ctx, burst=burst, **kwargs)
 
 
 def run_worker(settings: Settings) -> None:
     """Blocking entry point for `deksdenflow worker`."""
     build_worker(settings, handle_signals=True).run()
+
+
+async def stop_embedded_worker(worker: Worker, task: asyncio.Task[Any], grace_s: float = 10.0) -> None:
+    """Stop polling, give running jobs `grace_s` to finish, cancel the rest, run on_shutdown.
+
+    arq's own `close()` cancels jobs and then awaits them, which re-raises CancelledError into
+    the caller and closes the (shared) Redis pool; the embedding app owns that pool.
+    """
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    running = [t for t in worker.tasks.values() if not t.done()]
+    if running:
+        _done, pending = await asyncio.wait(running, timeout=grace_s)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+    if worker.on_shutdown:
+        with contextlib.suppress(Exception):
+            await worker.on_shutdown(worker.ctx)
+
+
+async def close_worker(worker: Worker) -> None:
+    """Close a finished (burst) worker: on_shutdown, then its Redis pool.
+
+    Equivalent to arq's `close()` minus its call of the deprecated `Redis.close`.
+    """
+    if worker.on_shutdown:
+        await worker.on_shutdown(worker.ctx)
+    await worker.pool.aclose(close_connection_pool=True)
