@@ -3,7 +3,217 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from bot.errors import NotFound
+from bot.models import ForgeRecord, ProtocolRun
+from bot.runs import load_run
+from bot.settings import Settings
+
+FAILED = ("failed", "blocked", "cancelled")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    del sub
+    proto = sub.add_parser("protocol", help="plan and run protocols on a local repository")
+    psub = proto.add_subparsers(dest="protocol_command", required=True, metavar="ACTION")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--repo", type=Path, default=Path("."), help="the git repository (default: .)"
+        )
+        p.add_argument("--engine", choices=["codex", "scripted"], help="engine for every phase")
+
+    new = psub.add_parser("new", help="plan a new protocol for a task")
+    new.add_argument("description", help="what the protocol should achieve")
+    new.add_argument("--base", help="base branch (default: the repository's current branch)")
+    new.add_argument(
+        "--run-step", action="store_true", help="approve the plan and run its first step"
+    )
+    common(new)
+    new.set_defaults(handler=_cmd_new)
+
+    run = psub.add_parser("run-step", help="execute a step (default: the next one) and its QA")
+    run.add_argument("protocol", help="protocol name or number, e.g. 0001-add-readme or 1")
+    run.add_argument("step", nargs="?", type=int, help="step number (default: next)")
+    common(run)
+    run.set_defaults(handler=_cmd_run_step)
+
+    qa = psub.add_parser("qa", help="run QA for a step (default: the one waiting for it)")
+    qa.add_argument("protocol")
+    qa.add_argument("step", nargs="?", type=int)
+    common(qa)
+    qa.set_defaults(handler=_cmd_qa)
+
+    status = psub.add_parser("status", help="show protocols, or one protocol with its steps")
+    status.add_argument("protocol", nargs="?")
+    common(status)
+    status.set_defaults(handler=_cmd_status)
+
+
+def _settings_for(args: argparse.Namespace, settings: Settings) -> Settings:
+    if getattr(args, "engine", None):
+        return settings.model_copy(update={"engine": args.engine})
+    return settings
+
+
+async def _find_run(ctx: dict[str, Any], project_id: int, ref: str) -> ProtocolRun:
+    async with ctx["db"].sessions() as session:
+        runs = list(
+            (
+                await session.execute(
+                    select(ProtocolRun).where(ProtocolRun.project_id == project_id)
+                )
+            ).scalars()
+        )
+    for run in runs:
+        if run.protocol_name == ref or (
+            ref.isdigit() and run.protocol_name.startswith(f"{int(ref):04d}-")
+        ):
+            return run
+    raise NotFound(f"no protocol {ref!r} in this repository (see `deksdenflow protocol status`)")
+
+
+async def _finish(ctx: dict[str, Any], run_id: int) -> int:
+    state = await load_run(ctx["db"], run_id)
+    print(_render(state, await _records(ctx, state.project.id)))
+    if state.run.status in FAILED or any(s.status in ("failed", "blocked") for s in state.steps):
+        reason = (state.run.runtime_state or {}).get("message") or state.run.status
+        print(f"\n✗ {state.run.protocol_name}: {reason}", file=sys.stderr)
+        return 1
+    print(
+        f"\n✓ {state.run.protocol_name} is {state.run.status}; branch {state.run.protocol_name}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _new(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.actions import run_step, start_protocol
+    from bot.local_runtime import drain, local_project, local_runtime
+
+    async with local_runtime(_settings_for(args, settings)) as ctx:
+        project = await local_project(ctx, args.repo, args.base)
+        run = await start_protocol(ctx, project, args.description, approved=args.run_step)
+        print(
+            f"planning {run.protocol_name} on {project.git_url} (base {project.base_branch})",
+            file=sys.stderr,
+        )
+        await drain(ctx, project.id)
+        state = await load_run(ctx["db"], run.id)
+        if args.run_step and state.run.status == "planned":
+            await run_step(ctx, run.id, None)
+            await drain(ctx, project.id)
+        return await _finish(ctx, run.id)
+
+
+async def _run_step(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.actions import run_step
+    from bot.local_runtime import drain, local_project, local_runtime
+    from bot.runs import update_run
+
+    async with local_runtime(_settings_for(args, settings)) as ctx:
+        project = await local_project(ctx, args.repo, None)
+        run = await _find_run(ctx, project.id, args.protocol)
+        # running a step from the CLI is the operator's approval of the plan
+        await update_run(ctx["db"], run.id, approved=True)
+        index = await run_step(ctx, run.id, args.step)
+        print(f"running step {index:02d} of {run.protocol_name}", file=sys.stderr)
+        await drain(ctx, project.id)
+        return await _finish(ctx, run.id)
+
+
+async def _qa(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.actions import run_qa
+    from bot.local_runtime import drain, local_project, local_runtime
+
+    async with local_runtime(_settings_for(args, settings)) as ctx:
+        project = await local_project(ctx, args.repo, None)
+        run = await _find_run(ctx, project.id, args.protocol)
+        index = await run_qa(ctx, run.id, args.step)
+        print(f"QA of step {index:02d} of {run.protocol_name}", file=sys.stderr)
+        await drain(ctx, project.id)
+        return await _finish(ctx, run.id)
+
+
+async def _records(ctx: dict[str, Any], project_id: int) -> list[ForgeRecord]:
+    async with ctx["db"].sessions() as session:
+        return list(
+            (
+                await session.execute(
+                    select(ForgeRecord).where(ForgeRecord.project_id == project_id)
+                )
+            ).scalars()
+        )
+
+
+def _render(state: Any, records: list[ForgeRecord]) -> str:
+    run = state.run
+    lines = [f"{run.protocol_name}  [{run.status}]  tokens={run.tokens_used}  {run.description}"]
+    for step in state.steps:
+        verdict = (step.runtime_state or {}).get("qa_verdict") or ""
+        lines.append(
+            f"  {step.step_index:02d} {step.status:<10} {verdict:<5} {step.tokens_used:>7} tok  {step.summary or step.step_name}"
+        )
+    for rec in records:
+        if rec.kind == "pull" and rec.key == run.protocol_name:
+            lines.append(f"  draft PR: {rec.data.get('title')} ({rec.data.get('state')})")
+        if rec.kind == "check" and run.head_sha and rec.key.startswith(run.head_sha):
+            lines.append(
+                f"  check {rec.data.get('name')}: {rec.data.get('status')} {rec.data.get('conclusion') or ''}"
+            )
+    return "\n".join(lines)
+
+
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.local_runtime import local_project, local_runtime
+
+    async with local_runtime(settings) as ctx:
+        project = await local_project(ctx, args.repo, None)
+        records = await _records(ctx, project.id)
+        if args.protocol:
+            run = await _find_run(ctx, project.id, args.protocol)
+            state = await load_run(ctx["db"], run.id)
+            print(_render(state, records))
+            status = next(
+                (r for r in records if r.kind == "status_comment" and run.protocol_name in r.key),
+                None,
+            )
+            if status is not None:
+                print("\n--- status comment ---\n" + status.body)
+            return 0
+        async with ctx["db"].sessions() as session:
+            runs = list(
+                (
+                    await session.execute(
+                        select(ProtocolRun)
+                        .where(ProtocolRun.project_id == project.id)
+                        .order_by(ProtocolRun.id)
+                    )
+                ).scalars()
+            )
+        if not runs:
+            print('no protocols yet: `deksdenflow protocol new "<task>"`')
+        for run in runs:
+            print(f"{run.protocol_name:<40} {run.status:<10} tokens={run.tokens_used}")
+        return 0
+
+
+def _cmd_new(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_new(args, settings))
+
+
+def _cmd_run_step(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_run_step(args, settings))
+
+
+def _cmd_qa(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_qa(args, settings))
+
+
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_status(args, settings))

@@ -2,12 +2,97 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
+
+from bot.db import Database
+from bot.errors import ConfigError
+from bot.forge.base import Forge, RepoRef
+from bot.models import Project
+from bot.settings import Settings
+
+
+class ForgeFactory:
+    """The Forge for a project: Local, GitHub (per installation) or GitLab; clients are reused."""
+
+    def __init__(self, settings: Settings, db: Database, overrides: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.overrides = overrides or {}  # tests inject forges by provider name
+        self._cache: dict[str, Any] = {}
+
+    def repo_ref(self, project: Project) -> RepoRef:
+        provider = project.provider if project.provider in ("github", "gitlab") else "local"
+        full_name = project.name
+        if provider == "local":
+            full_name = project.git_url
+        return RepoRef(provider, full_name, installation_id=project.installation_id, forge_id=project.forge_id)  # type: ignore[arg-type]
+
+    def forge_for(self, project: Project) -> Forge:
+        if project.provider in self.overrides:
+            forge: Forge = self.overrides[project.provider]
+            return forge
+        if project.provider == "github":
+            key = f"github:{project.installation_id}"
+            if key not in self._cache:
+                from bot.forge.github import GitHubForge
+
+                pem = self.settings.github_private_key_pem()
+                if not self.settings.github_app_id or not pem:
+                    raise ConfigError("GitHub App not configured: set DEKSDENFLOW_GITHUB_APP_ID and a private key")
+                self._cache[key] = GitHubForge.from_app(
+                    app_id=self.settings.github_app_id,
+                    private_key=pem,
+                    api_url=self.settings.github_api_url,
+                    installation_id=project.installation_id,
+                    app_slug=self.settings.github_app_slug,
+                )
+            forge = self._cache[key]
+            return forge
+        if project.provider == "gitlab":
+            if "gitlab" not in self._cache:
+                from bot.forge.gitlab import gitlab_forge
+
+                if self.settings.gitlab_token is None:
+                    raise ConfigError("GitLab not configured: set DEKSDENFLOW_GITLAB_TOKEN")
+                self._cache["gitlab"] = gitlab_forge(
+                    self.settings.gitlab_url, self.settings.gitlab_token.get_secret_value()
+                )
+            forge = self._cache["gitlab"]
+            return forge
+        from bot.forge.local import LocalForge
+
+        return LocalForge(self.db, project.id)
+
+    async def aclose(self) -> None:
+        for client in self._cache.values():
+            closer = getattr(client, "aclose", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer()
+        self._cache.clear()
 
 
 async def build_services(ctx: dict[str, Any]) -> None:
-    del ctx
+    """Engines, the git cache and the forge factory; each only if not injected already."""
+    from bot.git.cache import GitCache
+    from engines.registry import default_registry
+
+    settings: Settings = ctx["settings"]
+    if "engines" not in ctx:
+        ctx["engines"] = default_registry(
+            codex_bin=settings.codex_bin,
+            codex_home=os.environ.get("CODEX_HOME"),
+            scripted_script=settings.scripted_script,
+        )
+    if "git" not in ctx:
+        ctx["git"] = GitCache(settings.data_dir / "git", network_timeout=settings.git_timeout_s)
+    if "forges" not in ctx:
+        ctx["forges"] = ForgeFactory(settings, ctx["db"], ctx.get("forge_overrides"))
 
 
 async def close_services(ctx: dict[str, Any]) -> None:
-    del ctx
+    forges = ctx.get("forges")
+    if isinstance(forges, ForgeFactory):
+        await forges.aclose()

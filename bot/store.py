@@ -74,13 +74,17 @@ async def transition(
     if result.rowcount != 1:  # type: ignore[attr-defined]
         now = (await session.execute(select(model.status).where(model.id == entity_id))).scalar()
         raise TransitionConflict(model.__name__, entity_id, str(now), wanted)
-    if isinstance(model, type) and model is StepRun:
-        row = (await session.execute(select(StepRun.protocol_run_id).where(StepRun.id == entity_id))).scalar()
-        ids: dict[str, Any] = {"protocol_run_id": row, "step_run_id": entity_id}
+    if model is StepRun:
+        run_id = (await session.execute(select(StepRun.protocol_run_id).where(StepRun.id == entity_id))).scalar()
+        ids: dict[str, Any] = {"protocol_run_id": run_id, "step_run_id": entity_id}
         kind = "step"
     else:
+        run_id = entity_id
         ids = {"protocol_run_id": entity_id}
         kind = "protocol"
+    ids["project_id"] = (
+        await session.execute(select(ProtocolRun.project_id).where(ProtocolRun.id == run_id))
+    ).scalar()
     session.add(
         new_event(
             f"{kind}.{wanted}",

@@ -1,0 +1,44 @@
+# Two entry points that work on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CODEX := node_modules/.bin/codex
+
+.PHONY: run test install codex lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(CODEX): package.json
+	npm install --no-audit --no-fund --loglevel=error
+	touch $(CODEX)
+
+codex: $(CODEX)
+
+# Serve on the embedded defaults: SQLite under ./.deksdenflow, in-process queue, a local demo
+# repository driven by the scripted engine. No GitHub account needed.
+run: $(STAMP)
+	$(BIN)/deksdenflow serve --demo --host 127.0.0.1 --port 8000
+
+# The whole suite: real Redis (127.0.0.1:6379) and Postgres (127.0.0.1:5432), the real codex CLI.
+test: $(STAMP) $(CODEX)
+	DEKSDENFLOW_CODEX_BIN=$(CURDIR)/$(CODEX) $(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy bot engines
+
+bench: $(STAMP)
+	$(BIN)/python bench/intake.py
+	$(BIN)/python bench/worktree.py
+
+clean:
+	rm -rf $(VENV) node_modules .deksdenflow
