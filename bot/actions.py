@@ -31,6 +31,7 @@ async def start_protocol(
     issue_body: str = "",
     auto: bool = False,
     approved: bool = False,
+    reply_to: dict[str, Any] | None = None,
 ) -> ProtocolRun:
     """Pick the next protocol number, create the run and enqueue its planning."""
     auth = await ctx["forges"].forge_for(project).git_auth_header(ctx["forges"].repo_ref(project))
@@ -58,7 +59,7 @@ async def start_protocol(
     if issue_body:
         await update_run(ctx["db"], run.id, runtime_state={"issue_body": issue_body})
     await ctx["redis"].enqueue_job(
-        "plan_protocol", _job_id=f"plan:{run.id}:0", protocol_run_id=run.id
+        "plan_protocol", _job_id=f"plan:{run.id}:0", protocol_run_id=run.id, reply_to=reply_to
     )
     return run
 
@@ -87,7 +88,9 @@ async def approve(ctx: dict[str, Any], run_id: int, step_index: int | None = Non
     return "step-approved"
 
 
-async def run_step(ctx: dict[str, Any], run_id: int, step_index: int | None = None) -> int:
+async def run_step(
+    ctx: dict[str, Any], run_id: int, step_index: int | None = None, reply_to: dict[str, Any] | None = None
+) -> int:
     state = await load_run(ctx["db"], run_id)
     if not state.steps:
         raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
@@ -106,11 +109,14 @@ async def run_step(ctx: dict[str, Any], run_id: int, step_index: int | None = No
         _job_id=f"exec:{run_id}:{step_index}:{_job_suffix()}",
         protocol_run_id=run_id,
         step_index=step_index,
+        reply_to=reply_to,
     )
     return step_index
 
 
-async def run_qa(ctx: dict[str, Any], run_id: int, step_index: int | None = None) -> int:
+async def run_qa(
+    ctx: dict[str, Any], run_id: int, step_index: int | None = None, reply_to: dict[str, Any] | None = None
+) -> int:
     state = await load_run(ctx["db"], run_id)
     if step_index is None:
         candidates = [s for s in state.steps if s.status == "needs_qa"] or [
@@ -127,11 +133,14 @@ async def run_qa(ctx: dict[str, Any], run_id: int, step_index: int | None = None
         _job_id=f"qa:{run_id}:{step_index}:{_job_suffix()}",
         protocol_run_id=run_id,
         step_index=step_index,
+        reply_to=reply_to,
     )
     return step_index
 
 
-async def retry(ctx: dict[str, Any], run_id: int, step_index: int | None = None) -> int:
+async def retry(
+    ctx: dict[str, Any], run_id: int, step_index: int | None = None, reply_to: dict[str, Any] | None = None
+) -> int:
     state = await load_run(ctx["db"], run_id)
     if step_index is None:
         failed = [s for s in state.steps if s.status in ("failed", "blocked", "needs_qa")]
@@ -140,7 +149,7 @@ async def retry(ctx: dict[str, Any], run_id: int, step_index: int | None = None)
         step_index = failed[0].step_index
     step = state.step(step_index)
     if step.status == "needs_qa":
-        return await run_qa(ctx, run_id, step_index)
+        return await run_qa(ctx, run_id, step_index, reply_to)
     if step.status not in ("failed", "blocked", "completed"):
         raise TransitionConflict("StepRun", step.id, step.status, "pending")
     from bot.runs import update_step
@@ -149,7 +158,7 @@ async def retry(ctx: dict[str, Any], run_id: int, step_index: int | None = None)
     await set_step_status(ctx["db"], step.id, "pending", "retry requested")
     if state.run.status in ("blocked", "failed"):
         await set_protocol_status(ctx["db"], run_id, "running", "retrying")
-    return await run_step(ctx, run_id, step_index)
+    return await run_step(ctx, run_id, step_index, reply_to)
 
 
 async def pause(ctx: dict[str, Any], run_id: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from bot.forge.base import CheckConclusion, CheckState, Forge, IssueRef, PullRef
+from bot.forge.base import CheckConclusion, CheckState, CommentRef, Forge, IssueRef, PullRef
 from bot.rendering import ProtocolView, StepView, check_run_output, status_comment, status_marker
 from bot.runs import RunState, emit, load_run
 
@@ -136,3 +136,16 @@ async def open_or_update_pr(ctx: dict[str, Any], run_id: int, title: str, body: 
         await emit(ctx["db"], state, "feedback.failed", f"draft PR: {type(exc).__name__}")
         return None
     return pull
+
+
+async def react_done(ctx: dict[str, Any], run_id: int, reply_to: dict[str, Any] | None, ok: bool) -> None:
+    """🚀 on the comment that asked for a job once it finished well, 😕 when it did not."""
+    if not reply_to:
+        return
+    state = await load_run(ctx["db"], run_id)
+    repo = ctx["forges"].repo_ref(state.project)
+    target = IssueRef(repo, int(reply_to.get("number", 0)), reply_to.get("kind", "issue"))
+    try:
+        await forge_of(ctx, state).add_reaction(CommentRef(target, int(reply_to["comment_id"])), "rocket" if ok else "confused")
+    except Exception as exc:
+        log.warning("reaction failed: %s", exc)

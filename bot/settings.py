@@ -132,6 +132,13 @@ class Settings(BaseSettings):
             return "sqlite+aiosqlite://" + url[len("sqlite://") :]
         return url
 
+    @property
+    def github_web_url(self) -> str:
+        """Where repositories live: github.com, or the Enterprise host of `GITHUB_API_URL`."""
+        if self.github_api_url == "https://api.github.com":
+            return "https://github.com"
+        return self.github_api_url.removesuffix("/api/v3")
+
     def github_private_key_pem(self) -> str | None:
         if self.github_private_key is not None:
             return self.github_private_key.get_secret_value()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from bot.handlers import recorder
+from bot.handlers import comments, lifecycle, recorder
 from bot.handlers.router import Router
 
 
 def build_router() -> Router:
-    return Router(recorder.router)
+    return Router(recorder.router, comments.router, lifecycle.router)

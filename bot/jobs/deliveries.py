@@ -8,6 +8,7 @@ from typing import Any
 
 from arq import Retry
 
+from bot.errors import ConfigError, NotFound
 from bot.handlers.router import HandlerContext, Router
 from bot.handlers.sansio import IncomingDelivery
 from bot.intake import relay_outbox
@@ -54,7 +55,8 @@ async def process_delivery(ctx: dict[str, Any], *, delivery_id: int) -> str:
             raise
         except Exception as exc:
             log.exception("handler failed for delivery %s", delivery_id)
-            retry_or_give_up(ctx, exc)
+            if not isinstance(exc, ConfigError | NotFound):  # retrying cannot fix these
+                retry_or_give_up(ctx, exc)
             await finish_delivery(db, delivery_id, "failed", {"handled": hctx.outcomes}, error=repr(exc)[:2000])
             await record_event(
                 db, "delivery.failed", f"handling failed: {type(exc).__name__}", delivery_id=delivery_id

@@ -12,7 +12,7 @@ from arq import Retry
 
 from bot import gitops
 from bot.errors import EngineError, LockBusy, SpecError, TransitionConflict
-from bot.feedback import open_or_update_pr, publish_status, report_check
+from bot.feedback import open_or_update_pr, publish_status, react_done, report_check
 from bot.jobs.common import count_job
 from bot.jobs.locks import protocol_lock
 from bot.models import StepRun, utcnow
@@ -222,13 +222,16 @@ def _lock_retry(exc: LockBusy) -> Retry:
 # -- plan ---------------------------------------------------------------------------------
 
 
-async def plan_protocol(ctx: dict[str, Any], *, protocol_run_id: int) -> str:
+async def plan_protocol(
+    ctx: dict[str, Any], *, protocol_run_id: int, reply_to: dict[str, Any] | None = None
+) -> str:
     try:
         async with protocol_lock(ctx["redis"], protocol_run_id):
             outcome = await _plan(ctx, protocol_run_id)
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
     await count_job(ctx, "plan_protocol", outcome)
+    await react_done(ctx, protocol_run_id, reply_to, outcome == "planned")
     return outcome
 
 
@@ -439,7 +442,12 @@ async def enqueue_next_step(ctx: dict[str, Any], run_id: int) -> bool:
 
 
 async def execute_step(
-    ctx: dict[str, Any], *, protocol_run_id: int, step_index: int, depth: int = 0
+    ctx: dict[str, Any],
+    *,
+    protocol_run_id: int,
+    step_index: int,
+    depth: int = 0,
+    reply_to: dict[str, Any] | None = None,
 ) -> str:
     try:
         async with protocol_lock(ctx["redis"], protocol_run_id):
@@ -447,6 +455,7 @@ async def execute_step(
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
     await count_job(ctx, "execute_step", outcome)
+    await react_done(ctx, protocol_run_id, reply_to, outcome in ("completed", "needs_qa", "needs_qa-run"))
     if outcome == "needs_qa-run":
         await _run_qa_after(ctx, protocol_run_id, step_index, depth)
     elif outcome == "completed":
@@ -519,9 +528,10 @@ async def _execute(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
     marker = step_marker(state.number, step_index)
     name = state.run.protocol_name
     root = workdir / ".protocols" / name
-    sha = await gitops.has_commit_with_trailer(workdir, marker, state.run.base_branch)
+    sha = await _attempt_commit(ctx, state, step, workdir, marker)
     result: EngineResult | None = None
     if sha is None:
+        await _clean_leftovers(ctx, state, step, workdir)
         await report_check(
             ctx, run_id, step_index, "step", await gitops.head_sha(workdir), status="in_progress"
         )
@@ -596,6 +606,9 @@ async def _execute(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
                     message=_first_line(result.final_message),
                 )
             )
+        crash = ctx.get("crash_hook")
+        if crash is not None:
+            crash("before_commit", run_id, step_index)
         sha = await gitops.commit_all(
             workdir,
             commit_message(
@@ -666,6 +679,55 @@ async def _execute(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
     if decision.status == "needs_qa":
         return "needs_qa-run" if decision.run_qa else "needs_qa"
     return "completed"
+
+
+async def _attempt_commit(
+    ctx: dict[str, Any], state: RunState, step: StepRun, workdir: Path, marker: str
+) -> str | None:
+    """This attempt's step commit, when a crashed run of the same attempt already made one.
+
+    A loop or a retry runs the step again with the same `[protocol-NNNN/XX]` marker: commits of
+    earlier attempts must not count, or the re-run would push the old commit and skip the
+    engine. So the head an attempt starts from is kept on the step (in the database, so any
+    worker finds it) and only commits after it are searched.
+    """
+    rs = dict(step.runtime_state or {})
+    start = rs.get("attempt_head") if rs.get("attempt") == step.retries else None
+    if not isinstance(start, str):
+        rs.update(attempt=step.retries, attempt_head=await gitops.head_sha(workdir))
+        await update_step(ctx["db"], step.id, runtime_state=rs)
+        step.runtime_state = rs
+        return None
+    found = await gitops.run_git(
+        ["log", "--format=%H", "--fixed-strings", f"--grep={marker}", f"{start}..HEAD", "--"],
+        cwd=workdir,
+        timeout=ctx["settings"].git_timeout_s,
+        check=False,
+    )
+    if found.returncode != 0:  # the start is gone (rewritten branch): search the whole branch
+        return await gitops.has_commit_with_trailer(workdir, marker, state.run.base_branch)
+    shas = found.out.split()
+    return shas[0] if shas else None
+
+
+async def _clean_leftovers(
+    ctx: dict[str, Any], state: RunState, step: StepRun, workdir: Path
+) -> None:
+    """Drop uncommitted edits a crashed attempt left behind, so the engine starts clean."""
+    dirty = await gitops.status_porcelain(workdir)
+    if not dirty:
+        return
+    timeout = ctx["settings"].git_timeout_s
+    await gitops.run_git(["reset", "--hard", "--quiet", "HEAD"], cwd=workdir, timeout=timeout)
+    await gitops.run_git(["clean", "-fd", "--quiet"], cwd=workdir, timeout=timeout)
+    await emit(
+        ctx["db"],
+        state,
+        "worktree.cleaned",
+        f"discarded {len(dirty)} uncommitted change(s) left by an interrupted attempt",
+        step,
+        paths=[e.path for e in dirty][:50],
+    )
 
 
 async def _step_prompt(
@@ -754,13 +816,16 @@ async def after_step_completed(
 # -- QA -----------------------------------------------------------------------------------
 
 
-async def run_quality(ctx: dict[str, Any], *, protocol_run_id: int, step_index: int) -> str:
+async def run_quality(
+    ctx: dict[str, Any], *, protocol_run_id: int, step_index: int, reply_to: dict[str, Any] | None = None
+) -> str:
     try:
         async with protocol_lock(ctx["redis"], protocol_run_id):
             outcome = await _quality(ctx, protocol_run_id, step_index)
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
     await count_job(ctx, "run_quality", outcome)
+    await react_done(ctx, protocol_run_id, reply_to, outcome == "PASS")
     if outcome == "PASS":
         await after_step_completed(ctx, protocol_run_id, step_index, 0)
     elif outcome == "retry":

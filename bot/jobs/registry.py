@@ -7,6 +7,7 @@ from typing import Any
 from arq.worker import func
 
 from bot.jobs.common import MAX_TRIES
+from bot.jobs.projects import project_setup
 from bot.jobs.protocol import execute_step, plan_protocol, run_quality
 from bot.settings import Settings
 
@@ -20,4 +21,5 @@ def protocol_functions(settings: Settings) -> list[Any]:
         func(plan_protocol, name="plan_protocol", timeout=timeout, max_tries=tries),
         func(execute_step, name="execute_step", timeout=timeout, max_tries=tries),
         func(run_quality, name="run_quality", timeout=timeout, max_tries=tries),
+        func(project_setup, name="project_setup", timeout=120, max_tries=MAX_TRIES),
     ]

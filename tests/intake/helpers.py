@@ -33,7 +33,7 @@ def gitlab_headers(event: str = "Note Hook", key: str | None = None) -> dict[str
     return headers
 
 
-def comment_body(text_: str = "/plan add a README", **extra: Any) -> bytes:
+def comment_body(text_: str = "Thanks, looks good", **extra: Any) -> bytes:
     payload = {
         "action": "created",
         "issue": {"number": 7, "title": "Add a README", "body": "please"},

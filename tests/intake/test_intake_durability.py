@@ -63,7 +63,7 @@ def test_distinct_deliveries_under_concurrency_each_get_one_job(
         async with httpx.AsyncClient(timeout=30) as http:
             calls = []
             for i in range(40):
-                body = comment_body(f"/status {i}")
+                body = comment_body(f"note {i}")
                 # every delivery twice: 40 distinct, 80 requests in flight at once
                 headers = github_headers(body, delivery=f"d-{i}")
                 calls += [http.post(url, content=body, headers=headers) for _ in range(2)]
@@ -87,7 +87,7 @@ def test_queue_down_then_up_relays_each_delivery_exactly_once(
     ids: list[int] = []
     with live_server(create_app(down, embedded_worker=False)) as server, httpx.Client(timeout=30) as http:
         for i in range(5):
-            body = comment_body(f"/status {i}")
+            body = comment_body(f"note {i}")
             res = http.post(server.url + "/webhooks/github", content=body, headers=github_headers(body))
             assert res.status_code == 202 and res.json()["status"] == "accepted"
             ids.append(res.json()["id"])

@@ -1,0 +1,260 @@
+"""Slash-commands and labels → permission check, 👀, an action; the same flow on every forge."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import or_, select
+
+from bot import actions
+from bot.commands import (
+    Command,
+    CommandError,
+    help_text,
+    label_intent,
+    parse_commands,
+    permission_allows,
+    render_command_error,
+    required_permission,
+    sanitize_prompt_text,
+)
+from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
+from bot.feedback import publish_status
+from bot.forge.base import CommentRef, Forge, IssueRef
+from bot.handlers.forge_events import CommentEvent, LabelEvent, RepoInfo
+from bot.handlers.router import HandlerContext
+from bot.models import Project, ProtocolRun
+from bot.runs import get_or_create_project, update_run
+
+log = logging.getLogger(__name__)
+
+
+async def project_for(ctx: HandlerContext, repo: RepoInfo) -> Project:
+    """The Project for a repository, registered on first contact; disabled ones raise NotFound."""
+    db = ctx.services["db"]
+    project = await get_or_create_project(
+        db,
+        name=repo.full_name,
+        provider=repo.provider,
+        git_url=repo.clone_url,
+        base_branch=repo.default_branch,
+        installation_id=repo.installation_id,
+        forge_id=repo.forge_id,
+    )
+    if not project.enabled:
+        raise NotFound(f"project {repo.full_name} is disabled")
+    return project
+
+
+async def latest_run(ctx: HandlerContext, project: Project, number: int) -> ProtocolRun | None:
+    async with ctx.services["db"].sessions() as session:
+        return (
+            await session.execute(
+                select(ProtocolRun)
+                .where(
+                    ProtocolRun.project_id == project.id,
+                    or_(ProtocolRun.issue_number == number, ProtocolRun.pr_number == number),
+                )
+                .order_by(ProtocolRun.id.desc())
+                .limit(1)
+            )
+        ).scalar()
+
+
+def _kind(ev: CommentEvent, provider: str) -> str:
+    if not ev.is_pull:
+        return "issue"
+    return "merge_request" if provider == "gitlab" else "pull"
+
+
+async def _reply(forge: Forge, target: IssueRef, body: str, ctx: HandlerContext) -> None:
+    try:
+        await forge.post_comment(target, body)
+    except DeksdenFlowError as exc:
+        log.warning("reply failed: %s", exc)
+        ctx.note(reply_failed=str(exc))
+
+
+async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
+    if ev.author_is_bot:
+        ctx.note(ignored="comment by a bot")
+        return
+    parsed = parse_commands(ev.body)
+    if not parsed:
+        ctx.note(ignored="no command")
+        return
+    project = await project_for(ctx, ev.repo)
+    forges = ctx.services["forges"]
+    forge: Forge = forges.forge_for(project)
+    repo = forges.repo_ref(project)
+    target = IssueRef(repo, ev.issue_number, _kind(ev, project.provider))  # type: ignore[arg-type]
+    comment = CommentRef(target, ev.comment_id)
+    config = project.config or {}
+    permission: str | None = None
+    for item in parsed:
+        if isinstance(item, CommandError):
+            await _reply(forge, target, render_command_error(item), ctx)
+            ctx.note(command=item.name, result=item.kind)
+            continue
+        required = required_permission(item.name, config.get("permissions"))
+        if permission is None and required != "none":
+            permission = await forge.get_permission(repo, ev.author)
+        if not permission_allows(permission or "none", required):
+            await _reply(
+                forge,
+                target,
+                f"Sorry @{ev.author}, `/{item.name}` needs **{required}** access to this repository "
+                f"and you have **{permission}**. A maintainer can run it for you.",
+                ctx,
+            )
+            ctx.note(command=item.name, result="refused", permission=permission)
+            continue
+        if (
+            ev.from_fork
+            and not config.get("allow_fork_commands")
+            and item.name not in ("help", "status")
+        ):
+            await _reply(
+                forge,
+                target,
+                f"`/{item.name}` is not accepted on merge requests from forks here.",
+                ctx,
+            )
+            ctx.note(command=item.name, result="refused-fork")
+            continue
+        await _safe_react(forge, comment, "eyes")
+        reply_to = {"number": ev.issue_number, "kind": target.kind, "comment_id": ev.comment_id}
+        result = await dispatch(
+            ctx, project, forge, target, item, ev.issue_title, ev.issue_body, reply_to
+        )
+        ctx.note(command=item.name, result=result)
+
+
+async def _safe_react(forge: Forge, comment: CommentRef, reaction: str) -> None:
+    try:
+        await forge.add_reaction(comment, reaction)  # type: ignore[arg-type]
+    except DeksdenFlowError as exc:
+        log.warning("reaction failed: %s", exc)
+
+
+async def handle_label(ctx: HandlerContext, ev: LabelEvent) -> None:
+    if ev.author_is_bot:
+        ctx.note(ignored="label by a bot")
+        return
+    project = await project_for(ctx, ev.repo)
+    labels_config = (project.config or {}).get("labels") or {}
+    settings = ctx.services["settings"]
+    table = {settings.label_plan: "plan", settings.label_auto: "auto", **labels_config}
+    intents = [(label, label_intent(label, table)) for label in ev.labels_added]
+    wanted = [(label, intent) for label, intent in intents if intent is not None]
+    if not wanted:
+        ctx.note(ignored="no label of ours")
+        return
+    forges = ctx.services["forges"]
+    forge: Forge = forges.forge_for(project)
+    target = IssueRef(forges.repo_ref(project), ev.issue_number, "issue")
+    required = required_permission("plan", (project.config or {}).get("permissions"))
+    for label, intent in wanted:
+        permission = await forge.get_permission(target.repo, ev.author)
+        if not permission_allows(permission, required):
+            await _reply(
+                forge, target, f"Sorry @{ev.author}, the `{label}` label needs {required} access to start a protocol.", ctx
+            )
+            ctx.note(label=label, result="refused")
+            continue
+        result = await dispatch(ctx, project, forge, target, intent, ev.issue_title, ev.issue_body, None)
+        ctx.note(label=label, result=result)
+
+
+async def dispatch(
+    ctx: HandlerContext,
+    project: Project,
+    forge: Forge,
+    target: IssueRef,
+    cmd: Command,
+    issue_title: str,
+    issue_body: str,
+    reply_to: dict[str, Any] | None,
+) -> str:
+    services = ctx.services
+    name = cmd.name
+    try:
+        if name == "help":
+            await _reply(forge, target, help_text(), ctx)
+            return "help"
+        if name in ("plan", "auto"):
+            existing = await latest_run(ctx, project, target.number)
+            if (
+                name == "auto"
+                and existing is not None
+                and existing.status not in ("completed", "cancelled", "failed")
+            ):
+                await update_run(services["db"], existing.id, auto_mode=True, approved=True)
+                await actions.approve(services, existing.id)
+                return "auto-enabled"
+            # prompt text comes only from what existed at trigger time, cleaned of hidden text
+            task = sanitize_prompt_text(
+                cmd.text or issue_title or "the task described in the issue", 2000
+            )
+            run = await actions.start_protocol(
+                services,
+                project,
+                task,
+                issue_number=target.number if target.kind == "issue" else None,
+                issue_body=sanitize_prompt_text(issue_body),
+                auto=name == "auto",
+                reply_to=reply_to,
+            )
+            return f"planning {run.protocol_name}"
+        run = await latest_run(ctx, project, target.number)
+        if run is None:
+            await _reply(
+                forge,
+                target,
+                f"There is no protocol for #{target.number} yet: comment `/plan` to start one.",
+                ctx,
+            )
+            return "no-protocol"
+        if name == "status":
+            await publish_status(services, run.id)
+            return "status"
+        if name == "approve":
+            return await actions.approve(services, run.id, cmd.step)
+        if name in ("run-step",):
+            if not run.approved:
+                await _reply(
+                    forge,
+                    target,
+                    "The plan is not approved yet: review it, then comment `/approve`.",
+                    ctx,
+                )
+                return "not-approved"
+            index = await actions.run_step(services, run.id, cmd.step, reply_to)
+            return f"step {index}"
+        if name == "qa":
+            return f"qa {await actions.run_qa(services, run.id, cmd.step, reply_to)}"
+        if name == "retry":
+            return f"retry {await actions.retry(services, run.id, cmd.step, reply_to)}"
+        if name == "pause":
+            await actions.pause(services, run.id)
+        elif name == "resume":
+            await actions.resume(services, run.id)
+        elif name == "cancel":
+            await actions.cancel(services, run.id)
+        elif name == "init":
+            await _reply(
+                forge,
+                target,
+                "`/init` (repository setup) is not available on this server yet.",
+                ctx,
+            )
+            return "init-unavailable"
+        await publish_status(services, run.id)
+        return name
+    except TransitionConflict as exc:
+        await _reply(forge, target, f"Can't `/{name}` now: {exc}.", ctx)
+        return "conflict"
+    except NotFound as exc:
+        await _reply(forge, target, f"Can't `/{name}`: {exc}.", ctx)
+        return "not-found"

@@ -1,0 +1,61 @@
+"""project_setup: learn a forge project's default branch, clone URL and CI provider."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from bot.errors import DeksdenFlowError
+from bot.jobs.common import count_job
+from bot.models import Project
+from bot.store import record_event
+
+log = logging.getLogger(__name__)
+
+
+async def project_setup(ctx: dict[str, Any], *, project_id: int) -> str:
+    db = ctx["db"]
+    async with db.sessions() as session:
+        project = await session.get(Project, project_id)
+    if project is None:
+        return "missing"
+    forge = ctx["forges"].forge_for(project)
+    repo = ctx["forges"].repo_ref(project)
+    values: dict[str, Any] = {}
+    try:
+        if project.provider == "github":
+            info = await forge.get_repo(repo)  # type: ignore[attr-defined]
+            values["base_branch"] = info.get("default_branch") or project.base_branch
+            values["git_url"] = info.get("clone_url") or project.git_url
+            has_ci = await forge.has_path(repo, values["base_branch"], ".github/workflows")  # type: ignore[attr-defined]
+            values["ci_provider"] = "github-actions" if has_ci else None
+        elif project.provider == "gitlab":
+            info = await forge.get_project(project.forge_id or project.name)  # type: ignore[attr-defined]
+            values["base_branch"] = info.get("default_branch") or project.base_branch
+            values["git_url"] = info.get("http_url_to_repo") or project.git_url
+            values["forge_id"] = str(info.get("id") or project.forge_id)
+            has_ci = await forge.has_file(
+                values["forge_id"], values["base_branch"], ".gitlab-ci.yml"
+            )  # type: ignore[attr-defined]
+            values["ci_provider"] = "gitlab-ci" if has_ci else None
+        else:
+            return "local"
+    except DeksdenFlowError as exc:
+        log.warning("project setup for %s failed: %s", project.name, exc)
+        await record_event(db, "project.setup_failed", str(exc), project_id=project_id)
+        await count_job(ctx, "project_setup", "failed")
+        return "failed"
+    async with db.sessions.begin() as session:
+        row = await session.get(Project, project_id)
+        if row is not None:
+            for key, value in values.items():
+                setattr(row, key, value)
+    await record_event(
+        db,
+        "project.setup",
+        f"{project.name}: base {values.get('base_branch')}, CI {values.get('ci_provider')}",
+        project_id=project_id,
+        metadata={k: v for k, v in values.items() if k != "git_url"},
+    )
+    await count_job(ctx, "project_setup", "ok")
+    return "ok"
