@@ -43,6 +43,18 @@ class AppState:
     store: DeliveryStore | None = None
     worker_task: asyncio.Task[Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    services: dict[str, Any] | None = None
+
+    async def services_ctx(self) -> dict[str, Any]:
+        """A job-like ctx (db, redis, engines, git, forges) for API actions, built on first use."""
+        if self.services is None:
+            from bot.services import build_services
+
+            ctx: dict[str, Any] = {"settings": self.settings, "db": self.db, "redis": self.redis}
+            ctx.update(self.extra.get("worker_ctx", {}))
+            await build_services(ctx)
+            self.services = ctx
+        return self.services
 
 
 def state_of(request: Request) -> AppState:
@@ -178,7 +190,9 @@ def routes() -> list[BaseRoute]:
     ]
 
 
-def create_app(settings: Settings, *, embedded_worker: bool | None = None) -> Starlette:
+def create_app(
+    settings: Settings, *, embedded_worker: bool | None = None, demo_port: int | None = None
+) -> Starlette:
     """The ASGI app. `embedded_worker` defaults to True for the in-process (memory://) queue."""
     state = AppState(settings=settings, metrics=Metrics(), router=build_router())
     run_worker = settings.memory_queue if embedded_worker is None else embedded_worker
@@ -211,10 +225,18 @@ def create_app(settings: Settings, *, embedded_worker: bool | None = None) -> St
             worker = build_worker(settings, ctx={"db": db, "redis": redis, **state.extra.get("worker_ctx", {})})
             state.worker_task = asyncio.create_task(worker.async_run(), name="embedded-worker")
             state.extra["worker"] = worker
+        if demo_port is not None:
+            from bot.demo import start_demo
+
+            print(await start_demo(await state.services_ctx(), demo_port), flush=True)
         try:
             yield
         finally:
             await state.store.stop()
+            if state.services is not None:
+                from bot.services import close_services
+
+                await close_services(state.services)
             if state.worker_task is not None:
                 from bot.jobs.worker import stop_embedded_worker
 

@@ -19,7 +19,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from bot.app import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, demo_port=args.port if args.demo else None)
     print(f"DeksdenFlow serving on http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server (webhooks, API, console)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="seed a local demo repository and run one protocol on it with the scripted engine",
+    )
     serve.set_defaults(handler=_serve)
     worker = sub.add_parser("worker", help="run an arq worker against DEKSDENFLOW_REDIS_URL")
     worker.set_defaults(handler=_worker)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -382,9 +383,10 @@ async def _planning_calls(
         planning = validate_planning_output(
             again.structured if again.structured is not None else again.final_message
         )
+    project_models = {k: v for k, v in (state.project.default_models or {}).items() if isinstance(v, str)}
     defaults = SpecDefaults(
-        engine=settings.engine,
-        models=dict(state.project.default_models or {}),
+        engine=project_models.pop("engine", None) or settings.engine,
+        models=project_models,
         max_tokens=settings.max_tokens_per_protocol or None,
         step_max_tokens=settings.max_tokens_per_step or None,
     )
@@ -464,10 +466,13 @@ async def execute_step(
 
 
 async def _run_qa_after(ctx: dict[str, Any], run_id: int, step_index: int, depth: int) -> None:
+    # One automatic QA per attempt: a job id made of the wall-clock second deduplicated the
+    # QA of a loop's next attempt away when both fell in the same second (arq keeps results).
+    attempt = (await load_run(ctx["db"], run_id)).step(step_index).retries
     await enqueue(
         ctx,
         "run_quality",
-        f"qa:{run_id}:{step_index}:{utcnow().timestamp():.0f}",
+        f"qa:{run_id}:{step_index}:attempt-{attempt}",
         protocol_run_id=run_id,
         step_index=step_index,
     )
@@ -799,7 +804,7 @@ async def after_step_completed(
             await enqueue(
                 ctx,
                 "execute_step",
-                f"exec:{run_id}:{action.step_index}:trig:{utcnow().timestamp():.0f}",
+                f"exec:{run_id}:{action.step_index}:trig:{time.time_ns()}",
                 protocol_run_id=run_id,
                 step_index=action.step_index,
             )
@@ -947,6 +952,8 @@ async def _quality(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
         message=decision.reason,
     )
     if decision.action == "retry":
+        # re-read: `state` predates the qa_* fields just stored, which the merge below would drop
+        state = await load_run(db, run_id)
         for index in decision.reset_steps:
             target = state.step(index)
             await update_step(
