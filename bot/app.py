@@ -179,6 +179,7 @@ async def metrics(request: Request) -> Response:
 
 def routes() -> list[BaseRoute]:
     from bot.api import api_routes
+    from bot.github_setup import setup_routes
 
     return [
         Route("/webhooks/github", github_webhook, methods=["POST"]),
@@ -187,6 +188,7 @@ def routes() -> list[BaseRoute]:
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         *api_routes(),
+        *setup_routes(),
     ]
 
 
@@ -204,6 +206,11 @@ def create_app(
             from bot.migrate import upgrade_head
 
             await asyncio.to_thread(upgrade_head, settings.database_url)
+        from bot.github_setup import load_credentials
+
+        stored = load_credentials(settings.data_dir)
+        if stored and stored.get("webhook_secret") and settings.github_webhook_secret is None:
+            state.extra["github_webhook_secret"] = stored["webhook_secret"]
         state.db = database_from_settings(settings)
         state.redis = create_redis(settings)
         db, redis = state.db, state.redis

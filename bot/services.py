@@ -38,15 +38,23 @@ class ForgeFactory:
             if key not in self._cache:
                 from bot.forge.github import GitHubForge
 
+                from bot.github_setup import load_credentials
+
                 pem = self.settings.github_private_key_pem()
-                if not self.settings.github_app_id or not pem:
+                app_id: int | str | None = self.settings.github_app_id
+                slug = self.settings.github_app_slug
+                if not app_id or not pem:
+                    # an App created through /github/setup keeps its credentials in the data dir
+                    stored = load_credentials(self.settings.data_dir) or {}
+                    app_id, pem, slug = stored.get("id"), stored.get("pem"), slug or stored.get("slug")
+                if not app_id or not pem:
                     raise ConfigError("GitHub App not configured: set DEKSDENFLOW_GITHUB_APP_ID and a private key")
                 self._cache[key] = GitHubForge.from_app(
-                    app_id=self.settings.github_app_id,
+                    app_id=app_id,
                     private_key=pem,
                     api_url=self.settings.github_api_url,
                     installation_id=project.installation_id,
-                    app_slug=self.settings.github_app_slug,
+                    app_slug=slug,
                 )
             forge = self._cache[key]
             return forge
