@@ -37,7 +37,6 @@ class ForgeFactory:
             key = f"github:{project.installation_id}"
             if key not in self._cache:
                 from bot.forge.github import GitHubForge
-
                 from bot.github_setup import load_credentials
 
                 pem = self.settings.github_private_key_pem()
