@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(handler=_worker)
     migrate = sub.add_parser("migrate", help="apply the database migrations (alembic upgrade head)")
     migrate.set_defaults(handler=_migrate)
-    from bot import cli_protocol
+    from bot import cli_gitlab, cli_protocol
 
     cli_protocol.add_commands(sub)
+    cli_gitlab.add_commands(sub)
     for extend in _EXTENSIONS:
         extend(sub)
     return parser
