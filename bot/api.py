@@ -258,11 +258,14 @@ async def protocol_action(request: Request) -> Response:
     elif action == "rerun":
         result = await actions.retry(ctx, run_id, step)
     elif action == "pause":
-        result = await actions.pause(ctx, run_id)
+        await actions.pause(ctx, run_id)
+        result = "paused"
     elif action == "resume":
-        result = await actions.resume(ctx, run_id)
+        await actions.resume(ctx, run_id)
+        result = "running"
     else:
-        result = await actions.cancel(ctx, run_id)
+        await actions.cancel(ctx, run_id)
+        result = "cancelled"
     return JSONResponse({"action": action, "result": result}, status_code=202)
 
 

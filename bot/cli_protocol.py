@@ -70,6 +70,7 @@ async def _find_run(ctx: dict[str, Any], project_id: int, ref: str) -> ProtocolR
                 )
             ).scalars()
         )
+    run: ProtocolRun
     for run in runs:
         if run.protocol_name == ref or (
             ref.isdigit() and run.protocol_name.startswith(f"{int(ref):04d}-")

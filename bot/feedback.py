@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Literal
 
-from bot.forge.base import CheckConclusion, CheckState, CommentRef, Forge, IssueRef, PullRef
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from bot.forge.base import (
+    CheckConclusion,
+    CheckReport,
+    CheckState,
+    CommentRef,
+    Forge,
+    IssueRef,
+    PullRef,
+)
+from bot.models import ForgeRecord
 from bot.rendering import ProtocolView, StepView, check_run_output, status_comment, status_marker
 from bot.runs import RunState, emit, load_run
 
@@ -63,6 +76,48 @@ def issue_ref(ctx: dict[str, Any], state: RunState) -> IssueRef:
     return IssueRef(repo, state.run.issue_number or 0, "issue")
 
 
+# Forge object ids worth remembering across workers (our status comments, open check runs), kept
+# in forge_records under kinds of their own: a remembered id turns a list+edit into one edit.
+MEMO_STATUS = "memo:status"
+MEMO_CHECK = "memo:check"
+
+
+async def recall(db: Any, project_id: int, kind: str, key: str) -> dict[str, Any] | None:
+    async with db.sessions() as session:
+        row = (
+            await session.execute(
+                select(ForgeRecord.data).where(
+                    ForgeRecord.project_id == project_id,
+                    ForgeRecord.kind == kind,
+                    ForgeRecord.key == key,
+                )
+            )
+        ).scalar()
+    return dict(row) if isinstance(row, dict) else None
+
+
+async def remember(db: Any, project_id: int, kind: str, key: str, data: dict[str, Any]) -> None:
+    for _ in range(2):  # a concurrent first insert wins the unique key; then update it
+        try:
+            async with db.sessions.begin() as session:
+                row = (
+                    await session.execute(
+                        select(ForgeRecord).where(
+                            ForgeRecord.project_id == project_id,
+                            ForgeRecord.kind == kind,
+                            ForgeRecord.key == key,
+                        )
+                    )
+                ).scalar()
+                if row is None:
+                    session.add(ForgeRecord(project_id=project_id, kind=kind, key=key, data=data))
+                else:
+                    row.data = data
+            return
+        except IntegrityError:
+            continue
+
+
 async def publish_status(ctx: dict[str, Any], run_id: int, message: str | None = None) -> None:
     """Re-render the one status comment (issue, and PR when there is one); never fails the job."""
     state = await load_run(ctx["db"], run_id)
@@ -74,11 +129,23 @@ async def publish_status(ctx: dict[str, Any], run_id: int, message: str | None =
     if state.run.issue_number or state.project.provider == "local":
         targets.append(IssueRef(repo, state.run.issue_number or 0, "issue"))
     if state.run.pr_number:
-        kind: Literal["pull", "merge_request"] = "merge_request" if state.project.provider == "gitlab" else "pull"
+        kind: Literal["pull", "merge_request"] = (
+            "merge_request" if state.project.provider == "gitlab" else "pull"
+        )
         targets.append(IssueRef(repo, state.run.pr_number, kind))
     for target in targets:
         try:
-            await forge.upsert_status_comment(target, marker, body)
+            if state.project.provider == "github":
+                key = f"{state.run.protocol_name}:{target.kind}:{target.number}"
+                memo = await recall(ctx["db"], state.project.id, MEMO_STATUS, key) or {}
+                known = memo.get("id") if isinstance(memo.get("id"), int) else None
+                ref = await forge.upsert_status_comment(target, marker, body, comment_id=known)  # type: ignore[call-arg]
+                if ref.comment_id != known:
+                    await remember(
+                        ctx["db"], state.project.id, MEMO_STATUS, key, {"id": ref.comment_id}
+                    )
+            else:
+                await forge.upsert_status_comment(target, marker, body)
         except Exception as exc:  # feedback is best effort; the state is in the database
             log.warning("status comment for %s failed: %s", state.run.protocol_name, exc)
             await emit(ctx["db"], state, "feedback.failed", f"status comment: {type(exc).__name__}")
@@ -117,13 +184,72 @@ async def report_check(
         message=message,
     )
     try:
-        await forge_of(ctx, state).report_check(ctx["forges"].repo_ref(state.project), report)
+        await _send_check(ctx, state, report)
     except Exception as exc:
         log.warning("check %s failed: %s", report.name, exc)
-        await emit(ctx["db"], state, "feedback.failed", f"check {report.name}: {type(exc).__name__}", step)
+        await emit(
+            ctx["db"], state, "feedback.failed", f"check {report.name}: {type(exc).__name__}", step
+        )
 
 
-async def open_or_update_pr(ctx: dict[str, Any], run_id: int, title: str, body: str) -> PullRef | None:
+async def _send_check(ctx: dict[str, Any], state: RunState, report: CheckReport) -> None:
+    """Send a check and close the run left open on an older commit.
+
+    A step starts its check on the commit it starts from and finishes on the commit it made: the
+    first run would stay `in_progress` forever, so it is completed with the same result (without
+    buttons: they belong on the current head). The open run's id is remembered so GitHub needs
+    no lookup request.
+    """
+    forge = forge_of(ctx, state)
+    repo = ctx["forges"].repo_ref(state.project)
+    if state.project.provider == "local":
+        await forge.report_check(repo, report)
+        return
+    key = f"{state.run.protocol_name}:{report.name}"
+    prev = await recall(ctx["db"], state.project.id, MEMO_CHECK, key)
+    open_prev = prev if prev and prev.get("status") != "completed" else None
+    known: int | None = None
+    if open_prev is not None and open_prev.get("sha") == report.head_sha:
+        known = open_prev.get("id") if isinstance(open_prev.get("id"), int) else None
+    elif open_prev is not None and isinstance(open_prev.get("sha"), str):
+        done = report.status == "completed"
+        old = dataclasses.replace(
+            report,
+            head_sha=open_prev["sha"],
+            status="completed",
+            conclusion=report.conclusion if done else "neutral",
+            summary=report.summary
+            if done
+            else f"Superseded by a new run on {report.head_sha[:12]}.",
+            actions=(),
+        )
+        old_id = open_prev.get("id") if isinstance(open_prev.get("id"), int) else None
+        await _put_check(forge, repo, old, old_id)
+    run_id = await _put_check(forge, repo, report, known)
+    await remember(
+        ctx["db"],
+        state.project.id,
+        MEMO_CHECK,
+        key,
+        {"sha": report.head_sha, "id": run_id, "status": report.status},
+    )
+
+
+async def _put_check(
+    forge: Forge, repo: Any, report: CheckReport, run_id: int | None
+) -> int | None:
+    put = getattr(forge, "put_check", None)
+    if put is not None:  # GitHub: check-run ids, so a known one is updated without a lookup
+        # the remembered ids are the truth here: no lookup request before creating a run
+        found: int = await put(repo, report, run_id=run_id, lookup=False)
+        return found
+    await forge.report_check(repo, report)
+    return None
+
+
+async def open_or_update_pr(
+    ctx: dict[str, Any], run_id: int, title: str, body: str
+) -> PullRef | None:
     state = await load_run(ctx["db"], run_id)
     forge = forge_of(ctx, state)
     repo = ctx["forges"].repo_ref(state.project)
@@ -138,7 +264,9 @@ async def open_or_update_pr(ctx: dict[str, Any], run_id: int, title: str, body: 
     return pull
 
 
-async def react_done(ctx: dict[str, Any], run_id: int, reply_to: dict[str, Any] | None, ok: bool) -> None:
+async def react_done(
+    ctx: dict[str, Any], run_id: int, reply_to: dict[str, Any] | None, ok: bool
+) -> None:
     """🚀 on the comment that asked for a job once it finished well, 😕 when it did not."""
     if not reply_to:
         return
@@ -146,6 +274,8 @@ async def react_done(ctx: dict[str, Any], run_id: int, reply_to: dict[str, Any] 
     repo = ctx["forges"].repo_ref(state.project)
     target = IssueRef(repo, int(reply_to.get("number", 0)), reply_to.get("kind", "issue"))
     try:
-        await forge_of(ctx, state).add_reaction(CommentRef(target, int(reply_to["comment_id"])), "rocket" if ok else "confused")
+        await forge_of(ctx, state).add_reaction(
+            CommentRef(target, int(reply_to["comment_id"])), "rocket" if ok else "confused"
+        )
     except Exception as exc:
         log.warning("reaction failed: %s", exc)

@@ -308,9 +308,21 @@ class GitHubForge:
         data = await self._request(target.repo, "POST", path, build_comment(body))
         return CommentRef(target=target, comment_id=int(data["id"]))
 
-    async def upsert_status_comment(self, target: IssueRef, marker: str, body: str) -> CommentRef:
+    async def upsert_status_comment(
+        self, target: IssueRef, marker: str, body: str, *, comment_id: int | None = None
+    ) -> CommentRef:
+        """Edit our status comment; `comment_id` (remembered by the caller) saves the lookup."""
         text = build_status_comment_body(marker, body)
         base = repo_path(target.repo)
+        if comment_id is not None:
+            try:
+                await self._request(
+                    target.repo, "PATCH", f"{base}/issues/comments/{comment_id}", {"body": text}
+                )
+                return CommentRef(target=target, comment_id=comment_id)
+            except GitHubHTTPError as exc:
+                if exc.status_code != 404:  # deleted by someone: find or post it again
+                    raise
         comments = await self._get_all(
             target.repo, with_query(f"{base}/issues/{target.number}/comments", {"per_page": 100})
         )
@@ -396,9 +408,23 @@ class GitHubForge:
         return None
 
     async def report_check(self, repo: RepoRef, check: CheckReport) -> None:
+        await self.put_check(repo, check)
+
+    async def put_check(
+        self, repo: RepoRef, check: CheckReport, *, run_id: int | None = None, lookup: bool = True
+    ) -> int:
+        """Create or update a check run and return its id.
+
+        A known open `run_id` is updated without a lookup; `lookup=False` (the caller keeps the
+        ids itself) creates a new run when no id is given.
+        """
         key = (repo.full_name, check.head_sha, check.name)
         now = self._clock()
-        existing = await self._find_check_run(repo, check)
+        existing: tuple[int, str] | None = None
+        if run_id is not None:
+            existing = (run_id, "in_progress")
+        elif lookup:
+            existing = await self._find_check_run(repo, check)
         # A finished run is not reopened: a re-run gets a new run, which GitHub shows as latest.
         if existing is not None and not (
             existing[1] == "completed" and check.status != "completed"
@@ -416,6 +442,7 @@ class GitHubForge:
             )
             run_id = int(data["id"])
         self._check_runs[key] = (run_id, check.status)
+        return run_id
 
     async def get_permission(self, repo: RepoRef, username: str) -> Permission:
         path = f"{repo_path(repo)}/collaborators/{quote(username, safe='')}/permission"

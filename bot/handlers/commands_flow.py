@@ -49,7 +49,7 @@ async def project_for(ctx: HandlerContext, repo: RepoInfo) -> Project:
 
 async def latest_run(ctx: HandlerContext, project: Project, number: int) -> ProtocolRun | None:
     async with ctx.services["db"].sessions() as session:
-        return (
+        found: ProtocolRun | None = (
             await session.execute(
                 select(ProtocolRun)
                 .where(
@@ -60,6 +60,7 @@ async def latest_run(ctx: HandlerContext, project: Project, number: int) -> Prot
                 .limit(1)
             )
         ).scalar()
+        return found
 
 
 def _kind(ev: CommentEvent, provider: str) -> str:
@@ -207,8 +208,8 @@ async def dispatch(
                 reply_to=reply_to,
             )
             return f"planning {run.protocol_name}"
-        run = await latest_run(ctx, project, target.number)
-        if run is None:
+        found = await latest_run(ctx, project, target.number)
+        if found is None:
             await _reply(
                 forge,
                 target,
@@ -216,6 +217,7 @@ async def dispatch(
                 ctx,
             )
             return "no-protocol"
+        run = found
         if name == "status":
             await publish_status(services, run.id)
             return "status"

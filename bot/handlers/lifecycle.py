@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from bot import actions
-from bot.ci import apply_ci_result, pr_finished
+from bot.ci import CIResult, apply_ci_result, pr_finished
 from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
 from bot.handlers.forge_events import dig, github_repo, gitlab_repo
 from bot.handlers.router import HandlerContext, Router
@@ -29,7 +29,7 @@ async def run_for_branch(
     if not branch:
         return None
     async with ctx.services["db"].sessions() as session:
-        return (
+        found: ProtocolRun | None = (
             await session.execute(
                 select(ProtocolRun)
                 .join(Project, Project.id == ProtocolRun.project_id)
@@ -40,6 +40,7 @@ async def run_for_branch(
                 )
             )
         ).scalar()
+        return found
 
 
 # -- GitHub installations -------------------------------------------------------------------
@@ -188,13 +189,13 @@ async def _github_ci(ctx: HandlerContext, branch: Any, sha: Any) -> None:
         for s in others
         if s.get("conclusion") not in PASSING
     )
-    result = "failure" if failing else "success"
+    result: CIResult = "failure" if failing else "success"
     ctx.note(ci=result, outcome=await apply_ci_result(ctx.services, run.id, sha, result, failing))
 
 
 async def _project(ctx: HandlerContext, project_id: int) -> Project:
     async with ctx.services["db"].sessions() as session:
-        project = await session.get(Project, project_id)
+        project: Project | None = await session.get(Project, project_id)
         if project is None:
             raise NotFound(f"project {project_id} is gone")
         return project
@@ -260,13 +261,14 @@ async def gitlab_pipeline(ctx: HandlerContext) -> None:
     if run is None or not isinstance(sha, str) or run.head_sha != sha:
         ctx.note(ignored="not a protocol head")
         return
-    builds = payload.get("builds") if isinstance(payload.get("builds"), list) else []
+    raw_builds = payload.get("builds")
+    builds: list[Any] = raw_builds if isinstance(raw_builds, list) else []
     failing = sorted(
         (str(dig(b, "name")), str(dig(b, "status")))
         for b in builds
         if isinstance(b, dict) and dig(b, "status") in ("failed", "canceled")
     ) or ([("pipeline", str(status))] if status != "success" else [])
-    result = "success" if status == "success" else "failure"
+    result: CIResult = "success" if status == "success" else "failure"
     ctx.note(ci=result, outcome=await apply_ci_result(ctx.services, run.id, sha, result, failing))
 
 

@@ -24,19 +24,19 @@ async def project_setup(ctx: dict[str, Any], *, project_id: int) -> str:
     values: dict[str, Any] = {}
     try:
         if project.provider == "github":
-            info = await forge.get_repo(repo)  # type: ignore[attr-defined]
+            info = await forge.get_repo(repo)
             values["base_branch"] = info.get("default_branch") or project.base_branch
             values["git_url"] = info.get("clone_url") or project.git_url
-            has_ci = await forge.has_path(repo, values["base_branch"], ".github/workflows")  # type: ignore[attr-defined]
+            has_ci = await forge.has_path(repo, values["base_branch"], ".github/workflows")
             values["ci_provider"] = "github-actions" if has_ci else None
         elif project.provider == "gitlab":
-            info = await forge.get_project(project.forge_id or project.name)  # type: ignore[attr-defined]
+            info = await forge.get_project(project.forge_id or project.name)
             values["base_branch"] = info.get("default_branch") or project.base_branch
             values["git_url"] = info.get("http_url_to_repo") or project.git_url
             values["forge_id"] = str(info.get("id") or project.forge_id)
             has_ci = await forge.has_file(
                 values["forge_id"], values["base_branch"], ".gitlab-ci.yml"
-            )  # type: ignore[attr-defined]
+            )
             values["ci_provider"] = "gitlab-ci" if has_ci else None
         else:
             return "local"

@@ -385,7 +385,7 @@ async def _planning_calls(
         )
     project_models = {k: v for k, v in (state.project.default_models or {}).items() if isinstance(v, str)}
     defaults = SpecDefaults(
-        engine=project_models.pop("engine", None) or settings.engine,
+        engine=project_models.pop("engine", "") or settings.engine,
         models=project_models,
         max_tokens=settings.max_tokens_per_protocol or None,
         step_max_tokens=settings.max_tokens_per_step or None,

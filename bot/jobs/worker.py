@@ -82,7 +82,7 @@ class InProcessWorker(Worker):
     """A Worker on an existing pool that skips arq's Redis INFO call (fakeredis lacks INFO)."""
 
     async def main(self) -> None:
-        from arq.worker import poll
+        from arq.utils import poll
 
         self.ctx["redis"] = self.pool
         if self.on_startup:
