@@ -185,7 +185,7 @@ class ScriptedEngine:
             self._path = Path(script) if script is not None else DEFAULT_SCRIPT_PATH
             self._reload()
         self._threads = itertools.count(1)
-        # Fresh planning calls and QA attempts seen per protocol/step, for scripted sequences.
+        # Planning calls (repairs included) and QA attempts per protocol/step, for sequences.
         self._planning_calls: defaultdict[str, int] = defaultdict(int)
         self._qa_calls: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.requests: list[EngineRequest] = []
@@ -333,10 +333,11 @@ class ScriptedEngine:
             return _Reply(message="", usage=usage, fail=fill(str(section["fail"]), context))
         invalid = section.get("invalid_first", False)
         invalid_count = int(invalid) if not isinstance(invalid, bool) else (1 if invalid else 0)
-        if request.resume_thread_id is None:
-            self._planning_calls[protocol] += 1
-            if self._planning_calls[protocol] <= invalid_count:
-                reply = str(section.get("invalid_reply", '{"title": "An incomplete plan"}'))
-                return _Reply(message=fill(reply, context), usage=usage)
+        # Repair turns (resumes) count too: N=1 exercises a successful repair, N=2 a plan that
+        # is still invalid after its one repair turn.
+        self._planning_calls[protocol] += 1
+        if self._planning_calls[protocol] <= invalid_count:
+            reply = str(section.get("invalid_reply", '{"title": "An incomplete plan"}'))
+            return _Reply(message=fill(reply, context), usage=usage)
         plan = build_plan(section, context)
         return _Reply(message=json.dumps(plan, indent=2), usage=usage, structured=plan)
