@@ -81,8 +81,11 @@ def test_plan_approve_run_ci_qa_merge(world: World) -> None:
     step_head = run.head_sha
     assert step_head != plan_head
     assert git("rev-parse", name, cwd=world.origin).strip() == step_head
+    # running on the commit the step started from, closed there with the result (or it would
+    # stay running forever), then success on the commit the step made
     assert fake.statuses() == [
         ("deksdenflow/step-01", plan_head, "running"),
+        ("deksdenflow/step-01", plan_head, "success"),
         ("deksdenflow/step-01", step_head, "success"),
     ]
     # the status joined the commit's push pipeline instead of creating an external one
@@ -101,8 +104,11 @@ def test_plan_approve_run_ci_qa_merge(world: World) -> None:
     world.send("Pipeline Hook", world.pipeline(step_head, name, "success", [("test", "success")]))
     run = world.wait_run("running", ["completed", "pending"])
     qa_head = run.head_sha
-    assert fake.statuses()[2:] == [
+    # the step is completed before its QA status is sent: wait for the job to get there
+    world.wait(lambda: len(fake.statuses()) == 6, "QA statuses")
+    assert fake.statuses()[3:] == [
         ("deksdenflow/qa-01", step_head, "running"),
+        ("deksdenflow/qa-01", step_head, "success"),
         ("deksdenflow/qa-01", qa_head, "success"),
     ]
     assert [e.message for e in world.events("qa.verdict")] == ["step 01: PASS"]
@@ -110,7 +116,7 @@ def test_plan_approve_run_ci_qa_merge(world: World) -> None:
     # 4. The MR is merged: the protocol is completed and the status note says so.
     world.send("Merge Request Hook", world.merge_request_event(1, name, "merge"))
     run = world.wait_run("completed")
-    assert "completed" in world.status_note()["body"].lower()
+    world.wait(lambda: "completed" in world.status_note()["body"].lower(), "completed note")
 
     # Never echo GitLab's recursion-detection header on our own API calls.
     assert all(r.header("X-Gitlab-Event-UUID") is None for r in fake.requests)
@@ -215,7 +221,10 @@ def test_same_pipeline_failure_twice_blocks(world: World) -> None:
     )
     assert {"ci": "failure", "outcome": "block"} in world.delivery_result(answer["id"])["handled"]
     run = world.wait_run("blocked", ["failed", "pending"])
-    assert "CI failed the same way twice on step 01" in world.status_note()["body"]
+    world.wait(
+        lambda: "CI failed the same way twice on step 01" in world.status_note()["body"],
+        "blocked note",
+    )
     assert [e.event_type for e in world.events("ci.")] == ["ci.failure", "ci.failure"]
 
 
