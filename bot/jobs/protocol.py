@@ -453,7 +453,10 @@ async def execute_step(
 ) -> str:
     try:
         async with protocol_lock(ctx["redis"], protocol_run_id):
-            outcome = await _execute(ctx, protocol_run_id, step_index)
+            try:
+                outcome = await _execute(ctx, protocol_run_id, step_index)
+            except SpecError as exc:  # a repository prompt override that does not render
+                outcome = await _fail_step(ctx, protocol_run_id, step_index, str(exc))
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
     await count_job(ctx, "execute_step", outcome)
@@ -735,6 +738,22 @@ async def _clean_leftovers(
     )
 
 
+async def _fail_step(ctx: dict[str, Any], run_id: int, step_index: int, message: str) -> str:
+    """Fail the step and block the protocol with a reason a human can act on."""
+    db = ctx["db"]
+    state = await load_run(db, run_id)
+    step = state.step(step_index)
+    await emit(db, state, "step.error", message, step)
+    if step.status in ("running", "needs_qa"):
+        await set_step_status(db, step.id, "failed", message, finished_at=utcnow())
+    if state.run.status == "running":
+        await set_protocol_status(
+            db, run_id, "blocked", message, runtime_state={**(state.run.runtime_state or {}), "message": message}
+        )
+    await publish_status(ctx, run_id, message)
+    return "failed"
+
+
 async def _step_prompt(
     ctx: dict[str, Any], state: RunState, name: str | None, fallback: str, values: dict[str, Any]
 ) -> str:
@@ -826,7 +845,10 @@ async def run_quality(
 ) -> str:
     try:
         async with protocol_lock(ctx["redis"], protocol_run_id):
-            outcome = await _quality(ctx, protocol_run_id, step_index)
+            try:
+                outcome = await _quality(ctx, protocol_run_id, step_index)
+            except SpecError as exc:
+                outcome = await _fail_step(ctx, protocol_run_id, step_index, str(exc))
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
     await count_job(ctx, "run_quality", outcome)
