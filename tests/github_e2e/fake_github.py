@@ -1,0 +1,224 @@
+"""A hand-written fake of the slice of the GitHub REST API the bot uses; it records every request.
+
+The same object answers under respx (tests) and behind a tiny starlette app on 127.0.0.1 (bench).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import httpx
+
+APP_ID = 4242
+APP_SLUG = "deksdenflow"
+BOT_LOGIN = f"{APP_SLUG}[bot]"
+INSTALLATION_ID = 77
+OWNER = "Codertocat"
+REPO = "Hello-World"
+FULL_NAME = f"{OWNER}/{REPO}"
+
+
+@dataclass
+class Call:
+    """One request the fake received."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    token: str | None
+    at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.method, self.path)
+
+
+Answer = tuple[int, dict[str, str], Any]
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class FakeGitHub:
+    """State (comments, pulls, check runs) plus scripted failures; thread-safe recording."""
+
+    def __init__(self, clone_url: str, *, default_branch: str = "main", has_workflows: bool = True) -> None:
+        self.clone_url = clone_url
+        self.default_branch = default_branch
+        self.has_workflows = has_workflows
+        self.calls: list[Call] = []
+        self.permissions: dict[str, str] = {}
+        self.comments: dict[int, dict[str, Any]] = {}
+        self.pulls: dict[int, dict[str, Any]] = {}
+        self.check_runs: dict[int, dict[str, Any]] = {}
+        self.check_suites: list[dict[str, Any]] = []
+        self.valid_tokens: set[str] = set()
+        self.failures: list[tuple[str, re.Pattern[str], Answer]] = []
+        self.on_call: Callable[[Call], None] | None = None
+        self._ids = itertools.count(1001)
+        self._tokens = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # -- scripting -------------------------------------------------------------------------
+
+    def fail_next(self, method: str, path_regex: str, status: int, body: Any = None, **headers: str) -> None:
+        """The next request matching (method, path regex) gets this answer instead (once)."""
+        self.failures.append((method, re.compile(path_regex), (status, headers, body or {"message": "fake"})))
+
+    def expire_tokens(self) -> None:
+        """Every token handed out so far answers 401 from now on (as if it had expired)."""
+        self.valid_tokens.clear()
+
+    def requests(self, method: str | None = None, path: str | None = None) -> list[Call]:
+        return [
+            c
+            for c in list(self.calls)
+            if (method is None or c.method == method) and (path is None or re.fullmatch(path, c.path))
+        ]
+
+    def since(self, mark: int) -> list[Call]:
+        return list(self.calls)[mark:]
+
+    def mark(self) -> int:
+        return len(self.calls)
+
+    # -- the HTTP edge ---------------------------------------------------------------------
+
+    def respx_handler(self, request: httpx.Request) -> httpx.Response:
+        status, headers, body = self.handle(
+            request.method, request.url.raw_path.decode(), request.headers.get("authorization"), request.content
+        )
+        return httpx.Response(status, headers=headers, json=body)
+
+    def handle(self, method: str, raw_path: str, authorization: str | None, content: bytes) -> Answer:
+        split = urlsplit(raw_path)
+        path = split.path
+        query = dict(parse_qsl(split.query))
+        body = json.loads(content) if content else None
+        token = None
+        if authorization and authorization.lower().startswith("token "):
+            token = authorization.split(" ", 1)[1]
+        call = Call(method, path, query, body, token)
+        with self._lock:
+            self.calls.append(call)
+            if self.on_call is not None:
+                self.on_call(call)
+            for i, (m, pattern, answer) in enumerate(self.failures):
+                if m == method and pattern.fullmatch(path):
+                    del self.failures[i]
+                    return answer
+            return self._answer(call, authorization)
+
+    def _answer(self, call: Call, authorization: str | None) -> Answer:
+        method, path, body = call.method, call.path, call.body
+        m = re.fullmatch(r"/app/installations/(\d+)/access_tokens", path)
+        if m and method == "POST":
+            if not (authorization or "").lower().startswith("bearer "):
+                return 401, {}, {"message": "A JSON web token could not be decoded"}
+            token = f"ghs_fake{next(self._tokens):04d}"
+            self.valid_tokens.add(token)
+            return 201, {}, {"token": token, "expires_at": _iso(time.time() + 3600)}
+        if path == "/app" and method == "GET":
+            return 200, {}, {"id": APP_ID, "slug": APP_SLUG}
+        if call.token is None or call.token not in self.valid_tokens:
+            return 401, {}, {"message": "Bad credentials"}
+        repo = f"/repos/{OWNER}/{REPO}"
+        if not path.startswith(repo):
+            return 404, {}, {"message": "Not Found"}
+        rest = path[len(repo) :]
+        if rest == "" and method == "GET":
+            return 200, {}, {
+                "full_name": FULL_NAME,
+                "default_branch": self.default_branch,
+                "clone_url": self.clone_url,
+            }
+        if rest == "/contents/.github/workflows" and method == "GET":
+            if self.has_workflows:
+                return 200, {}, [{"name": "ci.yml", "path": ".github/workflows/ci.yml", "type": "file"}]
+            return 404, {}, {"message": "Not Found"}
+        m = re.fullmatch(r"/collaborators/([^/]+)/permission", rest)
+        if m and method == "GET":
+            perm = self.permissions.get(m.group(1), "write")
+            if perm == "404":
+                return 404, {}, {"message": "Not Found"}
+            return 200, {}, {"permission": perm, "user": {"login": m.group(1)}}
+        m = re.fullmatch(r"/issues/comments/(\d+)/reactions", rest)
+        if m and method == "POST":
+            return 201, {}, {"id": next(self._ids), "content": body["content"]}
+        m = re.fullmatch(r"/issues/(\d+)/comments", rest)
+        if m and method == "GET":
+            number = int(m.group(1))
+            return 200, {}, [c for c in self.comments.values() if c["issue"] == number]
+        if m and method == "POST":
+            cid = next(self._ids)
+            self.comments[cid] = {
+                "id": cid,
+                "issue": int(m.group(1)),
+                "body": body["body"],
+                "user": {"login": BOT_LOGIN, "type": "Bot"},
+                "performed_via_github_app": {"id": APP_ID, "slug": APP_SLUG},
+            }
+            return 201, {}, self.comments[cid]
+        m = re.fullmatch(r"/issues/comments/(\d+)", rest)
+        if m and method == "PATCH":
+            cid = int(m.group(1))
+            if cid not in self.comments:
+                return 404, {}, {"message": "Not Found"}
+            self.comments[cid]["body"] = body["body"]
+            return 200, {}, self.comments[cid]
+        if rest == "/pulls" and method == "GET":
+            head = call.query.get("head", "").split(":", 1)[-1]
+            return 200, {}, [p for p in self.pulls.values() if p["head"]["ref"] == head and p["state"] == "open"]
+        if rest == "/pulls" and method == "POST":
+            number = 100 + len(self.pulls) + 1
+            self.pulls[number] = {
+                "number": number,
+                "html_url": f"https://github.com/{FULL_NAME}/pull/{number}",
+                "head": {"ref": body["head"]},
+                "base": {"ref": body["base"]},
+                "draft": body.get("draft"),
+                "state": "open",
+                "title": body["title"],
+                "body": body["body"],
+            }
+            return 201, {}, self.pulls[number]
+        m = re.fullmatch(r"/commits/([0-9a-f]+)/check-runs", rest)
+        if m and method == "GET":
+            sha = m.group(1)
+            runs = [
+                r
+                for r in self.check_runs.values()
+                if r["head_sha"] == sha and r["name"] == call.query.get("check_name", r["name"])
+            ]
+            return 200, {}, {"total_count": len(runs), "check_runs": runs}
+        if rest == "/check-runs" and method == "POST":
+            rid = next(self._ids)
+            self.check_runs[rid] = {**body, "id": rid, "app": {"id": APP_ID, "slug": APP_SLUG}}
+            return 201, {}, self.check_runs[rid]
+        m = re.fullmatch(r"/check-runs/(\d+)", rest)
+        if m and method == "PATCH":
+            rid = int(m.group(1))
+            self.check_runs[rid].update(body)
+            return 200, {}, self.check_runs[rid]
+        m = re.fullmatch(r"/commits/([0-9a-f]+)/check-suites", rest)
+        if m and method == "GET":
+            return 200, {}, {"total_count": len(self.check_suites), "check_suites": self.check_suites}
+        return 404, {}, {"message": f"fake GitHub has no {method} {path}"}
+
+
+def basic_token(header_line: str) -> str:
+    """The token inside a git `Authorization: Basic …` header line."""
+    raw = base64.b64decode(header_line.split("Basic ", 1)[1]).decode()
+    return raw.split(":", 1)[1]
