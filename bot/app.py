@@ -85,6 +85,18 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
+def _handles(state: AppState, provider: str, event: str) -> bool:
+    """`router.handles`, remembered per (provider, event): it scans every handler per call."""
+    cache: dict[tuple[str, str], bool] = state.extra.setdefault("handles_cache", {})
+    key = (provider, event)
+    found = cache.get(key)
+    if found is None:
+        found = state.router.handles(provider, event)
+        if len(cache) < 1024:  # event names come from signed headers; stay bounded anyway
+            cache[key] = found
+    return found
+
+
 async def _receive(
     request: Request,
     provider: str,
@@ -101,13 +113,13 @@ async def _receive(
         body = await read_body_limited(request, state.settings.max_body_bytes)
         delivery = parse(dict(request.headers), body, secret)
     except WebhookError as exc:
-        state.metrics.deliveries.labels(provider, "-", f"rejected_{exc.status_code}").inc()
+        state.metrics.count_delivery(provider, "-", f"rejected_{exc.status_code}")
         return _error(exc.status_code, exc.message)
     with log_context(delivery_key=delivery.key):
         if delivery.is_ping:
-            state.metrics.deliveries.labels(provider, delivery.event, "ping").inc()
+            state.metrics.count_delivery(provider, delivery.event, "ping")
             return JSONResponse({"delivery": delivery.key, "status": "pong"}, status_code=200)
-        handled = state.router.handles(provider, delivery.event)
+        handled = _handles(state, provider, delivery.event)
         assert state.store is not None
         try:
             outcome, delivery_id = await state.store.store(delivery, "pending" if handled else "ignored")
@@ -115,8 +127,8 @@ async def _receive(
             log.exception("could not store %s delivery", provider)
             return _error(503, "could not store the delivery; please redeliver")
         status = outcome if (outcome == "duplicate" or handled) else "ignored"
-        state.metrics.deliveries.labels(provider, delivery.event, status).inc()
-        state.metrics.intake_latency.labels(provider).observe(time.perf_counter() - started)
+        state.metrics.count_delivery(provider, delivery.event, status)
+        state.metrics.observe_intake(provider, time.perf_counter() - started)
         return JSONResponse(
             {"delivery": delivery.key, "status": status, "id": delivery_id, "event": delivery.event},
             status_code=200 if status == "duplicate" else 202,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
@@ -57,14 +58,17 @@ class SqliteWriter:
     hop and the statements are prepared once. sqlite3 releases the GIL while it writes and
     fsyncs, so the loop keeps serving requests meanwhile. Values are encoded with the same
     SQLAlchemy type processors as the ORM, so rows read back exactly as if it had written them.
+
+    Every sqlite3 call (prepare, each step) drops and retakes the GIL, and retaking it while
+    the event loop is busy can wait a whole switch interval (5 ms). So a batch is a constant
+    handful of calls, whatever its size: one lookup of existing keys, one multi-row INSERT,
+    one lookup of the new ids (each lookup answers with a single aggregated JSON row).
     """
 
-    _INSERT = (
-        f"INSERT INTO {WebhookDelivery.__tablename__} (provider, delivery_key, event, action, status,"
-        " payload, headers, outcome, attempts, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
-        " ON CONFLICT (provider, delivery_key) DO NOTHING RETURNING id"
-    )
-    _SELECT = f"SELECT id FROM {WebhookDelivery.__tablename__} WHERE provider = ? AND delivery_key = ?"
+    _TABLE = WebhookDelivery.__tablename__
+    _COLUMNS = "provider, delivery_key, event, action, status, payload, headers, outcome, attempts, received_at"
+    _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
+    _CHUNK = 500  # rows per statement: 9 variables each, far under SQLite's 32766
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -92,31 +96,58 @@ class SqliteWriter:
         ]
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._write, rows)
 
+    def _ids(self, cur: sqlite3.Cursor, provider: str, keys: Sequence[str]) -> dict[str, int]:
+        """{delivery_key: id} of the stored keys among `keys`, via the unique index."""
+        found: dict[str, int] = {}
+        for i in range(0, len(keys), self._CHUNK):
+            chunk = keys[i : i + self._CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            (pairs,) = cur.execute(
+                f"SELECT json_group_array(json_array(delivery_key, id)) FROM {self._TABLE}"
+                f" WHERE provider = ? AND delivery_key IN ({marks})",
+                (provider, *chunk),
+            ).fetchone()
+            found.update((key, int(row_id)) for key, row_id in json.loads(pairs))
+        return found
+
     def _write(self, rows: list[tuple[object, ...]]) -> Stored:
         if self._conn is None:
             self._conn = connect_sqlite(self.path)
         now = utcnow()
         received = self._datetime(now) if self._datetime else now
+        by_provider: dict[str, list[str]] = {}
+        for row in rows:
+            by_provider.setdefault(str(row[0]), []).append(str(row[1]))
         cur = self._conn.cursor()
         try:
-            # IMMEDIATE takes the write lock up front (busy_timeout waits for a worker's write)
+            # IMMEDIATE takes the write lock up front (busy_timeout waits for a worker's write),
+            # so nothing can insert between our lookup and our INSERT.
             cur.execute("BEGIN IMMEDIATE")
-            out: Stored = []
-            for row in rows:
-                hit = cur.execute(self._INSERT, (*row, received)).fetchone()
-                if hit is not None:
-                    out.append((int(hit[0]), True))
-                else:
-                    found = cur.execute(self._SELECT, row[:2]).fetchone()
-                    out.append((int(found[0]) if found else 0, False))
+            before = {(p, k): i for p, keys in by_provider.items() for k, i in self._ids(cur, p, keys).items()}
+            fresh = [row for row in rows if (row[0], row[1]) not in before]
+            for i in range(0, len(fresh), self._CHUNK):
+                chunk = fresh[i : i + self._CHUNK]
+                cur.execute(
+                    f"INSERT INTO {self._TABLE} ({self._COLUMNS}) VALUES {', '.join([self._ROW] * len(chunk))}"
+                    " ON CONFLICT (provider, delivery_key) DO NOTHING",
+                    [value for row in chunk for value in (*row, received)],
+                )
+            new_keys: dict[str, list[str]] = {}
+            for row in fresh:
+                new_keys.setdefault(str(row[0]), []).append(str(row[1]))
+            after = {(p, k): i for p, keys in new_keys.items() for k, i in self._ids(cur, p, keys).items()}
             cur.execute("COMMIT")  # synchronous=FULL: durable once this returns
-            return out
         except BaseException:
             if self._conn.in_transaction:
                 self._conn.rollback()
             raise
         finally:
             cur.close()
+        out: Stored = []
+        for row in rows:
+            ident = (str(row[0]), str(row[1]))
+            out.append((after[ident], True) if ident in after else (before.get(ident, 0), False))
+        return out
 
     def close(self) -> None:
         def _close() -> None:

@@ -131,3 +131,20 @@ class Metrics:
         self.queue_in_progress = Gauge(
             "deksdenflow_queue_in_progress", "Jobs being run by workers", registry=self.registry
         )
+        # labels() validates and locks on every call; the intake counts every request, so it
+        # keeps the few children it uses (bounded by provider × event × status).
+        self._delivery_children: dict[tuple[str, str, str], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+
+    def count_delivery(self, provider: str, event: str, status: str) -> None:
+        key = (provider, event, status)
+        child = self._delivery_children.get(key)
+        if child is None:
+            child = self._delivery_children[key] = self.deliveries.labels(provider, event, status)
+        child.inc()
+
+    def observe_intake(self, provider: str, seconds: float) -> None:
+        child = self._latency_children.get(provider)
+        if child is None:
+            child = self._latency_children[provider] = self.intake_latency.labels(provider)
+        child.observe(seconds)

@@ -62,19 +62,25 @@ async def enqueue_many(redis: ArqRedis, jobs: Sequence[JobSpec], queue: str = de
     """
     if not jobs:
         return 0
-    async with redis.pipeline(transaction=False) as pipe:
-        for job in jobs:
-            pipe.exists(job_key_prefix + job.job_id, result_key_prefix + job.job_id)
-        present = await pipe.execute()
-    fresh = [job for job, count in zip(jobs, present, strict=True) if not count]
-    if not fresh:
-        return 0
+    # The intake's jobs are almost always all new: one EXISTS over every key answers that in
+    # one command; only when something exists do we pay for a per-job check.
+    keys = [key for job in jobs for key in (job_key_prefix + job.job_id, result_key_prefix + job.job_id)]
+    fresh: Sequence[JobSpec] = jobs
+    if await redis.exists(*keys):
+        async with redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                pipe.exists(job_key_prefix + job.job_id, result_key_prefix + job.job_id)
+            present = await pipe.execute()
+        fresh = [job for job, count in zip(jobs, present, strict=True) if not count]
+        if not fresh:
+            return 0
     now = timestamp_ms()
     async with redis.pipeline(transaction=True) as pipe:
         for job in fresh:
             data = serialize_job(job.function, (), job.kwargs, None, now)
             pipe.set(job_key_prefix + job.job_id, data, px=JOB_EXPIRES_MS, nx=True)
-            pipe.zadd(queue, {job.job_id: now})
+        # one ZADD for the whole batch instead of one per job
+        pipe.zadd(queue, {job.job_id: now for job in fresh})
         await pipe.execute()
     return len(fresh)
 
