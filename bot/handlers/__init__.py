@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from bot.handlers import comments, lifecycle, recorder
 from bot.handlers.router import Router
 
 
 def build_router() -> Router:
-    return Router(recorder.router, comments.router, lifecycle.router)
+    from bot.handlers.comments import router as comments
+    from bot.handlers.lifecycle import router as lifecycle
+    from bot.handlers.recorder import router as recorder
+
+    return Router(recorder, comments, lifecycle)
