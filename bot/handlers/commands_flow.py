@@ -91,6 +91,10 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
     repo = forges.repo_ref(project)
     target = IssueRef(repo, ev.issue_number, _kind(ev, project.provider))  # type: ignore[arg-type]
     comment = CommentRef(target, ev.comment_id)
+    own_user_id = getattr(forge, "own_user_id", None)
+    if ev.author_id is not None and own_user_id is not None and ev.author_id == await own_user_id():
+        ctx.note(ignored="our own note")  # a token of an ordinary user account is still us
+        return
     config = project.config or {}
     permission: str | None = None
     for item in parsed:
@@ -184,6 +188,21 @@ async def dispatch(
         if name == "help":
             await _reply(forge, target, help_text(), ctx)
             return "help"
+        if name == "init":
+            # repository setup is per project, not per protocol: a draft PR/MR with the starter
+            # files; discovery runs when a discovery model is configured or the repo asks for it
+            discovery = bool(
+                services["settings"].protocol_discovery_model
+                or (project.config or {}).get("setup", {}).get("discovery")
+            )
+            await services["redis"].enqueue_job(
+                "project_onboard",
+                _job_id=f"onboard:{project.id}:{target.number}:{(reply_to or {}).get('comment_id')}",
+                project_id=project.id,
+                run_discovery=discovery,
+                reply_to=reply_to or {"number": target.number, "kind": target.kind},
+            )
+            return "init-enqueued"
         if name in ("plan", "auto"):
             existing = await latest_run(ctx, project, target.number)
             if (
@@ -244,14 +263,6 @@ async def dispatch(
             await actions.resume(services, run.id)
         elif name == "cancel":
             await actions.cancel(services, run.id)
-        elif name == "init":
-            await _reply(
-                forge,
-                target,
-                "`/init` (repository setup) is not available on this server yet.",
-                ctx,
-            )
-            return "init-unavailable"
         await publish_status(services, run.id)
         return name
     except TransitionConflict as exc:

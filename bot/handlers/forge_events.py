@@ -53,6 +53,7 @@ class CommentEvent:
     issue_title: str
     issue_body: str
     from_fork: bool = False
+    author_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ def gitlab_note(payload: dict[str, Any]) -> CommentEvent | None:
         issue_title=_str(dig(target, "title")),
         issue_body=_str(dig(target, "description")),
         from_fork=from_fork,
+        author_id=_int(dig(user, "id")),
     )
 
 
