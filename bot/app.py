@@ -191,6 +191,7 @@ async def metrics(request: Request) -> Response:
 
 def routes() -> list[BaseRoute]:
     from bot.api import api_routes
+    from bot.console import console_routes
     from bot.github_setup import setup_routes
 
     return [
@@ -200,6 +201,7 @@ def routes() -> list[BaseRoute]:
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         *api_routes(),
+        *console_routes(),
         *setup_routes(),
     ]
 

@@ -1,0 +1,310 @@
+"""The operator console at /console: server-rendered pages over the same data as /api."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from sqlalchemy import func, select
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from bot.api import (
+    ACTIONS,
+    CONSOLE_COOKIE,
+    CONSOLE_HEADER,
+    MAX_ID,
+    PROTOCOL_STATUSES,
+    Access,
+    authenticate,
+    console_cookie_value,
+    delivery_json,
+    event_json,
+    project_json,
+    queue_snapshot,
+    run_json,
+    step_json,
+)
+from bot.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
+
+TEMPLATES = Path(__file__).parent / "templates" / "console"
+Page = Callable[[Request], Awaitable[Response]]
+PAGE_SIZE = 50
+# which buttons a run page offers, by run status (the API still guards every transition)
+BUTTONS: dict[str, tuple[str, ...]] = {
+    "pending": ("start", "cancel"),
+    "planning": ("cancel",),
+    "planned": ("approve", "run", "open_pr", "cancel"),
+    "running": ("run", "run_qa", "rerun", "pause", "open_pr", "cancel"),
+    "paused": ("resume", "cancel"),
+    "blocked": ("approve", "rerun", "resume", "cancel"),
+    "failed": ("start", "rerun", "cancel"),
+    "completed": ("open_pr",),
+    "cancelled": (),
+}
+LABELS = {
+    "start": "Start planning",
+    "approve": "Approve",
+    "run": "Run next step",
+    "run_qa": "Run QA",
+    "rerun": "Rerun step",
+    "pause": "Pause",
+    "resume": "Resume",
+    "cancel": "Cancel",
+    "open_pr": "Open draft PR",
+}
+assert set(LABELS) == set(ACTIONS)
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATES)),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.globals.update(labels=LABELS, console_header=CONSOLE_HEADER)
+    return env
+
+
+def _env(request: Request) -> Environment:
+    extra: dict[str, Any] = request.app.state.df.extra
+    env = extra.get("console_env")
+    if env is None:
+        env = extra["console_env"] = _environment()
+    assert isinstance(env, Environment)
+    return env
+
+
+def render(request: Request, template: str, status_code: int = 200, **values: Any) -> HTMLResponse:
+    html = _env(request).get_template(template).render(request_path=request.url.path, **values)
+    return HTMLResponse(html, status_code=status_code)
+
+
+def console_page(page: Page) -> Page:
+    """Console auth: `?token=` once sets an HttpOnly cookie (a MAC, not the token) the API accepts."""
+
+    async def wrapper(request: Request) -> Response:
+        settings = request.app.state.df.settings
+        api_token = settings.api_token.get_secret_value() if settings.api_token else None
+        given = request.query_params.get("token")
+        if given is not None:
+            if not api_token or not hmac.compare_digest(given.encode(), api_token.encode()):
+                return render(request, "login.html", 401, error="wrong token")
+            rest = {k: v for k, v in request.query_params.items() if k != "token"}
+            target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
+            response = RedirectResponse(target, status_code=303)
+            response.set_cookie(
+                CONSOLE_COOKIE,
+                console_cookie_value(api_token),
+                httponly=True,
+                samesite="strict",
+                secure=request.url.scheme == "https",
+                max_age=12 * 3600,
+                path="/",
+            )
+            return response
+        access = await authenticate(request)
+        if not isinstance(access, Access):
+            return render(request, "login.html", access.status_code, error=None)
+        if not access.admin:
+            return render(request, "login.html", 403, error="the console needs the API token")
+        try:
+            return await page(request)
+        except LookupError as exc:
+            return render(request, "error.html", 404, message=str(exc))
+        except ValueError as exc:
+            return render(request, "error.html", 400, message=str(exc))
+
+    wrapper.__name__ = page.__name__
+    return wrapper
+
+
+def _db(request: Request) -> Any:
+    return request.app.state.df.db
+
+
+def _id(request: Request, name: str) -> int:
+    value = int(request.path_params[name])
+    if value > MAX_ID:
+        raise LookupError(f"{name} {value} does not exist")
+    return value
+
+
+def _offset(request: Request) -> int:
+    raw = request.query_params.get("offset", "0") or "0"
+    if not raw.isdigit():
+        raise ValueError("offset must be a non-negative integer")
+    return min(int(raw), 10**7)
+
+
+@console_page
+async def index(request: Request) -> Response:
+    async with _db(request).sessions() as session:
+        projects = list((await session.execute(select(Project).order_by(Project.id).limit(200))).scalars())
+        runs = list(
+            (await session.execute(select(ProtocolRun).order_by(ProtocolRun.id.desc()).limit(20))).scalars()
+        )
+        counts = dict(
+            (
+                await session.execute(
+                    select(ProtocolRun.project_id, func.count()).group_by(ProtocolRun.project_id)
+                )
+            ).all()
+        )
+    names = {p.id: p.name for p in projects}
+    return render(
+        request,
+        "index.html",
+        projects=[{**project_json(p), "runs": counts.get(p.id, 0)} for p in projects],
+        runs=[run_json(r) for r in runs],
+        names=names,
+    )
+
+
+@console_page
+async def project_page(request: Request) -> Response:
+    project_id = _id(request, "project_id")
+    async with _db(request).sessions() as session:
+        project = await session.get(Project, project_id)
+        if project is None:
+            raise LookupError(f"project {project_id} does not exist")
+        runs = list(
+            (
+                await session.execute(
+                    select(ProtocolRun)
+                    .where(ProtocolRun.project_id == project_id)
+                    .order_by(ProtocolRun.id.desc())
+                    .limit(PAGE_SIZE)
+                )
+            ).scalars()
+        )
+    return render(
+        request,
+        "project.html",
+        project=project_json(project),
+        runs=[run_json(r) for r in runs],
+        names={project.id: project.name},
+    )
+
+
+@console_page
+async def protocols_page(request: Request) -> Response:
+    offset = _offset(request)
+    status = request.query_params.get("status") or None
+    if status is not None and status not in PROTOCOL_STATUSES:
+        raise ValueError(f"status must be one of {', '.join(PROTOCOL_STATUSES)}")
+    query = select(ProtocolRun)
+    if status:
+        query = query.where(ProtocolRun.status == status)
+    async with _db(request).sessions() as session:
+        runs = list(
+            (
+                await session.execute(
+                    query.order_by(ProtocolRun.id.desc()).limit(PAGE_SIZE + 1).offset(offset)
+                )
+            ).scalars()
+        )
+        ids = {r.project_id for r in runs}
+        names = dict(
+            (await session.execute(select(Project.id, Project.name).where(Project.id.in_(ids)))).all()
+        ) if ids else {}
+    return render(
+        request,
+        "protocols.html",
+        runs=[run_json(r) for r in runs[:PAGE_SIZE]],
+        names=names,
+        status=status,
+        statuses=PROTOCOL_STATUSES,
+        offset=offset,
+        more=len(runs) > PAGE_SIZE,
+        page_size=PAGE_SIZE,
+    )
+
+
+@console_page
+async def run_page(request: Request) -> Response:
+    run_id = _id(request, "run_id")
+    async with _db(request).sessions() as session:
+        run = await session.get(ProtocolRun, run_id)
+        if run is None:
+            raise LookupError(f"protocol run {run_id} does not exist")
+        project = await session.get(Project, run.project_id)
+        steps = list(
+            (
+                await session.execute(
+                    select(StepRun).where(StepRun.protocol_run_id == run_id).order_by(StepRun.step_index).limit(1000)
+                )
+            ).scalars()
+        )
+        # the newest 50 events, shown oldest first; the page then tails with ?after=
+        events = list(
+            (
+                await session.execute(
+                    select(Event)
+                    .where(Event.protocol_run_id == run_id)
+                    .order_by(Event.id.desc())
+                    .limit(50)
+                )
+            ).scalars()
+        )
+    events.reverse()
+    return render(
+        request,
+        "run.html",
+        run=run_json(run),
+        project=project_json(project) if project else None,
+        steps=[step_json(s) for s in steps],
+        events=[event_json(e) for e in events],
+        last_event=events[-1].id if events else 0,
+        buttons=BUTTONS.get(run.status, ()),
+        buttons_by_status=BUTTONS,
+        all_actions=ACTIONS,
+    )
+
+
+@console_page
+async def deliveries_page(request: Request) -> Response:
+    before_raw = request.query_params.get("before") or ""
+    if before_raw and not before_raw.isdigit():
+        raise ValueError("before must be a non-negative integer")
+    query = select(WebhookDelivery)
+    if before_raw:
+        query = query.where(WebhookDelivery.id < int(before_raw))
+    async with _db(request).sessions() as session:
+        rows = list(
+            (await session.execute(query.order_by(WebhookDelivery.id.desc()).limit(PAGE_SIZE))).scalars()
+        )
+    return render(
+        request,
+        "deliveries.html",
+        deliveries=[delivery_json(d) for d in rows],
+        next_before=rows[-1].id if len(rows) == PAGE_SIZE else None,
+    )
+
+
+@console_page
+async def queue_page(request: Request) -> Response:
+    error = None
+    snapshot: dict[str, Any] = {"depth": None, "in_progress": None, "failed": None, "jobs": {}}
+    try:
+        snapshot = await queue_snapshot(request.app.state.df.redis)
+    except Exception as exc:  # an unreachable Redis is something to show, not a crash
+        error = f"queue unreachable: {type(exc).__name__}"
+    return render(request, "queue.html", queue=snapshot, error=error)
+
+
+def console_routes() -> list[BaseRoute]:
+    return [
+        Route("/console", index),
+        Route("/console/projects/{project_id:int}", project_page),
+        Route("/console/protocols", protocols_page),
+        Route("/console/protocols/{run_id:int}", run_page),
+        Route("/console/deliveries", deliveries_page),
+        Route("/console/queue", queue_page),
+    ]
