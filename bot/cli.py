@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bot import cli_gitlab, cli_protocol
 
     cli_protocol.add_commands(sub)
+    from bot import report
+
+    report.add_commands(sub)
     cli_gitlab.add_commands(sub)
     for extend in _EXTENSIONS:
         extend(sub)
