@@ -191,12 +191,14 @@ async def metrics(request: Request) -> Response:
 
 def routes() -> list[BaseRoute]:
     from bot.api import api_routes
+    from bot.ci_hook import ci_webhook
     from bot.console import console_routes
     from bot.github_setup import setup_routes
 
     return [
         Route("/webhooks/github", github_webhook, methods=["POST"]),
         Route("/webhooks/gitlab", gitlab_webhook, methods=["POST"]),
+        Route("/webhooks/ci", ci_webhook, methods=["POST"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),

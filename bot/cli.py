@@ -74,13 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(handler=_worker)
     migrate = sub.add_parser("migrate", help="apply the database migrations (alembic upgrade head)")
     migrate.set_defaults(handler=_migrate)
-    from bot import cli_gitlab, cli_protocol
+    from bot import cli_gitlab, cli_protocol, cli_setup
 
     cli_protocol.add_commands(sub)
     from bot import report
 
     report.add_commands(sub)
     cli_gitlab.add_commands(sub)
+    cli_setup.add_commands(sub)
     for extend in _EXTENSIONS:
         extend(sub)
     return parser

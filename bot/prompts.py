@@ -21,6 +21,7 @@ PROMPT_PLACEHOLDERS: Mapping[str, frozenset[str]] = {
     "decompose-step": _COMMON | _STEP | {"plan", "context"},
     "execute-step": _COMMON | _STEP | {"branch", "plan", "context", "attempt", "feedback"},
     "quality-validator": _COMMON | _STEP | {"changes", "report_file", "qa_policy"},
+    "discovery": frozenset({"protocol", "repo", "base_branch", "hooks"}),
 }
 # A repository's own prompt (a StepSpec may name any prompt) may use any known placeholder.
 ALL_PLACEHOLDERS: frozenset[str] = frozenset().union(*PROMPT_PLACEHOLDERS.values())

@@ -9,6 +9,7 @@ from arq.worker import func
 from bot.jobs.common import MAX_TRIES
 from bot.jobs.projects import project_setup
 from bot.jobs.protocol import execute_step, plan_protocol, run_quality
+from bot.jobs.setup import codemachine_prepare, project_onboard
 from bot.settings import Settings
 
 
@@ -22,4 +23,6 @@ def protocol_functions(settings: Settings) -> list[Any]:
         func(execute_step, name="execute_step", timeout=timeout, max_tries=tries),
         func(run_quality, name="run_quality", timeout=timeout, max_tries=tries),
         func(project_setup, name="project_setup", timeout=120, max_tries=MAX_TRIES),
+        func(project_onboard, name="project_onboard", timeout=timeout, max_tries=MAX_TRIES),
+        func(codemachine_prepare, name="codemachine_prepare", timeout=timeout, max_tries=tries),
     ]

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# CI hook "lint": called by the CI workflow; replace the body with this project's command.
+# `deksdenflow setup --run-discovery` (or `/init` with discovery) proposes one for your stack.
+set -euo pipefail
+echo "lint: nothing configured yet"

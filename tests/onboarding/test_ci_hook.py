@@ -1,0 +1,168 @@
+"""POST /webhooks/ci: authentication, body checks, and the same transitions as a forge's CI event."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bot.app import create_app
+from bot.ci import apply_ci_result
+from bot.ci_hook import parse_report, verify
+from bot.errors import WebhookError
+from bot.jobs.protocol import execute_step
+from bot.onboarding import ASSETS
+from engines.scripted import ScriptedEngine
+from tests.conftest import LiveServer
+from tests.protocol.conftest import Harness, make_harness, protocol_settings
+
+TOKEN = "ci-hook-token-0123456789"
+
+
+def sign(body: bytes, token: str = TOKEN) -> str:
+    return "sha256=" + hmac.new(token.encode(), body, hashlib.sha256).hexdigest()
+
+
+def test_verify_and_parse_are_strict() -> None:
+    body = b'{"branch": "0001-x", "status": "success"}'
+    verify({"X-DeksdenFlow-Signature": sign(body)}, body, TOKEN)
+    verify({"x-deksdenflow-token": TOKEN}, body, TOKEN)
+    for headers in ({}, {"X-DeksdenFlow-Token": "nope"}, {"X-DeksdenFlow-Signature": sign(body, "other")}):
+        with pytest.raises(WebhookError) as err:
+            verify(headers, body, TOKEN)
+        assert err.value.status_code == 401
+    report = parse_report(b'{"protocol_run_id": 3, "status": "failure", "failing": ["lint"]}')
+    assert report.protocol_run_id == 3 and report.failing == ("lint",)
+    for bad, status in (
+        (b"not json", 400),
+        (b"[]", 422),
+        (b'{"branch": "x"}', 422),
+        (b'{"branch": "x", "status": "done"}', 422),
+        (b'{"status": "success"}', 422),
+        (b'{"branch": "x", "status": "success", "failing": "lint"}', 422),
+        (b'{"protocol_run_id": true, "status": "success"}', 422),
+    ):
+        with pytest.raises(WebhookError) as err:
+            parse_report(bad)
+        assert err.value.status_code == status, bad
+
+
+@pytest.fixture
+async def ci_harness(tmp_path: Path, origin: Path) -> AsyncIterator[Harness]:
+    # auto QA off: green CI completes the step directly, so the transition is visible at once
+    settings = protocol_settings(tmp_path, webhook_token=TOKEN, auto_qa_on_ci=False)
+    async with make_harness(settings, origin) as h:
+        h.use(ScriptedEngine())
+        yield h
+
+
+async def runs_waiting_for_ci(h: Harness, *tasks: str) -> list[tuple[int, str, str]]:
+    """Runs whose step 1 executed and waits on CI (their queued QA jobs are never drained)."""
+    ids = [await h.start(task) for task in tasks]
+    out = []
+    for run_id in ids:
+        assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa-run"
+    for run_id in ids:
+        state = await h.state(run_id)
+        assert state.step(1).status == "needs_qa"
+        out.append((run_id, state.run.protocol_name, state.run.head_sha))
+    return out
+
+
+async def snapshot(h: Harness, run_id: int) -> tuple[str, list[str], list[str]]:
+    state = await h.state(run_id)
+    ci_events = [e.event_type for e in await h.events(run_id, "ci.")]
+    return state.run.status, [s.status for s in state.steps], ci_events
+
+
+async def test_ci_hook_drives_the_same_transitions_as_a_forge_event(
+    ci_harness: Harness, tmp_path: Path
+) -> None:
+    h = ci_harness
+    (forge_run, _, forge_sha), (hook_run, hook_branch, hook_sha) = await runs_waiting_for_ci(
+        h, "Forge CI", "Hook CI"
+    )
+    # what a GitHub check suite / GitLab pipeline event does
+    assert await apply_ci_result(h.ctx, forge_run, forge_sha, "success") == "complete"
+
+    with LiveServer(create_app(h.ctx["settings"])) as server:
+        url = f"{server.url}/webhooks/ci"
+        async with httpx.AsyncClient(timeout=30) as client:
+            body = json.dumps({"branch": hook_branch, "status": "running", "sha": hook_sha}).encode()
+            r = await client.post(url, content=body, headers={"X-DeksdenFlow-Signature": sign(body)})
+            assert r.status_code == 202 and r.json()["outcome"] == "recorded"
+
+            bad = await client.post(url, content=body, headers={"X-DeksdenFlow-Token": "wrong"})
+            assert bad.status_code == 401
+            unsigned = await client.post(url, content=body)
+            assert unsigned.status_code == 401
+            unknown = json.dumps({"branch": "0099-nope", "status": "success"}).encode()
+            r = await client.post(url, content=unknown, headers={"X-DeksdenFlow-Token": TOKEN})
+            assert r.status_code == 404 and "0099-nope" in r.json()["error"]
+            r = await client.post(url, content=b"{", headers={"X-DeksdenFlow-Token": TOKEN})
+            assert r.status_code == 400
+            r = await client.post(url, content=b'{"branch": "x"}', headers={"X-DeksdenFlow-Token": TOKEN})
+            assert r.status_code == 422
+
+            # the real report.sh, with curl, signs and sends the success
+            env = {
+                **{k: v for k, v in os.environ.items() if not k.startswith(("DEKSDENFLOW_", "GITHUB_", "CI_"))},
+                "DEKSDENFLOW_CI_URL": url,
+                "DEKSDENFLOW_WEBHOOK_TOKEN": TOKEN,
+                "DEKSDENFLOW_BRANCH": hook_branch,
+                "DEKSDENFLOW_SHA": hook_sha,
+            }
+            done = await asyncio.to_thread(
+                subprocess.run,
+                ["bash", str(ASSETS / "ci" / "report.sh"), "success"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["outcome"] == "complete"
+
+    forge = await snapshot(h, forge_run)
+    hook = await snapshot(h, hook_run)
+    assert forge[:2] == hook[:2] == ("running", ["completed", "pending"])
+    assert hook[2] == ["ci.running", "ci.success"] and forge[2] == ["ci.success"]
+
+
+async def test_ci_hook_failure_blocks_like_a_forge_failure(ci_harness: Harness) -> None:
+    h = ci_harness
+    (forge_run, _, forge_sha), (hook_run, _, hook_sha) = await runs_waiting_for_ci(
+        h, "Forge red", "Hook red"
+    )
+    await apply_ci_result(h.ctx, forge_run, forge_sha, "failure", [("lint", "failure")])
+    with LiveServer(create_app(h.ctx["settings"])) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            body = json.dumps(
+                {"protocol_run_id": hook_run, "status": "failure", "sha": hook_sha, "failing": ["lint"]}
+            ).encode()
+            r = await client.post(
+                f"{server.url}/webhooks/ci", content=body, headers={"X-DeksdenFlow-Signature": sign(body)}
+            )
+            assert r.status_code == 200, r.text
+    assert (await snapshot(h, forge_run))[:2] == (await snapshot(h, hook_run))[:2]
+    assert (await h.state(hook_run)).run.status == "blocked"
+
+
+async def test_ci_hook_without_a_token_is_closed(tmp_path: Path) -> None:
+    settings = protocol_settings(tmp_path)
+    with LiveServer(create_app(settings)) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            r = await client.post(
+                f"{server.url}/webhooks/ci",
+                content=b'{"branch": "x", "status": "success"}',
+                headers={"X-DeksdenFlow-Token": ""},
+            )
+    assert r.status_code == 503 and "DEKSDENFLOW_WEBHOOK_TOKEN" in r.json()["error"]
