@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from arq.connections import ArqRedis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -129,9 +130,10 @@ async def _receive(
         status = outcome if (outcome == "duplicate" or handled) else "ignored"
         state.metrics.count_delivery(provider, delivery.event, status)
         state.metrics.observe_intake(provider, time.perf_counter() - started)
-        return JSONResponse(
-            {"delivery": delivery.key, "status": status, "id": delivery_id, "event": delivery.event},
+        return Response(
+            orjson.dumps({"delivery": delivery.key, "status": status, "id": delivery_id, "event": delivery.event}),
             status_code=200 if status == "duplicate" else 202,
+            media_type="application/json",
         )
 
 

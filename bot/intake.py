@@ -181,6 +181,7 @@ class DeliveryStore:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._followups: set[asyncio.Task[None]] = set()
+        self._enqueue_buffer: list[int] = []
         self._sqlite_path = sqlite_file(db)
         self._writer: SqliteWriter | None = None
 
@@ -234,9 +235,19 @@ class DeliveryStore:
                             item.future.set_exception(exc)
                     continue
                 if new_ids:
-                    task = asyncio.create_task(self._after_commit(new_ids))
-                    self._followups.add(task)
-                    task.add_done_callback(self._followups.discard)
+                    # one enqueuer at a time: ids committed while it talks to Redis wait and go
+                    # together in its next round (fewer round trips under load)
+                    self._enqueue_buffer.extend(new_ids)
+                    if not self._followups:
+                        task = asyncio.create_task(self._drain_enqueues())
+                        self._followups.add(task)
+                        task.add_done_callback(self._followups.discard)
+
+    async def _drain_enqueues(self) -> None:
+        while self._enqueue_buffer:
+            ids = self._enqueue_buffer[:]
+            self._enqueue_buffer.clear()
+            await self._after_commit(ids)
 
     async def _after_commit(self, ids: list[int]) -> None:
         try:

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from bot.errors import WebhookError
 
 # Headers worth keeping with a delivery (for replay and the operator's view); never secrets.
@@ -56,7 +58,7 @@ def kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 def verify_github_signature(headers: Mapping[str, str], body: bytes, secret: str) -> None:
     """Check `X-Hub-Signature-256`; only sha256 is accepted (sha1 is too weak to trust)."""
-    signature = _lower(headers).get("x-hub-signature-256")
+    signature = headers.get("x-hub-signature-256") or _lower(headers).get("x-hub-signature-256")
     if not signature:
         raise WebhookError(401, "missing X-Hub-Signature-256 header")
     algo, _, digest = signature.partition("=")
@@ -78,9 +80,17 @@ def verify_gitlab_token(headers: Mapping[str, str], secret: str) -> None:
 def parse_json_object(body: bytes) -> tuple[str, dict[str, Any]]:
     try:
         text = body.decode("utf-8")
-        payload = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise WebhookError(400, f"body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise WebhookError(400, f"body is not valid UTF-8 JSON: {exc}") from None
+    try:
+        # orjson is ~10x faster on the intake's hot path; the stdlib parser is the fallback for
+        # what orjson refuses but JSON allows (integers beyond 64 bits)
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
+            raise WebhookError(400, f"body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise WebhookError(400, "body must be a JSON object")
     return text, payload
@@ -91,8 +101,8 @@ def _str_or_none(value: object) -> str | None:
 
 
 def github_delivery(headers: Mapping[str, str], body: bytes, secret: str) -> IncomingDelivery:
-    verify_github_signature(headers, body, secret)
     low = _lower(headers)
+    verify_github_signature(low, body, secret)
     event = low.get("x-github-event", "").strip()
     key = low.get("x-github-delivery", "").strip()
     if not event:
@@ -107,7 +117,7 @@ def github_delivery(headers: Mapping[str, str], body: bytes, secret: str) -> Inc
         action=_str_or_none(payload.get("action")),
         body=text,
         payload=payload,
-        headers=kept_headers(headers),
+        headers=kept_headers(low),
     )
 
 
