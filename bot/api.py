@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import defer
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -666,7 +667,8 @@ async def list_deliveries(request: Request) -> Response:
     require_admin(request)  # deliveries belong to the installation, not to one project
     limit = _int_param(request, "limit", 50, 200) or 50
     before = _int_param(request, "before", None, 10**15)
-    query = select(WebhookDelivery)
+    # the raw payload can be 25 MB per row: lists never load it
+    query = select(WebhookDelivery).options(defer(WebhookDelivery.payload))
     provider = _choice_param(request, "provider", ("github", "gitlab"))
     status = _choice_param(request, "status", DELIVERY_STATUSES)
     if provider:
@@ -694,10 +696,16 @@ async def get_delivery(request: Request) -> Response:
     require_admin(request)
     delivery_id = _path_id(request, "delivery_id", "delivery")
     async with _state(request).db.sessions() as session:
-        d = await session.get(WebhookDelivery, delivery_id)
-    if d is None:
+        found = (
+            await session.execute(
+                select(WebhookDelivery, func.length(WebhookDelivery.payload))
+                .options(defer(WebhookDelivery.payload))
+                .where(WebhookDelivery.id == delivery_id)
+            )
+        ).first()
+    if found is None:
         raise NotFound(f"delivery {delivery_id} does not exist")
-    return JSONResponse({**delivery_json(d), "payload_bytes": len(d.payload or "")})
+    return JSONResponse({**delivery_json(found[0]), "payload_bytes": int(found[1] or 0)})
 
 
 # --- queues --------------------------------------------------------------------------------
@@ -978,8 +986,6 @@ async def openapi(request: Request) -> Response:
 
 
 def api_routes() -> list[BaseRoute]:
-    from bot.codemachine import api_import_endpoint as codemachine_import
-
     return [
         Route("/api/openapi.json", openapi),
         Route("/api/projects", list_projects, methods=["GET"]),
@@ -998,5 +1004,4 @@ def api_routes() -> list[BaseRoute]:
         Route("/api/deliveries", list_deliveries, methods=["GET"]),
         Route("/api/deliveries/{delivery_id:int}", get_delivery, methods=["GET"]),
         Route("/api/queues", queues, methods=["GET"]),
-        Route("/api/projects/{project_id:int}/codemachine/import", codemachine_import(), methods=["POST"]),
     ]

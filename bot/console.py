@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import func, select
+from sqlalchemy.orm import defer
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -273,7 +274,7 @@ async def deliveries_page(request: Request) -> Response:
     before_raw = request.query_params.get("before") or ""
     if before_raw and not before_raw.isdigit():
         raise ValueError("before must be a non-negative integer")
-    query = select(WebhookDelivery)
+    query = select(WebhookDelivery).options(defer(WebhookDelivery.payload))
     if before_raw:
         query = query.where(WebhookDelivery.id < int(before_raw))
     async with _db(request).sessions() as session:
