@@ -292,3 +292,36 @@ def test_cookie_writes_need_the_console_header(client: tuple[TestClient, dict[st
     ok = c.post(f"/api/protocols/{run}/actions/pause", headers={"X-Deksdenflow-Console": "1"})
     assert ok.status_code == 202
 
+
+
+JUNK = ["", "-1", "abc", "1e9", "0", "2147483648", "99999999999999999999", "\x00", "null", "🙂", "1;DROP TABLE events"]
+JUNK_BODIES: list[Any] = [None, 1, "x", [], {}, {"step": -1}, {"step": 2**40}, {"project_id": None, "task": 5},
+                          {"name": "🙂" * 300, "git_url": "x"}, {"secrets": "no"}, {"default_models": {"a": 1}},
+                          {"config": []}, {"zzz": 1}]
+
+
+def test_no_500_on_junk(client: tuple[TestClient, dict[str, Any]]) -> None:
+    """Every described operation, fed junk query values and bodies, answers below 500."""
+    c, ids = client
+    statuses: set[int] = set()
+    for method, path, _summary, query, _model, _ok in OPERATIONS:
+        for action in (["pause", "open_pr", "nope"] if "{action}" in path else [""]):
+            for ident in (str(ids["runs"][0]), "424242", "2147483648"):
+                concrete = (
+                    path.replace("{project_id}", str(ids["project"]) if ident != "424242" else ident)
+                    .replace("{run_id}", ident)
+                    .replace("{step_id}", ident)
+                    .replace("{delivery_id}", ident)
+                    .replace("{action}", action)
+                )
+                for junk in JUNK:
+                    params = {name: junk for name in query}
+                    resp = c.request(method.upper(), concrete, params=params, headers=AUTH)
+                    assert resp.status_code < 500, (method, concrete, params, resp.text)
+                    statuses.add(resp.status_code)
+                if method != "get":
+                    for body in JUNK_BODIES:
+                        resp = c.request(method.upper(), concrete, json=body, headers=AUTH)
+                        assert resp.status_code < 500, (method, concrete, body, resp.text)
+                        statuses.add(resp.status_code)
+    assert {400, 404, 422} <= statuses
