@@ -434,6 +434,8 @@ async def create_project(request: Request) -> Response:
     require_admin(request)
     body = await read_model(request, ProjectCreate)
     values = body.model_dump()
+    # the token hash is only ever set by POST /api/projects/{id}/token
+    values["config"] = {k: v for k, v in values["config"].items() if k != TOKEN_HASH_KEY}
     try:
         async with _state(request).db.sessions.begin() as session:
             project = Project(**values)
@@ -475,7 +477,8 @@ async def update_project(request: Request) -> Response:
                     project.secrets = merged
                 elif key == "config":
                     keep = (project.config or {}).get(TOKEN_HASH_KEY)
-                    project.config = {**(value or {}), **({TOKEN_HASH_KEY: keep} if keep else {})}
+                    given = {k: v for k, v in (value or {}).items() if k != TOKEN_HASH_KEY}
+                    project.config = {**given, **({TOKEN_HASH_KEY: keep} if keep else {})}
                 elif value is None and key in ("name", "git_url", "base_branch", "enabled"):
                     raise ValueError(f"{key} cannot be null")
                 else:

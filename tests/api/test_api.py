@@ -28,7 +28,7 @@ def client(tmp_path: Path, db_url: str) -> Iterator[tuple[TestClient, dict[str, 
 
 def test_openapi_describes_every_route() -> None:
     routes = {
-        (method.lower(), route.path.replace(":int", ""))
+        (method.lower(), str(getattr(route, "path", "")).replace(":int", ""))
         for route in api_routes()
         for method in (getattr(route, "methods", None) or ["GET"])
         if method != "HEAD"
@@ -252,6 +252,9 @@ def test_project_token_reaches_only_its_project(client: tuple[TestClient, dict[s
     assert c.post(f"/api/projects/{ids['project']}/disable", headers=pt).status_code == 403
     assert c.get("/api/projects", headers={"X-Project-Token": token + "x"}).status_code == 401
     assert c.get("/api/projects", headers={"X-Project-Token": f"dfp_{other['project']}_abc"}).status_code == 401
+    # the hash cannot be planted through config
+    forged = c.patch(f"/api/projects/{other['project']}", headers=AUTH, json={"config": {"api_token_sha256": "0" * 64}})
+    assert forged.status_code == 200 and forged.json()["has_project_token"] is False
     # rotating revokes the old token
     c.post(f"/api/projects/{ids['project']}/token", headers=AUTH)
     assert c.get("/api/projects", headers=pt).status_code == 401
