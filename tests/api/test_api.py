@@ -328,3 +328,23 @@ def test_no_500_on_junk(client: tuple[TestClient, dict[str, Any]]) -> None:
                         assert resp.status_code < 500, (method, concrete, body, resp.text)
                         statuses.add(resp.status_code)
     assert {400, 404, 422} <= statuses
+
+
+def test_start_replans_a_run_whose_planning_failed(tmp_path: Path, sqlite_url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    ids = seed(sqlite_url, runs=2, status="failed")
+    engine = create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM step_runs WHERE protocol_run_id = :r"), {"r": ids["runs"][0]})
+    engine.dispose()
+    app = create_app(make_settings(tmp_path, db_url=sqlite_url), embedded_worker=False)
+    with TestClient(app) as c:
+        started = c.post(f"/api/protocols/{ids['runs'][0]}/actions/start", headers=AUTH)
+        assert started.status_code == 202, started.text
+        assert started.json()["status"] == "planning"
+        queued = c.get("/api/queues", headers=AUTH).json()
+        assert queued["jobs"]["plan_protocol"]["queued"] == 1
+        # a failed run that has steps is retried step by step, not re-planned
+        refused = c.post(f"/api/protocols/{ids['runs'][1]}/actions/start", headers=AUTH)
+        assert refused.status_code == 409 and refused.json()["current"] == "failed"

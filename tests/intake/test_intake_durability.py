@@ -22,7 +22,8 @@ from tests.intake.helpers import comment_body, github_headers, rows, sync_url
 def queued_jobs(redis_url: str) -> list[str]:
     client = redis_sync.Redis.from_url(redis_url)
     try:
-        return [j.decode() for j in client.zrange(default_queue_name, 0, -1)]
+        members: list[bytes] = client.zrange(default_queue_name, 0, -1)  # type: ignore[assignment]
+        return [j.decode() for j in members]
     finally:
         client.close()
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import stat
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -195,7 +196,7 @@ def branch_diff(origin: Path, base: str, branch: str) -> list[str]:
     return sorted(git("diff", "--name-only", f"{base}...{branch}", cwd=origin).split())
 
 
-async def pulls(h: Harness) -> list[object]:
+async def pulls(h: Harness) -> Sequence[object]:
     return await LocalForge(h.ctx["db"], h.project.id).records("pull")
 
 
