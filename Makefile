@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy bot engines
+	$(BIN)/mypy bot engines tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/intake.py
