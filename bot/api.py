@@ -798,7 +798,8 @@ async def start_planning(ctx: dict[str, Any], run_id: int) -> str:
     state = await load_run(ctx["db"], run_id)
     status = state.run.status
     if status == "failed" and not state.steps:
-        await set_protocol_status(ctx["db"], run_id, "pending", "planning restarted via the API")
+        # the plan job carries on from `planning` (failed → planning is an allowed transition)
+        await set_protocol_status(ctx["db"], run_id, "planning", "planning restarted via the API")
     elif status != "pending":
         raise TransitionConflict("ProtocolRun", run_id, status, "planning")
     suffix = secrets_mod.token_hex(4) if status == "failed" else "0"

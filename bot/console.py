@@ -263,7 +263,8 @@ async def run_page(request: Request) -> Response:
         steps=[step_json(s) for s in steps],
         events=[event_json(e) for e in events],
         last_event=events[-1].id if events else 0,
-        buttons=BUTTONS.get(run.status, ()),
+        # `start` re-plans only a run whose planning failed before any step existed
+        buttons=tuple(b for b in BUTTONS.get(run.status, ()) if not (b == "start" and steps)),
         buttons_by_status=BUTTONS,
         all_actions=ACTIONS,
     )
