@@ -545,14 +545,7 @@ async def _execute(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
         )
         rs = step.runtime_state or {}
         values = {
-            "protocol": name,
-            "protocol_dir": f".protocols/{name}",
-            "task": state.run.description,
-            "extra_instructions": "",
-            "step_index": step_index,
-            "step_title": step_spec.title,
-            "step_file": step_spec.file,
-            "step_content": _read(root / step_spec.file),
+            **_step_values(state, step_spec, root),
             "branch": name,
             "plan": _read(root / "plan.md"),
             "context": _read(root / "context.md"),
@@ -754,6 +747,21 @@ async def _fail_step(ctx: dict[str, Any], run_id: int, step_index: int, message:
     return "failed"
 
 
+def _step_values(state: RunState, step_spec: StepSpec, root: Path) -> dict[str, Any]:
+    """The placeholders every step prompt (execute, QA) shares."""
+    name = state.run.protocol_name
+    return {
+        "protocol": name,
+        "protocol_dir": f".protocols/{name}",
+        "task": state.run.description,
+        "extra_instructions": "",
+        "step_index": step_spec.index,
+        "step_title": step_spec.title,
+        "step_file": step_spec.file,
+        "step_content": _read(root / step_spec.file),
+    }
+
+
 async def _step_prompt(
     ctx: dict[str, Any], state: RunState, name: str | None, fallback: str, values: dict[str, Any]
 ) -> str:
@@ -885,14 +893,7 @@ async def _quality(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
     )
     last = await gitops.last_commit(workdir)
     values = {
-        "protocol": name,
-        "protocol_dir": f".protocols/{name}",
-        "task": state.run.description,
-        "extra_instructions": "",
-        "step_index": step_index,
-        "step_title": step_spec.title,
-        "step_file": step_spec.file,
-        "step_content": _read(root / step_spec.file),
+        **_step_values(state, step_spec, root),
         "changes": f"git status:\n{status_lines}\n\nlast commit {last.sha[:12]}: {last.message}\n{last.stat}\n\nplan.md:\n{_read(root / 'plan.md')}\n\ncontext.md:\n{_read(root / 'context.md')}\n\nlog.md:\n{_read(root / 'log.md')}",
         "report_file": f".protocols/{name}/{QA_REPORT}",
         "qa_policy": step_spec.qa.policy,
