@@ -28,9 +28,9 @@ from bot.spec import validate_spec
 from engines.scripted import ScriptedEngine
 from tests.codemachine.workspace import WORKFLOW, workspace_files, write_workspace
 from tests.conftest import LiveServer
+from tests.gitutil import git
 from tests.protocol.conftest import (
     Harness,
-    git,
     make_harness,
     origin_branches,
     origin_file,

@@ -7,8 +7,6 @@ import copy
 import hashlib
 import hmac
 import json
-import os
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,24 +28,11 @@ from bot.runs import RunState, load_run
 from bot.store import load_delivery
 from tests.conftest import GITHUB_SECRET, make_settings
 from tests.github_e2e.fake_github import APP_ID, APP_SLUG, FULL_NAME, INSTALLATION_ID, FakeGitHub
+from tests.gitutil import git
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "github"
 API = "https://api.github.com"
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    "GIT_CONFIG_GLOBAL": "/dev/null",
-    "GIT_CONFIG_NOSYSTEM": "1",
-}
 
-
-def git(*args: str, cwd: Path) -> str:
-    done = subprocess.run(
-        ["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV}, check=True, capture_output=True, text=True
-    )
-    return done.stdout
 
 
 def make_origin(tmp_path: Path) -> Path:

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from bot.forge.github import GitHubForge
-from tests.github_e2e.conftest import GitHubLoop, git
+from tests.github_e2e.conftest import GitHubLoop
 from tests.github_e2e.fake_github import FULL_NAME, INSTALLATION_ID
+from tests.gitutil import git
 
 R = f"/repos/{FULL_NAME}"
 STATUS_MARKER = "<!-- deksdenflow:status protocol=0001-add-a-greeting -->"

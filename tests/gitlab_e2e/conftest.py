@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,32 +15,14 @@ from starlette.testclient import TestClient
 from bot.app import create_app
 from tests.conftest import make_settings
 from tests.gitlab.fake_gitlab import DEVELOPER, REPORTER, FakeGitLab, _Call
+from tests.gitutil import git
 from tests.intake.helpers import gitlab_headers, rows
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "gitlab"
 PROJECT_ID = 7
 PROJECT_PATH = "acme/widgets"
 
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    "GIT_CONFIG_GLOBAL": "/dev/null",
-    "GIT_CONFIG_NOSYSTEM": "1",
-}
 
-
-def git(*args: str, cwd: Path) -> str:
-    done = subprocess.run(
-        ["git", *args],
-        cwd=cwd,
-        env={**os.environ, **GIT_ENV},
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return done.stdout
 
 
 class RepoBackedGitLab(FakeGitLab):

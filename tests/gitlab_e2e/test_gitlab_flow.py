@@ -7,7 +7,8 @@ import json
 from typing import Any
 
 from bot.rendering import status_marker
-from tests.gitlab_e2e.conftest import PROJECT_ID, World, git
+from tests.gitlab_e2e.conftest import PROJECT_ID, World
+from tests.gitutil import git
 
 NOTES = f"/projects/{PROJECT_ID}/issues/1/notes"
 

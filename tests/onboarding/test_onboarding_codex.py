@@ -13,10 +13,10 @@ from bot.onboarding import SETUP_BRANCH
 from engines.codex import CodexEngine
 from tests.fakes.codex_fixtures import FAKE_KEY_NAME, FakeCodex
 from tests.fakes.fake_model import apply_patch_call, final, tool_then
+from tests.gitutil import git
 from tests.protocol.conftest import (
     Harness,
     commit_to_origin,
-    git,
     make_harness,
     origin_file,
     protocol_settings,

@@ -21,10 +21,10 @@ from bot.jobs.setup import project_onboard
 from bot.local_runtime import local_runtime
 from bot.models import Event
 from bot.onboarding import GITHUB_WORKFLOW, GITLAB_CI, SETUP_BRANCH, starter_paths
+from tests.gitutil import git
 from tests.protocol.conftest import (
     Harness,
     commit_to_origin,
-    git,
     origin_branches,
     origin_file,
     protocol_settings,

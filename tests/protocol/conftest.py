@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,29 +20,11 @@ from engines.registry import EngineRegistry
 from engines.scripted import ScriptedEngine
 from tests.conftest import make_settings
 from tests.fakes.codex_fixtures import codex_bin, fake_codex, fake_model
+from tests.gitutil import git
 
 __all__ = ["codex_bin", "fake_codex", "fake_model"]
 
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    "GIT_CONFIG_GLOBAL": "/dev/null",
-    "GIT_CONFIG_NOSYSTEM": "1",
-}
 
-
-def git(*args: str, cwd: Path) -> str:
-    done = subprocess.run(
-        ["git", *args],
-        cwd=cwd,
-        env={**os.environ, **GIT_ENV},
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return done.stdout
 
 
 def commit_to_origin(origin: Path, branch: str, files: Mapping[str, str], message: str) -> None:

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from bot.cli import main
-from tests.protocol.conftest import git, one_step_planning, scripted_script
+from tests.gitutil import git
+from tests.protocol.conftest import one_step_planning, scripted_script
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from bot.onboarding import SETUP_BRANCH, starter_paths
-from tests.gitlab_e2e.conftest import World, git
+from tests.gitlab_e2e.conftest import World
+from tests.gitutil import git
 
 
 def test_init_note_opens_a_draft_mr_with_the_missing_files(world: World) -> None:
