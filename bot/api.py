@@ -990,6 +990,8 @@ async def openapi(request: Request) -> Response:
 
 
 def api_routes() -> list[BaseRoute]:
+    from bot.codemachine import api_import_endpoint as codemachine_import
+
     return [
         Route("/api/openapi.json", openapi),
         Route("/api/projects", list_projects, methods=["GET"]),
@@ -1008,4 +1010,5 @@ def api_routes() -> list[BaseRoute]:
         Route("/api/deliveries", list_deliveries, methods=["GET"]),
         Route("/api/deliveries/{delivery_id:int}", get_delivery, methods=["GET"]),
         Route("/api/queues", queues, methods=["GET"]),
+        Route("/api/projects/{project_id:int}/codemachine/import", codemachine_import(), methods=["POST"]),
     ]
