@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from bot.errors import DeksdenFlowError
+from bot.errors import DeksdenFlowError, SpecError
 from bot.jobs.common import count_job
 from bot.models import Project
+from bot.repo_config import CONFIG_FILE, refresh_repo_config
 from bot.store import record_event
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,15 @@ async def project_setup(ctx: dict[str, Any], *, project_id: int) -> str:
             values["ci_provider"] = "gitlab-ci" if has_ci else None
         else:
             return "local"
+        project.base_branch = values.get("base_branch") or project.base_branch
+        try:
+            auth = await forge.git_auth_header(repo)
+            mirror = await ctx["git"].ensure_mirror(values.get("git_url") or project.git_url, auth)
+            await refresh_repo_config(db, project, mirror)
+        except SpecError as exc:
+            await record_event(db, "config.invalid", str(exc), project_id=project_id)
+        except DeksdenFlowError as exc:  # the plan job reads it again from its fresh mirror
+            await record_event(db, "config.unread", f"{CONFIG_FILE}: {exc}", project_id=project_id)
     except DeksdenFlowError as exc:
         log.warning("project setup for %s failed: %s", project.name, exc)
         await record_event(db, "project.setup_failed", str(exc), project_id=project_id)

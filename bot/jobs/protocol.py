@@ -28,6 +28,7 @@ from bot.policies import (
 )
 from bot.prompts import PROMPT_PLACEHOLDERS, override_path, render_prompt
 from bot.rendering import commit_message, draft_pr_body, log_entry, plan_commit_message, pr_title
+from bot.repo_config import refresh_repo_config
 from bot.runs import (
     RunState,
     add_tokens,
@@ -247,6 +248,10 @@ async def _plan(ctx: dict[str, Any], run_id: int) -> str:
     await publish_status(ctx, run_id)
     auth = await auth_for(ctx, state)
     workdir = await ensure_worktree(ctx, state, auth)
+    try:
+        await refresh_repo_config(db, state.project, ctx["git"].mirror_path(state.project.git_url))
+    except SpecError as exc:  # a broken config file must not stop the work: say so and go on
+        await emit(db, state, "config.invalid", str(exc), errors=exc.errors)
     name = state.run.protocol_name
     root = workdir / ".protocols" / name
     marker = step_marker(state.number, 0)
