@@ -30,7 +30,8 @@ async def local_runtime(settings: Settings) -> AsyncIterator[dict[str, Any]]:
         from bot.migrate import upgrade_head
 
         await asyncio.to_thread(upgrade_head, settings.database_url)
-    local = settings.model_copy(update={"redis_url": "memory://"})
+    # a CLI run is short: no background spare worktree that the exit would cut off
+    local = settings.model_copy(update={"redis_url": "memory://", "warm_worktrees": False})
     db = database_from_settings(local)
     redis = create_redis(local)
     ctx: dict[str, Any] = {"settings": local, "db": db, "redis": redis, "router": build_router()}

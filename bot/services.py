@@ -94,12 +94,17 @@ async def build_services(ctx: dict[str, Any]) -> None:
             scripted_script=settings.scripted_script,
         )
     if "git" not in ctx:
-        ctx["git"] = GitCache(settings.data_dir / "git", network_timeout=settings.git_timeout_s)
+        ctx["git"] = GitCache(
+            settings.data_dir / "git", network_timeout=settings.git_timeout_s, warm_spares=settings.warm_worktrees
+        )
     if "forges" not in ctx:
         ctx["forges"] = ForgeFactory(settings, ctx["db"], ctx.get("forge_overrides"))
 
 
 async def close_services(ctx: dict[str, Any]) -> None:
+    git = ctx.get("git")
+    if git is not None and hasattr(git, "aclose"):
+        await git.aclose()
     forges = ctx.get("forges")
     if isinstance(forges, ForgeFactory):
         await forges.aclose()

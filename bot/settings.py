@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     max_inline_trigger_depth: int = Field(default=3, ge=0, le=20)
     engine_timeout_s: float = Field(default=1800.0, gt=0)
     git_timeout_s: float = Field(default=300.0, gt=0)
+    warm_worktrees: bool = True
     label_plan: str = "deksdenflow:plan"
     label_auto: str = "deksdenflow:auto"
     bot_name: str = "DeksdenFlow"

@@ -40,6 +40,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "api_token": "api-test-token-0123456789",
         "engine": "scripted",
         "worker_poll_delay_s": 0.02,
+        "warm_worktrees": False,
     }
     values.update(overrides)
     return Settings(**values)

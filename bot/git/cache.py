@@ -100,10 +100,84 @@ class GitCache:
         *,
         network_timeout: float = NETWORK_TIMEOUT,
         local_timeout: float = LOCAL_TIMEOUT,
+        warm_spares: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.network_timeout = network_timeout
         self.local_timeout = local_timeout
+        # A spare worktree per repository, checked out in the background after each protocol
+        # start, turns the next start into a rename plus a checkout of the few files that differ:
+        # on a big repository writing every file is what a new worktree costs.
+        self.warm_spares = warm_spares
+        self._spare_tasks: dict[Path, asyncio.Task[None]] = {}
+
+    def spare_path(self, repo_url: str) -> Path:
+        return self.data_dir / "worktrees" / safe_repo_name(repo_url) / ".spare"
+
+    async def aclose(self) -> None:
+        """Stop spare preparation (a half-made spare is discarded the next time it is looked at)."""
+        tasks = list(self._spare_tasks.values())
+        self._spare_tasks.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait_spares(self) -> None:
+        """Wait until every scheduled spare is ready (benchmarks, tests)."""
+        if self._spare_tasks:
+            await asyncio.gather(*self._spare_tasks.values(), return_exceptions=True)
+
+    def _schedule_spare(self, mirror: Path, spare: Path, start: str) -> None:
+        if not self.warm_spares:
+            return
+        running = self._spare_tasks.get(spare)
+        if running is not None and not running.done():
+            return
+        self._spare_tasks[spare] = asyncio.create_task(self._make_spare(mirror, spare, start))
+
+    async def _make_spare(self, mirror: Path, spare: Path, start: str) -> None:
+        try:
+            if spare.exists():
+                return
+            spare.parent.mkdir(parents=True, exist_ok=True)
+            # not under the mirror lock: checking out a big tree takes long and only adds this
+            # worktree's own registration; `worktree prune` leaves a directory that exists alone
+            await run_git(
+                ["worktree", "add", "--quiet", "--detach", os.fspath(spare), start],
+                cwd=mirror,
+                timeout=self.local_timeout,
+            )
+        except GitError as exc:
+            log.warning("could not prepare a spare worktree: %s", exc)
+
+    async def _take_spare(self, mirror: Path, spare: Path, path: Path, branch: str, start: str) -> bool:
+        """Turn a ready spare into the protocol's worktree; False when there is none to take."""
+        task = self._spare_tasks.get(spare)
+        if task is not None and not task.done():
+            return False  # still being checked out: a fresh `worktree add` is as fast
+        existing = await self._inspect(spare, mirror)
+        if existing is None or existing[1] != "HEAD":
+            if spare.exists():
+                await self._discard(mirror, spare)
+            return False
+        try:
+            await run_git(
+                ["worktree", "move", os.fspath(spare), os.fspath(path)], cwd=mirror, timeout=self.local_timeout
+            )
+            # -f: the spare is ours and untouched; only the files that differ are written
+            await run_git(
+                ["checkout", "--quiet", "-f", "--no-track", "-B", branch, start],
+                cwd=path,
+                timeout=self.local_timeout,
+            )
+        except GitError as exc:
+            log.warning("spare worktree unusable (%s); creating a fresh one", exc)
+            for leftover in (spare, path):
+                if leftover.exists():
+                    await self._discard(mirror, leftover)
+            return False
+        return True
 
     def mirror_path(self, repo_url: str) -> Path:
         return self.data_dir / "mirrors" / f"{safe_repo_name(repo_url)}.git"
@@ -193,7 +267,12 @@ class GitCache:
             start = remote_sha or refs.get(remote_ref(base))
             if start is None:
                 raise GitError(f"base branch {base!r} does not exist on the remote")
-            await self._add(mirror, path, branch, start)
+            spare = self.spare_path(repo_url)
+            if not (self.warm_spares and await self._take_spare(mirror, spare, path, branch, start)):
+                await self._add(mirror, path, branch, start)
+            base_sha = refs.get(remote_ref(base))
+            if base_sha is not None:
+                self._schedule_spare(mirror, spare, base_sha)
             return Worktree(path, branch, mirror, start, created=True)
 
     async def remove_worktree(

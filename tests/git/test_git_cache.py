@@ -190,3 +190,35 @@ async def test_worktree_path_rejects_nested_names(cache: GitCache, origin: Origi
         cache.worktree_path(origin.url, "a/b")
     with pytest.raises(GitError):
         await cache.ensure_worktree(origin.url, "--force", "main")
+
+
+async def test_warm_spare_becomes_the_next_protocol_worktree(tmp_path: Path) -> None:
+    """With spares on, the second protocol start takes the spare prepared after the first."""
+    from bot.git.cache import GitCache as Cache
+    from tests.gitutil import make_origin
+
+    origin = make_origin(tmp_path)
+    cache = Cache(tmp_path / "data", warm_spares=True)
+    try:
+        first = await cache.ensure_worktree(str(origin), "0001-a", "main")
+        await cache.wait_spares()
+        spare = cache.spare_path(str(origin))
+        assert (spare / "README.md").exists()
+        second = await cache.ensure_worktree(str(origin), "0002-b", "main")
+        assert second.created and (second.path / "README.md").read_text() == "# hello\n"
+        assert not spare.exists() or spare != second.path
+        head = (second.path / ".git").read_text()
+        assert "0002-b" in head or "worktrees" in head
+        # the moved spare is a proper worktree on the new branch
+        from bot.git.runner import run_git
+
+        branch = (await run_git(["symbolic-ref", "--short", "HEAD"], cwd=second.path)).out.strip()
+        assert branch == "0002-b"
+        assert first.path != second.path
+        await cache.wait_spares()
+        # a broken spare is discarded and a fresh worktree made instead
+        (cache.spare_path(str(origin)) / ".git").write_text("gitdir: /nowhere\n")
+        third = await cache.ensure_worktree(str(origin), "0003-c", "main")
+        assert (third.path / "README.md").exists()
+    finally:
+        await cache.aclose()
