@@ -202,9 +202,8 @@ async def _send_check(ctx: dict[str, Any], state: RunState, report: CheckReport)
     """
     forge = forge_of(ctx, state)
     repo = ctx["forges"].repo_ref(state.project)
-    if state.project.provider == "local":
-        await forge.report_check(repo, report)
-        return
+    # every forge, Local included: its check records are per commit too, so the run left open
+    # on the commit a step started from must be closed there as on GitHub and GitLab
     key = f"{state.run.protocol_name}:{report.name}"
     prev = await recall(ctx["db"], state.project.id, MEMO_CHECK, key)
     open_prev = prev if prev and prev.get("status") != "completed" else None

@@ -203,6 +203,16 @@ def map_permission(data: Mapping[str, Any]) -> Permission:
     return _PERMISSIONS.get(str(data.get("permission") or "none"), "none")
 
 
+def is_fork_pull(pull: Mapping[str, Any], full_name: str) -> bool:
+    """A pull whose head repository is not the base one; a deleted head repository (null) too."""
+    head = (pull.get("head") or {}).get("repo")
+    if not isinstance(head, Mapping):
+        return True
+    base = (pull.get("base") or {}).get("repo")
+    base_name = str(base.get("full_name")) if isinstance(base, Mapping) else full_name
+    return str(head.get("full_name") or "").lower() != base_name.lower()
+
+
 # --- the forge ----------------------------------------------------------------------------------
 
 
@@ -453,6 +463,15 @@ class GitHubForge:
                 return "none"
             raise
         return map_permission(data)
+
+    async def pull_is_fork(self, repo: RepoRef, number: int) -> bool:
+        """Whether pull request `number` comes from another repository (a deleted fork too).
+
+        An issue_comment on a PR carries `issue.pull_request` but not the head repository, so
+        the pull itself is asked for.
+        """
+        data = await self._request(repo, "GET", f"{repo_path(repo)}/pulls/{number}")
+        return is_fork_pull(data, repo.full_name)
 
     async def git_auth_header(self, repo: RepoRef) -> str | None:
         # The whole header line: git takes it as `http.extraheader` (see bot/git/runner.py).

@@ -21,7 +21,7 @@ from bot.commands import (
 )
 from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
 from bot.feedback import publish_status
-from bot.forge.base import CommentRef, Forge, IssueRef
+from bot.forge.base import CommentRef, Forge, IssueRef, RepoRef
 from bot.handlers.forge_events import CommentEvent, LabelEvent, RepoInfo
 from bot.handlers.router import HandlerContext
 from bot.models import Project, ProtocolRun
@@ -85,7 +85,11 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
     if not parsed:
         ctx.note(ignored="no command")
         return
-    project = await project_for(ctx, ev.repo)
+    try:
+        project = await project_for(ctx, ev.repo)
+    except NotFound as exc:  # a suspended or removed installation: not a failed delivery
+        ctx.note(ignored=str(exc))
+        return
     forges = ctx.services["forges"]
     forge: Forge = forges.forge_for(project)
     repo = forges.repo_ref(project)
@@ -97,6 +101,7 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
         return
     config = project.config or {}
     permission: str | None = None
+    from_fork: bool | None = ev.from_fork or None  # None: not known yet (GitHub asks the pull)
     for item in parsed:
         if isinstance(item, CommandError):
             await _reply(forge, target, render_command_error(item), ctx)
@@ -115,25 +120,35 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
             )
             ctx.note(command=item.name, result="refused", permission=permission)
             continue
-        if (
-            ev.from_fork
-            and not config.get("allow_fork_commands")
-            and item.name not in ("help", "status")
-        ):
-            await _reply(
-                forge,
-                target,
-                f"`/{item.name}` is not accepted on merge requests from forks here.",
-                ctx,
-            )
-            ctx.note(command=item.name, result="refused-fork")
-            continue
+        if not config.get("allow_fork_commands") and item.name not in ("help", "status"):
+            if from_fork is None:
+                from_fork = await _pull_is_fork(forge, ev, repo)
+            if from_fork:
+                await _reply(
+                    forge,
+                    target,
+                    f"`/{item.name}` is not accepted on "
+                    f"{'merge' if project.provider == 'gitlab' else 'pull'} requests from forks here.",
+                    ctx,
+                )
+                ctx.note(command=item.name, result="refused-fork")
+                continue
         await _safe_react(forge, comment, "eyes")
         reply_to = {"number": ev.issue_number, "kind": target.kind, "comment_id": ev.comment_id}
         result = await dispatch(
             ctx, project, forge, target, item, ev.issue_title, ev.issue_body, reply_to
         )
         ctx.note(command=item.name, result=result)
+
+
+async def _pull_is_fork(forge: Forge, ev: CommentEvent, repo: RepoRef) -> bool:
+    """Only a comment on a pull request can come from a fork; forges whose payloads do not say
+    (GitHub's issue_comment) are asked, once per comment."""
+    checker = getattr(forge, "pull_is_fork", None)
+    if not ev.is_pull or checker is None:
+        return False
+    found: bool = await checker(repo, ev.issue_number)
+    return found
 
 
 async def _safe_react(forge: Forge, comment: CommentRef, reaction: str) -> None:
@@ -147,7 +162,11 @@ async def handle_label(ctx: HandlerContext, ev: LabelEvent) -> None:
     if ev.author_is_bot:
         ctx.note(ignored="label by a bot")
         return
-    project = await project_for(ctx, ev.repo)
+    try:
+        project = await project_for(ctx, ev.repo)
+    except NotFound as exc:  # a suspended or removed installation: not a failed delivery
+        ctx.note(ignored=str(exc))
+        return
     labels_config = (project.config or {}).get("labels") or {}
     settings = ctx.services["settings"]
     table = {settings.label_plan: "plan", settings.label_auto: "auto", **labels_config}

@@ -252,16 +252,15 @@ def loop_factory(tmp_path: Path, app_key: str) -> Iterator[Callable[..., GitHubL
         mock.start()
         stack.append(mock.stop)
         mock.route().mock(side_effect=fake.respx_handler)
-        settings = make_settings(
-            tmp_path,
-            db_url=f"sqlite:///{tmp_path / 'db.sqlite3'}",
-            github_app_id=APP_ID,
-            github_private_key=app_key,
-            github_app_slug=APP_SLUG,
-            auto_qa_after_exec=False,
-            relay_interval_s=59,
-            **overrides,
-        )
+        values: dict[str, Any] = {
+            "db_url": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            "github_app_id": APP_ID,
+            "github_private_key": app_key,
+            "github_app_slug": APP_SLUG,
+            "auto_qa_after_exec": False,
+            "relay_interval_s": 59,
+        }
+        settings = make_settings(tmp_path, **{**values, **overrides})
         client = TestClient(create_app(settings))
         client.__enter__()
         stack.append(lambda: client.__exit__(None, None, None))

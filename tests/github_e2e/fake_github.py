@@ -186,14 +186,18 @@ class FakeGitHub:
             self.pulls[number] = {
                 "number": number,
                 "html_url": f"https://github.com/{FULL_NAME}/pull/{number}",
-                "head": {"ref": body["head"]},
-                "base": {"ref": body["base"]},
+                "head": {"ref": body["head"], "repo": {"full_name": FULL_NAME}},
+                "base": {"ref": body["base"], "repo": {"full_name": FULL_NAME}},
                 "draft": body.get("draft"),
                 "state": "open",
                 "title": body["title"],
                 "body": body["body"],
             }
             return 201, {}, self.pulls[number]
+        m = re.fullmatch(r"/pulls/(\d+)", rest)
+        if m and method == "GET":
+            pull = self.pulls.get(int(m.group(1)))
+            return (200, {}, pull) if pull is not None else (404, {}, {"message": "Not Found"})
         m = re.fullmatch(r"/commits/([0-9a-f]+)/check-runs", rest)
         if m and method == "GET":
             sha = m.group(1)
