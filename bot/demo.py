@@ -74,6 +74,7 @@ async def start_demo(ctx: dict[str, Any], port: int) -> str:
     run = await start_protocol(ctx, project, DEMO_TASK, auto=True)
     lines = [
         f"Demo: protocol {run.protocol_name} is running on {remote} with the scripted engine.",
+        f"  console:     http://127.0.0.1:{port}/console/protocols/{run.id}",
         f"  follow it:   http://127.0.0.1:{port}/api/protocols/{run.id}",
         f"  events:      http://127.0.0.1:{port}/api/events?protocol_run_id={run.id}",
         f"  the branch:  git --git-dir {remote} log --oneline {run.protocol_name}",
