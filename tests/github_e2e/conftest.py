@@ -28,7 +28,7 @@ from bot.runs import RunState, load_run
 from bot.store import load_delivery
 from tests.conftest import GITHUB_SECRET, make_settings
 from tests.github_e2e.fake_github import APP_ID, APP_SLUG, FULL_NAME, INSTALLATION_ID, FakeGitHub
-from tests.gitutil import git
+from tests.gitutil import make_origin as shared_make_origin
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "github"
 API = "https://api.github.com"
@@ -37,15 +37,7 @@ API = "https://api.github.com"
 
 def make_origin(tmp_path: Path) -> Path:
     """A bare repository with one commit on main: the repository's 'GitHub remote'."""
-    seed = tmp_path / "seed"
-    seed.mkdir()
-    git("init", "-q", "-b", "main", cwd=seed)
-    (seed / "README.md").write_text("# hello\n")
-    git("add", "README.md", cwd=seed)
-    git("commit", "-q", "-m", "init", cwd=seed)
-    bare = tmp_path / "origin.git"
-    git("clone", "-q", "--bare", str(seed), str(bare), cwd=tmp_path)
-    return bare
+    return shared_make_origin(tmp_path, readme="# hello\n")
 
 
 def sample(case: str) -> dict[str, Any]:

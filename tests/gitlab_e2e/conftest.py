@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from bot.app import create_app
 from tests.conftest import make_settings
 from tests.gitlab.fake_gitlab import DEVELOPER, REPORTER, FakeGitLab, _Call
-from tests.gitutil import git
+from tests.gitutil import git, make_origin
 from tests.intake.helpers import gitlab_headers, rows
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "gitlab"
@@ -91,15 +91,7 @@ def fake_gitlab() -> Iterator[RepoBackedGitLab]:
 @pytest.fixture
 def origin(tmp_path: Path) -> Path:
     """A bare repository with one commit on main: the project's git remote."""
-    seed = tmp_path / "seed"
-    seed.mkdir()
-    git("init", "-q", "-b", "main", cwd=seed)
-    (seed / "README.md").write_text("# widgets\n")
-    git("add", "README.md", cwd=seed)
-    git("commit", "-q", "-m", "init", cwd=seed)
-    bare = tmp_path / "origin.git"
-    git("clone", "-q", "--bare", str(seed), str(bare), cwd=tmp_path)
-    return bare
+    return make_origin(tmp_path, readme="# widgets\n")
 
 
 class World:

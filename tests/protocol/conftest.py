@@ -20,7 +20,7 @@ from engines.registry import EngineRegistry
 from engines.scripted import ScriptedEngine
 from tests.conftest import make_settings
 from tests.fakes.codex_fixtures import codex_bin, fake_codex, fake_model
-from tests.gitutil import git
+from tests.gitutil import git, make_origin
 
 __all__ = ["codex_bin", "fake_codex", "fake_model"]
 
@@ -50,15 +50,7 @@ def commit_to_origin(origin: Path, branch: str, files: Mapping[str, str], messag
 @pytest.fixture
 def origin(tmp_path: Path) -> Path:
     """A bare repository with one commit (README.md) on main: the 'remote' of every test."""
-    seed = tmp_path / "seed"
-    seed.mkdir()
-    git("init", "-q", "-b", "main", cwd=seed)
-    (seed / "README.md").write_text("# demo\n")
-    git("add", "README.md", cwd=seed)
-    git("commit", "-q", "-m", "init", cwd=seed)
-    bare = tmp_path / "origin.git"
-    git("clone", "-q", "--bare", str(seed), str(bare), cwd=tmp_path)
-    return bare
+    return make_origin(tmp_path, readme="# demo\n")
 
 
 def origin_log(origin: Path, branch: str) -> list[str]:
