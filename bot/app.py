@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,15 +16,16 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from bot.db import Database, database_from_settings
+from bot.edge import WebhookEdge, webhook_edges
 from bot.errors import WebhookError
 from bot.handlers import build_router
 from bot.handlers.router import Router
-from bot.handlers.sansio import IncomingDelivery, github_delivery, gitlab_delivery
 from bot.intake import DeliveryStore, relay_outbox
 from bot.jobs.common import JOB_METRICS_KEY
-from bot.observability import Metrics, configure_logging, log_context
+from bot.observability import Metrics, configure_logging
 from bot.queue import create_redis, delivery_job, enqueue_many, queue_stats
 from bot.settings import Settings
 
@@ -45,6 +45,17 @@ class AppState:
     worker_task: asyncio.Task[Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     services: dict[str, Any] | None = None
+
+    def handles(self, provider: str, event: str) -> bool:
+        """`router.handles`, remembered per (provider, event): it scans every handler per call."""
+        cache: dict[tuple[str, str], bool] = self.extra.setdefault("handles_cache", {})
+        key = (provider, event)
+        found = cache.get(key)
+        if found is None:
+            found = self.router.handles(provider, event)
+            if len(cache) < 1024:  # event names come from signed headers; stay bounded anyway
+                cache[key] = found
+        return found
 
     async def services_ctx(self) -> dict[str, Any]:
         """A job-like ctx (db, redis, engines, git, forges) for API actions, built on first use."""
@@ -82,72 +93,16 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+async def webhook_route(request: Request) -> Response:
+    """Starlette's view of the webhook paths; POSTs never get here (see DeksdenflowApp).
 
-
-def _handles(state: AppState, provider: str, event: str) -> bool:
-    """`router.handles`, remembered per (provider, event): it scans every handler per call."""
-    cache: dict[tuple[str, str], bool] = state.extra.setdefault("handles_cache", {})
-    key = (provider, event)
-    found = cache.get(key)
-    if found is None:
-        found = state.router.handles(provider, event)
-        if len(cache) < 1024:  # event names come from signed headers; stay bounded anyway
-            cache[key] = found
-    return found
-
-
-async def _receive(
-    request: Request,
-    provider: str,
-    secret_env: str,
-    secret: str | None,
-    parse: Callable[[dict[str, str], bytes, str], IncomingDelivery],
-) -> Response:
-    started = time.perf_counter()
-    state = state_of(request)
-    if not secret:
-        # Never accept unsigned deliveries: an unset secret is an operator error, not "open".
-        return _error(503, f"{provider} webhooks are not configured: set {secret_env}")
-    try:
-        body = await read_body_limited(request, state.settings.max_body_bytes)
-        delivery = parse(dict(request.headers), body, secret)
-    except WebhookError as exc:
-        state.metrics.count_delivery(provider, "-", f"rejected_{exc.status_code}")
-        return _error(exc.status_code, exc.message)
-    with log_context(delivery_key=delivery.key):
-        if delivery.is_ping:
-            state.metrics.count_delivery(provider, delivery.event, "ping")
-            return JSONResponse({"delivery": delivery.key, "status": "pong"}, status_code=200)
-        handled = _handles(state, provider, delivery.event)
-        assert state.store is not None
-        try:
-            outcome, delivery_id = await state.store.store(delivery, "pending" if handled else "ignored")
-        except Exception:
-            log.exception("could not store %s delivery", provider)
-            return _error(503, "could not store the delivery; please redeliver")
-        status = outcome if (outcome == "duplicate" or handled) else "ignored"
-        state.metrics.count_delivery(provider, delivery.event, status)
-        state.metrics.observe_intake(provider, time.perf_counter() - started)
-        return Response(
-            orjson.dumps({"delivery": delivery.key, "status": status, "id": delivery_id, "event": delivery.event}),
-            status_code=200 if status == "duplicate" else 202,
-            media_type="application/json",
-        )
-
-
-async def github_webhook(request: Request) -> Response:
-    settings = state_of(request).settings
-    secret = settings.github_webhook_secret.get_secret_value() if settings.github_webhook_secret else None
-    secret = state_of(request).extra.get("github_webhook_secret") or secret
-    return await _receive(request, "github", "DEKSDENFLOW_GITHUB_WEBHOOK_SECRET", secret, github_delivery)
-
-
-async def gitlab_webhook(request: Request) -> Response:
-    settings = state_of(request).settings
-    secret = settings.gitlab_webhook_secret.get_secret_value() if settings.gitlab_webhook_secret else None
-    return await _receive(request, "gitlab", "DEKSDENFLOW_GITLAB_WEBHOOK_SECRET", secret, gitlab_delivery)
+    The route exists so that other methods on these paths get starlette's 405 and a trailing
+    slash its redirect, as any other route would.
+    """
+    provider = "gitlab" if request.url.path.rstrip("/").endswith("gitlab") else "github"
+    edge = state_of(request).extra["edges"][f"/webhooks/{provider}"]
+    status, content = await edge.receive_delivery(request.scope, request.receive)
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
 async def healthz(request: Request) -> Response:
@@ -198,8 +153,8 @@ def routes() -> list[BaseRoute]:
     from bot.github_setup import setup_routes
 
     return [
-        Route("/webhooks/github", github_webhook, methods=["POST"]),
-        Route("/webhooks/gitlab", gitlab_webhook, methods=["POST"]),
+        Route("/webhooks/github", webhook_route, methods=["POST"]),
+        Route("/webhooks/gitlab", webhook_route, methods=["POST"]),
         Route("/webhooks/ci", ci_webhook, methods=["POST"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
@@ -208,6 +163,21 @@ def routes() -> list[BaseRoute]:
         *console_routes(),
         *setup_routes(),
     ]
+
+
+class DeksdenflowApp(Starlette):
+    """Starlette, with the two webhook POST routes served by the plain-ASGI edge (bot/edge.py)."""
+
+    edges: dict[str, WebhookEdge]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            edge = self.edges.get(scope["path"])
+            if edge is not None:
+                scope["app"] = self
+                await edge(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -269,6 +239,8 @@ def create_app(
             await redis.aclose(close_connection_pool=True)
             await db.dispose()
 
-    app = Starlette(routes=routes(), lifespan=lifespan)
+    app = DeksdenflowApp(routes=routes(), lifespan=lifespan)
+    app.edges = webhook_edges(state)
+    state.extra["edges"] = app.edges
     app.state.df = state
     return app

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
+import orjson
 from sqlalchemy import select, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -55,33 +56,31 @@ class SqliteWriter:
 
     Through SQLAlchemy + aiosqlite a commit costs a thread hop (and a GIL hand-off) per
     statement plus compiling a multi-row INSERT on the event loop; here a whole batch is one
-    hop and the statements are prepared once. sqlite3 releases the GIL while it writes and
-    fsyncs, so the loop keeps serving requests meanwhile. Values are encoded with the same
-    SQLAlchemy type processors as the ORM, so rows read back exactly as if it had written them.
+    hop. sqlite3 releases the GIL while it writes and fsyncs, so the loop keeps serving
+    requests meanwhile. Values are encoded as the ORM would (same datetime format, JSON
+    text), so rows read back exactly as if it had written them.
 
-    Every sqlite3 call (prepare, each step) drops and retakes the GIL, and retaking it while
-    the event loop is busy can wait a whole switch interval (5 ms). So a batch is a constant
-    handful of calls, whatever its size: one lookup of existing keys, one multi-row INSERT,
-    one lookup of the new ids (each lookup answers with a single aggregated JSON row).
+    Every sqlite3 call drops and retakes the GIL, and retaking it while the event loop is busy
+    can wait a whole switch interval, so a batch is one call: a multi-row INSERT … ON CONFLICT
+    DO NOTHING in autocommit mode. New rows of a rowid table get consecutive ids under the
+    write lock, so when every row went in, the ids follow from `lastrowid`; only a batch that
+    met stored keys pays for one more statement to look their ids up.
     """
 
     _TABLE = WebhookDelivery.__tablename__
     _COLUMNS = "provider, delivery_key, event, action, status, payload, headers, outcome, attempts, received_at"
-    _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, 0, ?)"
-    _CHUNK = 500  # rows per statement: 9 variables each, far under SQLite's 32766
+    _ROW = "(?, ?, ?, ?, ?, ?, ?, '{}', 0, ?)"
+    _CHUNK = 500  # rows per statement: 8 variables each, far under SQLite's 32766
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delivery-writer")
         self._conn: sqlite3.Connection | None = None
         dialect = sqlite.dialect()
-        cols = WebhookDelivery.__table__.c
-        self._datetime = cols.received_at.type.dialect_impl(dialect).bind_processor(dialect)
-        self._json = cols.headers.type.dialect_impl(dialect).bind_processor(dialect)
-        self._empty_json = self._json({}) if self._json else "{}"
+        self._datetime = WebhookDelivery.__table__.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
 
     async def write(self, items: Sequence[_Pending]) -> Stored:
-        rows: list[tuple[object, ...]] = [
+        rows: list[tuple[str, str, str, str | None, str, str, str]] = [
             (
                 p.delivery.provider,
                 p.delivery.key,
@@ -89,8 +88,7 @@ class SqliteWriter:
                 p.delivery.action,
                 p.status,
                 p.delivery.body,
-                self._json(p.delivery.headers) if self._json else p.delivery.headers,
-                self._empty_json,
+                orjson.dumps(p.delivery.headers).decode(),
             )
             for p in items
         ]
@@ -102,6 +100,7 @@ class SqliteWriter:
         for i in range(0, len(keys), self._CHUNK):
             chunk = keys[i : i + self._CHUNK]
             marks = ", ".join("?" * len(chunk))
+            # one aggregated row instead of one step (and one GIL round trip) per key
             (pairs,) = cur.execute(
                 f"SELECT json_group_array(json_array(delivery_key, id)) FROM {self._TABLE}"
                 f" WHERE provider = ? AND delivery_key IN ({marks})",
@@ -110,43 +109,41 @@ class SqliteWriter:
             found.update((key, int(row_id)) for key, row_id in json.loads(pairs))
         return found
 
-    def _write(self, rows: list[tuple[object, ...]]) -> Stored:
+    def _write(self, rows: list[tuple[str, str, str, str | None, str, str, str]]) -> Stored:
         if self._conn is None:
             self._conn = connect_sqlite(self.path)
         now = utcnow()
         received = self._datetime(now) if self._datetime else now
-        by_provider: dict[str, list[str]] = {}
-        for row in rows:
-            by_provider.setdefault(str(row[0]), []).append(str(row[1]))
         cur = self._conn.cursor()
+        out: Stored = []
         try:
-            # IMMEDIATE takes the write lock up front (busy_timeout waits for a worker's write),
-            # so nothing can insert between our lookup and our INSERT.
-            cur.execute("BEGIN IMMEDIATE")
-            before = {(p, k): i for p, keys in by_provider.items() for k, i in self._ids(cur, p, keys).items()}
-            fresh = [row for row in rows if (row[0], row[1]) not in before]
-            for i in range(0, len(fresh), self._CHUNK):
-                chunk = fresh[i : i + self._CHUNK]
+            for i in range(0, len(rows), self._CHUNK):
+                chunk = rows[i : i + self._CHUNK]
+                # One statement in autocommit mode is one transaction: it takes the write lock
+                # (busy_timeout waits out a worker's write), inserts, and returns only once
+                # the commit is durable (synchronous=FULL). Nothing else inserts meanwhile,
+                # so the rows it added got consecutive ids.
                 cur.execute(
                     f"INSERT INTO {self._TABLE} ({self._COLUMNS}) VALUES {', '.join([self._ROW] * len(chunk))}"
                     " ON CONFLICT (provider, delivery_key) DO NOTHING",
                     [value for row in chunk for value in (*row, received)],
                 )
-            new_keys: dict[str, list[str]] = {}
-            for row in fresh:
-                new_keys.setdefault(str(row[0]), []).append(str(row[1]))
-            after = {(p, k): i for p, keys in new_keys.items() for k, i in self._ids(cur, p, keys).items()}
-            cur.execute("COMMIT")  # synchronous=FULL: durable once this returns
-        except BaseException:
-            if self._conn.in_transaction:
-                self._conn.rollback()
-            raise
+                inserted = cur.rowcount
+                first_new = (cur.lastrowid or 0) - inserted + 1
+                if inserted == len(chunk):
+                    out.extend((first_new + n, True) for n in range(len(chunk)))
+                    continue
+                # Some keys were stored before: look their ids up (rows are never re-keyed,
+                # so reading after the commit is as good as inside it).
+                by_provider: dict[str, list[str]] = {}
+                for row in chunk:
+                    by_provider.setdefault(row[0], []).append(row[1])
+                ids = {(p, k): i for p, keys in by_provider.items() for k, i in self._ids(cur, p, keys).items()}
+                for row in chunk:
+                    row_id = ids.get((row[0], row[1]), 0)
+                    out.append((row_id, inserted > 0 and row_id >= first_new))
         finally:
             cur.close()
-        out: Stored = []
-        for row in rows:
-            ident = (str(row[0]), str(row[1]))
-            out.append((after[ident], True) if ident in after else (before.get(ident, 0), False))
         return out
 
     def close(self) -> None:
@@ -172,10 +169,13 @@ class DeliveryStore:
         db: Database,
         on_stored: Callable[[list[int]], Awaitable[None]],
         batch_max: int = 256,
+        enqueue_interval_s: float = 0.02,
     ) -> None:
         self.db = db
         self.on_stored = on_stored
         self.batch_max = batch_max
+        self.enqueue_interval_s = enqueue_interval_s
+        self._last_enqueue = float("-inf")
         # a plain list plus an event: cheaper per request than asyncio.Queue's put/get
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
@@ -244,9 +244,17 @@ class DeliveryStore:
                         task.add_done_callback(self._followups.discard)
 
     async def _drain_enqueues(self) -> None:
+        # A Redis call costs the client far more than the jobs it carries, so under load calls
+        # are spaced by `enqueue_interval_s` and each takes everything committed meanwhile.
+        # A lone delivery is enqueued at once; under load a job starts at most that much later.
+        loop = asyncio.get_running_loop()
         while self._enqueue_buffer:
+            wait = self._last_enqueue + self.enqueue_interval_s - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
             ids = self._enqueue_buffer[:]
             self._enqueue_buffer.clear()
+            self._last_enqueue = loop.time()
             await self._after_commit(ids)
 
     async def _after_commit(self, ids: list[int]) -> None:

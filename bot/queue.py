@@ -52,37 +52,43 @@ def delivery_job(delivery_id: int) -> JobSpec:
     return JobSpec("process_delivery", f"delivery:{delivery_id}", {"delivery_id": delivery_id})
 
 
-async def enqueue_many(redis: ArqRedis, jobs: Sequence[JobSpec], queue: str = default_queue_name) -> int:
-    """Enqueue jobs with arq's semantics (skip ids whose job or result exists) in two round trips.
+# arq's enqueue semantics for a whole batch in one round trip: a job id whose job or result
+# key exists is skipped (so relaying the same ids twice is a no-op), the others get their
+# serialized job under the job key and a place in the queue scored by enqueue time.
+# ARGV: queue, enqueue time (ms), expiry (ms), job-key prefix, result-key prefix, then
+# (job id, serialized job) pairs. Returns how many were added.
+_ENQUEUE_LUA = """
+local added = 0
+for i = 6, #ARGV, 2 do
+  local id = ARGV[i]
+  local job_key = ARGV[4] .. id
+  if redis.call('EXISTS', job_key, ARGV[5] .. id) == 0 then
+    redis.call('SET', job_key, ARGV[i + 1], 'PX', ARGV[3])
+    redis.call('ZADD', ARGV[1], ARGV[2], id)
+    added = added + 1
+  end
+end
+return added
+"""
 
-    arq's `enqueue_job` costs a WATCH/MULTI transaction per job; the intake enqueues whole
-    batches, so we check existence for all ids at once and then add the missing ones in one
-    transaction. A race with another enqueuer is harmless: the job key is set NX and the queue
-    is a sorted set, so an id is never queued twice.
+
+async def enqueue_many(redis: ArqRedis, jobs: Sequence[JobSpec], queue: str = default_queue_name) -> int:
+    """Enqueue jobs with arq's semantics (skip ids whose job or result exists) in one round trip.
+
+    arq's `enqueue_job` costs a WATCH/MULTI transaction per job, and even a pipeline costs
+    a few client-side command encodings per job; the intake enqueues whole batches, so one
+    script call carries them all (and runs atomically, so a concurrent relay of the same ids
+    cannot queue one twice).
     """
     if not jobs:
         return 0
-    # The intake's jobs are almost always all new: one EXISTS over every key answers that in
-    # one command; only when something exists do we pay for a per-job check.
-    keys = [key for job in jobs for key in (job_key_prefix + job.job_id, result_key_prefix + job.job_id)]
-    fresh: Sequence[JobSpec] = jobs
-    if await redis.exists(*keys):
-        async with redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.exists(job_key_prefix + job.job_id, result_key_prefix + job.job_id)
-            present = await pipe.execute()
-        fresh = [job for job, count in zip(jobs, present, strict=True) if not count]
-        if not fresh:
-            return 0
     now = timestamp_ms()
-    async with redis.pipeline(transaction=True) as pipe:
-        for job in fresh:
-            data = serialize_job(job.function, (), job.kwargs, None, now)
-            pipe.set(job_key_prefix + job.job_id, data, px=JOB_EXPIRES_MS, nx=True)
-        # one ZADD for the whole batch instead of one per job
-        pipe.zadd(queue, {job.job_id: now for job in fresh})
-        await pipe.execute()
-    return len(fresh)
+    args: list[str | bytes | int] = [queue, now, JOB_EXPIRES_MS, job_key_prefix, result_key_prefix]
+    for job in jobs:
+        args.append(job.job_id)
+        args.append(serialize_job(job.function, (), job.kwargs, None, now))
+    added = await redis.eval(_ENQUEUE_LUA, 0, *args)  # type: ignore[arg-type,misc]
+    return int(added)
 
 
 async def enqueue(redis: ArqRedis, function: str, job_id: str | None = None, **kwargs: Any) -> bool:
