@@ -210,7 +210,7 @@ async def _local_flow(settings: Any, origin_path: Path, db_url: str) -> Observed
                 issue_title="Add a greeting",
                 issue_body="Say hello.",
             )
-            delivery = IncomingDelivery("local", f"local-{i}", "comment", None, "", {})
+            delivery = IncomingDelivery("local", f"local-{i}", "comment", None, "{}")
             hctx = HandlerContext(delivery_id=0, delivery=delivery, services=h.ctx)
             await handle_comment(hctx, event)
             outcomes.append(_commands(hctx.outcomes))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -20,14 +19,12 @@ log = logging.getLogger(__name__)
 
 
 def to_incoming(row: Any) -> IncomingDelivery:
-    payload = json.loads(row.payload)
     return IncomingDelivery(
         provider=row.provider,
         key=row.delivery_key,
         event=row.event,
         action=row.action,
         body=row.payload,
-        payload=payload if isinstance(payload, dict) else {},
         headers=dict(row.headers or {}),
     )
 

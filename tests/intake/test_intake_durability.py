@@ -137,7 +137,7 @@ def test_worker_relays_pending_deliveries_and_rerun_is_idempotent(
         store.start()
         payload = {"action": "created"}
         status, delivery_id = await store.store(
-            IncomingDelivery("github", "k1", "issue_comment", "created", json.dumps(payload), payload, {})
+            IncomingDelivery("github", "k1", "issue_comment", "created", json.dumps(payload), {})
         )
         await store.stop()
         assert status == "accepted"
