@@ -363,11 +363,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def busy_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+def busy_jiffies() -> tuple[int, int, int]:
+    """(busy, total, stolen) jiffies of the whole machine, from /proc/stat.
+
+    Stolen time (a virtual machine's host running someone else) counts as busy: it is CPU
+    neither server got.
+    """
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = values[3] + values[4]  # idle + iowait
-    return sum(values) - idle, sum(values)
+    steal = values[7] if len(values) > 7 else 0
+    return sum(values) - idle, sum(values), steal
 
 
 def own_cpu_seconds() -> float:
@@ -401,16 +406,17 @@ def merge(into: Tally, part: Tally) -> None:
         into.statuses[status] = into.statuses.get(status, 0) + n
 
 
-async def interleaved(sides: list[Side], args: argparse.Namespace) -> float:
+async def interleaved(sides: list[Side], args: argparse.Namespace) -> tuple[float, float]:
     """Warm each server up, then alternate short windows (a, b, a, b, …).
 
     Both servers see the same background load this way: a burst from another process on the
     shared cores lowers both numbers instead of skewing the ratio. Returns the share of the
-    machine's CPU that neither the servers nor this client used (background noise).
+    machine's CPU that neither the servers nor this client used (background noise), and the
+    share the hypervisor stole.
     """
     for side in sides:
         side.warm, _ = await closed_loop(side.server.port, side.feed, args.connections, args.warmup)
-    busy0, total0 = busy_jiffies()
+    busy0, total0, steal0 = busy_jiffies()
     cpu0 = {side.name: side.server.cpu_seconds() for side in sides}
     own0 = own_cpu_seconds()
     window = args.seconds / args.rounds
@@ -421,13 +427,14 @@ async def interleaved(sides: list[Side], args: argparse.Namespace) -> float:
             )
             merge(side.tally, tally)
             side.elapsed += elapsed
-    busy1, total1 = busy_jiffies()
+    busy1, total1, steal1 = busy_jiffies()
     ours = own_cpu_seconds() - own0
     for side in sides:
         side.cpu = side.server.cpu_seconds() - cpu0[side.name]
         ours += side.cpu
     hz = os.sysconf("SC_CLK_TCK")
-    return max(0.0, ((busy1 - busy0) / hz - ours) / ((total1 - total0) / hz))
+    total = (total1 - total0) / hz
+    return max(0.0, ((busy1 - busy0) / hz - ours) / total), (steal1 - steal0) / hz / total
 
 
 def main() -> int:
@@ -483,7 +490,7 @@ def main() -> int:
             # the same deliveries, in the same order, to both: each reaches the app once
             bare = Side("bare", bare_server, Feed(requests, cycle=True))
             app = Side("app", app_server, Feed(requests))
-            noise = asyncio.run(interleaved([bare, app], args))
+            noise, stolen = asyncio.run(interleaved([bare, app], args))
             time.sleep(0.5)  # let the batched enqueue of the last commits finish
             lat = asyncio.run(open_loop(app_server.port, app.feed, args.rate, args.latency_seconds))
             rss = app_server.peak_rss_mb()
@@ -513,6 +520,7 @@ def main() -> int:
     print(f"app peak RSS: {rss:.1f} MB")
     print(
         f"background cpu (other processes) during the throughput phase: {noise * 100:.0f}% of the machine"
+        f" (of which stolen by the hypervisor: {stolen * 100:.0f}%)"
     )
     check = "ok" if stored == accepted == queued and errors == 0 else "MISMATCH"
     print(f"check: accepted={accepted} rows={stored} queued={queued} errors={errors} -> {check}")
