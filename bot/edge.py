@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from bot.errors import WebhookError
-from bot.handlers.sansio import IncomingDelivery, github_delivery, gitlab_delivery
+from bot.handlers.sansio import IncomingDelivery, LowerCaseHeaders, github_delivery, gitlab_delivery
 from bot.observability import log_context
 
 if TYPE_CHECKING:
@@ -38,9 +38,9 @@ class ClientGone(Exception):
     """The forge hung up before the body was complete: nothing to store, nobody to answer."""
 
 
-def header_dict(scope: Scope) -> dict[str, str]:
+def header_dict(scope: Scope) -> LowerCaseHeaders:
     """ASGI headers (lower-cased byte pairs) as a str dict; a repeated header keeps its last value."""
-    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+    return LowerCaseHeaders({name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]})
 
 
 async def read_body(headers: dict[str, str], receive: Receive, limit: int) -> bytes:

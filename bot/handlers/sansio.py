@@ -60,7 +60,13 @@ class IncomingDelivery:
         )
 
 
-def _lower(headers: Mapping[str, str]) -> dict[str, str]:
+class LowerCaseHeaders(dict[str, str]):
+    """Headers whose names are already lower-case (ASGI gives them so): not copied again."""
+
+
+def _lower(headers: Mapping[str, str]) -> Mapping[str, str]:
+    if isinstance(headers, LowerCaseHeaders):
+        return headers
     return {k.lower(): v for k, v in headers.items()}
 
 
