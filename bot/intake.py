@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -72,10 +73,20 @@ class SqliteWriter:
     _ROW = "(?, ?, ?, ?, ?, ?, ?, '{}', 0, ?)"
     _CHUNK = 500  # rows per statement: 8 variables each, far under SQLite's 32766
 
+    CHECKPOINT_EVERY_S = 0.5
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delivery-writer")
         self._conn: sqlite3.Connection | None = None
+        # WAL checkpoints (copying the log into the database file, with an fsync) run on their
+        # own thread and connection: done by the committing connection, as SQLite does by
+        # default, one commit in a few hundred waits tens of milliseconds and so do the
+        # deliveries behind it.
+        self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delivery-checkpoint")
+        self._checkpoint_conn: sqlite3.Connection | None = None
+        self._checkpoint_pending = False
+        self._last_checkpoint = 0.0
         dialect = sqlite.dialect()
         self._datetime = WebhookDelivery.__table__.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
 
@@ -109,9 +120,28 @@ class SqliteWriter:
             found.update((key, int(row_id)) for key, row_id in json.loads(pairs))
         return found
 
+    def _checkpoint(self) -> None:
+        try:
+            if self._checkpoint_conn is None:
+                self._checkpoint_conn = connect_sqlite(self.path)
+            # PASSIVE: copies what no reader still needs, never blocks the writer
+            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:  # a later round retries; the WAL just grows meanwhile
+            log.warning("WAL checkpoint failed: %s", exc)
+        finally:
+            self._checkpoint_pending = False
+
+    def _maybe_checkpoint(self) -> None:
+        now = time.monotonic()
+        if not self._checkpoint_pending and now - self._last_checkpoint >= self.CHECKPOINT_EVERY_S:
+            self._checkpoint_pending = True
+            self._last_checkpoint = now
+            self._checkpointer.submit(self._checkpoint)
+
     def _write(self, rows: list[tuple[str, str, str, str | None, str, str, str]]) -> Stored:
         if self._conn is None:
             self._conn = connect_sqlite(self.path)
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")  # see _checkpoint
         now = utcnow()
         received = self._datetime(now) if self._datetime else now
         cur = self._conn.cursor()
@@ -144,6 +174,7 @@ class SqliteWriter:
                     out.append((row_id, inserted > 0 and row_id >= first_new))
         finally:
             cur.close()
+        self._maybe_checkpoint()
         return out
 
     def close(self) -> None:
@@ -152,8 +183,15 @@ class SqliteWriter:
                 self._conn.close()
                 self._conn = None
 
+        def _close_checkpointer() -> None:
+            if self._checkpoint_conn is not None:
+                self._checkpoint_conn.close()
+                self._checkpoint_conn = None
+
         self._executor.submit(_close).result()
         self._executor.shutdown(wait=True)
+        self._checkpointer.submit(_close_checkpointer).result()
+        self._checkpointer.shutdown(wait=True)
 
 
 class DeliveryStore:
