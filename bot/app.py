@@ -13,16 +13,16 @@ import orjson
 from arq.connections import ArqRedis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from bot.db import Database, database_from_settings
-from bot.edge import WebhookEdge, webhook_edges
-from bot.errors import WebhookError
+from bot.edge import ClientGone, WebhookEdge, read_body, webhook_edges
 from bot.handlers import build_router
 from bot.handlers.router import Router
+from bot.handlers.sansio import LowerCaseHeaders
 from bot.intake import DeliveryStore, relay_outbox
 from bot.jobs.common import JOB_METRICS_KEY
 from bot.observability import Metrics, configure_logging
@@ -75,22 +75,11 @@ def state_of(request: Request) -> AppState:
 
 
 async def read_body_limited(request: Request, limit: int) -> bytes:
-    """Read the body, refusing (413) as soon as it passes `limit`: never buffer a huge upload."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise WebhookError(413, f"body larger than {limit} bytes")
-        except ValueError:
-            raise WebhookError(400, "invalid Content-Length") from None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise WebhookError(413, f"body larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The edge's body reader for starlette routes (413 as soon as the body passes `limit`)."""
+    try:
+        return await read_body(LowerCaseHeaders(request.headers.items()), request.receive, limit)
+    except ClientGone:
+        raise ClientDisconnect() from None
 
 
 async def webhook_route(request: Request) -> Response:

@@ -18,14 +18,6 @@ from tests.intake.helpers import comment_body, github_headers, gitlab_headers, r
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
-@pytest.fixture
-def client(tmp_path: Path, sqlite_url: str) -> Iterator[TestClient]:
-    settings = make_settings(tmp_path, db_url=sqlite_url)
-    with TestClient(create_app(settings)) as c:
-        c.db_url = sqlite_url  # type: ignore[attr-defined]
-        yield c
-
-
 def count(client: TestClient) -> int:
     return len(rows(client.db_url, "SELECT id FROM webhook_deliveries"))  # type: ignore[attr-defined]
 
