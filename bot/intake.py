@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
 import orjson
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -392,6 +392,35 @@ async def mark_enqueued(db: Database, ids: Sequence[int]) -> None:
         await session.execute(
             update(WebhookDelivery).where(WebhookDelivery.id.in_(ids)).values(enqueued_at=utcnow())
         )
+
+
+# A delivery that is done with (processed, or ignored) is history: after the retention period
+# its row (and its multi-kilobyte payload) goes. Failed and pending ones stay until someone
+# looks. Events written about a delivery keep its id and outlive it.
+PRUNABLE_STATUSES = ("processed", "ignored")
+
+
+async def prune_deliveries(db: Database, older_than: datetime, batch: int = 5000) -> int:
+    """Delete finished deliveries received before `older_than`, in short transactions."""
+    total = 0
+    while True:
+        async with db.sessions.begin() as session:
+            ids = (
+                await session.execute(
+                    select(WebhookDelivery.id)
+                    .where(
+                        WebhookDelivery.status.in_(PRUNABLE_STATUSES),
+                        WebhookDelivery.received_at < older_than,
+                    )
+                    .order_by(WebhookDelivery.id)
+                    .limit(batch)
+                )
+            ).scalars().all()
+            if ids:
+                await session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(ids)))
+        total += len(ids)
+        if len(ids) < batch:
+            return total
 
 
 async def relay_outbox(db: Database, redis: ArqRedis, older_than_s: float = 0.0) -> int:

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
     intake_batch_max: int = Field(default=256, ge=1)
     relay_interval_s: float = Field(default=5.0, gt=0)
+    delivery_retention_days: float = Field(default=30.0, ge=0)
 
     # worker
     worker_max_jobs: int = Field(default=10, ge=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from arq import Retry
@@ -10,7 +11,7 @@ from arq import Retry
 from bot.errors import ConfigError, NotFound
 from bot.handlers.router import HandlerContext, Router
 from bot.handlers.sansio import IncomingDelivery
-from bot.intake import relay_outbox
+from bot.intake import prune_deliveries, relay_outbox
 from bot.jobs.common import count_job, retry_or_give_up
 from bot.observability import log_context
 from bot.store import claim_delivery, finish_delivery, load_delivery, record_event
@@ -64,6 +65,17 @@ async def process_delivery(ctx: dict[str, Any], *, delivery_id: int) -> str:
         await finish_delivery(db, delivery_id, status, {"handled": hctx.outcomes})
         await count_job(ctx, "process_delivery", status)
         return status
+
+
+async def prune_old_deliveries(ctx: dict[str, Any]) -> int:
+    """Cron: drop finished deliveries older than DEKSDENFLOW_DELIVERY_RETENTION_DAYS (0 keeps all)."""
+    days = ctx["settings"].delivery_retention_days
+    if not days:
+        return 0
+    pruned = await prune_deliveries(ctx["db"], datetime.now(UTC) - timedelta(days=days))
+    if pruned:
+        log.info("pruned %d deliveries older than %g days", pruned, days)
+    return pruned
 
 
 async def relay_pending(ctx: dict[str, Any]) -> int:

@@ -13,7 +13,7 @@ from arq.worker import Worker, func
 from bot.db import database_from_settings
 from bot.handlers import build_router
 from bot.jobs.common import MAX_TRIES
-from bot.jobs.deliveries import process_delivery, relay_pending
+from bot.jobs.deliveries import process_delivery, prune_old_deliveries, relay_pending
 from bot.queue import create_redis
 from bot.settings import Settings, load_settings
 
@@ -58,7 +58,11 @@ def _relay_seconds(settings: Settings) -> set[int]:
 def worker_kwargs(settings: Settings) -> dict[str, Any]:
     return {
         "functions": job_functions(settings),
-        "cron_jobs": [cron(relay_pending, second=_relay_seconds(settings), run_at_startup=True, unique=True)],
+        "cron_jobs": [
+            cron(relay_pending, second=_relay_seconds(settings), run_at_startup=True, unique=True),
+            # hourly, at an odd minute so it does not meet other hourly work
+            cron(prune_old_deliveries, minute={17}, second={30}, unique=True),
+        ],
         "on_startup": startup,
         "on_shutdown": shutdown,
         "max_jobs": settings.worker_max_jobs,

@@ -167,3 +167,43 @@ def test_worker_relays_pending_deliveries_and_rerun_is_idempotent(
 @pytest.mark.parametrize("table", ["projects", "protocol_runs", "step_runs", "events", "webhook_deliveries"])
 def test_migrations_build_every_table(db_url: str, table: str) -> None:
     assert rows(db_url, f"SELECT COUNT(*) FROM {table}") == [(0,)]
+
+
+def test_old_finished_deliveries_are_pruned_and_the_rest_kept(tmp_path: Path, db_url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from bot.jobs.deliveries import prune_old_deliveries
+    from bot.models import WebhookDelivery
+
+    settings = make_settings(tmp_path, db_url=db_url, delivery_retention_days=30)
+
+    async def scenario() -> tuple[int, int, int]:
+        db = create_database(settings.async_database_url)
+        try:
+            async with db.sessions.begin() as session:
+                for i, status in enumerate(["processed", "ignored", "failed", "pending", "processed"]):
+                    session.add(
+                        WebhookDelivery(
+                            provider="github", delivery_key=f"k{i}", event="issues", status=status,
+                            payload="{}", headers={}, outcome={}, attempts=0,
+                        )
+                    )  # fmt: skip
+            old = datetime.now(UTC) - timedelta(days=31)
+            async with db.sessions.begin() as session:  # all but the last are past retention
+                await session.execute(
+                    update(WebhookDelivery).where(WebhookDelivery.delivery_key != "k4").values(received_at=old)
+                )
+            ctx = {"db": db, "settings": settings}
+            pruned = await prune_old_deliveries(ctx)
+            again = await prune_old_deliveries(ctx)
+            forever = settings.model_copy(update={"delivery_retention_days": 0})
+            kept_all = await prune_old_deliveries({"db": db, "settings": forever})
+            return pruned, again, kept_all
+        finally:
+            await db.dispose()
+
+    assert asyncio.run(scenario()) == (2, 0, 0)
+    left = sorted(r[0] for r in rows(db_url, "SELECT delivery_key FROM webhook_deliveries"))
+    assert left == ["k2", "k3", "k4"]  # failed, pending, and the recent processed one
