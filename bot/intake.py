@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
 import orjson
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -396,7 +396,8 @@ async def mark_enqueued(db: Database, ids: Sequence[int]) -> None:
 
 # A delivery that is done with (processed, or ignored) is history: after the retention period
 # its row (and its multi-kilobyte payload) goes. Failed and pending ones stay until someone
-# looks. Events written about a delivery keep its id and outlive it.
+# looks. Events written about a delivery keep its id and outlive it. The newest row always
+# stays: SQLite hands out max(id) + 1, so deleting it would give its id to the next delivery.
 PRUNABLE_STATUSES = ("processed", "ignored")
 
 
@@ -411,6 +412,7 @@ async def prune_deliveries(db: Database, older_than: datetime, batch: int = 5000
                     .where(
                         WebhookDelivery.status.in_(PRUNABLE_STATUSES),
                         WebhookDelivery.received_at < older_than,
+                        WebhookDelivery.id < select(func.max(WebhookDelivery.id)).scalar_subquery(),
                     )
                     .order_by(WebhookDelivery.id)
                     .limit(batch)

@@ -200,7 +200,10 @@ def test_old_finished_deliveries_are_pruned_and_the_rest_kept(tmp_path: Path, db
             again = await prune_old_deliveries(ctx)
             forever = settings.model_copy(update={"delivery_retention_days": 0})
             kept_all = await prune_old_deliveries({"db": db, "settings": forever})
-            return pruned, again, kept_all
+            async with db.sessions.begin() as session:  # now the newest one is old too...
+                await session.execute(update(WebhookDelivery).values(received_at=old))
+            newest_kept = await prune_old_deliveries(ctx)  # ...but it stays: its id is never reused
+            return pruned + newest_kept, again, kept_all
         finally:
             await db.dispose()
 
