@@ -207,8 +207,17 @@ def test_deliveries_with_outcome(client: tuple[TestClient, dict[str, Any]]) -> N
     assert one["payload_bytes"] == 2 and "payload" not in one
 
 
-def test_actions_are_guarded_transitions(client: tuple[TestClient, dict[str, Any]]) -> None:
-    c, ids = client
+@pytest.fixture
+def client_without_worker(tmp_path: Path, db_url: str) -> Iterator[tuple[TestClient, dict[str, Any]]]:
+    """No embedded worker: jobs an action enqueues stay queued, so statuses change only by request."""
+    ids = seed(db_url)
+    with TestClient(create_app(make_settings(tmp_path, db_url=db_url), embedded_worker=False)) as c:
+        yield c, ids
+
+
+def test_actions_are_guarded_transitions(client_without_worker: tuple[TestClient, dict[str, Any]]) -> None:
+    # with a worker, the step job `run` enqueues could finish the protocol before `cancel`
+    c, ids = client_without_worker
     run = ids["runs"][0]
     paused = c.post(f"/api/protocols/{run}/actions/pause", headers=AUTH)
     assert paused.status_code == 202, paused.text
