@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from arq.connections import ArqRedis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -82,18 +81,6 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
         raise ClientDisconnect() from None
 
 
-async def webhook_route(request: Request) -> Response:
-    """Starlette's view of the webhook paths; POSTs never get here (see DeksdenflowApp).
-
-    The route exists so that other methods on these paths get starlette's 405 and a trailing
-    slash its redirect, as any other route would.
-    """
-    provider = "gitlab" if request.url.path.rstrip("/").endswith("gitlab") else "github"
-    edge = state_of(request).extra["edges"][f"/webhooks/{provider}"]
-    status, content = await edge.receive_delivery(request.scope, request.receive)
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
-
-
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -135,15 +122,17 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def routes() -> list[BaseRoute]:
+def routes(edges: dict[str, WebhookEdge]) -> list[BaseRoute]:
     from bot.api import api_routes
     from bot.ci_hook import ci_webhook
     from bot.console import console_routes
     from bot.github_setup import setup_routes
 
     return [
-        Route("/webhooks/github", webhook_route, methods=["POST"]),
-        Route("/webhooks/gitlab", webhook_route, methods=["POST"]),
+        # DeksdenflowApp hands these POSTs to the edges before starlette sees them; the routes
+        # are here so that other methods get starlette's 405, as on any other route
+        Route("/webhooks/github", edges["/webhooks/github"], methods=["POST"]),
+        Route("/webhooks/gitlab", edges["/webhooks/gitlab"], methods=["POST"]),
         Route("/webhooks/ci", ci_webhook, methods=["POST"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
@@ -228,8 +217,8 @@ def create_app(
             await redis.aclose(close_connection_pool=True)
             await db.dispose()
 
-    app = DeksdenflowApp(routes=routes(), lifespan=lifespan)
-    app.edges = webhook_edges(state)
-    state.extra["edges"] = app.edges
+    edges = webhook_edges(state)
+    app = DeksdenflowApp(routes=routes(edges), lifespan=lifespan)
+    app.edges = edges
     app.state.df = state
     return app
