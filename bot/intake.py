@@ -178,20 +178,16 @@ class SqliteWriter:
         return out
 
     def close(self) -> None:
-        def _close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        # each connection is closed on the thread that used it
+        for executor, name in ((self._executor, "_conn"), (self._checkpointer, "_checkpoint_conn")):
+            executor.submit(self._close_connection, name).result()
+            executor.shutdown(wait=True)
 
-        def _close_checkpointer() -> None:
-            if self._checkpoint_conn is not None:
-                self._checkpoint_conn.close()
-                self._checkpoint_conn = None
-
-        self._executor.submit(_close).result()
-        self._executor.shutdown(wait=True)
-        self._checkpointer.submit(_close_checkpointer).result()
-        self._checkpointer.shutdown(wait=True)
+    def _close_connection(self, name: str) -> None:
+        conn: sqlite3.Connection | None = getattr(self, name)
+        if conn is not None:
+            conn.close()
+            setattr(self, name, None)
 
 
 class DeliveryStore:
