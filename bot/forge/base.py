@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, Self
 
 Reaction = Literal["eyes", "rocket", "confused", "+1"]
 Permission = Literal["admin", "write", "read", "none"]
@@ -102,3 +102,16 @@ class Forge(Protocol):
     async def git_auth_header(self, repo: RepoRef) -> str | None:
         """An `Authorization: ...` header value for git over HTTPS, or None (local remotes)."""
         ...
+
+
+class AsyncClosing:
+    """`async with` for a client that has `aclose()`: the block closes it."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
@@ -14,6 +13,7 @@ import httpx
 
 from bot.errors import ForgeError
 from bot.forge.base import (
+    AsyncClosing,
     CheckReport,
     CommentRef,
     IssueRef,
@@ -216,7 +216,7 @@ def is_fork_pull(pull: Mapping[str, Any], full_name: str) -> bool:
 # --- the forge ----------------------------------------------------------------------------------
 
 
-class GitHubForge:
+class GitHubForge(AsyncClosing):
     """The Forge operations for one GitHub App (on github.com or an Enterprise Server).
 
     Check runs: an in-process cache of (repo, sha, name) → run id, falling back to listing the
@@ -261,17 +261,6 @@ class GitHubForge:
 
     async def aclose(self) -> None:
         await self.client.aclose()
-
-    async def __aenter__(self) -> GitHubForge:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # who we are / where we are installed
 

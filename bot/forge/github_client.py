@@ -12,7 +12,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import TracebackType
 from typing import Any, Literal
 
 import gidgethub
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from uritemplate import variable
 
 from bot.errors import ForgeError
+from bot.forge.base import AsyncClosing
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class _GidgetAPI(gidgethub.abc.GitHubAPI):
         await self._owner._sleep(seconds)
 
 
-class GitHubClient:
+class GitHubClient(AsyncClosing):
     """Authenticated, rate-limit-aware access to one GitHub (github.com or Enterprise Server)."""
 
     def __init__(
@@ -267,17 +267,6 @@ class GitHubClient:
     async def aclose(self) -> None:
         if self._owns_http:
             await self._http.aclose()
-
-    async def __aenter__(self) -> GitHubClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # credentials
 

@@ -17,6 +17,7 @@ import gitlab.exceptions
 import requests
 
 from bot.errors import ForgeError
+from bot.forge.base import AsyncClosing
 
 # GitLab puts this on webhook deliveries so it can detect a hook that triggers itself; echoing it
 # back on our own API calls would make GitLab treat our reaction as part of that loop.
@@ -125,7 +126,7 @@ class _GuardedSession(requests.Session):
         return headers
 
 
-class GitLabClient:
+class GitLabClient(AsyncClosing):
     """One GitLab instance (gitlab.com or self-managed) reached with one access token.
 
     Every call runs python-gitlab in a worker thread (it is synchronous), with a timeout, and
@@ -186,12 +187,6 @@ class GitLabClient:
         self._session.close()
 
     async def aclose(self) -> None:
-        self.close()
-
-    async def __aenter__(self) -> GitLabClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
         self.close()
 
     # -- async API ---------------------------------------------------------------------------
