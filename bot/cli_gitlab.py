@@ -71,7 +71,11 @@ async def add_project(
             raise ConfigError(
                 "--create-hook needs DEKSDENFLOW_GITLAB_WEBHOOK_SECRET: the hook sends it"
             )
-    forge = gitlab_forge(settings.gitlab_url, settings.gitlab_token.get_secret_value())
+    forge = gitlab_forge(
+        settings.gitlab_url,
+        settings.gitlab_token.get_secret_value(),
+        ssl_verify=settings.tls_verify,
+    )
     try:
         info = await forge.get_project(_project_ref(project))
         forge_id = str(info["id"])
