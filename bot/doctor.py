@@ -243,19 +243,22 @@ async def check_queue(settings: Settings) -> CheckResult:
 
 
 async def _run(argv: list[str], timeout: float) -> tuple[int, str]:
+    """(exit code, stdout — or stderr when the command failed)."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()
         return -1, "timed out"
-    return proc.returncode if proc.returncode is not None else -1, out.decode(errors="replace")
+    code = proc.returncode if proc.returncode is not None else -1
+    # codex prints warnings (about CODEX_HOME, PATH aliases…) on stderr even when it works
+    return code, (out if code == 0 else err or out).decode(errors="replace")
 
 
 async def check_engine(settings: Settings, *, offline: bool, cheap: bool = False) -> list[CheckResult]:
