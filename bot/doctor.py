@@ -367,7 +367,7 @@ async def check_github(settings: Settings, *, http: httpx.AsyncClient | None = N
         http=http,
         max_attempts=1,
         timeout=CONNECT_TIMEOUT_S * 2,
-        verify=settings.tls_verify,
+        verify=settings.httpx_verify(),
     ) as client:
         try:
             app = await client.request("GET", "/app", auth="app")
@@ -592,7 +592,7 @@ async def check_public_url(
         return ok(name, f"{settings.public_url} (not fetched at start)")
     url = settings.public_url + "/healthz"
     own = http is None
-    client = http or httpx.AsyncClient(timeout=CONNECT_TIMEOUT_S * 2, verify=settings.tls_verify)
+    client = http or httpx.AsyncClient(timeout=CONNECT_TIMEOUT_S * 2, verify=settings.httpx_verify())
     try:
         response = await client.get(url, timeout=CONNECT_TIMEOUT_S * 2)
     except httpx.HTTPError as exc:

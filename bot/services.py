@@ -54,7 +54,7 @@ class ForgeFactory:
                     api_url=self.settings.github_api_url,
                     installation_id=project.installation_id,
                     app_slug=slug,
-                    verify=self.settings.tls_verify,
+                    verify=self.settings.httpx_verify(),
                 )
             forge = self._cache[key]
             return forge

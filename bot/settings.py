@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -223,8 +224,14 @@ class Settings(BaseSettings):
 
     @property
     def tls_verify(self) -> str | bool:
-        """What httpx (`verify=`) and requests take: the CA bundle's path, or the system store."""
+        """What requests / python-gitlab take: the CA bundle's path, or the system store."""
         return str(self.ca_bundle) if self.ca_bundle is not None else True
+
+    def httpx_verify(self) -> ssl.SSLContext | bool:
+        """What httpx takes (a path there is deprecated): a context trusting the bundle."""
+        if self.ca_bundle is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.ca_bundle))
 
     def git_env(self) -> dict[str, str]:
         """Environment git needs: GIT_SSL_CAINFO is the env form of `http.sslCAInfo`."""

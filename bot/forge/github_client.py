@@ -8,6 +8,7 @@ import contextvars
 import email.utils
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -236,7 +237,7 @@ class GitHubClient(AsyncClosing):
         sleep: Sleep = asyncio.sleep,
         clock: Clock = time.time,
         requester: str = USER_AGENT,
-        verify: str | bool = True,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         if (app_id is None) != (private_key is None):
             raise ValueError("app_id and private_key go together")
@@ -246,7 +247,7 @@ class GitHubClient(AsyncClosing):
         self.api_url = api_url.rstrip("/")
         self.requester = requester
         self._owns_http = http is None
-        # `verify`: a CA bundle path for an Enterprise Server behind a private CA
+        # `verify`: a context trusting a private CA (Enterprise Server behind one)
         self._http = http if http is not None else httpx.AsyncClient(timeout=timeout, verify=verify)
         self._timeout = timeout
         # GitHub's secondary limits allow ~100 concurrent requests per app; stay far below.
