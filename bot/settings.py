@@ -51,7 +51,7 @@ class SecretFileSource(PydanticBaseSettingsSource):
     """`DEKSDENFLOW_<NAME>_FILE=/run/secrets/x` reads the value of <NAME> from that file.
 
     The file's content is taken whole, less one trailing newline (what `echo` and most secret
-    stores leave). Setting both the variable and its _FILE twin is refused: which one wins
+    stores leave); an empty file counts as unset. Setting both the variable and its _FILE twin is refused: which one wins
     would otherwise be a guess.
     """
 
@@ -80,15 +80,23 @@ class SecretFileSource(PydanticBaseSettingsSource):
                 raise ConfigError(
                     f"{var}_FILE: cannot read {path}: {exc.strerror or type(exc).__name__}"
                 ) from None
-            values[name] = text[:-1] if text.endswith("\n") else text
+            text = text[:-1] if text.endswith("\n") else text
+            if text:  # an empty secret (compose: an unused one, /dev/null) counts as unset
+                values[name] = text
         return values
 
 
 class Settings(BaseSettings):
     """Every knob of the service; env names are `DEKSDENFLOW_<FIELD>` in upper case."""
 
+    # env_ignore_empty: `VAR=` (what compose's `${VAR:-}` gives) means unset, not "" — an
+    # empty DEKSDENFLOW_GITHUB_APP_ID would otherwise stop a GitLab-only install from starting
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", frozen=True
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+        env_ignore_empty=True,
     )
 
     # storage
