@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -494,6 +494,16 @@ async def check_gitlab(settings: Settings) -> list[CheckResult]:
                     f"create a token with the api scope ({tokens_page}, or a project/group "
                     "access token, role Developer or higher) and set DEKSDENFLOW_GITLAB_TOKEN",
                 )]
+            if exc.status_code == 404:
+                # GitLab before 15.5 has no /personal_access_tokens/self: the token is still
+                # usable if /user answers, only its scopes cannot be listed
+                try:
+                    user = await client.get("/user")
+                except GitLabAPIError:
+                    user = None
+                if user:
+                    return [ok("gitlab token", f"valid (user {user.get('username')}); this GitLab "
+                               "cannot list a token's scopes: make sure it has api")]
             if exc.status_code is None:
                 return [fail(
                     "gitlab token",
@@ -519,7 +529,11 @@ async def check_gitlab(settings: Settings) -> list[CheckResult]:
                 + (f", expires {expires}" if expires else ""),
             ))
 
-        projects = await _gitlab_projects(settings)
+        try:
+            projects = await _gitlab_projects(settings)
+        except Exception as exc:
+            results.append(skip("gitlab hooks", f"cannot read the registered projects: {_error(exc)}"))
+            return results
         if not projects:
             results.append(skip("gitlab hooks", "no GitLab project registered (`deksdenflow gitlab add`)"))
             return results
@@ -629,12 +643,20 @@ async def run_checks(
     http: httpx.AsyncClient | None = None,
 ) -> list[CheckResult]:
     """Every check in report order; `cheap` leaves out the network and the model (for `serve`)."""
+    async def one(name: str, check: Awaitable[CheckResult | list[CheckResult]]) -> list[CheckResult]:
+        # a check that breaks is a failed line, not a traceback instead of the report
+        try:
+            result = await check
+        except Exception as exc:
+            return [fail(name, f"the check itself failed: {_error(exc)}", "report this as a bug")]
+        return result if isinstance(result, list) else [result]
+
     results = [ok("settings", "valid")]
-    results.append(await check_database(settings))
-    results.append(await check_queue(settings))
-    results += await check_engine(settings, offline=offline, cheap=cheap)
+    results += await one("database", check_database(settings))
+    results += await one("queue", check_queue(settings))
+    results += await one("engine", check_engine(settings, offline=offline, cheap=cheap))
     if not cheap:
-        results += await check_github(settings, http=http)
-        results += await check_gitlab(settings)
-    results.append(await check_public_url(settings, http=http, cheap=cheap))
+        results += await one("github app", check_github(settings, http=http))
+        results += await one("gitlab token", check_gitlab(settings))
+    results += await one("public url", check_public_url(settings, http=http, cheap=cheap))
     return results

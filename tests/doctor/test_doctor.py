@@ -498,3 +498,14 @@ def test_gitlab_group_hook_serves_its_projects(
         code, out = doctor(capsys, "--offline")
     assert code == 0, out
     assert line_of(out, "gitlab hook acme/tools/hammer").startswith("✔")
+
+
+def test_gitlab_older_than_15_5_still_checks_the_token(
+    gitlab_env: FakeGitLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gitlab_env.fail("/personal_access_tokens/self", status=404, times=5)
+    with respx.mock(assert_all_called=False) as router:
+        healthz_mock(router)
+        code, out = doctor(capsys, "--offline")
+    assert code == 0, out
+    assert "cannot list a token's scopes" in line_of(out, "gitlab token")
