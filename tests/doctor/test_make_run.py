@@ -107,6 +107,9 @@ def test_two_demo_starts_leave_one_protocol(tmp_path: Path, served: list[Served]
     first = Served(tmp_path, port, "--demo")
     served.append(first)
     first.wait_for(BANNER)
+    # `serve` logged the quick doctor checks before serving
+    assert any("✔ database" in line for line in first.seen), first.seen
+    assert any("✔ queue" in line for line in first.seen), first.seen
     # the banner comes after the bind: the port answers at once
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     first.wait_for("console:")
