@@ -1,25 +1,30 @@
 # syntax=docker/dockerfile:1
-# DeksdenFlow: one image for the API (`serve`), the workers (`worker`) and `migrate`.
+# DeksdenFlow: one image for the API (`serve`), the workers (`worker`), `migrate` and `doctor`.
+#
+# Base images are pinned by version and by digest (the multi-platform index of that tag). To move
+# to a newer patch release, look the new digest up (`docker buildx imagetools inspect <tag>`) and
+# change both here; the build arguments also let a build override them.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+ARG NODE_IMAGE=node:24.11.1-bookworm-slim@sha256:48abc13a19400ca3985071e287bd405a1d99306770eb81d61202fb6b65cf0b57
 
-# --- the Codex CLI from npm (its Linux binary ships inside the package) ---------------------
-FROM node:20-bookworm-slim AS codex
+# --- the Codex CLI from npm (its Linux binary ships inside the package), on Node 24 LTS ---------
+FROM ${NODE_IMAGE} AS codex
 RUN npm install -g --no-audit --no-fund --loglevel=error @openai/codex@0.169.0
 
-# --- Python dependencies in a venv, built where compilers may live ------------------------
-FROM python:3.11-slim AS build
+# --- Python dependencies in a venv, exactly as locked (hashes checked) -------------------------
+FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY bot ./bot
-COPY engines ./engines
-# install the project to pull its dependencies, then drop it: the runtime runs from /app,
-# where migrations/, prompts/ and schemas/ sit beside the package as bot/migrate.py expects
-RUN pip install . && pip uninstall -y deksdenflow
+# requirements.lock: pip-compile --generate-hashes of pyproject.toml's dependencies; two builds
+# of the same commit install the same files. The project itself is not installed: it runs from
+# /app, where migrations/, prompts/ and schemas/ sit beside the package as bot/migrate.py expects.
+COPY requirements.lock ./
+RUN pip install --require-hashes --no-deps -r requirements.lock
 
-# --- runtime ---------------------------------------------------------------------------------
-FROM python:3.11-slim
+# --- runtime -----------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends git ca-certificates libstdc++6 \
  && rm -rf /var/lib/apt/lists/*
@@ -38,14 +43,16 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     DEKSDENFLOW_DATA_DIR=/data \
+    DEKSDENFLOW_PORT=8000 \
     DEKSDENFLOW_CODEX_BIN=/usr/local/bin/codex \
     DEKSDENFLOW_LOG_JSON=true \
     CODEX_HOME=/home/deksdenflow/.codex
-USER deksdenflow
+USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 8000
-# the worker image is the same: compose disables this check for it
+# The port is DEKSDENFLOW_PORT, for `serve` and for this check alike; compose disables the check
+# for the workers (same image, no server).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('DEKSDENFLOW_PORT', '8000'), timeout=4)"]
 ENTRYPOINT ["python", "-m", "bot"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["serve", "--host", "0.0.0.0"]

@@ -21,10 +21,11 @@ $(CODEX): package.json
 
 codex: $(CODEX)
 
-# Serve on the embedded defaults: SQLite under ./.deksdenflow, in-process queue, a local demo
+# Serve on the embedded defaults (`make run PORT=8080` for another port): SQLite under ./.deksdenflow, in-process queue, a local demo
 # repository driven by the scripted engine. No GitHub account needed.
+PORT ?= 8000
 run: $(STAMP)
-	$(BIN)/deksdenflow serve --demo --host 127.0.0.1 --port 8000
+	$(BIN)/deksdenflow serve --demo --host 127.0.0.1 --port $(PORT)
 
 # The whole suite: real Redis (127.0.0.1:6379) and Postgres (127.0.0.1:5432), the real codex CLI.
 test: $(STAMP) $(CODEX)

@@ -82,7 +82,12 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    from bot.doctor import INSTANCE_HEADER
+
+    instance = state_of(request).extra.get("instance")
+    # the header lets `doctor` tell this instance from any server answering at PUBLIC_URL
+    headers = {INSTANCE_HEADER: instance} if instance else {INSTANCE_HEADER: "-"}
+    return JSONResponse({"status": "ok"}, headers=headers)
 
 
 async def readyz(request: Request) -> Response:
@@ -163,6 +168,9 @@ def create_app(
 ) -> Starlette:
     """The ASGI app. `embedded_worker` defaults to True for the in-process (memory://) queue."""
     state = AppState(settings=settings, metrics=Metrics(), router=build_router())
+    from bot.doctor import instance_fingerprint
+
+    state.extra["instance"] = instance_fingerprint(settings)
     run_worker = settings.memory_queue if embedded_worker is None else embedded_worker
 
     @contextlib.asynccontextmanager
@@ -201,7 +209,8 @@ def create_app(
         if demo_port is not None:
             from bot.demo import start_demo
 
-            print(await start_demo(await state.services_ctx(), demo_port), flush=True)
+            # printed by `serve` once the port is bound (bot/serving.py), not before
+            state.extra["banner"] = await start_demo(await state.services_ctx(), demo_port)
         try:
             yield
         finally:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from bot.errors import ConfigError, DeksdenFlowError
-from bot.settings import Settings, load_settings
+from bot.settings import Settings, external_file_env, load_settings
 
 Command = Callable[[argparse.Namespace, Settings], int]
 _COMMANDS: dict[str, Command] = {}
@@ -15,14 +16,28 @@ _EXTENSIONS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
+    from bot.serving import serve
 
-    from bot.app import create_app
+    port = args.port if args.port is not None else settings.port
+    return serve(settings, host=args.host, port=port, demo=args.demo)
 
-    app = create_app(settings, demo_port=args.port if args.demo else None)
-    print(f"DeksdenFlow serving on http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
-    return 0
+
+def _doctor(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from bot import doctor
+
+    results = asyncio.run(doctor.run_checks(settings, offline=args.offline))
+    print(doctor.to_json(results) if args.json else doctor.render(results))
+    return doctor.exit_code(results)
+
+
+def _doctor_config_error(args: argparse.Namespace, exc: ConfigError) -> int:
+    from bot import doctor
+
+    results = [doctor.config_error_result(exc)]
+    print(doctor.to_json(results) if args.json else doctor.render(results))
+    return 1
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -63,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the HTTP server (webhooks, API, console)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    serve.add_argument(
+        "--port", type=int, default=None, help="port to bind (default DEKSDENFLOW_PORT, 8000)"
+    )
     serve.add_argument(
         "--demo",
         action="store_true",
@@ -74,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(handler=_worker)
     migrate = sub.add_parser("migrate", help="apply the database migrations (alembic upgrade head)")
     migrate.set_defaults(handler=_migrate)
+    doctor = sub.add_parser(
+        "doctor", help="check the install: settings, database, queue, engine, forges, public URL"
+    )
+    doctor.add_argument("--json", action="store_true", help="print the results as JSON")
+    doctor.add_argument(
+        "--offline", action="store_true", help="skip the model call (still checks the binary)"
+    )
+    doctor.set_defaults(handler=_doctor, on_config_error=_doctor_config_error)
     from bot import cli_gitlab, cli_protocol, cli_setup
 
     cli_protocol.add_commands(sub)
@@ -92,6 +117,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
+    except ConfigError as exc:
+        on_config_error = getattr(args, "on_config_error", None)
+        if on_config_error is not None:  # `doctor` reports it as its first failed check
+            result: int = on_config_error(args, exc)
+            return result
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    # git reads its CA bundle from the environment (GIT_SSL_CAINFO = http.sslCAInfo), and so do
+    # the git commands of every job this process runs
+    os.environ.update(settings.git_env())
+    try:
+        os.environ.update(external_file_env(os.environ))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from bot.errors import GitError
+from bot.models import ProtocolRun
 from bot.runs import get_or_create_project
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,16 @@ async def seed_demo_repo(data_dir: Path) -> Path:
     return remote
 
 
+async def existing_demo_run(db: Any, project_id: int) -> ProtocolRun | None:
+    """The demo project's first protocol, if an earlier start made one."""
+    async with db.sessions() as session:
+        found = await session.execute(
+            select(ProtocolRun).where(ProtocolRun.project_id == project_id).order_by(ProtocolRun.id)
+        )
+        run: ProtocolRun | None = found.scalars().first()
+        return run
+
+
 async def start_demo(ctx: dict[str, Any], port: int) -> str:
     """Seed the repository, register it, and start one auto-approved protocol on it."""
     from bot.actions import start_protocol
@@ -71,9 +84,18 @@ async def start_demo(ctx: dict[str, Any], port: int) -> str:
         base_branch="main",
         default_models={"engine": "scripted"},
     )
-    run = await start_protocol(ctx, project, DEMO_TASK, auto=True)
+    run = await existing_demo_run(ctx["db"], project.id)
+    if run is None:
+        run = await start_protocol(ctx, project, DEMO_TASK, auto=True)
+        headline = f"Demo: protocol {run.protocol_name} is running on {remote} with the scripted engine."
+    else:
+        # a restart shows the demo it already has instead of piling up one protocol per start
+        headline = (
+            f"Demo: protocol {run.protocol_name} from an earlier start ({run.status}) on {remote}; "
+            f"delete {settings.data_dir} for a fresh one."
+        )
     lines = [
-        f"Demo: protocol {run.protocol_name} is running on {remote} with the scripted engine.",
+        headline,
         f"  console:     http://127.0.0.1:{port}/console/protocols/{run.id}",
         f"  follow it:   http://127.0.0.1:{port}/api/protocols/{run.id}",
         f"  events:      http://127.0.0.1:{port}/api/events?protocol_run_id={run.id}",

@@ -28,7 +28,27 @@ def manifest_for(base_url: str) -> dict[str, Any]:
     return data
 
 
-def setup_page(manifest: dict[str, Any], web_url: str, organization: str | None) -> str:
+def loopback_warning(hook_url: str) -> str:
+    """An HTML warning when GitHub could not reach the webhook URL (loopback), else ""."""
+    from urllib.parse import urlsplit
+
+    from bot.doctor import is_loopback_host
+
+    if not is_loopback_host(urlsplit(hook_url).hostname):
+        return ""
+    return (
+        '<p class="warning" style="border: 2px solid #b00; padding: .5rem 1rem">'
+        f"<b>Warning:</b> the webhook URL would be <code>{html.escape(hook_url)}</code>, a loopback "
+        "address GitHub cannot reach: the App would get no events. Set "
+        "<code>DEKSDENFLOW_PUBLIC_URL</code> to a public address, or for local development to a "
+        "tunnel (smee.io, <code>gh webhook forward</code>, ngrok, cloudflared), restart, and open "
+        "this page again.</p>"
+    )
+
+
+def setup_page(
+    manifest: dict[str, Any], web_url: str, organization: str | None, warning: str = ""
+) -> str:
     target = (
         f"{web_url}/organizations/{organization}/settings/apps/new"
         if organization
@@ -38,6 +58,7 @@ def setup_page(manifest: dict[str, Any], web_url: str, organization: str | None)
 <html><head><meta charset="utf-8"><title>DeksdenFlow · create the GitHub App</title></head>
 <body style="font-family: system-ui; max-width: 42rem; margin: 3rem auto">
 <h1>Create the DeksdenFlow GitHub App</h1>
+{warning}
 <p>This sends the manifest below to GitHub{" for the organisation <b>" + html.escape(organization) + "</b>" if organization else ""}.
 GitHub then returns here and the server stores the new App's id, key and webhook secret.</p>
 <form action="{html.escape(target)}" method="post">
@@ -74,9 +95,14 @@ def load_credentials(data_dir: Path) -> dict[str, Any] | None:
 @guarded
 async def github_setup(request: Request) -> Response:
     state = request.app.state.df
-    base = str(request.base_url)
+    # DEKSDENFLOW_PUBLIC_URL wins: behind a proxy or tunnel the request's own URL is internal
+    base = state.settings.public_url or str(request.base_url)
+    manifest = manifest_for(base)
     page = setup_page(
-        manifest_for(base), state.settings.github_web_url, request.query_params.get("organization")
+        manifest,
+        state.settings.github_web_url,
+        request.query_params.get("organization"),
+        loopback_warning(manifest["hook_attributes"]["url"]),
     )
     return HTMLResponse(page)
 

@@ -54,6 +54,7 @@ class ForgeFactory:
                     api_url=self.settings.github_api_url,
                     installation_id=project.installation_id,
                     app_slug=slug,
+                    verify=self.settings.httpx_verify(),
                 )
             forge = self._cache[key]
             return forge
@@ -64,7 +65,9 @@ class ForgeFactory:
                 if self.settings.gitlab_token is None:
                     raise ConfigError("GitLab not configured: set DEKSDENFLOW_GITLAB_TOKEN")
                 self._cache["gitlab"] = gitlab_forge(
-                    self.settings.gitlab_url, self.settings.gitlab_token.get_secret_value()
+                    self.settings.gitlab_url,
+                    self.settings.gitlab_token.get_secret_value(),
+                    ssl_verify=self.settings.tls_verify,
                 )
             forge = self._cache["gitlab"]
             return forge

@@ -2,22 +2,101 @@
 
 from __future__ import annotations
 
+import os
+import ssl
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from bot.errors import ConfigError
 
 ENV_PREFIX = "DEKSDENFLOW_"
+# Settings that are not SecretStr but may still carry a password (a URL with userinfo): they
+# accept `…_FILE` like the secrets do.
+FILE_FIELDS_EXTRA = frozenset({"db_url", "redis_url"})
+
+
+def _is_secret_field(info: FieldInfo) -> bool:
+    annotation = info.annotation
+    return annotation is SecretStr or SecretStr in typing.get_args(annotation)
+
+
+def file_fields(settings_cls: type[BaseSettings]) -> list[str]:
+    """The settings that also accept `DEKSDENFLOW_<NAME>_FILE` (docker / Kubernetes secrets)."""
+    return sorted(
+        name
+        for name, info in settings_cls.model_fields.items()
+        if _is_secret_field(info) or name in FILE_FIELDS_EXTRA
+    )
+
+
+def _env_lookup(environ: typing.Mapping[str, str], name: str) -> str | None:
+    # Settings are case-insensitive, so the _FILE variables are too.
+    wanted = name.upper()
+    for key, value in environ.items():
+        if key.upper() == wanted:
+            return value
+    return None
+
+
+class SecretFileSource(PydanticBaseSettingsSource):
+    """`DEKSDENFLOW_<NAME>_FILE=/run/secrets/x` reads the value of <NAME> from that file.
+
+    The file's content is taken whole, less one trailing newline (what `echo` and most secret
+    stores leave); an empty file counts as unset. Setting both the variable and its _FILE twin is refused: which one wins
+    would otherwise be a guess.
+    """
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], environ: typing.Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(settings_cls)
+        self._environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # everything is done in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        environ = os.environ if self._environ is None else self._environ
+        values: dict[str, Any] = {}
+        for name in file_fields(self.settings_cls):
+            var = f"{ENV_PREFIX}{name.upper()}"
+            path = _env_lookup(environ, f"{var}_FILE")
+            if not path:
+                continue
+            if _env_lookup(environ, var):
+                raise ConfigError(f"{var} and {var}_FILE are both set: keep one")
+            try:
+                text = Path(path).read_text()
+            except OSError as exc:
+                raise ConfigError(
+                    f"{var}_FILE: cannot read {path}: {exc.strerror or type(exc).__name__}"
+                ) from None
+            text = text[:-1] if text.endswith("\n") else text
+            if text:  # an empty secret (compose: an unused one, /dev/null) counts as unset
+                values[name] = text
+        return values
 
 
 class Settings(BaseSettings):
     """Every knob of the service; env names are `DEKSDENFLOW_<FIELD>` in upper case."""
 
+    # env_ignore_empty: `VAR=` (what compose's `${VAR:-}` gives) means unset, not "" — an
+    # empty DEKSDENFLOW_GITHUB_APP_ID would otherwise stop a GitLab-only install from starting
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", frozen=True
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+        env_ignore_empty=True,
     )
 
     # storage
@@ -25,6 +104,13 @@ class Settings(BaseSettings):
     db_path: Path | None = None
     data_dir: Path = Path(".deksdenflow")
     redis_url: str = "memory://"
+
+    # the port `serve` binds when --port is not given (the container's healthcheck reads it too)
+    port: int = Field(default=8000, ge=1, le=65535)
+    # how the forges reach us: https://host[:port], without a path; webhook URLs hang off it
+    public_url: str | None = None
+    # a PEM bundle of extra CA certificates (self-managed GitLab / GHES behind a private CA)
+    ca_bundle: Path | None = None
 
     # tokens and secrets
     api_token: SecretStr | None = None
@@ -96,6 +182,28 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("gitlab_url")
+    @classmethod
+    def _gitlab_base(cls, value: str) -> str:
+        # python-gitlab appends /api/v4 itself: a URL that already ends in it would be doubled
+        return value.removesuffix("/api/v4").rstrip("/")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
     @field_validator("db_url")
     @classmethod
     def _db_scheme(cls, value: str | None) -> str | None:
@@ -103,7 +211,39 @@ class Settings(BaseSettings):
             raise ValueError("must be a sqlite:// or postgresql:// SQLAlchemy URL")
         return value
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            SecretFileSource(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
+
     # derived values -----------------------------------------------------------------
+
+    @property
+    def tls_verify(self) -> str | bool:
+        """What requests / python-gitlab take: the CA bundle's path, or the system store."""
+        return str(self.ca_bundle) if self.ca_bundle is not None else True
+
+    def httpx_verify(self) -> ssl.SSLContext | bool:
+        """What httpx takes (a path there is deprecated): a context trusting the bundle."""
+        if self.ca_bundle is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.ca_bundle))
+
+    def git_env(self) -> dict[str, str]:
+        """Environment git needs: GIT_SSL_CAINFO is the env form of `http.sslCAInfo`."""
+        return {"GIT_SSL_CAINFO": str(self.ca_bundle)} if self.ca_bundle is not None else {}
 
     @property
     def memory_queue(self) -> bool:
@@ -168,6 +308,25 @@ class Settings(BaseSettings):
                 if raw:
                     values.append(raw)
         return values
+
+
+# Variables read by the tools we run, not by Settings, that may come from a secret file too.
+EXTERNAL_FILE_VARS = ("CODEX_API_KEY",)
+
+
+def external_file_env(environ: typing.Mapping[str, str]) -> dict[str, str]:
+    """`CODEX_API_KEY_FILE` → `CODEX_API_KEY` (the codex CLI reads only the variable)."""
+    found: dict[str, str] = {}
+    for var in EXTERNAL_FILE_VARS:
+        path = environ.get(f"{var}_FILE")
+        if not path or environ.get(var):
+            continue
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{var}_FILE: cannot read {path}: {exc.strerror}") from None
+        found[var] = text[:-1] if text.endswith("\n") else text
+    return found
 
 
 def _describe(error: dict[str, object]) -> str:

@@ -8,6 +8,7 @@ import contextvars
 import email.utils
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -236,6 +237,7 @@ class GitHubClient(AsyncClosing):
         sleep: Sleep = asyncio.sleep,
         clock: Clock = time.time,
         requester: str = USER_AGENT,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         if (app_id is None) != (private_key is None):
             raise ValueError("app_id and private_key go together")
@@ -245,7 +247,8 @@ class GitHubClient(AsyncClosing):
         self.api_url = api_url.rstrip("/")
         self.requester = requester
         self._owns_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient(timeout=timeout)
+        # `verify`: a context trusting a private CA (Enterprise Server behind one)
+        self._http = http if http is not None else httpx.AsyncClient(timeout=timeout, verify=verify)
         self._timeout = timeout
         # GitHub's secondary limits allow ~100 concurrent requests per app; stay far below.
         self._semaphore = asyncio.Semaphore(max_concurrency)

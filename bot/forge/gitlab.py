@@ -201,11 +201,15 @@ def project_hook_payload(
     push_events: bool = False,
     enable_ssl_verification: bool = True,
 ) -> dict[str, Any]:
+    # Confidential issues and their notes come as their own events ("Confidential Issue Hook",
+    # "Confidential Note Hook") behind their own flags: without them such issues are silent.
     return {
         "url": url,
         "token": secret,
         "note_events": note_events,
+        "confidential_note_events": note_events,
         "issues_events": issues_events,
+        "confidential_issues_events": issues_events,
         "merge_requests_events": merge_requests_events,
         "pipeline_events": pipeline_events,
         "push_events": push_events,
@@ -387,7 +391,26 @@ class GitLabForge:
             push_events=push_events,
             enable_ssl_verification=enable_ssl_verification,
         )
-        hooks_path = f"/projects/{project_path(project)}/hooks"
+        return await self._upsert_hook(f"/projects/{project_path(project)}/hooks", payload)
+
+    async def create_group_hook(self, group: str | int, url: str, secret: str) -> dict[str, Any]:
+        """The same webhook on a group: it serves every project below it (GitLab Premium)."""
+        payload = project_hook_payload(url, secret)
+        return await self._upsert_hook(f"/groups/{project_path(group)}/hooks", payload)
+
+    async def get_group(self, path_or_id: str | int) -> dict[str, Any]:
+        data: dict[str, Any] = await self._client.get(f"/groups/{project_path(path_or_id)}")
+        return data
+
+    async def group_projects(self, group: str | int) -> list[dict[str, Any]]:
+        """Every project of a group and its subgroups (archived ones left out)."""
+        path = f"/groups/{project_path(group)}/projects"
+        query = {"include_subgroups": "true", "archived": "false"}
+        async with aclosing(self._client.paginate(path, query)) as items:
+            return [dict(item) async for item in items]
+
+    async def _upsert_hook(self, hooks_path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        url = payload["url"]
         existing: dict[str, Any] | None = None
         async with aclosing(self._client.paginate(hooks_path)) as hooks:
             async for hook in hooks:

@@ -26,6 +26,7 @@ async def github_issue_labeled(ctx: HandlerContext) -> None:
 
 
 @router.register("gitlab", "note hook")
+@router.register("gitlab", "confidential note hook")  # same payload, on a confidential issue
 async def gitlab_note_hook(ctx: HandlerContext) -> None:
     event = gitlab_note(ctx.delivery.payload)
     if event is None:
@@ -35,6 +36,7 @@ async def gitlab_note_hook(ctx: HandlerContext) -> None:
 
 
 @router.register("gitlab", "issue hook")
+@router.register("gitlab", "confidential issue hook")
 async def gitlab_issue_hook(ctx: HandlerContext) -> None:
     event = gitlab_labels(ctx.delivery.payload)
     if event is not None:

@@ -20,7 +20,14 @@ GITHUB_EVENTS = (
     "installation",
     "installation_repositories",
 )
-GITLAB_EVENTS = ("note hook", "issue hook", "merge request hook", "pipeline hook")
+GITLAB_EVENTS = (
+    "note hook",
+    "issue hook",
+    "merge request hook",
+    "pipeline hook",
+    "confidential note hook",
+    "confidential issue hook",
+)
 
 
 def _get(payload: Any, *path: str) -> Any:

@@ -88,6 +88,10 @@ class FakeGitLabState:
     hooks: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     # (project id, ref, file path) -> content
     files: dict[tuple[int, str, str], str] = field(default_factory=dict)
+    # group id -> hooks (group webhooks serve every project below the group)
+    group_hooks: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    # token -> what GET /personal_access_tokens/self answers (default: active, api scope)
+    token_info: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class ApiError(Exception):
@@ -575,6 +579,12 @@ class FakeGitLab:
             ("GET", pid + r"/hooks", self._list_hooks),
             ("POST", pid + r"/hooks", self._post_hook),
             ("PUT", pid + r"/hooks/(?P<hid>\d+)", self._put_hook),
+            ("GET", r"/personal_access_tokens/self", self._token_self),
+            ("GET", r"/groups/(?P<gid>[^/]+)", self._get_group),
+            ("GET", r"/groups/(?P<gid>[^/]+)/projects", self._group_projects),
+            ("GET", r"/groups/(?P<gid>[^/]+)/hooks", self._list_group_hooks),
+            ("POST", r"/groups/(?P<gid>[^/]+)/hooks", self._post_group_hook),
+            ("PUT", r"/groups/(?P<gid>[^/]+)/hooks/(?P<hid>\d+)", self._put_group_hook),
         ]
         return [(m, re.compile(p), r) for m, p, r in table]
 
@@ -805,6 +815,54 @@ class FakeGitLab:
         project = self._project(call.params["pid"])
         hid = int(call.params["hid"])
         for hook in self.state.hooks[project["id"]]:
+            if hook["id"] == hid:
+                hook.update(call.body or {})
+                return {k: v for k, v in hook.items() if k != "token"}
+        raise ApiError(404, "404 Not found")
+
+    def _token_self(self, call: _Call) -> Any:
+        token = next(t for t, uid in self.state.tokens.items() if uid == call.user["id"])
+        default = {"name": "deksdenflow", "scopes": ["api"], "active": True, "revoked": False}
+        return {"id": call.user["id"], "expires_at": None, **default, **self.state.token_info.get(token, {})}
+
+    def _group(self, raw_id: str) -> dict[str, Any]:
+        key = unquote(raw_id)
+        for group in self.state.groups.values():
+            if str(group["id"]) == key or group["full_path"] == key:
+                return group
+        raise ApiError(404, "404 Group Not Found")
+
+    def _get_group(self, call: _Call) -> Any:
+        return dict(self._group(call.params["gid"]))
+
+    def _group_projects(self, call: _Call) -> Any:
+        group = self._group(call.params["gid"])
+        ids = {group["id"]}
+        if call.query.get("include_subgroups") == "true":
+            changed = True
+            while changed:
+                below = {g["id"] for g in self.state.groups.values() if g["parent_id"] in ids}
+                changed = not below <= ids
+                ids |= below
+        found = [dict(p) for p in self.state.projects.values() if p.get("namespace_id") in ids]
+        return _paginate(found, call.query)
+
+    def _list_group_hooks(self, call: _Call) -> Any:
+        group = self._group(call.params["gid"])
+        hooks = self.state.group_hooks.get(group["id"], [])
+        return _paginate([{k: v for k, v in h.items() if k != "token"} for h in hooks], call.query)
+
+    def _post_group_hook(self, call: _Call) -> Any:
+        group = self._group(call.params["gid"])
+        _require(call.body, "url")
+        hook = {"id": self._next_id(), "group_id": group["id"], **call.body}
+        self.state.group_hooks.setdefault(group["id"], []).append(hook)
+        return {k: v for k, v in hook.items() if k != "token"}
+
+    def _put_group_hook(self, call: _Call) -> Any:
+        group = self._group(call.params["gid"])
+        hid = int(call.params["hid"])
+        for hook in self.state.group_hooks.get(group["id"], []):
             if hook["id"] == hid:
                 hook.update(call.body or {})
                 return {k: v for k, v in hook.items() if k != "token"}

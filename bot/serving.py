@@ -1,0 +1,99 @@
+"""`deksdenflow serve`: bind the port first, run the quick doctor checks, then serve.
+
+Binding before anything else makes a busy port one clear line (and no demo is started for a
+server that cannot run); the banner is printed once uvicorn is serving on that socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import sys
+from typing import Any
+
+import uvicorn
+
+from bot.settings import Settings
+
+log = logging.getLogger("bot.doctor")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (IPv6 when the host is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def bind_error_line(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} on {host} is already in use: stop the other server, "
+            f"or choose another port (make run PORT=8081, serve --port 8081)"
+        )
+    return f"cannot bind {host}:{port}: {exc.strerror or exc}"
+
+
+async def log_quick_checks(settings: Settings, *, demo: bool = False) -> None:
+    """The cheap doctor checks (no network, no model call), logged at start."""
+    from bot import doctor
+    from bot.observability import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json, settings.secret_values())
+    try:
+        results = await doctor.run_checks(settings, cheap=True)
+    except Exception as exc:  # the checks must never stop the server from starting
+        log.warning("start-up checks could not run: %s", type(exc).__name__)
+        return
+    for result in results:
+        line = doctor.render_line(result).replace("\n    ", " — ")
+        if demo and result.failed and result.name == "engine":
+            # the demo runs on the scripted engine: a missing codex only matters later
+            log.info("%s (the demo does not need it)", line)
+            continue
+        (log.warning if result.failed else log.info)("%s", line)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, printing our banner once it serves (after the lifespan started)."""
+
+    banner = ""
+    extra: dict[str, Any] | None = None  # the app state's extras: the demo leaves its text there
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            print(self.banner, file=sys.stderr, flush=True)
+            if self.extra and self.extra.get("banner"):
+                print(self.extra["banner"], flush=True)
+
+
+def serve(settings: Settings, *, host: str, port: int, demo: bool) -> int:
+    from bot.app import create_app
+
+    try:
+        sock = bind_socket(host, port)
+    except OSError as exc:
+        print(bind_error_line(host, port, exc), file=sys.stderr)
+        return 1
+    asyncio.run(log_quick_checks(settings, demo=demo))
+    app = create_app(settings, demo_port=port if demo else None)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    server = _Server(config)
+    server.banner = f"DeksdenFlow serving on http://{host}:{port}"
+    server.extra = app.state.df.extra
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
