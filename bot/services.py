@@ -95,7 +95,10 @@ async def build_services(ctx: dict[str, Any]) -> None:
         )
     if "git" not in ctx:
         ctx["git"] = GitCache(
-            settings.data_dir / "git", network_timeout=settings.git_timeout_s, warm_spares=settings.warm_worktrees
+            settings.data_dir / "git",
+            network_timeout=settings.git_timeout_s,
+            warm_spares=settings.warm_worktrees,
+            credential_hosts=settings.credential_hosts,
         )
     if "forges" not in ctx:
         ctx["forges"] = ForgeFactory(settings, ctx["db"], ctx.get("forge_overrides"))
