@@ -159,10 +159,22 @@ class DeksdenflowApp(Starlette):
 
 
 def create_app(
-    settings: Settings, *, embedded_worker: bool | None = None, demo_port: int | None = None
+    settings: Settings,
+    *,
+    embedded_worker: bool | None = None,
+    demo_port: int | None = None,
+    bind_host: str | None = None,
 ) -> Starlette:
-    """The ASGI app. `embedded_worker` defaults to True for the in-process (memory://) queue."""
+    """The ASGI app. `embedded_worker` defaults to True for the in-process (memory://) queue.
+
+    `bind_host` is where `serve` listens: without an API token, the API and console stay closed
+    unless that is a loopback address.
+    """
     state = AppState(settings=settings, metrics=Metrics(), router=build_router())
+    if bind_host is not None and settings.api_token is None:
+        from bot.security import is_loopback_bind
+
+        state.extra["api_closed"] = not is_loopback_bind(bind_host)
     run_worker = settings.memory_queue if embedded_worker is None else embedded_worker
 
     @contextlib.asynccontextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from bot.errors import ConfigError, DeksdenFlowError
 from bot.settings import Settings, load_settings
@@ -14,14 +15,46 @@ _COMMANDS: dict[str, Command] = {}
 _EXTENSIONS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
 
 
+def uvicorn_options(settings: Settings, host: str, port: int) -> dict[str, Any]:
+    """uvicorn's keyword arguments for `serve` (pure).
+
+    Forwarding headers are believed only from DEKSDENFLOW_TRUSTED_PROXIES: uvicorn's own default
+    trusts 127.0.0.1, which makes any proxy or sidecar on the host a way to claim any address.
+    """
+    proxies = settings.trusted_proxies.strip()
+    return {
+        "host": host,
+        "port": port,
+        "log_level": "warning",
+        "access_log": False,
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies or "",
+    }
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from bot.app import create_app
+    from bot.security import is_loopback_bind, token_problem
 
-    app = create_app(settings, demo_port=args.port if args.demo else None)
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    problem = token_problem(token, args.host)
+    if problem:
+        print(f"configuration error: {problem}", file=sys.stderr)
+        return 2
+    if token is None:
+        if is_loopback_bind(args.host):
+            print("no DEKSDENFLOW_API_TOKEN: the API and console answer loopback callers only", file=sys.stderr)
+        else:
+            print(
+                f"no DEKSDENFLOW_API_TOKEN and bound to {args.host}: the API and console are closed "
+                "(webhooks still work); set DEKSDENFLOW_API_TOKEN to open them",
+                file=sys.stderr,
+            )
+    app = create_app(settings, demo_port=args.port if args.demo else None, bind_host=args.host)
     print(f"DeksdenFlow serving on http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, **uvicorn_options(settings, args.host, args.port))
     return 0
 
 

@@ -32,8 +32,11 @@ def test_pages_render_and_need_login(tmp_path: Path, db_url: str) -> None:
     ids = seed(db_url)
     with TestClient(create_app(make_settings(tmp_path, db_url=db_url))) as c:
         assert c.get("/console").status_code == 401
-        assert c.get("/console?token=wrong").status_code == 401
-        assert c.get("/console?token=" + TOKEN).status_code == 200  # follows the 303, cookie set
+        assert c.post("/console/login", data={"token": "wrong"}).status_code == 401
+        assert c.get("/console?token=" + TOKEN).status_code == 400  # never a token in a URL
+        assert c.get("/console").status_code == 401
+        signed = c.post("/console/login", data={"token": TOKEN, "next": "/console"})
+        assert signed.status_code == 200  # follows the 303, cookie set
         run = ids["runs"][0]
         pages = {
             "/console": ["acme/widgets", "0001-task-1"],
@@ -75,8 +78,11 @@ def test_click_pause_in_headless_chromium(tmp_path: Path, sqlite_url: str) -> No
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(f"{server.url}/console/protocols/{run}?token={TOKEN}")
-            assert "token=" not in page.url  # the token left the address bar for a cookie
+            page.goto(f"{server.url}/console/protocols/{run}")
+            page.fill("input[name=token]", TOKEN)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(f"{server.url}/console/protocols/{run}")
+            assert "token=" not in page.url  # the token went in a POST body, never the address
             assert page.locator("#run-status").inner_text() == "running"
             page.get_by_role("button", name="Pause").click()
             page.wait_for_function("document.getElementById('run-status').textContent === 'paused'")

@@ -1,0 +1,266 @@
+"""Issue #20 (security): loopback trust, project-token reach, git_url/base_branch at the door."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.testclient import TestClient
+
+from bot.app import create_app
+from bot.cli import uvicorn_options
+from bot.security import git_url_problem, ref_name_problem
+from tests.api.seed import seed
+from tests.conftest import free_port, make_settings
+
+TOKEN = "api-test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FORGED = [
+    {"X-Forwarded-For": "127.0.0.1"},
+    {"Forwarded": "for=127.0.0.1;proto=http"},
+    {"X-Real-IP": "127.0.0.1"},
+]
+
+
+class TcpProxy:
+    """A plain asyncio TCP relay on 127.0.0.1: every request reaches the server from loopback."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    def __enter__(self) -> TcpProxy:
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port), self.loop
+        ).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            assert self.server is not None
+            self.server.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class Served:
+    """The app under uvicorn with the options `deksdenflow serve` passes (trusted proxies too)."""
+
+    def __init__(self, app: Any, options: dict[str, Any]) -> None:
+        config = uvicorn.Config(app, **options, lifespan="on", loop="asyncio", http="h11")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Served:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+@pytest.mark.parametrize("trusted", ["", "127.0.0.1"])
+def test_forged_forwarding_headers_through_a_local_proxy(
+    tmp_path: Path, db_url: str, trusted: str
+) -> None:
+    settings = make_settings(tmp_path, db_url=db_url, api_token=None, trusted_proxies=trusted)
+    port = free_port()
+    options = uvicorn_options(settings, "127.0.0.1", port)
+    with Served(create_app(settings, bind_host="127.0.0.1"), options), TcpProxy(port) as proxy:
+        # a direct loopback caller is trusted without a token
+        assert httpx.get(f"http://127.0.0.1:{port}/api/projects").status_code == 200
+        for headers in FORGED:
+            answer = httpx.post(
+                f"http://127.0.0.1:{proxy.port}/api/projects",
+                headers=headers,
+                json={"name": "evil", "git_url": "/tmp/evil.git"},
+            )
+            assert answer.status_code == 401, (headers, answer.text)
+        listed = httpx.get(f"http://127.0.0.1:{port}/api/projects").json()
+        assert listed["items"] == []
+
+
+def test_no_token_and_bound_beyond_loopback_closes_the_api(tmp_path: Path, sqlite_url: str) -> None:
+    settings = make_settings(tmp_path, db_url=sqlite_url, api_token=None)
+    with TestClient(create_app(settings, bind_host="0.0.0.0"), client=("127.0.0.1", 5000)) as c:
+        assert c.get("/api/projects").status_code == 401
+        assert c.get("/healthz").status_code == 200
+
+
+def test_serve_options_trust_no_proxy_by_default(tmp_path: Path) -> None:
+    options = uvicorn_options(make_settings(tmp_path), "0.0.0.0", 8000)
+    assert options["proxy_headers"] is False and options["forwarded_allow_ips"] == ""
+    trusted = uvicorn_options(make_settings(tmp_path, trusted_proxies="10.0.0.2"), "0.0.0.0", 8000)
+    assert trusted["proxy_headers"] is True and trusted["forwarded_allow_ips"] == "10.0.0.2"
+
+
+@pytest.fixture
+def client(tmp_path: Path, db_url: str) -> Iterator[tuple[TestClient, dict[str, Any]]]:
+    ids = seed(db_url)
+    with TestClient(create_app(make_settings(tmp_path, db_url=db_url))) as c:
+        yield c, ids
+
+
+def test_project_token_cannot_change_what_belongs_to_the_operator(
+    client: tuple[TestClient, dict[str, Any]],
+) -> None:
+    c, ids = client
+    pid = ids["project"]
+    token = c.post(f"/api/projects/{pid}/token", headers=AUTH).json()["token"]
+    pt = {"X-Project-Token": token}
+    before = c.get(f"/api/projects/{pid}", headers=AUTH).json()
+    for change in (
+        {"git_url": "/tmp/other.git"},
+        {"secrets": {"token": "mine"}},
+        {"secrets": {"token": None}},
+        {"config": {"permissions": {"plan": "none"}}},
+        {"config": {"allow_fork_commands": True}},
+        {"base_branch": "attacker"},
+        {"name": "renamed"},
+        {"enabled": False},
+    ):
+        answer = c.patch(f"/api/projects/{pid}", headers=pt, json=change)
+        assert answer.status_code == 403, (change, answer.text)
+    assert c.get(f"/api/projects/{pid}", headers=AUTH).json() == before
+    # what it may do: read its project, tune its models, drive its runs
+    assert c.patch(f"/api/projects/{pid}", headers=pt, json={"default_models": {"exec": "m2"}}).status_code == 200
+    assert c.post(f"/api/protocols/{ids['runs'][0]}/actions/pause", headers=pt).status_code == 202
+    # the operator may change them all
+    assert c.patch(f"/api/projects/{pid}", headers=AUTH, json={"config": {"permissions": {"plan": "write"}}}).status_code == 200
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[str, list[str]]]:
+    """A local HTTP server that records every request it gets."""
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_foreign_git_url_is_refused_without_a_request(
+    client: tuple[TestClient, dict[str, Any]], listener: tuple[str, list[str]]
+) -> None:
+    c, ids = client
+    host, seen = listener
+    for provider, url in (
+        ("github", f"http://{host}/o/r.git"),
+        ("github", f"https://{host}/o/r.git"),
+        ("github", "file:///srv/other.git"),
+        ("github", "https://10.0.0.7/o/r.git"),
+        ("github", "https://github.com.evil.example/o/r.git"),
+        ("github", "https://x-access-token:t@github.com/o/r.git"),
+        ("gitlab", f"http://{host}/g/r.git"),
+        ("local", "file:///srv/other.git"),
+        ("local", f"http://{host}/o/r.git"),
+    ):
+        made = c.post("/api/projects", headers=AUTH, json={"name": f"p-{len(url)}-{provider}", "provider": provider, "git_url": url})
+        assert made.status_code == 422, (provider, url, made.text)
+    patched = c.patch(f"/api/projects/{ids['project']}", headers=AUTH, json={"git_url": f"http://{host}/o/r.git"})
+    assert patched.status_code == 422
+    time.sleep(0.2)
+    assert seen == []
+    ok = c.post("/api/projects", headers=AUTH, json={"name": "o/r", "provider": "github", "git_url": "https://github.com/o/r.git"})
+    assert ok.status_code == 201, ok.text
+
+
+def test_option_like_base_branch_and_ext_url_are_refused(client: tuple[TestClient, dict[str, Any]]) -> None:
+    c, ids = client
+    bad_branch = c.post(
+        "/api/projects", headers=AUTH,
+        json={"name": "x", "git_url": "/tmp/x.git", "base_branch": "--upload-pack=touch /tmp/pwned"},
+    )
+    assert bad_branch.status_code == 422 and "base_branch" in bad_branch.text
+    bad_url = c.post("/api/projects", headers=AUTH, json={"name": "y", "git_url": "ext::sh -c touch% /tmp/pwned"})
+    assert bad_url.status_code == 422 and "git_url" in bad_url.text
+    assert c.patch(f"/api/projects/{ids['project']}", headers=AUTH, json={"base_branch": "a..b"}).status_code == 422
+    assert c.patch(f"/api/projects/{ids['project']}", headers=AUTH, json={"base_branch": "release/2.0"}).status_code == 200
+
+
+def test_git_failure_answers_without_internals(client: tuple[TestClient, dict[str, Any]]) -> None:
+    c, ids = client
+    answer = c.post("/api/protocols", headers=AUTH, json={"project_id": ids["project"], "task": "do it"})
+    assert answer.status_code == 502
+    body = answer.json()
+    assert set(body) == {"error", "error_id"} and "\n" not in body["error"]
+    assert "/nonexistent" not in answer.text and "git" not in body["error"].split()[0:1]
+    assert "fetch" not in answer.text and "/tmp" not in answer.text
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [("main", True), ("release/2.0", True), ("feat-x_1", True), ("-x", False), ("--upload-pack=x", False),
+     ("a..b", False), ("a b", False), ("a~1", False), ("a^", False), ("a:b", False), ("a?", False), ("a*", False),
+     ("a[", False), ("a\\b", False), ("a@{1}", False), ("@", False), ("HEAD", False), ("/a", False), ("a/", False),
+     ("a//b", False), ("a.", False), (".a", False), ("a/.b", False), ("a.lock", False), ("a/b.lock/c", False),
+     ("a\x7f", False), ("", False)],
+)
+def test_ref_name_rules(name: str, ok: bool) -> None:
+    assert (ref_name_problem(name) is None) is ok
+
+
+def test_git_url_rules() -> None:
+    gh, gl = "https://github.com", "https://gitlab.example/sub"
+    assert git_url_problem("https://github.com/o/r.git", "github", gh) is None
+    assert git_url_problem("https://github.com/o/r", "github", gh) is None
+    assert git_url_problem("https://github.com/o/r/x.git", "github", gh) is not None
+    assert git_url_problem("https://github.com:8443/o/r.git", "github", gh) is not None
+    assert git_url_problem("https://github.com/o/r.git?x=1", "github", gh) is not None
+    assert git_url_problem("https://gitlab.example/sub/g/s/r.git", "gitlab", gl) is None
+    assert git_url_problem("https://gitlab.example/g/r.git", "gitlab", gl) is not None
+    assert git_url_problem("/srv/repos/r.git", "local", None) is None
+    assert git_url_problem("host:path/r.git", "local", None) is not None
+    assert git_url_problem("-u", "local", None) is not None
