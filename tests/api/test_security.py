@@ -16,8 +16,8 @@ import uvicorn
 from starlette.testclient import TestClient
 
 from bot.app import create_app
-from bot.cli import uvicorn_options
-from bot.security import git_url_problem, ref_name_problem
+from bot.cli import main, uvicorn_options
+from bot.security import git_url_problem, ref_name_problem, token_problem
 from tests.api.seed import seed
 from tests.conftest import free_port, make_settings
 
@@ -264,3 +264,13 @@ def test_git_url_rules() -> None:
     assert git_url_problem("/srv/repos/r.git", "local", None) is None
     assert git_url_problem("host:path/r.git", "local", None) is not None
     assert git_url_problem("-u", "local", None) is not None
+
+
+def test_short_tokens_only_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert token_problem("short-token", "127.0.0.1") is None
+    assert token_problem("short-token", "localhost") is None
+    assert token_problem("short-token", "0.0.0.0") is not None
+    assert token_problem("x" * 32, "0.0.0.0") is None
+    assert token_problem(None, "0.0.0.0") is None
+    monkeypatch.setenv("DEKSDENFLOW_API_TOKEN", "five5")
+    assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2  # refused before binding
