@@ -482,8 +482,10 @@ def check_git_url(request: Request, url: str, provider: str) -> None:
 
 
 def seal_secrets(request: Request, kept: dict[str, Any], new: dict[str, str]) -> dict[str, Any]:
-    """Stored secrets plus `new` ones, each value encrypted (values never leave in clear)."""
-    return {**kept, **new}
+    """Stored secrets plus `new` ones, every value sealed with the secret key (older clear ones too)."""
+    from bot.secretbox import fernet_of, seal_all
+
+    return seal_all(fernet_of(_state(request).settings), {**kept, **new})
 
 
 @guarded

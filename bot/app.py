@@ -184,12 +184,16 @@ def create_app(
             from bot.migrate import upgrade_head
 
             await asyncio.to_thread(upgrade_head, settings.database_url)
-        from bot.github_setup import load_credentials
+        from bot.github_setup import load_credentials, load_stored_credentials
+        from bot.secretbox import private_dir
 
-        stored = load_credentials(settings.data_dir)
-        if stored and stored.get("webhook_secret") and settings.github_webhook_secret is None:
-            state.extra["github_webhook_secret"] = stored["webhook_secret"]
+        private_dir(settings.data_dir)  # 0700: keys, mirrors and the SQLite file live below
         state.db = database_from_settings(settings)
+        if settings.github_webhook_secret is None:
+            # an App made through /github/setup: sealed in the database, or the older file
+            stored = await load_stored_credentials(settings, state.db) or load_credentials(settings.data_dir)
+            if stored and stored.get("webhook_secret"):
+                state.extra["github_webhook_secret"] = stored["webhook_secret"]
         state.redis = create_redis(settings)
         db, redis = state.db, state.redis
 

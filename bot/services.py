@@ -21,6 +21,22 @@ class ForgeFactory:
         self.db = db
         self.overrides = overrides or {}  # tests inject forges by provider name
         self._cache: dict[str, Any] = {}
+        # the App made through /github/setup, read from the database (sealed) at start-up
+        self.stored_app: dict[str, Any] | None = None
+
+    async def load_stored_app(self) -> None:
+        """Read the App credentials every process shares (database first, the old file second)."""
+        from bot.github_setup import load_credentials, load_stored_credentials
+
+        self.stored_app = await load_stored_credentials(self.settings, self.db) or load_credentials(
+            self.settings.data_dir
+        )
+
+    def use_app(self, credentials: dict[str, Any]) -> None:
+        """A new App replaces the old one: drop clients built with the old key."""
+        self.stored_app = credentials
+        for key in [k for k in self._cache if k.startswith("github:")]:
+            self._cache.pop(key)
 
     def repo_ref(self, project: Project) -> RepoRef:
         provider = project.provider if project.provider in ("github", "gitlab") else "local"
@@ -37,14 +53,13 @@ class ForgeFactory:
             key = f"github:{project.installation_id}"
             if key not in self._cache:
                 from bot.forge.github import GitHubForge
-                from bot.github_setup import load_credentials
 
                 pem = self.settings.github_private_key_pem()
                 app_id: int | str | None = self.settings.github_app_id
                 slug = self.settings.github_app_slug
                 if not app_id or not pem:
-                    # an App created through /github/setup keeps its credentials in the data dir
-                    stored = load_credentials(self.settings.data_dir) or {}
+                    # an App created through /github/setup: its credentials are in the database
+                    stored = self.stored_app or {}
                     app_id, pem, slug = stored.get("id"), stored.get("pem"), slug or stored.get("slug")
                 if not app_id or not pem:
                     raise ConfigError("GitHub App not configured: set DEKSDENFLOW_GITHUB_APP_ID and a private key")
@@ -101,7 +116,12 @@ async def build_services(ctx: dict[str, Any]) -> None:
             credential_hosts=settings.credential_hosts,
         )
     if "forges" not in ctx:
-        ctx["forges"] = ForgeFactory(settings, ctx["db"], ctx.get("forge_overrides"))
+        from bot.secretbox import private_dir
+
+        private_dir(settings.data_dir)
+        forges = ForgeFactory(settings, ctx["db"], ctx.get("forge_overrides"))
+        await forges.load_stored_app()
+        ctx["forges"] = forges
 
 
 async def close_services(ctx: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -13,12 +15,16 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from cryptography.fernet import Fernet
+from sqlalchemy import create_engine, text
 from starlette.testclient import TestClient
 
 from bot.app import create_app
 from bot.cli import main, uvicorn_options
+from bot.errors import ConfigError
+from bot.secretbox import key_from, unseal
 from bot.security import git_url_problem, ref_name_problem, token_problem
-from tests.api.seed import seed
+from tests.api.seed import seed, sync_url
 from tests.conftest import free_port, make_settings
 
 TOKEN = "api-test-token-0123456789"
@@ -274,3 +280,36 @@ def test_short_tokens_only_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert token_problem(None, "0.0.0.0") is None
     monkeypatch.setenv("DEKSDENFLOW_API_TOKEN", "five5")
     assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2  # refused before binding
+
+
+def test_project_secrets_are_sealed_at_rest(tmp_path: Path, db_url: str) -> None:
+    key = Fernet.generate_key()
+    settings = make_settings(tmp_path, db_url=db_url, secret_key=key.decode())
+    with TestClient(create_app(settings)) as c:
+        made = c.post("/api/projects", headers=AUTH, json={"name": "s/s", "git_url": "/tmp/s.git", "secrets": {"k": "v-123456"}})
+        assert made.status_code == 201
+        pid = made.json()["id"]
+        assert c.patch(f"/api/projects/{pid}", headers=AUTH, json={"secrets": {"k2": "w-654321"}}).status_code == 200
+    engine = create_engine(sync_url(db_url))
+    with engine.connect() as conn:
+        raw = conn.execute(text("SELECT secrets FROM projects WHERE id = :i"), {"i": pid}).scalar()
+    engine.dispose()
+    assert raw is not None
+    stored: dict[str, str] = json.loads(raw) if isinstance(raw, str) else raw
+    assert set(stored) == {"k", "k2"}
+    assert "v-123456" not in json.dumps(stored) and "w-654321" not in json.dumps(stored)
+    assert unseal(Fernet(key), stored["k"]) == "v-123456" and unseal(Fernet(key), stored["k2"]) == "w-654321"
+    assert not (settings.data_dir / "secret.key").exists()  # the configured key is used, none generated
+
+
+def test_generated_key_and_sqlite_file_are_private(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)  # SQLite in the data dir, no SECRET_KEY
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/healthz").status_code == 200
+    assert stat.S_IMODE(settings.sqlite_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(settings.data_dir.stat().st_mode) == 0o700
+    first = key_from(settings)
+    assert stat.S_IMODE((settings.data_dir / "secret.key").stat().st_mode) == 0o600
+    assert key_from(settings) == first  # made once, then read by every process
+    with pytest.raises(ConfigError):
+        key_from(make_settings(tmp_path, secret_key="not-a-fernet-key"))
