@@ -31,7 +31,13 @@ from bot.errors import (
 )
 from bot.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
 from bot.protocol import ProtocolStatus, StepStatus
-from bot.security import forwarded, git_url_problem, is_loopback, ref_name_problem
+from bot.security import (
+    forwarded,
+    git_url_problem,
+    is_loopback,
+    ref_name_problem,
+    same_repository_url,
+)
 from bot.store import new_event
 
 log = logging.getLogger(__name__)
@@ -481,6 +487,37 @@ def check_git_url(request: Request, url: str, provider: str) -> None:
         raise BodyInvalid([{"loc": ["git_url"], "msg": f"git_url {problem}", "type": "value_error"}])
 
 
+async def check_forge_answer(request: Request, project: Project, url: str) -> None:
+    """422 unless the forge itself names `url` as the repository's clone URL.
+
+    The host rule already keeps the token on the forge; this also keeps a project from pointing
+    at another repository on that forge than the one its name and installation say.
+    """
+    if project.provider not in ("github", "gitlab"):
+        return
+    ctx = await _state(request).services_ctx()
+    forges = ctx["forges"]
+    answer: Any = None
+    problem: str | None = None
+    try:
+        forge = forges.forge_for(project)
+        if project.provider == "github":
+            answer = (await forge.get_repo(forges.repo_ref(project))).get("clone_url")
+        else:
+            answer = (await forge.get_project(project.forge_id or project.name)).get("http_url_to_repo")
+    except ConfigError:
+        problem = f"cannot be checked: the {project.provider} forge is not configured"
+    except ForgeError as exc:
+        log.info("git_url check for %s: the forge answered %s", project.name, exc)
+        problem = f"cannot be checked: {project.provider} does not show this repository to the bot"
+    else:
+        problem = None if isinstance(answer, str) and same_repository_url(answer, url) else (
+            f"is not the clone URL {project.provider} gives for {project.name}"
+        )
+    if problem:
+        raise BodyInvalid([{"loc": ["git_url"], "msg": f"git_url {problem}", "type": "value_error"}])
+
+
 def seal_secrets(request: Request, kept: dict[str, Any], new: dict[str, str]) -> dict[str, Any]:
     """Stored secrets plus `new` ones, every value sealed with the secret key (older clear ones too)."""
     from bot.secretbox import fernet_of, seal_all
@@ -494,6 +531,7 @@ async def create_project(request: Request) -> Response:
     body = await read_model(request, ProjectCreate)
     check_git_url(request, body.git_url, body.provider)
     values = body.model_dump()
+    await check_forge_answer(request, Project(**values), body.git_url)
     values["secrets"] = seal_secrets(request, {}, values["secrets"])
     # the token hash is only ever set by POST /api/projects/{id}/token
     values["config"] = {k: v for k, v in values["config"].items() if k != TOKEN_HASH_KEY}
@@ -524,6 +562,7 @@ async def update_project(request: Request) -> Response:
         require_admin(request)
     if changes.get("git_url") is not None:
         check_git_url(request, changes["git_url"], current.provider)
+        await check_forge_answer(request, current, changes["git_url"])
     try:
         async with _state(request).db.sessions.begin() as session:
             project = await session.get(Project, project_id, with_for_update=True)

@@ -485,3 +485,15 @@ def test_setup_callback_rejects_malformed_codes(gh: GitHubLoop, code: str) -> No
     mark = gh.fake.mark()
     assert gh.client.get("/github/setup/callback", params={"code": code}).status_code == 400
     assert gh.fake.since(mark) == []
+
+
+def test_git_url_must_be_the_forges_own_clone_url(gh: GitHubLoop) -> None:
+    assert gh.deliver("installation", gh.installation_created())["status"] == "processed"
+    project = gh.project()
+    assert project is not None
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    gh.fake.clone_url = f"https://github.com/{FULL_NAME}.git"
+    other = gh.client.patch(f"/api/projects/{project.id}", headers=auth, json={"git_url": "https://github.com/evil/fork.git"})
+    assert other.status_code == 422 and "clone URL" in other.text
+    same = gh.client.patch(f"/api/projects/{project.id}", headers=auth, json={"git_url": gh.fake.clone_url})
+    assert same.status_code == 200 and same.json()["git_url"] == gh.fake.clone_url
