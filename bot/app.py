@@ -184,14 +184,14 @@ def create_app(
             from bot.migrate import upgrade_head
 
             await asyncio.to_thread(upgrade_head, settings.database_url)
-        from bot.github_setup import load_credentials, load_stored_credentials
+        from bot.github_setup import read_app_credentials
         from bot.secretbox import private_dir
 
         private_dir(settings.data_dir)  # 0700: keys, mirrors and the SQLite file live below
         state.db = database_from_settings(settings)
         if settings.github_webhook_secret is None:
             # an App made through /github/setup: sealed in the database, or the older file
-            stored = await load_stored_credentials(settings, state.db) or load_credentials(settings.data_dir)
+            stored = await read_app_credentials(settings, state.db)
             if stored and stored.get("webhook_secret"):
                 state.extra["github_webhook_secret"] = stored["webhook_secret"]
         state.redis = create_redis(settings)

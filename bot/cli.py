@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +44,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if problem:
         print(f"configuration error: {problem}", file=sys.stderr)
         return 2
+    private_umask()
     if token is None:
         if is_loopback_bind(args.host):
             print("no DEKSDENFLOW_API_TOKEN: the API and console answer loopback callers only", file=sys.stderr)
@@ -58,6 +60,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def private_umask() -> None:
+    """Everything the service writes (mirrors, worktrees, SQLite, keys) is 0600/0700.
+
+    Set for the long-running commands only: the local CLI commands write into the user's own
+    checkout, where the user's umask is the right one.
+    """
+    os.umask(0o077)
+
+
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from bot.jobs.worker import run_worker
 
@@ -68,6 +79,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    private_umask()
     run_worker(settings)
     return 0
 

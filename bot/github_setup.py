@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -16,11 +17,13 @@ from starlette.routing import BaseRoute, Route
 from bot import sessions
 from bot.api import guarded, require_admin
 from bot.db import Database
+from bot.errors import ConfigError
 from bot.secretbox import GITHUB_APP, fernet_of, get_secret, put_secret
 from bot.settings import Settings
 
 MANIFEST = Path(__file__).resolve().parent.parent / "app.yml"
 CREDENTIALS_FILE = "github-app.json"
+log = logging.getLogger(__name__)
 
 
 def manifest_for(base_url: str) -> dict[str, Any]:
@@ -63,6 +66,20 @@ async def store_credentials(settings: Settings, db: Database, conversion: dict[s
 
 async def load_stored_credentials(settings: Settings, db: Database) -> dict[str, Any] | None:
     return await get_secret(db, fernet_of(settings), GITHUB_APP)
+
+
+async def read_app_credentials(settings: Settings, db: Database) -> dict[str, Any] | None:
+    """The App made through /github/setup: sealed in the database, else the older file.
+
+    A process whose key cannot open the row logs why and carries on (GitLab and local jobs
+    need no App) rather than dying at start.
+    """
+    try:
+        stored = await load_stored_credentials(settings, db)
+    except ConfigError as exc:
+        log.error("GitHub App credentials unreadable (%s): set one DEKSDENFLOW_SECRET_KEY everywhere", exc)
+        stored = None
+    return stored or load_credentials(settings.data_dir)
 
 
 def load_credentials(data_dir: Path) -> dict[str, Any] | None:

@@ -26,11 +26,9 @@ class ForgeFactory:
 
     async def load_stored_app(self) -> None:
         """Read the App credentials every process shares (database first, the old file second)."""
-        from bot.github_setup import load_credentials, load_stored_credentials
+        from bot.github_setup import read_app_credentials
 
-        self.stored_app = await load_stored_credentials(self.settings, self.db) or load_credentials(
-            self.settings.data_dir
-        )
+        self.stored_app = await read_app_credentials(self.settings, self.db)
 
     def use_app(self, credentials: dict[str, Any]) -> None:
         """A new App replaces the old one: drop clients built with the old key."""

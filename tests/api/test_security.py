@@ -314,3 +314,69 @@ def test_generated_key_and_sqlite_file_are_private(tmp_path: Path) -> None:
     assert key_from(settings) == first  # made once, then read by every process
     with pytest.raises(ConfigError):
         key_from(make_settings(tmp_path, secret_key="not-a-fernet-key"))
+
+
+def test_serve_without_token_says_so_and_keeps_its_files_private(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEKSDENFLOW_")}
+    env.update(DEKSDENFLOW_DATA_DIR=str(data), DEKSDENFLOW_ENGINE="scripted")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot", "serve", "--port", str(port)],
+        env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "serve did not start"
+            time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{port}/api/projects").status_code == 200
+        forged = httpx.get(f"http://127.0.0.1:{port}/api/projects", headers={"X-Forwarded-For": "127.0.0.1"})
+        assert forged.status_code == 401
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "answer loopback callers only" in err
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "deksdenflow.sqlite3").stat().st_mode) == 0o600
+    assert stat.S_IMODE((data / "secret.key").stat().st_mode) == 0o600
+
+
+def test_workers_read_the_app_the_api_stored(tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Compose: the API and each worker have their own data dir but one database and one key."""
+    from bot.db import database_from_settings
+    from bot.github_setup import store_credentials
+    from bot.services import build_services, close_services
+
+    key = Fernet.generate_key().decode()
+    api = make_settings(tmp_path / "api", db_url=db_url, secret_key=key)
+    worker = make_settings(tmp_path / "worker", db_url=db_url, secret_key=key)
+    stranger = make_settings(tmp_path / "stranger", db_url=db_url, secret_key=Fernet.generate_key().decode())
+
+    async def run() -> list[Any]:
+        db = database_from_settings(api)
+        try:
+            await store_credentials(api, db, {"id": 77, "slug": "df", "pem": "PEM", "webhook_secret": "w"})
+            seen = []
+            for settings in (worker, stranger):
+                ctx: dict[str, Any] = {"settings": settings, "db": db, "engines": object()}
+                await build_services(ctx)
+                seen.append(ctx["forges"].stored_app)
+                await close_services(ctx)
+            return seen
+        finally:
+            await db.dispose()
+
+    with caplog.at_level("ERROR"):
+        by_worker, by_stranger = asyncio.run(run())
+    assert by_worker is not None and by_worker["id"] == 77 and by_worker["pem"] == "PEM"
+    assert by_stranger is None and "DEKSDENFLOW_SECRET_KEY" in caplog.text
