@@ -160,22 +160,21 @@ def guarded(endpoint: Endpoint) -> Endpoint:
         try:
             return await endpoint(request)
         except TransitionConflict as exc:
-            return JSONResponse(
-                {"error": str(exc), "current": exc.current, "kind": exc.kind, "wanted": exc.wanted},
-                status_code=409,
+            return error_answer(
+                409, str(exc), exc, current=exc.current, kind=exc.kind, wanted=exc.wanted
             )
         except NotFound as exc:
-            return JSONResponse({"error": str(exc)}, status_code=404)
+            return error_answer(404, one_line(str(exc)), exc)
         except Forbidden as exc:
-            return JSONResponse({"error": str(exc)}, status_code=403)
+            return error_answer(403, one_line(str(exc)), exc)
         except BodyInvalid as exc:
-            return JSONResponse({"error": "invalid request body", "detail": exc.detail}, status_code=422)
+            return error_answer(422, "invalid request body", exc, detail=exc.detail)
         except (ForgeError, GitError, BadGateway) as exc:
             return error_answer(502, "the git remote or the forge failed", exc)
         except SpecError as exc:
-            return JSONResponse({"error": str(exc), "detail": exc.errors}, status_code=422)
+            return error_answer(422, one_line(str(exc)), exc, detail=exc.errors)
         except (ValueError, ConfigError) as exc:
-            return JSONResponse({"error": one_line(str(exc))}, status_code=400)
+            return error_answer(400, one_line(str(exc)), exc)
         except DeksdenFlowError as exc:
             return error_answer(400, "the request could not be carried out", exc)
         except Exception as exc:  # the edge's catch-all: a reason and an id, never a traceback
@@ -190,11 +189,18 @@ def one_line(text: str, limit: int = 300) -> str:
     return text.strip().splitlines()[0][:limit] if text.strip() else ""
 
 
-def error_answer(status: int, reason: str, exc: BaseException) -> JSONResponse:
-    """A one-line reason and an error id; the details (command lines, paths) go to the log only."""
+def error_answer(status: int, reason: str, exc: BaseException, **extra: Any) -> JSONResponse:
+    """A one-line reason and an error id; the details (command lines, paths) go to the log only.
+
+    `reason` is written for the caller: for 4xx it is our own message about their input, for
+    5xx a fixed sentence (the exception text stays in the log under the id).
+    """
     error_id = secrets_mod.token_hex(6)
-    log.warning("API error %s (HTTP %d): %s: %s", error_id, status, type(exc).__name__, exc, exc_info=status >= 500)
-    return JSONResponse({"error": reason, "error_id": error_id}, status_code=status)
+    # details kept from the caller are worth a warning; the caller's own mistakes are not
+    hidden = reason != one_line(str(exc))
+    level = logging.WARNING if status >= 500 or hidden else logging.INFO
+    log.log(level, "API error %s (HTTP %d): %s: %s", error_id, status, type(exc).__name__, exc, exc_info=status >= 500)
+    return JSONResponse({"error": reason, "error_id": error_id, **extra}, status_code=status)
 
 
 def access_of(request: Request) -> Access:
@@ -1021,7 +1027,7 @@ def build_openapi() -> dict[str, Any]:
     schemas: dict[str, Any] = {
         "Error": {
             "type": "object",
-            "properties": {"error": {"type": "string"}, "current": {"type": "string"},
+            "properties": {"error": {"type": "string"}, "error_id": {"type": "string"}, "current": {"type": "string"},
                            "detail": {"type": "array", "items": {"type": "object"}}},
             "required": ["error"],
         }

@@ -245,6 +245,13 @@ def test_git_failure_answers_without_internals(client: tuple[TestClient, dict[st
     assert set(body) == {"error", "error_id"} and "\n" not in body["error"]
     assert "/nonexistent" not in answer.text and "git" not in body["error"].split()[0:1]
     assert "fetch" not in answer.text and "/tmp" not in answer.text
+    # every error answer carries an id to find its details in the log
+    for wrong in (
+        c.get("/api/protocols/424242", headers=AUTH),
+        c.post("/api/projects", headers=AUTH, json={"name": "x"}),
+        c.get("/api/events?after=1&before=2", headers=AUTH),
+    ):
+        assert wrong.status_code in (400, 404, 422) and len(wrong.json()["error_id"]) == 12
 
 
 @pytest.mark.parametrize(
