@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -11,6 +13,10 @@ from bot.errors import ConfigError
 from bot.forge.base import Forge, RepoRef
 from bot.models import Project
 from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+# how often a process re-reads the App credentials another process may have stored
+APP_REFRESH_S = 60.0
 
 
 class ForgeFactory:
@@ -24,13 +30,31 @@ class ForgeFactory:
         # the App made through /github/setup, read from the database (sealed) at start-up
         self.stored_app: dict[str, Any] | None = None
 
+        self._refresher: asyncio.Task[None] | None = None
+
     async def load_stored_app(self) -> None:
         """Read the App credentials every process shares (database first, the old file second)."""
         from bot.github_setup import read_app_credentials
 
-        self.stored_app = await read_app_credentials(self.settings, self.db)
+        fresh = await read_app_credentials(self.settings, self.db)
+        if fresh != self.stored_app:
+            self.use_app(fresh)
 
-    def use_app(self, credentials: dict[str, Any]) -> None:
+    def watch_stored_app(self, every_s: float = APP_REFRESH_S) -> None:
+        """Re-read the App now and then: a worker started before /github/setup picks it up."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(every_s)
+                try:
+                    await self.load_stored_app()
+                except Exception as exc:  # a database hiccup: keep what we have, try again later
+                    log.debug("could not re-read the GitHub App credentials: %s", exc)
+
+        if self._refresher is None:
+            self._refresher = asyncio.create_task(loop(), name="github-app-refresh")
+
+    def use_app(self, credentials: dict[str, Any] | None) -> None:
         """A new App replaces the old one: drop clients built with the old key."""
         self.stored_app = credentials
         for key in [k for k in self._cache if k.startswith("github:")]:
@@ -86,6 +110,11 @@ class ForgeFactory:
         return LocalForge(self.db, project.id)
 
     async def aclose(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
         for client in self._cache.values():
             closer = getattr(client, "aclose", None)
             if closer is not None:
@@ -119,6 +148,7 @@ async def build_services(ctx: dict[str, Any]) -> None:
         private_dir(settings.data_dir)
         forges = ForgeFactory(settings, ctx["db"], ctx.get("forge_overrides"))
         await forges.load_stored_app()
+        forges.watch_stored_app()
         ctx["forges"] = forges
 
 

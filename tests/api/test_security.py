@@ -372,8 +372,14 @@ def test_workers_read_the_app_the_api_stored(tmp_path: Path, db_url: str, caplog
     async def run() -> list[Any]:
         db = database_from_settings(api)
         try:
+            # a worker started before the App existed picks it up when it re-reads
+            early: dict[str, Any] = {"settings": worker, "db": db, "engines": object()}
+            await build_services(early)
+            assert early["forges"].stored_app is None
             await store_credentials(api, db, {"id": 77, "slug": "df", "pem": "PEM", "webhook_secret": "w"})
-            seen = []
+            await early["forges"].load_stored_app()
+            seen = [early["forges"].stored_app]
+            await close_services(early)
             for settings in (worker, stranger):
                 ctx: dict[str, Any] = {"settings": settings, "db": db, "engines": object()}
                 await build_services(ctx)
@@ -384,6 +390,7 @@ def test_workers_read_the_app_the_api_stored(tmp_path: Path, db_url: str, caplog
             await db.dispose()
 
     with caplog.at_level("ERROR"):
-        by_worker, by_stranger = asyncio.run(run())
+        by_early, by_worker, by_stranger = asyncio.run(run())
+    assert by_early == by_worker
     assert by_worker is not None and by_worker["id"] == 77 and by_worker["pem"] == "PEM"
     assert by_stranger is None and "DEKSDENFLOW_SECRET_KEY" in caplog.text
