@@ -394,3 +394,27 @@ def test_workers_read_the_app_the_api_stored(tmp_path: Path, db_url: str, caplog
     assert by_early == by_worker
     assert by_worker is not None and by_worker["id"] == 77 and by_worker["pem"] == "PEM"
     assert by_stranger is None and "DEKSDENFLOW_SECRET_KEY" in caplog.text
+
+
+def test_setup_callback_needs_the_pages_one_time_state(tmp_path: Path, db_url: str) -> None:
+    import respx
+
+    settings = make_settings(tmp_path, db_url=db_url)
+    conversion = {"id": 9, "slug": "df", "pem": "PEM", "webhook_secret": "new-secret-0123456789"}
+    with respx.mock(base_url="https://api.github.com", assert_all_called=False) as gh, TestClient(create_app(settings)) as c:
+        route = gh.post("/app-manifests/abc/conversions").respond(201, json=conversion)
+        for query in ("?code=abc", "?code=abc&state=made-up", "?code=abc&state="):
+            assert c.get("/github/setup/callback" + query).status_code == 403
+        assert route.call_count == 0
+        assert c.get("/github/setup").status_code == 401  # the page needs the operator
+        page = c.get("/github/setup", headers=AUTH)
+        assert page.status_code == 200 and page.headers["cache-control"] == "no-store"
+        state = page.text.split("?state=", 1)[1].split('"', 1)[0]
+        assert c.get(f"/github/setup/callback?code=abc&state={state}").status_code == 200
+        assert c.get(f"/github/setup/callback?code=abc&state={state}").status_code == 403  # spent
+        assert route.call_count == 1
+    engine = create_engine(sync_url(db_url))
+    with engine.connect() as conn:
+        rows = list(conn.execute(text("SELECT name, value FROM stored_secrets")))
+    engine.dispose()
+    assert [r[0] for r in rows] == ["github_app"] and "new-secret" not in rows[0][1]
