@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import defer
@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from bot import sessions
 from bot.errors import (
     ConfigError,
     DeksdenFlowError,
@@ -30,12 +31,20 @@ from bot.errors import (
 )
 from bot.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
 from bot.protocol import ProtocolStatus, StepStatus
+from bot.security import (
+    forwarded,
+    git_url_problem,
+    is_loopback,
+    ref_name_problem,
+    same_repository_url,
+)
 from bot.store import new_event
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
-LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
+# starlette's TestClient peer; uvicorn only ever reports socket addresses
+TEST_PEER = "testclient"
 Endpoint = Callable[[Request], Awaitable[Response]]
 # Postgres INTEGER ids: a larger number can never exist, and binding it would be a DataError.
 MAX_ID = 2**31 - 1
@@ -70,11 +79,6 @@ class Access:
 
 def _state(request: Request) -> Any:
     return request.app.state.df
-
-
-def console_cookie_value(token: str) -> str:
-    """The console cookie carries a MAC of the API token, never the token itself."""
-    return hmac.new(token.encode(), b"deksdenflow-console-session", hashlib.sha256).hexdigest()
 
 
 def hash_token(token: str) -> str:
@@ -113,14 +117,27 @@ async def authenticate(request: Request) -> Access | JSONResponse:
         if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode()):
             return Access()
         cookie = request.cookies.get(CONSOLE_COOKIE, "")
-        if cookie and hmac.compare_digest(cookie.encode(), console_cookie_value(token).encode()):
+        if cookie and await sessions.is_valid(_state(request).db, sessions.CONSOLE, cookie):
             return Access(via_cookie=True)
         return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
-    if (request.client.host if request.client else "") not in LOOPBACK:
+    if not loopback_caller(request):
         return JSONResponse(
-            {"error": "set DEKSDENFLOW_API_TOKEN to use the API remotely"}, status_code=403
+            {"error": "set DEKSDENFLOW_API_TOKEN to use the API remotely"}, status_code=401
         )
     return Access()
+
+
+def loopback_caller(request: Request) -> bool:
+    """A caller on this machine, judged by the socket peer alone.
+
+    Forwarding headers never make a caller local: through a proxy on this host every peer is
+    127.0.0.1, so a request that carries them is treated as remote. And when `serve` listens
+    beyond loopback without an API token, nobody is local enough.
+    """
+    if _state(request).extra.get("api_closed"):
+        return False
+    peer = request.client.host if request.client else ""
+    return (is_loopback(peer) or peer == TEST_PEER) and not forwarded(request.headers)
 
 
 def guarded(endpoint: Endpoint) -> Endpoint:
@@ -143,26 +160,47 @@ def guarded(endpoint: Endpoint) -> Endpoint:
         try:
             return await endpoint(request)
         except TransitionConflict as exc:
-            return JSONResponse(
-                {"error": str(exc), "current": exc.current, "kind": exc.kind, "wanted": exc.wanted},
-                status_code=409,
+            return error_answer(
+                409, str(exc), exc, current=exc.current, kind=exc.kind, wanted=exc.wanted
             )
         except NotFound as exc:
-            return JSONResponse({"error": str(exc)}, status_code=404)
+            return error_answer(404, one_line(str(exc)), exc)
         except Forbidden as exc:
-            return JSONResponse({"error": str(exc)}, status_code=403)
+            return error_answer(403, one_line(str(exc)), exc)
         except BodyInvalid as exc:
-            return JSONResponse({"error": "invalid request body", "detail": exc.detail}, status_code=422)
+            return error_answer(422, "invalid request body", exc, detail=exc.detail)
         except (ForgeError, GitError, BadGateway) as exc:
-            return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=502)
+            return error_answer(502, "the git remote or the forge failed", exc)
         except SpecError as exc:
-            return JSONResponse({"error": str(exc), "detail": exc.errors}, status_code=422)
-        except (ValueError, ConfigError, DeksdenFlowError) as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
+            return error_answer(422, one_line(str(exc)), exc, detail=exc.errors)
+        except (ValueError, ConfigError) as exc:
+            return error_answer(400, one_line(str(exc)), exc)
+        except DeksdenFlowError as exc:
+            return error_answer(400, "the request could not be carried out", exc)
+        except Exception as exc:  # the edge's catch-all: a reason and an id, never a traceback
+            return error_answer(500, "internal error", exc)
 
     wrapper.__name__ = endpoint.__name__
     wrapper.__doc__ = endpoint.__doc__
     return wrapper
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    return text.strip().splitlines()[0][:limit] if text.strip() else ""
+
+
+def error_answer(status: int, reason: str, exc: BaseException, **extra: Any) -> JSONResponse:
+    """A one-line reason and an error id; the details (command lines, paths) go to the log only.
+
+    `reason` is written for the caller: for 4xx it is our own message about their input, for
+    5xx a fixed sentence (the exception text stays in the log under the id).
+    """
+    error_id = secrets_mod.token_hex(6)
+    # details kept from the caller are worth a warning; the caller's own mistakes are not
+    hidden = reason != one_line(str(exc))
+    level = logging.WARNING if status >= 500 or hidden else logging.INFO
+    log.log(level, "API error %s (HTTP %d): %s: %s", error_id, status, type(exc).__name__, exc, exc_info=status >= 500)
+    return JSONResponse({"error": reason, "error_id": error_id, **extra}, status_code=status)
 
 
 def access_of(request: Request) -> Access:
@@ -355,6 +393,13 @@ def delivery_json(d: WebhookDelivery) -> dict[str, Any]:
 Name = Field(min_length=1, max_length=255)
 
 
+def _check_branch(value: str | None) -> str | None:
+    problem = None if value is None else ref_name_problem(value)
+    if problem:
+        raise ValueError(f"base_branch {problem}")
+    return value
+
+
 class ProjectCreate(BaseModel):
     """A new project. `secrets` are stored and never returned."""
 
@@ -371,6 +416,8 @@ class ProjectCreate(BaseModel):
     forge_id: str | None = Field(default=None, max_length=255)
     enabled: bool = True
 
+    _branch = field_validator("base_branch")(_check_branch)
+
 
 class ProjectUpdate(BaseModel):
     """Fields to change; `secrets` merge (a null value deletes that secret)."""
@@ -384,6 +431,8 @@ class ProjectUpdate(BaseModel):
     secrets: dict[str, str | None] | None = None
     config: dict[str, Any] | None = None
     enabled: bool | None = None
+
+    _branch = field_validator("base_branch")(_check_branch)
 
 
 class ProtocolCreate(BaseModel):
@@ -429,11 +478,67 @@ async def list_projects(request: Request) -> Response:
         return JSONResponse({"items": [project_json(p) for p in rows]})
 
 
+# What only the operator token may change: where the bot sends the forge's token (git_url),
+# the secrets, and who may run commands (the permission table, and the base branch whose
+# .deksdenflow.yml decides it). A project token reads its project and drives its runs.
+OPERATOR_FIELDS = frozenset({"name", "enabled", "git_url", "secrets", "base_branch"})
+OPERATOR_CONFIG_KEYS = ("permissions", "allow_fork_commands", "labels", "policies", "repo", "setup")
+
+
+def check_git_url(request: Request, url: str, provider: str) -> None:
+    """422 unless `url` is acceptable for `provider` (bot/security.py: git_url_problem)."""
+    settings = _state(request).settings
+    problem = git_url_problem(url, provider, settings.forge_url(provider))
+    if problem:
+        raise BodyInvalid([{"loc": ["git_url"], "msg": f"git_url {problem}", "type": "value_error"}])
+
+
+async def check_forge_answer(request: Request, project: Project, url: str) -> None:
+    """422 unless the forge itself names `url` as the repository's clone URL.
+
+    The host rule already keeps the token on the forge; this also keeps a project from pointing
+    at another repository on that forge than the one its name and installation say.
+    """
+    if project.provider not in ("github", "gitlab"):
+        return
+    ctx = await _state(request).services_ctx()
+    forges = ctx["forges"]
+    answer: Any = None
+    problem: str | None = None
+    try:
+        forge = forges.forge_for(project)
+        if project.provider == "github":
+            answer = (await forge.get_repo(forges.repo_ref(project))).get("clone_url")
+        else:
+            answer = (await forge.get_project(project.forge_id or project.name)).get("http_url_to_repo")
+    except ConfigError:
+        problem = f"cannot be checked: the {project.provider} forge is not configured"
+    except ForgeError as exc:
+        log.info("git_url check for %s: the forge answered %s", project.name, exc)
+        problem = f"cannot be checked: {project.provider} does not show this repository to the bot"
+    else:
+        problem = None if isinstance(answer, str) and same_repository_url(answer, url) else (
+            f"is not the clone URL {project.provider} gives for {project.name}"
+        )
+    if problem:
+        raise BodyInvalid([{"loc": ["git_url"], "msg": f"git_url {problem}", "type": "value_error"}])
+
+
+def seal_secrets(request: Request, kept: dict[str, Any], new: dict[str, str]) -> dict[str, Any]:
+    """Stored secrets plus `new` ones, every value sealed with the secret key (older clear ones too)."""
+    from bot.secretbox import fernet_of, seal_all
+
+    return seal_all(fernet_of(_state(request).settings), {**kept, **new})
+
+
 @guarded
 async def create_project(request: Request) -> Response:
     require_admin(request)
     body = await read_model(request, ProjectCreate)
+    check_git_url(request, body.git_url, body.provider)
     values = body.model_dump()
+    await check_forge_answer(request, Project(**values), body.git_url)
+    values["secrets"] = seal_secrets(request, {}, values["secrets"])
     # the token hash is only ever set by POST /api/projects/{id}/token
     values["config"] = {k: v for k, v in values["config"].items() if k != TOKEN_HASH_KEY}
     try:
@@ -456,11 +561,14 @@ async def get_project(request: Request) -> Response:
 @guarded
 async def update_project(request: Request) -> Response:
     project_id = _path_id(request, "project_id", "project")
-    await _load_project(request, project_id)
+    current = await _load_project(request, project_id)
     body = await read_model(request, ProjectUpdate)
     changes = body.model_dump(exclude_unset=True)
-    if "enabled" in changes or "name" in changes:
+    if not OPERATOR_FIELDS.isdisjoint(changes):
         require_admin(request)
+    if changes.get("git_url") is not None:
+        check_git_url(request, changes["git_url"], current.provider)
+        await check_forge_answer(request, current, changes["git_url"])
     try:
         async with _state(request).db.sessions.begin() as session:
             project = await session.get(Project, project_id, with_for_update=True)
@@ -472,12 +580,16 @@ async def update_project(request: Request) -> Response:
                     for name, secret in (value or {}).items():
                         if secret is None:
                             merged.pop(name, None)
-                        else:
-                            merged[name] = secret
-                    project.secrets = merged
+                    project.secrets = seal_secrets(
+                        request, merged, {k: v for k, v in (value or {}).items() if v is not None}
+                    )
                 elif key == "config":
-                    keep = (project.config or {}).get(TOKEN_HASH_KEY)
+                    old_config = project.config or {}
+                    keep = old_config.get(TOKEN_HASH_KEY)
                     given = {k: v for k, v in (value or {}).items() if k != TOKEN_HASH_KEY}
+                    if any(given.get(k) != old_config.get(k) for k in OPERATOR_CONFIG_KEYS):
+                        # who may run commands is the operator's (and the base branch's) call
+                        require_admin(request)
                     project.config = {**given, **({TOKEN_HASH_KEY: keep} if keep else {})}
                 elif value is None and key in ("name", "git_url", "base_branch", "enabled"):
                     raise ValueError(f"{key} cannot be null")
@@ -915,7 +1027,7 @@ def build_openapi() -> dict[str, Any]:
     schemas: dict[str, Any] = {
         "Error": {
             "type": "object",
-            "properties": {"error": {"type": "string"}, "current": {"type": "string"},
+            "properties": {"error": {"type": "string"}, "error_id": {"type": "string"}, "current": {"type": "string"},
                            "detail": {"type": "array", "items": {"type": "object"}}},
             "required": ["error"],
         }

@@ -164,13 +164,25 @@ class DeksdenflowApp(Starlette):
 
 
 def create_app(
-    settings: Settings, *, embedded_worker: bool | None = None, demo_port: int | None = None
+    settings: Settings,
+    *,
+    embedded_worker: bool | None = None,
+    demo_port: int | None = None,
+    bind_host: str | None = None,
 ) -> Starlette:
-    """The ASGI app. `embedded_worker` defaults to True for the in-process (memory://) queue."""
+    """The ASGI app. `embedded_worker` defaults to True for the in-process (memory://) queue.
+
+    `bind_host` is where `serve` listens: without an API token, the API and console stay closed
+    unless that is a loopback address.
+    """
     state = AppState(settings=settings, metrics=Metrics(), router=build_router())
     from bot.doctor import instance_fingerprint
 
     state.extra["instance"] = instance_fingerprint(settings)
+    if bind_host is not None and settings.api_token is None:
+        from bot.security import is_loopback_bind
+
+        state.extra["api_closed"] = not is_loopback_bind(bind_host)
     run_worker = settings.memory_queue if embedded_worker is None else embedded_worker
 
     @contextlib.asynccontextmanager
@@ -180,12 +192,16 @@ def create_app(
             from bot.migrate import upgrade_head
 
             await asyncio.to_thread(upgrade_head, settings.database_url)
-        from bot.github_setup import load_credentials
+        from bot.github_setup import read_app_credentials
+        from bot.secretbox import private_dir
 
-        stored = load_credentials(settings.data_dir)
-        if stored and stored.get("webhook_secret") and settings.github_webhook_secret is None:
-            state.extra["github_webhook_secret"] = stored["webhook_secret"]
+        private_dir(settings.data_dir)  # 0700: keys, mirrors and the SQLite file live below
         state.db = database_from_settings(settings)
+        if settings.github_webhook_secret is None:
+            # an App made through /github/setup: sealed in the database, or the older file
+            stored = await read_app_credentials(settings, state.db)
+            if stored and stored.get("webhook_secret"):
+                state.extra["github_webhook_secret"] = stored["webhook_secret"]
         state.redis = create_redis(settings)
         db, redis = state.db, state.redis
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from bot.errors import ConfigError, DeksdenFlowError
 from bot.settings import Settings, external_file_env, load_settings
@@ -13,6 +14,23 @@ from bot.settings import Settings, external_file_env, load_settings
 Command = Callable[[argparse.Namespace, Settings], int]
 _COMMANDS: dict[str, Command] = {}
 _EXTENSIONS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+
+def uvicorn_options(settings: Settings, host: str, port: int) -> dict[str, Any]:
+    """uvicorn's keyword arguments for `serve` (pure).
+
+    Forwarding headers are believed only from DEKSDENFLOW_TRUSTED_PROXIES: uvicorn's own default
+    trusts 127.0.0.1, which makes any proxy or sidecar on the host a way to claim any address.
+    """
+    proxies = settings.trusted_proxies.strip()
+    return {
+        "host": host,
+        "port": port,
+        "log_level": "warning",
+        "access_log": False,
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies or "",
+    }
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -40,6 +58,15 @@ def _doctor_config_error(args: argparse.Namespace, exc: ConfigError) -> int:
     return 1
 
 
+def private_umask() -> None:
+    """Everything the service writes (mirrors, worktrees, SQLite, keys) is 0600/0700.
+
+    Set for the long-running commands only: the local CLI commands write into the user's own
+    checkout, where the user's umask is the right one.
+    """
+    os.umask(0o077)
+
+
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from bot.jobs.worker import run_worker
 
@@ -50,6 +77,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    private_umask()
     run_worker(settings)
     return 0
 

@@ -6,7 +6,7 @@ import hmac
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import func, select
@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from bot import sessions
 from bot.api import (
     ACTIONS,
     CONSOLE_COOKIE,
@@ -23,7 +24,6 @@ from bot.api import (
     PROTOCOL_STATUSES,
     Access,
     authenticate,
-    console_cookie_value,
     delivery_json,
     event_json,
     project_json,
@@ -87,34 +87,84 @@ def render(request: Request, template: str, status_code: int = 200, **values: An
     return HTMLResponse(html, status_code=status_code)
 
 
+def login_page(request: Request, status_code: int, error: str | None) -> HTMLResponse:
+    settings = request.app.state.df.settings
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if not target.startswith("/console") or target.startswith("/console/log"):
+        target = "/console"
+    return render(
+        request, "login.html", status_code, error=error, next=target, hide_signout=True,
+        ttl_hours=round(settings.console_session_ttl_s / 3600, 1),
+    )
+
+
+def _safe_next(value: str) -> str:
+    """Only a console path of this server: never an open redirect to another site."""
+    if value.startswith("/console") and not value.startswith("//") and "\\" not in value:
+        return value
+    return "/console"
+
+
+async def _form(request: Request) -> dict[str, str]:
+    raw = await request.body()
+    if len(raw) > 8192:
+        return {}
+    return {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
+
+
+async def login(request: Request) -> Response:
+    """Sign in by POST: the API token is exchanged for a random server-side session."""
+    if request.method == "GET":
+        return login_page(request, 200, None)
+    state = request.app.state.df
+    api_token = state.settings.api_token.get_secret_value() if state.settings.api_token else None
+    form = await _form(request)
+    given = form.get("token", "")
+    if not api_token or not hmac.compare_digest(given.encode(), api_token.encode()):
+        return render(request, "login.html", 401, error="wrong token", next=_safe_next(form.get("next", "")),
+                      hide_signout=True,
+                      ttl_hours=round(state.settings.console_session_ttl_s / 3600, 1))
+    session_id = await sessions.create(state.db, sessions.CONSOLE, state.settings.console_session_ttl_s)
+    response = RedirectResponse(_safe_next(form.get("next", "")), status_code=303)
+    response.set_cookie(
+        CONSOLE_COOKIE,
+        session_id,
+        httponly=True,
+        samesite="strict",
+        secure=_https(request),
+        max_age=int(state.settings.console_session_ttl_s),
+        path="/",
+    )
+    return response
+
+
+async def logout(request: Request) -> Response:
+    """Sign out: the session is deleted on the server, so a copied cookie stops working too."""
+    cookie = request.cookies.get(CONSOLE_COOKIE)
+    if cookie:
+        await sessions.revoke(request.app.state.df.db, sessions.CONSOLE, cookie)
+    response = RedirectResponse("/console/login", status_code=303)
+    response.delete_cookie(CONSOLE_COOKIE, path="/", httponly=True, samesite="strict", secure=_https(request))
+    return response
+
+
+def _https(request: Request) -> bool:
+    # behind a trusted proxy uvicorn has already set the scheme from X-Forwarded-Proto
+    return request.url.scheme == "https"
+
+
 def console_page(page: Page) -> Page:
-    """Console auth: `?token=` once sets an HttpOnly cookie (a MAC, not the token) the API accepts."""
+    """Console auth: the session cookie from POST /console/login (the API accepts it too)."""
 
     async def wrapper(request: Request) -> Response:
-        settings = request.app.state.df.settings
-        api_token = settings.api_token.get_secret_value() if settings.api_token else None
-        given = request.query_params.get("token")
-        if given is not None:
-            if not api_token or not hmac.compare_digest(given.encode(), api_token.encode()):
-                return render(request, "login.html", 401, error="wrong token")
-            rest = {k: v for k, v in request.query_params.items() if k != "token"}
-            target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
-            response = RedirectResponse(target, status_code=303)
-            response.set_cookie(
-                CONSOLE_COOKIE,
-                console_cookie_value(api_token),
-                httponly=True,
-                samesite="strict",
-                secure=request.url.scheme == "https",
-                max_age=12 * 3600,
-                path="/",
-            )
-            return response
+        if "token" in request.query_params:
+            # a token in a URL ends up in histories and proxy logs: it is never accepted there
+            return login_page(request, 400, "sign in with the form; a token in the address is refused")
         access = await authenticate(request)
         if not isinstance(access, Access):
-            return render(request, "login.html", access.status_code, error=None)
+            return login_page(request, access.status_code, None)
         if not access.admin:
-            return render(request, "login.html", 403, error="the console needs the API token")
+            return login_page(request, 403, "the console needs the API token")
         try:
             return await page(request)
         except LookupError as exc:
@@ -304,6 +354,8 @@ async def queue_page(request: Request) -> Response:
 def console_routes() -> list[BaseRoute]:
     return [
         Route("/console", index),
+        Route("/console/login", login, methods=["GET", "POST"]),
+        Route("/console/logout", logout, methods=["POST"]),
         Route("/console/projects/{project_id:int}", project_page),
         Route("/console/protocols", protocols_page),
         Route("/console/protocols/{run_id:int}", run_page),

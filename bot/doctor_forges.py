@@ -6,6 +6,7 @@ the result types and the pure comparisons live in bot/doctor.py and bot/forge/gi
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -32,17 +33,32 @@ from bot.forge import github_permissions as ghp
 from bot.settings import Settings
 
 
-def _github_credentials(settings: Settings) -> tuple[str | None, str | None, str | None, str | None]:
-    """(app id, pem, webhook secret, slug) from the settings, else from /github/setup's file."""
-    from bot.github_setup import load_credentials
+async def _stored_app(settings: Settings) -> dict[str, Any]:
+    """The App /github/setup sealed in the database (or its older file); {} when none or unreadable."""
+    from bot.db import database_from_settings
+    from bot.github_setup import load_credentials, read_app_credentials
 
+    try:
+        db = database_from_settings(settings)
+        try:
+            return await read_app_credentials(settings, db) or {}
+        finally:
+            await db.dispose()
+    except Exception:  # the database check reports an unreachable database on its own line
+        return load_credentials(settings.data_dir) or {}
+
+
+def _github_credentials(
+    settings: Settings, stored: dict[str, Any] | None = None
+) -> tuple[str | None, str | None, str | None, str | None]:
+    """(app id, pem, webhook secret, slug) from the settings, else from what /github/setup stored."""
     app_id = str(settings.github_app_id) if settings.github_app_id else None
     pem = settings.github_private_key_pem()
     secret = (
         settings.github_webhook_secret.get_secret_value() if settings.github_webhook_secret else None
     )
     slug = settings.github_app_slug
-    stored = load_credentials(settings.data_dir) or {}
+    stored = stored or {}
     if not app_id or not pem:
         app_id = str(stored["id"]) if stored.get("id") else None
         pem = stored.get("pem")
@@ -54,7 +70,7 @@ async def check_github(settings: Settings, *, http: httpx.AsyncClient | None = N
     from bot.forge.github_client import GitHubClient, GitHubHTTPError
 
     try:
-        app_id, pem, secret, _ = _github_credentials(settings)
+        app_id, pem, secret, _ = _github_credentials(settings, await _stored_app(settings))
     except OSError as exc:
         return [fail("github app", f"cannot read the private key: {describe_error(exc)}",
                      "point DEKSDENFLOW_GITHUB_PRIVATE_KEY_PATH at the App's .pem file")]

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import html
 import json
-import os
+import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import yaml
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from bot.api import guarded
+from bot import sessions
+from bot.api import guarded, require_admin
+from bot.db import Database
+from bot.errors import ConfigError
+from bot.secretbox import GITHUB_APP, fernet_of, get_secret, put_secret
+from bot.settings import Settings
 
 MANIFEST = Path(__file__).resolve().parent.parent / "app.yml"
 CREDENTIALS_FILE = "github-app.json"
+log = logging.getLogger(__name__)
 
 
 def manifest_for(base_url: str) -> dict[str, Any]:
@@ -47,13 +54,11 @@ def loopback_warning(hook_url: str) -> str:
 
 
 def setup_page(
-    manifest: dict[str, Any], web_url: str, organization: str | None, warning: str = ""
+    manifest: dict[str, Any], web_url: str, organization: str | None, state: str, warning: str = ""
 ) -> str:
-    target = (
-        f"{web_url}/organizations/{organization}/settings/apps/new"
-        if organization
-        else f"{web_url}/settings/apps/new"
-    )
+    path = f"/organizations/{quote(organization, safe='')}" if organization else ""
+    # GitHub hands `state` back on the redirect to the callback, which checks it once
+    target = f"{web_url}{path}/settings/apps/new?{urlencode({'state': state})}"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>DeksdenFlow · create the GitHub App</title></head>
 <body style="font-family: system-ui; max-width: 42rem; margin: 3rem auto">
@@ -70,21 +75,36 @@ GitHub then returns here and the server stores the new App's id, key and webhook
 </body></html>"""
 
 
-def store_credentials(data_dir: Path, conversion: dict[str, Any]) -> Path:
-    """Keep what the server needs; the file is readable by the service user only."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / CREDENTIALS_FILE
-    kept = {
-        k: conversion.get(k)
-        for k in ("id", "slug", "pem", "webhook_secret", "client_id", "html_url")
-    }
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(kept, fh)
-    return path
+KEPT_FIELDS = ("id", "slug", "pem", "webhook_secret", "client_id", "html_url")
+
+
+async def store_credentials(settings: Settings, db: Database, conversion: dict[str, Any]) -> dict[str, Any]:
+    """Keep what the service needs, sealed in the database where every process can read it."""
+    kept = {k: conversion.get(k) for k in KEPT_FIELDS}
+    await put_secret(db, fernet_of(settings), GITHUB_APP, kept)
+    return kept
+
+
+async def load_stored_credentials(settings: Settings, db: Database) -> dict[str, Any] | None:
+    return await get_secret(db, fernet_of(settings), GITHUB_APP)
+
+
+async def read_app_credentials(settings: Settings, db: Database) -> dict[str, Any] | None:
+    """The App made through /github/setup: sealed in the database, else the older file.
+
+    A process whose key cannot open the row logs why and carries on (GitLab and local jobs
+    need no App) rather than dying at start.
+    """
+    try:
+        stored = await load_stored_credentials(settings, db)
+    except ConfigError as exc:
+        log.error("GitHub App credentials unreadable (%s): set one DEKSDENFLOW_SECRET_KEY everywhere", exc)
+        stored = None
+    return stored or load_credentials(settings.data_dir)
 
 
 def load_credentials(data_dir: Path) -> dict[str, Any] | None:
+    """The file an earlier version wrote (API container only): read as a fallback, never written."""
     path = data_dir / CREDENTIALS_FILE
     if not path.exists():
         return None
@@ -94,7 +114,10 @@ def load_credentials(data_dir: Path) -> dict[str, Any] | None:
 
 @guarded
 async def github_setup(request: Request) -> Response:
+    """The manifest page: operator token (or loopback without one); it mints a one-time state."""
+    require_admin(request)
     state = request.app.state.df
+    setup_state = await sessions.create(state.db, sessions.SETUP_STATE, sessions.SETUP_STATE_TTL_S)
     # DEKSDENFLOW_PUBLIC_URL wins: behind a proxy or tunnel the request's own URL is internal
     base = state.settings.public_url or str(request.base_url)
     manifest = manifest_for(base)
@@ -102,23 +125,34 @@ async def github_setup(request: Request) -> Response:
         manifest,
         state.settings.github_web_url,
         request.query_params.get("organization"),
+        setup_state,
         loopback_warning(manifest["hook_attributes"]["url"]),
     )
-    return HTMLResponse(page)
+    return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
 
 async def github_setup_callback(request: Request) -> Response:
-    """GitHub redirects the browser here with a one-hour `code` (no API token: it is the user's browser)."""
+    """GitHub redirects the browser here with a one-hour `code` and the page's one-time `state`.
+
+    The browser carries no API token here (a SameSite=Strict cookie does not follow a redirect
+    from github.com), so the state is what proves the flow started on our own setup page.
+    """
     from bot.forge.github import convert_manifest
 
     state = request.app.state.df
     code = request.query_params.get("code", "")
     if not code or not code.replace("-", "").replace("_", "").isalnum():
         return JSONResponse({"error": "missing or malformed code"}, status_code=400)
+    if not await sessions.consume(state.db, sessions.SETUP_STATE, request.query_params.get("state", "")):
+        return JSONResponse(
+            {"error": "missing, used or expired state: start again from /github/setup"}, status_code=403
+        )
     conversion = await convert_manifest(code, api_url=state.settings.github_api_url)
-    store_credentials(state.settings.data_dir, conversion)
+    kept = await store_credentials(state.settings, state.db, conversion)
     state.extra["github_webhook_secret"] = conversion.get("webhook_secret")
     state.extra["github_app"] = {"id": conversion.get("id"), "slug": conversion.get("slug")}
+    if state.services is not None:
+        state.services["forges"].use_app(kept)
     name = html.escape(str(conversion.get("slug") or conversion.get("id")))
     return HTMLResponse(
         f"<p>GitHub App <b>{name}</b> created and stored. Install it on your repositories next.</p>"

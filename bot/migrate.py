@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 from alembic import command
@@ -20,5 +22,19 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade_head(database_url: str) -> None:
     if database_url.startswith("sqlite:///"):
-        Path(database_url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(Path(database_url[len("sqlite:///") :]))
     command.upgrade(alembic_config(database_url), "head")
+
+
+def private_sqlite_file(path: Path) -> None:
+    """The SQLite file (it holds tokens' hashes and sealed secrets) readable by its owner only.
+
+    Created here, before SQLite opens it, so it is never world-readable even for a moment;
+    SQLite gives its -wal and -shm files the same mode.
+    """
+    if str(path) in ("", ":memory:"):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    with contextlib.suppress(PermissionError):
+        os.chmod(path, 0o600)

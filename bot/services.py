@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -11,6 +13,10 @@ from bot.errors import ConfigError
 from bot.forge.base import Forge, RepoRef
 from bot.models import Project
 from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+# how often a process re-reads the App credentials another process may have stored
+APP_REFRESH_S = 60.0
 
 
 class ForgeFactory:
@@ -21,6 +27,38 @@ class ForgeFactory:
         self.db = db
         self.overrides = overrides or {}  # tests inject forges by provider name
         self._cache: dict[str, Any] = {}
+        # the App made through /github/setup, read from the database (sealed) at start-up
+        self.stored_app: dict[str, Any] | None = None
+
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def load_stored_app(self) -> None:
+        """Read the App credentials every process shares (database first, the old file second)."""
+        from bot.github_setup import read_app_credentials
+
+        fresh = await read_app_credentials(self.settings, self.db)
+        if fresh != self.stored_app:
+            self.use_app(fresh)
+
+    def watch_stored_app(self, every_s: float = APP_REFRESH_S) -> None:
+        """Re-read the App now and then: a worker started before /github/setup picks it up."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(every_s)
+                try:
+                    await self.load_stored_app()
+                except Exception as exc:  # a database hiccup: keep what we have, try again later
+                    log.debug("could not re-read the GitHub App credentials: %s", exc)
+
+        if self._refresher is None:
+            self._refresher = asyncio.create_task(loop(), name="github-app-refresh")
+
+    def use_app(self, credentials: dict[str, Any] | None) -> None:
+        """A new App replaces the old one: drop clients built with the old key."""
+        self.stored_app = credentials
+        for key in [k for k in self._cache if k.startswith("github:")]:
+            self._cache.pop(key)
 
     def repo_ref(self, project: Project) -> RepoRef:
         provider = project.provider if project.provider in ("github", "gitlab") else "local"
@@ -37,14 +75,13 @@ class ForgeFactory:
             key = f"github:{project.installation_id}"
             if key not in self._cache:
                 from bot.forge.github import GitHubForge
-                from bot.github_setup import load_credentials
 
                 pem = self.settings.github_private_key_pem()
                 app_id: int | str | None = self.settings.github_app_id
                 slug = self.settings.github_app_slug
                 if not app_id or not pem:
-                    # an App created through /github/setup keeps its credentials in the data dir
-                    stored = load_credentials(self.settings.data_dir) or {}
+                    # an App created through /github/setup: its credentials are in the database
+                    stored = self.stored_app or {}
                     app_id, pem, slug = stored.get("id"), stored.get("pem"), slug or stored.get("slug")
                 if not app_id or not pem:
                     raise ConfigError("GitHub App not configured: set DEKSDENFLOW_GITHUB_APP_ID and a private key")
@@ -76,6 +113,11 @@ class ForgeFactory:
         return LocalForge(self.db, project.id)
 
     async def aclose(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
         for client in self._cache.values():
             closer = getattr(client, "aclose", None)
             if closer is not None:
@@ -98,10 +140,19 @@ async def build_services(ctx: dict[str, Any]) -> None:
         )
     if "git" not in ctx:
         ctx["git"] = GitCache(
-            settings.data_dir / "git", network_timeout=settings.git_timeout_s, warm_spares=settings.warm_worktrees
+            settings.data_dir / "git",
+            network_timeout=settings.git_timeout_s,
+            warm_spares=settings.warm_worktrees,
+            credential_hosts=settings.credential_hosts,
         )
     if "forges" not in ctx:
-        ctx["forges"] = ForgeFactory(settings, ctx["db"], ctx.get("forge_overrides"))
+        from bot.secretbox import private_dir
+
+        private_dir(settings.data_dir)
+        forges = ForgeFactory(settings, ctx["db"], ctx.get("forge_overrides"))
+        await forges.load_stored_app()
+        forges.watch_stored_app()
+        ctx["forges"] = forges
 
 
 async def close_services(ctx: dict[str, Any]) -> None:

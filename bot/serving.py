@@ -80,15 +80,35 @@ class _Server(uvicorn.Server):
 
 def serve(settings: Settings, *, host: str, port: int, demo: bool) -> int:
     from bot.app import create_app
+    from bot.cli import private_umask, uvicorn_options
+    from bot.security import is_loopback_bind, token_problem
 
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    problem = token_problem(token, host)
+    if problem:
+        print(f"configuration error: {problem}", file=sys.stderr)
+        return 2
+    private_umask()
+    if token is None:
+        if is_loopback_bind(host):
+            print("no DEKSDENFLOW_API_TOKEN: the API and console answer loopback callers only", file=sys.stderr)
+        else:
+            print(
+                f"no DEKSDENFLOW_API_TOKEN and bound to {host}: the API and console are closed "
+                "(webhooks still work); set DEKSDENFLOW_API_TOKEN to open them",
+                file=sys.stderr,
+            )
     try:
         sock = bind_socket(host, port)
     except OSError as exc:
         print(bind_error_line(host, port, exc), file=sys.stderr)
         return 1
     asyncio.run(log_quick_checks(settings, demo=demo))
-    app = create_app(settings, demo_port=port if demo else None)
-    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    app = create_app(settings, demo_port=port if demo else None, bind_host=host)
+    options = {
+        k: v for k, v in uvicorn_options(settings, host, port).items() if k not in ("host", "port")
+    }
+    config = uvicorn.Config(app, **options)
     server = _Server(config)
     server.banner = f"DeksdenFlow serving on http://{host}:{port}"
     server.extra = app.state.df.extra

@@ -159,6 +159,13 @@ class Settings(BaseSettings):
     worker_poll_delay_s: float = Field(default=0.05, gt=0)
     job_timeout_s: int = Field(default=3600, ge=1)
 
+    # security (issue #20)
+    # comma-separated proxy addresses/CIDRs whose X-Forwarded-For uvicorn believes; empty: none
+    trusted_proxies: str = ""
+    # Fernet key for secrets at rest; unset: a key generated into <data_dir>/secret.key (0600)
+    secret_key: SecretStr | None = None
+    console_session_ttl_s: float = Field(default=12 * 3600.0, gt=0)
+
     # logs
     log_json: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -280,6 +287,18 @@ class Settings(BaseSettings):
         if self.github_api_url == "https://api.github.com":
             return "https://github.com"
         return self.github_api_url.removesuffix("/api/v3")
+
+    @property
+    def credential_hosts(self) -> frozenset[str]:
+        """`host[:port]` of the configured forges: the only hosts git may send a token to."""
+        from bot.git.credentials import host_of
+
+        hosts = {host_of(url) for url in (self.github_web_url, self.gitlab_url)}
+        return frozenset(h for h in hosts if h)
+
+    def forge_url(self, provider: str) -> str | None:
+        """Where a provider's repositories live (the base of every acceptable git_url)."""
+        return {"github": self.github_web_url, "gitlab": self.gitlab_url}.get(provider)
 
     def github_private_key_pem(self) -> str | None:
         if self.github_private_key is not None:

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +102,11 @@ class GitCache:
         network_timeout: float = NETWORK_TIMEOUT,
         local_timeout: float = LOCAL_TIMEOUT,
         warm_spares: bool = False,
+        credential_hosts: Collection[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
+        # `host[:port]` of the configured forges: the only places an auth header may go
+        self.credential_hosts = frozenset(credential_hosts)
         self.network_timeout = network_timeout
         self.local_timeout = local_timeout
         # A spare worktree per repository, checked out in the background after each protocol
@@ -202,7 +206,7 @@ class GitCache:
     ) -> None:
         if (mirror / "HEAD").is_file():
             if fetch:
-                await self._fetch(mirror, auth_header)
+                await self._fetch(mirror, auth_header, normalize_remote(repo_url))
             return
         url = normalize_remote(repo_url)
         # Build under a temporary name and rename: a crash mid-clone never leaves a mirror that
@@ -214,16 +218,16 @@ class GitCache:
         try:
             t = self.local_timeout
             await run_git(["init", "--quiet", "--bare", str(tmp)], timeout=t)
-            await run_git(["remote", "add", "--no-tags", "origin", url], cwd=tmp, timeout=t)
+            await run_git(["remote", "add", "--no-tags", "--end-of-options", "origin", url], cwd=tmp, timeout=t)
             await run_git(["config", "remote.origin.fetch", FETCH_REFSPEC], cwd=tmp, timeout=t)
-            await self._fetch(tmp, auth_header)
+            await self._fetch(tmp, auth_header, url)
             tmp.rename(mirror)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, tmp, True)
             raise
         log.info("created mirror %s", mirror)
 
-    async def _fetch(self, mirror: Path, auth_header: str | None) -> None:
+    async def _fetch(self, mirror: Path, auth_header: str | None, url: str) -> None:
         # --no-show-forced-updates: that check walks history on every forced update, which is
         # slow on big repositories and tells us nothing we use.
         await run_git(
@@ -232,6 +236,8 @@ class GitCache:
             auth_header=auth_header,
             timeout=self.network_timeout,
             config={"advice.fetchShowForcedUpdates": "false"},
+            remote=url,
+            credential_hosts=self.credential_hosts,
         )
 
     async def ensure_worktree(

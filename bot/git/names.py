@@ -75,7 +75,10 @@ def normalize_remote(url: str) -> str:
     """
     if has_credentials(url):
         raise GitError("remote URL must not contain credentials; pass an auth header instead")
-    if "://" in url or url.startswith("ext::") or _SCP_LIKE.match(url):
+    if url.startswith("-") or "::" in url.partition("/")[0]:
+        # an option, or a remote helper (`ext::<command>` runs a program): never a remote
+        raise GitError("unacceptable remote URL")
+    if "://" in url or _SCP_LIKE.match(url):
         return url
     return os.path.abspath(url)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +95,7 @@ async def push(
     auth_header: str | None,
     *,
     force_with_lease: bool = False,
+    credential_hosts: Collection[str] = (),
 ) -> str:
     """Push HEAD to `refs/heads/<branch>` at `remote_url`; return the pushed sha.
 
@@ -109,8 +110,15 @@ async def push(
         # The lease is what we last saw of the remote branch; nothing seen = it must not exist.
         seen = await _resolve(worktree, ref)
         args.append(f"--force-with-lease=refs/heads/{branch}:{seen or ''}")
-    args += [url, f"{sha}:refs/heads/{branch}"]
-    await run_git(args, cwd=worktree, auth_header=auth_header, timeout=NETWORK_TIMEOUT)
+    args += ["--end-of-options", url, f"{sha}:refs/heads/{check_branch_name(branch)}"]
+    await run_git(
+        args,
+        cwd=worktree,
+        auth_header=auth_header,
+        timeout=NETWORK_TIMEOUT,
+        remote=url,
+        credential_hosts=credential_hosts,
+    )
     mirror = await _git_common_dir(worktree)
     origin = await run_git(
         ["config", "--get", "remote.origin.url"], cwd=mirror, timeout=LOCAL_TIMEOUT, check=False
@@ -132,7 +140,7 @@ async def _resolve(repo: StrPath, rev: str) -> str | None:
 
 
 async def list_remote_branches(
-    source: StrPath, *, auth_header: str | None = None
+    source: StrPath, *, auth_header: str | None = None, credential_hosts: Collection[str] = ()
 ) -> dict[str, str]:
     """Branch name -> sha on the remote.
 
@@ -147,10 +155,13 @@ async def list_remote_branches(
         )
         prefix = REMOTE_PREFIX
     else:
+        url = normalize_remote(source)
         res = await run_git(
-            ["ls-remote", "--heads", normalize_remote(source)],
+            ["ls-remote", "--heads", "--end-of-options", url],
             auth_header=auth_header,
             timeout=NETWORK_TIMEOUT,
+            remote=url,
+            credential_hosts=credential_hosts,
         )
         prefix = "refs/heads/"
     out: dict[str, str] = {}
@@ -162,13 +173,13 @@ async def list_remote_branches(
 
 
 async def remote_branch_sha(
-    source: StrPath, branch: str, *, auth_header: str | None = None
+    source: StrPath, branch: str, *, auth_header: str | None = None, credential_hosts: Collection[str] = ()
 ) -> str | None:
     """The remote branch's sha, or None; `source` as in list_remote_branches."""
     check_branch_name(branch)
     if isinstance(source, os.PathLike):
         return await _resolve(source, remote_ref(branch))
-    branches = await list_remote_branches(source, auth_header=auth_header)
+    branches = await list_remote_branches(source, auth_header=auth_header, credential_hosts=credential_hosts)
     return branches.get(branch)
 
 

@@ -9,10 +9,11 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bot.errors import GitError
+from bot.git.credentials import is_network_url, may_send_credentials
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,15 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return _AUTH_WORDS.sub(r"\1 ***", text)
 
 
+def credentials_for(remote: str | None, auth_header: str, credential_hosts: Collection[str]) -> str | None:
+    """The header to attach for a command talking to `remote`, or None; GitError when refused."""
+    if remote is not None and may_send_credentials(remote, credential_hosts):
+        return auth_header
+    if remote is not None and not is_network_url(remote):
+        return None
+    raise GitError("credentials are sent only to the configured forge host; this remote is not one")
+
+
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
     # git forks helpers (remote-https, upload-pack, ssh, ext commands); killing only git would
     # leave them holding our pipes open, so the child runs in its own process group.
@@ -170,8 +180,20 @@ async def run_git(
     check: bool = True,
     env: Mapping[str, str] | None = None,
     config: Mapping[str, str] | None = None,
+    remote: str | None = None,
+    credential_hosts: Collection[str] = (),
 ) -> GitResult:
-    """Run one git command; raise GitTimeout on timeout and GitCommandFailed on non-zero exit."""
+    """Run one git command; raise GitTimeout on timeout and GitCommandFailed on non-zero exit.
+
+    `auth_header` goes only with a command whose `remote` is an http(s) URL on one of
+    `credential_hosts`; a local path gets no header (there is nobody to send it to), and any
+    other network remote is refused before git starts.
+    """
+    if auth_header is not None:
+        auth_header = credentials_for(remote, auth_header, credential_hosts)
+        if auth_header is not None:
+            # a redirect must not carry the header to wherever the server points
+            config = {**(config or {}), "http.followRedirects": "false"}
     argv = build_git_argv(args, cwd=cwd, config=config)
     full_env = build_git_env(os.environ, auth_header=auth_header, extra=env)
     limit = DEFAULT_TIMEOUT if timeout is None else timeout

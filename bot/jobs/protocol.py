@@ -289,7 +289,9 @@ async def _plan(ctx: dict[str, Any], run_id: int) -> str:
             settings.bot_name,
             settings.bot_email,
         )
-    head = await gitops.push(workdir, name, state.project.git_url, auth)
+    head = await gitops.push(
+        workdir, name, state.project.git_url, auth, credential_hosts=ctx["git"].credential_hosts
+    )
     await update_run(
         db,
         run_id,
@@ -626,7 +628,9 @@ async def _execute(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
         crash = ctx.get("crash_hook")
         if crash is not None:
             crash("after_commit", run_id, step_index)
-    head = await gitops.push(workdir, name, state.project.git_url, auth)
+    head = await gitops.push(
+        workdir, name, state.project.git_url, auth, credential_hosts=ctx["git"].credential_hosts
+    )
     changed = await _changed_files(workdir, sha)
     state = await load_run(db, run_id)
     step = state.step(step_index)
@@ -937,7 +941,9 @@ async def _quality(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
         settings.bot_name,
         settings.bot_email,
     )
-    head = await gitops.push(workdir, name, state.project.git_url, auth)
+    head = await gitops.push(
+        workdir, name, state.project.git_url, auth, credential_hosts=ctx["git"].credential_hosts
+    )
     await update_run(db, run_id, head_sha=head)
     state = await load_run(db, run_id)
     step = state.step(step_index)

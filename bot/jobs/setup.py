@@ -171,7 +171,10 @@ async def project_onboard(
             await _reply(forge, target, "Nothing to propose: the starter files exist and discovery changed nothing.")
             await count_job(ctx, "project_onboard", "nothing")
             return "nothing"
-        head = await gitops.push(workdir, SETUP_BRANCH, project.git_url, auth, force_with_lease=True)
+        head = await gitops.push(
+            workdir, SETUP_BRANCH, project.git_url, auth, force_with_lease=True,
+            credential_hosts=ctx["git"].credential_hosts,
+        )
         pull: PullRef = await forge.open_draft_pr(
             repo, head=SETUP_BRANCH, base=project.base_branch, title=PR_TITLE, body=pr_body(added, discovered)
         )
@@ -248,7 +251,9 @@ async def codemachine_prepare(ctx: dict[str, Any], *, protocol_run_id: int) -> s
                     settings.bot_name,
                     settings.bot_email,
                 )
-            head = await gitops.push(workdir, name, state.project.git_url, auth)
+            head = await gitops.push(
+                workdir, name, state.project.git_url, auth, credential_hosts=ctx["git"].credential_hosts
+            )
             # the files now live on the branch; keep only the list in the database
             imported["files"] = sorted(files)
             await update_run(db, protocol_run_id, head_sha=head, runtime_state={**runtime, "codemachine": imported})

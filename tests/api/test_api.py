@@ -59,7 +59,7 @@ def test_no_token_means_loopback_only(tmp_path: Path, sqlite_url: str) -> None:
     with TestClient(create_app(settings)) as c:
         assert c.get("/api/projects").status_code == 200
     with TestClient(create_app(settings), client=("203.0.113.9", 5000)) as c:
-        assert c.get("/api/projects").status_code == 403
+        assert c.get("/api/projects").status_code == 401
 
 
 def test_projects_crud_and_write_only_secrets(client: tuple[TestClient, dict[str, Any]]) -> None:
@@ -294,7 +294,7 @@ def _queues(c: TestClient) -> None:
 
 def test_cookie_writes_need_the_console_header(client: tuple[TestClient, dict[str, Any]]) -> None:
     c, ids = client
-    login = c.get("/console?token=" + TOKEN, follow_redirects=False)
+    login = c.post("/console/login", data={"token": TOKEN}, follow_redirects=False)
     assert login.status_code == 303
     assert "httponly" in login.headers["set-cookie"].lower()
     assert TOKEN not in login.headers["set-cookie"]

@@ -1,18 +1,22 @@
-"""Console pages: server-rendered, auth by ?token= once, and an action clicked in headless Chromium."""
+"""Console pages: server-rendered, sign-in by POST to a server-side session, and a click in headless Chromium."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, update
 from starlette.testclient import TestClient
 
+from bot.api import CONSOLE_COOKIE
 from bot.app import create_app
-from tests.api.seed import seed
+from bot.models import AuthSession
+from tests.api.seed import seed, sync_url
 from tests.conftest import LiveServer, make_settings
 
 TOKEN = "api-test-token-0123456789"
@@ -32,8 +36,11 @@ def test_pages_render_and_need_login(tmp_path: Path, db_url: str) -> None:
     ids = seed(db_url)
     with TestClient(create_app(make_settings(tmp_path, db_url=db_url))) as c:
         assert c.get("/console").status_code == 401
-        assert c.get("/console?token=wrong").status_code == 401
-        assert c.get("/console?token=" + TOKEN).status_code == 200  # follows the 303, cookie set
+        assert c.post("/console/login", data={"token": "wrong"}).status_code == 401
+        assert c.get("/console?token=" + TOKEN).status_code == 400  # never a token in a URL
+        assert c.get("/console").status_code == 401
+        signed = c.post("/console/login", data={"token": TOKEN, "next": "/console"})
+        assert signed.status_code == 200  # follows the 303, cookie set
         run = ids["runs"][0]
         pages = {
             "/console": ["acme/widgets", "0001-task-1"],
@@ -75,8 +82,11 @@ def test_click_pause_in_headless_chromium(tmp_path: Path, sqlite_url: str) -> No
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(f"{server.url}/console/protocols/{run}?token={TOKEN}")
-            assert "token=" not in page.url  # the token left the address bar for a cookie
+            page.goto(f"{server.url}/console/protocols/{run}")
+            page.fill("input[name=token]", TOKEN)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(f"{server.url}/console/protocols/{run}")
+            assert "token=" not in page.url  # the token went in a POST body, never the address
             assert page.locator("#run-status").inner_text() == "running"
             page.get_by_role("button", name="Pause").click()
             page.wait_for_function("document.getElementById('run-status').textContent === 'paused'")
@@ -104,3 +114,48 @@ def test_click_pause_in_headless_chromium(tmp_path: Path, sqlite_url: str) -> No
             f"{server.url}/api/protocols/{run}", headers={"Authorization": f"Bearer {TOKEN}"}
         ).json()
     assert state["status"] == "paused"
+
+
+def _sign_in(c: TestClient) -> str:
+    signed = c.post("/console/login", data={"token": TOKEN}, follow_redirects=False)
+    assert signed.status_code == 303
+    cookie = signed.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "max-age=43200" in cookie
+    assert TOKEN.lower() not in cookie
+    value = c.cookies.get(CONSOLE_COOKIE)
+    assert value
+    return value
+
+
+def test_session_expires(tmp_path: Path, db_url: str) -> None:
+    with TestClient(create_app(make_settings(tmp_path, db_url=db_url))) as c:
+        _sign_in(c)
+        assert c.get("/console").status_code == 200
+        engine = create_engine(sync_url(db_url))
+        with engine.begin() as conn:
+            conn.execute(update(AuthSession).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        engine.dispose()
+        assert c.get("/console").status_code == 401
+        assert c.get("/api/projects").status_code == 401
+
+
+def test_sign_out_revokes_the_session(tmp_path: Path, db_url: str) -> None:
+    with TestClient(create_app(make_settings(tmp_path, db_url=db_url))) as c:
+        value = _sign_in(c)
+        assert c.get("/api/projects").status_code == 200
+        out = c.post("/console/logout", follow_redirects=False)
+        assert out.status_code == 303 and CONSOLE_COOKIE in out.headers["set-cookie"]
+        # a copy of the cookie kept elsewhere is worthless now: the session is gone server-side
+        c.cookies.set(CONSOLE_COOKIE, value)
+        assert c.get("/api/projects").status_code == 401
+        assert c.get("/console").status_code == 401
+        # the session value is random: a guessed or forged cookie never works
+        c.cookies.set(CONSOLE_COOKIE, "x" * 43)
+        assert c.get("/api/projects").status_code == 401
+
+
+def test_console_cookie_is_secure_behind_https(tmp_path: Path, sqlite_url: str) -> None:
+    app = create_app(make_settings(tmp_path, db_url=sqlite_url))
+    with TestClient(app, base_url="https://bot.example") as c:
+        signed = c.post("/console/login", data={"token": TOKEN}, follow_redirects=False)
+        assert "secure" in signed.headers["set-cookie"].lower()

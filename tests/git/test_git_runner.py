@@ -16,6 +16,7 @@ import pytest
 
 from bot.errors import GitError
 from bot.git import GitCache, GitCommandFailed, GitTimeout, commit_all, push, run_git
+from bot.git.credentials import may_send_credentials
 
 Git = Callable[..., str]
 Origin = Any
@@ -98,10 +99,12 @@ async def test_secret_never_persisted_or_shown(tmp_path: Path, origin: Origin, g
     await commit_all(wt.path, "a", "Bot", "bot@example.com")
     await push(wt.path, "0004-x", origin.url, HEADER)
 
-    dead = f"http://127.0.0.1:{_closed_port()}/o/r.git"
+    port = _closed_port()
+    dead = f"http://127.0.0.1:{port}/o/r.git"
+    cache.credential_hosts = frozenset({f"127.0.0.1:{port}"})
     for header in (HEADER, BASIC):
         with pytest.raises(GitError) as pushed:
-            await push(wt.path, "0004-x", dead, header)
+            await push(wt.path, "0004-x", dead, header, credential_hosts=cache.credential_hosts)
         with pytest.raises(GitError) as fetched:
             await cache.ensure_mirror(dead, header)
         for err in (pushed.value, fetched.value):
@@ -148,7 +151,8 @@ async def test_header_reaches_the_server_but_not_the_error(
     tmp_path: Path, auth_server: tuple[str, list[str | None]]
 ) -> None:
     url, seen = auth_server
-    cache = GitCache(tmp_path / "data", network_timeout=20)
+    host = url.split("/")[2]
+    cache = GitCache(tmp_path / "data", network_timeout=20, credential_hosts={host})
     with pytest.raises(GitError) as info:
         await cache.ensure_mirror(url, HEADER)
     assert f"Bearer {SECRET}" in seen  # it was sent on the wire, as a header
@@ -159,3 +163,31 @@ async def test_header_reaches_the_server_but_not_the_error(
     with pytest.raises(GitError):
         await cache.ensure_mirror(url)
     assert seen and all(h is None for h in seen)
+
+
+async def test_credentials_go_only_to_the_forge_host(
+    tmp_path: Path, auth_server: tuple[str, list[str | None]], origin: Origin
+) -> None:
+    """Another host (a changed git_url, a stale mirror) gets no request at all, per command."""
+    url, seen = auth_server
+    cache = GitCache(tmp_path / "data", network_timeout=20, credential_hosts={"forge.example:443"})
+    with pytest.raises(GitError, match="configured forge host"):
+        await cache.ensure_mirror(url, HEADER)
+    wt = await cache.ensure_worktree(origin.url, "0005-x", "main", HEADER)  # a path: no header sent
+    with pytest.raises(GitError, match="configured forge host"):
+        await push(wt.path, "0005-x", url, HEADER, credential_hosts=cache.credential_hosts)
+    assert seen == []
+    assert may_send_credentials("https://forge.example:443/o/r.git", {"forge.example:443"})
+    assert not may_send_credentials("https://forge.example.evil/o/r.git", {"forge.example"})
+    assert not may_send_credentials("file:///srv/repo.git", {"forge.example"})
+    assert not may_send_credentials("ssh://forge.example/o/r.git", {"forge.example"})
+    assert may_send_credentials("https://GitHub.com/o/r.git", {"github.com"})
+
+
+async def test_option_like_remotes_and_branches_are_refused(tmp_path: Path, origin: Origin) -> None:
+    cache = GitCache(tmp_path / "data", network_timeout=20)
+    for bad in ("--upload-pack=touch /tmp/pwned", "ext::sh -c touch% /tmp/pwned", "fd::17"):
+        with pytest.raises(GitError):
+            await cache.ensure_mirror(bad)
+    with pytest.raises(GitError):
+        await cache.ensure_worktree(origin.url, "0006-x", "--upload-pack=x")

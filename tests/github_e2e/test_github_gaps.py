@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import update
+from sqlalchemy import select, update
 
-from bot.models import Project
+from bot.github_setup import load_stored_credentials
+from bot.models import Project, StoredSecret
 from tests.github_e2e.conftest import GitHubLoop, sample
 from tests.github_e2e.fake_github import APP_ID, APP_SLUG, FULL_NAME, INSTALLATION_ID
 from tests.protocol.conftest import scripted_script
@@ -381,14 +382,42 @@ def test_setup_page_needs_the_api_token_and_posts_the_manifest(gh: GitHubLoop) -
     auth = {"Authorization": f"Bearer {API_TOKEN}"}
     page = gh.client.get("/github/setup", headers=auth)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert '<form action="https://github.com/settings/apps/new" method="post">' in page.text
+    assert '<form action="https://github.com/settings/apps/new?state=' in page.text
     value = page.text.split('name="manifest" value="', 1)[1].split('"', 1)[0]
     manifest = json.loads(html.unescape(value))
     assert manifest["hook_attributes"]["url"] == "http://testserver/webhooks/github"
     assert manifest["redirect_url"] == "http://testserver/github/setup/callback"
     assert manifest["default_permissions"] and manifest["default_events"]
     org = gh.client.get("/github/setup?organization=acme", headers=auth)
-    assert 'action="https://github.com/organizations/acme/settings/apps/new"' in org.text
+    assert 'action="https://github.com/organizations/acme/settings/apps/new?state=' in org.text
+    # a project token is not the operator
+    assert gh.client.get("/github/setup", headers={"X-Project-Token": "dfp_1_x"}).status_code == 401
+
+
+def _setup_state(gh: GitHubLoop) -> str:
+    page = gh.client.get("/github/setup", headers={"Authorization": f"Bearer {API_TOKEN}"})
+    return page.text.split("?state=", 1)[1].split('"', 1)[0]
+
+
+def _stored_rows(gh: GitHubLoop) -> list[str]:
+    db = gh.state.db
+    assert db is not None
+
+    async def read() -> list[str]:
+        async with db.sessions() as session:
+            return list((await session.execute(select(StoredSecret.value))).scalars())
+
+    rows: list[str] = gh.client.portal.call(read)  # type: ignore[union-attr]
+    return rows
+
+
+def test_setup_callback_without_state_is_refused_and_stores_nothing(gh: GitHubLoop) -> None:
+    mark = gh.fake.mark()
+    for query in ("?code=abc", "?code=abc&state=forged-state-value", "?code=abc&state="):
+        assert gh.client.get("/github/setup/callback" + query).status_code == 403
+    assert gh.fake.since(mark) == []  # no conversion was even asked for
+    assert _stored_rows(gh) == []
+    assert not (gh.state.settings.data_dir / "github-app.json").exists()
 
 
 def test_setup_callback_converts_stores_0600_and_uses_the_new_secret(
@@ -404,19 +433,34 @@ def test_setup_callback_converts_stores_0600_and_uses_the_new_secret(
         "client_secret": "never-stored",
     }
     gh.fake.fail_next("POST", "/app-manifests/abc/conversions", 201, conversion)
-    assert gh.client.get("/github/setup/callback?code=../x").status_code == 400
+    state = _setup_state(gh)
+    assert gh.client.get(f"/github/setup/callback?code=../x&state={state}").status_code == 400
     mark = gh.fake.mark()
-    page = gh.client.get("/github/setup/callback?code=abc")
+    page = gh.client.get(f"/github/setup/callback?code=abc&state={state}")
     assert page.status_code == 200 and "deksdenflow-new" in page.text
     calls = gh.fake.since(mark)
     assert pairs(calls) == [("POST", "/app-manifests/abc/conversions")]
     assert calls[0].token is None  # the code is the credential: no app or installation auth
+    # the state is spent: the same redirect cannot be replayed
+    assert gh.client.get(f"/github/setup/callback?code=abc&state={state}").status_code == 403
 
-    stored = gh.state.settings.data_dir / "github-app.json"
-    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
-    kept = json.loads(stored.read_text())
+    # sealed in the database, where workers read it; nothing in clear on disk or in the row
+    (row,) = _stored_rows(gh)
+    assert row.startswith("fernet:") and "brand-new-webhook-secret" not in row and "PRIVATE KEY" not in row
+    db = gh.state.db
+    assert db is not None
+
+    async def load() -> dict[str, Any] | None:
+        assert db is not None
+        return await load_stored_credentials(gh.state.settings, db)
+
+    kept = gh.client.portal.call(load)  # type: ignore[union-attr]
+    assert kept is not None
     assert kept["id"] == 5151 and kept["webhook_secret"] == "brand-new-webhook-secret"
     assert "client_secret" not in kept
+    key = gh.state.settings.data_dir / "secret.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(gh.state.settings.data_dir.stat().st_mode) == 0o700
 
     def signed(secret: str) -> int:
         body = json.dumps({"zen": "Keep it logically awesome.", "hook_id": 1}).encode()
@@ -441,3 +485,15 @@ def test_setup_callback_rejects_malformed_codes(gh: GitHubLoop, code: str) -> No
     mark = gh.fake.mark()
     assert gh.client.get("/github/setup/callback", params={"code": code}).status_code == 400
     assert gh.fake.since(mark) == []
+
+
+def test_git_url_must_be_the_forges_own_clone_url(gh: GitHubLoop) -> None:
+    assert gh.deliver("installation", gh.installation_created())["status"] == "processed"
+    project = gh.project()
+    assert project is not None
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    gh.fake.clone_url = f"https://github.com/{FULL_NAME}.git"
+    other = gh.client.patch(f"/api/projects/{project.id}", headers=auth, json={"git_url": "https://github.com/evil/fork.git"})
+    assert other.status_code == 422 and "clone URL" in other.text
+    same = gh.client.patch(f"/api/projects/{project.id}", headers=auth, json={"git_url": gh.fake.clone_url})
+    assert same.status_code == 200 and same.json()["git_url"] == gh.fake.clone_url
