@@ -89,6 +89,11 @@ def serve(settings: Settings, *, host: str, port: int, demo: bool) -> int:
         print(f"configuration error: {problem}", file=sys.stderr)
         return 2
     private_umask()
+    try:
+        sock = bind_socket(host, port)
+    except OSError as exc:
+        print(bind_error_line(host, port, exc), file=sys.stderr)
+        return 1
     if token is None:
         if is_loopback_bind(host):
             print("no DEKSDENFLOW_API_TOKEN: the API and console answer loopback callers only", file=sys.stderr)
@@ -98,11 +103,6 @@ def serve(settings: Settings, *, host: str, port: int, demo: bool) -> int:
                 "(webhooks still work); set DEKSDENFLOW_API_TOKEN to open them",
                 file=sys.stderr,
             )
-    try:
-        sock = bind_socket(host, port)
-    except OSError as exc:
-        print(bind_error_line(host, port, exc), file=sys.stderr)
-        return 1
     asyncio.run(log_quick_checks(settings, demo=demo))
     app = create_app(settings, demo_port=port if demo else None, bind_host=host)
     options = {

@@ -30,9 +30,10 @@ ALLOWED_SECRETS = {
     "migrate": {"db_url"},
     "api": {
         "db_url", "api_token", "webhook_token", "github_webhook_secret",
-        "gitlab_webhook_secret", "github_private_key", "gitlab_token",
+        "gitlab_webhook_secret", "github_private_key", "gitlab_token", "secret_key",
     },
-    "worker": {"db_url", "github_private_key", "gitlab_token", "codex_api_key"},
+    # secret_key: the workers open the App credentials the API sealed in the database
+    "worker": {"db_url", "github_private_key", "gitlab_token", "codex_api_key", "secret_key"},
 }
 
 
