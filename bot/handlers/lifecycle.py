@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from bot import actions
-from bot.ci import CIResult, apply_ci_result, pr_finished
+from bot.ci import CIResult, apply_ci_result, ci_step_for, pr_finished
 from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
 from bot.handlers.forge_events import dig, github_repo, gitlab_repo
 from bot.handlers.router import HandlerContext, Router
@@ -170,8 +170,10 @@ async def _github_ci(ctx: HandlerContext, branch: Any, sha: Any) -> None:
     if repo is None or not isinstance(branch, str) or not isinstance(sha, str):
         return
     run = await run_for_branch(ctx, "github", repo.full_name, branch)
-    if run is None or run.head_sha != sha:
-        ctx.note(ignored="not a protocol head")
+    if run is None:
+        return
+    if await ci_step_for(ctx.services, run.id, sha) is None:
+        ctx.note(ignored="not a step's commit")
         return
     project = await _project(ctx, run.project_id)
     forge = ctx.services["forges"].forge_for(project)
@@ -190,7 +192,8 @@ async def _github_ci(ctx: HandlerContext, branch: Any, sha: Any) -> None:
         if s.get("conclusion") not in PASSING
     )
     result: CIResult = "failure" if failing else "success"
-    ctx.note(ci=result, outcome=await apply_ci_result(ctx.services, run.id, sha, result, failing))
+    outcome = await apply_ci_result(ctx.services, run.id, sha, result, failing, source="github-checks")
+    ctx.note(ci=result, outcome=outcome)
 
 
 async def _project(ctx: HandlerContext, project_id: int) -> Project:
@@ -234,11 +237,17 @@ async def github_status(ctx: HandlerContext) -> None:
             if isinstance(branch, str)
             else None
         )
-        if run is None or run.head_sha != sha:
+        if run is None:
             continue
+        if await ci_step_for(ctx.services, run.id, sha) is None:
+            ctx.note(ignored="not a step's commit")
+            return
         if state in ("failure", "error"):
             failing = [(str(payload.get("context") or "status"), str(state))]
-            ctx.note(outcome=await apply_ci_result(ctx.services, run.id, sha, "failure", failing))
+            outcome = await apply_ci_result(
+                ctx.services, run.id, sha, "failure", failing, source="github-status"
+            )
+            ctx.note(outcome=outcome)
         else:
             await _github_ci(ctx, branch, sha)
         return
@@ -258,8 +267,10 @@ async def gitlab_pipeline(ctx: HandlerContext) -> None:
     ):
         return
     run = await run_for_branch(ctx, "gitlab", repo.full_name, branch)
-    if run is None or not isinstance(sha, str) or run.head_sha != sha:
-        ctx.note(ignored="not a protocol head")
+    if run is None or not isinstance(sha, str):
+        return
+    if await ci_step_for(ctx.services, run.id, sha) is None:
+        ctx.note(ignored="not a step's commit")
         return
     raw_builds = payload.get("builds")
     builds: list[Any] = raw_builds if isinstance(raw_builds, list) else []
@@ -269,7 +280,8 @@ async def gitlab_pipeline(ctx: HandlerContext) -> None:
         if isinstance(b, dict) and dig(b, "status") in ("failed", "canceled")
     ) or ([("pipeline", str(status))] if status != "success" else [])
     result: CIResult = "success" if status == "success" else "failure"
-    ctx.note(ci=result, outcome=await apply_ci_result(ctx.services, run.id, sha, result, failing))
+    outcome = await apply_ci_result(ctx.services, run.id, sha, result, failing, source="gitlab-ci")
+    ctx.note(ci=result, outcome=outcome)
 
 
 # -- check-run buttons --------------------------------------------------------------------------
