@@ -134,10 +134,11 @@ def test_lookups() -> None:
 
 
 class Row:
-    step_index = 3
-    status = "needs_qa"
-    policy = {"qa": {"policy": "light"}}
-    runtime_state = {"commit_sha": A, "qa_commit": "", "ci": green(A, A), "qa_passed_on": A}
+    def __init__(self) -> None:
+        self.step_index = 3
+        self.status = "needs_qa"
+        self.policy = {"qa": {"policy": "light"}}
+        self.runtime_state = {"commit_sha": A, "qa_commit": "", "ci": green(A, A), "qa_passed_on": A}
 
 
 def test_step_ci_from_a_row() -> None:

@@ -57,19 +57,22 @@ def test_verify_and_parse_are_strict() -> None:
 
 @pytest.fixture
 async def ci_harness(tmp_path: Path, origin: Path) -> AsyncIterator[Harness]:
-    # auto QA off: green CI completes the step directly, so the transition is visible at once
-    settings = protocol_settings(tmp_path, webhook_token=TOKEN, auto_qa_on_ci=False)
+    # no QA after execution nor on CI: green CI completes the step directly, so the transition
+    # is visible at once (with QA queued, green CI would wait for its verdict)
+    settings = protocol_settings(
+        tmp_path, webhook_token=TOKEN, auto_qa_on_ci=False, auto_qa_after_exec=False
+    )
     async with make_harness(settings, origin) as h:
         h.use(ScriptedEngine())
         yield h
 
 
 async def runs_waiting_for_ci(h: Harness, *tasks: str) -> list[tuple[int, str, str]]:
-    """Runs whose step 1 executed and waits on CI (their queued QA jobs are never drained)."""
+    """Runs whose step 1 executed and waits on CI."""
     ids = [await h.start(task) for task in tasks]
     out = []
     for run_id in ids:
-        assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa-run"
+        assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa"
     for run_id in ids:
         state = await h.state(run_id)
         assert state.step(1).status == "needs_qa"
