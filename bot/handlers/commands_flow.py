@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 
 from bot import actions
 from bot.commands import (
@@ -47,15 +47,20 @@ async def project_for(ctx: HandlerContext, repo: RepoInfo) -> Project:
     return project
 
 
-async def latest_run(ctx: HandlerContext, project: Project, number: int) -> ProtocolRun | None:
+async def latest_run(
+    ctx: HandlerContext, project: Project, number: int, kind: str = "issue"
+) -> ProtocolRun | None:
+    """The newest protocol of an issue (by its issue number) or of a PR/MR (by its number).
+
+    The two are looked up apart: on GitLab issue #3 and MR !3 are different objects, and a
+    command on one must never act on the protocol of the other.
+    """
+    column = ProtocolRun.issue_number if kind == "issue" else ProtocolRun.pr_number
     async with ctx.services["db"].sessions() as session:
         found: ProtocolRun | None = (
             await session.execute(
                 select(ProtocolRun)
-                .where(
-                    ProtocolRun.project_id == project.id,
-                    or_(ProtocolRun.issue_number == number, ProtocolRun.pr_number == number),
-                )
+                .where(ProtocolRun.project_id == project.id, column == number)
                 .order_by(ProtocolRun.id.desc())
                 .limit(1)
             )
@@ -223,7 +228,7 @@ async def dispatch(
             )
             return "init-enqueued"
         if name in ("plan", "auto"):
-            existing = await latest_run(ctx, project, target.number)
+            existing = await latest_run(ctx, project, target.number, target.kind)
             if (
                 name == "auto"
                 and existing is not None
@@ -246,7 +251,7 @@ async def dispatch(
                 reply_to=reply_to,
             )
             return f"planning {run.protocol_name}"
-        found = await latest_run(ctx, project, target.number)
+        found = await latest_run(ctx, project, target.number, target.kind)
         if found is None:
             await _reply(
                 forge,
