@@ -184,7 +184,15 @@ async def handle_label(ctx: HandlerContext, ev: LabelEvent) -> None:
     forge: Forge = forges.forge_for(project)
     target = IssueRef(forges.repo_ref(project), ev.issue_number, "issue")
     required = required_permission("plan", (project.config or {}).get("permissions"))
+    existing = await latest_run(ctx, project, ev.issue_number, "issue")
+    active = existing if existing is not None and existing.status not in ("completed", "cancelled", "failed") else None
     for label, intent in wanted:
+        if active is not None and (intent.name == "plan" or active.auto_mode):
+            # a label starts planning once: a later hook that still (or again) carries it —
+            # GitLab sends the labels of an issue opened with them, then its updates — must
+            # not plan twice (the auto label on a planned protocol still switches auto on)
+            ctx.note(label=label, result=f"{active.protocol_name} is already {active.status}")
+            continue
         permission = await forge.get_permission(target.repo, ev.author)
         if not permission_allows(permission, required):
             await _reply(
