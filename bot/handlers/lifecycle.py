@@ -284,6 +284,14 @@ async def gitlab_pipeline(ctx: HandlerContext) -> None:
     ctx.note(ci=result, outcome=outcome)
 
 
+@router.register("ci", "report")
+async def ci_report(ctx: HandlerContext) -> None:
+    """A report of the CI hook (POST /webhooks/ci), stored by the intake like a forge's."""
+    from bot.ci_hook import handle_report
+
+    await handle_report(ctx)
+
+
 # -- check-run buttons --------------------------------------------------------------------------
 
 
