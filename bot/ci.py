@@ -23,6 +23,7 @@ from bot.ci_gate import (
 )
 from bot.errors import LockBusy, SpecError, TransitionConflict
 from bot.feedback import publish_status
+from bot.jobs import catalogue as jobs
 from bot.jobs.locks import acquire, release
 from bot.models import Project
 from bot.policies import ci_decision, ci_fingerprint
@@ -179,12 +180,7 @@ async def _apply(
         await publish_status(ctx, run_id)
         return "recorded"
     if meaning.action == "run_qa":
-        await ctx["redis"].enqueue_job(
-            "run_quality",
-            _job_id=f"qa:ci:{run_id}:{sha}",
-            protocol_run_id=run_id,
-            step_index=step.step_index,
-        )
+        await jobs.submit(ctx["redis"], jobs.run_quality(run_id, step.step_index, f"ci-{sha}"))
         return "run_qa"
     if meaning.action == "complete":
         await set_step_status(db, step.id, "completed", meaning.reason)
@@ -259,12 +255,7 @@ async def _loop(
             except TransitionConflict:
                 pass
         first = min(decision.reset_steps or [step.step_index])
-        await ctx["redis"].enqueue_job(
-            "execute_step",
-            _job_id=f"exec:ci:{run_id}:{first}:{sha}",
-            protocol_run_id=run_id,
-            step_index=first,
-        )
+        await jobs.submit(ctx["redis"], jobs.execute_step(run_id, first, f"ci-{sha}"))
         await publish_status(ctx, run_id, decision.reason)
         return "retry"
     try:

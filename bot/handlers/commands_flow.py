@@ -24,6 +24,7 @@ from bot.feedback import publish_status
 from bot.forge.base import CommentRef, Forge, IssueRef, RepoRef
 from bot.handlers.forge_events import CommentEvent, LabelEvent, RepoInfo
 from bot.handlers.router import HandlerContext
+from bot.jobs import catalogue as jobs
 from bot.models import Project, ProtocolRun
 from bot.runs import get_or_create_project, update_run
 
@@ -227,12 +228,14 @@ async def dispatch(
                 services["settings"].protocol_discovery_model
                 or (project.config or {}).get("setup", {}).get("discovery")
             )
-            await services["redis"].enqueue_job(
-                "project_onboard",
-                _job_id=f"onboard:{project.id}:{target.number}:{(reply_to or {}).get('comment_id')}",
-                project_id=project.id,
-                run_discovery=discovery,
-                reply_to=reply_to or {"number": target.number, "kind": target.kind},
+            await jobs.submit(
+                services["redis"],
+                jobs.project_onboard(
+                    project.id,
+                    f"{target.number}:{(reply_to or {}).get('comment_id')}",
+                    run_discovery=discovery,
+                    reply_to=reply_to or {"number": target.number, "kind": target.kind},
+                ),
             )
             return "init-enqueued"
         if name in ("plan", "auto"):

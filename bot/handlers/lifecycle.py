@@ -12,6 +12,7 @@ from bot.ci import CIResult, apply_ci_result, ci_step_for, pr_finished
 from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
 from bot.handlers.forge_events import dig, github_repo, gitlab_repo
 from bot.handlers.router import HandlerContext, Router
+from bot.jobs import catalogue as jobs
 from bot.models import Project, ProtocolRun
 from bot.rendering import ACTION_RETRY, ACTION_RUN_NEXT, ACTION_RUN_QA, parse_check_name
 from bot.runs import get_or_create_project
@@ -74,9 +75,7 @@ async def _register(ctx: HandlerContext, repos: Any, installation_id: int | None
             installation_id=installation_id,
         )
         names.append(name)
-        await ctx.services["redis"].enqueue_job(
-            "project_setup", _job_id=f"setup:{project.id}:{ctx.delivery_id}", project_id=project.id
-        )
+        await jobs.submit(ctx.services["redis"], jobs.project_setup(project.id, str(ctx.delivery_id)))
     return names
 
 
