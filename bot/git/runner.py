@@ -9,7 +9,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bot.errors import GitError
@@ -161,17 +161,32 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+# An auth provider is asked for a header right before each network command (fetch, push,
+# ls-remote), so a long engine run between a job's fetch and its push cannot leave the push
+# with an expired token. A plain str (or None) is still accepted for callers that hold one.
+AuthProvider = Callable[[], Awaitable[str | None]]
+Auth = str | AuthProvider | None
+
+
+async def resolve_auth(auth: Auth) -> str | None:
+    """The header to use now: a str as given, or a fresh one from the provider."""
+    if auth is None or isinstance(auth, str):
+        return auth
+    return await auth()
+
+
 async def run_git(
     args: Sequence[str],
     *,
     cwd: str | os.PathLike[str] | None = None,
-    auth_header: str | None = None,
+    auth_header: Auth = None,
     timeout: float | None = None,
     check: bool = True,
     env: Mapping[str, str] | None = None,
     config: Mapping[str, str] | None = None,
 ) -> GitResult:
     """Run one git command; raise GitTimeout on timeout and GitCommandFailed on non-zero exit."""
+    auth_header = await resolve_auth(auth_header)
     argv = build_git_argv(args, cwd=cwd, config=config)
     full_env = build_git_env(os.environ, auth_header=auth_header, extra=env)
     limit = DEFAULT_TIMEOUT if timeout is None else timeout

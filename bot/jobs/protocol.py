@@ -117,13 +117,20 @@ def spec_of(state: RunState) -> ProtocolSpec:
     return validate_spec(state.run.template_config)
 
 
-async def auth_for(ctx: dict[str, Any], state: RunState) -> str | None:
+async def auth_for(ctx: dict[str, Any], state: RunState) -> gitops.Auth:
+    """An auth provider, asked by the git layer before each fetch and push: no job holds a
+    token across an engine run."""
     forge = ctx["forges"].forge_for(state.project)
-    header: str | None = await forge.git_auth_header(ctx["forges"].repo_ref(state.project))
+    repo = ctx["forges"].repo_ref(state.project)
+
+    async def header() -> str | None:
+        fresh: str | None = await forge.git_auth_header(repo)
+        return fresh
+
     return header
 
 
-async def ensure_worktree(ctx: dict[str, Any], state: RunState, auth: str | None) -> Path:
+async def ensure_worktree(ctx: dict[str, Any], state: RunState, auth: gitops.Auth) -> Path:
     wt = await ctx["git"].ensure_worktree(
         state.project.git_url, state.run.protocol_name, state.run.base_branch, auth
     )
