@@ -66,6 +66,7 @@ def test_qa_passes_first_then_green_ci_completes_the_step(gh: GitHubLoop) -> Non
     assert statuses(gh) == ["needs_qa", "pending"]
     assert state.step(1).runtime_state["qa_verdict"] == "PASS"
     assert gh.events("step.waiting-ci") and state.run.status == "running"
+    assert "PASS · waiting for CI" in gh.fake.comments[1002]["body"]  # the status comment says so
     # CI on the step's own commit (not the QA-report head) completes it
     out = gh.ci_green(step_commit(gh, 1))
     assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "complete"}
