@@ -13,7 +13,7 @@ import pytest
 
 from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
-from tests.github_e2e.conftest import GitHubLoop
+from tests.github_e2e.conftest import GitHubLoop, sample
 from tests.github_e2e.fake_github import FULL_NAME
 from tests.github_e2e.test_github_gaps import check_suite, labeled
 
@@ -48,6 +48,13 @@ def red(gh: GitHubLoop, sha: str, event: str = "workflow_run") -> dict[str, Any]
         payload["check_suite"]["conclusion"] = "failure"
         return gh.deliver("check_suite", payload)
     return gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, sha, "failure"))
+
+
+def status_event(gh: GitHubLoop, sha: str, state: str) -> dict[str, Any]:
+    payload = gh._repo(sample("status"))
+    payload.update(sha=sha, state=state, context="ci/tests")
+    payload["branches"] = [{"name": PROTOCOL, "commit": {"sha": sha}, "protected": False}]
+    return payload
 
 
 def first_step_done(gh: GitHubLoop) -> None:
@@ -168,11 +175,14 @@ def test_workflow_run_and_check_suite_of_one_failing_run_make_one_decision(gh: G
     assert first["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "block"}
     second = red(gh, head, "check_suite")
     assert second["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "duplicate"}
+    # a commit status of the same run on the same sha: still the one decision
+    third = gh.deliver("status", status_event(gh, head, "failure"))
+    assert third["outcome"]["handled"][-1] == {"outcome": "duplicate"}
     state = gh.run()
     assert state.run.status == "blocked" and statuses(gh) == ["completed", "failed"]
     # one decision, about step 02; step 01 (which passed) is never blamed
     assert step_of_event(gh, "ci.failure") == [2]
-    assert step_of_event(gh, "ci.duplicate") == [2]
+    assert step_of_event(gh, "ci.duplicate") == [2, 2]
     assert "step 01" not in state.run.runtime_state["message"]
     # a stale sha (the plan commit) is ignored with an event
     gh.ci_suite("failure")
