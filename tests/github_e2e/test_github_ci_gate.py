@@ -163,6 +163,9 @@ def test_red_ci_on_an_earlier_step_blames_that_step(gh: GitHubLoop) -> None:
     assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "reopened"}
     assert statuses(gh) == ["blocked", "completed"]
     assert step_of_event(gh, "ci.failure") == [1]
+    # a human accepts it: every step is completed again, and so is the protocol
+    gh.deliver("issue_comment", gh.comment("/approve 1"))
+    assert statuses(gh) == ["completed", "completed"] and gh.run().run.status == "completed"
 
 
 def test_workflow_run_and_check_suite_of_one_failing_run_make_one_decision(gh: GitHubLoop) -> None:
