@@ -146,3 +146,43 @@ def test_step_ci_from_a_row() -> None:
     assert (view.index, view.commit_sha, view.qa_commit, view.qa_policy) == (3, A, None, "light")
     assert view.ci_result == "success" and view.qa_passed
     assert step_ci(Row(), "skip").qa_policy == "skip"
+
+
+STATUSES = ("pending", "running", "needs_qa", "completed", "failed", "blocked")
+VERDICTS = (None, green(B, B), red(B, B), green(QA_B, B), red(B, OLD))
+
+
+def test_invariants_over_every_combination() -> None:
+    """Exhaustively: a decision is about the step owning the sha, never another; only a step
+    whose both gates are green (or whose QA is not wanted) completes; only a completed step is
+    reopened; a repeat of the recorded verdict decides nothing."""
+    import itertools
+
+    count = 0
+    for status, verdict, qa_passed_on, policy, sha, result, queued, on_ci, proto in itertools.product(
+        STATUSES, VERDICTS, (None, B, OLD), ("full", "skip"), (A, B, QA_B, PLAN), ("success", "failure"),
+        (True, False), (True, False), ("running", "completed", "blocked"),
+    ):
+        s2 = StepCI(2, status, B, QA_B, qa_passed_on=qa_passed_on, qa_policy=policy, ci=verdict)
+        m = interpret_ci(proto, [S1, s2], sha, result, qa_queued=queued, auto_qa_on_ci=on_ci)  # type: ignore[arg-type]
+        count += 1
+        owner = 1 if sha == A else 2 if sha in (B, QA_B) else None
+        assert m.step_index in (owner, None)
+        if owner is None:
+            assert m.action == "stale"
+            continue
+        assert m.step_index == owner, m
+        if owner != 2:
+            continue
+        if m.action == "complete":
+            assert status == "needs_qa" and result == "success"
+            assert s2.qa_passed or (not queued and not on_ci)
+        if m.action == "reopen":
+            assert status == "completed" and result == "failure"
+        if m.action == "loop":
+            assert status == "needs_qa" and result == "failure"
+        if m.action == "duplicate":
+            assert verdict is not None and verdict["sha"] == sha and verdict["result"] == result
+        if status in ("pending", "running"):
+            assert m.action == "stale"
+    assert count == 6 * 5 * 3 * 2 * 4 * 2 * 2 * 2 * 3
