@@ -17,7 +17,7 @@ from arq.cron import CronJob
 from arq.worker import Function, func
 
 from bot.jobs.common import MAX_TRIES
-from bot.queue import JobSpec
+from bot.queue import JobSpec, delivery_job
 from bot.settings import Settings
 
 Reply = dict[str, Any] | None
@@ -27,7 +27,8 @@ Reply = dict[str, Any] | None
 
 
 def process_delivery(delivery_id: int) -> JobSpec:
-    return JobSpec("process_delivery", f"delivery:{delivery_id}", {"delivery_id": delivery_id})
+    # the intake batches these through its Lua enqueue (bot/queue.py), with the same constructor
+    return delivery_job(delivery_id)
 
 
 def plan_protocol(run_id: int, attempt: str = "0", reply_to: Reply = None) -> JobSpec:
