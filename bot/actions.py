@@ -85,6 +85,11 @@ async def approve(ctx: dict[str, Any], run_id: int, step_index: int | None = Non
     await set_step_status(ctx["db"], step.id, "completed", "approved by a human")
     if state.run.status == "blocked":
         await set_protocol_status(ctx["db"], run_id, "running", "resumed after approval")
+    # an accepted step counts as completed: its triggers, the next auto step, or the protocol's
+    # completion when it was the last one (e.g. a step reopened by a red CI after completion)
+    from bot.jobs.protocol import after_step_completed
+
+    await after_step_completed(ctx, run_id, step_index, 0)
     return "step-approved"
 
 

@@ -915,9 +915,9 @@ async def start_planning(ctx: dict[str, Any], run_id: int) -> str:
     elif status != "pending":
         raise TransitionConflict("ProtocolRun", run_id, status, "planning")
     suffix = secrets_mod.token_hex(4) if status == "failed" else "0"
-    await ctx["redis"].enqueue_job(
-        "plan_protocol", _job_id=f"plan:{run_id}:{suffix}", protocol_run_id=run_id
-    )
+    from bot.jobs import catalogue as jobs
+
+    await jobs.submit(ctx["redis"], jobs.plan_protocol(run_id, suffix))
     return "planning"
 
 

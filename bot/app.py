@@ -129,7 +129,6 @@ async def metrics(request: Request) -> Response:
 
 def routes(edges: dict[str, WebhookEdge]) -> list[BaseRoute]:
     from bot.api import api_routes
-    from bot.ci_hook import ci_webhook
     from bot.console import console_routes
     from bot.github_setup import setup_routes
 
@@ -138,7 +137,7 @@ def routes(edges: dict[str, WebhookEdge]) -> list[BaseRoute]:
         # are here so that other methods get starlette's 405, as on any other route
         Route("/webhooks/github", edges["/webhooks/github"], methods=["POST"]),
         Route("/webhooks/gitlab", edges["/webhooks/gitlab"], methods=["POST"]),
-        Route("/webhooks/ci", ci_webhook, methods=["POST"]),
+        Route("/webhooks/ci", edges["/webhooks/ci"], methods=["POST"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),

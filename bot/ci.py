@@ -2,19 +2,71 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, Literal
 
-from bot.errors import TransitionConflict
+from sqlalchemy import update
+
+from bot.ci_gate import (
+    GateOutcome,
+    StepCI,
+    current_step,
+    gate_after_qa,
+    head_of,
+    interpret_ci,
+    step_ci,
+    step_for_sha,
+)
+from bot.errors import LockBusy, SpecError, TransitionConflict
 from bot.feedback import publish_status
+from bot.jobs import catalogue as jobs
+from bot.jobs.locks import acquire, release
+from bot.models import Project
 from bot.policies import ci_decision, ci_fingerprint
-from bot.runs import emit, load_run, set_protocol_status, set_step_status, update_run, update_step
+from bot.runs import (
+    RunState,
+    emit,
+    load_run,
+    set_protocol_status,
+    set_step_status,
+    update_run,
+    update_step,
+)
 from bot.spec import validate_spec
 
 log = logging.getLogger(__name__)
 
 CIResult = Literal["success", "failure"]
+
+# One short lock per protocol serialises the two places that may complete a step on its gates:
+# a CI result arriving and a QA verdict being written. Without it each could read the other's
+# state just before it was written, and both would wait for ever.
+GATE_WAIT_S = 30.0
+
+
+@contextlib.asynccontextmanager
+async def gate_lock(redis: Any, run_id: int) -> AsyncIterator[None]:
+    """Hold the run's CI-gate lock (seconds, never across an engine call)."""
+    name = f"ci-gate:{run_id}"
+    deadline = time.monotonic() + GATE_WAIT_S
+    while (token := await acquire(redis, name, 60)) is None:
+        if time.monotonic() > deadline:
+            raise LockBusy(f"the CI gate of protocol run {run_id} stayed busy")
+        await asyncio.sleep(0.02)
+    try:
+        yield
+    finally:
+        await release(redis, name, token)
+
+
+def has_ci(project: Any) -> bool:
+    """A repository has CI when project setup found a CI config on its base branch
+    (`.github/workflows/`, `.gitlab-ci.yml`) or when any CI result was ever reported for it."""
+    return bool(getattr(project, "ci_provider", None))
 
 
 def current_ci_step(steps: Iterable[Any]) -> Any | None:
@@ -25,26 +77,157 @@ def current_ci_step(steps: Iterable[Any]) -> Any | None:
     return max(pool, key=lambda s: s.step_index) if pool else None
 
 
+def _views(state: RunState) -> list[StepCI]:
+    try:
+        policies = {s.index: s.qa.policy for s in validate_spec(state.run.template_config).steps}
+    except SpecError:
+        policies = {}
+    return [step_ci(s, policies.get(s.step_index)) for s in state.steps]
+
+
+async def _note_ci_seen(db: Any, project: Any, source: str) -> None:
+    if has_ci(project):
+        return
+    async with db.sessions.begin() as session:
+        await session.execute(
+            update(Project)
+            .where(Project.id == project.id, Project.ci_provider.is_(None))
+            .values(ci_provider=source[:32])
+        )
+
+
 async def apply_ci_result(
     ctx: dict[str, Any],
     run_id: int,
     sha: str | None,
     result: CIResult,
     failing: Iterable[tuple[str, str]] = (),
+    *,
+    source: str = "ci-reported",
 ) -> str:
-    """Act on a finished CI run for the protocol's current head; anything else is ignored."""
+    """Act on a finished CI run on commit `sha` (None: the newest step's head).
+
+    The meaning is decided by `bot.ci_gate.interpret_ci`; this applies it. Only transitions and
+    enqueued jobs happen here, never engine work, so any job (or handler) may call it.
+    """
+    async with gate_lock(ctx["redis"], run_id):
+        return await _apply(ctx, run_id, sha, result, list(failing), source)
+
+
+async def _apply(
+    ctx: dict[str, Any],
+    run_id: int,
+    sha: str | None,
+    result: CIResult,
+    failing: list[tuple[str, str]],
+    source: str,
+) -> str:
     db = ctx["db"]
+    settings = ctx["settings"]
     state = await load_run(db, run_id)
-    if state.run.status not in ("running", "planned", "blocked"):
-        return f"ignored-{state.run.status}"
-    if sha is not None and state.run.head_sha and sha != state.run.head_sha:
-        return "ignored-stale-sha"  # CI of an older push says nothing about the current head
-    step = current_ci_step(state.steps)
-    if step is None:
-        return "ignored-no-step"
+    await _note_ci_seen(db, state.project, source)
+    views = _views(state)
+    if sha is None:
+        current = current_step(views)
+        sha = head_of(current) if current is not None else None
+        if sha is None:
+            await emit(db, state, "ci.ignored", f"CI {result} reported, but no step has run yet")
+            return "ignored-no-step"
+    rs = state.run.runtime_state or {}
+    target = step_for_sha(views, sha)
+    meaning = interpret_ci(
+        state.run.status,
+        views,
+        sha,
+        result,
+        qa_queued=bool(settings.auto_qa_after_exec) and (target is None or target.qa_policy != "skip"),
+        auto_qa_on_ci=bool(settings.auto_qa_on_ci),
+        merged=bool(rs.get("merged")),
+    )
+    step = state.step(meaning.step_index) if meaning.step_index is not None else None
+    if meaning.action in ("ignore", "stale", "duplicate"):
+        kind = {"ignore": "ci.ignored", "stale": "ci.stale", "duplicate": "ci.duplicate"}[meaning.action]
+        await emit(db, state, kind, meaning.reason, step, sha=sha, result=result)
+        return {"ignore": f"ignored-{state.run.status}", "stale": "stale", "duplicate": "duplicate"}[
+            meaning.action
+        ]
+    assert step is not None and target is not None
+    await update_step(
+        db,
+        step.id,
+        runtime_state={
+            **(step.runtime_state or {}),
+            "ci": {
+                "sha": sha,
+                "result": result,
+                "for_commit": target.commit_sha or "",
+                "fingerprint": ci_fingerprint(failing),
+            },
+        },
+    )
+    step = (await load_run(db, run_id)).step(step.step_index)
+    await emit(
+        db,
+        state,
+        f"ci.{result}",
+        meaning.reason,
+        step,
+        failing=[f"{n}: {c}" for n, c in failing],
+        action=meaning.action,
+        sha=sha,
+    )
+    if meaning.action == "record":
+        await publish_status(ctx, run_id)
+        return "recorded"
+    if meaning.action == "run_qa":
+        await jobs.submit(ctx["redis"], jobs.run_quality(run_id, step.step_index, f"ci-{sha}"))
+        return "run_qa"
+    if meaning.action == "complete":
+        await set_step_status(db, step.id, "completed", meaning.reason)
+        from bot.jobs.protocol import after_step_completed
+
+        await after_step_completed(ctx, run_id, step.step_index, 0)
+        await publish_status(ctx, run_id)
+        return "complete"
+    if meaning.action == "reopen":
+        return await _reopen(ctx, state, step, meaning.reason, failing)
+    return await _loop(ctx, state, step, sha, result, failing)
+
+
+async def _reopen(
+    ctx: dict[str, Any], state: RunState, step: Any, reason: str, failing: list[tuple[str, str]]
+) -> str:
+    """Red CI on a completed step: the step and its protocol go back to blocked, with the reason."""
+    db = ctx["db"]
+    detail = reason + ("\n" + "\n".join(f"- {n}: {c}" for n, c in failing) if failing else "")
+    await set_step_status(db, step.id, "blocked", reason)
+    if state.run.status in ("running", "completed"):
+        await set_protocol_status(
+            db,
+            state.run.id,
+            "blocked",
+            reason,
+            runtime_state={**(state.run.runtime_state or {}), "message": detail},
+        )
+    else:
+        await update_run(db, state.run.id, runtime_state={**(state.run.runtime_state or {}), "message": detail})
+    await publish_status(ctx, state.run.id, reason)
+    return "reopened"
+
+
+async def _loop(
+    ctx: dict[str, Any],
+    state: RunState,
+    step: Any,
+    sha: str,
+    result: CIResult,
+    failing: list[tuple[str, str]],
+) -> str:
+    """Red CI on a step still waiting on its gates: loop per its policy, or block for a human."""
+    db = ctx["db"]
+    run_id = state.run.id
     spec = validate_spec(state.run.template_config)
     step_spec = next(s for s in spec.steps if s.index == step.step_index)
-    failing = list(failing)
     decision = ci_decision(
         step_spec,
         state.run.runtime_state or {},
@@ -56,36 +239,11 @@ async def apply_ci_result(
     await update_run(
         db, run_id, runtime_state={**decision.new_runtime_state, "ci_attempts": attempts}
     )
-    await emit(
-        db,
-        state,
-        f"ci.{result}",
-        decision.reason,
-        step,
-        failing=[f"{n}: {c}" for n, c in failing],
-        action=decision.action,
-        sha=sha,
-    )
-    if decision.action == "run_qa":
-        if step.status == "needs_qa":
-            await ctx["redis"].enqueue_job(
-                "run_quality",
-                _job_id=f"qa:ci:{run_id}:{sha}",
-                protocol_run_id=run_id,
-                step_index=step.step_index,
-            )
-        return "run_qa"
-    if decision.action == "complete":
-        if step.status == "needs_qa":
-            await set_step_status(db, step.id, "completed", decision.reason)
-            from bot.jobs.protocol import after_step_completed
-
-            await after_step_completed(ctx, run_id, step.step_index, 0)
-        return "complete"
     summary = "CI failed:\n" + "\n".join(f"- {n}: {c}" for n, c in failing)
     if decision.action == "retry":
+        fresh = await load_run(db, run_id)
         for index in decision.reset_steps:
-            target = state.step(index)
+            target = fresh.step(index)
             await update_step(
                 db,
                 target.id,
@@ -97,12 +255,7 @@ async def apply_ci_result(
             except TransitionConflict:
                 pass
         first = min(decision.reset_steps or [step.step_index])
-        await ctx["redis"].enqueue_job(
-            "execute_step",
-            _job_id=f"exec:ci:{run_id}:{first}:{sha}",
-            protocol_run_id=run_id,
-            step_index=first,
-        )
+        await jobs.submit(ctx["redis"], jobs.execute_step(run_id, first, f"ci-{sha}"))
         await publish_status(ctx, run_id, decision.reason)
         return "retry"
     try:
@@ -110,23 +263,49 @@ async def apply_ci_result(
     except TransitionConflict:
         pass
     if state.run.status != "blocked":
-        await set_protocol_status(
-            db,
-            run_id,
-            "blocked",
-            decision.reason,
-            runtime_state={
-                **decision.new_runtime_state,
-                "ci_attempts": attempts,
-                "message": decision.reason,
-            },
-        )
+        try:
+            await set_protocol_status(
+                db,
+                run_id,
+                "blocked",
+                decision.reason,
+                runtime_state={
+                    **decision.new_runtime_state,
+                    "ci_attempts": attempts,
+                    "message": decision.reason,
+                },
+            )
+        except TransitionConflict:
+            pass
     await publish_status(ctx, run_id, decision.reason)
     return "block"
 
 
+async def complete_after_qa(ctx: dict[str, Any], run_id: int, step_index: int) -> GateOutcome:
+    """QA passed: complete the step, unless the repository has CI and CI on this attempt is not
+    green yet (the step then stays `needs_qa` with the pass remembered; green CI completes it)."""
+    db = ctx["db"]
+    async with gate_lock(ctx["redis"], run_id):
+        state = await load_run(db, run_id)
+        step = state.step(step_index)
+        rs = dict(step.runtime_state or {})
+        rs["qa_passed_on"] = rs.get("commit_sha") or ""
+        await update_step(db, step.id, runtime_state=rs)
+        step.runtime_state = rs
+        view = next(v for v in _views(state) if v.index == step_index)
+        outcome = gate_after_qa(view, has_ci(state.project))
+        if outcome == "completed":
+            await set_step_status(db, step.id, "completed", "QA passed")
+        elif outcome == "waiting-ci":
+            await emit(db, state, "step.waiting-ci", f"step {step_index:02d}: QA passed; waiting for CI", step)
+    return outcome
+
+
 async def pr_finished(ctx: dict[str, Any], run_id: int, merged: bool) -> str:
     state = await load_run(ctx["db"], run_id)
+    if merged:
+        # remembered so that a red CI arriving after the merge is recorded, not reopened
+        await update_run(ctx["db"], run_id, runtime_state={**(state.run.runtime_state or {}), "merged": True})
     if state.run.status in ("completed", "cancelled"):
         return f"already-{state.run.status}"
     wanted = "completed" if merged else "cancelled"
@@ -145,3 +324,13 @@ async def pr_finished(ctx: dict[str, Any], run_id: int, merged: bool) -> str:
         return "conflict"
     await publish_status(ctx, run_id)
     return wanted
+
+
+async def ci_step_for(ctx: dict[str, Any], run_id: int, sha: str) -> int | None:
+    """The step that owns commit `sha`, or None (recorded as a `ci.stale` event)."""
+    state = await load_run(ctx["db"], run_id)
+    step = step_for_sha(_views(state), sha)
+    if step is None:
+        await emit(ctx["db"], state, "ci.stale", f"{sha[:12]} is no step's commit", sha=sha)
+        return None
+    return step.index

@@ -1,18 +1,24 @@
-"""POST /webhooks/ci: any CI system reports a protocol branch's result, driving the CI transitions."""
+"""POST /webhooks/ci: any CI system reports a protocol branch's result, driving the CI transitions.
+
+The hook goes through the same durable intake as the forges (bot/edge.py): verified and checked
+in the request, stored and deduplicated, answered 202, then `process_delivery` runs the
+handler below in a worker. Nothing but the checks happens in the request.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import select
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 from bot.errors import WebhookError
+from bot.handlers.router import HandlerContext
+from bot.handlers.sansio import IncomingDelivery
 from bot.models import Project, ProtocolRun
 
 TOKEN_ENV = "DEKSDENFLOW_WEBHOOK_TOKEN"
@@ -111,37 +117,54 @@ async def find_run(db: Any, report: CIReport) -> ProtocolRun | None:
     return runs[0] if runs else None
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+DELIVERY_HEADER = "x-deksdenflow-delivery"
 
 
-async def ci_webhook(request: Request) -> Response:
-    from bot.app import read_body_limited, state_of
+def ci_delivery(headers: Mapping[str, str], body: bytes, secret: str) -> IncomingDelivery:
+    """Verify and check a CI report (401/400/422 at once), as a delivery for the durable intake.
+
+    Dedupe key: the caller's `X-DeksdenFlow-Delivery` when given, else a hash of the body (the
+    same report sent twice is the same report).
+    """
+    low = {k.lower(): v for k, v in headers.items()}
+    verify(low, body, secret)
+    report = parse_report(body)
+    key = low.get(DELIVERY_HEADER, "").strip()
+    if not key:
+        key = "sha256:" + hashlib.sha256(body).hexdigest()
+    return IncomingDelivery(
+        provider="ci",
+        key=key[:255],
+        event="report",
+        action=report.status,
+        body=body.decode("utf-8"),
+        headers={k: low[k] for k in ("user-agent", DELIVERY_HEADER) if k in low},
+    )
+
+
+async def handle_report(ctx: HandlerContext) -> None:
+    """The job side of the hook: find the run, then record `running` or apply the result."""
     from bot.ci import apply_ci_result
     from bot.runs import emit, load_run
 
-    state = state_of(request)
-    secret = state.settings.webhook_token
-    if secret is None or not secret.get_secret_value():
-        # never open: an unset token is an operator error
-        return _error(503, f"the CI hook is not configured: set {TOKEN_ENV}")
+    services = ctx.services
     try:
-        body = await read_body_limited(request, state.settings.max_body_bytes)
-        verify(dict(request.headers), body, secret.get_secret_value())
-        report = parse_report(body)
-        run = await find_run(state.db, report)
+        report = parse_report(ctx.delivery.body.encode())
+        run = await find_run(services["db"], report)
     except WebhookError as exc:
-        return _error(exc.status_code, exc.message)
+        ctx.note(ignored=exc.message)
+        return
     if run is None:
         what = f"protocol run {report.protocol_run_id}" if report.protocol_run_id else f"branch {report.branch!r}"
-        return _error(404, f"no protocol for {what}")
-    ctx = await state.services_ctx()
+        ctx.note(ignored=f"no protocol for {what}")
+        return
     if report.status == "running":
-        loaded = await load_run(ctx["db"], run.id)
-        await emit(ctx["db"], loaded, "ci.running", "CI running (reported by the CI hook)", sha=report.sha)
-        return JSONResponse({"protocol_run_id": run.id, "outcome": "recorded"}, status_code=202)
+        loaded = await load_run(services["db"], run.id)
+        await emit(services["db"], loaded, "ci.running", "CI running (reported by the CI hook)", sha=report.sha)
+        ctx.note(protocol_run_id=run.id, outcome="recorded")
+        return
     failing = [(name, "failure") for name in report.failing]
     if report.status == "failure" and not failing:
         failing = [("ci", "failure")]
-    outcome = await apply_ci_result(ctx, run.id, report.sha, report.status, failing)
-    return JSONResponse({"protocol_run_id": run.id, "outcome": outcome})
+    outcome = await apply_ci_result(services, run.id, report.sha, report.status, failing, source="ci-hook")
+    ctx.note(protocol_run_id=run.id, ci=report.status, outcome=outcome)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
-from bot.errors import NotFound
+from bot.errors import ConfigError, NotFound
 from bot.models import ForgeRecord, ProtocolRun
 from bot.runs import load_run
 from bot.settings import Settings
@@ -95,10 +96,14 @@ async def _finish(ctx: dict[str, Any], run_id: int) -> int:
 
 async def _new(args: argparse.Namespace, settings: Settings) -> int:
     from bot.actions import run_step, start_protocol
-    from bot.local_runtime import drain, local_project, local_runtime
+    from bot.local_runtime import drain, git_toplevel, local_project, local_runtime
 
     async with local_runtime(_settings_for(args, settings)) as ctx:
+        # everything that would strand a protocol in `planning` is checked before a row exists
+        if args.base:
+            await check_branch(ctx, await git_toplevel(args.repo), args.base)
         project = await local_project(ctx, args.repo, args.base)
+        await check_can_start(ctx, project)
         run = await start_protocol(ctx, project, args.description, approved=args.run_step)
         print(
             f"planning {run.protocol_name} on {project.git_url} (base {project.base_branch})",
@@ -110,6 +115,43 @@ async def _new(args: argparse.Namespace, settings: Settings) -> int:
             await run_step(ctx, run.id, None)
             await drain(ctx, project.id)
         return await _finish(ctx, run.id)
+
+
+def engine_problem(engine_id: str, known: list[str], codex_bin: str) -> str | None:
+    """Why `engine_id` cannot run here, or None (pure but for the PATH lookup)."""
+    if engine_id not in known:
+        return f"unknown engine {engine_id!r} (known: {', '.join(known)})"
+    if engine_id == "codex" and shutil.which(codex_bin) is None:
+        return (
+            f"engine codex is not installed: {codex_bin!r} was not found "
+            "(install @openai/codex, set DEKSDENFLOW_CODEX_BIN, or use --engine scripted)"
+        )
+    return None
+
+
+async def check_branch(ctx: dict[str, Any], repo: Path, branch: str) -> None:
+    """ConfigError (one line) unless `branch` is a branch with a commit in `repo`."""
+    from bot import gitops
+
+    found = await gitops.run_git(
+        ["rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}"],
+        cwd=repo,
+        timeout=ctx["settings"].git_timeout_s,
+        check=False,
+    )
+    if found.returncode != 0:
+        raise ConfigError(f"base branch {branch!r} does not exist in {repo} (use --base BRANCH)")
+
+
+async def check_can_start(ctx: dict[str, Any], project: Any) -> None:
+    """ConfigError (one line) when the base branch is missing or the engine cannot run."""
+    settings: Settings = ctx["settings"]
+    await check_branch(ctx, Path(project.git_url), project.base_branch)
+    models = project.default_models or {}
+    engine_id = models.get("engine") if isinstance(models.get("engine"), str) else settings.engine
+    problem = engine_problem(str(engine_id), list(ctx["engines"].ids()), settings.codex_bin)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 async def _run_step(args: argparse.Namespace, settings: Settings) -> int:

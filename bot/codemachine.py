@@ -847,9 +847,9 @@ async def import_workspace(
             continue
     else:  # pragma: no cover - 20 collisions in a row means something else is wrong
         raise SpecError("could not allocate a protocol number", errors=["protocol: busy"])
-    await ctx["redis"].enqueue_job(
-        "codemachine_prepare", _job_id=f"cm-prepare:{run.id}", protocol_run_id=run.id
-    )
+    from bot.jobs import catalogue as jobs
+
+    await jobs.submit(ctx["redis"], jobs.codemachine_prepare(run.id))
     return run, plan
 
 

@@ -1,4 +1,4 @@
-"""The webhook edge: `POST /webhooks/github` and `POST /webhooks/gitlab` as plain ASGI.
+"""The webhook edge: `POST /webhooks/{github,gitlab,ci}` as plain ASGI.
 
 Every delivery of every repository comes through here, so this is the one hot path of the
 service. Starlette's Request/Response objects and its middleware layers cost about as much
@@ -99,6 +99,9 @@ class WebhookEdge:
 
     def secret(self) -> str | None:
         settings = self.state.settings
+        if self.provider == "ci":
+            token = settings.webhook_token
+            return token.get_secret_value() if token else None
         if self.provider == "github":
             # the GitHub App manifest flow (`/setup/github`) stores its secret at runtime
             stored: str | None = self.state.extra.get("github_webhook_secret")
@@ -155,7 +158,12 @@ def webhook_edges(state: AppState) -> dict[str, WebhookEdge]:
     """The fast-path handlers by path (with and without a trailing slash)."""
     github = WebhookEdge(state, "github", "DEKSDENFLOW_GITHUB_WEBHOOK_SECRET", github_delivery)
     gitlab = WebhookEdge(state, "gitlab", "DEKSDENFLOW_GITLAB_WEBHOOK_SECRET", gitlab_delivery)
+    from bot.ci_hook import ci_delivery
+
+    ci = WebhookEdge(state, "ci", "DEKSDENFLOW_WEBHOOK_TOKEN", ci_delivery)
     return {
+        "/webhooks/ci": ci,
+        "/webhooks/ci/": ci,
         "/webhooks/github": github,
         "/webhooks/github/": github,
         "/webhooks/gitlab": gitlab,

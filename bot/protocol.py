@@ -12,7 +12,7 @@ Protocol runs::
     blocked     running | cancelled                  /resume, /retry, /approve; /cancel
     failed      planning | running | cancelled       /plan retry after a failed plan; /retry a
                                                      step; /cancel to close it for good
-    completed   (none)
+    completed   blocked                              CI turned red after completion (reopened)
     cancelled   (none)
 
 Step runs::
@@ -24,7 +24,8 @@ Step runs::
     needs_qa    running | completed | failed |       QA (or re-execution) starts; PASS or
                 blocked | cancelled | pending        /approve; QA could not run; FAIL with no
                                                      loop left; /cancel; loop resets it
-    completed   pending | needs_qa                   a later step's loop resets it; /qa N again
+    completed   pending | needs_qa | blocked         a later step's loop resets it; /qa N again;
+                                                     CI turned red after completion (reopened)
     failed      pending                              /retry or a loop resets it
     blocked     pending | completed                  /retry or a loop; /approve
     cancelled   (none)
@@ -79,7 +80,8 @@ PROTOCOL_TRANSITIONS: Mapping[ProtocolStatus, frozenset[ProtocolStatus]] = {
     _P.PAUSED: frozenset({_P.RUNNING, _P.CANCELLED}),
     _P.BLOCKED: frozenset({_P.RUNNING, _P.CANCELLED}),
     _P.FAILED: frozenset({_P.PLANNING, _P.RUNNING, _P.CANCELLED}),
-    _P.COMPLETED: frozenset(),
+    # a red CI after completion reopens the protocol (never dropped): see bot/ci_gate.py
+    _P.COMPLETED: frozenset({_P.BLOCKED}),
     _P.CANCELLED: frozenset(),
 }
 
@@ -89,15 +91,15 @@ STEP_TRANSITIONS: Mapping[StepStatus, frozenset[StepStatus]] = {
     _S.NEEDS_QA: frozenset(
         {_S.RUNNING, _S.COMPLETED, _S.FAILED, _S.BLOCKED, _S.CANCELLED, _S.PENDING}
     ),
-    _S.COMPLETED: frozenset({_S.PENDING, _S.NEEDS_QA}),
+    _S.COMPLETED: frozenset({_S.PENDING, _S.NEEDS_QA, _S.BLOCKED}),
     _S.FAILED: frozenset({_S.PENDING}),
     _S.BLOCKED: frozenset({_S.PENDING, _S.COMPLETED}),
     _S.CANCELLED: frozenset(),
 }
 
 # "Terminal" = no job will touch it again on its own. FAILED can still be revived by an
-# explicit human /retry (or /plan), and a completed step by a loop reset; COMPLETED and
-# CANCELLED protocols are final.
+# explicit human /retry (or /plan), and a completed step by a loop reset; CANCELLED protocols
+# are final, COMPLETED ones too except that a red CI on their commits reopens them.
 PROTOCOL_TERMINAL = frozenset({_P.COMPLETED, _P.FAILED, _P.CANCELLED})
 STEP_TERMINAL = frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED})
 

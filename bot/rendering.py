@@ -142,6 +142,8 @@ def _step_line(step: StepView, current: int | None) -> str:
     parts = [f"**{step.index:02d}** {inline(step.title)}"]
     if step.qa_verdict:
         parts.append(f"QA {VERDICT_EMOJI.get(step.qa_verdict, '❔')} {inline(step.qa_verdict, 10)}")
+        if step.status == "needs_qa" and step.qa_verdict == "PASS":
+            parts.append("waiting for CI")  # the CI gate (bot/ci_gate.py)
     elif step.status == "needs_qa":
         parts.append("QA pending")
     if step.tokens is not None:

@@ -25,16 +25,21 @@ from bot.git.ops import (
     status_porcelain,
 )
 from bot.git.runner import (
+    Auth,
+    AuthProvider,
     GitCommandFailed,
     GitResult,
     GitTimeout,
     build_git_argv,
     build_git_env,
     redact,
+    resolve_auth,
     run_git,
 )
 
 __all__ = [
+    "Auth",
+    "AuthProvider",
     "CommitInfo",
     "GitCache",
     "GitCommandFailed",
@@ -60,6 +65,7 @@ __all__ = [
     "redact",
     "remote_branch_sha",
     "remote_ref",
+    "resolve_auth",
     "run_git",
     "safe_repo_name",
     "slugify",

@@ -14,7 +14,7 @@ from pathlib import Path
 from bot.errors import GitError
 from bot.git.locks import mirror_lock
 from bot.git.names import check_branch_name, normalize_remote, safe_repo_name
-from bot.git.runner import run_git
+from bot.git.runner import Auth, run_git
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class GitCache:
         return self.data_dir / "worktrees" / safe_repo_name(repo_url) / name
 
     async def ensure_mirror(
-        self, repo_url: str, auth_header: str | None = None, *, fetch: bool = True
+        self, repo_url: str, auth_header: Auth = None, *, fetch: bool = True
     ) -> Path:
         """Create the bare mirror if missing, else `fetch --prune` it (unless fetch=False)."""
         mirror = self.mirror_path(repo_url)
@@ -202,7 +202,7 @@ class GitCache:
         return mirror
 
     async def _ensure_mirror_locked(
-        self, mirror: Path, repo_url: str, auth_header: str | None, *, fetch: bool
+        self, mirror: Path, repo_url: str, auth_header: Auth, *, fetch: bool
     ) -> None:
         if (mirror / "HEAD").is_file():
             if fetch:
@@ -227,7 +227,7 @@ class GitCache:
             raise
         log.info("created mirror %s", mirror)
 
-    async def _fetch(self, mirror: Path, auth_header: str | None, url: str) -> None:
+    async def _fetch(self, mirror: Path, auth_header: Auth, url: str) -> None:
         # --no-show-forced-updates: that check walks history on every forced update, which is
         # slow on big repositories and tells us nothing we use.
         await run_git(
@@ -245,7 +245,7 @@ class GitCache:
         repo_url: str,
         protocol_branch: str,
         base_branch: str,
-        auth_header: str | None = None,
+        auth_header: Auth = None,
         *,
         fetch: bool = True,
     ) -> Worktree:

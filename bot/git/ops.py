@@ -13,7 +13,7 @@ from bot.errors import GitError
 from bot.git.cache import LOCAL_TIMEOUT, NETWORK_TIMEOUT, REMOTE_PREFIX, remote_ref
 from bot.git.locks import mirror_lock
 from bot.git.names import check_branch_name, normalize_remote, parse_protocol_number
-from bot.git.runner import run_git
+from bot.git.runner import Auth, run_git
 
 StrPath = str | os.PathLike[str]
 PROTOCOLS_DIR = ".protocols"
@@ -92,7 +92,7 @@ async def push(
     worktree: StrPath,
     branch: str,
     remote_url: str,
-    auth_header: str | None,
+    auth_header: Auth,
     *,
     force_with_lease: bool = False,
     credential_hosts: Collection[str] = (),
@@ -140,7 +140,7 @@ async def _resolve(repo: StrPath, rev: str) -> str | None:
 
 
 async def list_remote_branches(
-    source: StrPath, *, auth_header: str | None = None, credential_hosts: Collection[str] = ()
+    source: StrPath, *, auth_header: Auth = None, credential_hosts: Collection[str] = ()
 ) -> dict[str, str]:
     """Branch name -> sha on the remote.
 
@@ -173,7 +173,7 @@ async def list_remote_branches(
 
 
 async def remote_branch_sha(
-    source: StrPath, branch: str, *, auth_header: str | None = None, credential_hosts: Collection[str] = ()
+    source: StrPath, branch: str, *, auth_header: Auth = None, credential_hosts: Collection[str] = ()
 ) -> str | None:
     """The remote branch's sha, or None; `source` as in list_remote_branches."""
     check_branch_name(branch)

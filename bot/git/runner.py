@@ -9,7 +9,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bot.errors import GitError
@@ -171,11 +171,25 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+# An auth provider is asked for a header right before each network command (fetch, push,
+# ls-remote), so a long engine run between a job's fetch and its push cannot leave the push
+# with an expired token. A plain str (or None) is still accepted for callers that hold one.
+AuthProvider = Callable[[], Awaitable[str | None]]
+Auth = str | AuthProvider | None
+
+
+async def resolve_auth(auth: Auth) -> str | None:
+    """The header to use now: a str as given, or a fresh one from the provider."""
+    if auth is None or isinstance(auth, str):
+        return auth
+    return await auth()
+
+
 async def run_git(
     args: Sequence[str],
     *,
     cwd: str | os.PathLike[str] | None = None,
-    auth_header: str | None = None,
+    auth_header: Auth = None,
     timeout: float | None = None,
     check: bool = True,
     env: Mapping[str, str] | None = None,
@@ -189,6 +203,8 @@ async def run_git(
     `credential_hosts`; a local path gets no header (there is nobody to send it to), and any
     other network remote is refused before git starts.
     """
+    # ask the provider at the last moment: a token fetched before a long engine run expires
+    auth_header = await resolve_auth(auth_header)
     if auth_header is not None:
         auth_header = credentials_for(remote, auth_header, credential_hosts)
         if auth_header is not None:

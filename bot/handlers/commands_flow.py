@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 
 from bot import actions
 from bot.commands import (
@@ -24,6 +24,7 @@ from bot.feedback import publish_status
 from bot.forge.base import CommentRef, Forge, IssueRef, RepoRef
 from bot.handlers.forge_events import CommentEvent, LabelEvent, RepoInfo
 from bot.handlers.router import HandlerContext
+from bot.jobs import catalogue as jobs
 from bot.models import Project, ProtocolRun
 from bot.runs import get_or_create_project, update_run
 
@@ -47,15 +48,20 @@ async def project_for(ctx: HandlerContext, repo: RepoInfo) -> Project:
     return project
 
 
-async def latest_run(ctx: HandlerContext, project: Project, number: int) -> ProtocolRun | None:
+async def latest_run(
+    ctx: HandlerContext, project: Project, number: int, kind: str = "issue"
+) -> ProtocolRun | None:
+    """The newest protocol of an issue (by its issue number) or of a PR/MR (by its number).
+
+    The two are looked up apart: on GitLab issue #3 and MR !3 are different objects, and a
+    command on one must never act on the protocol of the other.
+    """
+    column = ProtocolRun.issue_number if kind == "issue" else ProtocolRun.pr_number
     async with ctx.services["db"].sessions() as session:
         found: ProtocolRun | None = (
             await session.execute(
                 select(ProtocolRun)
-                .where(
-                    ProtocolRun.project_id == project.id,
-                    or_(ProtocolRun.issue_number == number, ProtocolRun.pr_number == number),
-                )
+                .where(ProtocolRun.project_id == project.id, column == number)
                 .order_by(ProtocolRun.id.desc())
                 .limit(1)
             )
@@ -179,7 +185,15 @@ async def handle_label(ctx: HandlerContext, ev: LabelEvent) -> None:
     forge: Forge = forges.forge_for(project)
     target = IssueRef(forges.repo_ref(project), ev.issue_number, "issue")
     required = required_permission("plan", (project.config or {}).get("permissions"))
+    existing = await latest_run(ctx, project, ev.issue_number, "issue")
+    active = existing if existing is not None and existing.status not in ("completed", "cancelled", "failed") else None
     for label, intent in wanted:
+        if active is not None and (intent.name == "plan" or active.auto_mode):
+            # a label starts planning once: a later hook that still (or again) carries it —
+            # GitLab sends the labels of an issue opened with them, then its updates — must
+            # not plan twice (the auto label on a planned protocol still switches auto on)
+            ctx.note(label=label, result=f"{active.protocol_name} is already {active.status}")
+            continue
         permission = await forge.get_permission(target.repo, ev.author)
         if not permission_allows(permission, required):
             await _reply(
@@ -214,16 +228,18 @@ async def dispatch(
                 services["settings"].protocol_discovery_model
                 or (project.config or {}).get("setup", {}).get("discovery")
             )
-            await services["redis"].enqueue_job(
-                "project_onboard",
-                _job_id=f"onboard:{project.id}:{target.number}:{(reply_to or {}).get('comment_id')}",
-                project_id=project.id,
-                run_discovery=discovery,
-                reply_to=reply_to or {"number": target.number, "kind": target.kind},
+            await jobs.submit(
+                services["redis"],
+                jobs.project_onboard(
+                    project.id,
+                    f"{target.number}:{(reply_to or {}).get('comment_id')}",
+                    run_discovery=discovery,
+                    reply_to=reply_to or {"number": target.number, "kind": target.kind},
+                ),
             )
             return "init-enqueued"
         if name in ("plan", "auto"):
-            existing = await latest_run(ctx, project, target.number)
+            existing = await latest_run(ctx, project, target.number, target.kind)
             if (
                 name == "auto"
                 and existing is not None
@@ -246,7 +262,7 @@ async def dispatch(
                 reply_to=reply_to,
             )
             return f"planning {run.protocol_name}"
-        found = await latest_run(ctx, project, target.number)
+        found = await latest_run(ctx, project, target.number, target.kind)
         if found is None:
             await _reply(
                 forge,

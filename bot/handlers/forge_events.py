@@ -197,6 +197,13 @@ def gitlab_labels(payload: dict[str, Any]) -> LabelEvent | None:
     number = _int(dig(attrs, "iid"))
     previous = dig(payload, "changes", "labels", "previous")
     current = dig(payload, "changes", "labels", "current")
+    if dig(attrs, "action") == "open" and not isinstance(current, list):
+        # a newly opened issue carries its labels in object_attributes.labels / labels, not in
+        # changes.labels: every label it was opened with counts as added
+        previous = []
+        current = dig(attrs, "labels")
+        if not isinstance(current, list):
+            current = payload.get("labels")
     if repo is None or number is None or not isinstance(current, list):
         return None
     before = {_str(dig(label, "title")) for label in previous or [] if isinstance(label, dict)}

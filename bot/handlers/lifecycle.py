@@ -8,10 +8,11 @@ from typing import Any
 from sqlalchemy import select, update
 
 from bot import actions
-from bot.ci import CIResult, apply_ci_result, pr_finished
+from bot.ci import CIResult, apply_ci_result, ci_step_for, pr_finished
 from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
 from bot.handlers.forge_events import dig, github_repo, gitlab_repo
 from bot.handlers.router import HandlerContext, Router
+from bot.jobs import catalogue as jobs
 from bot.models import Project, ProtocolRun
 from bot.rendering import ACTION_RETRY, ACTION_RUN_NEXT, ACTION_RUN_QA, parse_check_name
 from bot.runs import get_or_create_project
@@ -74,9 +75,7 @@ async def _register(ctx: HandlerContext, repos: Any, installation_id: int | None
             installation_id=installation_id,
         )
         names.append(name)
-        await ctx.services["redis"].enqueue_job(
-            "project_setup", _job_id=f"setup:{project.id}:{ctx.delivery_id}", project_id=project.id
-        )
+        await jobs.submit(ctx.services["redis"], jobs.project_setup(project.id, str(ctx.delivery_id)))
     return names
 
 
@@ -170,8 +169,10 @@ async def _github_ci(ctx: HandlerContext, branch: Any, sha: Any) -> None:
     if repo is None or not isinstance(branch, str) or not isinstance(sha, str):
         return
     run = await run_for_branch(ctx, "github", repo.full_name, branch)
-    if run is None or run.head_sha != sha:
-        ctx.note(ignored="not a protocol head")
+    if run is None:
+        return
+    if await ci_step_for(ctx.services, run.id, sha) is None:
+        ctx.note(ignored="not a step's commit")
         return
     project = await _project(ctx, run.project_id)
     forge = ctx.services["forges"].forge_for(project)
@@ -190,7 +191,8 @@ async def _github_ci(ctx: HandlerContext, branch: Any, sha: Any) -> None:
         if s.get("conclusion") not in PASSING
     )
     result: CIResult = "failure" if failing else "success"
-    ctx.note(ci=result, outcome=await apply_ci_result(ctx.services, run.id, sha, result, failing))
+    outcome = await apply_ci_result(ctx.services, run.id, sha, result, failing, source="github-checks")
+    ctx.note(ci=result, outcome=outcome)
 
 
 async def _project(ctx: HandlerContext, project_id: int) -> Project:
@@ -234,11 +236,17 @@ async def github_status(ctx: HandlerContext) -> None:
             if isinstance(branch, str)
             else None
         )
-        if run is None or run.head_sha != sha:
+        if run is None:
             continue
+        if await ci_step_for(ctx.services, run.id, sha) is None:
+            ctx.note(ignored="not a step's commit")
+            return
         if state in ("failure", "error"):
             failing = [(str(payload.get("context") or "status"), str(state))]
-            ctx.note(outcome=await apply_ci_result(ctx.services, run.id, sha, "failure", failing))
+            outcome = await apply_ci_result(
+                ctx.services, run.id, sha, "failure", failing, source="github-status"
+            )
+            ctx.note(outcome=outcome)
         else:
             await _github_ci(ctx, branch, sha)
         return
@@ -258,8 +266,10 @@ async def gitlab_pipeline(ctx: HandlerContext) -> None:
     ):
         return
     run = await run_for_branch(ctx, "gitlab", repo.full_name, branch)
-    if run is None or not isinstance(sha, str) or run.head_sha != sha:
-        ctx.note(ignored="not a protocol head")
+    if run is None or not isinstance(sha, str):
+        return
+    if await ci_step_for(ctx.services, run.id, sha) is None:
+        ctx.note(ignored="not a step's commit")
         return
     raw_builds = payload.get("builds")
     builds: list[Any] = raw_builds if isinstance(raw_builds, list) else []
@@ -269,7 +279,16 @@ async def gitlab_pipeline(ctx: HandlerContext) -> None:
         if isinstance(b, dict) and dig(b, "status") in ("failed", "canceled")
     ) or ([("pipeline", str(status))] if status != "success" else [])
     result: CIResult = "success" if status == "success" else "failure"
-    ctx.note(ci=result, outcome=await apply_ci_result(ctx.services, run.id, sha, result, failing))
+    outcome = await apply_ci_result(ctx.services, run.id, sha, result, failing, source="gitlab-ci")
+    ctx.note(ci=result, outcome=outcome)
+
+
+@router.register("ci", "report")
+async def ci_report(ctx: HandlerContext) -> None:
+    """A report of the CI hook (POST /webhooks/ci), stored by the intake like a forge's."""
+    from bot.ci_hook import handle_report
+
+    await handle_report(ctx)
 
 
 # -- check-run buttons --------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from typing import Any
 from arq import Retry
 
 from bot import gitops
+from bot.ci import complete_after_qa, has_ci
+from bot.ci_gate import hold_for_ci
 from bot.errors import EngineError, LockBusy, SpecError, TransitionConflict
 from bot.feedback import open_or_update_pr, publish_status, react_done, report_check
 from bot.jobs.common import count_job
@@ -115,13 +117,20 @@ def spec_of(state: RunState) -> ProtocolSpec:
     return validate_spec(state.run.template_config)
 
 
-async def auth_for(ctx: dict[str, Any], state: RunState) -> str | None:
+async def auth_for(ctx: dict[str, Any], state: RunState) -> gitops.Auth:
+    """An auth provider, asked by the git layer before each fetch and push: no job holds a
+    token across an engine run."""
     forge = ctx["forges"].forge_for(state.project)
-    header: str | None = await forge.git_auth_header(ctx["forges"].repo_ref(state.project))
+    repo = ctx["forges"].repo_ref(state.project)
+
+    async def header() -> str | None:
+        fresh: str | None = await forge.git_auth_header(repo)
+        return fresh
+
     return header
 
 
-async def ensure_worktree(ctx: dict[str, Any], state: RunState, auth: str | None) -> Path:
+async def ensure_worktree(ctx: dict[str, Any], state: RunState, auth: gitops.Auth) -> Path:
     wt = await ctx["git"].ensure_worktree(
         state.project.git_url, state.run.protocol_name, state.run.base_branch, auth
     )
@@ -673,7 +682,7 @@ async def _execute(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
         )
         await publish_status(ctx, run_id, after.reason)
         return "budget-blocked"
-    decision = qa_decision(step_spec, spec, settings.auto_qa_after_exec)
+    decision = hold_for_ci(qa_decision(step_spec, spec, settings.auto_qa_after_exec), has_ci(state.project))
     await set_step_status(db, step.id, decision.status, decision.reason, finished_at=utcnow())
     await report_check(
         ctx,
@@ -832,18 +841,15 @@ async def after_step_completed(
         target = state.step(action.step_index)
         if target.status in ("completed", "needs_qa"):
             await set_step_status(db, target.id, "pending", f"triggered by step {step_index:02d}")
-        if action.mode == "inline":
-            await execute_step(
-                ctx, protocol_run_id=run_id, step_index=action.step_index, depth=action.depth
-            )
-        else:
-            await enqueue(
-                ctx,
-                "execute_step",
-                f"exec:{run_id}:{action.step_index}:trig:{time.time_ns()}",
-                protocol_run_id=run_id,
-                step_index=action.step_index,
-            )
+        # never inline (a caller may be a webhook handler): enqueued, carrying its depth
+        await enqueue(
+            ctx,
+            "execute_step",
+            f"exec:{run_id}:{action.step_index}:trig:{time.time_ns()}",
+            protocol_run_id=run_id,
+            step_index=action.step_index,
+            depth=action.depth,
+        )
     state = await load_run(db, run_id)
     if all(s.status == "completed" for s in state.steps):
         if state.run.status == "running":
@@ -869,7 +875,7 @@ async def run_quality(
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
     await count_job(ctx, "run_quality", outcome)
-    await react_done(ctx, protocol_run_id, reply_to, outcome == "PASS")
+    await react_done(ctx, protocol_run_id, reply_to, outcome.startswith("PASS"))
     if outcome == "PASS":
         await after_step_completed(ctx, protocol_run_id, step_index, 0)
     elif outcome == "retry":
@@ -957,7 +963,7 @@ async def _quality(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
     await update_step(db, step.id, runtime_state=rs)
     await emit(db, state, "qa.verdict", f"step {step_index:02d}: {verdict}", step, verdict=verdict)
     if verdict == "PASS":
-        await set_step_status(db, step.id, "completed", "QA passed")
+        gate = await complete_after_qa(ctx, run_id, step_index)  # CI gate (bot/ci_gate.py)
         await report_check(
             ctx,
             run_id,
@@ -969,7 +975,7 @@ async def _quality(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
             quality_report=report,
         )
         await publish_status(ctx, run_id)
-        return "PASS"
+        return "PASS" if gate == "completed" else f"PASS-{gate}"
     decision = loop_decision(step_spec, state.run.runtime_state or {}, "qa_fail")
     await update_run(
         db, run_id, runtime_state={**decision.new_runtime_state, "message": decision.reason}

@@ -91,7 +91,7 @@ async def run_discovery(
     return result
 
 
-async def _present_on_base(ctx: dict[str, Any], project: Project, auth: str | None) -> list[str]:
+async def _present_on_base(ctx: dict[str, Any], project: Project, auth: gitops.Auth) -> list[str]:
     mirror = await ctx["git"].ensure_mirror(project.git_url, auth)
     present = []
     for path in starter_paths():
@@ -141,7 +141,10 @@ async def project_onboard(
         else None
     )
     try:
-        auth = await forge.git_auth_header(repo)
+        async def auth() -> str | None:  # asked before each fetch and push (discovery may be long)
+            header: str | None = await forge.git_auth_header(repo)
+            return header
+
         present = await _present_on_base(ctx, project, auth)
         missing = missing_starter_files(present)
         if not missing and not run_discovery:

@@ -5,29 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, ClassVar
+from typing import Any
 
-from arq import cron
-from arq.worker import Worker, func
+from arq.worker import Worker
 
 from bot.db import database_from_settings
+from bot.errors import ConfigError
 from bot.handlers import build_router
+from bot.jobs import catalogue
 from bot.jobs.common import MAX_TRIES
-from bot.jobs.deliveries import process_delivery, prune_old_deliveries, relay_pending
-from bot.queue import create_redis
+from bot.observability import configure_logging
+from bot.queue import create_redis, redis_settings
 from bot.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
 
 def job_functions(settings: Settings) -> list[Any]:
-    """Every job the worker runs; later modules add protocol and forge jobs here."""
-    from bot.jobs import registry
-
-    return [
-        func(process_delivery, name="process_delivery", max_tries=MAX_TRIES),
-        *registry.protocol_functions(settings),
-    ]
+    """Every job the worker runs: the whole catalogue (bot/jobs/catalogue.py)."""
+    return list(catalogue.functions(settings))
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -50,19 +46,10 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["db"].dispose()
 
 
-def _relay_seconds(settings: Settings) -> set[int]:
-    step = max(1, min(59, int(settings.relay_interval_s)))
-    return set(range(0, 60, step))
-
-
 def worker_kwargs(settings: Settings) -> dict[str, Any]:
     return {
         "functions": job_functions(settings),
-        "cron_jobs": [
-            cron(relay_pending, second=_relay_seconds(settings), run_at_startup=True, unique=True),
-            # hourly, at an odd minute so it does not meet other hourly work
-            cron(prune_old_deliveries, minute={17}, second={30}, unique=True),
-        ],
+        "cron_jobs": catalogue.cron_jobs(settings),
         "on_startup": startup,
         "on_shutdown": shutdown,
         "max_jobs": settings.worker_max_jobs,
@@ -73,13 +60,56 @@ def worker_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
-class WorkerSettings:
-    """For `arq bot.jobs.worker.WorkerSettings`; `deksdenflow worker` builds the same from settings."""
+def configure_worker_logging(settings: Settings) -> None:
+    """Exactly what `serve` does: LOG_LEVEL, LOG_JSON and secret redaction."""
+    configure_logging(settings.log_level, settings.log_json, settings.secret_values())
 
-    functions: ClassVar[list[Any]] = [func(process_delivery, name="process_delivery", max_tries=MAX_TRIES)]
-    on_startup = startup
-    on_shutdown = shutdown
-    max_tries = MAX_TRIES
+
+def standalone_kwargs(settings: Settings) -> dict[str, Any]:
+    """A worker of its own process on DEKSDENFLOW_REDIS_URL; logging configured as in `serve`."""
+    if settings.memory_queue:
+        raise ConfigError(
+            "DEKSDENFLOW_REDIS_URL is memory:// (in-process queue): `serve` runs its own worker; "
+            "set a redis:// URL to run separate workers."
+        )
+    configure_worker_logging(settings)
+    return {
+        **worker_kwargs(settings),
+        "redis_settings": redis_settings(settings.redis_url),
+        "ctx": {"settings": settings},
+    }
+
+
+class _WorkerSettings(dict[str, Any]):
+    """What `arq bot.jobs.worker.WorkerSettings` reads.
+
+    arq accepts a dict and reads its `items()` when it builds the worker: the settings are
+    loaded then (from the environment, with logging configured as `serve` does), never at
+    import. The same catalogue as `deksdenflow worker`, so both run every job and the crons.
+    """
+
+    def _filled(self) -> _WorkerSettings:
+        if not dict.__len__(self):
+            self.update(standalone_kwargs(load_settings()))
+        return self
+
+    def items(self) -> Any:
+        return dict.items(self._filled())
+
+    def keys(self) -> Any:
+        return dict.keys(self._filled())
+
+    def __getitem__(self, key: str) -> Any:
+        return dict.__getitem__(self._filled(), key)
+
+    def __iter__(self) -> Any:
+        return dict.__iter__(self._filled())
+
+    def __len__(self) -> int:
+        return dict.__len__(self._filled())
+
+
+WorkerSettings = _WorkerSettings()
 
 
 class InProcessWorker(Worker):
@@ -113,7 +143,8 @@ def build_worker(
 
 
 def run_worker(settings: Settings) -> None:
-    """Blocking entry point for `deksdenflow worker`."""
+    """Blocking entry point for `deksdenflow worker`: logging as in `serve`, every job and cron."""
+    configure_worker_logging(settings)
     build_worker(settings, handle_signals=True).run()
 
 

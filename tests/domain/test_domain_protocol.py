@@ -45,6 +45,7 @@ PROTOCOL_ALLOWED = [
     ("blocked", "cancelled"),
     ("failed", "planning"),
     ("failed", "running"),
+    ("completed", "blocked"),  # red CI after completion reopens
 ]
 
 PROTOCOL_REFUSED = [
@@ -81,6 +82,7 @@ STEP_ALLOWED = [
     ("blocked", "completed"),
     ("completed", "pending"),
     ("completed", "needs_qa"),
+    ("completed", "blocked"),  # red CI after completion reopens
 ]
 
 STEP_REFUSED = [
@@ -179,6 +181,7 @@ def test_is_terminal(status: ProtocolStatus | StepStatus | str, terminal: bool) 
 
 
 def test_final_states_have_no_exit() -> None:
-    assert PROTOCOL_TRANSITIONS[P.COMPLETED] == frozenset()
+    # completed is final but for one door: a red CI after completion reopens it to blocked
+    assert PROTOCOL_TRANSITIONS[P.COMPLETED] == frozenset({P.BLOCKED})
     assert PROTOCOL_TRANSITIONS[P.CANCELLED] == frozenset()
     assert STEP_TRANSITIONS[S.CANCELLED] == frozenset()

@@ -278,3 +278,11 @@ def test_log_entry() -> None:
     assert line == "- 2024-05-01 12:00:05 UTC · step 02 · **executed** · @alice · 1,500 tokens · `abcdef123456` — done well\n"
     naive = log_entry(when=datetime(2024, 1, 1), event="planned")
     assert naive == "- 2024-01-01 00:00:00 UTC · protocol · **planned**\n"
+
+
+def test_a_qa_passed_step_waiting_for_ci_says_so() -> None:
+    view = ProtocolView(
+        name="0001-x", status="running",
+        steps=(StepView(index=1, title="One", status="needs_qa", qa_verdict="PASS"),),
+    )
+    assert "PASS · waiting for CI" in status_comment(view)

@@ -224,6 +224,12 @@ class GitHubLoop:
         }
         return payload
 
+    def ci_green(self, sha: str | None = None) -> dict[str, Any]:
+        """Actions reports green on `sha` (default: the protocol's head) of the newest run."""
+        self.ci_suite("success")
+        state = self.run()
+        return self.deliver("workflow_run", self.workflow_run(state.run.protocol_name, sha or state.run.head_sha))
+
     def ci_suite(self, conclusion: str, name: str = "GitHub Actions", status: str = "completed") -> None:
         """What GET …/check-suites answers: one suite of another app."""
         self.fake.check_suites = [
@@ -237,7 +243,8 @@ def loop_factory(tmp_path: Path, app_key: str) -> Iterator[Callable[..., GitHubL
     """Start the app against a fresh bare origin with GitHub faked by respx."""
     stack: list[Any] = []
 
-    def start(**overrides: Any) -> GitHubLoop:
+    def start(default_settings: bool = False, **overrides: Any) -> GitHubLoop:
+        """`default_settings`: the product's defaults (QA right after execution, CI gating)."""
         origin = make_origin(tmp_path)
         fake = FakeGitHub(str(origin))
         mock = respx.mock(base_url=API, assert_all_called=False)
@@ -252,6 +259,8 @@ def loop_factory(tmp_path: Path, app_key: str) -> Iterator[Callable[..., GitHubL
             "auto_qa_after_exec": False,
             "relay_interval_s": 59,
         }
+        if default_settings:
+            del values["auto_qa_after_exec"], values["relay_interval_s"]
         settings = make_settings(tmp_path, **{**values, **overrides})
         client = TestClient(create_app(settings))
         client.__enter__()

@@ -65,6 +65,10 @@ class FakeGitHub:
         self.check_runs: dict[int, dict[str, Any]] = {}
         self.check_suites: list[dict[str, Any]] = []
         self.valid_tokens: set[str] = set()
+        # installation tokens live `token_ttl` seconds on `clock` (a test may set both)
+        self.clock: Callable[[], float] = time.time
+        self.token_ttl: float = 3600.0
+        self.token_expiry: dict[str, float] = {}
         self.failures: list[tuple[str, re.Pattern[str], Answer]] = []
         self.on_call: Callable[[Call], None] | None = None
         self._ids = itertools.count(1001)
@@ -76,6 +80,10 @@ class FakeGitHub:
     def fail_next(self, method: str, path_regex: str, status: int, body: Any = None, **headers: str) -> None:
         """The next request matching (method, path regex) gets this answer instead (once)."""
         self.failures.append((method, re.compile(path_regex), (status, headers, body or {"message": "fake"})))
+
+    def token_valid(self, token: str) -> bool:
+        """Handed out by us, not expired on our clock, not revoked by expire_tokens()."""
+        return token in self.valid_tokens and self.clock() < self.token_expiry.get(token, float("inf"))
 
     def expire_tokens(self) -> None:
         """Every token handed out so far answers 401 from now on (as if it had expired)."""
@@ -129,10 +137,11 @@ class FakeGitHub:
                 return 401, {}, {"message": "A JSON web token could not be decoded"}
             token = f"ghs_fake{next(self._tokens):04d}"
             self.valid_tokens.add(token)
-            return 201, {}, {"token": token, "expires_at": _iso(time.time() + 3600)}
+            self.token_expiry[token] = self.clock() + self.token_ttl
+            return 201, {}, {"token": token, "expires_at": _iso(self.token_expiry[token])}
         if path == "/app" and method == "GET":
             return 200, {}, {"id": APP_ID, "slug": APP_SLUG}
-        if call.token is None or call.token not in self.valid_tokens:
+        if call.token is None or not self.token_valid(call.token):
             return 401, {}, {"message": "Bad credentials"}
         repo = f"/repos/{OWNER}/{REPO}"
         if not path.startswith(repo):

@@ -134,7 +134,7 @@ def test_full_loop_install_plan_approve_step_ci_qa_merge(gh: GitHubLoop) -> None
     # CI: a workflow_run for another sha is ignored; for the head, suites are aggregated → QA
     mark = fake.mark()
     out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, "0" * 40))
-    assert out["outcome"]["handled"][-1] == {"ignored": "not a protocol head"}
+    assert out["outcome"]["handled"][-1] == {"ignored": "not a step's commit"}
     assert fake.since(mark) == []
     gh.ci_suite("success")
     out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, head))
@@ -254,7 +254,8 @@ def test_same_ci_failure_twice_blocks_for_a_human(gh: GitHubLoop) -> None:
 @pytest.mark.parametrize(
     ("identifier", "check", "expected_check", "expected_steps"),
     [
-        ("run-qa", "deksdenflow/step-01", "deksdenflow/qa-01", ["completed", "pending"]),
+        # QA passed, CI has not reported yet: the step waits on its CI gate
+        ("run-qa", "deksdenflow/step-01", "deksdenflow/qa-01", ["needs_qa", "pending"]),
         ("run-next", "deksdenflow/qa-01", "deksdenflow/step-02", ["completed", "needs_qa"]),
         ("retry-step", "deksdenflow/step-01", "deksdenflow/step-01", ["needs_qa", "pending"]),
     ],
@@ -263,8 +264,9 @@ def test_check_run_buttons_drive_the_protocol(
     gh: GitHubLoop, identifier: str, check: str, expected_check: str, expected_steps: list[str]
 ) -> None:
     executed(gh)
-    if identifier != "run-qa":  # the other buttons sit on a finished QA check
+    if identifier != "run-qa":  # the other buttons sit on a finished QA check (and green CI)
         gh.deliver("check_run", gh.check_run_action("deksdenflow/step-01", PROTOCOL, gh.run().run.head_sha, "run-qa"))
+        gh.ci_green()
     head = gh.run().run.head_sha
     mark = gh.fake.mark()
     out = gh.deliver("check_run", gh.check_run_action(check, PROTOCOL, head, identifier))

@@ -294,6 +294,8 @@ def test_check_run_rerequested_reruns_the_step_or_its_qa(gh: GitHubLoop) -> None
         "check_run",
         gh.check_run_action("deksdenflow/step-01", PROTOCOL, gh.run().run.head_sha, "run-qa"),
     )
+    assert [s.status for s in gh.run().steps] == ["needs_qa", "pending"]  # QA passed, CI due
+    gh.ci_green()
     assert [s.status for s in gh.run().steps] == ["completed", "pending"]
 
     # "Re-run" on the QA check runs QA again

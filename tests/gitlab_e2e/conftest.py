@@ -294,7 +294,8 @@ def world_factory(
 ) -> Iterator[Callable[..., World]]:
     clients: list[TestClient] = []
 
-    def build(**overrides: Any) -> World:
+    def build(default_settings: bool = False, **overrides: Any) -> World:
+        """`default_settings`: the product's defaults (QA right after a step, CI gating)."""
         values: dict[str, Any] = {
             "db_url": sqlite_url,
             "gitlab_url": fake_gitlab.url,
@@ -303,6 +304,8 @@ def world_factory(
             "auto_qa_after_exec": False,
             **overrides,
         }
+        if default_settings:
+            values.pop("auto_qa_after_exec")
         client = TestClient(create_app(make_settings(tmp_path, **values)))
         client.__enter__()
         clients.append(client)

@@ -101,7 +101,7 @@ def test_plan_approve_run_ci_qa_merge(world: World) -> None:
     stale = world.send(
         "Pipeline Hook", world.pipeline(plan_head, name, "success", [("test", "success")])
     )
-    assert {"ignored": "not a protocol head"} in world.delivery_result(stale["id"])["handled"]
+    assert {"ignored": "not a step's commit"} in world.delivery_result(stale["id"])["handled"]
     world.send("Pipeline Hook", world.pipeline(step_head, name, "success", [("test", "success")]))
     run = world.wait_run("running", ["completed", "pending"])
     qa_head = run.head_sha

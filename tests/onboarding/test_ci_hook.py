@@ -10,13 +10,14 @@ import os
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from bot.app import create_app
 from bot.ci import apply_ci_result
-from bot.ci_hook import parse_report, verify
+from bot.ci_hook import ci_delivery, parse_report, verify
 from bot.errors import WebhookError
 from bot.jobs.protocol import execute_step
 from bot.onboarding import ASSETS
@@ -57,19 +58,22 @@ def test_verify_and_parse_are_strict() -> None:
 
 @pytest.fixture
 async def ci_harness(tmp_path: Path, origin: Path) -> AsyncIterator[Harness]:
-    # auto QA off: green CI completes the step directly, so the transition is visible at once
-    settings = protocol_settings(tmp_path, webhook_token=TOKEN, auto_qa_on_ci=False)
+    # no QA after execution nor on CI: green CI completes the step directly, so the transition
+    # is visible at once (with QA queued, green CI would wait for its verdict)
+    settings = protocol_settings(
+        tmp_path, webhook_token=TOKEN, auto_qa_on_ci=False, auto_qa_after_exec=False
+    )
     async with make_harness(settings, origin) as h:
         h.use(ScriptedEngine())
         yield h
 
 
 async def runs_waiting_for_ci(h: Harness, *tasks: str) -> list[tuple[int, str, str]]:
-    """Runs whose step 1 executed and waits on CI (their queued QA jobs are never drained)."""
+    """Runs whose step 1 executed and waits on CI."""
     ids = [await h.start(task) for task in tasks]
     out = []
     for run_id in ids:
-        assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa-run"
+        assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa"
     for run_id in ids:
         state = await h.state(run_id)
         assert state.step(1).status == "needs_qa"
@@ -81,6 +85,19 @@ async def snapshot(h: Harness, run_id: int) -> tuple[str, list[str], list[str]]:
     state = await h.state(run_id)
     ci_events = [e.event_type for e in await h.events(run_id, "ci.")]
     return state.run.status, [s.status for s in state.steps], ci_events
+
+
+async def wait_processed(h: Harness, delivery_id: int) -> dict[str, Any]:
+    """The stored delivery's outcome, once the worker has processed it (and its jobs ran)."""
+    from bot.store import load_delivery
+
+    for _ in range(600):
+        row = await load_delivery(h.ctx["db"], delivery_id)
+        if row is not None and row.status not in ("pending", "processing"):
+            outcome: dict[str, Any] = row.outcome
+            return {"status": row.status, **outcome}
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"delivery {delivery_id} was not processed")
 
 
 async def test_ci_hook_drives_the_same_transitions_as_a_forge_event(
@@ -96,9 +113,14 @@ async def test_ci_hook_drives_the_same_transitions_as_a_forge_event(
     with LiveServer(create_app(h.ctx["settings"])) as server:
         url = f"{server.url}/webhooks/ci"
         async with httpx.AsyncClient(timeout=30) as client:
+            # stored and answered; the decision is the worker's, not the request's
             body = json.dumps({"branch": hook_branch, "status": "running", "sha": hook_sha}).encode()
             r = await client.post(url, content=body, headers={"X-DeksdenFlow-Signature": sign(body)})
-            assert r.status_code == 202 and r.json()["outcome"] == "recorded"
+            assert r.status_code == 202 and r.json()["status"] == "accepted"
+            assert (await wait_processed(h, r.json()["id"]))["handled"][-1]["outcome"] == "recorded"
+            # the same report again is a duplicate of the stored delivery
+            again = await client.post(url, content=body, headers={"X-DeksdenFlow-Signature": sign(body)})
+            assert again.status_code == 200 and again.json()["status"] == "duplicate"
 
             bad = await client.post(url, content=body, headers={"X-DeksdenFlow-Token": "wrong"})
             assert bad.status_code == 401
@@ -106,7 +128,9 @@ async def test_ci_hook_drives_the_same_transitions_as_a_forge_event(
             assert unsigned.status_code == 401
             unknown = json.dumps({"branch": "0099-nope", "status": "success"}).encode()
             r = await client.post(url, content=unknown, headers={"X-DeksdenFlow-Token": TOKEN})
-            assert r.status_code == 404 and "0099-nope" in r.json()["error"]
+            assert r.status_code == 202
+            handled = (await wait_processed(h, r.json()["id"]))["handled"]
+            assert handled[-1] == {"ignored": "no protocol for branch '0099-nope'"}
             r = await client.post(url, content=b"{", headers={"X-DeksdenFlow-Token": TOKEN})
             assert r.status_code == 400
             r = await client.post(url, content=b'{"branch": "x"}', headers={"X-DeksdenFlow-Token": TOKEN})
@@ -129,7 +153,10 @@ async def test_ci_hook_drives_the_same_transitions_as_a_forge_event(
                 timeout=60,
             )
             assert done.returncode == 0, done.stderr
-            assert json.loads(done.stdout)["outcome"] == "complete"
+            answer = json.loads(done.stdout)
+            assert answer["status"] == "accepted"
+            handled = (await wait_processed(h, answer["id"]))["handled"]
+            assert handled[-1] == {"protocol_run_id": hook_run, "ci": "success", "outcome": "complete"}
 
     forge = await snapshot(h, forge_run)
     hook = await snapshot(h, hook_run)
@@ -151,7 +178,8 @@ async def test_ci_hook_failure_blocks_like_a_forge_failure(ci_harness: Harness) 
             r = await client.post(
                 f"{server.url}/webhooks/ci", content=body, headers={"X-DeksdenFlow-Signature": sign(body)}
             )
-            assert r.status_code == 200, r.text
+            assert r.status_code == 202, r.text
+            assert (await wait_processed(h, r.json()["id"]))["handled"][-1]["outcome"] == "block"
     assert (await snapshot(h, forge_run))[:2] == (await snapshot(h, hook_run))[:2]
     assert (await h.state(hook_run)).run.status == "blocked"
 
@@ -166,3 +194,15 @@ async def test_ci_hook_without_a_token_is_closed(tmp_path: Path) -> None:
                 headers={"X-DeksdenFlow-Token": ""},
             )
     assert r.status_code == 503 and "DEKSDENFLOW_WEBHOOK_TOKEN" in r.json()["error"]
+
+
+def test_ci_delivery_keys() -> None:
+    body = b'{"branch": "0001-x", "status": "failure", "failing": ["lint"]}'
+    first = ci_delivery({"X-DeksdenFlow-Token": TOKEN}, body, TOKEN)
+    assert (first.provider, first.event, first.action) == ("ci", "report", "failure")
+    assert first.key == ci_delivery({"x-deksdenflow-token": TOKEN}, body, TOKEN).key  # same body
+    keyed = ci_delivery({"X-DeksdenFlow-Token": TOKEN, "X-DeksdenFlow-Delivery": "run-7"}, body, TOKEN)
+    assert keyed.key == "run-7"
+    with pytest.raises(WebhookError) as err:
+        ci_delivery({"X-DeksdenFlow-Token": TOKEN}, b'{"status": "done"}', TOKEN)
+    assert err.value.status_code == 422

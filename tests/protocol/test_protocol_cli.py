@@ -87,3 +87,43 @@ def test_unknown_protocol_and_not_a_repository(
     elsewhere.mkdir()
     assert main(["protocol", "status", "--repo", str(elsewhere)]) == 1
     assert "is not a git repository" in capsys.readouterr().err
+
+
+def no_protocols(capsys: pytest.CaptureFixture[str]) -> bool:
+    assert main(["protocol", "status"]) == 0
+    out, _ = capsys.readouterr()
+    return "no protocols yet" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--base", "nope"], {}, "error: base branch 'nope' does not exist in "),
+        (["--repo", "/nonexistent/repo"], {}, "error: /nonexistent/repo is not a git repository"),
+        (
+            ["--engine", "codex"],
+            {"DEKSDENFLOW_CODEX_BIN": "/nonexistent/bin/codex"},
+            "error: engine codex is not installed: '/nonexistent/bin/codex' was not found",
+        ),
+    ],
+)
+def test_new_refuses_in_one_line_and_creates_nothing(
+    repo: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    env: dict[str, str],
+    message: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    engine = [] if "--engine" in args else ["--engine", "scripted"]
+    code = main(["protocol", "new", "Add a greeting", *engine, *args])
+    out, err = capsys.readouterr()
+    assert code != 0
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert "✓" not in out + err and "planning" not in err
+    assert no_protocols(capsys)
+    # and the number was not taken: the next good run is 0001
+    assert main(["protocol", "new", "Add a greeting", "--engine", "scripted"]) == 0
+    assert "planning 0001-add-a-greeting" in capsys.readouterr().err

@@ -1,0 +1,51 @@
+"""GitLab: an issue opened with the trigger label already set starts planning, once."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.gitlab_e2e.conftest import SAMPLES, World
+from tests.intake.helpers import rows
+
+
+def opened_with(world: World, *labels: str, action: str = "open") -> dict[str, Any]:
+    """An Issue Hook as GitLab sends it for a new issue: labels in object_attributes/labels."""
+    payload: dict[str, Any] = json.loads((SAMPLES / "issue_hook__1.json").read_text())
+    world._project_fields(payload)
+    payload["user"] = world._user(world.alice)
+    template = payload["labels"][0]
+    found = [{**template, "id": 900 + i, "title": t} for i, t in enumerate(labels)]
+    payload["object_attributes"].update(
+        iid=world.issue["iid"], title=world.issue["title"], description="Please greet",
+        action=action, labels=found,
+    )
+    payload["labels"] = found
+    payload.pop("changes", None)
+    return payload
+
+
+def test_issue_opened_with_the_plan_label_plans_once(world: World) -> None:
+    answer = world.send("Issue Hook", opened_with(world, "bug", "deksdenflow:plan"))
+    assert {"label": "deksdenflow:plan", "result": "planning 0001-add-a-greeting"} in world.delivery_result(
+        answer["id"]
+    )["handled"]
+    world.wait_run("planned", ["pending", "pending"])
+    # an update of the issue (title edited) still carries the label: nothing happens
+    update = opened_with(world, "bug", "deksdenflow:plan", action="update")
+    update["changes"] = {"title": {"previous": "x", "current": "Add a greeting"}}
+    world.send("Issue Hook", update)
+    # an update that (again) lists it as added, e.g. removed and re-added: still no second plan
+    again = opened_with(world, "bug", "deksdenflow:plan", action="update")
+    again["changes"] = {"labels": {"previous": [], "current": again["labels"]}}
+    out = world.send("Issue Hook", again)
+    assert {"label": "deksdenflow:plan", "result": "0001-add-a-greeting is already planned"} in world.delivery_result(
+        out["id"]
+    )["handled"]
+    assert len(rows(world.db_url, "SELECT id FROM protocol_runs")) == 1
+
+
+def test_issue_opened_without_our_label_is_ignored(world: World) -> None:
+    answer = world.send("Issue Hook", opened_with(world, "bug"))
+    assert {"ignored": "no label of ours"} in world.delivery_result(answer["id"])["handled"]
+    assert rows(world.db_url, "SELECT id FROM protocol_runs") == []
