@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bot.errors import GitError
+from bot.git.guard import HARDENING_CONFIG, HARDENING_DEFAULTS, guard_cwd, sanitize_git_env
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,14 @@ def build_git_argv(
     cwd: str | os.PathLike[str] | None = None,
     config: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """The full command line: `git [-C cwd] [-c k=v]... args`. Never put secrets in `config`."""
+    """The full command line: `git [-C cwd] [-c k=v]... args`. Never put secrets in `config`.
+
+    The hardening overrides come last so no caller's `config` can turn hooks or fsmonitor on.
+    """
     argv = [GIT]
     if cwd is not None:
         argv += ["-C", os.fspath(cwd)]
-    for key, value in (config or {}).items():
+    for key, value in {**HARDENING_DEFAULTS, **(config or {}), **HARDENING_CONFIG}.items():
         argv += ["-c", f"{key}={value}"]
     argv += list(args)
     return argv
@@ -103,7 +107,7 @@ def build_git_env(
     by our own user while the command line is world-readable, and env config is never written to
     any config file.
     """
-    env = {k: v for k, v in base.items() if k not in _STRIPPED_ENV}
+    env = {k: v for k, v in sanitize_git_env(base).items() if k not in _STRIPPED_ENV}
     env.update(extra or {})
     env["GIT_TERMINAL_PROMPT"] = "0"
     env["LC_ALL"] = "C"
@@ -171,7 +175,11 @@ async def run_git(
     env: Mapping[str, str] | None = None,
     config: Mapping[str, str] | None = None,
 ) -> GitResult:
-    """Run one git command; raise GitTimeout on timeout and GitCommandFailed on non-zero exit."""
+    """Run one git command; raise GitTimeout on timeout and GitCommandFailed on non-zero exit.
+
+    In a cache worktree the `.git` link is checked first (GitLinkError when tampered with).
+    """
+    guard_cwd(cwd)
     argv = build_git_argv(args, cwd=cwd, config=config)
     full_env = build_git_env(os.environ, auth_header=auth_header, extra=env)
     limit = DEFAULT_TIMEOUT if timeout is None else timeout

@@ -1,0 +1,136 @@
+"""The bot's git runs nothing an agent wrote: hooks, fsmonitor, swapped `.git` links, GIT_* env."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.git import GitCache, commit_all, head_sha, push, run_git, status_porcelain
+from bot.git.guard import GitLinkError, cache_worktree_of, check_worktree_link
+
+Git = Callable[..., str]
+Origin = Any
+BRANCH = "0001-guarded"
+
+
+def _script(path: Path, marker: Path) -> Path:
+    """An executable that leaves `marker` (and the environment it saw) behind when run."""
+    path.write_text(f"#!/bin/sh\nenv > {marker}\nexit 0\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+async def test_hooks_in_the_mirror_never_run(
+    cache: GitCache, origin: Origin, tmp_path: Path, git: Git
+) -> None:
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    marker = tmp_path / "hook-ran"
+    hooks = wt.mirror / "hooks"
+    hooks.mkdir(exist_ok=True)
+    for name in ("post-commit", "pre-commit", "commit-msg", "post-checkout", "pre-push",
+                 "reference-transaction", "post-index-change"):  # fmt: skip
+        _script(hooks / name, marker)
+    # and a hooksPath in the mirror's config pointing at the agent's own directory
+    git("config", "core.hooksPath", str(hooks), cwd=wt.mirror)
+    (wt.path / "new.txt").write_text("x\n")
+    sha = await commit_all(wt.path, "add new", "Bot", "bot@example.invalid")
+    assert sha is not None
+    await push(wt.path, BRANCH, origin.url, None)
+    await cache.ensure_worktree(origin.url, BRANCH, "main")
+    assert not marker.exists()
+
+
+async def test_fsmonitor_in_the_mirror_config_never_runs(
+    cache: GitCache, origin: Origin, tmp_path: Path, git: Git
+) -> None:
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    marker = tmp_path / "fsmonitor-ran"
+    script = _script(tmp_path / "fsmonitor.sh", marker)
+    git("config", "core.fsmonitor", str(script), cwd=wt.mirror)
+    (wt.path / "a.txt").write_text("a\n")
+    await status_porcelain(wt.path)
+    await commit_all(wt.path, "a", "Bot", "bot@example.invalid")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("how", ["link-to-evil-repo", "directory", "symlink", "missing"])
+async def test_a_swapped_git_link_is_refused(
+    cache: GitCache, origin: Origin, tmp_path: Path, how: str, git: Git
+) -> None:
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    marker = tmp_path / "fsmonitor-ran"
+    script = _script(tmp_path / "fsmonitor.sh", marker)
+    evil = tmp_path / "evil"
+    git("init", "-q", str(evil))
+    git("config", "core.fsmonitor", str(script), cwd=evil)
+    git("config", "core.hooksPath", str(tmp_path), cwd=evil)
+    dotgit = wt.path / ".git"
+    dotgit.unlink()
+    if how == "link-to-evil-repo":
+        dotgit.write_text(f"gitdir: {evil / '.git'}\n")
+    elif how == "directory":
+        shutil.copytree(evil / ".git", dotgit)
+    elif how == "symlink":
+        dotgit.symlink_to(evil / ".git")
+    with pytest.raises(GitLinkError) as info:
+        await status_porcelain(wt.path)
+    assert str(wt.path) in str(info.value)
+    with pytest.raises(GitLinkError):
+        await commit_all(wt.path, "x", "Bot", "bot@example.invalid")
+    # a subdirectory of the worktree is guarded too
+    (wt.path / "src").mkdir(exist_ok=True)
+    with pytest.raises(GitLinkError):
+        await run_git(["status"], cwd=wt.path / "src")
+    assert not marker.exists()
+    # the next ensure_worktree rebuilds it from the branch instead of trusting it
+    again = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    assert again.created and again.path == wt.path
+    check_worktree_link(again.path, again.mirror)
+    assert await head_sha(again.path) == again.head
+    assert not marker.exists()
+
+
+async def test_a_link_to_another_worktree_of_the_same_mirror_is_refused(
+    cache: GitCache, origin: Origin
+) -> None:
+    one = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    two = await cache.ensure_worktree(origin.url, "0002-other", "main")
+    (one.path / ".git").write_text((two.path / ".git").read_text())
+    with pytest.raises(GitLinkError, match="registers another directory"):
+        await head_sha(one.path)
+
+
+async def test_paths_outside_the_cache_are_not_guarded(
+    tmp_path: Path, cache: GitCache, git: Git
+) -> None:
+    plain = tmp_path / "plain"
+    git("init", "-q", str(plain))
+    assert cache_worktree_of(plain) is None
+    await run_git(["status"], cwd=plain)
+
+
+async def test_inherited_git_environment_is_ignored(
+    cache: GitCache, origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    marker = tmp_path / "env-ran"
+    script = _script(tmp_path / "prog.sh", marker)
+    monkeypatch.setenv("GIT_EXTERNAL_DIFF", str(script))
+    monkeypatch.setenv("GIT_PAGER", str(script))
+    monkeypatch.setenv("GIT_SSH_COMMAND", str(script))
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "elsewhere"))
+    global_config = tmp_path / "gitconfig"
+    global_config.write_text(f"[core]\n\tfsmonitor = {script}\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".gitconfig").write_text(global_config.read_text())
+    (wt.path / "README.md").write_text("changed\n")
+    await run_git(["diff", "HEAD"], cwd=wt.path)
+    await commit_all(wt.path, "m", "Bot", "bot@example.invalid")
+    assert not marker.exists()
+    assert os.environ["GIT_DIR"]  # the worker's own environment is left alone
