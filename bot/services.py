@@ -10,6 +10,7 @@ from bot.db import Database
 from bot.errors import ConfigError
 from bot.forge.base import Forge, RepoRef
 from bot.models import Project
+from bot.secrets_scan import register_settings
 from bot.settings import Settings
 
 
@@ -87,6 +88,8 @@ async def build_services(ctx: dict[str, Any]) -> None:
     from engines.registry import default_registry
 
     settings: Settings = ctx["settings"]
+    # every secret this worker holds, so pushes and published engine output are scanned for it
+    register_settings(settings)
     if "engines" not in ctx:
         ctx["engines"] = default_registry(
             codex_bin=settings.codex_bin,

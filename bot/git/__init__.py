@@ -11,6 +11,7 @@ from bot.git.names import (
 )
 from bot.git.ops import (
     CommitInfo,
+    SecretLeak,
     StatusEntry,
     commit_all,
     has_commit_with_trailer,
@@ -40,6 +41,7 @@ __all__ = [
     "GitCommandFailed",
     "GitResult",
     "GitTimeout",
+    "SecretLeak",
     "StatusEntry",
     "Worktree",
     "build_git_argv",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import stat
@@ -11,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from bot.git import GitCache, commit_all, head_sha, push, run_git, status_porcelain
+from bot.git import (
+    GitCache,
+    SecretLeak,
+    commit_all,
+    head_sha,
+    push,
+    run_git,
+    status_porcelain,
+)
 from bot.git.guard import GitLinkError, cache_worktree_of, check_worktree_link
 
 Git = Callable[..., str]
@@ -134,3 +143,37 @@ async def test_inherited_git_environment_is_ignored(
     await commit_all(wt.path, "m", "Bot", "bot@example.invalid")
     assert not marker.exists()
     assert os.environ["GIT_DIR"]  # the worker's own environment is left alone
+
+
+async def test_a_push_carrying_a_secret_is_refused_and_dropped(
+    cache: GitCache, origin: Origin, git: Git, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "worker-only-value-7f3a9c"
+    monkeypatch.setenv("GITHUB_TOKEN", secret)
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    start = wt.head
+    (wt.path / "ok.txt").write_text("fine\n")
+    await commit_all(wt.path, "fine", "Bot", "bot@example.invalid")
+    (wt.path / "notes").mkdir()
+    encoded = base64.b64encode(f"GITHUB_TOKEN={secret}\n".encode()).decode()
+    (wt.path / "notes" / "env.b64").write_text(encoded + "\n")
+    await commit_all(wt.path, "leak", "Bot", "bot@example.invalid")
+    with pytest.raises(SecretLeak) as info:
+        await push(wt.path, BRANCH, origin.url, None)
+    assert "notes/env.b64" in str(info.value) and secret not in str(info.value)
+    assert encoded not in str(info.value)
+    # nothing reached the origin, and the worktree no longer holds the commits
+    assert BRANCH not in git("for-each-ref", "--format=%(refname)", cwd=origin.bare)
+    assert await head_sha(wt.path) == start
+    assert not (wt.path / "notes").exists()
+
+
+async def test_the_push_credential_itself_is_scanned_for(
+    cache: GitCache, origin: Origin
+) -> None:
+    token = "ghs_" + "Zx9" * 12
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    (wt.path / "t.txt").write_text(f"the token the push uses: {token[:-1]}\n{token}\n")
+    await commit_all(wt.path, "t", "Bot", "bot@example.invalid")
+    with pytest.raises(SecretLeak, match=r"t\.txt"):
+        await push(wt.path, BRANCH, origin.url, f"Authorization: Bearer {token}")
