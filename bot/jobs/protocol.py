@@ -12,6 +12,7 @@ from typing import Any
 from arq import Retry
 
 from bot import gitops
+from bot.engine_guard import cap_report, decompose_schema, decomposed_content, sanitize_result
 from bot.errors import EngineError, LockBusy, SpecError, TransitionConflict
 from bot.feedback import open_or_update_pr, publish_status, react_done, report_check
 from bot.jobs.common import count_job
@@ -21,8 +22,8 @@ from bot.observability import log_context
 from bot.policies import (
     budget_check_after_step,
     budget_check_before_step,
+    explain_verdict,
     loop_decision,
-    parse_verdict,
     qa_decision,
     trigger_decisions,
 )
@@ -183,7 +184,8 @@ async def run_engine(
     )
     with log_context(protocol_run_id=state.run.id, step_run_id=step.id if step else None):
         log.info("engine %s (%s, model %s) starting", engine_id, phase, model)
-        result: EngineResult = await engine.run(request)
+        # redacted and capped before anything stores, commits or publishes it
+        result: EngineResult = sanitize_result(await engine.run(request))
     await add_tokens(ctx["db"], state.run.id, step.id if step else None, result.usage.total)
     await emit(
         ctx["db"],
@@ -289,7 +291,12 @@ async def _plan(ctx: dict[str, Any], run_id: int) -> str:
             settings.bot_name,
             settings.bot_email,
         )
-    head = await gitops.push(workdir, name, state.project.git_url, auth)
+    try:
+        head = await gitops.push(workdir, name, state.project.git_url, auth)
+    except gitops.SecretLeak as exc:
+        await set_protocol_status(db, run_id, "failed", str(exc), runtime_state={"message": str(exc)})
+        await publish_status(ctx, run_id, f"Planning failed: {exc}")
+        return "failed"
     await update_run(
         db,
         run_id,
@@ -419,14 +426,17 @@ async def _planning_calls(
             step_spec=step_spec,
             spec=spec,
             sandbox="read-only",
+            output_schema=decompose_schema(),
             context={
                 "step_index": step_spec.index,
                 "slug": step_spec.slug,
                 "title": step_spec.title,
             },
         )
-        if detail.ok and detail.final_message.strip():
-            details[step_spec.index] = detail.final_message.strip() + "\n"
+        # only the schema's JSON replaces the planned step; chat text never does
+        content = decomposed_content(detail)
+        if content is not None:
+            details[step_spec.index] = content
     return spec, planning, details
 
 
@@ -460,7 +470,7 @@ async def execute_step(
         async with protocol_lock(ctx["redis"], protocol_run_id):
             try:
                 outcome = await _execute(ctx, protocol_run_id, step_index)
-            except SpecError as exc:  # a repository prompt override that does not render
+            except (SpecError, gitops.SecretLeak) as exc:  # a bad prompt override; a leak
                 outcome = await _fail_step(ctx, protocol_run_id, step_index, str(exc))
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
@@ -860,7 +870,7 @@ async def run_quality(
         async with protocol_lock(ctx["redis"], protocol_run_id):
             try:
                 outcome = await _quality(ctx, protocol_run_id, step_index)
-            except SpecError as exc:
+            except (SpecError, gitops.SecretLeak) as exc:
                 outcome = await _fail_step(ctx, protocol_run_id, step_index, str(exc))
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
@@ -922,8 +932,12 @@ async def _quality(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
             "qa_attempt": attempts,
         },
     )
-    verdict = parse_verdict(result.final_message) if result.ok else "FAIL"
-    report = f"# Quality report — step {step_index:02d}: {step_spec.title}\n\n{result.final_message.strip() or result.error or ''}\n"
+    verdict, why = (
+        explain_verdict(result.final_message) if result.ok else ("FAIL", f"engine {result.outcome}")
+    )
+    report = cap_report(
+        f"# Quality report — step {step_index:02d}: {step_spec.title}\n\n{result.final_message.strip() or result.error or ''}\n"
+    )
     (root / QA_REPORT).write_text(report)
     sha = await gitops.commit_all(
         workdir,
@@ -949,7 +963,9 @@ async def _quality(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
         "qa_commit": sha,
     }
     await update_step(db, step.id, runtime_state=rs)
-    await emit(db, state, "qa.verdict", f"step {step_index:02d}: {verdict}", step, verdict=verdict)
+    await emit(
+        db, state, "qa.verdict", f"step {step_index:02d}: {verdict} ({why})", step, verdict=verdict, reason=why
+    )
     if verdict == "PASS":
         await set_step_status(db, step.id, "completed", "QA passed")
         await report_check(
