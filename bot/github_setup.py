@@ -14,6 +14,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bot.api import guarded
+from bot.fsperm import ensure_private_dir
 
 MANIFEST = Path(__file__).resolve().parent.parent / "app.yml"
 CREDENTIALS_FILE = "github-app.json"
@@ -51,7 +52,7 @@ GitHub then returns here and the server stores the new App's id, key and webhook
 
 def store_credentials(data_dir: Path, conversion: dict[str, Any]) -> Path:
     """Keep what the server needs; the file is readable by the service user only."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(data_dir)
     path = data_dir / CREDENTIALS_FILE
     kept = {
         k: conversion.get(k)
@@ -60,6 +61,7 @@ def store_credentials(data_dir: Path, conversion: dict[str, Any]) -> Path:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump(kept, fh)
+    os.chmod(path, 0o600)  # O_CREAT's mode applies to new files only
     return path
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from bot.fsperm import ensure_private_dir, restrict_sqlite
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -19,6 +21,12 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade_head(database_url: str) -> None:
-    if database_url.startswith("sqlite:///"):
-        Path(database_url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    sqlite_path = None
+    if database_url.startswith("sqlite:///") and not database_url.endswith(":memory:"):
+        sqlite_path = Path(database_url[len("sqlite:///") :].split("?", 1)[0])
+        if not sqlite_path.parent.exists():
+            ensure_private_dir(sqlite_path.parent)
     command.upgrade(alembic_config(database_url), "head")
+    if sqlite_path is not None:
+        # the database holds deliveries, tokens' effects and settings: no other user reads it
+        restrict_sqlite(sqlite_path)

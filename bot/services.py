@@ -9,6 +9,7 @@ from typing import Any
 from bot.db import Database
 from bot.errors import ConfigError
 from bot.forge.base import Forge, RepoRef
+from bot.fsperm import ensure_private_dir
 from bot.models import Project
 from bot.secrets_scan import register_settings
 from bot.settings import Settings
@@ -90,6 +91,7 @@ async def build_services(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     # every secret this worker holds, so pushes and published engine output are scanned for it
     register_settings(settings)
+    ensure_private_dir(settings.data_dir)
     if "engines" not in ctx:
         ctx["engines"] = default_registry(
             codex_bin=settings.codex_bin,
