@@ -37,14 +37,18 @@ def decompose_schema() -> dict[str, Any]:
     return data
 
 
-def cap_text(text: str, limit: int, what: str = "text") -> str:
-    """`text` cut to at most `limit` UTF-8 bytes, with a note saying so when cut."""
+def cap_text(text: str, limit: int, what: str = "text", tail: int = 4096) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes: its start, a note saying so, and its last
+    `tail` bytes (where a reply's summary and verdict line are)."""
     data = text.encode("utf-8")
     if len(data) <= limit:
         return text
-    note = f"\n\n… [{what} cut: {len(data)} bytes, only the first part is kept]\n"
-    room = limit - len(note.encode("utf-8"))
-    return data[: max(room, 0)].decode("utf-8", "ignore") + note
+    note = f"\n\n… [{what} cut: {len(data)} bytes, the middle is left out] …\n\n"
+    tail = min(tail, limit // 2)
+    room = max(limit - len(note.encode("utf-8")) - tail, 0)
+    head = data[:room].decode("utf-8", "ignore")
+    end = data[len(data) - tail :].decode("utf-8", "ignore")
+    return head + note + end
 
 
 def cap_report(report: str) -> str:

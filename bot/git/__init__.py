@@ -1,6 +1,7 @@
 """The git layer: cached mirrors, per-protocol worktrees and the git operations jobs need."""
 
 from bot.git.cache import GitCache, Worktree, remote_ref
+from bot.git.guard import GitLinkError, GitRefused
 from bot.git.names import (
     check_branch_name,
     normalize_remote,
@@ -39,6 +40,8 @@ __all__ = [
     "CommitInfo",
     "GitCache",
     "GitCommandFailed",
+    "GitLinkError",
+    "GitRefused",
     "GitResult",
     "GitTimeout",
     "SecretLeak",

@@ -58,7 +58,11 @@ HARDENING_ENV: Mapping[str, str] = {
 _LINK_MAX = 4096
 
 
-class GitLinkError(GitError):
+class GitRefused(GitError):
+    """The bot refused a git step because of what was found in the worktree (a job blocks on it)."""
+
+
+class GitLinkError(GitRefused):
     """A worktree's `.git` no longer points at its mirror: someone other than git changed it."""
 
     def __init__(self, worktree: Path, reason: str) -> None:

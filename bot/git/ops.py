@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bot.errors import GitError
 from bot.git.cache import LOCAL_TIMEOUT, NETWORK_TIMEOUT, REMOTE_PREFIX, remote_ref
+from bot.git.guard import GitRefused
 from bot.git.locks import mirror_lock
 from bot.git.names import check_branch_name, normalize_remote, parse_protocol_number
 from bot.git.runner import run_git, secrets_of
@@ -22,7 +23,7 @@ _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _MISSING_PATH = re.compile(r"does not exist in|exists on disk, but not in|bad file")
 
 
-class SecretLeak(GitError):
+class SecretLeak(GitRefused):
     """A push was refused: the commits to push hold a secret. Names files, never values."""
 
     def __init__(self, findings: list[Finding]) -> None:

@@ -293,7 +293,7 @@ async def _plan(ctx: dict[str, Any], run_id: int) -> str:
         )
     try:
         head = await gitops.push(workdir, name, state.project.git_url, auth)
-    except gitops.SecretLeak as exc:
+    except gitops.GitRefused as exc:
         await set_protocol_status(db, run_id, "failed", str(exc), runtime_state={"message": str(exc)})
         await publish_status(ctx, run_id, f"Planning failed: {exc}")
         return "failed"
@@ -470,7 +470,7 @@ async def execute_step(
         async with protocol_lock(ctx["redis"], protocol_run_id):
             try:
                 outcome = await _execute(ctx, protocol_run_id, step_index)
-            except (SpecError, gitops.SecretLeak) as exc:  # a bad prompt override; a leak
+            except (SpecError, gitops.GitRefused) as exc:  # bad prompt override; leak, bad .git
                 outcome = await _fail_step(ctx, protocol_run_id, step_index, str(exc))
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
@@ -870,7 +870,7 @@ async def run_quality(
         async with protocol_lock(ctx["redis"], protocol_run_id):
             try:
                 outcome = await _quality(ctx, protocol_run_id, step_index)
-            except (SpecError, gitops.SecretLeak) as exc:
+            except (SpecError, gitops.GitRefused) as exc:
                 outcome = await _fail_step(ctx, protocol_run_id, step_index, str(exc))
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
