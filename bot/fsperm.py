@@ -14,12 +14,14 @@ PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 
 
-def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and missing parents) as 0700; an existing directory of ours is tightened."""
-    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+def ensure_private_dir(path: Path, *, traversable: bool = False) -> Path:
+    """Create `path` (and missing parents) as 0700 (0711 when `traversable`: others may pass
+    through to a known path but list nothing); an existing directory of ours is set so too."""
+    mode = PRIVATE_DIR | (0o011 if traversable else 0)
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
     with contextlib.suppress(PermissionError):  # not ours (e.g. a shared mount): leave it be
         if path.stat().st_uid == os.geteuid():
-            path.chmod(PRIVATE_DIR)
+            path.chmod(mode)
     return path
 
 

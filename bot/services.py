@@ -91,12 +91,15 @@ async def build_services(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     # every secret this worker holds, so pushes and published engine output are scanned for it
     register_settings(settings)
-    ensure_private_dir(settings.data_dir)
+    # 0711 with a separate engine user: it may pass through to the worktrees and mirrors, and
+    # list or read nothing else (the database and credentials stay 0600)
+    ensure_private_dir(settings.data_dir, traversable=bool(settings.engine_user))
     if "engines" not in ctx:
         ctx["engines"] = default_registry(
             codex_bin=settings.codex_bin,
             codex_home=os.environ.get("CODEX_HOME"),
             scripted_script=settings.scripted_script,
+            engine_user=settings.engine_user or None,
         )
     if "git" not in ctx:
         ctx["git"] = GitCache(

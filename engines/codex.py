@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import tempfile
@@ -366,6 +367,39 @@ def prepare_run_dirs(scratch: Path, source: Path | None, resume_thread_id: str |
     return dirs
 
 
+@dataclass(frozen=True)
+class EngineUser:
+    """The unprivileged account the agent runs as (DEKSDENFLOW_ENGINE_USER)."""
+
+    name: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def lookup(cls, name: str) -> EngineUser:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise ValueError(f"engine user {name!r} does not exist") from None
+        return cls(name, entry.pw_uid, entry.pw_gid)
+
+    def argv_prefix(self) -> list[str]:
+        """setpriv drops to the user before codex starts; codex then builds its own sandbox."""
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--"]
+
+
+def chown_tree(root: Path, uid: int, gid: int, *, skip: frozenset[str] = frozenset()) -> None:
+    """lchown every entry below `root` (never following a link the agent may have planted)."""
+    os.lchown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == str(root):
+            dirnames[:] = [d for d in dirnames if d not in skip]
+            filenames = [f for f in filenames if f not in skip]
+        for name in (*dirnames, *filenames):
+            with contextlib.suppress(FileNotFoundError):
+                os.lchown(os.path.join(dirpath, name), uid, gid)
+
+
 def save_sessions(run_home: Path, source: Path | None, thread_id: str | None) -> None:
     """Keep the thread's session in the configured CODEX_HOME, so a later turn can resume it."""
     if source is None or not thread_id:
@@ -437,6 +471,7 @@ class CodexEngine:
         config_overrides: Sequence[str] = (),
         kill_grace_s: float = 5.0,
         scratch_root: str | None = None,
+        run_as: str | None = None,
     ) -> None:
         self.codex_bin = codex_bin
         self.codex_home = codex_home
@@ -448,6 +483,9 @@ class CodexEngine:
         # Where per-run scratch dirs go (None: the system's temp dir). Codex never makes it
         # writable for the agent: only the run's own HOME and TMPDIR inside it.
         self.scratch_root = scratch_root
+        # An unprivileged account for codex and every command of the agent: it cannot read the
+        # worker's database, keys, stored credentials or /proc. None: the worker's own user.
+        self.run_as = run_as
 
     def child_env(self, request: EngineRequest) -> dict[str, str]:
         base = dict(os.environ if self._base_env is None else self._base_env)
@@ -471,12 +509,20 @@ class CodexEngine:
                 source.mkdir(parents=True, exist_ok=True, mode=0o700)
             dirs = prepare_run_dirs(scratch, source, request.resume_thread_id)
             env.update(HOME=str(dirs.home), TMPDIR=str(dirs.tmp), CODEX_HOME=str(dirs.codex_home))
+            user = EngineUser.lookup(self.run_as) if self.run_as else None
+            if user is not None:
+                # the agent's own git refuses a repository whose metadata another user owns
+                (dirs.home / ".gitconfig").write_text("[safe]\n\tdirectory = *\n")
+                chown_tree(scratch, user.uid, user.gid)
             # ours last: a configured override must not reopen /tmp or hand the agent a key
             overrides = [*self.config_overrides, *sandbox_overrides([dirs.home, dirs.tmp])]
             argv = build_codex_argv(request, self.codex_bin, last_message_path, schema_path, overrides)
-            result = await self._run_process(
-                request, argv, env, last_message_path, started, dirs.codex_home
-            )
+            if user is None:
+                result = await self._run_process(
+                    request, argv, env, last_message_path, started, dirs.codex_home
+                )
+            else:
+                result = await self._run_as(user, request, argv, env, last_message_path, started, dirs)
             save_sessions(dirs.codex_home, source, result.thread_id)
         return result
 
@@ -603,6 +649,33 @@ class CodexEngine:
             error=error,
             duration_s=time.monotonic() - started,
         )
+
+    async def _run_as(
+        self,
+        user: EngineUser,
+        request: EngineRequest,
+        argv: list[str],
+        env: dict[str, str],
+        last_message_path: Path,
+        started: float,
+        dirs: RunDirs,
+    ) -> EngineResult:
+        """One run as `user`: the worktree is theirs for the run, the bot's again afterwards.
+
+        `.git` stays the bot's: the link the bot checks before each git command is never
+        writable by the agent's account.
+        """
+        workdir = request.workdir
+        me_uid, me_gid = os.geteuid(), os.getegid()
+        if workdir.is_dir():
+            await asyncio.to_thread(chown_tree, workdir, user.uid, user.gid, skip=frozenset({".git"}))
+        try:
+            return await self._run_process(
+                request, user.argv_prefix() + argv, env, last_message_path, started, dirs.codex_home
+            )
+        finally:
+            if workdir.is_dir():
+                await asyncio.to_thread(chown_tree, workdir, me_uid, me_gid)
 
     async def _stop(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM the whole process group, then SIGKILL it after the grace period."""

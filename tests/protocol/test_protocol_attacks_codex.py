@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -184,3 +185,52 @@ async def test_codex_huge_qa_reply_and_timed_out_turn(
     report = origin_file(h.origin, name, f".protocols/{name}/quality-report.md")
     assert len(report.encode()) <= 64 * 1024 and "report cut" in report
     assert state.step(1).runtime_state["qa_verdict"] == "PASS"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+async def test_codex_as_an_engine_user_reads_nothing_of_the_worker(
+    tmp_path: Path, origin: Path, fake_codex: FakeCodex, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("GITHUB_TOKEN", GITHUB_TOKEN)
+    with tempfile.TemporaryDirectory(prefix="df-user-", dir="/var/tmp") as shared:
+        Path(shared).chmod(0o711)
+        data_dir = Path(shared) / "data"
+        store_app_credentials(data_dir)
+        settings = protocol_settings(
+            tmp_path, engine="codex", codex_bin=fake_codex.codex_bin, data_dir=data_dir,
+            db_url=f"sqlite:///{data_dir / 'deksdenflow.sqlite3'}", engine_user="nobody",
+            protocol_planning_model="gpt-5.5", protocol_decompose_model="gpt-5.5",
+            protocol_exec_model="gpt-5.5", protocol_qa_model="gpt-5.5", engine_timeout_s=120,
+        )  # fmt: skip
+        steal = (
+            f"cat {data_dir}/github-app.json > creds.json 2>&1; "
+            f"cat {data_dir}/deksdenflow.sqlite3 > db.copy 2>&1; ls {data_dir} > listing.txt 2>&1; "
+            "echo hello > greeting.txt; cat creds.json db.copy listing.txt"
+        )
+        fake_codex.server.enqueue(
+            final(json.dumps(PLAN)),
+            final(json.dumps({"content": PLANNED})),
+            tool_then(shell_call(steal)),
+            final("Added greeting.txt"),
+            final("Looks right.\n\nVERDICT: PASS"),
+        )
+        async with make_harness(settings, origin) as h:
+            h.use(
+                CodexEngine(
+                    fake_codex.codex_bin, codex_home=str(fake_codex.home), env_allow=[FAKE_KEY_NAME],
+                    base_env={**os.environ, **fake_codex.env}, run_as="nobody",
+                ),
+                ScriptedEngine(),
+            )  # fmt: skip
+            run_id = await h.start("Add a greeting")
+            await execute_step(h.ctx, protocol_run_id=run_id, step_index=1)
+            await h.drain()
+            output = str(fake_codex.server.response_requests()[3].tool_outputs()["call_shell"])
+            assert output.count("Permission denied") == 3, output
+            state = await h.state(run_id)
+            assert state.run.status == "completed", state.run.runtime_state
+            name = state.run.protocol_name
+            assert origin_file(h.origin, name, "greeting.txt") == "hello\n"
+            assert await leaks(h.ctx, h.origin, caplog.text) == []
