@@ -963,9 +963,8 @@ async def _quality(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
         "qa_commit": sha,
     }
     await update_step(db, step.id, runtime_state=rs)
-    await emit(
-        db, state, "qa.verdict", f"step {step_index:02d}: {verdict} ({why})", step, verdict=verdict, reason=why
-    )
+    shown = f"step {step_index:02d}: {verdict}" + ("" if why.startswith("VERDICT: ") else f" ({why})")
+    await emit(db, state, "qa.verdict", shown, step, verdict=verdict, reason=why)
     if verdict == "PASS":
         await set_step_status(db, step.id, "completed", "QA passed")
         await report_check(
