@@ -161,14 +161,22 @@ class SecretScanner:
 # Settings and stored credentials are registered once at start-up (build_services); environment
 # values and per-command tokens are added at scan time, so a token minted later is covered too.
 
-_registered: set[str] = set()
+# Insertion-ordered, bounded: tokens minted every hour must not grow the scanner for ever, and a
+# token that old has expired anyway.
+MAX_REGISTERED = 200
+_registered: dict[str, None] = {}
 _lock = threading.Lock()
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
-    """Remember values that must never be pushed or published (tokens as they are minted, …)."""
+    """Remember values that must never be pushed or published (tokens as they are used, …)."""
     with _lock:
-        _registered.update(v.strip() for v in values if v and len(v.strip()) >= MIN_SECRET_LEN)
+        for value in values:
+            if value and len(value.strip()) >= MIN_SECRET_LEN:
+                _registered.pop(value.strip(), None)
+                _registered[value.strip()] = None
+        while len(_registered) > MAX_REGISTERED:
+            del _registered[next(iter(_registered))]
 
 
 def register_settings(settings: Any) -> None:
@@ -197,7 +205,7 @@ def register_settings(settings: Any) -> None:
 
 def registered_secrets() -> list[str]:
     with _lock:
-        return sorted(_registered)
+        return list(_registered)
 
 
 def process_scanner(

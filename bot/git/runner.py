@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from bot.errors import GitError
 from bot.git.guard import HARDENING_CONFIG, HARDENING_DEFAULTS, guard_cwd, sanitize_git_env
+from bot.secrets_scan import register_secrets
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,9 @@ async def run_git(
     full_env = build_git_env(os.environ, auth_header=auth_header, extra=env)
     limit = DEFAULT_TIMEOUT if timeout is None else timeout
     secrets = secrets_of(auth_header)
+    # every credential git is handed is remembered, so a push scan or a redaction later finds
+    # it in what the agent wrote, even after the forge has minted the next one
+    register_secrets(secrets)
     shown = [redact(a, secrets) for a in argv]
     started = time.monotonic()
     try:

@@ -91,3 +91,22 @@ def test_scan_log_patch_names_files_and_messages_not_values() -> None:
     places = {f.where for f in findings}
     assert places == {"leak.b64", f"the message of commit {'b' * 12}"}
     assert all(SECRET not in str(f) and GHS not in str(f) for f in findings)
+
+
+def test_registered_secrets_are_bounded_and_found_by_the_process_scanner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bot import secrets_scan
+    from bot.secrets_scan import (
+        MAX_REGISTERED,
+        process_scanner,
+        register_secrets,
+        registered_secrets,
+    )
+
+    monkeypatch.setattr(secrets_scan, "_registered", {})  # this process's own list stays as it was
+    register_secrets([f"minted-token-{i:06d}" for i in range(MAX_REGISTERED + 5)])
+    kept = registered_secrets()
+    assert len(kept) <= MAX_REGISTERED
+    assert "minted-token-000000" not in kept and f"minted-token-{MAX_REGISTERED + 4:06d}" in kept
+    assert process_scanner(environ={}).kinds_in(f"x minted-token-{MAX_REGISTERED + 4:06d} y")
