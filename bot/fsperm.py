@@ -32,6 +32,14 @@ def restrict_file(path: Path) -> None:
             path.chmod(PRIVATE_FILE)
 
 
+def readable_by_others(path: Path) -> bool:
+    """True when group or other users may read `path` (a key file should be 0600)."""
+    try:
+        return bool(path.stat().st_mode & 0o077)
+    except OSError:
+        return False
+
+
 def restrict_sqlite(path: Path) -> None:
     """The database and its WAL/SHM companions (SQLite gives those the database's own mode)."""
     for suffix in ("", "-wal", "-shm", "-journal"):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any
 
 from bot.db import Database
 from bot.errors import ConfigError
 from bot.forge.base import Forge, RepoRef
-from bot.fsperm import ensure_private_dir
+from bot.fsperm import ensure_private_dir, readable_by_others
 from bot.models import Project
 from bot.secrets_scan import register_settings
 from bot.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class ForgeFactory:
@@ -94,6 +97,10 @@ async def build_services(ctx: dict[str, Any]) -> None:
     # 0711 with a separate engine user: it may pass through to the worktrees and mirrors, and
     # list or read nothing else (the database and credentials stay 0600)
     ensure_private_dir(settings.data_dir, traversable=bool(settings.engine_user))
+    key = settings.github_private_key_path
+    if key is not None and readable_by_others(key):
+        # not ours to chmod (an operator's or orchestrator's file), but worth a loud word
+        log.warning("%s is readable by other users: make the App key 0600", key)
     if "engines" not in ctx:
         ctx["engines"] = default_registry(
             codex_bin=settings.codex_bin,

@@ -42,3 +42,15 @@ def test_helpers_tighten_existing_files(tmp_path: Path) -> None:
     restrict_sqlite(f)
     assert _mode(f) == 0o600 and _mode(d / "x.sqlite3-wal") == 0o600
     restrict_sqlite(d / "missing.sqlite3")  # no error
+
+
+def test_a_loose_key_file_is_reported(tmp_path: Path) -> None:
+    from bot.fsperm import readable_by_others
+
+    key = tmp_path / "app.pem"
+    key.write_text("k")
+    key.chmod(0o644)
+    assert readable_by_others(key)
+    key.chmod(0o600)
+    assert not readable_by_others(key)
+    assert not readable_by_others(tmp_path / "missing.pem")
