@@ -16,11 +16,14 @@ So every bot git command:
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from bot.errors import GitError
+from bot.git.names import safe_repo_name
 
 # /dev/null is a file, so `<hooksPath>/<hook>` can never exist: no hook runs, and there is no
 # directory anyone (agent or not) could later put a hook into.
@@ -69,6 +72,99 @@ class GitLinkError(GitRefused):
         self.worktree = worktree
         self.reason = reason
         super().__init__(f"refusing to run git in {worktree}: {reason}")
+
+
+class GitConfigError(GitRefused):
+    """A mirror's config holds a key the bot never writes and that would make git run a program
+    or talk to another host: someone other than the bot wrote it."""
+
+    def __init__(self, mirror: Path, keys: Iterable[str]) -> None:
+        self.mirror = mirror
+        self.keys = sorted(set(keys))
+        super().__init__(
+            f"refusing to use {mirror}: its config holds {', '.join(self.keys[:8])}, which the bot "
+            "never writes; delete the mirror to let the bot re-create it"
+        )
+
+
+# Keys the bot never writes into a mirror and that run a program, pull in more config, or send
+# the bot's requests (and credentials) elsewhere. The overridable ones are overridden by -c as
+# well; finding any of them means the config was tampered with.
+_DANGEROUS_CONFIG = re.compile(
+    r"^(filter\.|include\.|includeif\.|url\.|credential(\.|$)|http\.|uploadpack\.|protocol\.|gpg\."
+    r"|core\.(worktree|gitproxy|alternaterefscommand|sshcommand|fsmonitor|hookspath|askpass|editor"
+    r"|pager)$|diff\..+\.(command|textconv)$|merge\..+\.driver$|sequence\.editor$"
+    r"|remote\..+\.(uploadpack|receivepack|proxy|vcs)$|extensions\.worktreeconfig$)",
+    re.IGNORECASE,
+)
+_checked_configs: dict[str, tuple[int, int, int, int]] = {}
+
+
+def config_problems(entries: Iterable[tuple[str, str]], mirror_name: str) -> list[str]:
+    """The keys of a mirror's config (name, value) that the bot would never have written (pure).
+
+    `remote.origin.url` must be the URL the mirror is named after (its name carries a hash of
+    it): a changed URL would send the bot's fetch, and its credentials, to another host.
+    """
+    problems: list[str] = []
+    urls: list[str] = []
+    for name, value in entries:
+        if _DANGEROUS_CONFIG.match(name):
+            problems.append(name)
+        elif name.lower() == "remote.origin.url":
+            urls.append(value)
+    if len(urls) > 1:
+        problems.append("remote.origin.url (several)")
+    elif urls:
+        try:
+            expected = safe_repo_name(urls[0]) + ".git"
+        except GitError:
+            expected = None
+        if expected != mirror_name:
+            problems.append("remote.origin.url (not the mirror's own)")
+    return problems
+
+
+def _parse_config_list(out: bytes) -> list[tuple[str, str]]:
+    """`git config --list -z`: entries end with NUL, a newline separates name and value."""
+    entries = []
+    for raw in out.split(b"\0"):
+        if raw:
+            name, _, value = raw.decode("utf-8", "replace").partition("\n")
+            entries.append((name, value))
+    return entries
+
+
+async def check_mirror_config(mirror: Path, admin: Path | None = None) -> None:
+    """GitConfigError unless the mirror's config (and no per-worktree config) is as the bot left it.
+
+    Reading it costs one `git config --file` (which runs nothing) whenever the file changed;
+    otherwise a stat.
+    """
+    if admin is not None and (admin / "config.worktree").exists():
+        raise GitConfigError(mirror, ["worktrees/*/config.worktree"])
+    config = mirror / "config"
+    try:
+        st = os.lstat(config)
+    except OSError:
+        raise GitConfigError(mirror, ["(config missing)"]) from None
+    if not os.path.isfile(config) or os.path.islink(config):
+        raise GitConfigError(mirror, ["(config is not a plain file)"])
+    signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+    if _checked_configs.get(str(config)) == signature:
+        return
+    proc = await asyncio.create_subprocess_exec(
+        "git", "config", "--file", str(config), "--no-includes", "--list", "-z",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=sanitize_git_env(os.environ), cwd="/",
+    )  # fmt: skip
+    out, _err = await proc.communicate()
+    if proc.returncode != 0:
+        raise GitConfigError(mirror, ["(config unreadable)"])
+    problems = config_problems(_parse_config_list(out), mirror.name)
+    if problems:
+        raise GitConfigError(mirror, problems)
+    _checked_configs[str(config)] = signature
 
 
 def sanitize_git_env(base: Mapping[str, str]) -> dict[str, str]:
@@ -136,6 +232,14 @@ def check_worktree_link(worktree: Path, mirror: Path) -> Path:
     return admin
 
 
+def cache_mirror_of(cwd: str | os.PathLike[str]) -> Path | None:
+    """The mirror when `cwd` is one of a GitCache's (`<root>/mirrors/<name>.git`), else None."""
+    path = Path(os.path.abspath(cwd))
+    if path.parent.name == "mirrors" and path.name.endswith(".git") and (path / "HEAD").is_file():
+        return path
+    return None
+
+
 def guard_cwd(cwd: str | os.PathLike[str] | None) -> None:
     """Refuse (GitLinkError) to run git in a cache worktree whose `.git` link was tampered with."""
     if cwd is None:
@@ -143,3 +247,17 @@ def guard_cwd(cwd: str | os.PathLike[str] | None) -> None:
     found = cache_worktree_of(cwd)
     if found is not None:
         check_worktree_link(*found)
+
+
+async def guard_git_cwd(cwd: str | os.PathLike[str] | None) -> None:
+    """Before a git command: the `.git` link of a cache worktree, and its mirror's config."""
+    if cwd is None:
+        return
+    found = cache_worktree_of(cwd)
+    if found is not None:
+        admin = check_worktree_link(*found)
+        await check_mirror_config(found[1], admin)
+        return
+    mirror = cache_mirror_of(cwd)
+    if mirror is not None:
+        await check_mirror_config(mirror)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bot.errors import GitError
-from bot.git.guard import HARDENING_CONFIG, HARDENING_DEFAULTS, guard_cwd, sanitize_git_env
+from bot.git.guard import HARDENING_CONFIG, HARDENING_DEFAULTS, guard_git_cwd, sanitize_git_env
 from bot.secrets_scan import register_secrets
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ async def run_git(
 
     In a cache worktree the `.git` link is checked first (GitLinkError when tampered with).
     """
-    guard_cwd(cwd)
+    await guard_git_cwd(cwd)
     argv = build_git_argv(args, cwd=cwd, config=config)
     full_env = build_git_env(os.environ, auth_header=auth_header, extra=env)
     limit = DEFAULT_TIMEOUT if timeout is None else timeout

@@ -21,7 +21,13 @@ from bot.git import (
     run_git,
     status_porcelain,
 )
-from bot.git.guard import GitLinkError, cache_worktree_of, check_worktree_link
+from bot.git.guard import (
+    GitConfigError,
+    GitLinkError,
+    cache_worktree_of,
+    check_worktree_link,
+    config_problems,
+)
 
 Git = Callable[..., str]
 Origin = Any
@@ -45,8 +51,6 @@ async def test_hooks_in_the_mirror_never_run(
     for name in ("post-commit", "pre-commit", "commit-msg", "post-checkout", "pre-push",
                  "reference-transaction", "post-index-change"):  # fmt: skip
         _script(hooks / name, marker)
-    # and a hooksPath in the mirror's config pointing at the agent's own directory
-    git("config", "core.hooksPath", str(hooks), cwd=wt.mirror)
     (wt.path / "new.txt").write_text("x\n")
     sha = await commit_all(wt.path, "add new", "Bot", "bot@example.invalid")
     assert sha is not None
@@ -55,16 +59,33 @@ async def test_hooks_in_the_mirror_never_run(
     assert not marker.exists()
 
 
-async def test_fsmonitor_in_the_mirror_config_never_runs(
-    cache: GitCache, origin: Origin, tmp_path: Path, git: Git
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("core.fsmonitor", "SCRIPT"),
+        ("core.hooksPath", "HOOKS"),
+        ("filter.evil.clean", "SCRIPT"),
+        ("diff.evil.textconv", "SCRIPT"),
+        ("include.path", "/elsewhere/config"),
+        ("url.http://evil.invalid/.insteadOf", "ORIGIN"),
+        ("remote.origin.url", "/elsewhere/repo.git"),
+    ],
+)
+async def test_tampered_mirror_config_is_refused_and_runs_nothing(
+    cache: GitCache, origin: Origin, tmp_path: Path, git: Git, key: str, value: str
 ) -> None:
     wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
-    marker = tmp_path / "fsmonitor-ran"
-    script = _script(tmp_path / "fsmonitor.sh", marker)
-    git("config", "core.fsmonitor", str(script), cwd=wt.mirror)
+    marker = tmp_path / "config-program-ran"
+    script = _script(tmp_path / "prog.sh", marker)
+    value = value.replace("SCRIPT", str(script)).replace("HOOKS", str(wt.mirror / "hooks"))
+    git("config", key.replace("ORIGIN", ""), value.replace("ORIGIN", origin.url), cwd=wt.mirror)
+    (wt.path / ".gitattributes").write_text("* filter=evil diff=evil\n")
     (wt.path / "a.txt").write_text("a\n")
-    await status_porcelain(wt.path)
-    await commit_all(wt.path, "a", "Bot", "bot@example.invalid")
+    with pytest.raises(GitConfigError) as info:
+        await commit_all(wt.path, "a", "Bot", "bot@example.invalid")
+    assert key.split(".")[0].lower() in str(info.value).lower()
+    with pytest.raises(GitConfigError):  # in the mirror itself too (fetch, push bookkeeping)
+        await cache.ensure_mirror(origin.url)
     assert not marker.exists()
 
 
@@ -177,3 +198,12 @@ async def test_the_push_credential_itself_is_scanned_for(
     await commit_all(wt.path, "t", "Bot", "bot@example.invalid")
     with pytest.raises(SecretLeak, match=r"t\.txt"):
         await push(wt.path, BRANCH, origin.url, f"Authorization: Bearer {token}")
+
+
+def test_config_problems_is_pure_and_names_keys() -> None:
+    name = "example.com-o-r-0000000000.git"
+    assert config_problems([("core.bare", "true"), ("remote.origin.fetch", "+x:y")], name) == []
+    assert config_problems([("Filter.x.clean", "evil")], name) == ["Filter.x.clean"]
+    assert config_problems([("remote.origin.url", "https://example.com/o/r")], name) == [
+        "remote.origin.url (not the mirror's own)"
+    ]

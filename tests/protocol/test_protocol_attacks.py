@@ -147,6 +147,21 @@ async def test_hooks_and_config_planted_in_the_mirror_never_run(
         assert await leaks(h.ctx, a.origin, logs.text) == []
 
 
+async def test_a_tampered_mirror_config_blocks_the_step_and_runs_nothing(
+    attack: Callable[..., _Attack], logs: pytest.LogCaptureFixture
+) -> None:
+    a = attack({"execute": {"actions": ["mirror_config"], "message": "Configured git."}})
+    async with a.harness() as h:
+        run_id, outcome = await _run_step(h)
+        assert outcome == "failed"
+        state = await h.state(run_id)
+        assert state.run.status == "blocked"
+        assert "core.fsmonitor" in state.run.runtime_state["message"]
+        assert "filter.x.clean" in state.run.runtime_state["message"]
+        assert not a.marker.exists(), "a program from the mirror's config ran"
+        assert await leaks(h.ctx, a.origin, logs.text) == []
+
+
 async def test_a_swapped_git_link_blocks_the_step_and_runs_nothing(
     attack: Callable[..., _Attack], logs: pytest.LogCaptureFixture
 ) -> None:
