@@ -9,6 +9,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from bot.fsperm import ensure_private_dir, restrict_sqlite
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -21,20 +23,26 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade_head(database_url: str) -> None:
-    if database_url.startswith("sqlite:///"):
-        private_sqlite_file(Path(database_url[len("sqlite:///") :]))
+    sqlite_path = None
+    if database_url.startswith("sqlite:///") and not database_url.endswith(":memory:"):
+        sqlite_path = Path(database_url[len("sqlite:///") :].split("?", 1)[0])
+        private_sqlite_file(sqlite_path)
     command.upgrade(alembic_config(database_url), "head")
+    if sqlite_path is not None:
+        # the database holds deliveries, tokens' effects and settings: no other user reads it
+        # (this also covers the -wal and -shm files SQLite made)
+        restrict_sqlite(sqlite_path)
 
 
 def private_sqlite_file(path: Path) -> None:
     """The SQLite file (it holds tokens' hashes and sealed secrets) readable by its owner only.
 
-    Created here, before SQLite opens it, so it is never world-readable even for a moment;
-    SQLite gives its -wal and -shm files the same mode.
+    Created here, before SQLite opens it, so it is never world-readable even for a moment.
     """
     if str(path) in ("", ":memory:"):
         return
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.parent.exists():
+        ensure_private_dir(path.parent)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     with contextlib.suppress(PermissionError):
         os.chmod(path, 0o600)

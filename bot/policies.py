@@ -51,21 +51,39 @@ def qa_decision(
     return QADecision("needs_qa", False, policy, f"QA policy is {policy}; waiting for /qa")
 
 
-# Markdown decoration models like to put around the verdict line.
-_DECORATION = str.maketrans("", "", "*_`")
-_VERDICT_RE = re.compile(r"^[#>\s-]*VERDICT\s*:\s*(PASS|FAIL)\s*[.!]?\s*$", re.IGNORECASE)
+# The only two lines that count, and only as the reply's last non-empty line outside a fence.
+_VERDICT_LINES: Mapping[str, Verdict] = {"VERDICT: PASS": "PASS", "VERDICT: FAIL": "FAIL"}
+_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+NO_VERDICT = "no verdict"
+
+
+def explain_verdict(text: str) -> tuple[Verdict, str]:
+    """(verdict, why): strict, because the reply is written by the model under review.
+
+    Only the last non-empty line counts, exactly `VERDICT: PASS` or `VERDICT: FAIL` (trailing
+    whitespace aside), and only outside a code fence. Decoration, a `>` quote, a fenced PASS
+    followed by a closing fence, or a retraction after the line all give FAIL, "no verdict".
+    """
+    lines = [line.rstrip() for line in text.splitlines()]
+    in_fence = False
+    last: tuple[str, bool] | None = None
+    for line in lines:
+        if _FENCE.match(line):
+            in_fence = not in_fence
+            last = (line, True)
+        elif line.strip():
+            last = (line, in_fence)
+    if last is None or last[1]:
+        return "FAIL", NO_VERDICT
+    verdict = _VERDICT_LINES.get(last[0])
+    if verdict is None:
+        return "FAIL", NO_VERDICT
+    return verdict, last[0]
 
 
 def parse_verdict(text: str) -> Verdict:
-    """The last `VERDICT: PASS|FAIL` line in a QA reply; no such line counts as FAIL."""
-    verdict: Verdict = "FAIL"
-    found = False
-    for line in text.splitlines():
-        m = _VERDICT_RE.match(line.translate(_DECORATION))
-        if m:
-            verdict = "PASS" if m.group(1).upper() == "PASS" else "FAIL"
-            found = True
-    return verdict if found else "FAIL"
+    """The QA verdict of a reply; anything but a clean last `VERDICT:` line counts as FAIL."""
+    return explain_verdict(text)[0]
 
 
 @dataclass(frozen=True)

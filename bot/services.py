@@ -11,7 +11,9 @@ from typing import Any
 from bot.db import Database
 from bot.errors import ConfigError
 from bot.forge.base import Forge, RepoRef
+from bot.fsperm import ensure_private_dir, readable_by_others
 from bot.models import Project
+from bot.secrets_scan import register_settings
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -132,11 +134,21 @@ async def build_services(ctx: dict[str, Any]) -> None:
     from engines.registry import default_registry
 
     settings: Settings = ctx["settings"]
+    # every secret this worker holds, so pushes and published engine output are scanned for it
+    register_settings(settings)
+    # 0711 with a separate engine user: it may pass through to the worktrees and mirrors, and
+    # list or read nothing else (the database and credentials stay 0600)
+    ensure_private_dir(settings.data_dir, traversable=bool(settings.engine_user))
+    key = settings.github_private_key_path
+    if key is not None and readable_by_others(key):
+        # not ours to chmod (an operator's or orchestrator's file), but worth a loud word
+        log.warning("%s is readable by other users: make the App key 0600", key)
     if "engines" not in ctx:
         ctx["engines"] = default_registry(
             codex_bin=settings.codex_bin,
             codex_home=os.environ.get("CODEX_HOME"),
             scripted_script=settings.scripted_script,
+            engine_user=settings.engine_user or None,
         )
     if "git" not in ctx:
         ctx["git"] = GitCache(

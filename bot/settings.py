@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     token_budget_mode: Literal["strict", "warn", "off"] = "strict"
     max_inline_trigger_depth: int = Field(default=3, ge=0, le=20)
     engine_timeout_s: float = Field(default=1800.0, gt=0)
+    # An unprivileged account codex and the agent's commands run as (needs root; "" = the
+    # worker's own user). See the README's security section.
+    engine_user: str = ""
     git_timeout_s: float = Field(default=300.0, gt=0)
     warm_worktrees: bool = True
     label_plan: str = "deksdenflow:plan"

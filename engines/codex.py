@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
+import shutil
 import signal
 import tempfile
 import time
@@ -58,6 +60,43 @@ _FORBIDDEN_PREFIXES: tuple[str, ...] = ("DEKSDENFLOW_",)
 _FORBIDDEN_SUFFIXES: tuple[str, ...] = ("_TOKEN", "_SECRET", "_PRIVATE_KEY", "_PASSWORD")
 # The key codex itself authenticates with is the one secret it must see.
 _ALWAYS_ALLOWED: frozenset[str] = frozenset({"CODEX_API_KEY"})
+
+# The agent's sandbox: /tmp and the worker's $TMPDIR are not writable (Codex would otherwise add
+# both, and a DATA_DIR below either would expose the bot's mirrors, hooks and database).
+SANDBOX_OVERRIDES: tuple[str, ...] = (
+    "sandbox_workspace_write.exclude_slash_tmp=true",
+    "sandbox_workspace_write.exclude_tmpdir_env_var=true",
+)
+# What the agent's commands see of codex's own environment: a short allow-list, and never a key
+# (Codex's default excludes *KEY*/*SECRET*/*TOKEN*; ours are explicit on top).
+SHELL_ENV_INCLUDE: tuple[str, ...] = (
+    "PATH", "HOME", "TMPDIR", "LANG", "LANGUAGE", "LC_*", "USER", "LOGNAME", "SHELL", "TERM", "TZ",
+)  # fmt: skip
+SHELL_ENV_EXCLUDE: tuple[str, ...] = (
+    "CODEX_API_KEY", "OPENAI_API_KEY", "DEKSDENFLOW_*", "*KEY*", "*SECRET*", "*TOKEN*",
+    "*PASSWORD*", "*CREDENTIAL*",
+)  # fmt: skip
+# What a per-run CODEX_HOME gets from the configured one: only what Codex needs to start.
+CODEX_HOME_FILES: tuple[str, ...] = ("config.toml", "auth.json")
+
+
+def _toml_list(values: Iterable[str]) -> str:
+    return "[" + ",".join(json.dumps(v) for v in values) + "]"
+
+
+def sandbox_overrides(writable: Sequence[Path] = ()) -> list[str]:
+    """The `-c` overrides that fence the agent in (pure)."""
+    out = [
+        *SANDBOX_OVERRIDES,
+        'shell_environment_policy.inherit="all"',
+        "shell_environment_policy.ignore_default_excludes=false",
+        f"shell_environment_policy.exclude={_toml_list(SHELL_ENV_EXCLUDE)}",
+        f"shell_environment_policy.include_only={_toml_list(SHELL_ENV_INCLUDE)}",
+    ]
+    if writable:
+        out.append(f"sandbox_workspace_write.writable_roots={_toml_list(str(p) for p in writable)}")
+    return out
+
 
 # Limits that keep one chatty run from filling the worker's memory or the database row.
 COMMAND_OUTPUT_LIMIT = 4000
@@ -124,8 +163,9 @@ def build_codex_argv(
         argv += ["-c", override]
     if request.resume_thread_id:
         argv += ["resume", request.resume_thread_id]
-    # "--" so a prompt starting with "-" is not read as a flag.
-    argv += ["--", request.prompt]
+    # "-": the prompt comes on stdin. One argv element is capped at 128 KB on Linux (E2BIG),
+    # and a plan, context or CI log can be longer than that.
+    argv.append("-")
     return argv
 
 
@@ -278,10 +318,128 @@ class _Tail:
         return b"".join(self._chunks)[-self._limit :].decode("utf-8", "replace")
 
 
-def _ensure_codex_home(env: Mapping[str, str]) -> None:
-    """codex refuses to start when CODEX_HOME does not exist."""
+def source_codex_home(env: Mapping[str, str]) -> Path | None:
+    """The configured CODEX_HOME (config, auth, saved sessions), default `~/.codex`."""
     if env.get("CODEX_HOME"):
-        Path(env["CODEX_HOME"]).mkdir(parents=True, exist_ok=True)
+        return Path(env["CODEX_HOME"])
+    if env.get("HOME"):
+        return Path(env["HOME"]) / ".codex"
+    return None
+
+
+@dataclass(frozen=True)
+class RunDirs:
+    """A run's private directories inside its scratch dir (mode 0700, removed afterwards)."""
+
+    home: Path  # HOME: empty, writable by the agent
+    tmp: Path  # TMPDIR: empty, writable by the agent
+    codex_home: Path  # CODEX_HOME: config and auth copied in; not writable by the agent
+
+
+def _session_files(codex_home: Path, thread_id: str) -> list[Path]:
+    sessions = codex_home / "sessions"
+    if not thread_id or not sessions.is_dir() or "/" in thread_id:
+        return []
+    return sorted(sessions.rglob(f"rollout-*{thread_id}.jsonl"))
+
+
+def _copy_private(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    shutil.copyfile(src, dst)
+    dst.chmod(0o600)
+
+
+def prepare_run_dirs(scratch: Path, source: Path | None, resume_thread_id: str | None) -> RunDirs:
+    """HOME, TMPDIR and CODEX_HOME for one run: nothing of the worker's home is visible.
+
+    The per-run CODEX_HOME gets config.toml and auth.json, plus the saved session of the thread
+    being resumed, and nothing else (no other thread's history, no logs of earlier runs).
+    """
+    dirs = RunDirs(scratch / "home", scratch / "tmp", scratch / "codex-home")
+    for path in (dirs.home, dirs.tmp, dirs.codex_home):
+        path.mkdir(mode=0o700)
+    if source is not None and source.is_dir():
+        for name in CODEX_HOME_FILES:
+            if (source / name).is_file():
+                _copy_private(source / name, dirs.codex_home / name)
+        for found in _session_files(source, resume_thread_id or ""):
+            _copy_private(found, dirs.codex_home / found.relative_to(source))
+    return dirs
+
+
+@dataclass(frozen=True)
+class EngineUser:
+    """The unprivileged account the agent runs as (DEKSDENFLOW_ENGINE_USER)."""
+
+    name: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def lookup(cls, name: str) -> EngineUser:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise ValueError(f"engine user {name!r} does not exist") from None
+        return cls(name, entry.pw_uid, entry.pw_gid)
+
+    def argv_prefix(self) -> list[str]:
+        """setpriv drops to the user before codex starts; codex then builds its own sandbox."""
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--"]
+
+
+def chown_tree(root: Path, uid: int, gid: int, *, skip: frozenset[str] = frozenset()) -> None:
+    """lchown every entry below `root` (never following a link the agent may have planted)."""
+    os.lchown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == str(root):
+            dirnames[:] = [d for d in dirnames if d not in skip]
+            filenames = [f for f in filenames if f not in skip]
+        for name in (*dirnames, *filenames):
+            with contextlib.suppress(FileNotFoundError):
+                os.lchown(os.path.join(dirpath, name), uid, gid)
+
+
+def save_sessions(run_home: Path, source: Path | None, thread_id: str | None) -> None:
+    """Keep the thread's session in the configured CODEX_HOME, so a later turn can resume it."""
+    if source is None or not thread_id:
+        return
+    for found in _session_files(run_home, thread_id):
+        _copy_private(found, source / found.relative_to(run_home))
+
+
+def usage_from_sessions(codex_home: Path, thread_id: str | None) -> TokenUsage | None:
+    """The thread's running token total as codex last recorded it in its session file.
+
+    The JSONL stream reports usage only in turn.completed; a turn stopped by our timeout never
+    gets there, but codex has written a token record after every model response by then.
+    """
+    if not thread_id:
+        return None
+    found: TokenUsage | None = None
+    for path in _session_files(codex_home, thread_id):
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if "token" not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            payload = record.get("payload") if isinstance(record, dict) else None
+            if not isinstance(payload, dict):
+                continue
+            total: Any = None
+            if record.get("type") == "token_usage_record":
+                total = payload.get("thread_token_usage")
+            elif payload.get("type") == "token_count" and isinstance(payload.get("info"), dict):
+                total = payload["info"].get("total_token_usage")
+            if isinstance(total, dict):
+                found = TokenUsage.from_mapping(total)
+    return found
 
 
 def _read_text(path: Path) -> str:
@@ -312,6 +470,8 @@ class CodexEngine:
         base_env: Mapping[str, str] | None = None,
         config_overrides: Sequence[str] = (),
         kill_grace_s: float = 5.0,
+        scratch_root: str | None = None,
+        run_as: str | None = None,
     ) -> None:
         self.codex_bin = codex_bin
         self.codex_home = codex_home
@@ -320,6 +480,12 @@ class CodexEngine:
         self._base_env = base_env
         self.config_overrides = tuple(config_overrides)
         self.kill_grace_s = kill_grace_s
+        # Where per-run scratch dirs go (None: the system's temp dir). Codex never makes it
+        # writable for the agent: only the run's own HOME and TMPDIR inside it.
+        self.scratch_root = scratch_root
+        # An unprivileged account for codex and every command of the agent: it cannot read the
+        # worker's database, keys, stored credentials or /proc. None: the worker's own user.
+        self.run_as = run_as
 
     def child_env(self, request: EngineRequest) -> dict[str, str]:
         base = dict(os.environ if self._base_env is None else self._base_env)
@@ -330,18 +496,34 @@ class CodexEngine:
 
     async def run(self, request: EngineRequest) -> EngineResult:
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="deksdenflow-codex-") as tmp:
-            last_message_path = Path(tmp) / "last-message.txt"
+        with tempfile.TemporaryDirectory(prefix="deksdenflow-codex-", dir=self.scratch_root) as tmp:
+            scratch = Path(tmp)
+            last_message_path = scratch / "last-message.txt"
             schema_path: Path | None = None
             if request.output_schema is not None:
-                schema_path = Path(tmp) / "output-schema.json"
+                schema_path = scratch / "output-schema.json"
                 schema_path.write_text(json.dumps(request.output_schema))
-            argv = build_codex_argv(
-                request, self.codex_bin, last_message_path, schema_path, self.config_overrides
-            )
             env = self.child_env(request)
-            _ensure_codex_home(env)
-            result = await self._run_process(request, argv, env, last_message_path, started)
+            source = source_codex_home(env)
+            if source is not None and env.get("CODEX_HOME"):
+                source.mkdir(parents=True, exist_ok=True, mode=0o700)
+            dirs = prepare_run_dirs(scratch, source, request.resume_thread_id)
+            env.update(HOME=str(dirs.home), TMPDIR=str(dirs.tmp), CODEX_HOME=str(dirs.codex_home))
+            user = EngineUser.lookup(self.run_as) if self.run_as else None
+            if user is not None:
+                # the agent's own git refuses a repository whose metadata another user owns
+                (dirs.home / ".gitconfig").write_text("[safe]\n\tdirectory = *\n")
+                chown_tree(scratch, user.uid, user.gid)
+            # ours last: a configured override must not reopen /tmp or hand the agent a key
+            overrides = [*self.config_overrides, *sandbox_overrides([dirs.home, dirs.tmp])]
+            argv = build_codex_argv(request, self.codex_bin, last_message_path, schema_path, overrides)
+            if user is None:
+                result = await self._run_process(
+                    request, argv, env, last_message_path, started, dirs.codex_home
+                )
+            else:
+                result = await self._run_as(user, request, argv, env, last_message_path, started, dirs)
+            save_sessions(dirs.codex_home, source, result.thread_id)
         return result
 
     async def _run_process(
@@ -351,6 +533,7 @@ class CodexEngine:
         env: dict[str, str],
         last_message_path: Path,
         started: float,
+        run_codex_home: Path | None = None,
     ) -> EngineResult:
         if not request.workdir.is_dir():
             return EngineResult(
@@ -363,7 +546,8 @@ class CodexEngine:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                # the prompt goes in on stdin ("-"), then EOF: codex never waits on an open pipe
+                stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
@@ -387,9 +571,11 @@ class CodexEngine:
         parser = CodexEventParser()
         stderr_tail = _Tail(STDERR_TAIL_BYTES)
         assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdin is not None
         readers = [
             asyncio.create_task(self._read_stdout(proc.stdout, parser)),
             asyncio.create_task(self._read_stderr(proc.stderr, stderr_tail)),
+            asyncio.create_task(self._write_stdin(proc.stdin, request.prompt.encode("utf-8"))),
         ]
         timed_out = False
         try:
@@ -436,8 +622,14 @@ class CodexEngine:
             structured, parse_error = parse_json_reply(final_message)
 
         resumed = request.resume_thread_id is not None
-        if parsed.usage is not None:
-            thread_usage = parsed.usage
+        recorded = parsed.usage
+        if recorded is None and run_codex_home is not None:
+            # stopped before turn.completed (timeout, failure): what codex recorded was billed
+            recorded = usage_from_sessions(
+                run_codex_home, parsed.thread_id or request.resume_thread_id
+            )
+        if recorded is not None:
+            thread_usage = recorded
             usage = turn_usage(thread_usage, request.previous_usage, resumed)
         else:
             # No turn.completed: nothing billed that we can see this turn.
@@ -457,6 +649,33 @@ class CodexEngine:
             error=error,
             duration_s=time.monotonic() - started,
         )
+
+    async def _run_as(
+        self,
+        user: EngineUser,
+        request: EngineRequest,
+        argv: list[str],
+        env: dict[str, str],
+        last_message_path: Path,
+        started: float,
+        dirs: RunDirs,
+    ) -> EngineResult:
+        """One run as `user`: the worktree is theirs for the run, the bot's again afterwards.
+
+        `.git` stays the bot's: the link the bot checks before each git command is never
+        writable by the agent's account.
+        """
+        workdir = request.workdir
+        me_uid, me_gid = os.geteuid(), os.getegid()
+        if workdir.is_dir():
+            await asyncio.to_thread(chown_tree, workdir, user.uid, user.gid, skip=frozenset({".git"}))
+        try:
+            return await self._run_process(
+                request, user.argv_prefix() + argv, env, last_message_path, started, dirs.codex_home
+            )
+        finally:
+            if workdir.is_dir():
+                await asyncio.to_thread(chown_tree, workdir, me_uid, me_gid)
 
     async def _stop(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM the whole process group, then SIGKILL it after the grace period."""
@@ -481,6 +700,16 @@ class CodexEngine:
             if not line:
                 return
             parser.feed(line)
+
+    @staticmethod
+    async def _write_stdin(stream: asyncio.StreamWriter, data: bytes) -> None:
+        # A codex that exits early (bad flag, killed) closes its end: not our error to report.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            stream.write(data)
+            await stream.drain()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            stream.close()
+            await stream.wait_closed()
 
     @staticmethod
     async def _read_stderr(stream: asyncio.StreamReader, tail: _Tail) -> None:

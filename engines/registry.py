@@ -50,6 +50,7 @@ def default_registry(
     codex_home: str | None = None,
     scripted_script: Path | None = None,
     extra_env_allow: Iterable[str] = (),
+    engine_user: str | None = None,
 ) -> EngineRegistry:
     """The codex and scripted engines, configured from plain settings values.
 
@@ -58,7 +59,9 @@ def default_registry(
     """
     return EngineRegistry(
         [
-            CodexEngine(codex_bin, codex_home=codex_home, env_allow=extra_env_allow),
+            CodexEngine(
+                codex_bin, codex_home=codex_home, env_allow=extra_env_allow, run_as=engine_user
+            ),
             ScriptedEngine(scripted_script),
         ]
     )

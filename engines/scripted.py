@@ -304,8 +304,14 @@ class ScriptedEngine:
             return _Reply(message="", usage=usage, fail=fill(str(call["fail"]), context))
 
         if request.phase == "decompose":
-            text = call.get("text", call.get("content", "# {title}\n"))
-            return _Reply(message=fill(str(text), context), usage=usage)
+            if "raw" in call:  # a reply exactly as written (a chat answer instead of the JSON)
+                return _Reply(message=fill(str(call["raw"]), context), usage=usage)
+            text = fill(str(call.get("text", call.get("content", "# {title}\n"))), context)
+            if request.output_schema is None:
+                return _Reply(message=text, usage=usage)
+            # asked for the decompose schema: the file's content as JSON, like a model would
+            data = {"content": text}
+            return _Reply(message=json.dumps(data), usage=usage, structured=data)
 
         if request.phase == "qa":
             key = (protocol, str(context.get("slug", context.get("step_index", ""))))

@@ -1,6 +1,7 @@
 """The git layer: cached mirrors, per-protocol worktrees and the git operations jobs need."""
 
 from bot.git.cache import GitCache, Worktree, remote_ref
+from bot.git.guard import GitLinkError, GitRefused
 from bot.git.names import (
     check_branch_name,
     normalize_remote,
@@ -11,6 +12,7 @@ from bot.git.names import (
 )
 from bot.git.ops import (
     CommitInfo,
+    SecretLeak,
     StatusEntry,
     commit_all,
     has_commit_with_trailer,
@@ -43,8 +45,11 @@ __all__ = [
     "CommitInfo",
     "GitCache",
     "GitCommandFailed",
+    "GitLinkError",
+    "GitRefused",
     "GitResult",
     "GitTimeout",
+    "SecretLeak",
     "StatusEntry",
     "Worktree",
     "build_git_argv",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.errors import GitError
+from bot.git.guard import GitLinkError, check_worktree_link
 from bot.git.locks import mirror_lock
 from bot.git.names import check_branch_name, normalize_remote, safe_repo_name
 from bot.git.runner import Auth, run_git
@@ -315,6 +316,12 @@ class GitCache:
     async def _inspect(self, path: Path, mirror: Path) -> tuple[str, str] | None:
         """(HEAD sha, HEAD symref) of a complete worktree of this mirror, else None."""
         if not _looks_complete(path, mirror):
+            return None
+        try:
+            check_worktree_link(path, mirror)
+        except GitLinkError as exc:
+            # Tampered with (by the agent, or a crash): rebuilt from the pushed branch, never used.
+            log.warning("%s", exc)
             return None
         res = await run_git(
             ["rev-parse", "--show-toplevel", "HEAD", "--symbolic-full-name", "HEAD"],

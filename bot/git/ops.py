@@ -11,14 +11,30 @@ from pathlib import Path
 
 from bot.errors import GitError
 from bot.git.cache import LOCAL_TIMEOUT, NETWORK_TIMEOUT, REMOTE_PREFIX, remote_ref
+from bot.git.guard import GitRefused
 from bot.git.locks import mirror_lock
 from bot.git.names import check_branch_name, normalize_remote, parse_protocol_number
-from bot.git.runner import Auth, run_git
+from bot.git.runner import Auth, resolve_auth, run_git, secrets_of
+from bot.secrets_scan import Finding, SecretScanner, process_scanner
 
 StrPath = str | os.PathLike[str]
 PROTOCOLS_DIR = ".protocols"
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _MISSING_PATH = re.compile(r"does not exist in|exists on disk, but not in|bad file")
+
+
+class SecretLeak(GitRefused):
+    """A push was refused: the commits to push hold a secret. Names files, never values."""
+
+    def __init__(self, findings: list[Finding]) -> None:
+        self.findings = findings
+        places = sorted({f.where for f in findings})
+        kinds = sorted({f.kind for f in findings})
+        shown = ", ".join(places[:10]) + (f" and {len(places) - 10} more" if len(places) > 10 else "")
+        super().__init__(
+            f"push blocked: {' / '.join(kinds)} found in {shown}; nothing was pushed and the "
+            "commits were dropped from the worktree"
+        )
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,14 @@ async def push(
     ref = remote_ref(branch)
     url = normalize_remote(remote_url)
     sha = await head_sha(worktree)
+    # Nothing secret leaves: what the agent wrote (or echoed into a report) is pushed only
+    # after a scan for every secret this process holds, the push's own credential included.
+    # the header is asked for once, right before the push (fresh), and scanned for too
+    header = await resolve_auth(auth_header)
+    findings = await outgoing_findings(worktree, process_scanner(secrets_of(header)))
+    if findings:
+        await _drop_outgoing(worktree)
+        raise SecretLeak(findings)
     args = ["push", "--quiet", "--no-verify", "--porcelain"]
     if force_with_lease:
         # The lease is what we last saw of the remote branch; nothing seen = it must not exist.
@@ -114,7 +138,7 @@ async def push(
     await run_git(
         args,
         cwd=worktree,
-        auth_header=auth_header,
+        auth_header=header,
         timeout=NETWORK_TIMEOUT,
         remote=url,
         credential_hosts=credential_hosts,
@@ -127,6 +151,61 @@ async def push(
         async with mirror_lock(mirror):
             await run_git(["update-ref", ref, sha], cwd=mirror, timeout=LOCAL_TIMEOUT)
     return sha
+
+
+# The commits a push would send: reachable from HEAD, not from anything the remote had.
+_OUTGOING = ["HEAD", "--not", f"--glob={REMOTE_PREFIX}*", "--"]
+
+
+async def outgoing_findings(worktree: StrPath, scanner: SecretScanner) -> list[Finding]:
+    """Secrets in the commits HEAD has that the remote had not: added lines, paths, messages."""
+    res = await run_git(
+        ["-c", "core.quotePath=false", "log", "-p", "--text", "--no-ext-diff", "--no-textconv",
+         "--no-color", "--no-renames", "--format=%x00%H%n%B%x00", *_OUTGOING],
+        cwd=worktree,
+        timeout=LOCAL_TIMEOUT,
+    )  # fmt: skip
+    return scan_log_patch(res.stdout.decode("utf-8", "replace"), scanner)
+
+
+def scan_log_patch(text: str, scanner: SecretScanner) -> list[Finding]:
+    """Findings in `git log -p --format=%x00%H%n%B%x00` output (pure)."""
+    added: dict[str, list[str]] = {}
+    findings: list[Finding] = []
+    parts = text.split("\0")
+    # parts: [diff-before-first, sha+message, diff, sha+message, diff, ...]
+    for n, part in enumerate(parts):
+        if n % 2 == 1:
+            sha, _, message = part.partition("\n")
+            findings += scanner.scan(message, f"the message of commit {sha[:12]}")
+            continue
+        current: str | None = None
+        for line in part.splitlines():
+            if line.startswith("diff --git "):
+                current = line.split(" b/", 1)[-1] if " b/" in line else line[len("diff --git ") :]
+                added.setdefault(current, [current])  # the path itself may carry a secret
+            elif line.startswith("+++ ") or line.startswith("--- "):
+                continue
+            elif line.startswith("+") and current is not None:
+                added[current].append(line[1:])
+    for path, lines in added.items():
+        # Joined without newlines too: `base64` wraps its output at 76 columns.
+        kinds = set(scanner.kinds_in("\n".join(lines))) | set(scanner.kinds_in("".join(lines)))
+        findings += [Finding(kind, path) for kind in sorted(kinds)]
+    return findings
+
+
+async def _drop_outgoing(worktree: StrPath) -> None:
+    """Reset the worktree to where the outgoing commits started, so no retry can push them."""
+    res = await run_git(
+        ["rev-list", "--reverse", *_OUTGOING], cwd=worktree, timeout=LOCAL_TIMEOUT
+    )
+    commits = res.out.split()
+    if not commits:
+        return
+    parent = await _resolve(worktree, f"{commits[0]}^")
+    if parent is not None:
+        await run_git(["reset", "--hard", "--quiet", parent], cwd=worktree, timeout=LOCAL_TIMEOUT)
 
 
 async def _resolve(repo: StrPath, rev: str) -> str | None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from bot.errors import GitError
 from bot.git.credentials import is_network_url, may_send_credentials
+from bot.git.guard import HARDENING_CONFIG, HARDENING_DEFAULTS, guard_git_cwd, sanitize_git_env
+from bot.secrets_scan import register_secrets
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +84,14 @@ def build_git_argv(
     cwd: str | os.PathLike[str] | None = None,
     config: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """The full command line: `git [-C cwd] [-c k=v]... args`. Never put secrets in `config`."""
+    """The full command line: `git [-C cwd] [-c k=v]... args`. Never put secrets in `config`.
+
+    The hardening overrides come last so no caller's `config` can turn hooks or fsmonitor on.
+    """
     argv = [GIT]
     if cwd is not None:
         argv += ["-C", os.fspath(cwd)]
-    for key, value in (config or {}).items():
+    for key, value in {**HARDENING_DEFAULTS, **(config or {}), **HARDENING_CONFIG}.items():
         argv += ["-c", f"{key}={value}"]
     argv += list(args)
     return argv
@@ -104,7 +109,7 @@ def build_git_env(
     by our own user while the command line is world-readable, and env config is never written to
     any config file.
     """
-    env = {k: v for k, v in base.items() if k not in _STRIPPED_ENV}
+    env = {k: v for k, v in sanitize_git_env(base).items() if k not in _STRIPPED_ENV}
     env.update(extra or {})
     env["GIT_TERMINAL_PROMPT"] = "0"
     env["LC_ALL"] = "C"
@@ -201,8 +206,10 @@ async def run_git(
 
     `auth_header` goes only with a command whose `remote` is an http(s) URL on one of
     `credential_hosts`; a local path gets no header (there is nobody to send it to), and any
-    other network remote is refused before git starts.
+    other network remote is refused before git starts. In a cache worktree the `.git` link is
+    checked first (GitLinkError when tampered with).
     """
+    await guard_git_cwd(cwd)
     # ask the provider at the last moment: a token fetched before a long engine run expires
     auth_header = await resolve_auth(auth_header)
     if auth_header is not None:
@@ -214,6 +221,9 @@ async def run_git(
     full_env = build_git_env(os.environ, auth_header=auth_header, extra=env)
     limit = DEFAULT_TIMEOUT if timeout is None else timeout
     secrets = secrets_of(auth_header)
+    # every credential git is handed is remembered, so a push scan or a redaction later finds
+    # it in what the agent wrote, even after the forge has minted the next one
+    register_secrets(secrets)
     shown = [redact(a, secrets) for a in argv]
     started = time.monotonic()
     try:

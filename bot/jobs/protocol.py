@@ -14,6 +14,7 @@ from arq import Retry
 from bot import gitops
 from bot.ci import complete_after_qa, has_ci
 from bot.ci_gate import hold_for_ci
+from bot.engine_guard import cap_report, decompose_schema, decomposed_content, sanitize_result
 from bot.errors import EngineError, LockBusy, SpecError, TransitionConflict
 from bot.feedback import open_or_update_pr, publish_status, react_done, report_check
 from bot.jobs.common import count_job
@@ -23,8 +24,8 @@ from bot.observability import log_context
 from bot.policies import (
     budget_check_after_step,
     budget_check_before_step,
+    explain_verdict,
     loop_decision,
-    parse_verdict,
     qa_decision,
     trigger_decisions,
 )
@@ -192,7 +193,8 @@ async def run_engine(
     )
     with log_context(protocol_run_id=state.run.id, step_run_id=step.id if step else None):
         log.info("engine %s (%s, model %s) starting", engine_id, phase, model)
-        result: EngineResult = await engine.run(request)
+        # redacted and capped before anything stores, commits or publishes it
+        result: EngineResult = sanitize_result(await engine.run(request))
     await add_tokens(ctx["db"], state.run.id, step.id if step else None, result.usage.total)
     await emit(
         ctx["db"],
@@ -298,9 +300,14 @@ async def _plan(ctx: dict[str, Any], run_id: int) -> str:
             settings.bot_name,
             settings.bot_email,
         )
-    head = await gitops.push(
-        workdir, name, state.project.git_url, auth, credential_hosts=ctx["git"].credential_hosts
-    )
+    try:
+        head = await gitops.push(
+            workdir, name, state.project.git_url, auth, credential_hosts=ctx["git"].credential_hosts
+        )
+    except gitops.GitRefused as exc:
+        await set_protocol_status(db, run_id, "failed", str(exc), runtime_state={"message": str(exc)})
+        await publish_status(ctx, run_id, f"Planning failed: {exc}")
+        return "failed"
     await update_run(
         db,
         run_id,
@@ -430,14 +437,17 @@ async def _planning_calls(
             step_spec=step_spec,
             spec=spec,
             sandbox="read-only",
+            output_schema=decompose_schema(),
             context={
                 "step_index": step_spec.index,
                 "slug": step_spec.slug,
                 "title": step_spec.title,
             },
         )
-        if detail.ok and detail.final_message.strip():
-            details[step_spec.index] = detail.final_message.strip() + "\n"
+        # only the schema's JSON replaces the planned step; chat text never does
+        content = decomposed_content(detail)
+        if content is not None:
+            details[step_spec.index] = content
     return spec, planning, details
 
 
@@ -471,7 +481,7 @@ async def execute_step(
         async with protocol_lock(ctx["redis"], protocol_run_id):
             try:
                 outcome = await _execute(ctx, protocol_run_id, step_index)
-            except SpecError as exc:  # a repository prompt override that does not render
+            except (SpecError, gitops.GitRefused) as exc:  # bad prompt override; leak, bad .git
                 outcome = await _fail_step(ctx, protocol_run_id, step_index, str(exc))
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
@@ -870,7 +880,7 @@ async def run_quality(
         async with protocol_lock(ctx["redis"], protocol_run_id):
             try:
                 outcome = await _quality(ctx, protocol_run_id, step_index)
-            except SpecError as exc:
+            except (SpecError, gitops.GitRefused) as exc:
                 outcome = await _fail_step(ctx, protocol_run_id, step_index, str(exc))
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
@@ -932,8 +942,12 @@ async def _quality(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
             "qa_attempt": attempts,
         },
     )
-    verdict = parse_verdict(result.final_message) if result.ok else "FAIL"
-    report = f"# Quality report — step {step_index:02d}: {step_spec.title}\n\n{result.final_message.strip() or result.error or ''}\n"
+    verdict, why = (
+        explain_verdict(result.final_message) if result.ok else ("FAIL", f"engine {result.outcome}")
+    )
+    report = cap_report(
+        f"# Quality report — step {step_index:02d}: {step_spec.title}\n\n{result.final_message.strip() or result.error or ''}\n"
+    )
     (root / QA_REPORT).write_text(report)
     sha = await gitops.commit_all(
         workdir,
@@ -961,7 +975,8 @@ async def _quality(ctx: dict[str, Any], run_id: int, step_index: int) -> str:
         "qa_commit": sha,
     }
     await update_step(db, step.id, runtime_state=rs)
-    await emit(db, state, "qa.verdict", f"step {step_index:02d}: {verdict}", step, verdict=verdict)
+    shown = f"step {step_index:02d}: {verdict}" + ("" if why.startswith("VERDICT: ") else f" ({why})")
+    await emit(db, state, "qa.verdict", shown, step, verdict=verdict, reason=why)
     if verdict == "PASS":
         gate = await complete_after_qa(ctx, run_id, step_index)  # CI gate (bot/ci_gate.py)
         await report_check(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bot import gitops
+from bot.engine_guard import sanitize_result
 from bot.errors import DeksdenFlowError, EngineError
 from bot.forge.base import Forge, IssueRef, PullRef
 from bot.git.cache import remote_ref
@@ -77,7 +78,7 @@ async def run_discovery(
         timeout_s=settings.engine_timeout_s,
         context={"repo": repo, "base_branch": base_branch, "task": "CI discovery", "protocol": "setup"},
     )
-    result: EngineResult = await engine.run(request)
+    result: EngineResult = sanitize_result(await engine.run(request))
     if project is not None:
         await record_event(
             ctx["db"],

@@ -12,6 +12,7 @@ from bot.policies import (
     budget_check_before_step,
     ci_decision,
     ci_fingerprint,
+    explain_verdict,
     loop_decision,
     parse_verdict,
     qa_decision,
@@ -60,27 +61,39 @@ def test_qa_decision(policy: str, auto: bool, status: str, run_qa: bool) -> None
     [
         ("All good.\nVERDICT: PASS", "PASS"),
         ("VERDICT: FAIL", "FAIL"),
-        ("**VERDICT: PASS**", "PASS"),
-        ("**VERDICT:** PASS", "PASS"),
-        ("`VERDICT: PASS`", "PASS"),
-        ("  VERDICT :  PASS  ", "PASS"),
-        ("Verdict: pass", "PASS"),
-        ("## VERDICT: PASS", "PASS"),
-        ("VERDICT: PASS.", "PASS"),
         ("VERDICT: PASS\r\n", "PASS"),
-        ("VERDICT: PASS\n\nThanks for reading.", "PASS"),  # last matching line, not last line
-        ("VERDICT: PASS\n...\nVERDICT: FAIL", "FAIL"),
+        ("VERDICT: PASS  \n\n\n", "PASS"),
+        ("Report\n```\nlog\n```\n\nVERDICT: PASS", "PASS"),
         ("VERDICT: FAIL\n...\nVERDICT: PASS", "PASS"),
+        ("VERDICT: PASS\n...\nVERDICT: FAIL", "FAIL"),
+        # anything else is FAIL: decoration, quotes, fences, retractions, near misses
+        ("**VERDICT: PASS**", "FAIL"),
+        ("`VERDICT: PASS`", "FAIL"),
+        ("> VERDICT: PASS", "FAIL"),
+        ("## VERDICT: PASS", "FAIL"),
+        ("  VERDICT: PASS", "FAIL"),
+        ("Verdict: pass", "FAIL"),
+        ("VERDICT: PASS.", "FAIL"),
+        ("Broken build.\n```\nVERDICT: PASS\n```", "FAIL"),
+        ("Broken build.\n```text\nVERDICT: PASS", "FAIL"),  # an unclosed fence
+        ("~~~\nVERDICT: PASS\n~~~", "FAIL"),
+        ("VERDICT: PASS\n\nActually no: the tests fail. I retract that.", "FAIL"),
+        ("VERDICT: PASS\n\nThanks for reading.", "FAIL"),
         ("", "FAIL"),
         ("Looks great, ship it!", "FAIL"),
         ("VERDICT: PASS or FAIL", "FAIL"),
         ("VERDICT: MAYBE", "FAIL"),
-        ("The VERDICT: PASS is mine", "FAIL"),
         ("VERDICT PASS", "FAIL"),
     ],
 )
 def test_parse_verdict(text: str, verdict: str) -> None:
     assert parse_verdict(text) == verdict
+    got, why = explain_verdict(text)
+    assert got == verdict
+    if text.strip().endswith("VERDICT: FAIL") and verdict == "FAIL":
+        assert why == "VERDICT: FAIL"
+    elif verdict == "FAIL":
+        assert why == "no verdict"
 
 
 LOOP = LoopSpec(max_iterations=2, back_to=1, skip_steps=(2,), on="qa_fail")

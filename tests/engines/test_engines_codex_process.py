@@ -40,7 +40,7 @@ def ok(text="scripted reply"):
 
 
 if mode == "envdump":
-    stdin = sys.stdin.read()  # must be /dev/null: returns at once
+    stdin = sys.stdin.read()  # the prompt, then EOF
     schema = None
     if "--output-schema" in argv:
         schema = json.load(open(argv[argv.index("--output-schema") + 1]))
@@ -102,7 +102,9 @@ def make_request(workdir: Path, mode: str, dump: Path | None = None, **kw: objec
     return EngineRequest(prompt="hello", workdir=workdir, phase="execute", env=env, **kw)  # type: ignore[arg-type]
 
 
-async def test_child_env_is_scrubbed_and_stdin_is_devnull(tmp_path: Path, fake_bin: Path) -> None:
+async def test_child_env_is_scrubbed_and_the_prompt_comes_on_stdin(
+    tmp_path: Path, fake_bin: Path
+) -> None:
     base_env = {
         "PATH": os.environ["PATH"],
         "HOME": str(tmp_path),
@@ -140,11 +142,19 @@ async def test_child_env_is_scrubbed_and_stdin_is_devnull(tmp_path: Path, fake_b
     assert leaked == set()
     assert "REDIS_URL" not in child_env
     assert child_env["CODEX_API_KEY"] == "sk-test"
-    assert child_env["CODEX_HOME"] == str(tmp_path / "home")
+    # a per-run CODEX_HOME, HOME and TMPDIR in the run's scratch dir, gone afterwards
+    run_home = Path(child_env["CODEX_HOME"])
+    assert run_home.name == "codex-home" and run_home != tmp_path / "home"
+    assert Path(child_env["HOME"]) == run_home.parent / "home"
+    assert Path(child_env["TMPDIR"]) == run_home.parent / "tmp"
+    assert not run_home.parent.exists()
     assert (tmp_path / "home").is_dir()
     assert child_env["PROVIDER_KEY"] == "pk"
     assert child_env["LC_ALL"] == "C.UTF-8"
-    assert seen["stdin"] == ""
+    assert seen["stdin"] == "hello"
+    assert seen["argv"][-1] == "-"
+    assert "sandbox_workspace_write.exclude_slash_tmp=true" in seen["argv"]
+    assert "sandbox_workspace_write.exclude_tmpdir_env_var=true" in seen["argv"]
     assert Path(seen["cwd"]) == tmp_path
     assert seen["schema"] == {"type": "object", "required": ["answer"]}
     assert seen["argv"][seen["argv"].index("-m") + 1] == "gpt-5.5"

@@ -50,8 +50,9 @@ def test_argv_fresh_turn(tmp_path: Path) -> None:
     assert argv == [
         "codex", "exec", "--json", "-C", str(tmp_path), "--sandbox", "workspace-write",
         "-o", "/t/last.txt", "-c", "analytics.enabled=false", "--disable", "plugins",
-        "--", "Do it",
+        "-",
     ]  # fmt: skip
+    assert "Do it" not in argv  # the prompt goes through stdin
 
 
 def test_argv_with_model_schema_and_overrides(tmp_path: Path) -> None:
@@ -69,14 +70,14 @@ def test_argv_with_model_schema_and_overrides(tmp_path: Path) -> None:
     assert argv[argv.index("--output-schema") + 1] == "/t/schema.json"
     assert 'model_reasoning_effort="low"' in argv
     assert "resume" not in argv
-    assert argv[-2:] == ["--", "Do it"]
+    assert argv[-1] == "-"
 
 
 def test_argv_resume_puts_options_before_resume(tmp_path: Path) -> None:
     req = request(tmp_path, model="m", resume_thread_id="thread-1", prompt="-fix the JSON")
     argv = build_codex_argv(req, "codex", Path("/t/l"), None)
     resume_at = argv.index("resume")
-    assert argv[resume_at:] == ["resume", "thread-1", "--", "-fix the JSON"]
+    assert argv[resume_at:] == ["resume", "thread-1", "-"]
     for flag in ("-C", "--sandbox", "-m", "-o", "--json", "--disable"):
         assert argv.index(flag) < resume_at
 

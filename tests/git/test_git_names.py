@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bot.errors import GitError
@@ -16,6 +18,7 @@ from bot.git import (
     safe_repo_name,
     slugify,
 )
+from bot.git.guard import HARDENING_CONFIG
 
 
 @pytest.mark.parametrize(
@@ -82,7 +85,15 @@ def test_safe_repo_name_is_stable_and_distinct() -> None:
 
 def test_build_argv_is_pure_and_carries_no_env() -> None:
     argv = build_git_argv(["fetch", "origin"], cwd="/m", config={"a.b": "c"})
-    assert argv == ["git", "-C", "/m", "-c", "a.b=c", "fetch", "origin"]
+    assert argv[:3] == ["git", "-C", "/m"] and argv[-2:] == ["fetch", "origin"]
+    pairs = argv[3:-2]
+    assert pairs[::2] == ["-c"] * (len(pairs) // 2)
+    assert "a.b=c" in pairs[1::2]
+    # the hardening comes last, so a caller's config cannot turn hooks or fsmonitor back on
+    hardened = build_git_argv(["status"], config={"core.hooksPath": "/x", "core.fsmonitor": "true"})
+    values = hardened[2:-1:2]
+    assert values[-len(HARDENING_CONFIG) :] == [f"{k}={v}" for k, v in HARDENING_CONFIG.items()]
+    assert "core.hooksPath=/dev/null" in values and "core.fsmonitor=false" in values
 
 
 def test_build_env_puts_header_in_env_only() -> None:
@@ -91,6 +102,7 @@ def test_build_env_puts_header_in_env_only() -> None:
     assert env["GIT_TERMINAL_PROMPT"] == "0"
     assert env["LC_ALL"] == "C"
     assert "GIT_DIR" not in env
+    assert env["GIT_CONFIG_NOSYSTEM"] == "1" and env["GIT_CONFIG_GLOBAL"] == os.devnull
     assert env["GIT_CONFIG_KEY_0"] == "http.extraheader"
     assert env["GIT_CONFIG_VALUE_0"] == "Authorization: Bearer s3cret"
     assert env["GIT_CONFIG_COUNT"] == "2"

@@ -83,7 +83,7 @@ async def test_codex_plans_executes_and_passes_qa(
     server = fake_codex.server
     server.enqueue(
         final(json.dumps(PLAN), input_tokens=300, output_tokens=40),  # planning
-        final(DETAIL, input_tokens=200, output_tokens=30),  # decompose step 01
+        final(json.dumps({"content": DETAIL}), input_tokens=200, output_tokens=30),  # decompose step 01
         tool_then(  # execute: one apply_patch, then the final message
             apply_patch_call(add_file_patch("greeting.txt", "Hello, world!")),
             input_tokens=120,
@@ -196,7 +196,7 @@ async def test_codex_planning_repair_counts_only_the_turns_own_tokens(
     fake_codex.server.enqueue(
         final('{"title": "missing everything"}', input_tokens=300, output_tokens=40),
         final(json.dumps(PLAN), input_tokens=500, output_tokens=60),  # the repair turn
-        final(DETAIL, input_tokens=200, output_tokens=30),
+        final(json.dumps({"content": DETAIL}), input_tokens=200, output_tokens=30),
     )
     run_id = await h.start(TASK)
     state = await h.state(run_id)
