@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     worker_poll_delay_s: float = Field(default=0.05, gt=0)
     job_timeout_s: int = Field(default=3600, ge=1)
 
+    # commands and faults (issue 20)
+    command_prefix: str = Field(default="/", min_length=1, max_length=16)
+    reply_rate_limit: int = Field(default=10, ge=0)  # bot replies per user and repository …
+    reply_rate_window_s: int = Field(default=600, ge=1)  # … per this many seconds; 0 = no limit
+    delivery_lease_s: float = Field(default=30.0, gt=0)
+
     # logs
     log_json: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
