@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
 import orjson
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -41,15 +41,37 @@ class _Pending:
 
 
 def split_batch(items: Sequence[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
-    """First copy of each (provider, key) in the batch, and the later copies (duplicates)."""
+    """First copy of each delivery in the batch, and the later copies (duplicates).
+
+    A copy has the same (provider, delivery key) or the same (provider, semantic key).
+    """
     seen: set[tuple[str, str]] = set()
     firsts: list[_Pending] = []
     repeats: list[_Pending] = []
     for item in items:
-        ident = (item.delivery.provider, item.delivery.key)
-        (repeats if ident in seen else firsts).append(item)
+        d = item.delivery
+        ident = (d.provider, d.key)
+        semantic = ("\0" + d.provider, d.semantic_key) if d.semantic_key else None
+        if ident in seen or (semantic is not None and semantic in seen):
+            repeats.append(item)
+            continue
+        firsts.append(item)
         seen.add(ident)
+        if semantic is not None:
+            seen.add(semantic)
     return firsts, repeats
+
+
+def first_of(repeat: IncomingDelivery, ids: dict[tuple[str, str], int], semantic: dict[tuple[str, str], int]) -> int:
+    """The row id a batch-internal duplicate shares with its first copy."""
+    found = ids.get((repeat.provider, repeat.key))
+    if found is None and repeat.semantic_key:
+        found = semantic.get((repeat.provider, repeat.semantic_key))
+    return found or 0
+
+
+# provider, delivery key, event, action, status, payload, headers JSON, semantic key
+_Row = tuple[str, str, str, str | None, str, str, str, str | None]
 
 
 class SqliteWriter:
@@ -69,9 +91,11 @@ class SqliteWriter:
     """
 
     _TABLE = WebhookDelivery.__tablename__
-    _COLUMNS = "provider, delivery_key, event, action, status, payload, headers, outcome, attempts, received_at"
-    _ROW = "(?, ?, ?, ?, ?, ?, ?, '{}', 0, ?)"
-    _CHUNK = 500  # rows per statement: 8 variables each, far under SQLite's 32766
+    _COLUMNS = (
+        "provider, delivery_key, event, action, status, payload, headers, semantic_key, outcome, attempts, received_at"
+    )
+    _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, '{}', 0, ?)"
+    _CHUNK = 500  # rows per statement: 9 variables each, far under SQLite's 32766
 
     CHECKPOINT_EVERY_S = 0.5
 
@@ -91,7 +115,7 @@ class SqliteWriter:
         self._datetime = WebhookDelivery.__table__.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
 
     async def write(self, items: Sequence[_Pending]) -> Stored:
-        rows: list[tuple[str, str, str, str | None, str, str, str]] = [
+        rows: list[_Row] = [
             (
                 p.delivery.provider,
                 p.delivery.key,
@@ -100,21 +124,22 @@ class SqliteWriter:
                 p.status,
                 p.delivery.body,
                 orjson.dumps(p.delivery.headers).decode(),
+                p.delivery.semantic_key,
             )
             for p in items
         ]
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._write, rows)
 
-    def _ids(self, cur: sqlite3.Cursor, provider: str, keys: Sequence[str]) -> dict[str, int]:
-        """{delivery_key: id} of the stored keys among `keys`, via the unique index."""
+    def _ids(self, cur: sqlite3.Cursor, provider: str, column: str, keys: Sequence[str]) -> dict[str, int]:
+        """{key: id} of the stored keys among `keys` in `column` (delivery_key or semantic_key)."""
         found: dict[str, int] = {}
         for i in range(0, len(keys), self._CHUNK):
             chunk = keys[i : i + self._CHUNK]
             marks = ", ".join("?" * len(chunk))
             # one aggregated row instead of one step (and one GIL round trip) per key
             (pairs,) = cur.execute(
-                f"SELECT json_group_array(json_array(delivery_key, id)) FROM {self._TABLE}"
-                f" WHERE provider = ? AND delivery_key IN ({marks})",
+                f"SELECT json_group_array(json_array({column}, id)) FROM {self._TABLE}"
+                f" WHERE provider = ? AND {column} IN ({marks})",
                 (provider, *chunk),
             ).fetchone()
             found.update((key, int(row_id)) for key, row_id in json.loads(pairs))
@@ -138,7 +163,7 @@ class SqliteWriter:
             self._last_checkpoint = now
             self._checkpointer.submit(self._checkpoint)
 
-    def _write(self, rows: list[tuple[str, str, str, str | None, str, str, str]]) -> Stored:
+    def _write(self, rows: list[_Row]) -> Stored:
         if self._conn is None:
             self._conn = connect_sqlite(self.path)
             self._conn.execute("PRAGMA wal_autocheckpoint=0")  # see _checkpoint
@@ -155,7 +180,8 @@ class SqliteWriter:
                 # so the rows it added got consecutive ids.
                 cur.execute(
                     f"INSERT INTO {self._TABLE} ({self._COLUMNS}) VALUES {', '.join([self._ROW] * len(chunk))}"
-                    " ON CONFLICT (provider, delivery_key) DO NOTHING",
+                    # either unique key: the delivery id, or the semantic key of a replay
+                    " ON CONFLICT DO NOTHING",
                     [value for row in chunk for value in (*row, received)],
                 )
                 inserted = cur.rowcount
@@ -164,14 +190,27 @@ class SqliteWriter:
                     out.extend((first_new + n, True) for n in range(len(chunk)))
                     continue
                 # Some keys were stored before: look their ids up (rows are never re-keyed,
-                # so reading after the commit is as good as inside it).
+                # so reading after the commit is as good as inside it). The batch holds no two
+                # rows with one key (split_batch), so a row found by its own keys at or past
+                # `first_new` is one this statement inserted.
                 by_provider: dict[str, list[str]] = {}
+                by_semantic: dict[str, list[str]] = {}
                 for row in chunk:
                     by_provider.setdefault(row[0], []).append(row[1])
-                ids = {(p, k): i for p, keys in by_provider.items() for k, i in self._ids(cur, p, keys).items()}
+                    if row[7]:
+                        by_semantic.setdefault(row[0], []).append(row[7])
+                ids = {
+                    (p, k): i for p, keys in by_provider.items() for k, i in self._ids(cur, p, "delivery_key", keys).items()
+                }
+                semantic = {
+                    (p, k): i for p, keys in by_semantic.items() for k, i in self._ids(cur, p, "semantic_key", keys).items()
+                }
                 for row in chunk:
                     row_id = ids.get((row[0], row[1]), 0)
-                    out.append((row_id, inserted > 0 and row_id >= first_new))
+                    own = row_id >= first_new and semantic.get((row[0], row[7] or ""), row_id) == row_id
+                    if not row_id and row[7]:
+                        row_id = semantic.get((row[0], row[7]), 0)
+                    out.append((row_id, inserted > 0 and own))
         finally:
             cur.close()
         self._maybe_checkpoint()
@@ -312,9 +351,14 @@ class DeliveryStore:
                 to_enqueue.append(row_id)
             if not item.future.done():  # a waiter cancelled by a disconnect
                 item.future.set_result(("accepted" if inserted else "duplicate", row_id))
+        semantic = {
+            (item.delivery.provider, item.delivery.semantic_key): ids[(item.delivery.provider, item.delivery.key)]
+            for item in firsts
+            if item.delivery.semantic_key
+        }
         for item in repeats:
             if not item.future.done():
-                item.future.set_result(("duplicate", ids.get((item.delivery.provider, item.delivery.key), 0)))
+                item.future.set_result(("duplicate", first_of(item.delivery, ids, semantic)))
         return to_enqueue
 
     async def _commit_sqlalchemy(self, firsts: list[_Pending]) -> Stored:
@@ -332,6 +376,7 @@ class DeliveryStore:
                 "outcome": {},
                 "attempts": 0,
                 "received_at": now,
+                "semantic_key": p.delivery.semantic_key,
             }
             for p in firsts
         ]
@@ -339,26 +384,41 @@ class DeliveryStore:
         stmt = (
             insert_fn(WebhookDelivery)
             .values(rows)
-            .on_conflict_do_nothing(index_elements=["provider", "delivery_key"])
+            # either unique key: the delivery id, or the semantic key of a replay
+            .on_conflict_do_nothing()
             .returning(WebhookDelivery.id, WebhookDelivery.provider, WebhookDelivery.delivery_key)
         )
         async with self.db.engine.begin() as conn:
             inserted = {
                 (r.provider, r.delivery_key): r.id for r in (await conn.execute(stmt)).all()
             }
-            missing = {p.delivery.key for p in firsts if (p.delivery.provider, p.delivery.key) not in inserted}
+            left = [p.delivery for p in firsts if (p.delivery.provider, p.delivery.key) not in inserted]
             existing: dict[tuple[str, str], int] = {}
-            if missing:
+            by_semantic: dict[tuple[str, str], int] = {}
+            if left:
+                keys = {d.key for d in left}
+                semantic_keys = {d.semantic_key for d in left if d.semantic_key}
                 found = await conn.execute(
                     select(
-                        WebhookDelivery.id, WebhookDelivery.provider, WebhookDelivery.delivery_key
-                    ).where(WebhookDelivery.delivery_key.in_(missing))
+                        WebhookDelivery.id,
+                        WebhookDelivery.provider,
+                        WebhookDelivery.delivery_key,
+                        WebhookDelivery.semantic_key,
+                    ).where(
+                        or_(WebhookDelivery.delivery_key.in_(keys), WebhookDelivery.semantic_key.in_(semantic_keys))
+                    )
                 )
-                existing = {(r.provider, r.delivery_key): r.id for r in found.all()}
+                for r in found.all():
+                    existing[(r.provider, r.delivery_key)] = r.id
+                    if r.semantic_key:
+                        by_semantic[(r.provider, r.semantic_key)] = r.id
         out: Stored = []
         for p in firsts:
             ident = (p.delivery.provider, p.delivery.key)
-            out.append((inserted[ident], True) if ident in inserted else (existing.get(ident, 0), False))
+            if ident in inserted:
+                out.append((inserted[ident], True))
+            else:
+                out.append((first_of(p.delivery, existing, by_semantic), False))
         return out
 
 

@@ -112,3 +112,15 @@ def test_gitlab_quick_actions_are_never_answered() -> None:
     assert _answer_error(err, "write", True, "github", None)
     assert not _answer_error(err, "write", True, "gitlab", None)
     assert not _answer_error(err, "read", False, "github", None)
+
+
+def test_replayed_signed_plan_under_a_new_delivery_id_is_a_duplicate(gh: GitHubLoop) -> None:
+    gh.deliver("installation", gh.installation_created())
+    payload = gh.comment("/plan", comment_id=7777)
+    first = gh.post("issue_comment", payload)
+    gh.wait_idle(first["id"])
+    assert gh.call(_run_count, gh) == 1
+    replay = gh.post("issue_comment", payload)  # the same signed body, a fresh X-GitHub-Delivery
+    assert (replay["status"], replay["id"]) == ("duplicate", first["id"])
+    gh.wait_idle()
+    assert gh.call(_run_count, gh) == 1
