@@ -25,7 +25,7 @@ from bot.handlers.sansio import LowerCaseHeaders
 from bot.intake import DeliveryStore, relay_outbox
 from bot.jobs.common import JOB_METRICS_KEY
 from bot.observability import Metrics, configure_logging
-from bot.queue import create_redis, delivery_job, enqueue_many, queue_stats
+from bot.queue import JobSpec, create_redis, enqueue_many, queue_stats
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,8 @@ def create_app(
         state.redis = create_redis(settings)
         db, redis = state.db, state.redis
 
-        async def on_stored(ids: list[int]) -> None:
-            await enqueue_many(redis, [delivery_job(i) for i in ids])
+        async def on_stored(jobs: list[JobSpec]) -> None:
+            await enqueue_many(redis, jobs)
 
         state.store = DeliveryStore(db, on_stored, batch_max=settings.intake_batch_max)
         state.store.start()

@@ -22,6 +22,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from bot.db import Database, connect_sqlite, sqlite_file
 from bot.handlers.sansio import IncomingDelivery
 from bot.models import WebhookDelivery, utcnow
+from bot.queue import JobSpec, delivery_job
 
 if TYPE_CHECKING:
     from arq.connections import ArqRedis
@@ -240,7 +241,7 @@ class DeliveryStore:
     def __init__(
         self,
         db: Database,
-        on_stored: Callable[[list[int]], Awaitable[None]],
+        on_stored: Callable[[list[JobSpec]], Awaitable[None]],
         batch_max: int = 256,
         enqueue_interval_s: float = 0.02,
     ) -> None:
@@ -254,7 +255,7 @@ class DeliveryStore:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._followups: set[asyncio.Task[None]] = set()
-        self._enqueue_buffer: list[int] = []
+        self._enqueue_buffer: list[JobSpec] = []
         self._sqlite_path = sqlite_file(db)
         self._writer: SqliteWriter | None = None
 
@@ -325,30 +326,30 @@ class DeliveryStore:
             wait = self._last_enqueue + self.enqueue_interval_s - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
-            ids = self._enqueue_buffer[:]
+            jobs = self._enqueue_buffer[:]
             self._enqueue_buffer.clear()
             self._last_enqueue = loop.time()
-            await self._after_commit(ids)
+            await self._after_commit(jobs)
 
-    async def _after_commit(self, ids: list[int]) -> None:
+    async def _after_commit(self, ids: list[JobSpec]) -> None:
         try:
             await self.on_stored(ids)
         except Exception as exc:  # the outbox relay picks these up later
             log.warning("enqueue of %d stored deliveries failed (%s); the relay will retry", len(ids), exc)
 
-    async def _commit(self, batch: list[_Pending]) -> list[int]:
-        """Store the batch in one transaction, resolve every waiter, return ids to enqueue."""
+    async def _commit(self, batch: list[_Pending]) -> list[JobSpec]:
+        """Store the batch in one transaction, resolve every waiter, return the jobs to enqueue."""
         firsts, repeats = split_batch(batch)
         if self._writer is not None:
             stored = await self._writer.write(firsts)
         else:
             stored = await self._commit_sqlalchemy(firsts)
         ids: dict[tuple[str, str], int] = {}
-        to_enqueue: list[int] = []
+        to_enqueue: list[JobSpec] = []
         for item, (row_id, inserted) in zip(firsts, stored, strict=True):
             ids[(item.delivery.provider, item.delivery.key)] = row_id
             if inserted and item.status == "pending":
-                to_enqueue.append(row_id)
+                to_enqueue.append(delivery_job(row_id, item.delivery.provider, item.delivery.key))
             if not item.future.done():  # a waiter cancelled by a disconnect
                 item.future.set_result(("accepted" if inserted else "duplicate", row_id))
         semantic = {
@@ -422,14 +423,14 @@ class DeliveryStore:
         return out
 
 
-async def pending_delivery_ids(
+async def pending_deliveries(
     db: Database, older_than_s: float = 0.0, after_id: int = 0, limit: int = 500
-) -> list[int]:
-    """Deliveries stored but not yet taken by a worker (the outbox), oldest first."""
+) -> list[JobSpec]:
+    """Jobs for deliveries stored but not yet taken by a worker (the outbox), oldest first."""
     cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
     async with db.sessions() as session:
         result = await session.execute(
-            select(WebhookDelivery.id)
+            select(WebhookDelivery.id, WebhookDelivery.provider, WebhookDelivery.delivery_key, WebhookDelivery.attempts)
             .where(
                 WebhookDelivery.status == "pending",
                 WebhookDelivery.received_at <= cutoff,
@@ -438,7 +439,29 @@ async def pending_delivery_ids(
             .order_by(WebhookDelivery.id)
             .limit(limit)
         )
-        return [row[0] for row in result.all()]
+        return [delivery_job(r.id, r.provider, r.delivery_key, r.attempts) for r in result.all()]
+
+
+async def take_back_expired(db: Database) -> int:
+    """Expired `processing` leases back to `pending`: their worker died (or lost the database).
+
+    A live worker renews its lease while it works, so only a dead one's claim runs out; a row
+    left `processing` without a lease (from before leases existed) counts as expired.
+    """
+    async with db.sessions.begin() as session:
+        result = await session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.status == "processing",
+                or_(WebhookDelivery.lease_until.is_(None), WebhookDelivery.lease_until < utcnow()),
+            )
+            .values(status="pending", claimed_by=None, lease_until=None)
+            .execution_options(synchronize_session=False)
+        )
+        taken: int = result.rowcount  # type: ignore[attr-defined]
+    if taken:
+        log.warning("took back %d deliveries whose worker's lease expired", taken)
+    return taken
 
 
 async def mark_enqueued(db: Database, ids: Sequence[int]) -> None:
@@ -481,16 +504,60 @@ async def prune_deliveries(db: Database, older_than: datetime, batch: int = 5000
             return total
 
 
-async def relay_outbox(db: Database, redis: ArqRedis, older_than_s: float = 0.0) -> int:
-    """Enqueue stored-but-pending deliveries; arq job ids make a second relay a no-op."""
-    from bot.queue import delivery_job, enqueue_many
+async def _reissue_started(db: Database, redis: ArqRedis, jobs: list[JobSpec]) -> list[JobSpec]:
+    """New job ids for pending deliveries whose job already started or finished in Redis.
 
+    A pending row whose job is "in progress" or has a result was never claimed: its worker died
+    between taking the job and claiming the row (arq keeps that job's in-progress key for the
+    whole job timeout), or the job ended without getting to it. Re-enqueueing under the same id
+    would be refused, so the row's attempt counter moves on and names a fresh job; the claim
+    (a compare-and-set in the database) keeps a late original from running it a second time.
+    """
+    from arq.constants import in_progress_key_prefix, result_key_prefix
+
+    async with redis.pipeline(transaction=False) as pipe:
+        for job in jobs:
+            pipe.exists(in_progress_key_prefix + job.job_id, result_key_prefix + job.job_id)
+        started = await pipe.execute()
+    stale = [job for job, n in zip(jobs, started, strict=True) if n]
+    if not stale:
+        return jobs
+    ids = [int(job.kwargs["delivery_id"]) for job in stale]
+    async with db.sessions.begin() as session:
+        await session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id.in_(ids), WebhookDelivery.status == "pending")
+            .values(attempts=WebhookDelivery.attempts + 1)
+            .execution_options(synchronize_session=False)
+        )
+    log.warning("re-issuing %d pending deliveries whose job started but never claimed them", len(stale))
+    fresh = {job.job_id: job for job in await pending_deliveries_by_id(db, ids)}
+    return [job for job in jobs if job not in stale] + list(fresh.values())
+
+
+async def pending_deliveries_by_id(db: Database, ids: Sequence[int]) -> list[JobSpec]:
+    async with db.sessions() as session:
+        result = await session.execute(
+            select(WebhookDelivery.id, WebhookDelivery.provider, WebhookDelivery.delivery_key, WebhookDelivery.attempts)
+            .where(WebhookDelivery.id.in_(ids), WebhookDelivery.status == "pending")
+            .order_by(WebhookDelivery.id)
+        )
+        return [delivery_job(r.id, r.provider, r.delivery_key, r.attempts) for r in result.all()]
+
+
+async def relay_outbox(db: Database, redis: ArqRedis, older_than_s: float = 0.0) -> int:
+    """Enqueue stored-but-pending deliveries (and expired claims); job ids make a second relay a no-op."""
+    from bot.queue import enqueue_many
+
+    await take_back_expired(db)
     total = 0
     cursor = 0
     while True:
-        ids = await pending_delivery_ids(db, older_than_s=older_than_s, after_id=cursor)
-        if not ids:
+        jobs = await pending_deliveries(db, older_than_s=older_than_s, after_id=cursor)
+        if not jobs:
             return total
-        total += await enqueue_many(redis, [delivery_job(i) for i in ids])
+        jobs = await _reissue_started(db, redis, jobs)
+        total += await enqueue_many(redis, jobs)
+        ids = [int(job.kwargs["delivery_id"]) for job in jobs]
         await mark_enqueued(db, ids)
-        cursor = ids[-1]
+        cursor = max(ids)
