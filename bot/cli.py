@@ -21,7 +21,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     app = create_app(settings, demo_port=args.port if args.demo else None)
     print(f"DeksdenFlow serving on http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    from bot.serving import uvicorn_options
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, **uvicorn_options(settings))
     return 0
 
 

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     reply_rate_limit: int = Field(default=10, ge=0)  # bot replies per user and repository …
     reply_rate_window_s: int = Field(default=600, ge=1)  # … per this many seconds; 0 = no limit
     delivery_lease_s: float = Field(default=30.0, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    limit_concurrency: int = Field(default=1000, ge=0)  # open connections; 0 = no limit
 
     # logs
     log_json: bool = False

@@ -14,6 +14,7 @@ import msgspec
 import orjson
 
 from bot.errors import WebhookError
+from bot.jsonlimits import MAX_JSON_DEPTH, too_deep
 
 # Headers worth keeping with a delivery (for replay and the operator's view); never secrets.
 _KEPT_HEADERS = (
@@ -200,6 +201,8 @@ def check_json_object(body: bytes, decoder: msgspec.json.Decoder[Any]) -> tuple[
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise WebhookError(400, f"body is not valid UTF-8 JSON: {exc}") from None
+    if too_deep(body):
+        raise WebhookError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         return text, decoder.decode(body)
     except msgspec.MsgspecError:
