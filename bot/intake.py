@@ -100,8 +100,9 @@ class SqliteWriter:
 
     CHECKPOINT_EVERY_S = 0.5
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout_s: float = 3.0) -> None:
         self.path = path
+        self.timeout_s = timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delivery-writer")
         self._conn: sqlite3.Connection | None = None
         # WAL checkpoints (copying the log into the database file, with an fsync) run on their
@@ -166,7 +167,7 @@ class SqliteWriter:
 
     def _write(self, rows: list[_Row]) -> Stored:
         if self._conn is None:
-            self._conn = connect_sqlite(self.path)
+            self._conn = connect_sqlite(self.path, self.timeout_s)
             self._conn.execute("PRAGMA wal_autocheckpoint=0")  # see _checkpoint
         now = utcnow()
         received = self._datetime(now) if self._datetime else now
@@ -258,11 +259,14 @@ class DeliveryStore:
         self._enqueue_buffer: list[JobSpec] = []
         self._sqlite_path = sqlite_file(db)
         self._writer: SqliteWriter | None = None
+        # what a request waits for its commit at most (then 503): the database's own deadline
+        # and a second more for the batch ahead of it, well within the forges' 10 s
+        self.deadline_s = db.timeout_s + 1.0
 
     def start(self) -> None:
         if self._task is None:
             if self._sqlite_path is not None:
-                self._writer = SqliteWriter(self._sqlite_path)
+                self._writer = SqliteWriter(self._sqlite_path, self.db.timeout_s)
             self._task = asyncio.create_task(self._run(), name="delivery-store")
 
     async def stop(self) -> None:

@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=10.0, gt=0)
     limit_concurrency: int = Field(default=1000, ge=0)  # open connections; 0 = no limit
+    db_timeout_s: float = Field(default=2.5, gt=0)  # connect, statement, lock and commit deadline
 
     # logs
     log_json: bool = False
