@@ -58,7 +58,7 @@ class HangingProxy:
     def __enter__(self) -> HangingProxy:
         self.flowing.set()
         self.thread.start()
-        asyncio.run_coroutine_threadsafe(
+        self.server = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._client, "127.0.0.1", self.port), self.loop
         ).result(timeout=10)
         return self
@@ -67,6 +67,7 @@ class HangingProxy:
         self.hang(False)
 
         def close_all() -> None:
+            self.server.close()
             for w in self.writers:
                 w.close()
 
@@ -74,6 +75,7 @@ class HangingProxy:
         time.sleep(0.2)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+        self.loop.close()
 
 
 def everywhere(url: str) -> dict[str, httpx.Response | float]:
