@@ -3,6 +3,7 @@ commands, a reply budget per user, nothing hidden from the reader runs (issue 20
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -124,3 +125,15 @@ def test_replayed_signed_plan_under_a_new_delivery_id_is_a_duplicate(gh: GitHubL
     assert (replay["status"], replay["id"]) == ("duplicate", first["id"])
     gh.wait_idle()
     assert gh.call(_run_count, gh) == 1
+
+
+def test_the_command_prefix_is_configurable(loop_factory: Callable[..., GitHubLoop]) -> None:
+    gh = loop_factory(command_prefix="!df ")
+    gh.deliver("installation", gh.installation_created())
+    out = gh.deliver("issue_comment", gh.comment("/help"))
+    assert out["outcome"]["handled"][-1] == {"ignored": "no command"}
+    mark = gh.fake.mark()
+    out = gh.deliver("issue_comment", gh.comment("!df help"))
+    assert out["outcome"]["handled"][-1] == {"command": "help", "result": "help"}
+    posts = [c for c in gh.fake.since(mark) if c.method == "POST" and c.path.endswith("/comments")]
+    assert len(posts) == 1 and "`!df plan [free text]`" in posts[0].body["body"]
