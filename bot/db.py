@@ -121,7 +121,12 @@ async def _within(conn: psycopg.AsyncConnection[Any], work: Any, timeout_s: floa
     more). The work runs as a task that is abandoned (cancelled, never awaited) instead.
     """
     task = asyncio.ensure_future(work)
-    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:  # our caller gave up: so does the statement
+        task.add_done_callback(_swallow)
+        task.cancel()
+        raise
     if task in done:
         return task.result()
     task.add_done_callback(_swallow)
