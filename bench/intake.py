@@ -70,8 +70,10 @@ def build_requests(count: int) -> list[bytes]:
     """`count` complete HTTP/1.1 requests, each a distinct, correctly signed delivery."""
     template = _trim(json.loads(SAMPLE.read_text()))
     template.pop("organization", None)
-    template["comment"]["id"] = -1  # serialized once; each body differs only in this id
-    prefix, _, suffix = json.dumps(template, separators=(",", ":")).encode().partition(b"-1")
+    # serialized once; each body differs only in this id (a sentinel no date or URL contains:
+    # "-1" also matched dates, so every body kept the same comment id)
+    template["comment"]["id"] = 987_654_321_987
+    prefix, _, suffix = json.dumps(template, separators=(",", ":")).encode().partition(b"987654321987")
     signer = hmac.new(SECRET.encode(), digestmod=hashlib.sha256)
     out: list[bytes] = []
     for i in range(count):

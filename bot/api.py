@@ -29,6 +29,7 @@ from bot.errors import (
     SpecError,
     TransitionConflict,
 )
+from bot.jsonlimits import MAX_JSON_DEPTH, too_deep
 from bot.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
 from bot.protocol import ProtocolStatus, StepStatus
 from bot.security import (
@@ -239,6 +240,8 @@ async def read_model(request: Request, model: type[M], *, optional: bool = False
         raise ValueError("a JSON body is required")
     if len(raw) > 1_000_000:
         raise ValueError("request body larger than 1 MB")
+    if too_deep(raw):
+        raise ValueError(f"body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -25,7 +25,7 @@ from bot.handlers.sansio import LowerCaseHeaders
 from bot.intake import DeliveryStore, relay_outbox
 from bot.jobs.common import JOB_METRICS_KEY
 from bot.observability import Metrics, configure_logging
-from bot.queue import create_redis, delivery_job, enqueue_many, queue_stats
+from bot.queue import JobSpec, create_redis, enqueue_many, queue_stats
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,32 @@ async def readyz(request: Request) -> Response:
         await asyncio.wait_for(state.redis.ping(), timeout=2)
     except Exception as exc:
         problems["queue"] = type(exc).__name__
+    if "database" not in problems:
+        from bot.health import write_problems
+
+        assert state.db is not None
+        problems.update(await write_problems(state.db, state.settings.data_dir))
     if problems:
         return JSONResponse({"status": "unavailable", "failing": problems}, status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+async def database_unavailable(request: Request, exc: Exception) -> Response:
+    """Any database error a route did not handle: one line and 503 (retry later), never a 500."""
+    log.warning("%s %s: database error: %s", request.method, request.url.path, str(exc).splitlines()[0][:300])
+    return JSONResponse(
+        {"error": "the database is unavailable; try again shortly"}, status_code=503, headers={"Retry-After": "5"}
+    )
+
+
+def database_errors() -> dict[Any, Any]:
+    """Starlette exception handlers for every kind of database failure."""
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return {cls: database_unavailable for cls in (SQLAlchemyError, psycopg.Error, sqlite3.Error)}
 
 
 async def metrics(request: Request) -> Response:
@@ -204,8 +227,8 @@ def create_app(
         state.redis = create_redis(settings)
         db, redis = state.db, state.redis
 
-        async def on_stored(ids: list[int]) -> None:
-            await enqueue_many(redis, [delivery_job(i) for i in ids])
+        async def on_stored(jobs: list[JobSpec]) -> None:
+            await enqueue_many(redis, jobs)
 
         state.store = DeliveryStore(db, on_stored, batch_max=settings.intake_batch_max)
         state.store.start()
@@ -242,7 +265,7 @@ def create_app(
             await db.dispose()
 
     edges = webhook_edges(state)
-    app = DeksdenflowApp(routes=routes(edges), lifespan=lifespan)
+    app = DeksdenflowApp(routes=routes(edges), lifespan=lifespan, exception_handlers=database_errors())
     app.edges = edges
     app.state.df = state
     return app

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from bot.errors import WebhookError
 from bot.handlers.router import HandlerContext
 from bot.handlers.sansio import IncomingDelivery
+from bot.jsonlimits import MAX_JSON_DEPTH, too_deep
 from bot.models import Project, ProtocolRun
 
 TOKEN_ENV = "DEKSDENFLOW_WEBHOOK_TOKEN"
@@ -60,6 +61,8 @@ def verify(headers: dict[str, str], body: bytes, token: str) -> None:
 
 def parse_report(body: bytes) -> CIReport:
     """The JSON body as a CIReport; WebhookError 400 (not JSON) or 422 (wrong fields)."""
+    if too_deep(body):
+        raise WebhookError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from markdown_it import MarkdownIt
+
 ArgKind = Literal["text", "step_or_next", "step", "none"]
 PermissionLevel = Literal["admin", "write", "read", "none"]
 
@@ -86,9 +88,32 @@ class CommandError:
     line: int = 0
 
 
-_FENCE_RE = re.compile(r"^\s*(`{3,}|~{3,})(.*)$")
-_QUOTE_RE = re.compile(r"^\s*>")
 _POSITIVE_INT_RE = re.compile(r"^[0-9]+$")
+
+# Most commands a comment may hold. Past it the comment is answered once and nothing runs: one
+# pasted wall of commands must not turn into thousands of jobs or replies.
+MAX_COMMANDS_PER_COMMENT = 5
+
+# GitLab's own quick actions. GitLab strips them from a note before saving it, but a user may
+# still type one where GitLab does not apply it; the bot never answers those as "unknown".
+GITLAB_QUICK_ACTIONS = frozenset(
+    """
+    add_contacts approve assign assign_reviewer blocked_by blocks board_move cc clone close
+    confidential convert_to_ticket copy_metadata create_merge_request done draft due duplicate
+    epic estimate estimate_time exclude health_status iteration label lock merge milestone move
+    page parent promote promote_to_incident publish react ready rebase relabel relate
+    remove_child remove_contacts remove_due_date remove_epic remove_estimate remove_iteration
+    remove_milestone remove_parent remove_time_spent reopen reply request_review reviewer
+    shrug spend spend_time set_parent submit_review subscribe summarize_diff tableflip target_branch
+    timeline title todo type unassign unassign_reviewer unapprove unlabel unlink unlock
+    unsubscribe weight award remove_reviewer severity status escalate
+    """.split()
+)
+
+# CommonMark as the forges render it. Only paragraph text the reader sees counts: code blocks
+# (fenced or indented by 4 spaces / a tab), block quotes (with their lazy continuation lines),
+# HTML blocks and inline HTML comments are not where a reader would see a command.
+_MARKDOWN = MarkdownIt("commonmark")
 
 
 def _command_re(prefix: str) -> re.Pattern[str]:
@@ -97,22 +122,54 @@ def _command_re(prefix: str) -> re.Pattern[str]:
     return re.compile(r"^\s*" + re.escape(prefix) + r"([A-Za-z][A-Za-z-]*)(?:\s+(.*?))?\s*$")
 
 
-def _code_lines(lines: list[str]) -> set[int]:
-    """Indexes of lines inside fenced code blocks (CommonMark-style: same char, ≥ length)."""
-    inside: set[int] = set()
-    fence: str | None = None
-    for i, line in enumerate(lines):
-        m = _FENCE_RE.match(line)
-        if fence is None:
-            # A backtick fence's info string may not contain backticks (CommonMark).
-            if m and not (m.group(1)[0] == "`" and "`" in m.group(2)):
-                fence = m.group(1)
-                inside.add(i)
-            continue
-        inside.add(i)
-        if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and not m.group(2).strip():
-            fence = None
-    return inside
+def visible_lines(body: str) -> list[tuple[int, str]]:
+    """(1-based source line, text) of every line a reader sees as plain paragraph text.
+
+    Paragraphs inside block quotes and list items are left out (a quoted or listed `/plan` is
+    talk about a command, not a command); inline HTML (comments included) is dropped and a
+    code span is kept with its backticks, so it can never start a command.
+    """
+    out: list[tuple[int, str]] = []
+    nested = 0  # depth of block quotes and list items around the current token
+    tokens = _MARKDOWN.parse(body)
+    for i, token in enumerate(tokens):
+        if token.type in ("blockquote_open", "list_item_open"):
+            nested += 1
+        elif token.type in ("blockquote_close", "list_item_close"):
+            nested -= 1
+        elif token.type == "inline" and nested == 0 and i > 0 and tokens[i - 1].type == "paragraph_open":
+            line = (token.map or [0])[0] + 1
+            parts: list[str] = []
+            for child in token.children or ():
+                if child.type in ("softbreak", "hardbreak"):
+                    out.append((line, "".join(parts)))
+                    parts = []
+                    line += 1
+                elif child.type == "html_inline":
+                    line += child.content.count("\n")  # hidden, but it still takes lines
+                elif child.type == "code_inline":
+                    parts.append(child.markup + child.content + child.markup)
+                elif child.type == "text":
+                    parts.append(child.content)
+            out.append((line, "".join(parts)))
+    return out
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insert, delete, substitute each cost 1)."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def near_a_command(name: str, max_distance: int = 2) -> bool:
+    """Whether an unknown name is a likely typo of one of ours (worth an answer)."""
+    name = name.lower()
+    return any(edit_distance(name, known) <= max_distance for known in COMMANDS)
 
 
 def _usage(info: CommandInfo, prefix: str) -> str:
@@ -166,19 +223,19 @@ def suggest(name: str, *, limit: int = 3) -> tuple[str, ...]:
     return tuple(difflib.get_close_matches(name.lower(), list(COMMANDS), n=limit, cutoff=0.6))
 
 
-def parse_commands(body: str, *, prefix: str = "/") -> list[Command | CommandError]:
-    """Every command line in a comment body, in order.
+def parse_commands(
+    body: str, *, prefix: str = "/", limit: int | None = None
+) -> list[Command | CommandError]:
+    """Every command line in a comment body, in order (at most `limit` of them).
 
-    A command starts a line (leading whitespace allowed), outside fenced code blocks and
-    block quotes (so quoting someone's `/plan` does not re-run it). Names are case-insensitive.
+    A command starts a line of paragraph text as the forge displays it (see `visible_lines`):
+    never inside code, block quotes, lists or HTML comments. Names are case-insensitive.
     """
-    lines = body.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    code = _code_lines(lines)
     pattern = _command_re(prefix)
     found: list[Command | CommandError] = []
-    for i, line in enumerate(lines):
-        if i in code or _QUOTE_RE.match(line):
-            continue
+    for line_no, line in visible_lines(body):
+        if limit is not None and len(found) >= limit:
+            break
         m = pattern.match(line)
         if not m:
             continue
@@ -194,11 +251,11 @@ def parse_commands(body: str, *, prefix: str = "/") -> list[Command | CommandErr
                     raw=raw,
                     message=f"`{prefix}{name}` is not a DeksdenFlow command",
                     suggestions=tuple(f"{prefix}{s}" for s in suggest(name)),
-                    line=i + 1,
+                    line=line_no,
                 )
             )
             continue
-        found.append(_parse_one(info, args, raw, i + 1, prefix))
+        found.append(_parse_one(info, args, raw, line_no, prefix))
     return found
 
 
@@ -217,6 +274,12 @@ def required_permission(
 def permission_allows(actual: str, required: str) -> bool:
     """Whether a user holding `actual` (GitHub/GitLab level, maintain = write) may act."""
     return _PERMISSION_RANK.get(actual, 0) >= _PERMISSION_RANK.get(required, 99)
+
+
+def least_required(overrides: Mapping[str, str] | None = None) -> PermissionLevel:
+    """The lowest permission that runs any state-changing command: who "may act" here."""
+    levels = [required_permission(n, overrides) for n in COMMANDS if n not in ("help", "status")]
+    return min(levels, key=lambda level: _PERMISSION_RANK[level])
 
 
 def label_intent(label_name: str, labels_config: Mapping[str, str] | None = None) -> Command | None:

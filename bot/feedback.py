@@ -46,7 +46,7 @@ def step_view(step: Any) -> StepView:
     )
 
 
-def protocol_view(state: RunState, message: str | None = None) -> ProtocolView:
+def protocol_view(state: RunState, message: str | None = None, command_prefix: str = "/") -> ProtocolView:
     run = state.run
     current = next((s.step_index for s in state.steps if s.status in ("running", "needs_qa")), None)
     if current is None:
@@ -63,6 +63,7 @@ def protocol_view(state: RunState, message: str | None = None) -> ProtocolView:
         tokens_used=run.tokens_used or None,
         message=message or (run.runtime_state or {}).get("message"),
         updated_at=run.updated_at,
+        command_prefix=command_prefix,
     )
 
 
@@ -121,7 +122,9 @@ async def remember(db: Any, project_id: int, kind: str, key: str, data: dict[str
 async def publish_status(ctx: dict[str, Any], run_id: int, message: str | None = None) -> None:
     """Re-render the one status comment (issue, and PR when there is one); never fails the job."""
     state = await load_run(ctx["db"], run_id)
-    body = status_comment(protocol_view(state, message))
+    settings = ctx.get("settings")
+    prefix = settings.command_prefix if settings is not None else "/"
+    body = status_comment(protocol_view(state, message, prefix))
     forge = forge_of(ctx, state)
     marker = status_marker(state.run.protocol_name)
     repo = ctx["forges"].repo_ref(state.project)

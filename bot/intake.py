@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 
 import orjson
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -22,6 +22,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from bot.db import Database, connect_sqlite, sqlite_file
 from bot.handlers.sansio import IncomingDelivery
 from bot.models import WebhookDelivery, utcnow
+from bot.queue import JobSpec, delivery_job
 
 if TYPE_CHECKING:
     from arq.connections import ArqRedis
@@ -41,15 +42,37 @@ class _Pending:
 
 
 def split_batch(items: Sequence[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
-    """First copy of each (provider, key) in the batch, and the later copies (duplicates)."""
+    """First copy of each delivery in the batch, and the later copies (duplicates).
+
+    A copy has the same (provider, delivery key) or the same (provider, semantic key).
+    """
     seen: set[tuple[str, str]] = set()
     firsts: list[_Pending] = []
     repeats: list[_Pending] = []
     for item in items:
-        ident = (item.delivery.provider, item.delivery.key)
-        (repeats if ident in seen else firsts).append(item)
+        d = item.delivery
+        ident = (d.provider, d.key)
+        semantic = ("\0" + d.provider, d.semantic_key) if d.semantic_key else None
+        if ident in seen or (semantic is not None and semantic in seen):
+            repeats.append(item)
+            continue
+        firsts.append(item)
         seen.add(ident)
+        if semantic is not None:
+            seen.add(semantic)
     return firsts, repeats
+
+
+def first_of(repeat: IncomingDelivery, ids: dict[tuple[str, str], int], semantic: dict[tuple[str, str], int]) -> int:
+    """The row id a batch-internal duplicate shares with its first copy."""
+    found = ids.get((repeat.provider, repeat.key))
+    if found is None and repeat.semantic_key:
+        found = semantic.get((repeat.provider, repeat.semantic_key))
+    return found or 0
+
+
+# provider, delivery key, event, action, status, payload, headers JSON, semantic key
+_Row = tuple[str, str, str, str | None, str, str, str, str | None]
 
 
 class SqliteWriter:
@@ -69,14 +92,17 @@ class SqliteWriter:
     """
 
     _TABLE = WebhookDelivery.__tablename__
-    _COLUMNS = "provider, delivery_key, event, action, status, payload, headers, outcome, attempts, received_at"
-    _ROW = "(?, ?, ?, ?, ?, ?, ?, '{}', 0, ?)"
-    _CHUNK = 500  # rows per statement: 8 variables each, far under SQLite's 32766
+    _COLUMNS = (
+        "provider, delivery_key, event, action, status, payload, headers, semantic_key, outcome, attempts, received_at"
+    )
+    _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, '{}', 0, ?)"
+    _CHUNK = 500  # rows per statement: 9 variables each, far under SQLite's 32766
 
     CHECKPOINT_EVERY_S = 0.5
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout_s: float = 3.0) -> None:
         self.path = path
+        self.timeout_s = timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delivery-writer")
         self._conn: sqlite3.Connection | None = None
         # WAL checkpoints (copying the log into the database file, with an fsync) run on their
@@ -91,7 +117,7 @@ class SqliteWriter:
         self._datetime = WebhookDelivery.__table__.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
 
     async def write(self, items: Sequence[_Pending]) -> Stored:
-        rows: list[tuple[str, str, str, str | None, str, str, str]] = [
+        rows: list[_Row] = [
             (
                 p.delivery.provider,
                 p.delivery.key,
@@ -100,21 +126,22 @@ class SqliteWriter:
                 p.status,
                 p.delivery.body,
                 orjson.dumps(p.delivery.headers).decode(),
+                p.delivery.semantic_key,
             )
             for p in items
         ]
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._write, rows)
 
-    def _ids(self, cur: sqlite3.Cursor, provider: str, keys: Sequence[str]) -> dict[str, int]:
-        """{delivery_key: id} of the stored keys among `keys`, via the unique index."""
+    def _ids(self, cur: sqlite3.Cursor, provider: str, column: str, keys: Sequence[str]) -> dict[str, int]:
+        """{key: id} of the stored keys among `keys` in `column` (delivery_key or semantic_key)."""
         found: dict[str, int] = {}
         for i in range(0, len(keys), self._CHUNK):
             chunk = keys[i : i + self._CHUNK]
             marks = ", ".join("?" * len(chunk))
             # one aggregated row instead of one step (and one GIL round trip) per key
             (pairs,) = cur.execute(
-                f"SELECT json_group_array(json_array(delivery_key, id)) FROM {self._TABLE}"
-                f" WHERE provider = ? AND delivery_key IN ({marks})",
+                f"SELECT json_group_array(json_array({column}, id)) FROM {self._TABLE}"
+                f" WHERE provider = ? AND {column} IN ({marks})",
                 (provider, *chunk),
             ).fetchone()
             found.update((key, int(row_id)) for key, row_id in json.loads(pairs))
@@ -138,9 +165,9 @@ class SqliteWriter:
             self._last_checkpoint = now
             self._checkpointer.submit(self._checkpoint)
 
-    def _write(self, rows: list[tuple[str, str, str, str | None, str, str, str]]) -> Stored:
+    def _write(self, rows: list[_Row]) -> Stored:
         if self._conn is None:
-            self._conn = connect_sqlite(self.path)
+            self._conn = connect_sqlite(self.path, self.timeout_s)
             self._conn.execute("PRAGMA wal_autocheckpoint=0")  # see _checkpoint
         now = utcnow()
         received = self._datetime(now) if self._datetime else now
@@ -155,7 +182,8 @@ class SqliteWriter:
                 # so the rows it added got consecutive ids.
                 cur.execute(
                     f"INSERT INTO {self._TABLE} ({self._COLUMNS}) VALUES {', '.join([self._ROW] * len(chunk))}"
-                    " ON CONFLICT (provider, delivery_key) DO NOTHING",
+                    # either unique key: the delivery id, or the semantic key of a replay
+                    " ON CONFLICT DO NOTHING",
                     [value for row in chunk for value in (*row, received)],
                 )
                 inserted = cur.rowcount
@@ -164,14 +192,27 @@ class SqliteWriter:
                     out.extend((first_new + n, True) for n in range(len(chunk)))
                     continue
                 # Some keys were stored before: look their ids up (rows are never re-keyed,
-                # so reading after the commit is as good as inside it).
+                # so reading after the commit is as good as inside it). The batch holds no two
+                # rows with one key (split_batch), so a row found by its own keys at or past
+                # `first_new` is one this statement inserted.
                 by_provider: dict[str, list[str]] = {}
+                by_semantic: dict[str, list[str]] = {}
                 for row in chunk:
                     by_provider.setdefault(row[0], []).append(row[1])
-                ids = {(p, k): i for p, keys in by_provider.items() for k, i in self._ids(cur, p, keys).items()}
+                    if row[7]:
+                        by_semantic.setdefault(row[0], []).append(row[7])
+                ids = {
+                    (p, k): i for p, keys in by_provider.items() for k, i in self._ids(cur, p, "delivery_key", keys).items()
+                }
+                semantic = {
+                    (p, k): i for p, keys in by_semantic.items() for k, i in self._ids(cur, p, "semantic_key", keys).items()
+                }
                 for row in chunk:
                     row_id = ids.get((row[0], row[1]), 0)
-                    out.append((row_id, inserted > 0 and row_id >= first_new))
+                    own = row_id >= first_new and semantic.get((row[0], row[7] or ""), row_id) == row_id
+                    if not row_id and row[7]:
+                        row_id = semantic.get((row[0], row[7]), 0)
+                    out.append((row_id, inserted > 0 and own))
         finally:
             cur.close()
         self._maybe_checkpoint()
@@ -201,7 +242,7 @@ class DeliveryStore:
     def __init__(
         self,
         db: Database,
-        on_stored: Callable[[list[int]], Awaitable[None]],
+        on_stored: Callable[[list[JobSpec]], Awaitable[None]],
         batch_max: int = 256,
         enqueue_interval_s: float = 0.02,
     ) -> None:
@@ -215,14 +256,17 @@ class DeliveryStore:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._followups: set[asyncio.Task[None]] = set()
-        self._enqueue_buffer: list[int] = []
+        self._enqueue_buffer: list[JobSpec] = []
         self._sqlite_path = sqlite_file(db)
         self._writer: SqliteWriter | None = None
+        # what a request waits for its commit at most (then 503): the database's own deadline
+        # and a second more for the batch ahead of it, well within the forges' 10 s
+        self.deadline_s = db.timeout_s + 1.0
 
     def start(self) -> None:
         if self._task is None:
             if self._sqlite_path is not None:
-                self._writer = SqliteWriter(self._sqlite_path)
+                self._writer = SqliteWriter(self._sqlite_path, self.db.timeout_s)
             self._task = asyncio.create_task(self._run(), name="delivery-store")
 
     async def stop(self) -> None:
@@ -286,35 +330,40 @@ class DeliveryStore:
             wait = self._last_enqueue + self.enqueue_interval_s - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
-            ids = self._enqueue_buffer[:]
+            jobs = self._enqueue_buffer[:]
             self._enqueue_buffer.clear()
             self._last_enqueue = loop.time()
-            await self._after_commit(ids)
+            await self._after_commit(jobs)
 
-    async def _after_commit(self, ids: list[int]) -> None:
+    async def _after_commit(self, ids: list[JobSpec]) -> None:
         try:
             await self.on_stored(ids)
         except Exception as exc:  # the outbox relay picks these up later
             log.warning("enqueue of %d stored deliveries failed (%s); the relay will retry", len(ids), exc)
 
-    async def _commit(self, batch: list[_Pending]) -> list[int]:
-        """Store the batch in one transaction, resolve every waiter, return ids to enqueue."""
+    async def _commit(self, batch: list[_Pending]) -> list[JobSpec]:
+        """Store the batch in one transaction, resolve every waiter, return the jobs to enqueue."""
         firsts, repeats = split_batch(batch)
         if self._writer is not None:
             stored = await self._writer.write(firsts)
         else:
             stored = await self._commit_sqlalchemy(firsts)
         ids: dict[tuple[str, str], int] = {}
-        to_enqueue: list[int] = []
+        to_enqueue: list[JobSpec] = []
         for item, (row_id, inserted) in zip(firsts, stored, strict=True):
             ids[(item.delivery.provider, item.delivery.key)] = row_id
             if inserted and item.status == "pending":
-                to_enqueue.append(row_id)
+                to_enqueue.append(delivery_job(row_id, item.delivery.provider, item.delivery.key))
             if not item.future.done():  # a waiter cancelled by a disconnect
                 item.future.set_result(("accepted" if inserted else "duplicate", row_id))
+        semantic = {
+            (item.delivery.provider, item.delivery.semantic_key): ids[(item.delivery.provider, item.delivery.key)]
+            for item in firsts
+            if item.delivery.semantic_key
+        }
         for item in repeats:
             if not item.future.done():
-                item.future.set_result(("duplicate", ids.get((item.delivery.provider, item.delivery.key), 0)))
+                item.future.set_result(("duplicate", first_of(item.delivery, ids, semantic)))
         return to_enqueue
 
     async def _commit_sqlalchemy(self, firsts: list[_Pending]) -> Stored:
@@ -332,6 +381,7 @@ class DeliveryStore:
                 "outcome": {},
                 "attempts": 0,
                 "received_at": now,
+                "semantic_key": p.delivery.semantic_key,
             }
             for p in firsts
         ]
@@ -339,37 +389,52 @@ class DeliveryStore:
         stmt = (
             insert_fn(WebhookDelivery)
             .values(rows)
-            .on_conflict_do_nothing(index_elements=["provider", "delivery_key"])
+            # either unique key: the delivery id, or the semantic key of a replay
+            .on_conflict_do_nothing()
             .returning(WebhookDelivery.id, WebhookDelivery.provider, WebhookDelivery.delivery_key)
         )
         async with self.db.engine.begin() as conn:
             inserted = {
                 (r.provider, r.delivery_key): r.id for r in (await conn.execute(stmt)).all()
             }
-            missing = {p.delivery.key for p in firsts if (p.delivery.provider, p.delivery.key) not in inserted}
+            left = [p.delivery for p in firsts if (p.delivery.provider, p.delivery.key) not in inserted]
             existing: dict[tuple[str, str], int] = {}
-            if missing:
+            by_semantic: dict[tuple[str, str], int] = {}
+            if left:
+                keys = {d.key for d in left}
+                semantic_keys = {d.semantic_key for d in left if d.semantic_key}
                 found = await conn.execute(
                     select(
-                        WebhookDelivery.id, WebhookDelivery.provider, WebhookDelivery.delivery_key
-                    ).where(WebhookDelivery.delivery_key.in_(missing))
+                        WebhookDelivery.id,
+                        WebhookDelivery.provider,
+                        WebhookDelivery.delivery_key,
+                        WebhookDelivery.semantic_key,
+                    ).where(
+                        or_(WebhookDelivery.delivery_key.in_(keys), WebhookDelivery.semantic_key.in_(semantic_keys))
+                    )
                 )
-                existing = {(r.provider, r.delivery_key): r.id for r in found.all()}
+                for r in found.all():
+                    existing[(r.provider, r.delivery_key)] = r.id
+                    if r.semantic_key:
+                        by_semantic[(r.provider, r.semantic_key)] = r.id
         out: Stored = []
         for p in firsts:
             ident = (p.delivery.provider, p.delivery.key)
-            out.append((inserted[ident], True) if ident in inserted else (existing.get(ident, 0), False))
+            if ident in inserted:
+                out.append((inserted[ident], True))
+            else:
+                out.append((first_of(p.delivery, existing, by_semantic), False))
         return out
 
 
-async def pending_delivery_ids(
+async def pending_deliveries(
     db: Database, older_than_s: float = 0.0, after_id: int = 0, limit: int = 500
-) -> list[int]:
-    """Deliveries stored but not yet taken by a worker (the outbox), oldest first."""
+) -> list[JobSpec]:
+    """Jobs for deliveries stored but not yet taken by a worker (the outbox), oldest first."""
     cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
     async with db.sessions() as session:
         result = await session.execute(
-            select(WebhookDelivery.id)
+            select(WebhookDelivery.id, WebhookDelivery.provider, WebhookDelivery.delivery_key, WebhookDelivery.attempts)
             .where(
                 WebhookDelivery.status == "pending",
                 WebhookDelivery.received_at <= cutoff,
@@ -378,7 +443,29 @@ async def pending_delivery_ids(
             .order_by(WebhookDelivery.id)
             .limit(limit)
         )
-        return [row[0] for row in result.all()]
+        return [delivery_job(r.id, r.provider, r.delivery_key, r.attempts) for r in result.all()]
+
+
+async def take_back_expired(db: Database) -> int:
+    """Expired `processing` leases back to `pending`: their worker died (or lost the database).
+
+    A live worker renews its lease while it works, so only a dead one's claim runs out; a row
+    left `processing` without a lease (from before leases existed) counts as expired.
+    """
+    async with db.sessions.begin() as session:
+        result = await session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.status == "processing",
+                or_(WebhookDelivery.lease_until.is_(None), WebhookDelivery.lease_until < utcnow()),
+            )
+            .values(status="pending", claimed_by=None, lease_until=None)
+            .execution_options(synchronize_session=False)
+        )
+        taken: int = result.rowcount  # type: ignore[attr-defined]
+    if taken:
+        log.warning("took back %d deliveries whose worker's lease expired", taken)
+    return taken
 
 
 async def mark_enqueued(db: Database, ids: Sequence[int]) -> None:
@@ -421,16 +508,60 @@ async def prune_deliveries(db: Database, older_than: datetime, batch: int = 5000
             return total
 
 
-async def relay_outbox(db: Database, redis: ArqRedis, older_than_s: float = 0.0) -> int:
-    """Enqueue stored-but-pending deliveries; arq job ids make a second relay a no-op."""
-    from bot.queue import delivery_job, enqueue_many
+async def _reissue_started(db: Database, redis: ArqRedis, jobs: list[JobSpec]) -> list[JobSpec]:
+    """New job ids for pending deliveries whose job already started or finished in Redis.
 
+    A pending row whose job is "in progress" or has a result was never claimed: its worker died
+    between taking the job and claiming the row (arq keeps that job's in-progress key for the
+    whole job timeout), or the job ended without getting to it. Re-enqueueing under the same id
+    would be refused, so the row's attempt counter moves on and names a fresh job; the claim
+    (a compare-and-set in the database) keeps a late original from running it a second time.
+    """
+    from arq.constants import in_progress_key_prefix, result_key_prefix
+
+    async with redis.pipeline(transaction=False) as pipe:
+        for job in jobs:
+            pipe.exists(in_progress_key_prefix + job.job_id, result_key_prefix + job.job_id)
+        started = await pipe.execute()
+    stale = [job for job, n in zip(jobs, started, strict=True) if n]
+    if not stale:
+        return jobs
+    ids = [int(job.kwargs["delivery_id"]) for job in stale]
+    async with db.sessions.begin() as session:
+        await session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id.in_(ids), WebhookDelivery.status == "pending")
+            .values(attempts=WebhookDelivery.attempts + 1)
+            .execution_options(synchronize_session=False)
+        )
+    log.warning("re-issuing %d pending deliveries whose job started but never claimed them", len(stale))
+    fresh = {job.job_id: job for job in await pending_deliveries_by_id(db, ids)}
+    return [job for job in jobs if job not in stale] + list(fresh.values())
+
+
+async def pending_deliveries_by_id(db: Database, ids: Sequence[int]) -> list[JobSpec]:
+    async with db.sessions() as session:
+        result = await session.execute(
+            select(WebhookDelivery.id, WebhookDelivery.provider, WebhookDelivery.delivery_key, WebhookDelivery.attempts)
+            .where(WebhookDelivery.id.in_(ids), WebhookDelivery.status == "pending")
+            .order_by(WebhookDelivery.id)
+        )
+        return [delivery_job(r.id, r.provider, r.delivery_key, r.attempts) for r in result.all()]
+
+
+async def relay_outbox(db: Database, redis: ArqRedis, older_than_s: float = 0.0) -> int:
+    """Enqueue stored-but-pending deliveries (and expired claims); job ids make a second relay a no-op."""
+    from bot.queue import enqueue_many
+
+    await take_back_expired(db)
     total = 0
     cursor = 0
     while True:
-        ids = await pending_delivery_ids(db, older_than_s=older_than_s, after_id=cursor)
-        if not ids:
+        jobs = await pending_deliveries(db, older_than_s=older_than_s, after_id=cursor)
+        if not jobs:
             return total
-        total += await enqueue_many(redis, [delivery_job(i) for i in ids])
+        jobs = await _reissue_started(db, redis, jobs)
+        total += await enqueue_many(redis, jobs)
+        ids = [int(job.kwargs["delivery_id"]) for job in jobs]
         await mark_enqueued(db, ids)
-        cursor = ids[-1]
+        cursor = max(ids)

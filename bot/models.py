@@ -138,11 +138,14 @@ class WebhookDelivery(Base):
     __table_args__ = (
         UniqueConstraint("provider", "delivery_key", name="uq_deliveries_provider_key"),
         Index("ix_deliveries_status_id", "status", "id"),
+        # a replay under a new delivery id is the same object version (NULLs never collide)
+        Index("uq_deliveries_provider_semantic", "provider", "semantic_key", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     provider: Mapped[str] = mapped_column(String(16))
     delivery_key: Mapped[str] = mapped_column(String(255))
+    semantic_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     event: Mapped[str] = mapped_column(String(64))
     action: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # pending (durable, not yet on the queue) → queued → processed | ignored | failed
@@ -156,6 +159,10 @@ class WebhookDelivery(Base):
     headers: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     outcome: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # `processing` is a lease: held by one job (`claimed_by`) until `lease_until`, renewed
+    # while it works; the relay takes back an expired one (its worker died)
+    claimed_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class ForgeRecord(Base):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +49,23 @@ class JobSpec:
     kwargs: dict[str, Any]
 
 
-def delivery_job(delivery_id: int) -> JobSpec:
-    return JobSpec("process_delivery", f"delivery:{delivery_id}", {"delivery_id": delivery_id})
+def delivery_job_id(provider: str, key: str, attempt: int = 0) -> str:
+    """A job id unique forever: from the delivery's own key, never from a row id.
+
+    Row ids repeat when a database is re-created, and arq refuses an id whose old result is
+    still in Redis. `attempt` > 0 names a delivery taken back from a dead worker's lease: its
+    first job may still sit "in progress" in Redis, so the new one needs its own id.
+    """
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return f"delivery:{provider}:{digest}" + (f":{attempt}" if attempt else "")
+
+
+def delivery_job(delivery_id: int, provider: str, key: str, attempt: int = 0) -> JobSpec:
+    return JobSpec(
+        "process_delivery",
+        delivery_job_id(provider, key, attempt),
+        {"delivery_id": delivery_id, "delivery_key": key},
+    )
 
 
 # arq's enqueue semantics for a whole batch in one round trip: a job id whose job or result

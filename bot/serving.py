@@ -15,6 +15,7 @@ from typing import Any
 
 import uvicorn
 
+from bot.http_limits import limit_options
 from bot.settings import Settings
 
 log = logging.getLogger("bot.doctor")
@@ -108,6 +109,7 @@ def serve(settings: Settings, *, host: str, port: int, demo: bool) -> int:
     options = {
         k: v for k, v in uvicorn_options(settings, host, port).items() if k not in ("host", "port")
     }
+    options.update(limit_options(settings))
     config = uvicorn.Config(app, **options)
     server = _Server(config)
     server.banner = f"DeksdenFlow serving on http://{host}:{port}"

@@ -169,6 +169,16 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
     console_session_ttl_s: float = Field(default=12 * 3600.0, gt=0)
 
+    # commands and faults (issue 20)
+    command_prefix: str = Field(default="/", min_length=1, max_length=16)
+    reply_rate_limit: int = Field(default=10, ge=0)  # bot replies per user and repository …
+    reply_rate_window_s: int = Field(default=600, ge=1)  # … per this many seconds; 0 = no limit
+    delivery_lease_s: float = Field(default=30.0, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    limit_concurrency: int = Field(default=1000, ge=0)  # open connections; 0 = no limit
+    db_timeout_s: float = Field(default=2.5, gt=0)  # connect, statement, lock and commit deadline
+
     # logs
     log_json: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.db import Database
@@ -101,13 +102,51 @@ async def load_delivery(db: Database, delivery_id: int) -> WebhookDelivery | Non
         return await session.get(WebhookDelivery, delivery_id)
 
 
-async def claim_delivery(db: Database, delivery_id: int) -> bool:
-    """Move a delivery to `processing` unless a previous run already finished it."""
+async def claim_delivery(db: Database, delivery_id: int, holder: str, lease_s: float) -> bool:
+    """Lease a delivery to `holder` (a job id) for `lease_s` seconds; False if someone else holds it.
+
+    A pending delivery can be claimed; a processing one only when its lease ran out (its worker
+    died) or when the holder is the same job coming back (arq's retry of it). Finished ones never.
+    """
+    now = utcnow()
     async with db.sessions.begin() as session:
         result = await session.execute(
             update(WebhookDelivery)
-            .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status.in_(("pending", "processing")))
-            .values(status="processing", attempts=WebhookDelivery.attempts + 1)
+            .where(
+                WebhookDelivery.id == delivery_id,
+                or_(
+                    WebhookDelivery.status == "pending",
+                    and_(
+                        WebhookDelivery.status == "processing",
+                        or_(
+                            WebhookDelivery.lease_until.is_(None),
+                            WebhookDelivery.lease_until < now,
+                            WebhookDelivery.claimed_by == holder,
+                        ),
+                    ),
+                ),
+            )
+            .values(
+                status="processing",
+                attempts=WebhookDelivery.attempts + 1,
+                claimed_by=holder,
+                lease_until=now + timedelta(seconds=lease_s),
+            )
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def renew_lease(db: Database, delivery_id: int, holder: str, lease_s: float) -> bool:
+    """Extend `holder`'s lease; False when it is no longer the holder."""
+    async with db.sessions.begin() as session:
+        result = await session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == delivery_id,
+                WebhookDelivery.status == "processing",
+                WebhookDelivery.claimed_by == holder,
+            )
+            .values(lease_until=utcnow() + timedelta(seconds=lease_s))
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -119,5 +158,7 @@ async def finish_delivery(
         await session.execute(
             update(WebhookDelivery)
             .where(WebhookDelivery.id == delivery_id)
-            .values(status=status, outcome=outcome, error=error, processed_at=utcnow())
+            .values(
+                status=status, outcome=outcome, error=error, processed_at=utcnow(), claimed_by=None, lease_until=None
+            )
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.base import EngineRequest, EngineResult, Outcome, TokenUsage
+from engines.lifetime import die_with_parent
 from engines.structured import parse_json_reply
 
 ENGINE_ID = "codex"
@@ -554,6 +555,8 @@ class CodexEngine:
                 cwd=str(request.workdir),
                 # Own process group, so a timeout can stop codex and every command it spawned.
                 start_new_session=True,
+                # ... and it dies with this worker, even a SIGKILLed one (engines/lifetime.py)
+                preexec_fn=die_with_parent(),
                 limit=_LINE_LIMIT,
             )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:

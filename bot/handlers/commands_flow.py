@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
 from sqlalchemy import select
 
 from bot import actions
 from bot.commands import (
+    GITLAB_QUICK_ACTIONS,
+    MAX_COMMANDS_PER_COMMENT,
     Command,
     CommandError,
     help_text,
     label_intent,
+    least_required,
+    near_a_command,
     parse_commands,
     permission_allows,
     render_command_error,
@@ -83,11 +90,55 @@ async def _reply(forge: Forge, target: IssueRef, body: str, ctx: HandlerContext)
         ctx.note(reply_failed=str(exc))
 
 
+@dataclass
+class Replies:
+    """What the bot has to say about one comment or label: posted as ONE reply at the end."""
+
+    parts: list[str] = field(default_factory=list)
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+
+
+async def reply_allowed(ctx: HandlerContext, provider: str, repo: str, user: str) -> bool:
+    """Per-user, per-repository budget of bot replies (a fixed window in Redis).
+
+    Whoever can comment can make the bot answer; the window caps what one person can make it
+    post in one repository, which keeps the App clear of the forge's abuse limits.
+    """
+    settings = ctx.services["settings"]
+    limit: int = settings.reply_rate_limit
+    redis = ctx.services.get("redis")
+    if limit <= 0 or redis is None:
+        return True
+    key = f"deksdenflow:replies:{provider}:{repo}:{user.casefold()}"
+    try:
+        await redis.set(key, 0, ex=settings.reply_rate_window_s, nx=True)
+        count = int(await redis.incr(key))
+    except RedisError as exc:  # the budget is a courtesy to the forge: not worth a lost reply
+        log.warning("reply rate limit unavailable: %s", exc)
+        return True
+    return count <= limit
+
+
+async def send_replies(
+    ctx: HandlerContext, forge: Forge, target: IssueRef, author: str, replies: Replies
+) -> None:
+    if not replies.parts:
+        return
+    if not await reply_allowed(ctx, target.repo.provider, target.repo.full_name, author):
+        ctx.note(reply="rate-limited", author=author)
+        return
+    await _reply(forge, target, "\n\n---\n\n".join(replies.parts), ctx)
+
+
 async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
     if ev.author_is_bot:
         ctx.note(ignored="comment by a bot")
         return
-    parsed = parse_commands(ev.body)
+    prefix: str = ctx.services["settings"].command_prefix
+    # one more than allowed, so a comment past the cap is recognised without parsing all of it
+    parsed = parse_commands(ev.body, prefix=prefix, limit=MAX_COMMANDS_PER_COMMENT + 1)
     if not parsed:
         ctx.note(ignored="no command")
         return
@@ -106,23 +157,34 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
         ctx.note(ignored="our own note")  # a token of an ordinary user account is still us
         return
     config = project.config or {}
-    permission: str | None = None
+    overrides = config.get("permissions")
+    # Who may act is known before the bot says anything: it answers only those who may.
+    permission: str = await forge.get_permission(repo, ev.author)
+    may_act = permission_allows(permission, least_required(overrides))
+    replies = Replies()
+    if len(parsed) > MAX_COMMANDS_PER_COMMENT:
+        ctx.note(result="too-many-commands", permission=permission)
+        if may_act:
+            replies.add(
+                f"This comment holds more than {MAX_COMMANDS_PER_COMMENT} commands, so none of "
+                f"them ran. Send at most {MAX_COMMANDS_PER_COMMENT} per comment."
+            )
+        await send_replies(ctx, forge, target, ev.author, replies)
+        return
     from_fork: bool | None = ev.from_fork or None  # None: not known yet (GitHub asks the pull)
     for item in parsed:
         if isinstance(item, CommandError):
-            await _reply(forge, target, render_command_error(item), ctx)
+            if not _answer_error(item, permission, may_act, project.provider, overrides):
+                ctx.note(command=item.name, result=f"{item.kind}-unanswered")
+                continue
+            replies.add(render_command_error(item, prefix))
             ctx.note(command=item.name, result=item.kind)
             continue
-        required = required_permission(item.name, config.get("permissions"))
-        if permission is None and required != "none":
-            permission = await forge.get_permission(repo, ev.author)
-        if not permission_allows(permission or "none", required):
-            await _reply(
-                forge,
-                target,
-                f"Sorry @{ev.author}, `/{item.name}` needs **{required}** access to this repository "
-                f"and you have **{permission}**. A maintainer can run it for you.",
-                ctx,
+        required = required_permission(item.name, overrides)
+        if not permission_allows(permission, required):
+            replies.add(
+                f"Sorry @{ev.author}, `{prefix}{item.name}` needs **{required}** access to this "
+                f"repository and you have **{permission}**. A maintainer can run it for you."
             )
             ctx.note(command=item.name, result="refused", permission=permission)
             continue
@@ -130,21 +192,35 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
             if from_fork is None:
                 from_fork = await _pull_is_fork(forge, ev, repo)
             if from_fork:
-                await _reply(
-                    forge,
-                    target,
-                    f"`/{item.name}` is not accepted on "
-                    f"{'merge' if project.provider == 'gitlab' else 'pull'} requests from forks here.",
-                    ctx,
+                replies.add(
+                    f"`{prefix}{item.name}` is not accepted on "
+                    f"{'merge' if project.provider == 'gitlab' else 'pull'} requests from forks here."
                 )
                 ctx.note(command=item.name, result="refused-fork")
                 continue
         await _safe_react(forge, comment, "eyes")
         reply_to = {"number": ev.issue_number, "kind": target.kind, "comment_id": ev.comment_id}
         result = await dispatch(
-            ctx, project, forge, target, item, ev.issue_title, ev.issue_body, reply_to
+            ctx, project, forge, target, item, ev.issue_title, ev.issue_body, reply_to, replies
         )
         ctx.note(command=item.name, result=result)
+    await send_replies(ctx, forge, target, ev.author, replies)
+
+
+def _answer_error(
+    err: CommandError, permission: str, may_act: bool, provider: str, overrides: Mapping[str, str] | None
+) -> bool:
+    """Whether a command we cannot use deserves an answer (pure).
+
+    An unknown name is answered only for someone who may act and only when it is a likely typo
+    of ours (within edit distance 2), never for GitLab's own quick actions; a malformed known
+    command only for someone allowed to run it.
+    """
+    if err.kind == "unknown":
+        if provider == "gitlab" and err.name.replace("-", "_") in GITLAB_QUICK_ACTIONS:
+            return False
+        return may_act and near_a_command(err.name)
+    return permission_allows(permission, required_permission(err.name, overrides))
 
 
 async def _pull_is_fork(forge: Forge, ev: CommentEvent, repo: RepoRef) -> bool:
@@ -185,8 +261,10 @@ async def handle_label(ctx: HandlerContext, ev: LabelEvent) -> None:
     forge: Forge = forges.forge_for(project)
     target = IssueRef(forges.repo_ref(project), ev.issue_number, "issue")
     required = required_permission("plan", (project.config or {}).get("permissions"))
+    replies = Replies()
     existing = await latest_run(ctx, project, ev.issue_number, "issue")
     active = existing if existing is not None and existing.status not in ("completed", "cancelled", "failed") else None
+    permission = await forge.get_permission(target.repo, ev.author)
     for label, intent in wanted:
         if active is not None and (intent.name == "plan" or active.auto_mode):
             # a label starts planning once: a later hook that still (or again) carries it —
@@ -194,15 +272,13 @@ async def handle_label(ctx: HandlerContext, ev: LabelEvent) -> None:
             # not plan twice (the auto label on a planned protocol still switches auto on)
             ctx.note(label=label, result=f"{active.protocol_name} is already {active.status}")
             continue
-        permission = await forge.get_permission(target.repo, ev.author)
         if not permission_allows(permission, required):
-            await _reply(
-                forge, target, f"Sorry @{ev.author}, the `{label}` label needs {required} access to start a protocol.", ctx
-            )
+            replies.add(f"Sorry @{ev.author}, the `{label}` label needs {required} access to start a protocol.")
             ctx.note(label=label, result="refused")
             continue
-        result = await dispatch(ctx, project, forge, target, intent, ev.issue_title, ev.issue_body, None)
+        result = await dispatch(ctx, project, forge, target, intent, ev.issue_title, ev.issue_body, None, replies)
         ctx.note(label=label, result=result)
+    await send_replies(ctx, forge, target, ev.author, replies)
 
 
 async def dispatch(
@@ -214,12 +290,14 @@ async def dispatch(
     issue_title: str,
     issue_body: str,
     reply_to: dict[str, Any] | None,
+    replies: Replies,
 ) -> str:
     services = ctx.services
     name = cmd.name
+    prefix: str = services["settings"].command_prefix
     try:
         if name == "help":
-            await _reply(forge, target, help_text(), ctx)
+            replies.add(help_text(prefix))
             return "help"
         if name == "init":
             # repository setup is per project, not per protocol: a draft PR/MR with the starter
@@ -264,12 +342,7 @@ async def dispatch(
             return f"planning {run.protocol_name}"
         found = await latest_run(ctx, project, target.number, target.kind)
         if found is None:
-            await _reply(
-                forge,
-                target,
-                f"There is no protocol for #{target.number} yet: comment `/plan` to start one.",
-                ctx,
-            )
+            replies.add(f"There is no protocol for #{target.number} yet: comment `{prefix}plan` to start one.")
             return "no-protocol"
         run = found
         if name == "status":
@@ -279,12 +352,7 @@ async def dispatch(
             return await actions.approve(services, run.id, cmd.step)
         if name in ("run-step",):
             if not run.approved:
-                await _reply(
-                    forge,
-                    target,
-                    "The plan is not approved yet: review it, then comment `/approve`.",
-                    ctx,
-                )
+                replies.add(f"The plan is not approved yet: review it, then comment `{prefix}approve`.")
                 return "not-approved"
             index = await actions.run_step(services, run.id, cmd.step, reply_to)
             return f"step {index}"
@@ -301,8 +369,8 @@ async def dispatch(
         await publish_status(services, run.id)
         return name
     except TransitionConflict as exc:
-        await _reply(forge, target, f"Can't `/{name}` now: {exc}.", ctx)
+        replies.add(f"Can't `{prefix}{name}` now: {exc}.")
         return "conflict"
     except NotFound as exc:
-        await _reply(forge, target, f"Can't `/{name}`: {exc}.", ctx)
+        replies.add(f"Can't `{prefix}{name}`: {exc}.")
         return "not-found"

@@ -14,6 +14,7 @@ import msgspec
 import orjson
 
 from bot.errors import WebhookError
+from bot.jsonlimits import MAX_JSON_DEPTH, too_deep
 
 # Headers worth keeping with a delivery (for replay and the operator's view); never secrets.
 _KEPT_HEADERS = (
@@ -40,6 +41,9 @@ class IncomingDelivery:
     action: str | None
     body: str
     headers: dict[str, str] = field(default_factory=dict)
+    # what the delivery is about (see `github_semantic_key`): a replay under a new delivery id
+    # carries the same one, and the store refuses it as a duplicate
+    semantic_key: str | None = None
 
     @cached_property
     def payload(self) -> dict[str, Any]:
@@ -91,19 +95,104 @@ def verify_gitlab_token(headers: Mapping[str, str], secret: str) -> None:
         raise WebhookError(401, "X-Gitlab-Token does not match")
 
 
+class _Ref(msgspec.Struct):
+    """The few scalars of a nested object that identify one version of it."""
+
+    sha: Any = None
+
+
+class _Object(msgspec.Struct):
+    id: Any = None
+    updated_at: Any = None
+    created_at: Any = None
+    finished_at: Any = None
+    action: Any = None
+    status: Any = None
+    name: Any = None
+    run_attempt: Any = None
+    head_sha: Any = None
+    sha: Any = None  # GitLab pipelines
+    head: _Ref | None = None
+
+
 class _GitHubFields(msgspec.Struct):
     action: Any = None
+    id: Any = None  # `status` events are their own object
+    updated_at: Any = None
+    comment: _Object | None = None
+    issue: _Object | None = None
+    pull_request: _Object | None = None
+    check_suite: _Object | None = None
+    workflow_run: _Object | None = None
+    review: _Object | None = None
+    label: _Object | None = None
 
 
 class _GitLabFields(msgspec.Struct):
-    object_attributes: Any = None
+    object_attributes: _Object | None = None
 
 
-# The intake needs a well-formed JSON object and one or two fields of it, not the whole tree:
+# The intake needs a well-formed JSON object and a few fields of it, not the whole tree:
 # decoding into these structs checks the entire document but builds only those fields
 # (about a quarter of a full parse for a typical delivery).
 _GITHUB_DECODER = msgspec.json.Decoder(_GitHubFields)
 _GITLAB_DECODER = msgspec.json.Decoder(_GitLabFields)
+
+# Which object a GitHub event is about. Events not listed (installation, check_run, …) have no
+# semantic key: a check_run `requested_action` carries nothing that tells two clicks on the same
+# button apart, so only the delivery id dedupes it.
+_GITHUB_SUBJECT = {
+    "issue_comment": "comment",
+    "issues": "issue",
+    "pull_request": "pull_request",
+    "pull_request_review": "review",
+    "pull_request_review_comment": "comment",
+    "check_suite": "check_suite",
+    "workflow_run": "workflow_run",
+}
+
+
+def _scalar(value: Any) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | str) and str(value):
+        return str(value)
+    return None
+
+
+def _key(parts: list[Any]) -> str | None:
+    """`a:b:c` when the identifying parts are there; None when the id or the stamp is missing."""
+    text = [_scalar(p) or "" for p in parts]
+    if not text[2] or not text[3]:  # object id and its timestamp
+        return None
+    return ":".join(text)[:255]
+
+
+def github_semantic_key(event: str, fields: _GitHubFields) -> str | None:
+    """event:action:object id:updated_at[:label][:head sha][:attempt] — one version of one object.
+
+    The signature covers the body but not `X-GitHub-Delivery`, so a captured delivery could be
+    replayed under a new id; this key (in the body, hence signed) makes it a duplicate. Edits,
+    new pushes and re-runs change `updated_at`, the head sha or the attempt, so they still count.
+    """
+    if event == "status":
+        return _key([event, "", fields.id, fields.updated_at])
+    attr = _GITHUB_SUBJECT.get(event)
+    obj: _Object | None = getattr(fields, attr) if attr else None
+    if obj is None:
+        return None
+    sha = obj.head_sha or (obj.head.sha if obj.head is not None else None)
+    label = fields.label.name if fields.label is not None else None
+    return _key([event, fields.action, obj.id, obj.updated_at, label, sha, obj.run_attempt])
+
+
+def gitlab_semantic_key(event: str, fields: _GitLabFields) -> str | None:
+    """event:action|status:object id:updated_at[:sha] (pipelines: finished_at or created_at)."""
+    attrs = fields.object_attributes
+    if attrs is None:
+        return None
+    stamp = attrs.updated_at or attrs.finished_at or attrs.created_at
+    return _key([event.lower(), attrs.action or attrs.status, attrs.id, stamp, attrs.sha])
 
 
 def check_json_object(body: bytes, decoder: msgspec.json.Decoder[Any]) -> tuple[str, Any]:
@@ -112,6 +201,8 @@ def check_json_object(body: bytes, decoder: msgspec.json.Decoder[Any]) -> tuple[
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise WebhookError(400, f"body is not valid UTF-8 JSON: {exc}") from None
+    if too_deep(body):
+        raise WebhookError(400, f"body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         return text, decoder.decode(body)
     except msgspec.MsgspecError:
@@ -124,9 +215,14 @@ def check_json_object(body: bytes, decoder: msgspec.json.Decoder[Any]) -> tuple[
         raise WebhookError(400, f"body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise WebhookError(400, "body must be a JSON object")
-    return text, msgspec.convert(
-        {k: payload.get(k) for k in decoder.type.__struct_fields__}, decoder.type
-    )
+    # a field of another shape than ours (say, `comment` as a string) is just not there
+    fields: dict[str, Any] = {}
+    for name in decoder.type.__struct_fields__:
+        try:
+            fields[name] = getattr(msgspec.convert({name: payload.get(name)}, decoder.type), name)
+        except msgspec.MsgspecError:
+            pass
+    return text, decoder.type(**fields)
 
 
 def _str_or_none(value: object) -> str | None:
@@ -150,6 +246,7 @@ def github_delivery(headers: Mapping[str, str], body: bytes, secret: str) -> Inc
         action=_str_or_none(fields.action),
         body=text,
         headers={name: low[name] for name in _KEPT_HEADERS if name in low},
+        semantic_key=github_semantic_key(event, fields),
     )
 
 
@@ -158,6 +255,13 @@ def gitlab_action(payload: Mapping[str, Any]) -> str | None:
     if isinstance(attrs, dict):
         return _str_or_none(attrs.get("action")) or _str_or_none(attrs.get("status"))
     return None
+
+
+def _gitlab_fields_action(fields: _GitLabFields) -> str | None:
+    attrs = fields.object_attributes
+    if attrs is None:
+        return None
+    return _str_or_none(attrs.action) or _str_or_none(attrs.status)
 
 
 def gitlab_delivery(headers: Mapping[str, str], body: bytes, secret: str) -> IncomingDelivery:
@@ -176,7 +280,8 @@ def gitlab_delivery(headers: Mapping[str, str], body: bytes, secret: str) -> Inc
         provider="gitlab",
         key=key[:255],
         event=event[:64],
-        action=gitlab_action({"object_attributes": fields.object_attributes}),
+        action=_gitlab_fields_action(fields),
         body=text,
         headers={name: low[name] for name in _KEPT_HEADERS if name in low},
+        semantic_key=gitlab_semantic_key(event, fields),
     )

@@ -26,9 +26,10 @@ Reply = dict[str, Any] | None
 # -- constructors ------------------------------------------------------------------------------
 
 
-def process_delivery(delivery_id: int) -> JobSpec:
-    # the intake batches these through its Lua enqueue (bot/queue.py), with the same constructor
-    return delivery_job(delivery_id)
+def process_delivery(delivery_id: int, provider: str, key: str, attempt: int = 0) -> JobSpec:
+    # the intake batches these through its Lua enqueue (bot/queue.py), with the same constructor;
+    # the id comes from the delivery's key, never the row id (ids repeat across databases)
+    return delivery_job(delivery_id, provider, key, attempt)
 
 
 def plan_protocol(run_id: int, attempt: str = "0", reply_to: Reply = None) -> JobSpec:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,7 +16,7 @@ from bot.handlers.sansio import IncomingDelivery
 from bot.intake import prune_deliveries, relay_outbox
 from bot.jobs.common import count_job, retry_or_give_up
 from bot.observability import log_context
-from bot.store import claim_delivery, finish_delivery, load_delivery, record_event
+from bot.store import claim_delivery, finish_delivery, load_delivery, record_event, renew_lease
 
 log = logging.getLogger(__name__)
 
@@ -30,37 +32,69 @@ def to_incoming(row: Any) -> IncomingDelivery:
     )
 
 
-async def process_delivery(ctx: dict[str, Any], *, delivery_id: int) -> str:
-    """Idempotent: a delivery already processed (or ignored) is skipped on a re-run."""
+async def _keep_lease(db: Any, delivery_id: int, holder: str, lease_s: float) -> None:
+    """Renew the claim every third of its length while the handlers work."""
+    while True:
+        await asyncio.sleep(lease_s / 3)
+        try:
+            if not await renew_lease(db, delivery_id, holder, lease_s):
+                log.warning("lost the lease on delivery %s", delivery_id)
+                return
+        except Exception as exc:  # the database is having a moment: try again next round
+            log.warning("could not renew the lease on delivery %s: %s", delivery_id, exc)
+
+
+async def _hold_for_retry(db: Any, delivery_id: int, holder: str, lease_s: float, retry: Retry) -> None:
+    """arq brings this same job back after the delay: the lease must outlast the wait."""
+    defer_s = (getattr(retry, "defer_score", None) or 0) / 1000
+    await renew_lease(db, delivery_id, holder, lease_s + defer_s)
+
+
+async def process_delivery(ctx: dict[str, Any], *, delivery_id: int, delivery_key: str | None = None) -> str:
+    """Idempotent: a delivery already processed (or ignored), or leased to a live job, is skipped.
+
+    `delivery_key` guards against a job from another database (an old Redis, a re-created
+    database): the row with that id must be the delivery the job was made for.
+    """
     db = ctx["db"]
     router: Router = ctx["router"]
+    lease_s: float = ctx["settings"].delivery_lease_s if "settings" in ctx else 30.0
+    holder = str(ctx.get("job_id") or f"direct:{uuid.uuid4()}")
     with log_context(delivery_id=delivery_id, job_id=ctx.get("job_id"), job="process_delivery"):
         row = await load_delivery(db, delivery_id)
-        if row is None:
+        if row is None or (delivery_key is not None and row.delivery_key != delivery_key):
             log.warning("delivery %s is not in the database", delivery_id)
             await count_job(ctx, "process_delivery", "missing")
             return "missing"
-        if not await claim_delivery(db, delivery_id):
+        if not await claim_delivery(db, delivery_id, holder, lease_s):
             await count_job(ctx, "process_delivery", "skipped")
             return "already-" + row.status
         delivery = to_incoming(row)
         handlers = router.handlers_for(delivery.provider, delivery.event, delivery.action)
         hctx = HandlerContext(delivery_id=delivery_id, delivery=delivery, services=ctx)
+        keeper = asyncio.create_task(_keep_lease(db, delivery_id, holder, lease_s))
         try:
             for handler in handlers:
                 await handler(hctx)
-        except Retry:
+        except Retry as retry:
+            await _hold_for_retry(db, delivery_id, holder, lease_s, retry)
             raise
         except Exception as exc:
             log.exception("handler failed for delivery %s", delivery_id)
             if not isinstance(exc, ConfigError | NotFound):  # retrying cannot fix these
-                retry_or_give_up(ctx, exc)
+                try:
+                    retry_or_give_up(ctx, exc)
+                except Retry as retry:
+                    await _hold_for_retry(db, delivery_id, holder, lease_s, retry)
+                    raise
             await finish_delivery(db, delivery_id, "failed", {"handled": hctx.outcomes}, error=repr(exc)[:2000])
             await record_event(
                 db, "delivery.failed", f"handling failed: {type(exc).__name__}", delivery_id=delivery_id
             )
             await count_job(ctx, "process_delivery", "failed")
             return "failed"
+        finally:
+            keeper.cancel()
         status = "processed" if handlers else "ignored"
         await finish_delivery(db, delivery_id, status, {"handled": hctx.outcomes})
         await count_job(ctx, "process_delivery", status)

@@ -14,6 +14,7 @@ from bot.errors import ConfigError
 from bot.handlers import build_router
 from bot.jobs import catalogue
 from bot.jobs.common import MAX_TRIES
+from bot.jobs.resilient import ResilientWorker
 from bot.observability import configure_logging
 from bot.queue import create_redis, redis_settings
 from bot.settings import Settings, load_settings
@@ -137,8 +138,9 @@ def build_worker(
         kwargs["cron_jobs"] = []
     base_ctx = {"settings": settings, **(ctx or {})}
     redis = base_ctx.get("redis") or create_redis(settings)
-    # fakeredis lacks INFO, which arq's own main() calls; real Redis gets the stock Worker
-    worker_class = InProcessWorker if settings.memory_queue else Worker
+    # fakeredis lacks INFO, which arq's own main() calls; real Redis gets a Worker that rides
+    # out Redis outages (bot/jobs/resilient.py)
+    worker_class = InProcessWorker if settings.memory_queue else ResilientWorker
     return worker_class(redis_pool=redis, ctx=base_ctx, burst=burst, **kwargs)
 
 

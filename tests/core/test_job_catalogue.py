@@ -42,7 +42,7 @@ def test_constructors_name_id_and_arguments() -> None:
     )
     qa = catalogue.run_quality(3, 2, "ci-abc", reply_to={"number": 1})
     assert qa.job_id == "qa:3:2:ci-abc" and qa.kwargs["reply_to"] == {"number": 1}
-    assert catalogue.process_delivery(9) == delivery_job(9)
+    assert catalogue.process_delivery(9, "github", "d-1") == delivery_job(9, "github", "d-1")
     assert catalogue.plan_protocol(4).job_id == "plan:4:0"
     assert catalogue.project_setup(5, "d1").job_id == "setup:5:d1"
     assert catalogue.codemachine_prepare(6).kwargs == {"protocol_run_id": 6}

@@ -8,8 +8,10 @@ from bot.commands import (
     COMMANDS,
     Command,
     CommandError,
+    edit_distance,
     help_text,
     label_intent,
+    near_a_command,
     parse_commands,
     permission_allows,
     render_command_error,
@@ -31,7 +33,7 @@ def one(body: str) -> Command | CommandError:
         ("/plan add a login page", "plan", None, "add a login page"),
         ("/PLAN  Shout it  ", "plan", None, "Shout it"),
         ("   /status", "status", None, ""),
-        ("\t/help", "help", None, ""),
+        ("  /help", "help", None, ""),
         ("/run-step", "run-step", None, ""),
         ("/run-step next", "run-step", None, ""),
         ("/run-step NEXT", "run-step", None, ""),
@@ -141,6 +143,7 @@ def test_fenced_code_and_quotes_are_ignored() -> None:
             "> /cancel quoted",
             ">/pause quoted without space",
             "  > /resume indented quote",
+            "",  # without it, the next line would continue the quote (CommonMark's lazy line)
             "/status",
             "````",
             "```",
@@ -150,7 +153,43 @@ def test_fenced_code_and_quotes_are_ignored() -> None:
         ]
     )
     found = parse_commands(body)
-    assert [(c.name, c.line) for c in found] == [("status", 13), ("qa", 18)]
+    assert [(c.name, c.line) for c in found] == [("status", 14), ("qa", 19)]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "    /cancel",  # indented code block: four spaces
+        "\t/cancel",  # ... or a tab
+        "looks harmless\n<!--\n/cancel\n-->",  # an HTML block the forge does not display
+        "text <!-- hidden\n/cancel\n--> more",  # an inline HTML comment across lines
+        "<!-- /cancel -->",
+        "<!--\n/cancel",  # an unclosed comment hides the rest
+        "> quote\n/cancel",  # a lazy continuation line belongs to the quote
+        "- item\n/cancel",  # ... and to the list item
+        "`x\n/cancel` y",  # inside a code span
+    ],
+)
+def test_hidden_commands_do_not_count(body: str) -> None:
+    assert parse_commands(body) == []
+
+
+def test_command_after_hidden_text_counts() -> None:
+    found = parse_commands("<!--\n/cancel\n-->\n\n/status")
+    assert [(c.name, c.line) for c in found] == [("status", 5)]
+
+
+def test_limit_stops_parsing() -> None:
+    found = parse_commands("/bogus\n" * 10_000, limit=6)
+    assert len(found) == 6
+
+
+def test_edit_distance_and_nearness() -> None:
+    assert edit_distance("plan", "plan") == 0
+    assert edit_distance("paln", "plan") == 2
+    assert edit_distance("", "abc") == 3
+    assert near_a_command("stauts") and near_a_command("PLN")
+    assert not near_a_command("assign") and not near_a_command("label")
 
 
 def test_unclosed_fence_hides_the_rest() -> None:

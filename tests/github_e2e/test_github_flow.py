@@ -214,8 +214,9 @@ def test_unknown_command_replies_with_did_you_mean(gh: GitHubLoop) -> None:
     out = gh.deliver("issue_comment", gh.comment("/paln"))
     assert out["outcome"]["handled"][-1]["result"] == "unknown"
     calls = gh.fake.since(mark)
-    assert pairs(calls) == [("POST", f"{R}/issues/1/comments")]
-    body = calls[0].body["body"]
+    # who may act is asked before anything is said
+    assert pairs(calls) == [("GET", f"{R}/collaborators/alice/permission"), ("POST", f"{R}/issues/1/comments")]
+    body = calls[1].body["body"]
     assert "`/paln` is not a DeksdenFlow command" in body and "Did you mean `/plan`?" in body
     assert gh.call(_run_count, gh) == 0
 

@@ -242,10 +242,14 @@ def test_command_on_a_pull_request_from_a_fork_is_refused_unless_allowed(gh: Git
 # -- CI and checks ---------------------------------------------------------------------------
 
 
+_SUITE_IDS = iter(range(118_600_000, 118_700_000))
+
+
 def check_suite(gh: GitHubLoop, sha: str | None, app_id: int = 15368) -> dict[str, Any]:
     payload = gh._repo(sample("check_suite_completed"))
     payload["check_suite"] = {
         **payload["check_suite"],
+        "id": next(_SUITE_IDS),  # each delivery is another suite (one version of one suite is a replay)
         "head_branch": PROTOCOL,
         "head_sha": sha,
         "status": "completed",

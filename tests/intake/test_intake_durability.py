@@ -15,6 +15,7 @@ from arq.constants import default_queue_name
 from bot.app import create_app
 from bot.db import create_database
 from bot.jobs.worker import build_worker, close_worker
+from bot.queue import JobSpec, delivery_job_id
 from tests.conftest import LiveServer, make_settings
 from tests.intake.helpers import comment_body, github_headers, rows, sync_url
 
@@ -52,7 +53,7 @@ def test_fifty_concurrent_copies_make_one_row_and_one_job(
                 break
             asyncio.run(asyncio.sleep(0.02))
     assert len(rows(db_url, "SELECT id FROM webhook_deliveries")) == 1
-    assert queued_jobs(redis_url) == [f"delivery:{responses[0].json()['id']}"]
+    assert queued_jobs(redis_url) == [delivery_job_id("github", headers["X-GitHub-Delivery"])]
 
 
 def test_distinct_deliveries_under_concurrency_each_get_one_job(
@@ -86,12 +87,14 @@ def test_queue_down_then_up_relays_each_delivery_exactly_once(
 ) -> None:
     down = make_settings(tmp_path, db_url=db_url, redis_url="redis://127.0.0.1:1/0")
     ids: list[int] = []
+    keys: list[str] = []
     with live_server(create_app(down, embedded_worker=False)) as server, httpx.Client(timeout=30) as http:
         for i in range(5):
             body = comment_body(f"note {i}")
             res = http.post(server.url + "/webhooks/github", content=body, headers=github_headers(body))
             assert res.status_code == 202 and res.json()["status"] == "accepted"
             ids.append(res.json()["id"])
+            keys.append(res.json()["delivery"])
     stored = rows(db_url, "SELECT id, status FROM webhook_deliveries ORDER BY id")
     assert [tuple(r) for r in stored] == [(i, "pending") for i in ids]
     assert queued_jobs(redis_url) == []
@@ -101,7 +104,7 @@ def test_queue_down_then_up_relays_each_delivery_exactly_once(
     for _ in range(2):
         with live_server(create_app(up, embedded_worker=False)):
             pass
-    assert sorted(queued_jobs(redis_url)) == sorted(f"delivery:{i}" for i in ids)
+    assert sorted(queued_jobs(redis_url)) == sorted(delivery_job_id("github", k) for k in keys)
 
     async def drain() -> None:
         worker = build_worker(up, ctx={}, burst=True)
@@ -130,7 +133,7 @@ def test_worker_relays_pending_deliveries_and_rerun_is_idempotent(
 
         db = create_database(settings.async_database_url)
 
-        async def unreachable(ids: list[int]) -> None:
+        async def unreachable(jobs: list[JobSpec]) -> None:
             raise ConnectionError("queue down")
 
         store = DeliveryStore(db, unreachable)

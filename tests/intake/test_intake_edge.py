@@ -177,19 +177,24 @@ async def test_enqueue_many_keeps_arqs_semantics(backend: str, request: pytest.F
     url = request.getfixturevalue("redis_url") if backend == "redis" else "memory://"
     redis: ArqRedis = create_redis(make_settings(tmp_path, redis_url=url))
     try:
-        jobs = [delivery_job(i) for i in (1, 2, 3)]
+        def job(i: int) -> JobSpec:
+            return delivery_job(i, "github", f"key-{i}")
+
+        jobs = [job(i) for i in (1, 2, 3)]
         assert await enqueue_many(redis, jobs) == 3
         assert await enqueue_many(redis, jobs) == 0  # a relay of the same ids adds nothing
-        await redis.set("arq:result:delivery:4", b"done")  # finished earlier: never re-run
-        assert await enqueue_many(redis, [delivery_job(4), delivery_job(5)]) == 1
+        await redis.set(f"arq:result:{job(4).job_id}", b"done")  # finished earlier: never re-run
+        assert await enqueue_many(redis, [job(4), job(5)]) == 1
         assert await enqueue_many(redis, []) == 0
         queued = [m.decode() for m in await redis.zrange("arq:queue", 0, -1)]
-        assert sorted(queued) == ["delivery:1", "delivery:2", "delivery:3", "delivery:5"]
-        raw = await redis.get("arq:job:delivery:2")
+        assert sorted(queued) == sorted(job(i).job_id for i in (1, 2, 3, 5))
+        raw = await redis.get(f"arq:job:{job(2).job_id}")
         assert raw is not None
-        job = deserialize_job(raw)
-        assert (job.function, job.args, job.kwargs) == ("process_delivery", (), {"delivery_id": 2})
-        assert 0 < await redis.pttl("arq:job:delivery:2") <= 24 * 3600 * 1000
+        found = deserialize_job(raw)
+        assert (found.function, found.args, found.kwargs) == (
+            "process_delivery", (), {"delivery_id": 2, "delivery_key": "key-2"}
+        )
+        assert 0 < await redis.pttl(f"arq:job:{job(2).job_id}") <= 24 * 3600 * 1000
         other = JobSpec("project_onboard", f"onboard:{uuid.uuid4()}", {"project_id": 7})
         assert await enqueue_many(redis, [other], queue="arq:other") == 1
         assert await redis.zcard("arq:other") == 1
