@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006_faults"
-down_revision = "0001"
+down_revision = "0005_security"
 branch_labels = None
 depends_on = None
 
