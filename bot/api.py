@@ -141,6 +141,18 @@ def loopback_caller(request: Request) -> bool:
     return (is_loopback(peer) or peer == TEST_PEER) and not forwarded(request.headers)
 
 
+def _database_errors() -> tuple[type[BaseException], ...]:
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (SQLAlchemyError, psycopg.Error, sqlite3.Error)
+
+
+DATABASE_ERRORS = _database_errors()
+
+
 def guarded(endpoint: Endpoint) -> Endpoint:
     """Authenticate, then map the project's typed errors to HTTP answers (never a 500 for input)."""
 
@@ -178,6 +190,9 @@ def guarded(endpoint: Endpoint) -> Endpoint:
             return error_answer(400, one_line(str(exc)), exc)
         except DeksdenFlowError as exc:
             return error_answer(400, "the request could not be carried out", exc)
+        except DATABASE_ERRORS:
+            # the app's handler answers these 503 with one line (bot/app.py database_errors)
+            raise
         except Exception as exc:  # the edge's catch-all: a reason and an id, never a traceback
             return error_answer(500, "internal error", exc)
 

@@ -96,7 +96,7 @@ def everywhere(url: str) -> dict[str, httpx.Response | float]:
                 results = await asyncio.gather(
                     timed("webhook", http.post("/webhooks/github", content=body, headers=github_headers(body))),
                     timed("api", http.get("/api/projects", headers={"Authorization": f"Bearer {API_TOKEN}"})),
-                    timed("console", console.get(f"/console?token={API_TOKEN}")),
+                    timed("console", console.post("/console/login", data={"token": API_TOKEN})),
                     timed("ci", http.post("/webhooks/ci", content=ci, headers={"X-DeksdenFlow-Token": CI_TOKEN})),
                     timed("healthz", http.get("/healthz")),
                 )
@@ -160,7 +160,7 @@ def test_locked_sqlite_gives_503_within_5s_and_readyz_says_so(
         locker.execute("BEGIN IMMEDIATE")
         try:
             body = comment_body("locked")
-            project = json.dumps({"name": "acme/locked", "git_url": "https://github.com/acme/locked.git"})
+            project = json.dumps({"name": "acme/locked", "git_url": str(tmp_path / "locked-repo")})
             started = time.monotonic()
             webhook = httpx.post(server.url + "/webhooks/github", content=body, headers=github_headers(body), timeout=20)
             webhook_s = time.monotonic() - started
