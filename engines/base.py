@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -15,6 +15,10 @@ Outcome = Literal["completed", "failed", "timeout", "usage_error", "not_found", 
 PHASES: tuple[Phase, ...] = ("planning", "decompose", "execute", "qa", "discovery")
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+# Receives each JSONL event of a turn as it arrives (Codex's own event shape). It is called on
+# the engine's reading loop, so it must be quick and must not block: buffer, don't write.
+EventSink = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class EngineRequest:
     previous_usage: TokenUsage | None = None
     # Free-form hints (step_index, slug, title, protocol, task…) used by the scripted engine.
     context: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    # Optional live consumer of the turn's events (the transcript); None: nobody is watching.
+    sink: EventSink | None = None
 
 
 @dataclass
