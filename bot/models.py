@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -78,6 +79,8 @@ class ProtocolRun(Base):
     approved: Mapped[bool] = mapped_column(Boolean, default=False)
     auto_mode: Mapped[bool] = mapped_column(Boolean, default=False)
     tokens_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    # USD at the configured prices when the tokens were spent (bot/pricing.py)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
@@ -105,6 +108,7 @@ class StepRun(Base):
     runtime_state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     summary: Mapped[str | None] = mapped_column(Text, nullable=True)
     tokens_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -174,3 +178,24 @@ class ForgeRecord(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
+
+
+class TranscriptItem(Base):
+    """One thing an engine did or said during a turn, as shown on the step page (redacted)."""
+
+    __tablename__ = "transcript_items"
+    __table_args__ = (
+        Index("ix_transcript_step_id", "step_run_id", "id"),
+        Index("ix_transcript_protocol_id", "protocol_run_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    protocol_run_id: Mapped[int] = mapped_column(Integer)
+    # None for protocol-level turns (planning, decomposition)
+    step_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    phase: Mapped[str] = mapped_column(String(16))
+    # message | reasoning | command | file_change | usage | error | turn
+    kind: Mapped[str] = mapped_column(String(32))
+    text: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     log_json: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
+    # links and money
+    # The base URL people and forges reach (https://bot.example.com): check runs, commit
+    # statuses and the status comment link to the console under it. None: no links.
+    public_url: str | None = None
+    # {model: {input, cached_input, output}} in USD per million tokens, over bot/pricing.py's
+    # defaults; JSON in DEKSDENFLOW_MODEL_PRICES.
+    model_prices: dict[str, dict[str, float]] = Field(default_factory=dict)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
@@ -92,6 +100,15 @@ class Settings(BaseSettings):
     @field_validator("github_api_url", "gitlab_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
