@@ -9,6 +9,7 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from bot import links
 from bot.forge.base import (
     CheckConclusion,
     CheckReport,
@@ -25,7 +26,7 @@ from bot.runs import RunState, emit, load_run
 log = logging.getLogger(__name__)
 
 
-def step_view(step: Any) -> StepView:
+def step_view(step: Any, page_url: str | None = None) -> StepView:
     rs = step.runtime_state or {}
     duration = None
     if step.started_at and step.finished_at:
@@ -43,10 +44,15 @@ def step_view(step: Any) -> StepView:
         output=rs.get("last_message"),
         qa_report=rs.get("qa_report"),
         error=rs.get("error"),
+        page_url=page_url,
+        cost_usd=getattr(step, "cost_usd", None) or None,
     )
 
 
-def protocol_view(state: RunState, message: str | None = None) -> ProtocolView:
+def protocol_view(
+    state: RunState, message: str | None = None, public_url: str | None = None
+) -> ProtocolView:
+    """The status comment's view; `public_url` adds console links (none without it)."""
     run = state.run
     current = next((s.step_index for s in state.steps if s.status in ("running", "needs_qa")), None)
     if current is None:
@@ -55,7 +61,9 @@ def protocol_view(state: RunState, message: str | None = None) -> ProtocolView:
         name=run.protocol_name,
         status=run.status,
         task=run.description,
-        steps=tuple(step_view(s) for s in state.steps),
+        steps=tuple(
+            step_view(s, links.step_page(public_url, run.id, s.step_index)) for s in state.steps
+        ),
         current_step=current,
         branch=run.protocol_name,
         pr_url=run.pr_url,
@@ -63,6 +71,8 @@ def protocol_view(state: RunState, message: str | None = None) -> ProtocolView:
         tokens_used=run.tokens_used or None,
         message=message or (run.runtime_state or {}).get("message"),
         updated_at=run.updated_at,
+        console_url=links.protocol_page(public_url, run.id),
+        cost_usd=getattr(run, "cost_usd", None) or None,
     )
 
 
@@ -121,7 +131,7 @@ async def remember(db: Any, project_id: int, kind: str, key: str, data: dict[str
 async def publish_status(ctx: dict[str, Any], run_id: int, message: str | None = None) -> None:
     """Re-render the one status comment (issue, and PR when there is one); never fails the job."""
     state = await load_run(ctx["db"], run_id)
-    body = status_comment(protocol_view(state, message))
+    body = status_comment(protocol_view(state, message, ctx["settings"].public_url))
     forge = forge_of(ctx, state)
     marker = status_marker(state.run.protocol_name)
     repo = ctx["forges"].repo_ref(state.project)
@@ -182,6 +192,8 @@ async def report_check(
         quality_report=quality_report,
         has_next_step=has_next,
         message=message,
+        details_url=links.step_page(ctx["settings"].public_url, run_id, step_index),
+        cost_usd=step.cost_usd or None,
     )
     try:
         await _send_check(ctx, state, report)
