@@ -126,6 +126,7 @@ def routes(edges: dict[str, WebhookEdge]) -> list[BaseRoute]:
     from bot.api import api_routes
     from bot.ci_hook import ci_webhook
     from bot.console import console_routes
+    from bot.console_steps import step_routes
     from bot.github_setup import setup_routes
 
     return [
@@ -139,6 +140,7 @@ def routes(edges: dict[str, WebhookEdge]) -> list[BaseRoute]:
         Route("/metrics", metrics),
         *api_routes(),
         *console_routes(),
+        *step_routes(),
         *setup_routes(),
     ]
 
@@ -218,7 +220,11 @@ def create_app(
             await db.dispose()
 
     edges = webhook_edges(state)
-    app = DeksdenflowApp(routes=routes(edges), lifespan=lifespan)
+    from bot.console_steps import server_error
+
+    app = DeksdenflowApp(
+        routes=routes(edges), lifespan=lifespan, exception_handlers={Exception: server_error}
+    )
     app.edges = edges
     app.state.df = state
     return app
