@@ -431,7 +431,8 @@ async def redeliver(request: Request) -> Response:
     from bot.store import record_event
 
     # a cookie-authenticated write must come from our own page (CSRF), like the API's actions
-    if request.cookies.get(CONSOLE_COOKIE) and not request.headers.get(CONSOLE_HEADER):
+    by_cookie = "authorization" not in request.headers and bool(request.cookies.get(CONSOLE_COOKIE))
+    if by_cookie and not request.headers.get(CONSOLE_HEADER):
         return JSONResponse({"error": f"missing {CONSOLE_HEADER} header"}, status_code=403)
     delivery_id = int(request.path_params["delivery_id"])
     db = _db(request)
