@@ -44,6 +44,8 @@ STREAM_POLL_S = 0.4  # how often a stream looks for new rows (any worker may be 
 STREAM_MAX_S = 600.0  # then the stream ends and EventSource reconnects with Last-Event-ID
 KEEPALIVE_S = 15.0
 FINISHED_STEP = ("completed", "failed", "cancelled", "blocked")
+PHASE_NAMES = {"execute": "Execution", "qa": "Quality check", "planning": "Planning",
+               "decompose": "Decomposition", "discovery": "Discovery"}  # fmt: skip
 # run statuses in which no step may be (re)run: bot/actions.py refuses them with a 409
 NOT_RUNNABLE = ("completed", "cancelled", "paused", "pending", "planning")
 # headers worth showing from a stored delivery; everything else (signatures, tokens) stays out
@@ -104,6 +106,7 @@ def step_facts(step: StepRun) -> dict[str, Any]:
     return {
         **step_json(step),
         "duration": fmt_duration(duration) if duration is not None else "—",
+        "phase_running": step.status == "running",
         "cost": fmt_cost(step.cost_usd or 0.0),
         "attempts": (step.retries or 0) + 1,
         "qa_attempts": rs.get("qa_attempts", 0),
@@ -116,7 +119,7 @@ def run_state(run: ProtocolRun, steps: Sequence[StepRun]) -> dict[str, Any]:
     """The protocol page's live state: the run, its steps, and which buttons are valid."""
     data = run_json(run)
     step_rows = [
-        {**step_json(s), "cost": fmt_cost(s.cost_usd or 0.0),
+        {**step_json(s), "cost": fmt_cost(s.cost_usd or 0.0), "duration": step_facts(s)["duration"],
          "actions": step_actions(run.status, s.status)}
         for s in steps
     ]  # fmt: skip
@@ -125,6 +128,21 @@ def run_state(run: ProtocolRun, steps: Sequence[StepRun]) -> dict[str, Any]:
         "steps": step_rows,
         "buttons": valid_actions(data, step_rows),
     }
+
+
+def collapse_started(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop a command's "running" line once the same command's result follows (pure)."""
+    shown: list[dict[str, Any]] = []
+    for item in items:
+        if item["kind"] == "command" and item["data"].get("status") != "running":
+            for n in range(len(shown) - 1, max(-1, len(shown) - 20), -1):
+                prior = shown[n]
+                if prior["kind"] == "command" and prior["data"].get("status") == "running" \
+                        and prior["text"] == item["text"]:  # fmt: skip
+                    del shown[n]
+                    break
+        shown.append(item)
+    return shown
 
 
 def sse(event: str, data: Any, event_id: int | None = None) -> str:
@@ -229,10 +247,11 @@ async def step_page(request: Request) -> Response:
         request,
         "step.html",
         pygments_css=pygments_css(),
+        phase_names=PHASE_NAMES,
         run=run_json(run),
         project={"id": project.id, "name": project.name} if project else None,
         step=step_facts(step),
-        items=[item_json(i) for i in items],
+        items=collapse_started([item_json(i) for i in items]),
         earlier=items[0].id if len(items) == PAGE_ITEMS else None,
         paged=before is not None,
         last_item=items[-1].id if items else 0,
