@@ -37,7 +37,7 @@ from bot.git.runner import run_git
 from bot.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
 from bot.pricing import fmt_cost
 from bot.rendering import fmt_duration
-from bot.transcript import item_json, transcript_page
+from bot.transcript import transcript_page
 
 PAGE_ITEMS = 200  # transcript items on the first screen; older ones page in with ?before=
 STREAM_POLL_S = 0.4  # how often a stream looks for new rows (any worker may be writing them)
@@ -191,6 +191,10 @@ async def _load_step(request: Request) -> tuple[ProtocolRun, StepRun, Project | 
     return run, step, project
 
 
+def _workdir(run: ProtocolRun) -> Path | None:
+    return Path(run.worktree_path) if run.worktree_path else None
+
+
 def diff_sources(request: Request, run: ProtocolRun, project: Project | None) -> list[Path]:
     """Where the step's commit can be read: the run's worktree, the mirror, a local origin."""
     settings = request.app.state.df.settings
@@ -239,7 +243,8 @@ async def step_page(request: Request) -> Response:
     run, step, project = await _load_step(request)
     before = _cursor(request, "before")
     items = await transcript_page(
-        _db(request), step_run_id=step.id, before=before or 2**62, limit=PAGE_ITEMS
+        _db(request), step_run_id=step.id, before=before or 2**62, limit=PAGE_ITEMS,
+        workdir=_workdir(run),
     )
     sha = (step.runtime_state or {}).get("commit_sha")
     diff = await load_diff(diff_sources(request, run, project), sha) if sha else None
@@ -251,10 +256,10 @@ async def step_page(request: Request) -> Response:
         run=run_json(run),
         project={"id": project.id, "name": project.name} if project else None,
         step=step_facts(step),
-        items=collapse_started([item_json(i) for i in items]),
-        earlier=items[0].id if len(items) == PAGE_ITEMS else None,
+        items=collapse_started(items),
+        earlier=items[0]["id"] if len(items) == PAGE_ITEMS else None,
         paged=before is not None,
-        last_item=items[-1].id if items else 0,
+        last_item=items[-1]["id"] if items else 0,
         diff=diff,
         sha=sha,
         finished=step.status in FINISHED_STEP,
@@ -295,7 +300,7 @@ async def step_stream(request: Request) -> Response:
     if refused is not None:
         return refused
     try:
-        _run, step, _project = await _load_step(request)
+        run, step, _project = await _load_step(request)
         after = _cursor(request, "after") or 0
     except (LookupError, ValueError) as exc:
         return JSONResponse({"error": str(exc)}, status_code=404)
@@ -308,11 +313,13 @@ async def step_stream(request: Request) -> Response:
         cursor, sent, quiet = after, None, time.monotonic()
         deadline = time.monotonic() + STREAM_MAX_S
         while time.monotonic() < deadline:
-            items = await transcript_page(db, step_run_id=step.id, after=cursor, limit=500)
+            items = await transcript_page(
+                db, step_run_id=step.id, after=cursor, limit=500, workdir=_workdir(run)
+            )
             for item in items:
-                yield sse("item", item_json(item), item.id)
+                yield sse("item", item, item["id"])
             if items:
-                cursor, quiet = items[-1].id, time.monotonic()
+                cursor, quiet = items[-1]["id"], time.monotonic()
             async with db.sessions() as session:
                 current = await session.get(StepRun, step.id)
             if current is None:
@@ -402,7 +409,7 @@ async def transcript_api(request: Request) -> Response:
         _db(request), step_run_id=step_id, after=after or 0, before=before, limit=max(1, limit)
     )
     return JSONResponse(
-        {"items": [item_json(i) for i in items], "next_after": items[-1].id if items else after}
+        {"items": items, "next_after": items[-1]["id"] if items else after}
     )
 
 

@@ -180,10 +180,14 @@ class ForgeRecord(Base):
     )
 
 
-class TranscriptItem(Base):
-    """One thing an engine did or said during a turn, as shown on the step page (redacted)."""
+class TranscriptChunk(Base):
+    """A batch of an engine turn's JSONL events, redacted, as written by the transcript recorder.
 
-    __tablename__ = "transcript_items"
+    Events are stored as the engine read them (one JSON object a line) and turned into display
+    items when read: the engine's reading loop then pays almost nothing per event.
+    """
+
+    __tablename__ = "transcript_chunks"
     __table_args__ = (
         Index("ix_transcript_step_id", "step_run_id", "id"),
         Index("ix_transcript_protocol_id", "protocol_run_id", "id"),
@@ -194,8 +198,6 @@ class TranscriptItem(Base):
     # None for protocol-level turns (planning, decomposition)
     step_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     phase: Mapped[str] = mapped_column(String(16))
-    # message | reasoning | command | file_change | usage | error | turn
-    kind: Mapped[str] = mapped_column(String(32))
-    text: Mapped[str] = mapped_column(Text, default="")
-    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    lines: Mapped[int] = mapped_column(Integer)
+    body: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

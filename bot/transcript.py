@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import sqlite3
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, select
 
-from bot.db import Database
-from bot.models import TranscriptItem, utcnow
+from bot.db import Database, connect_sqlite, sqlite_file
+from bot.models import TranscriptChunk, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +151,41 @@ def transcript_entry(event: Mapping[str, Any], workdir: Path | None = None) -> d
     return None
 
 
-class TranscriptRecorder:
-    """An engine sink that stores transcript items in batches from a background task.
+# An item's id is its chunk's id times ID_SPAN plus its line in the chunk: stable, increasing,
+# and a cursor (`after`, `before`) for the live stream and for paging.
+ID_SPAN = 1000
+CHUNK_LINES = 500  # lines per stored chunk: a first screen never parses more than a few
+RAW_LIMIT = 16 * 1024  # a longer line (huge command output) is stored as the engine's compact event
 
-    `add` only appends to a list, so the engine's reading loop never waits for the database;
-    the flusher writes whatever arrived every FLUSH_INTERVAL_S in one multi-row INSERT.
+
+def _sqlite_time(when: datetime) -> str:
+    # how SQLAlchemy stores a DateTime in SQLite, so the ORM reads these rows back unchanged
+    return when.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
+def _needles(secrets: tuple[str, ...]) -> tuple[tuple[bytes, bytes], ...]:
+    """Each secret as it appears inside a JSON line (escaped), and what replaces it."""
+    out: list[tuple[bytes, bytes]] = []
+    for secret in secrets:
+        for form in {secret, json.dumps(secret)[1:-1]}:
+            out.append((form.encode(), REDACTED.encode()))
+    return tuple(out)
+
+
+def redact_line(line: bytes, needles: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """One JSONL line with every secret replaced (bytes in, bytes out: no decoding per event)."""
+    for needle, replacement in needles:
+        if needle in line:
+            line = line.replace(needle, replacement)
+    return line
+
+
+class TranscriptRecorder:
+    """An engine sink that stores a turn's events in batches from a background task.
+
+    `add` only appends to a list, so the engine's reading loop never waits for the database and
+    pays nothing per event beyond that; every FLUSH_INTERVAL_S the flusher redacts what arrived
+    (on the bytes) and writes it as a few chunk rows in one INSERT.
     """
 
     def __init__(
@@ -169,76 +203,167 @@ class TranscriptRecorder:
         self.protocol_run_id = protocol_run_id
         self.step_run_id = step_run_id
         self.phase = phase
-        self.secrets = secrets
+        self.needles = _needles(secrets)
         self.workdir = workdir
         self.interval_s = interval_s
-        self.stored = 0
-        self.latest: str | None = None  # the newest command or file change, for progress lines
-        self._pending: list[dict[str, Any]] = []
+        self.stored = 0  # lines written
+        self._pending: list[tuple[dict[str, Any], bytes | None]] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
 
-    def add(self, event: dict[str, Any]) -> None:
+    def add(self, event: dict[str, Any], raw: bytes | None = None) -> None:
         """The sink: called once per engine event, on the engine's reading loop."""
-        self._pending.append(event)
+        self._pending.append((event, raw))
         if self._task is None:
             self._task = asyncio.create_task(self._flusher(), name="transcript-flusher")
+        elif len(self._pending) >= CHUNK_LINES:
+            # a fast stream: write this chunk now, beside the reading, not all of it at the end
+            self._wake.set()
 
     async def _flusher(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
+            if not self._closing:
+                self._wake.clear()
             await self.flush()
             if self._closing:
                 return
 
-    def rows(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Events → rows to insert (redacted); remembers the latest action."""
-        now = utcnow()
-        rows: list[dict[str, Any]] = []
-        for event in events:
-            entry = transcript_entry(event, self.workdir)
-            if entry is None:
-                continue
-            entry = redact(entry, self.secrets)
-            if entry["kind"] in ("command", "file_change"):
-                self.latest = entry["text"][:200]
-            rows.append(
-                {
-                    "protocol_run_id": self.protocol_run_id,
-                    "step_run_id": self.step_run_id,
-                    "phase": self.phase,
-                    "kind": entry["kind"],
-                    "text": entry["text"],
-                    "data": entry["data"],
-                    "created_at": now,
-                }
-            )
-        return rows
+    def lines(self, events: list[tuple[dict[str, Any], bytes | None]]) -> list[bytes]:
+        """The events as redacted JSON lines (the engine's own bytes when it gave them)."""
+        out: list[bytes] = []
+        for event, raw in events:
+            if raw is not None and len(raw) <= RAW_LIMIT:
+                line = raw.rstrip(b"\r\n")
+            else:
+                line = json.dumps(event, default=str).encode()
+                if len(line) > RAW_LIMIT:  # keep the shape, lose the bulk
+                    entry = transcript_entry(event, self.workdir) or {}
+                    line = json.dumps({"type": "deksdenflow.oversized", **entry}).encode()
+            out.append(redact_line(line, self.needles))
+        return out
 
     async def flush(self) -> None:
         events, self._pending = self._pending, []
         if not events:
             return
-        rows = self.rows(events)
-        if not rows:
-            return
+        lines = self.lines(events)
+        now = utcnow()
+        rows = [
+            {
+                "protocol_run_id": self.protocol_run_id,
+                "step_run_id": self.step_run_id,
+                "phase": self.phase,
+                "lines": len(part),
+                "body": b"\n".join(part).decode("utf-8", "replace"),
+                "created_at": now,
+            }
+            for part in (lines[i : i + CHUNK_LINES] for i in range(0, len(lines), CHUNK_LINES))
+        ]
         try:
-            async with self.db.sessions.begin() as session:
-                await session.execute(insert(TranscriptItem), rows)
-            self.stored += len(rows)
+            await self._write(rows)
+            self.stored += len(lines)
         except Exception:  # the transcript is a view: losing a batch must not fail the step
-            log.warning("could not store %d transcript items", len(rows), exc_info=True)
+            log.warning("could not store %d transcript events", len(lines), exc_info=True)
+
+    async def _write(self, rows: list[dict[str, Any]]) -> None:
+        # A transcript is a view of the turn, not a record the bot acts on: its commits skip the
+        # wait for the disk (SQLite's fsync of the WAL, Postgres' synchronous commit), which is
+        # most of what storing a fast stream would otherwise add to the turn. A crash of the
+        # machine may lose the last batch; an application crash loses nothing committed.
+        path = sqlite_file(self.db)
+        if path is not None:
+            # SQLite: our own connection on our own thread (plain sqlite3, no ORM on the event
+            # loop); sqlite releases the GIL while it writes, so the reading loop keeps going
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="transcript")
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._write_sqlite, path, rows
+            )
+            return
+        async with self.db.engine.connect() as conn:
+            if self.db.is_sqlite:  # in-memory or URI databases: the engine's own connection
+                await conn.execute(insert(TranscriptChunk), rows)
+            else:
+                await conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+                await conn.execute(insert(TranscriptChunk), rows)
+            await conn.commit()
+
+    def _write_sqlite(self, path: str, rows: list[dict[str, Any]]) -> None:
+        if self._conn is None:
+            self._conn = connect_sqlite(path)
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO transcript_chunks"
+                " (protocol_run_id, step_run_id, phase, lines, body, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (r["protocol_run_id"], r["step_run_id"], r["phase"], r["lines"], r["body"],
+                     _sqlite_time(r["created_at"]))
+                    for r in rows
+                ],
+            )  # fmt: skip
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _shutdown(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     async def close(self) -> None:
-        """Store what is left and stop the flusher."""
+        """Store what is left and stop the flusher (and the SQLite writer thread)."""
         self._closing = True
         self._wake.set()
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await self._task
         await self.flush()
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.get_running_loop().run_in_executor(executor, self._shutdown)
+            executor.shutdown(wait=False)
+
+
+def chunk_items(chunk: TranscriptChunk, workdir: Path | None = None) -> list[dict[str, Any]]:
+    """The display items of one stored chunk, oldest first, each with its stable id."""
+    items: list[dict[str, Any]] = []
+    created = chunk.created_at.isoformat()
+    for n, line in enumerate(chunk.body.split("\n")):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        if event.get("type") == "deksdenflow.oversized":
+            entry: dict[str, Any] | None = {k: event.get(k) for k in ("kind", "text", "data")}
+        else:
+            entry = transcript_entry(event, workdir)
+        if not entry or not entry.get("kind"):
+            continue
+        items.append(
+            {
+                "id": chunk.id * ID_SPAN + n,
+                "protocol_run_id": chunk.protocol_run_id,
+                "step_run_id": chunk.step_run_id,
+                "phase": chunk.phase,
+                "kind": entry["kind"],
+                "text": entry.get("text") or "",
+                "data": entry.get("data") or {},
+                "created_at": created,
+            }
+        )
+    return items
 
 
 async def transcript_page(
@@ -249,34 +374,48 @@ async def transcript_page(
     after: int = 0,
     before: int | None = None,
     limit: int = 200,
-) -> list[TranscriptItem]:
-    """Items oldest first after `after`; or, with `before`, the `limit` items just before it."""
-    query = select(TranscriptItem)
+    workdir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Display items oldest first after `after`; or, with `before`, the `limit` items before it.
+
+    Reads chunk rows a few at a time from the right end, so a first screen over a long
+    transcript parses only its last chunks. File paths are shown relative to `workdir` (the
+    run's worktree), as the engine reports them absolute.
+    """
+    query = select(TranscriptChunk)
     if step_run_id is not None:
-        query = query.where(TranscriptItem.step_run_id == step_run_id)
+        query = query.where(TranscriptChunk.step_run_id == step_run_id)
     if protocol_run_id is not None:
-        query = query.where(TranscriptItem.protocol_run_id == protocol_run_id)
+        query = query.where(TranscriptChunk.protocol_run_id == protocol_run_id)
+    found: list[dict[str, Any]] = []
     async with db.sessions() as session:
         if before is not None:
-            newest = query.where(TranscriptItem.id < before).order_by(TranscriptItem.id.desc())
-            rows = list((await session.execute(newest.limit(limit))).scalars())
-            rows.reverse()
-            return rows
-        query = query.where(TranscriptItem.id > after).order_by(TranscriptItem.id)
-        return list((await session.execute(query.limit(limit))).scalars())
-
-
-def item_json(item: TranscriptItem) -> dict[str, Any]:
-    return {
-        "id": item.id,
-        "protocol_run_id": item.protocol_run_id,
-        "step_run_id": item.step_run_id,
-        "phase": item.phase,
-        "kind": item.kind,
-        "text": item.text,
-        "data": item.data,
-        "created_at": item.created_at.isoformat(),
-    }
+            edge = before // ID_SPAN
+            while len(found) < limit:
+                rows = list(
+                    (await session.execute(
+                        query.where(TranscriptChunk.id <= edge)
+                        .order_by(TranscriptChunk.id.desc()).limit(4))).scalars()
+                )  # fmt: skip
+                if not rows:
+                    break
+                for chunk in rows:
+                    found[:0] = [i for i in chunk_items(chunk, workdir) if i["id"] < before]
+                edge = rows[-1].id - 1
+            return found[-limit:]
+        edge = after // ID_SPAN
+        while len(found) < limit:
+            rows = list(
+                (await session.execute(
+                    query.where(TranscriptChunk.id >= edge)
+                    .order_by(TranscriptChunk.id).limit(4))).scalars()
+            )  # fmt: skip
+            if not rows:
+                break
+            for chunk in rows:
+                found += [i for i in chunk_items(chunk, workdir) if i["id"] > after]
+            edge = rows[-1].id + 1
+    return found[:limit]
 
 
 def recorder_for(

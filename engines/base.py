@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -16,9 +16,18 @@ PHASES: tuple[Phase, ...] = ("planning", "decompose", "execute", "qa", "discover
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
-# Receives each JSONL event of a turn as it arrives (Codex's own event shape). It is called on
-# the engine's reading loop, so it must be quick and must not block: buffer, don't write.
-EventSink = Callable[[dict[str, Any]], None]
+
+
+class EventSink(Protocol):
+    """Receives each JSONL event of a turn as it arrives (Codex's own event shape).
+
+    `raw` is the line as the engine read it, when there was one: a consumer that stores events
+    keeps those bytes instead of encoding the event again. The sink is called on the engine's
+    reading loop, so it must be quick and must not block: buffer, don't write.
+    """
+
+    def __call__(self, event: dict[str, Any], raw: bytes | None = None, /) -> None: ...
+
 
 
 @dataclass(frozen=True)

@@ -365,10 +365,10 @@ class _StreamWatch:
         self.fatal = asyncio.Event()
         self.cause: str | None = None
 
-    def see(self, event: dict[str, Any]) -> None:
+    def see(self, event: dict[str, Any], raw: bytes | None = None) -> None:
         if self.sink is not None:
             try:
-                self.sink(event)
+                self.sink(event, raw)
             except Exception:  # a broken consumer must not break the turn; drop it
                 log.exception("transcript sink failed; the rest of this turn is not recorded")
                 self.sink = None
@@ -587,7 +587,7 @@ class CodexEngine:
                 return
             event = parser.feed(line)
             if event is not None:
-                watch.see(event)
+                watch.see(event, line)
 
     @staticmethod
     async def _read_stderr(stream: asyncio.StreamReader, tail: _Tail) -> None:

@@ -176,7 +176,7 @@ async def test_provider_401_stops_the_turn_at_once_with_the_cause(
     fake_codex.server.http_error = 401
     seen: list[dict[str, Any]] = []
     result = await fake_codex.engine(kill_grace_s=2).run(
-        request(fake_codex, git_repo, "Do it", sink=seen.append)
+        request(fake_codex, git_repo, "Do it", sink=lambda event, raw=None: seen.append(event))
     )
     assert result.outcome == "failed"
     assert result.error is not None and "401" in result.error
@@ -193,11 +193,17 @@ async def test_sink_sees_every_event_as_it_arrives(fake_codex: FakeCodex, git_re
         final("All done"),
     )
     seen: list[dict[str, Any]] = []
-    result = await fake_codex.engine().run(
-        request(fake_codex, git_repo, "Do it", sink=seen.append)
-    )
+    lines: list[bytes | None] = []
+
+    def sink(event: dict[str, Any], raw: bytes | None = None) -> None:
+        seen.append(event)
+        lines.append(raw)
+
+    result = await fake_codex.engine().run(request(fake_codex, git_repo, "Do it", sink=sink))
     assert result.ok
     assert seen == result.events
+    # the raw line each event was read from, for consumers that store without re-encoding
+    assert all(raw is not None and json.loads(raw) == e for raw, e in zip(lines, seen, strict=True))
     kinds = [(e.get("type"), (e.get("item") or {}).get("type")) for e in seen]
     assert ("item.completed", "command_execution") in kinds
     assert ("item.completed", "agent_message") in kinds

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import select
 
 from bot.jobs.protocol import execute_step
-from bot.models import TranscriptItem
 from bot.pricing import DEFAULT_PRICES, cost_usd
 from bot.transcript import (
     REDACTED,
@@ -65,22 +65,34 @@ def test_redaction_reaches_nested_values_and_env_keys() -> None:
     }  # fmt: skip
 
 
-async def test_recorder_batches_and_redacts(harness: Harness) -> None:
+async def test_recorder_batches_redacts_and_pages(harness: Harness) -> None:
     db = harness.ctx["db"]
     recorder = TranscriptRecorder(
-        db, protocol_run_id=7, step_run_id=3, phase="execute", secrets=("sk-secret-value",),
-        interval_s=0.05,
+        db, protocol_run_id=7, step_run_id=3, phase="execute",
+        secrets=("sk-secret-value", 'quote"secret'), interval_s=0.05,
     )  # fmt: skip
-    for n in range(300):
-        recorder.add({"type": "item.completed",
-                      "item": {"type": "agent_message", "text": f"m{n} sk-secret-value"}})  # fmt: skip
+    for n in range(1200):
+        event = {"type": "item.completed",
+                 "item": {"type": "agent_message", "text": f"m{n} sk-secret-value quote\"secret"}}
+        # the engine's own bytes when it has them (codex), else the recorder encodes (scripted)
+        recorder.add(event, json.dumps(event).encode() + b"\n" if n % 2 else None)
+    recorder.add({"type": "thread.started", "thread_id": "t"})  # stored, never shown
     await recorder.close()
-    items = await transcript_page(db, step_run_id=3, limit=1000)
-    assert len(items) == 300 == recorder.stored
-    assert items[0].text == f"m0 {REDACTED}" and items[-1].text == f"m299 {REDACTED}"
-    # paging: the newest page before an id, oldest first
-    last = await transcript_page(db, step_run_id=3, before=items[-1].id + 1, limit=10)
-    assert [i.text.split()[0] for i in last] == [f"m{n}" for n in range(290, 300)]
+    assert recorder.stored == 1201
+    items = await transcript_page(db, step_run_id=3, limit=5000)
+    assert len(items) == 1200
+    assert all("sk-secret-value" not in i["text"] and 'quote"secret' not in i["text"] for i in items)
+    assert items[0]["text"] == f"m0 {REDACTED} {REDACTED}"
+    assert [i["text"].split()[0] for i in items[:3]] == ["m0", "m1", "m2"]
+    ids = [i["id"] for i in items]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    # paging: the newest page before an id, oldest first; and a tail after an id
+    last = await transcript_page(db, step_run_id=3, before=ids[-1] + 1, limit=10)
+    assert [i["text"].split()[0] for i in last] == [f"m{n}" for n in range(1190, 1200)]
+    middle = await transcript_page(db, step_run_id=3, before=ids[700], limit=3)
+    assert [i["id"] for i in middle] == ids[697:700]
+    tail = await transcript_page(db, step_run_id=3, after=ids[1195], limit=100)
+    assert [i["id"] for i in tail] == ids[1196:]
 
 
 async def test_a_scripted_step_stores_its_transcript_and_cost(
@@ -101,10 +113,9 @@ async def test_a_scripted_step_stores_its_transcript_and_cost(
     await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1)
     state = await harness.state(run_id)
     step = state.step(1)
-    async with harness.ctx["db"].sessions() as session:
-        rows = list((await session.execute(
-            select(TranscriptItem).where(TranscriptItem.step_run_id == step.id)
-            .order_by(TranscriptItem.id))).scalars())  # fmt: skip
+    workdir = Path(state.run.worktree_path)
+    rows = [SimpleNamespace(**i) for i in await transcript_page(
+        harness.ctx["db"], step_run_id=step.id, limit=500, workdir=workdir)]  # fmt: skip
     kinds = [(r.phase, r.kind) for r in rows]
     assert kinds[:8] == [
         ("execute", "turn"), ("execute", "reasoning"), ("execute", "file_change"),
@@ -118,7 +129,7 @@ async def test_a_scripted_step_stores_its_transcript_and_cost(
     assert rows[2].text == "add TASK.md"  # step 1 (record-task) writes its own file
     # the planning turns are stored too, on the run without a step
     planning = await transcript_page(harness.ctx["db"], protocol_run_id=run_id, limit=500)
-    assert any(i.step_run_id is None and i.phase == "planning" for i in planning)
+    assert any(i["step_run_id"] is None and i["phase"] == "planning" for i in planning)
     # cost: the execute turn at gpt-5.5's default price (+ the QA turn, if any ran)
     expected = cost_usd(
         TokenUsage(input_tokens=2000, cached_input_tokens=500, output_tokens=300),
