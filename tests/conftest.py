@@ -76,7 +76,8 @@ def _truncate_postgres(url: str) -> None:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE webhook_deliveries, events, forge_records, step_runs, protocol_runs, projects "
+                "TRUNCATE webhook_deliveries, events, forge_records, step_runs, protocol_runs, projects, "
+                "transcript_chunks "
                 "RESTART IDENTITY CASCADE"
             )
         )

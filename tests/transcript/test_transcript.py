@@ -137,3 +137,23 @@ async def test_a_scripted_step_stores_its_transcript_and_cost(
     )
     assert step.cost_usd == pytest.approx(expected)
     assert state.run.cost_usd > step.cost_usd  # planning and decomposition cost too
+
+
+async def test_recorder_on_sqlite_and_postgres(db_url: str, tmp_path: Path) -> None:
+    from bot.db import create_database
+    from bot.settings import Settings
+
+    db = create_database(Settings(db_url=db_url, data_dir=tmp_path).async_database_url)
+    try:
+        recorder = TranscriptRecorder(db, protocol_run_id=1, step_run_id=9, phase="qa",
+                                      secrets=("sk-xyz-123456",))  # fmt: skip
+        for n in range(3):
+            event = {"type": "item.completed",
+                     "item": {"type": "reasoning", "text": f"r{n} sk-xyz-123456"}}  # fmt: skip
+            recorder.add(event, json.dumps(event).encode())
+        await recorder.close()
+        items = await transcript_page(db, step_run_id=9)
+        assert [i["text"] for i in items] == [f"r{n} {REDACTED}" for n in range(3)]
+        assert items[0]["phase"] == "qa" and items[0]["created_at"]
+    finally:
+        await db.dispose()
