@@ -24,7 +24,7 @@ codex: $(CODEX)
 # Serve on the embedded defaults: SQLite under ./.deksdenflow, in-process queue, a local demo
 # repository driven by the scripted engine. No GitHub account needed.
 run: $(STAMP)
-	$(BIN)/deksdenflow serve --demo --host 127.0.0.1 --port 8000
+	DEKSDENFLOW_DATA_DIR=$${DEKSDENFLOW_DATA_DIR:-.deksdenflow} $(BIN)/deksdenflow serve --demo --host 127.0.0.1 --port 8000
 
 # The whole suite: real Redis (127.0.0.1:6379) and Postgres (127.0.0.1:5432), the real codex CLI.
 test: $(STAMP) $(CODEX)

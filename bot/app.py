@@ -193,7 +193,10 @@ def create_app(
             if relayed:
                 log.info("relayed %d deliveries left pending by an earlier run", relayed)
         except Exception:
-            log.warning("queue unreachable at start; the worker will relay pending deliveries")
+            from bot.reachability import which_is_down
+
+            down = await which_is_down(db, redis, settings)
+            log.warning("%s at start; pending deliveries are relayed once it is back", down)
         if run_worker:
             from bot.jobs.worker import build_worker
 

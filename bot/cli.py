@@ -19,6 +19,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from bot.app import create_app
 
+    _require_database(settings)
     app = create_app(settings, demo_port=args.port if args.demo else None)
     print(f"DeksdenFlow serving on http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
@@ -35,6 +36,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    _require_database(settings)
     run_worker(settings)
     return 0
 
@@ -45,6 +47,24 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     upgrade_head(settings.database_url)
     print("database is at the latest migration", file=sys.stderr)
     return 0
+
+
+def _require_database(settings: Settings) -> None:
+    """Stop with one line naming DB_URL when the database does not answer (Postgres only: a
+    SQLite file is created on first use)."""
+    import asyncio
+
+    from bot.reachability import ping_database
+
+    if settings.database_url.startswith("sqlite"):
+        return
+    problem = asyncio.run(ping_database(settings))
+    if problem is not None:
+        raise DatabaseUnreachable(problem)
+
+
+class DatabaseUnreachable(DeksdenFlowError):
+    """The database did not answer; the message names the setting to check."""
 
 
 def register(name: str) -> Callable[[Command], Command]:
@@ -101,6 +121,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except DeksdenFlowError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from bot.reachability import database_error, is_database_error
+
+        if not is_database_error(exc):
+            raise
+        # a database that is down is a setting to check, not a 180-line traceback
+        print(f"error: {database_error(settings, exc)}", file=sys.stderr)
         return 1
     return code
 

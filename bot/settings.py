@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +13,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from bot.errors import ConfigError
 
 ENV_PREFIX = "DEKSDENFLOW_"
+
+
+def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """$XDG_DATA_HOME/deksdenflow, else ~/.local/share/deksdenflow (read when settings are built)."""
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_DATA_HOME", "").strip()
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "deksdenflow"
 
 
 class Settings(BaseSettings):
@@ -23,7 +33,9 @@ class Settings(BaseSettings):
     # storage
     db_url: str | None = None
     db_path: Path | None = None
-    data_dir: Path = Path(".deksdenflow")
+    # per user, not per working directory: a CLI run in a repository must not leave an
+    # untracked folder there (whose name would clash with committed .deksdenflow/ overrides)
+    data_dir: Path = Field(default_factory=lambda: default_data_dir())
     redis_url: str = "memory://"
 
     # tokens and secrets
