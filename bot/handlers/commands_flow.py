@@ -15,6 +15,7 @@ from bot.commands import (
     label_intent,
     parse_commands,
     permission_allows,
+    permission_refusal,
     render_command_error,
     required_permission,
     sanitize_prompt_text,
@@ -114,8 +115,7 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
             await _reply(
                 forge,
                 target,
-                f"Sorry @{ev.author}, `/{item.name}` needs **{required}** access to this repository "
-                f"and you have **{permission}**. A maintainer can run it for you.",
+                permission_refusal(ev.author, item.name, required, permission, project.provider),
                 ctx,
             )
             ctx.note(command=item.name, result="refused", permission=permission)
@@ -205,7 +205,7 @@ async def dispatch(
     name = cmd.name
     try:
         if name == "help":
-            await _reply(forge, target, help_text(), ctx)
+            await _reply(forge, target, help_text(forge=project.provider), ctx)
             return "help"
         if name == "init":
             # repository setup is per project, not per protocol: a draft PR/MR with the starter
