@@ -345,6 +345,8 @@ async def run_stream(request: Request) -> Response:
     if refused is not None:
         return refused
     run_id = int(request.path_params["run_id"])
+    if run_id > MAX_ID:
+        return JSONResponse({"error": f"protocol run {run_id} does not exist"}, status_code=404)
     after = 0
     raw = request.query_params.get("after", "")
     if raw.isdigit():
@@ -400,13 +402,21 @@ async def transcript_api(request: Request) -> Response:
     if refused is not None:
         return refused
     step_id = int(request.path_params["step_id"])
+    if step_id > MAX_ID:
+        return JSONResponse({"error": f"step {step_id} does not exist"}, status_code=404)
     try:
         after, before = _cursor(request, "after"), _cursor(request, "before")
         limit = min(int(request.query_params.get("limit", "200") or 200), 1000)
     except ValueError as exc:
         return JSONResponse({"error": str(exc)}, status_code=400)
+    async with _db(request).sessions() as session:
+        step = await session.get(StepRun, step_id)
+        run = await session.get(ProtocolRun, step.protocol_run_id) if step is not None else None
+    if step is None or run is None:
+        return JSONResponse({"error": f"step {step_id} does not exist"}, status_code=404)
     items = await transcript_page(
-        _db(request), step_run_id=step_id, after=after or 0, before=before, limit=max(1, limit)
+        _db(request), step_run_id=step_id, after=after or 0, before=before, limit=max(1, limit),
+        workdir=_workdir(run),
     )
     return JSONResponse(
         {"items": items, "next_after": items[-1]["id"] if items else after}
@@ -461,6 +471,8 @@ async def redeliver(request: Request) -> Response:
     if by_cookie and not request.headers.get(CONSOLE_HEADER):
         return JSONResponse({"error": f"missing {CONSOLE_HEADER} header"}, status_code=403)
     delivery_id = int(request.path_params["delivery_id"])
+    if delivery_id > MAX_ID:
+        return JSONResponse({"error": f"delivery {delivery_id} does not exist"}, status_code=404)
     db = _db(request)
     async with db.sessions.begin() as session:
         done = await session.execute(

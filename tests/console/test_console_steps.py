@@ -145,3 +145,16 @@ def test_root_favicon_and_a_styled_server_error(tmp_path: Path, sqlite_url: str)
         assert page.status_code == 500 and "<h1>" in page.text and "Something went wrong" in page.text
         assert "Traceback" not in page.text and "a bug" not in page.text
         assert c.get("/api/boom").json() == {"error": "internal server error"}
+
+
+def test_huge_or_junk_ids_are_404_not_500(tmp_path: Path, sqlite_url: str) -> None:
+    with TestClient(create_app(make_settings(tmp_path, db_url=sqlite_url))) as c:
+        big = 10**15
+        assert c.get(f"/api/steps/{big}/transcript", headers=AUTH).status_code == 404
+        assert c.get("/api/steps/424242/transcript", headers=AUTH).status_code == 404
+        assert c.post(f"/api/deliveries/{big}/redeliver", headers=AUTH).status_code == 404
+        assert c.get(f"/console/protocols/{big}/stream", headers=AUTH).status_code == 404
+        c.get("/console?token=api-test-token-0123456789")
+        assert c.get(f"/console/protocols/1/steps/{big}").status_code == 404
+        assert c.get(f"/console/deliveries/{big}").status_code == 404
+        assert c.get("/console/protocols/1/steps/1?before=x").status_code in (400, 404)
