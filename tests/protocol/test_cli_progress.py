@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bot.cli import main
 from bot.cli_progress import Snapshot, progress_line
 from bot.settings import Settings, default_data_dir
+from engines.scripted import DEFAULT_SCRIPT_PATH
 from tests.protocol.test_protocol_cli import repo
 
 __all__ = ["repo"]
@@ -24,15 +26,21 @@ def test_progress_line_is_plain_text() -> None:
 def test_non_tty_progress_lines_then_branch_and_diff_hint(
     repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # paced events, so the step runs long enough for progress to see it (polls every 0.5 s)
+    script = yaml.safe_load(DEFAULT_SCRIPT_PATH.read_text())
+    script["pace_s"] = 0.1
+    script["execute"]["default"]["pace_s"] = 0.4
+    paced = tmp_path / "paced.yml"
+    paced.write_text(yaml.safe_dump(script))
+    monkeypatch.setenv("DEKSDENFLOW_SCRIPTED_SCRIPT", str(paced))
     code = main(["protocol", "new", "Add a greeting", "--engine", "scripted", "--run-step"])
     out, err = capsys.readouterr()
     assert code == 0, out + err
     progress = [line for line in err.splitlines() if line.startswith("progress: ")]
-    # the scripted engine plans in a blink: the first line may already be past planning
     assert any(word in " ".join(progress) for word in ("planning", "detailing steps")), err
     executing = [line for line in progress if "executing step 01" in line]
-    assert executing and any("$ git status --short" in line or "✎ add TASK.md" in line
-                             for line in executing), err  # fmt: skip
+    assert any("$ git status --short" in line or "✎ add TASK.md" in line
+               for line in executing), err  # fmt: skip
     assert all(" tokens" in line for line in progress)
     assert "see the changes: git diff main...0001-add-a-greeting" in err
     assert "\x1b[" not in err  # no terminal control codes when stderr is not a terminal
