@@ -473,7 +473,7 @@ class CodexEngine:
             asyncio.create_task(self._read_stdout(proc.stdout, parser, watch)),
             asyncio.create_task(self._read_stderr(proc.stderr, stderr_tail)),
         ]
-        timed_out = False
+        timed_out = stopped_early = False
         exited = asyncio.create_task(proc.wait())
         fatal_seen = asyncio.create_task(watch.fatal.wait())
         try:
@@ -486,7 +486,8 @@ class CodexEngine:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if not exited.done():
-                    timed_out = not watch.fatal.is_set()
+                    stopped_early = watch.fatal.is_set()
+                    timed_out = not stopped_early
                     await self._stop(proc)
             finally:
                 fatal_seen.cancel()
@@ -519,7 +520,7 @@ class CodexEngine:
                 f"codex did not finish within {request.timeout_s:g} s and was stopped"
                 + (f"; last error: {_truncate(cause, 800)}" if cause else "")
             )
-        elif watch.cause is not None:
+        elif stopped_early:
             outcome = "failed"
             error = f"codex stopped early: {watch.cause}"
             if tail := stderr_cause(stderr_tail.text()):
