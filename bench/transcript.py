@@ -103,6 +103,7 @@ async def bench_turn(items: int, rounds: int, tmp: Path, burst: int = 10**9, pau
     if not (tmp / "bench.sqlite3").exists():
         upgrade_head(url)
     db = create_database("sqlite+aiosqlite:///" + str(tmp / "bench.sqlite3"))
+    await db.ping()  # a worker's pool holds connections open, as here
     engine = CodexEngine(str(emitter), base_env={"PATH": os.environ.get("PATH", "")})
     await one_turn(engine, workdir, None)  # warm-up: imports, page cache
     await one_turn(engine, workdir, db)

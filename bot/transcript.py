@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import sqlite3
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -16,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import insert, select
 
-from bot.db import Database, connect_sqlite, sqlite_file
+from bot.db import Database, sqlite_file
 from bot.models import TranscriptChunk, utcnow
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,35 @@ CHUNK_LINES = 500  # lines per stored chunk: a first screen never parses more th
 RAW_LIMIT = 16 * 1024  # a longer line (huge command output) is stored as the engine's compact event
 
 
+# The event loop thread's transcript connections, per (file, thread), kept between turns: opening
+# one costs its PRAGMAs, and closing the last connection to a file checkpoints the WAL. Few:
+# a process writes one database; tests make many, and the oldest is closed past the cap.
+_LOOP_CONNECTIONS: OrderedDict[tuple[str, int], sqlite3.Connection] = OrderedDict()
+_LOOP_CONNECTIONS_CAP = 4
+
+
+def _loop_connection(path: str) -> sqlite3.Connection:
+    key = (path, threading.get_ident())
+    conn = _LOOP_CONNECTIONS.get(key)
+    if conn is not None:
+        _LOOP_CONNECTIONS.move_to_end(key)
+        return conn
+    conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    try:
+        # never waits for a lock (timeout 0: the caller falls back to a thread), and leaves WAL
+        # checkpoints (and their fsync) to the other connections; the journal mode is the
+        # database's own (WAL, set by the engine's connections), asking for it would take a lock
+        for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0"):
+            conn.execute(f"PRAGMA {pragma}")
+    except BaseException:
+        conn.close()
+        raise
+    _LOOP_CONNECTIONS[key] = conn
+    while len(_LOOP_CONNECTIONS) > _LOOP_CONNECTIONS_CAP:
+        _LOOP_CONNECTIONS.popitem(last=False)[1].close()
+    return conn
+
+
 def _sqlite_time(when: datetime) -> str:
     # how SQLAlchemy stores a DateTime in SQLite, so the ORM reads these rows back unchanged
     return when.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
@@ -173,7 +204,7 @@ def _needles(secrets: tuple[str, ...]) -> tuple[tuple[bytes, bytes], ...]:
 
 
 def redact_line(line: bytes, needles: tuple[tuple[bytes, bytes], ...]) -> bytes:
-    """One JSONL line with every secret replaced (bytes in, bytes out: no decoding per event)."""
+    """JSONL bytes with every secret replaced (no decoding; a secret never spans two lines)."""
     for needle, replacement in needles:
         if needle in line:
             line = line.replace(needle, replacement)
@@ -212,7 +243,7 @@ class TranscriptRecorder:
         self._wake = asyncio.Event()
         self._closing = False
         self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._conn: sqlite3.Connection | None = None  # the writer thread's
 
     def add(self, event: dict[str, Any], raw: bytes | None = None) -> None:
         """The sink: called once per engine event, on the engine's reading loop."""
@@ -233,42 +264,54 @@ class TranscriptRecorder:
             if self._closing:
                 return
 
-    def lines(self, events: list[tuple[dict[str, Any], bytes | None]]) -> list[bytes]:
-        """The events as redacted JSON lines (the engine's own bytes when it gave them)."""
-        out: list[bytes] = []
-        for event, raw in events:
-            if raw is not None and len(raw) <= RAW_LIMIT:
-                line = raw.rstrip(b"\r\n")
-            else:
-                line = json.dumps(event, default=str).encode()
-                if len(line) > RAW_LIMIT:  # keep the shape, lose the bulk
-                    entry = transcript_entry(event, self.workdir) or {}
-                    line = json.dumps({"type": "deksdenflow.oversized", **entry}).encode()
-            out.append(redact_line(line, self.needles))
+    def encoded(self, event: dict[str, Any]) -> bytes:
+        """An event without usable raw bytes, as one JSON line (oversized ones cut to their item)."""
+        line = json.dumps(event, default=str).encode()
+        if len(line) > RAW_LIMIT:  # keep the shape, lose the bulk
+            entry = transcript_entry(event, self.workdir) or {}
+            line = json.dumps({"type": "deksdenflow.oversized", **entry}).encode()
+        return line + b"\n"
+
+    def chunks(self, events: list[tuple[dict[str, Any], bytes | None]]) -> list[tuple[int, str]]:
+        """The events as (line count, redacted JSONL text) chunks of up to CHUNK_LINES lines.
+
+        Per event only a list entry is built (the engine's own bytes, newline-terminated);
+        joining, redacting and decoding happen once per chunk, in C.
+        """
+        lines = [
+            (raw if raw.endswith(b"\n") else raw + b"\n")
+            if raw is not None and len(raw) <= RAW_LIMIT
+            else self.encoded(event)
+            for event, raw in events
+        ]
+        out: list[tuple[int, str]] = []
+        for start in range(0, len(lines), CHUNK_LINES):
+            part = lines[start : start + CHUNK_LINES]
+            body = redact_line(b"".join(part).rstrip(b"\r\n"), self.needles)
+            out.append((len(part), body.decode("utf-8", "replace")))
         return out
 
     async def flush(self) -> None:
         events, self._pending = self._pending, []
         if not events:
             return
-        lines = self.lines(events)
         now = utcnow()
         rows = [
             {
                 "protocol_run_id": self.protocol_run_id,
                 "step_run_id": self.step_run_id,
                 "phase": self.phase,
-                "lines": len(part),
-                "body": b"\n".join(part).decode("utf-8", "replace"),
+                "lines": count,
+                "body": body,
                 "created_at": now,
             }
-            for part in (lines[i : i + CHUNK_LINES] for i in range(0, len(lines), CHUNK_LINES))
+            for count, body in self.chunks(events)
         ]
         try:
             await self._write(rows)
-            self.stored += len(lines)
+            self.stored += len(events)
         except Exception:  # the transcript is a view: losing a batch must not fail the step
-            log.warning("could not store %d transcript events", len(lines), exc_info=True)
+            log.warning("could not store %d transcript events", len(events), exc_info=True)
 
     async def _write(self, rows: list[dict[str, Any]]) -> None:
         # A transcript is a view of the turn, not a record the bot acts on: its commits skip the
@@ -277,8 +320,12 @@ class TranscriptRecorder:
         # machine may lose the last batch; an application crash loses nothing committed.
         path = sqlite_file(self.db)
         if path is not None:
-            # SQLite: our own connection on our own thread (plain sqlite3, no ORM on the event
-            # loop); sqlite releases the GIL while it writes, so the reading loop keeps going
+            # SQLite, uncontended (nearly always): written right here on our own connection,
+            # which never waits for a lock and never checkpoints, so the loop is held for a
+            # memcpy-sized moment per chunk — far less than handing the chunk to a thread costs
+            if self._write_here(path, rows):
+                return
+            # another connection holds the write lock: wait for it on our thread instead
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="transcript")
             await asyncio.get_running_loop().run_in_executor(
@@ -293,11 +340,25 @@ class TranscriptRecorder:
                 await conn.execute(insert(TranscriptChunk), rows)
             await conn.commit()
 
+    def _write_here(self, path: str, rows: list[dict[str, Any]]) -> bool:
+        """Write on the event loop's thread when the lock is free at once; False when busy."""
+        try:
+            self._insert(_loop_connection(path), rows)
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return False
+            raise
+        return True
+
     def _write_sqlite(self, path: str, rows: list[dict[str, Any]]) -> None:
         if self._conn is None:
-            self._conn = connect_sqlite(path)
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-        conn = self._conn
+            conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn = conn
+        self._insert(self._conn, rows)
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(

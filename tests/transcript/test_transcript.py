@@ -157,3 +157,29 @@ async def test_recorder_on_sqlite_and_postgres(db_url: str, tmp_path: Path) -> N
         assert items[0]["phase"] == "qa" and items[0]["created_at"]
     finally:
         await db.dispose()
+
+
+async def test_a_locked_database_sends_the_write_to_the_thread(tmp_path: Path) -> None:
+    import asyncio
+    import sqlite3
+
+    from bot.db import create_database
+    from bot.migrate import upgrade_head
+
+    path = tmp_path / "locked.sqlite3"
+    upgrade_head(f"sqlite:///{path}")
+    db = create_database(f"sqlite+aiosqlite:///{path}")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        recorder = TranscriptRecorder(db, protocol_run_id=1, step_run_id=5, phase="execute")
+        recorder.add({"type": "item.completed", "item": {"type": "agent_message", "text": "hi"}})
+        closing = asyncio.create_task(recorder.close())
+        await asyncio.sleep(0.3)
+        assert not closing.done()  # waiting on its thread, not blocking this loop
+        blocker.execute("COMMIT")
+        await asyncio.wait_for(closing, timeout=10)
+        assert [i["text"] for i in await transcript_page(db, step_run_id=5)] == ["hi"]
+    finally:
+        blocker.close()
+        await db.dispose()
