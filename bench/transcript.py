@@ -70,7 +70,7 @@ def turn_events(count: int) -> list[dict[str, Any]]:
     return out
 
 
-async def one_turn(engine: CodexEngine, workdir: Path, db: Any | None) -> float:
+async def one_turn(engine: CodexEngine, workdir: Path, db: Any | None) -> tuple[float, float]:
     recorder = (
         TranscriptRecorder(db, protocol_run_id=1, step_run_id=1, phase="execute",
                            secrets=("sk-bench-secret-value", "whsec-bench-0000"), workdir=workdir)
@@ -78,15 +78,15 @@ async def one_turn(engine: CodexEngine, workdir: Path, db: Any | None) -> float:
     )  # fmt: skip
     request = EngineRequest(prompt="bench", workdir=workdir, phase="execute", timeout_s=60,
                             sink=recorder.add if recorder else None)  # fmt: skip
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     try:
         result = await engine.run(request)
     finally:
         if recorder is not None:
             await recorder.close()
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     assert result.ok, result.error
-    return elapsed
+    return elapsed, cpu
 
 
 async def bench_turn(items: int, rounds: int, tmp: Path, burst: int = 10**9, pause: float = 0) -> None:
@@ -110,11 +110,13 @@ async def bench_turn(items: int, rounds: int, tmp: Path, burst: int = 10**9, pau
     bare: list[float] = []
     stored: list[float] = []
     ratios: list[float] = []
+    cpu: dict[bool, list[float]] = {True: [], False: []}
     for n in range(rounds):
         order = (None, db) if n % 2 == 0 else (db, None)
         pair: dict[bool, float] = {}
         for target in order:
-            pair[target is None] = await one_turn(engine, workdir, target)
+            pair[target is None], used = await one_turn(engine, workdir, target)
+            cpu[target is None].append(used)
         bare.append(pair[True])
         stored.append(pair[False])
         ratios.append(pair[False] / pair[True])
@@ -130,6 +132,10 @@ async def bench_turn(items: int, rounds: int, tmp: Path, burst: int = 10**9, pau
     print(f"  ratio of medians {s / b:.3f}, median of paired ratios "
           f"{statistics.median(ratios):.3f}, ratio of minimums {min(stored) / min(bare):.3f}"
           f"  (goal ≤ 1.05)")  # fmt: skip
+    # CPU time of this process (threads included): what storing costs, whatever the neighbours do
+    cb, cs = statistics.median(cpu[True]), statistics.median(cpu[False])
+    print(f"  CPU of this process per turn: {cb * 1000:.0f} ms without, {cs * 1000:.0f} ms with "
+          f"storing (ratio {cs / cb:.3f})")  # fmt: skip
 
 
 def bench_page(items: int, fetches: int, tmp: Path) -> None:
