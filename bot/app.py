@@ -223,7 +223,7 @@ def create_app(
             await db.dispose()
 
     edges = webhook_edges(state)
-    from bot.console_steps import server_error
+    from bot.console_deliveries import server_error
 
     app = DeksdenflowApp(
         routes=routes(edges), lifespan=lifespan, exception_handlers={Exception: server_error}

@@ -14,7 +14,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from bot.app import create_app
-from bot.console_steps import safe_headers, step_actions, valid_actions
+from bot.console_deliveries import safe_headers
+from bot.console_steps import step_actions, valid_actions
 from bot.models import WebhookDelivery
 from tests.api.seed import seed, sync_url
 from tests.api.test_api_flow import bare_origin
