@@ -993,6 +993,8 @@ async def openapi(request: Request) -> Response:
 
 def api_routes() -> list[BaseRoute]:
     from bot.codemachine import api_import_endpoint as codemachine_import
+    from bot.console_deliveries import redeliver
+    from bot.console_steps import transcript_api
 
     return [
         Route("/api/openapi.json", openapi),
@@ -1013,4 +1015,6 @@ def api_routes() -> list[BaseRoute]:
         Route("/api/deliveries/{delivery_id:int}", get_delivery, methods=["GET"]),
         Route("/api/queues", queues, methods=["GET"]),
         Route("/api/projects/{project_id:int}/codemachine/import", codemachine_import(), methods=["POST"]),
+        Route("/api/steps/{step_id:int}/transcript", transcript_api, methods=["GET"]),
+        Route("/api/deliveries/{delivery_id:int}/redeliver", redeliver, methods=["POST"]),
     ]

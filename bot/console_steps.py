@@ -414,7 +414,7 @@ async def transcript_api(request: Request) -> Response:
 
 
 def step_routes() -> list[BaseRoute]:
-    from bot.console_deliveries import delivery_page, favicon, redeliver, root
+    from bot.console_deliveries import delivery_page, favicon, root
 
     return [
         Route("/", root),
@@ -424,6 +424,4 @@ def step_routes() -> list[BaseRoute]:
         Route("/console/protocols/{run_id:int}/steps/{step_index:int}/stream", step_stream),
         Route("/console/protocols/{run_id:int}/stream", run_stream),
         Route("/console/deliveries/{delivery_id:int}", delivery_page),
-        Route("/api/steps/{step_id:int}/transcript", transcript_api, methods=["GET"]),
-        Route("/api/deliveries/{delivery_id:int}/redeliver", redeliver, methods=["POST"]),
     ]
