@@ -25,7 +25,7 @@ codex: $(CODEX)
 # repository driven by the scripted engine. No GitHub account needed.
 PORT ?= 8000
 run: $(STAMP)
-	$(BIN)/deksdenflow serve --demo --host 127.0.0.1 --port $(PORT)
+	DEKSDENFLOW_DATA_DIR=$${DEKSDENFLOW_DATA_DIR:-.deksdenflow} $(BIN)/deksdenflow serve --demo --host 127.0.0.1 --port $(PORT)
 
 # The whole suite: real Redis (127.0.0.1:6379) and Postgres (127.0.0.1:5432), the real codex CLI.
 test: $(STAMP) $(CODEX)

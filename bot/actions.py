@@ -64,6 +64,10 @@ async def start_protocol(
     return run
 
 
+# run states in which no step may be (re)run
+_NOT_RUNNABLE = ("completed", "cancelled", "paused", "pending", "planning")
+
+
 def _job_suffix() -> str:
     return f"{time.time_ns()}"
 
@@ -99,7 +103,7 @@ async def run_step(
     state = await load_run(ctx["db"], run_id)
     if not state.steps:
         raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
-    if state.run.status in ("completed", "cancelled", "paused", "pending", "planning"):
+    if state.run.status in _NOT_RUNNABLE:
         raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
     if step_index is None:
         pending = [s for s in state.steps if s.status in ("pending", "failed", "blocked")]
@@ -157,6 +161,10 @@ async def retry(
         return await run_qa(ctx, run_id, step_index, reply_to)
     if step.status not in ("failed", "blocked", "completed"):
         raise TransitionConflict("StepRun", step.id, step.status, "pending")
+    # refuse before changing anything: run_step below would refuse a run in these states, and
+    # a refused action must leave the step as it was (not reset to pending with nothing queued)
+    if state.run.status in _NOT_RUNNABLE:
+        raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
     from bot.runs import update_step
 
     await update_step(ctx["db"], step.id, retries=step.retries + 1)

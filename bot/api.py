@@ -347,6 +347,7 @@ def run_json(r: ProtocolRun) -> dict[str, Any]:
         "approved": r.approved,
         "auto_mode": r.auto_mode,
         "tokens_used": r.tokens_used,
+        "cost_usd": round(r.cost_usd or 0.0, 6),
         "ci_attempts": rs.get("ci_attempts", 0) if isinstance(rs, dict) else 0,
         "template_source": r.template_source,
         "created_at": r.created_at.isoformat(),
@@ -368,6 +369,7 @@ def step_json(s: StepRun) -> dict[str, Any]:
         "model": s.model,
         "summary": s.summary,
         "tokens_used": s.tokens_used,
+        "cost_usd": round(s.cost_usd or 0.0, 6),
         "qa_verdict": rs.get("qa_verdict"),
         "commit_sha": rs.get("commit_sha"),
         "started_at": s.started_at.isoformat() if s.started_at else None,
@@ -1121,6 +1123,8 @@ async def openapi(request: Request) -> Response:
 
 def api_routes() -> list[BaseRoute]:
     from bot.codemachine import api_import_endpoint as codemachine_import
+    from bot.console_deliveries import redeliver
+    from bot.console_steps import transcript_api
 
     return [
         Route("/api/openapi.json", openapi),
@@ -1141,4 +1145,6 @@ def api_routes() -> list[BaseRoute]:
         Route("/api/deliveries/{delivery_id:int}", get_delivery, methods=["GET"]),
         Route("/api/queues", queues, methods=["GET"]),
         Route("/api/projects/{project_id:int}/codemachine/import", codemachine_import(), methods=["POST"]),
+        Route("/api/steps/{step_id:int}/transcript", transcript_api, methods=["GET"]),
+        Route("/api/deliveries/{delivery_id:int}/redeliver", redeliver, methods=["POST"]),
     ]

@@ -153,6 +153,7 @@ async def metrics(request: Request) -> Response:
 def routes(edges: dict[str, WebhookEdge]) -> list[BaseRoute]:
     from bot.api import api_routes
     from bot.console import console_routes
+    from bot.console_steps import step_routes
     from bot.github_setup import setup_routes
 
     return [
@@ -166,6 +167,7 @@ def routes(edges: dict[str, WebhookEdge]) -> list[BaseRoute]:
         Route("/metrics", metrics),
         *api_routes(),
         *console_routes(),
+        *step_routes(),
         *setup_routes(),
     ]
 
@@ -237,7 +239,10 @@ def create_app(
             if relayed:
                 log.info("relayed %d deliveries left pending by an earlier run", relayed)
         except Exception:
-            log.warning("queue unreachable at start; the worker will relay pending deliveries")
+            from bot.reachability import which_is_down
+
+            down = await which_is_down(db, redis, settings)
+            log.warning("%s at start; pending deliveries are relayed once it is back", down)
         if run_worker:
             from bot.jobs.worker import build_worker
 
@@ -265,7 +270,14 @@ def create_app(
             await db.dispose()
 
     edges = webhook_edges(state)
-    app = DeksdenflowApp(routes=routes(edges), lifespan=lifespan, exception_handlers=database_errors())
+    from bot.console_deliveries import server_error
+
+    # database failures answer 503 (one line); anything else unhandled gets the styled page
+    app = DeksdenflowApp(
+        routes=routes(edges),
+        lifespan=lifespan,
+        exception_handlers={**database_errors(), Exception: server_error},
+    )
     app.edges = edges
     app.state.df = state
     return app

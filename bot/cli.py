@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from bot.serving import serve
 
     port = args.port if args.port is not None else settings.port
+    _require_database(settings)
     return serve(settings, host=args.host, port=port, demo=args.demo)
 
 
@@ -78,6 +79,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 2
     private_umask()
+    _require_database(settings)
     run_worker(settings)
     return 0
 
@@ -88,6 +90,24 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     upgrade_head(settings.database_url)
     print("database is at the latest migration", file=sys.stderr)
     return 0
+
+
+def _require_database(settings: Settings) -> None:
+    """Stop with one line naming DB_URL when the database does not answer (Postgres only: a
+    SQLite file is created on first use)."""
+    import asyncio
+
+    from bot.reachability import ping_database
+
+    if settings.database_url.startswith("sqlite"):
+        return
+    problem = asyncio.run(ping_database(settings))
+    if problem is not None:
+        raise DatabaseUnreachable(problem)
+
+
+class DatabaseUnreachable(DeksdenFlowError):
+    """The database did not answer; the message names the setting to check."""
 
 
 def register(name: str) -> Callable[[Command], Command]:
@@ -166,6 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except DeksdenFlowError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from bot.reachability import database_error, is_database_error
+
+        if not is_database_error(exc):
+            raise
+        # a database that is down is a setting to check, not a 180-line traceback
+        print(f"error: {database_error(settings, exc)}", file=sys.stderr)
         return 1
     return code
 

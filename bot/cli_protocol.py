@@ -12,7 +12,8 @@ from typing import Any
 from sqlalchemy import select
 
 from bot.errors import ConfigError, NotFound
-from bot.models import ForgeRecord, ProtocolRun
+from bot.models import ForgeRecord, Project, ProtocolRun
+from bot.pricing import fmt_cost
 from bot.runs import load_run
 from bot.settings import Settings
 
@@ -80,6 +81,15 @@ async def _find_run(ctx: dict[str, Any], project_id: int, ref: str) -> ProtocolR
     raise NotFound(f"no protocol {ref!r} in this repository (see `deksdenflow protocol status`)")
 
 
+async def _drain(ctx: dict[str, Any], project_id: int, run_id: int) -> None:
+    """Run the queued jobs, showing progress (in place on a terminal, lines otherwise)."""
+    from bot.cli_progress import Progress
+    from bot.local_runtime import drain
+
+    async with Progress(ctx["db"], run_id).running() as printer:
+        await drain(ctx, project_id, printer=printer)
+
+
 async def _finish(ctx: dict[str, Any], run_id: int) -> int:
     state = await load_run(ctx["db"], run_id)
     print(_render(state, await _records(ctx, state.project.id)))
@@ -87,8 +97,11 @@ async def _finish(ctx: dict[str, Any], run_id: int) -> int:
         reason = (state.run.runtime_state or {}).get("message") or state.run.status
         print(f"\n✗ {state.run.protocol_name}: {reason}", file=sys.stderr)
         return 1
+    name, base = state.run.protocol_name, state.run.base_branch
     print(
-        f"\n✓ {state.run.protocol_name} is {state.run.status}; branch {state.run.protocol_name}",
+        f"\n✓ {name} is {state.run.status}; branch {name}"
+        + (f"; {fmt_cost(state.run.cost_usd)}" if state.run.cost_usd else "")
+        + f"\n  see the changes: git diff {base}...{name}",
         file=sys.stderr,
     )
     return 0
@@ -96,7 +109,7 @@ async def _finish(ctx: dict[str, Any], run_id: int) -> int:
 
 async def _new(args: argparse.Namespace, settings: Settings) -> int:
     from bot.actions import run_step, start_protocol
-    from bot.local_runtime import drain, git_toplevel, local_project, local_runtime
+    from bot.local_runtime import git_toplevel, local_project, local_runtime
 
     async with local_runtime(_settings_for(args, settings)) as ctx:
         # everything that would strand a protocol in `planning` is checked before a row exists
@@ -109,11 +122,11 @@ async def _new(args: argparse.Namespace, settings: Settings) -> int:
             f"planning {run.protocol_name} on {project.git_url} (base {project.base_branch})",
             file=sys.stderr,
         )
-        await drain(ctx, project.id)
+        await _drain(ctx, project.id, run.id)
         state = await load_run(ctx["db"], run.id)
         if args.run_step and state.run.status == "planned":
             await run_step(ctx, run.id, None)
-            await drain(ctx, project.id)
+            await _drain(ctx, project.id, run.id)
         return await _finish(ctx, run.id)
 
 
@@ -156,7 +169,7 @@ async def check_can_start(ctx: dict[str, Any], project: Any) -> None:
 
 async def _run_step(args: argparse.Namespace, settings: Settings) -> int:
     from bot.actions import run_step
-    from bot.local_runtime import drain, local_project, local_runtime
+    from bot.local_runtime import local_project, local_runtime
     from bot.runs import update_run
 
     async with local_runtime(_settings_for(args, settings)) as ctx:
@@ -166,20 +179,20 @@ async def _run_step(args: argparse.Namespace, settings: Settings) -> int:
         await update_run(ctx["db"], run.id, approved=True)
         index = await run_step(ctx, run.id, args.step)
         print(f"running step {index:02d} of {run.protocol_name}", file=sys.stderr)
-        await drain(ctx, project.id)
+        await _drain(ctx, project.id, run.id)
         return await _finish(ctx, run.id)
 
 
 async def _qa(args: argparse.Namespace, settings: Settings) -> int:
     from bot.actions import run_qa
-    from bot.local_runtime import drain, local_project, local_runtime
+    from bot.local_runtime import local_project, local_runtime
 
     async with local_runtime(_settings_for(args, settings)) as ctx:
         project = await local_project(ctx, args.repo, None)
         run = await _find_run(ctx, project.id, args.protocol)
         index = await run_qa(ctx, run.id, args.step)
         print(f"QA of step {index:02d} of {run.protocol_name}", file=sys.stderr)
-        await drain(ctx, project.id)
+        await _drain(ctx, project.id, run.id)
         return await _finish(ctx, run.id)
 
 
@@ -212,10 +225,44 @@ def _render(state: Any, records: list[ForgeRecord]) -> str:
     return "\n".join(lines)
 
 
+async def _status_everywhere(ctx: dict[str, Any], ref: str | None) -> int:
+    """`protocol status` outside a repository: the protocols of every local repository."""
+    async with ctx["db"].sessions() as session:
+        rows = list(
+            (await session.execute(
+                select(ProtocolRun, Project).join(Project, Project.id == ProtocolRun.project_id)
+                .where(Project.provider == "local").order_by(Project.id, ProtocolRun.id)
+            )).all()
+        )  # fmt: skip
+    if ref is not None:
+        prefix = f"{int(ref):04d}-" if ref.isdigit() else f"{ref}-"
+        found = [(r, p) for r, p in rows if r.protocol_name == ref or r.protocol_name.startswith(prefix)]
+        if not found:
+            raise NotFound(f"no protocol {ref!r} in any local repository")
+        for run, project in found:
+            state = await load_run(ctx["db"], run.id)
+            print(f"{project.git_url}\n" + _render(state, await _records(ctx, project.id)))
+        return 0
+    if not rows:
+        print('no protocols yet: `deksdenflow protocol new "<task>"` in a repository')
+    current = None
+    for run, project in rows:
+        if project.git_url != current:
+            print(project.git_url)
+            current = project.git_url
+        print(f"  {run.protocol_name:<40} {run.status:<10} tokens={run.tokens_used}")
+    return 0
+
+
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.local_runtime import local_project, local_runtime
+    from bot.local_runtime import git_toplevel, local_project, local_runtime
 
     async with local_runtime(settings) as ctx:
+        if args.repo == Path("."):
+            try:
+                await git_toplevel(args.repo)
+            except ConfigError:  # not in a repository: show them all
+                return await _status_everywhere(ctx, args.protocol)
         project = await local_project(ctx, args.repo, None)
         records = await _records(ctx, project.id)
         if args.protocol:

@@ -33,7 +33,7 @@ COMMANDS: Mapping[str, CommandInfo] = {
         CommandInfo("qa", "step", "qa [N]", "run the quality check on step N (default: current step)"),
         CommandInfo("status", "none", "status", "refresh the status comment"),
         CommandInfo("retry", "step", "retry [N]", "retry step N (default: the failed or blocked step)"),
-        CommandInfo("approve", "step", "approve [N]", "accept step N without (another) QA pass"),
+        CommandInfo("approve", "step", "approve [N]", "approve the plan so steps may run; with N, accept step N without (another) QA pass"),
         CommandInfo("pause", "none", "pause", "stop after the running step"),
         CommandInfo("resume", "none", "resume", "continue a paused or blocked protocol"),
         CommandInfo("cancel", "none", "cancel", "cancel the protocol"),
@@ -300,22 +300,73 @@ def label_intent(label_name: str, labels_config: Mapping[str, str] | None = None
     return Command(wanted, raw=label_name)
 
 
-def help_text(prefix: str = "/") -> str:
-    """The markdown reply to /help."""
+# How each forge names the access a command needs (GitLab's roles: Reporter 20, Developer 30,
+# Maintainer 40; GitHub's repository permissions as they are).
+ROLE_WORDS: Mapping[str, Mapping[str, str]] = {
+    "github": {"none": "no", "read": "read", "write": "write", "maintain": "maintain", "admin": "admin"},
+    "gitlab": {"none": "no", "read": "Reporter", "write": "Developer", "maintain": "Maintainer",
+               "admin": "Maintainer"},
+}  # fmt: skip
+
+
+def role_word(level: str, forge: str = "github") -> str:
+    """`write` on GitHub, `Developer` on GitLab."""
+    return ROLE_WORDS.get(forge, ROLE_WORDS["github"]).get(level, level)
+
+
+def _cell(text: str) -> str:
+    # a `|` ends a table cell in GitHub's and GitLab's Markdown, even inside a code span
+    return text.replace("|", "\\|")
+
+
+def help_text(prefix: str = "/", forge: str = "github") -> str:
+    """The markdown reply to /help, in the forge's own words (PR or MR, roles)."""
+    gitlab = forge == "gitlab"
+    thread = "merge-request" if gitlab else "pull-request"
     rows = "\n".join(
-        f"| `{_usage(info, prefix)}` | {info.summary} | {DEFAULT_PERMISSIONS[info.name]} |"
+        f"| `{_cell(_usage(info, prefix))}` | {_cell(info.summary)} | "
+        f"{role_word(DEFAULT_PERMISSIONS[info.name], forge)} |"
         for info in COMMANDS.values()
     )
     labels = "\n".join(f"- `{label}` → {intent}" for label, intent in DEFAULT_LABELS.items())
+    needs = "Role" if gitlab else "Needs"
+    pr = "draft MR (`!N`)" if gitlab else "draft PR (`#N`)"
     return (
         "### DeksdenFlow commands\n\n"
-        "Write a command at the start of a line in an issue or pull-request comment "
+        f"Write a command at the start of a line in an issue or {thread} comment "
         "(not inside a code block or quote). `N` is a step number.\n\n"
-        "| Command | What it does | Needs |\n|---|---|---|\n"
+        f"| Command | What it does | {needs} |\n|---|---|---|\n"
         f"{rows}\n\n"
-        "### Labels\n\n"
+        f"A protocol starts with `{prefix}plan`: the plan lands on its own branch and a {pr}; "
+        f"`{prefix}approve` approves it, then `{prefix}run-step` runs the steps one by one.\n\n"
+        + (
+            # GitLab runs its own quick actions (/approve among them) on MR notes and strips them
+            "On GitLab `/approve` in a merge-request comment is GitLab's own quick action: "
+            "approve the plan from the issue's comments (or the console).\n\n"
+            if gitlab and prefix == "/"
+            else ""
+        )
+        + "### Labels\n\n"
         f"{labels}\n\n"
         "`auto` plans, then runs every step with its QA gate until the protocol is done or blocked."
+    )
+
+
+def permission_refusal(
+    author: str, command: str, required: str, actual: str | None, forge: str = "github",
+    prefix: str = "/",
+) -> str:  # fmt: skip
+    """The reply when someone may not run a command, in the forge's words."""
+    if forge == "gitlab":
+        return (
+            f"Sorry @{author}, `{prefix}{command}` needs the **{role_word(required, forge)}** role "
+            f"(or higher) in this project and you have **{role_word(actual or 'none', forge)}**. "
+            "A Maintainer can run it for you."
+        )
+    return (
+        f"Sorry @{author}, `{prefix}{command}` needs **{role_word(required, forge)}** access to "
+        f"this repository and you have **{role_word(actual or 'none', forge)}**. "
+        "A maintainer can run it for you."
     )
 
 

@@ -280,6 +280,8 @@ async def protocols_page(request: Request) -> Response:
 
 @console_page
 async def run_page(request: Request) -> Response:
+    from bot.console_steps import run_state
+
     run_id = _id(request, "run_id")
     async with _db(request).sessions() as session:
         run = await session.get(ProtocolRun, run_id)
@@ -313,9 +315,9 @@ async def run_page(request: Request) -> Response:
         steps=[step_json(s) for s in steps],
         events=[event_json(e) for e in events],
         last_event=events[-1].id if events else 0,
-        # `start` re-plans only a run whose planning failed before any step existed
-        buttons=tuple(b for b in BUTTONS.get(run.status, ()) if not (b == "start" and steps)),
-        buttons_by_status=BUTTONS,
+        # the buttons valid in this state; the page's stream keeps them (and the rest) current
+        buttons=(live := run_state(run, steps))["buttons"],
+        live=live,
         all_actions=ACTIONS,
     )
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from bot import links
 from bot.forge.base import (
     CheckConclusion,
     CheckReport,
@@ -25,7 +26,7 @@ from bot.runs import RunState, emit, load_run
 log = logging.getLogger(__name__)
 
 
-def step_view(step: Any) -> StepView:
+def step_view(step: Any, page_url: str | None = None) -> StepView:
     rs = step.runtime_state or {}
     duration = None
     if step.started_at and step.finished_at:
@@ -43,10 +44,18 @@ def step_view(step: Any) -> StepView:
         output=rs.get("last_message"),
         qa_report=rs.get("qa_report"),
         error=rs.get("error"),
+        page_url=page_url,
+        cost_usd=getattr(step, "cost_usd", None) or None,
     )
 
 
-def protocol_view(state: RunState, message: str | None = None, command_prefix: str = "/") -> ProtocolView:
+def protocol_view(
+    state: RunState,
+    message: str | None = None,
+    command_prefix: str = "/",
+    public_url: str | None = None,
+) -> ProtocolView:
+    """The status comment's view; `public_url` adds console links (none without it)."""
     run = state.run
     current = next((s.step_index for s in state.steps if s.status in ("running", "needs_qa")), None)
     if current is None:
@@ -55,7 +64,9 @@ def protocol_view(state: RunState, message: str | None = None, command_prefix: s
         name=run.protocol_name,
         status=run.status,
         task=run.description,
-        steps=tuple(step_view(s) for s in state.steps),
+        steps=tuple(
+            step_view(s, links.step_page(public_url, run.id, s.step_index)) for s in state.steps
+        ),
         current_step=current,
         branch=run.protocol_name,
         pr_url=run.pr_url,
@@ -64,6 +75,8 @@ def protocol_view(state: RunState, message: str | None = None, command_prefix: s
         message=message or (run.runtime_state or {}).get("message"),
         updated_at=run.updated_at,
         command_prefix=command_prefix,
+        console_url=links.protocol_page(public_url, run.id),
+        cost_usd=getattr(run, "cost_usd", None) or None,
     )
 
 
@@ -124,7 +137,8 @@ async def publish_status(ctx: dict[str, Any], run_id: int, message: str | None =
     state = await load_run(ctx["db"], run_id)
     settings = ctx.get("settings")
     prefix = settings.command_prefix if settings is not None else "/"
-    body = status_comment(protocol_view(state, message, prefix))
+    public_url = settings.public_url if settings is not None else None
+    body = status_comment(protocol_view(state, message, prefix, public_url))
     forge = forge_of(ctx, state)
     marker = status_marker(state.run.protocol_name)
     repo = ctx["forges"].repo_ref(state.project)
@@ -185,6 +199,8 @@ async def report_check(
         quality_report=quality_report,
         has_next_step=has_next,
         message=message,
+        details_url=links.step_page(ctx["settings"].public_url, run_id, step_index),
+        cost_usd=step.cost_usd or None,
     )
     try:
         await _send_check(ctx, state, report)

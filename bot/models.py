@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -78,6 +79,8 @@ class ProtocolRun(Base):
     approved: Mapped[bool] = mapped_column(Boolean, default=False)
     auto_mode: Mapped[bool] = mapped_column(Boolean, default=False)
     tokens_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    # USD at the configured prices when the tokens were spent (bot/pricing.py)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
@@ -105,6 +108,7 @@ class StepRun(Base):
     runtime_state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     summary: Mapped[str | None] = mapped_column(Text, nullable=True)
     tokens_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -207,3 +211,26 @@ class StoredSecret(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
+
+
+class TranscriptChunk(Base):
+    """A batch of an engine turn's JSONL events, redacted, as written by the transcript recorder.
+
+    Events are stored as the engine read them (one JSON object a line) and turned into display
+    items when read: the engine's reading loop then pays almost nothing per event.
+    """
+
+    __tablename__ = "transcript_chunks"
+    __table_args__ = (
+        Index("ix_transcript_step_id", "step_run_id", "id"),
+        Index("ix_transcript_protocol_id", "protocol_run_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    protocol_run_id: Mapped[int] = mapped_column(Integer)
+    # None for protocol-level turns (planning, decomposition)
+    step_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    phase: Mapped[str] = mapped_column(String(16))
+    lines: Mapped[int] = mapped_column(Integer)
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

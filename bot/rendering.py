@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from bot.forge.base import CheckAction, CheckConclusion, CheckReport, CheckState
+from bot.pricing import fmt_cost
 
 # GitHub rejects comment bodies over 65,536 characters (422) and check-run summary/text over
 # 65,535. We measure in UTF-16 code units, which is never less than the code-point count, and
@@ -109,6 +110,8 @@ class StepView:
     output: str | None = None  # the engine's last message, shown folded
     qa_report: str | None = None  # quality-report.md, shown folded
     error: str | None = None
+    page_url: str | None = None  # the step's console page (transcript, diff, cost)
+    cost_usd: float | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ class ProtocolView:
     message: str | None = None  # why it is blocked/failed/paused
     updated_at: datetime | None = None
     command_prefix: str = "/"
+    console_url: str | None = None  # the protocol's console page
+    cost_usd: float | None = None
 
 
 def status_marker(protocol_name: str) -> str:
@@ -148,12 +153,16 @@ def _step_line(step: StepView, current: int | None) -> str:
         parts.append("QA pending")
     if step.tokens is not None:
         parts.append(f"{fmt_tokens(step.tokens)} tokens")
+    if step.cost_usd:
+        parts.append(fmt_cost(step.cost_usd))
     if step.duration_seconds is not None:
         parts.append(fmt_duration(step.duration_seconds))
     if step.commit_sha:
         parts.append(f"`{short_sha(step.commit_sha)}`")
     if step.check_url:
         parts.append(f"[check]({step.check_url})")
+    if step.page_url:
+        parts.append(f"[transcript & diff]({step.page_url})")
     emoji = STATUS_EMOJI.get(step.status, "❔")
     line = f"- [{done}] {emoji} " + " · ".join(parts)
     if step.index == current:
@@ -188,8 +197,12 @@ def _header(view: ProtocolView) -> list[str]:
     if view.tokens_used is not None:
         budget = f" / {fmt_tokens(view.token_budget)}" if view.token_budget else ""
         facts.append(f"**Tokens:** {fmt_tokens(view.tokens_used)}{budget}")
+    if view.cost_usd:
+        facts.append(f"**Cost:** {fmt_cost(view.cost_usd)}")
     if view.duration_seconds is not None:
         facts.append(f"**Time:** {fmt_duration(view.duration_seconds)}")
+    if view.console_url:
+        facts.append(f"[**Console**]({view.console_url})")
     if facts:
         lines.append(" · ".join(facts))
     if view.current_step is not None:
@@ -303,6 +316,7 @@ def check_run_output(
     details_url: str | None = None,
     has_next_step: bool = True,
     message: str = "",
+    cost_usd: float | None = None,
 ) -> CheckReport:
     """The check run for a step's execution or its QA, with up to three action buttons."""
     idx = f"{step.index:02d}"
@@ -324,7 +338,10 @@ def check_run_output(
     if verdict:
         lines += ["", f"**Verdict:** {VERDICT_EMOJI.get(verdict, '❔')} {inline(verdict, 10)}"]
     if tokens is not None:
-        lines += ["", f"**Tokens:** {fmt_tokens(tokens)}"]
+        cost = f" · **Cost:** {fmt_cost(cost_usd)}" if cost_usd else ""
+        lines += ["", f"**Tokens:** {fmt_tokens(tokens)}{cost}"]
+    if details_url:
+        lines += ["", f"[Transcript, diff and cost]({details_url})"]
     if changed_files:
         shown = [f"- `{inline(f, 200)}`" for f in changed_files[:50]]
         if len(changed_files) > 50:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from bot.errors import ConfigError
 from bot.models import Project, ProtocolRun, StepRun
+from bot.pricing import fmt_cost
 from bot.settings import Settings
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -40,6 +41,7 @@ class ProjectUsage:
     qa_fail: int = 0
     ci_attempts: int = 0
     tokens: int = 0
+    cost_usd: float = 0.0
     run_minutes: list[float] = field(default_factory=list)
     step_minutes: list[float] = field(default_factory=list)
     tokens_by_day: Counter[date] = field(default_factory=Counter)
@@ -86,6 +88,7 @@ def build_report(database_url: str, *, project: str | None = None, since: date |
                 ProtocolRun.project_id,
                 ProtocolRun.status,
                 ProtocolRun.tokens_used,
+                ProtocolRun.cost_usd,
                 ProtocolRun.runtime_state,
                 ProtocolRun.created_at,
                 ProtocolRun.updated_at,
@@ -100,6 +103,7 @@ def build_report(database_url: str, *, project: str | None = None, since: date |
                 usage.runs += 1
                 usage.run_status[row.status] += 1
                 usage.tokens += int(row.tokens_used or 0)
+                usage.cost_usd += float(row.cost_usd or 0.0)
                 usage.tokens_by_day[_aware(row.created_at).date()] += int(row.tokens_used or 0)
                 state = row.runtime_state if isinstance(row.runtime_state, dict) else {}
                 usage.ci_attempts += int(state.get("ci_attempts", 0) or 0)
@@ -211,13 +215,15 @@ def render_html(report: Report) -> str:
             f"<td>{_fmt_rate(p.qa_pass_rate)}<div class=muted>{p.qa_pass} pass / {p.qa_fail} fail</div></td>"
             f"<td>{p.ci_attempts}<div class=muted>{(p.ci_attempts / p.runs if p.runs else 0):.1f} per run</div></td>"
             f"<td>{p.tokens:,}<div class=muted>{(p.tokens // p.runs if p.runs else 0):,} per run</div></td>"
+            f"<td>{esc(fmt_cost(p.cost_usd))}<div class=muted>{esc(fmt_cost(p.cost_usd / p.runs if p.runs else 0))} per run</div></td>"
             f"<td>{esc(_fmt_minutes(p.run_minutes))}</td>"
             f"<td>{esc(_fmt_minutes(p.step_minutes))}</td>"
             "</tr>"
         )
     total_tokens = sum(p.tokens for p in report.projects)
+    total_cost = sum(p.cost_usd for p in report.projects)
     total_runs = sum(p.runs for p in report.projects)
-    body = "\n".join(rows) or '<tr><td colspan="8" class="muted">No projects.</td></tr>'
+    body = "\n".join(rows) or '<tr><td colspan="9" class="muted">No projects.</td></tr>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>DeksdenFlow usage report</title>
 <style>
@@ -232,11 +238,11 @@ def render_html(report: Report) -> str:
 </style></head><body>
 <h1>DeksdenFlow usage report</h1>
 <div class="muted">generated {report.generated_at:%Y-%m-%d %H:%M} UTC{esc(since)} ·
-{total_runs} protocol runs · {total_tokens:,} tokens</div>
+{total_runs} protocol runs · {total_tokens:,} tokens · {esc(fmt_cost(total_cost))}</div>
 <h2>Per project</h2>
 <table>
 <tr><th>Project</th><th>Protocols</th><th>Steps</th><th>QA pass rate</th><th>CI attempts</th>
-<th>Tokens</th><th>Run duration</th><th>Step duration</th></tr>
+<th>Tokens</th><th>Cost</th><th>Run duration</th><th>Step duration</th></tr>
 {body}
 </table>
 <h2>Tokens per day</h2>

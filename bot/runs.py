@@ -161,16 +161,25 @@ async def update_step(db: Database, step_id: int, **values: Any) -> None:
         await session.execute(update(StepRun).where(StepRun.id == step_id).values(updated_at=utcnow(), **values))
 
 
-async def add_tokens(db: Database, run_id: int, step_id: int | None, tokens: int) -> None:
-    if tokens <= 0:
+async def add_tokens(
+    db: Database, run_id: int, step_id: int | None, tokens: int, cost_usd: float = 0.0
+) -> None:
+    if tokens <= 0 and cost_usd <= 0:
         return
     async with db.sessions.begin() as session:
         await session.execute(
-            update(ProtocolRun).where(ProtocolRun.id == run_id).values(tokens_used=ProtocolRun.tokens_used + tokens)
+            update(ProtocolRun)
+            .where(ProtocolRun.id == run_id)
+            .values(
+                tokens_used=ProtocolRun.tokens_used + tokens,
+                cost_usd=ProtocolRun.cost_usd + cost_usd,
+            )
         )
         if step_id is not None:
             await session.execute(
-                update(StepRun).where(StepRun.id == step_id).values(tokens_used=StepRun.tokens_used + tokens)
+                update(StepRun)
+                .where(StepRun.id == step_id)
+                .values(tokens_used=StepRun.tokens_used + tokens, cost_usd=StepRun.cost_usd + cost_usd)
             )
 
 

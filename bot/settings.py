@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import ssl
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,6 +87,14 @@ class SecretFileSource(PydanticBaseSettingsSource):
         return values
 
 
+def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """$XDG_DATA_HOME/deksdenflow, else ~/.local/share/deksdenflow (read when settings are built)."""
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_DATA_HOME", "").strip()
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "deksdenflow"
+
+
 class Settings(BaseSettings):
     """Every knob of the service; env names are `DEKSDENFLOW_<FIELD>` in upper case."""
 
@@ -102,7 +111,9 @@ class Settings(BaseSettings):
     # storage
     db_url: str | None = None
     db_path: Path | None = None
-    data_dir: Path = Path(".deksdenflow")
+    # per user, not per working directory: a CLI run in a repository must not leave an
+    # untracked folder there (whose name would clash with committed .deksdenflow/ overrides)
+    data_dir: Path = Field(default_factory=lambda: default_data_dir())
     redis_url: str = "memory://"
 
     # the port `serve` binds when --port is not given (the container's healthcheck reads it too)
@@ -182,6 +193,13 @@ class Settings(BaseSettings):
     # logs
     log_json: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    # links and money
+    # PUBLIC_URL (above) is also the base of the links: check runs, commit statuses and the
+    # status comment link to the console under it. None: no links.
+    # {model: {input, cached_input, output}} in USD per million tokens, over bot/pricing.py's
+    # defaults; JSON in DEKSDENFLOW_MODEL_PRICES.
+    model_prices: dict[str, dict[str, float]] = Field(default_factory=dict)
 
     @field_validator("log_level", mode="before")
     @classmethod

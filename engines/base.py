@@ -17,6 +17,19 @@ PHASES: tuple[Phase, ...] = ("planning", "decompose", "execute", "qa", "discover
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
+
+class EventSink(Protocol):
+    """Receives each JSONL event of a turn as it arrives (Codex's own event shape).
+
+    `raw` is the line as the engine read it, when there was one: a consumer that stores events
+    keeps those bytes instead of encoding the event again. The sink is called on the engine's
+    reading loop, so it must be quick and must not block: buffer, don't write.
+    """
+
+    def __call__(self, event: dict[str, Any], raw: bytes | None = None, /) -> None: ...
+
+
+
 @dataclass(frozen=True)
 class TokenUsage:
     """Token counts as Codex reports them; `total` is input + output like the API bills."""
@@ -92,6 +105,8 @@ class EngineRequest:
     previous_usage: TokenUsage | None = None
     # Free-form hints (step_index, slug, title, protocol, task…) used by the scripted engine.
     context: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    # Optional live consumer of the turn's events (the transcript); None: nobody is watching.
+    sink: EventSink | None = None
 
 
 @dataclass

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import tempfile
@@ -17,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.base import EngineRequest, EngineResult, Outcome, TokenUsage
+from engines.base import EngineRequest, EngineResult, EventSink, Outcome, TokenUsage
 from engines.lifetime import die_with_parent
 from engines.structured import parse_json_reply
 
 ENGINE_ID = "codex"
+
+log = logging.getLogger(__name__)
 
 # Variables a codex child may inherit from the worker's environment. Everything else (database
 # URLs, forge credentials, our own settings) stays out of reach of model-generated commands.
@@ -264,6 +268,56 @@ def parse_codex_events(lines: Iterable[str | bytes]) -> ParsedRun:
     return parser.run
 
 
+# Errors no retry can fix: codex would reconnect (5 times, with backoff) and then fail anyway, or,
+# with retries configured higher, sit until the job timeout. Matched on the error text codex
+# prints, which carries the provider's HTTP status ("unexpected status 401 Unauthorized: …").
+_FATAL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\b401\b|unauthori[sz]ed|invalid[_ ]api[_ ]key|incorrect api key", re.I),
+     "the model provider refused the credentials"),
+    (re.compile(r"\b403\b|forbidden", re.I), "the model provider refused access"),
+    (re.compile(r"model[_ ]not[_ ]found|unknown model|model .{0,80}does not exist|"
+                r"unsupported model|not a (?:valid|supported) model", re.I),
+     "the model is unknown to the provider"),
+    (re.compile(r"missing environment variable|api key (?:is )?missing|no api key", re.I),
+     "no API key reached codex"),
+)
+
+
+def fatal_cause(event: Mapping[str, Any]) -> str | None:
+    """The cause when `event` reports an error that retrying cannot fix, else None (pure)."""
+    kind = event.get("type")
+    message: Any = None
+    if kind == "error":
+        message = event.get("message")
+    elif kind == "turn.failed":
+        error = event.get("error")
+        message = error.get("message") if isinstance(error, dict) else None
+    elif kind in ("item.completed", "item.started"):
+        item = event.get("item")
+        if isinstance(item, dict) and item.get("type") == "error":
+            message = item.get("message")
+    if not isinstance(message, str) or not message:
+        return None
+    for pattern, what in _FATAL_PATTERNS:
+        if pattern.search(message):
+            return f"{what}: {_truncate(message.strip(), 500)}"
+    return None
+
+
+# stderr lines codex always prints, which say nothing about why a turn failed.
+_STDERR_NOISE = ("Reading additional input from stdin", "WARNING: proceeding, even though")
+
+
+def stderr_cause(stderr_tail: str, limit: int = 800) -> str:
+    """The informative end of codex's stderr: noise lines dropped, at most `limit` characters."""
+    lines = [
+        line.rstrip()
+        for line in stderr_tail.splitlines()
+        if line.strip() and not line.lstrip().startswith(_STDERR_NOISE)
+    ]
+    return "\n".join(lines)[-limit:]
+
+
 def outcome_for_exit(code: int, turn_failed: str | None = None) -> Outcome:
     """Map codex's exit status to an outcome."""
     if code == 0:
@@ -291,14 +345,19 @@ def error_message(
     if outcome == "completed":
         return None
     tail = stderr_tail.strip()
-    if parsed.turn_failed:
-        return parsed.turn_failed
     if outcome == "usage_error":
         return f"codex rejected its command line (exit 2): {tail[-2000:] or 'no output'}"
     if outcome == "cancelled":
         return f"codex was stopped by a signal (exit {code})"
+    cause = stderr_cause(stderr_tail)
+    if parsed.turn_failed:
+        # the stream says what failed; stderr often says why (config, auth, sandbox)
+        return parsed.turn_failed + (f"\nstderr: {cause}" if cause else "")
     detail = parsed.errors[-1] if parsed.errors else tail[-2000:]
-    return f"codex failed (exit {code}): {detail or 'no error output'}"
+    message = f"codex failed (exit {code}): {detail or 'no error output'}"
+    if parsed.errors and cause:
+        message += f"\nstderr: {cause}"
+    return message
 
 
 class _Tail:
@@ -457,6 +516,28 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
+class _StreamWatch:
+    """Hands each event to the request's sink and notices errors that end the turn for good."""
+
+    def __init__(self, sink: EventSink | None) -> None:
+        self.sink = sink
+        self.fatal = asyncio.Event()
+        self.cause: str | None = None
+
+    def see(self, event: dict[str, Any], raw: bytes | None = None) -> None:
+        if self.sink is not None:
+            try:
+                self.sink(event, raw)
+            except Exception:  # a broken consumer must not break the turn; drop it
+                log.exception("transcript sink failed; the rest of this turn is not recorded")
+                self.sink = None
+        if self.cause is None and event.get("type") != "turn.failed":
+            cause = fatal_cause(event)
+            if cause is not None:
+                self.cause = cause
+                self.fatal.set()
+
+
 class CodexEngine:
     """Runs the real codex CLI; one `run` is one turn."""
 
@@ -575,18 +656,32 @@ class CodexEngine:
         stderr_tail = _Tail(STDERR_TAIL_BYTES)
         assert proc.stdout is not None and proc.stderr is not None
         assert proc.stdin is not None
+        watch = _StreamWatch(request.sink)
         readers = [
-            asyncio.create_task(self._read_stdout(proc.stdout, parser)),
+            asyncio.create_task(self._read_stdout(proc.stdout, parser, watch)),
             asyncio.create_task(self._read_stderr(proc.stderr, stderr_tail)),
             asyncio.create_task(self._write_stdin(proc.stdin, request.prompt.encode("utf-8"))),
         ]
-        timed_out = False
+        timed_out = stopped_early = False
+        exited = asyncio.create_task(proc.wait())
+        fatal_seen = asyncio.create_task(watch.fatal.wait())
         try:
             try:
-                await asyncio.wait_for(proc.wait(), timeout=request.timeout_s)
-            except TimeoutError:
-                timed_out = True
-                await self._stop(proc)
+                # Whichever comes first: codex exits, the stream reports an error no retry can
+                # fix (stop now instead of waiting out its reconnects or our timeout), or time.
+                await asyncio.wait(
+                    (exited, fatal_seen),
+                    timeout=request.timeout_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not exited.done():
+                    stopped_early = watch.fatal.is_set()
+                    timed_out = not stopped_early
+                    await self._stop(proc)
+            finally:
+                fatal_seen.cancel()
+                if not exited.done():
+                    exited.cancel()
             # Readers end at EOF; a straggler that inherited the pipes must not hold us forever.
             _done, pending = await asyncio.wait(readers, timeout=_PIPE_DRAIN_S)
             if pending:
@@ -608,9 +703,17 @@ class CodexEngine:
         code = proc.returncode
         if timed_out:
             outcome: Outcome = "timeout"
+            cause = parsed.turn_failed or (parsed.errors[-1] if parsed.errors else "")
+            cause = cause or stderr_cause(stderr_tail.text())
             error: str | None = (
                 f"codex did not finish within {request.timeout_s:g} s and was stopped"
+                + (f"; last error: {_truncate(cause, 800)}" if cause else "")
             )
+        elif stopped_early:
+            outcome = "failed"
+            error = f"codex stopped early: {watch.cause}"
+            if tail := stderr_cause(stderr_tail.text()):
+                error += f"\nstderr: {tail}"
         else:
             assert code is not None
             outcome = outcome_for_exit(code, parsed.turn_failed)
@@ -692,7 +795,10 @@ class CodexEngine:
         _signal_group(proc.pid, signal.SIGKILL)
 
     @staticmethod
-    async def _read_stdout(stream: asyncio.StreamReader, parser: CodexEventParser) -> None:
+    async def _read_stdout(
+        stream: asyncio.StreamReader, parser: CodexEventParser, watch: _StreamWatch
+    ) -> None:
+        # Line by line as codex writes them, so the sink sees each event when it happens.
         while True:
             try:
                 line = await stream.readline()
@@ -702,7 +808,9 @@ class CodexEngine:
                 continue
             if not line:
                 return
-            parser.feed(line)
+            event = parser.feed(line)
+            if event is not None:
+                watch.see(event, line)
 
     @staticmethod
     async def _write_stdin(stream: asyncio.StreamWriter, data: bytes) -> None:

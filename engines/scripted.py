@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import itertools
 import json
@@ -165,6 +167,49 @@ class _Reply:
     structured: Any | None = None
     changes: list[dict[str, str]] | None = None
     fail: str | None = None
+    reasoning: str | None = None
+    commands: list[Any] | None = None
+    pace_s: float = 0.0
+
+
+_COMMAND_TIMEOUT_S = 30.0
+_OUTPUT_LIMIT = 4000
+
+
+async def run_command(workdir: Path, spec: Any) -> dict[str, Any]:
+    """Run one scripted command for real in the workdir; a codex-style command item.
+
+    Real runs, so the transcript shows true output; `sh -c` like codex's shell tool.
+    """
+    command = spec.get("command") if isinstance(spec, dict) else spec
+    if not isinstance(command, str) or not command.strip():
+        raise EngineError(f"scripted engine: bad command entry {spec!r}")
+    proc = await asyncio.create_subprocess_exec(
+        "sh", "-c", command, cwd=str(workdir),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=_COMMAND_TIMEOUT_S)
+        code = proc.returncode
+    except TimeoutError:
+        proc.kill()
+        out, code = (await proc.communicate())[0], 124
+    return {
+        "type": "command_execution",
+        "command": command,
+        "aggregated_output": out.decode("utf-8", "replace")[-_OUTPUT_LIMIT:],
+        "exit_code": code,
+        "status": "completed" if code == 0 else "failed",
+    }
+
+
+def call_section(script: Mapping[str, Any], phase: str, context: Mapping[str, Any]) -> dict[str, Any]:
+    """The script section answering this call: the phase itself, or its per-step entry."""
+    phase_section = _mapping(script.get(phase), phase)
+    if phase in ("planning", "discovery"):
+        return dict(phase_section)
+    return step_section(phase_section, context)
 
 
 class ScriptedEngine:
@@ -221,28 +266,56 @@ class ScriptedEngine:
             reply = self._reply(script, request, context)
         except EngineError as exc:
             reply = _Reply(message="", usage=TokenUsage(), fail=str(exc))
+        with contextlib.suppress(EngineError):
+            # transcript extras: a reasoning line, real commands, and a pace between events
+            # (`pace_s`, so a demo or a browser test can watch a step happen)
+            section = call_section(script, request.phase, context)
+            if isinstance(section.get("reasoning"), str):
+                reply.reasoning = fill(section["reasoning"], context)
+            if request.phase in ("execute", "discovery") and reply.fail is None:
+                commands = fill_deep(section.get("commands"), context)
+                reply.commands = commands if isinstance(commands, list) else None
+            pace = section.get("pace_s", script.get("pace_s", 0))
+            reply.pace_s = float(pace) if isinstance(pace, int | float) else 0.0
 
-        events: list[dict[str, Any]] = [
-            {"type": "thread.started", "thread_id": thread_id},
-            {"type": "turn.started"},
-        ]
+        events: list[dict[str, Any]] = []
+        ids = itertools.count()
+
+        async def emit(event: dict[str, Any]) -> None:
+            # the same events, in the same order, that codex would stream, paced when asked
+            if events and reply.pace_s > 0:
+                await asyncio.sleep(reply.pace_s)
+            events.append(event)
+            if request.sink is not None:
+                request.sink(event)
+
+        def item(body: dict[str, Any]) -> dict[str, Any]:
+            return {"type": "item.completed", "item": {"id": f"item_{next(ids)}", **body}}
+
+        await emit({"type": "thread.started", "thread_id": thread_id})
+        await emit({"type": "turn.started"})
+        if reply.reasoning:
+            await emit(item({"type": "reasoning", "text": reply.reasoning}))
         if reply.changes:
-            events.append(
-                {
-                    "type": "item.completed",
-                    "item": {
-                        "id": "item_0",
-                        "type": "file_change",
-                        "changes": reply.changes,
-                        "status": "completed",
-                    },
-                }
-            )
+            await emit(item({"type": "file_change", "changes": reply.changes, "status": "completed"}))
+        for spec in reply.commands or []:
+            shown = spec.get("command") if isinstance(spec, dict) else spec
+            begun: dict[str, Any] = {
+                "id": f"item_{next(ids)}", "type": "command_execution",
+                "command": str(shown), "aggregated_output": "", "status": "in_progress",
+            }  # fmt: skip
+            await emit({"type": "item.started", "item": begun})
+            try:
+                done = await run_command(request.workdir, spec)
+            except (EngineError, OSError) as exc:
+                reply.fail = str(exc)
+                break
+            await emit({"type": "item.completed", "item": {**begun, **done}})
         base = (
             (request.previous_usage or TokenUsage()) if request.resume_thread_id else TokenUsage()
         )
         if reply.fail is not None:
-            events.append({"type": "turn.failed", "error": {"message": reply.fail}})
+            await emit({"type": "turn.failed", "error": {"message": reply.fail}})
             return EngineResult(
                 outcome="failed",
                 exit_code=1,
@@ -254,14 +327,9 @@ class ScriptedEngine:
                 error=reply.fail,
                 duration_s=time.monotonic() - started,
             )
-        events.append(
-            {
-                "type": "item.completed",
-                "item": {"id": "item_1", "type": "agent_message", "text": reply.message},
-            }
-        )
+        await emit(item({"type": "agent_message", "text": reply.message}))
         thread_usage = base + reply.usage
-        events.append({"type": "turn.completed", "usage": thread_usage.to_dict()})
+        await emit({"type": "turn.completed", "usage": thread_usage.to_dict()})
 
         structured: Any | None = None
         parse_error: str | None = None

@@ -77,7 +77,7 @@ def _truncate_postgres(url: str) -> None:
         conn.execute(
             text(
                 "TRUNCATE webhook_deliveries, events, forge_records, step_runs, protocol_runs, projects, "
-                "auth_sessions, stored_secrets "
+                "auth_sessions, stored_secrets, transcript_chunks "
                 "RESTART IDENTITY CASCADE"
             )
         )

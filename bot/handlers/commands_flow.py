@@ -22,6 +22,7 @@ from bot.commands import (
     near_a_command,
     parse_commands,
     permission_allows,
+    permission_refusal,
     render_command_error,
     required_permission,
     sanitize_prompt_text,
@@ -183,8 +184,7 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
         required = required_permission(item.name, overrides)
         if not permission_allows(permission, required):
             replies.add(
-                f"Sorry @{ev.author}, `{prefix}{item.name}` needs **{required}** access to this "
-                f"repository and you have **{permission}**. A maintainer can run it for you."
+                permission_refusal(ev.author, item.name, required, permission, project.provider, prefix)
             )
             ctx.note(command=item.name, result="refused", permission=permission)
             continue
@@ -297,7 +297,7 @@ async def dispatch(
     prefix: str = services["settings"].command_prefix
     try:
         if name == "help":
-            replies.add(help_text(prefix))
+            replies.add(help_text(prefix, forge=project.provider))
             return "help"
         if name == "init":
             # repository setup is per project, not per protocol: a draft PR/MR with the starter

@@ -29,6 +29,7 @@ from bot.policies import (
     qa_decision,
     trigger_decisions,
 )
+from bot.pricing import turn_cost
 from bot.prompts import PROMPT_PLACEHOLDERS, override_path, render_prompt
 from bot.rendering import commit_message, draft_pr_body, log_entry, plan_commit_message, pr_title
 from bot.repo_config import refresh_repo_config
@@ -58,6 +59,7 @@ from bot.spec import (
     validate_planning_output,
     validate_spec,
 )
+from bot.transcript import recorder_for
 from engines.base import EngineRequest, EngineResult, TokenUsage
 
 log = logging.getLogger(__name__)
@@ -190,12 +192,22 @@ async def run_engine(
             "protocol": state.run.protocol_name,
             **(context or {}),
         },
+        sink=(recorder := recorder_for(ctx, state, step, phase, workdir)).add,
     )
     with log_context(protocol_run_id=state.run.id, step_run_id=step.id if step else None):
         log.info("engine %s (%s, model %s) starting", engine_id, phase, model)
-        # redacted and capped before anything stores, commits or publishes it
-        result: EngineResult = sanitize_result(await engine.run(request))
-    await add_tokens(ctx["db"], state.run.id, step.id if step else None, result.usage.total)
+        try:
+            # redacted and capped before anything stores, commits or publishes it
+            result: EngineResult = sanitize_result(await engine.run(request))
+        finally:
+            await recorder.close()
+    await add_tokens(
+        ctx["db"],
+        state.run.id,
+        step.id if step else None,
+        result.usage.total,
+        turn_cost(model, result.usage, settings.model_prices),
+    )
     await emit(
         ctx["db"],
         state,

@@ -47,9 +47,11 @@ def test_cli_exits_2_with_the_config_error(monkeypatch: pytest.MonkeyPatch, caps
 
 def test_defaults_are_the_embedded_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     settings = load_settings()
     assert settings.memory_queue
-    assert settings.database_url == "sqlite:///.deksdenflow/deksdenflow.sqlite3"
+    # per user, not per working directory (issue 14)
+    assert settings.database_url == f"sqlite:///{tmp_path}/xdg/deksdenflow/deksdenflow.sqlite3"
     assert settings.github_api_url == "https://api.github.com"
     assert settings.async_database_url.startswith("sqlite+aiosqlite:///")
     pg = Settings(db_url="postgresql://u@h/db")

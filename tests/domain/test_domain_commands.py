@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bot.commands import (
@@ -14,6 +16,7 @@ from bot.commands import (
     near_a_command,
     parse_commands,
     permission_allows,
+    permission_refusal,
     render_command_error,
     required_permission,
     sanitize_prompt_text,
@@ -225,9 +228,39 @@ def test_render_malformed_error() -> None:
 def test_help_text_lists_every_command() -> None:
     text = help_text()
     for info in COMMANDS.values():
-        assert f"`/{info.usage}`" in text
+        # a `|` would end the table cell on GitHub and GitLab, even inside a code span
+        assert f"`/{info.usage.replace('|', chr(92) + '|')}`" in text
     assert "deksdenflow:auto" in text
-    assert "`!run-step [N|next]`" in help_text(prefix="!")
+    assert "`!run-step [N\\|next]`" in help_text(prefix="!")
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """Cells of each markdown table row as GFM splits them (an unescaped `|` splits)."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line.strip("|"))])
+    return rows
+
+
+def test_help_renders_as_a_three_column_table_in_the_forges_words() -> None:
+    for forge in ("github", "gitlab"):
+        rows = _table_rows(help_text(forge=forge))
+        assert len(rows) == len(COMMANDS) + 1 and all(len(r) == 3 for r in rows), rows
+    github, gitlab = help_text(), help_text(forge="gitlab")
+    assert "`/approve [N]` | approve the plan" in github
+    assert "pull-request comment" in github and "draft PR (`#N`)" in github
+    assert "merge-request comment" in gitlab and "draft MR (`!N`)" in gitlab
+    assert "| Developer |" in gitlab and "| Reporter |" in gitlab and "| write |" not in gitlab
+    assert "GitLab's own quick action" in gitlab and "quick action" not in github
+
+
+def test_permission_refusals_use_the_forges_roles() -> None:
+    github = permission_refusal("eve", "run-step", "write", "read")
+    assert "needs **write** access" in github and "you have **read**" in github
+    gitlab = permission_refusal("eve", "run-step", "write", "read", "gitlab")
+    assert "needs the **Developer** role" in gitlab and "you have **Reporter**" in gitlab
+    assert "you have **no**" in permission_refusal("eve", "plan", "write", None, "gitlab")
 
 
 @pytest.mark.parametrize(

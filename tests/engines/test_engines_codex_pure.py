@@ -16,6 +16,7 @@ from engines.codex import (
     ParsedRun,
     build_codex_argv,
     error_message,
+    fatal_cause,
     is_forbidden_env,
     outcome_for_exit,
     parse_codex_events,
@@ -98,7 +99,28 @@ def test_parse_failed_run() -> None:
     assert parsed.errors == ["Missing environment variable: `FAKE_MODEL_KEY`."]
     assert parsed.usage is None
     assert outcome_for_exit(1, parsed.turn_failed) == "failed"
-    assert error_message("failed", 1, parsed, "stderr noise") == parsed.turn_failed
+    # the stream's cause first, then what stderr adds (codex's fixed noise lines dropped)
+    noisy = "Reading additional input from stdin...\nconfig error: bad provider\n"
+    assert error_message("failed", 1, parsed, noisy) == (
+        f"{parsed.turn_failed}\nstderr: config error: bad provider"
+    )
+    assert error_message("failed", 1, parsed, "Reading additional input from stdin...") == (
+        parsed.turn_failed
+    )
+
+
+def test_fatal_cause_spots_auth_and_model_errors_only() -> None:
+    reconnect = {
+        "type": "error",
+        "message": "Reconnecting... 1/5 (unexpected status 401 Unauthorized: Incorrect API key)",
+    }
+    cause = fatal_cause(reconnect)
+    assert cause is not None and "401" in cause and "credentials" in cause
+    assert fatal_cause({"type": "error", "message": "unexpected status 403 Forbidden"})
+    unknown = {"type": "error", "message": "The model `gpt-9` does not exist or you lack access"}
+    assert "model" in (fatal_cause(unknown) or "")
+    assert fatal_cause({"type": "error", "message": "Reconnecting... 2/5 (status 503)"}) is None
+    assert fatal_cause({"type": "item.completed", "item": {"type": "agent_message"}}) is None
 
 
 def test_parse_keeps_last_agent_message_and_skips_noise() -> None:
@@ -178,7 +200,7 @@ def test_error_messages() -> None:
     assert error_message("failed", 1, empty, "boom\n") == "codex failed (exit 1): boom"
     assert (
         error_message("failed", 1, ParsedRun(errors=["reconnecting"]), "x")
-        == "codex failed (exit 1): reconnecting"
+        == "codex failed (exit 1): reconnecting\nstderr: x"
     )
     assert "signal" in (error_message("cancelled", -15, empty, "") or "")
 

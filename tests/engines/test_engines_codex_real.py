@@ -160,3 +160,51 @@ async def test_missing_provider_key_fails_clearly(fake_codex: FakeCodex, git_rep
     assert result.outcome == "failed"
     assert result.error is not None and "FAKE_MODEL_KEY" in result.error
     assert fake_codex.server.response_requests() == []
+
+
+async def test_provider_401_stops_the_turn_at_once_with_the_cause(
+    fake_codex: FakeCodex, git_repo: Path
+) -> None:
+    # codex's own retry policy (5 reconnects with backoff), not the tests' zero-retry config:
+    # the engine must spot the 401 in the stream and stop, not wait for the retries or timeout
+    config = fake_codex.home / "config.toml"
+    config.write_text(
+        config.read_text()
+        .replace("request_max_retries = 0\n", "request_max_retries = 8\n")
+        .replace("stream_max_retries = 0\n", "stream_max_retries = 8\n")
+    )
+    fake_codex.server.http_error = 401
+    seen: list[dict[str, Any]] = []
+    result = await fake_codex.engine(kill_grace_s=2).run(
+        request(fake_codex, git_repo, "Do it", sink=lambda event, raw=None: seen.append(event))
+    )
+    assert result.outcome == "failed"
+    assert result.error is not None and "401" in result.error
+    assert "credentials" in result.error
+    assert result.duration_s < 10
+    # fewer requests than codex's retry budget: it was stopped, it did not give up by itself
+    assert 1 <= len(fake_codex.server.response_requests()) < 9
+    assert any(e.get("type") == "error" for e in seen)
+
+
+async def test_sink_sees_every_event_as_it_arrives(fake_codex: FakeCodex, git_repo: Path) -> None:
+    fake_codex.server.enqueue(
+        tool_then(shell_call("echo hello-from-shell", "c1")),
+        final("All done"),
+    )
+    seen: list[dict[str, Any]] = []
+    lines: list[bytes | None] = []
+
+    def sink(event: dict[str, Any], raw: bytes | None = None) -> None:
+        seen.append(event)
+        lines.append(raw)
+
+    result = await fake_codex.engine().run(request(fake_codex, git_repo, "Do it", sink=sink))
+    assert result.ok
+    assert seen == result.events
+    # the raw line each event was read from, for consumers that store without re-encoding
+    assert all(raw is not None and json.loads(raw) == e for raw, e in zip(lines, seen, strict=True))
+    kinds = [(e.get("type"), (e.get("item") or {}).get("type")) for e in seen]
+    assert ("item.completed", "command_execution") in kinds
+    assert ("item.completed", "agent_message") in kinds
+    assert kinds[-1] == ("turn.completed", None)

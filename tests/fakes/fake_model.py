@@ -149,6 +149,9 @@ class FakeModelServer:
     requests: list[RecordedRequest] = field(default_factory=list)
     unexpected: list[RecordedRequest] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # When set, every POST /responses answers this HTTP status with an OpenAI-style error body
+    # (e.g. 401 for a wrong key), as a provider refusing the request would.
+    http_error: int | None = None
     _queue: deque[FakeResponse | Responder] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _httpd: ThreadingHTTPServer | None = None
@@ -206,6 +209,12 @@ class FakeModelServer:
                 recorded = server._record(self, body if isinstance(body, dict) else None)
                 if not self.path.endswith("/responses"):
                     self._send_json(404, {"error": {"message": f"fake: no route {self.path}"}})
+                    return
+                if server.http_error is not None:
+                    self._send_json(
+                        server.http_error,
+                        {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}},
+                    )
                     return
                 response = server._next(recorded)
                 self.send_response(200)

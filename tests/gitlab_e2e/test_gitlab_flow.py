@@ -134,7 +134,7 @@ def test_reporter_is_refused_politely_and_nothing_runs(world: World) -> None:
     )["handled"]
     replies = world.fake.requests_to("POST", NOTES)
     assert len(replies) == 1
-    assert replies[0].json["body"].startswith("Sorry @bob, `/plan` needs **write** access")
+    assert replies[0].json["body"].startswith("Sorry @bob, `/plan` needs the **Developer** role")
     assert world.fake.state.award_emoji == []  # no 👀: the command was not taken
     assert world.run() is None
     assert world.fake.requests_to("POST", f"/projects/{PROJECT_ID}/merge_requests") == []

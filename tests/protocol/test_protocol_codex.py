@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -213,3 +214,32 @@ async def test_codex_planning_repair_counts_only_the_turns_own_tokens(
     assert "planning.repair" in await h.event_types(run_id)
     repair_request = fake_codex.server.response_requests()[1]
     assert "did not validate" in repair_request.user_texts()[-1]
+
+
+async def test_a_401_from_the_model_fails_the_step_within_seconds_with_the_cause(
+    codex_harness: Harness, fake_codex: FakeCodex
+) -> None:
+    # planned offline (a scripted engine standing in under the codex id), then the real CLI
+    # runs the step against a provider that refuses the key, with codex's own retry budget
+    codex_harness.use(ScriptedEngine(engine_id="codex"))
+    run_id = await codex_harness.start(TASK)
+    assert (await codex_harness.state(run_id)).run.status == "planned"
+    config = fake_codex.home / "config.toml"
+    config.write_text(
+        config.read_text()
+        .replace("request_max_retries = 0\n", "request_max_retries = 8\n")
+        .replace("stream_max_retries = 0\n", "stream_max_retries = 8\n")
+    )
+    fake_codex.server.http_error = 401
+    codex_harness.use(codex_engine(fake_codex), ScriptedEngine())
+    started = time.monotonic()
+    outcome = await execute_step(codex_harness.ctx, protocol_run_id=run_id, step_index=1)
+    elapsed = time.monotonic() - started
+    assert outcome == "failed"
+    assert elapsed < 10, elapsed
+    state = await codex_harness.state(run_id)
+    step = state.step(1)
+    assert step.status == "failed"
+    reason = step.runtime_state["error"]
+    assert "401" in reason and "credentials" in reason, reason
+    assert state.run.status == "blocked" and "401" in state.run.runtime_state["message"]

@@ -71,3 +71,20 @@ def test_pdf_via_headless_chromium(sqlite_url: str, tmp_path: Path) -> None:
     out = write_report(build_report(sqlite_url), tmp_path / "report.pdf", CHROMIUM)
     data = out.read_bytes()
     assert data.startswith(b"%PDF") and len(data) > 5_000
+
+
+def test_money_per_project(sqlite_url: str) -> None:
+    from sqlalchemy import create_engine, update
+    from sqlalchemy.orm import Session
+
+    from bot.models import ProtocolRun
+
+    seed(sqlite_url, runs=2, status="completed")
+    engine = create_engine(sync_url(sqlite_url))
+    with Session(engine) as session, session.begin():
+        session.execute(update(ProtocolRun).values(cost_usd=1.25))
+    engine.dispose()
+    report = build_report(sync_url(sqlite_url))
+    assert report.projects[0].cost_usd == pytest.approx(2.5)
+    document = render_html(report)
+    assert "<th>Cost</th>" in document and "$2.50" in document and "$1.25" in document

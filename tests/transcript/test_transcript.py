@@ -1,0 +1,185 @@
+"""The step transcript: engine events → redacted items in batches; cost per step and run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bot.jobs.protocol import execute_step
+from bot.pricing import DEFAULT_PRICES, cost_usd
+from bot.transcript import (
+    REDACTED,
+    TranscriptRecorder,
+    redact,
+    secret_values,
+    transcript_entry,
+    transcript_page,
+)
+from engines.base import TokenUsage
+from engines.scripted import ScriptedEngine
+from tests.protocol.conftest import Harness, scripted_script
+
+
+def test_entries_for_each_kind_of_codex_event() -> None:
+    wd = Path("/w")
+    cmd = {
+        "type": "item.completed",
+        "item": {"type": "command_execution", "command": "pytest -q", "exit_code": 1,
+                 "aggregated_output": "x" * 5000 + "1 failed", "status": "failed"},
+    }  # fmt: skip
+    entry = transcript_entry(cmd, wd)
+    assert entry is not None and entry["kind"] == "command" and entry["text"] == "pytest -q"
+    assert entry["data"]["exit_code"] == 1 and entry["data"]["output"].endswith("1 failed")
+    assert len(entry["data"]["output"]) < 2100
+    change = {"type": "item.completed", "item": {"type": "file_change",
+              "changes": [{"path": "/w/a/b.py", "kind": "add"}]}}  # fmt: skip
+    assert transcript_entry(change, wd) == {
+        "kind": "file_change", "text": "add a/b.py",
+        "data": {"changes": [{"path": "a/b.py", "kind": "add"}]},
+    }  # fmt: skip
+    usage = {"type": "turn.completed", "usage": {"input_tokens": 1200, "output_tokens": 30}}
+    assert transcript_entry(usage) == {
+        "kind": "usage", "text": "tokens: 1,200 in (0 cached), 30 out",
+        "data": {"usage": {"input_tokens": 1200, "output_tokens": 30}},
+    }  # fmt: skip
+    failed = {"type": "turn.failed", "error": {"message": "unexpected status 401"}}
+    assert transcript_entry(failed) == {"kind": "error", "text": "unexpected status 401", "data": {}}
+    assert transcript_entry({"type": "thread.started", "thread_id": "t"}) is None
+    started_msg = {"type": "item.started", "item": {"type": "agent_message", "text": ""}}
+    assert transcript_entry(started_msg) is None
+
+
+def test_redaction_reaches_nested_values_and_env_keys() -> None:
+    secrets = secret_values(
+        ["whsec-0123456789"],
+        {"DEPLOY": "project-secret-42"},
+        {"CODEX_API_KEY": "sk-live-abcdef", "PATH": "/usr/bin", "SHORT_TOKEN": "abc"},
+    )
+    assert set(secrets) == {"whsec-0123456789", "project-secret-42", "sk-live-abcdef"}
+    value = {"text": "key sk-live-abcdef!", "data": {"output": ["project-secret-42 here"]}}
+    assert redact(value, secrets) == {
+        "text": f"key {REDACTED}!", "data": {"output": [f"{REDACTED} here"]},
+    }  # fmt: skip
+
+
+async def test_recorder_batches_redacts_and_pages(harness: Harness) -> None:
+    db = harness.ctx["db"]
+    recorder = TranscriptRecorder(
+        db, protocol_run_id=7, step_run_id=3, phase="execute",
+        secrets=("sk-secret-value", 'quote"secret'), interval_s=0.05,
+    )  # fmt: skip
+    for n in range(1200):
+        event = {"type": "item.completed",
+                 "item": {"type": "agent_message", "text": f"m{n} sk-secret-value quote\"secret"}}
+        # the engine's own bytes when it has them (codex), else the recorder encodes (scripted)
+        recorder.add(event, json.dumps(event).encode() + b"\n" if n % 2 else None)
+    recorder.add({"type": "thread.started", "thread_id": "t"})  # stored, never shown
+    await recorder.close()
+    assert recorder.stored == 1201
+    items = await transcript_page(db, step_run_id=3, limit=5000)
+    assert len(items) == 1200
+    assert all("sk-secret-value" not in i["text"] and 'quote"secret' not in i["text"] for i in items)
+    assert items[0]["text"] == f"m0 {REDACTED} {REDACTED}"
+    assert [i["text"].split()[0] for i in items[:3]] == ["m0", "m1", "m2"]
+    ids = [i["id"] for i in items]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    # paging: the newest page before an id, oldest first; and a tail after an id
+    last = await transcript_page(db, step_run_id=3, before=ids[-1] + 1, limit=10)
+    assert [i["text"].split()[0] for i in last] == [f"m{n}" for n in range(1190, 1200)]
+    middle = await transcript_page(db, step_run_id=3, before=ids[700], limit=3)
+    assert [i["id"] for i in middle] == ids[697:700]
+    tail = await transcript_page(db, step_run_id=3, after=ids[1195], limit=100)
+    assert [i["id"] for i in tail] == ids[1196:]
+
+
+async def test_a_scripted_step_stores_its_transcript_and_cost(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CODEX_API_KEY", "sk-from-the-worker-env")
+    script = scripted_script(
+        execute={"default": {
+            "reasoning": "Thinking about {title}",
+            "commands": ["echo key=sk-from-the-worker-env", "exit 3"],
+            "files": [{"path": "NOTES.md", "append": "- {slug}\n"}],
+            "message": "Done with {slug}",
+            "usage": {"input_tokens": 2000, "cached_input_tokens": 500, "output_tokens": 300},
+        }},
+    )  # fmt: skip
+    harness.use(ScriptedEngine(script))
+    run_id = await harness.start()
+    await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1)
+    state = await harness.state(run_id)
+    step = state.step(1)
+    workdir = Path(state.run.worktree_path)
+    rows = [SimpleNamespace(**i) for i in await transcript_page(
+        harness.ctx["db"], step_run_id=step.id, limit=500, workdir=workdir)]  # fmt: skip
+    kinds = [(r.phase, r.kind) for r in rows]
+    assert kinds[:8] == [
+        ("execute", "turn"), ("execute", "reasoning"), ("execute", "file_change"),
+        ("execute", "command"), ("execute", "command"), ("execute", "command"),
+        ("execute", "command"), ("execute", "message"),
+    ]  # fmt: skip
+    echo = rows[4]
+    assert echo.data["exit_code"] == 0
+    assert echo.data["output"] == f"key={REDACTED}\n"
+    assert rows[6].data["exit_code"] == 3
+    assert rows[2].text == "add TASK.md"  # step 1 (record-task) writes its own file
+    # the planning turns are stored too, on the run without a step
+    planning = await transcript_page(harness.ctx["db"], protocol_run_id=run_id, limit=500)
+    assert any(i["step_run_id"] is None and i["phase"] == "planning" for i in planning)
+    # cost: the execute turn at gpt-5.5's default price (+ the QA turn, if any ran)
+    expected = cost_usd(
+        TokenUsage(input_tokens=2000, cached_input_tokens=500, output_tokens=300),
+        DEFAULT_PRICES["gpt-5.5"],
+    )
+    assert step.cost_usd == pytest.approx(expected)
+    assert state.run.cost_usd > step.cost_usd  # planning and decomposition cost too
+
+
+async def test_recorder_on_sqlite_and_postgres(db_url: str, tmp_path: Path) -> None:
+    from bot.db import create_database
+    from bot.settings import Settings
+
+    db = create_database(Settings(db_url=db_url, data_dir=tmp_path).async_database_url)
+    try:
+        recorder = TranscriptRecorder(db, protocol_run_id=1, step_run_id=9, phase="qa",
+                                      secrets=("sk-xyz-123456",))  # fmt: skip
+        for n in range(3):
+            event = {"type": "item.completed",
+                     "item": {"type": "reasoning", "text": f"r{n} sk-xyz-123456"}}  # fmt: skip
+            recorder.add(event, json.dumps(event).encode())
+        await recorder.close()
+        items = await transcript_page(db, step_run_id=9)
+        assert [i["text"] for i in items] == [f"r{n} {REDACTED}" for n in range(3)]
+        assert items[0]["phase"] == "qa" and items[0]["created_at"]
+    finally:
+        await db.dispose()
+
+
+async def test_a_locked_database_sends_the_write_to_the_thread(tmp_path: Path) -> None:
+    import asyncio
+    import sqlite3
+
+    from bot.db import create_database
+    from bot.migrate import upgrade_head
+
+    path = tmp_path / "locked.sqlite3"
+    upgrade_head(f"sqlite:///{path}")
+    db = create_database(f"sqlite+aiosqlite:///{path}")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        recorder = TranscriptRecorder(db, protocol_run_id=1, step_run_id=5, phase="execute")
+        recorder.add({"type": "item.completed", "item": {"type": "agent_message", "text": "hi"}})
+        closing = asyncio.create_task(recorder.close())
+        await asyncio.sleep(0.3)
+        assert not closing.done()  # waiting on its thread, not blocking this loop
+        blocker.execute("COMMIT")
+        await asyncio.wait_for(closing, timeout=10)
+        assert [i["text"] for i in await transcript_page(db, step_run_id=5)] == ["hi"]
+    finally:
+        blocker.close()
+        await db.dispose()
