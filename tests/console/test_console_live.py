@@ -91,7 +91,11 @@ def test_step_page_streams_the_transcript_then_shows_the_diff(
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"{server.url}/console/protocols/{run_id}/steps/2?token={TOKEN}")
+            step_url = f"{server.url}/console/protocols/{run_id}/steps/2"
+            page.goto(step_url)
+            page.fill("input[name=token]", TOKEN)  # sign in by POST, never a token in the URL
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(step_url)
             assert page.locator("#step-status").inner_text() == "pending"
             page.evaluate("window.__sameDocument = true")  # survives only without a reload
             assert api.post(f"/api/protocols/{run_id}/actions/approve").status_code == 202

@@ -59,7 +59,8 @@ def test_refused_rerun_changes_nothing(tmp_path: Path, sqlite_url: str) -> None:
         after = c.get(f"/api/protocols/{run}", headers=AUTH).json()
         assert [s["status"] for s in after["steps"]] == [s["status"] for s in before["steps"]]
         assert [s["retries"] for s in after["steps"]] == [s["retries"] for s in before["steps"]]
-        page = c.get(f"/console/protocols/{run}?token=api-test-token-0123456789").text
+        c.post("/console/login", data={"token": "api-test-token-0123456789"})
+        page = c.get(f"/console/protocols/{run}").text
         assert 'data-action="rerun" data-step' not in page  # no Rerun offered on a finished run
 
 
@@ -75,7 +76,7 @@ def test_step_page_shows_transcript_diff_and_cost(tmp_path: Path, sqlite_url: st
         assert c.post(f"/api/protocols/{run['id']}/actions/run", headers=AUTH).status_code == 202
         done = wait(c, run["id"], lambda r: r["steps"][0]["status"] == "completed")
         assert done["cost_usd"] > 0 and done["steps"][0]["cost_usd"] > 0
-        c.get("/console?token=api-test-token-0123456789")
+        c.post("/console/login", data={"token": "api-test-token-0123456789"})
         page = c.get(f"/console/protocols/{run['id']}/steps/1")
         assert page.status_code == 200
         text = page.text
@@ -114,7 +115,7 @@ def test_delivery_details_hide_secrets_and_redeliver(tmp_path: Path, sqlite_url:
     assert safe_headers(headers) == {"user-agent": "GitHub-Hookshot/1", "x-github-event": "issue_comment"}
     app = create_app(make_settings(tmp_path, db_url=sqlite_url), embedded_worker=False)
     with TestClient(app) as c:
-        c.get("/console?token=api-test-token-0123456789")
+        c.post("/console/login", data={"token": "api-test-token-0123456789"})
         page = c.get(f"/console/deliveries/{ids['delivery']}").text
         assert "issue_comment" in page and "GitHub-Hookshot/1" in page and "Redeliver" in page
         assert "deadbeef" not in page and "glpat-secret" not in page and "2 hidden" in page
@@ -155,7 +156,7 @@ def test_huge_or_junk_ids_are_404_not_500(tmp_path: Path, sqlite_url: str) -> No
         assert c.get("/api/steps/424242/transcript", headers=AUTH).status_code == 404
         assert c.post(f"/api/deliveries/{big}/redeliver", headers=AUTH).status_code == 404
         assert c.get(f"/console/protocols/{big}/stream", headers=AUTH).status_code == 404
-        c.get("/console?token=api-test-token-0123456789")
+        c.post("/console/login", data={"token": "api-test-token-0123456789"})
         assert c.get(f"/console/protocols/1/steps/{big}").status_code == 404
         assert c.get(f"/console/deliveries/{big}").status_code == 404
         assert c.get("/console/protocols/1/steps/1?before=x").status_code in (400, 404)
