@@ -216,8 +216,9 @@ async def codemachine_prepare(ctx: dict[str, Any], *, protocol_run_id: int) -> s
 
     from bot.errors import LockBusy
     from bot.feedback import open_or_update_pr, publish_status
+    from bot.jobs.env import JobEnv
     from bot.jobs.locks import protocol_lock
-    from bot.jobs.protocol import auth_for, enqueue_next_step, ensure_worktree, step_marker
+    from bot.jobs.protocol import enqueue_next_step, step_marker
     from bot.rendering import draft_pr_body, plan_commit_message, pr_title
     from bot.runs import load_run, set_protocol_status, update_run
 
@@ -233,8 +234,8 @@ async def codemachine_prepare(ctx: dict[str, Any], *, protocol_run_id: int) -> s
             runtime = dict(state.run.runtime_state or {})
             imported = dict(runtime.get("codemachine") or {})
             files: dict[str, str] = imported.get("files") or {}
-            auth = await auth_for(ctx, state)
-            workdir = await ensure_worktree(ctx, state, auth)
+            env = JobEnv.from_ctx(ctx)
+            workdir = await env.worktree(state)
             name = state.run.protocol_name
             marker = step_marker(state.number, 0)
             if await gitops.has_commit_with_trailer(workdir, marker, state.run.base_branch) is None:
@@ -248,7 +249,7 @@ async def codemachine_prepare(ctx: dict[str, Any], *, protocol_run_id: int) -> s
                     settings.bot_name,
                     settings.bot_email,
                 )
-            head = await gitops.push(workdir, name, state.project.git_url, auth)
+            head = await env.push(state, workdir)
             # the files now live on the branch; keep only the list in the database
             imported["files"] = sorted(files)
             await update_run(db, protocol_run_id, head_sha=head, runtime_state={**runtime, "codemachine": imported})
