@@ -191,7 +191,7 @@ def is_terminal(status: ProtocolStatus | StepStatus | str) -> bool:
 
 # -- runner decisions (pure; the step runner in bot/jobs/ acts on them) ----------------------
 
-StartAction = Literal["start", "continue", "skip", "refuse", "wait_approval"]
+StartAction = Literal["start", "continue", "skip", "refuse", "wait_approval", "stop"]
 
 
 @dataclass(frozen=True)
@@ -215,6 +215,9 @@ def may_start_step(protocol_status: str, approved: bool, step_status: str) -> St
     if not approved:
         return StartDecision("wait_approval", "the plan is not approved yet")
     to_running = protocol_status in ("planned", "blocked", "failed")
+    if step_status == "running" and protocol_status in ("paused", "cancelled"):
+        # a dead worker's step, stopped by a human meanwhile: finish the stop, run nothing
+        return StartDecision("stop", f"protocol is {protocol_status}")
     if not to_running and protocol_status != "running":
         return StartDecision("refuse", f"protocol is {protocol_status}")
     if step_status == "running":

@@ -11,6 +11,7 @@ from arq import Retry
 
 from bot import gitops
 from bot.errors import LockBusy, StepStopped
+from bot.git.runner import GitCommandFailed
 from bot.jobs.common import count_job
 from bot.jobs.env import JobEnv
 from bot.jobs.locks import protocol_lock
@@ -62,8 +63,25 @@ async def _run_body(
     except Exception as exc:
         log.warning("%s of protocol run %s failed", job, run_id, exc_info=True)
         state = await load_run(env.db, run_id)
+        if job == "execute_step" and step_index is not None:
+            await _drop_attempt(env, state, step_index)
         await write_failure(env, state, step_index, failure_line(job, step_index, exc), reply_to=reply_to)
         return "failed"
+
+
+async def _drop_attempt(env: JobEnv, state: RunState, step_index: int) -> None:
+    """A failed attempt leaves nothing behind: its unpushed commit and edits would otherwise be
+    pushed with (or under) the next attempt's commit."""
+    start = (state.step(step_index).runtime_state or {}).get("attempt_head")
+    path = Path(state.run.worktree_path) if state.run.worktree_path else None
+    if not isinstance(start, str) or path is None or not path.is_dir():
+        return
+    try:
+        timeout = env.settings.git_timeout_s
+        await gitops.run_git(["reset", "--hard", "--quiet", start], cwd=path, timeout=timeout)
+        await gitops.run_git(["clean", "-fd", "--quiet"], cwd=path, timeout=timeout)
+    except Exception:  # the failure itself must still be recorded
+        log.warning("could not reset the worktree of protocol run %s", state.run.id, exc_info=True)
 
 
 def failure_line(job: str, step_index: int | None, exc: BaseException) -> str:
@@ -71,8 +89,17 @@ def failure_line(job: str, step_index: int | None, exc: BaseException) -> str:
     what = "planning" if step_index is None else f"step {step_index:02d}"
     if job == "run_quality":
         what = f"QA of step {step_index:02d}"
+    return f"{what} failed: {_reason(exc)}"[:300]
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, GitCommandFailed):
+        # the command line is long and says little; git's own first stderr line says why
+        verb = next((a for a in exc.argv if not a.startswith("-") and a != "git" and "/" not in a), "git")
+        said = next((line.strip() for line in exc.stderr.splitlines() if line.strip()), "")
+        return f"git {verb} failed (exit {exc.returncode}): {said}"
     detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{what} failed: {type(exc).__name__}{': ' + detail if detail else ''}"[:300]
+    return f"{type(exc).__name__}{': ' + detail if detail else ''}"
 
 
 async def stopped(env: JobEnv, run_id: int, step_index: int | None, status: str) -> str:
@@ -84,7 +111,9 @@ async def stopped(env: JobEnv, run_id: int, step_index: int | None, status: str)
     if step_index is not None and state.step(step_index).status == "running":
         step_to = stopped_step_status(state.run.status)
     message = (state.run.runtime_state or {}).get("message") or f"{status} by request"
-    outcome = Outcome(message=str(message), step_to=step_to, event="step.stopped")
+    # a paused step runs again on /resume: mark it, so /resume knows which step stopped
+    interrupted = {"interrupted": True} if step_to == "pending" else {}
+    outcome = Outcome(message=str(message), step_to=step_to, event="step.stopped", step_state=interrupted)
     await write_outcome(env, state, step_index, outcome)
     return status
 

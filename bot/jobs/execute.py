@@ -82,6 +82,8 @@ async def _execute(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
         await emit(env.db, state, "step.refused", decision.reason, step)
         await publish_state(env.ctx, state, "Waiting for approval: comment `/approve` to let steps run.")
         return "not-approved"
+    if decision.action == "stop":
+        raise StepStopped(state.run.status)
     if decision.action == "refuse":
         await emit(env.db, state, "step.refused", decision.reason, step)
         return f"refused-{state.run.status}"

@@ -14,6 +14,7 @@ from bot.db import database_from_settings
 from bot.handlers import build_router
 from bot.jobs.common import MAX_TRIES
 from bot.jobs.deliveries import process_delivery, prune_old_deliveries, relay_pending
+from bot.jobs.reclaim import reclaim_expired
 from bot.queue import create_redis
 from bot.settings import Settings, load_settings
 
@@ -62,6 +63,8 @@ def worker_kwargs(settings: Settings) -> dict[str, Any]:
             cron(relay_pending, second=_relay_seconds(settings), run_at_startup=True, unique=True),
             # hourly, at an odd minute so it does not meet other hourly work
             cron(prune_old_deliveries, minute={17}, second={30}, unique=True),
+            # twice a minute: with a 60 s lease a dead worker's step moves on within 2 minutes
+            cron(reclaim_expired, second={7, 37}, unique=True),
         ],
         "on_startup": startup,
         "on_shutdown": shutdown,
