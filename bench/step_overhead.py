@@ -94,9 +94,16 @@ class Counter:
     def __init__(self) -> None:
         self.db = 0
         self.forge = 0
+        self.credentials = 0
+        self.commits = 0
+        self.statements: list[str] = []
 
-    def on_statement(self, *_args: Any, **_kw: Any) -> None:
+    def on_statement(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         self.db += 1
+        self.statements.append(statement.split("\n", 1)[0][:100])
+
+    def on_commit(self, *_args: Any) -> None:
+        self.commits += 1
 
     def wrap_forges(self, forges: Any) -> None:
         original = forges.forge_for
@@ -112,7 +119,11 @@ class Counter:
                     return value
 
                 async def call(*args: Any, **kwargs: Any) -> Any:
-                    counter.forge += 1
+                    # git credentials come from the forge's token cache, not one request each
+                    if name == "git_auth_header":
+                        counter.credentials += 1
+                    else:
+                        counter.forge += 1
                     return await value(*args, **kwargs)
 
                 return call if asyncio.iscoroutinefunction(value) else value
@@ -151,6 +162,7 @@ async def bench(steps: int, files: int, keep: Path | None) -> dict[str, Any]:
             assert state.run.status == "planned", state.run.runtime_state
             counter = Counter()
             event.listen(ctx["db"].engine.sync_engine, "before_cursor_execute", counter.on_statement)
+            event.listen(ctx["db"].engine.sync_engine, "commit", counter.on_commit)
             counter.wrap_forges(ctx["forges"])
             per_step: list[float] = []
             exec_s: list[float] = []
@@ -166,6 +178,10 @@ async def bench(steps: int, files: int, keep: Path | None) -> dict[str, Any]:
                 qa_s.append(t2 - t1)
                 per_step.append(t2 - t0)
             event.remove(ctx["db"].engine.sync_engine, "before_cursor_execute", counter.on_statement)
+            event.remove(ctx["db"].engine.sync_engine, "commit", counter.on_commit)
+            if os.environ.get("BENCH_SHOW_SQL"):
+                for line in counter.statements[: len(counter.statements) // steps]:
+                    print(line, file=sys.stderr)
             state = await load_run(ctx["db"], run.id)
             assert state.run.status == "completed", state.run.status
     return {
@@ -174,7 +190,9 @@ async def bench(steps: int, files: int, keep: Path | None) -> dict[str, Any]:
         "exec": exec_s,
         "qa": qa_s,
         "db_per_step": counter.db / steps,
+        "commits_per_step": counter.commits / steps,
         "forge_per_step": counter.forge / steps,
+        "credentials_per_step": counter.credentials / steps,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "children_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
@@ -200,8 +218,10 @@ def main() -> None:
         f"run_quality p50 {statistics.median(r['qa']):.3f} s"
     )
     print(
-        f"  per step: {r['db_per_step']:.1f} database round trips, "
-        f"{r['forge_per_step']:.1f} forge requests"
+        f"  per step: {r['db_per_step']:.1f} database round trips "
+        f"({r['commits_per_step']:.1f} commits), "
+        f"{r['forge_per_step']:.1f} forge requests "
+        f"(+ {r['credentials_per_step']:.1f} git credential look-ups)"
     )
     print(
         f"worker peak RSS (ru_maxrss, this process): {r['rss_mb']:.1f} MB "

@@ -61,8 +61,11 @@ async def _run_body(
     except Retry:
         raise
     except Exception as exc:
-        log.warning("%s of protocol run %s failed", job, run_id, exc_info=True)
         state = await load_run(env.db, run_id)
+        if state.run.status in ("cancelled", "paused"):
+            # a human stopped the protocol meanwhile (the error is likely its consequence)
+            return await stopped(env, run_id, step_index, state.run.status)
+        log.warning("%s of protocol run %s failed", job, run_id, exc_info=True)
         if job == "execute_step" and step_index is not None:
             await _drop_attempt(env, state, step_index)
         await write_failure(env, state, step_index, failure_line(job, step_index, exc), reply_to=reply_to)

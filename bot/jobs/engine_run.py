@@ -10,14 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
+
 from bot import gitops
 from bot.errors import StepStopped
 from bot.jobs.env import JobEnv
-from bot.models import StepRun
+from bot.models import ProtocolRun, StepRun
 from bot.observability import log_context
 from bot.prompts import PROMPT_PLACEHOLDERS, override_path, render_prompt
-from bot.runs import RunState, add_tokens, emit, protocol_status
+from bot.runs import RunState, protocol_status
 from bot.spec import ProtocolSpec, StepSpec, resolve_engine, resolve_model
+from bot.store import new_event
 from engines.base import EngineRequest, EngineResult, Phase, SandboxMode, TokenUsage
 
 log = logging.getLogger(__name__)
@@ -71,29 +74,50 @@ async def run_engine(env: JobEnv, state: RunState, call: EngineCall) -> EngineRe
     with log_context(protocol_run_id=state.run.id, step_run_id=step_id):
         log.info("engine %s (%s, model %s) starting", engine_id, call.phase, request.model)
         result: EngineResult = await stoppable(env, state.run.id, engine.run(request))
-    await add_tokens(env.db, state.run.id, step_id, result.usage.total)
-    # keep the loaded rows current, so the outcome writer needs no reload for the totals
-    state.run.tokens_used = (state.run.tokens_used or 0) + result.usage.total
-    if call.step is not None:
-        call.step.tokens_used = (call.step.tokens_used or 0) + result.usage.total
-    await emit(
-        env.db,
-        state,
-        f"engine.{result.outcome}",
-        f"{engine_id} {call.phase}: {result.outcome} in {result.duration_s:.1f}s, {result.usage.total} tokens",
-        call.step,
-        engine=engine_id,
-        model=request.model,
-        phase=call.phase,
-        exit_code=result.exit_code,
-        usage=result.usage.to_dict(),
-        thread_usage=result.thread_usage.to_dict(),
-        thread_id=result.thread_id,
-        error=result.error,
-        # the engine's own event log, trimmed: enough to see what it did
-        engine_events=[_trim_event(e) for e in result.events[-200:]],
-    )
+    await _record(env, state, call, engine_id, request.model, result)
     return result
+
+
+async def _record(
+    env: JobEnv, state: RunState, call: EngineCall, engine_id: str, model: str | None, result: EngineResult
+) -> None:
+    """The turn's tokens and its event, in one transaction; the loaded rows keep the totals."""
+    step_id = call.step.id if call.step else None
+    tokens = result.usage.total
+    async with env.db.sessions.begin() as session:
+        if tokens > 0:
+            await session.execute(
+                update(ProtocolRun).where(ProtocolRun.id == state.run.id)
+                .values(tokens_used=ProtocolRun.tokens_used + tokens)
+            )
+            if step_id is not None:
+                await session.execute(
+                    update(StepRun).where(StepRun.id == step_id).values(tokens_used=StepRun.tokens_used + tokens)
+                )
+        session.add(
+            new_event(
+                f"engine.{result.outcome}",
+                f"{engine_id} {call.phase}: {result.outcome} in {result.duration_s:.1f}s, {tokens} tokens",
+                project_id=state.project.id,
+                protocol_run_id=state.run.id,
+                step_run_id=step_id,
+                metadata={
+                    "engine": engine_id,
+                    "model": model,
+                    "phase": call.phase,
+                    "exit_code": result.exit_code,
+                    "usage": result.usage.to_dict(),
+                    "thread_usage": result.thread_usage.to_dict(),
+                    "thread_id": result.thread_id,
+                    "error": result.error,
+                    # the engine's own event log, trimmed: enough to see what it did
+                    "engine_events": [_trim_event(e) for e in result.events[-200:]],
+                },
+            )
+        )
+    state.run.tokens_used = (state.run.tokens_used or 0) + tokens
+    if call.step is not None:
+        call.step.tokens_used = (call.step.tokens_used or 0) + tokens
 
 
 async def stoppable(env: JobEnv, run_id: int, work: Any) -> EngineResult:

@@ -6,19 +6,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
+
 from bot import gitops
 from bot.errors import StepStopped
 from bot.feedback import publish_state
 from bot.jobs.boundary import discard_changes, guarded
 from bot.jobs.engine_run import STOPPING, EngineCall, run_engine, step_prompt
 from bot.jobs.env import JobEnv
-from bot.jobs.outcome import Check, Outcome, failure, write_outcome
+from bot.jobs.outcome import Check, Outcome, failure, known, write_outcome
 from bot.jobs.plan import step_marker
 from bot.models import ProtocolRun, StepRun, utcnow
 from bot.policies import budget_check_after_step, budget_check_before_step, qa_decision
 from bot.protocol import StartDecision, may_start_step
 from bot.rendering import commit_message, log_entry
-from bot.runs import RunState, emit, load_run, protocol_status, update_step
+from bot.runs import RunState, emit, load_run, protocol_status
 from bot.spec import ProtocolSpec, StepSpec, validate_spec
 from bot.store import transition
 from engines.base import EngineResult
@@ -90,10 +92,16 @@ async def _execute(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
     spec = spec_of(state)
     if not await _budget_allows(env, state, step, spec, decision, reply_to):
         return "budget-blocked"
-    await _begin(env, state, step, decision)
-    work = StepWork(env, state, step, step_spec_of(spec, step_index), spec, await env.worktree(state), reply_to)
-    marker = step_marker(state.number, step_index)
-    work.sha = await _attempt_commit(env, state, step, work.workdir, marker)
+    workdir = await env.worktree(state)
+    start = attempt_start(step)
+    if start is None:  # a new attempt: remember where it starts, with the step's transition
+        fresh = {**(step.runtime_state or {}), "attempt": step.retries, "attempt_head": await gitops.head_sha(workdir)}
+        await _begin(env, state, step, decision, fresh)
+    else:
+        await _begin(env, state, step, decision)
+    work = StepWork(env, state, step, step_spec_of(spec, step_index), spec, workdir, reply_to)
+    if start is not None:
+        work.sha = await _attempt_commit(env, state, workdir, start, step_marker(state.number, step_index))
     if work.sha is None:
         if not await _run_and_commit(work):
             return "failed"
@@ -118,42 +126,58 @@ async def _budget_allows(
     return False
 
 
-async def _begin(env: JobEnv, state: RunState, step: StepRun, decision: StartDecision, step_too: bool = True) -> None:
-    """Protocol to running, step (reset and) to running: one transaction."""
+async def _begin(
+    env: JobEnv,
+    state: RunState,
+    step: StepRun,
+    decision: StartDecision,
+    runtime_state: dict[str, Any] | None = None,
+    step_too: bool = True,
+) -> None:
+    """Protocol to running, step (reset and) to running, the attempt's start: one transaction."""
     index = step.step_index
     async with env.db.sessions.begin() as session:
+        if runtime_state is not None:
+            await session.execute(
+                update(StepRun).where(StepRun.id == step.id).values(runtime_state=runtime_state, updated_at=utcnow())
+            )
+            step.runtime_state = runtime_state
         if decision.protocol_to_running:
             await transition(
                 session, ProtocolRun, state.run.id, "running", [state.run.status],
-                event_message=f"running step {index:02d}",
+                event_message=f"running step {index:02d}", known=known(state, state.run.status),
             )
             state.run.status = "running"
         if step_too and decision.action == "start":
             if decision.reset_step:
-                await transition(session, StepRun, step.id, "pending", [step.status], event_message="reset for a new attempt")
+                await transition(
+                    session, StepRun, step.id, "pending", [step.status],
+                    event_message="reset for a new attempt", known=known(state, step.status),
+                )
             now = utcnow()
             await transition(
                 session, StepRun, step.id, "running", ["pending"],
                 values={"started_at": now, "finished_at": None}, event_message=f"step {index:02d} started",
+                known=known(state, "pending"),
             )
             step.status, step.started_at, step.finished_at = "running", now, None
 
 
-async def _attempt_commit(env: JobEnv, state: RunState, step: StepRun, workdir: Path, marker: str) -> str | None:
-    """This attempt's step commit, when a crashed run of the same attempt already made one.
+def attempt_start(step: StepRun) -> str | None:
+    """The commit this attempt started from, when an earlier run of the same attempt recorded it.
 
     A loop or a retry runs the step again with the same `[protocol-NNNN/XX]` marker: commits of
     earlier attempts must not count, or the re-run would push the old commit and skip the
     engine. So the head an attempt starts from is kept on the step (in the database, so any
     worker finds it) and only commits after it are searched.
     """
-    rs = dict(step.runtime_state or {})
+    rs = step.runtime_state or {}
     start = rs.get("attempt_head") if rs.get("attempt") == step.retries else None
-    if not isinstance(start, str):
-        rs.update(attempt=step.retries, attempt_head=await gitops.head_sha(workdir))
-        await update_step(env.db, step.id, runtime_state=rs)
-        step.runtime_state = rs
-        return None
+    return start if isinstance(start, str) else None
+
+
+async def _attempt_commit(env: JobEnv, state: RunState, workdir: Path, start: str, marker: str) -> str | None:
+    """This attempt's step commit, made by a run of it that died before finishing."""
     found = await gitops.run_git(
         ["log", "--format=%H", "--fixed-strings", f"--grep={marker}", f"{start}..HEAD", "--"],
         cwd=workdir,
@@ -232,7 +256,6 @@ async def _push_and_finish(work: StepWork) -> str:
     env, state, step, s = work.env, work.state, work.step, work.step_spec
     await _stop_if_stopped_after_commit(work)
     head = await env.push(state, work.workdir)
-    state.run.head_sha = head
     changed = await _changed_files(work.workdir, work.sha)
     step_state: dict[str, Any] = {"commit_sha": work.sha, "changed_files": list(changed)}
     if work.result is not None:
@@ -246,19 +269,18 @@ async def _push_and_finish(work: StepWork) -> str:
     )
     if after.warn:
         await emit(env.db, state, "budget.warning", after.reason, step)
-    await _record_head(env, state, head)
     if not after.allow:
         outcome = Outcome(
             message=after.reason, step_to="blocked", protocol_to="blocked", step_state=step_state,
             step_values={"finished_at": utcnow()}, run_state=dict(state.run.runtime_state or {}),
-            check=Check("step", head, "failure", changed_files=changed), ok=False,
+            run_values={"head_sha": head}, check=Check("step", head, "failure", changed_files=changed), ok=False,
         )
         await write_outcome(env, state, step.step_index, outcome, work.reply_to)
         return "budget-blocked"
     decision = qa_decision(s, work.spec, env.settings.auto_qa_after_exec)
     outcome = Outcome(
         message=decision.reason, step_to=decision.status, step_state=step_state,
-        step_values={"finished_at": utcnow()}, show_message=False,
+        step_values={"finished_at": utcnow()}, run_values={"head_sha": head}, show_message=False,
         check=Check("step", head, "success", changed_files=changed), ok=True,
     )
     await write_outcome(env, state, step.step_index, outcome, work.reply_to)
@@ -276,12 +298,6 @@ async def _stop_if_stopped_after_commit(work: StepWork) -> None:
     if work.result is not None and isinstance(start, str):
         await gitops.run_git(["reset", "--hard", "--quiet", start], cwd=work.workdir, timeout=work.env.settings.git_timeout_s)
     raise StepStopped(status)
-
-
-async def _record_head(env: JobEnv, state: RunState, head: str) -> None:
-    from bot.runs import update_run
-
-    await update_run(env.db, state.run.id, head_sha=head)
 
 
 def step_values(state: RunState, step_spec: StepSpec, root: Path) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from bot.forge.base import CheckConclusion, CheckState
 from bot.jobs.env import JobEnv
 from bot.models import ProtocolRun, StepRun, utcnow
 from bot.protocol import can_transition_protocol, can_transition_step, failure_statuses
-from bot.runs import RunState
-from bot.store import new_event, transition
+from bot.runs import RunState, load_run
+from bot.store import KnownRow, new_event, transition
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ class Outcome:
     step_state: dict[str, Any] = field(default_factory=dict)
     run_state: dict[str, Any] | None = None
     step_values: dict[str, Any] = field(default_factory=dict)
+    run_values: dict[str, Any] = field(default_factory=dict)
+    event_message: str | None = None
+    event_metadata: dict[str, Any] = field(default_factory=dict)
     show_message: bool = True
     ok: bool | None = None  # for the reaction on the comment that asked; None: no reaction
 
@@ -66,7 +69,14 @@ async def write_outcome(
 ) -> None:
     """Apply `outcome` to the database, then tell people; never reloads the run."""
     step = state.step(step_index) if step_index is not None else None
-    await _store(env, state, step, outcome)
+    try:
+        await _store(env, state, step, outcome)
+    except TransitionConflict:
+        # a row moved under us (a /cancel, /pause): apply what still applies to the fresh rows
+        fresh = await load_run(env.db, state.run.id)
+        state.run, state.steps = fresh.run, fresh.steps
+        step = state.step(step_index) if step_index is not None else None
+        await _store(env, state, step, outcome)
     if outcome.check is not None and step is not None:
         c = outcome.check
         await report_state_check(
@@ -99,21 +109,23 @@ async def _store(env: JobEnv, state: RunState, step: StepRun | None, outcome: Ou
             if outcome.step_to and can_transition_step(step.status, outcome.step_to):
                 await transition(
                     session, StepRun, step.id, outcome.step_to, [step.status],
-                    values=step_values, event_message=outcome.message,
+                    values=step_values, event_message=outcome.message, known=known(state, step.status),
                 )
                 step.status = outcome.step_to
             elif step_values:
                 await _update(session, StepRun, step.id, step_values)
             for key, value in step_values.items():
                 setattr(step, key, value)
-        run_values: dict[str, Any] = {}
+        run_values: dict[str, Any] = dict(outcome.run_values)
+        for key, value in run_values.items():
+            setattr(run, key, value)
         if outcome.run_state is not None:
             run.runtime_state = {**outcome.run_state, "message": outcome.message}
             run_values["runtime_state"] = run.runtime_state
         if outcome.protocol_to and can_transition_protocol(run.status, outcome.protocol_to):
             await transition(
                 session, ProtocolRun, run.id, outcome.protocol_to, [run.status],
-                values=run_values, event_message=outcome.message,
+                values=run_values, event_message=outcome.message, known=known(state, run.status),
             )
             run.status = outcome.protocol_to
         elif run_values:
@@ -121,8 +133,9 @@ async def _store(env: JobEnv, state: RunState, step: StepRun | None, outcome: Ou
         if outcome.event:
             session.add(
                 new_event(
-                    outcome.event, outcome.message, project_id=state.project.id,
+                    outcome.event, outcome.event_message or outcome.message, project_id=state.project.id,
                     protocol_run_id=run.id, step_run_id=step.id if step else None,
+                    metadata=outcome.event_metadata,
                 )
             )
 
@@ -131,6 +144,11 @@ async def _update(session: Any, model: Any, row_id: int, values: dict[str, Any])
     from sqlalchemy import update
 
     await session.execute(update(model).where(model.id == row_id).values(updated_at=utcnow(), **values))
+
+
+def known(state: RunState, status: str) -> KnownRow:
+    """The row facts a transition's event needs, from the state the job holds."""
+    return KnownRow(status=status, run_id=state.run.id, project_id=state.project.id)
 
 
 def failure(state: RunState, step_index: int | None, message: str, head_sha: str | None = None) -> Outcome:
@@ -160,10 +178,4 @@ async def write_failure(
     reply_to: dict[str, Any] | None = None,
 ) -> None:
     """Fail the step and block the protocol (or fail its planning) with a one-line reason."""
-    try:
-        await write_outcome(env, state, step_index, failure(state, step_index, message, head_sha), reply_to)
-    except TransitionConflict:  # the rows moved under us (a /cancel): record on fresh state
-        from bot.runs import load_run
-
-        fresh = await load_run(env.db, state.run.id)
-        await write_outcome(env, fresh, step_index, failure(fresh, step_index, message, head_sha), reply_to)
+    await write_outcome(env, state, step_index, failure(state, step_index, message, head_sha), reply_to)

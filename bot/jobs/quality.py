@@ -13,13 +13,13 @@ from bot.jobs.boundary import guarded
 from bot.jobs.engine_run import EngineCall, run_engine, step_prompt
 from bot.jobs.env import JobEnv
 from bot.jobs.execute import WRITTEN, read, spec_of, step_spec_of, step_values
-from bot.jobs.outcome import Check, Outcome, write_outcome
+from bot.jobs.outcome import Check, Outcome, known, write_outcome
 from bot.jobs.plan import step_marker
 from bot.models import ProtocolRun, StepRun
 from bot.policies import loop_decision, parse_verdict
 from bot.protocol import step_gate
 from bot.rendering import commit_message
-from bot.runs import RunState, emit, load_run, update_run, update_step
+from bot.runs import RunState, emit, load_run, update_step
 from bot.spec import ProtocolSpec, StepSpec
 from bot.store import transition
 
@@ -81,7 +81,6 @@ async def _quality(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
     sha, head = await _commit_report(work, report, verdict)
     attempts = int((step.runtime_state or {}).get("qa_attempts", 0)) + 1
     step_state = {"qa_verdict": verdict, "qa_attempts": attempts, "qa_report": report[-4000:], "qa_commit": sha}
-    await emit(env.db, state, "qa.verdict", f"step {step_index:02d}: {verdict}", step, verdict=verdict)
     if verdict == "PASS":
         return await _passed(work, head, report, step_state)
     return await _failed(work, head, report, step_state)
@@ -91,12 +90,15 @@ async def _begin(env: JobEnv, state: RunState, step: StepRun) -> None:
     """QA of a completed step reopens it; QA from planned/blocked puts the protocol back to work."""
     async with env.db.sessions.begin() as session:
         if step.status == "completed":
-            await transition(session, StepRun, step.id, "needs_qa", ["completed"], event_message="QA requested again")
+            await transition(
+                session, StepRun, step.id, "needs_qa", ["completed"],
+                event_message="QA requested again", known=known(state, "completed"),
+            )
             step.status = "needs_qa"
         if state.run.status in ("blocked", "planned"):
             await transition(
                 session, ProtocolRun, state.run.id, "running", [state.run.status],
-                event_message=f"QA of step {step.step_index:02d}",
+                event_message=f"QA of step {step.step_index:02d}", known=known(state, state.run.status),
             )
             state.run.status = "running"
 
@@ -134,9 +136,17 @@ async def _commit_report(work: QAWork, report: str, verdict: str) -> tuple[str |
     ).replace(step_marker(state.number, index), qa_marker(state.number, index))
     sha = await gitops.commit_all(work.workdir, message, env.settings.bot_name, env.settings.bot_email)
     head = await env.push(state, work.workdir)
-    await update_run(env.db, state.run.id, head_sha=head)
-    state.run.head_sha = head
     return sha, head
+
+
+def _verdict_event(work: QAWork, verdict: str, head: str) -> dict[str, Any]:
+    """Outcome fields shared by every verdict: the qa.verdict event and the new head."""
+    return {
+        "event": "qa.verdict",
+        "event_message": f"step {work.step.step_index:02d}: {verdict}",
+        "event_metadata": {"verdict": verdict},
+        "run_values": {"head_sha": head},
+    }
 
 
 async def _passed(work: QAWork, head: str, report: str, step_state: dict[str, Any]) -> str:
@@ -147,6 +157,7 @@ async def _passed(work: QAWork, head: str, report: str, step_state: dict[str, An
         step_to="completed" if gate == "completed" else None,
         step_state=step_state, show_message=False, ok=True,
         check=Check("qa", head, "success", verdict="PASS", quality_report=report),
+        **_verdict_event(work, "PASS", head),
     )
     await write_outcome(work.env, work.state, work.step.step_index, outcome, work.reply_to)
     return "PASS" if gate == "completed" else "wait_ci"
@@ -160,12 +171,15 @@ async def _failed(work: QAWork, head: str, report: str, step_state: dict[str, An
         await update_step(env.db, step.id, runtime_state={**(step.runtime_state or {}), **step_state})
         step.runtime_state = {**(step.runtime_state or {}), **step_state}
         await reset_for_loop(env, state, decision.reset_steps, report[-4000:], decision.reason)
-        outcome = Outcome(message=decision.reason, run_state=decision.new_runtime_state, check=check, ok=False)
+        outcome = Outcome(
+            message=decision.reason, run_state=decision.new_runtime_state, check=check, ok=False,
+            **_verdict_event(work, "FAIL", head),
+        )
         await write_outcome(env, state, step.step_index, outcome, work.reply_to)
         return "retry"
     outcome = Outcome(
         message=decision.reason, step_to="failed", protocol_to="blocked", step_state=step_state,
-        run_state=decision.new_runtime_state, check=check, ok=False,
+        run_state=decision.new_runtime_state, check=check, ok=False, **_verdict_event(work, "FAIL", head),
     )
     await write_outcome(env, state, step.step_index, outcome, work.reply_to)
     return "FAIL"
