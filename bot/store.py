@@ -89,6 +89,9 @@ async def transition(
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         now = (await session.execute(select(model.status).where(model.id == entity_id))).scalar()
+        if model is StepRun:  # people know steps by their number, not by a row id
+            index = (await session.execute(select(StepRun.step_index).where(StepRun.id == entity_id))).scalar()
+            raise TransitionConflict("step", int(index or 0), str(now), wanted)
         raise TransitionConflict(model.__name__, entity_id, str(now), wanted)
     kind = "step" if model is StepRun else "protocol"
     ids = await _event_ids(session, model, entity_id, known)

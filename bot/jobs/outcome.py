@@ -101,6 +101,15 @@ async def write_outcome(
 async def _store(env: JobEnv, state: RunState, step: StepRun | None, outcome: Outcome) -> None:
     run = state.run
     async with env.db.sessions.begin() as session:
+        # the outcome's own event (a verdict, an error) reads before the transitions it causes
+        if outcome.event:
+            session.add(
+                new_event(
+                    outcome.event, outcome.event_message or outcome.message, project_id=state.project.id,
+                    protocol_run_id=run.id, step_run_id=step.id if step else None,
+                    metadata=outcome.event_metadata,
+                )
+            )
         if step is not None:
             step_values = dict(outcome.step_values)
             if outcome.step_state:
@@ -130,14 +139,6 @@ async def _store(env: JobEnv, state: RunState, step: StepRun | None, outcome: Ou
             run.status = outcome.protocol_to
         elif run_values:
             await _update(session, ProtocolRun, run.id, run_values)
-        if outcome.event:
-            session.add(
-                new_event(
-                    outcome.event, outcome.event_message or outcome.message, project_id=state.project.id,
-                    protocol_run_id=run.id, step_run_id=step.id if step else None,
-                    metadata=outcome.event_metadata,
-                )
-            )
 
 
 async def _update(session: Any, model: Any, row_id: int, values: dict[str, Any]) -> None:
