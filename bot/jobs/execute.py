@@ -50,6 +50,7 @@ class StepWork:
     reply_to: dict[str, Any] | None
     sha: str | None = None
     result: EngineResult | None = None
+    fresh: bool = False
 
 
 async def execute_step(
@@ -99,7 +100,7 @@ async def _execute(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
         await _begin(env, state, step, decision, fresh)
     else:
         await _begin(env, state, step, decision)
-    work = StepWork(env, state, step, step_spec_of(spec, step_index), spec, workdir, reply_to)
+    work = StepWork(env, state, step, step_spec_of(spec, step_index), spec, workdir, reply_to, fresh=start is None)
     if start is not None:
         work.sha = await _attempt_commit(env, state, workdir, start, step_marker(state.number, step_index))
     if work.sha is None:
@@ -192,16 +193,17 @@ async def _attempt_commit(env: JobEnv, state: RunState, workdir: Path, start: st
 
 async def _run_and_commit(work: StepWork) -> bool:
     """The engine call and the step commit; False when the engine failed (already recorded)."""
-    env, state, index = work.env, work.state, work.step.step_index
+    env, state, step, index = work.env, work.state, work.step, work.step.step_index
     await discard_changes(env, state, work.workdir, index)
-    head = await gitops.head_sha(work.workdir)
+    # a fresh attempt starts where it was recorded to start; a taken-back one asks git
+    start = (step.runtime_state or {}).get("attempt_head") if work.fresh else None
+    head = start if isinstance(start, str) else await gitops.head_sha(work.workdir)
     await _send_in_progress(work, head)
     work.result = result = await run_engine(env, state, await _execute_call(work))
     if not result.ok:
         message = f"engine {result.outcome}: {result.error or 'no detail'}"
         await write_outcome(env, state, index, failure(state, index, message, head), work.reply_to)
         return False
-    await _stop_if_stopped(env, state.run.id)
     with (work.workdir / ".protocols" / state.run.protocol_name / "log.md").open("a") as fh:
         fh.write(
             log_entry(
@@ -245,13 +247,6 @@ async def _execute_call(work: StepWork) -> EngineCall:
     )
 
 
-async def _stop_if_stopped(env: JobEnv, run_id: int) -> None:
-    """Nothing of a cancelled or paused step is committed: look once more before committing."""
-    status = await protocol_status(env.db, run_id)
-    if status in STOPPING:
-        raise StepStopped(status)
-
-
 async def _push_and_finish(work: StepWork) -> str:
     env, state, step, s = work.env, work.state, work.step, work.step_spec
     await _stop_if_stopped_after_commit(work)
@@ -290,12 +285,13 @@ async def _push_and_finish(work: StepWork) -> str:
 
 
 async def _stop_if_stopped_after_commit(work: StepWork) -> None:
-    """A stop that arrived while committing: take the commit back so nothing is pushed."""
+    """Nothing of a cancelled or paused step is pushed: a stop that arrived after the engine
+    finished takes this job's commit back (its edits go with the worktree reset)."""
     status = await protocol_status(work.env.db, work.state.run.id)
     if status not in STOPPING:
         return
     start = (work.step.runtime_state or {}).get("attempt_head")
-    if work.result is not None and isinstance(start, str):
+    if isinstance(start, str):  # the attempt is dropped, also a dead worker's commit of it
         await gitops.run_git(["reset", "--hard", "--quiet", start], cwd=work.workdir, timeout=work.env.settings.git_timeout_s)
     raise StepStopped(status)
 

@@ -9,6 +9,7 @@ from typing import Any
 from bot import gitops
 from bot.errors import TransitionConflict
 from bot.feedback import report_state_check
+from bot.git import CommitInfo
 from bot.jobs.boundary import guarded
 from bot.jobs.engine_run import EngineCall, run_engine, step_prompt
 from bot.jobs.env import JobEnv
@@ -72,9 +73,9 @@ async def _quality(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
     await _begin(env, state, step)
     spec = spec_of(state)
     work = QAWork(env, state, step, step_spec_of(spec, step_index), spec, await env.worktree(state), reply_to)
-    head = await gitops.head_sha(work.workdir)
-    await report_state_check(env.ctx, state, step_index, "qa", head, status="in_progress")
-    result = await run_engine(env, state, await _qa_call(work))
+    last = await gitops.last_commit(work.workdir)
+    await report_state_check(env.ctx, state, step_index, "qa", last.sha, status="in_progress")
+    result = await run_engine(env, state, await _qa_call(work, last))
     verdict = parse_verdict(result.final_message) if result.ok else "FAIL"
     title = f"# Quality report — step {step_index:02d}: {work.step_spec.title}"
     report = f"{title}\n\n{result.final_message.strip() or result.error or ''}\n"
@@ -103,11 +104,10 @@ async def _begin(env: JobEnv, state: RunState, step: StepRun) -> None:
             state.run.status = "running"
 
 
-async def _qa_call(work: QAWork) -> EngineCall:
+async def _qa_call(work: QAWork, last: CommitInfo) -> EngineCall:
     state, s = work.state, work.step_spec
     root = work.workdir / ".protocols" / state.run.protocol_name
     status_lines = "\n".join(f"{e.code} {e.path}" for e in await gitops.status_porcelain(work.workdir)) or "(clean)"
-    last = await gitops.last_commit(work.workdir)
     changes = (
         f"git status:\n{status_lines}\n\nlast commit {last.sha[:12]}: {last.message}\n{last.stat}\n\n"
         f"plan.md:\n{read(root / 'plan.md')}\n\ncontext.md:\n{read(root / 'context.md')}\n\n"
