@@ -35,7 +35,7 @@ from tests.conftest import make_settings
 from tests.protocol.conftest import one_step_planning, origin_log, scripted_script
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = "from bot.jobs.worker import run_worker; from bot.settings import load_settings; run_worker(load_settings())"
+WORKER = "import logging; logging.basicConfig(level=logging.INFO); from bot.jobs.worker import run_worker; from bot.settings import load_settings; run_worker(load_settings())"
 
 
 def worker_env(tmp_path: Path, db_url: str, redis_url: str, script: Path) -> dict[str, str]:
@@ -50,17 +50,18 @@ def worker_env(tmp_path: Path, db_url: str, redis_url: str, script: Path) -> dic
         DEKSDENFLOW_LEASE_RENEW_S="0.5",
         DEKSDENFLOW_WARM_WORKTREES="false",
         DEKSDENFLOW_WORKER_POLL_DELAY_S="0.05",
-        DEKSDENFLOW_LOG_LEVEL="WARNING",
+        DEKSDENFLOW_LOG_LEVEL="INFO",
     )
     return env
 
 
-async def wait_until(check: Any, seconds: float) -> None:
+async def wait_until(check: Any, seconds: float, log: Path | None = None) -> None:
     for _ in range(int(seconds / 0.1)):
         if await check():
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"condition not met within {seconds} s")
+    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+    raise AssertionError(f"condition not met within {seconds} s\n{tail}")
 
 
 @pytest.mark.redis
@@ -84,10 +85,12 @@ async def test_a_killed_worker_process_step_finishes_on_another_worker(
     fast = ScriptedEngine(scripted_script(planning=one_step_planning()))
     ctx: dict[str, Any] = {"settings": settings, "db": db, "redis": redis, "engines": EngineRegistry([fast])}
     await build_services(ctx)
-    worker_a = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", WORKER, cwd=ROOT, env=worker_env(tmp_path, db_url, redis_url, script),
-        start_new_session=True, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )
+    log_path = tmp_path / "worker-a.log"
+    with log_path.open("w") as log_file:
+        worker_a = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WORKER, cwd=ROOT, env=worker_env(tmp_path, db_url, redis_url, script),
+            start_new_session=True, stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
+        )
     try:
         project = await get_or_create_project(
             db, name=f"local:{origin}", provider="local", git_url=str(origin), base_branch="main"
@@ -98,7 +101,7 @@ async def test_a_killed_worker_process_step_finishes_on_another_worker(
             state = await load_run(db, run.id)
             return bool(state.steps) and state.step(1).status == "running"
 
-        await wait_until(step_running, 60)
+        await wait_until(step_running, 90, log_path)
         await asyncio.sleep(0.5)  # inside the engine's sleep now
         os.killpg(worker_a.pid, signal.SIGKILL)
         await asyncio.wait_for(worker_a.wait(), timeout=10)
