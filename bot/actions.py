@@ -211,6 +211,11 @@ async def pause(ctx: dict[str, Any], run_id: int, by: str | None = None) -> None
 async def resume(ctx: dict[str, Any], run_id: int, reply_to: dict[str, Any] | None = None) -> None:
     """Back to running, and re-run the step that stopped the protocol (not the next one)."""
     state = await load_run(ctx["db"], run_id)
+    if not state.steps:  # nothing planned yet: a failed planning is resumed by planning again
+        if state.run.status != "failed":
+            raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
+        await replan(ctx, run_id)
+        return
     decision = resume_decision(
         [(s.step_index, _resume_status(s)) for s in state.steps], state.run.auto_mode
     )

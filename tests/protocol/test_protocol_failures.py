@@ -119,6 +119,15 @@ async def test_exception_in_planning_fails_it_and_retry_plans_again(harness: Har
     assert state.run.status == "failed"
     assert state.run.runtime_state["message"].startswith("planning failed: RuntimeError")
 
+    await actions.resume(harness.ctx, run_id)  # /resume (like /retry) plans again
+    await harness.drain()
+    assert (await harness.state(run_id)).run.status == "planned"
+
+
+async def test_retry_after_a_failed_planning_plans_again(harness: Harness) -> None:
+    harness.use(FlakyEngine("planning"))
+    run_id = await harness.start()
+    assert (await harness.state(run_id)).run.status == "failed"
     await actions.retry(harness.ctx, run_id)
     await harness.drain()
     assert (await harness.state(run_id)).run.status == "planned"
