@@ -14,6 +14,7 @@ import contextlib
 import shutil
 import stat
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +261,8 @@ class StepRunnerMachine(RuleBasedStateMachine):
 StepRunnerMachine.TestCase.settings = settings(
     max_examples=15,
     stateful_step_count=12,
-    deadline=None,
+    # one example (setup + a dozen rules) takes 1-4 s here; a stuck one fails instead of hanging
+    deadline=timedelta(seconds=30),
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestStepRunner = StepRunnerMachine.TestCase
