@@ -74,13 +74,10 @@ async def _fire_triggers(env: JobEnv, state: RunState, step_index: int, depth: i
         target = state.step(action.step_index)
         if target.status in ("completed", "needs_qa"):
             await set_step_status(env.db, target.id, "pending", f"triggered by step {step_index:02d}")
-        if action.mode == "inline":
-            from bot.jobs.execute import execute_step
-
-            await execute_step(env.ctx, protocol_run_id=state.run.id, step_index=action.step_index, depth=action.depth)
-        else:
-            await env.enqueue(
-                "execute_step", f"exec:{state.run.id}:{action.step_index}:trig:{time.time_ns()}",
-                protocol_run_id=state.run.id, step_index=action.step_index,
-            )
+        # "inline" triggers are enqueued too, carrying their depth: a job never runs another
+        # step's engine inside itself (nor inside whatever called after_step_completed)
+        await env.enqueue(
+            "execute_step", f"exec:{state.run.id}:{action.step_index}:trig:{time.time_ns()}",
+            protocol_run_id=state.run.id, step_index=action.step_index, depth=action.depth,
+        )
     return bool(actions)

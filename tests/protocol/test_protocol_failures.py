@@ -319,3 +319,36 @@ async def test_cancel_kills_the_codex_process_group_within_5_s(harness: Harness,
     assert not alive(pids["pid"]) and not alive(pids["child"])
     assert step_commits(harness.origin, name, 1) == []
     assert "cancelled by @carol" in await status_comment(harness)
+
+
+async def test_an_inline_trigger_is_enqueued_with_its_depth_not_run_inside_the_job(harness: Harness) -> None:
+    from bot.runs import update_run
+
+    engine = ScriptedEngine(
+        scripted_script(
+            planning={
+                "steps": [
+                    {"slug": "first", "title": "First", "content": "# 1\n", "qa_policy": "skip"},
+                    {"slug": "second", "title": "Second", "content": "# 2\n", "qa_policy": "skip"},
+                ]
+            }
+        )
+    )
+    harness.use(engine)
+    run_id = await harness.start()
+    state = await harness.state(run_id)
+    config = dict(state.run.template_config)
+    config["steps"] = [dict(s) for s in config["steps"]]
+    config["steps"][0]["triggers"] = [{"on": "pass", "step": 2, "mode": "inline"}]
+    await update_run(harness.ctx["db"], run_id, template_config=config)
+
+    assert await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1) == "completed"
+    executed = [r.context.get("step_index") for r in engine.requests if r.phase == "execute"]
+    assert executed == [1]  # step 2 was not run inside step 1's job
+    queued = await harness.ctx["redis"].queued_jobs()
+    trig = [j for j in queued if j.function == "execute_step" and j.kwargs.get("step_index") == 2]
+    assert [j.kwargs["depth"] for j in trig] == [1]
+    await harness.drain()
+    state = await harness.state(run_id)
+    assert [s.status for s in state.steps] == ["completed", "completed"]
+    assert state.run.status == "completed"
