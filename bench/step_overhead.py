@@ -24,6 +24,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout
 
+from sqlalchemy import event  # noqa: E402
+
 from bot.actions import start_protocol  # noqa: E402
 from bot.jobs.protocol import execute_step, run_quality  # noqa: E402
 from bot.local_runtime import drain, local_runtime  # noqa: E402
@@ -86,6 +88,49 @@ def script(steps: int) -> dict[str, Any]:
     }
 
 
+class Counter:
+    """Database round trips (statements sent) and forge requests (calls on the Forge object)."""
+
+    def __init__(self) -> None:
+        self.db = 0
+        self.forge = 0
+        self.credentials = 0
+        self.commits = 0
+        self.statements: list[str] = []
+
+    def on_statement(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        self.db += 1
+        self.statements.append(statement.split("\n", 1)[0][:100])
+
+    def on_commit(self, *_args: Any) -> None:
+        self.commits += 1
+
+    def wrap_forges(self, forges: Any) -> None:
+        original = forges.forge_for
+        counter = self
+
+        class Counting:
+            def __init__(self, inner: Any) -> None:
+                self._inner = inner
+
+            def __getattr__(self, name: str) -> Any:
+                value = getattr(self._inner, name)
+                if not callable(value) or name.startswith("_"):
+                    return value
+
+                async def call(*args: Any, **kwargs: Any) -> Any:
+                    # git credentials come from the forge's token cache, not one request each
+                    if name == "git_auth_header":
+                        counter.credentials += 1
+                    else:
+                        counter.forge += 1
+                    return await value(*args, **kwargs)
+
+                return call if asyncio.iscoroutinefunction(value) else value
+
+        forges.forge_for = lambda project: Counting(original(project))
+
+
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -115,6 +160,10 @@ async def bench(steps: int, files: int, keep: Path | None) -> dict[str, Any]:
             plan_s = time.perf_counter() - started
             state = await load_run(ctx["db"], run.id)
             assert state.run.status == "planned", state.run.runtime_state
+            counter = Counter()
+            event.listen(ctx["db"].engine.sync_engine, "before_cursor_execute", counter.on_statement)
+            event.listen(ctx["db"].engine.sync_engine, "commit", counter.on_commit)
+            counter.wrap_forges(ctx["forges"])
             per_step: list[float] = []
             exec_s: list[float] = []
             qa_s: list[float] = []
@@ -128,6 +177,11 @@ async def bench(steps: int, files: int, keep: Path | None) -> dict[str, Any]:
                 exec_s.append(t1 - t0)
                 qa_s.append(t2 - t1)
                 per_step.append(t2 - t0)
+            event.remove(ctx["db"].engine.sync_engine, "before_cursor_execute", counter.on_statement)
+            event.remove(ctx["db"].engine.sync_engine, "commit", counter.on_commit)
+            if os.environ.get("BENCH_SHOW_SQL"):
+                for line in counter.statements[: len(counter.statements) // steps]:
+                    print(line, file=sys.stderr)
             state = await load_run(ctx["db"], run.id)
             assert state.run.status == "completed", state.run.status
     return {
@@ -135,6 +189,10 @@ async def bench(steps: int, files: int, keep: Path | None) -> dict[str, Any]:
         "per_step": per_step,
         "exec": exec_s,
         "qa": qa_s,
+        "db_per_step": counter.db / steps,
+        "commits_per_step": counter.commits / steps,
+        "forge_per_step": counter.forge / steps,
+        "credentials_per_step": counter.credentials / steps,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "children_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
@@ -158,6 +216,12 @@ def main() -> None:
     print(
         f"  execute_step p50 {statistics.median(r['exec']):.3f} s   "
         f"run_quality p50 {statistics.median(r['qa']):.3f} s"
+    )
+    print(
+        f"  per step: {r['db_per_step']:.1f} database round trips "
+        f"({r['commits_per_step']:.1f} commits), "
+        f"{r['forge_per_step']:.1f} forge requests "
+        f"(+ {r['credentials_per_step']:.1f} git credential look-ups)"
     )
     print(
         f"worker peak RSS (ru_maxrss, this process): {r['rss_mb']:.1f} MB "

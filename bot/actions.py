@@ -11,6 +11,7 @@ from bot import gitops
 from bot.errors import NotFound, TransitionConflict
 from bot.git.names import protocol_name
 from bot.models import Project, ProtocolRun
+from bot.protocol import may_approve_step, resume_decision
 from bot.runs import (
     create_run,
     emit,
@@ -72,8 +73,13 @@ def _job_suffix() -> str:
     return f"{time.time_ns()}"
 
 
+def step_conflict(step: Any, wanted: str) -> TransitionConflict:
+    """A refusal that names the step by its number, never by its database row id."""
+    return TransitionConflict("step", step.step_index, step.status, wanted)
+
+
 async def approve(ctx: dict[str, Any], run_id: int, step_index: int | None = None) -> str:
-    """Approve the plan (no step) so steps may run, or accept a blocked/failed step as completed."""
+    """Approve the plan (no step) so steps may run, or accept a failed/blocked step as completed."""
     state = await load_run(ctx["db"], run_id)
     if step_index is None:
         if state.run.status not in ("planned", "running", "paused", "blocked"):
@@ -81,20 +87,32 @@ async def approve(ctx: dict[str, Any], run_id: int, step_index: int | None = Non
         await update_run(ctx["db"], run_id, approved=True)
         await emit(ctx["db"], state, "protocol.approved", "plan approved")
         if state.run.auto_mode:
-            from bot.jobs.protocol import enqueue_next_step
+            from bot.jobs.advance import enqueue_next_step
 
             await enqueue_next_step(ctx, run_id)
         return "approved"
     step = state.step(step_index)
-    await set_step_status(ctx["db"], step.id, "completed", "approved by a human")
-    if state.run.status == "blocked":
+    if not may_approve_step(step.status):
+        raise step_conflict(step, "completed")
+    await set_step_status(ctx["db"], step.id, "completed", f"step {step_index:02d} approved by a human")
+    step.status = "completed"
+    if state.run.status in ("blocked", "failed"):
         await set_protocol_status(ctx["db"], run_id, "running", "resumed after approval")
-    # an accepted step counts as completed: its triggers, the next auto step, or the protocol's
-    # completion when it was the last one (e.g. a step reopened by a red CI after completion)
-    from bot.jobs.protocol import after_step_completed
-
-    await after_step_completed(ctx, run_id, step_index, 0)
+        state.run.status = "running"
+    await _carry_on(ctx, state)
     return "step-approved"
+
+
+async def _carry_on(ctx: dict[str, Any], state: Any) -> None:
+    """After a human accepted a step: complete the protocol, or let an auto protocol go on."""
+    if state.run.status != "running":
+        return
+    if all(s.status == "completed" for s in state.steps):
+        await set_protocol_status(ctx["db"], state.run.id, "completed", "every step completed")
+    elif state.run.auto_mode:
+        from bot.jobs.advance import enqueue_next_step
+
+        await enqueue_next_step(ctx, state.run.id, state)
 
 
 async def run_step(
@@ -112,7 +130,7 @@ async def run_step(
         step_index = pending[0].step_index
     step = state.step(step_index)
     if step.status in ("running",):
-        raise TransitionConflict("StepRun", step.id, step.status, "running")
+        raise step_conflict(step, "running")
     await ctx["redis"].enqueue_job(
         "execute_step",
         _job_id=f"exec:{run_id}:{step_index}:{_job_suffix()}",
@@ -136,7 +154,7 @@ async def run_qa(
         step_index = candidates[0].step_index
     step = state.step(step_index)
     if step.status not in ("needs_qa", "completed"):
-        raise TransitionConflict("StepRun", step.id, step.status, "needs_qa")
+        raise step_conflict(step, "needs_qa")
     await ctx["redis"].enqueue_job(
         "run_quality",
         _job_id=f"qa:{run_id}:{step_index}:{_job_suffix()}",
@@ -151,6 +169,9 @@ async def retry(
     ctx: dict[str, Any], run_id: int, step_index: int | None = None, reply_to: dict[str, Any] | None = None
 ) -> int:
     state = await load_run(ctx["db"], run_id)
+    if step_index is None and not state.steps and state.run.status == "failed":
+        await replan(ctx, run_id)  # planning failed: /retry plans again
+        return 0
     if step_index is None:
         failed = [s for s in state.steps if s.status in ("failed", "blocked", "needs_qa")]
         if not failed:
@@ -159,40 +180,85 @@ async def retry(
     step = state.step(step_index)
     if step.status == "needs_qa":
         return await run_qa(ctx, run_id, step_index, reply_to)
-    if step.status not in ("failed", "blocked", "completed"):
-        raise TransitionConflict("StepRun", step.id, step.status, "pending")
-    # refuse before changing anything: run_step below would refuse a run in these states, and
-    # a refused action must leave the step as it was (not reset to pending with nothing queued)
-    if state.run.status in _NOT_RUNNABLE:
+    if step.status not in ("failed", "blocked", "completed", "pending"):
+        raise step_conflict(step, "pending")
+    # refuse before changing anything: a refused action must leave the step as it was
+    if state.run.status in ("completed", "cancelled", "pending", "planning"):
         raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
-    from bot.runs import update_step
-
-    await update_step(ctx["db"], step.id, retries=step.retries + 1)
-    await set_step_status(ctx["db"], step.id, "pending", "retry requested")
-    if state.run.status in ("blocked", "failed"):
+    await reset_step(ctx, step, "retry requested")
+    if state.run.status in ("blocked", "failed", "paused"):
         await set_protocol_status(ctx["db"], run_id, "running", "retrying")
     return await run_step(ctx, run_id, step_index, reply_to)
 
 
-async def pause(ctx: dict[str, Any], run_id: int) -> None:
-    await set_protocol_status(ctx["db"], run_id, "paused", "paused by request")
+async def reset_step(ctx: dict[str, Any], step: Any, why: str) -> None:
+    """A new attempt of a step: retries + 1 (a new attempt id for its commit), back to pending."""
+    from bot.runs import update_step
+
+    rs = {k: v for k, v in (step.runtime_state or {}).items() if k != "interrupted"}
+    await update_step(ctx["db"], step.id, retries=step.retries + 1, runtime_state=rs)
+    if step.status != "pending":
+        await set_step_status(ctx["db"], step.id, "pending", why)
 
 
-async def resume(ctx: dict[str, Any], run_id: int) -> None:
-    await set_protocol_status(ctx["db"], run_id, "running", "resumed by request")
+async def replan(ctx: dict[str, Any], run_id: int) -> None:
+    """Plan a protocol again whose planning failed (failed → planning), under a new job id."""
+    await set_protocol_status(ctx["db"], run_id, "planning", "planning restarted")
+    await ctx["redis"].enqueue_job(
+        "plan_protocol", _job_id=f"plan:{run_id}:{_job_suffix()}", protocol_run_id=run_id
+    )
+
+
+async def pause(ctx: dict[str, Any], run_id: int, by: str | None = None) -> None:
+    """Pause; a running engine notices within a second, is stopped and its step runs again later."""
+    message = f"paused by @{by}" if by else "paused by request"
+    await set_protocol_status(ctx["db"], run_id, "paused", message, runtime_state=await _with_message(ctx, run_id, message))
+
+
+async def resume(ctx: dict[str, Any], run_id: int, reply_to: dict[str, Any] | None = None) -> None:
+    """Back to running, and re-run the step that stopped the protocol (not the next one)."""
     state = await load_run(ctx["db"], run_id)
-    if state.run.auto_mode:
-        from bot.jobs.protocol import enqueue_next_step
+    if not state.steps:  # nothing planned yet: a failed planning is resumed by planning again
+        if state.run.status != "failed":
+            raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
+        await replan(ctx, run_id)
+        return
+    decision = resume_decision(
+        [(s.step_index, _resume_status(s)) for s in state.steps], state.run.auto_mode
+    )
+    if decision.action == "run_step" and decision.step_index is not None:
+        step = state.step(decision.step_index)
+        if step.status in ("failed", "blocked", "pending"):
+            await reset_step(ctx, step, "resumed")
+    runtime = {k: v for k, v in (state.run.runtime_state or {}).items() if k != "message"}
+    await set_protocol_status(ctx["db"], run_id, "running", "resumed by request", runtime_state=runtime)
+    if decision.action == "run_step" and decision.step_index is not None:
+        await run_step(ctx, run_id, decision.step_index, reply_to)
+    elif decision.action == "run_qa" and decision.step_index is not None:
+        await run_qa(ctx, run_id, decision.step_index, reply_to)
 
-        await enqueue_next_step(ctx, run_id)
+
+def _resume_status(step: Any) -> str:
+    # a step a pause interrupted is pending again, but it is the one that stopped the protocol
+    if step.status == "pending" and (step.runtime_state or {}).get("interrupted"):
+        return "running"
+    return str(step.status)
 
 
-async def cancel(ctx: dict[str, Any], run_id: int) -> None:
+async def cancel(ctx: dict[str, Any], run_id: int, by: str | None = None) -> None:
+    """Cancel; a running engine is stopped within a second and nothing of its step is pushed."""
     state = await load_run(ctx["db"], run_id)
-    await set_protocol_status(ctx["db"], run_id, "cancelled", "cancelled by request")
+    message = f"cancelled by @{by}" if by else "cancelled by request"
+    runtime = {**(state.run.runtime_state or {}), "message": message}
+    await set_protocol_status(ctx["db"], run_id, "cancelled", message, runtime_state=runtime)
     for step in state.steps:
         if step.status in ("pending", "running", "needs_qa"):
             try:
                 await set_step_status(ctx["db"], step.id, "cancelled", "protocol cancelled")
             except TransitionConflict:
                 pass
+
+
+async def _with_message(ctx: dict[str, Any], run_id: int, message: str) -> dict[str, Any]:
+    state = await load_run(ctx["db"], run_id)
+    return {**(state.run.runtime_state or {}), "message": message}

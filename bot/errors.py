@@ -57,3 +57,11 @@ class SpecError(DeksdenFlowError):
 
 class LockBusy(DeksdenFlowError):
     """Another worker holds the per-protocol lock."""
+
+
+class StepStopped(DeksdenFlowError):
+    """A human stopped the protocol (/cancel, /pause) while one of its jobs was working."""
+
+    def __init__(self, protocol_status: str) -> None:
+        super().__init__(f"protocol was {protocol_status} while the step ran")
+        self.protocol_status = protocol_status

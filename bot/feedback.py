@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from datetime import UTC
 from typing import Any, Literal
 
 from sqlalchemy import select
@@ -30,7 +31,11 @@ def step_view(step: Any, page_url: str | None = None) -> StepView:
     rs = step.runtime_state or {}
     duration = None
     if step.started_at and step.finished_at:
-        duration = (step.finished_at - step.started_at).total_seconds()
+        # SQLite hands back naive datetimes; rows updated in memory hold aware ones
+        start, end = (
+            t if t.tzinfo else t.replace(tzinfo=UTC) for t in (step.started_at, step.finished_at)
+        )
+        duration = (end - start).total_seconds()
     return StepView(
         index=step.step_index,
         title=(step.summary or step.step_name),
@@ -134,7 +139,11 @@ async def remember(db: Any, project_id: int, kind: str, key: str, data: dict[str
 
 async def publish_status(ctx: dict[str, Any], run_id: int, message: str | None = None) -> None:
     """Re-render the one status comment (issue, and PR when there is one); never fails the job."""
-    state = await load_run(ctx["db"], run_id)
+    await publish_state(ctx, await load_run(ctx["db"], run_id), message)
+
+
+async def publish_state(ctx: dict[str, Any], state: RunState, message: str | None = None) -> None:
+    """publish_status from a state the caller already holds (no reload)."""
     settings = ctx.get("settings")
     prefix = settings.command_prefix if settings is not None else "/"
     public_url = settings.public_url if settings is not None else None
@@ -183,7 +192,38 @@ async def report_check(
     quality_report: str | None = None,
     message: str = "",
 ) -> None:
-    state = await load_run(ctx["db"], run_id)
+    await report_state_check(
+        ctx,
+        await load_run(ctx["db"], run_id),
+        step_index,
+        kind,
+        head_sha,
+        status=status,
+        conclusion=conclusion,
+        verdict=verdict,
+        changed_files=changed_files,
+        tokens=tokens,
+        quality_report=quality_report,
+        message=message,
+    )
+
+
+async def report_state_check(
+    ctx: dict[str, Any],
+    state: RunState,
+    step_index: int,
+    kind: Literal["step", "qa"],
+    head_sha: str,
+    *,
+    status: CheckState = "completed",
+    conclusion: CheckConclusion | None = None,
+    verdict: str | None = None,
+    changed_files: tuple[str, ...] = (),
+    tokens: int | None = None,
+    quality_report: str | None = None,
+    message: str = "",
+) -> None:
+    """report_check from a state the caller already holds (no reload)."""
     step = state.step(step_index)
     has_next = any(s.step_index > step_index for s in state.steps)
     report = check_run_output(
@@ -199,7 +239,7 @@ async def report_check(
         quality_report=quality_report,
         has_next_step=has_next,
         message=message,
-        details_url=links.step_page(ctx["settings"].public_url, run_id, step_index),
+        details_url=links.step_page(ctx["settings"].public_url, state.run.id, step_index),
         cost_usd=step.cost_usd or None,
     )
     try:
@@ -266,9 +306,9 @@ async def _put_check(
 
 
 async def open_or_update_pr(
-    ctx: dict[str, Any], run_id: int, title: str, body: str
+    ctx: dict[str, Any], run_id: int | RunState, title: str, body: str
 ) -> PullRef | None:
-    state = await load_run(ctx["db"], run_id)
+    state = run_id if isinstance(run_id, RunState) else await load_run(ctx["db"], run_id)
     forge = forge_of(ctx, state)
     repo = ctx["forges"].repo_ref(state.project)
     try:
@@ -288,7 +328,15 @@ async def react_done(
     """🚀 on the comment that asked for a job once it finished well, 😕 when it did not."""
     if not reply_to:
         return
-    state = await load_run(ctx["db"], run_id)
+    await react_state(ctx, await load_run(ctx["db"], run_id), reply_to, ok)
+
+
+async def react_state(
+    ctx: dict[str, Any], state: RunState, reply_to: dict[str, Any] | None, ok: bool
+) -> None:
+    """react_done from a state the caller already holds."""
+    if not reply_to or "comment_id" not in reply_to:
+        return
     repo = ctx["forges"].repo_ref(state.project)
     target = IssueRef(repo, int(reply_to.get("number", 0)), reply_to.get("kind", "issue"))
     try:

@@ -20,13 +20,14 @@ Step runs::
     from        to                                   why
     pending     running | blocked | cancelled        job starts; budget exhausted; /cancel
     running     needs_qa | completed | failed |      executed (QA due); executed with QA skip;
-                blocked | cancelled                  engine error; step budget; /cancel
+                blocked | cancelled | pending        engine error; step budget; /cancel;
+                                                     /pause stopped the attempt (runs again)
     needs_qa    running | completed | failed |       QA (or re-execution) starts; PASS or
                 blocked | cancelled | pending        /approve; QA could not run; FAIL with no
                                                      loop left; /cancel; loop resets it
     completed   pending | needs_qa | blocked         a later step's loop resets it; /qa N again;
                                                      CI turned red after completion (reopened)
-    failed      pending                              /retry or a loop resets it
+    failed      pending | completed                  /retry or a loop resets it; /approve N
     blocked     pending | completed                  /retry or a loop; /approve
     cancelled   (none)
 
@@ -37,8 +38,9 @@ caller's (idempotency) decision, not the state machine's.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import overload
+from typing import Literal, overload
 
 from bot.errors import TransitionConflict
 
@@ -87,12 +89,14 @@ PROTOCOL_TRANSITIONS: Mapping[ProtocolStatus, frozenset[ProtocolStatus]] = {
 
 STEP_TRANSITIONS: Mapping[StepStatus, frozenset[StepStatus]] = {
     _S.PENDING: frozenset({_S.RUNNING, _S.BLOCKED, _S.CANCELLED}),
-    _S.RUNNING: frozenset({_S.NEEDS_QA, _S.COMPLETED, _S.FAILED, _S.BLOCKED, _S.CANCELLED}),
+    _S.RUNNING: frozenset(
+        {_S.NEEDS_QA, _S.COMPLETED, _S.FAILED, _S.BLOCKED, _S.CANCELLED, _S.PENDING}
+    ),
     _S.NEEDS_QA: frozenset(
         {_S.RUNNING, _S.COMPLETED, _S.FAILED, _S.BLOCKED, _S.CANCELLED, _S.PENDING}
     ),
     _S.COMPLETED: frozenset({_S.PENDING, _S.NEEDS_QA, _S.BLOCKED}),
-    _S.FAILED: frozenset({_S.PENDING}),
+    _S.FAILED: frozenset({_S.PENDING, _S.COMPLETED}),
     _S.BLOCKED: frozenset({_S.PENDING, _S.COMPLETED}),
     _S.CANCELLED: frozenset(),
 }
@@ -185,3 +189,119 @@ def is_terminal(status: ProtocolStatus | StepStatus | str) -> bool:
     if isinstance(status, StepStatus):
         return status in STEP_TERMINAL
     return status in {"completed", "failed", "cancelled"}
+
+
+# -- runner decisions (pure; the step runner in bot/jobs/ acts on them) ----------------------
+
+StartAction = Literal["start", "continue", "skip", "refuse", "wait_approval", "stop"]
+
+
+@dataclass(frozen=True)
+class StartDecision:
+    """May an execute job start this step, and does the protocol have to move to running first?"""
+
+    action: StartAction
+    reason: str
+    protocol_to_running: bool = False
+    reset_step: bool = False
+
+
+def may_start_step(protocol_status: str, approved: bool, step_status: str) -> StartDecision:
+    """The gate in front of every execute job, including a duplicate or a taken-back one.
+
+    A `running` step is continued rather than refused: only a job holding the protocol's lease
+    gets here, so a running step means a previous attempt died and this job takes it back.
+    """
+    if step_status in ("needs_qa", "completed", "cancelled"):
+        return StartDecision("skip", f"step is {step_status}")
+    if not approved:
+        return StartDecision("wait_approval", "the plan is not approved yet")
+    to_running = protocol_status in ("planned", "blocked", "failed")
+    if step_status == "running" and protocol_status in ("paused", "cancelled"):
+        # a dead worker's step, stopped by a human meanwhile: finish the stop, run nothing
+        return StartDecision("stop", f"protocol is {protocol_status}")
+    if not to_running and protocol_status != "running":
+        return StartDecision("refuse", f"protocol is {protocol_status}")
+    if step_status == "running":
+        return StartDecision("continue", "taking back an interrupted attempt", to_running)
+    return StartDecision("start", "step starts", to_running, reset_step=step_status != "pending")
+
+
+@dataclass(frozen=True)
+class FailureStatuses:
+    """Where a failed job leaves its step and protocol (None: leave as it is)."""
+
+    step: str | None
+    protocol: str | None
+
+
+def failure_statuses(protocol_status: str, step_status: str | None) -> FailureStatuses:
+    """After an error a job could not recover from: visible, and recoverable by a command.
+
+    A step that was being worked on fails (so /retry and /approve N apply); a running protocol
+    blocks (so /retry, /run-step and /resume apply); a protocol still planning fails (so /retry
+    and the API's start re-plan it). Paused and cancelled protocols keep their status: a human
+    put them there.
+    """
+    step = "failed" if step_status in ("running", "needs_qa") else None
+    if step_status == "pending" and protocol_status == "running":
+        step = "blocked"
+    # planned, blocked, failed: already waiting for a command
+    protocol = {"running": "blocked", "planning": "failed", "pending": "failed"}
+    return FailureStatuses(step, protocol.get(protocol_status))
+
+
+def stopped_step_status(protocol_status: str) -> str | None:
+    """What a running step becomes when a human stopped the protocol under it."""
+    return {"cancelled": "cancelled", "paused": "pending"}.get(protocol_status)
+
+
+ResumeAction = Literal["run_step", "run_qa", "nothing"]
+
+
+@dataclass(frozen=True)
+class ResumeDecision:
+    """What /resume does after moving the protocol back to running."""
+
+    action: ResumeAction
+    step_index: int | None
+    reason: str
+
+
+def resume_decision(steps: list[tuple[int, str]], auto_mode: bool) -> ResumeDecision:
+    """/resume re-runs the step that stopped the protocol, not the next one.
+
+    `steps` are (index, status) pairs in order. The stopping step is the first one failed,
+    blocked or interrupted (pending after a pause, ahead of completed ones); a step waiting for
+    QA gets its QA. Without such a step an auto protocol goes on with the next pending step.
+    """
+    for index, status in steps:
+        if status in ("failed", "blocked", "running"):
+            return ResumeDecision("run_step", index, f"re-running step {index:02d}")
+        if status == "needs_qa":
+            return ResumeDecision("run_qa", index, f"running QA of step {index:02d}")
+        if status == "pending":
+            if auto_mode:
+                return ResumeDecision("run_step", index, f"running step {index:02d}")
+            return ResumeDecision("nothing", None, "waiting for /run-step")
+    return ResumeDecision("nothing", None, "no step left to run")
+
+
+def may_approve_step(step_status: str) -> bool:
+    """/approve N accepts a failed, blocked or QA-waiting step as completed."""
+    return step_status in ("failed", "blocked", "needs_qa")
+
+
+GateResult = Literal["completed", "wait_ci"]
+
+
+def step_gate(qa_passed: bool, has_ci: bool, ci_green_on_head: bool | None) -> GateResult:
+    """A step whose QA passed is completed unless the repository has CI that has not yet been
+    green on the step's head commit. The CI side (knowing `has_ci`, recording verdicts) lives
+    with the CI code; today's callers pass `has_ci=False`, and QA alone gates.
+    """
+    if not qa_passed:
+        raise ValueError("step_gate is only asked about a step whose QA passed")
+    if has_ci and ci_green_on_head is not True:
+        return "wait_ci"
+    return "completed"

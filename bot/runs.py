@@ -227,3 +227,12 @@ async def sync_steps(db: Database, run_id: int, spec: ProtocolSpec) -> None:
             else:
                 row.policy = policy
                 row.step_name = step.file.removesuffix(".md")
+
+
+async def protocol_status(db: Database, run_id: int) -> str:
+    """Just the run's status: one cheap query, polled while an engine runs."""
+    async with db.sessions() as session:
+        status = (await session.execute(select(ProtocolRun.status).where(ProtocolRun.id == run_id))).scalar()
+    if status is None:
+        raise NotFound(f"protocol run {run_id} does not exist")
+    return str(status)

@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     worker_max_jobs: int = Field(default=10, ge=1)
     worker_poll_delay_s: float = Field(default=0.05, gt=0)
     job_timeout_s: int = Field(default=3600, ge=1)
+    # a running step's lease: renewed by its worker, taken back by another once it expires
+    lease_ttl_s: float = Field(default=60.0, gt=0)
+    lease_renew_s: float = Field(default=10.0, gt=0)
+    # how often a running engine checks whether /cancel or /pause stopped its protocol
+    stop_poll_s: float = Field(default=0.5, gt=0)
 
     # security (issue #20)
     # comma-separated proxy addresses/CIDRs whose X-Forwarded-For uvicorn believes; empty: none

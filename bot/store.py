@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -14,6 +15,15 @@ from bot.errors import NotFound, TransitionConflict
 from bot.models import Event, ProtocolRun, StepRun, WebhookDelivery, utcnow
 
 M = TypeVar("M", ProtocolRun, StepRun)
+
+
+@dataclass(frozen=True)
+class KnownRow:
+    """What a caller holding a loaded row already knows: its status and the ids an event needs."""
+
+    status: str
+    run_id: int
+    project_id: int
 
 
 def new_event(
@@ -56,14 +66,20 @@ async def transition(
     values: dict[str, Any] | None = None,
     event_message: str = "",
     event_metadata: dict[str, Any] | None = None,
+    known: KnownRow | None = None,
 ) -> str:
     """Compare-and-set `status` to `wanted` when it is one of `allowed_from`; write an Event.
 
     Returns the previous status. Raises TransitionConflict with the current status when the
-    row moved on (another worker, an operator) and NotFound when it does not exist.
+    row moved on (another worker, an operator) and NotFound when it does not exist. A caller
+    that holds the row already passes `known` (its status and ids): the CAS is the same, the
+    three look-ups are skipped.
     """
     allowed = sorted(set(allowed_from))
-    current = (await session.execute(select(model.status).where(model.id == entity_id))).scalar()
+    if known is not None:
+        current: Any = known.status
+    else:
+        current = (await session.execute(select(model.status).where(model.id == entity_id))).scalar()
     if current is None:
         raise NotFound(f"{model.__tablename__} {entity_id} does not exist")
     result = await session.execute(
@@ -74,18 +90,12 @@ async def transition(
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         now = (await session.execute(select(model.status).where(model.id == entity_id))).scalar()
+        if model is StepRun:  # people know steps by their number, not by a row id
+            index = (await session.execute(select(StepRun.step_index).where(StepRun.id == entity_id))).scalar()
+            raise TransitionConflict("step", int(index or 0), str(now), wanted)
         raise TransitionConflict(model.__name__, entity_id, str(now), wanted)
-    if model is StepRun:
-        run_id = (await session.execute(select(StepRun.protocol_run_id).where(StepRun.id == entity_id))).scalar()
-        ids: dict[str, Any] = {"protocol_run_id": run_id, "step_run_id": entity_id}
-        kind = "step"
-    else:
-        run_id = entity_id
-        ids = {"protocol_run_id": entity_id}
-        kind = "protocol"
-    ids["project_id"] = (
-        await session.execute(select(ProtocolRun.project_id).where(ProtocolRun.id == run_id))
-    ).scalar()
+    kind = "step" if model is StepRun else "protocol"
+    ids = await _event_ids(session, model, entity_id, known)
     session.add(
         new_event(
             f"{kind}.{wanted}",
@@ -95,6 +105,22 @@ async def transition(
         )
     )
     return str(current)
+
+
+async def _event_ids(session: AsyncSession, model: type[M], entity_id: int, known: KnownRow | None) -> dict[str, Any]:
+    """project, run (and step) ids for a transition's event: known by the caller, or looked up."""
+    if model is StepRun:
+        run_id = known.run_id if known else (
+            await session.execute(select(StepRun.protocol_run_id).where(StepRun.id == entity_id))
+        ).scalar()
+        ids: dict[str, Any] = {"protocol_run_id": run_id, "step_run_id": entity_id}
+    else:
+        run_id = entity_id
+        ids = {"protocol_run_id": entity_id}
+    ids["project_id"] = known.project_id if known else (
+        await session.execute(select(ProtocolRun.project_id).where(ProtocolRun.id == run_id))
+    ).scalar()
+    return ids
 
 
 async def load_delivery(db: Database, delivery_id: int) -> WebhookDelivery | None:

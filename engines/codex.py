@@ -511,6 +511,10 @@ def _read_text(path: Path) -> str:
     return text if text.strip() else ""
 
 
+# How long a cancelled run's process group gets between SIGTERM and SIGKILL.
+CANCEL_GRACE_S = 2.0
+
+
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
@@ -690,7 +694,8 @@ class CodexEngine:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
         except asyncio.CancelledError:
-            await self._stop(proc)
+            # /cancel or /pause: the whole group goes within seconds, not after a full grace
+            await self._stop(proc, grace_s=min(self.kill_grace_s, CANCEL_GRACE_S))
             for task in readers:
                 task.cancel()
             raise
@@ -783,11 +788,11 @@ class CodexEngine:
             if workdir.is_dir():
                 await asyncio.to_thread(chown_tree, workdir, me_uid, me_gid)
 
-    async def _stop(self, proc: asyncio.subprocess.Process) -> None:
+    async def _stop(self, proc: asyncio.subprocess.Process, grace_s: float | None = None) -> None:
         """SIGTERM the whole process group, then SIGKILL it after the grace period."""
         _signal_group(proc.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(proc.wait(), timeout=self.kill_grace_s)
+            await asyncio.wait_for(proc.wait(), timeout=self.kill_grace_s if grace_s is None else grace_s)
         except TimeoutError:
             _signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()

@@ -262,6 +262,10 @@ class ScriptedEngine:
         script = self.script
         context = {"phase": request.phase, **dict(request.context)}
         thread_id = request.resume_thread_id or f"scripted-{next(self._threads)}"
+        # `delay_s` stands for a long engine turn; a cancelled job cancels this sleep
+        delay = self._delay(script, request, context)
+        if delay > 0:
+            await asyncio.sleep(delay)
         try:
             reply = self._reply(script, request, context)
         except EngineError as exc:
@@ -353,6 +357,15 @@ class ScriptedEngine:
             events=events,
             duration_s=time.monotonic() - started,
         )
+
+    @staticmethod
+    def _delay(script: Mapping[str, Any], request: EngineRequest, context: Mapping[str, Any]) -> float:
+        try:
+            section = _mapping(script.get(request.phase), request.phase)
+            call = step_section(section, context) if request.phase != "planning" else section
+            return float(call.get("delay_s", 0) or 0)
+        except (EngineError, TypeError, ValueError):
+            return 0.0
 
     def _reply(
         self, script: Mapping[str, Any], request: EngineRequest, context: Mapping[str, Any]

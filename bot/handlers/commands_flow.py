@@ -199,7 +199,12 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
                 ctx.note(command=item.name, result="refused-fork")
                 continue
         await _safe_react(forge, comment, "eyes")
-        reply_to = {"number": ev.issue_number, "kind": target.kind, "comment_id": ev.comment_id}
+        reply_to = {
+            "number": ev.issue_number,
+            "kind": target.kind,
+            "comment_id": ev.comment_id,
+            "author": ev.author,
+        }
         result = await dispatch(
             ctx, project, forge, target, item, ev.issue_title, ev.issue_body, reply_to, replies
         )
@@ -360,12 +365,13 @@ async def dispatch(
             return f"qa {await actions.run_qa(services, run.id, cmd.step, reply_to)}"
         if name == "retry":
             return f"retry {await actions.retry(services, run.id, cmd.step, reply_to)}"
+        by = (reply_to or {}).get("author")
         if name == "pause":
-            await actions.pause(services, run.id)
+            await actions.pause(services, run.id, by=by)
         elif name == "resume":
-            await actions.resume(services, run.id)
+            await actions.resume(services, run.id, reply_to)
         elif name == "cancel":
-            await actions.cancel(services, run.id)
+            await actions.cancel(services, run.id, by=by)
         await publish_status(services, run.id)
         return name
     except TransitionConflict as exc:

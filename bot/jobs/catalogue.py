@@ -149,11 +149,15 @@ def _relay_seconds(settings: Settings) -> set[int]:
 
 
 def cron_jobs(settings: Settings) -> list[CronJob]:
-    """The outbox relay (every RELAY_INTERVAL_S, and at start-up) and hourly delivery retention."""
+    """The outbox relay (every RELAY_INTERVAL_S, and at start-up), hourly delivery retention,
+    and the reclaim of steps whose worker's lease expired."""
     from bot.jobs.deliveries import prune_old_deliveries, relay_pending
+    from bot.jobs.reclaim import reclaim_expired
 
     return [
         cron(relay_pending, second=_relay_seconds(settings), run_at_startup=True, unique=True),
         # hourly, at an odd minute so it does not meet other hourly work
         cron(prune_old_deliveries, minute={17}, second={30}, unique=True),
+        # twice a minute: with a 60 s lease a dead worker's step moves on within 2 minutes
+        cron(reclaim_expired, second={7, 37}, unique=True),
     ]

@@ -1,8 +1,17 @@
-"""Per-protocol lock in Redis: SET NX with a token and TTL, released only by its holder."""
+"""Per-protocol lease in Redis: SET NX with a token and a short TTL that its holder renews.
+
+A job holds its protocol's lease for as long as it runs; a background task renews it (every
+10 s, TTL 60 s by default). A worker that dies stops renewing, the key expires within a minute
+and the reclaim cron (bot/jobs/reclaim.py) hands the step to another worker. The lease replaces
+arq's in-progress key as the signal "someone is working on this": that key lives for the
+longest job timeout, over an hour here.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,13 +20,51 @@ from redis.exceptions import WatchError
 
 from bot.errors import LockBusy
 
+log = logging.getLogger(__name__)
+
 LOCK_PREFIX = "deksdenflow:lock:protocol:"
+LEASE_TTL_S = 60.0
+LEASE_RENEW_S = 10.0
 
 
-async def acquire(redis: Any, name: str, ttl_s: int) -> str | None:
+async def acquire(redis: Any, name: str, ttl_s: float) -> str | None:
     token = secrets.token_hex(16)
-    ok = await redis.set(LOCK_PREFIX + name, token, nx=True, ex=ttl_s)
+    ok = await redis.set(LOCK_PREFIX + name, token, nx=True, px=int(ttl_s * 1000))
     return token if ok else None
+
+
+async def renew(redis: Any, name: str, token: str, ttl_s: float) -> bool:
+    """Extend the TTL only while the key still holds our token."""
+    key = LOCK_PREFIX + name
+    async with redis.pipeline(transaction=True) as pipe:
+        try:
+            await pipe.watch(key)
+            current = await pipe.get(key)
+            if current is None or (current.decode() if isinstance(current, bytes) else current) != token:
+                await pipe.reset()
+                return False
+            pipe.multi()
+            pipe.pexpire(key, int(ttl_s * 1000))
+            await pipe.execute()
+            return True
+        except WatchError:
+            return False
+
+
+async def lease_alive(redis: Any, run_id: int) -> bool:
+    """Whether some worker holds this protocol's lease right now."""
+    return bool(await redis.exists(LOCK_PREFIX + str(run_id)))
+
+
+async def _keep_renewing(redis: Any, name: str, token: str, ttl_s: float, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            if not await renew(redis, name, token, ttl_s):
+                log.warning("lease of protocol run %s was lost", name)
+                return
+        except Exception:  # a Redis hiccup: try again next tick while the TTL still runs
+            log.warning("could not renew the lease of protocol run %s", name, exc_info=True)
 
 
 async def release(redis: Any, name: str, token: str) -> bool:
@@ -39,13 +86,20 @@ async def release(redis: Any, name: str, token: str) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def protocol_lock(redis: Any, run_id: int, ttl_s: int = 3600) -> AsyncIterator[str]:
-    """Hold the run's lock for the block; raise LockBusy when another worker has it."""
+async def protocol_lock(
+    redis: Any, run_id: int, ttl_s: float = LEASE_TTL_S, renew_s: float = LEASE_RENEW_S
+) -> AsyncIterator[str]:
+    """Hold the run's lease for the block, renewed in the background; LockBusy when taken."""
     name = str(run_id)
     token = await acquire(redis, name, ttl_s)
     if token is None:
         raise LockBusy(f"protocol run {run_id} is busy in another worker")
+    renewer = asyncio.create_task(_keep_renewing(redis, name, token, ttl_s, renew_s))
     try:
         yield token
     finally:
-        await release(redis, name, token)
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+        # shielded: a job cancelled by arq must still hand its lease back
+        await asyncio.shield(release(redis, name, token))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot import gitops
 from bot.engine_guard import sanitize_result
@@ -16,6 +16,7 @@ from bot.models import Project
 from bot.onboarding import (
     HOOKS,
     SETUP_BRANCH,
+    StarterFile,
     git,
     hook_path,
     missing_starter_files,
@@ -28,6 +29,9 @@ from bot.settings import Settings
 from bot.spec import resolve_engine, resolve_model
 from bot.store import record_event
 from engines.base import EngineRequest, EngineResult
+
+if TYPE_CHECKING:
+    from bot.jobs.env import JobEnv
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +132,6 @@ async def project_onboard(
     so a re-run after a crash or a second `/init` yields the same proposal.
     """
     db = ctx["db"]
-    settings: Settings = ctx["settings"]
     async with db.sessions() as session:
         project = await session.get(Project, project_id)
     if project is None:
@@ -155,23 +158,9 @@ async def project_onboard(
             await _reply(forge, target, "This repository already has every DeksdenFlow starter file. Nothing to do.")
             await count_job(ctx, "project_onboard", "nothing")
             return "nothing"
-        # a fresh branch from the base each time: the proposal is exactly "what the base lacks"
-        wt = await ctx["git"].ensure_worktree(project.git_url, SETUP_BRANCH, project.base_branch, auth)
-        workdir: Path = wt.path
-        await git(workdir, "reset", "--quiet", "--hard", remote_ref(project.base_branch))
-        await git(workdir, "clean", "-fdq")
-        start = await gitops.head_sha(workdir)
-        for item in missing:
-            write_file(workdir, item)
-        await gitops.commit_all(workdir, SETUP_COMMIT, settings.bot_name, settings.bot_email)
-        discovered: list[str] | None = None
-        if run_discovery:
-            before = await gitops.head_sha(workdir)
-            await run_discovery_job_step(ctx, workdir, project)
-            await gitops.commit_all(workdir, DISCOVERY_COMMIT, settings.bot_name, settings.bot_email)
-            discovered = await _changed_since(workdir, before)
+        workdir, changed, discovered = await _proposal(ctx, project, missing, run_discovery, auth)
         added = [f.path for f in missing]
-        if await gitops.head_sha(workdir) == start:
+        if not changed:
             await _reply(forge, target, "Nothing to propose: the starter files exist and discovery changed nothing.")
             await count_job(ctx, "project_onboard", "nothing")
             return "nothing"
@@ -189,8 +178,24 @@ async def project_onboard(
         await _reply(forge, target, f"Setup failed: {exc}")
         await count_job(ctx, "project_onboard", "failed")
         return "failed"
+    await _proposed(ctx, forge, target, project_id, pull, added, discovered, head)
+    await count_job(ctx, "project_onboard", "ok")
+    return "ok"
+
+
+async def _proposed(
+    ctx: dict[str, Any],
+    forge: Forge,
+    target: IssueRef | None,
+    project_id: int,
+    pull: PullRef,
+    added: list[str],
+    discovered: list[str] | None,
+    head: str,
+) -> None:
+    """Record and announce the setup proposal."""
     await record_event(
-        db,
+        ctx["db"],
         "project.onboarded",
         f"setup proposed in {pull.url}: {len(added)} file(s)"
         + (f", discovery changed {len(discovered)}" if discovered is not None else ""),
@@ -204,8 +209,32 @@ async def project_onboard(
         + (" and CI hooks filled in by discovery" if discovered else "")
         + ". Review and merge it to enable protocols.",
     )
-    await count_job(ctx, "project_onboard", "ok")
-    return "ok"
+
+
+async def _proposal(
+    ctx: dict[str, Any], project: Project, missing: list[StarterFile], run_discovery: bool, auth: gitops.Auth
+) -> tuple[Path, bool, list[str] | None]:
+    """The setup branch rebuilt from the base with the missing files (and discovery's edits).
+
+    A fresh branch from the base each time: the proposal is exactly "what the base lacks".
+    Returns the worktree, whether anything was committed, and the files discovery changed.
+    """
+    settings: Settings = ctx["settings"]
+    wt = await ctx["git"].ensure_worktree(project.git_url, SETUP_BRANCH, project.base_branch, auth)
+    workdir: Path = wt.path
+    await git(workdir, "reset", "--quiet", "--hard", remote_ref(project.base_branch))
+    await git(workdir, "clean", "-fdq")
+    start = await gitops.head_sha(workdir)
+    for item in missing:
+        write_file(workdir, item)
+    await gitops.commit_all(workdir, SETUP_COMMIT, settings.bot_name, settings.bot_email)
+    discovered: list[str] | None = None
+    if run_discovery:
+        before = await gitops.head_sha(workdir)
+        await run_discovery_job_step(ctx, workdir, project)
+        await gitops.commit_all(workdir, DISCOVERY_COMMIT, settings.bot_name, settings.bot_email)
+        discovered = await _changed_since(workdir, before)
+    return workdir, await gitops.head_sha(workdir) != start, discovered
 
 
 async def run_discovery_job_step(ctx: dict[str, Any], workdir: Path, project: Project) -> EngineResult:
@@ -218,64 +247,57 @@ async def codemachine_prepare(ctx: dict[str, Any], *, protocol_run_id: int) -> s
     """Write an imported CodeMachine run's files to its branch, open its draft PR, mark it planned.
 
     Idempotent like planning: a commit carrying the step-00 trailer means the files are there.
+    Runs inside the step runner's boundary: the protocol's lease, and a failure that ends the
+    planning `failed` with its reason instead of leaving it `planning`.
     """
-    from arq import Retry
+    from bot.jobs.boundary import guarded
 
-    from bot.errors import LockBusy
+    async def body(env: JobEnv) -> str:
+        return await _write_imported(env, protocol_run_id)
+
+    return await guarded(ctx, "codemachine_prepare", protocol_run_id, None, body)
+
+
+async def _write_imported(env: JobEnv, protocol_run_id: int) -> str:
     from bot.feedback import open_or_update_pr, publish_status
-    from bot.jobs.locks import protocol_lock
-    from bot.jobs.protocol import auth_for, enqueue_next_step, ensure_worktree, step_marker
+    from bot.jobs.protocol import enqueue_next_step, step_marker
     from bot.rendering import draft_pr_body, plan_commit_message, pr_title
     from bot.runs import load_run, set_protocol_status, update_run
 
-    db = ctx["db"]
-    settings: Settings = ctx["settings"]
-    try:
-        async with protocol_lock(ctx["redis"], protocol_run_id):
-            state = await load_run(db, protocol_run_id)
-            if state.run.status not in ("pending", "planning"):
-                return f"skipped-{state.run.status}"
-            if state.run.status == "pending":
-                await set_protocol_status(db, protocol_run_id, "planning", "writing the imported protocol")
-            runtime = dict(state.run.runtime_state or {})
-            imported = dict(runtime.get("codemachine") or {})
-            files: dict[str, str] = imported.get("files") or {}
-            auth = await auth_for(ctx, state)
-            workdir = await ensure_worktree(ctx, state, auth)
-            name = state.run.protocol_name
-            marker = step_marker(state.number, 0)
-            if await gitops.has_commit_with_trailer(workdir, marker, state.run.base_branch) is None:
-                for rel, content in files.items():
-                    target = workdir / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_text(content, encoding="utf-8")
-                await gitops.commit_all(
-                    workdir,
-                    plan_commit_message(state.run.description, state.number),
-                    settings.bot_name,
-                    settings.bot_email,
-                )
-            head = await gitops.push(
-                workdir, name, state.project.git_url, auth, credential_hosts=ctx["git"].credential_hosts
-            )
-            # the files now live on the branch; keep only the list in the database
-            imported["files"] = sorted(files)
-            await update_run(db, protocol_run_id, head_sha=head, runtime_state={**runtime, "codemachine": imported})
-            count = len(state.steps)
-            await set_protocol_status(db, protocol_run_id, "planned", f"imported {count} steps")
-            body = draft_pr_body(
-                protocol_name=name,
-                task=state.run.description,
-                issue_number=state.run.issue_number,
-                plan_files=sorted(f for f in files if f.startswith(f".protocols/{name}/")),
-            )
-            pull = await open_or_update_pr(ctx, protocol_run_id, pr_title(name, state.run.description), body)
-            if pull is not None:
-                await update_run(db, protocol_run_id, pr_number=pull.number, pr_url=pull.url)
-            await publish_status(ctx, protocol_run_id)
-            if state.run.auto_mode:
-                await enqueue_next_step(ctx, protocol_run_id)
-    except LockBusy as exc:
-        raise Retry(defer=1) from exc
-    await count_job(ctx, "codemachine_prepare", "planned")
+    db, settings, ctx = env.db, env.settings, env.ctx
+    state = await load_run(db, protocol_run_id)
+    if state.run.status not in ("pending", "planning"):
+        return f"skipped-{state.run.status}"
+    if state.run.status == "pending":
+        await set_protocol_status(db, protocol_run_id, "planning", "writing the imported protocol")
+    runtime = dict(state.run.runtime_state or {})
+    imported = dict(runtime.get("codemachine") or {})
+    files: dict[str, str] = imported.get("files") or {}
+    workdir = await env.worktree(state)
+    name = state.run.protocol_name
+    if await gitops.has_commit_with_trailer(workdir, step_marker(state.number, 0), state.run.base_branch) is None:
+        for rel, content in files.items():
+            target = workdir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content, encoding="utf-8")
+        await gitops.commit_all(
+            workdir, plan_commit_message(state.run.description, state.number), settings.bot_name, settings.bot_email
+        )
+    head = await env.push(state, workdir)
+    # the files now live on the branch; keep only the list in the database
+    imported["files"] = sorted(files)
+    await update_run(db, protocol_run_id, head_sha=head, runtime_state={**runtime, "codemachine": imported})
+    await set_protocol_status(db, protocol_run_id, "planned", f"imported {len(state.steps)} steps")
+    body = draft_pr_body(
+        protocol_name=name,
+        task=state.run.description,
+        issue_number=state.run.issue_number,
+        plan_files=sorted(f for f in files if f.startswith(f".protocols/{name}/")),
+    )
+    pull = await open_or_update_pr(ctx, protocol_run_id, pr_title(name, state.run.description), body)
+    if pull is not None:
+        await update_run(db, protocol_run_id, pr_number=pull.number, pr_url=pull.url)
+    await publish_status(ctx, protocol_run_id)
+    if state.run.auto_mode:
+        await enqueue_next_step(ctx, protocol_run_id)
     return "planned"

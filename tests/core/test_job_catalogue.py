@@ -52,7 +52,9 @@ def test_constructors_name_id_and_arguments() -> None:
 def test_deksdenflow_worker_runs_every_job_and_the_crons(tmp_path: Path) -> None:
     kwargs = worker_kwargs(make_settings(tmp_path))
     assert {f.name for f in kwargs["functions"]} == catalogue.JOB_NAMES
-    assert {c.name for c in kwargs["cron_jobs"]} == {"cron:relay_pending", "cron:prune_old_deliveries"}
+    assert {c.name for c in kwargs["cron_jobs"]} == {
+        "cron:relay_pending", "cron:prune_old_deliveries", "cron:reclaim_expired"
+    }
 
 
 def test_arq_worker_settings_load_at_start_not_import(

@@ -78,6 +78,8 @@ STEP_ALLOWED = [
     ("needs_qa", "blocked"),
     ("needs_qa", "pending"),
     ("failed", "pending"),
+    ("failed", "completed"),  # /approve N accepts a failed step
+    ("running", "pending"),  # /pause stopped the attempt; it runs again on /resume
     ("blocked", "pending"),
     ("blocked", "completed"),
     ("completed", "pending"),
@@ -89,11 +91,9 @@ STEP_REFUSED = [
     ("pending", "completed"),
     ("pending", "needs_qa"),
     ("failed", "running"),
-    ("failed", "completed"),
     ("cancelled", "pending"),
     ("cancelled", "running"),
     ("completed", "running"),
-    ("running", "pending"),
     ("running", "running"),
 ]
 
@@ -145,7 +145,7 @@ def test_sources_are_the_inverse_of_the_tables() -> None:
 def test_sources_examples() -> None:
     assert allowed_sources(P.RUNNING) == {P.PLANNED, P.PAUSED, P.BLOCKED, P.FAILED}
     assert allowed_sources(P.PENDING) == frozenset()
-    assert allowed_sources(S.PENDING) == {S.NEEDS_QA, S.FAILED, S.BLOCKED, S.COMPLETED}
+    assert allowed_sources(S.PENDING) == {S.RUNNING, S.NEEDS_QA, S.FAILED, S.BLOCKED, S.COMPLETED}
     # StrEnum members compare equal to their values, which is what a SQL IN (...) gets.
     assert "planned" in allowed_sources(P.RUNNING)
 

@@ -22,8 +22,12 @@ from tests.protocol.conftest import (
 )
 
 
-class Crash(RuntimeError):
-    """What the crash hook raises: stands for the worker dying at that point."""
+class Crash(BaseException):
+    """What the crash hook raises: stands for the worker dying at that point.
+
+    A BaseException, like the worker's own death: the job boundary turns every Exception into
+    a failed step, but a killed worker records nothing.
+    """
 
 
 def crash_once(stage: str) -> Any:

@@ -1,0 +1,140 @@
+"""The job boundary: ctx → JobEnv, the protocol's lease, and no error left without a visible state."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from arq import Retry
+
+from bot import gitops
+from bot.errors import LockBusy, StepStopped
+from bot.git.runner import GitCommandFailed
+from bot.jobs.common import count_job
+from bot.jobs.env import JobEnv
+from bot.jobs.locks import protocol_lock
+from bot.jobs.outcome import Outcome, write_failure, write_outcome
+from bot.protocol import stopped_step_status
+from bot.runs import RunState, emit, load_run
+
+log = logging.getLogger(__name__)
+
+Body = Callable[[JobEnv], Awaitable[str]]
+
+
+async def guarded(
+    ctx: dict[str, Any],
+    job: str,
+    run_id: int,
+    step_index: int | None,
+    body: Body,
+    reply_to: dict[str, Any] | None = None,
+) -> str:
+    """Run `body` holding the protocol's lease; turn a stop or an error into a recorded outcome.
+
+    A job that loses the race for the lease comes back shortly (arq Retry). Anything else that
+    escapes the body ends as a failed step and a blocked protocol, with the reason on the status
+    comment and the check run: a job never leaves a protocol `running` or `planning` with no
+    one working on it. BaseException (a worker being killed) is not caught: the lease expires
+    and the reclaim cron hands the work to another worker.
+    """
+    env = JobEnv.from_ctx(ctx)
+    try:
+        async with protocol_lock(env.redis, run_id, env.settings.lease_ttl_s, env.settings.lease_renew_s):
+            outcome = await _run_body(env, job, run_id, step_index, body, reply_to)
+    except LockBusy as exc:
+        # another worker has this protocol: come back shortly instead of racing it
+        raise Retry(defer=2) from exc
+    await count_job(ctx, job, outcome)
+    return outcome
+
+
+async def _run_body(
+    env: JobEnv, job: str, run_id: int, step_index: int | None, body: Body, reply_to: dict[str, Any] | None
+) -> str:
+    try:
+        return await body(env)
+    except StepStopped as exc:
+        return await stopped(env, run_id, step_index, exc.protocol_status)
+    except Retry:
+        raise
+    except Exception as exc:
+        state = await load_run(env.db, run_id)
+        if state.run.status in ("cancelled", "paused"):
+            # a human stopped the protocol meanwhile (the error is likely its consequence)
+            return await stopped(env, run_id, step_index, state.run.status)
+        log.warning("%s of protocol run %s failed", job, run_id, exc_info=True)
+        if job == "execute_step" and step_index is not None:
+            await _drop_attempt(env, state, step_index)
+        await write_failure(env, state, step_index, failure_line(job, step_index, exc), reply_to=reply_to)
+        return "failed"
+
+
+async def _drop_attempt(env: JobEnv, state: RunState, step_index: int) -> None:
+    """A failed attempt leaves nothing behind: its unpushed commit and edits would otherwise be
+    pushed with (or under) the next attempt's commit."""
+    start = (state.step(step_index).runtime_state or {}).get("attempt_head")
+    path = Path(state.run.worktree_path) if state.run.worktree_path else None
+    if not isinstance(start, str) or path is None or not path.is_dir():
+        return
+    try:
+        timeout = env.settings.git_timeout_s
+        await gitops.run_git(["reset", "--hard", "--quiet", start], cwd=path, timeout=timeout)
+        await gitops.run_git(["clean", "-fd", "--quiet"], cwd=path, timeout=timeout)
+    except Exception:  # the failure itself must still be recorded
+        log.warning("could not reset the worktree of protocol run %s", state.run.id, exc_info=True)
+
+
+def failure_line(job: str, step_index: int | None, exc: BaseException) -> str:
+    """One line for humans: what failed, and the first line of why."""
+    what = "planning" if step_index is None else f"step {step_index:02d}"
+    if job == "run_quality":
+        what = f"QA of step {step_index:02d}"
+    return f"{what} failed: {_reason(exc)}"[:300]
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, GitCommandFailed):
+        # the command line is long and says little; git's own first stderr line says why
+        verb = next((a for a in exc.argv if not a.startswith("-") and a != "git" and "/" not in a), "git")
+        said = next((line.strip() for line in exc.stderr.splitlines() if line.strip()), "")
+        return f"git {verb} failed (exit {exc.returncode}): {said}"
+    detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}{': ' + detail if detail else ''}"
+
+
+async def stopped(env: JobEnv, run_id: int, step_index: int | None, status: str) -> str:
+    """A human stopped the protocol mid-job: drop the step's uncommitted work, say who stopped it."""
+    state = await load_run(env.db, run_id)
+    if state.run.worktree_path and Path(state.run.worktree_path).is_dir():
+        await discard_changes(env, state, Path(state.run.worktree_path))
+    step_to = None
+    if step_index is not None and state.step(step_index).status == "running":
+        step_to = stopped_step_status(state.run.status)
+    message = (state.run.runtime_state or {}).get("message") or f"{status} by request"
+    # a paused step runs again on /resume: mark it, so /resume knows which step stopped
+    interrupted = {"interrupted": True} if step_to == "pending" else {}
+    outcome = Outcome(message=str(message), step_to=step_to, event="step.stopped", step_state=interrupted)
+    await write_outcome(env, state, step_index, outcome)
+    return status
+
+
+async def discard_changes(env: JobEnv, state: RunState, workdir: Path, step_index: int | None = None) -> None:
+    """Reset the worktree to its last commit: an interrupted attempt's edits must not be committed."""
+    dirty = await gitops.status_porcelain(workdir)
+    if not dirty:
+        return
+    timeout = env.settings.git_timeout_s
+    await gitops.run_git(["reset", "--hard", "--quiet", "HEAD"], cwd=workdir, timeout=timeout)
+    await gitops.run_git(["clean", "-fd", "--quiet"], cwd=workdir, timeout=timeout)
+    step = state.step(step_index) if step_index is not None else None
+    await emit(
+        env.db,
+        state,
+        "worktree.cleaned",
+        f"discarded {len(dirty)} uncommitted change(s) left by an interrupted attempt",
+        step,
+        paths=[e.path for e in dirty][:50],
+    )

@@ -1,0 +1,86 @@
+"""JobEnv: the services a protocol job uses, read out of arq's ctx once, at the job boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bot.db import Database
+from bot.runs import RunState, update_run
+from bot.settings import Settings
+
+CrashHook = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class JobEnv:
+    """Typed access to the worker's services; `ctx` stays for the feedback helpers that take it."""
+
+    ctx: dict[str, Any]
+    settings: Settings
+    db: Database
+    redis: Any
+    forges: Any
+    git: Any
+    engines: Any
+    crash_hook: CrashHook | None = None
+
+    @classmethod
+    def from_ctx(cls, ctx: dict[str, Any]) -> JobEnv:
+        """The one place that knows arq's ctx keys."""
+        return cls(
+            ctx=ctx,
+            settings=ctx["settings"],
+            db=ctx["db"],
+            redis=ctx["redis"],
+            forges=ctx["forges"],
+            git=ctx["git"],
+            engines=ctx["engines"],
+            crash_hook=ctx.get("crash_hook"),
+        )
+
+    def crash_point(self, where: str, run_id: int, step_index: int) -> None:
+        """Tests stand for a worker dying here; a no-op in production."""
+        if self.crash_hook is not None:
+            self.crash_hook(where, run_id, step_index)
+
+    async def enqueue(self, function: str, job_id: str, **kwargs: Any) -> None:
+        await self.redis.enqueue_job(function, _job_id=job_id, **kwargs)
+
+    def auth(self, state: RunState) -> Callable[[], Awaitable[str | None]]:
+        """An auth provider for this project: the git layer asks it right before each fetch and
+        push, so no job holds a token across an engine run."""
+        forge = self.forges.forge_for(state.project)
+        repo = self.forges.repo_ref(state.project)
+
+        async def header() -> str | None:
+            fresh: str | None = await forge.git_auth_header(repo)
+            return fresh
+
+        return header
+
+    async def worktree(self, state: RunState) -> Path:
+        """The protocol's worktree at its branch head (any worker may run any job)."""
+        wt = await self.git.ensure_worktree(
+            state.project.git_url, state.run.protocol_name, state.run.base_branch, self.auth(state)
+        )
+        path: Path = wt.path
+        if state.run.worktree_path != str(path):
+            await update_run(self.db, state.run.id, worktree_path=str(path))
+            state.run.worktree_path = str(path)
+        return path
+
+    async def push(self, state: RunState, workdir: Path) -> str:
+        """Push the protocol branch with credentials fetched now, not before the engine ran."""
+        from bot import gitops
+
+        head: str = await gitops.push(
+            workdir,
+            state.run.protocol_name,
+            state.project.git_url,
+            self.auth(state),
+            credential_hosts=self.git.credential_hosts,
+        )
+        return head

@@ -1,0 +1,59 @@
+"""reclaim_expired (cron): hand the work of a dead worker to a live one once its lease expired.
+
+A step is `running` (or a protocol `planning`) only while a job holds the protocol's lease. When
+the lease is gone and the status is still there, the worker died mid-job: a new job with a fresh
+id picks the work up. It continues idempotently: the step's `[protocol-NNNN/XX]` commit of this
+attempt is found and pushed instead of running the engine again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import select
+
+from bot.jobs.locks import lease_alive
+from bot.models import ProtocolRun, StepRun
+
+log = logging.getLogger(__name__)
+
+
+async def orphaned_work(ctx: dict[str, Any]) -> list[tuple[int, int | None]]:
+    """(run id, step index or None for planning) of work that no live lease covers."""
+    async with ctx["db"].sessions() as session:
+        rows = (
+            await session.execute(
+                select(ProtocolRun.id, ProtocolRun.status, StepRun.step_index)
+                .outerjoin(StepRun, (StepRun.protocol_run_id == ProtocolRun.id) & (StepRun.status == "running"))
+                .where(ProtocolRun.status.in_(("planning", "running", "paused", "cancelled", "blocked")))
+                .where((ProtocolRun.status == "planning") | (StepRun.id.is_not(None)))
+            )
+        ).all()
+    found: list[tuple[int, int | None]] = []
+    for run_id, status, step_index in rows:
+        if await lease_alive(ctx["redis"], run_id):
+            continue
+        found.append((run_id, None if status == "planning" else step_index))
+    return found
+
+
+async def reclaim_expired(ctx: dict[str, Any]) -> int:
+    """Enqueue a job for every orphan; the job id changes once per lease period, so a job that is
+    merely waiting in the queue is not duplicated on every tick."""
+    period = int(time.time() // max(1.0, ctx["settings"].lease_ttl_s))
+    count = 0
+    for run_id, step_index in await orphaned_work(ctx):
+        if step_index is None:
+            await ctx["redis"].enqueue_job(
+                "plan_protocol", _job_id=f"plan:{run_id}:reclaim:{period}", protocol_run_id=run_id
+            )
+        else:
+            await ctx["redis"].enqueue_job(
+                "execute_step", _job_id=f"exec:{run_id}:{step_index}:reclaim:{period}",
+                protocol_run_id=run_id, step_index=step_index,
+            )
+        log.warning("protocol run %s: lease expired, work taken back (step %s)", run_id, step_index)
+        count += 1
+    return count

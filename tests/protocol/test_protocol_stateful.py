@@ -1,0 +1,268 @@
+"""A stateful property test of the step runner (hypothesis RuleBasedStateMachine).
+
+Local forge, scripted engine, SQLite, the in-process queue. Rules interleave commands (run-step,
+qa, retry, approve N, pause, resume, cancel), CI results (success or failure, on the head or a
+stale sha), engine failures, push rejections, /cancel or /pause arriving while the engine runs,
+and workers killed before or after the step commit. After every rule the queue is drained, and
+the invariants of issue #11 are checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import stat
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from bot import actions
+from bot.ci import apply_ci_result
+from bot.errors import DeksdenFlowError
+from bot.jobs.locks import lease_alive
+from bot.jobs.protocol import execute_step
+from bot.jobs.reclaim import reclaim_expired
+from bot.local_runtime import drain
+from bot.runs import get_or_create_project, load_run
+from engines.base import EngineRequest, EngineResult
+from engines.registry import EngineRegistry
+from engines.scripted import ScriptedEngine
+from tests.gitutil import git, make_origin
+from tests.protocol.conftest import protocol_settings, quiet, scripted_script
+
+SCRIPT = scripted_script(
+    planning={
+        "steps": [
+            {"slug": f"step-{i}", "title": f"Step {i}", "content": f"# Step {i}\n", "qa_policy": "light"}
+            for i in (1, 2)
+        ]
+    },
+    execute={"default": {"files": [{"path": "work/{step_index}.txt", "append": "x\n"}]}},
+)
+
+
+class Killed(BaseException):
+    """A worker dying: no except clause of the job sees it."""
+
+
+class ChaosEngine(ScriptedEngine):
+    """The scripted engine plus what the rules ask of the next execute call."""
+
+    def __init__(self) -> None:
+        super().__init__(SCRIPT)
+        self.fail_next = False
+        self.stop_next: str | None = None
+        self.ctx: dict[str, Any] = {}
+        self.run_id = 0
+
+    async def run(self, request: EngineRequest) -> EngineResult:
+        if request.phase == "execute" and self.fail_next:
+            self.fail_next = False
+            return EngineResult(outcome="failed", exit_code=1, error="chaos: engine failed")
+        if request.phase == "execute" and self.stop_next:
+            how, self.stop_next = self.stop_next, None
+            # a human stops the protocol while the engine is busy: the runner must kill the turn
+            await getattr(actions, how)(self.ctx, self.run_id, by="chaos")
+            await asyncio.sleep(30)
+        return await super().run(request)
+
+
+class StepRunnerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="df-stateful-"))
+        self.loop = asyncio.new_event_loop()
+        self.stack = contextlib.AsyncExitStack()
+        self.engine = ChaosEngine()
+        self.cancelled_head: str | None = None
+        self.ctx, self.run_id, self.origin = self.loop.run_until_complete(self._setup())
+
+    async def _setup(self) -> tuple[dict[str, Any], int, Path]:
+        from bot.local_runtime import local_runtime
+
+        origin = make_origin(self.tmp, readme="# chaos\n")
+        config = protocol_settings(self.tmp, stop_poll_s=0.05)
+        ctx = await self.stack.enter_async_context(local_runtime(config))
+        ctx["engines"] = EngineRegistry([self.engine])
+        project = await get_or_create_project(
+            ctx["db"], name=f"local:{origin}", provider="local", git_url=str(origin), base_branch="main"
+        )
+        run = await actions.start_protocol(ctx, project, "Chaos", approved=True)
+        await drain(ctx, project.id, printer=quiet)
+        self.engine.ctx, self.engine.run_id = ctx, run.id
+        return ctx, run.id, origin
+
+    def teardown(self) -> None:
+        try:
+            self.loop.run_until_complete(self.stack.aclose())
+        finally:
+            self.loop.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _do(self, work: Any) -> Any:
+        async def go() -> Any:
+            try:
+                return await work
+            except DeksdenFlowError:  # a refused command (409/404) is an allowed answer
+                return None
+            finally:
+                await drain(self.ctx, None, printer=quiet)
+
+        return self.loop.run_until_complete(go())
+
+    def _state(self) -> Any:
+        return self.loop.run_until_complete(load_run(self.ctx["db"], self.run_id))
+
+    def _branch_head(self) -> str | None:
+        name = self._state().run.protocol_name
+        try:
+            return git("rev-parse", f"refs/heads/{name}", cwd=self.origin).strip()
+        except Exception:
+            return None
+
+    # -- commands ---------------------------------------------------------------------------
+
+    @rule(step=st.sampled_from([None, 1, 2]))
+    def run_step(self, step: int | None) -> None:
+        self._do(actions.run_step(self.ctx, self.run_id, step))
+
+    @rule(step=st.sampled_from([None, 1, 2]))
+    def qa(self, step: int | None) -> None:
+        self._do(actions.run_qa(self.ctx, self.run_id, step))
+
+    @rule(step=st.sampled_from([None, 1, 2]))
+    def retry(self, step: int | None) -> None:
+        self._do(actions.retry(self.ctx, self.run_id, step))
+
+    @rule(step=st.sampled_from([1, 2]))
+    def approve(self, step: int) -> None:
+        self._do(actions.approve(self.ctx, self.run_id, step))
+
+    @rule()
+    def pause(self) -> None:
+        self._do(actions.pause(self.ctx, self.run_id, by="tester"))
+
+    @rule()
+    def resume(self) -> None:
+        self._do(actions.resume(self.ctx, self.run_id))
+
+    @rule(dice=st.integers(0, 3))
+    def cancel(self, dice: int) -> None:
+        if dice:  # cancel ends an example: keep it rarer than the other commands
+            return
+        self._do(actions.cancel(self.ctx, self.run_id, by="tester"))
+        self._remember_cancel()
+
+    # -- the world misbehaving ---------------------------------------------------------------
+
+    @rule(result=st.sampled_from(["success", "failure"]), stale=st.booleans())
+    def ci(self, result: str, stale: bool) -> None:
+        sha = "0" * 40 if stale else self._state().run.head_sha
+        self._do(apply_ci_result(self.ctx, self.run_id, sha, result, [("tests", "failure")]))  # type: ignore[arg-type]
+
+    @rule(step=st.sampled_from([None, 1, 2]))
+    def engine_fails(self, step: int | None) -> None:
+        self.engine.fail_next = True
+        self._do(actions.run_step(self.ctx, self.run_id, step))
+        self.engine.fail_next = False
+
+    @rule(how=st.sampled_from(["cancel", "pause", "pause", "pause"]))
+    def stop_during_engine(self, how: str) -> None:
+        self.engine.stop_next = how
+        self._do(actions.run_step(self.ctx, self.run_id, None))
+        self.engine.stop_next = None
+        if how == "cancel":
+            self._remember_cancel()
+
+    @rule(step=st.sampled_from([None, 1, 2]))
+    def push_rejected(self, step: int | None) -> None:
+        hook = self.origin / "hooks" / "pre-receive"
+        hook.write_text('#!/bin/sh\nrm -f -- "$0"\necho rejected >&2\nexit 1\n')
+        hook.chmod(hook.stat().st_mode | stat.S_IEXEC)
+        self._do(actions.run_step(self.ctx, self.run_id, step))
+        hook.unlink(missing_ok=True)
+
+    @rule(where=st.sampled_from(["before_commit", "after_commit"]))
+    def worker_killed(self, where: str) -> None:
+        state = self._state()
+        runnable = [s for s in state.steps if s.status in ("pending", "failed", "blocked")]
+        if not runnable or state.run.status not in ("running", "planned", "blocked"):
+            return
+
+        def die(at: str, _run: int, _step: int) -> None:
+            if at == where:
+                raise Killed()
+
+        self.ctx["crash_hook"] = die
+        try:
+            self.loop.run_until_complete(
+                execute_step(self.ctx, protocol_run_id=self.run_id, step_index=runnable[0].step_index)
+            )
+        except Killed:
+            pass
+        except DeksdenFlowError:
+            pass
+        finally:
+            self.ctx.pop("crash_hook", None)
+        # the lease is gone (expired, in real life): the reclaim cron hands the step on
+        self._do(reclaim_expired(self.ctx))
+
+    def _remember_cancel(self) -> None:
+        if self._state().run.status == "cancelled" and self.cancelled_head is None:
+            self.cancelled_head = self._branch_head()
+
+    # -- invariants ------------------------------------------------------------------------
+
+    @invariant()
+    def no_running_step_without_a_lease(self) -> None:
+        state = self._state()
+        event(f"protocol {state.run.status}")
+        for s in state.steps:
+            event(f"step {s.step_index} {s.status}")
+        alive = self.loop.run_until_complete(lease_alive(self.ctx["redis"], self.run_id))
+        running = [s.step_index for s in state.steps if s.status == "running"]
+        assert not running or alive, f"steps {running} running without a lease ({state.run.status})"
+
+    @invariant()
+    def at_most_one_commit_per_step_attempt(self) -> None:
+        state = self._state()
+        name = state.run.protocol_name
+        subjects = git("log", "--format=%s", f"refs/heads/{name}", cwd=self.origin).splitlines() if self._branch_head() else []
+        for step in state.steps:
+            marker = f"[protocol-0001/{step.step_index:02d}]"
+            commits = sum(1 for s in subjects if marker in s)
+            assert commits <= step.retries + 1, (step.step_index, commits, step.retries, subjects)
+
+    @invariant()
+    def a_cancelled_protocol_gets_no_new_commits(self) -> None:
+        if self.cancelled_head is not None:
+            assert self._branch_head() == self.cancelled_head
+
+    @invariant()
+    def some_command_makes_progress(self) -> None:
+        state = self._state()
+        status = state.run.status
+        steps = {s.step_index: s.status for s in state.steps}
+        assert status not in ("pending", "planning"), "planning stranded"
+        if status in ("completed", "cancelled"):
+            return
+        if status in ("paused", "blocked", "failed"):
+            return  # /resume (paused, blocked, failed → running), /retry, /approve N
+        waiting = {"pending", "failed", "blocked", "needs_qa"}
+        assert any(v in waiting for v in steps.values()), (status, steps)
+
+
+StepRunnerMachine.TestCase.settings = settings(
+    max_examples=15,
+    stateful_step_count=12,
+    # one example (setup + a dozen rules) takes 1-4 s here; a stuck one fails instead of hanging
+    deadline=timedelta(seconds=30),
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestStepRunner = StepRunnerMachine.TestCase
