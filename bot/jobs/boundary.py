@@ -95,10 +95,25 @@ def failure_line(job: str, step_index: int | None, exc: BaseException) -> str:
     return f"{what} failed: {_reason(exc)}"[:300]
 
 
+def git_verb(argv: list[str] | tuple[str, ...]) -> str:
+    """The subcommand of a git command line: the first word after `git` and its options (the
+    bot's `-c key=value` and `-C dir` pairs included)."""
+    args = list(argv[1:]) if argv and argv[0].endswith("git") else list(argv)
+    i = 0
+    while i < len(args):
+        if args[i] in ("-c", "-C"):
+            i += 2
+        elif args[i].startswith("-"):
+            i += 1
+        else:
+            return args[i]
+    return "git"
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, GitCommandFailed):
         # the command line is long and says little; git's own first stderr line says why
-        verb = next((a for a in exc.argv if not a.startswith("-") and a != "git" and "/" not in a), "git")
+        verb = git_verb(exc.argv)
         said = next((line.strip() for line in exc.stderr.splitlines() if line.strip()), "")
         return f"git {verb} failed (exit {exc.returncode}): {said}"
     detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")

@@ -10,7 +10,7 @@ from bot import gitops
 from bot.ci import complete_after_qa
 from bot.engine_guard import cap_report
 from bot.errors import TransitionConflict
-from bot.feedback import publish_status, report_state_check
+from bot.feedback import report_state_check
 from bot.git import CommitInfo
 from bot.jobs.boundary import guarded
 from bot.jobs.engine_run import EngineCall, run_engine, step_prompt
@@ -153,20 +153,18 @@ def _verdict_event(work: QAWork, verdict: str, head: str, why: str) -> dict[str,
 
 
 async def _passed(work: QAWork, head: str, report: str, step_state: dict[str, Any], why: str) -> str:
-    env, index = work.env, work.step.step_index
-    # CI may have reported on this step during the QA turn: keep what it wrote
-    fresh = await load_run(env.db, work.state.run.id)
-    work.step.runtime_state = fresh.step(index).runtime_state
+    env, index, run_id = work.env, work.step.step_index, work.state.run.id
+    # the CI gate (bot/ci_gate.py): where the repository has CI, green CI on this attempt too;
+    # it completes the step or leaves it waiting, under the lock CI results take as well
+    gate = await complete_after_qa(env.ctx, run_id, index)
+    state = await load_run(env.db, run_id)  # with the gate's transition and what CI wrote
     outcome = Outcome(
-        message="QA passed", step_state=step_state, show_message=False, ok=True,
+        message="QA passed" if gate == "completed" else "QA passed; waiting for CI",
+        step_state=step_state, show_message=False, ok=True,
         check=Check("qa", head, "success", verdict="PASS", quality_report=report),
         **_verdict_event(work, "PASS", head, why),
     )
-    await write_outcome(env, work.state, index, outcome, work.reply_to)
-    # the CI gate (bot/ci_gate.py): where the repository has CI, green CI on this attempt too
-    gate = await complete_after_qa(env.ctx, work.state.run.id, index)
-    if gate == "completed":
-        await publish_status(env.ctx, work.state.run.id)
+    await write_outcome(env, state, index, outcome, work.reply_to)
     return "PASS" if gate == "completed" else "wait_ci"
 
 

@@ -144,17 +144,15 @@ async def project_onboard(
         if reply_to and reply_to.get("number") is not None
         else None
     )
-    try:
-        async def auth() -> str | None:  # asked before each fetch and push (discovery may be long)
-            header: str | None = await forge.git_auth_header(repo)
-            return header
+    async def auth() -> str | None:  # asked before each fetch and push (discovery may be long)
+        header: str | None = await forge.git_auth_header(repo)
+        return header
 
+    try:
         present = await _present_on_base(ctx, project, auth)
         missing = missing_starter_files(present)
         if not missing and not run_discovery:
-            await record_event(
-                db, "project.onboard_skipped", "every starter file is already on the base branch", project_id=project_id
-            )
+            await record_event(db, "project.onboard_skipped", "every starter file is already on the base branch", project_id=project_id)
             await _reply(forge, target, "This repository already has every DeksdenFlow starter file. Nothing to do.")
             await count_job(ctx, "project_onboard", "nothing")
             return "nothing"

@@ -72,7 +72,7 @@ def test_arq_worker_settings_load_at_start_not_import(
         # exactly what `arq bot.jobs.worker.WorkerSettings` does (arq types the values oddly)
         kwargs: dict[str, Any] = dict(get_kwargs(settings))
         assert {f.name for f in kwargs["functions"]} == catalogue.JOB_NAMES
-        assert len(kwargs["cron_jobs"]) == 2
+        assert len(kwargs["cron_jobs"]) == 3
         assert kwargs["redis_settings"].database == 2
         assert kwargs["ctx"]["settings"].log_json is True
         ours = [h for h in root.handlers if getattr(h, "_deksdenflow", False)]
