@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     worker_max_jobs: int = Field(default=10, ge=1)
     worker_poll_delay_s: float = Field(default=0.05, gt=0)
     job_timeout_s: int = Field(default=3600, ge=1)
+    # SIGTERM: how long a running step may go on before it is handed back (bot/jobs/shutdown.py)
+    worker_shutdown_grace_s: float = Field(default=100.0, ge=0)
 
     # logs
     log_json: bool = False
