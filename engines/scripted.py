@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import dataclasses
 import itertools
 import json
 import re
@@ -158,6 +160,17 @@ def apply_files(workdir: Path, files: Any) -> list[dict[str, str]]:
     return changes
 
 
+def _delay(section: Mapping[str, Any]) -> float:
+    """`delay_s:` of a call or phase section: a non-negative number of seconds."""
+    try:
+        delay = float(section.get("delay_s", 0) or 0)
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"scripted engine: delay_s must be a number: {exc}") from exc
+    if delay < 0:
+        raise EngineError("scripted engine: delay_s must not be negative")
+    return delay
+
+
 @dataclass
 class _Reply:
     message: str
@@ -165,6 +178,8 @@ class _Reply:
     structured: Any | None = None
     changes: list[dict[str, str]] | None = None
     fail: str | None = None
+    # seconds the call waits before answering, like a model call does (bench/scale.py)
+    delay_s: float = 0.0
 
 
 class ScriptedEngine:
@@ -221,6 +236,8 @@ class ScriptedEngine:
             reply = self._reply(script, request, context)
         except EngineError as exc:
             reply = _Reply(message="", usage=TokenUsage(), fail=str(exc))
+        if reply.delay_s > 0:
+            await asyncio.sleep(reply.delay_s)
 
         events: list[dict[str, Any]] = [
             {"type": "thread.started", "thread_id": thread_id},
@@ -292,13 +309,28 @@ class ScriptedEngine:
         phase_section = _mapping(script.get(request.phase), request.phase)
         protocol = str(context.get("protocol", ""))
         if request.phase == "planning":
-            return self._planning(script, phase_section, request, context, protocol)
+            reply = self._planning(script, phase_section, request, context, protocol)
+            return dataclasses.replace(reply, delay_s=_delay(phase_section))
 
         call = (
             step_section(phase_section, context)
             if request.phase != "discovery"
             else dict(phase_section)
         )
+        reply = self._call_reply(request, context, protocol, call, phase_section, script)
+        # a step's own delay_s wins over its phase's
+        delay = _delay(call) if "delay_s" in call else _delay(phase_section)
+        return dataclasses.replace(reply, delay_s=delay)
+
+    def _call_reply(
+        self,
+        request: EngineRequest,
+        context: Mapping[str, Any],
+        protocol: str,
+        call: Mapping[str, Any],
+        phase_section: Mapping[str, Any],
+        script: Mapping[str, Any],
+    ) -> _Reply:
         usage = usage_from(call, phase_section, script)
         if call.get("fail"):
             return _Reply(message="", usage=usage, fail=fill(str(call["fail"]), context))
