@@ -16,6 +16,7 @@ from bot.errors import EngineError, LockBusy, SpecError, TransitionConflict
 from bot.feedback import open_or_update_pr, publish_status, react_done, report_check
 from bot.jobs.common import count_job
 from bot.jobs.locks import protocol_lock
+from bot.jobs.shutdown import resume_chain
 from bot.models import StepRun, utcnow
 from bot.observability import log_context
 from bot.policies import (
@@ -242,6 +243,8 @@ async def _plan(ctx: dict[str, Any], run_id: int) -> str:
     settings: Settings = ctx["settings"]
     state = await load_run(db, run_id)
     if state.run.status not in ("pending", "planning"):
+        # a re-run after a hand-back (SIGTERM) may find the plan saved but its next step unqueued
+        await resume_chain(ctx, run_id)
         return f"skipped-{state.run.status}"
     if state.run.status == "pending":
         await set_protocol_status(db, run_id, "planning", "planning started")
@@ -462,6 +465,8 @@ async def execute_step(
                 outcome = await _execute(ctx, protocol_run_id, step_index)
             except SpecError as exc:  # a repository prompt override that does not render
                 outcome = await _fail_step(ctx, protocol_run_id, step_index, str(exc))
+            if outcome == "skipped-completed":  # handed back after it was done: see resume_chain
+                await resume_chain(ctx, protocol_run_id)
     except LockBusy as exc:
         raise _lock_retry(exc) from exc
     await count_job(ctx, "execute_step", outcome)

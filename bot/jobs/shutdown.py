@@ -42,3 +42,30 @@ def shutdown_kwargs(settings: Settings) -> dict[str, Any]:
 def termination_grace_period_s(settings: Settings) -> int:
     """The pod's terminationGracePeriodSeconds that leaves room for the hand-back."""
     return math.ceil(settings.worker_shutdown_grace_s) + TERMINATION_MARGIN_S
+
+
+async def resume_chain(ctx: dict[str, Any], run_id: int) -> None:
+    """A job handed back after its work was done: queue what should follow it, once.
+
+    A cancellation can land between a job's last state change and the enqueue of the next job
+    (plan saved as `planned`, step set `completed`). The re-run then finds nothing to do and
+    returns "skipped-…"; without this an auto-mode protocol would stop there. Only a pending
+    step right after completed ones is queued (never one behind a running step), and job ids make
+    a second enqueue a no-op.
+    """
+    from bot.jobs.protocol import enqueue_next_step
+    from bot.runs import load_run, set_protocol_status, update_run
+
+    db = ctx["db"]
+    state = await load_run(db, run_id)
+    if not state.run.auto_mode or state.run.status not in ("planned", "running"):
+        return
+    if not state.run.approved:
+        await update_run(db, run_id, approved=True)
+    first_open = next((s for s in state.steps if s.status != "completed"), None)
+    if first_open is None:
+        if state.run.status == "running":
+            await set_protocol_status(db, run_id, "completed", "every step completed")
+        return
+    if first_open.status == "pending":
+        await enqueue_next_step(ctx, run_id)

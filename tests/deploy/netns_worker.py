@@ -7,11 +7,13 @@ line, outside DATA_DIR) is how the test proves that no step ran on two workers a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 from bot.jobs.worker import build_worker
+from bot.observability import configure_logging
 from bot.settings import load_settings
 from engines.base import EngineRequest, EngineResult
 from engines.registry import EngineRegistry
@@ -42,13 +44,19 @@ class LoggingEngine:
 
     async def run(self, request: EngineRequest) -> EngineResult:
         self._write("start", request)
-        result = await self.inner.run(request)
-        self._write("end", request)
-        return result
+        try:
+            return await self.inner.run(request)
+        finally:
+            # also when the call is cancelled (SIGTERM hand-back): the step stopped here
+            self._write("end", request)
 
 
 def main() -> None:
     settings = load_settings()
+    configure_logging(settings.log_level, settings.log_json, settings.secret_values())
+    if settings.log_level == "DEBUG":  # arq's own lines too, when a run is being debugged
+        for name in ("arq.worker", "arq.jobs"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
     assert settings.scripted_script is not None
     engine = LoggingEngine(
         ScriptedEngine(settings.scripted_script), os.environ["WORKER_NAME"], Path(os.environ["STEP_LOG"])

@@ -297,6 +297,7 @@ async def _queue_report(settings: Settings) -> tuple[list[str], list[str]]:
     "faults",
     [
         pytest.param((), id="no-faults"),
+        pytest.param(("sigterm",), id="sigterm-then-new-pod-without-data"),
         # Deleting a worker's DATA_DIR under running steps makes those jobs raise (the worktree
         # vanished: GitCommandFailed, FileNotFoundError); arq does not retry a plain exception,
         # so the step stays `running` until something takes it over.
@@ -364,6 +365,7 @@ def test_three_workers_in_three_network_namespaces(tmp_path: Path, faults: tuple
             "git daemon",
         )
         workers: list[subprocess.Popen[bytes]] = []
+        envs: list[dict[str, str]] = []
         for i, ns in enumerate(net.namespaces):
             env = {k: v for k, v in os.environ.items() if not k.startswith("DEKSDENFLOW_")}
             env.update(
@@ -375,8 +377,10 @@ def test_three_workers_in_three_network_namespaces(tmp_path: Path, faults: tuple
                 DEKSDENFLOW_DATA_DIR=str(data_dirs[i]),
                 DEKSDENFLOW_ENGINE="scripted",
                 DEKSDENFLOW_SCRIPTED_SCRIPT=str(script),
-                DEKSDENFLOW_LOG_LEVEL="WARNING",
+                DEKSDENFLOW_LOG_LEVEL=os.environ.get("DF16_LOG", "WARNING"),
+                DEKSDENFLOW_WORKER_SHUTDOWN_GRACE_S="1",
             )
+            envs.append(env)
             argv = ["ip", "netns", "exec", ns, sys.executable, str(HERE / "netns_worker.py")]
             workers.append(
                 stack.enter_context(background(argv, tmp_path / f"worker-{i}.log", env=env))
@@ -400,6 +404,15 @@ def test_three_workers_in_three_network_namespaces(tmp_path: Path, faults: tuple
             wait_for(lambda: running_steps(lines(), "w1") > 0, 60, "a step running on w1")
             workers[1].send_signal(signal.SIGKILL)
             killed["w1"] = time.time()
+        if "sigterm" in faults:
+            # Kubernetes moves a pod: SIGTERM mid-step (the step is handed back after the
+            # 1 s grace), the pod's emptyDir is gone, a new pod starts in its place
+            wait_for(lambda: running_steps(lines(), "w2") > 0, 60, "a step running on w2")
+            workers[2].send_signal(signal.SIGTERM)
+            assert workers[2].wait(timeout=30) == 0
+            shutil.rmtree(data_dirs[2])
+            argv = ["ip", "netns", "exec", net.namespaces[2], sys.executable, str(HERE / "netns_worker.py")]
+            stack.enter_context(background(argv, tmp_path / "worker-2b.log", env=envs[2]))
         if "datadir" in faults:
             # a worker loses its disk mid-step: its caches, mirrors and worktrees are gone
             wait_for(lambda: running_steps(lines(), "w2") > 0, 60, "a step running on w2")
