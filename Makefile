@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CODEX := node_modules/.bin/codex
+# checkov pins libraries (packaging<24) older than the test suite's: it gets its own venv
+CHECKOV := .venv-checkov/bin/checkov
 
-.PHONY: run test install codex lint typecheck bench clean
+.PHONY: run test install codex checkov lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,12 @@ $(CODEX): package.json
 
 codex: $(CODEX)
 
+$(CHECKOV):
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install --quiet "checkov>=3.2"
+
+checkov: $(CHECKOV)
+
 # Serve on the embedded defaults (`make run PORT=8080` for another port): SQLite under ./.deksdenflow, in-process queue, a local demo
 # repository driven by the scripted engine. No GitHub account needed.
 PORT ?= 8000
@@ -28,7 +36,7 @@ run: $(STAMP)
 	DEKSDENFLOW_DATA_DIR=$${DEKSDENFLOW_DATA_DIR:-.deksdenflow} $(BIN)/deksdenflow serve --demo --host 127.0.0.1 --port $(PORT)
 
 # The whole suite: real Redis (127.0.0.1:6379) and Postgres (127.0.0.1:5432), the real codex CLI.
-test: $(STAMP) $(CODEX)
+test: $(STAMP) $(CODEX) $(CHECKOV)
 	DEKSDENFLOW_CODEX_BIN=$(CURDIR)/$(CODEX) $(BIN)/pytest
 
 lint: $(STAMP)

@@ -138,6 +138,7 @@ async def metrics(request: Request) -> Response:
             stats = await asyncio.wait_for(queue_stats(state.redis), timeout=2)
             state.metrics.queue_depth.set(stats.depth)
             state.metrics.queue_in_progress.set(stats.in_progress)
+            state.metrics.queue_demand.set(stats.demand)
             counts: dict[Any, Any] = await state.redis.hgetall(JOB_METRICS_KEY)  # type: ignore[misc]
             for raw_key, raw_value in counts.items():
                 key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)

@@ -8,10 +8,15 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import create_engine, pool, text
 
 from bot.fsperm import ensure_private_dir, restrict_sqlite
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# pg_advisory_lock key: "DKSF" as an int. Every pod of a Kubernetes rollout runs `migrate` as its
+# init step; the lock makes them take turns, so each migration is applied once and the others
+# find the schema already at head.
+MIGRATION_LOCK_KEY = 0x444B5346
 
 
 def alembic_config(database_url: str) -> Config:
@@ -27,11 +32,29 @@ def upgrade_head(database_url: str) -> None:
     if database_url.startswith("sqlite:///") and not database_url.endswith(":memory:"):
         sqlite_path = Path(database_url[len("sqlite:///") :].split("?", 1)[0])
         private_sqlite_file(sqlite_path)
-    command.upgrade(alembic_config(database_url), "head")
-    if sqlite_path is not None:
-        # the database holds deliveries, tokens' effects and settings: no other user reads it
-        # (this also covers the -wal and -shm files SQLite made)
-        restrict_sqlite(sqlite_path)
+    cfg = alembic_config(database_url)
+    if not database_url.startswith("postgresql"):
+        command.upgrade(cfg, "head")
+        if sqlite_path is not None:
+            # the database holds deliveries, tokens' effects and settings: no other user reads it
+            # (this also covers the -wal and -shm files SQLite made)
+            restrict_sqlite(sqlite_path)
+        return
+    engine = create_engine(database_url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            # session-level lock: held across alembic's own transaction, released on close
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            conn.commit()
+            try:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+                conn.commit()
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                conn.commit()
+    finally:
+        engine.dispose()
 
 
 def private_sqlite_file(path: Path) -> None:

@@ -131,6 +131,13 @@ class Metrics:
         self.queue_in_progress = Gauge(
             "deksdenflow_queue_in_progress", "Jobs being run by workers", registry=self.registry
         )
+        # KEDA scales the workers on this one (arq's queue is a sorted set, which KEDA's Redis
+        # list scaler cannot read): jobs due now plus jobs running, so busy workers are kept
+        self.queue_demand = Gauge(
+            "deksdenflow_queue_demand",
+            "Jobs due now plus jobs running: the worker autoscaler's input",
+            registry=self.registry,
+        )
         # labels() validates and locks on every call; the intake counts every request, so it
         # keeps the few children it uses (bounded by provider × event × status).
         self._delivery_children: dict[tuple[str, str, str], Any] = {}

@@ -117,14 +117,23 @@ async def enqueue(redis: ArqRedis, function: str, job_id: str | None = None, **k
 class QueueStats:
     depth: int
     in_progress: int
+    # jobs whose run time has come (deferred retries wait in the same sorted set, scored later)
+    ready: int = 0
+
+    @property
+    def demand(self) -> int:
+        """Work for workers now: what the autoscaler sizes the worker pool on (deploy/README.md)."""
+        return self.ready + self.in_progress
 
 
 async def queue_stats(redis: ArqRedis, queue: str = default_queue_name) -> QueueStats:
     depth = await redis.zcard(queue)
+    # arq scores each queued job by the epoch milliseconds at which it may run
+    ready = await redis.zcount(queue, "-inf", timestamp_ms())
     in_progress = 0
     async for _ in redis.scan_iter(match="arq:in-progress:*", count=500):
         in_progress += 1
-    return QueueStats(depth=int(depth), in_progress=in_progress)
+    return QueueStats(depth=int(depth), in_progress=in_progress, ready=int(ready))
 
 
 def ids_of(jobs: Iterable[JobSpec]) -> list[str]:

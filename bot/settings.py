@@ -195,6 +195,9 @@ class Settings(BaseSettings):
     limit_concurrency: int = Field(default=1000, ge=0)  # open connections; 0 = no limit
     db_timeout_s: float = Field(default=2.5, gt=0)  # connect, statement, lock and commit deadline
 
+    # SIGTERM: how long a running step may go on before it is handed back (bot/jobs/shutdown.py)
+    worker_shutdown_grace_s: float = Field(default=100.0, ge=0)
+
     # logs
     log_json: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

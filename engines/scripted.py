@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import re
@@ -160,6 +161,17 @@ def apply_files(workdir: Path, files: Any) -> list[dict[str, str]]:
     return changes
 
 
+def _delay(section: Mapping[str, Any]) -> float:
+    """`delay_s:` of a call or phase section: a non-negative number of seconds."""
+    try:
+        delay = float(section.get("delay_s", 0) or 0)
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"scripted engine: delay_s must be a number: {exc}") from exc
+    if delay < 0:
+        raise EngineError("scripted engine: delay_s must not be negative")
+    return delay
+
+
 @dataclass
 class _Reply:
     message: str
@@ -170,6 +182,8 @@ class _Reply:
     reasoning: str | None = None
     commands: list[Any] | None = None
     pace_s: float = 0.0
+    # seconds the call waits before answering, like a model call does (bench/scale.py)
+    delay_s: float = 0.0
 
 
 _COMMAND_TIMEOUT_S = 30.0
@@ -262,14 +276,13 @@ class ScriptedEngine:
         script = self.script
         context = {"phase": request.phase, **dict(request.context)}
         thread_id = request.resume_thread_id or f"scripted-{next(self._threads)}"
-        # `delay_s` stands for a long engine turn; a cancelled job cancels this sleep
-        delay = self._delay(script, request, context)
-        if delay > 0:
-            await asyncio.sleep(delay)
         try:
             reply = self._reply(script, request, context)
         except EngineError as exc:
             reply = _Reply(message="", usage=TokenUsage(), fail=str(exc))
+        # `delay_s` stands for a long engine turn (a model call); a cancelled job cancels it
+        if reply.delay_s > 0:
+            await asyncio.sleep(reply.delay_s)
         with contextlib.suppress(EngineError):
             # transcript extras: a reasoning line, real commands, and a pace between events
             # (`pace_s`, so a demo or a browser test can watch a step happen)
@@ -358,28 +371,34 @@ class ScriptedEngine:
             duration_s=time.monotonic() - started,
         )
 
-    @staticmethod
-    def _delay(script: Mapping[str, Any], request: EngineRequest, context: Mapping[str, Any]) -> float:
-        try:
-            section = _mapping(script.get(request.phase), request.phase)
-            call = step_section(section, context) if request.phase != "planning" else section
-            return float(call.get("delay_s", 0) or 0)
-        except (EngineError, TypeError, ValueError):
-            return 0.0
-
     def _reply(
         self, script: Mapping[str, Any], request: EngineRequest, context: Mapping[str, Any]
     ) -> _Reply:
         phase_section = _mapping(script.get(request.phase), request.phase)
         protocol = str(context.get("protocol", ""))
         if request.phase == "planning":
-            return self._planning(script, phase_section, request, context, protocol)
+            reply = self._planning(script, phase_section, request, context, protocol)
+            return dataclasses.replace(reply, delay_s=_delay(phase_section))
 
         call = (
             step_section(phase_section, context)
             if request.phase != "discovery"
             else dict(phase_section)
         )
+        reply = self._call_reply(request, context, protocol, call, phase_section, script)
+        # a step's own delay_s wins over its phase's
+        delay = _delay(call) if "delay_s" in call else _delay(phase_section)
+        return dataclasses.replace(reply, delay_s=delay)
+
+    def _call_reply(
+        self,
+        request: EngineRequest,
+        context: Mapping[str, Any],
+        protocol: str,
+        call: Mapping[str, Any],
+        phase_section: Mapping[str, Any],
+        script: Mapping[str, Any],
+    ) -> _Reply:
         usage = usage_from(call, phase_section, script)
         if call.get("fail"):
             return _Reply(message="", usage=usage, fail=fill(str(call["fail"]), context))

@@ -67,6 +67,10 @@ async def execute_step(
         return await _execute(env, protocol_run_id, step_index, reply_to)
 
     outcome = await guarded(ctx, "execute_step", protocol_run_id, step_index, body, reply_to)
+    if outcome == "skipped-completed":  # handed back (SIGTERM) after it was done
+        from bot.jobs.shutdown import resume_chain
+
+        await resume_chain(ctx, protocol_run_id)
     if outcome not in WRITTEN:
         from bot.feedback import react_done
 

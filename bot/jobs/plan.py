@@ -67,6 +67,10 @@ async def plan_protocol(ctx: dict[str, Any], *, protocol_run_id: int, reply_to: 
 async def _plan(env: JobEnv, run_id: int, reply_to: dict[str, Any] | None) -> str:
     state = await load_run(env.db, run_id)
     if state.run.status not in ("pending", "planning"):
+        # a re-run after a hand-back (SIGTERM) may find the plan saved but its next step unqueued
+        from bot.jobs.shutdown import resume_chain
+
+        await resume_chain(env.ctx, run_id)
         return f"skipped-{state.run.status}"
     if state.run.status == "pending":
         await set_protocol_status(env.db, run_id, "planning", "planning started")

@@ -133,6 +133,11 @@ def build_worker(
     settings: Settings, ctx: dict[str, Any] | None = None, burst: bool = False, handle_signals: bool = False
 ) -> Worker:
     kwargs = {**worker_kwargs(settings), "handle_signals": handle_signals}
+    if handle_signals:
+        from bot.jobs.shutdown import shutdown_kwargs
+
+        # SIGTERM: stop taking jobs, let steps finish within the grace period, hand back the rest
+        kwargs.update(shutdown_kwargs(settings))
     if burst:
         # a cron job is always queued for its next run, so a burst worker would never drain
         kwargs["cron_jobs"] = []
