@@ -293,6 +293,17 @@ async def _queue_report(settings: Settings) -> tuple[list[str], list[str]]:
 
 
 @pytest.mark.postgres
+def _delete_tree(path: Path) -> None:
+    """Delete a worker's DATA_DIR while the worker may still be writing into it (as a node
+    losing its disk would): retry until a pass finds nothing left."""
+    for _ in range(50):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} could not be deleted")
+
+
 @pytest.mark.parametrize(
     "faults",
     [
@@ -304,14 +315,20 @@ async def _queue_report(settings: Settings) -> tuple[list[str], list[str]]:
         pytest.param(
             ("datadir",),
             id="datadir-deleted",
-            marks=pytest.mark.skip(reason="needs step leases (issue 11 runner)"),
+            marks=pytest.mark.skip(
+                reason="open: with the merged step runner not every protocol completes within "
+                "the test's 3 minutes after a worker's DATA_DIR is deleted mid-step"
+            ),
         ),
         # A SIGKILLed worker leaves arq's in-progress key (job timeout + 10 s) and the protocol
-        # lock (1 h) behind: its step is taken over only with the step leases of issue 11.
+        # lock behind: its step is taken over by the step leases' reclaim (issue 11).
         pytest.param(
             ("sigkill", "datadir"),
             id="sigkill-and-datadir-deleted",
-            marks=pytest.mark.skip(reason="needs step leases (issue 11 runner)"),
+            marks=pytest.mark.skip(
+                reason="open: with the merged step runner not every protocol completes within "
+                "the test's 3 minutes after a SIGKILL and a deleted DATA_DIR"
+            ),
         ),
     ],
 )
@@ -410,13 +427,13 @@ def test_three_workers_in_three_network_namespaces(tmp_path: Path, faults: tuple
             wait_for(lambda: running_steps(lines(), "w2") > 0, 60, "a step running on w2")
             workers[2].send_signal(signal.SIGTERM)
             assert workers[2].wait(timeout=30) == 0
-            shutil.rmtree(data_dirs[2])
+            _delete_tree(data_dirs[2])
             argv = ["ip", "netns", "exec", net.namespaces[2], sys.executable, str(HERE / "netns_worker.py")]
             stack.enter_context(background(argv, tmp_path / "worker-2b.log", env=envs[2]))
         if "datadir" in faults:
             # a worker loses its disk mid-step: its caches, mirrors and worktrees are gone
             wait_for(lambda: running_steps(lines(), "w2") > 0, 60, "a step running on w2")
-            shutil.rmtree(data_dirs[2])
+            _delete_tree(data_dirs[2])
 
         def all_done() -> bool:
             statuses = asyncio.run(_statuses(settings, run_ids))
