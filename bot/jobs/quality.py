@@ -156,13 +156,17 @@ async def _passed(work: QAWork, head: str, report: str, step_state: dict[str, An
     env, index, run_id = work.env, work.step.step_index, work.state.run.id
     # the CI gate (bot/ci_gate.py): where the repository has CI, green CI on this attempt too;
     # it completes the step or leaves it waiting, under the lock CI results take as well
+    verdict = _verdict_event(work, "PASS", head, why)
+    # the verdict reads before the transition it causes, as every outcome's event does
+    await emit(env.db, work.state, verdict.pop("event"), verdict.pop("event_message"), work.step,
+               **verdict.pop("event_metadata"))  # fmt: skip
     gate = await complete_after_qa(env.ctx, run_id, index)
     state = await load_run(env.db, run_id)  # with the gate's transition and what CI wrote
     outcome = Outcome(
         message="QA passed" if gate == "completed" else "QA passed; waiting for CI",
         step_state=step_state, show_message=False, ok=True,
         check=Check("qa", head, "success", verdict="PASS", quality_report=report),
-        **_verdict_event(work, "PASS", head, why),
+        **verdict,
     )
     await write_outcome(env, state, index, outcome, work.reply_to)
     return "PASS" if gate == "completed" else "wait_ci"

@@ -37,6 +37,19 @@ class ResilientWorker(Worker):
     backoff_start_s = 0.5
     backoff_cap_s = 10.0
 
+    async def close(self) -> None:
+        """arq's close(), without exiting 1 over a job handed back on SIGTERM.
+
+        A job cancelled at the end of the shutdown grace (bot/jobs/shutdown.py) ends its task
+        with CancelledError; arq's close() gathers the tasks without `return_exceptions`, so
+        that error would escape run() and the worker would exit non-zero after a clean hand-back.
+        """
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+        await super().close()
+
     async def _until_redis_answers(self) -> None:
         delay = self.backoff_start_s
         while True:
