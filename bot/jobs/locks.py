@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from redis.exceptions import WatchError
@@ -33,8 +33,8 @@ async def acquire(redis: Any, name: str, ttl_s: float) -> str | None:
     return token if ok else None
 
 
-async def renew(redis: Any, name: str, token: str, ttl_s: float) -> bool:
-    """Extend the TTL only while the key still holds our token."""
+async def _if_ours(redis: Any, name: str, token: str, act: Callable[[Any, str], Any]) -> bool:
+    """Apply `act(pipeline, key)` atomically, only while the key still holds our token."""
     key = LOCK_PREFIX + name
     async with redis.pipeline(transaction=True) as pipe:
         try:
@@ -44,11 +44,16 @@ async def renew(redis: Any, name: str, token: str, ttl_s: float) -> bool:
                 await pipe.reset()
                 return False
             pipe.multi()
-            pipe.pexpire(key, int(ttl_s * 1000))
+            act(pipe, key)
             await pipe.execute()
             return True
         except WatchError:
             return False
+
+
+async def renew(redis: Any, name: str, token: str, ttl_s: float) -> bool:
+    """Extend the TTL only while the key still holds our token."""
+    return await _if_ours(redis, name, token, lambda pipe, key: pipe.pexpire(key, int(ttl_s * 1000)))
 
 
 async def lease_alive(redis: Any, run_id: int) -> bool:
@@ -69,20 +74,7 @@ async def _keep_renewing(redis: Any, name: str, token: str, ttl_s: float, every_
 
 async def release(redis: Any, name: str, token: str) -> bool:
     """Delete the key only if it still holds our token (a lock that expired is someone else's)."""
-    key = LOCK_PREFIX + name
-    async with redis.pipeline(transaction=True) as pipe:
-        try:
-            await pipe.watch(key)
-            current = await pipe.get(key)
-            if current is None or (current.decode() if isinstance(current, bytes) else current) != token:
-                await pipe.reset()
-                return False
-            pipe.multi()
-            pipe.delete(key)
-            await pipe.execute()
-            return True
-        except WatchError:
-            return False
+    return await _if_ours(redis, name, token, lambda pipe, key: pipe.delete(key))
 
 
 @contextlib.asynccontextmanager
