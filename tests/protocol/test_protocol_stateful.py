@@ -3,14 +3,18 @@
 Local forge, scripted engine, SQLite, the in-process queue. Rules interleave commands (run-step,
 qa, retry, approve N, pause, resume, cancel), CI results (success or failure, on the head or a
 stale sha), engine failures, push rejections, /cancel or /pause arriving while the engine runs,
-and workers killed before or after the step commit. After every rule the queue is drained, and
-the invariants of issue #11 are checked.
+and workers killed before or after the step commit. CI results land on a step's own commit, its
+QA-report commit, the head, or an unknown sha, told once or by two webhook kinds of one run.
+After every rule the queue is drained, and the five invariants of issue #11 are checked: no
+running step without a lease, at most one commit per step attempt, every CI verdict on the step
+whose commit it ran on, no commit after a cancel, and a command that acts from every state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import stat
 import tempfile
@@ -21,6 +25,7 @@ from typing import Any
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from sqlalchemy import select
 
 from bot import actions
 from bot.ci import apply_ci_result
@@ -29,6 +34,8 @@ from bot.jobs.locks import lease_alive
 from bot.jobs.protocol import execute_step
 from bot.jobs.reclaim import reclaim_expired
 from bot.local_runtime import drain
+from bot.models import Event
+from bot.protocol import can_transition_protocol, may_approve_step, may_start_step, resume_decision
 from bot.runs import get_or_create_project, load_run
 from engines.base import EngineRequest, EngineResult
 from engines.registry import EngineRegistry
@@ -45,6 +52,8 @@ SCRIPT = scripted_script(
     },
     execute={"default": {"files": [{"path": "work/{step_index}.txt", "append": "x\n"}]}},
 )
+
+TRAILER = re.compile(r"\[protocol-\d{4}/(\d{2})(?:-qa)?\]")
 
 
 class Killed(BaseException):
@@ -81,6 +90,8 @@ class StepRunnerMachine(RuleBasedStateMachine):
         self.stack = contextlib.AsyncExitStack()
         self.engine = ChaosEngine()
         self.cancelled_head: str | None = None
+        self.owners: dict[str, int | None] = {}
+        self.cached: Any = None
         self.ctx, self.run_id, self.origin = self.loop.run_until_complete(self._setup())
 
     async def _setup(self) -> tuple[dict[str, Any], int, Path]:
@@ -113,11 +124,15 @@ class StepRunnerMachine(RuleBasedStateMachine):
                 return None
             finally:
                 await drain(self.ctx, None, printer=quiet)
+                self.cached = None
 
         return self.loop.run_until_complete(go())
 
     def _state(self) -> Any:
-        return self.loop.run_until_complete(load_run(self.ctx["db"], self.run_id))
+        """The run as the last rule left it (loaded once per rule: the invariants share it)."""
+        if self.cached is None:
+            self.cached = self.loop.run_until_complete(load_run(self.ctx["db"], self.run_id))
+        return self.cached
 
     def _branch_head(self) -> str | None:
         name = self._state().run.protocol_name
@@ -161,10 +176,29 @@ class StepRunnerMachine(RuleBasedStateMachine):
 
     # -- the world misbehaving ---------------------------------------------------------------
 
-    @rule(result=st.sampled_from(["success", "failure"]), stale=st.booleans())
-    def ci(self, result: str, stale: bool) -> None:
-        sha = "0" * 40 if stale else self._state().run.head_sha
-        self._do(apply_ci_result(self.ctx, self.run_id, sha, result, [("tests", "failure")]))  # type: ignore[arg-type]
+    @rule(
+        result=st.sampled_from(["success", "failure"]),
+        on=st.sampled_from(["head", "newest", "step-1", "step-2", "qa-1", "qa-2", "stale"]),
+        kinds=st.sampled_from([("workflow_run",), ("check_suite",), ("workflow_run", "check_suite"), ("status",) * 2]),
+    )
+    def ci(self, result: str, on: str, kinds: tuple[str, ...]) -> None:
+        """A CI result on some commit (a step's own, its QA report's, the head, an unknown one),
+        told by one webhook or by two kinds of webhook for the same run."""
+        state = self._state()
+        sha: str | None
+        if on == "head":
+            sha = state.run.head_sha
+        elif on == "newest":  # a CI event without a sha: the newest step's head
+            sha = None
+        elif on == "stale":
+            sha = "0" * 40
+        else:
+            kind, index = on.split("-")
+            sha = (state.step(int(index)).runtime_state or {}).get("qa_commit" if kind == "qa" else "commit_sha")
+            if sha is None:
+                return
+        for source in kinds:
+            self._do(apply_ci_result(self.ctx, self.run_id, sha, result, [("tests", "failure")], source=source))  # type: ignore[arg-type]
 
     @rule(step=st.sampled_from([None, 1, 2]))
     def engine_fails(self, step: int | None) -> None:
@@ -200,6 +234,7 @@ class StepRunnerMachine(RuleBasedStateMachine):
                 raise Killed()
 
         self.ctx["crash_hook"] = die
+        self.cached = None
         try:
             self.loop.run_until_complete(
                 execute_step(self.ctx, protocol_run_id=self.run_id, step_index=runnable[0].step_index)
@@ -245,17 +280,67 @@ class StepRunnerMachine(RuleBasedStateMachine):
             assert self._branch_head() == self.cancelled_head
 
     @invariant()
+    def every_ci_verdict_is_attributed_to_the_step_whose_commit_it_ran_on(self) -> None:
+        """The truth is the commit itself: its `[protocol-0001/NN]` (or `…/NN-qa]`) trailer."""
+        state = self._state()
+        by_id = {s.id: s.step_index for s in state.steps}
+        for e in self.loop.run_until_complete(self._ci_events()):
+            sha = (e.metadata_ or {}).get("sha")
+            if not sha:  # "no step has run yet": no commit, no verdict
+                assert e.event_type == "ci.ignored" and e.step_run_id is None, (e.event_type, e.message)
+                continue
+            owner = self._owner_of(str(sha))
+            blamed = by_id.get(e.step_run_id) if e.step_run_id is not None else None
+            if e.event_type in ("ci.success", "ci.failure", "ci.duplicate"):  # a decision (or its repeat)
+                assert owner is not None and blamed == owner, (e.event_type, e.message, sha, owner, blamed)
+            else:  # stale or ignored: attributed to no step, or to the commit's own
+                assert blamed is None or blamed == owner, (e.event_type, e.message, sha, owner, blamed)
+
+    async def _ci_events(self) -> list[Event]:
+        async with self.ctx["db"].sessions() as session:
+            rows = await session.execute(
+                select(Event).where(Event.protocol_run_id == self.run_id, Event.event_type.like("ci.%"))
+            )
+            return list(rows.scalars())
+
+    def _owner_of(self, sha: str) -> int | None:
+        """The step whose commit `sha` is, read from the commit (on the remote or in the worktree)."""
+        if sha not in self.owners:
+            self.owners[sha] = None
+            for where in (self.origin, Path(self._state().run.worktree_path or self.origin)):
+                try:
+                    subject = git("log", "-1", "--format=%s", sha, "--", cwd=where)
+                except Exception:
+                    continue
+                found = TRAILER.search(subject)
+                self.owners[sha] = int(found.group(1)) if found else None
+                break
+        return self.owners[sha]
+
+    @invariant()
     def some_command_makes_progress(self) -> None:
+        """From every non-terminal state some command acts: the pure decisions the commands use."""
         state = self._state()
         status = state.run.status
-        steps = {s.step_index: s.status for s in state.steps}
+        steps = [(s.step_index, s.status) for s in state.steps]
         assert status not in ("pending", "planning"), "planning stranded"
         if status in ("completed", "cancelled"):
             return
-        if status in ("paused", "blocked", "failed"):
-            return  # /resume (paused, blocked, failed → running), /retry, /approve N
-        waiting = {"pending", "failed", "blocked", "needs_qa"}
-        assert any(v in waiting for v in steps.values()), (status, steps)
+        assert any(v != "completed" for _, v in steps), f"{status} with every step completed"
+        assert not any(v == "running" for _, v in steps), f"a step running after the queue drained: {steps}"
+        if status == "paused":  # /resume
+            assert can_transition_protocol(status, "running")
+            return
+        # /run-step, /retry N or /approve N has a step to act on …
+        actionable = [i for i, v in steps if v == "pending" or may_approve_step(v)]
+        assert actionable, (status, steps)
+        if status in ("blocked", "failed"):  # … and /resume or /retry puts the protocol back to work
+            assert can_transition_protocol(status, "running")
+            assert resume_decision(steps, auto_mode=False).action != "nothing" or any(v == "pending" for _, v in steps)
+        else:
+            for index in actionable:
+                start = may_start_step(status, True, dict(steps)[index])
+                assert start.action in ("start", "skip"), (status, steps, start)
 
 
 StepRunnerMachine.TestCase.settings = settings(
