@@ -6,19 +6,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
+
 from bot import gitops
 from bot.ci import complete_after_qa
 from bot.engine_guard import cap_report
 from bot.errors import TransitionConflict
 from bot.feedback import report_state_check
 from bot.git import CommitInfo
-from bot.jobs.boundary import guarded
+from bot.jobs.boundary import discard_changes, guarded
 from bot.jobs.engine_run import EngineCall, run_engine, step_prompt
 from bot.jobs.env import JobEnv
 from bot.jobs.execute import WRITTEN, read, spec_of, step_spec_of, step_values
 from bot.jobs.outcome import Check, Outcome, known, write_outcome
 from bot.jobs.plan import step_marker
-from bot.models import ProtocolRun, StepRun
+from bot.models import ProtocolRun, StepRun, utcnow
 from bot.policies import explain_verdict, loop_decision
 from bot.rendering import commit_message
 from bot.runs import RunState, emit, load_run, update_step
@@ -45,11 +47,28 @@ class QAWork:
     reply_to: dict[str, Any] | None
 
 
+def qa_in_progress(step: StepRun) -> str | None:
+    """The head a QA run of this step started from, while no verdict of it was written.
+
+    Set when QA starts, cleared by its verdict: a step `needs_qa` with this mark and no live
+    lease lost its QA worker, and the reclaim cron (bot/jobs/reclaim.py) runs the QA again.
+    """
+    mark = (step.runtime_state or {}).get("qa_running")
+    return mark if isinstance(mark, str) else None
+
+
 async def run_quality(
-    ctx: dict[str, Any], *, protocol_run_id: int, step_index: int, reply_to: dict[str, Any] | None = None
+    ctx: dict[str, Any],
+    *,
+    protocol_run_id: int,
+    step_index: int,
+    reply_to: dict[str, Any] | None = None,
+    reclaim: bool = False,
 ) -> str:
     async def body(env: JobEnv) -> str:
-        return await _quality(env, protocol_run_id, step_index, reply_to)
+        if reclaim and qa_in_progress((await load_run(env.db, protocol_run_id)).step(step_index)) is None:
+            return "skipped-qa-done"  # a verdict was written after the reclaim cron looked
+        return await _quality(env, protocol_run_id, step_index, reply_to, reclaim)
 
     outcome = await guarded(ctx, "run_quality", protocol_run_id, step_index, body, reply_to)
     if outcome not in WRITTEN | {"PASS", "FAIL", "retry", "wait_ci"}:
@@ -62,7 +81,9 @@ async def run_quality(
     return outcome
 
 
-async def _quality(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str, Any] | None) -> str:
+async def _quality(
+    env: JobEnv, run_id: int, step_index: int, reply_to: dict[str, Any] | None, reclaim: bool = False
+) -> str:
     state = await load_run(env.db, run_id)
     step = state.step(step_index)
     if step.status not in ("needs_qa", "completed"):
@@ -71,27 +92,67 @@ async def _quality(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
     if state.run.status not in ("running", "planned", "blocked"):
         await emit(env.db, state, "qa.refused", f"protocol is {state.run.status}", step)
         return f"refused-{state.run.status}"
-    await _begin(env, state, step)
     spec = spec_of(state)
     work = QAWork(env, state, step, step_spec_of(spec, step_index), spec, await env.worktree(state), reply_to)
+    taken_back = qa_in_progress(step) if reclaim else None
+    if taken_back:  # what the dead worker left uncommitted is not this run's
+        await discard_changes(env, state, work.workdir, step_index)
     last = await gitops.last_commit(work.workdir)
+    await _begin(env, state, step, taken_back or last.sha)
     await report_state_check(env.ctx, state, step_index, "qa", last.sha, status="in_progress")
-    result = await run_engine(env, state, await _qa_call(work, last))
-    # strict: only the last line outside fences and quotes counts (bot/policies.py)
-    verdict, why = explain_verdict(result.final_message) if result.ok else ("FAIL", f"engine {result.outcome}")
-    title = f"# Quality report — step {step_index:02d}: {work.step_spec.title}"
-    report = cap_report(f"{title}\n\n{result.final_message.strip() or result.error or ''}\n")
-    sha, head = await _commit_report(work, report, verdict)
+    earlier = await _earlier_report(work, taken_back) if taken_back else None
+    verdict: str
+    sha: str | None
+    if earlier is not None:  # the dead worker's QA had committed its report: push it, judge it
+        sha, report = earlier
+        verdict, why = explain_verdict(report)
+        head = await env.push(state, work.workdir)
+    else:
+        verdict, why, report = await _judge(work, last)
+        sha, head = await _commit_report(work, report, verdict)
     attempts = int((step.runtime_state or {}).get("qa_attempts", 0)) + 1
-    step_state = {"qa_verdict": verdict, "qa_attempts": attempts, "qa_report": report[-4000:], "qa_commit": sha}
+    step_state = {
+        "qa_verdict": verdict, "qa_attempts": attempts, "qa_report": report[-4000:], "qa_commit": sha,
+        "qa_running": None,
+    }
     if verdict == "PASS":
         return await _passed(work, head, report, step_state, why)
     return await _failed(work, head, report, step_state, why)
 
 
-async def _begin(env: JobEnv, state: RunState, step: StepRun) -> None:
-    """QA of a completed step reopens it; QA from planned/blocked puts the protocol back to work."""
+async def _judge(work: QAWork, last: CommitInfo) -> tuple[str, str, str]:
+    """The QA engine turn: verdict, why, and the report to commit."""
+    result = await run_engine(work.env, work.state, await _qa_call(work, last))
+    # strict: only the last line outside fences and quotes counts (bot/policies.py)
+    verdict, why = explain_verdict(result.final_message) if result.ok else ("FAIL", f"engine {result.outcome}")
+    title = f"# Quality report — step {work.step.step_index:02d}: {work.step_spec.title}"
+    report = cap_report(f"{title}\n\n{result.final_message.strip() or result.error or ''}\n")
+    work.env.crash_point("qa_before_commit", work.state.run.id, work.step.step_index)
+    return verdict, why, report
+
+
+async def _earlier_report(work: QAWork, start: str) -> tuple[str, str] | None:
+    """(sha, report) of the QA-report commit a dead worker made after `start`, on this branch."""
+    state, index, timeout = work.state, work.step.step_index, work.env.settings.git_timeout_s
+    found = await gitops.run_git(
+        ["log", "--format=%H", "--fixed-strings", f"--grep={qa_marker(state.number, index)}", f"{start}..HEAD", "--"],
+        cwd=work.workdir, timeout=timeout, check=False,
+    )
+    shas = found.out.split() if found.returncode == 0 else []
+    if not shas:
+        return None
+    path = f".protocols/{state.run.protocol_name}/{QA_REPORT}"
+    shown = await gitops.run_git(["show", f"{shas[0]}:{path}"], cwd=work.workdir, timeout=timeout, check=False)
+    return (shas[0], shown.out) if shown.returncode == 0 and shown.out.strip() else None
+
+
+async def _begin(env: JobEnv, state: RunState, step: StepRun, start: str) -> None:
+    """QA of a completed step reopens it; QA from planned/blocked puts the protocol back to work.
+    The step keeps where this QA run started until its verdict: a dead worker's QA is found."""
     async with env.db.sessions.begin() as session:
+        rs = {**(step.runtime_state or {}), "qa_running": start}
+        await session.execute(update(StepRun).where(StepRun.id == step.id).values(runtime_state=rs, updated_at=utcnow()))
+        step.runtime_state = rs
         if step.status == "completed":
             await transition(
                 session, StepRun, step.id, "needs_qa", ["completed"],
@@ -137,6 +198,7 @@ async def _commit_report(work: QAWork, report: str, verdict: str) -> tuple[str |
         "test", "qa", f"quality report for step {index:02d}: {verdict}", state.number, index
     ).replace(step_marker(state.number, index), qa_marker(state.number, index))
     sha = await gitops.commit_all(work.workdir, message, env.settings.bot_name, env.settings.bot_email)
+    env.crash_point("qa_after_commit", state.run.id, index)
     head = await env.push(state, work.workdir)
     return sha, head
 

@@ -3,7 +3,8 @@
 A step is `running` (or a protocol `planning`) only while a job holds the protocol's lease. When
 the lease is gone and the status is still there, the worker died mid-job: a new job with a fresh
 id picks the work up. It continues idempotently: the step's `[protocol-NNNN/XX]` commit of this
-attempt is found and pushed instead of running the engine again.
+attempt is found and pushed instead of running the engine again. A QA run whose worker died is
+taken back the same way: its committed report is reused, or the QA runs again.
 """
 
 from __future__ import annotations
@@ -39,6 +40,29 @@ async def orphaned_work(ctx: dict[str, Any]) -> list[tuple[int, int | None]]:
     return found
 
 
+async def orphaned_qa(ctx: dict[str, Any]) -> list[tuple[int, int]]:
+    """(run id, step index) of QA runs that started and wrote no verdict, with no live lease.
+
+    A step stays `needs_qa` while its QA runs; the mark `qa_running` (bot/jobs/quality.py) says
+    a QA run is under way, so a QA whose worker died is told from a step waiting for /qa or CI.
+    """
+    async with ctx["db"].sessions() as session:
+        rows = (
+            await session.execute(
+                select(ProtocolRun.id, StepRun.step_index, StepRun.runtime_state)
+                .join(StepRun, StepRun.protocol_run_id == ProtocolRun.id)
+                .where(ProtocolRun.status == "running", StepRun.status == "needs_qa")
+            )
+        ).all()
+    found: list[tuple[int, int]] = []
+    for run_id, step_index, runtime_state in rows:
+        if not isinstance((runtime_state or {}).get("qa_running"), str):
+            continue
+        if not await lease_alive(ctx["redis"], run_id):
+            found.append((run_id, step_index))
+    return found
+
+
 async def reclaim_expired(ctx: dict[str, Any]) -> int:
     """Enqueue a job for every orphan; the job id changes once per lease period, so a job that is
     merely waiting in the queue is not duplicated on every tick."""
@@ -55,5 +79,13 @@ async def reclaim_expired(ctx: dict[str, Any]) -> int:
                 protocol_run_id=run_id, step_index=step_index,
             )
         log.warning("protocol run %s: lease expired, work taken back (step %s)", run_id, step_index)
+        count += 1
+    for run_id, step_index in await orphaned_qa(ctx):
+        # the QA run again: it finds the report a dead worker committed, or asks the engine anew
+        await ctx["redis"].enqueue_job(
+            "run_quality", _job_id=f"qa:{run_id}:{step_index}:reclaim:{period}",
+            protocol_run_id=run_id, step_index=step_index, reclaim=True,
+        )
+        log.warning("protocol run %s: lease expired, QA of step %s taken back", run_id, step_index)
         count += 1
     return count

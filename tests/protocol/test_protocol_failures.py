@@ -12,7 +12,7 @@ from bot import actions
 from bot.forge.local import LocalForge
 from bot.jobs.locks import LOCK_PREFIX, lease_alive
 from bot.jobs.protocol import execute_step, plan_protocol, run_quality
-from bot.jobs.reclaim import orphaned_work, reclaim_expired
+from bot.jobs.reclaim import orphaned_qa, orphaned_work, reclaim_expired
 from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
 from tests.gitutil import git
@@ -352,3 +352,66 @@ async def test_an_inline_trigger_is_enqueued_with_its_depth_not_run_inside_the_j
     state = await harness.state(run_id)
     assert [s.status for s in state.steps] == ["completed", "completed"]
     assert state.run.status == "completed"
+
+
+async def _qa_killed_then_reclaimed(harness: Harness, where: str) -> tuple[int, ScriptedEngine]:
+    """Step 01 executed (QA not started on its own), then its QA's worker dies at `where` and,
+    once the lease expired, the reclaim cron takes the QA back."""
+    harness.ctx["settings"] = harness.ctx["settings"].model_copy(update={"auto_qa_after_exec": False})
+    engine = ScriptedEngine(scripted_script(planning=one_step_planning()))
+    harness.use(engine)
+    run_id = await harness.start()
+    assert await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa"
+    assert await orphaned_qa(harness.ctx) == []  # waiting for /qa is not a dead QA
+
+    def die(at: str, _run: int, _step: int) -> None:
+        if at == where:
+            raise Killed()
+
+    harness.ctx["crash_hook"] = die
+    try:
+        await run_quality(harness.ctx, protocol_run_id=run_id, step_index=1)
+    except Killed:
+        pass
+    del harness.ctx["crash_hook"]
+    redis = harness.ctx["redis"]
+    await redis.set(LOCK_PREFIX + str(run_id), "dead-worker", px=300)  # a killed process keeps it
+    assert (await harness.state(run_id)).step(1).status == "needs_qa"
+    assert await orphaned_qa(harness.ctx) == []  # still leased
+    await asyncio.sleep(0.4)
+    assert await orphaned_qa(harness.ctx) == [(run_id, 1)]
+    assert await orphaned_work(harness.ctx) == []  # no step is `running`: QA has its own mark
+    assert await reclaim_expired(harness.ctx) == 1
+    await harness.drain()
+    state = await harness.state(run_id)
+    assert (state.step(1).status, state.run.status) == ("completed", "completed")
+    assert state.step(1).runtime_state["qa_verdict"] == "PASS"
+    assert state.step(1).runtime_state.get("qa_running") is None
+    assert await orphaned_qa(harness.ctx) == []
+    name = state.run.protocol_name
+    qa_commits = [s for s in origin_log(harness.origin, name) if "[protocol-0001/01-qa]" in s]
+    assert len(qa_commits) == 1, qa_commits
+    assert len(step_commits(harness.origin, name, 1)) == 1
+    assert [e.message for e in await harness.events(run_id, "qa.verdict")] == ["step 01: PASS"]
+    return run_id, engine
+
+
+async def test_a_worker_killed_mid_qa_is_taken_back_and_qa_runs_again(harness: Harness) -> None:
+    _run_id, engine = await _qa_killed_then_reclaimed(harness, "qa_before_commit")
+    assert sum(1 for r in engine.requests if r.phase == "qa") == 2  # the QA turn ran again
+
+
+async def test_a_worker_killed_after_the_qa_commit_reuses_its_report(harness: Harness) -> None:
+    _run_id, engine = await _qa_killed_then_reclaimed(harness, "qa_after_commit")
+    assert sum(1 for r in engine.requests if r.phase == "qa") == 1  # the committed report was judged
+
+
+async def test_a_reclaimed_qa_after_its_verdict_does_nothing(harness: Harness) -> None:
+    harness.use(ScriptedEngine(scripted_script(planning=one_step_planning())))
+    run_id = await harness.start()
+    await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1)
+    await harness.drain()  # its QA
+    state = await harness.state(run_id)
+    assert state.step(1).status == "completed"
+    assert await run_quality(harness.ctx, protocol_run_id=run_id, step_index=1, reclaim=True) == "skipped-qa-done"
+    assert (await harness.state(run_id)).step(1).runtime_state["qa_attempts"] == 1

@@ -1,12 +1,12 @@
 """A stateful property test of the step runner (hypothesis RuleBasedStateMachine).
 
 Local forge, scripted engine, SQLite, the in-process queue. Rules interleave commands (run-step,
-qa, retry, approve N, pause, resume, cancel), CI results (success or failure, on the head or a
-stale sha), engine failures, push rejections, /cancel or /pause arriving while the engine runs,
-and workers killed before or after the step commit. CI results land on a step's own commit, its
-QA-report commit, the head, or an unknown sha, told once or by two webhook kinds of one run.
-After every rule the queue is drained, and the five invariants of issue #11 are checked: no
-running step without a lease, at most one commit per step attempt, every CI verdict on the step
+qa, retry, approve N, pause, resume, cancel), CI results, engine failures, push rejections,
+/cancel or /pause arriving while the engine runs, and workers killed before or after the step
+commit or the QA-report commit. CI results land on a step's own commit, its QA-report commit,
+the head, or an unknown sha, told once or by two webhook kinds of one run. After every rule the
+queue is drained, and the five invariants of issue #11 are checked: no running step (or QA
+under way) without a lease, at most one commit per step attempt, every CI verdict on the step
 whose commit it ran on, no commit after a cancel, and a command that acts from every state.
 """
 
@@ -31,7 +31,8 @@ from bot import actions
 from bot.ci import apply_ci_result
 from bot.errors import DeksdenFlowError
 from bot.jobs.locks import lease_alive
-from bot.jobs.protocol import execute_step
+from bot.jobs.protocol import execute_step, run_quality
+from bot.jobs.quality import qa_in_progress
 from bot.jobs.reclaim import reclaim_expired
 from bot.local_runtime import drain
 from bot.models import Event
@@ -248,6 +249,31 @@ class StepRunnerMachine(RuleBasedStateMachine):
         # the lease is gone (expired, in real life): the reclaim cron hands the step on
         self._do(reclaim_expired(self.ctx))
 
+    @rule(where=st.sampled_from(["qa_before_commit", "qa_after_commit"]))
+    def qa_worker_killed(self, where: str) -> None:
+        state = self._state()
+        waiting = [s for s in state.steps if s.status == "needs_qa"]
+        if not waiting or state.run.status not in ("running", "planned", "blocked"):
+            return
+
+        def die(at: str, _run: int, _step: int) -> None:
+            if at == where:
+                raise Killed()
+
+        self.ctx["crash_hook"] = die
+        self.cached = None
+        try:
+            self.loop.run_until_complete(
+                run_quality(self.ctx, protocol_run_id=self.run_id, step_index=waiting[0].step_index)
+            )
+        except Killed:
+            pass
+        except DeksdenFlowError:
+            pass
+        finally:
+            self.ctx.pop("crash_hook", None)
+        self._do(reclaim_expired(self.ctx))
+
     def _remember_cancel(self) -> None:
         if self._state().run.status == "cancelled" and self.cancelled_head is None:
             self.cancelled_head = self._branch_head()
@@ -263,6 +289,9 @@ class StepRunnerMachine(RuleBasedStateMachine):
         alive = self.loop.run_until_complete(lease_alive(self.ctx["redis"], self.run_id))
         running = [s.step_index for s in state.steps if s.status == "running"]
         assert not running or alive, f"steps {running} running without a lease ({state.run.status})"
+        # a QA under way (started, no verdict yet) is covered by a lease too, or reclaimed
+        in_qa = [s.step_index for s in state.steps if s.status == "needs_qa" and qa_in_progress(s)]
+        assert state.run.status != "running" or not in_qa or alive, f"QA of {in_qa} without a lease"
 
     @invariant()
     def at_most_one_commit_per_step_attempt(self) -> None:
