@@ -186,8 +186,9 @@ async def _apply(
         await set_step_status(db, step.id, "completed", meaning.reason)
         from bot.jobs.protocol import after_step_completed
 
-        await after_step_completed(ctx, run_id, step.step_index, 0)
-        await publish_status(ctx, run_id)
+        # the protocol's completion re-renders the status comment itself: not twice in a row
+        if not await after_step_completed(ctx, run_id, step.step_index, 0):
+            await publish_status(ctx, run_id)
         return "complete"
     if meaning.action == "reopen":
         return await _reopen(ctx, state, step, meaning.reason, failing)

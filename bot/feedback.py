@@ -161,7 +161,8 @@ async def publish_state(ctx: dict[str, Any], state: RunState, message: str | Non
         targets.append(IssueRef(repo, state.run.pr_number, kind))
     for target in targets:
         try:
-            if state.project.provider == "github":
+            if state.project.provider in ("github", "gitlab"):
+                # the remembered id: an edit without listing the thread's comments first
                 key = f"{state.run.protocol_name}:{target.kind}:{target.number}"
                 memo = await recall(ctx["db"], state.project.id, MEMO_STATUS, key) or {}
                 known = memo.get("id") if isinstance(memo.get("id"), int) else None

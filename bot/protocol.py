@@ -292,6 +292,16 @@ def may_approve_step(step_status: str) -> bool:
     return step_status in ("failed", "blocked", "needs_qa")
 
 
+def completes_protocol(protocol_status: str, other_steps: list[str], reopens_a_step: bool) -> bool:
+    """A step just completed: is the protocol completed with it (and nothing else in between)?
+
+    Yes when the protocol is running, every other step is completed and no `pass` trigger of
+    the step sends one back. The step's outcome then leaves the status comment to the
+    completion that follows at once, so the comment is edited once, not twice in a row.
+    """
+    return protocol_status == "running" and not reopens_a_step and all(s == "completed" for s in other_steps)
+
+
 GateResult = Literal["completed", "wait_ci"]
 
 

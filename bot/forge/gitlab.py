@@ -259,10 +259,20 @@ class GitLabForge:
         note = await self._client.post(f"{noteable_path(target)}/notes", note_payload(body))
         return CommentRef(target=target, comment_id=int(note["id"]))
 
-    async def upsert_status_comment(self, target: IssueRef, marker: str, body: str) -> CommentRef:
+    async def upsert_status_comment(
+        self, target: IssueRef, marker: str, body: str, *, comment_id: int | None = None
+    ) -> CommentRef:
+        """Edit our status note; `comment_id` (remembered by the caller) saves listing the notes."""
         text = status_note_body(marker, body)
-        user_id = await self.own_user_id()
         notes_path = f"{noteable_path(target)}/notes"
+        if comment_id is not None:
+            try:
+                await self._client.put(f"{notes_path}/{comment_id}", note_payload(text))
+                return CommentRef(target=target, comment_id=comment_id)
+            except GitLabAPIError as exc:
+                if exc.status_code != 404:  # deleted by someone: find or post it again
+                    raise
+        user_id = await self.own_user_id()
         found: dict[str, Any] | None = None
         # Oldest first: our status note is usually among the first notes of the thread.
         pages = self._client.paginate(notes_path, {"sort": "asc", "order_by": "created_at"})

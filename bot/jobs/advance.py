@@ -9,6 +9,7 @@ from bot.feedback import publish_state
 from bot.jobs.env import JobEnv
 from bot.jobs.execute import spec_of, step_spec_of
 from bot.policies import trigger_decisions
+from bot.protocol import completes_protocol
 from bot.runs import RunState, emit, load_run, set_protocol_status, set_step_status
 
 
@@ -45,8 +46,16 @@ async def enqueue_next_step(ctx: dict[str, Any], run_id: int, state: RunState | 
     return False
 
 
-async def after_step_completed(ctx: dict[str, Any], run_id: int, step_index: int, depth: int) -> None:
-    """Triggers, then the next step in auto mode, or protocol completion when none is left."""
+def completion_follows(state: RunState, step_index: int) -> bool:
+    """Whether this step completing completes the protocol in after_step_completed, next."""
+    step_spec = step_spec_of(spec_of(state), step_index)
+    others = [s.status for s in state.steps if s.step_index != step_index]
+    return completes_protocol(state.run.status, others, any(t.on == "pass" for t in step_spec.triggers))
+
+
+async def after_step_completed(ctx: dict[str, Any], run_id: int, step_index: int, depth: int) -> bool:
+    """Triggers, then the next step in auto mode, or protocol completion when none is left.
+    True when it completed the protocol (and so re-rendered the status comment)."""
     env = JobEnv.from_ctx(ctx)
     state = await load_run(env.db, run_id)
     fired = await _fire_triggers(env, state, step_index, depth)
@@ -57,9 +66,11 @@ async def after_step_completed(ctx: dict[str, Any], run_id: int, step_index: int
             await set_protocol_status(env.db, run_id, "completed", "every step completed")
             state.run.status = "completed"
             await publish_state(ctx, state)
-        return
+            return True
+        return False
     if state.run.auto_mode and state.run.status == "running":
         await enqueue_next_step(ctx, run_id, state)
+    return False
 
 
 async def _fire_triggers(env: JobEnv, state: RunState, step_index: int, depth: int) -> bool:

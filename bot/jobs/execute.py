@@ -280,10 +280,13 @@ async def _push_and_finish(work: StepWork) -> str:
         return "budget-blocked"
     # a step whose QA is skipped still waits for CI where the repository has CI (bot/ci_gate.py)
     decision = hold_for_ci(qa_decision(s, work.spec, env.settings.auto_qa_after_exec), has_ci(state.project))
+    from bot.jobs.advance import completion_follows
+
     outcome = Outcome(
         message=decision.reason, step_to=decision.status, step_state=step_state,
         step_values={"finished_at": utcnow()}, run_values={"head_sha": head}, show_message=False,
         check=Check("step", head, "success", changed_files=changed), ok=True,
+        publish=not (decision.status == "completed" and completion_follows(state, step.step_index)),
     )
     await write_outcome(env, state, step.step_index, outcome, work.reply_to)
     if decision.status == "needs_qa":

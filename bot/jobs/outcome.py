@@ -58,6 +58,8 @@ class Outcome:
     event_metadata: dict[str, Any] = field(default_factory=dict)
     show_message: bool = True
     ok: bool | None = None  # for the reaction on the comment that asked; None: no reaction
+    # False when the protocol's completion, written right after, re-renders the status comment
+    publish: bool = True
 
 
 async def write_outcome(
@@ -93,7 +95,8 @@ async def write_outcome(
             quality_report=c.quality_report,
             message=outcome.message if c.conclusion not in (None, "success") else "",
         )
-    await publish_state(env.ctx, state, outcome.message if outcome.show_message else None)
+    if outcome.publish:
+        await publish_state(env.ctx, state, outcome.message if outcome.show_message else None)
     if outcome.ok is not None:
         await react_state(env.ctx, state, reply_to, outcome.ok)
 

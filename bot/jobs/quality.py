@@ -224,9 +224,12 @@ async def _passed(work: QAWork, head: str, report: str, step_state: dict[str, An
                **verdict.pop("event_metadata"))  # fmt: skip
     gate = await complete_after_qa(env.ctx, run_id, index)
     state = await load_run(env.db, run_id)  # with the gate's transition and what CI wrote
+    from bot.jobs.advance import completion_follows
+
     outcome = Outcome(
         message="QA passed" if gate == "completed" else "QA passed; waiting for CI",
         step_state=step_state, show_message=False, ok=True,
+        publish=not (gate == "completed" and completion_follows(state, index)),
         check=Check("qa", head, "success", verdict="PASS", quality_report=report),
         **verdict,
     )

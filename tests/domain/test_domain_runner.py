@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bot.protocol import (
+    completes_protocol,
     failure_statuses,
     may_approve_step,
     may_start_step,
@@ -116,3 +117,21 @@ def test_step_gate(has_ci: bool, green: bool | None, gate: str) -> None:
 def test_step_gate_needs_a_qa_pass() -> None:
     with pytest.raises(ValueError):
         step_gate(qa_passed=False, has_ci=False, ci_green_on_head=None)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "others", "reopens", "expected"),
+    [
+        ("running", ["completed", "completed"], False, True),
+        ("running", [], False, True),  # a one-step protocol
+        ("running", ["completed", "needs_qa"], False, False),  # another step still waits
+        ("running", ["completed", "pending"], False, False),
+        ("running", ["completed"], True, False),  # a `pass` trigger sends a step back
+        ("blocked", ["completed"], False, False),  # a human stopped it: no completion follows
+        ("paused", ["completed"], False, False),
+        ("completed", ["completed"], False, False),  # already completed: nothing follows
+    ],
+)
+def test_completes_protocol(protocol: str, others: list[str], reopens: bool, expected: bool) -> None:
+    """When a step's outcome leaves the status comment to the protocol's completion."""
+    assert completes_protocol(protocol, others, reopens) is expected

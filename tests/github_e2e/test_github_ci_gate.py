@@ -193,3 +193,19 @@ def test_workflow_run_and_check_suite_of_one_failing_run_make_one_decision(gh: G
     assert out["outcome"]["handled"][-1] == {"ignored": "not a step's commit"}
     assert len(gh.events("ci.stale")) == 1
     assert statuses(gh) == ["completed", "failed"]
+
+
+def test_green_ci_completing_the_protocol_edits_each_status_comment_once(gh: GitHubLoop) -> None:
+    """The completion re-renders the status comments; the CI result that caused it does not
+    edit them again right after (forge requests per step, issue #11)."""
+    gh.deliver("installation", gh.installation_created())
+    gh.deliver("issues", labeled(gh, "deksdenflow:auto"))
+    gh.ci_green()
+    assert statuses(gh) == ["completed", "needs_qa"]
+    mark = gh.fake.mark()
+    out = gh.ci_green()
+    assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "complete"}
+    assert gh.run().run.status == "completed"
+    edits = [c.path for c in gh.fake.since(mark) if c.method == "PATCH" and "/issues/comments/" in c.path]
+    assert sorted(edits) == [f"{R}/issues/comments/1001", f"{R}/issues/comments/1002"]  # issue, PR
+    assert all("— completed" in gh.fake.comments[int(p.rsplit("/", 1)[1])]["body"] for p in edits)
