@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from arq import Retry
 
@@ -15,7 +16,7 @@ from bot.git.runner import GitCommandFailed
 from bot.jobs.common import count_job
 from bot.jobs.env import JobEnv
 from bot.jobs.locks import protocol_lock
-from bot.jobs.outcome import Outcome, write_failure, write_outcome
+from bot.jobs.outcome import Check, Outcome, failure, write_outcome
 from bot.protocol import stopped_step_status
 from bot.runs import RunState, emit, load_run
 
@@ -68,8 +69,22 @@ async def _run_body(
         log.warning("%s of protocol run %s failed", job, run_id, exc_info=True)
         if job == "execute_step" and step_index is not None:
             await _drop_attempt(env, state, step_index)
-        await write_failure(env, state, step_index, failure_line(job, step_index, exc), reply_to=reply_to)
+        outcome = failure(state, step_index, failure_line(job, step_index, exc))
+        await write_outcome(env, state, step_index, _with_open_check(state, job, step_index, outcome), reply_to)
         return "failed"
+
+
+def _with_open_check(state: RunState, job: str, step_index: int | None, outcome: Outcome) -> Outcome:
+    """The failure also ends the check run the job opened (in progress on the commit the attempt
+    or the QA started from): the reason shows there, and nothing spins forever."""
+    if step_index is None or job not in ("execute_step", "run_quality"):
+        return outcome
+    rs = state.step(step_index).runtime_state or {}
+    kind: Literal["step", "qa"] = "qa" if job == "run_quality" else "step"
+    head = rs.get("qa_running" if kind == "qa" else "attempt_head")
+    if not isinstance(head, str) or outcome.step_to != "failed":
+        return outcome
+    return dataclasses.replace(outcome, check=Check(kind, head, "failure"))
 
 
 async def _drop_attempt(env: JobEnv, state: RunState, step_index: int) -> None:
