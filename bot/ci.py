@@ -25,8 +25,9 @@ from bot.errors import LockBusy, SpecError, TransitionConflict
 from bot.feedback import publish_status
 from bot.jobs import catalogue as jobs
 from bot.jobs.locks import acquire, release
-from bot.models import Project
+from bot.models import Project, StepRun
 from bot.policies import ci_decision, ci_fingerprint
+from bot.protocol import allowed_step_sources
 from bot.runs import (
     RunState,
     emit,
@@ -37,6 +38,7 @@ from bot.runs import (
     update_step,
 )
 from bot.spec import validate_spec
+from bot.store import KnownRow, transition
 
 log = logging.getLogger(__name__)
 
@@ -291,13 +293,19 @@ async def complete_after_qa(ctx: dict[str, Any], run_id: int, step_index: int) -
         step = state.step(step_index)
         rs = dict(step.runtime_state or {})
         rs["qa_passed_on"] = rs.get("commit_sha") or ""
-        await update_step(db, step.id, runtime_state=rs)
         step.runtime_state = rs
         view = next(v for v in _views(state) if v.index == step_index)
         outcome = gate_after_qa(view, has_ci(state.project))
-        if outcome == "completed":
-            await set_step_status(db, step.id, "completed", "QA passed")
-        elif outcome == "waiting-ci":
+        if outcome == "completed":  # the pass and the completion: one transaction, rows known
+            async with db.sessions.begin() as session:
+                await transition(
+                    session, StepRun, step.id, "completed", allowed_step_sources("completed"),
+                    values={"runtime_state": rs}, event_message="QA passed",
+                    known=KnownRow(status=step.status, run_id=run_id, project_id=state.project.id),
+                )
+            return outcome
+        await update_step(db, step.id, runtime_state=rs)
+        if outcome == "waiting-ci":
             await emit(db, state, "step.waiting-ci", f"step {step_index:02d}: QA passed; waiting for CI", step)
     return outcome
 
