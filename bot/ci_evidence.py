@@ -125,6 +125,8 @@ def tail(text: str, limit: int) -> str:
     if len(data) <= limit:
         return text
     note = f"[… {len(data) - limit} earlier bytes left out …]\n"
+    if utf8_len(note) * 2 > limit:  # too small a limit for a note: the bare tail
+        note = ""
     room = max(limit - utf8_len(note), 0)
     kept = data[len(data) - room :].decode("utf-8", "ignore")
     newline = kept.find("\n")
