@@ -253,3 +253,60 @@ def test_repo_policies_and_gates() -> None:
     assert loop is not None and (loop.max_iterations, loop.back_to, loop.on) == (2, 3, "always")
     assert attempt_text(2, 2, "CI failed: ci: E boom") == "attempt 2/3: CI failed: ci: E boom"
     assert attempt_text(5, 2, None) == "attempt 5"
+
+
+# -- gathering: slow or failing fetches, names only -------------------------------------------
+
+
+async def test_gathering_survives_a_fetch_that_fails_or_hangs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from bot import ci
+
+    project = SimpleNamespace(secrets={"deploy": "project-secret-value-42"})
+    failing = [("tests", "failure")]
+
+    async def broken() -> CIEvidence:
+        raise ConnectionError("gone")
+
+    async def hangs() -> CIEvidence:
+        await asyncio.sleep(30)
+        raise AssertionError("not reached")
+
+    async def leaky() -> CIEvidence:
+        return CIEvidence("gitlab-ci", (hook_job("tests", "", "Error: token project-secret-value-42"),))
+
+    found = await ci.gather_evidence({}, project, "gitlab-ci", failing, broken)
+    assert found.failing == failing and "could not be fetched: ConnectionError" in found.note
+    monkeypatch.setattr(ci, "EVIDENCE_TIMEOUT_S", 0.05)
+    found = await ci.gather_evidence({}, project, "gitlab-ci", failing, hangs)
+    assert found.failing == failing and "TimeoutError" in found.note
+    found = await ci.gather_evidence({}, project, "gitlab-ci", failing, leaky)
+    assert "project-secret-value-42" not in repr(found) and "[REDACTED]" in found.jobs[0].log
+    found = await ci.gather_evidence({}, project, "ci-hook", failing, None)
+    assert found == CIEvidence("ci-hook", (FailedJob("tests"),))
+
+
+@pytest.mark.parametrize(
+    ("body", "step", "text"),
+    [
+        ("/retry", None, ""),
+        ("/retry 2", 2, ""),
+        ("/retry 2 split on any whitespace, not just spaces", 2, "split on any whitespace, not just spaces"),
+        ("/retry use the helper in utils", None, "use the helper in utils"),
+    ],
+)
+def test_retry_takes_a_step_and_guidance(body: str, step: int | None, text: str) -> None:
+    from bot.commands import Command, parse_commands
+
+    (cmd,) = parse_commands(body)
+    assert isinstance(cmd, Command) and (cmd.name, cmd.step, cmd.text) == ("retry", step, text)
+
+
+@pytest.mark.parametrize("body", ["/retry 0 x", "/retry -1", "/retry 1.5 please"])
+def test_retry_with_a_bad_step_number_is_malformed(body: str) -> None:
+    from bot.commands import CommandError, parse_commands
+
+    (err,) = parse_commands(body)
+    assert isinstance(err, CommandError) and "positive step number" in err.message

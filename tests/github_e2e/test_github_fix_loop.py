@@ -147,3 +147,54 @@ def test_the_same_failure_twice_stops_and_asks_a_human(
     assert "count_words must split on any whitespace" in third and "Guidance from @alice" in third
     assert "AssertionError: expected 3, got 5" in third
 
+
+
+def test_a_log_that_cannot_be_fetched_leaves_the_rest_of_the_evidence(
+    gh: GitHubLoop, prompts: list[EngineRequest]
+) -> None:
+    gh.deliver("installation", gh.installation_created())
+    gh.deliver("issues", labeled(gh, "deksdenflow:auto"))
+    gh.fake.fail_next("GET", r".*/actions/jobs/\d+/logs", 500)
+    out = red_ci(gh, step_commit(gh, 1))
+    assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "retry"}
+    second = executes(prompts, 1)[1]
+    assert "Not available: the log of ci (GitHubHTTPError)." in second
+    # the annotation and the check's output still came through
+    assert "tests/test_greeting.py:14: AssertionError: expected 3, got 4" in second
+    assert "Process completed with exit code 1." in second
+
+
+def repo_file(gh: GitHubLoop, path: str, content: str) -> None:
+    """Commit a file to the base branch (main) of the repository's 'GitHub remote'."""
+    from tests.gitutil import git
+
+    seed = gh.origin.parent / f"seed-{gh.origin.name}"
+    (seed / path).write_text(content)
+    git("add", path, cwd=seed)
+    git("commit", "-q", "-m", f"add {path}", cwd=seed)
+    git("push", "-q", str(gh.origin), "main", cwd=seed)
+
+
+def test_repository_max_tokens_is_applied(gh: GitHubLoop) -> None:
+    repo_file(gh, ".deksdenflow.yml", "policies:\n  max_tokens: 100\n")
+    gh.deliver("installation", gh.installation_created())
+    gh.deliver("issues", labeled(gh, "deksdenflow:auto"))
+    state = gh.run()
+    assert state.run.template_config["max_tokens"] == 100
+    # planning alone used more than 100 tokens: the first step never starts
+    assert state.run.status == "blocked" and [s.status for s in state.steps] == ["pending", "pending"]
+    assert "token budget" in state.run.runtime_state["message"]
+
+
+def test_repository_policies_turn_the_ci_gate_off_and_set_qa(gh: GitHubLoop) -> None:
+    repo_file(gh, ".deksdenflow.yml", "policies:\n  ci_gates: false\n  qa_policy: light\n  max_fix_attempts: 1\n")
+    gh.deliver("installation", gh.installation_created())
+    gh.deliver("issues", labeled(gh, "deksdenflow:auto"))
+    state = gh.run()
+    assert [s.policy["qa"]["policy"] for s in state.steps] == ["light", "light"]
+    assert [s.policy["loop"]["max_iterations"] for s in state.steps] == [1, 1]
+    # QA alone gates although the repository has workflows: done without any CI result
+    assert state.run.status == "completed"
+    out = red_ci(gh, step_commit(gh, 2))
+    assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "recorded"}
+    assert gh.run().run.status == "completed"
