@@ -166,7 +166,12 @@ async def run_qa(
 
 
 async def retry(
-    ctx: dict[str, Any], run_id: int, step_index: int | None = None, reply_to: dict[str, Any] | None = None
+    ctx: dict[str, Any],
+    run_id: int,
+    step_index: int | None = None,
+    reply_to: dict[str, Any] | None = None,
+    *,
+    guidance: str = "",
 ) -> int:
     state = await load_run(ctx["db"], run_id)
     if step_index is None and not state.steps and state.run.status == "failed":
@@ -178,17 +183,34 @@ async def retry(
             raise TransitionConflict("ProtocolRun", run_id, state.run.status, "retry")
         step_index = failed[0].step_index
     step = state.step(step_index)
+    author = (reply_to or {}).get("author")
     if step.status == "needs_qa":
+        if guidance.strip():  # kept for the step's next execution
+            await _add_guidance(ctx, step, author, guidance)
         return await run_qa(ctx, run_id, step_index, reply_to)
     if step.status not in ("failed", "blocked", "completed", "pending"):
         raise step_conflict(step, "pending")
     # refuse before changing anything: a refused action must leave the step as it was
     if state.run.status in ("completed", "cancelled", "pending", "planning"):
         raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
+    if guidance.strip():  # `/retry N text…`: the text reaches the step's next attempt
+        await _add_guidance(ctx, step, author, guidance)
     await reset_step(ctx, step, "retry requested")
     if state.run.status in ("blocked", "failed", "paused"):
         await set_protocol_status(ctx["db"], run_id, "running", "retrying")
     return await run_step(ctx, run_id, step_index, reply_to)
+
+
+async def _add_guidance(ctx: dict[str, Any], step: Any, author: str | None, text: str) -> None:
+    from bot.fix_feedback import add_item, guidance_item
+    from bot.runs import update_step
+
+    item = guidance_item(author, text)
+    rs = dict(step.runtime_state or {})
+    rs["feedback"] = add_item(rs.get("feedback"), item)
+    rs["attempt_why"] = f"/retry by @{author}" if author else "/retry"
+    await update_step(ctx["db"], step.id, runtime_state=rs)
+    step.runtime_state = rs
 
 
 async def reset_step(ctx: dict[str, Any], step: Any, why: str) -> None:

@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Literal
 
 from sqlalchemy import update
 
+from bot.ci_evidence import CIEvidence, names_only, redacted, within_budget
 from bot.ci_gate import (
     GateOutcome,
     StepCI,
@@ -23,10 +24,12 @@ from bot.ci_gate import (
 )
 from bot.errors import LockBusy, SpecError, TransitionConflict
 from bot.feedback import publish_status
+from bot.fix_feedback import add_item, ci_item
 from bot.jobs import catalogue as jobs
 from bot.jobs.locks import acquire, release
+from bot.loop_policy import ci_gates, repo_policies
 from bot.models import Project, StepRun
-from bot.policies import ci_decision, ci_fingerprint
+from bot.policies import ci_decision
 from bot.protocol import allowed_step_sources
 from bot.runs import (
     RunState,
@@ -43,6 +46,10 @@ from bot.store import KnownRow, transition
 log = logging.getLogger(__name__)
 
 CIResult = Literal["success", "failure"]
+# The evidence of a red CI run, or how to fetch it: fetched only when the failure is acted on
+# (not for a duplicate or a stale sha), under the gate lock, so at most this long.
+Evidence = CIEvidence | Callable[[], Awaitable[CIEvidence]]
+EVIDENCE_TIMEOUT_S = 20.0
 
 # One short lock per protocol serialises the two places that may complete a step on its gates:
 # a CI result arriving and a QA verdict being written. Without it each could read the other's
@@ -69,6 +76,38 @@ def has_ci(project: Any) -> bool:
     """A repository has CI when project setup found a CI config on its base branch
     (`.github/workflows/`, `.gitlab-ci.yml`) or when any CI result was ever reported for it."""
     return bool(getattr(project, "ci_provider", None))
+
+
+def gating(project: Any, settings: Any) -> bool:
+    """CI gates this project's steps: it has CI, and neither `.deksdenflow.yml`
+    (`policies.ci_gates`) nor the environment (DEKSDENFLOW_CI_GATES) turned that off."""
+    default = bool(getattr(settings, "ci_gates", True))
+    return has_ci(project) and ci_gates(repo_policies(getattr(project, "config", None)), default)
+
+
+async def gather_evidence(
+    ctx: dict[str, Any], project: Any, source: str, failing: list[tuple[str, str]], evidence: Evidence | None
+) -> CIEvidence:
+    """The evidence, fetched if need be, cut to size and with every secret the worker holds
+    taken out, before it reaches a prompt or the database. A fetch that fails or takes too long
+    leaves the failing names, with a note saying why."""
+    found: CIEvidence
+    if evidence is None:
+        found = names_only(source, failing)
+    elif isinstance(evidence, CIEvidence):
+        found = evidence
+    else:
+        try:
+            found = await asyncio.wait_for(evidence(), EVIDENCE_TIMEOUT_S)
+        except Exception as exc:  # evidence is a help, never a reason to drop the CI result
+            log.warning("CI evidence for %s could not be fetched: %s", source, exc)
+            found = names_only(source, failing, f"(the CI logs could not be fetched: {type(exc).__name__})")
+    if not found.jobs and failing:
+        found = names_only(source, failing, found.note)
+    from bot.secrets_scan import process_scanner
+
+    secrets = [str(v) for v in (getattr(project, "secrets", None) or {}).values() if isinstance(v, str | int)]
+    return within_budget(redacted(found, process_scanner(extra=secrets).redact))
 
 
 def current_ci_step(steps: Iterable[Any]) -> Any | None:
@@ -106,14 +145,16 @@ async def apply_ci_result(
     failing: Iterable[tuple[str, str]] = (),
     *,
     source: str = "ci-reported",
+    evidence: Evidence | None = None,
 ) -> str:
     """Act on a finished CI run on commit `sha` (None: the newest step's head).
 
     The meaning is decided by `bot.ci_gate.interpret_ci`; this applies it. Only transitions and
     enqueued jobs happen here, never engine work, so any job (or handler) may call it.
+    `evidence` (or the fetch of it) feeds the next attempt of a step that red CI sends back.
     """
     async with gate_lock(ctx["redis"], run_id):
-        return await _apply(ctx, run_id, sha, result, list(failing), source)
+        return await _apply(ctx, run_id, sha, result, list(failing), source, evidence)
 
 
 async def _apply(
@@ -123,6 +164,7 @@ async def _apply(
     result: CIResult,
     failing: list[tuple[str, str]],
     source: str,
+    evidence: Evidence | None = None,
 ) -> str:
     db = ctx["db"]
     settings = ctx["settings"]
@@ -145,6 +187,7 @@ async def _apply(
         qa_queued=bool(settings.auto_qa_after_exec) and (target is None or target.qa_policy != "skip"),
         auto_qa_on_ci=bool(settings.auto_qa_on_ci),
         merged=bool(rs.get("merged")),
+        gates=ci_gates(repo_policies(state.project.config), bool(getattr(settings, "ci_gates", True))),
     )
     step = state.step(meaning.step_index) if meaning.step_index is not None else None
     if meaning.action in ("ignore", "stale", "duplicate"):
@@ -154,6 +197,9 @@ async def _apply(
             meaning.action
         ]
     assert step is not None and target is not None
+    acted = result == "failure" and meaning.action in ("loop", "reopen")
+    found = await gather_evidence(ctx, state.project, source, failing, evidence if acted else None)
+    fp = found.fingerprint()
     await update_step(
         db,
         step.id,
@@ -163,7 +209,7 @@ async def _apply(
                 "sha": sha,
                 "result": result,
                 "for_commit": target.commit_sha or "",
-                "fingerprint": ci_fingerprint(failing),
+                "fingerprint": fp.digest if result == "failure" else "",
             },
         },
     )
@@ -174,9 +220,10 @@ async def _apply(
         f"ci.{result}",
         meaning.reason,
         step,
-        failing=[f"{n}: {c}" for n, c in failing],
+        failing=[f"{n}: {c}" for n, c in (found.failing or failing)],
         action=meaning.action,
         sha=sha,
+        **({"fingerprint": fp.digest, "failure": fp.label} if result == "failure" else {}),
     )
     if meaning.action == "record":
         await publish_status(ctx, run_id)
@@ -193,16 +240,25 @@ async def _apply(
             await publish_status(ctx, run_id)
         return "complete"
     if meaning.action == "reopen":
-        return await _reopen(ctx, state, step, meaning.reason, failing)
-    return await _loop(ctx, state, step, sha, result, failing)
+        return await _reopen(ctx, state, step, meaning.reason, found, sha)
+    return await _loop(ctx, state, step, sha, result, found)
+
+
+async def _keep_evidence(db: Any, step: Any, evidence: CIEvidence, sha: str | None, why: str) -> None:
+    """The failure becomes the step's feedback: a later attempt (automatic or `/retry`) sees it."""
+    rs = step.runtime_state or {}
+    item = ci_item(evidence, step.retries + 1, sha)
+    await update_step(db, step.id, runtime_state={**rs, "feedback": add_item(rs.get("feedback"), item), "attempt_why": why})
 
 
 async def _reopen(
-    ctx: dict[str, Any], state: RunState, step: Any, reason: str, failing: list[tuple[str, str]]
+    ctx: dict[str, Any], state: RunState, step: Any, reason: str, evidence: CIEvidence, sha: str | None
 ) -> str:
     """Red CI on a completed step: the step and its protocol go back to blocked, with the reason."""
     db = ctx["db"]
+    failing = evidence.failing
     detail = reason + ("\n" + "\n".join(f"- {n}: {c}" for n, c in failing) if failing else "")
+    await _keep_evidence(db, step, evidence, sha, f"CI failed: {evidence.fingerprint().label}")
     await set_step_status(db, step.id, "blocked", reason)
     if state.run.status in ("running", "completed"):
         await set_protocol_status(
@@ -224,34 +280,38 @@ async def _loop(
     step: Any,
     sha: str,
     result: CIResult,
-    failing: list[tuple[str, str]],
+    evidence: CIEvidence,
 ) -> str:
     """Red CI on a step still waiting on its gates: loop per its policy, or block for a human."""
     db = ctx["db"]
     run_id = state.run.id
     spec = validate_spec(state.run.template_config)
     step_spec = next(s for s in spec.steps if s.index == step.step_index)
+    fp = evidence.fingerprint()
     decision = ci_decision(
         step_spec,
         state.run.runtime_state or {},
         result,
-        ci_fingerprint(failing),
+        fp.digest,
         ctx["settings"].auto_qa_on_ci,
+        label=fp.label,
     )
     attempts = int((state.run.runtime_state or {}).get("ci_attempts", 0)) + 1
     await update_run(
         db, run_id, runtime_state={**decision.new_runtime_state, "ci_attempts": attempts}
     )
-    summary = "CI failed:\n" + "\n".join(f"- {n}: {c}" for n, c in failing)
+    item = ci_item(evidence, step.retries + 1, sha)
+    why = f"CI failed: {fp.label}"
     if decision.action == "retry":
         fresh = await load_run(db, run_id)
         for index in decision.reset_steps:
             target = fresh.step(index)
+            rs = target.runtime_state or {}
             await update_step(
                 db,
                 target.id,
                 retries=target.retries + 1,
-                runtime_state={**(target.runtime_state or {}), "feedback": summary},
+                runtime_state={**rs, "feedback": add_item(rs.get("feedback"), item), "attempt_why": why},
             )
             try:
                 await set_step_status(db, target.id, "pending", f"CI loop: {decision.reason}")
@@ -261,6 +321,7 @@ async def _loop(
         await jobs.submit(ctx["redis"], jobs.execute_step(run_id, first, f"ci-{sha}"))
         await publish_status(ctx, run_id, decision.reason)
         return "retry"
+    await _keep_evidence(db, step, evidence, sha, why)
     try:
         await set_step_status(db, step.id, "failed", decision.reason)
     except TransitionConflict:
@@ -295,7 +356,7 @@ async def complete_after_qa(ctx: dict[str, Any], run_id: int, step_index: int) -
         rs["qa_passed_on"] = rs.get("commit_sha") or ""
         step.runtime_state = rs
         view = next(v for v in _views(state) if v.index == step_index)
-        outcome = gate_after_qa(view, has_ci(state.project))
+        outcome = gate_after_qa(view, gating(state.project, ctx.get("settings")))
         if outcome == "completed":  # the pass and the completion: one transaction, rows known
             async with db.sessions.begin() as session:
                 await transition(

@@ -118,12 +118,14 @@ def interpret_ci(
     qa_queued: bool,
     auto_qa_on_ci: bool,
     merged: bool = False,
+    gates: bool = True,
 ) -> CIMeaning:
     """Decide what a finished CI run on commit `sha` means.
 
     `qa_queued`: QA of a freshly executed step is already on its way (AUTO_QA_AFTER_EXEC), so
     green CI must not start a second one. `merged`: the protocol's PR/MR was merged; its branch
-    is done and a late red CI is recorded, not reopened.
+    is done and a late red CI is recorded, not reopened. `gates`: CI gates steps here (the
+    repository's `policies.ci_gates`, else DEKSDENFLOW_CI_GATES); when not, red CI is recorded.
     """
     if protocol_status in ("cancelled", "pending", "planning"):
         return CIMeaning("ignore", None, f"protocol is {protocol_status}")
@@ -150,6 +152,8 @@ def interpret_ci(
         return CIMeaning("complete", step.index, f"CI passed: {label} completed")
     if step.status in ("failed", "blocked"):
         return CIMeaning("record", step.index, f"CI failed on {label}, which is already {step.status}")
+    if not gates:
+        return CIMeaning("record", step.index, f"CI failed on {label}; CI does not gate steps here (ci_gates: false)")
     if step.status == "needs_qa":
         return CIMeaning("loop", step.index, f"CI failed on {label}")
     # a completed step: its CI turned red after the fact

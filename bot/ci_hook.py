@@ -26,6 +26,7 @@ TOKEN_ENV = "DEKSDENFLOW_WEBHOOK_TOKEN"
 SIGNATURE_HEADER = "x-deksdenflow-signature"
 TOKEN_HEADER = "x-deksdenflow-token"
 MAX_FAILING = 100
+MAX_LOG = 64 * 1024  # characters of the log tail a report may carry (its end is kept)
 
 CIStatus = Literal["running", "success", "failure"]
 
@@ -40,6 +41,8 @@ class CIReport:
     sha: str | None
     project: str | None
     failing: tuple[str, ...]
+    stage: str = ""  # the failing stage (report.sh: the hook that failed)
+    log: str = ""  # the tail of that stage's log
 
 
 def verify(headers: dict[str, str], body: bytes, token: str) -> None:
@@ -91,6 +94,10 @@ def parse_report(body: bytes) -> CIReport:
         raise WebhookError(422, "failing must be a list of check names")
     if len(failing) > MAX_FAILING:
         raise WebhookError(422, f"at most {MAX_FAILING} failing checks")
+    stage = data.get("stage", "")
+    log_tail = data.get("log", "")
+    if not isinstance(stage, str) or not isinstance(log_tail, str):
+        raise WebhookError(422, "stage and log must be strings")
     return CIReport(
         status=status,
         branch=branch.strip() if isinstance(branch, str) else None,
@@ -98,6 +105,8 @@ def parse_report(body: bytes) -> CIReport:
         sha=sha,
         project=project or None,
         failing=tuple(f[:200] for f in failing),
+        stage=stage.strip()[:200],
+        log=log_tail[-MAX_LOG:],
     )
 
 
@@ -166,8 +175,13 @@ async def handle_report(ctx: HandlerContext) -> None:
         await emit(services["db"], loaded, "ci.running", "CI running (reported by the CI hook)", sha=report.sha)
         ctx.note(protocol_run_id=run.id, outcome="recorded")
         return
+    from bot.ci_fetch import hook_evidence
+
     failing = [(name, "failure") for name in report.failing]
     if report.status == "failure" and not failing:
-        failing = [("ci", "failure")]
-    outcome = await apply_ci_result(services, run.id, report.sha, report.status, failing, source="ci-hook")
+        failing = [(report.stage or "ci", "failure")]
+    evidence = hook_evidence([n for n, _ in failing], report.stage, report.log)
+    outcome = await apply_ci_result(
+        services, run.id, report.sha, report.status, failing, source="ci-hook", evidence=evidence
+    )
     ctx.note(protocol_run_id=run.id, ci=report.status, outcome=outcome)

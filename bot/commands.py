@@ -10,7 +10,7 @@ from typing import Literal
 
 from markdown_it import MarkdownIt
 
-ArgKind = Literal["text", "step_or_next", "step", "none"]
+ArgKind = Literal["text", "step_or_next", "step", "step_text", "none"]
 PermissionLevel = Literal["admin", "write", "read", "none"]
 
 
@@ -32,7 +32,7 @@ COMMANDS: Mapping[str, CommandInfo] = {
         CommandInfo("run-step", "step_or_next", "run-step [N|next]", "execute step N, or the next pending step"),
         CommandInfo("qa", "step", "qa [N]", "run the quality check on step N (default: current step)"),
         CommandInfo("status", "none", "status", "refresh the status comment"),
-        CommandInfo("retry", "step", "retry [N]", "retry step N (default: the failed or blocked step)"),
+        CommandInfo("retry", "step_text", "retry [N] [text…]", "retry step N (default: the failed or blocked step); any text after it goes to the agent as guidance"),
         CommandInfo("approve", "step", "approve [N]", "approve the plan so steps may run; with N, accept step N without (another) QA pass"),
         CommandInfo("pause", "none", "pause", "stop after the running step"),
         CommandInfo("resume", "none", "resume", "continue a paused or blocked protocol"),
@@ -89,6 +89,7 @@ class CommandError:
 
 
 _POSITIVE_INT_RE = re.compile(r"^[0-9]+$")
+_NUMBERISH_RE = re.compile(r"^[-+]?[0-9]")
 
 # Most commands a comment may hold. Past it the comment is answered once and nothing runs: one
 # pasted wall of commands must not turn into thousands of jobs or replies.
@@ -199,6 +200,15 @@ def _parse_one(
         )
 
     if info.args == "text":
+        return Command(info.name, text=args.strip(), raw=raw, line=line_no)
+    if info.args == "step_text":
+        # `/retry`, `/retry 2`, `/retry 2 use the new API`, `/retry use the new API`
+        first = tokens[0] if tokens else ""
+        if first and _NUMBERISH_RE.match(first):  # meant as a step number: it must be one
+            step_no = _parse_positive(first)
+            if step_no is None:
+                return malformed(f"`{first}` is not a positive step number")
+            return Command(info.name, step=step_no, text=args.strip()[len(first) :].strip(), raw=raw, line=line_no)
         return Command(info.name, text=args.strip(), raw=raw, line=line_no)
     if info.args == "none":
         if tokens:

@@ -20,6 +20,7 @@ from bot.forge.base import (
     IssueRef,
     PullRef,
 )
+from bot.loop_policy import attempt_text
 from bot.models import ForgeRecord
 from bot.rendering import ProtocolView, StepView, check_run_output, status_comment, status_marker
 from bot.runs import RunState, emit, load_run
@@ -51,7 +52,19 @@ def step_view(step: Any, page_url: str | None = None) -> StepView:
         error=rs.get("error"),
         page_url=page_url,
         cost_usd=getattr(step, "cost_usd", None) or None,
+        attempt=_attempt(step),
     )
+
+
+def _attempt(step: Any) -> str | None:
+    """"attempt 2/3: why" for a step being redone (its loop bound from the stored StepSpec)."""
+    attempt = int(getattr(step, "retries", 0) or 0) + 1
+    if attempt <= 1:
+        return None
+    loop = (step.policy or {}).get("loop")
+    bound = loop.get("max_iterations") if isinstance(loop, dict) else None
+    why = (step.runtime_state or {}).get("attempt_why")
+    return attempt_text(attempt, bound if isinstance(bound, int) else None, why if isinstance(why, str) else None)
 
 
 def protocol_view(

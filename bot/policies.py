@@ -256,6 +256,7 @@ def ci_decision(
     result: Literal["success", "failure"],
     fingerprint: str,
     auto_qa_on_ci: bool,
+    label: str = "",
 ) -> CIDecision:
     """Green CI → QA (or complete); red CI → loop per policy, but the same failure twice → block.
 
@@ -275,9 +276,10 @@ def ci_decision(
     previous = prints.get(key)
     prints[key] = fingerprint
     if previous == fingerprint:
+        what = f"{label} — fingerprint {fingerprint}" if label else fingerprint
         return CIDecision(
             "block",
-            f"CI failed the same way twice on step {step_spec.index:02d} ({fingerprint}); needs a human",
+            f"CI failed the same way twice on step {step_spec.index:02d} ({what}); needs a human",
             state,
         )
     loop = loop_decision(step_spec, state, "ci_fail")

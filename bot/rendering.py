@@ -112,6 +112,7 @@ class StepView:
     error: str | None = None
     page_url: str | None = None  # the step's console page (transcript, diff, cost)
     cost_usd: float | None = None
+    attempt: str | None = None  # "attempt 2/3: CI failed: …" once a step is being redone
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ def status_marker(protocol_name: str) -> str:
 def _step_line(step: StepView, current: int | None) -> str:
     done = "x" if step.status == "completed" else " "
     parts = [f"**{step.index:02d}** {inline(step.title)}"]
+    if step.attempt:
+        parts.append(f"🔁 {inline(step.attempt, 200)}")
     if step.qa_verdict:
         parts.append(f"QA {VERDICT_EMOJI.get(step.qa_verdict, '❔')} {inline(step.qa_verdict, 10)}")
         if step.status == "needs_qa" and step.qa_verdict == "PASS":
@@ -332,7 +335,11 @@ def check_run_output(
     else:
         title = f"Step {idx} {conclusion}: {inline(step.title, 100)}"
 
+    if step.attempt:
+        title += f" ({inline(step.attempt.split(':', 1)[0], 30)})"
     lines = [f"**Protocol** `{inline(protocol_name, 80)}` · **Step {idx}** — {inline(step.title)}"]
+    if step.attempt:
+        lines += ["", f"🔁 {inline(step.attempt, 500)}"]
     if message:
         lines += ["", inline(message, 1000)]
     if verdict:

@@ -16,6 +16,10 @@ from bot.models import Project
 CONFIG_FILE = ".deksdenflow.yml"
 LEVELS = ("admin", "write", "read", "none")
 QA_POLICIES = ("skip", "light", "full")
+# applied by bot/loop_policy.py (precedence: StepSpec, then this file, then the environment)
+POLICY_KEYS = (
+    "qa_policy", "max_inline_depth", "max_tokens", "max_tokens_per_step", "max_fix_attempts", "ci_gates",
+)
 
 
 def _str_map(value: Any, field: str, errors: list[str]) -> dict[str, str]:
@@ -60,7 +64,13 @@ def parse_repo_config(text: str) -> dict[str, Any]:
         policies = {}
     if "qa_policy" in policies and policies["qa_policy"] not in QA_POLICIES:
         errors.append(f"policies.qa_policy: must be one of {', '.join(QA_POLICIES)}")
-    out["policies"] = {k: v for k, v in policies.items() if k in ("qa_policy", "max_inline_depth", "max_tokens")}
+    for key in ("max_tokens", "max_tokens_per_step", "max_fix_attempts", "max_inline_depth"):
+        value = policies.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            errors.append(f"policies.{key}: must be a whole number, 0 or more")
+    if "ci_gates" in policies and not isinstance(policies["ci_gates"], bool):
+        errors.append("policies.ci_gates: must be true or false")
+    out["policies"] = {k: v for k, v in policies.items() if k in POLICY_KEYS}
     out["allow_fork_commands"] = bool(policies.get("allow_fork_commands", data.get("allow_fork_commands", False)))
     if errors:
         raise SpecError(f"{CONFIG_FILE} has invalid values: " + "; ".join(errors), errors=errors)

@@ -150,6 +150,10 @@ class Settings(BaseSettings):
     max_tokens_per_step: int = Field(default=0, ge=0)
     max_tokens_per_protocol: int = Field(default=0, ge=0)
     token_budget_mode: Literal["strict", "warn", "off"] = "strict"
+    # automatic fix attempts per planned step on QA FAIL or red CI; `.deksdenflow.yml` may override
+    max_fix_attempts: int = Field(default=2, ge=0, le=10)
+    # whether green CI gates a step where the repository has CI; `.deksdenflow.yml` may override
+    ci_gates: bool = True
     max_inline_trigger_depth: int = Field(default=3, ge=0, le=20)
     engine_timeout_s: float = Field(default=1800.0, gt=0)
     # An unprivileged account codex and the agent's commands run as (needs root; "" = the

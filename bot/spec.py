@@ -149,6 +149,8 @@ class PlannedStep:
     content: str
     commit_type: str
     qa_policy: QAPolicy
+    # at most this many automatic fix attempts (the planner may only lower the bound)
+    max_fix_attempts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,10 @@ class SpecDefaults:
     step_max_tokens: int | None = None
     execute_prompt: str = DEFAULT_EXECUTE_PROMPT
     qa_prompt: str = DEFAULT_QA_PROMPT
+    # automatic fix attempts per step on QA FAIL or red CI (repository policy, else environment)
+    fix_attempts: int = 2
+    # the repository's QA policy: replaces the planner's per-step choice when set
+    repo_qa_policy: QAPolicy | None = None
 
 
 @cache
@@ -364,6 +370,7 @@ def spec_to_dict(spec: ProtocolSpec) -> dict[str, Any]:
 
 def validate_planning_output(data: Any) -> PlanningOutput:
     """Validate the planning engine's JSON reply; SpecError with JSON-path errors otherwise."""
+    data = _with_planning_defaults(data)
     errors = _schema_errors("protocol-planning.schema.json", data)
     if not errors:
         first_seen: dict[str, int] = {}
@@ -388,10 +395,23 @@ def validate_planning_output(data: Any) -> PlanningOutput:
                 content=s["content"],
                 commit_type=s["commit_type"],
                 qa_policy=s["qa_policy"],
+                max_fix_attempts=s.get("max_fix_attempts"),
             )
             for s in data["steps"]
         ),
     )
+
+
+def _with_planning_defaults(data: Any) -> Any:
+    """A reply without `max_fix_attempts` (written for the schema before it had the key) gets
+    null there, which means "the default bound"; nothing else is filled in."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("steps"), list):
+        return data
+    steps = [
+        {**s, "max_fix_attempts": None} if isinstance(s, Mapping) and "max_fix_attempts" not in s else s
+        for s in data["steps"]
+    ]
+    return {**data, "steps": steps}
 
 
 def step_file_name(index: int, slug: str) -> str:
@@ -413,6 +433,8 @@ def spec_from_planning(
     Step 00 (setup) is a file only (`SETUP_FILE`), never executed as a step. The result is run
     through `validate_spec`, so a bad protocol name or task raises SpecError here.
     """
+    from bot.loop_policy import default_loop, fix_attempt_bound, qa_policy_for
+
     d = defaults or SpecDefaults()
     base = protocol_dir(protocol_name)
     steps = tuple(
@@ -424,8 +446,10 @@ def spec_from_planning(
             commit_type=p.commit_type,
             prompt=d.execute_prompt,
             outputs=OutputsSpec(protocol=f"{base}/{step_file_name(i, p.slug)}"),
-            qa=QASpec(policy=p.qa_policy, prompt=d.qa_prompt),
+            qa=QASpec(policy=qa_policy_for(p.qa_policy, d.repo_qa_policy), prompt=d.qa_prompt),
             max_tokens=d.step_max_tokens,
+            # every planned step gets a bounded fix loop (QA FAIL or red CI redo the step)
+            loop=default_loop(i, fix_attempt_bound(p.max_fix_attempts, None, d.fix_attempts)),
         )
         for i, p in enumerate(planning_output.steps, start=1)
     )
@@ -434,7 +458,7 @@ def spec_from_planning(
         task=task,
         engine=d.engine,
         models=ModelsSpec(**{p: d.models.get(p) for p in PHASES}),
-        qa_policy=d.qa_policy,
+        qa_policy=d.repo_qa_policy or d.qa_policy,
         max_inline_depth=d.max_inline_depth,
         max_tokens=d.max_tokens,
         source="planning",

@@ -119,6 +119,7 @@ def build_plan(section: Mapping[str, Any], context: Mapping[str, Any]) -> dict[s
                 "content": str(step.get("content") or f"# {step.get('title')}\n"),
                 "commit_type": str(step.get("commit_type") or "feat"),
                 "qa_policy": str(step.get("qa_policy") or "light"),
+                "max_fix_attempts": step.get("max_fix_attempts"),
             }
             for step in steps
             if isinstance(step, dict)

@@ -494,6 +494,20 @@ class GitHubForge(AsyncClosing):
         path = with_query(f"{repo_path(repo)}/commits/{sha}/check-runs", query)
         return await self._get_all(repo, path, "check_runs")
 
+    async def check_run_annotations(self, repo: RepoRef, check_run_id: int) -> list[dict[str, Any]]:
+        """A check run's annotations (file, line, level, message): the first page is plenty."""
+        path = with_query(f"{repo_path(repo)}/check-runs/{int(check_run_id)}/annotations", {"per_page": 50})
+        found = await self._request(repo, "GET", path)
+        return [a for a in found if isinstance(a, dict)] if isinstance(found, list) else []
+
+    async def job_log(self, repo: RepoRef, job_id: int, limit: int) -> str:
+        """The plain-text log of a GitHub Actions job (its last `limit` bytes)."""
+        return await self.client.download_text(
+            f"{repo_path(repo)}/actions/jobs/{int(job_id)}/logs",
+            installation_id=await self.installation_id(repo),
+            limit=limit,
+        )
+
     async def convert_manifest(self, code: str) -> dict[str, Any]:
         """Exchange a manifest-flow `code` for the new app's id, slug, pem, webhook_secret…"""
         return await _convert(self.client, code)

@@ -397,6 +397,37 @@ class GitHubClient(AsyncClosing):
                 raise ForgeError(f"GitHub GET {path} failed: {type(exc).__name__}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def download_text(self, path: str, *, installation_id: int, limit: int) -> str:
+        """A plain-text download such as a job log: the last `limit` bytes.
+
+        GitHub answers with a redirect to a pre-signed storage URL. That URL is fetched without
+        our token (it is another host, and needs none); an answer other than 2xx or a redirect
+        is a GitHubHTTPError, as for any request.
+        """
+        token = (await self.installation_token(installation_id)).token
+        headers = {"Authorization": f"token {token}", "User-Agent": self.requester,
+                   "Accept": "application/vnd.github+json"}  # fmt: skip
+        url = self.api_url + path
+        for _hop in range(2):  # the API's redirect, then the storage URL
+            async with self._semaphore, self._http.stream(
+                "GET", url, headers=headers, follow_redirects=False, timeout=self._timeout
+            ) as response:
+                if response.status_code in (301, 302, 303, 307, 308):
+                    location = response.headers.get("location", "")
+                    if not location.startswith(("https://", "http://")):
+                        raise ForgeError(f"GitHub GET {path}: a redirect without a usable location")
+                    url, headers = location, {"User-Agent": self.requester}
+                    continue
+                if response.status_code >= 400:
+                    raise GitHubHTTPError(response.status_code, f"GitHub GET {path} answered {response.status_code}")
+                kept = bytearray()
+                async for chunk in response.aiter_bytes():
+                    kept.extend(chunk)
+                    if len(kept) > 2 * limit:
+                        del kept[: len(kept) - limit]
+                return bytes(kept[-limit:]).decode("utf-8", "replace")
+        raise ForgeError(f"GitHub GET {path}: too many redirects")
+
     async def _credentials(
         self, auth: Auth, installation_id: int | None
     ) -> tuple[str | None, str | None]:

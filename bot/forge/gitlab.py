@@ -436,6 +436,19 @@ class GitLabForge:
         created: dict[str, Any] = await self._client.post(hooks_path, payload)
         return created
 
+    async def failed_jobs(self, repo: RepoRef, pipeline_id: int) -> list[dict[str, Any]]:
+        """The pipeline's failed jobs (those allowed to fail left out)."""
+        jobs = await self._client.get(
+            f"/projects/{project_id(repo)}/pipelines/{int(pipeline_id)}/jobs",
+            {"scope[]": "failed", "per_page": 100},
+        )
+        return [dict(j) for j in jobs or [] if isinstance(j, Mapping) and not j.get("allow_failure")]
+
+    async def job_trace(self, repo: RepoRef, job_id: int, limit: int) -> str:
+        """A job's trace, its last `limit` bytes."""
+        project: str | int = int(repo.forge_id) if repo.forge_id else repo.full_name
+        return await self._client.job_trace(project, job_id, limit)
+
     # -- internals ---------------------------------------------------------------------------------
 
     async def _open_merge_request(self, repo: RepoRef, head: str) -> dict[str, Any] | None:

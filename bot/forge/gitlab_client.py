@@ -293,6 +293,27 @@ class GitLabClient(AsyncClosing):
             )
             attempt += 1
 
+    async def job_trace(self, project: str | int, job_id: int, limit: int) -> str:
+        """A job's trace through python-gitlab (`project.jobs.get(id).trace()`), streamed so
+        only its last `limit` bytes are kept."""
+        return await asyncio.to_thread(self._trace_sync, project, job_id, limit)
+
+    def _trace_sync(self, project: str | int, job_id: int, limit: int) -> str:
+        kept = bytearray()
+
+        def keep(chunk: bytes) -> None:
+            kept.extend(chunk)
+            if len(kept) > 2 * limit:
+                del kept[: len(kept) - limit]
+
+        job = self._gl.projects.get(project, lazy=True).jobs.get(job_id, lazy=True)
+        try:
+            job.trace(streamed=True, action=keep, chunk_size=64 * 1024, timeout=self._timeout)
+        except (gitlab.exceptions.GitlabError, requests.RequestException) as exc:
+            status = getattr(exc, "response_code", None)
+            raise GitLabAPIError("GET", f"jobs/{job_id}/trace", status, self._scrub(type(exc).__name__)) from None
+        return bytes(kept[-limit:]).decode("utf-8", "replace")
+
     def _scrub(self, text: str) -> str:
         # Error bodies come from the server or a proxy; never let one echo our token back.
         return text.replace(self._token, "***")

@@ -364,7 +364,7 @@ async def dispatch(
         if name == "qa":
             return f"qa {await actions.run_qa(services, run.id, cmd.step, reply_to)}"
         if name == "retry":
-            return f"retry {await actions.retry(services, run.id, cmd.step, reply_to)}"
+            return f"retry {await actions.retry(services, run.id, cmd.step, reply_to, guidance=cmd.text)}"
         by = (reply_to or {}).get("author")
         if name == "pause":
             await actions.pause(services, run.id, by=by)

@@ -9,6 +9,8 @@ from sqlalchemy import select, update
 
 from bot import actions
 from bot.ci import CIResult, apply_ci_result, ci_step_for, pr_finished
+from bot.ci_evidence import CIEvidence, names_only
+from bot.ci_fetch import github_evidence, gitlab_evidence, status_evidence
 from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
 from bot.handlers.forge_events import dig, github_repo, gitlab_repo
 from bot.handlers.router import HandlerContext, Router
@@ -176,7 +178,8 @@ async def _github_ci(ctx: HandlerContext, branch: Any, sha: Any) -> None:
         return
     project = await _project(ctx, run.project_id)
     forge = ctx.services["forges"].forge_for(project)
-    suites = await forge.list_check_suites(ctx.services["forges"].repo_ref(project), sha)
+    repo_ref = ctx.services["forges"].repo_ref(project)
+    suites = await forge.list_check_suites(repo_ref, sha)
     app_id = ctx.services["settings"].github_app_id
     others = [s for s in suites if dig(s, "app", "id") != app_id]
     if any(dig(s, "status") != "completed" for s in others):
@@ -191,7 +194,13 @@ async def _github_ci(ctx: HandlerContext, branch: Any, sha: Any) -> None:
         if s.get("conclusion") not in PASSING
     )
     result: CIResult = "failure" if failing else "success"
-    outcome = await apply_ci_result(ctx.services, run.id, sha, result, failing, source="github-checks")
+
+    async def evidence() -> CIEvidence:  # fetched only if the failure is acted on
+        return await github_evidence(forge, repo_ref, sha, app_id)
+
+    outcome = await apply_ci_result(
+        ctx.services, run.id, sha, result, failing, source="github-checks", evidence=evidence
+    )
     ctx.note(ci=result, outcome=outcome)
 
 
@@ -242,9 +251,11 @@ async def github_status(ctx: HandlerContext) -> None:
             ctx.note(ignored="not a step's commit")
             return
         if state in ("failure", "error"):
-            failing = [(str(payload.get("context") or "status"), str(state))]
+            context = str(payload.get("context") or "status")
+            failing = [(context, str(state))]
+            found = status_evidence(context, str(state), str(payload.get("description") or ""))
             outcome = await apply_ci_result(
-                ctx.services, run.id, sha, "failure", failing, source="github-status"
+                ctx.services, run.id, sha, "failure", failing, source="github-status", evidence=found
             )
             ctx.note(outcome=outcome)
         else:
@@ -279,7 +290,18 @@ async def gitlab_pipeline(ctx: HandlerContext) -> None:
         if isinstance(b, dict) and dig(b, "status") in ("failed", "canceled")
     ) or ([("pipeline", str(status))] if status != "success" else [])
     result: CIResult = "success" if status == "success" else "failure"
-    outcome = await apply_ci_result(ctx.services, run.id, sha, result, failing, source="gitlab-ci")
+    pipeline_id = dig(payload, "object_attributes", "id")
+
+    async def evidence() -> CIEvidence:  # fetched only if the failure is acted on
+        project = await _project(ctx, run.project_id)
+        forge = ctx.services["forges"].forge_for(project)
+        found = await gitlab_evidence(forge, ctx.services["forges"].repo_ref(project), int(pipeline_id))
+        return found if found.jobs else names_only("gitlab-ci", failing)
+
+    outcome = await apply_ci_result(
+        ctx.services, run.id, sha, result, failing, source="gitlab-ci",
+        evidence=evidence if isinstance(pipeline_id, int) else None,
+    )  # fmt: skip
     ctx.note(ci=result, outcome=outcome)
 
 

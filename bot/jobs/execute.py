@@ -9,10 +9,11 @@ from typing import Any
 from sqlalchemy import update
 
 from bot import gitops
-from bot.ci import has_ci
+from bot.ci import gating
 from bot.ci_gate import hold_for_ci
 from bot.errors import StepStopped
 from bot.feedback import publish_state
+from bot.fix_feedback import render_feedback
 from bot.jobs.boundary import discard_changes, guarded
 from bot.jobs.engine_run import STOPPING, EngineCall, run_engine, step_prompt
 from bot.jobs.env import JobEnv
@@ -244,7 +245,8 @@ async def _execute_call(work: StepWork) -> EngineCall:
         "plan": read(root / "plan.md"),
         "context": read(root / "context.md"),
         "attempt": step.retries + 1,
-        "feedback": (step.runtime_state or {}).get("feedback", ""),
+        # typed items (QA report, CI evidence, human guidance) as one section (bot/fix_feedback.py)
+        "feedback": render_feedback((step.runtime_state or {}).get("feedback")),
     }
     prompt = await step_prompt(work.env, state, s.prompt, "execute-step", values)
     return EngineCall(
@@ -279,7 +281,7 @@ async def _push_and_finish(work: StepWork) -> str:
         await write_outcome(env, state, step.step_index, outcome, work.reply_to)
         return "budget-blocked"
     # a step whose QA is skipped still waits for CI where the repository has CI (bot/ci_gate.py)
-    decision = hold_for_ci(qa_decision(s, work.spec, env.settings.auto_qa_after_exec), has_ci(state.project))
+    decision = hold_for_ci(qa_decision(s, work.spec, env.settings.auto_qa_after_exec), gating(state.project, env.settings))
     from bot.jobs.advance import completion_follows
 
     outcome = Outcome(

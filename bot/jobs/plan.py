@@ -14,6 +14,7 @@ from bot.jobs.boundary import guarded
 from bot.jobs.engine_run import EngineCall, prompt_override, run_engine
 from bot.jobs.env import JobEnv
 from bot.jobs.outcome import Outcome, write_outcome
+from bot.loop_policy import fix_attempt_bound, repo_policies
 from bot.prompts import render_prompt
 from bot.rendering import draft_pr_body, plan_commit_message, pr_title
 from bot.repo_config import refresh_repo_config
@@ -186,11 +187,15 @@ def _planning_values(state: RunState) -> dict[str, Any]:
 
 def _defaults(env: JobEnv, state: RunState) -> SpecDefaults:
     models = {k: v for k, v in (state.project.default_models or {}).items() if isinstance(v, str)}
+    # `.deksdenflow.yml` policies (read from the base branch just now), else the environment
+    repo = repo_policies(state.project.config)
     return SpecDefaults(
         engine=models.pop("engine", "") or env.settings.engine,
         models=models,
-        max_tokens=env.settings.max_tokens_per_protocol or None,
-        step_max_tokens=env.settings.max_tokens_per_step or None,
+        max_tokens=repo.max_tokens or env.settings.max_tokens_per_protocol or None,
+        step_max_tokens=repo.max_tokens_per_step or env.settings.max_tokens_per_step or None,
+        fix_attempts=fix_attempt_bound(None, repo.max_fix_attempts, env.settings.max_fix_attempts),
+        repo_qa_policy=repo.qa_policy,
     )
 
 

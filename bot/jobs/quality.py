@@ -13,6 +13,7 @@ from bot.ci import complete_after_qa
 from bot.engine_guard import cap_report
 from bot.errors import TransitionConflict
 from bot.feedback import report_state_check
+from bot.fix_feedback import FeedbackItem, add_item, qa_item
 from bot.git import CommitInfo
 from bot.jobs.boundary import discard_changes, guarded
 from bot.jobs.engine_run import EngineCall, run_engine, step_prompt
@@ -241,10 +242,14 @@ async def _failed(work: QAWork, head: str, report: str, step_state: dict[str, An
     env, state, step = work.env, work.state, work.step
     decision = loop_decision(work.step_spec, state.run.runtime_state or {}, "qa_fail")
     check = Check("qa", head, "failure", verdict="FAIL", quality_report=report)
+    # the report's findings go to the next attempt, automatic or a human's /retry
+    item = qa_item(report, step.retries + 1)
+    step_state = {**step_state, "feedback": add_item((step.runtime_state or {}).get("feedback"), item),
+                  "attempt_why": f"QA FAIL ({why})" if not why.startswith("VERDICT: ") else "QA FAIL"}  # fmt: skip
     if decision.action == "retry":
         await update_step(env.db, step.id, runtime_state={**(step.runtime_state or {}), **step_state})
         step.runtime_state = {**(step.runtime_state or {}), **step_state}
-        await reset_for_loop(env, state, decision.reset_steps, report[-4000:], decision.reason)
+        await reset_for_loop(env, state, decision.reset_steps, item, decision.reason)
         outcome = Outcome(
             message=decision.reason, run_state=decision.new_runtime_state, check=check, ok=False,
             **_verdict_event(work, "FAIL", head, why),
@@ -259,11 +264,13 @@ async def _failed(work: QAWork, head: str, report: str, step_state: dict[str, An
     return "FAIL"
 
 
-async def reset_for_loop(env: JobEnv, state: RunState, indexes: list[int], feedback: str, reason: str) -> None:
+async def reset_for_loop(env: JobEnv, state: RunState, indexes: list[int], item: FeedbackItem, reason: str) -> None:
     """A loop sends steps back to pending with the failure as feedback (QA here, CI in bot/ci.py)."""
     for index in indexes:
         target = state.step(index)
-        rs = {**(target.runtime_state or {}), "feedback": feedback}
+        rs = dict(target.runtime_state or {})
+        rs["feedback"] = add_item(rs.get("feedback"), item)
+        rs["attempt_why"] = f"QA FAIL on attempt {item.meta.get('attempt', '?')}"
         await update_step(env.db, target.id, retries=target.retries + 1, runtime_state=rs)
         target.retries, target.runtime_state = target.retries + 1, rs
         try:

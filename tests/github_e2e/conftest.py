@@ -27,7 +27,14 @@ from bot.models import Event, Project, ProtocolRun
 from bot.runs import RunState, load_run
 from bot.store import load_delivery
 from tests.conftest import GITHUB_SECRET, make_settings
-from tests.github_e2e.fake_github import APP_ID, APP_SLUG, FULL_NAME, INSTALLATION_ID, FakeGitHub
+from tests.github_e2e.fake_github import (
+    APP_ID,
+    APP_SLUG,
+    FULL_NAME,
+    INSTALLATION_ID,
+    LOG_HOST,
+    FakeGitHub,
+)
 from tests.gitutil import make_origin as shared_make_origin
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "github"
@@ -250,6 +257,7 @@ def loop_factory(tmp_path: Path, app_key: str) -> Iterator[Callable[..., GitHubL
         mock = respx.mock(base_url=API, assert_all_called=False)
         mock.start()
         stack.append(mock.stop)
+        mock.route(host=LOG_HOST).mock(side_effect=fake.log_handler)  # job logs' storage
         mock.route().mock(side_effect=fake.respx_handler)
         values: dict[str, Any] = {
             "db_url": f"sqlite:///{tmp_path / 'db.sqlite3'}",

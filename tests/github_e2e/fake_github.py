@@ -26,6 +26,8 @@ INSTALLATION_ID = 77
 OWNER = "Codertocat"
 REPO = "Hello-World"
 FULL_NAME = f"{OWNER}/{REPO}"
+# where GitHub's job-log redirect points: pre-signed storage on another host
+LOG_HOST = "results-receiver.actions.githubusercontent.com"
 
 
 @dataclass
@@ -64,6 +66,11 @@ class FakeGitHub:
         self.pulls: dict[int, dict[str, Any]] = {}
         self.check_runs: dict[int, dict[str, Any]] = {}
         self.check_suites: list[dict[str, Any]] = []
+        # check run id -> its annotations; Actions job id (= its check run's id) -> its log text
+        self.annotations: dict[int, list[dict[str, Any]]] = {}
+        self.job_logs: dict[int, str] = {}
+        # each job-log download from LOG_HOST: (path, the Authorization header it carried)
+        self.log_downloads: list[tuple[str, str | None]] = []
         self.valid_tokens: set[str] = set()
         # installation tokens live `token_ttl` seconds on `clock` (a test may set both)
         self.clock: Callable[[], float] = time.time
@@ -109,6 +116,16 @@ class FakeGitHub:
             request.method, request.url.raw_path.decode(), request.headers.get("authorization"), request.content
         )
         return httpx.Response(status, headers=headers, json=body)
+
+    def log_handler(self, request: httpx.Request) -> httpx.Response:
+        """LOG_HOST: the pre-signed log URL a job-log request redirects to (plain text)."""
+        path = request.url.path
+        with self._lock:
+            self.log_downloads.append((path, request.headers.get("authorization")))
+        m = re.fullmatch(r"/job-logs/(\d+)", path)
+        if not m or request.url.params.get("sig") != "fake-signature" or int(m.group(1)) not in self.job_logs:
+            return httpx.Response(403, text="AuthenticationFailed")
+        return httpx.Response(200, text=self.job_logs[int(m.group(1))], headers={"content-type": "text/plain"})
 
     def handle(self, method: str, raw_path: str, authorization: str | None, content: bytes) -> Answer:
         split = urlsplit(raw_path)
@@ -225,6 +242,15 @@ class FakeGitHub:
             rid = int(m.group(1))
             self.check_runs[rid].update(body)
             return 200, {}, self.check_runs[rid]
+        m = re.fullmatch(r"/check-runs/(\d+)/annotations", rest)
+        if m and method == "GET":
+            return 200, {}, self.annotations.get(int(m.group(1)), [])
+        m = re.fullmatch(r"/actions/jobs/(\d+)/logs", rest)
+        if m and method == "GET":
+            if int(m.group(1)) not in self.job_logs:
+                return 404, {}, {"message": "Not Found"}
+            location = f"https://{LOG_HOST}/job-logs/{m.group(1)}?sig=fake-signature"
+            return 302, {"location": location}, {}
         m = re.fullmatch(r"/commits/([0-9a-f]+)/check-suites", rest)
         if m and method == "GET":
             return 200, {}, {"total_count": len(self.check_suites), "check_suites": self.check_suites}

@@ -16,6 +16,7 @@ from engines.scripted import ScriptedEngine
 from tests.github_e2e.conftest import GitHubLoop, sample
 from tests.github_e2e.fake_github import FULL_NAME
 from tests.github_e2e.test_github_gaps import check_suite, labeled
+from tests.gitutil import git
 
 R = f"/repos/{FULL_NAME}"
 PROTOCOL = "0001-add-a-greeting"
@@ -168,9 +169,21 @@ def test_red_ci_on_an_earlier_step_blames_that_step(gh: GitHubLoop) -> None:
     assert statuses(gh) == ["completed", "completed"] and gh.run().run.status == "completed"
 
 
+def repo_file(gh: GitHubLoop, path: str, content: str) -> None:
+    """Commit a file to the repository's base branch (main) on the 'GitHub remote'."""
+    seed = gh.origin.parent / f"seed-{gh.origin.name}"
+    (seed / path).write_text(content)
+    git("add", path, cwd=seed)
+    git("commit", "-q", "-m", f"add {path}", cwd=seed)
+    git("push", "-q", str(gh.origin), "main", cwd=seed)
+
+
 def test_workflow_run_and_check_suite_of_one_failing_run_make_one_decision(gh: GitHubLoop) -> None:
+    # the repository's policy: no automatic fix attempt, the first red CI asks a human
+    repo_file(gh, ".deksdenflow.yml", "policies:\n  max_fix_attempts: 0\n")
     gh.deliver("installation", gh.installation_created())
     gh.deliver("issues", labeled(gh, "deksdenflow:auto"))
+    assert [s.policy.get("loop") for s in gh.run().steps] == [None, None]
     gh.ci_green()
     assert statuses(gh) == ["completed", "needs_qa"]
     head = step_commit(gh, 2)

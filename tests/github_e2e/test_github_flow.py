@@ -3,6 +3,7 @@ a local bare repository as the remote; the exact GitHub requests are asserted.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -235,7 +236,7 @@ def test_same_ci_failure_twice_blocks_for_a_human(gh: GitHubLoop) -> None:
     second = state.run.head_sha
     assert second != first  # the step ran again (CI feedback in its prompt) and pushed
     assert state.steps[0].status == "needs_qa" and state.steps[0].retries == 1
-    assert "CI failed" in state.steps[0].runtime_state["feedback"]
+    assert "CI failed" in json.dumps(state.steps[0].runtime_state["feedback"])
     mark = gh.fake.mark()
     out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, second, "failure"))
     assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "block"}
@@ -246,10 +247,11 @@ def test_same_ci_failure_twice_blocks_for_a_human(gh: GitHubLoop) -> None:
     calls = gh.fake.since(mark)
     assert pairs(calls) == [
         ("GET", f"{R}/commits/{second}/check-suites"),
+        ("GET", f"{R}/commits/{second}/check-runs"),  # the evidence: failed runs, their logs
         ("PATCH", f"{R}/issues/comments/1002"),
         ("PATCH", f"{R}/issues/comments/1003"),
     ]
-    assert "needs a human" in calls[1].body["body"]
+    assert "needs a human" in calls[2].body["body"]
 
 
 @pytest.mark.parametrize(

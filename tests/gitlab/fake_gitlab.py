@@ -92,6 +92,13 @@ class FakeGitLabState:
     group_hooks: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     # token -> what GET /personal_access_tokens/self answers (default: active, api scope)
     token_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # job id -> job (id, name, stage, status, pipeline_id, project_id, allow_failure); its trace
+    jobs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    traces: dict[int, str] = field(default_factory=dict)
+
+
+class RawText(str):
+    """A route's answer sent as text/plain (a job trace), not as JSON."""
 
 
 class ApiError(Exception):
@@ -574,6 +581,8 @@ class FakeGitLab:
             ("PUT", pid + r"/merge_requests/(?P<iid>\d+)", self._put_mr),
             ("GET", pid + r"/repository/commits/(?P<sha>[0-9a-fA-F]+)", self._get_commit),
             ("GET", pid + r"/pipelines", self._list_pipelines),
+            ("GET", pid + r"/pipelines/(?P<plid>\d+)/jobs", self._pipeline_jobs),
+            ("GET", pid + r"/jobs/(?P<jid>\d+)/trace", self._job_trace),
             ("POST", pid + r"/statuses/(?P<sha>[0-9a-fA-F]+)", self._post_status),
             ("GET", pid + r"/repository/files/(?P<file>[^/]+)", self._get_file),
             ("GET", pid + r"/hooks", self._list_hooks),
@@ -737,6 +746,37 @@ class FakeGitLab:
             if p["project_id"] == project["id"] and (sha is None or p["sha"] == sha)
         ]
         return _paginate(found, call.query)
+
+    def add_job(
+        self, project: dict[str, Any], pipeline_id: int, name: str, status: str, trace: str = "",
+        *, stage: str = "test", allow_failure: bool = False,
+    ) -> dict[str, Any]:  # fmt: skip
+        """A job of a pipeline, with its trace (the text GET …/jobs/:id/trace answers)."""
+        with self._lock:
+            job = {"id": self._next_id(), "name": name, "stage": stage, "status": status,
+                   "pipeline_id": pipeline_id, "project_id": project["id"], "allow_failure": allow_failure}  # fmt: skip
+            self.state.jobs[job["id"]] = job
+            self.state.traces[job["id"]] = trace
+            return dict(job)
+
+    def _pipeline_jobs(self, call: _Call) -> Any:
+        project = self._project(call.params["pid"])
+        scope = call.query.get("scope[]") or call.query.get("scope")
+        found = [
+            {**j, "pipeline": {"id": j["pipeline_id"]}}
+            for j in self.state.jobs.values()
+            if j["project_id"] == project["id"]
+            and j["pipeline_id"] == int(call.params["plid"])
+            and (scope is None or j["status"] == scope)
+        ]
+        return _paginate(found, call.query)
+
+    def _job_trace(self, call: _Call) -> Any:
+        self._project(call.params["pid"])
+        trace = self.state.traces.get(int(call.params["jid"]))
+        if trace is None:
+            raise ApiError(404, "404 Job Not Found")
+        return RawText(trace)
 
     def _post_status(self, call: _Call) -> Any:
         project = self._project(call.params["pid"])
@@ -923,9 +963,10 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         headers = {k: v for k, v in self.headers.items()}
         status, extra, payload = self.owner.handle(self.command, self.path, headers, raw)
-        data = b"" if payload is None else json.dumps(payload).encode()
+        text = isinstance(payload, RawText)
+        data = b"" if payload is None else payload.encode() if text else json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "text/plain; charset=utf-8" if text else "application/json")
         for key, value in extra.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(data)))

@@ -215,7 +215,7 @@ def test_same_pipeline_failure_twice_blocks(world: World) -> None:
         if isinstance(step.runtime_state, str)
         else step.runtime_state
     )["feedback"]
-    assert "test: failed" in feedback
+    assert "CI failed: test" in json.dumps(feedback)
 
     answer = world.send(
         "Pipeline Hook", world.pipeline(second, name, "failed", list(reversed(failing)))

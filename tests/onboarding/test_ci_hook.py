@@ -164,24 +164,44 @@ async def test_ci_hook_drives_the_same_transitions_as_a_forge_event(
     assert hook[2] == ["ci.running", "ci.success"] and forge[2] == ["ci.success"]
 
 
-async def test_ci_hook_failure_blocks_like_a_forge_failure(ci_harness: Harness) -> None:
+async def test_ci_hook_failure_loops_like_a_forge_failure(ci_harness: Harness, tmp_path: Path) -> None:
+    """report.sh sends the failing stage and its log tail (what run_hook kept in .deksdenflow-ci/);
+    the step goes round its fix loop as on a forge's red CI, with that log as its feedback."""
     h = ci_harness
-    (forge_run, _, forge_sha), (hook_run, _, hook_sha) = await runs_waiting_for_ci(
+    (forge_run, _, forge_sha), (hook_run, hook_branch, hook_sha) = await runs_waiting_for_ci(
         h, "Forge red", "Hook red"
     )
     await apply_ci_result(h.ctx, forge_run, forge_sha, "failure", [("lint", "failure")])
+    workspace = tmp_path / "ci-workspace"
+    (workspace / ".deksdenflow-ci").mkdir(parents=True)
+    (workspace / ".deksdenflow-ci" / "stage").write_text("test\n")
+    noise = "".join(f"collected line {n} — ünïcode\n" for n in range(2000))  # more than the tail
+    (workspace / ".deksdenflow-ci" / "test.log").write_text(
+        noise + 'E       AssertionError: expected 3, got 4\n\tat "quoted" \\ path\nFAILED tests/test_math.py::test_add\n'
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("DEKSDENFLOW_", "GITHUB_", "CI_"))},
+        "DEKSDENFLOW_CI_URL": "",
+        "DEKSDENFLOW_WEBHOOK_TOKEN": TOKEN,
+        "DEKSDENFLOW_BRANCH": hook_branch,
+        "DEKSDENFLOW_SHA": hook_sha,
+    }
     with LiveServer(create_app(h.ctx["settings"])) as server:
-        async with httpx.AsyncClient(timeout=30) as client:
-            body = json.dumps(
-                {"protocol_run_id": hook_run, "status": "failure", "sha": hook_sha, "failing": ["lint"]}
-            ).encode()
-            r = await client.post(
-                f"{server.url}/webhooks/ci", content=body, headers={"X-DeksdenFlow-Signature": sign(body)}
-            )
-            assert r.status_code == 202, r.text
-            assert (await wait_processed(h, r.json()["id"]))["handled"][-1]["outcome"] == "block"
-    assert (await snapshot(h, forge_run))[:2] == (await snapshot(h, hook_run))[:2]
-    assert (await h.state(hook_run)).run.status == "blocked"
+        env["DEKSDENFLOW_CI_URL"] = f"{server.url}/webhooks/ci"
+        done = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", str(ASSETS / "ci" / "report.sh"), "failure", "ci"],
+            capture_output=True, text=True, env=env, timeout=60, cwd=workspace,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        assert (await wait_processed(h, answer["id"]))["handled"][-1]["outcome"] == "retry"
+    # both went round the loop once (the hook's one ran again in the server's own worker)
+    assert [(await h.state(r)).step(1).retries for r in (forge_run, hook_run)] == [1, 1]
+    step = (await h.state(hook_run)).step(1)
+    feedback = json.dumps(step.runtime_state["feedback"])
+    assert "AssertionError: expected 3, got 4" in feedback and "failing stage: test" in feedback
+    assert "collected line 1999" in feedback and "collected line 10 " not in feedback  # the tail
 
 
 async def test_ci_hook_without_a_token_is_closed(tmp_path: Path) -> None:

@@ -75,7 +75,8 @@ def test_failing_qa_exits_non_zero_with_a_reason(
     out, err = capsys.readouterr()
     assert code == 1, out + err
     assert "01 failed     FAIL" in out
-    assert "✗ 0001-add-a-greeting: step 01 has no loop policy; qa_fail needs a human" in err
+    # after the default two fix attempts, each shown the failing report
+    assert "✗ 0001-add-a-greeting: step 01 used all 2 loop iterations; needs a human" in err
 
 
 def test_unknown_protocol_and_not_a_repository(

@@ -5,6 +5,11 @@
 # them it prints "skip" and succeeds, so CI stays green where the hook is not wanted.
 # The branch and sha come from GitHub Actions or GitLab CI variables unless given as
 # DEKSDENFLOW_BRANCH / DEKSDENFLOW_SHA.
+#
+# On failure it also sends the failing stage and the tail of its log, so the next attempt of the
+# step sees why CI failed: DEKSDENFLOW_FAILED_STAGE and DEKSDENFLOW_FAILED_LOG (a file) when
+# set, else what the CI templates' run_hook recorded in .deksdenflow-ci/ (the stage it started
+# last, and that stage's log). DEKSDENFLOW_LOG_TAIL_BYTES (default 16384) bounds the tail.
 set -euo pipefail
 
 status="${1:-}"
@@ -36,7 +41,32 @@ for name in "$@"; do
 done
 failing="$failing]"
 
-body="{\"branch\":$(json_string "$branch"),\"status\":\"$status\",\"failing\":$failing"
+log_string() {
+  # a log as one JSON string: newlines and tabs kept as \n and \t, other control bytes dropped
+  LC_ALL=C sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/\t/\\t/g' "$1" | LC_ALL=C tr -d '\000-\010\013-\037' \
+    | LC_ALL=C awk 'BEGIN { printf "\"" } { printf "%s\\n", $0 } END { printf "\"" }'
+}
+
+stage_field=""
+log_field=""
+if [ "$status" = "failure" ]; then
+  ci_dir="${DEKSDENFLOW_CI_DIR:-.deksdenflow-ci}"
+  stage="${DEKSDENFLOW_FAILED_STAGE:-}"
+  if [ -z "$stage" ] && [ -f "$ci_dir/stage" ]; then stage="$(head -n 1 "$ci_dir/stage")"; fi
+  log_file="${DEKSDENFLOW_FAILED_LOG:-}"
+  if [ -z "$log_file" ] && [ -n "$stage" ] && [ -f "$ci_dir/$stage.log" ]; then log_file="$ci_dir/$stage.log"; fi
+  [ -n "$stage" ] && stage_field=",\"stage\":$(json_string "$stage")"
+  if [ -n "$log_file" ] && [ -f "$log_file" ]; then
+    tail_file="$(mktemp)"
+    # the first line may start inside a character: drop it; iconv drops any other bad bytes
+    tail -c "${DEKSDENFLOW_LOG_TAIL_BYTES:-16384}" "$log_file" | tail -n +2 \
+      | if command -v iconv > /dev/null; then iconv -c -f UTF-8 -t UTF-8; else cat; fi > "$tail_file"
+    log_field=",\"log\":$(log_string "$tail_file")"
+    rm -f "$tail_file"
+  fi
+fi
+
+body="{\"branch\":$(json_string "$branch"),\"status\":\"$status\",\"failing\":$failing$stage_field$log_field"
 [ -n "$sha" ] && body="$body,\"sha\":$(json_string "$sha")"
 [ -n "$project" ] && body="$body,\"project\":$(json_string "$project")"
 body="$body}"
