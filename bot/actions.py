@@ -109,6 +109,10 @@ async def _carry_on(ctx: dict[str, Any], state: Any) -> None:
         return
     if all(s.status == "completed" for s in state.steps):
         await set_protocol_status(ctx["db"], state.run.id, "completed", "every step completed")
+        from bot.jobs.ready import announce_ready
+
+        state.run.status = "completed"
+        await announce_ready(ctx, state)
     elif state.run.auto_mode:
         from bot.jobs.advance import enqueue_next_step
 

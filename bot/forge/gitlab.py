@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from contextlib import aclosing
 from typing import Any, Literal
+from urllib.parse import quote
 
 from bot.errors import ForgeError
 from bot.forge.base import (
@@ -233,6 +234,7 @@ class GitLabForge:
     def __init__(self, client: GitLabClient) -> None:
         self._client = client
         self._own_user_id: int | None = None
+        self._own_username: str | None = None
 
     @property
     def client(self) -> GitLabClient:
@@ -317,6 +319,20 @@ class GitLabForge:
         title = str(current["title"])
         if ready_title(title) != title:
             await self._client.put(path, {"title": ready_title(title)})
+
+    async def own_username(self) -> str:
+        """Our own username (`GET /user`, once): the handle `@<bot> <command>` mentions."""
+        if self._own_username is None:
+            user = await self._client.get("/user")
+            self._own_user_id, self._own_username = int(user["id"]), str(user["username"])
+        return self._own_username
+
+    async def reply_in_thread(self, target: IssueRef, discussion_id: str, body: str, *, resolve: bool = False) -> None:
+        """A note in a merge request discussion; `resolve` then marks the thread resolved."""
+        path = f"{noteable_path(target)}/discussions/{quote(discussion_id, safe='')}"
+        await self._client.post(f"{path}/notes", note_payload(body))
+        if resolve:
+            await self._client.put(path, {"resolved": True})
 
     async def report_check(self, repo: RepoRef, check: CheckReport) -> None:
         pipeline_id = await self._pipeline_for(repo, check.head_sha)

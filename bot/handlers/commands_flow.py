@@ -140,6 +140,8 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
     prefix: str = ctx.services["settings"].command_prefix
     # one more than allowed, so a comment past the cap is recognised without parsing all of it
     parsed = parse_commands(ev.body, prefix=prefix, limit=MAX_COMMANDS_PER_COMMENT + 1)
+    if not parsed and "@" in ev.body:  # `@bot plan …` is `/plan …` (the only way past GitLab's quick actions)
+        parsed = await _mentioned_commands(ctx, ev, prefix)
     if not parsed:
         ctx.note(ignored="no command")
         return
@@ -210,6 +212,19 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
         )
         ctx.note(command=item.name, result=result)
     await send_replies(ctx, forge, target, ev.author, replies)
+
+
+async def _mentioned_commands(ctx: HandlerContext, ev: CommentEvent, prefix: str) -> list[Command | CommandError]:
+    from bot.handlers.reviews import handles_for
+    from bot.mentions import mentions_to_commands
+
+    try:
+        project = await project_for(ctx, ev.repo)
+    except NotFound:
+        return []
+    forge: Forge = ctx.services["forges"].forge_for(project)
+    body = mentions_to_commands(ev.body, await handles_for(ctx, project, forge), prefix)
+    return parse_commands(body, prefix=prefix, limit=MAX_COMMANDS_PER_COMMENT + 1)
 
 
 def _answer_error(

@@ -75,6 +75,10 @@ async def execute_step(
         from bot.feedback import react_done
 
         await react_done(ctx, protocol_run_id, reply_to, False)
+    if outcome in ("completed", "needs_qa", "needs_qa-run"):  # pushed: answer a review's threads
+        from bot.jobs.review import reply_in_threads
+
+        await reply_in_threads(ctx, protocol_run_id, step_index)
     from bot.jobs.advance import after_execute
 
     await after_execute(ctx, protocol_run_id, step_index, depth, outcome)

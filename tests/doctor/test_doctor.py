@@ -50,6 +50,7 @@ MANIFEST_PERMISSIONS = {
 }
 MANIFEST_EVENTS = [
     "issue_comment", "issues", "pull_request", "check_suite", "check_run", "workflow_run", "status",
+    "pull_request_review", "pull_request_review_comment",
 ]
 
 
