@@ -245,6 +245,7 @@ class GitLabForge:
         if self._own_user_id is None:
             user = await self._client.get("/user")
             self._own_user_id = int(user["id"])
+            self._own_username = str(user.get("username") or "") or None
         return self._own_user_id
 
     async def add_reaction(self, comment: CommentRef, reaction: Reaction) -> None:

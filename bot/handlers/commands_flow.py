@@ -317,7 +317,10 @@ async def dispatch(
     prefix: str = services["settings"].command_prefix
     try:
         if name == "help":
-            replies.add(help_text(prefix, forge=project.provider))
+            from bot.handlers.reviews import handles_for
+
+            handles = await handles_for(ctx, project, forge)
+            replies.add(help_text(prefix, forge=project.provider, bot=handles[0] if handles else ""))
             return "help"
         if name == "init":
             # repository setup is per project, not per protocol: a draft PR/MR with the starter
