@@ -266,7 +266,7 @@ def test_mentions_in_code_are_no_commands() -> None:
 
     body = mentions_to_commands("```\n@bot plan\n```", ("bot",))
     assert parse_commands(body) == []
-    assert [c.name for c in parse_commands(mentions_to_commands("@bot plan x", ("bot",)))] == ["plan"]  # type: ignore[union-attr]
+    assert [c.name for c in parse_commands(mentions_to_commands("@bot plan x", ("bot",)))] == ["plan"]
 
 
 def test_handles_and_mentions() -> None:
