@@ -1,0 +1,190 @@
+"""Review feedback on the GitHub fake with the product's DEFAULT settings: a review asking for
+changes becomes one fix step whose prompt carries its comments, the bot answers in each thread,
+an approving review approves the plan, and the draft is marked ready when the work is done."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from engines.base import EngineRequest, EngineResult
+from engines.scripted import ScriptedEngine
+from tests.github_e2e.conftest import GitHubLoop
+from tests.github_e2e.fake_github import FULL_NAME
+from tests.github_e2e.test_github_gaps import labeled
+
+R = f"/repos/{FULL_NAME}"
+PR = 101
+
+
+@pytest.fixture
+def gh(loop_factory: Callable[..., GitHubLoop]) -> GitHubLoop:
+    return loop_factory(default_settings=True)
+
+
+@pytest.fixture
+def prompts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[EngineRequest]]:
+    """Every engine request, in order (the scripted engine answers as usual)."""
+    seen: list[EngineRequest] = []
+    original = ScriptedEngine.run
+
+    async def run(self: ScriptedEngine, request: EngineRequest) -> EngineResult:
+        seen.append(request)
+        return await original(self, request)
+
+    monkeypatch.setattr(ScriptedEngine, "run", run)
+    yield seen
+
+
+def statuses(gh: GitHubLoop) -> list[str]:
+    return [s.status for s in gh.run().steps]
+
+
+def line_comment(cid: int, path: str, line: int, body: str, *, user: str = "alice", review_id: int = 700) -> dict[str, Any]:
+    """A review comment as GitHub's API and webhooks show it (recorded shape, our values)."""
+    return {
+        "id": cid, "pull_request_review_id": review_id, "path": path, "line": line, "original_line": line,
+        "diff_hunk": f"@@ -0,0 +1,{line} @@\n+# line {line} of {path}", "body": body,
+        "user": {"login": user, "type": "User", "id": 7},
+        "html_url": f"https://github.com/{FULL_NAME}/pull/{PR}#discussion_r{cid}",
+    }  # fmt: skip
+
+
+def review(gh: GitHubLoop, state: str, *, user: str = "alice", review_id: int = 700, body: str = "") -> dict[str, Any]:
+    payload = gh._repo(
+        {
+            "action": "submitted",
+            "review": {
+                "id": review_id, "state": state, "body": body or None,
+                "user": {"login": user, "type": "User", "id": 8},
+                "html_url": f"https://github.com/{FULL_NAME}/pull/{PR}#pullrequestreview-{review_id}",
+                "submitted_at": "2026-11-30T10:00:00Z", "updated_at": "2026-11-30T10:00:00Z",
+            },
+            "pull_request": {"number": PR, "draft": True, "head": {"ref": "0001-add-a-greeting"}},
+            "sender": {"login": user, "type": "User", "id": 8},
+        }
+    )  # fmt: skip
+    return payload
+
+
+def comment_event(gh: GitHubLoop, comment: dict[str, Any]) -> dict[str, Any]:
+    payload = gh._repo({"action": "created", "comment": {**comment, "updated_at": "2026-11-30T10:00:00Z"}})
+    payload["pull_request"] = {"number": PR}
+    payload["sender"] = comment["user"]
+    return payload
+
+
+def auto_to_completion(gh: GitHubLoop) -> None:
+    gh.deliver("installation", gh.installation_created())
+    gh.deliver("issues", labeled(gh, "deksdenflow:auto"))
+    gh.ci_green()
+    gh.ci_green()
+    assert gh.run().run.status == "completed"
+
+
+def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
+    gh: GitHubLoop, prompts: list[EngineRequest]
+) -> None:
+    auto_to_completion(gh)
+    # the last step passed every gate: the draft PR is marked ready through GraphQL
+    graphql = gh.fake.requests("POST", "/graphql")
+    assert len(graphql) == 1 and graphql[0].body["variables"] == {"id": f"PR_fake{PR}"}
+    assert "markPullRequestReadyForReview" in graphql[0].body["query"]
+    assert gh.fake.pulls[PR]["draft"] is False
+    status = gh.fake.comments[1002]["body"]
+    assert "marked ready for review" in status and "request changes in a review" in status
+
+    comments = [
+        line_comment(9001, "demo_greeting.py", 4, "Use an f-string with a comma: `Hello, {name}!`"),
+        line_comment(9002, "TASK.md", 2, "Say which issue this comes from."),
+    ]
+    gh.fake.review_comments[700] = comments
+    gh.fake.permissions["mallory"] = "read"
+    # GitHub sends each line comment and the review itself; a read-only user's comment on the
+    # same PR arrives too
+    gh.post("pull_request_review_comment", comment_event(gh, comments[0]))
+    gh.post("pull_request_review_comment", comment_event(gh, line_comment(9003, "TASK.md", 1, "Delete all", user="mallory", review_id=701)))
+    out = gh.deliver("pull_request_review", review(gh, "changes_requested", body="Two things, see the lines."))
+    assert out["status"] == "processed", out
+    gh.wait_idle(timeout=30)
+
+    state = gh.run()
+    assert [s.step_index for s in state.steps] == [1, 2, 3]  # ONE fix step for the review
+    fix = state.step(3)
+    assert fix.step_name == "03-review-fix"
+    assert [c["comment_id"] for c in fix.runtime_state["review"]] == [700, 9002, 9001]
+    assert 9003 not in [c["comment_id"] for c in fix.runtime_state["review"]]  # read-only: ignored
+
+    executed = [r for r in prompts if r.phase == "execute" and r.context.get("step_index") == 3]
+    assert len(executed) == 1
+    prompt = executed[0].prompt
+    for text in ("`demo_greeting.py` line 4", "Use an f-string with a comma", "`TASK.md` line 2",
+                 "Say which issue this comes from.", "+# line 4 of demo_greeting.py", "Two things, see the lines."):  # fmt: skip
+        assert text in prompt, text
+    assert "Delete all" not in prompt
+
+    # after the push the bot answered in both threads with the fix's commit
+    sha = fix.runtime_state["commit_sha"]
+    replies = sorted(gh.fake.review_replies, key=lambda r: r["in_reply_to_id"])
+    assert [r["in_reply_to_id"] for r in replies] == [9001, 9002]
+    assert all(f"`{sha[:12]}`" in r["body"] for r in replies)
+    assert gh.events("review.fix-step")
+
+    # the fix goes through the same gates: green CI completes it and the PR stays ready
+    gh.ci_green(sha)
+    assert gh.run().run.status == "completed"
+
+    # a second review of the same comments (a re-delivery, the bot's own replies) adds nothing
+    gh.deliver("pull_request_review", review(gh, "changes_requested", review_id=700))
+    bot_reply = line_comment(9100, "TASK.md", 2, replies[0]["body"], user="deksdenflow[bot]")
+    bot_reply["user"]["type"] = "Bot"
+    gh.deliver("pull_request_review_comment", comment_event(gh, bot_reply))
+    gh.wait_idle(timeout=30)
+    assert [s.step_index for s in gh.run().steps] == [1, 2, 3]
+
+
+def test_read_only_reviewer_changes_nothing(gh: GitHubLoop) -> None:
+    auto_to_completion(gh)
+    gh.fake.permissions["mallory"] = "read"
+    gh.fake.review_comments[800] = [line_comment(9201, "TASK.md", 1, "Delete everything", user="mallory", review_id=800)]
+    out = gh.deliver("pull_request_review", review(gh, "changes_requested", user="mallory", review_id=800))
+    assert {"review": "nothing that counts"} in out["outcome"]["handled"]
+    assert {"review_comment": 9201, "ignored": "author lacks write access"} in out["outcome"]["handled"]
+    gh.wait_idle()
+    assert len(gh.run().steps) == 2 and gh.run().run.status == "completed"
+    assert gh.fake.review_replies == []
+
+
+def test_approving_review_approves_the_plan(gh: GitHubLoop) -> None:
+    gh.deliver("installation", gh.installation_created())
+    gh.deliver("issue_comment", gh.comment("/plan"))
+    assert gh.run().run.status == "planned" and not gh.run().run.approved
+    # a reader's approval does not count
+    gh.fake.permissions["mallory"] = "read"
+    out = gh.deliver("pull_request_review", review(gh, "approved", user="mallory", review_id=901))
+    assert not gh.run().run.approved
+    assert {"review": "approval by someone who may not approve", "author": "mallory"} in out["outcome"]["handled"]
+    # a writer's approving review is /approve
+    out = gh.deliver("pull_request_review", review(gh, "approved", review_id=902))
+    assert gh.run().run.approved
+    assert {"review": "approved", "author": "alice"} in out["outcome"]["handled"]
+    assert [e.message for e in gh.events("protocol.approved")] == ["plan approved"]
+
+
+def test_mention_works_like_a_slash_command(gh: GitHubLoop) -> None:
+    gh.deliver("installation", gh.installation_created())
+    out = gh.deliver("issue_comment", gh.comment("@deksdenflow plan"))
+    assert out["outcome"]["handled"][-1]["command"] == "plan"
+    assert gh.run().run.status == "planned"
+    gh.deliver("issue_comment", gh.comment("@deksdenflow approve"))
+    assert gh.run().run.approved
+
+
+def test_review_comment_sample_shape_is_accepted(gh: GitHubLoop) -> None:
+    """A line comment on a PR that is no protocol's is read and ignored cleanly."""
+    payload = gh._repo({"action": "created", "comment": line_comment(1, "a", 1, "x"), "pull_request": {"number": 55}})
+    out = gh.deliver("pull_request_review_comment", payload)
+    assert out["status"] == "processed"
+    assert {"ignored": "not the pull/merge request of a protocol"} in out["outcome"]["handled"]
