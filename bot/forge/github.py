@@ -410,6 +410,11 @@ class GitHubForge(AsyncClosing):
         path = f"{repo_path(repo)}/pulls/{number}/comments/{comment_id}/replies"
         await self._request(repo, "POST", path, build_comment(body))
 
+    async def pull_branches(self, repo: RepoRef, number: int) -> tuple[str, str]:
+        """(head branch, base branch) of a pull request."""
+        data = await self._request(repo, "GET", f"{repo_path(repo)}/pulls/{number}")
+        return str(data["head"]["ref"]), str(data["base"]["ref"])
+
     async def mark_ready(self, pull: PullRef) -> None:
         """Take a draft PR out of draft: REST cannot, GraphQL's mutation can (by the node id)."""
         data = await self._request(pull.repo, "GET", f"{repo_path(pull.repo)}/pulls/{pull.number}")

@@ -204,6 +204,8 @@ def project_hook_payload(
 ) -> dict[str, Any]:
     # Confidential issues and their notes come as their own events ("Confidential Issue Hook",
     # "Confidential Note Hook") behind their own flags: without them such issues are silent.
+    # Review feedback needs no flag of its own: diff and discussion notes are note events, an MR
+    # approval is a merge request event (action "approved").
     return {
         "url": url,
         "token": secret,
@@ -327,6 +329,11 @@ class GitLabForge:
             user = await self._client.get("/user")
             self._own_user_id, self._own_username = int(user["id"]), str(user["username"])
         return self._own_username
+
+    async def pull_branches(self, repo: RepoRef, number: int) -> tuple[str, str]:
+        """(source branch, target branch) of a merge request."""
+        mr = await self._client.get(f"/projects/{project_id(repo)}/merge_requests/{number}")
+        return str(mr["source_branch"]), str(mr["target_branch"])
 
     async def reply_in_thread(self, target: IssueRef, discussion_id: str, body: str, *, resolve: bool = False) -> None:
         """A note in a merge request discussion; `resolve` then marks the thread resolved."""

@@ -301,6 +301,11 @@ async def handle_label(ctx: HandlerContext, ev: LabelEvent) -> None:
     await send_replies(ctx, forge, target, ev.author, replies)
 
 
+def forges_repo(services: dict[str, Any], project: Project) -> RepoRef:
+    repo: RepoRef = services["forges"].repo_ref(project)
+    return repo
+
+
 async def dispatch(
     ctx: HandlerContext,
     project: Project,
@@ -353,6 +358,13 @@ async def dispatch(
             task = sanitize_prompt_text(
                 cmd.text or issue_title or "the task described in the issue", 2000
             )
+            pull = None
+            if target.kind != "issue":  # planned on this PR/MR: its branch, found by its number
+                if existing is not None and existing.status not in ("completed", "cancelled", "failed"):
+                    replies.add(f"This already runs {existing.protocol_name} ({existing.status}): `{prefix}status` shows it.")
+                    return "already-planned"
+                head, base = await forge.pull_branches(forges_repo(services, project), target.number)  # type: ignore[attr-defined]
+                pull = (target.number, head, base)
             run = await actions.start_protocol(
                 services,
                 project,
@@ -361,6 +373,7 @@ async def dispatch(
                 issue_body=sanitize_prompt_text(issue_body),
                 auto=name == "auto",
                 reply_to=reply_to,
+                pull=pull,
             )
             return f"planning {run.protocol_name}"
         found = await latest_run(ctx, project, target.number, target.kind)

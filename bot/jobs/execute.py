@@ -22,7 +22,7 @@ from bot.models import ProtocolRun, StepRun, utcnow
 from bot.policies import budget_check_after_step, budget_check_before_step, qa_decision
 from bot.protocol import StartDecision, may_start_step
 from bot.rendering import commit_message, log_entry
-from bot.runs import RunState, emit, load_run, protocol_status
+from bot.runs import RunState, emit, load_run, protocol_status, run_branch
 from bot.spec import ProtocolSpec, StepSpec, validate_spec
 from bot.store import transition
 from engines.base import EngineResult
@@ -244,7 +244,7 @@ async def _execute_call(work: StepWork) -> EngineCall:
     root = work.workdir / ".protocols" / state.run.protocol_name
     values = {
         **step_values(state, s, root),
-        "branch": state.run.protocol_name,
+        "branch": run_branch(state.run),
         "plan": read(root / "plan.md"),
         "context": read(root / "context.md"),
         "attempt": step.retries + 1,

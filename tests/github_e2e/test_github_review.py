@@ -5,6 +5,7 @@ an approving review approves the plan, and the draft is marked ready when the wo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,8 @@ from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
 from tests.github_e2e.conftest import GitHubLoop
 from tests.github_e2e.fake_github import FULL_NAME
-from tests.github_e2e.test_github_gaps import labeled
+from tests.github_e2e.test_github_gaps import labeled, pull_comment
+from tests.gitutil import git
 
 R = f"/repos/{FULL_NAME}"
 PR = 101
@@ -188,3 +190,46 @@ def test_review_comment_sample_shape_is_accepted(gh: GitHubLoop) -> None:
     out = gh.deliver("pull_request_review_comment", payload)
     assert out["status"] == "processed"
     assert {"ignored": "not the pull/merge request of a protocol"} in out["outcome"]["handled"]
+
+
+def test_plan_on_an_existing_pull_request_works_on_its_branch(gh: GitHubLoop, tmp_path: Path) -> None:
+    """`/plan` on a PR someone opened: the plan and the steps go to that PR's branch, the PR is
+    the protocol's, and later commands on it find the protocol (no second PR is opened)."""
+    gh.deliver("installation", gh.installation_created())
+    work = tmp_path / "clone"
+    git("clone", "-q", str(gh.origin), str(work), cwd=tmp_path)
+    git("checkout", "-q", "-b", "feature-x", cwd=work)
+    (work / "feature.txt").write_text("half done\n")
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "-m", "start feature x", cwd=work)
+    git("push", "-q", "origin", "feature-x", cwd=work)
+    gh.fake.pulls[55] = {
+        "number": 55, "node_id": "PR_human55", "html_url": f"https://github.com/{FULL_NAME}/pull/55",
+        "head": {"ref": "feature-x", "repo": {"full_name": FULL_NAME}},
+        "base": {"ref": "main", "repo": {"full_name": FULL_NAME}},
+        "draft": False, "state": "open", "title": "Feature X", "body": "A human's PR.",
+    }  # fmt: skip
+
+    out = gh.deliver("issue_comment", pull_comment(gh, "/plan finish feature x", 55, 7001))
+    assert out["outcome"]["handled"][-1]["result"].startswith("planning 0001-")
+    state = gh.run()
+    assert state.run.status == "planned" and state.run.pr_number == 55 and state.run.issue_number is None
+    assert state.run.runtime_state["branch"] == "feature-x"
+    assert list(gh.fake.pulls) == [55] and gh.fake.pulls[55]["body"] == "A human's PR."  # untouched
+    log = git("log", "--format=%s", "feature-x", cwd=gh.origin)
+    assert "start feature x" in log and "[protocol-0001/00]" in log  # the plan is on the PR's branch
+
+    gh.deliver("issue_comment", pull_comment(gh, "/approve", 55, 7002))
+    assert gh.run().run.approved
+    gh.deliver("issue_comment", pull_comment(gh, "/run-step", 55, 7003))
+    step = gh.run().step(1)
+    assert step.status == "needs_qa"  # executed and pushed; QA passed, CI is next
+    assert git("rev-parse", "feature-x", cwd=gh.origin).strip() == gh.run().run.head_sha
+    assert not any(r.startswith(f"refs/heads/{state.run.protocol_name}") for r in git("for-each-ref", "--format=%(refname)", cwd=gh.origin).split())
+    # CI on the PR's branch reaches the protocol planned on it
+    gh.ci_suite("success")
+    out = gh.deliver("workflow_run", gh.workflow_run("feature-x", step.runtime_state["commit_sha"]))
+    assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "complete"}
+    # a second /plan on the same PR does not start an unrelated protocol
+    out = gh.deliver("issue_comment", pull_comment(gh, "/plan again", 55, 7004))
+    assert out["outcome"]["handled"][-1]["result"] == "already-planned"
