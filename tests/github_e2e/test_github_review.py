@@ -233,3 +233,24 @@ def test_plan_on_an_existing_pull_request_works_on_its_branch(gh: GitHubLoop, tm
     # a second /plan on the same PR does not start an unrelated protocol
     out = gh.deliver("issue_comment", pull_comment(gh, "/plan again", 55, 7004))
     assert out["outcome"]["handled"][-1]["result"] == "already-planned"
+
+
+def test_ready_for_review_failure_is_said_not_fatal(gh: GitHubLoop) -> None:
+    gh.fake.fail_next("POST", r"/graphql", 403, {"message": "Resource not accessible by integration"})
+    auto_to_completion(gh)
+    assert gh.run().run.status == "completed"  # the work is done either way
+    assert gh.fake.pulls[PR]["draft"] is True
+    assert "could not be marked ready" in gh.fake.comments[1002]["body"]
+    assert [e.message for e in gh.events("feedback.failed")] == ["ready for review: GitHubHTTPError"]
+
+
+def test_review_on_a_cancelled_protocol_adds_nothing(gh: GitHubLoop) -> None:
+    gh.deliver("installation", gh.installation_created())
+    gh.deliver("issue_comment", gh.comment("/plan"))
+    gh.deliver("issue_comment", gh.comment("/cancel"))
+    gh.fake.review_comments[710] = [line_comment(9301, "TASK.md", 1, "Change it")]
+    gh.deliver("pull_request_review", review(gh, "changes_requested", review_id=710))
+    gh.wait_idle()
+    state = gh.run()
+    assert state.run.status == "cancelled" and len(state.steps) == 2
+    assert [e.message for e in gh.events("review.ignored")] == ["review feedback on a cancelled protocol"]

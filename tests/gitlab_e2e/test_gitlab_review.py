@@ -125,6 +125,15 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     assert world.fake.state.discussions[(PROJECT_ID, iid, "d-one")] is True
     assert world.fake.state.discussions[(PROJECT_ID, iid, "d-bob")] is False
 
+    # a later note in a thread the bot resolved, and the bot's own notes, change nothing
+    follow = mr_note(world, iid, "thanks", world.alice, path="TASK.md", line=2, discussion="d-two")
+    own = mr_note(world, iid, replies[0]["body"], world.fake.bot, path="TASK.md", line=2, discussion="d-one")
+    for payload in (follow, own):
+        answer = world.send("Note Hook", payload)
+        handled = world.delivery_result(answer["id"])["handled"]
+        assert {"review": "nothing that counts"} in handled, handled
+    assert len(world.steps()) == 3 and world.run().status == "completed"
+
 
 def test_plain_mr_note_and_stripped_quick_action_change_nothing(world_factory: Callable[..., World]) -> None:
     world = world_factory(default_settings=True)
