@@ -414,6 +414,18 @@ def reply_body(sha: str, step_index: int, url: str | None = None) -> str:
     return f"Addressed in {commit} (step {step_index:02d}, the fix for this review)."
 
 
+def unthreaded_reply(comments: Iterable[ReviewComment], sha: str, step_index: int) -> str | None:
+    """One PR/MR comment for the feedback that has no thread to answer in (a review's own text,
+    a comment that mentioned the bot), or None when every comment had its thread."""
+    loose = [c for c in comments if not c.thread_id and c.kind != "line"]
+    if not loose:
+        return None
+    items = ", ".join(
+        f"the review of @{c.author}" if c.kind == "review" else f"the comment of @{c.author}" for c in loose
+    )
+    return f"{reply_body(sha, step_index)[:-1]}: {items}."
+
+
 def threads_to_answer(comments: Iterable[ReviewComment]) -> list[tuple[str, int]]:
     """(thread id, a comment id in it) once per thread with a place to reply, in order."""
     out: list[tuple[str, int]] = []

@@ -15,7 +15,9 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from arq import Retry
 
 from bot import gitops
 from bot.feedback import forge_of, publish_state
@@ -30,6 +32,7 @@ from bot.review import (
     hunk_for_line,
     reply_body,
     threads_to_answer,
+    unthreaded_reply,
 )
 from bot.runs import (
     RunState,
@@ -52,6 +55,7 @@ from bot.spec import (
 
 log = logging.getLogger(__name__)
 
+BUSY_RETRY_S = 10.0  # how soon a fix-step job looks again when a step holds the protocol
 KEEP_S = 7 * 24 * 3600  # a buffer nobody flushes (a dead protocol) goes away on its own
 # protocol states in which a review can still add work
 _OPEN = frozenset({"planned", "running", "paused", "blocked", "completed"})
@@ -96,7 +100,16 @@ async def review_fix(ctx: dict[str, Any], *, protocol_run_id: int, quiet_s: floa
     async def body(env: JobEnv) -> str:
         return await _fix(env, protocol_run_id)
 
-    outcome = await guarded(ctx, "review_fix", protocol_run_id, None, body)
+    try:
+        outcome = await guarded(ctx, "review_fix", protocol_run_id, None, body)
+    except Retry:
+        # a step is running (it holds the lease, maybe for half an hour): come back later under
+        # a new job id rather than spend arq's tries; the comments wait in the buffer meanwhile
+        await redis.enqueue_job(
+            "review_fix", _job_id=f"review:{protocol_run_id}:later:{time.time_ns()}",
+            protocol_run_id=protocol_run_id, _defer_by=BUSY_RETRY_S,
+        )  # fmt: skip
+        return "busy"
     if outcome.startswith("step "):
         from bot.jobs.advance import enqueue_next_step
 
@@ -245,7 +258,18 @@ async def reply_in_threads(ctx: dict[str, Any], run_id: int, step_index: int) ->
             continue
         done.add(thread)
         answered += 1
-        await update_step(ctx["db"], step.id, runtime_state={**rs, "review_replied": sorted(done)})
+        rs = {**rs, "review_replied": sorted(done)}
+        await update_step(ctx["db"], step.id, runtime_state=rs)
+    loose = unthreaded_reply(comments, sha, step_index)
+    if loose is not None and not rs.get("review_answered_pr"):
+        kind: Literal["pull", "merge_request"] = "merge_request" if state.project.provider == "gitlab" else "pull"
+        try:
+            await forge.post_comment(IssueRef(repo, state.run.pr_number, kind), loose)
+        except Exception as exc:  # a courtesy, as above
+            log.warning("review answer on the PR failed: %s", exc)
+            return answered
+        await update_step(ctx["db"], step.id, runtime_state={**rs, "review_answered_pr": True})
+        answered += 1
     return answered
 
 

@@ -132,6 +132,9 @@ def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
     replies = sorted(gh.fake.review_replies, key=lambda r: r["in_reply_to_id"])
     assert [r["in_reply_to_id"] for r in replies] == [9001, 9002]
     assert all(f"`{sha[:12]}`" in r["body"] for r in replies)
+    # the review's own text had no thread: one answer on the PR names it
+    answers = [c["body"] for c in gh.fake.comments.values() if c["issue"] == PR and "Addressed in" in c["body"]]
+    assert answers == [f"Addressed in `{sha[:12]}` (step 03, the fix for this review): the review of @alice."]
     assert gh.events("review.fix-step")
 
     # the fix goes through the same gates: green CI completes it and the PR stays ready
@@ -254,3 +257,18 @@ def test_review_on_a_cancelled_protocol_adds_nothing(gh: GitHubLoop) -> None:
     state = gh.run()
     assert state.run.status == "cancelled" and len(state.steps) == 2
     assert [e.message for e in gh.events("review.ignored")] == ["review feedback on a cancelled protocol"]
+
+
+def test_mention_on_the_pr_is_feedback_after_the_quiet_window(gh: GitHubLoop, prompts: list[EngineRequest]) -> None:
+    auto_to_completion(gh)
+    gh.deliver("issue_comment", pull_comment(gh, "@deksdenflow please add a docstring to greet", PR, 7101))
+    gh.deliver("issue_comment", pull_comment(gh, "Nice work, everyone", PR, 7102))  # names nobody
+    gh.wait_idle(timeout=30)
+    state = gh.run()
+    assert len(state.steps) == 3
+    assert [c["comment_id"] for c in state.step(3).runtime_state["review"]] == [7101]
+    prompt = next(r.prompt for r in prompts if r.phase == "execute" and r.context.get("step_index") == 3)
+    assert "please add a docstring to greet" in prompt and "the pull request as a whole" in prompt
+    assert "Nice work" not in prompt
+    assert gh.fake.review_replies == []  # no thread: the answer is a PR comment
+    assert any("the comment of @alice" in c["body"] for c in gh.fake.comments.values() if c["issue"] == PR)

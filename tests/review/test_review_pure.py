@@ -28,6 +28,7 @@ from bot.review import (
     review_body_comment,
     select_comments,
     threads_to_answer,
+    unthreaded_reply,
 )
 
 SAMPLES = Path(__file__).with_name("samples")
@@ -234,6 +235,12 @@ def test_hunk_for_line_clips_long_hunks() -> None:
     lines = hunk.splitlines()
     assert lines[0] == "@@ -0,0 +1,200 @@" and len(lines) <= 30 and "+line 150" in lines
     assert hunk_for_line("", 3) == ""
+
+
+def test_unthreaded_reply() -> None:
+    assert unthreaded_reply([rc(1, thread_id="5", kind="line")], "abcdef0123456789", 2) is None
+    text = unthreaded_reply([rc(1, kind="review"), rc(2, "bob", kind="comment"), rc(3, thread_id="d", kind="comment")], "abcdef0123456789", 2)
+    assert text == "Addressed in `abcdef012345` (step 02, the fix for this review): the review of @alice, the comment of @bob."
 
 
 def test_reply_body_names_the_commit() -> None:
