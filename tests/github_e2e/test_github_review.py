@@ -4,6 +4,9 @@ an approving review approves the plan, and the draft is marked ready when the wo
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -272,3 +275,44 @@ def test_mention_on_the_pr_is_feedback_after_the_quiet_window(gh: GitHubLoop, pr
     assert "Nice work" not in prompt
     assert gh.fake.review_replies == []  # no thread: the answer is a PR comment
     assert any("the comment of @alice" in c["body"] for c in gh.fake.comments.values() if c["issue"] == PR)
+
+
+def test_review_while_a_step_runs_waits_for_it(gh: GitHubLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fix step needs the protocol's branch: a review that comes while a step's engine runs
+    is kept and appended once the step is done, nothing lost and nothing run twice."""
+    release = threading.Event()
+    started = threading.Event()
+    original = ScriptedEngine.run
+
+    async def run(self: ScriptedEngine, request: EngineRequest) -> EngineResult:
+        if request.phase == "execute" and request.context.get("step_index") == 1:
+            started.set()
+            await asyncio.to_thread(release.wait, 30)
+        return await original(self, request)
+
+    monkeypatch.setattr(ScriptedEngine, "run", run)
+    gh.deliver("installation", gh.installation_created())
+    gh.deliver("issue_comment", gh.comment("/plan"))
+    gh.deliver("issue_comment", gh.comment("/approve"))
+    gh.post("issue_comment", gh.comment("/run-step"))
+    assert started.wait(20)
+    gh.fake.review_comments[720] = [line_comment(9401, "TASK.md", 1, "Say more")]
+    answer = gh.post("pull_request_review", review(gh, "changes_requested", review_id=720))
+    deadline = time.monotonic() + 20
+    while not gh.call(_job_busy, gh):
+        assert time.monotonic() < deadline, "the fix-step job never found the step running"
+        time.sleep(0.05)
+    assert len(gh.run().steps) == 2
+    release.set()
+    gh.wait_idle(answer["id"], timeout=40)
+    state = gh.run()
+    assert [s.step_index for s in state.steps] == [1, 2, 3]
+    assert [c["comment_id"] for c in state.step(3).runtime_state["review"]] == [9401]
+    assert state.step(1).status in ("needs_qa", "completed")
+
+
+async def _job_busy(gh: GitHubLoop) -> bool:
+    """Whether a fix-step job came back later because the protocol was busy."""
+    assert gh.state.redis is not None
+    keys = await gh.state.redis.keys("arq:job:review:*:later:*")
+    return bool(keys)
