@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
 from tests.gitlab.fake_gitlab import BOT_USERNAME
 from tests.gitlab_e2e.conftest import PROJECT_ID, SAMPLES, World
+from tests.gitutil import git
 
 BOT = f"@{BOT_USERNAME}"
 
@@ -152,3 +154,26 @@ def test_plain_mr_note_and_stripped_quick_action_change_nothing(world_factory: C
     world.send("Note Hook", approve)
     world.wait(lambda: bool(world.run().approved), "approval by mention")
     assert len(world.steps()) == 2
+
+
+def test_mention_plan_on_an_existing_merge_request(world_factory: Callable[..., World], tmp_path: Path) -> None:
+    """`@bot plan` on a human's MR plans on its source branch; the MR is the protocol's."""
+    world = world_factory(default_settings=True)
+    work = tmp_path / "clone"
+    git("clone", "-q", str(world.origin), str(work), cwd=tmp_path)
+    git("checkout", "-q", "-b", "feature-y", cwd=work)
+    (work / "y.txt").write_text("y\n")
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "-m", "start y", cwd=work)
+    git("push", "-q", "origin", "feature-y", cwd=work)
+    mr = world.fake.add_merge_request(world.project, source_branch="feature-y", title="Feature Y", author=world.alice)
+    iid = int(mr["iid"])
+    plan = mr_note(world, iid, f"{BOT} plan finish feature y", world.alice)
+    world.send("Note Hook", plan)
+    run = world.wait_run("planned", ["pending", "pending"])
+    assert run.pr_number == iid and run.issue_number is None
+    assert json.loads(run.runtime_state)["branch"] == "feature-y"
+    assert "[protocol-0001/00]" in git("log", "--format=%s", "feature-y", cwd=world.origin)
+    assert len(world.fake.state.merge_requests) == 1  # no second MR
+    world.send("Note Hook", mr_note(world, iid, f"{BOT} approve", world.alice))
+    world.wait(lambda: bool(world.run().approved), "approval on the MR")
