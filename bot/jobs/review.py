@@ -26,6 +26,7 @@ from bot.jobs.boundary import guarded
 from bot.jobs.env import JobEnv
 from bot.review import (
     FIX_SLUG,
+    MAX_COMMENTS_PER_STEP,
     ReviewComment,
     fix_step_markdown,
     fix_step_title,
@@ -139,9 +140,13 @@ async def _pending(env: JobEnv, run_id: int) -> list[ReviewComment]:
 
 
 async def _fix(env: JobEnv, run_id: int) -> str:
-    comments = await _pending(env, run_id)
-    if not comments:
+    pending = await _pending(env, run_id)
+    if not pending:
         return "nothing"
+    # a flood of notes makes several steps of bounded size, not one unbounded prompt
+    comments, rest = pending[:MAX_COMMENTS_PER_STEP], pending[MAX_COMMENTS_PER_STEP:]
+    if rest:
+        await enqueue_flush(env.redis, run_id, f"rest-{time.time_ns()}", BUSY_RETRY_S)
     state = await load_run(env.db, run_id)
     if state.run.status not in _OPEN or not state.run.template_config:
         await _take(env, run_id, comments)
