@@ -181,7 +181,9 @@ async def _fix(env: JobEnv, run_id: int) -> str:
     await emit(env.db, fresh, "review.fix-step", message, step, comments=[c.comment_id for c in comments])
     if fresh.run.status == "completed":
         # completed only reopens through blocked (as a red CI does); the fix step runs at once
-        await set_protocol_status(env.db, run_id, "blocked", "reopened for review feedback")
+        # the "ready for review" note no longer holds while the fix runs
+        runtime = {k: v for k, v in (fresh.run.runtime_state or {}).items() if k != "message"}
+        await set_protocol_status(env.db, run_id, "blocked", "reopened for review feedback", runtime_state=runtime)
         await set_protocol_status(env.db, run_id, "running", "running the review fix")
     await publish_state(env.ctx, await load_run(env.db, run_id), message)
     return f"step {step_spec.index}"
