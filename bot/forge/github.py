@@ -405,6 +405,11 @@ class GitHubForge(AsyncClosing):
         path = f"{repo_path(repo)}/pulls/{number}/reviews/{review_id}/comments"
         return [c for c in await self._get_all(repo, path) if isinstance(c, dict)]
 
+    async def review_state(self, repo: RepoRef, number: int, review_id: int) -> str:
+        """`approved`, `changes_requested`, `commented`, … of one review (lower case)."""
+        data = await self._request(repo, "GET", f"{repo_path(repo)}/pulls/{number}/reviews/{review_id}")
+        return str(data.get("state") or "").lower()
+
     async def reply_in_thread(self, repo: RepoRef, number: int, comment_id: int, body: str) -> None:
         """Answer in a review comment's thread (GitHub replies to the thread's first comment)."""
         path = f"{repo_path(repo)}/pulls/{number}/comments/{comment_id}/replies"

@@ -49,6 +49,7 @@ REQUESTS: tuple[Need, ...] = (
     Need("PATCH", _REPO + r"/pulls/\d+", "pull_requests", "write", "update the PR"),
     Need("GET", _REPO + r"/pulls/\d+", "pull_requests", "read", "is the PR from a fork"),
     Need("GET", _REPO + r"/pulls/\d+/reviews/\d+/comments", "pull_requests", "read", "a review's comments"),
+    Need("GET", _REPO + r"/pulls/\d+/reviews/\d+", "pull_requests", "read", "the state of a comment's review"),
     Need("POST", _REPO + r"/pulls/\d+/comments/\d+/replies", "pull_requests", "write", "answer a review thread"),
     Need("POST", r"/graphql", "pull_requests", "write", "mark the draft PR ready for review"),
     Need("POST", _REPO + r"/check-runs", "checks", "write", "step and QA check runs"),

@@ -176,8 +176,25 @@ async def github_line_comment(ctx: HandlerContext) -> None:
         return
     project, run = found
     forge: Forge = ctx.services["forges"].forge_for(project)
+    comment = event[1]
+    if comment.review_id is not None and await _review_requests_changes(ctx, project, forge, event[0], comment.review_id):
+        # its review's own delivery takes every comment of it at once, as one batch
+        ctx.note(review="taken with its review", review_id=comment.review_id)
+        return
     quiet: float = ctx.services["settings"].review_quiet_s
-    await take_feedback(ctx, project, run, forge, [event[1]], batch=f"gh-comment-{event[1].comment_id}", quiet_s=quiet)
+    await take_feedback(ctx, project, run, forge, [comment], batch=f"gh-comment-{comment.comment_id}", quiet_s=quiet)
+
+
+async def _review_requests_changes(ctx: HandlerContext, project: Project, forge: Forge, number: int, review_id: int) -> bool:
+    state = getattr(forge, "review_state", None)
+    if state is None:
+        return False
+    try:
+        found: str = await state(ctx.services["forges"].repo_ref(project), number, review_id)
+    except DeksdenFlowError as exc:  # unknown: count the comment on its own (the batch dedupes)
+        log.warning("review %s state unknown: %s", review_id, exc)
+        return False
+    return found == "changes_requested"
 
 
 @router.register("github", "issue_comment", "created")

@@ -83,12 +83,13 @@ async def drive_every_method(forge: GitHubForge) -> set[str]:
     await forge.reply_in_thread(repo, 3, 9001, "fixed")
     await forge.mark_ready(pull)  # a GET of the PR, then the GraphQL mutation
     await forge.pull_branches(repo, 3)
+    await forge.review_state(repo, 3, 700)
     return {
         "bot_login", "installation_id", "add_reaction", "post_comment", "upsert_status_comment",
         "open_draft_pr", "update_pr", "report_check", "put_check", "get_permission",
         "pull_is_fork", "git_auth_header", "get_repo", "has_path", "list_check_suites",
         "list_check_runs", "convert_manifest", "review_comments", "reply_in_thread", "mark_ready",
-        "pull_branches",
+        "pull_branches", "review_state",
     }
 
 

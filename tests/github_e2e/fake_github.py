@@ -67,6 +67,7 @@ class FakeGitHub:
         # review comments per review id (GET …/reviews/{id}/comments) and the bot's thread replies
         self.review_comments: dict[int, list[dict[str, Any]]] = {}
         self.review_replies: list[dict[str, Any]] = []
+        self.review_states: dict[int, str] = {}  # review id → its state, as the API spells it
         self.valid_tokens: set[str] = set()
         # installation tokens live `token_ttl` seconds on `clock` (a test may set both)
         self.clock: Callable[[], float] = time.time
@@ -212,6 +213,12 @@ class FakeGitHub:
         m = re.fullmatch(r"/pulls/(\d+)/reviews/(\d+)/comments", rest)
         if m and method == "GET":
             return 200, {}, self.review_comments.get(int(m.group(2)), [])
+        m = re.fullmatch(r"/pulls/(\d+)/reviews/(\d+)", rest)
+        if m and method == "GET":
+            rid = int(m.group(2))
+            if rid not in self.review_states:
+                return 404, {}, {"message": "Not Found"}
+            return 200, {}, {"id": rid, "state": self.review_states[rid]}
         m = re.fullmatch(r"/pulls/(\d+)/comments/(\d+)/replies", rest)
         if m and method == "POST":
             reply = {"id": next(self._ids), "pull": int(m.group(1)), "in_reply_to_id": int(m.group(2)), "body": body["body"]}

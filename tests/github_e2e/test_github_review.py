@@ -106,14 +106,17 @@ def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
         line_comment(9002, "TASK.md", 2, "Say which issue this comes from."),
     ]
     gh.fake.review_comments[700] = comments
+    gh.fake.review_states.update({700: "CHANGES_REQUESTED", 701: "COMMENTED"})
     gh.fake.permissions["mallory"] = "read"
-    # GitHub sends each line comment and the review itself; a read-only user's comment on the
-    # same PR arrives too
-    gh.post("pull_request_review_comment", comment_event(gh, comments[0]))
-    gh.post("pull_request_review_comment", comment_event(gh, line_comment(9003, "TASK.md", 1, "Delete all", user="mallory", review_id=701)))
-    out = gh.deliver("pull_request_review", review(gh, "changes_requested", body="Two things, see the lines."))
+    # GitHub sends each line comment and the review itself: the comments of a review that
+    # requests changes wait for it; a read-only user's comment on the same PR arrives too
+    out = gh.deliver("pull_request_review_comment", comment_event(gh, comments[0]))
+    assert {"review": "taken with its review", "review_id": 700} in out["outcome"]["handled"]
+    out = gh.deliver("pull_request_review_comment", comment_event(gh, line_comment(9003, "TASK.md", 1, "Delete all", user="mallory", review_id=701)))
+    assert {"review_comment": 9003, "ignored": "author lacks write access"} in out["outcome"]["handled"]
+    out = gh.deliver("pull_request_review", review(gh, "changes_requested", body="Two things, see the lines."), timeout=60)
     assert out["status"] == "processed", out
-    gh.wait_idle(timeout=30)
+    gh.wait_idle(timeout=60)
 
     state = gh.run()
     assert [s.step_index for s in state.steps] == [1, 2, 3]  # ONE fix step for the review
@@ -145,11 +148,11 @@ def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
     assert gh.run().run.status == "completed"
 
     # a second review of the same comments (a re-delivery, the bot's own replies) adds nothing
-    gh.deliver("pull_request_review", review(gh, "changes_requested", review_id=700))
-    bot_reply = line_comment(9100, "TASK.md", 2, replies[0]["body"], user="deksdenflow[bot]")
+    gh.deliver("pull_request_review", review(gh, "changes_requested", review_id=700), timeout=60)
+    bot_reply = line_comment(9100, "TASK.md", 2, replies[0]["body"], user="deksdenflow[bot]", review_id=799)
     bot_reply["user"]["type"] = "Bot"
-    gh.deliver("pull_request_review_comment", comment_event(gh, bot_reply))
-    gh.wait_idle(timeout=30)
+    gh.deliver("pull_request_review_comment", comment_event(gh, bot_reply), timeout=60)
+    gh.wait_idle(timeout=60)
     assert [s.step_index for s in gh.run().steps] == [1, 2, 3]
 
 
@@ -264,9 +267,9 @@ def test_review_on_a_cancelled_protocol_adds_nothing(gh: GitHubLoop) -> None:
 
 def test_mention_on_the_pr_is_feedback_after_the_quiet_window(gh: GitHubLoop, prompts: list[EngineRequest]) -> None:
     auto_to_completion(gh)
-    gh.deliver("issue_comment", pull_comment(gh, "@deksdenflow please add a docstring to greet", PR, 7101))
+    gh.deliver("issue_comment", pull_comment(gh, "@deksdenflow please add a docstring to greet", PR, 7101), timeout=60)
     gh.deliver("issue_comment", pull_comment(gh, "Nice work, everyone", PR, 7102))  # names nobody
-    gh.wait_idle(timeout=30)
+    gh.wait_idle(timeout=60)
     state = gh.run()
     assert len(state.steps) == 3
     assert [c["comment_id"] for c in state.step(3).runtime_state["review"]] == [7101]
@@ -316,3 +319,18 @@ async def _job_busy(gh: GitHubLoop) -> bool:
     assert gh.state.redis is not None
     keys = await gh.state.redis.keys("arq:job:review:*:later:*")
     return bool(keys)
+
+
+def test_line_comments_of_a_commented_review_make_one_step(gh: GitHubLoop, prompts: list[EngineRequest]) -> None:
+    """A review in state `commented` does not request changes, but its line comments (each its
+    own delivery) are feedback: those within the quiet window make one step."""
+    auto_to_completion(gh)
+    gh.fake.review_states[730] = "COMMENTED"
+    for cid, line in ((9501, 1), (9502, 2)):
+        gh.post("pull_request_review_comment", comment_event(gh, line_comment(cid, "TASK.md", line, f"nit {cid}", review_id=730)))
+    gh.post("pull_request_review", review(gh, "commented", review_id=730))
+    gh.wait_idle(timeout=60)
+    state = gh.run()
+    assert [s.step_index for s in state.steps] == [1, 2, 3]
+    assert sorted(c["comment_id"] for c in state.step(3).runtime_state["review"]) == [9501, 9502]
+    assert sorted(r["in_reply_to_id"] for r in gh.fake.review_replies) == [9501, 9502]

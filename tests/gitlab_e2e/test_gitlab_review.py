@@ -105,7 +105,7 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     world.send("Note Hook", mr_note(world, iid, "Mention the issue here.", world.alice,
                                     path="TASK.md", line=2, discussion="d-two"))  # fmt: skip
     world.send("Note Hook", mr_note(world, iid, "Remove everything", world.bob, path="TASK.md", line=1, discussion="d-bob"))
-    world.wait(lambda: len(world.steps()) == 3, "the fix step", timeout=40)
+    world.wait(lambda: len(world.steps()) == 3, "the fix step", timeout=60)
     world.wait_run("completed", ["completed", "completed", "completed"])
     fix = world.steps()[2]
     assert fix.step_name == "03-review-fix"
