@@ -33,8 +33,13 @@ async def start_protocol(
     auto: bool = False,
     approved: bool = False,
     reply_to: dict[str, Any] | None = None,
+    pull: tuple[int, str, str] | None = None,
 ) -> ProtocolRun:
-    """Pick the next protocol number, create the run and enqueue its planning."""
+    """Pick the next protocol number, create the run and enqueue its planning.
+
+    `pull` (number, head branch, base branch): plan on an existing PR/MR, committing to its
+    branch, so later commands on that PR/MR find the protocol by its number.
+    """
     auth = await ctx["forges"].forge_for(project).git_auth_header(ctx["forges"].repo_ref(project))
     mirror = await ctx["git"].ensure_mirror(project.git_url, auth)
     for _ in range(20):
@@ -47,7 +52,7 @@ async def start_protocol(
                 project=project,
                 protocol_name=protocol_name(number, task),
                 description=task,
-                base_branch=project.base_branch,
+                base_branch=pull[2] if pull else project.base_branch,
                 issue_number=issue_number,
                 auto_mode=auto,
                 approved=approved or auto,
@@ -57,8 +62,12 @@ async def start_protocol(
             continue
     else:  # pragma: no cover - 20 collisions in a row means something else is wrong
         raise TransitionConflict("ProtocolRun", 0, "busy", "pending")
-    if issue_body:
-        await update_run(ctx["db"], run.id, runtime_state={"issue_body": issue_body})
+    runtime: dict[str, Any] = {"issue_body": issue_body} if issue_body else {}
+    if pull is not None:
+        runtime["branch"] = pull[1]
+        await update_run(ctx["db"], run.id, pr_number=pull[0])
+    if runtime:
+        await update_run(ctx["db"], run.id, runtime_state=runtime)
     await ctx["redis"].enqueue_job(
         "plan_protocol", _job_id=f"plan:{run.id}:0", protocol_run_id=run.id, reply_to=reply_to
     )
@@ -109,6 +118,10 @@ async def _carry_on(ctx: dict[str, Any], state: Any) -> None:
         return
     if all(s.status == "completed" for s in state.steps):
         await set_protocol_status(ctx["db"], state.run.id, "completed", "every step completed")
+        from bot.jobs.ready import announce_ready
+
+        state.run.status = "completed"
+        await announce_ready(ctx, state)
     elif state.run.auto_mode:
         from bot.jobs.advance import enqueue_next_step
 

@@ -329,8 +329,9 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def help_text(prefix: str = "/", forge: str = "github") -> str:
-    """The markdown reply to /help, in the forge's own words (PR or MR, roles)."""
+def help_text(prefix: str = "/", forge: str = "github", bot: str = "") -> str:
+    """The markdown reply to /help, in the forge's own words (PR or MR, roles); `bot` is the
+    handle mentions use (`@bot plan …` works wherever `/plan …` does)."""
     gitlab = forge == "gitlab"
     thread = "merge-request" if gitlab else "pull-request"
     rows = "\n".join(
@@ -349,10 +350,13 @@ def help_text(prefix: str = "/", forge: str = "github") -> str:
         f"{rows}\n\n"
         f"A protocol starts with `{prefix}plan`: the plan lands on its own branch and a {pr}; "
         f"`{prefix}approve` approves it, then `{prefix}run-step` runs the steps one by one.\n\n"
+        + f"Mentioning the bot works too: `@{bot or '<bot>'} plan …` is `{prefix}plan …`.\n\n"
         + (
-            # GitLab runs its own quick actions (/approve among them) on MR notes and strips them
-            "On GitLab `/approve` in a merge-request comment is GitLab's own quick action: "
-            "approve the plan from the issue's comments (or the console).\n\n"
+            # GitLab runs its own quick actions on notes and strips them before any webhook
+            "On GitLab `/approve`, `/assign`, `/label`, `/close`, `/merge` and the like are "
+            "GitLab's own quick actions: GitLab applies them and removes them from the comment "
+            f"before the bot sees it. To approve the plan, write `@{bot or '<bot>'} approve`; "
+            "approving the merge request in GitLab counts as well.\n\n"
             if gitlab and prefix == "/"
             else ""
         )

@@ -23,7 +23,7 @@ from bot.forge.base import (
 from bot.loop_policy import attempt_text
 from bot.models import ForgeRecord
 from bot.rendering import ProtocolView, StepView, check_run_output, status_comment, status_marker
-from bot.runs import RunState, emit, load_run
+from bot.runs import RunState, emit, load_run, run_branch
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def protocol_view(
             step_view(s, links.step_page(public_url, run.id, s.step_index)) for s in state.steps
         ),
         current_step=current,
-        branch=run.protocol_name,
+        branch=run_branch(run),
         pr_url=run.pr_url,
         pr_number=run.pr_number,
         tokens_used=run.tokens_used or None,
@@ -327,7 +327,7 @@ async def open_or_update_pr(
     repo = ctx["forges"].repo_ref(state.project)
     try:
         pull = await forge.open_draft_pr(
-            repo, head=state.run.protocol_name, base=state.run.base_branch, title=title, body=body
+            repo, head=run_branch(state.run), base=state.run.base_branch, title=title, body=body
         )
     except Exception as exc:
         log.warning("draft PR for %s failed: %s", state.run.protocol_name, exc)

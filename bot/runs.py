@@ -151,6 +151,12 @@ async def set_step_status(db: Database, step_id: int, wanted: str, message: str 
         )
 
 
+def run_branch(run: ProtocolRun) -> str:
+    """The branch a protocol commits to: its own (named after it), or the PR's it was planned on."""
+    branch = (run.runtime_state or {}).get("branch")
+    return branch if isinstance(branch, str) and branch else run.protocol_name
+
+
 async def update_run(db: Database, run_id: int, **values: Any) -> None:
     async with db.sessions.begin() as session:
         await session.execute(update(ProtocolRun).where(ProtocolRun.id == run_id).values(updated_at=utcnow(), **values))

@@ -193,6 +193,8 @@ class Settings(BaseSettings):
     command_prefix: str = Field(default="/", min_length=1, max_length=16)
     reply_rate_limit: int = Field(default=10, ge=0)  # bot replies per user and repository …
     reply_rate_window_s: int = Field(default=600, ge=1)  # … per this many seconds; 0 = no limit
+    # GitLab review notes that arrive within this many seconds of each other make one fix step
+    review_quiet_s: float = Field(default=5.0, ge=0)
     delivery_lease_s: float = Field(default=30.0, gt=0)
     header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=10.0, gt=0)

@@ -139,6 +139,15 @@ def build_pr_update(*, title: str | None, body: str | None) -> dict[str, str]:
     return update
 
 
+def build_ready_mutation(node_id: str) -> dict[str, Any]:
+    """The GraphQL request that marks a draft pull request ready for review."""
+    return {
+        "query": "mutation($id: ID!) { markPullRequestReadyForReview(input: {pullRequestId: $id}) "
+        "{ pullRequest { isDraft } } }",
+        "variables": {"id": node_id},
+    }
+
+
 def pull_ref(repo: RepoRef, data: Mapping[str, Any]) -> PullRef:
     return PullRef(
         repo=repo,
@@ -388,6 +397,38 @@ class GitHubForge(AsyncClosing):
             await self._request(
                 pull.repo, "PATCH", f"{repo_path(pull.repo)}/pulls/{pull.number}", update
             )
+
+    # review feedback (issue 12)
+
+    async def review_comments(self, repo: RepoRef, number: int, review_id: int) -> list[dict[str, Any]]:
+        """Every line comment of one submitted review (the review event does not carry them)."""
+        path = f"{repo_path(repo)}/pulls/{number}/reviews/{review_id}/comments"
+        return [c for c in await self._get_all(repo, path) if isinstance(c, dict)]
+
+    async def review_state(self, repo: RepoRef, number: int, review_id: int) -> str:
+        """`approved`, `changes_requested`, `commented`, … of one review (lower case)."""
+        data = await self._request(repo, "GET", f"{repo_path(repo)}/pulls/{number}/reviews/{review_id}")
+        return str(data.get("state") or "").lower()
+
+    async def reply_in_thread(self, repo: RepoRef, number: int, comment_id: int, body: str) -> None:
+        """Answer in a review comment's thread (GitHub replies to the thread's first comment)."""
+        path = f"{repo_path(repo)}/pulls/{number}/comments/{comment_id}/replies"
+        await self._request(repo, "POST", path, build_comment(body))
+
+    async def pull_branches(self, repo: RepoRef, number: int) -> tuple[str, str]:
+        """(head branch, base branch) of a pull request."""
+        data = await self._request(repo, "GET", f"{repo_path(repo)}/pulls/{number}")
+        return str(data["head"]["ref"]), str(data["base"]["ref"])
+
+    async def mark_ready(self, pull: PullRef) -> None:
+        """Take a draft PR out of draft: REST cannot, GraphQL's mutation can (by the node id)."""
+        data = await self._request(pull.repo, "GET", f"{repo_path(pull.repo)}/pulls/{pull.number}")
+        if not data.get("draft"):
+            return
+        answer = await self._request(pull.repo, "POST", "/graphql", build_ready_mutation(str(data["node_id"])))
+        errors = answer.get("errors") if isinstance(answer, dict) else None
+        if errors:  # GraphQL answers 200 with its errors in the body
+            raise GitHubHTTPError(422, f"markPullRequestReadyForReview: {errors}")
 
     async def _find_check_run(self, repo: RepoRef, check: CheckReport) -> tuple[int, str] | None:
         key = (repo.full_name, check.head_sha, check.name)

@@ -48,6 +48,10 @@ REQUESTS: tuple[Need, ...] = (
     Need("POST", _REPO + r"/pulls", "pull_requests", "write", "open the draft PR"),
     Need("PATCH", _REPO + r"/pulls/\d+", "pull_requests", "write", "update the PR"),
     Need("GET", _REPO + r"/pulls/\d+", "pull_requests", "read", "is the PR from a fork"),
+    Need("GET", _REPO + r"/pulls/\d+/reviews/\d+/comments", "pull_requests", "read", "a review's comments"),
+    Need("GET", _REPO + r"/pulls/\d+/reviews/\d+", "pull_requests", "read", "the state of a comment's review"),
+    Need("POST", _REPO + r"/pulls/\d+/comments/\d+/replies", "pull_requests", "write", "answer a review thread"),
+    Need("POST", r"/graphql", "pull_requests", "write", "mark the draft PR ready for review"),
     Need("POST", _REPO + r"/check-runs", "checks", "write", "step and QA check runs"),
     Need("PATCH", _REPO + r"/check-runs/\d+", "checks", "write", "update a check run"),
     Need("GET", _REPO + r"/commits/[^/]+/check-runs", "checks", "read", "find our check run"),
@@ -83,6 +87,8 @@ EVENTS: tuple[str, ...] = (
     "check_run",
     "workflow_run",
     "status",
+    "pull_request_review",
+    "pull_request_review_comment",
 )
 
 

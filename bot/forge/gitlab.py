@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from contextlib import aclosing
 from typing import Any, Literal
+from urllib.parse import quote
 
 from bot.errors import ForgeError
 from bot.forge.base import (
@@ -203,6 +204,8 @@ def project_hook_payload(
 ) -> dict[str, Any]:
     # Confidential issues and their notes come as their own events ("Confidential Issue Hook",
     # "Confidential Note Hook") behind their own flags: without them such issues are silent.
+    # Review feedback needs no flag of its own: diff and discussion notes are note events, an MR
+    # approval is a merge request event (action "approved").
     return {
         "url": url,
         "token": secret,
@@ -233,6 +236,7 @@ class GitLabForge:
     def __init__(self, client: GitLabClient) -> None:
         self._client = client
         self._own_user_id: int | None = None
+        self._own_username: str | None = None
 
     @property
     def client(self) -> GitLabClient:
@@ -243,6 +247,7 @@ class GitLabForge:
         if self._own_user_id is None:
             user = await self._client.get("/user")
             self._own_user_id = int(user["id"])
+            self._own_username = str(user.get("username") or "") or None
         return self._own_user_id
 
     async def add_reaction(self, comment: CommentRef, reaction: Reaction) -> None:
@@ -327,6 +332,25 @@ class GitLabForge:
         title = str(current["title"])
         if ready_title(title) != title:
             await self._client.put(path, {"title": ready_title(title)})
+
+    async def own_username(self) -> str:
+        """Our own username (`GET /user`, once): the handle `@<bot> <command>` mentions."""
+        if self._own_username is None:
+            user = await self._client.get("/user")
+            self._own_user_id, self._own_username = int(user["id"]), str(user["username"])
+        return self._own_username
+
+    async def pull_branches(self, repo: RepoRef, number: int) -> tuple[str, str]:
+        """(source branch, target branch) of a merge request."""
+        mr = await self._client.get(f"/projects/{project_id(repo)}/merge_requests/{number}")
+        return str(mr["source_branch"]), str(mr["target_branch"])
+
+    async def reply_in_thread(self, target: IssueRef, discussion_id: str, body: str, *, resolve: bool = False) -> None:
+        """A note in a merge request discussion; `resolve` then marks the thread resolved."""
+        path = f"{noteable_path(target)}/discussions/{quote(discussion_id, safe='')}"
+        await self._client.post(f"{path}/notes", note_payload(body))
+        if resolve:
+            await self._client.put(path, {"resolved": True})
 
     async def report_check(self, repo: RepoRef, check: CheckReport) -> None:
         pipeline_id = await self._pipeline_for(repo, check.head_sha)

@@ -9,5 +9,6 @@ def build_router() -> Router:
     from bot.handlers.comments import router as comments
     from bot.handlers.lifecycle import router as lifecycle
     from bot.handlers.recorder import router as recorder
+    from bot.handlers.reviews import router as reviews
 
-    return Router(recorder, comments, lifecycle)
+    return Router(recorder, comments, lifecycle, reviews)

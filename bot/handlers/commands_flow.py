@@ -140,6 +140,8 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
     prefix: str = ctx.services["settings"].command_prefix
     # one more than allowed, so a comment past the cap is recognised without parsing all of it
     parsed = parse_commands(ev.body, prefix=prefix, limit=MAX_COMMANDS_PER_COMMENT + 1)
+    if not parsed and "@" in ev.body:  # `@bot plan …` is `/plan …` (the only way past GitLab's quick actions)
+        parsed = await _mentioned_commands(ctx, ev, prefix)
     if not parsed:
         ctx.note(ignored="no command")
         return
@@ -210,6 +212,19 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
         )
         ctx.note(command=item.name, result=result)
     await send_replies(ctx, forge, target, ev.author, replies)
+
+
+async def _mentioned_commands(ctx: HandlerContext, ev: CommentEvent, prefix: str) -> list[Command | CommandError]:
+    from bot.handlers.reviews import handles_for
+    from bot.mentions import mentions_to_commands
+
+    try:
+        project = await project_for(ctx, ev.repo)
+    except NotFound:
+        return []
+    forge: Forge = ctx.services["forges"].forge_for(project)
+    body = mentions_to_commands(ev.body, await handles_for(ctx, project, forge), prefix)
+    return parse_commands(body, prefix=prefix, limit=MAX_COMMANDS_PER_COMMENT + 1)
 
 
 def _answer_error(
@@ -286,6 +301,11 @@ async def handle_label(ctx: HandlerContext, ev: LabelEvent) -> None:
     await send_replies(ctx, forge, target, ev.author, replies)
 
 
+def forges_repo(services: dict[str, Any], project: Project) -> RepoRef:
+    repo: RepoRef = services["forges"].repo_ref(project)
+    return repo
+
+
 async def dispatch(
     ctx: HandlerContext,
     project: Project,
@@ -302,7 +322,10 @@ async def dispatch(
     prefix: str = services["settings"].command_prefix
     try:
         if name == "help":
-            replies.add(help_text(prefix, forge=project.provider))
+            from bot.handlers.reviews import handles_for
+
+            handles = await handles_for(ctx, project, forge)
+            replies.add(help_text(prefix, forge=project.provider, bot=handles[0] if handles else ""))
             return "help"
         if name == "init":
             # repository setup is per project, not per protocol: a draft PR/MR with the starter
@@ -335,6 +358,13 @@ async def dispatch(
             task = sanitize_prompt_text(
                 cmd.text or issue_title or "the task described in the issue", 2000
             )
+            pull = None
+            if target.kind != "issue":  # planned on this PR/MR: its branch, found by its number
+                if existing is not None and existing.status not in ("completed", "cancelled", "failed"):
+                    replies.add(f"This already runs {existing.protocol_name} ({existing.status}): `{prefix}status` shows it.")
+                    return "already-planned"
+                head, base = await forge.pull_branches(forges_repo(services, project), target.number)  # type: ignore[attr-defined]
+                pull = (target.number, head, base)
             run = await actions.start_protocol(
                 services,
                 project,
@@ -343,6 +373,7 @@ async def dispatch(
                 issue_body=sanitize_prompt_text(issue_body),
                 auto=name == "auto",
                 reply_to=reply_to,
+                pull=pull,
             )
             return f"planning {run.protocol_name}"
         found = await latest_run(ctx, project, target.number, target.kind)

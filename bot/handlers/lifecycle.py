@@ -17,7 +17,7 @@ from bot.handlers.router import HandlerContext, Router
 from bot.jobs import catalogue as jobs
 from bot.models import Project, ProtocolRun
 from bot.rendering import ACTION_RETRY, ACTION_RUN_NEXT, ACTION_RUN_QA, parse_check_name
-from bot.runs import get_or_create_project
+from bot.runs import get_or_create_project, run_branch
 from bot.store import record_event
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,22 @@ async def run_for_branch(
                 )
             )
         ).scalar()
+        if found is None:  # a protocol planned on an existing PR commits to that PR's branch
+            found = await _run_on_pull_branch(session, provider, full_name, branch)
         return found
+
+
+async def _run_on_pull_branch(session: Any, provider: str, full_name: str, branch: str) -> ProtocolRun | None:
+    candidates = (
+        await session.execute(
+            select(ProtocolRun)
+            .join(Project, Project.id == ProtocolRun.project_id)
+            .where(Project.name == full_name, Project.provider == provider, ProtocolRun.pr_number.is_not(None))
+            .order_by(ProtocolRun.id.desc())
+            .limit(50)
+        )
+    ).scalars()
+    return next((run for run in candidates if run_branch(run) == branch and run.protocol_name != branch), None)
 
 
 # -- GitHub installations -------------------------------------------------------------------

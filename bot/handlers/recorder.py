@@ -17,6 +17,8 @@ GITHUB_EVENTS = (
     "check_run",
     "workflow_run",
     "status",
+    "pull_request_review",
+    "pull_request_review_comment",
     "installation",
     "installation_repositories",
 )

@@ -128,8 +128,13 @@ class _GitHubFields(msgspec.Struct):
     label: _Object | None = None
 
 
+class _GitLabUser(msgspec.Struct):
+    id: Any = None
+
+
 class _GitLabFields(msgspec.Struct):
     object_attributes: _Object | None = None
+    user: _GitLabUser | None = None
 
 
 # The intake needs a well-formed JSON object and a few fields of it, not the whole tree:
@@ -192,7 +197,12 @@ def gitlab_semantic_key(event: str, fields: _GitLabFields) -> str | None:
     if attrs is None:
         return None
     stamp = attrs.updated_at or attrs.finished_at or attrs.created_at
-    return _key([event.lower(), attrs.action or attrs.status, attrs.id, stamp, attrs.sha])
+    # two people approving the same MR version are two events: the approver tells them apart
+    approver = fields.user.id if attrs.action in _APPROVALS and fields.user is not None else None
+    return _key([event.lower(), attrs.action or attrs.status, attrs.id, stamp, attrs.sha, approver])
+
+
+_APPROVALS = frozenset({"approved", "unapproved", "approval", "unapproval"})
 
 
 def check_json_object(body: bytes, decoder: msgspec.json.Decoder[Any]) -> tuple[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bot.feedback import publish_state
 from bot.jobs.env import JobEnv
 from bot.jobs.execute import spec_of, step_spec_of
 from bot.policies import trigger_decisions
@@ -65,7 +64,9 @@ async def after_step_completed(ctx: dict[str, Any], run_id: int, step_index: int
         if state.run.status == "running":
             await set_protocol_status(env.db, run_id, "completed", "every step completed")
             state.run.status = "completed"
-            await publish_state(ctx, state)
+            from bot.jobs.ready import announce_ready
+
+            await announce_ready(ctx, state)  # un-draft the PR/MR and say what comes next
             return True
         return False
     if state.run.auto_mode and state.run.status == "running":

@@ -127,6 +127,8 @@ JOBS: tuple[Entry, ...] = (
     Entry("run_quality", _load("bot.jobs.protocol", "run_quality"), _engine_timeout, _lock_tries),
     Entry("project_setup", _load("bot.jobs.projects", "project_setup"), lambda s: 120.0, _tries),
     Entry("project_onboard", _load("bot.jobs.setup", "project_onboard"), _engine_timeout, _tries),
+    # review feedback → a fix step: git and forge work only, waits for the protocol's lease
+    Entry("review_fix", _load("bot.jobs.review", "review_fix"), lambda s: s.git_timeout_s * 3, _lock_tries),
     Entry(
         "codemachine_prepare", _load("bot.jobs.setup", "codemachine_prepare"), _engine_timeout, _lock_tries
     ),

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.db import Database
-from bot.runs import RunState, update_run
+from bot.runs import RunState, run_branch, update_run
 from bot.settings import Settings
 
 CrashHook = Callable[[str, int, int], None]
@@ -64,7 +64,7 @@ class JobEnv:
     async def worktree(self, state: RunState) -> Path:
         """The protocol's worktree at its branch head (any worker may run any job)."""
         wt = await self.git.ensure_worktree(
-            state.project.git_url, state.run.protocol_name, state.run.base_branch, self.auth(state)
+            state.project.git_url, run_branch(state.run), state.run.base_branch, self.auth(state)
         )
         path: Path = wt.path
         if state.run.worktree_path != str(path):
@@ -78,7 +78,7 @@ class JobEnv:
 
         head: str = await gitops.push(
             workdir,
-            state.run.protocol_name,
+            run_branch(state.run),
             state.project.git_url,
             self.auth(state),
             credential_hosts=self.git.credential_hosts,

@@ -23,7 +23,7 @@ from bot.models import ProtocolRun, StepRun, utcnow
 from bot.policies import budget_check_after_step, budget_check_before_step, qa_decision
 from bot.protocol import StartDecision, may_start_step
 from bot.rendering import commit_message, log_entry
-from bot.runs import RunState, emit, load_run, protocol_status
+from bot.runs import RunState, emit, load_run, protocol_status, run_branch
 from bot.spec import ProtocolSpec, StepSpec, validate_spec
 from bot.store import transition
 from engines.base import EngineResult
@@ -76,6 +76,10 @@ async def execute_step(
         from bot.feedback import react_done
 
         await react_done(ctx, protocol_run_id, reply_to, False)
+    if outcome in ("completed", "needs_qa", "needs_qa-run"):  # pushed: answer a review's threads
+        from bot.jobs.review import reply_in_threads
+
+        await reply_in_threads(ctx, protocol_run_id, step_index)
     from bot.jobs.advance import after_execute
 
     await after_execute(ctx, protocol_run_id, step_index, depth, outcome)
@@ -241,7 +245,7 @@ async def _execute_call(work: StepWork) -> EngineCall:
     root = work.workdir / ".protocols" / state.run.protocol_name
     values = {
         **step_values(state, s, root),
-        "branch": state.run.protocol_name,
+        "branch": run_branch(state.run),
         "plan": read(root / "plan.md"),
         "context": read(root / "context.md"),
         "attempt": step.retries + 1,

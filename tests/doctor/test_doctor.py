@@ -49,7 +49,8 @@ MANIFEST_PERMISSIONS = {
     "metadata": "read",
 }
 MANIFEST_EVENTS = [
-    "issue_comment", "issues", "pull_request", "check_suite", "check_run", "workflow_run", "status",
+    "issue_comment", "issues", "pull_request", "check_suite", "check_run", "workflow_run",
+    "pull_request_review", "pull_request_review_comment", "status",  # status last: one test drops it
 ]
 
 

@@ -20,6 +20,8 @@ API = "https://api.github.com"
 UNASKED_EVENTS = {"installation", "installation_repositories"}
 PULL = {
     "id": 9,
+    "node_id": "PR_kw9",
+    "draft": True,
     "number": 3,
     "html_url": "https://github.com/o/r/pull/3",
     "head": {"ref": "0001-task", "sha": "a" * 40, "repo": {"full_name": "o/r"}},
@@ -77,11 +79,17 @@ async def drive_every_method(forge: GitHubForge) -> set[str]:
     await forge.list_check_suites(repo, "a" * 40)
     await forge.list_check_runs(repo, "a" * 40)
     await forge.convert_manifest("code123")
+    await forge.review_comments(repo, 3, 700)
+    await forge.reply_in_thread(repo, 3, 9001, "fixed")
+    await forge.mark_ready(pull)  # a GET of the PR, then the GraphQL mutation
+    await forge.pull_branches(repo, 3)
+    await forge.review_state(repo, 3, 700)
     return {
         "bot_login", "installation_id", "add_reaction", "post_comment", "upsert_status_comment",
         "open_draft_pr", "update_pr", "report_check", "put_check", "get_permission",
         "pull_is_fork", "git_auth_header", "get_repo", "has_path", "list_check_suites",
-        "list_check_runs", "convert_manifest",
+        "list_check_runs", "convert_manifest", "review_comments", "reply_in_thread", "mark_ready",
+        "pull_branches", "review_state",
     }
 
 

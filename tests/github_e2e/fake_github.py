@@ -71,6 +71,10 @@ class FakeGitHub:
         self.job_logs: dict[int, str] = {}
         # each job-log download from LOG_HOST: (path, the Authorization header it carried)
         self.log_downloads: list[tuple[str, str | None]] = []
+        # review comments per review id (GET …/reviews/{id}/comments) and the bot's thread replies
+        self.review_comments: dict[int, list[dict[str, Any]]] = {}
+        self.review_replies: list[dict[str, Any]] = []
+        self.review_states: dict[int, str] = {}  # review id → its state, as the API spells it
         self.valid_tokens: set[str] = set()
         # installation tokens live `token_ttl` seconds on `clock` (a test may set both)
         self.clock: Callable[[], float] = time.time
@@ -160,6 +164,8 @@ class FakeGitHub:
             return 200, {}, {"id": APP_ID, "slug": APP_SLUG}
         if call.token is None or not self.token_valid(call.token):
             return 401, {}, {"message": "Bad credentials"}
+        if path == "/graphql" and method == "POST":
+            return self._graphql(body)
         repo = f"/repos/{OWNER}/{REPO}"
         if not path.startswith(repo):
             return 404, {}, {"message": "Not Found"}
@@ -211,6 +217,7 @@ class FakeGitHub:
             number = 100 + len(self.pulls) + 1
             self.pulls[number] = {
                 "number": number,
+                "node_id": f"PR_fake{number}",
                 "html_url": f"https://github.com/{FULL_NAME}/pull/{number}",
                 "head": {"ref": body["head"], "repo": {"full_name": FULL_NAME}},
                 "base": {"ref": body["base"], "repo": {"full_name": FULL_NAME}},
@@ -220,6 +227,20 @@ class FakeGitHub:
                 "body": body["body"],
             }
             return 201, {}, self.pulls[number]
+        m = re.fullmatch(r"/pulls/(\d+)/reviews/(\d+)/comments", rest)
+        if m and method == "GET":
+            return 200, {}, self.review_comments.get(int(m.group(2)), [])
+        m = re.fullmatch(r"/pulls/(\d+)/reviews/(\d+)", rest)
+        if m and method == "GET":
+            rid = int(m.group(2))
+            if rid not in self.review_states:
+                return 404, {}, {"message": "Not Found"}
+            return 200, {}, {"id": rid, "state": self.review_states[rid]}
+        m = re.fullmatch(r"/pulls/(\d+)/comments/(\d+)/replies", rest)
+        if m and method == "POST":
+            reply = {"id": next(self._ids), "pull": int(m.group(1)), "in_reply_to_id": int(m.group(2)), "body": body["body"]}
+            self.review_replies.append(reply)
+            return 201, {}, reply
         m = re.fullmatch(r"/pulls/(\d+)", rest)
         if m and method == "GET":
             pull = self.pulls.get(int(m.group(1)))
@@ -255,6 +276,17 @@ class FakeGitHub:
         if m and method == "GET":
             return 200, {}, {"total_count": len(self.check_suites), "check_suites": self.check_suites}
         return 404, {}, {"message": f"fake GitHub has no {method} {path}"}
+
+
+    def _graphql(self, body: Any) -> Answer:
+        """Only the mutation the bot sends: markPullRequestReadyForReview by the PR's node id."""
+        query = str((body or {}).get("query", ""))
+        node = ((body or {}).get("variables") or {}).get("id")
+        pull = next((p for p in self.pulls.values() if p.get("node_id") == node), None)
+        if "markPullRequestReadyForReview" not in query or pull is None:
+            return 200, {}, {"errors": [{"message": f"fake GraphQL cannot answer {query[:60]!r}"}]}
+        pull["draft"] = False
+        return 200, {}, {"data": {"markPullRequestReadyForReview": {"pullRequest": {"isDraft": False}}}}
 
 
 def basic_token(header_line: str) -> str:

@@ -95,6 +95,8 @@ class FakeGitLabState:
     # job id -> job (id, name, stage, status, pipeline_id, project_id, allow_failure); its trace
     jobs: dict[int, dict[str, Any]] = field(default_factory=dict)
     traces: dict[int, str] = field(default_factory=dict)
+    # (project id, MR iid, discussion id) -> whether the discussion is resolved
+    discussions: dict[tuple[int, int, str], bool] = field(default_factory=dict)
 
 
 class RawText(str):
@@ -579,6 +581,8 @@ class FakeGitLab:
             ("POST", pid + r"/merge_requests", self._post_mr),
             ("GET", pid + r"/merge_requests/(?P<iid>\d+)", self._get_mr),
             ("PUT", pid + r"/merge_requests/(?P<iid>\d+)", self._put_mr),
+            ("POST", pid + r"/merge_requests/(?P<iid>\d+)/discussions/(?P<did>[^/]+)/notes", self._post_discussion_note),
+            ("PUT", pid + r"/merge_requests/(?P<iid>\d+)/discussions/(?P<did>[^/]+)", self._put_discussion),
             ("GET", pid + r"/repository/commits/(?P<sha>[0-9a-fA-F]+)", self._get_commit),
             ("GET", pid + r"/pipelines", self._list_pipelines),
             ("GET", pid + r"/pipelines/(?P<plid>\d+)/jobs", self._pipeline_jobs),
@@ -729,6 +733,28 @@ class FakeGitLab:
         if "description" in body:
             mr["description"] = body["description"]
         return dict(mr)
+
+    def _discussion(self, call: _Call) -> tuple[int, int, str]:
+        project = self._project(call.params["pid"])
+        key = (project["id"], int(call.params["iid"]), call.params["did"])
+        if key not in self.state.discussions:
+            raise ApiError(404, "404 Discussion Not Found")
+        return key
+
+    def add_discussion(self, project: dict[str, Any], iid: int, discussion_id: str) -> None:
+        with self._lock:
+            self.state.discussions[(project["id"], iid, discussion_id)] = False
+
+    def _post_discussion_note(self, call: _Call) -> Any:
+        pid, iid, did = self._discussion(call)
+        note = self._create_note(pid, "merge_requests", iid, _require(call.body, "body"), call.user, False)
+        note["discussion_id"] = did
+        return dict(note)
+
+    def _put_discussion(self, call: _Call) -> Any:
+        key = self._discussion(call)
+        self.state.discussions[key] = bool((call.body or {}).get("resolved"))
+        return {"id": key[2], "resolved": self.state.discussions[key]}
 
     def _get_commit(self, call: _Call) -> Any:
         project = self._project(call.params["pid"])

@@ -1,0 +1,290 @@
+"""review_fix: the review comments gathered for a protocol become one fix step; its replies.
+
+Comments wait in Redis (a hash per protocol) until the batch is complete: a GitHub review is
+complete when it is submitted, GitLab notes when none came for the quiet window. The job then
+writes the fix step's file on the branch, appends the step to the spec and runs it like any
+other step. Comments are taken out of the buffer only after the step exists, so a worker that
+dies in between leaves them for the next run of the job (which finds the same step file and
+commits nothing twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from arq import Retry
+
+from bot import gitops
+from bot.feedback import forge_of, publish_state
+from bot.forge.base import IssueRef
+from bot.jobs.boundary import guarded
+from bot.jobs.env import JobEnv
+from bot.review import (
+    FIX_SLUG,
+    MAX_COMMENTS_PER_STEP,
+    ReviewComment,
+    fix_step_markdown,
+    fix_step_title,
+    hunk_for_line,
+    reply_body,
+    threads_to_answer,
+    unthreaded_reply,
+)
+from bot.runs import (
+    RunState,
+    emit,
+    load_run,
+    set_protocol_status,
+    sync_steps,
+    update_run,
+    update_step,
+)
+from bot.spec import (
+    OutputsSpec,
+    ProtocolSpec,
+    StepSpec,
+    protocol_dir,
+    spec_to_dict,
+    step_file_name,
+    validate_spec,
+)
+
+log = logging.getLogger(__name__)
+
+BUSY_RETRY_S = 10.0  # how soon a fix-step job looks again when a step holds the protocol
+KEEP_S = 7 * 24 * 3600  # a buffer nobody flushes (a dead protocol) goes away on its own
+# protocol states in which a review can still add work
+_OPEN = frozenset({"planned", "running", "paused", "blocked", "completed"})
+
+
+def _keys(run_id: int) -> tuple[str, str, str]:
+    base = f"deksdenflow:review:{run_id}"
+    return f"{base}:pending", f"{base}:last", f"{base}:taken"
+
+
+async def buffer_comments(redis: Any, run_id: int, comments: list[ReviewComment]) -> None:
+    """Keep comments for the next fix step of `run_id`, and note when the last one came."""
+    if not comments:
+        return
+    pending, last, _ = _keys(run_id)
+    await redis.hset(pending, mapping={str(c.comment_id): json.dumps(c.to_dict()) for c in comments})
+    await redis.set(last, repr(time.time()), ex=KEEP_S)
+    await redis.expire(pending, KEEP_S)
+
+
+async def taken_ids(redis: Any, run_id: int) -> set[int]:
+    raw = await redis.smembers(_keys(run_id)[2])
+    return {int(v) for v in raw if str(v if isinstance(v, str) else v.decode()).isdigit()}
+
+
+async def enqueue_flush(redis: Any, run_id: int, key: str, quiet_s: float) -> None:
+    """A fix-step job for this batch; with a quiet window, deferred until the window passes."""
+    kwargs: dict[str, Any] = {"protocol_run_id": run_id, "quiet_s": quiet_s}
+    if quiet_s > 0:
+        kwargs["_defer_by"] = quiet_s
+    await redis.enqueue_job("review_fix", _job_id=f"review:{run_id}:{key}", **kwargs)
+
+
+async def review_fix(ctx: dict[str, Any], *, protocol_run_id: int, quiet_s: float = 0.0) -> str:
+    redis = ctx["redis"]
+    if quiet_s > 0:
+        last = await redis.get(_keys(protocol_run_id)[1])
+        since = time.time() - float(last or 0)
+        if since < quiet_s - 0.05:
+            return "waiting"  # a later note's job flushes the batch once it is quiet
+
+    async def body(env: JobEnv) -> str:
+        return await _fix(env, protocol_run_id)
+
+    try:
+        outcome = await guarded(ctx, "review_fix", protocol_run_id, None, body)
+    except Retry:
+        # a step is running (it holds the lease, maybe for half an hour): come back later under
+        # a new job id rather than spend arq's tries; the comments wait in the buffer meanwhile
+        await redis.enqueue_job(
+            "review_fix", _job_id=f"review:{protocol_run_id}:later:{time.time_ns()}",
+            protocol_run_id=protocol_run_id, _defer_by=BUSY_RETRY_S,
+        )  # fmt: skip
+        return "busy"
+    if outcome.startswith("step "):
+        from bot.jobs.advance import enqueue_next_step
+
+        state = await load_run(ctx["db"], protocol_run_id)
+        # run the fix now when nothing comes before it; otherwise it waits its turn
+        if state.run.approved and state.run.status == "running" and all(
+            s.status == "completed" for s in state.steps[:-1]
+        ):
+            await enqueue_next_step(ctx, protocol_run_id, state)
+    return outcome
+
+
+async def _pending(env: JobEnv, run_id: int) -> list[ReviewComment]:
+    pending, _, _ = _keys(run_id)
+    raw = await env.redis.hgetall(pending)
+    taken = await taken_ids(env.redis, run_id)
+    found: list[ReviewComment] = []
+    for value in raw.values():
+        try:
+            comment = ReviewComment.from_dict(json.loads(value))
+        except (ValueError, TypeError, AttributeError):
+            continue
+        if comment is not None and comment.comment_id not in taken:
+            found.append(comment)
+    # the order the forge had them in (the pure selection sorted them when they came in)
+    return sorted(found, key=lambda c: (c.kind != "review", c.path, c.line or 0, c.comment_id))
+
+
+async def _fix(env: JobEnv, run_id: int) -> str:
+    pending = await _pending(env, run_id)
+    if not pending:
+        return "nothing"
+    # a flood of notes makes several steps of bounded size, not one unbounded prompt
+    comments, rest = pending[:MAX_COMMENTS_PER_STEP], pending[MAX_COMMENTS_PER_STEP:]
+    if rest:
+        await enqueue_flush(env.redis, run_id, f"rest-{time.time_ns()}", BUSY_RETRY_S)
+    state = await load_run(env.db, run_id)
+    if state.run.status not in _OPEN or not state.run.template_config:
+        await _take(env, run_id, comments)
+        await emit(env.db, state, "review.ignored", f"review feedback on a {state.run.status} protocol")
+        return f"ignored-{state.run.status}"
+    spec = validate_spec(state.run.template_config)
+    workdir = await env.worktree(state)
+    comments = [await _with_hunk(env, state, workdir, c) for c in comments]
+    step_spec = fix_step_spec(spec, len(comments))
+    name = state.run.protocol_name
+    root = workdir / protocol_dir(name)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / step_spec.file).write_text(fix_step_markdown(comments, step_spec.index, state.project.provider))
+    new_spec = dataclasses.replace(spec, steps=(*spec.steps, step_spec))
+    (root / "spec.json").write_text(json.dumps(spec_to_dict(new_spec), indent=2) + "\n")
+    await gitops.commit_all(
+        workdir, f"chore(protocol): review feedback as step {step_spec.index:02d} of {name}",
+        env.settings.bot_name, env.settings.bot_email,
+    )  # fmt: skip
+    head = await env.push(state, workdir)
+    await update_run(env.db, run_id, template_config=spec_to_dict(new_spec), head_sha=head)
+    await sync_steps(env.db, run_id, new_spec)
+    fresh = await load_run(env.db, run_id)
+    step = fresh.step(step_spec.index)
+    await update_step(env.db, step.id, runtime_state={"review": [c.to_dict() for c in comments]})
+    await _take(env, run_id, comments)
+    authors = sorted({c.author for c in comments})
+    message = (
+        f"review feedback from {', '.join('@' + a for a in authors)}: "
+        f"{len(comments)} comment(s) → step {step_spec.index:02d}"
+    )
+    await emit(env.db, fresh, "review.fix-step", message, step, comments=[c.comment_id for c in comments])
+    if fresh.run.status == "completed":
+        # completed only reopens through blocked (as a red CI does); the fix step runs at once
+        # the "ready for review" note no longer holds while the fix runs
+        runtime = {k: v for k, v in (fresh.run.runtime_state or {}).items() if k != "message"}
+        await set_protocol_status(env.db, run_id, "blocked", "reopened for review feedback", runtime_state=runtime)
+        await set_protocol_status(env.db, run_id, "running", "running the review fix")
+    await publish_state(env.ctx, await load_run(env.db, run_id), message)
+    return f"step {step_spec.index}"
+
+
+def fix_step_spec(spec: ProtocolSpec, count: int) -> StepSpec:
+    """The fix step appended after the last one: it runs and is checked like its neighbours."""
+    last = spec.steps[-1] if spec.steps else None
+    index = (last.index if last else 0) + 1
+    file = step_file_name(index, FIX_SLUG)
+    base = StepSpec(
+        index=index, slug=FIX_SLUG, title=fix_step_title(count), file=file,
+        qa=last.qa if last else dataclasses.replace(_default_qa(spec)),
+        outputs=OutputsSpec(protocol=f"{protocol_dir(spec.protocol)}/{file}"), commit_type="fix",
+    )  # fmt: skip
+    if last is None:
+        return base
+    return dataclasses.replace(base, engine=last.engine, model=last.model, prompt=last.prompt, max_tokens=last.max_tokens)
+
+
+def _default_qa(spec: ProtocolSpec) -> Any:
+    from bot.spec import QASpec
+
+    return QASpec(policy=spec.qa_policy)
+
+
+async def _with_hunk(env: JobEnv, state: RunState, workdir: Path, c: ReviewComment) -> ReviewComment:
+    """GitLab's diff notes name a file and line but carry no hunk: take it from the branch."""
+    if c.diff_hunk or not c.path:
+        return c
+    from bot.git.cache import remote_ref
+
+    found = await gitops.run_git(
+        ["diff", "--no-color", "--no-ext-diff", f"{remote_ref(state.run.base_branch)}...HEAD", "--", c.path],
+        cwd=workdir, timeout=env.settings.git_timeout_s, check=False,
+    )  # fmt: skip
+    hunk = hunk_for_line(found.out, c.line) if found.returncode == 0 else ""
+    return dataclasses.replace(c, diff_hunk=hunk) if hunk else c
+
+
+async def _take(env: JobEnv, run_id: int, comments: list[ReviewComment]) -> None:
+    pending, _, taken = _keys(run_id)
+    ids = [str(c.comment_id) for c in comments]
+    await env.redis.sadd(taken, *ids)
+    await env.redis.expire(taken, KEEP_S)
+    await env.redis.hdel(pending, *ids)
+
+
+async def reply_in_threads(ctx: dict[str, Any], run_id: int, step_index: int) -> int:
+    """Once a fix step's commit is pushed: one reply per thread naming it. Never fails the job.
+
+    The threads answered are remembered on the step, so a re-run answers each thread once.
+    """
+    state = await load_run(ctx["db"], run_id)
+    step = state.step(step_index)
+    rs = dict(step.runtime_state or {})
+    sha = rs.get("commit_sha")
+    review = rs.get("review")
+    if not isinstance(sha, str) or not isinstance(review, list) or not state.run.pr_number:
+        return 0
+    comments = [c for c in (ReviewComment.from_dict(d) for d in review if isinstance(d, dict)) if c]
+    done = set(rs.get("review_replied") or [])
+    forge = forge_of(ctx, state)
+    repo = ctx["forges"].repo_ref(state.project)
+    answered = 0
+    for thread, _comment in threads_to_answer(comments):
+        if thread in done:
+            continue
+        body = reply_body(sha, step_index)
+        try:
+            if state.project.provider == "gitlab":
+                target = IssueRef(repo, state.run.pr_number, "merge_request")
+                await forge.reply_in_thread(target, thread, body, resolve=True)  # type: ignore[attr-defined]
+            else:
+                await forge.reply_in_thread(repo, state.run.pr_number, int(thread), body)  # type: ignore[attr-defined]
+        except Exception as exc:  # a reply is a courtesy: the fix is pushed either way
+            log.warning("review reply on %s failed: %s", thread, exc)
+            await emit(ctx["db"], state, "feedback.failed", f"review reply: {type(exc).__name__}", step)
+            continue
+        done.add(thread)
+        answered += 1
+        rs = {**rs, "review_replied": sorted(done)}
+        await update_step(ctx["db"], step.id, runtime_state=rs)
+    loose = unthreaded_reply(comments, sha, step_index)
+    if loose is not None and not rs.get("review_answered_pr"):
+        kind: Literal["pull", "merge_request"] = "merge_request" if state.project.provider == "gitlab" else "pull"
+        try:
+            await forge.post_comment(IssueRef(repo, state.run.pr_number, kind), loose)
+        except Exception as exc:  # a courtesy, as above
+            log.warning("review answer on the PR failed: %s", exc)
+            return answered
+        await update_step(ctx["db"], step.id, runtime_state={**rs, "review_answered_pr": True})
+        answered += 1
+    return answered
+
+
+def resolved_threads(state: RunState) -> set[str]:
+    """Threads the bot answered (and on GitLab resolved) for this protocol's fix steps."""
+    found: set[str] = set()
+    for step in state.steps:
+        replied = (step.runtime_state or {}).get("review_replied")
+        if isinstance(replied, list):
+            found.update(str(t) for t in replied)
+    return found
