@@ -96,8 +96,13 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     # the last step passed every gate: the MR leaves draft and the status note says what next
     world.wait(lambda: not mr_of(world)["draft"], "MR marked ready")
     assert not mr_of(world)["title"].startswith("Draft:")
-    notes = [n for n in world.fake.notes_of(world.project, "merge_requests", iid) if "deksdenflow:status" in n["body"]]
-    assert "marked ready for review" in notes[-1]["body"]
+
+    def status_says_ready() -> bool:
+        # the MR leaves draft first, then the status note is re-rendered: wait for the second
+        notes = [n for n in world.fake.notes_of(world.project, "merge_requests", iid) if "deksdenflow:status" in n["body"]]
+        return bool(notes) and "marked ready for review" in notes[-1]["body"]
+
+    world.wait(status_says_ready, "status note says the MR is ready for review")
 
     # two diff notes from a Developer within the quiet window, one from a Reporter
     world.send("Note Hook", mr_note(world, iid, "Use a comma: `Hello, world!`", world.alice,
