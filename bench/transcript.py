@@ -186,7 +186,7 @@ def bench_page(items: int, fetches: int, tmp: Path) -> None:
     settings = Settings(db_url=url, data_dir=tmp / "data", api_token=SecretStr("bench-token-0123456789"),
                         engine="scripted", redis_url="memory://")  # fmt: skip
     with TestClient(create_app(settings, embedded_worker=False)) as client:
-        client.get("/console?token=bench-token-0123456789")
+        client.post("/console/login", data={"token": "bench-token-0123456789"})
         times: list[float] = []
         size = 0
         for _ in range(fetches + 1):
