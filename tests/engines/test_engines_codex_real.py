@@ -191,7 +191,7 @@ async def test_provider_401_stops_the_turn_at_once_with_the_cause(
 # How OpenAI answers a model it does not serve: 404 with `model_not_found` (the classic API), or
 # 400 naming the model (the Responses API); codex passes the status and body through to its
 # error text ("unexpected status 404 Not Found: …").
-UNKNOWN_MODEL_ANSWERS = {
+UNKNOWN_MODEL_ANSWERS: dict[str, tuple[int, dict[str, Any]]] = {
     "404 model_not_found": (404, {"error": {
         "message": "The model `gpt-nope` does not exist or you do not have access to it.",
         "type": "invalid_request_error", "param": None, "code": "model_not_found"}}),
@@ -222,7 +222,8 @@ async def test_unknown_model_stops_the_turn_at_once_with_the_cause(
     assert "gpt-nope" in result.error
     assert result.duration_s < 10
     assert 1 <= len(fake_codex.server.response_requests()) < 9
-    assert fake_codex.server.response_requests()[0].body["model"] == "gpt-nope"
+    sent = fake_codex.server.response_requests()[0].body
+    assert sent is not None and sent["model"] == "gpt-nope"
 
 
 async def test_sink_sees_every_event_as_it_arrives(fake_codex: FakeCodex, git_repo: Path) -> None:
