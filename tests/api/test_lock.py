@@ -85,7 +85,7 @@ def test_the_tests_run_on_the_versions_the_image_ships() -> None:
 
 
 def test_every_pin_carries_hashes() -> None:
-    for name in ("requirements.lock", "requirements-dev.lock"):
+    for name in ("requirements.lock", "requirements-dev.lock", "requirements-checkov.lock"):
         text = (ROOT / name).read_text()
         blocks = re.split(r"^(?=[A-Za-z0-9_.-]+==)", text, flags=re.MULTILINE)[1:]
         assert blocks and all("--hash=sha256:" in block for block in blocks), name
@@ -111,5 +111,9 @@ def test_make_and_ci_install_from_the_lock() -> None:
     assert '-e ".[dev]"' not in makefile and "-e .[dev]" not in makefile
     # the venv is rebuilt when the lock changes
     assert re.search(r"^\$\(STAMP\): .*requirements-dev\.lock", makefile, re.MULTILINE)
+    assert "pip install --quiet --require-hashes -r requirements-checkov.lock" in makefile
+    checkov = (ROOT / "requirements-checkov.lock").read_text()
+    wanted = (ROOT / "requirements-checkov.in").read_text().splitlines()
+    assert lock_gaps([w for w in wanted if w.strip() and not w.startswith("#")], checkov) == []
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "pip install" not in ci  # CI installs through the Makefile
