@@ -196,6 +196,8 @@ def chunk_bodies(
     return out
 
 
+_IDLE_CHECK_S = 30.0  # how often an idle writer checks that its turn's loop still runs
+
 _INSERT_SQL = (
     "INSERT INTO transcript_chunks (protocol_run_id, step_run_id, phase, lines, body, created_at)"
     " VALUES (?, ?, ?, ?, ?, ?)"
@@ -290,7 +292,14 @@ class TranscriptRecorder:
         try:
             closing = False
             while not closing:
-                batches = [self._queue.get()]
+                try:
+                    batches = [self._queue.get(timeout=_IDLE_CHECK_S)]
+                except queue.Empty:
+                    # a turn whose close() never ran (its loop has gone): nothing more will come
+                    assert self._loop is not None
+                    if self._loop.is_closed():
+                        break
+                    continue
                 with contextlib.suppress(queue.Empty):  # what queued meanwhile: one transaction
                     while True:
                         batches.append(self._queue.get_nowait())
