@@ -10,6 +10,7 @@ import os
 import queue
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -307,16 +308,17 @@ class TranscriptRecorder:
                 lines = [line for batch in batches if batch for line in batch]
                 if lines:
                     if path is not None and conn is None:
-                        conn = _writer_connection(path)
+                        conn = _borrow_connection(path)
                     self._store(lines, conn)
         except Exception:  # never leave close() waiting
             log.warning("transcript writer stopped", exc_info=True)
-        finally:
-            # close() may go on now; the connection closes after, off its path (closing the
-            # last connection to a file would checkpoint the WAL, with an fsync)
-            self._signal_done()
-            if conn is not None:
+            if conn is not None:  # in an unknown state: not handed to the next turn
                 conn.close()
+                conn = None
+        finally:
+            self._signal_done()
+            if path is not None and conn is not None:
+                _return_connection(path, conn)
 
     def _store(self, lines: list[bytes], conn: sqlite3.Connection | None) -> None:
         rows = [
@@ -368,6 +370,36 @@ class TranscriptRecorder:
         if self._done is not None:
             self._queue.put(None)
             await self._done
+
+
+# Writer connections kept between turns, per database file: opening one costs its PRAGMAs and
+# a read of the schema, and closing the last connection to a file checkpoints the WAL (with an
+# fsync). Each turn's writer borrows one for itself. Few: a process writes one database; tests
+# make many, and the least recently used file's connections are closed past the cap.
+_IDLE: OrderedDict[str, list[sqlite3.Connection]] = OrderedDict()
+_IDLE_LOCK = threading.Lock()
+_IDLE_FILES_CAP = 4
+_IDLE_PER_FILE_CAP = 4
+
+
+def _borrow_connection(path: str) -> sqlite3.Connection:
+    with _IDLE_LOCK:
+        idle = _IDLE.get(path)
+        if idle:
+            return idle.pop()
+    return _writer_connection(path)
+
+
+def _return_connection(path: str, conn: sqlite3.Connection) -> None:
+    closing: list[sqlite3.Connection] = []
+    with _IDLE_LOCK:
+        idle = _IDLE.setdefault(path, [])
+        _IDLE.move_to_end(path)
+        (idle if len(idle) < _IDLE_PER_FILE_CAP else closing).append(conn)
+        while len(_IDLE) > _IDLE_FILES_CAP:
+            closing += _IDLE.popitem(last=False)[1]
+    for extra in closing:
+        extra.close()
 
 
 def _writer_connection(path: str) -> sqlite3.Connection:
