@@ -192,8 +192,11 @@ def chunk_bodies(
     out: list[tuple[int, str]] = []
     for start in range(0, len(lines), CHUNK_LINES):
         part = lines[start : start + CHUNK_LINES]
-        body = redact_line(b"".join(part).rstrip(b"\r\n"), needles)
-        out.append((len(part), body.decode("utf-8", "replace")))
+        body = redact_line(b"".join(part), needles)
+        end = len(body)
+        while end and body[end - 1] in b"\r\n":  # decoded from a view: no copy to strip it
+            end -= 1
+        out.append((len(part), str(memoryview(body)[:end], "utf-8", "replace")))
     return out
 
 
@@ -305,11 +308,11 @@ class TranscriptRecorder:
                     while True:
                         batches.append(self._queue.get_nowait())
                 closing = batches[-1] is None
-                lines = [line for batch in batches if batch for line in batch]
-                if lines:
+                ready = [batch for batch in batches if batch]
+                if ready:
                     if path is not None and conn is None:
                         conn = _borrow_connection(path)
-                    self._store(lines, conn)
+                    self._store(ready, conn)
         except Exception:  # never leave close() waiting
             log.warning("transcript writer stopped", exc_info=True)
             if conn is not None:  # in an unknown state: not handed to the next turn
@@ -320,20 +323,23 @@ class TranscriptRecorder:
             if path is not None and conn is not None:
                 _return_connection(path, conn)
 
-    def _store(self, lines: list[bytes], conn: sqlite3.Connection | None) -> None:
+    def _store(self, batches: list[list[bytes]], conn: sqlite3.Connection | None) -> None:
+        # each batch is a chunk already (a full one, or what the batch window collected)
         rows = [
             (self.protocol_run_id, self.step_run_id, self.phase, count, body)
-            for count, body in chunk_bodies(lines, self.needles)
+            for batch in batches
+            for count, body in chunk_bodies(batch, self.needles)
         ]
+        lines = sum(len(batch) for batch in batches)
         try:
             if conn is not None:
                 _insert(conn, rows, _sqlite_time(utcnow()))
             else:
                 assert self._loop is not None
                 asyncio.run_coroutine_threadsafe(self._write_async(rows), self._loop).result(60)
-            self.stored += len(lines)
+            self.stored += lines
         except Exception:  # the transcript is a view: losing a batch must not fail the step
-            log.warning("could not store %d transcript events", len(lines), exc_info=True)
+            log.warning("could not store %d transcript events", lines, exc_info=True)
 
     async def _write_async(self, rows: list[tuple[int, int | None, str, int, str]]) -> None:
         # Postgres, or an SQLite database with no file of its own (in-memory, URI): the app's
