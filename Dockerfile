@@ -4,6 +4,11 @@
 # Base images are pinned by version and by digest (the multi-platform index of that tag). To move
 # to a newer patch release, look the new digest up (`docker buildx imagetools inspect <tag>`) and
 # change both here; the build arguments also let a build override them.
+# NOT VERIFIED against the registry: there was no Docker and no registry access where they were
+# written. Both digests were cross-checked against several independent public repositories that
+# pin the same tag to the same digest (one a BuildKit log resolving it), nothing stronger. A
+# wrong digest fails the pull, it never builds another image: on the first build with registry
+# access, run `docker buildx imagetools inspect` on both tags and correct them if they differ.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 ARG NODE_IMAGE=node:24.11.1-bookworm-slim@sha256:48abc13a19400ca3985071e287bd405a1d99306770eb81d61202fb6b65cf0b57
 

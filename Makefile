@@ -7,12 +7,14 @@ CODEX := node_modules/.bin/codex
 # checkov pins libraries (packaging<24) older than the test suite's: it gets its own venv
 CHECKOV := .venv-checkov/bin/checkov
 
-.PHONY: run test install codex checkov lint typecheck bench clean
+.PHONY: run test install codex checkov lint typecheck bench clean lock
 
-$(STAMP): pyproject.toml
+# Installed exactly as locked (hashes checked), like the image: requirements-dev.lock is the
+# runtime lock plus the test tools; the project itself goes in without resolving anything.
+$(STAMP): pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,11 +25,21 @@ $(CODEX): package.json
 
 codex: $(CODEX)
 
-$(CHECKOV):
+$(CHECKOV): requirements-checkov.lock
 	$(PYTHON) -m venv .venv-checkov
-	.venv-checkov/bin/pip install --quiet "checkov>=3.2"
+	.venv-checkov/bin/pip install --quiet --require-hashes -r requirements-checkov.lock
+	touch $(CHECKOV)
 
 checkov: $(CHECKOV)
+
+# Refresh the locks after a change to pyproject.toml's dependencies (tests/api/test_lock.py fails
+# on a stale lock). pip-tools lives in its own venv, out of the locked one.
+PIPCOMPILE := .venv-piptools/bin/pip-compile --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links
+lock:
+	[ -x .venv-piptools/bin/pip-compile ] || ($(PYTHON) -m venv .venv-piptools && .venv-piptools/bin/pip install --quiet pip-tools)
+	$(PIPCOMPILE) --output-file=requirements.lock pyproject.toml
+	$(PIPCOMPILE) --extra=dev --output-file=requirements-dev.lock pyproject.toml
+	$(PIPCOMPILE) --output-file=requirements-checkov.lock requirements-checkov.in
 
 # Serve on the embedded defaults (`make run PORT=8080` for another port): SQLite under ./.deksdenflow, in-process queue, a local demo
 # repository driven by the scripted engine. No GitHub account needed.

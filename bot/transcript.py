@@ -7,11 +7,11 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -160,35 +160,6 @@ CHUNK_LINES = 500  # lines per stored chunk: a first screen never parses more th
 RAW_LIMIT = 16 * 1024  # a longer line (huge command output) is stored as the engine's compact event
 
 
-# The event loop thread's transcript connections, per (file, thread), kept between turns: opening
-# one costs its PRAGMAs, and closing the last connection to a file checkpoints the WAL. Few:
-# a process writes one database; tests make many, and the oldest is closed past the cap.
-_LOOP_CONNECTIONS: OrderedDict[tuple[str, int], sqlite3.Connection] = OrderedDict()
-_LOOP_CONNECTIONS_CAP = 4
-
-
-def _loop_connection(path: str) -> sqlite3.Connection:
-    key = (path, threading.get_ident())
-    conn = _LOOP_CONNECTIONS.get(key)
-    if conn is not None:
-        _LOOP_CONNECTIONS.move_to_end(key)
-        return conn
-    conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
-    try:
-        # never waits for a lock (timeout 0: the caller falls back to a thread), and leaves WAL
-        # checkpoints (and their fsync) to the other connections; the journal mode is the
-        # database's own (WAL, set by the engine's connections), asking for it would take a lock
-        for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0"):
-            conn.execute(f"PRAGMA {pragma}")
-    except BaseException:
-        conn.close()
-        raise
-    _LOOP_CONNECTIONS[key] = conn
-    while len(_LOOP_CONNECTIONS) > _LOOP_CONNECTIONS_CAP:
-        _LOOP_CONNECTIONS.popitem(last=False)[1].close()
-    return conn
-
-
 def _sqlite_time(when: datetime) -> str:
     # how SQLAlchemy stores a DateTime in SQLite, so the ORM reads these rows back unchanged
     return when.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
@@ -211,12 +182,42 @@ def redact_line(line: bytes, needles: tuple[tuple[bytes, bytes], ...]) -> bytes:
     return line
 
 
-class TranscriptRecorder:
-    """An engine sink that stores a turn's events in batches from a background task.
+def chunk_bodies(
+    lines: list[bytes], needles: tuple[tuple[bytes, bytes], ...]
+) -> list[tuple[int, str]]:
+    """Newline-terminated JSONL lines as (line count, redacted text) chunks of CHUNK_LINES (pure).
 
-    `add` only appends to a list, so the engine's reading loop never waits for the database and
-    pays nothing per event beyond that; every FLUSH_INTERVAL_S the flusher redacts what arrived
-    (on the bytes) and writes it as a few chunk rows in one INSERT.
+    Joining, redacting and decoding happen once per chunk, in C.
+    """
+    out: list[tuple[int, str]] = []
+    for start in range(0, len(lines), CHUNK_LINES):
+        part = lines[start : start + CHUNK_LINES]
+        body = redact_line(b"".join(part), needles)
+        end = len(body)
+        while end and body[end - 1] in b"\r\n":  # decoded from a view: no copy to strip it
+            end -= 1
+        out.append((len(part), str(memoryview(body)[:end], "utf-8", "replace")))
+    return out
+
+
+_IDLE_CHECK_S = 30.0  # how often an idle writer checks that its turn's loop still runs
+
+_INSERT_SQL = (
+    "INSERT INTO transcript_chunks (protocol_run_id, step_run_id, phase, lines, body, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+class TranscriptRecorder:
+    """An engine sink that stores a turn's events in batches from a writer thread of its own.
+
+    The engine's reading loop pays one list append per event and nothing else: it never waits
+    for the database, and never redacts, encodes or copies a batch. A batch goes to the writer
+    when it holds a chunk's worth of lines, or FLUSH_INTERVAL_S after its first line (so a slow
+    stream still shows within that time). The writer redacts it on the bytes and stores it; on
+    SQLite on its own connection, where sqlite3 releases the GIL while it writes, on other
+    databases through the loop's async engine. One thread writes every batch of the turn, in
+    order, so chunk ids follow arrival.
     """
 
     def __init__(
@@ -237,32 +238,32 @@ class TranscriptRecorder:
         self.needles = _needles(secrets)
         self.workdir = workdir
         self.interval_s = interval_s
-        self.stored = 0  # lines written
-        self._pending: list[tuple[dict[str, Any], bytes | None]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-        self._closing = False
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None  # the writer thread's
+        self.stored = 0  # lines written (by the writer thread; read it after close)
+        self._batch: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._queue: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Future[None] | None = None
 
     def add(self, event: dict[str, Any], raw: bytes | None = None) -> None:
         """The sink: called once per engine event, on the engine's reading loop."""
-        self._pending.append((event, raw))
-        if self._task is None:
-            self._task = asyncio.create_task(self._flusher(), name="transcript-flusher")
-        elif len(self._pending) >= CHUNK_LINES:
-            # a fast stream: write this chunk now, beside the reading, not all of it at the end
-            self._wake.set()
-
-    async def _flusher(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
-            if not self._closing:
-                self._wake.clear()
-            await self.flush()
-            if self._closing:
-                return
+        if raw is None or len(raw) > RAW_LIMIT:
+            line = self.encoded(event)
+        elif raw[-1:] != b"\n":
+            line = raw + b"\n"
+        else:
+            line = raw  # the engine's own bytes, as read: nothing to build
+        batch = self._batch
+        batch.append(line)
+        if len(batch) >= CHUNK_LINES:
+            # a fast stream: this chunk is written now, beside the reading, not at the end
+            self._hand_over()
+        elif self._timer is None:
+            if self._loop is None:
+                self._start()
+            assert self._loop is not None
+            self._timer = self._loop.call_later(self.interval_s, self._hand_over)
 
     def encoded(self, event: dict[str, Any]) -> bytes:
         """An event without usable raw bytes, as one JSON line (oversized ones cut to their item)."""
@@ -272,127 +273,166 @@ class TranscriptRecorder:
             line = json.dumps({"type": "deksdenflow.oversized", **entry}).encode()
         return line + b"\n"
 
-    def chunks(self, events: list[tuple[dict[str, Any], bytes | None]]) -> list[tuple[int, str]]:
-        """The events as (line count, redacted JSONL text) chunks of up to CHUNK_LINES lines.
+    def _start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._done = self._loop.create_future()
+        self._thread = threading.Thread(target=self._writer, name="transcript-writer", daemon=True)
+        self._thread.start()
 
-        Per event only a list entry is built (the engine's own bytes, newline-terminated);
-        joining, redacting and decoding happen once per chunk, in C.
-        """
-        lines = [
-            (raw if raw.endswith(b"\n") else raw + b"\n")
-            if raw is not None and len(raw) <= RAW_LIMIT
-            else self.encoded(event)
-            for event, raw in events
-        ]
-        out: list[tuple[int, str]] = []
-        for start in range(0, len(lines), CHUNK_LINES):
-            part = lines[start : start + CHUNK_LINES]
-            body = redact_line(b"".join(part).rstrip(b"\r\n"), self.needles)
-            out.append((len(part), body.decode("utf-8", "replace")))
-        return out
+    def _hand_over(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._batch:
+            if self._loop is None:
+                self._start()
+            self._queue.put(self._batch)
+            self._batch = []
 
-    async def flush(self) -> None:
-        events, self._pending = self._pending, []
-        if not events:
-            return
-        now = utcnow()
-        rows = [
-            {
-                "protocol_run_id": self.protocol_run_id,
-                "step_run_id": self.step_run_id,
-                "phase": self.phase,
-                "lines": count,
-                "body": body,
-                "created_at": now,
-            }
-            for count, body in self.chunks(events)
-        ]
-        try:
-            await self._write(rows)
-            self.stored += len(events)
-        except Exception:  # the transcript is a view: losing a batch must not fail the step
-            log.warning("could not store %d transcript events", len(events), exc_info=True)
-
-    async def _write(self, rows: list[dict[str, Any]]) -> None:
-        # A transcript is a view of the turn, not a record the bot acts on: its commits skip the
-        # wait for the disk (SQLite's fsync of the WAL, Postgres' synchronous commit), which is
-        # most of what storing a fast stream would otherwise add to the turn. A crash of the
-        # machine may lose the last batch; an application crash loses nothing committed.
+    # -- the writer thread -------------------------------------------------------------------
+    def _writer(self) -> None:
         path = sqlite_file(self.db)
-        if path is not None:
-            # SQLite, uncontended (nearly always): written right here on our own connection,
-            # which never waits for a lock and never checkpoints, so the loop is held for a
-            # memcpy-sized moment per chunk — far less than handing the chunk to a thread costs
-            if self._write_here(path, rows):
-                return
-            # another connection holds the write lock: wait for it on our thread instead
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="transcript")
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._write_sqlite, path, rows
-            )
-            return
-        async with self.db.engine.connect() as conn:
-            if self.db.is_sqlite:  # in-memory or URI databases: the engine's own connection
-                await conn.execute(insert(TranscriptChunk), rows)
+        conn: sqlite3.Connection | None = None
+        try:
+            closing = False
+            while not closing:
+                try:
+                    batches = [self._queue.get(timeout=_IDLE_CHECK_S)]
+                except queue.Empty:
+                    # a turn whose close() never ran (its loop has gone): nothing more will come
+                    assert self._loop is not None
+                    if self._loop.is_closed():
+                        break
+                    continue
+                with contextlib.suppress(queue.Empty):  # what queued meanwhile: one transaction
+                    while True:
+                        batches.append(self._queue.get_nowait())
+                closing = batches[-1] is None
+                ready = [batch for batch in batches if batch]
+                if ready:
+                    if path is not None and conn is None:
+                        conn = _borrow_connection(path)
+                    self._store(ready, conn)
+        except Exception:  # never leave close() waiting
+            log.warning("transcript writer stopped", exc_info=True)
+            if conn is not None:  # in an unknown state: not handed to the next turn
+                conn.close()
+                conn = None
+        finally:
+            self._signal_done()
+            if path is not None and conn is not None:
+                _return_connection(path, conn)
+
+    def _store(self, batches: list[list[bytes]], conn: sqlite3.Connection | None) -> None:
+        # each batch is a chunk already (a full one, or what the batch window collected)
+        rows = [
+            (self.protocol_run_id, self.step_run_id, self.phase, count, body)
+            for batch in batches
+            for count, body in chunk_bodies(batch, self.needles)
+        ]
+        lines = sum(len(batch) for batch in batches)
+        try:
+            if conn is not None:
+                _insert(conn, rows, _sqlite_time(utcnow()))
             else:
+                assert self._loop is not None
+                asyncio.run_coroutine_threadsafe(self._write_async(rows), self._loop).result(60)
+            self.stored += lines
+        except Exception:  # the transcript is a view: losing a batch must not fail the step
+            log.warning("could not store %d transcript events", lines, exc_info=True)
+
+    async def _write_async(self, rows: list[tuple[int, int | None, str, int, str]]) -> None:
+        # Postgres, or an SQLite database with no file of its own (in-memory, URI): the app's
+        # engine. A transcript is a view of the turn, not a record the bot acts on: its commits
+        # skip the wait for the disk (synchronous_commit off); a machine crash may lose the
+        # last batch, an application crash loses nothing committed.
+        now = utcnow()
+        values = [
+            {"protocol_run_id": p, "step_run_id": s, "phase": ph, "lines": n, "body": b,
+             "created_at": now}
+            for p, s, ph, n, b in rows
+        ]  # fmt: skip
+        async with self.db.engine.connect() as conn:
+            if not self.db.is_sqlite:
                 await conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-                await conn.execute(insert(TranscriptChunk), rows)
+            await conn.execute(insert(TranscriptChunk), values)
             await conn.commit()
 
-    def _write_here(self, path: str, rows: list[dict[str, Any]]) -> bool:
-        """Write on the event loop's thread when the lock is free at once; False when busy."""
-        try:
-            self._insert(_loop_connection(path), rows)
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                return False
-            raise
-        return True
+    def _signal_done(self) -> None:
+        loop, done = self._loop, self._done
+        if loop is None or done is None:
+            return
 
-    def _write_sqlite(self, path: str, rows: list[dict[str, Any]]) -> None:
-        if self._conn is None:
-            conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn = conn
-        self._insert(self._conn, rows)
+        def finish() -> None:
+            if not done.done():
+                done.set_result(None)
 
-    @staticmethod
-    def _insert(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(
-                "INSERT INTO transcript_chunks"
-                " (protocol_run_id, step_run_id, phase, lines, body, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (r["protocol_run_id"], r["step_run_id"], r["phase"], r["lines"], r["body"],
-                     _sqlite_time(r["created_at"]))
-                    for r in rows
-                ],
-            )  # fmt: skip
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-    def _shutdown(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with contextlib.suppress(RuntimeError):  # the loop has gone: nobody is waiting
+            loop.call_soon_threadsafe(finish)
 
     async def close(self) -> None:
-        """Store what is left and stop the flusher (and the SQLite writer thread)."""
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await self._task
-        await self.flush()
-        if self._executor is not None:
-            executor, self._executor = self._executor, None
-            await asyncio.get_running_loop().run_in_executor(executor, self._shutdown)
-            executor.shutdown(wait=False)
+        """Store what is left, and wait for the writer thread to finish."""
+        self._hand_over()
+        if self._done is not None:
+            self._queue.put(None)
+            await self._done
+
+
+# Writer connections kept between turns, per database file: opening one costs its PRAGMAs and
+# a read of the schema, and closing the last connection to a file checkpoints the WAL (with an
+# fsync). Each turn's writer borrows one for itself. Few: a process writes one database; tests
+# make many, and the least recently used file's connections are closed past the cap.
+_IDLE: OrderedDict[str, list[sqlite3.Connection]] = OrderedDict()
+_IDLE_LOCK = threading.Lock()
+_IDLE_FILES_CAP = 4
+_IDLE_PER_FILE_CAP = 4
+
+
+def _borrow_connection(path: str) -> sqlite3.Connection:
+    with _IDLE_LOCK:
+        idle = _IDLE.get(path)
+        if idle:
+            return idle.pop()
+    return _writer_connection(path)
+
+
+def _return_connection(path: str, conn: sqlite3.Connection) -> None:
+    closing: list[sqlite3.Connection] = []
+    with _IDLE_LOCK:
+        idle = _IDLE.setdefault(path, [])
+        _IDLE.move_to_end(path)
+        (idle if len(idle) < _IDLE_PER_FILE_CAP else closing).append(conn)
+        while len(_IDLE) > _IDLE_FILES_CAP:
+            closing += _IDLE.popitem(last=False)[1]
+    for extra in closing:
+        extra.close()
+
+
+def _writer_connection(path: str) -> sqlite3.Connection:
+    # The writer waits for a busy lock here, off the loop. synchronous=NORMAL: in WAL mode a
+    # commit does not fsync (see _write_async for why a transcript may skip the wait), and WAL
+    # checkpoints (with their fsync) are left to the app's other connections. The journal mode
+    # is the database's own (WAL, set by the engine's connections): asking would take a lock.
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    try:
+        for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0"):
+            conn.execute(f"PRAGMA {pragma}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _insert(
+    conn: sqlite3.Connection, rows: list[tuple[int, int | None, str, int, str]], created: str
+) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany(_INSERT_SQL, [(*row, created) for row in rows])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def chunk_items(chunk: TranscriptChunk, workdir: Path | None = None) -> list[dict[str, Any]]:

@@ -51,7 +51,8 @@ def git_status(repo: Path) -> str:
 
 def request(fake: FakeCodex, workdir: Path, prompt: str, **kw: Any) -> EngineRequest:
     return EngineRequest(
-        prompt=prompt, workdir=workdir, phase=kw.pop("phase", "execute"), model="gpt-5.5",
+        prompt=prompt, workdir=workdir, phase=kw.pop("phase", "execute"),
+        model=kw.pop("model", "gpt-5.5"),
         env=fake.env, timeout_s=60, **kw,
     )  # fmt: skip
 
@@ -185,6 +186,44 @@ async def test_provider_401_stops_the_turn_at_once_with_the_cause(
     # fewer requests than codex's retry budget: it was stopped, it did not give up by itself
     assert 1 <= len(fake_codex.server.response_requests()) < 9
     assert any(e.get("type") == "error" for e in seen)
+
+
+# How OpenAI answers a model it does not serve: 404 with `model_not_found` (the classic API), or
+# 400 naming the model (the Responses API); codex passes the status and body through to its
+# error text ("unexpected status 404 Not Found: …").
+UNKNOWN_MODEL_ANSWERS: dict[str, tuple[int, dict[str, Any]]] = {
+    "404 model_not_found": (404, {"error": {
+        "message": "The model `gpt-nope` does not exist or you do not have access to it.",
+        "type": "invalid_request_error", "param": None, "code": "model_not_found"}}),
+    "400 does not exist": (400, {"error": {
+        "message": "The requested model 'gpt-nope' does not exist.",
+        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("answer", sorted(UNKNOWN_MODEL_ANSWERS))
+async def test_unknown_model_stops_the_turn_at_once_with_the_cause(
+    fake_codex: FakeCodex, git_repo: Path, answer: str
+) -> None:
+    # codex's own retry budget again: the stop must come from the engine reading the cause
+    config = fake_codex.home / "config.toml"
+    config.write_text(
+        config.read_text()
+        .replace("request_max_retries = 0\n", "request_max_retries = 8\n")
+        .replace("stream_max_retries = 0\n", "stream_max_retries = 8\n")
+    )
+    fake_codex.server.http_error, fake_codex.server.http_error_body = UNKNOWN_MODEL_ANSWERS[answer]
+    result = await fake_codex.engine(kill_grace_s=2).run(
+        request(fake_codex, git_repo, "Do it", model="gpt-nope")
+    )
+    assert result.outcome == "failed"
+    assert result.error is not None
+    assert "model is unknown to the provider" in result.error, result.error
+    assert "gpt-nope" in result.error
+    assert result.duration_s < 10
+    assert 1 <= len(fake_codex.server.response_requests()) < 9
+    sent = fake_codex.server.response_requests()[0].body
+    assert sent is not None and sent["model"] == "gpt-nope"
 
 
 async def test_sink_sees_every_event_as_it_arrives(fake_codex: FakeCodex, git_repo: Path) -> None:

@@ -152,6 +152,8 @@ class FakeModelServer:
     # When set, every POST /responses answers this HTTP status with an OpenAI-style error body
     # (e.g. 401 for a wrong key), as a provider refusing the request would.
     http_error: int | None = None
+    # ... with this body instead of the wrong-key one (e.g. an unknown model's `model_not_found`)
+    http_error_body: dict[str, Any] | None = None
     _queue: deque[FakeResponse | Responder] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _httpd: ThreadingHTTPServer | None = None
@@ -213,7 +215,8 @@ class FakeModelServer:
                 if server.http_error is not None:
                     self._send_json(
                         server.http_error,
-                        {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}},
+                        server.http_error_body
+                        or {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}},
                     )
                     return
                 response = server._next(recorded)

@@ -3,6 +3,7 @@ one line naming DB_URL when the database is down."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,11 +70,20 @@ def test_data_dir_defaults_to_the_users_data_home(
     assert default_data_dir({"XDG_DATA_HOME": "relative"}).parts[-3:] == (".local", "share", "deksdenflow")
 
 
-@pytest.mark.parametrize("command", [["migrate"], ["protocol", "status"], ["worker"], ["serve"]])
+# every command that opens the database (doctor reports it as one of its checks instead)
+DB_COMMANDS = [
+    ["migrate"], ["worker"], ["serve"], ["protocol", "status"], ["protocol", "new", "a task"],
+    ["protocol", "run-step", "1"], ["protocol", "qa", "1"], ["report", "--out", "r.html"],
+    ["setup"], ["codemachine", "import", "."],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", DB_COMMANDS, ids=" ".join)
 def test_an_unreachable_database_is_one_line_naming_db_url(
     command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)  # a local repository
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DEKSDENFLOW_DB_URL", "postgresql://bot:hunter2@127.0.0.1:1/nowhere")
     monkeypatch.setenv("DEKSDENFLOW_REDIS_URL", "redis://127.0.0.1:1/0")

@@ -216,11 +216,28 @@ async def test_codex_planning_repair_counts_only_the_turns_own_tokens(
     assert "did not validate" in repair_request.user_texts()[-1]
 
 
-async def test_a_401_from_the_model_fails_the_step_within_seconds_with_the_cause(
-    codex_harness: Harness, fake_codex: FakeCodex
+# The provider's answers that no retry can fix, and what the step's reason must then say:
+# a refused key, and a model it does not serve (OpenAI: 404 or 400 with `model_not_found`).
+REFUSALS = {
+    "401 wrong key": (401, None, ("401", "credentials")),
+    "404 unknown model": (404, {"error": {
+        "message": "The model `gpt-nope` does not exist or you do not have access to it.",
+        "type": "invalid_request_error", "param": None, "code": "model_not_found"}},
+        ("model is unknown to the provider", "gpt-nope")),
+    "400 unknown model": (400, {"error": {
+        "message": "The requested model 'gpt-nope' does not exist.",
+        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}},
+        ("model is unknown to the provider", "gpt-nope")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("refusal", list(REFUSALS))
+async def test_a_refusing_provider_fails_the_step_within_seconds_with_the_cause(
+    codex_harness: Harness, fake_codex: FakeCodex, refusal: str
 ) -> None:
     # planned offline (a scripted engine standing in under the codex id), then the real CLI
-    # runs the step against a provider that refuses the key, with codex's own retry budget
+    # runs the step against a provider that refuses the key or the model, with codex's own
+    # retry budget: the stop must come from the engine reading the cause, not from a timeout
     codex_harness.use(ScriptedEngine(engine_id="codex"))
     run_id = await codex_harness.start(TASK)
     assert (await codex_harness.state(run_id)).run.status == "planned"
@@ -230,16 +247,19 @@ async def test_a_401_from_the_model_fails_the_step_within_seconds_with_the_cause
         .replace("request_max_retries = 0\n", "request_max_retries = 8\n")
         .replace("stream_max_retries = 0\n", "stream_max_retries = 8\n")
     )
-    fake_codex.server.http_error = 401
+    status, body, expected = REFUSALS[refusal]
+    fake_codex.server.http_error, fake_codex.server.http_error_body = status, body
     codex_harness.use(codex_engine(fake_codex), ScriptedEngine())
     started = time.monotonic()
     outcome = await execute_step(codex_harness.ctx, protocol_run_id=run_id, step_index=1)
     elapsed = time.monotonic() - started
     assert outcome == "failed"
     assert elapsed < 10, elapsed
+    assert 1 <= len(fake_codex.server.response_requests()) < 9  # stopped, not given up
     state = await codex_harness.state(run_id)
     step = state.step(1)
     assert step.status == "failed"
     reason = step.runtime_state["error"]
-    assert "401" in reason and "credentials" in reason, reason
-    assert state.run.status == "blocked" and "401" in state.run.runtime_state["message"]
+    assert all(part in reason for part in expected), reason
+    assert state.run.status == "blocked"
+    assert expected[0] in state.run.runtime_state["message"]

@@ -183,3 +183,29 @@ async def test_a_locked_database_sends_the_write_to_the_thread(tmp_path: Path) -
     finally:
         blocker.close()
         await db.dispose()
+
+
+async def test_a_slow_stream_is_stored_before_the_turn_ends(tmp_path: Path) -> None:
+    import asyncio
+
+    from bot.db import create_database
+    from bot.migrate import upgrade_head
+
+    path = tmp_path / "slow.sqlite3"
+    upgrade_head(f"sqlite:///{path}")
+    db = create_database(f"sqlite+aiosqlite:///{path}")
+    try:
+        recorder = TranscriptRecorder(db, protocol_run_id=1, step_run_id=6, phase="execute",
+                                      interval_s=0.05)  # fmt: skip
+        event = {"type": "item.completed", "item": {"type": "agent_message", "text": "one line"}}
+        recorder.add(event, json.dumps(event).encode() + b"\n")
+        # a lone event, far from a chunk's worth: the batch window hands it over, not close()
+        for _ in range(100):
+            if await transcript_page(db, step_run_id=6):
+                break
+            await asyncio.sleep(0.05)
+        assert [i["text"] for i in await transcript_page(db, step_run_id=6)] == ["one line"]
+        await recorder.close()
+        assert recorder.stored == 1
+    finally:
+        await db.dispose()
