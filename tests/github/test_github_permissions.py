@@ -76,12 +76,14 @@ async def drive_every_method(forge: GitHubForge) -> set[str]:
     await forge.has_path(repo, "main", ".github/workflows")
     await forge.list_check_suites(repo, "a" * 40)
     await forge.list_check_runs(repo, "a" * 40)
+    await forge.check_run_annotations(repo, 12)
+    await forge.job_log(repo, 12, 1000)
     await forge.convert_manifest("code123")
     return {
         "bot_login", "installation_id", "add_reaction", "post_comment", "upsert_status_comment",
         "open_draft_pr", "update_pr", "report_check", "put_check", "get_permission",
         "pull_is_fork", "git_auth_header", "get_repo", "has_path", "list_check_suites",
-        "list_check_runs", "convert_manifest",
+        "list_check_runs", "convert_manifest", "check_run_annotations", "job_log",
     }
 
 
