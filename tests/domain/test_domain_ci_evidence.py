@@ -277,14 +277,14 @@ async def test_gathering_survives_a_fetch_that_fails_or_hangs(monkeypatch: pytes
     async def leaky() -> CIEvidence:
         return CIEvidence("gitlab-ci", (hook_job("tests", "", "Error: token project-secret-value-42"),))
 
-    found = await ci.gather_evidence({}, project, "gitlab-ci", failing, broken)
+    found = await ci.gather_evidence(project, "gitlab-ci", failing, broken)
     assert found.failing == failing and "could not be fetched: ConnectionError" in found.note
     monkeypatch.setattr(ci, "EVIDENCE_TIMEOUT_S", 0.05)
-    found = await ci.gather_evidence({}, project, "gitlab-ci", failing, hangs)
+    found = await ci.gather_evidence(project, "gitlab-ci", failing, hangs)
     assert found.failing == failing and "TimeoutError" in found.note
-    found = await ci.gather_evidence({}, project, "gitlab-ci", failing, leaky)
+    found = await ci.gather_evidence(project, "gitlab-ci", failing, leaky)
     assert "project-secret-value-42" not in repr(found) and "[REDACTED]" in found.jobs[0].log
-    found = await ci.gather_evidence({}, project, "ci-hook", failing, None)
+    found = await ci.gather_evidence(project, "ci-hook", failing, None)
     assert found == CIEvidence("ci-hook", (FailedJob("tests"),))
 
 
