@@ -86,7 +86,7 @@ def gating(project: Any, settings: Any) -> bool:
 
 
 async def gather_evidence(
-    ctx: dict[str, Any], project: Any, source: str, failing: list[tuple[str, str]], evidence: Evidence | None
+    project: Any, source: str, failing: list[tuple[str, str]], evidence: Evidence | None
 ) -> CIEvidence:
     """The evidence, fetched if need be, cut to size and with every secret the worker holds
     taken out, before it reaches a prompt or the database. A fetch that fails or takes too long
@@ -198,7 +198,7 @@ async def _apply(
         ]
     assert step is not None and target is not None
     acted = result == "failure" and meaning.action in ("loop", "reopen")
-    found = await gather_evidence(ctx, state.project, source, failing, evidence if acted else None)
+    found = await gather_evidence(state.project, source, failing, evidence if acted else None)
     fp = found.fingerprint()
     await update_step(
         db,

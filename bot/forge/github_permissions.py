@@ -56,6 +56,8 @@ REQUESTS: tuple[Need, ...] = (
     Need("PATCH", _REPO + r"/check-runs/\d+", "checks", "write", "update a check run"),
     Need("GET", _REPO + r"/commits/[^/]+/check-runs", "checks", "read", "find our check run"),
     Need("GET", _REPO + r"/commits/[^/]+/check-suites", "checks", "read", "CI results"),
+    Need("GET", _REPO + r"/check-runs/\d+/annotations", "checks", "read", "a red check's annotations"),
+    Need("GET", _REPO + r"/actions/jobs/\d+/logs", "actions", "read", "a failed Actions job's log"),
     Need(
         "GET",
         _REPO + r"/collaborators/[^/]+/permission",

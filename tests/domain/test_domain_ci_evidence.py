@@ -277,14 +277,14 @@ async def test_gathering_survives_a_fetch_that_fails_or_hangs(monkeypatch: pytes
     async def leaky() -> CIEvidence:
         return CIEvidence("gitlab-ci", (hook_job("tests", "", "Error: token project-secret-value-42"),))
 
-    found = await ci.gather_evidence({}, project, "gitlab-ci", failing, broken)
+    found = await ci.gather_evidence(project, "gitlab-ci", failing, broken)
     assert found.failing == failing and "could not be fetched: ConnectionError" in found.note
     monkeypatch.setattr(ci, "EVIDENCE_TIMEOUT_S", 0.05)
-    found = await ci.gather_evidence({}, project, "gitlab-ci", failing, hangs)
+    found = await ci.gather_evidence(project, "gitlab-ci", failing, hangs)
     assert found.failing == failing and "TimeoutError" in found.note
-    found = await ci.gather_evidence({}, project, "gitlab-ci", failing, leaky)
+    found = await ci.gather_evidence(project, "gitlab-ci", failing, leaky)
     assert "project-secret-value-42" not in repr(found) and "[REDACTED]" in found.jobs[0].log
-    found = await ci.gather_evidence({}, project, "ci-hook", failing, None)
+    found = await ci.gather_evidence(project, "ci-hook", failing, None)
     assert found == CIEvidence("ci-hook", (FailedJob("tests"),))
 
 
@@ -310,3 +310,29 @@ def test_retry_with_a_bad_step_number_is_malformed(body: str) -> None:
 
     (err,) = parse_commands(body)
     assert isinstance(err, CommandError) and "positive step number" in err.message
+
+
+def test_planning_gives_every_step_a_loop_the_model_may_only_lower() -> None:
+    from bot.errors import SpecError
+    from bot.spec import SpecDefaults, spec_from_planning, validate_planning_output
+
+    def step(slug: str, bound: object, qa: str = "full") -> dict[str, object]:
+        s: dict[str, object] = {"slug": slug, "title": slug, "content": "x", "commit_type": "feat", "qa_policy": qa}
+        if bound != "absent":
+            s["max_fix_attempts"] = bound
+        return s
+
+    reply = {"title": "t", "plan": "p", "context": "", "log": "", "setup": "s",
+             "steps": [step("a", None), step("b", 1), step("c", 0), step("d", 7), step("e", "absent", "skip")]}  # fmt: skip
+    planning = validate_planning_output(reply)
+    spec = spec_from_planning("0001-task", "task", planning, SpecDefaults(fix_attempts=2))
+    assert [s.loop.max_iterations if s.loop else None for s in spec.steps] == [2, 1, None, 2, 2]
+    assert all(s.loop is None or (s.loop.on, s.loop.back_to) == ("always", s.index) for s in spec.steps)
+    assert [s.qa.policy for s in spec.steps] == ["full", "full", "full", "full", "skip"]
+    # the repository's QA policy replaces the planner's per-step choice
+    repo = spec_from_planning("0001-task", "task", planning, SpecDefaults(fix_attempts=3, repo_qa_policy="light"))
+    assert {s.qa.policy for s in repo.steps} == {"light"} and repo.qa_policy == "light"
+    assert [s.loop.max_iterations if s.loop else None for s in repo.steps] == [3, 1, None, 3, 3]
+    for bad in (11, -1, "two"):
+        with pytest.raises(SpecError):
+            validate_planning_output({**reply, "steps": [step("a", bad)]})

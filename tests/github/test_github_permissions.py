@@ -78,6 +78,8 @@ async def drive_every_method(forge: GitHubForge) -> set[str]:
     await forge.has_path(repo, "main", ".github/workflows")
     await forge.list_check_suites(repo, "a" * 40)
     await forge.list_check_runs(repo, "a" * 40)
+    await forge.check_run_annotations(repo, 12)
+    await forge.job_log(repo, 12, 1000)
     await forge.convert_manifest("code123")
     await forge.review_comments(repo, 3, 700)
     await forge.reply_in_thread(repo, 3, 9001, "fixed")
@@ -89,7 +91,7 @@ async def drive_every_method(forge: GitHubForge) -> set[str]:
         "open_draft_pr", "update_pr", "report_check", "put_check", "get_permission",
         "pull_is_fork", "git_auth_header", "get_repo", "has_path", "list_check_suites",
         "list_check_runs", "convert_manifest", "review_comments", "reply_in_thread", "mark_ready",
-        "pull_branches", "review_state",
+        "pull_branches", "review_state", "check_run_annotations", "job_log",
     }
 
 

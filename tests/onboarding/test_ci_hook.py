@@ -216,6 +216,22 @@ async def test_ci_hook_without_a_token_is_closed(tmp_path: Path) -> None:
     assert r.status_code == 503 and "DEKSDENFLOW_WEBHOOK_TOKEN" in r.json()["error"]
 
 
+def test_ci_delivery_stores_the_log_without_our_secrets() -> None:
+    from bot.secrets_scan import register_secrets
+
+    register_secrets(["worker-secret-in-a-ci-log-0042"])
+    body = json.dumps(
+        {"branch": "0001-x", "status": "failure", "stage": "test",
+         "log": "E   AssertionError\nTOKEN=worker-secret-in-a-ci-log-0042\n"}
+    ).encode()  # fmt: skip
+    delivery = ci_delivery({"X-DeksdenFlow-Token": TOKEN}, body, TOKEN)
+    assert "worker-secret-in-a-ci-log-0042" not in delivery.body
+    stored = parse_report(delivery.body.encode())
+    assert stored.stage == "test" and "TOKEN=[REDACTED]" in stored.log
+    with pytest.raises(WebhookError):
+        parse_report(b'{"branch": "0001-x", "status": "failure", "log": 7}')
+
+
 def test_ci_delivery_keys() -> None:
     body = b'{"branch": "0001-x", "status": "failure", "failing": ["lint"]}'
     first = ci_delivery({"X-DeksdenFlow-Token": TOKEN}, body, TOKEN)
