@@ -226,7 +226,7 @@ async def gitlab_review_note(ctx: HandlerContext) -> None:
     await _mention_feedback(ctx, *found, event[1], note_type=note_type)
 
 
-@router.register("gitlab", "merge request hook", "approved")
+@router.register("gitlab", "merge request hook", "approved", "approval")
 async def gitlab_mr_approved(ctx: HandlerContext) -> None:
     review = gitlab_approval(ctx.delivery.payload)
     found = await _protocol(ctx, gitlab_repo(ctx.delivery.payload), review.number) if review else None
