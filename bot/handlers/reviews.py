@@ -38,8 +38,9 @@ from bot.runs import load_run
 log = logging.getLogger(__name__)
 router = Router()
 
-# who may steer the agent with a review: the same access as the commands that change a protocol
-REVIEW_PERMISSION = "retry"
+# who may steer the agent with a review: write / Developer, as for the commands that change a
+# protocol; a repository may set its own level under `permissions: {review: …}`
+REVIEW_PERMISSION = "review"
 
 
 async def handles_for(ctx: HandlerContext, project: Project, forge: Forge) -> tuple[str, ...]:
