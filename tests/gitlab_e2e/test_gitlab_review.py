@@ -83,7 +83,9 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     assert f"`{BOT} approve`" in help_text(forge="gitlab", bot=BOT_USERNAME)
     plan = world.note(f"{BOT} plan greet the world")
     world.send("Note Hook", plan)
-    run = wait_run(world, "planned", ["pending", "pending"])
+    wait_run(world, "planned", ["pending", "pending"])
+    world.wait(lambda: world.run().pr_number is not None, "the MR of the plan", timeout=90)
+    run = world.run()
     assert run.description == "greet the world"
     iid = int(run.pr_number)
     assert mr_of(world)["draft"] is True
@@ -101,8 +103,12 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     # the last step passed every gate: the MR leaves draft and the status note says what next
     world.wait(lambda: not mr_of(world)["draft"], "MR marked ready")
     assert not mr_of(world)["title"].startswith("Draft:")
-    notes = [n for n in world.fake.notes_of(world.project, "merge_requests", iid) if "deksdenflow:status" in n["body"]]
-    assert "marked ready for review" in notes[-1]["body"]
+
+    def status_says_ready() -> bool:
+        notes = [n for n in world.fake.notes_of(world.project, "merge_requests", iid) if "deksdenflow:status" in n["body"]]
+        return bool(notes) and "marked ready for review" in notes[-1]["body"]
+
+    world.wait(status_says_ready, "the status note says what comes next")
 
     # two diff notes from a Developer within the quiet window, one from a Reporter
     world.send("Note Hook", mr_note(world, iid, "Use a comma: `Hello, world!`", world.alice,
@@ -146,7 +152,9 @@ def test_plain_mr_note_and_stripped_quick_action_change_nothing(world_factory: C
     world = world_factory(default_settings=True)
     plan = world.note(f"{BOT} plan")
     world.send("Note Hook", plan)
-    run = wait_run(world, "planned", ["pending", "pending"])
+    wait_run(world, "planned", ["pending", "pending"])
+    world.wait(lambda: world.run().pr_number is not None, "the MR of the plan", timeout=90)
+    run = world.run()
     iid = int(run.pr_number)
     # `/approve` was GitLab's: the note that reaches the bot holds what was left around it
     answer = world.send("Note Hook", mr_note(world, iid, "Looks good", world.alice))
@@ -174,7 +182,9 @@ def test_mention_plan_on_an_existing_merge_request(world_factory: Callable[..., 
     iid = int(mr["iid"])
     plan = mr_note(world, iid, f"{BOT} plan finish feature y", world.alice)
     world.send("Note Hook", plan)
-    run = wait_run(world, "planned", ["pending", "pending"])
+    wait_run(world, "planned", ["pending", "pending"])
+    world.wait(lambda: world.run().pr_number is not None, "the MR of the plan", timeout=90)
+    run = world.run()
     assert run.pr_number == iid and run.issue_number is None
     assert json.loads(run.runtime_state)["branch"] == "feature-y"
     assert "[protocol-0001/00]" in git("log", "--format=%s", "feature-y", cwd=world.origin)
