@@ -49,6 +49,7 @@ DEFAULT_PERMISSIONS: Mapping[str, PermissionLevel] = {
     "status": "read",
     "help": "read",
     "auto": "write",
+    "review": "write",  # whose review comments become a fix step (not a command)
 }
 
 _PERMISSION_RANK: Mapping[str, int] = {"none": 0, "read": 1, "write": 2, "maintain": 2, "admin": 3}

@@ -254,9 +254,10 @@ def is_feedback(comment: ReviewComment, *, note_type: str = "", mentioned: bool 
 
 
 def gitlab_approval(payload: Mapping[str, Any]) -> ReviewSubmitted | None:
-    """A Merge Request Hook with action `approved` → an approving review by its user."""
+    """A Merge Request Hook with action `approved` (the MR is approved) or `approval` (one of
+    several approvals it needs) → an approving review by its user."""
     attrs = payload.get("object_attributes")
-    if not isinstance(attrs, dict) or attrs.get("action") != "approved":
+    if not isinstance(attrs, dict) or attrs.get("action") not in ("approved", "approval"):
         return None
     iid = _int(attrs.get("iid"))
     if iid is None:

@@ -38,8 +38,9 @@ from bot.runs import load_run
 log = logging.getLogger(__name__)
 router = Router()
 
-# who may steer the agent with a review: the same access as the commands that change a protocol
-REVIEW_PERMISSION = "retry"
+# who may steer the agent with a review: write / Developer, as for the commands that change a
+# protocol; a repository may set its own level under `permissions: {review: …}`
+REVIEW_PERMISSION = "review"
 
 
 async def handles_for(ctx: HandlerContext, project: Project, forge: Forge) -> tuple[str, ...]:
@@ -226,7 +227,7 @@ async def gitlab_review_note(ctx: HandlerContext) -> None:
     await _mention_feedback(ctx, *found, event[1], note_type=note_type)
 
 
-@router.register("gitlab", "merge request hook", "approved")
+@router.register("gitlab", "merge request hook", "approved", "approval")
 async def gitlab_mr_approved(ctx: HandlerContext) -> None:
     review = gitlab_approval(ctx.delivery.payload)
     found = await _protocol(ctx, gitlab_repo(ctx.delivery.payload), review.number) if review else None

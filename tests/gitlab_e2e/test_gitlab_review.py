@@ -61,6 +61,13 @@ def approval(world: World, iid: int, user: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
+def wait_run(world: World, status: str, steps: list[str], timeout: float = 90.0) -> Any:
+    """World.wait_run with room for a loaded machine (a fix step waits out the quiet window)."""
+    world.wait(lambda: world.run() is not None and world.run().status == status and world.step_statuses() == steps,
+               f"protocol {status} with steps {steps}", timeout=timeout)  # fmt: skip
+    return world.run()
+
+
 def mr_of(world: World) -> dict[str, Any]:
     iid = int(world.run().pr_number)
     found: dict[str, Any] = world.fake.state.merge_requests[(PROJECT_ID, iid)]
@@ -76,8 +83,9 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     assert f"`{BOT} approve`" in help_text(forge="gitlab", bot=BOT_USERNAME)
     plan = world.note(f"{BOT} plan greet the world")
     world.send("Note Hook", plan)
-    world.wait_reaction(plan)
-    run = world.wait_run("planned", ["pending", "pending"])
+    wait_run(world, "planned", ["pending", "pending"])
+    world.wait(lambda: world.run().pr_number is not None, "the MR of the plan", timeout=90)
+    run = world.run()
     assert run.description == "greet the world"
     iid = int(run.pr_number)
     assert mr_of(world)["draft"] is True
@@ -88,21 +96,19 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     world.send("Merge Request Hook", approval(world, iid, world.alice))
     world.wait(lambda: bool(world.run().approved), "approval by review")
 
-    for _ in range(2):
-        step = world.note(f"{BOT} run-step")
-        world.send("Note Hook", step)
-        world.wait_reaction(step)
-    world.wait_run("completed", ["completed", "completed"])
+    for i in range(2):
+        world.send("Note Hook", world.note(f"{BOT} run-step"))
+        world.wait(lambda i=i: world.step_statuses()[i] == "completed", f"step {i + 1} done", timeout=90)  # type: ignore[misc]
+    wait_run(world, "completed", ["completed", "completed"])
     # the last step passed every gate: the MR leaves draft and the status note says what next
     world.wait(lambda: not mr_of(world)["draft"], "MR marked ready")
     assert not mr_of(world)["title"].startswith("Draft:")
 
     def status_says_ready() -> bool:
-        # the MR leaves draft first, then the status note is re-rendered: wait for the second
         notes = [n for n in world.fake.notes_of(world.project, "merge_requests", iid) if "deksdenflow:status" in n["body"]]
         return bool(notes) and "marked ready for review" in notes[-1]["body"]
 
-    world.wait(status_says_ready, "status note says the MR is ready for review")
+    world.wait(status_says_ready, "the status note says what comes next")
 
     # two diff notes from a Developer within the quiet window, one from a Reporter
     world.send("Note Hook", mr_note(world, iid, "Use a comma: `Hello, world!`", world.alice,
@@ -110,8 +116,8 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     world.send("Note Hook", mr_note(world, iid, "Mention the issue here.", world.alice,
                                     path="TASK.md", line=2, discussion="d-two"))  # fmt: skip
     world.send("Note Hook", mr_note(world, iid, "Remove everything", world.bob, path="TASK.md", line=1, discussion="d-bob"))
-    world.wait(lambda: len(world.steps()) == 3, "the fix step", timeout=60)
-    world.wait_run("completed", ["completed", "completed", "completed"])
+    world.wait(lambda: len(world.steps()) == 3, "the fix step", timeout=90)
+    wait_run(world, "completed", ["completed", "completed", "completed"])
     fix = world.steps()[2]
     assert fix.step_name == "03-review-fix"
     taken = [c["comment_id"] for c in json.loads(fix.runtime_state)["review"]]
@@ -146,8 +152,9 @@ def test_plain_mr_note_and_stripped_quick_action_change_nothing(world_factory: C
     world = world_factory(default_settings=True)
     plan = world.note(f"{BOT} plan")
     world.send("Note Hook", plan)
-    world.wait_reaction(plan)
-    run = world.wait_run("planned", ["pending", "pending"])
+    wait_run(world, "planned", ["pending", "pending"])
+    world.wait(lambda: world.run().pr_number is not None, "the MR of the plan", timeout=90)
+    run = world.run()
     iid = int(run.pr_number)
     # `/approve` was GitLab's: the note that reaches the bot holds what was left around it
     answer = world.send("Note Hook", mr_note(world, iid, "Looks good", world.alice))
@@ -175,7 +182,9 @@ def test_mention_plan_on_an_existing_merge_request(world_factory: Callable[..., 
     iid = int(mr["iid"])
     plan = mr_note(world, iid, f"{BOT} plan finish feature y", world.alice)
     world.send("Note Hook", plan)
-    run = world.wait_run("planned", ["pending", "pending"])
+    wait_run(world, "planned", ["pending", "pending"])
+    world.wait(lambda: world.run().pr_number is not None, "the MR of the plan", timeout=90)
+    run = world.run()
     assert run.pr_number == iid and run.issue_number is None
     assert json.loads(run.runtime_state)["branch"] == "feature-y"
     assert "[protocol-0001/00]" in git("log", "--format=%s", "feature-y", cwd=world.origin)

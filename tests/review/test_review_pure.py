@@ -128,6 +128,10 @@ def test_gitlab_approval_sample() -> None:
     payload["object_attributes"]["action"] = "approved"
     review = gitlab_approval(payload)
     assert review is not None and (review.number, review.state, review.author) == (1, "approved", "root")
+    payload["object_attributes"]["action"] = "approval"  # one approval of several required
+    assert gitlab_approval(payload) is not None
+    payload["object_attributes"]["action"] = "unapproved"
+    assert gitlab_approval(payload) is None
 
 
 # -- which comments count -----------------------------------------------------------------------
