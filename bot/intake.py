@@ -19,8 +19,9 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from bot.db import Database, connect_sqlite, sqlite_file
+from bot.db import Database, connect_sqlite, postgres_connector, sqlite_file
 from bot.handlers.sansio import IncomingDelivery
+from bot.intake_pg import PostgresWriter
 from bot.models import WebhookDelivery, utcnow
 from bot.queue import JobSpec, delivery_job
 
@@ -259,6 +260,7 @@ class DeliveryStore:
         self._enqueue_buffer: list[JobSpec] = []
         self._sqlite_path = sqlite_file(db)
         self._writer: SqliteWriter | None = None
+        self._pg_writer: PostgresWriter | None = None
         # what a request waits for its commit at most (then 503): the database's own deadline
         # and a second more for the batch ahead of it, well within the forges' 10 s
         self.deadline_s = db.timeout_s + 1.0
@@ -267,6 +269,9 @@ class DeliveryStore:
         if self._task is None:
             if self._sqlite_path is not None:
                 self._writer = SqliteWriter(self._sqlite_path, self.db.timeout_s)
+            elif not self.db.is_sqlite:
+                url = self.db.engine.url.render_as_string(hide_password=False)
+                self._pg_writer = PostgresWriter(postgres_connector(url, self.db.timeout_s))
             self._task = asyncio.create_task(self._run(), name="delivery-store")
 
     async def stop(self) -> None:
@@ -286,6 +291,9 @@ class DeliveryStore:
         if self._writer is not None:
             await asyncio.to_thread(self._writer.close)
             self._writer = None
+        if self._pg_writer is not None:
+            await self._pg_writer.close()
+            self._pg_writer = None
 
     async def store(self, delivery: IncomingDelivery, status: str = "pending") -> tuple[StoreStatus, int]:
         """Make the delivery durable; `status="ignored"` stores it without enqueueing."""
@@ -346,6 +354,8 @@ class DeliveryStore:
         firsts, repeats = split_batch(batch)
         if self._writer is not None:
             stored = await self._writer.write(firsts)
+        elif self._pg_writer is not None:
+            stored = await self._pg_writer.write(firsts)
         else:
             stored = await self._commit_sqlalchemy(firsts)
         ids: dict[tuple[str, str], int] = {}
@@ -367,7 +377,7 @@ class DeliveryStore:
         return to_enqueue
 
     async def _commit_sqlalchemy(self, firsts: list[_Pending]) -> Stored:
-        """Postgres (and in-memory SQLite): one INSERT … ON CONFLICT DO NOTHING per batch."""
+        """In-memory SQLite (tests): one INSERT … ON CONFLICT DO NOTHING per batch."""
         now = utcnow()
         rows = [
             {
