@@ -324,11 +324,8 @@ class Server:
         self.port = free_port()
         self.workers = workers
         loop, http = uvicorn_impls(server)
-        cmd = [
-            sys.executable, "-m", "uvicorn", "--factory", f"bench._servers:{factory}",
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
-            "--loop", loop, "--http", http, "--log-level", "warning", "--no-access-log",
-        ]  # fmt: skip
+        # uvicorn's own runner, on a socket that gets TCP_NODELAY (see bench/_launch.py)
+        cmd = [sys.executable, "-m", "bench._launch", factory, str(self.port), str(workers), loop, http]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
 
     def processes(self) -> list[int]:
