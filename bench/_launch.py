@@ -25,8 +25,8 @@ def main(argv: list[str]) -> None:
         host="127.0.0.1",
         port=int(port),
         workers=int(workers),
-        loop=loop,  # type: ignore[arg-type]
-        http=http,  # type: ignore[arg-type]
+        loop=loop,
+        http=http,
         log_level="warning",
         access_log=False,
     )

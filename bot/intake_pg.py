@@ -15,17 +15,20 @@ the same client-side deadline (a hung server costs one deadline, then a fresh co
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import psycopg
+import psycopg.errors
 
 from bot.models import WebhookDelivery
 
 if TYPE_CHECKING:
-    import psycopg
-
     from bot.intake import Stored, _Pending
+
+log = logging.getLogger(__name__)
 
 _TABLE = WebhookDelivery.__tablename__
 
@@ -94,7 +97,8 @@ def resolve(
 
 
 class PostgresWriter:
-    """Holds one connection for the intake's commits (one batch at a time, from one task)."""
+    """Holds one connection for the intake's commits: one batch at a time (DeliveryStore keeps
+    one writer per commit slot)."""
 
     def __init__(self, connect: Connect) -> None:
         self._connect = connect
@@ -116,7 +120,14 @@ class PostgresWriter:
         if not items:
             return []
         try:
-            return await self._write(items)
+            try:
+                return await self._write(items)
+            except psycopg.errors.DeadlockDetected:
+                # Two batches in flight met the same keys in opposite orders (possible only
+                # through semantic keys: delivery keys go in sorted); the server rolled this
+                # one back, and the other has committed by now.
+                log.info("intake batch of %d hit a deadlock; retrying it once", len(items))
+                return await self._write(items)
         except BaseException:
             # a failed or timed-out statement may leave the connection mid-protocol: start over
             await self.close()
@@ -124,7 +135,9 @@ class PostgresWriter:
 
     async def _write(self, items: Sequence[_Pending]) -> Stored:
         conn = await self._connection()
-        cur = await conn.execute(INSERT_BATCH, batch_columns(items), prepare=True)
+        # one order for every batch, so two in flight take their key locks in the same order
+        ordered = sorted(items, key=lambda i: (i.delivery.provider, i.delivery.key))
+        cur = await conn.execute(INSERT_BATCH, batch_columns(ordered), prepare=True)
         inserted = {(provider, key): row_id for row_id, provider, key in await cur.fetchall()}
         stored: list[tuple[int, str, str, str | None]] = []
         if len(inserted) < len(items):
