@@ -661,6 +661,16 @@ def main() -> int:
             f"backends {pg_own / delivered * 1e6:.0f}, shared wal writer/checkpointer/bgwriter "
             f"{pg_shared / delivered * 1e6:.0f}, which other databases' traffic drives too)"
         )
+    # What the ratio would be if every process only waited for CPU (a machine busy with other
+    # work): the bare server's CPU per request over the app's (and the local database's) per
+    # delivery. Less noisy than the throughputs on a shared machine; not a substitute for them.
+    bare_us = bare.cpu / max(1, bare.tally.ok) * 1e6
+    app_us = app.cpu / delivered * 1e6
+    pg_us = (pg_own + pg_shared) / delivered * 1e6
+    estimate = f"cpu ratio: bare/app {bare_us / app_us:.2f}"
+    if pg_name:
+        estimate += f", bare/(app + postgres) {bare_us / (app_us + pg_us):.2f}"
+    print(estimate)
     print(
         f"app latency @{args.rate:.0f} req/s: p50={p50:.1f} ms p99={p99:.1f} ms (n={len(lat.latencies)})"
     )
