@@ -245,8 +245,9 @@ class DeliveryStore:
     while the previous one waits (and the server flushes both with one write when it can).
     """
 
-    # Two: a third connection only made the batches smaller (more statements per delivery)
-    # without more throughput in bench/intake.py.
+    # Two: enough to overlap one batch's WAL flush with the next batch's insert. Each slot more
+    # makes batches smaller, and a commit costs the server about 300 µs of CPU (its WAL flush)
+    # whatever its size, against about 30 µs per 4 KB row (measured on the 2-core VM).
     PG_COMMITS_IN_FLIGHT = 2
 
     def __init__(
