@@ -624,6 +624,8 @@ def main() -> int:
                 pg_own, pg_shared = pg_cpu_delta(pg0, pg_cpu(pg_name))
             time.sleep(0.5)  # let the batched enqueue of the last commits finish
             lat = asyncio.run(open_loop(app_server.port, app.feed, args.rate, args.latency_seconds))
+            # the same open loop against the bare endpoint: what this machine's load alone does
+            bare_lat = asyncio.run(open_loop(bare_server.port, bare.feed, args.rate, args.latency_seconds))
             rss = app_server.peak_rss_mb()
             bare_rss = bare_server.peak_rss_mb()
         finally:
@@ -673,6 +675,10 @@ def main() -> int:
     print(estimate)
     print(
         f"app latency @{args.rate:.0f} req/s: p50={p50:.1f} ms p99={p99:.1f} ms (n={len(lat.latencies)})"
+    )
+    print(
+        f"bare latency @{args.rate:.0f} req/s: p50={statistics.median(bare_lat.latencies) * 1000:.1f} ms "
+        f"p99={percentile(bare_lat.latencies, 0.99) * 1000:.1f} ms (same machine, same moment)"
     )
     print(f"peak RSS per process: app {rss:.1f} MB, bare {bare_rss:.1f} MB")
     print(
