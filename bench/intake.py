@@ -22,7 +22,7 @@ on Postgres, the database server's CPU (the bench database's backends, and the s
 writer, checkpointer and background writer). The last line is `ratio=<b/a>`.
 
 Run: `.venv/bin/python bench/intake.py [--store postgres] [--server uvloop] [--workers 2]`
-(needs Redis on 127.0.0.1:6379, flushes db 14; Postgres at DEKSDENFLOW_BENCH_PG_ADMIN, default
+(needs Redis on 127.0.0.1:6379, flushes db 14 or DEKSDENFLOW_BENCH_REDIS; Postgres at DEKSDENFLOW_BENCH_PG_ADMIN, default
 postgresql://postgres@127.0.0.1:5432/postgres, where it creates and drops its own database).
 """
 
@@ -52,7 +52,8 @@ from typing import Any, cast
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "samples" / "github" / "issue_comment_created" / "body"
 SECRET = "bench-webhook-secret-0123456789"
-REDIS_URL = "redis://127.0.0.1:6379/14"
+# flushed at the start and the end: on a shared machine give each person's runs their own db
+REDIS_URL = os.environ.get("DEKSDENFLOW_BENCH_REDIS", "redis://127.0.0.1:6379/14")
 QUEUE_KEY = "arq:queue"
 
 
