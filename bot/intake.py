@@ -267,7 +267,7 @@ class DeliveryStore:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._commits: set[asyncio.Task[None]] = set()
-        self._followups: set[asyncio.Task[None]] = set()
+        self._drainer: asyncio.Task[None] | None = None
         self._enqueue_buffer: list[JobSpec] = []
         self._sqlite_path = sqlite_file(db)
         self._writer: SqliteWriter | None = None
@@ -303,8 +303,10 @@ class DeliveryStore:
             if not item.future.done():
                 item.future.set_exception(RuntimeError("the intake is shutting down"))
         self._pending.clear()
-        if self._followups:
-            await asyncio.gather(*self._followups, return_exceptions=True)
+        if self._drainer is not None:
+            await asyncio.gather(self._drainer, return_exceptions=True)
+        if self._enqueue_buffer:  # committed after the drainer's last round
+            await self._drain_enqueues()
         if self._writer is not None:
             await asyncio.to_thread(self._writer.close)
             self._writer = None
@@ -351,10 +353,11 @@ class DeliveryStore:
             # one enqueuer at a time: ids committed while it talks to Redis wait and go
             # together in its next round (fewer round trips under load)
             self._enqueue_buffer.extend(new_ids)
-            if not self._followups:
-                task = asyncio.create_task(self._drain_enqueues())
-                self._followups.add(task)
-                task.add_done_callback(self._followups.discard)
+            # done(), not a set emptied by a done-callback: that callback runs a loop turn after
+            # the drainer's last look at the buffer, and ids added in between waited there
+            # for the next commit (or, at shutdown, for the outbox relay)
+            if self._drainer is None or self._drainer.done():
+                self._drainer = asyncio.create_task(self._drain_enqueues())
 
     async def _drain_enqueues(self) -> None:
         # A Redis call costs the client far more than the jobs it carries, so under load calls
