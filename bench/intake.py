@@ -1,10 +1,12 @@
 """Benchmark: webhook intake of the real app vs. a bare 202 endpoint, under the same uvicorn.
 
-One run starts two uvicorn servers as subprocesses, one after the other, with identical options:
+One run starts two uvicorn servers as subprocesses, one after the other, with identical options
+(`--server plain`: asyncio + h11, `--server uvloop`: uvloop + httptools; `--workers N` processes):
 
   (a) `bench._servers:bare_app`  a starlette route answering 202 without doing any work;
-  (b) `bench._servers:real_app`  the real app on SQLite (temp dir) with the real Redis (db 14),
-                                 no worker consuming (the arq queue just fills).
+  (b) `bench._servers:real_app`  the real app on SQLite (temp dir) or, with `--store postgres`,
+                                 on a fresh database of the local Postgres, with the real Redis
+                                 (db 14), no worker consuming (the arq queue just fills).
 
 This process is the load generator: it pre-builds signed `issue_comment` deliveries (unique
 X-GitHub-Delivery, unique comment id, correct X-Hub-Signature-256) as raw HTTP/1.1 request bytes
@@ -15,9 +17,13 @@ very same requests (the app sees each delivery once).
 Phases: closed-loop throughput for (a) and (b) (fixed concurrency, warm-up then a timed window);
 then open-loop latency for (b) at a fixed rate, measured from each request's *scheduled* send time
 (no coordinated omission). At the end the SQLite row count and the arq queue length must equal
-the number of `accepted` answers. The last line is `ratio=<b/a>`.
+the number of `accepted` answers. Per delivery it prints the app's CPU (all its processes) and,
+on Postgres, the database server's CPU (the bench database's backends, and the shared WAL
+writer, checkpointer and background writer). The last line is `ratio=<b/a>`.
 
-Run: `.venv/bin/python bench/intake.py` (needs Redis on 127.0.0.1:6379; flushes db 14).
+Run: `.venv/bin/python bench/intake.py [--store postgres] [--server uvloop] [--workers 2]`
+(needs Redis on 127.0.0.1:6379, flushes db 14 or DEKSDENFLOW_BENCH_REDIS; Postgres at DEKSDENFLOW_BENCH_PG_ADMIN, default
+postgresql://postgres@127.0.0.1:5432/postgres, where it creates and drops its own database).
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ from typing import Any, cast
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "samples" / "github" / "issue_comment_created" / "body"
 SECRET = "bench-webhook-secret-0123456789"
-REDIS_URL = "redis://127.0.0.1:6379/14"
+# flushed at the start and the end: on a shared machine give each person's runs their own db
+REDIS_URL = os.environ.get("DEKSDENFLOW_BENCH_REDIS", "redis://127.0.0.1:6379/14")
 QUEUE_KEY = "arq:queue"
 
 
@@ -285,50 +292,83 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def uvicorn_impls() -> tuple[str, str]:
-    """What uvicorn's `auto` would pick (uvloop/httptools when installed), for both servers alike.
+def uvicorn_impls(server: str) -> tuple[str, str]:
+    """(loop, http) for `--server`: plain is what the project installs, uvloop the fast pair.
 
-    The project depends on plain uvicorn, so a fresh install runs asyncio + h11; installing
-    uvloop and httptools speeds both servers up (the bare one far more, in relative terms).
+    Both servers of one run get the same pair.
     """
-    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
-    return loop, http
+    if server == "plain":
+        return "asyncio", "h11"
+    missing = [name for name in ("uvloop", "httptools") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"--server uvloop needs {' and '.join(missing)}: .venv/bin/pip install uvloop httptools")
+    return "uvloop", "httptools"
+
+
+def process_cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # gone meanwhile
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 class Server:
-    def __init__(self, factory: str, env: dict[str, str]) -> None:
+    def __init__(self, factory: str, env: dict[str, str], server: str, workers: int) -> None:
         self.port = free_port()
-        loop, http = uvicorn_impls()
-        cmd = [
-            sys.executable, "-m", "uvicorn", "--factory", f"bench._servers:{factory}",
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-            "--loop", loop, "--http", http, "--log-level", "warning", "--no-access-log",
-        ]  # fmt: skip
+        self.workers = workers
+        loop, http = uvicorn_impls(server)
+        # uvicorn's own runner, on a socket that gets TCP_NODELAY (see bench/_launch.py)
+        cmd = [sys.executable, "-m", "bench._launch", factory, str(self.port), str(workers), loop, http]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        # uvicorn binds only after the lifespan's startup finished: a connect means ready
+    def processes(self) -> list[int]:
+        """The serving processes: uvicorn itself, or with --workers its worker processes."""
+        if self.workers == 1:
+            return [self.proc.pid]
+        # multiprocessing's spawn start method adds a resource tracker: not a server
+        return [pid for pid in children(self.proc.pid) if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        # uvicorn binds only after the lifespan's startup finished: a connect means ready. With
+        # --workers the supervisor binds first, so wait for every worker to have started too.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise SystemExit(f"server exited with {self.proc.returncode}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
             except OSError:
                 time.sleep(0.05)
+                continue
+            if self.workers == 1:
+                return
+            if len(self.processes()) >= self.workers:
+                time.sleep(5.0)  # their lifespans (migrations check, outbox relay) take a moment
+                return
+            time.sleep(0.1)
         raise SystemExit("server did not start")
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """The largest peak RSS of any one serving process."""
+        peak = float("nan")
+        for pid in self.processes():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    value = int(line.split()[1]) / 1024
+                    peak = value if peak != peak else max(peak, value)
+        return peak
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        pids = {self.proc.pid, *self.processes()}
+        return sum(process_cpu_seconds(pid) for pid in pids)
 
     def stop(self) -> None:
         self.proc.terminate()  # SIGTERM: uvicorn runs the lifespan shutdown (pending enqueues)
@@ -439,6 +479,71 @@ async def interleaved(sides: list[Side], args: argparse.Namespace) -> tuple[floa
     return max(0.0, ((busy1 - busy0) / hz - ours) / total), (steal1 - steal0) / hz / total
 
 
+PG_ADMIN_URL = os.environ.get("DEKSDENFLOW_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def create_pg_database() -> tuple[str, str]:
+    """A fresh database migrated to head: (name, URL)."""
+    import psycopg
+
+    from bot.migrate import upgrade_head
+
+    name = f"df_bench_intake_{os.getpid()}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    upgrade_head(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    return name, url
+
+
+def drop_pg_database(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pg_rows(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM webhook_deliveries").fetchone()
+    return int(row[0]) if row else 0
+
+
+# the server-wide processes every commit goes through (the WAL writer flushes what a backend
+# did not, the others write pages back); other databases' traffic drives them too
+_PG_SHARED = ("walwriter", "checkpointer", "background writer")
+
+
+def pg_cpu(dbname: str) -> dict[int, tuple[bool, float]]:
+    """{pid: (a backend of the bench database?, CPU seconds)} of the local Postgres's processes."""
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid, datname IS NOT NULL FROM pg_stat_activity WHERE datname = %s OR backend_type = ANY(%s)",
+            (dbname, list(_PG_SHARED)),
+        ).fetchall()
+    return {int(pid): (bool(own), process_cpu_seconds(int(pid))) for pid, own in rows}
+
+
+def pg_cpu_delta(before: dict[int, tuple[bool, float]], after: dict[int, tuple[bool, float]]) -> tuple[float, float]:
+    """CPU seconds between two samples: (bench database's backends, shared processes).
+
+    A backend that connected in between counts from zero; one that left is not seen.
+    """
+    own = shared = 0.0
+    for pid, (is_own, cpu) in after.items():
+        spent = cpu - before.get(pid, (is_own, 0.0))[1]
+        if is_own:
+            own += spent
+        else:
+            shared += spent
+    return own, shared
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -456,6 +561,17 @@ def main() -> int:
     parser.add_argument(
         "--requests", type=int, default=0, help="pre-built deliveries (default: enough)"
     )
+    parser.add_argument(
+        "--store", choices=("sqlite", "postgres"), default="sqlite",
+        help="the app's database: a temp SQLite file, or a fresh database on the local Postgres",
+    )  # fmt: skip
+    parser.add_argument(
+        "--server", choices=("plain", "uvloop"), default="plain",
+        help="uvicorn on asyncio + h11 (what the project installs) or on uvloop + httptools",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes, for both servers alike"
+    )
     args = parser.parse_args()
 
     if importlib.util.find_spec("uvloop"):
@@ -466,62 +582,108 @@ def main() -> int:
     )
     t = time.perf_counter()
     requests = build_requests(count)
-    loop_impl, http_impl = uvicorn_impls()
+    loop_impl, http_impl = uvicorn_impls(args.server)
     print(
         f"built {count} signed deliveries ({len(requests[0]) - requests[0].find(b'{')} B bodies) "
-        f"in {time.perf_counter() - t:.1f} s; uvicorn --loop {loop_impl} --http {http_impl}, "
-        f"{args.connections} connections, {args.rounds}x{args.seconds / args.rounds:g} s windows each",
+        f"in {time.perf_counter() - t:.1f} s; store {args.store}, uvicorn --loop {loop_impl} "
+        f"--http {http_impl} --workers {args.workers}, {args.connections} connections, "
+        f"{args.rounds}x{args.seconds / args.rounds:g} s windows each",
         file=sys.stderr,
     )
 
     flush_redis()
+    pg_name = pg_url = ""
+    pg_own = pg_shared = 0.0
     with tempfile.TemporaryDirectory(prefix="df-bench-") as tmp:
         db_path = Path(tmp) / "bench.sqlite3"
+        if args.store == "postgres":
+            pg_name, pg_url = create_pg_database()
+            db_url = pg_url
+        else:
+            from bot.migrate import upgrade_head
+
+            db_url = f"sqlite:///{db_path}"
+            upgrade_head(db_url)  # once, not by every worker process at the same time
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEKSDENFLOW_")} | {
-            "DEKSDENFLOW_DB_URL": f"sqlite:///{db_path}",
+            "DEKSDENFLOW_DB_URL": db_url,
             "DEKSDENFLOW_DATA_DIR": tmp,
             "DEKSDENFLOW_REDIS_URL": REDIS_URL,
             "DEKSDENFLOW_GITHUB_WEBHOOK_SECRET": SECRET,
             "DEKSDENFLOW_LOG_LEVEL": "WARNING",
         }
-        bare_server = Server("bare_app", env)
-        app_server = Server("real_app", env)
+        bare_server = Server("bare_app", env, args.server, args.workers)
+        app_server = Server("real_app", env, args.server, args.workers)
         try:
             bare_server.wait_ready()
             app_server.wait_ready()
             # the same deliveries, in the same order, to both: each reaches the app once
             bare = Side("bare", bare_server, Feed(requests, cycle=True))
             app = Side("app", app_server, Feed(requests))
+            pg0 = pg_cpu(pg_name) if pg_name else {}
             noise, stolen = asyncio.run(interleaved([bare, app], args))
+            if pg_name:
+                pg_own, pg_shared = pg_cpu_delta(pg0, pg_cpu(pg_name))
             time.sleep(0.5)  # let the batched enqueue of the last commits finish
             lat = asyncio.run(open_loop(app_server.port, app.feed, args.rate, args.latency_seconds))
+            # the same open loop against the bare endpoint: what this machine's load alone does
+            bare_lat = asyncio.run(open_loop(bare_server.port, bare.feed, args.rate, args.latency_seconds))
             rss = app_server.peak_rss_mb()
+            bare_rss = bare_server.peak_rss_mb()
         finally:
             bare_server.stop()
             app_server.stop()
         accepted = app.warm.accepted + app.tally.accepted + lat.accepted
         errors = app.warm.errors + app.tally.errors + lat.errors
-        with sqlite3.connect(db_path) as conn:
-            stored = conn.execute("SELECT count(*) FROM webhook_deliveries").fetchone()[0]
+        try:
+            if pg_name:
+                stored = pg_rows(pg_url)
+            else:
+                with sqlite3.connect(db_path) as conn:
+                    stored = conn.execute("SELECT count(*) FROM webhook_deliveries").fetchone()[0]
+        finally:
+            if pg_name:
+                drop_pg_database(pg_name)
         queued = queue_length()
     flush_redis()
 
     p50 = statistics.median(lat.latencies) * 1000
     p99 = percentile(lat.latencies, 0.99) * 1000
     ratio = app.rps / bare.rps
+    delivered = max(1, app.tally.ok)
+    print(f"config: --store {args.store} --server {args.server} --workers {args.workers}")
     print(
-        f"bare: {bare.rps:.0f} req/s (errors={bare.tally.errors}, server cpu {bare.cpu / bare.tally.ok * 1e6:.0f} us/req)"
+        f"bare: {bare.rps:.0f} req/s (errors={bare.tally.errors}, server cpu {bare.cpu / max(1, bare.tally.ok) * 1e6:.0f} us/req)"
     )
     print(
         f"app: {app.rps:.0f} req/s (accepted={app.tally.accepted}, errors={app.tally.errors}, "
-        f"server cpu {app.cpu / max(1, app.tally.ok) * 1e6:.0f} us/req)"
+        f"server cpu {app.cpu / delivered * 1e6:.0f} us/delivery)"
     )
+    if pg_name:
+        print(
+            f"postgres cpu: {(pg_own + pg_shared) / delivered * 1e6:.0f} us/delivery (the bench database's "
+            f"backends {pg_own / delivered * 1e6:.0f}, shared wal writer/checkpointer/bgwriter "
+            f"{pg_shared / delivered * 1e6:.0f}, which other databases' traffic drives too)"
+        )
+    # What the ratio would be if every process only waited for CPU (a machine busy with other
+    # work): the bare server's CPU per request over the app's (and the local database's) per
+    # delivery. Less noisy than the throughputs on a shared machine; not a substitute for them.
+    bare_us = bare.cpu / max(1, bare.tally.ok) * 1e6
+    app_us = app.cpu / delivered * 1e6
+    pg_us = (pg_own + pg_shared) / delivered * 1e6
+    estimate = f"cpu ratio: bare/app {bare_us / app_us:.2f}"
+    if pg_name:
+        estimate += f", bare/(app + postgres) {bare_us / (app_us + pg_us):.2f}"
+    print(estimate)
     print(
         f"app latency @{args.rate:.0f} req/s: p50={p50:.1f} ms p99={p99:.1f} ms (n={len(lat.latencies)})"
     )
-    print(f"app peak RSS: {rss:.1f} MB")
     print(
-        f"background cpu (other processes) during the throughput phase: {noise * 100:.0f}% of the machine"
+        f"bare latency @{args.rate:.0f} req/s: p50={statistics.median(bare_lat.latencies) * 1000:.1f} ms "
+        f"p99={percentile(bare_lat.latencies, 0.99) * 1000:.1f} ms (same machine, same moment)"
+    )
+    print(f"peak RSS per process: app {rss:.1f} MB, bare {bare_rss:.1f} MB")
+    print(
+        f"background cpu (other processes{', Postgres included' if pg_name else ''}) during the throughput phase: {noise * 100:.0f}% of the machine"
         f" (of which stolen by the hypervisor: {stolen * 100:.0f}%)"
     )
     check = "ok" if stored == accepted == queued and errors == 0 else "MISMATCH"

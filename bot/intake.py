@@ -19,8 +19,9 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from bot.db import Database, connect_sqlite, sqlite_file
+from bot.db import Database, connect_sqlite, postgres_connector, sqlite_file
 from bot.handlers.sansio import IncomingDelivery
+from bot.intake_pg import PostgresWriter
 from bot.models import WebhookDelivery, utcnow
 from bot.queue import JobSpec, delivery_job
 
@@ -235,9 +236,19 @@ class DeliveryStore:
     """Batches concurrent deliveries into one INSERT … ON CONFLICT DO NOTHING per commit.
 
     Each request awaits the commit that made its row durable, so `accepted` is only ever
-    answered for a stored delivery. While one commit runs, new arrivals queue up and go in
-    the next one: throughput grows with load instead of paying one fsync per request.
+    answered for a stored delivery. While a commit runs, new arrivals queue up and go in the
+    next one: throughput grows with load instead of paying one fsync per request.
+
+    SQLite has one writer, so one commit runs at a time. On Postgres a commit's time is mostly
+    the wait for its WAL flush, when neither this process nor the server has work to do; with
+    `PG_COMMITS_IN_FLIGHT` batches on as many held connections, the next batch is inserted
+    while the previous one waits (and the server flushes both with one write when it can).
     """
+
+    # Two: enough to overlap one batch's WAL flush with the next batch's insert. Each slot more
+    # makes batches smaller, and a commit costs the server about 300 µs of CPU (its WAL flush)
+    # whatever its size, against about 30 µs per 4 KB row (measured on the 2-core VM).
+    PG_COMMITS_IN_FLIGHT = 2
 
     def __init__(
         self,
@@ -255,10 +266,14 @@ class DeliveryStore:
         self._pending: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._followups: set[asyncio.Task[None]] = set()
+        self._commits: set[asyncio.Task[None]] = set()
+        self._drainer: asyncio.Task[None] | None = None
         self._enqueue_buffer: list[JobSpec] = []
         self._sqlite_path = sqlite_file(db)
         self._writer: SqliteWriter | None = None
+        # one held connection per commit slot; a slot is free while its index is in the list
+        self._pg_writers: list[PostgresWriter] = []
+        self._free_slots: list[int] = [0]
         # what a request waits for its commit at most (then 503): the database's own deadline
         # and a second more for the batch ahead of it, well within the forges' 10 s
         self.deadline_s = db.timeout_s + 1.0
@@ -267,6 +282,11 @@ class DeliveryStore:
         if self._task is None:
             if self._sqlite_path is not None:
                 self._writer = SqliteWriter(self._sqlite_path, self.db.timeout_s)
+            elif not self.db.is_sqlite:
+                url = self.db.engine.url.render_as_string(hide_password=False)
+                connect = postgres_connector(url, self.db.timeout_s)
+                self._pg_writers = [PostgresWriter(connect) for _ in range(self.PG_COMMITS_IN_FLIGHT)]
+                self._free_slots = list(range(self.PG_COMMITS_IN_FLIGHT))
             self._task = asyncio.create_task(self._run(), name="delivery-store")
 
     async def stop(self) -> None:
@@ -277,15 +297,21 @@ class DeliveryStore:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self._commits:  # let the commits under way finish: their waiters get answered
+            await asyncio.wait(set(self._commits), timeout=self.deadline_s)
         for item in self._pending:  # never answered: the forge redelivers
             if not item.future.done():
                 item.future.set_exception(RuntimeError("the intake is shutting down"))
         self._pending.clear()
-        if self._followups:
-            await asyncio.gather(*self._followups, return_exceptions=True)
+        if self._drainer is not None:
+            await asyncio.gather(self._drainer, return_exceptions=True)
+        if self._enqueue_buffer:  # committed after the drainer's last round
+            await self._drain_enqueues()
         if self._writer is not None:
             await asyncio.to_thread(self._writer.close)
             self._writer = None
+        for writer in self._pg_writers:
+            await writer.close()
 
     async def store(self, delivery: IncomingDelivery, status: str = "pending") -> tuple[StoreStatus, int]:
         """Make the delivery durable; `status="ignored"` stores it without enqueueing."""
@@ -300,26 +326,38 @@ class DeliveryStore:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            # Everything that arrived while the previous commit ran goes into the next one.
-            while self._pending:
+            # Everything that arrived while the commits under way ran goes into the next one;
+            # a commit that ends sets the event again when deliveries are waiting.
+            while self._pending and self._free_slots:
+                slot = self._free_slots.pop()
                 batch = self._pending[: self.batch_max]
                 del self._pending[: self.batch_max]
-                try:
-                    new_ids = await self._commit(batch)
-                except Exception as exc:  # the edge answers 503; the forge will show the failure
-                    log.exception("storing %d deliveries failed", len(batch))
-                    for item in batch:
-                        if not item.future.done():
-                            item.future.set_exception(exc)
-                    continue
-                if new_ids:
-                    # one enqueuer at a time: ids committed while it talks to Redis wait and go
-                    # together in its next round (fewer round trips under load)
-                    self._enqueue_buffer.extend(new_ids)
-                    if not self._followups:
-                        task = asyncio.create_task(self._drain_enqueues())
-                        self._followups.add(task)
-                        task.add_done_callback(self._followups.discard)
+                task = asyncio.create_task(self._commit_batch(batch, slot))
+                self._commits.add(task)
+                task.add_done_callback(self._commits.discard)
+
+    async def _commit_batch(self, batch: list[_Pending], slot: int) -> None:
+        try:
+            new_ids = await self._commit(batch, slot)
+        except Exception as exc:  # the edge answers 503; the forge will show the failure
+            log.exception("storing %d deliveries failed", len(batch))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            new_ids = []
+        finally:
+            self._free_slots.append(slot)
+            if self._pending:
+                self._wakeup.set()
+        if new_ids:
+            # one enqueuer at a time: ids committed while it talks to Redis wait and go
+            # together in its next round (fewer round trips under load)
+            self._enqueue_buffer.extend(new_ids)
+            # done(), not a set emptied by a done-callback: that callback runs a loop turn after
+            # the drainer's last look at the buffer, and ids added in between waited there
+            # for the next commit (or, at shutdown, for the outbox relay)
+            if self._drainer is None or self._drainer.done():
+                self._drainer = asyncio.create_task(self._drain_enqueues())
 
     async def _drain_enqueues(self) -> None:
         # A Redis call costs the client far more than the jobs it carries, so under load calls
@@ -341,11 +379,13 @@ class DeliveryStore:
         except Exception as exc:  # the outbox relay picks these up later
             log.warning("enqueue of %d stored deliveries failed (%s); the relay will retry", len(ids), exc)
 
-    async def _commit(self, batch: list[_Pending]) -> list[JobSpec]:
+    async def _commit(self, batch: list[_Pending], slot: int = 0) -> list[JobSpec]:
         """Store the batch in one transaction, resolve every waiter, return the jobs to enqueue."""
         firsts, repeats = split_batch(batch)
         if self._writer is not None:
             stored = await self._writer.write(firsts)
+        elif self._pg_writers:
+            stored = await self._pg_writers[slot].write(firsts)
         else:
             stored = await self._commit_sqlalchemy(firsts)
         ids: dict[tuple[str, str], int] = {}
@@ -367,7 +407,7 @@ class DeliveryStore:
         return to_enqueue
 
     async def _commit_sqlalchemy(self, firsts: list[_Pending]) -> Stored:
-        """Postgres (and in-memory SQLite): one INSERT … ON CONFLICT DO NOTHING per batch."""
+        """In-memory SQLite (tests): one INSERT … ON CONFLICT DO NOTHING per batch."""
         now = utcnow()
         rows = [
             {

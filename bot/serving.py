@@ -24,7 +24,10 @@ log = logging.getLogger("bot.doctor")
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (IPv6 when the host is an IPv6 address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # The protocol named, not left 0: asyncio sets TCP_NODELAY only on connections whose
+    # socket says IPPROTO_TCP, and without it an answer's second write (uvicorn sends the
+    # headers and the body apart) waits for the client's delayed ACK, up to 40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

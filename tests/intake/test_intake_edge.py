@@ -201,3 +201,33 @@ async def test_enqueue_many_keeps_arqs_semantics(backend: str, request: pytest.F
     finally:
         await redis.aclose(close_connection_pool=True)
 
+
+
+# --- the listening socket ----------------------------------------------------------------------
+
+
+async def test_serves_socket_gives_connections_tcp_nodelay_on_asyncio() -> None:
+    """Without TCP_NODELAY an answer's second write (the body after the headers) waits for the
+    forge's delayed ACK, up to 40 ms; asyncio sets it only when the socket names IPPROTO_TCP."""
+    import socket
+
+    from bot.serving import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    nodelay: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted = transport.get_extra_info("socket")
+            nodelay.set_result(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(nodelay, 5) != 0
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
