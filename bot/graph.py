@@ -161,3 +161,51 @@ def _mermaid_text(text: str) -> str:
     # titles come from the plan (model output): nothing in them may close the label or the block
     cleaned = "".join(ch if ch.isalnum() or ch in " -_.,:/()" else " " for ch in text)
     return " ".join(cleaned.split())[:60]
+
+
+def dependencies_of_config(config: Mapping[str, object] | None) -> dict[int, tuple[int, ...]]:
+    """The resolved graph of a stored spec (ProtocolRun.template_config), without validating it
+    again: the spec was validated when it was stored."""
+    steps = (config or {}).get("steps")
+    nodes: list[tuple[int, Sequence[int] | None]] = []
+    for s in steps if isinstance(steps, list) else []:
+        if isinstance(s, Mapping) and isinstance(s.get("index"), int):
+            deps = s.get("depends_on")
+            nodes.append((int(s["index"]), [int(d) for d in deps] if isinstance(deps, list) else None))
+    return resolve_dependencies(nodes)
+
+
+def runs_in_parallel(config: Mapping[str, object] | None) -> bool:
+    """Whether a protocol's steps run on child branches, side by side: any graph but the plain
+    chain. A chain keeps the one protocol branch, lock and worktree it always had."""
+    deps = dependencies_of_config(config)
+    return bool(deps) and not is_linear(deps, list(deps))
+
+
+CHILD_SEPARATOR = "--"
+
+
+def child_branch(protocol_name: str, step_index: int) -> str:
+    """`NNNN-task--XX`: the branch a step of a graph runs on (a protocol name never has `--`)."""
+    return f"{protocol_name}{CHILD_SEPARATOR}{step_index:02d}"
+
+
+def parent_branch(branch: str) -> str:
+    """The protocol branch a child branch belongs to (the branch itself when it is no child)."""
+    return branch.split(CHILD_SEPARATOR, 1)[0]
+
+
+def depths(deps: Deps) -> dict[int, int]:
+    """Each step's column in a drawing of the graph: 0 for roots, else 1 + its deepest dependency."""
+    out: dict[int, int] = {}
+
+    def depth(index: int, seen: frozenset[int]) -> int:
+        if index in out:
+            return out[index]
+        parents = [d for d in deps.get(index, ()) if d in deps and d not in seen]
+        out[index] = 1 + max((depth(d, seen | {index}) for d in parents), default=-1)
+        return out[index]
+
+    for index in deps:
+        depth(index, frozenset())
+    return out

@@ -60,7 +60,10 @@ def parse_repo_config(text: str) -> dict[str, Any]:
         policies = {}
     if "qa_policy" in policies and policies["qa_policy"] not in QA_POLICIES:
         errors.append(f"policies.qa_policy: must be one of {', '.join(QA_POLICIES)}")
-    out["policies"] = {k: v for k, v in policies.items() if k in ("qa_policy", "max_inline_depth", "max_tokens")}
+    par = policies.get("max_parallel_steps")
+    if par is not None and (not isinstance(par, int) or isinstance(par, bool) or not 1 <= par <= 32):
+        errors.append("policies.max_parallel_steps: must be a whole number from 1 to 32")
+    out["policies"] = {k: v for k, v in policies.items() if k in ("qa_policy", "max_inline_depth", "max_tokens", "max_parallel_steps")}
     out["allow_fork_commands"] = bool(policies.get("allow_fork_commands", data.get("allow_fork_commands", False)))
     if errors:
         raise SpecError(f"{CONFIG_FILE} has invalid values: " + "; ".join(errors), errors=errors)

@@ -10,6 +10,7 @@ from sqlalchemy import select, update
 from bot import actions
 from bot.ci import CIResult, apply_ci_result, ci_step_for, pr_finished
 from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
+from bot.graph import parent_branch
 from bot.handlers.forge_events import dig, github_repo, gitlab_repo
 from bot.handlers.router import HandlerContext, Router
 from bot.jobs import catalogue as jobs
@@ -37,7 +38,8 @@ async def run_for_branch(
                 .where(
                     Project.name == full_name,
                     Project.provider == provider,
-                    ProtocolRun.protocol_name == branch,
+                    # a step's child branch (NNNN-task--XX) reports to its protocol
+                    ProtocolRun.protocol_name == parent_branch(branch),
                 )
             )
         ).scalar()

@@ -73,7 +73,7 @@ async def _quality(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
         return f"refused-{state.run.status}"
     await _begin(env, state, step)
     spec = spec_of(state)
-    work = QAWork(env, state, step, step_spec_of(spec, step_index), spec, await env.worktree(state), reply_to)
+    work = QAWork(env, state, step, step_spec_of(spec, step_index), spec, await env.worktree(state, step_index), reply_to)
     last = await gitops.last_commit(work.workdir)
     await report_state_check(env.ctx, state, step_index, "qa", last.sha, status="in_progress")
     result = await run_engine(env, state, await _qa_call(work, last))
@@ -137,7 +137,7 @@ async def _commit_report(work: QAWork, report: str, verdict: str) -> tuple[str |
         "test", "qa", f"quality report for step {index:02d}: {verdict}", state.number, index
     ).replace(step_marker(state.number, index), qa_marker(state.number, index))
     sha = await gitops.commit_all(work.workdir, message, env.settings.bot_name, env.settings.bot_email)
-    head = await env.push(state, work.workdir)
+    head = await env.push(state, work.workdir, index)
     return sha, head
 
 

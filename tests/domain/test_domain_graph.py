@@ -190,3 +190,39 @@ def test_mermaid_shows_every_node_state_and_edge() -> None:
     assert "s2 --> s4" in text and "s3 --> s4" in text and "s1 --> s2" in text
     assert "class s2 running" in text and "class s3 failed" in text
     assert '"]' not in text.split("\n")[2][:-2]  # a title cannot close the node's label
+
+
+def test_the_status_comment_draws_a_graph_above_the_table() -> None:
+    from bot.rendering import ProtocolView, status_comment
+    from bot.rendering import StepView as RowView
+
+    steps = {1: StepView("completed"), 2: StepView("running"), 3: StepView("running"), 4: StepView("pending")}
+    picture = mermaid(DIAMOND, steps, {i: f"Part {i}" for i in DIAMOND})
+    rows = tuple(RowView(index=i, title=f"Part {i}", status=v.status) for i, v in steps.items())
+    body = status_comment(ProtocolView(name="0001-graph", status="running", steps=rows, graph=picture))
+    assert "```mermaid\nflowchart TD" in body and "s1 --> s2" in body
+    assert body.index("```mermaid") < body.index("**Steps**")
+    plain = status_comment(ProtocolView(name="0001-graph", status="running", steps=rows))
+    assert "mermaid" not in plain  # a chain's comment is as before
+
+
+def test_the_console_gets_the_graph_with_columns_and_states() -> None:
+    from bot.console_steps import graph_nodes
+    from bot.models import ProtocolRun, StepRun
+
+    config = spec_data(None, [1], [1], [2, 3])
+    run = ProtocolRun(template_config=config)
+    statuses = ["completed", "running", "completed", "pending"]
+    steps = [
+        StepRun(step_index=i, step_name=f"{i:02d}-s{i}", summary=f"Step {i}", status=st, retries=0,
+                runtime_state={"integrated_attempt": 0} if i == 1 else {})
+        for i, st in enumerate(statuses, start=1)
+    ]  # fmt: skip
+    nodes = graph_nodes(run, steps)
+    assert [(n["index"], n["column"], n["depends_on"], n["status"], n["merged"]) for n in nodes] == [
+        (1, 0, [], "completed", True),
+        (2, 1, [1], "running", False),
+        (3, 1, [1], "completed", False),
+        (4, 2, [2, 3], "pending", False),
+    ]
+    assert graph_nodes(ProtocolRun(template_config=spec_data(None, None)), steps[:2]) == []
