@@ -83,8 +83,12 @@ async def merge(env: JobEnv, workdir: Path, ref: str, message: str | None) -> li
     return conflicts
 
 
-async def integrate_step(env: JobEnv, state: RunState, step_index: int) -> str:
-    """Merge the step's branch into the protocol branch: "merged", "conflict" or "nothing"."""
+async def integrate_step(env: JobEnv, state: RunState, step_index: int, merged: list[str] | None = None) -> str:
+    """Merge the step's branch into the protocol branch: "merged", "conflict" or "nothing".
+
+    The merged child branches are appended to `merged` for the caller to delete once it let go
+    of the integration lock (deleting is slow and nobody waits for it); without a list they are
+    deleted here."""""
     step = state.step(step_index)
     if integrated(step) or waits_for_integration(step):  # merged already, or being merged by hand
         return "nothing"
@@ -105,12 +109,24 @@ async def integrate_step(env: JobEnv, state: RunState, step_index: int) -> str:
     head = await env.push(state, workdir)
     await update_run(env.db, state.run.id, head_sha=head)
     await _mark(env, state, step_index, head)
-    await _drop_child(env, state, workdir, child)
+    done = [child]
     source = (step.runtime_state or {}).get("integrates")
-    if isinstance(source, int):  # an integration step: the step it resolved is merged with it
+    while isinstance(source, int) and source not in done_steps(done, state):
+        # an integration step: the step it resolved is merged with it (and, when that step was
+        # itself an integration step whose merge conflicted again, the one before it too)
         await _mark(env, state, source, head)
-        await _drop_child(env, state, workdir, child_branch(state.run.protocol_name, source))
+        done.append(child_branch(state.run.protocol_name, source))
+        source = (state.step(source).runtime_state or {}).get("integrates")
+    if merged is not None:
+        merged.extend(done)
+    else:
+        for branch in done:
+            await drop_child(env, state, branch)
     return "merged"
+
+
+def done_steps(branches: list[str], state: RunState) -> set[int]:
+    return {int(b.rsplit("--", 1)[1]) for b in branches if b.startswith(state.run.protocol_name + "--")}
 
 
 async def _exists(env: JobEnv, workdir: Path, ref: str) -> bool:
@@ -128,8 +144,9 @@ async def _mark(env: JobEnv, state: RunState, step_index: int, head: str | None)
     await emit(env.db, state, "step.integrated", f"step {step_index:02d} merged into the protocol branch", step, sha=head)
 
 
-async def _drop_child(env: JobEnv, state: RunState, workdir: Path, branch: str) -> None:
+async def drop_child(env: JobEnv, state: RunState, branch: str) -> None:
     """Delete the merged child branch on the forge, and its worktree here."""
+    workdir = env.git.mirror_path(state.project.git_url)
     url = gitops.normalize_remote(state.project.git_url)
     header = await gitops.resolve_auth(env.auth(state))
     try:

@@ -225,14 +225,18 @@ async def after_step_passed(ctx: dict[str, Any], run_id: int, step_index: int) -
     env = JobEnv.from_ctx(ctx)
     from bot.jobs import integrate
 
+    merged: list[str] = []
     async with integration_lock(env, run_id):
         state = await load_run(env.db, run_id)
         if state.run.status == "cancelled":
             return
-        await integrate.integrate_step(env, state, step_index)
+        await integrate.integrate_step(env, state, step_index, merged)
         state = await load_run(env.db, run_id)
         if all_done(state):
             await complete(env, state)
         elif state.run.auto_mode:
             await start_ready(env, state)
-    await publish_state(ctx, await load_run(env.db, run_id))
+    state = await load_run(env.db, run_id)
+    await publish_state(ctx, state)
+    for branch in merged:  # after the lock: the next steps are already on their way
+        await integrate.drop_child(env, state, branch)

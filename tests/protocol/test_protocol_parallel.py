@@ -182,3 +182,28 @@ async def test_red_ci_on_the_protocol_branch_after_the_merges_blocks_it(harness:
     state = await _feed_ci(harness, run.id, "failure")
     assert state.run.status == "blocked"
     assert "CI failed on the protocol branch after the steps were merged (tests" in state.run.runtime_state["message"]
+
+
+async def test_run_step_names_the_missing_dependencies_and_next_starts_every_ready_step(harness: Harness) -> None:
+    import pytest
+
+    from bot import actions
+    from bot.errors import DependenciesPending
+
+    harness.use(ScriptedEngine(graph_script(DIAMOND)))
+    run_id = await harness.start("Build four parts")  # approved, not auto: steps run on command
+    with pytest.raises(DependenciesPending) as info:
+        await actions.run_step(harness.ctx, run_id, 4)
+    assert str(info.value) == "step 04 waits for steps 02, 03 (not completed yet)"
+    assert await actions.run_step(harness.ctx, run_id, None) == 1  # next: the only ready step
+    await harness.drain()
+    with pytest.raises(DependenciesPending, match="step 04 waits for steps 02, 03"):
+        await actions.run_step(harness.ctx, run_id, 4)
+    await actions.run_step(harness.ctx, run_id, None)  # next: 02 and 03 together
+    state = await harness.state(run_id)
+    assert [bool((s.runtime_state or {}).get("queued_attempt") == 0) for s in state.steps] == [True, True, True, False]
+    await harness.drain()
+    assert await actions.run_step(harness.ctx, run_id, 4) == 4
+    await harness.drain()
+    state = await harness.state(run_id)
+    assert state.run.status == "completed", state.run.runtime_state
