@@ -328,13 +328,13 @@ class ParallelStepMachine(RuleBasedStateMachine):
 
         original = integrate.integrate_step
 
-        async def counted(env: Any, state: Any, step_index: int) -> str:
+        async def counted(env: Any, state: Any, step_index: int, merged: list[str] | None = None) -> str:
             # the real integration, counted: two at once in one protocol is the bug looked for
             self.integrating += 1
             self.overlaps += self.integrating > 1
             try:
                 await asyncio.sleep(0.01)  # widen the window a second integration would need
-                return await original(env, state, step_index)
+                return await original(env, state, step_index, merged)
             finally:
                 self.integrating -= 1
 
