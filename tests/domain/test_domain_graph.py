@@ -226,3 +226,11 @@ def test_the_console_gets_the_graph_with_columns_and_states() -> None:
         (4, 2, [2, 3], "pending", False),
     ]
     assert graph_nodes(ProtocolRun(template_config=spec_data(None, None)), steps[:2]) == []
+
+
+def test_a_repository_may_set_its_bound() -> None:
+    from bot.repo_config import parse_repo_config
+
+    assert parse_repo_config("policies:\n  max_parallel_steps: 2\n")["policies"] == {"max_parallel_steps": 2}
+    with pytest.raises(SpecError, match=r"policies\.max_parallel_steps: must be a whole number from 1 to 32"):
+        parse_repo_config("policies:\n  max_parallel_steps: 0\n")

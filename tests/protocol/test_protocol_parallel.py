@@ -207,3 +207,16 @@ async def test_run_step_names_the_missing_dependencies_and_next_starts_every_rea
     await harness.drain()
     state = await harness.state(run_id)
     assert state.run.status == "completed", state.run.runtime_state
+
+
+async def test_the_bound_keeps_02_and_03_apart(tmp_path: Any, origin: Any) -> None:
+    from tests.protocol.conftest import make_harness, protocol_settings
+
+    async with make_harness(protocol_settings(tmp_path, max_parallel_steps=1), origin) as h:
+        engine = TimedEngine(graph_script(DIAMOND, delay_s=0.5))
+        h.use(engine)
+        run = await start_protocol(h.ctx, h.project, "Build four parts", auto=True, approved=True)
+        state = await run_with_workers(h, run.id, workers=2)
+        assert state.run.status == "completed"
+        (s2, e2), (s3, e3) = engine.spans["part-2"], engine.spans["part-3"]
+        assert e2 <= s3 or e3 <= s2, "two steps ran at once under max_parallel_steps=1"
