@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,12 +85,18 @@ async def run_once(bound: int, delay_s: float) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--delay", type=float, default=2.0, help="seconds each step's engine call waits")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each, alternating; medians compared")
     args = parser.parse_args()
     print(f"plan: 5 steps, depends_on {DEPENDS_ON}; engine wait {args.delay:.1f} s per step")
-    serial = await run_once(1, args.delay)
-    print(f"max_parallel_steps=1: {serial:.2f} s")
-    parallel = await run_once(3, args.delay)
-    print(f"max_parallel_steps=3: {parallel:.2f} s")
+    serials: list[float] = []
+    parallels: list[float] = []
+    for n in range(args.repeat):
+        serials.append(await run_once(1, args.delay))
+        parallels.append(await run_once(3, args.delay))
+        print(f"run {n + 1}: max_parallel_steps=1 {serials[-1]:.2f} s, max_parallel_steps=3 {parallels[-1]:.2f} s")
+    serial, parallel = statistics.median(serials), statistics.median(parallels)
+    print(f"max_parallel_steps=1: {serial:.2f} s (median of {args.repeat})")
+    print(f"max_parallel_steps=3: {parallel:.2f} s (median of {args.repeat})")
     ratio = serial / parallel
     print(f"ratio={ratio:.2f} (goal >= 1.8) -> {'ok' if ratio >= 1.8 else 'MISSED'}")
 
