@@ -88,7 +88,8 @@ async def integrate_step(env: JobEnv, state: RunState, step_index: int, merged: 
 
     The merged child branches are appended to `merged` for the caller to delete once it let go
     of the integration lock (deleting is slow and nobody waits for it); without a list they are
-    deleted here."""""
+    deleted here.
+    """
     step = state.step(step_index)
     if integrated(step) or waits_for_integration(step):  # merged already, or being merged by hand
         return "nothing"

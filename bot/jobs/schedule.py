@@ -220,6 +220,26 @@ async def protocol_ci(ctx: dict[str, Any], state: RunState, sha: str, result: st
     return "blocked"
 
 
+async def _integrate_or_block(env: JobEnv, state: RunState, step_index: int, merged: list[str]) -> bool:
+    """Merge the step; a merge that fails for another reason than a conflict (a rejected push,
+    a broken ref) blocks the protocol with the reason instead of leaving it running unmerged.
+    Once unblocked, the next scheduling pass merges the step again."""
+    from bot.jobs import integrate
+    from bot.jobs.boundary import failure_line
+
+    try:
+        await integrate.integrate_step(env, state, step_index, merged)
+        return True
+    except Exception as exc:
+        log.warning("merging step %s of protocol run %s failed", step_index, state.run.id, exc_info=True)
+        message = failure_line("integrate", step_index, exc).replace(f"step {step_index:02d} failed", f"merging step {step_index:02d} into the protocol branch failed", 1)
+        rs = {**(state.run.runtime_state or {}), "message": message}
+        if state.run.status == "running":
+            await set_protocol_status(env.db, state.run.id, "blocked", message, runtime_state=rs)
+        await publish_state(env.ctx, await load_run(env.db, state.run.id), message)
+        return False
+
+
 async def after_step_passed(ctx: dict[str, Any], run_id: int, step_index: int) -> None:
     """A step of a graph passed its gates: merge it, then start what became ready."""
     env = JobEnv.from_ctx(ctx)
@@ -230,7 +250,8 @@ async def after_step_passed(ctx: dict[str, Any], run_id: int, step_index: int) -
         state = await load_run(env.db, run_id)
         if state.run.status == "cancelled":
             return
-        await integrate.integrate_step(env, state, step_index, merged)
+        if not await _integrate_or_block(env, state, step_index, merged):
+            return
         state = await load_run(env.db, run_id)
         if all_done(state):
             await complete(env, state)

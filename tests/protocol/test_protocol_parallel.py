@@ -220,3 +220,25 @@ async def test_the_bound_keeps_02_and_03_apart(tmp_path: Any, origin: Any) -> No
         assert state.run.status == "completed"
         (s2, e2), (s3, e3) = engine.spans["part-2"], engine.spans["part-3"]
         assert e2 <= s3 or e3 <= s2, "two steps ran at once under max_parallel_steps=1"
+
+
+async def test_a_rejected_merge_push_blocks_the_protocol_with_the_reason(harness: Harness) -> None:
+    import stat
+
+    harness.use(ScriptedEngine(graph_script(DIAMOND)))
+    hook = harness.origin / "hooks" / "pre-receive"
+    # the forge refuses merge commits on the protocol branch (a protected branch, say)
+    hook.write_text(
+        "#!/bin/sh\nwhile read old new ref; do\n"
+        '  case "$ref" in *--*) continue;; esac\n'
+        '  if [ "$(git rev-list --parents -n1 "$new" | wc -w)" -gt 2 ]; then echo "merge commits refused" >&2; exit 1; fi\n'
+        "done\n"
+    )
+    hook.chmod(hook.stat().st_mode | stat.S_IEXEC)
+    run = await start_protocol(harness.ctx, harness.project, "Build four parts", auto=True, approved=True)
+    await harness.drain()
+    state = await harness.state(run.id)
+    assert state.run.status == "blocked"
+    message = str(state.run.runtime_state["message"])
+    assert message.startswith("merging step 01 into the protocol branch failed: git push failed"), message
+    assert [s.status for s in state.steps] == ["completed", "pending", "pending", "pending"]
