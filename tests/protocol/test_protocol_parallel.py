@@ -242,3 +242,16 @@ async def test_a_rejected_merge_push_blocks_the_protocol_with_the_reason(harness
     message = str(state.run.runtime_state["message"])
     assert message.startswith("merging step 01 into the protocol branch failed: git push failed"), message
     assert [s.status for s in state.steps] == ["completed", "pending", "pending", "pending"]
+
+
+async def test_a_cycle_or_an_unknown_id_is_rejected_at_planning(harness: Harness) -> None:
+    for deps, error in (
+        ([None, [3], [2]], "$.steps[1].depends_on: dependency cycle 2 → 3 → 2"),
+        ([None, [9]], "$.steps[1].depends_on[0]: no step with id 9"),
+    ):
+        harness.use(ScriptedEngine(graph_script(deps)))
+        run_id = await harness.start("Build parts")
+        state = await harness.state(run_id)
+        assert state.run.status == "failed", state.run.status
+        assert error in str(state.run.runtime_state), state.run.runtime_state
+        assert state.steps == []  # nothing was planned
