@@ -116,6 +116,11 @@ async def _carry_on(ctx: dict[str, Any], state: Any) -> None:
     """After a human accepted a step: complete the protocol, or let an auto protocol go on."""
     if state.run.status != "running":
         return
+    from bot.jobs import schedule
+
+    if schedule.parallel(state):  # a graph: the accepted step is merged first, then the rest go on
+        await schedule.schedule_ready(ctx, state.run.id, start=bool(state.run.auto_mode))
+        return
     if all(s.status == "completed" for s in state.steps):
         await set_protocol_status(ctx["db"], state.run.id, "completed", "every step completed")
         from bot.jobs.ready import announce_ready
@@ -136,6 +141,10 @@ async def run_step(
         raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
     if state.run.status in _NOT_RUNNABLE:
         raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
+    from bot.jobs import schedule
+
+    if schedule.parallel(state):  # a graph: its dependencies first; "next" is every ready step
+        return await schedule.run_step(ctx, state, step_index, reply_to)
     if step_index is None:
         pending = [s for s in state.steps if s.status in ("pending", "failed", "blocked")]
         if not pending:

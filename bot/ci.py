@@ -177,6 +177,11 @@ async def _apply(
         if sha is None:
             await emit(db, state, "ci.ignored", f"CI {result} reported, but no step has run yet")
             return "ignored-no-step"
+    from bot.jobs.schedule import protocol_ci
+
+    # a plan that is a graph: CI on the protocol branch after the last merge gates completion
+    if (done := await protocol_ci(ctx, state, sha, result, failing)) is not None:
+        return done
     rs = state.run.runtime_state or {}
     target = step_for_sha(views, sha)
     meaning = interpret_ci(

@@ -595,6 +595,9 @@ def build_import(
             "qa": {"policy": qa_policy},
             "outputs": {"protocol": f"{base}/{file}"},
         }
+        depends = _depends_on(opts.get("dependsOn", source.get("dependsOn")), first_index, workflow_file, i)
+        if depends is not None:
+            step["depends_on"] = depends
         step_engine = opts.get("engine") or source.get("engine")
         step_model = opts.get("model") or source.get("model")
         if step_engine and step_engine not in known_engines:
@@ -672,6 +675,23 @@ def build_import(
     if SPECIFICATIONS in ws.files:
         files[SPECIFICATIONS] = ws.files[SPECIFICATIONS]
     return ImportPlan(spec=spec_dict, files=files, workflow=workflow_file, warnings=warnings)
+
+
+def _depends_on(value: Any, first_index: Mapping[str, int], file: str, i: int) -> list[int] | None:
+    """A step's `dependsOn` (agent ids, or step numbers) as step indexes; None when not given
+    (the step then follows the previous one, as CodeMachine runs them)."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    out: list[int] = []
+    for k, item in enumerate(items):
+        if isinstance(item, int) and not isinstance(item, bool):
+            out.append(item)
+        elif isinstance(item, str) and item in first_index:
+            out.append(first_index[item])
+        else:
+            raise CodeMachineError(file, f"steps[{i - 1}].dependsOn[{k}]", f"unknown step {item!r}")
+    return out
 
 
 def _task(ws: Workspace, template: Mapping[str, Any]) -> str:

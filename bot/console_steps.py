@@ -117,7 +117,25 @@ def run_state(run: ProtocolRun, steps: Sequence[StepRun]) -> dict[str, Any]:
         "run": {**data, "cost": fmt_cost(run.cost_usd or 0.0)},
         "steps": step_rows,
         "buttons": valid_actions(data, step_rows),
+        "graph": graph_nodes(run, steps),
     }
+
+
+def graph_nodes(run: ProtocolRun, steps: Sequence[StepRun]) -> list[dict[str, Any]]:
+    """The plan's graph for the protocol page, one node per step with its column, its
+    dependencies and its state; [] for a plan that is a plain chain (the table says it all)."""
+    from bot import graph
+
+    if not graph.runs_in_parallel(run.template_config):
+        return []
+    deps = graph.dependencies_of_config(run.template_config)
+    column = graph.depths(deps)
+    return [
+        {"index": s.step_index, "title": s.summary or s.step_name, "status": s.status,
+         "merged": (s.runtime_state or {}).get("integrated_attempt") == s.retries,
+         "column": column.get(s.step_index, 0), "depends_on": list(deps.get(s.step_index, ()))}
+        for s in steps
+    ]  # fmt: skip
 
 
 def collapse_started(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

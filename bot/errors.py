@@ -31,6 +31,16 @@ class TransitionConflict(DeksdenFlowError):
         self.wanted = wanted
 
 
+class DependenciesPending(TransitionConflict):
+    """`/run-step N` for a step of a graph whose dependencies are not done yet (HTTP 409)."""
+
+    def __init__(self, step_index: int, missing: tuple[int, ...]) -> None:
+        super().__init__("step", step_index, "pending", "running")
+        names = ", ".join(f"{i:02d}" for i in missing)
+        self.args = (f"step {step_index:02d} waits for step{'s' if len(missing) > 1 else ''} {names} (not completed yet)",)
+        self.missing = missing
+
+
 class NotFound(DeksdenFlowError):
     """A referenced row does not exist (HTTP 404)."""
 

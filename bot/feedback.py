@@ -95,7 +95,22 @@ def protocol_view(
         command_prefix=command_prefix,
         console_url=links.protocol_page(public_url, run.id),
         cost_usd=getattr(run, "cost_usd", None) or None,
+        graph=graph_picture(state),
     )
+
+
+def graph_picture(state: RunState) -> str | None:
+    """The Mermaid picture of a plan that is a graph, each node with its state; None for a chain."""
+    from bot import graph
+
+    config = state.run.template_config
+    if not graph.runs_in_parallel(config):
+        return None
+    views = {
+        s.step_index: graph.StepView(s.status, (s.runtime_state or {}).get("integrated_attempt") == s.retries)
+        for s in state.steps
+    }
+    return graph.mermaid(graph.dependencies_of_config(config), views, {s.step_index: s.summary or "" for s in state.steps})
 
 
 def forge_of(ctx: dict[str, Any], state: RunState) -> Forge:

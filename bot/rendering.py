@@ -136,6 +136,7 @@ class ProtocolView:
     command_prefix: str = "/"
     console_url: str | None = None  # the protocol's console page
     cost_usd: float | None = None
+    graph: str | None = None  # a Mermaid flowchart of a plan that is a graph (bot/graph.py)
 
 
 def status_marker(protocol_name: str) -> str:
@@ -239,6 +240,8 @@ def status_comment(view: ProtocolView) -> str:
         checklist.append(line)
         used += text_size(line) + 1
     body = "**Steps**\n" + "\n".join(checklist) if checklist else "_No steps planned yet._"
+    if view.graph and text_size(view.graph) < budget // 4:  # GitHub and GitLab both draw it
+        body = f"```mermaid\n{view.graph}\n```\n\n{body}"
     remaining = budget - text_size(body)
 
     # Folded outputs: errors and the current step first, then newest first; each gets at most

@@ -19,6 +19,7 @@ QA_POLICIES = ("skip", "light", "full")
 # applied by bot/loop_policy.py (precedence: StepSpec, then this file, then the environment)
 POLICY_KEYS = (
     "qa_policy", "max_inline_depth", "max_tokens", "max_tokens_per_step", "max_fix_attempts", "ci_gates",
+    "max_parallel_steps",
 )
 
 
@@ -70,6 +71,9 @@ def parse_repo_config(text: str) -> dict[str, Any]:
             errors.append(f"policies.{key}: must be a whole number, 0 or more")
     if "ci_gates" in policies and not isinstance(policies["ci_gates"], bool):
         errors.append("policies.ci_gates: must be true or false")
+    par = policies.get("max_parallel_steps")
+    if par is not None and (not isinstance(par, int) or isinstance(par, bool) or not 1 <= par <= 32):
+        errors.append("policies.max_parallel_steps: must be a whole number from 1 to 32")
     out["policies"] = {k: v for k, v in policies.items() if k in POLICY_KEYS}
     out["allow_fork_commands"] = bool(policies.get("allow_fork_commands", data.get("allow_fork_commands", False)))
     if errors:

@@ -155,6 +155,9 @@ class Settings(BaseSettings):
     # whether green CI gates a step where the repository has CI; `.deksdenflow.yml` may override
     ci_gates: bool = True
     max_inline_trigger_depth: int = Field(default=3, ge=0, le=20)
+    # steps of a plan graph running side by side: per protocol, and over a repository's protocols
+    max_parallel_steps: int = Field(default=3, ge=1, le=32)
+    max_parallel_steps_per_repo: int = Field(default=6, ge=1, le=256)
     engine_timeout_s: float = Field(default=1800.0, gt=0)
     # An unprivileged account codex and the agent's commands run as (needs root; "" = the
     # worker's own user). See the README's security section.

@@ -110,6 +110,8 @@ class StepSpec:
     loop: LoopSpec | None = None
     triggers: tuple[TriggerSpec, ...] = ()
     max_tokens: int | None = None
+    # the steps this one waits for; None = the previous step (a plan without a graph is a chain)
+    depends_on: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,12 @@ class ProtocolSpec:
         """The protocol number (the NNNN of NNNN-task)."""
         return int(self.protocol.split("-", 1)[0])
 
+    def dependencies(self) -> dict[int, tuple[int, ...]]:
+        """Each step's dependencies, the default (previous step) filled in (bot/graph.py)."""
+        from bot.graph import resolve_dependencies
+
+        return resolve_dependencies([(s.index, s.depends_on) for s in self.steps])
+
 
 @dataclass(frozen=True)
 class PlannedStep:
@@ -151,6 +159,7 @@ class PlannedStep:
     qa_policy: QAPolicy
     # at most this many automatic fix attempts (the planner may only lower the bound)
     max_fix_attempts: int | None = None
+    depends_on: tuple[int, ...] | None = None  # step numbers (1 = first); None = the previous step
 
 
 @dataclass(frozen=True)
@@ -242,6 +251,10 @@ def _semantic_errors(data: Mapping[str, Any]) -> list[str]:
         for k, trig in enumerate(step.get("triggers", [])):
             if trig["step"] not in known:
                 errors.append(f"{at}.triggers[{k}].step: no step with index {trig['step']}")
+    if not errors:  # a graph over duplicate indexes means nothing
+        from bot.graph import graph_errors
+
+        errors += graph_errors([(s["index"], s.get("depends_on")) for s in steps])
     return sorted(errors)
 
 
@@ -284,6 +297,7 @@ def _step_from_dict(d: Mapping[str, Any], protocol: str, qa_default: QAPolicy) -
             for t in d.get("triggers", ())
         ),
         max_tokens=d.get("max_tokens"),
+        depends_on=tuple(d["depends_on"]) if d.get("depends_on") is not None else None,
     )
 
 
@@ -336,6 +350,7 @@ def step_to_dict(step: StepSpec) -> dict[str, Any]:
             }
         ),
         "max_tokens": step.max_tokens,
+        "depends_on": list(step.depends_on) if step.depends_on is not None else None,
     }
     if step.loop is not None:
         out["loop"] = {
@@ -370,9 +385,12 @@ def spec_to_dict(spec: ProtocolSpec) -> dict[str, Any]:
 
 def validate_planning_output(data: Any) -> PlanningOutput:
     """Validate the planning engine's JSON reply; SpecError with JSON-path errors otherwise."""
-    data = _with_planning_defaults(data)
+    data = _with_default_dependencies(_with_planning_defaults(data))
     errors = _schema_errors("protocol-planning.schema.json", data)
     if not errors:
+        from bot.graph import graph_errors
+
+        errors += graph_errors([(pos, s["depends_on"]) for pos, s in enumerate(data["steps"], start=1)])
         first_seen: dict[str, int] = {}
         for pos, step in enumerate(data["steps"]):
             slug = step["slug"]
@@ -396,6 +414,7 @@ def validate_planning_output(data: Any) -> PlanningOutput:
                 commit_type=s["commit_type"],
                 qa_policy=s["qa_policy"],
                 max_fix_attempts=s.get("max_fix_attempts"),
+                depends_on=tuple(s["depends_on"]) if s["depends_on"] is not None else None,
             )
             for s in data["steps"]
         ),
@@ -411,6 +430,18 @@ def _with_planning_defaults(data: Any) -> Any:
         {**s, "max_fix_attempts": None} if isinstance(s, Mapping) and "max_fix_attempts" not in s else s
         for s in data["steps"]
     ]
+    return {**data, "steps": steps}
+
+
+def _with_default_dependencies(data: Any) -> Any:
+    """The reply with `depends_on: null` where a step left it out.
+
+    The schema lists it as required (Codex's strict output mode wants every property required),
+    but a reply without it is a chain, as every plan was before graphs: it is read as null.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+        return data
+    steps = [{"depends_on": None, **s} if isinstance(s, dict) else s for s in data["steps"]]
     return {**data, "steps": steps}
 
 
@@ -450,6 +481,7 @@ def spec_from_planning(
             max_tokens=d.step_max_tokens,
             # every planned step gets a bounded fix loop (QA FAIL or red CI redo the step)
             loop=default_loop(i, fix_attempt_bound(p.max_fix_attempts, None, d.fix_attempts)),
+            depends_on=p.depends_on,
         )
         for i, p in enumerate(planning_output.steps, start=1)
     )

@@ -120,6 +120,8 @@ def build_plan(section: Mapping[str, Any], context: Mapping[str, Any]) -> dict[s
                 "commit_type": str(step.get("commit_type") or "feat"),
                 "qa_policy": str(step.get("qa_policy") or "light"),
                 "max_fix_attempts": step.get("max_fix_attempts"),
+                # a step without `depends_on` in the script depends on the previous one
+                "depends_on": step.get("depends_on"),
             }
             for step in steps
             if isinstance(step, dict)

@@ -12,6 +12,7 @@ from bot.ci import CIResult, apply_ci_result, ci_step_for, pr_finished
 from bot.ci_evidence import CIEvidence, names_only
 from bot.ci_fetch import github_evidence, gitlab_evidence, status_evidence
 from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
+from bot.graph import parent_branch
 from bot.handlers.forge_events import dig, github_repo, gitlab_repo
 from bot.handlers.router import HandlerContext, Router
 from bot.jobs import catalogue as jobs
@@ -39,7 +40,8 @@ async def run_for_branch(
                 .where(
                     Project.name == full_name,
                     Project.provider == provider,
-                    ProtocolRun.protocol_name == branch,
+                    # a step's child branch (NNNN-task--XX) reports to its protocol
+                    ProtocolRun.protocol_name == parent_branch(branch),
                 )
             )
         ).scalar()

@@ -7,6 +7,7 @@ from typing import Any
 
 from bot.jobs.env import JobEnv
 from bot.jobs.execute import spec_of, step_spec_of
+from bot.jobs.schedule import after_step_passed, parallel, schedule_ready
 from bot.policies import trigger_decisions
 from bot.protocol import completes_protocol
 from bot.runs import RunState, emit, load_run, set_protocol_status, set_step_status
@@ -35,6 +36,8 @@ async def after_quality(ctx: dict[str, Any], run_id: int, step_index: int, outco
 async def enqueue_next_step(ctx: dict[str, Any], run_id: int, state: RunState | None = None) -> bool:
     """Enqueue the first pending step (job id per attempt, so a duplicate call is harmless)."""
     state = state or await load_run(ctx["db"], run_id)
+    if parallel(state):  # a graph: every ready step, up to the bound
+        return bool(await schedule_ready(ctx, run_id))
     for step in state.steps:
         if step.status == "pending":
             await ctx["redis"].enqueue_job(
@@ -57,6 +60,9 @@ async def after_step_completed(ctx: dict[str, Any], run_id: int, step_index: int
     True when it completed the protocol (and so re-rendered the status comment)."""
     env = JobEnv.from_ctx(ctx)
     state = await load_run(env.db, run_id)
+    if parallel(state):  # a graph: merge the step, then start what became ready
+        await after_step_passed(ctx, run_id, step_index)
+        return False
     fired = await _fire_triggers(env, state, step_index, depth)
     if fired:
         state = await load_run(env.db, run_id)

@@ -15,10 +15,10 @@ from bot.errors import LockBusy, StepStopped
 from bot.git.runner import GitCommandFailed
 from bot.jobs.common import count_job
 from bot.jobs.env import JobEnv
-from bot.jobs.locks import protocol_lock
+from bot.jobs.locks import lease
 from bot.jobs.outcome import Check, Outcome, failure, write_outcome
 from bot.protocol import stopped_step_status
-from bot.runs import RunState, emit, load_run
+from bot.runs import RunState, emit, load_run, run_branch
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,11 @@ async def guarded(
     and the reclaim cron hands the work to another worker.
     """
     env = JobEnv.from_ctx(ctx)
+    from bot.jobs.schedule import lease_for
+
+    name, what = await lease_for(env, job, run_id, step_index)  # a graph's steps: one lease each
     try:
-        async with protocol_lock(env.redis, run_id, env.settings.lease_ttl_s, env.settings.lease_renew_s):
+        async with lease(env.redis, name, what, env.settings.lease_ttl_s, env.settings.lease_renew_s):
             outcome = await _run_body(env, job, run_id, step_index, body, reply_to)
     except LockBusy as exc:
         # another worker has this protocol: come back shortly instead of racing it
@@ -91,7 +94,7 @@ async def _drop_attempt(env: JobEnv, state: RunState, step_index: int) -> None:
     """A failed attempt leaves nothing behind: its unpushed commit and edits would otherwise be
     pushed with (or under) the next attempt's commit."""
     start = (state.step(step_index).runtime_state or {}).get("attempt_head")
-    path = Path(state.run.worktree_path) if state.run.worktree_path else None
+    path = workdir_of(env, state, step_index)
     if not isinstance(start, str) or path is None or not path.is_dir():
         return
     try:
@@ -100,6 +103,17 @@ async def _drop_attempt(env: JobEnv, state: RunState, step_index: int) -> None:
         await gitops.run_git(["clean", "-fd", "--quiet"], cwd=path, timeout=timeout)
     except Exception:  # the failure itself must still be recorded
         log.warning("could not reset the worktree of protocol run %s", state.run.id, exc_info=True)
+
+
+def workdir_of(env: JobEnv, state: RunState, step_index: int | None) -> Path | None:
+    """Where a job on this step worked: the protocol's worktree, or the step's own in a graph."""
+    from bot.jobs.schedule import branch_for
+
+    branch = branch_for(state, step_index)
+    if branch != run_branch(state.run):
+        path: Path = env.git.worktree_path(state.project.git_url, branch)
+        return path
+    return Path(state.run.worktree_path) if state.run.worktree_path else None
 
 
 def failure_line(job: str, step_index: int | None, exc: BaseException) -> str:
@@ -138,8 +152,9 @@ def _reason(exc: BaseException) -> str:
 async def stopped(env: JobEnv, run_id: int, step_index: int | None, status: str) -> str:
     """A human stopped the protocol mid-job: drop the step's uncommitted work, say who stopped it."""
     state = await load_run(env.db, run_id)
-    if state.run.worktree_path and Path(state.run.worktree_path).is_dir():
-        await discard_changes(env, state, Path(state.run.worktree_path))
+    path = workdir_of(env, state, step_index)
+    if path is not None and path.is_dir():
+        await discard_changes(env, state, path)
     step_to = None
     if step_index is not None and state.step(step_index).status == "running":
         step_to = stopped_step_status(state.run.status)

@@ -61,8 +61,16 @@ class JobEnv:
 
         return header
 
-    async def worktree(self, state: RunState) -> Path:
-        """The protocol's worktree at its branch head (any worker may run any job)."""
+    async def worktree(self, state: RunState, step_index: int | None = None) -> Path:
+        """The protocol's worktree at its branch head (any worker may run any job); a step of a
+        graph gets its own, on its child branch cut from the protocol branch (jobs/schedule.py)."""
+        from bot.jobs.schedule import branch_for
+
+        branch = branch_for(state, step_index)
+        if branch != run_branch(state.run):
+            child = await self.git.ensure_worktree(state.project.git_url, branch, run_branch(state.run), self.auth(state))
+            child_path: Path = child.path
+            return child_path
         wt = await self.git.ensure_worktree(
             state.project.git_url, run_branch(state.run), state.run.base_branch, self.auth(state)
         )
@@ -72,13 +80,15 @@ class JobEnv:
             state.run.worktree_path = str(path)
         return path
 
-    async def push(self, state: RunState, workdir: Path) -> str:
-        """Push the protocol branch with credentials fetched now, not before the engine ran."""
+    async def push(self, state: RunState, workdir: Path, step_index: int | None = None) -> str:
+        """Push the protocol branch (or the step's child branch) with credentials fetched now,
+        not before the engine ran."""
         from bot import gitops
+        from bot.jobs.schedule import branch_for
 
         head: str = await gitops.push(
             workdir,
-            run_branch(state.run),
+            branch_for(state, step_index),
             state.project.git_url,
             self.auth(state),
             credential_hosts=self.git.credential_hosts,

@@ -101,10 +101,12 @@ async def _execute(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
     if decision.action == "refuse":
         await emit(env.db, state, "step.refused", decision.reason, step)
         return f"refused-{state.run.status}"
+    if await _waits_for_dependencies(env, state, step):
+        return "waiting-dependencies"
     spec = spec_of(state)
     if not await _budget_allows(env, state, step, spec, decision, reply_to):
         return "budget-blocked"
-    workdir = await env.worktree(state)
+    workdir = await env.worktree(state, step_index)
     start = attempt_start(step)
     if start is None:  # a new attempt: remember where it starts, with the step's transition
         fresh = {**(step.runtime_state or {}), "attempt": step.retries, "attempt_head": await gitops.head_sha(workdir)}
@@ -118,6 +120,18 @@ async def _execute(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
         if not await _run_and_commit(work):
             return "failed"
     return await _push_and_finish(work)
+
+
+async def _waits_for_dependencies(env: JobEnv, state: RunState, step: StepRun) -> bool:
+    """A step of a graph never starts before its dependencies are completed and merged, however
+    its job came to be queued (a reclaim, a trigger, a stale command)."""
+    from bot.jobs.schedule import missing_for, parallel
+
+    missing = missing_for(state, step.step_index) if step.status != "running" and parallel(state) else ()
+    if missing:
+        waits = ", ".join(f"{i:02d}" for i in missing)
+        await emit(env.db, state, "step.refused", f"step {step.step_index:02d} waits for {waits}", step)
+    return bool(missing)
 
 
 async def _budget_allows(
@@ -206,6 +220,9 @@ async def _run_and_commit(work: StepWork) -> bool:
     """The engine call and the step commit; False when the engine failed (already recorded)."""
     env, state, step, index = work.env, work.state, work.step, work.step.step_index
     await discard_changes(env, state, work.workdir, index)
+    from bot.jobs.integrate import prepare_attempt
+
+    await prepare_attempt(env, state, work.step_spec, work.workdir)  # integration steps only
     # a fresh attempt starts where it was recorded to start; a taken-back one asks git
     start = (step.runtime_state or {}).get("attempt_head") if work.fresh else None
     head = start if isinstance(start, str) else await gitops.head_sha(work.workdir)
@@ -262,7 +279,7 @@ async def _execute_call(work: StepWork) -> EngineCall:
 async def _push_and_finish(work: StepWork) -> str:
     env, state, step, s = work.env, work.state, work.step, work.step_spec
     await _stop_if_stopped_after_commit(work)
-    head = await env.push(state, work.workdir)
+    head = await env.push(state, work.workdir, step.step_index)
     changed = await _changed_files(work.workdir, work.sha)
     step_state: dict[str, Any] = {"commit_sha": work.sha, "changed_files": list(changed)}
     if work.result is not None:

@@ -82,10 +82,27 @@ async def protocol_lock(
     redis: Any, run_id: int, ttl_s: float = LEASE_TTL_S, renew_s: float = LEASE_RENEW_S
 ) -> AsyncIterator[str]:
     """Hold the run's lease for the block, renewed in the background; LockBusy when taken."""
-    name = str(run_id)
+    async with lease(redis, str(run_id), f"protocol run {run_id}", ttl_s, renew_s) as token:
+        yield token
+
+
+def step_lease_name(run_id: int, step_index: int) -> str:
+    """A step's own lease, for the steps of a graph that run side by side (bot/jobs/schedule.py)."""
+    return f"{run_id}:step:{step_index}"
+
+
+async def step_lease_alive(redis: Any, run_id: int, step_index: int) -> bool:
+    return bool(await redis.exists(LOCK_PREFIX + step_lease_name(run_id, step_index)))
+
+
+@contextlib.asynccontextmanager
+async def lease(
+    redis: Any, name: str, what: str, ttl_s: float = LEASE_TTL_S, renew_s: float = LEASE_RENEW_S
+) -> AsyncIterator[str]:
+    """Hold the lease `name` for the block, renewed in the background; LockBusy when taken."""
     token = await acquire(redis, name, ttl_s)
     if token is None:
-        raise LockBusy(f"protocol run {run_id} is busy in another worker")
+        raise LockBusy(f"{what} is busy in another worker")
     renewer = asyncio.create_task(_keep_renewing(redis, name, token, ttl_s, renew_s))
     try:
         yield token

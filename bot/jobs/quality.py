@@ -94,7 +94,7 @@ async def _quality(
         await emit(env.db, state, "qa.refused", f"protocol is {state.run.status}", step)
         return f"refused-{state.run.status}"
     spec = spec_of(state)
-    work = QAWork(env, state, step, step_spec_of(spec, step_index), spec, await env.worktree(state), reply_to)
+    work = QAWork(env, state, step, step_spec_of(spec, step_index), spec, await env.worktree(state, step_index), reply_to)
     taken_back = qa_in_progress(step) if reclaim else None
     if taken_back:  # what the dead worker left uncommitted is not this run's
         await discard_changes(env, state, work.workdir, step_index)
@@ -200,7 +200,7 @@ async def _commit_report(work: QAWork, report: str, verdict: str) -> tuple[str |
     ).replace(step_marker(state.number, index), qa_marker(state.number, index))
     sha = await gitops.commit_all(work.workdir, message, env.settings.bot_name, env.settings.bot_email)
     env.crash_point("qa_after_commit", state.run.id, index)
-    head = await env.push(state, work.workdir)
+    head = await env.push(state, work.workdir, index)
     return sha, head
 
 

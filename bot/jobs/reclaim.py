@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from bot.jobs.locks import lease_alive
+from bot.jobs.locks import lease_alive, step_lease_alive
 from bot.models import ProtocolRun, StepRun
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ async def orphaned_work(ctx: dict[str, Any]) -> list[tuple[int, int | None]]:
     for run_id, status, step_index in rows:
         if await lease_alive(ctx["redis"], run_id):
             continue
+        if step_index is not None and await step_lease_alive(ctx["redis"], run_id, step_index):
+            continue  # a step of a graph, under its own lease
         found.append((run_id, None if status == "planning" else step_index))
     return found
 

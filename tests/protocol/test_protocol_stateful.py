@@ -30,7 +30,7 @@ from sqlalchemy import select
 from bot import actions
 from bot.ci import apply_ci_result
 from bot.errors import DeksdenFlowError
-from bot.jobs.locks import lease_alive
+from bot.jobs.locks import lease_alive, step_lease_alive
 from bot.jobs.protocol import execute_step, run_quality
 from bot.jobs.quality import qa_in_progress
 from bot.jobs.reclaim import reclaim_expired
@@ -380,3 +380,159 @@ StepRunnerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestStepRunner = StepRunnerMachine.TestCase
+
+
+# -- parallel steps (issue #17): the same runner with a plan that is a graph ---------------------
+
+DIAMOND_DEPS: dict[int, tuple[int, ...]] = {1: (), 2: (1,), 3: (1,), 4: (2, 3)}
+DIAMOND_SCRIPT = scripted_script(
+    planning={
+        "steps": [
+            {"slug": f"step-{i}", "title": f"Step {i}", "content": f"# Step {i}\n", "qa_policy": "skip",
+             "depends_on": list(DIAMOND_DEPS[i]) if i > 1 else None}
+            for i in (1, 2, 3, 4)
+        ]
+    },
+    execute={"default": {"files": [{"path": "work/{step_index}.txt", "append": "x\n"}], "delay_s": 0.05}},
+)  # fmt: skip
+
+
+class GraphEngine(ScriptedEngine):
+    """The scripted engine that notes every execute call whose step's dependencies were not all
+    completed and merged when it started, and fails the next call when asked."""
+
+    def __init__(self) -> None:
+        super().__init__(DIAMOND_SCRIPT)
+        self.ctx: dict[str, Any] = {}
+        self.run_id = 0
+        self.fail_next = False
+        self.early: list[tuple[int, list[int]]] = []
+
+    async def run(self, request: EngineRequest) -> EngineResult:
+        if request.phase == "execute":
+            index = int(request.context.get("step_index", 0))
+            state = await load_run(self.ctx["db"], self.run_id)
+            missing = [
+                d for d in DIAMOND_DEPS.get(index, ())
+                if state.step(d).status != "completed"
+                or (state.step(d).runtime_state or {}).get("integrated_attempt") != state.step(d).retries
+            ]  # fmt: skip
+            if missing:
+                self.early.append((index, missing))
+            if self.fail_next:
+                self.fail_next = False
+                return EngineResult(outcome="failed", exit_code=1, error="chaos: engine failed")
+        return await super().run(request)
+
+
+class ParallelStepMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="df-stateful-graph-"))
+        self.loop = asyncio.new_event_loop()
+        self.stack = contextlib.AsyncExitStack()
+        self.engine = GraphEngine()
+        self.integrating = 0
+        self.overlaps = 0
+        self.ctx, self.run_id = self.loop.run_until_complete(self._setup())
+
+    async def _setup(self) -> tuple[dict[str, Any], int]:
+        from bot.jobs import integrate
+        from bot.local_runtime import local_runtime
+
+        original = integrate.integrate_step
+
+        async def counted(env: Any, state: Any, step_index: int, merged: list[str] | None = None) -> str:
+            # the real integration, counted: two at once in one protocol is the bug looked for
+            self.integrating += 1
+            self.overlaps += self.integrating > 1
+            try:
+                await asyncio.sleep(0.01)  # widen the window a second integration would need
+                return await original(env, state, step_index, merged)
+            finally:
+                self.integrating -= 1
+
+        self.stack.callback(setattr, integrate, "integrate_step", original)
+        integrate.integrate_step = counted
+        origin = make_origin(self.tmp, readme="# graph\n")
+        config = protocol_settings(self.tmp, stop_poll_s=0.05)
+        ctx = await self.stack.enter_async_context(local_runtime(config))
+        ctx["engines"] = EngineRegistry([self.engine])
+        project = await get_or_create_project(
+            ctx["db"], name=f"local:{origin}", provider="local", git_url=str(origin), base_branch="main"
+        )
+        run = await actions.start_protocol(ctx, project, "Graph", approved=True)
+        await drain(ctx, project.id, printer=quiet)
+        self.engine.ctx, self.engine.run_id = ctx, run.id
+        return ctx, run.id
+
+    def teardown(self) -> None:
+        try:
+            self.loop.run_until_complete(self.stack.aclose())
+        finally:
+            self.loop.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _do(self, work: Any) -> Any:
+        async def go() -> Any:
+            try:
+                return await work
+            except DeksdenFlowError:
+                return None
+            finally:
+                await drain(self.ctx, None, printer=quiet)
+
+        return self.loop.run_until_complete(go())
+
+    def _state(self) -> Any:
+        return self.loop.run_until_complete(load_run(self.ctx["db"], self.run_id))
+
+    @rule(step=st.sampled_from([None, None, 1, 2, 3, 4]))
+    def run_step(self, step: int | None) -> None:
+        self._do(actions.run_step(self.ctx, self.run_id, step))
+
+    @rule(step=st.sampled_from([None, 1, 2, 3, 4]))
+    def retry(self, step: int | None) -> None:
+        self._do(actions.retry(self.ctx, self.run_id, step))
+
+    @rule(step=st.sampled_from([1, 2, 3, 4]))
+    def approve(self, step: int) -> None:
+        self._do(actions.approve(self.ctx, self.run_id, step))
+
+    @rule(step=st.sampled_from([None, 2, 3]))
+    def engine_fails(self, step: int | None) -> None:
+        self.engine.fail_next = True
+        self._do(actions.run_step(self.ctx, self.run_id, step))
+        self.engine.fail_next = False
+
+    @rule()
+    def pause_and_resume(self) -> None:
+        self._do(actions.pause(self.ctx, self.run_id, by="tester"))
+        self._do(actions.resume(self.ctx, self.run_id))
+
+    @invariant()
+    def no_step_starts_before_its_dependencies_complete(self) -> None:
+        state = self._state()
+        event(f"graph protocol {state.run.status}")
+        assert not self.engine.early, self.engine.early
+
+    @invariant()
+    def no_two_integrations_of_one_protocol_at_once(self) -> None:
+        assert self.overlaps == 0
+
+    @invariant()
+    def nothing_runs_without_its_lease(self) -> None:
+        state = self._state()
+        for s in state.steps:
+            if s.status == "running":
+                alive = self.loop.run_until_complete(step_lease_alive(self.ctx["redis"], self.run_id, s.step_index))
+                assert alive, f"step {s.step_index} running without its lease"
+
+
+ParallelStepMachine.TestCase.settings = settings(
+    max_examples=8,
+    stateful_step_count=10,
+    deadline=timedelta(seconds=30),
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestParallelSteps = ParallelStepMachine.TestCase

@@ -1,0 +1,273 @@
+"""Steps side by side: which steps of a graph start, on which branch, under which lease.
+
+A protocol whose plan is the plain chain runs as it always did: one branch, one worktree, one
+lease for the protocol. Any other graph runs its steps on child branches `NNNN-task--XX`, each
+in its own worktree under its own lease; a step's branch is cut from the protocol branch when
+the step starts, and merged back into it when the step has passed its gates (integrate.py).
+Starting steps and merging them happen under one short lock per protocol (the integration
+lock), so two workers never merge into one protocol branch at once and the bound on steps
+running side by side is counted by one worker at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import func, select
+
+from bot.errors import LockBusy
+from bot.feedback import publish_state
+from bot.graph import (
+    StepView,
+    active_steps,
+    child_branch,
+    dependencies_of_config,
+    missing_dependencies,
+    ready_steps,
+    runs_in_parallel,
+    to_start,
+)
+from bot.jobs.env import JobEnv
+from bot.jobs.integrate import integrated
+from bot.jobs.locks import acquire, release, step_lease_name
+from bot.models import ProtocolRun, StepRun
+from bot.runs import (
+    RunState,
+    emit,
+    load_run,
+    run_branch,
+    set_protocol_status,
+    update_run,
+    update_step,
+)
+
+log = logging.getLogger(__name__)
+
+INTEGRATION_LOCK_TTL_S = 120.0
+INTEGRATION_WAIT_S = 300.0
+
+
+def parallel(state: RunState) -> bool:
+    return runs_in_parallel(state.run.template_config)
+
+
+def branch_for(state: RunState, step_index: int | None) -> str:
+    """The branch a job on this step works on: its child branch in a graph, else the protocol's."""
+    if step_index is None or not parallel(state):
+        return run_branch(state.run)  # the protocol's own branch, or the PR's it was planned on
+    return child_branch(state.run.protocol_name, step_index)
+
+
+async def lease_for(env: JobEnv, job: str, run_id: int, step_index: int | None) -> tuple[str, str]:
+    """(lease name, what to call it): a step's own lease for the step jobs of a graph, else the
+    protocol's lease, as before graphs existed."""
+    if step_index is not None and job in ("execute_step", "run_quality"):
+        async with env.db.sessions() as session:
+            config = await session.scalar(select(ProtocolRun.template_config).where(ProtocolRun.id == run_id))
+        if runs_in_parallel(config):
+            return step_lease_name(run_id, step_index), f"step {step_index:02d} of protocol run {run_id}"
+    return str(run_id), f"protocol run {run_id}"
+
+
+def queued(step: StepRun) -> bool:
+    """A pending step the scheduler already handed to the queue (this attempt)."""
+    return step.status == "pending" and (step.runtime_state or {}).get("queued_attempt") == step.retries
+
+
+def views(state: RunState) -> dict[int, StepView]:
+    par = parallel(state)
+    return {s.step_index: StepView(s.status, integrated(s) if par else True) for s in state.steps}
+
+
+def missing_for(state: RunState, step_index: int) -> tuple[int, ...]:
+    """The dependencies of a step that are not done yet (for `/run-step N`)."""
+    return missing_dependencies(dependencies_of_config(state.run.template_config), views(state), step_index)
+
+
+def all_done(state: RunState) -> bool:
+    return all(v.status == "completed" and v.integrated for v in views(state).values())
+
+
+@contextlib.asynccontextmanager
+async def integration_lock(env: JobEnv, run_id: int) -> AsyncIterator[None]:
+    """The protocol's short lock for merging and starting steps; waits for it (merges are short)."""
+    name = f"{run_id}:integrate"
+    deadline = time.monotonic() + INTEGRATION_WAIT_S
+    while (token := await acquire(env.redis, name, INTEGRATION_LOCK_TTL_S)) is None:
+        if time.monotonic() > deadline:
+            raise LockBusy(f"the integration lock of protocol run {run_id} stayed taken")
+        await asyncio.sleep(0.1)
+    try:
+        yield
+    finally:
+        await asyncio.shield(release(env.redis, name, token))
+
+
+async def bound(env: JobEnv, state: RunState) -> int:
+    """How many steps of this protocol may be active: its bound (the repository's policy, else the
+    setting), less what the repository's other protocols already run beyond the repository bound."""
+    policies = (state.project.config or {}).get("policies") or {}
+    per_protocol = policies.get("max_parallel_steps") or env.settings.max_parallel_steps
+    async with env.db.sessions() as session:
+        elsewhere = await session.scalar(
+            select(func.count(StepRun.id))
+            .join(ProtocolRun, ProtocolRun.id == StepRun.protocol_run_id)
+            .where(ProtocolRun.project_id == state.project.id, ProtocolRun.id != state.run.id)
+            .where(StepRun.status.in_(("running", "needs_qa")))
+        )
+    room = env.settings.max_parallel_steps_per_repo - int(elsewhere or 0)
+    return max(1, min(int(per_protocol), room))
+
+
+async def schedule_ready(ctx: dict[str, Any], run_id: int, start: bool = True) -> list[int]:
+    """Start every ready step of a graph, up to the bound (start=False: only merge what passed);
+    the steps started."""
+    env = JobEnv.from_ctx(ctx)
+    async with integration_lock(env, run_id):
+        return await start_ready(env, await load_run(env.db, run_id), start)
+
+
+async def run_step(ctx: dict[str, Any], state: RunState, step_index: int | None, reply_to: dict[str, Any] | None) -> int:
+    """`/run-step N` in a graph: N once its dependencies are done; `/run-step next`: every ready
+    step up to the bound (the first one's number is returned)."""
+    from bot.errors import DependenciesPending, TransitionConflict
+
+    if step_index is None:
+        if state.run.status in ("blocked", "failed"):
+            raise TransitionConflict("ProtocolRun", state.run.id, state.run.status, "running")
+        started = await schedule_ready(ctx, state.run.id)
+        if not started:
+            raise TransitionConflict("ProtocolRun", state.run.id, state.run.status, "running")
+        return started[0]
+    step = state.step(step_index)
+    missing = missing_for(state, step_index)
+    if missing:
+        raise DependenciesPending(step_index, missing)
+    if step.status == "running":
+        raise TransitionConflict("step", step_index, step.status, "running")
+    await JobEnv.from_ctx(ctx).enqueue(
+        "execute_step", f"exec:{state.run.id}:{step_index}:{time.time_ns()}",
+        protocol_run_id=state.run.id, step_index=step_index, reply_to=reply_to,
+    )
+    return step_index
+
+
+async def start_ready(env: JobEnv, state: RunState, start: bool = True) -> list[int]:
+    """Under the integration lock: merge what passed and was not merged yet (a crash, an
+    `/approve`), then enqueue the ready steps that fit under the bound."""
+    if state.run.status not in ("planned", "running") or not state.run.approved:
+        return []
+    from bot.jobs import integrate
+
+    for step in state.steps:
+        if step.status == "completed" and not integrated(step) and not integrate.waits_for_integration(step):
+            await integrate.integrate_step(env, state, step.step_index)
+            state = await load_run(env.db, state.run.id)
+    if all_done(state):
+        await complete(env, state)
+        return []
+    if not start:
+        return []
+    deps = dependencies_of_config(state.run.template_config)
+    now = views(state)
+    active = len(active_steps(now)) + sum(1 for s in state.steps if queued(s))
+    ready = [i for i in ready_steps(deps, now) if not queued(state.step(i))]
+    chosen = to_start(ready, active, await bound(env, state))
+    if chosen and state.run.status == "planned":
+        # one transition here, not one per step: steps starting at once would race for it
+        await set_protocol_status(env.db, state.run.id, "running", "running steps side by side")
+    for index in chosen:
+        step = state.step(index)
+        await update_step(env.db, step.id, runtime_state={**(step.runtime_state or {}), "queued_attempt": step.retries})
+        await env.enqueue(
+            "execute_step", f"exec:{state.run.id}:{index}:{step.retries}",
+            protocol_run_id=state.run.id, step_index=index,
+        )
+    return chosen
+
+
+async def complete(env: JobEnv, state: RunState) -> None:
+    """Every step is merged: the protocol is complete, once CI is green on the protocol branch
+    where the repository has CI (each step's CI judged its child branch, not the merges)."""
+    if state.run.status != "running":
+        return
+    from bot.ci import gating
+
+    head = state.run.head_sha
+    if gating(state.project, env.settings) and head and (state.run.runtime_state or {}).get("ci_green") != head:
+        rs = {**(state.run.runtime_state or {}), "awaiting_ci": head}
+        await update_run(env.db, state.run.id, runtime_state=rs)
+        await emit(env.db, state, "protocol.awaiting_ci", f"every step merged; waiting for CI on {head[:12]}")
+        return
+    await set_protocol_status(env.db, state.run.id, "completed", "every step completed and merged")
+    state.run.status = "completed"
+    from bot.jobs.ready import announce_ready
+
+    await announce_ready(env.ctx, state)  # un-draft the PR/MR and say what comes next
+
+
+async def protocol_ci(ctx: dict[str, Any], state: RunState, sha: str, result: str, failing: list[tuple[str, str]]) -> str | None:
+    """CI on the protocol branch after the last merge: it completes or blocks the protocol.
+    None when the result is not about that commit (the step gates take it)."""
+    rs = state.run.runtime_state or {}
+    if not parallel(state) or not sha or rs.get("awaiting_ci") != sha or state.run.status != "running":
+        return None
+    env = JobEnv.from_ctx(ctx)
+    if result == "success":
+        await update_run(env.db, state.run.id, runtime_state={**rs, "ci_green": sha, "awaiting_ci": None})
+        state = await load_run(env.db, state.run.id)
+        await complete(env, state)
+        return "complete"
+    names = ", ".join(n for n, _ in failing[:5]) or "a check"
+    message = f"CI failed on the protocol branch after the steps were merged ({names} on {sha[:12]})"
+    await set_protocol_status(env.db, state.run.id, "blocked", message, runtime_state={**rs, "message": message})
+    await publish_state(ctx, await load_run(env.db, state.run.id), message)
+    return "blocked"
+
+
+async def _integrate_or_block(env: JobEnv, state: RunState, step_index: int, merged: list[str]) -> bool:
+    """Merge the step; a merge that fails for another reason than a conflict (a rejected push,
+    a broken ref) blocks the protocol with the reason instead of leaving it running unmerged.
+    Once unblocked, the next scheduling pass merges the step again."""
+    from bot.jobs import integrate
+    from bot.jobs.boundary import failure_line
+
+    try:
+        await integrate.integrate_step(env, state, step_index, merged)
+        return True
+    except Exception as exc:
+        log.warning("merging step %s of protocol run %s failed", step_index, state.run.id, exc_info=True)
+        message = failure_line("integrate", step_index, exc).replace(f"step {step_index:02d} failed", f"merging step {step_index:02d} into the protocol branch failed", 1)
+        rs = {**(state.run.runtime_state or {}), "message": message}
+        if state.run.status == "running":
+            await set_protocol_status(env.db, state.run.id, "blocked", message, runtime_state=rs)
+        await publish_state(env.ctx, await load_run(env.db, state.run.id), message)
+        return False
+
+
+async def after_step_passed(ctx: dict[str, Any], run_id: int, step_index: int) -> None:
+    """A step of a graph passed its gates: merge it, then start what became ready."""
+    env = JobEnv.from_ctx(ctx)
+    from bot.jobs import integrate
+
+    merged: list[str] = []
+    async with integration_lock(env, run_id):
+        state = await load_run(env.db, run_id)
+        if state.run.status == "cancelled":
+            return
+        if not await _integrate_or_block(env, state, step_index, merged):
+            return
+        state = await load_run(env.db, run_id)
+        if all_done(state):
+            await complete(env, state)
+        elif state.run.auto_mode:
+            await start_ready(env, state)
+    state = await load_run(env.db, run_id)
+    await publish_state(ctx, state)
+    for branch in merged:  # after the lock: the next steps are already on their way
+        await integrate.drop_child(env, state, branch)
