@@ -152,7 +152,7 @@ async def metrics(request: Request) -> Response:
 
 
 def routes(edges: dict[str, WebhookEdge]) -> list[BaseRoute]:
-    from bot.api import api_routes
+    from bot.api.table import api_routes
     from bot.console import console_routes
     from bot.console_steps import step_routes
     from bot.github_setup import setup_routes

@@ -16,8 +16,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bot import sessions
-from bot.api import (
-    ACTIONS,
+from bot.api.core import (
     CONSOLE_COOKIE,
     CONSOLE_HEADER,
     MAX_ID,
@@ -27,10 +26,11 @@ from bot.api import (
     delivery_json,
     event_json,
     project_json,
-    queue_snapshot,
     run_json,
     step_json,
 )
+from bot.api.queues import queue_snapshot
+from bot.api.run_actions import ACTIONS
 from bot.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
 
 TEMPLATES = Path(__file__).parent / "templates" / "console"

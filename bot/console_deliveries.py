@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from bot.api import MAX_ID, delivery_json, event_json
+from bot.api.core import MAX_ID, delivery_json, event_json
 from bot.console import console_page, render
 from bot.console_steps import _db, _int, _stream_access
 from bot.models import Event, WebhookDelivery
@@ -59,7 +59,7 @@ async def redeliver(request: Request) -> Response:
     refused = await _stream_access(request)
     if refused is not None:
         return refused
-    from bot.api import CONSOLE_COOKIE, CONSOLE_HEADER
+    from bot.api.core import CONSOLE_COOKIE, CONSOLE_HEADER
     from bot.queue import JobSpec, enqueue_many
     from bot.store import record_event
 

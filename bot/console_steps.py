@@ -19,7 +19,7 @@ from starlette.responses import (
 )
 from starlette.routing import BaseRoute, Route
 
-from bot.api import (
+from bot.api.core import (
     MAX_ID,
     Access,
     authenticate,

@@ -15,7 +15,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bot import sessions
-from bot.api import guarded, require_admin
+from bot.api.core import guarded, require_admin
 from bot.db import Database
 from bot.errors import ConfigError
 from bot.secretbox import GITHUB_APP, fernet_of, get_secret, put_secret
