@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from bot import gitops
 from bot.errors import NotFound, TransitionConflict
 from bot.git.names import protocol_name
+from bot.jobs.advance import enqueue_next_step
 from bot.models import Project, ProtocolRun
 from bot.protocol import may_approve_step, resume_decision
 from bot.runs import (
@@ -20,6 +21,7 @@ from bot.runs import (
     set_protocol_status,
     set_step_status,
     update_run,
+    update_step,
 )
 
 
@@ -87,7 +89,6 @@ async def approve(ctx: dict[str, Any], run_id: int, step_index: int | None = Non
         await update_run(ctx["db"], run_id, approved=True)
         await emit(ctx["db"], state, "protocol.approved", "plan approved")
         if state.run.auto_mode:
-            from bot.jobs.advance import enqueue_next_step
 
             await enqueue_next_step(ctx, run_id)
         return "approved"
@@ -110,7 +111,6 @@ async def _carry_on(ctx: dict[str, Any], state: Any) -> None:
     if all(s.status == "completed" for s in state.steps):
         await set_protocol_status(ctx["db"], state.run.id, "completed", "every step completed")
     elif state.run.auto_mode:
-        from bot.jobs.advance import enqueue_next_step
 
         await enqueue_next_step(ctx, state.run.id, state)
 
@@ -193,7 +193,6 @@ async def retry(
 
 async def reset_step(ctx: dict[str, Any], step: Any, why: str) -> None:
     """A new attempt of a step: retries + 1 (a new attempt id for its commit), back to pending."""
-    from bot.runs import update_step
 
     rs = {k: v for k, v in (step.runtime_state or {}).items() if k != "interrupted"}
     await update_step(ctx["db"], step.id, retries=step.retries + 1, runtime_state=rs)

@@ -11,10 +11,14 @@ from typing import Any
 
 from sqlalchemy import select
 
+from bot import gitops
+from bot.actions import run_qa, run_step, start_protocol
+from bot.cli_progress import Progress
 from bot.errors import ConfigError, NotFound
+from bot.local_runtime import drain, git_toplevel, local_project, local_runtime
 from bot.models import ForgeRecord, Project, ProtocolRun
 from bot.pricing import fmt_cost
-from bot.runs import load_run
+from bot.runs import load_run, update_run
 from bot.settings import Settings
 
 FAILED = ("failed", "blocked", "cancelled")
@@ -83,8 +87,6 @@ async def _find_run(ctx: dict[str, Any], project_id: int, ref: str) -> ProtocolR
 
 async def _drain(ctx: dict[str, Any], project_id: int, run_id: int) -> None:
     """Run the queued jobs, showing progress (in place on a terminal, lines otherwise)."""
-    from bot.cli_progress import Progress
-    from bot.local_runtime import drain
 
     async with Progress(ctx["db"], run_id).running() as printer:
         await drain(ctx, project_id, printer=printer)
@@ -108,9 +110,6 @@ async def _finish(ctx: dict[str, Any], run_id: int) -> int:
 
 
 async def _new(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.actions import run_step, start_protocol
-    from bot.local_runtime import git_toplevel, local_project, local_runtime
-
     async with local_runtime(_settings_for(args, settings)) as ctx:
         # everything that would strand a protocol in `planning` is checked before a row exists
         if args.base:
@@ -144,7 +143,6 @@ def engine_problem(engine_id: str, known: list[str], codex_bin: str) -> str | No
 
 async def check_branch(ctx: dict[str, Any], repo: Path, branch: str) -> None:
     """ConfigError (one line) unless `branch` is a branch with a commit in `repo`."""
-    from bot import gitops
 
     found = await gitops.run_git(
         ["rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}"],
@@ -168,10 +166,6 @@ async def check_can_start(ctx: dict[str, Any], project: Any) -> None:
 
 
 async def _run_step(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.actions import run_step
-    from bot.local_runtime import local_project, local_runtime
-    from bot.runs import update_run
-
     async with local_runtime(_settings_for(args, settings)) as ctx:
         project = await local_project(ctx, args.repo, None)
         run = await _find_run(ctx, project.id, args.protocol)
@@ -184,9 +178,6 @@ async def _run_step(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _qa(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.actions import run_qa
-    from bot.local_runtime import local_project, local_runtime
-
     async with local_runtime(_settings_for(args, settings)) as ctx:
         project = await local_project(ctx, args.repo, None)
         run = await _find_run(ctx, project.id, args.protocol)
@@ -255,8 +246,6 @@ async def _status_everywhere(ctx: dict[str, Any], ref: str | None) -> int:
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.local_runtime import git_toplevel, local_project, local_runtime
-
     async with local_runtime(settings) as ctx:
         if args.repo == Path("."):
             try:

@@ -24,9 +24,11 @@ from bot.api.core import (
     Access,
     authenticate,
     event_json,
+    project_json,
     run_json,
     step_json,
 )
+from bot.api.run_actions import ACTIONS
 from bot.console import console_page, render
 from bot.diffview import FileDiff, parse_diff
 from bot.git.names import safe_repo_name
@@ -413,15 +415,53 @@ async def transcript_api(request: Request) -> Response:
     )
 
 
-def step_routes() -> list[BaseRoute]:
-    from bot.console_deliveries import delivery_page, favicon, root
+@console_page
+async def run_page(request: Request) -> Response:
+    run_id = _int(request, "run_id")
+    async with _db(request).sessions() as session:
+        run = await session.get(ProtocolRun, run_id)
+        if run is None:
+            raise LookupError(f"protocol run {run_id} does not exist")
+        project = await session.get(Project, run.project_id)
+        steps = list(
+            (
+                await session.execute(
+                    select(StepRun).where(StepRun.protocol_run_id == run_id).order_by(StepRun.step_index).limit(1000)
+                )
+            ).scalars()
+        )
+        # the newest 50 events, shown oldest first; the page then tails with ?after=
+        events = list(
+            (
+                await session.execute(
+                    select(Event)
+                    .where(Event.protocol_run_id == run_id)
+                    .order_by(Event.id.desc())
+                    .limit(50)
+                )
+            ).scalars()
+        )
+    events.reverse()
+    return render(
+        request,
+        "run.html",
+        run=run_json(run),
+        project=project_json(project) if project else None,
+        steps=[step_json(s) for s in steps],
+        events=[event_json(e) for e in events],
+        last_event=events[-1].id if events else 0,
+        # the buttons valid in this state; the page's stream keeps them (and the rest) current
+        buttons=(live := run_state(run, steps))["buttons"],
+        live=live,
+        all_actions=ACTIONS,
+    )
 
+
+def step_routes() -> list[BaseRoute]:
     return [
-        Route("/", root),
-        Route("/favicon.ico", favicon),
+        Route("/console/protocols/{run_id:int}", run_page),
         Route("/console/protocols/{run_id:int}/steps/{step_index:int}", step_page),
         Route("/console/protocols/{run_id:int}/steps/{step_index:int}/diff", step_diff),
         Route("/console/protocols/{run_id:int}/steps/{step_index:int}/stream", step_stream),
         Route("/console/protocols/{run_id:int}/stream", run_stream),
-        Route("/console/deliveries/{delivery_id:int}", delivery_page),
     ]

@@ -17,7 +17,9 @@ from starlette.routing import BaseRoute, Route
 from bot import sessions
 from bot.api.core import guarded, require_admin
 from bot.db import Database
+from bot.doctor_results import is_loopback_host
 from bot.errors import ConfigError
+from bot.forge.github import convert_manifest
 from bot.secretbox import GITHUB_APP, fernet_of, get_secret, put_secret
 from bot.settings import Settings
 
@@ -39,7 +41,6 @@ def loopback_warning(hook_url: str) -> str:
     """An HTML warning when GitHub could not reach the webhook URL (loopback), else ""."""
     from urllib.parse import urlsplit
 
-    from bot.doctor import is_loopback_host
 
     if not is_loopback_host(urlsplit(hook_url).hostname):
         return ""
@@ -137,7 +138,6 @@ async def github_setup_callback(request: Request) -> Response:
     The browser carries no API token here (a SameSite=Strict cookie does not follow a redirect
     from github.com), so the state is what proves the flow started on our own setup page.
     """
-    from bot.forge.github import convert_manifest
 
     state = request.app.state.df
     code = request.query_params.get("code", "")

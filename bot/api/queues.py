@@ -12,6 +12,8 @@ from bot.api.core import (
     guarded,
     require_admin,
 )
+from bot.jobs.common import JOB_METRICS_KEY
+from bot.queue import queue_stats
 
 # --- queues --------------------------------------------------------------------------------
 
@@ -34,8 +36,6 @@ async def queue_snapshot(redis: Any, sample: int = 2000) -> dict[str, Any]:
     """Depth, in-progress and outcome counts per job name (queued/in-progress sampled up to `sample`)."""
     from arq.constants import default_queue_name
 
-    from bot.jobs.common import JOB_METRICS_KEY
-    from bot.queue import queue_stats
 
     stats = await queue_stats(redis)
     jobs: dict[str, dict[str, Any]] = {}

@@ -12,6 +12,7 @@ from sqlalchemy.orm import defer
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from bot import actions
 from bot.api.bodies import ProjectCreate, ProjectUpdate, ProtocolCreate
 from bot.api.core import (
     DELIVERY_STATUSES,
@@ -42,6 +43,7 @@ from bot.errors import (
     TransitionConflict,
 )
 from bot.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
+from bot.secretbox import fernet_of, seal_all
 from bot.security import (
     git_url_problem,
     same_repository_url,
@@ -121,7 +123,6 @@ async def check_forge_answer(request: Request, project: Project, url: str) -> No
 
 def seal_secrets(request: Request, kept: dict[str, Any], new: dict[str, str]) -> dict[str, Any]:
     """Stored secrets plus `new` ones, every value sealed with the secret key (older clear ones too)."""
-    from bot.secretbox import fernet_of, seal_all
 
     return seal_all(fernet_of(_state(request).settings), {**kept, **new})
 
@@ -282,7 +283,6 @@ async def _steps_of(request: Request, run_id: int) -> list[StepRun]:
 @guarded
 async def create_protocol(request: Request) -> Response:
     """Create a protocol run for a task and enqueue its planning."""
-    from bot import actions
 
     body = await read_model(request, ProtocolCreate)
     project = await _load_project(request, body.project_id)

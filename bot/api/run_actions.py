@@ -9,6 +9,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from bot import actions
 from bot.api.bodies import ActionBody
 from bot.api.core import (
     BadGateway,
@@ -23,6 +24,12 @@ from bot.errors import (
     NotFound,
     TransitionConflict,
 )
+from bot.feedback import open_or_update_pr
+from bot.jobs import catalogue as jobs
+from bot.jobs.protocol import spec_of
+from bot.rendering import draft_pr_body, pr_title
+from bot.runs import load_run, set_protocol_status, update_run
+from bot.spec import SETUP_FILE
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,6 @@ ACTIONS = ("start", "approve", "run", "run_qa", "rerun", "pause", "resume", "can
 
 async def start_planning(ctx: dict[str, Any], run_id: int) -> str:
     """(Re)start planning: a pending run, or one whose planning failed before any step existed."""
-    from bot.runs import load_run, set_protocol_status
 
     state = await load_run(ctx["db"], run_id)
     status = state.run.status
@@ -43,7 +49,6 @@ async def start_planning(ctx: dict[str, Any], run_id: int) -> str:
     elif status != "pending":
         raise TransitionConflict("ProtocolRun", run_id, status, "planning")
     suffix = secrets_mod.token_hex(4) if status == "failed" else "0"
-    from bot.jobs import catalogue as jobs
 
     await jobs.submit(ctx["redis"], jobs.plan_protocol(run_id, suffix))
     return "planning"
@@ -51,11 +56,6 @@ async def start_planning(ctx: dict[str, Any], run_id: int) -> str:
 
 async def open_pr(ctx: dict[str, Any], run_id: int) -> dict[str, Any]:
     """Open (or update) the draft PR/MR of a planned run."""
-    from bot.feedback import open_or_update_pr
-    from bot.jobs.protocol import spec_of
-    from bot.rendering import draft_pr_body, pr_title
-    from bot.runs import load_run, update_run
-    from bot.spec import SETUP_FILE
 
     state = await load_run(ctx["db"], run_id)
     if state.run.status in ("pending", "planning", "cancelled") or not state.run.template_config:
@@ -79,8 +79,6 @@ async def open_pr(ctx: dict[str, Any], run_id: int) -> dict[str, Any]:
 
 @guarded
 async def protocol_action(request: Request) -> Response:
-    from bot import actions
-
     run_id = _path_id(request, "run_id", "protocol run")
     action = request.path_params["action"]
     if action not in ACTIONS:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bot import gitops
 from bot.codemachine.mapping import ImportPlan, build_import, task_of
 from bot.codemachine.parser import (
     MAX_FILE_BYTES,
@@ -16,7 +17,12 @@ from bot.codemachine.parser import (
     select_workflow,
 )
 from bot.errors import SpecError
-from bot.spec import protocol_dir, validate_spec
+from bot.git.names import protocol_name
+from bot.jobs import catalogue as jobs
+from bot.models import ProtocolRun, StepRun
+from bot.runs import run_names
+from bot.spec import protocol_dir, step_to_dict, validate_spec
+from bot.store import new_event
 
 
 def read_workspace_dir(root: Path) -> dict[str, str]:
@@ -50,9 +56,6 @@ async def create_imported_run(
     auto_mode: bool = False,
 ) -> Any:
     """The run (template_source="codemachine"), its steps and an event, all in one transaction."""
-    from bot.models import ProtocolRun, StepRun
-    from bot.spec import step_to_dict
-    from bot.store import new_event
 
     spec = validate_spec(plan.spec)
     async with db.sessions.begin() as session:
@@ -114,9 +117,6 @@ async def import_workspace(
     """
     from sqlalchemy.exc import IntegrityError
 
-    from bot import gitops
-    from bot.git.names import protocol_name
-    from bot.runs import run_names
 
     settings = ctx["settings"]
     ws = load_workspace(files)
@@ -147,7 +147,6 @@ async def import_workspace(
             continue
     else:  # pragma: no cover - 20 collisions in a row means something else is wrong
         raise SpecError("could not allocate a protocol number", errors=["protocol: busy"])
-    from bot.jobs import catalogue as jobs
 
     await jobs.submit(ctx["redis"], jobs.codemachine_prepare(run.id))
     return run, plan

@@ -20,10 +20,11 @@ from sqlalchemy import create_engine, text
 from starlette.testclient import TestClient
 
 from bot.app import create_app
-from bot.cli import main, uvicorn_options
+from bot.cli import main
 from bot.errors import ConfigError
 from bot.secretbox import key_from, unseal
 from bot.security import git_url_problem, ref_name_problem, token_problem
+from bot.serving import uvicorn_options
 from tests.api.seed import seed, sync_url
 from tests.conftest import free_port, make_settings
 
