@@ -53,15 +53,6 @@ async def load_run(db: Database, run_id: int) -> RunState:
         return RunState(run, project, steps)
 
 
-async def find_run_by_name(db: Database, project_id: int, name: str) -> ProtocolRun | None:
-    async with db.sessions() as session:
-        return (
-            await session.execute(
-                select(ProtocolRun).where(ProtocolRun.project_id == project_id, ProtocolRun.protocol_name == name)
-            )
-        ).scalar()
-
-
 async def run_names(db: Database, project_id: int) -> list[str]:
     async with db.sessions() as session:
         rows = await session.execute(select(ProtocolRun.protocol_name).where(ProtocolRun.project_id == project_id))

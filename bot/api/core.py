@@ -27,7 +27,7 @@ from bot.errors import (
 )
 from bot.jsonlimits import MAX_JSON_DEPTH, too_deep
 from bot.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
-from bot.protocol import ProtocolStatus, StepStatus
+from bot.protocol import ProtocolStatus
 from bot.security import (
     forwarded,
     is_loopback,
@@ -46,7 +46,6 @@ CONSOLE_COOKIE = "deksdenflow_console"
 CONSOLE_HEADER = "x-deksdenflow-console"
 TOKEN_HASH_KEY = "api_token_sha256"
 PROTOCOL_STATUSES = tuple(s.value for s in ProtocolStatus)
-STEP_STATUSES = tuple(s.value for s in StepStatus)
 DELIVERY_STATUSES = ("pending", "queued", "processed", "ignored", "failed")
 
 
