@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from bot import gitops
+from bot import git
 from bot.errors import NotFound, TransitionConflict
 from bot.git.names import protocol_name
 from bot.jobs.advance import enqueue_next_step
@@ -40,7 +40,7 @@ async def start_protocol(
     auth = await ctx["forges"].forge_for(project).git_auth_header(ctx["forges"].repo_ref(project))
     mirror = await ctx["git"].ensure_mirror(project.git_url, auth)
     for _ in range(20):
-        number = await gitops.next_protocol_number(
+        number = await git.next_protocol_number(
             mirror, project.base_branch, await run_names(ctx["db"], project.id)
         )
         try:

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from bot import gitops
+from bot import git
 from bot.actions import run_qa, run_step, start_protocol
 from bot.cli_progress import Progress
 from bot.errors import ConfigError, NotFound
@@ -144,7 +144,7 @@ def engine_problem(engine_id: str, known: list[str], codex_bin: str) -> str | No
 async def check_branch(ctx: dict[str, Any], repo: Path, branch: str) -> None:
     """ConfigError (one line) unless `branch` is a branch with a commit in `repo`."""
 
-    found = await gitops.run_git(
+    found = await git.run_git(
         ["rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}"],
         cwd=repo,
         timeout=ctx["settings"].git_timeout_s,

@@ -10,9 +10,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bot import gitops
 from bot.codemachine.importer import import_workspace, read_workspace_dir
 from bot.errors import ConfigError
+from bot.git import commit_all, head_sha
 from bot.jobs.setup import DISCOVERY_COMMIT, SETUP_COMMIT, run_discovery
 from bot.local_runtime import drain, local_project, local_runtime
 from bot.onboarding import (
@@ -169,10 +169,10 @@ async def _setup_on_branch(
         await git(top, "worktree", "add", "-q", "-b", SETUP_BRANCH, str(wt), base)
         try:
             report = write_starter_files(wt, force=force)
-            await gitops.commit_all(wt, SETUP_COMMIT, settings.bot_name, settings.bot_email)
-            before = await gitops.head_sha(wt)
+            await commit_all(wt, SETUP_COMMIT, settings.bot_name, settings.bot_email)
+            before = await head_sha(wt)
             await run_discovery(ctx, wt, repo=top.name, base_branch=base, project=project)
-            await gitops.commit_all(wt, DISCOVERY_COMMIT, settings.bot_name, settings.bot_email)
+            await commit_all(wt, DISCOVERY_COMMIT, settings.bot_name, settings.bot_email)
             _, out = await git(wt, "diff", "--name-only", before, "HEAD")
             report.discovery_changed = [line for line in out.splitlines() if line]
             report.discovery_branch = SETUP_BRANCH

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bot import gitops
+from bot import git
 from bot.codemachine.mapping import ImportPlan, build_import, task_of
 from bot.codemachine.parser import (
     MAX_FILE_BYTES,
@@ -132,7 +132,7 @@ async def import_workspace(
     auth = await forge.git_auth_header(ctx["forges"].repo_ref(project))
     mirror = await ctx["git"].ensure_mirror(project.git_url, auth)
     for _ in range(20):
-        number = await gitops.next_protocol_number(
+        number = await git.next_protocol_number(
             mirror, project.base_branch, await run_names(ctx["db"], project.id)
         )
         plan = build_import(

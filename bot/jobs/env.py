@@ -74,7 +74,7 @@ class JobEnv:
 
     async def push(self, state: RunState, workdir: Path) -> str:
         """Push the protocol branch with credentials fetched now, not before the engine ran."""
-        from bot import gitops
+        from bot import git as gitops
 
         head: str = await gitops.push(
             workdir,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot import gitops
+from bot import git as gitops
 from bot.ci import complete_after_qa
 from bot.engine_guard import cap_report
 from bot.errors import TransitionConflict
