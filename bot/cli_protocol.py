@@ -18,10 +18,11 @@ from bot.errors import ConfigError, NotFound
 from bot.local_runtime import drain, git_toplevel, local_project, local_runtime
 from bot.models import ForgeRecord, Project, ProtocolRun
 from bot.pricing import fmt_cost
+from bot.protocol import ProtocolStatus, StepStatus
 from bot.runs import load_run, update_run
 from bot.settings import Settings
 
-FAILED = ("failed", "blocked", "cancelled")
+FAILED = (ProtocolStatus.FAILED, ProtocolStatus.BLOCKED, ProtocolStatus.CANCELLED)
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -95,7 +96,8 @@ async def _drain(ctx: dict[str, Any], project_id: int, run_id: int) -> None:
 async def _finish(ctx: dict[str, Any], run_id: int) -> int:
     state = await load_run(ctx["db"], run_id)
     print(_render(state, await _records(ctx, state.project.id)))
-    if state.run.status in FAILED or any(s.status in ("failed", "blocked") for s in state.steps):
+    stuck = (StepStatus.FAILED, StepStatus.BLOCKED)
+    if state.run.status in FAILED or any(s.status in stuck for s in state.steps):
         reason = (state.run.runtime_state or {}).get("message") or state.run.status
         print(f"\n✗ {state.run.protocol_name}: {reason}", file=sys.stderr)
         return 1
@@ -123,7 +125,7 @@ async def _new(args: argparse.Namespace, settings: Settings) -> int:
         )
         await _drain(ctx, project.id, run.id)
         state = await load_run(ctx["db"], run.id)
-        if args.run_step and state.run.status == "planned":
+        if args.run_step and state.run.status == ProtocolStatus.PLANNED:
             await run_step(ctx, run.id, None)
             await _drain(ctx, project.id, run.id)
         return await _finish(ctx, run.id)

@@ -30,21 +30,22 @@ from bot.api.core import (
 from bot.api.queues import queue_snapshot
 from bot.api.run_actions import ACTIONS
 from bot.models import Project, ProtocolRun, WebhookDelivery
+from bot.protocol import ProtocolStatus
 
 TEMPLATES = Path(__file__).parent / "templates" / "console"
 Page = Callable[[Request], Awaitable[Response]]
 PAGE_SIZE = 50
 # which buttons a run page offers, by run status (the API still guards every transition)
 BUTTONS: dict[str, tuple[str, ...]] = {
-    "pending": ("start", "cancel"),
-    "planning": ("cancel",),
-    "planned": ("approve", "run", "open_pr", "cancel"),
-    "running": ("run", "run_qa", "rerun", "pause", "open_pr", "cancel"),
-    "paused": ("resume", "cancel"),
-    "blocked": ("approve", "rerun", "resume", "cancel"),
-    "failed": ("start", "rerun", "cancel"),
-    "completed": ("open_pr",),
-    "cancelled": (),
+    ProtocolStatus.PENDING: ("start", "cancel"),
+    ProtocolStatus.PLANNING: ("cancel",),
+    ProtocolStatus.PLANNED: ("approve", "run", "open_pr", "cancel"),
+    ProtocolStatus.RUNNING: ("run", "run_qa", "rerun", "pause", "open_pr", "cancel"),
+    ProtocolStatus.PAUSED: ("resume", "cancel"),
+    ProtocolStatus.BLOCKED: ("approve", "rerun", "resume", "cancel"),
+    ProtocolStatus.FAILED: ("start", "rerun", "cancel"),
+    ProtocolStatus.COMPLETED: ("open_pr",),
+    ProtocolStatus.CANCELLED: (),
 }
 LABELS = {
     "start": "Start planning",

@@ -27,9 +27,13 @@ from bot.errors import (
 from bot.feedback import open_or_update_pr
 from bot.jobs import catalogue as jobs
 from bot.jobs.protocol import spec_of
+from bot.protocol import ProtocolStatus
 from bot.rendering import draft_pr_body, pr_title
 from bot.runs import load_run, set_protocol_status, update_run
 from bot.spec import SETUP_FILE
+
+# short names for the status enums: guards below list several at once
+_P = ProtocolStatus
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +47,22 @@ async def start_planning(ctx: dict[str, Any], run_id: int) -> str:
 
     state = await load_run(ctx["db"], run_id)
     status = state.run.status
-    if status == "failed" and not state.steps:
+    if status == _P.FAILED and not state.steps:
         # the plan job carries on from `planning` (failed → planning is an allowed transition)
-        await set_protocol_status(ctx["db"], run_id, "planning", "planning restarted via the API")
-    elif status != "pending":
-        raise TransitionConflict("ProtocolRun", run_id, status, "planning")
-    suffix = secrets_mod.token_hex(4) if status == "failed" else "0"
+        await set_protocol_status(ctx["db"], run_id, _P.PLANNING, "planning restarted via the API")
+    elif status != _P.PENDING:
+        raise TransitionConflict("ProtocolRun", run_id, status, _P.PLANNING)
+    suffix = secrets_mod.token_hex(4) if status == _P.FAILED else "0"
 
     await jobs.submit(ctx["redis"], jobs.plan_protocol(run_id, suffix))
-    return "planning"
+    return _P.PLANNING
 
 
 async def open_pr(ctx: dict[str, Any], run_id: int) -> dict[str, Any]:
     """Open (or update) the draft PR/MR of a planned run."""
 
     state = await load_run(ctx["db"], run_id)
-    if state.run.status in ("pending", "planning", "cancelled") or not state.run.template_config:
+    if state.run.status in (_P.PENDING, _P.PLANNING, _P.CANCELLED) or not state.run.template_config:
         raise TransitionConflict("ProtocolRun", run_id, state.run.status, "open_pr")
     spec = spec_of(state)
     name = state.run.protocol_name

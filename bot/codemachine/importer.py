@@ -20,6 +20,7 @@ from bot.errors import SpecError
 from bot.git.names import protocol_name
 from bot.jobs import catalogue as jobs
 from bot.models import ProtocolRun, StepRun
+from bot.protocol import ProtocolStatus
 from bot.runs import run_names
 from bot.spec import protocol_dir, step_to_dict, validate_spec
 from bot.store import new_event
@@ -62,7 +63,7 @@ async def create_imported_run(
         run = ProtocolRun(
             project_id=project.id,
             protocol_name=spec.protocol,
-            status="pending",
+            status=ProtocolStatus.PENDING,
             base_branch=base_branch,
             description=spec.task,
             auto_mode=auto_mode,
