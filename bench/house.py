@@ -1,7 +1,8 @@
 """How the house is built: import cycles, long functions, forge leaks, complexity, duplicates.
 
-Run `python bench/house.py [DIR]` (DIR defaults to this checkout). It reads the source as text (ast), imports nothing
-of the project, and prints figures to compare before and after a refactor. `radon` and `duplicates` are
+Run `python bench/house.py [DIR]` (DIR defaults to this checkout). It reads the source as text
+(ast), imports nothing of the project, and prints figures to compare before and after a
+refactor. `radon` and `duplicates` are
 run when they are installed; their absence is said, not failed on.
 """
 
@@ -90,7 +91,7 @@ class _Collector(ast.NodeVisitor):
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         base = _resolve(node, self.module, self.is_package)
         for alias in node.names:
-            # `from bot import api` names the module bot.api; `from bot.api import x` the module bot.api
+            # `from bot import api` and `from bot.api import x` both name the module bot.api
             self._add((f"{base}.{alias.name}", base), node.lineno)
 
 
@@ -162,9 +163,15 @@ def import_report() -> None:
     for imp in imports:
         graph[imp.source].add(imp.targets[0])
     inner = [i for i in imports if i.in_function]
-    print(f"modules: {len(modules)}; imports between them: {len(imports)}; inside functions: {len(inner)}")
+    print(
+        f"modules: {len(modules)}; imports between them: {len(imports)}; "
+        f"inside functions: {len(inner)}"
+    )
     cycles = strongly_connected(graph)
-    print(f"import cycles (strongly connected components, module- and function-level edges): {len(cycles)}")
+    print(
+        "import cycles (strongly connected components, module- and function-level edges): "
+        f"{len(cycles)}"
+    )
     for component in cycles:
         print(f"  {len(component)} modules: {' '.join(component)}")
     top: dict[str, set[str]] = {m: set() for m in modules}
@@ -206,7 +213,9 @@ def run_tool(title: str, command: list[str]) -> None:
     if not Path(exe).exists():
         print(f"{title}: {command[0]} is not installed")
         return
-    done = subprocess.run([exe, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [exe, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     print(f"{title}:")
     print(done.stdout.rstrip())
 
@@ -217,7 +226,11 @@ def radon_summary() -> None:
         print("radon: not installed")
         return
     done = subprocess.run(
-        [str(exe), "cc", "-s", "-n", "C", *PACKAGES], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [str(exe), "cc", "-s", "-n", "C", *PACKAGES],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     blocks = [line.strip() for line in done.stdout.splitlines() if line.startswith("    ")]
     grades: dict[str, int] = {}
@@ -225,7 +238,9 @@ def radon_summary() -> None:
         grade = block.rsplit(" - ", 1)[1].split()[0] if " - " in block else "?"
         grades[grade] = grades.get(grade, 0) + 1
     scored = sorted(blocks, key=lambda b: -int(b.rsplit("(", 1)[1].rstrip(")")))
-    print(f"radon cc -s -n C: {len(blocks)} blocks graded C or worse: {dict(sorted(grades.items()))}")
+    print(
+        f"radon cc -s -n C: {len(blocks)} blocks graded C or worse: {dict(sorted(grades.items()))}"
+    )
     for block in scored[:10]:
         print(f"  {block}")
 
@@ -239,8 +254,14 @@ def main() -> None:
     print()
     radon_summary()
     print()
-    run_tool("duplicates (bot, engines)", ["duplicates", "--repo", "bot", "--most", "8", "--seconds", "60"])
-    run_tool("duplicates (engines)", ["duplicates", "--repo", "engines", "--most", "3", "--seconds", "30"])
+    run_tool(
+        "duplicates (bot, engines)",
+        ["duplicates", "--repo", "bot", "--most", "8", "--seconds", "60"],
+    )
+    run_tool(
+        "duplicates (engines)",
+        ["duplicates", "--repo", "engines", "--most", "3", "--seconds", "30"],
+    )
 
 
 if __name__ == "__main__":

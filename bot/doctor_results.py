@@ -133,8 +133,10 @@ def instance_fingerprint(settings: Settings) -> str | None:
 
 def is_loopback_host(host: str | None) -> bool:
     host = (host or "").strip("[]").lower()
-    return host in ("localhost", "::1", "0.0.0.0") or host.startswith("127.") or host.endswith(
-        ".localhost"
+    return (
+        host in ("localhost", "::1", "0.0.0.0")
+        or host.startswith("127.")
+        or host.endswith(".localhost")
     )
 
 

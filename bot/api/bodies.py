@@ -77,9 +77,11 @@ class ActionBody(BaseModel):
 # --- projects --------------------------------------------------------------------------------
 
 
-
 class CodeMachineImport(BaseModel):
-    """A CodeMachine workspace sent as text: a server-side path would let callers read the server's files."""
+    """A CodeMachine workspace sent as text.
+
+    A server-side path would let callers read the server's files.
+    """
 
     files: dict[str, str] = Field(max_length=2000, description="repository path → file text")
     workflow: str | None = Field(default=None, max_length=255, description="workflow file or name")

@@ -1,4 +1,4 @@
-"""The API's common ground: who is calling, the `guarded` wrapper, parameters, JSON shapes of rows."""
+"""The API's common ground: who is calling, `guarded`, parameters, the JSON shapes of rows."""
 
 from __future__ import annotations
 
@@ -99,8 +99,10 @@ async def authenticate(request: Request) -> Access | JSONResponse:
                 project = await session.get(Project, project_id)
                 if project is not None and project.enabled:
                     stored = (project.config or {}).get(TOKEN_HASH_KEY)
-        if project_id is None or not stored or not hmac.compare_digest(
-            stored, hash_token(project_token)
+        if (
+            project_id is None
+            or not stored
+            or not hmac.compare_digest(stored, hash_token(project_token))
         ):
             return JSONResponse({"error": "wrong or revoked X-Project-Token"}, status_code=401)
         return Access(project_id=project_id)
@@ -206,7 +208,15 @@ def error_answer(status: int, reason: str, exc: BaseException, **extra: Any) -> 
     # details kept from the caller are worth a warning; the caller's own mistakes are not
     hidden = reason != one_line(str(exc))
     level = logging.WARNING if status >= 500 or hidden else logging.INFO
-    log.log(level, "API error %s (HTTP %d): %s: %s", error_id, status, type(exc).__name__, exc, exc_info=status >= 500)
+    log.log(
+        level,
+        "API error %s (HTTP %d): %s: %s",
+        error_id,
+        status,
+        type(exc).__name__,
+        exc,
+        exc_info=status >= 500,
+    )
     return JSONResponse({"error": reason, "error_id": error_id, **extra}, status_code=status)
 
 

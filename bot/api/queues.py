@@ -33,9 +33,11 @@ def job_name_of(job_id: str) -> str:
 
 
 async def queue_snapshot(redis: Any, sample: int = 2000) -> dict[str, Any]:
-    """Depth, in-progress and outcome counts per job name (queued/in-progress sampled up to `sample`)."""
-    from arq.constants import default_queue_name
+    """Depth, in-progress and outcome counts per job name.
 
+    Queued and in-progress jobs are sampled up to `sample`.
+    """
+    from arq.constants import default_queue_name
 
     stats = await queue_stats(redis)
     jobs: dict[str, dict[str, Any]] = {}
@@ -83,8 +85,8 @@ async def queues(request: Request) -> Response:
         return JSONResponse({"error": f"queue unreachable: {type(exc).__name__}"}, status_code=503)
     except Exception as exc:  # redis-py raises its own ConnectionError/TimeoutError family
         if type(exc).__module__.startswith("redis"):
-            return JSONResponse({"error": f"queue unreachable: {type(exc).__name__}"}, status_code=503)
+            return JSONResponse(
+                {"error": f"queue unreachable: {type(exc).__name__}"}, status_code=503
+            )
         raise
     return JSONResponse(snapshot)
-
-

@@ -87,7 +87,9 @@ def check_git_url(request: Request, url: str, provider: str) -> None:
     settings = _state(request).settings
     problem = git_url_problem(url, provider, settings.forge_url(provider))
     if problem:
-        raise BodyInvalid([{"loc": ["git_url"], "msg": f"git_url {problem}", "type": "value_error"}])
+        raise BodyInvalid(
+            [{"loc": ["git_url"], "msg": f"git_url {problem}", "type": "value_error"}]
+        )
 
 
 async def check_forge_answer(request: Request, project: Project, url: str) -> None:
@@ -107,22 +109,28 @@ async def check_forge_answer(request: Request, project: Project, url: str) -> No
         if project.provider == "github":
             answer = (await forge.get_repo(forges.repo_ref(project))).get("clone_url")
         else:
-            answer = (await forge.get_project(project.forge_id or project.name)).get("http_url_to_repo")
+            answer = (await forge.get_project(project.forge_id or project.name)).get(
+                "http_url_to_repo"
+            )
     except ConfigError:
         problem = f"cannot be checked: the {project.provider} forge is not configured"
     except ForgeError as exc:
         log.info("git_url check for %s: the forge answered %s", project.name, exc)
         problem = f"cannot be checked: {project.provider} does not show this repository to the bot"
     else:
-        problem = None if isinstance(answer, str) and same_repository_url(answer, url) else (
-            f"is not the clone URL {project.provider} gives for {project.name}"
+        problem = (
+            None
+            if isinstance(answer, str) and same_repository_url(answer, url)
+            else (f"is not the clone URL {project.provider} gives for {project.name}")
         )
     if problem:
-        raise BodyInvalid([{"loc": ["git_url"], "msg": f"git_url {problem}", "type": "value_error"}])
+        raise BodyInvalid(
+            [{"loc": ["git_url"], "msg": f"git_url {problem}", "type": "value_error"}]
+        )
 
 
 def seal_secrets(request: Request, kept: dict[str, Any], new: dict[str, str]) -> dict[str, Any]:
-    """Stored secrets plus `new` ones, every value sealed with the secret key (older clear ones too)."""
+    """Stored secrets plus `new` ones, each sealed with the secret key (old clear ones too)."""
 
     return seal_all(fernet_of(_state(request).settings), {**kept, **new})
 
@@ -142,7 +150,13 @@ async def create_project(request: Request) -> Response:
             project = Project(**values)
             session.add(project)
             await session.flush()
-            session.add(new_event("project.created", f"project {body.name} registered via the API", project_id=project.id))
+            session.add(
+                new_event(
+                    "project.created",
+                    f"project {body.name} registered via the API",
+                    project_id=project.id,
+                )
+            )
     except IntegrityError:
         raise TransitionConflict("Project", 0, "exists", body.name) from None
     return JSONResponse(project_json(project), status_code=201)
@@ -192,7 +206,9 @@ async def update_project(request: Request) -> Response:
                 else:
                     setattr(project, key, value)
     except IntegrityError:
-        raise TransitionConflict("Project", project_id, "exists", str(changes.get("name"))) from None
+        raise TransitionConflict(
+            "Project", project_id, "exists", str(changes.get("name"))
+        ) from None
     return JSONResponse(project_json(await _load_project(request, project_id)))
 
 
@@ -290,7 +306,12 @@ async def create_protocol(request: Request) -> Response:
         raise TransitionConflict("Project", project.id, "disabled", "run")
     ctx = await _state(request).services_ctx()
     run = await actions.start_protocol(
-        ctx, project, body.task, issue_number=body.issue_number, issue_body=body.issue_body, auto=body.auto
+        ctx,
+        project,
+        body.task,
+        issue_number=body.issue_number,
+        issue_body=body.issue_body,
+        auto=body.auto,
     )
     return JSONResponse(run_json(await _load_run(request, run.id)), status_code=201)
 
@@ -326,7 +347,7 @@ async def get_step(request: Request) -> Response:
 
 @guarded
 async def list_events(request: Request) -> Response:
-    """Events. `after=ID`: oldest first after that id (live tail); else newest first (`before=ID`)."""
+    """Events. `after=ID`: oldest first after that id (live tail); else newest first (`before`)."""
     limit = _int_param(request, "limit", 100, 500) or 100
     after = _int_param(request, "after", None, 10**15)
     before = _int_param(request, "before", None, 10**15)
@@ -391,7 +412,9 @@ async def list_deliveries(request: Request) -> Response:
         query = query.where(WebhookDelivery.id < before)
     async with _state(request).db.sessions() as session:
         rows = list(
-            (await session.execute(query.order_by(WebhookDelivery.id.desc()).limit(limit))).scalars()
+            (
+                await session.execute(query.order_by(WebhookDelivery.id.desc()).limit(limit))
+            ).scalars()
         )
     return JSONResponse(
         {
@@ -416,5 +439,3 @@ async def get_delivery(request: Request) -> Response:
     if found is None:
         raise NotFound(f"delivery {delivery_id} does not exist")
     return JSONResponse({**delivery_json(found[0]), "payload_bytes": int(found[1] or 0)})
-
-

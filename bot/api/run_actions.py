@@ -74,7 +74,9 @@ async def open_pr(ctx: dict[str, Any], run_id: int) -> dict[str, Any]:
         issue_number=state.run.issue_number,
         plan_files=plan_files,
     )
-    pull = await open_or_update_pr(ctx, run_id, pr_title(name, spec.task or state.run.description), body)
+    pull = await open_or_update_pr(
+        ctx, run_id, pr_title(name, spec.task or state.run.description), body
+    )
     if pull is None:
         raise BadGateway("the forge refused the draft PR; see the run's events")
     await update_run(ctx["db"], run_id, pr_number=pull.number, pr_url=pull.url)
@@ -115,5 +117,3 @@ async def protocol_action(request: Request) -> Response:
         result = await open_pr(ctx, run_id)
     run = await _load_run(request, run_id)
     return JSONResponse({"action": action, "result": result, "status": run.status}, status_code=202)
-
-

@@ -48,60 +48,153 @@ class Operation:
     def route_path(self) -> str:
         """The starlette path: id segments are converted (and so 404 when they are not numbers)."""
         parts = [
-            f"{{{p[1:-1]}:int}}" if p.startswith("{") and p.endswith("_id}") else p for p in self.path.split("/")
+            f"{{{p[1:-1]}:int}}" if p.startswith("{") and p.endswith("_id}") else p
+            for p in self.path.split("/")
         ]
         return "/".join(parts)
 
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/api/projects", resources.list_projects, "List projects"),
-    Operation("post", "/api/projects", resources.create_project, "Create a project (secrets are write-only)",
-              body=ProjectCreate, success=201),
+    Operation(
+        "post",
+        "/api/projects",
+        resources.create_project,
+        "Create a project (secrets are write-only)",
+        body=ProjectCreate,
+        success=201,
+    ),
     Operation("get", "/api/projects/{project_id}", resources.get_project, "Read a project"),
-    Operation("patch", "/api/projects/{project_id}", resources.update_project, "Update a project",
-              body=ProjectUpdate),
-    Operation("post", "/api/projects/{project_id}/disable", resources.disable_project, "Disable a project"),
-    Operation("post", "/api/projects/{project_id}/token", resources.rotate_project_token,
-              "Issue or rotate the project's X-Project-Token", success=201),
-    Operation("post", "/api/projects/{project_id}/codemachine/import", codemachine_import,
-              "Import a CodeMachine workspace as a protocol run", body=CodeMachineImport, success=201),
-    Operation("get", "/api/protocols", resources.list_protocols, "List protocol runs, newest first",
-              {**_PAGE, "project_id": "only this project", "status": "only this status"}),
-    Operation("post", "/api/protocols", resources.create_protocol, "Create a protocol run and start its planning",
-              body=ProtocolCreate, success=201),
-    Operation("get", "/api/protocols/{run_id}", resources.get_protocol, "A protocol run with its steps"),
-    Operation("get", "/api/protocols/{run_id}/steps", resources.list_steps, "The steps of a protocol run"),
-    Operation("post", "/api/protocols/{run_id}/actions/{action}", protocol_action,
-              "A guarded action: " + ", ".join(ACTIONS) + " (409 with the current status on conflict)",
-              {"step": "step number for approve/run/run_qa/rerun"}, ActionBody, 202),
+    Operation(
+        "patch",
+        "/api/projects/{project_id}",
+        resources.update_project,
+        "Update a project",
+        body=ProjectUpdate,
+    ),
+    Operation(
+        "post", "/api/projects/{project_id}/disable", resources.disable_project, "Disable a project"
+    ),
+    Operation(
+        "post",
+        "/api/projects/{project_id}/token",
+        resources.rotate_project_token,
+        "Issue or rotate the project's X-Project-Token",
+        success=201,
+    ),
+    Operation(
+        "post",
+        "/api/projects/{project_id}/codemachine/import",
+        codemachine_import,
+        "Import a CodeMachine workspace as a protocol run",
+        body=CodeMachineImport,
+        success=201,
+    ),
+    Operation(
+        "get",
+        "/api/protocols",
+        resources.list_protocols,
+        "List protocol runs, newest first",
+        {**_PAGE, "project_id": "only this project", "status": "only this status"},
+    ),
+    Operation(
+        "post",
+        "/api/protocols",
+        resources.create_protocol,
+        "Create a protocol run and start its planning",
+        body=ProtocolCreate,
+        success=201,
+    ),
+    Operation(
+        "get", "/api/protocols/{run_id}", resources.get_protocol, "A protocol run with its steps"
+    ),
+    Operation(
+        "get", "/api/protocols/{run_id}/steps", resources.list_steps, "The steps of a protocol run"
+    ),
+    Operation(
+        "post",
+        "/api/protocols/{run_id}/actions/{action}",
+        protocol_action,
+        "A guarded action: " + ", ".join(ACTIONS) + " (409 with the current status on conflict)",
+        {"step": "step number for approve/run/run_qa/rerun"},
+        ActionBody,
+        202,
+    ),
     Operation("get", "/api/steps/{step_id}", resources.get_step, "One step run"),
-    Operation("get", "/api/steps/{step_id}/transcript", transcript_api,
-              "A step's transcript: oldest first after `after`, or the page before `before`",
-              {"limit": "page size", "after": "only items after this cursor", "before": "only items before"}),
-    Operation("get", "/api/events", resources.list_events,
-              "Events; `after` tails oldest-first, else newest-first with `before`",
-              {"limit": "page size", "after": "only ids above (live tail)", "before": "only ids below",
-               "project_id": "filter", "protocol_run_id": "filter", "step_run_id": "filter", "type": "event type"}),
-    Operation("get", "/api/deliveries", resources.list_deliveries, "Webhook deliveries with their outcome, newest first",
-              {"limit": "page size", "before": "only ids below", "provider": "github|gitlab",
-               "status": "|".join(DELIVERY_STATUSES), "event": "event name"}),
+    Operation(
+        "get",
+        "/api/steps/{step_id}/transcript",
+        transcript_api,
+        "A step's transcript: oldest first after `after`, or the page before `before`",
+        {
+            "limit": "page size",
+            "after": "only items after this cursor",
+            "before": "only items before",
+        },
+    ),
+    Operation(
+        "get",
+        "/api/events",
+        resources.list_events,
+        "Events; `after` tails oldest-first, else newest-first with `before`",
+        {
+            "limit": "page size",
+            "after": "only ids above (live tail)",
+            "before": "only ids below",
+            "project_id": "filter",
+            "protocol_run_id": "filter",
+            "step_run_id": "filter",
+            "type": "event type",
+        },
+    ),
+    Operation(
+        "get",
+        "/api/deliveries",
+        resources.list_deliveries,
+        "Webhook deliveries with their outcome, newest first",
+        {
+            "limit": "page size",
+            "before": "only ids below",
+            "provider": "github|gitlab",
+            "status": "|".join(DELIVERY_STATUSES),
+            "event": "event name",
+        },
+    ),
     Operation("get", "/api/deliveries/{delivery_id}", resources.get_delivery, "One delivery"),
-    Operation("post", "/api/deliveries/{delivery_id}/redeliver", redeliver,
-              "Run a stored delivery's handlers again", success=202),
-    Operation("get", "/api/queues", queues.queues, "Queue depth, in progress and failures per job name"),
+    Operation(
+        "post",
+        "/api/deliveries/{delivery_id}/redeliver",
+        redeliver,
+        "Run a stored delivery's handlers again",
+        success=202,
+    ),
+    Operation(
+        "get", "/api/queues", queues.queues, "Queue depth, in progress and failures per job name"
+    ),
 )
 
 
 def _parameters(op: Operation) -> list[dict[str, Any]]:
     names = [part[1:-1] for part in op.path.split("/") if part.startswith("{")]
     params: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True,
-         "schema": {"type": "string", "enum": list(ACTIONS)} if name == "action" else _ID}
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "enum": list(ACTIONS)} if name == "action" else _ID,
+        }
         for name in names
     ]
     params += [
-        {"name": name, "in": "query", "required": False, "description": text,
-         "schema": {"type": "string"} if name in _STRING_PARAMS else {"type": "integer", "minimum": 0}}
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": text,
+            "schema": {"type": "string"}
+            if name in _STRING_PARAMS
+            else {"type": "integer", "minimum": 0},
+        }
         for name, text in op.query.items()
     ]
     return params
@@ -110,7 +203,10 @@ def _parameters(op: Operation) -> list[dict[str, Any]]:
 def _responses(op: Operation) -> dict[str, Any]:
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     responses: dict[str, Any] = {
-        str(op.success): {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+        str(op.success): {
+            "description": "OK",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
         "400": {"description": "bad input", **error},
         "401": {"description": "missing or wrong token"},
         "403": {"description": "not allowed for this caller"},
@@ -118,7 +214,10 @@ def _responses(op: Operation) -> dict[str, Any]:
         "503": {"description": "a backing service (database, queue) is unreachable"},
     }
     if op.method != "get":
-        responses["409"] = {"description": "conflict: the current status does not allow it", **error}
+        responses["409"] = {
+            "description": "conflict: the current status does not allow it",
+            **error,
+        }
         responses["422"] = {"description": "invalid body", **error}
     return responses
 
@@ -128,8 +227,12 @@ def build_openapi() -> dict[str, Any]:
     schemas: dict[str, Any] = {
         "Error": {
             "type": "object",
-            "properties": {"error": {"type": "string"}, "error_id": {"type": "string"}, "current": {"type": "string"},
-                           "detail": {"type": "array", "items": {"type": "object"}}},
+            "properties": {
+                "error": {"type": "string"},
+                "error_id": {"type": "string"},
+                "current": {"type": "string"},
+                "detail": {"type": "array", "items": {"type": "object"}},
+            },
             "required": ["error"],
         }
     }
@@ -146,7 +249,9 @@ def build_openapi() -> dict[str, Any]:
             schemas[name] = op.body.model_json_schema(ref_template="#/components/schemas/{model}")
             doc["requestBody"] = {
                 "required": op.body is not ActionBody,
-                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}
+                },
             }
         paths.setdefault(op.path, {})[op.method] = doc
     return {
@@ -156,7 +261,11 @@ def build_openapi() -> dict[str, Any]:
         "components": {
             "schemas": schemas,
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "description": "DEKSDENFLOW_API_TOKEN"},
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "DEKSDENFLOW_API_TOKEN",
+                },
                 "projectToken": {"type": "apiKey", "in": "header", "name": "X-Project-Token"},
             },
         },
@@ -172,5 +281,7 @@ async def openapi(request: Request) -> Response:
 def api_routes() -> list[BaseRoute]:
     """The /api routes, one per OPERATIONS entry, plus the public description."""
     routes: list[BaseRoute] = [Route("/api/openapi.json", openapi, methods=["GET"])]
-    routes += [Route(op.route_path(), op.endpoint, methods=[op.method.upper()]) for op in OPERATIONS]
+    routes += [
+        Route(op.route_path(), op.endpoint, methods=[op.method.upper()]) for op in OPERATIONS
+    ]
     return routes

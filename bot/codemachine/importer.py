@@ -1,4 +1,4 @@
-"""Importing a CodeMachine workspace: read it, map it, persist the run, enqueue writing its branch (I/O)."""
+"""Importing a CodeMachine workspace (I/O): read, map, persist the run, enqueue its branch."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def read_workspace_dir(root: Path) -> dict[str, str]:
             break
     return files
 
+
 # -- persisting an import: one transaction, then a job writes the branch ------------------------
 
 
@@ -70,7 +71,13 @@ async def create_imported_run(
             approved=auto_mode,
             template_source="codemachine",
             template_config=plan.spec,
-            runtime_state={"codemachine": {"workflow": plan.workflow, "files": plan.files, "warnings": plan.warnings}},
+            runtime_state={
+                "codemachine": {
+                    "workflow": plan.workflow,
+                    "files": plan.files,
+                    "warnings": plan.warnings,
+                }
+            },
             protocol_root=protocol_dir(spec.protocol),
         )
         session.add(run)
@@ -97,7 +104,11 @@ async def create_imported_run(
                 f"({len(spec.steps)} steps)",
                 project_id=project.id,
                 protocol_run_id=run.id,
-                metadata={"workflow": plan.workflow, "warnings": plan.warnings, "source": "codemachine"},
+                metadata={
+                    "workflow": plan.workflow,
+                    "warnings": plan.warnings,
+                    "source": "codemachine",
+                },
             )
         )
         return run
@@ -118,17 +129,20 @@ async def import_workspace(
     """
     from sqlalchemy.exc import IntegrityError
 
-
     settings = ctx["settings"]
     ws = load_workspace(files)
     workflow_file = select_workflow(ws, workflow)
     chosen_engine = engine or settings.engine
     known = set(ctx["engines"].ids()) if "engines" in ctx else {chosen_engine}
     if chosen_engine not in known:
-        raise SpecError(f"unknown engine {chosen_engine!r}", errors=[f"engine: unknown {chosen_engine!r}"])
+        raise SpecError(
+            f"unknown engine {chosen_engine!r}", errors=[f"engine: unknown {chosen_engine!r}"]
+        )
     task = task_of(ws, ws.workflows[workflow_file])
     # validate once with a placeholder number so a bad workspace never reaches git or the database
-    build_import(ws, workflow_file, protocol_name(1, task), engine=chosen_engine, known_engines=known)
+    build_import(
+        ws, workflow_file, protocol_name(1, task), engine=chosen_engine, known_engines=known
+    )
     forge = ctx["forges"].forge_for(project)
     auth = await forge.git_auth_header(ctx["forges"].repo_ref(project))
     mirror = await ctx["git"].ensure_mirror(project.git_url, auth)
@@ -137,7 +151,11 @@ async def import_workspace(
             mirror, project.base_branch, await run_names(ctx["db"], project.id)
         )
         plan = build_import(
-            ws, workflow_file, protocol_name(number, task), engine=chosen_engine, known_engines=known
+            ws,
+            workflow_file,
+            protocol_name(number, task),
+            engine=chosen_engine,
+            known_engines=known,
         )
         try:
             run = await create_imported_run(
@@ -151,5 +169,3 @@ async def import_workspace(
 
     await jobs.submit(ctx["redis"], jobs.codemachine_prepare(run.id))
     return run, plan
-
-

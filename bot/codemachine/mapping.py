@@ -41,7 +41,9 @@ def _fill_placeholders(ws: Workspace, text: str, outputs: list[str]) -> str:
         name = m.group(1)
         if name in user:
             path = user[name]
-            if path.startswith(".codemachine/artifacts/") or path.startswith(".codemachine/prompts/"):
+            if path.startswith(".codemachine/artifacts/") or path.startswith(
+                ".codemachine/prompts/"
+            ):
                 outputs.append(_glob_root(path))
             return f"`{path}`"
         if name in package:
@@ -87,9 +89,15 @@ def _trigger_target(ws: Workspace, module_id: str, opts: Mapping[str, Any]) -> s
     return str(target) if behavior["type"] == "trigger" and target else None
 
 
-def plan_entries(ws: Workspace, workflow_file: str) -> tuple[list[Entry], dict[str, int], list[str]]:
+def plan_entries(
+    ws: Workspace, workflow_file: str
+) -> tuple[list[Entry], dict[str, int], list[str]]:
     """The workflow's steps in order, plus trigger targets that are no step of it (appended)."""
-    calls = [c for c in ws.workflows[workflow_file]["steps"] if c.function in ("resolveStep", "resolveModule")]
+    calls = [
+        c
+        for c in ws.workflows[workflow_file]["steps"]
+        if c.function in ("resolveStep", "resolveModule")
+    ]
     entries: list[Entry] = [(c.function, c.args[0], _options(c)) for c in calls]
     first_index: dict[str, int] = {}
     for i, (function, ident, _opts) in enumerate(entries, start=1):
@@ -101,10 +109,14 @@ def plan_entries(ws: Workspace, workflow_file: str) -> tuple[list[Entry], dict[s
         if target is None or target in first_index:
             continue
         if target not in ws.main_agents:
-            raise CodeMachineError(workflow_file, "triggerAgentId", f"unknown main agent {target!r}")
+            raise CodeMachineError(
+                workflow_file, "triggerAgentId", f"unknown main agent {target!r}"
+            )
         first_index[target] = len(entries) + 1
         entries.append(("resolveStep", target, {}))
-        warnings.append(f"trigger target {target!r} is not a workflow step: added as step {first_index[target]}")
+        warnings.append(
+            f"trigger target {target!r} is not a workflow step: added as step {first_index[target]}"
+        )
     return entries, first_index, warnings
 
 
@@ -116,7 +128,13 @@ def _unique_slug(ident: str, index: int, used: set[str]) -> str:
     return slug
 
 
-def _engine_fields(cx: _Context, step: dict[str, Any], ident: str, source: Mapping[str, Any], opts: Mapping[str, Any]) -> None:
+def _engine_fields(
+    cx: _Context,
+    step: dict[str, Any],
+    ident: str,
+    source: Mapping[str, Any],
+    opts: Mapping[str, Any],
+) -> None:
     """The step's own engine and model, when this server has that engine (else a warning)."""
     step_engine = opts.get("engine") or source.get("engine")
     step_model = opts.get("model") or source.get("model")
@@ -134,7 +152,11 @@ def _engine_fields(cx: _Context, step: dict[str, Any], ident: str, source: Mappi
 
 
 def _loop_fields(
-    cx: _Context, step: dict[str, Any], ident: str, source: Mapping[str, Any], opts: Mapping[str, Any]
+    cx: _Context,
+    step: dict[str, Any],
+    ident: str,
+    source: Mapping[str, Any],
+    opts: Mapping[str, Any],
 ) -> str:
     """A loop module: a full-QA gate that sends the run back `steps` steps on a failed verdict."""
     i = step["index"]
@@ -145,7 +167,9 @@ def _loop_fields(
         iterations = DEFAULT_LOOP_ITERATIONS
         cx.warnings.append(f"step {i:02d} ({ident}): no loopMaxIterations; bounded at {iterations}")
     if not isinstance(back, int) or isinstance(back, bool) or back < 1:
-        raise CodeMachineError(MODULES, f"[{source['_pos']}].behavior.steps", "must be a positive integer")
+        raise CodeMachineError(
+            MODULES, f"[{source['_pos']}].behavior.steps", "must be a positive integer"
+        )
     iterations = min(int(iterations), 50)
     back_to = max(1, i - back)
     skip_ids = set(opts.get("loopSkip", behavior.get("skip", [])) or [])
@@ -156,7 +180,12 @@ def _loop_fields(
     )
     model = step.get("model")
     step["qa"] = {"policy": "full", **({"model": model} if model else {})}
-    step["loop"] = {"max_iterations": iterations, "back_to": back_to, "skip_steps": skip, "on": "qa_fail"}
+    step["loop"] = {
+        "max_iterations": iterations,
+        "back_to": back_to,
+        "skip_steps": skip,
+        "on": "qa_fail",
+    }
     return (
         f"This is a loop gate: end the QA with VERDICT: FAIL to go back to step "
         f"{back_to:02d} (at most {iterations} times), VERDICT: PASS to go on."
@@ -164,7 +193,11 @@ def _loop_fields(
 
 
 def _module_fields(
-    cx: _Context, step: dict[str, Any], ident: str, source: Mapping[str, Any], opts: Mapping[str, Any]
+    cx: _Context,
+    step: dict[str, Any],
+    ident: str,
+    source: Mapping[str, Any],
+    opts: Mapping[str, Any],
 ) -> list[str]:
     """A module becomes a review step: a loop gate, or a trigger that enqueues another step."""
     step["step_type"] = "review"
@@ -173,13 +206,17 @@ def _module_fields(
         return [_loop_fields(cx, step, ident, source, opts)]
     target = _trigger_target(cx.ws, ident, opts)
     if not target:
-        cx.warnings.append(f"step {step['index']:02d} ({ident}): trigger module without triggerAgentId")
+        cx.warnings.append(
+            f"step {step['index']:02d} ({ident}): trigger module without triggerAgentId"
+        )
         return []
     step["triggers"] = [{"on": "pass", "step": cx.first_index[target], "mode": "enqueue"}]
     return [f"When this step passes, step {cx.first_index[target]:02d} ({target}) runs."]
 
 
-def map_step(cx: _Context, index: int, entry: Entry, used_slugs: set[str]) -> tuple[dict[str, Any], str]:
+def map_step(
+    cx: _Context, index: int, entry: Entry, used_slugs: set[str]
+) -> tuple[dict[str, Any], str]:
     """One workflow entry → its spec step and the text of its step file."""
     function, ident, opts = entry
     is_module = function == "resolveModule"
@@ -188,7 +225,9 @@ def map_step(cx: _Context, index: int, entry: Entry, used_slugs: set[str]) -> tu
     file = step_file_name(index, slug)
     title = str(opts.get("agentName") or source.get("name") or ident)[:200]
     found: list[str] = []
-    prompt_text = "\n\n".join(_fill_placeholders(cx.ws, cx.ws.files[p], found).strip() for p in source["_prompts"])
+    prompt_text = "\n\n".join(
+        _fill_placeholders(cx.ws, cx.ws.files[p], found).strip() for p in source["_prompts"]
+    )
     step: dict[str, Any] = {
         "index": index,
         "slug": slug,
@@ -204,7 +243,8 @@ def map_step(cx: _Context, index: int, entry: Entry, used_slugs: set[str]) -> tu
     if opts.get("notCompletedFallback"):
         notes.append(
             f"If this step cannot be completed, CodeMachine would hand over to "
-            f"`{opts['notCompletedFallback']}`; here the step fails and the protocol blocks for a human."
+            f"`{opts['notCompletedFallback']}`; here the step fails and the protocol blocks for a "
+            "human."
         )
     if is_module:
         notes += _module_fields(cx, step, ident, source, opts)
@@ -226,7 +266,9 @@ def build_import(
     """The ProtocolSpec (validated) and the files for one workflow of the workspace (pure)."""
     template = ws.workflows[workflow_file]
     entries, first_index, warnings = plan_entries(ws, workflow_file)
-    cx = _Context(ws, protocol_dir(protocol), engine, known_engines, qa_policy, entries, first_index, warnings)
+    cx = _Context(
+        ws, protocol_dir(protocol), engine, known_engines, qa_policy, entries, first_index, warnings
+    )
     steps: list[dict[str, Any]] = []
     files: dict[str, str] = {}
     used_slugs: set[str] = set()
@@ -243,7 +285,9 @@ def build_import(
         "source": "codemachine",
         "steps": steps,
     }
-    spec_dict = spec_to_dict(validate_spec(spec_data))  # schema + cross-field rules; SpecError names the JSON path
+    spec_dict = spec_to_dict(
+        validate_spec(spec_data)
+    )  # schema + cross-field rules; SpecError names the JSON path
     files.update(_protocol_files(ws, template, workflow_file, protocol, spec_dict, cx.warnings))
     if SPECIFICATIONS in ws.files:
         files[SPECIFICATIONS] = ws.files[SPECIFICATIONS]
@@ -260,7 +304,12 @@ def task_of(ws: Workspace, template: Mapping[str, Any]) -> str:
 
 
 def _step_file(
-    title: str, ident: str, source: Mapping[str, Any], prompt: str, notes: list[str], outputs: list[str]
+    title: str,
+    ident: str,
+    source: Mapping[str, Any],
+    prompt: str,
+    notes: list[str],
+    outputs: list[str],
 ) -> str:
     parts = [f"# {title}", "", f"Imported from CodeMachine `{ident}`."]
     if source.get("description"):
@@ -284,8 +333,20 @@ def _protocol_files(
     base = protocol_dir(protocol)
     step_lines = [f"{s['index']:02d}. {s['title']} (`{s['file']}`)" for s in spec["steps"]]
     plan = "\n".join(
-        [f"# Plan for {protocol}", "", f"Imported from the CodeMachine workflow **{template['name']}** "
-         f"(`{workflow_file}`).", "", "## Goal", "", spec["task"], "", "## Steps", "", *step_lines, ""]
+        [
+            f"# Plan for {protocol}",
+            "",
+            f"Imported from the CodeMachine workflow **{template['name']}** (`{workflow_file}`).",
+            "",
+            "## Goal",
+            "",
+            spec["task"],
+            "",
+            "## Steps",
+            "",
+            *step_lines,
+            "",
+        ]
     )
     subs = []
     for sub_id in template.get("subAgentIds", []):
@@ -301,8 +362,10 @@ def _protocol_files(
         context_parts += [f"The specification is in `{SPECIFICATIONS}`.", ""]
     if subs:
         context_parts += ["## Sub-agents available to the steps", "", *subs, ""]
-    log = "# Log\n\n- Imported from CodeMachine workflow " + f"{template['name']!r}.\n" + "".join(
-        f"- Warning: {w}\n" for w in warnings
+    log = (
+        "# Log\n\n- Imported from CodeMachine workflow "
+        + f"{template['name']!r}.\n"
+        + "".join(f"- Warning: {w}\n" for w in warnings)
     )
     setup = "# Setup\n\nNothing to install for the import itself; steps set up what they need.\n"
     return {
@@ -312,5 +375,3 @@ def _protocol_files(
         f"{base}/00-setup.md": setup,
         f"{base}/spec.json": json.dumps(spec, indent=2) + "\n",
     }
-
-

@@ -269,7 +269,7 @@ class _Parser:
 
 
 def parse_js(text: str, file: str) -> Any:
-    """The value a CodeMachine config/workflow file exports; CodeMachineError if it can't be read."""
+    """The value a CodeMachine config/workflow file exports; CodeMachineError if unreadable."""
     return _Parser(text, file).module()
 
 
@@ -286,7 +286,6 @@ class Workspace:
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
     placeholders: dict[str, dict[str, str]] = field(default_factory=dict)
     workflows: dict[str, dict[str, Any]] = field(default_factory=dict)  # file → template
-
 
 
 def _clean_rel(path: str) -> str:
@@ -325,13 +324,78 @@ def _entries(files: Mapping[str, str], file: str, *, required: bool) -> dict[str
     return out
 
 
-def _check_prompt_files(
-    files: Mapping[str, str], file: str, where: str, paths: list[str]
-) -> None:
+def _check_prompt_files(files: Mapping[str, str], file: str, where: str, paths: list[str]) -> None:
     for k, path in enumerate(paths):
         if path.startswith("..") or path not in files:
             at = f"{where}[{k}]" if len(paths) > 1 else where
-            raise CodeMachineError(file, at, f"prompt file {path!r} does not exist in the workspace")
+            raise CodeMachineError(
+                file, at, f"prompt file {path!r} does not exist in the workspace"
+            )
+
+
+def _check_main_agent(files: Mapping[str, str], agent: dict[str, Any]) -> None:
+    at = f"[{agent['_pos']}]"
+    prompts = _str_list(agent.get("promptPath"), MAIN_AGENTS, f"{at}.promptPath", required=True)
+    _check_prompt_files(files, MAIN_AGENTS, f"{at}.promptPath", prompts)
+    chained = _str_list(
+        agent.get("chainedPromptsPath"), MAIN_AGENTS, f"{at}.chainedPromptsPath", required=False
+    )
+    # a chained path may name a folder of prompts (every .md in it, in order)
+    expanded: list[str] = []
+    for path in chained:
+        inside = sorted(f for f in files if f.startswith(path + "/") and f.endswith(".md"))
+        expanded += inside or [path]
+    _check_prompt_files(files, MAIN_AGENTS, f"{at}.chainedPromptsPath", expanded)
+    agent["_prompts"] = prompts + expanded
+    for key in ("engine", "model", "name", "description"):
+        if agent.get(key) is not None and not isinstance(agent[key], str):
+            raise CodeMachineError(MAIN_AGENTS, f"{at}.{key}", "must be a string")
+
+
+def _check_sub_agent(files: Mapping[str, str], sub: dict[str, Any]) -> None:
+    at = f"[{sub['_pos']}]"
+    paths = _str_list(
+        sub.get("mirrorPath") or sub.get("promptPath"),
+        SUB_AGENTS,
+        f"{at}.mirrorPath",
+        required=False,
+    )
+    _check_prompt_files(files, SUB_AGENTS, f"{at}.mirrorPath", paths)
+    sub["_prompts"] = paths
+
+
+def _check_module(ws: Workspace, module: dict[str, Any]) -> None:
+    at = f"[{module['_pos']}]"
+    prompts = _str_list(module.get("promptPath"), MODULES, f"{at}.promptPath", required=True)
+    _check_prompt_files(ws.files, MODULES, f"{at}.promptPath", prompts)
+    module["_prompts"] = prompts
+    behavior = module.get("behavior")
+    if not isinstance(behavior, dict):
+        raise CodeMachineError(MODULES, f"{at}.behavior", "is required (an object with a type)")
+    kind = behavior.get("type")
+    if kind not in ("loop", "trigger"):
+        raise CodeMachineError(
+            MODULES, f"{at}.behavior.type", f"must be 'loop' or 'trigger', not {kind!r}"
+        )
+    if kind == "trigger" and behavior.get("triggerAgentId") is not None:
+        target = behavior["triggerAgentId"]
+        if target not in ws.main_agents:
+            raise CodeMachineError(
+                MODULES, f"{at}.behavior.triggerAgentId", f"unknown main agent {target!r}"
+            )
+
+
+def _placeholders(text: str) -> dict[str, dict[str, str]]:
+    value = parse_js(text, PLACEHOLDERS)
+    if not isinstance(value, dict):
+        raise CodeMachineError(PLACEHOLDERS, "module.exports", "must be an object")
+    found: dict[str, dict[str, str]] = {}
+    for group in ("userDir", "packageDir"):
+        entries = value.get(group, {})
+        if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
+            raise CodeMachineError(PLACEHOLDERS, group, "must map names to paths")
+        found[group] = {k: _clean_rel(v) for k, v in entries.items()}
+    return found
 
 
 def load_workspace(files: Mapping[str, str]) -> Workspace:
@@ -342,57 +406,57 @@ def load_workspace(files: Mapping[str, str]) -> Workspace:
     ws.sub_agents = _entries(files, SUB_AGENTS, required=False)
     ws.modules = _entries(files, MODULES, required=False)
     for agent in ws.main_agents.values():
-        at = f"[{agent['_pos']}]"
-        prompts = _str_list(agent.get("promptPath"), MAIN_AGENTS, f"{at}.promptPath", required=True)
-        _check_prompt_files(files, MAIN_AGENTS, f"{at}.promptPath", prompts)
-        chained = _str_list(agent.get("chainedPromptsPath"), MAIN_AGENTS, f"{at}.chainedPromptsPath", required=False)
-        # a chained path may name a folder of prompts (every .md in it, in order)
-        expanded: list[str] = []
-        for path in chained:
-            inside = sorted(f for f in files if f.startswith(path + "/") and f.endswith(".md"))
-            expanded += inside or [path]
-        _check_prompt_files(files, MAIN_AGENTS, f"{at}.chainedPromptsPath", expanded)
-        agent["_prompts"] = prompts + expanded
-        for key in ("engine", "model", "name", "description"):
-            if agent.get(key) is not None and not isinstance(agent[key], str):
-                raise CodeMachineError(MAIN_AGENTS, f"{at}.{key}", "must be a string")
+        _check_main_agent(files, agent)
     for sub in ws.sub_agents.values():
-        at = f"[{sub['_pos']}]"
-        paths = _str_list(sub.get("mirrorPath") or sub.get("promptPath"), SUB_AGENTS, f"{at}.mirrorPath", required=False)
-        _check_prompt_files(files, SUB_AGENTS, f"{at}.mirrorPath", paths)
-        sub["_prompts"] = paths
+        _check_sub_agent(files, sub)
     for module in ws.modules.values():
-        at = f"[{module['_pos']}]"
-        prompts = _str_list(module.get("promptPath"), MODULES, f"{at}.promptPath", required=True)
-        _check_prompt_files(files, MODULES, f"{at}.promptPath", prompts)
-        module["_prompts"] = prompts
-        behavior = module.get("behavior")
-        if not isinstance(behavior, dict):
-            raise CodeMachineError(MODULES, f"{at}.behavior", "is required (an object with a type)")
-        kind = behavior.get("type")
-        if kind not in ("loop", "trigger"):
-            raise CodeMachineError(MODULES, f"{at}.behavior.type", f"must be 'loop' or 'trigger', not {kind!r}")
-        if kind == "trigger" and behavior.get("triggerAgentId") is not None:
-            target = behavior["triggerAgentId"]
-            if target not in ws.main_agents:
-                raise CodeMachineError(
-                    MODULES, f"{at}.behavior.triggerAgentId", f"unknown main agent {target!r}"
-                )
+        _check_module(ws, module)
     if PLACEHOLDERS in files:
-        value = parse_js(files[PLACEHOLDERS], PLACEHOLDERS)
-        if not isinstance(value, dict):
-            raise CodeMachineError(PLACEHOLDERS, "module.exports", "must be an object")
-        for group in ("userDir", "packageDir"):
-            entries = value.get(group, {})
-            if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
-                raise CodeMachineError(PLACEHOLDERS, group, "must map names to paths")
-            ws.placeholders[group] = {k: _clean_rel(v) for k, v in entries.items()}
+        ws.placeholders.update(_placeholders(files[PLACEHOLDERS]))
     for path in sorted(files):
         if path.startswith(WORKFLOWS_DIR + "/") and path.endswith(".js"):
             ws.workflows[path] = _workflow(ws, path)
     if not ws.workflows:
         raise CodeMachineError(WORKFLOWS_DIR, "", "no workflow template (*.workflow.js)")
     return ws
+
+
+def _check_options(file: str, at: str, opts: Mapping[str, Any]) -> None:
+    for key in ("loopSteps", "loopMaxIterations"):
+        if key in opts and (
+            isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 1
+        ):
+            raise CodeMachineError(file, f"{at}.{key}", "must be a positive integer")
+    for key in ("engine", "model", "agentName", "notCompletedFallback", "modelReasoningEffort"):
+        if opts.get(key) is not None and not isinstance(opts[key], str):
+            raise CodeMachineError(file, f"{at}.{key}", "must be a string")
+    skip = opts.get("loopSkip", [])
+    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+        raise CodeMachineError(file, f"{at}.loopSkip", "must be a list of agent ids")
+
+
+def _check_call(ws: Workspace, file: str, at: str, call: Any) -> None:
+    """One entry of a workflow's steps: a known agent or module, with well-typed options."""
+    if not isinstance(call, Call):
+        raise CodeMachineError(
+            file, at, "must be a resolveStep(), resolveModule() or resolveUI() call"
+        )
+    if call.function in ("resolveUI", "separator"):
+        return
+    if call.function == "resolveFolder":
+        raise CodeMachineError(file, at, "resolveFolder() is not supported; list the steps")
+    if not call.args or not isinstance(call.args[0], str):
+        raise CodeMachineError(file, f"{at}", f"{call.function}() needs an agent id")
+    ident = call.args[0]
+    opts = call.args[1] if len(call.args) > 1 else {}
+    if not isinstance(opts, dict):
+        raise CodeMachineError(file, f"{at}.options", "must be an object")
+    is_step = call.function == "resolveStep"
+    table, config = (ws.main_agents, MAIN_AGENTS) if is_step else (ws.modules, MODULES)
+    if ident not in table:
+        kind = "agent" if is_step else "module"
+        raise CodeMachineError(file, f"{at}", f"unknown {kind} {ident!r} (not in {config})")
+    _check_options(file, at, opts)
 
 
 def _workflow(ws: Workspace, file: str) -> dict[str, Any]:
@@ -406,63 +470,49 @@ def _workflow(ws: Workspace, file: str) -> dict[str, Any]:
     if not isinstance(steps, list) or not steps:
         raise CodeMachineError(file, "steps", "must be a non-empty array")
     for pos, call in enumerate(steps):
-        at = f"steps[{pos}]"
-        if not isinstance(call, Call):
-            raise CodeMachineError(file, at, "must be a resolveStep(), resolveModule() or resolveUI() call")
-        if call.function in ("resolveUI", "separator"):
-            continue
-        if call.function == "resolveFolder":
-            raise CodeMachineError(file, at, "resolveFolder() is not supported; list the steps")
-        if not call.args or not isinstance(call.args[0], str):
-            raise CodeMachineError(file, f"{at}", f"{call.function}() needs an agent id")
-        ident = call.args[0]
-        opts = call.args[1] if len(call.args) > 1 else {}
-        if not isinstance(opts, dict):
-            raise CodeMachineError(file, f"{at}.options", "must be an object")
-        table, config = (
-            (ws.main_agents, MAIN_AGENTS) if call.function == "resolveStep" else (ws.modules, MODULES)
-        )
-        if ident not in table:
-            raise CodeMachineError(file, f"{at}", f"unknown {'agent' if table is ws.main_agents else 'module'} {ident!r} (not in {config})")
-        for key in ("loopSteps", "loopMaxIterations"):
-            if key in opts and (isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 1):
-                raise CodeMachineError(file, f"{at}.{key}", "must be a positive integer")
-        for key in ("engine", "model", "agentName", "notCompletedFallback", "modelReasoningEffort"):
-            if opts.get(key) is not None and not isinstance(opts[key], str):
-                raise CodeMachineError(file, f"{at}.{key}", "must be a string")
-        skip = opts.get("loopSkip", [])
-        if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
-            raise CodeMachineError(file, f"{at}.loopSkip", "must be a list of agent ids")
+        _check_call(ws, file, f"steps[{pos}]", call)
     sub_ids = value.get("subAgentIds", [])
     if not isinstance(sub_ids, list) or not all(isinstance(s, str) for s in sub_ids):
         raise CodeMachineError(file, "subAgentIds", "must be a list of sub-agent ids")
     for k, sub in enumerate(sub_ids):
         if sub not in ws.sub_agents:
-            raise CodeMachineError(file, f"subAgentIds[{k}]", f"unknown sub-agent {sub!r} (not in {SUB_AGENTS})")
+            raise CodeMachineError(
+                file, f"subAgentIds[{k}]", f"unknown sub-agent {sub!r} (not in {SUB_AGENTS})"
+            )
     return value
 
 
 def select_workflow(ws: Workspace, wanted: str | None) -> str:
-    """The workflow file: `wanted` (name, file name or path), the template.json choice, or the only one."""
+    """The workflow file: `wanted` (a name, file name or path), template.json's, or the only one."""
     if wanted is None and TEMPLATE_JSON in ws.files:
         try:
             data = json.loads(ws.files[TEMPLATE_JSON])
         except json.JSONDecodeError as exc:
             raise CodeMachineError(TEMPLATE_JSON, "", f"is not JSON: {exc}") from None
-        chosen = data.get("activeTemplate") or data.get("template") if isinstance(data, dict) else None
+        chosen = (
+            data.get("activeTemplate") or data.get("template") if isinstance(data, dict) else None
+        )
         if not isinstance(chosen, str):
-            raise CodeMachineError(TEMPLATE_JSON, "activeTemplate", "must name the selected workflow template")
+            raise CodeMachineError(
+                TEMPLATE_JSON, "activeTemplate", "must name the selected workflow template"
+            )
         wanted = chosen
     if wanted is None:
         if len(ws.workflows) > 1:
             raise CodeMachineError(
-                WORKFLOWS_DIR, "", f"several workflows ({', '.join(sorted(ws.workflows))}): choose one"
+                WORKFLOWS_DIR,
+                "",
+                f"several workflows ({', '.join(sorted(ws.workflows))}): choose one",
             )
         return next(iter(ws.workflows))
     base = posixpath.basename(wanted)
     for path, template in ws.workflows.items():
         stem = posixpath.basename(path).removesuffix(".js").removesuffix(".workflow")
-        if wanted in (path, posixpath.basename(path), stem, template.get("name")) or base == posixpath.basename(path):
+        if wanted in (
+            path,
+            posixpath.basename(path),
+            stem,
+            template.get("name"),
+        ) or base == posixpath.basename(path):
             return path
     raise CodeMachineError(WORKFLOWS_DIR, "", f"no workflow {wanted!r}")
-

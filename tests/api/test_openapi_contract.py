@@ -27,7 +27,16 @@ from tests.conftest import make_settings
 from tests.gitutil import make_origin
 
 AUTH = {"Authorization": "Bearer api-test-token-0123456789"}
-SENT = {"method", "url", "headers", "params", "json", "content", "data", "files"}  # no cookies: none are generated
+SENT = {
+    "method",
+    "url",
+    "headers",
+    "params",
+    "json",
+    "content",
+    "data",
+    "files",
+}  # no cookies: none are generated
 
 
 def test_openapi_document_is_valid() -> None:
@@ -42,7 +51,11 @@ def test_routes_and_document_come_from_one_table() -> None:
         if method != "HEAD"
     }
     described = {(m, p) for p, ops in build_openapi()["paths"].items() for m in ops}
-    assert routes - {("get", "/api/openapi.json")} == described == {(op.method, op.path) for op in OPERATIONS}
+    assert (
+        routes - {("get", "/api/openapi.json")}
+        == described
+        == {(op.method, op.path) for op in OPERATIONS}
+    )
 
 
 @pytest.fixture
@@ -52,10 +65,14 @@ def app_client(tmp_path: Path, sqlite_url: str, redis_url: str) -> Iterator[Test
     origin = make_origin(tmp_path)
     engine = create_engine(sqlite_url)
     with engine.begin() as conn:
-        conn.execute(update(Project).where(Project.id == ids["project"]).values(git_url=str(origin)))
+        conn.execute(
+            update(Project).where(Project.id == ids["project"]).values(git_url=str(origin))
+        )
     engine.dispose()
     settings_ = make_settings(tmp_path, db_url=sqlite_url, redis_url=redis_url)
-    with TestClient(create_app(settings_, embedded_worker=False), raise_server_exceptions=False) as client:
+    with TestClient(
+        create_app(settings_, embedded_worker=False), raise_server_exceptions=False
+    ) as client:
         yield client
 
 
