@@ -23,6 +23,98 @@ PACKAGES = ("bot", "engines")
 # a forge leak: code outside bot/forge that asks which forge it has instead of calling the interface
 LEAK = re.compile(r"provider\s*[!=]=|getattr\(\s*(self\.)?forge\b")
 
+# The layers of README's architecture table, lowest first: a module may import its own layer and
+# the ones below. The longest matching prefix names a module's layer.
+LAYERS: dict[str, int] = {
+    # 0 foundation: configuration, errors, logging
+    "bot.errors": 0,
+    "bot.settings": 0,
+    "bot.observability": 0,
+    "bot.fsperm": 0,
+    "bot.jsonlimits": 0,
+    # 1 domain (pure)
+    "bot.protocol": 1,
+    "bot.commands": 1,
+    "bot.spec": 1,
+    "bot.policies": 1,
+    "bot.rendering": 1,
+    "bot.prompts": 1,
+    "bot.ci_gate": 1,
+    "bot.engine_guard": 1,
+    "bot.secrets_scan": 1,
+    "bot.security": 1,
+    "bot.links": 1,
+    "bot.pricing": 1,
+    "bot.diffview": 1,
+    "bot.doctor_results": 1,
+    "bot.codemachine.parser": 1,
+    "bot.codemachine.mapping": 1,
+    "bot.codemachine": 1,
+    # pure pieces of lower packages: names, the interfaces, sans-I/O webhook parsing
+    "bot.git.names": 1,
+    "engines.base": 1,
+    "bot.forge.base": 1,
+    "bot.handlers.sansio": 1,
+    # 2 storage and adapters
+    "bot.db": 2,
+    "bot.models": 2,
+    "bot.runs": 2,
+    "bot.store": 2,
+    "bot.sessions": 2,
+    "bot.secretbox": 2,
+    "bot.intake": 2,
+    "bot.transcript": 2,
+    "bot.migrate": 2,
+    "bot.queue": 2,
+    "bot.forge": 2,
+    "bot.git": 2,
+    "engines": 2,
+    "bot.repo_config": 2,
+    "bot.onboarding": 2,
+    "bot.reachability": 2,
+    "bot.health": 2,
+    "bot.http_limits": 2,
+    # 3 work: services, jobs, handlers, actions
+    "bot.services": 3,
+    "bot.jobs": 3,
+    "bot.handlers": 3,
+    "bot.actions": 3,
+    "bot.ci": 3,
+    "bot.feedback": 3,
+    "bot.local_runtime": 3,
+    "bot.codemachine.importer": 3,
+    "bot.demo": 3,
+    # 4 entry points: web and command line
+    "bot.app": 4,
+    "bot.edge": 4,
+    "bot.ci_hook": 4,
+    "bot.api": 4,
+    "bot.console": 4,
+    "bot.console_steps": 4,
+    "bot.console_deliveries": 4,
+    "bot.github_setup": 4,
+    "bot.serving": 4,
+    "bot.cli": 4,
+    "bot.cli_gitlab": 4,
+    "bot.cli_progress": 4,
+    "bot.cli_protocol": 4,
+    "bot.cli_setup": 4,
+    "bot.doctor": 4,
+    "bot.doctor_forges": 4,
+    "bot.report": 4,
+    "bot.__main__": 4,
+    "bot": 4,
+}
+
+
+def layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        found = LAYERS.get(".".join(parts[:n]))
+        if found is not None:
+            return found
+    return None
+
 
 @dataclass(frozen=True)
 class Import:
@@ -179,6 +271,19 @@ def import_report() -> None:
         if not imp.in_function:
             top[imp.source].add(imp.targets[0])
     print(f"cycles among module-level imports only: {len(strongly_connected(top))}")
+    upward = sorted(
+        {
+            f"{i.source} ({layer_of(i.source)}) -> {i.targets[0]} ({layer_of(i.targets[0])})"
+            for i in imports
+            if (layer_of(i.source) or 0) < (layer_of(i.targets[0]) or 0)
+        }
+    )
+    unmapped = sorted(m for m in modules if layer_of(m) is None)
+    print(f"imports that run back up the layers (README's table): {len(upward)}")
+    for line in upward:
+        print(f"  {line}")
+    if unmapped:
+        print(f"modules in no layer: {' '.join(unmapped)}")
 
 
 def longest_functions(count: int = 15) -> None:

@@ -18,7 +18,6 @@ from pydantic_settings import (
 )
 
 from bot.errors import ConfigError
-from bot.git.credentials import host_of
 
 ENV_PREFIX = "DEKSDENFLOW_"
 # Settings that are not SecretStr but may still carry a password (a URL with userinfo): they
@@ -331,6 +330,7 @@ class Settings(BaseSettings):
     @property
     def credential_hosts(self) -> frozenset[str]:
         """`host[:port]` of the configured forges: the only hosts git may send a token to."""
+        from bot.git.credentials import host_of
 
         hosts = {host_of(url) for url in (self.github_web_url, self.gitlab_url)}
         return frozenset(h for h in hosts if h)
