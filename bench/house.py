@@ -62,6 +62,7 @@ LAYERS: dict[str, int] = {
     "bot.store": 2,
     "bot.sessions": 2,
     "bot.secretbox": 2,
+    "bot.app_credentials": 2,
     "bot.intake": 2,
     "bot.transcript": 2,
     "bot.migrate": 2,

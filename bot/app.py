@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from bot.api.table import api_routes
+from bot.app_credentials import read_app_credentials
 from bot.console import console_routes
 from bot.console_deliveries import delivery_routes, server_error
 from bot.console_steps import step_routes
@@ -25,7 +26,7 @@ from bot.db import Database, database_from_settings
 from bot.demo import start_demo
 from bot.doctor_results import INSTANCE_HEADER, instance_fingerprint
 from bot.edge import ClientGone, WebhookEdge, read_body, webhook_edges
-from bot.github_setup import read_app_credentials, setup_routes
+from bot.github_setup import setup_routes
 from bot.handlers import build_router
 from bot.handlers.router import Router
 from bot.handlers.sansio import LowerCaseHeaders

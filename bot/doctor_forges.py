@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from bot.app_credentials import load_credentials, read_app_credentials
 from bot.db import database_from_settings
 from bot.doctor_results import (
     CONNECT_TIMEOUT_S,
@@ -33,7 +34,6 @@ from bot.errors import DeksdenFlowError
 from bot.forge import github_permissions as ghp
 from bot.forge.github_client import GitHubClient, GitHubHTTPError
 from bot.forge.gitlab_client import GitLabAPIError, GitLabClient, project_path
-from bot.github_setup import load_credentials, read_app_credentials
 from bot.models import Project
 from bot.settings import Settings
 

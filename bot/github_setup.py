@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import logging
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -16,16 +15,11 @@ from starlette.routing import BaseRoute, Route
 
 from bot import sessions
 from bot.api.core import guarded, require_admin
-from bot.db import Database
+from bot.app_credentials import store_credentials
 from bot.doctor_results import is_loopback_host
-from bot.errors import ConfigError
 from bot.forge.github import convert_manifest
-from bot.secretbox import GITHUB_APP, fernet_of, get_secret, put_secret
-from bot.settings import Settings
 
 MANIFEST = Path(__file__).resolve().parent.parent / "app.yml"
-CREDENTIALS_FILE = "github-app.json"
-log = logging.getLogger(__name__)
 
 
 def manifest_for(base_url: str) -> dict[str, Any]:
@@ -74,43 +68,6 @@ GitHub then returns here and the server stores the new App's id, key and webhook
 <p>For an organisation, open <code>/github/setup?organization=NAME</code>.</p>
 <pre>{html.escape(yaml.safe_dump(manifest, sort_keys=False))}</pre>
 </body></html>"""
-
-
-KEPT_FIELDS = ("id", "slug", "pem", "webhook_secret", "client_id", "html_url")
-
-
-async def store_credentials(settings: Settings, db: Database, conversion: dict[str, Any]) -> dict[str, Any]:
-    """Keep what the service needs, sealed in the database where every process can read it."""
-    kept = {k: conversion.get(k) for k in KEPT_FIELDS}
-    await put_secret(db, fernet_of(settings), GITHUB_APP, kept)
-    return kept
-
-
-async def load_stored_credentials(settings: Settings, db: Database) -> dict[str, Any] | None:
-    return await get_secret(db, fernet_of(settings), GITHUB_APP)
-
-
-async def read_app_credentials(settings: Settings, db: Database) -> dict[str, Any] | None:
-    """The App made through /github/setup: sealed in the database, else the older file.
-
-    A process whose key cannot open the row logs why and carries on (GitLab and local jobs
-    need no App) rather than dying at start.
-    """
-    try:
-        stored = await load_stored_credentials(settings, db)
-    except ConfigError as exc:
-        log.error("GitHub App credentials unreadable (%s): set one DEKSDENFLOW_SECRET_KEY everywhere", exc)
-        stored = None
-    return stored or load_credentials(settings.data_dir)
-
-
-def load_credentials(data_dir: Path) -> dict[str, Any] | None:
-    """The file an earlier version wrote (API container only): read as a fallback, never written."""
-    path = data_dir / CREDENTIALS_FILE
-    if not path.exists():
-        return None
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
 
 
 @guarded

@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Any
 
+from bot.app_credentials import read_app_credentials
 from bot.db import Database
 from bot.errors import ConfigError
 from bot.forge.base import Forge, RepoRef
@@ -16,7 +17,6 @@ from bot.forge.gitlab import gitlab_forge
 from bot.forge.local import LocalForge
 from bot.fsperm import ensure_private_dir, readable_by_others
 from bot.git.cache import GitCache
-from bot.github_setup import read_app_credentials
 from bot.models import Project
 from bot.secretbox import private_dir
 from bot.secrets_scan import register_settings

@@ -361,8 +361,8 @@ def test_serve_without_token_says_so_and_keeps_its_files_private(tmp_path: Path)
 
 def test_workers_read_the_app_the_api_stored(tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """Compose: the API and each worker have their own data dir but one database and one key."""
+    from bot.app_credentials import store_credentials
     from bot.db import database_from_settings
-    from bot.github_setup import store_credentials
     from bot.services import build_services, close_services
 
     key = Fernet.generate_key().decode()
