@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from bot.codemachine.parser import (
     DEFAULT_LOOP_ITERATIONS,
@@ -63,6 +63,14 @@ def _glob_root(path: str) -> str:
 
 # (resolveStep | resolveModule, agent or module id, the call's options)
 Entry = tuple[str, str, dict[str, Any]]
+
+
+class _Source(NamedTuple):
+    """One workflow entry with what it names: the agent or module and the call's options."""
+
+    ident: str
+    source: Mapping[str, Any]
+    opts: Mapping[str, Any]
 
 
 @dataclass
@@ -128,14 +136,9 @@ def _unique_slug(ident: str, index: int, used: set[str]) -> str:
     return slug
 
 
-def _engine_fields(
-    cx: _Context,
-    step: dict[str, Any],
-    ident: str,
-    source: Mapping[str, Any],
-    opts: Mapping[str, Any],
-) -> None:
+def _engine_fields(cx: _Context, step: dict[str, Any], call: _Source) -> None:
     """The step's own engine and model, when this server has that engine (else a warning)."""
+    ident, source, opts = call
     step_engine = opts.get("engine") or source.get("engine")
     step_model = opts.get("model") or source.get("model")
     if step_engine and step_engine not in cx.known_engines:
@@ -151,14 +154,9 @@ def _engine_fields(
         step["qa"]["model"] = step_model
 
 
-def _loop_fields(
-    cx: _Context,
-    step: dict[str, Any],
-    ident: str,
-    source: Mapping[str, Any],
-    opts: Mapping[str, Any],
-) -> str:
+def _loop_fields(cx: _Context, step: dict[str, Any], call: _Source) -> str:
     """A loop module: a full-QA gate that sends the run back `steps` steps on a failed verdict."""
+    ident, source, opts = call
     i = step["index"]
     behavior = source["behavior"]
     back = opts.get("loopSteps", behavior.get("steps", 1))
@@ -192,18 +190,13 @@ def _loop_fields(
     )
 
 
-def _module_fields(
-    cx: _Context,
-    step: dict[str, Any],
-    ident: str,
-    source: Mapping[str, Any],
-    opts: Mapping[str, Any],
-) -> list[str]:
+def _module_fields(cx: _Context, step: dict[str, Any], call: _Source) -> list[str]:
     """A module becomes a review step: a loop gate, or a trigger that enqueues another step."""
+    ident, source, opts = call
     step["step_type"] = "review"
     step["commit_type"] = "chore"
     if source["behavior"]["type"] == "loop":
-        return [_loop_fields(cx, step, ident, source, opts)]
+        return [_loop_fields(cx, step, call)]
     target = _trigger_target(cx.ws, ident, opts)
     if not target:
         cx.warnings.append(
@@ -224,6 +217,7 @@ def map_step(
     slug = _unique_slug(ident, index, used_slugs)
     file = step_file_name(index, slug)
     title = str(opts.get("agentName") or source.get("name") or ident)[:200]
+    call = _Source(ident, source, opts)
     found: list[str] = []
     prompt_text = "\n\n".join(
         _fill_placeholders(cx.ws, cx.ws.files[p], found).strip() for p in source["_prompts"]
@@ -238,7 +232,7 @@ def map_step(
         "qa": {"policy": cx.qa_policy},
         "outputs": {"protocol": f"{cx.base}/{file}"},
     }
-    _engine_fields(cx, step, ident, source, opts)
+    _engine_fields(cx, step, call)
     notes: list[str] = []
     if opts.get("notCompletedFallback"):
         notes.append(
@@ -247,7 +241,7 @@ def map_step(
             "human."
         )
     if is_module:
-        notes += _module_fields(cx, step, ident, source, opts)
+        notes += _module_fields(cx, step, call)
     outputs = sorted(set(found))
     if outputs:
         step["outputs"]["extra"] = outputs
