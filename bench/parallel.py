@@ -37,10 +37,19 @@ def origin(where: Path) -> Path:
     seed = where / "seed"
     seed.mkdir()
     (seed / "README.md").write_text("# bench\n")
-    for args in (["init", "-q", "-b", "main"], ["add", "--all"], ["-c", "user.name=b", "-c", "user.email=b@x", "commit", "-q", "-m", "init"]):
+    for args in (
+        ["init", "-q", "-b", "main"],
+        ["add", "--all"],
+        ["-c", "user.name=b", "-c", "user.email=b@x", "commit", "-q", "-m", "init"],
+    ):
         subprocess.run(["git", *args], cwd=seed, check=True, capture_output=True)
     bare = where / "origin.git"
-    subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(bare)], cwd=where, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", str(seed), str(bare)],
+        cwd=where,
+        check=True,
+        capture_output=True,
+    )
     return bare
 
 
@@ -51,10 +60,17 @@ def script(delay_s: float) -> dict[str, Any]:
         for i, deps in enumerate(DEPENDS_ON, start=1)
     ]  # fmt: skip
     execute = {
-        f"part-{i}": {"message": f"part {i}", "delay_s": delay_s, "files": [{"path": f"part{i}.txt", "content": f"{i}\n"}]}
+        f"part-{i}": {
+            "message": f"part {i}",
+            "delay_s": delay_s,
+            "files": [{"path": f"part{i}.txt", "content": f"{i}\n"}],
+        }
         for i in range(1, len(DEPENDS_ON) + 1)
     }
-    return {"planning": {"title": "Bench", "plan": "# Plan\n", "setup": "# Setup\n", "steps": steps}, "execute": {"steps": execute}}
+    return {
+        "planning": {"title": "Bench", "plan": "# Plan\n", "setup": "# Setup\n", "steps": steps},
+        "execute": {"steps": execute},
+    }
 
 
 async def run_once(bound: int, delay_s: float) -> float:
@@ -67,7 +83,11 @@ async def run_once(bound: int, delay_s: float) -> float:
         async with local_runtime(settings) as ctx:
             ctx["engines"] = EngineRegistry([ScriptedEngine(script(delay_s))])
             project = await get_or_create_project(
-                ctx["db"], name="bench", provider="local", git_url=str(origin(where)), base_branch="main"
+                ctx["db"],
+                name="bench",
+                provider="local",
+                git_url=str(origin(where)),
+                base_branch="main",
             )
             run = await start_protocol(ctx, project, "Bench parallel steps", approved=True)
             await drain(ctx, project.id, printer=lambda _line: None)
@@ -78,14 +98,20 @@ async def run_once(bound: int, delay_s: float) -> float:
             took = time.perf_counter() - started
             state = await load_run(ctx["db"], run.id)
             if state.run.status != "completed":
-                raise SystemExit(f"bound {bound}: the protocol ended {state.run.status}: {state.run.runtime_state}")
+                raise SystemExit(
+                    f"bound {bound}: the protocol ended {state.run.status}: {state.run.runtime_state}"
+                )
             return took
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--delay", type=float, default=2.0, help="seconds each step's engine call waits")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each, alternating; medians compared")
+    parser.add_argument(
+        "--delay", type=float, default=2.0, help="seconds each step's engine call waits"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each, alternating; medians compared"
+    )
     args = parser.parse_args()
     print(f"plan: 5 steps, depends_on {DEPENDS_ON}; engine wait {args.delay:.1f} s per step")
     serials: list[float] = []
@@ -93,7 +119,9 @@ async def main() -> None:
     for n in range(args.repeat):
         serials.append(await run_once(1, args.delay))
         parallels.append(await run_once(3, args.delay))
-        print(f"run {n + 1}: max_parallel_steps=1 {serials[-1]:.2f} s, max_parallel_steps=3 {parallels[-1]:.2f} s")
+        print(
+            f"run {n + 1}: max_parallel_steps=1 {serials[-1]:.2f} s, max_parallel_steps=3 {parallels[-1]:.2f} s"
+        )
     serial, parallel = statistics.median(serials), statistics.median(parallels)
     print(f"max_parallel_steps=1: {serial:.2f} s (median of {args.repeat})")
     print(f"max_parallel_steps=3: {parallel:.2f} s (median of {args.repeat})")

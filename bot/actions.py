@@ -7,11 +7,12 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from bot import gitops
+from bot import git
 from bot.errors import NotFound, TransitionConflict
 from bot.git.names import protocol_name
+from bot.jobs.advance import enqueue_next_step
 from bot.models import Project, ProtocolRun
-from bot.protocol import may_approve_step, resume_decision
+from bot.protocol import ProtocolStatus, StepStatus, may_approve_step, resume_decision
 from bot.runs import (
     create_run,
     emit,
@@ -20,7 +21,12 @@ from bot.runs import (
     set_protocol_status,
     set_step_status,
     update_run,
+    update_step,
 )
+
+# short names for the status enums: guards below list several at once
+_P = ProtocolStatus
+_S = StepStatus
 
 
 async def start_protocol(
@@ -43,7 +49,7 @@ async def start_protocol(
     auth = await ctx["forges"].forge_for(project).git_auth_header(ctx["forges"].repo_ref(project))
     mirror = await ctx["git"].ensure_mirror(project.git_url, auth)
     for _ in range(20):
-        number = await gitops.next_protocol_number(
+        number = await git.next_protocol_number(
             mirror, project.base_branch, await run_names(ctx["db"], project.id)
         )
         try:
@@ -61,7 +67,7 @@ async def start_protocol(
         except IntegrityError:  # another request took this number first
             continue
     else:  # pragma: no cover - 20 collisions in a row means something else is wrong
-        raise TransitionConflict("ProtocolRun", 0, "busy", "pending")
+        raise TransitionConflict("ProtocolRun", 0, "busy", _P.PENDING)
     runtime: dict[str, Any] = {"issue_body": issue_body} if issue_body else {}
     if pull is not None:
         runtime["branch"] = pull[1]
@@ -75,7 +81,7 @@ async def start_protocol(
 
 
 # run states in which no step may be (re)run
-_NOT_RUNNABLE = ("completed", "cancelled", "paused", "pending", "planning")
+_NOT_RUNNABLE = (_P.COMPLETED, _P.CANCELLED, _P.PAUSED, _P.PENDING, _P.PLANNING)
 
 
 def _job_suffix() -> str:
@@ -91,44 +97,43 @@ async def approve(ctx: dict[str, Any], run_id: int, step_index: int | None = Non
     """Approve the plan (no step) so steps may run, or accept a failed/blocked step as completed."""
     state = await load_run(ctx["db"], run_id)
     if step_index is None:
-        if state.run.status not in ("planned", "running", "paused", "blocked"):
+        if state.run.status not in (_P.PLANNED, _P.RUNNING, _P.PAUSED, _P.BLOCKED):
             raise TransitionConflict("ProtocolRun", run_id, state.run.status, "approved")
         await update_run(ctx["db"], run_id, approved=True)
         await emit(ctx["db"], state, "protocol.approved", "plan approved")
         if state.run.auto_mode:
-            from bot.jobs.advance import enqueue_next_step
 
             await enqueue_next_step(ctx, run_id)
         return "approved"
     step = state.step(step_index)
     if not may_approve_step(step.status):
-        raise step_conflict(step, "completed")
-    await set_step_status(ctx["db"], step.id, "completed", f"step {step_index:02d} approved by a human")
-    step.status = "completed"
-    if state.run.status in ("blocked", "failed"):
-        await set_protocol_status(ctx["db"], run_id, "running", "resumed after approval")
-        state.run.status = "running"
+        raise step_conflict(step, _S.COMPLETED)
+    approved = f"step {step_index:02d} approved by a human"
+    await set_step_status(ctx["db"], step.id, _S.COMPLETED, approved)
+    step.status = _S.COMPLETED
+    if state.run.status in (_P.BLOCKED, _P.FAILED):
+        await set_protocol_status(ctx["db"], run_id, _P.RUNNING, "resumed after approval")
+        state.run.status = _P.RUNNING
     await _carry_on(ctx, state)
     return "step-approved"
 
 
 async def _carry_on(ctx: dict[str, Any], state: Any) -> None:
     """After a human accepted a step: complete the protocol, or let an auto protocol go on."""
-    if state.run.status != "running":
+    if state.run.status != _P.RUNNING:
         return
     from bot.jobs import schedule
 
     if schedule.parallel(state):  # a graph: the accepted step is merged first, then the rest go on
         await schedule.schedule_ready(ctx, state.run.id, start=bool(state.run.auto_mode))
         return
-    if all(s.status == "completed" for s in state.steps):
-        await set_protocol_status(ctx["db"], state.run.id, "completed", "every step completed")
+    if all(s.status == _S.COMPLETED for s in state.steps):
+        await set_protocol_status(ctx["db"], state.run.id, _P.COMPLETED, "every step completed")
         from bot.jobs.ready import announce_ready
 
         state.run.status = "completed"
         await announce_ready(ctx, state)
     elif state.run.auto_mode:
-        from bot.jobs.advance import enqueue_next_step
 
         await enqueue_next_step(ctx, state.run.id, state)
 
@@ -138,21 +143,21 @@ async def run_step(
 ) -> int:
     state = await load_run(ctx["db"], run_id)
     if not state.steps:
-        raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
+        raise TransitionConflict("ProtocolRun", run_id, state.run.status, _P.RUNNING)
     if state.run.status in _NOT_RUNNABLE:
-        raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
+        raise TransitionConflict("ProtocolRun", run_id, state.run.status, _P.RUNNING)
     from bot.jobs import schedule
 
     if schedule.parallel(state):  # a graph: its dependencies first; "next" is every ready step
         return await schedule.run_step(ctx, state, step_index, reply_to)
     if step_index is None:
-        pending = [s for s in state.steps if s.status in ("pending", "failed", "blocked")]
+        pending = [s for s in state.steps if s.status in (_S.PENDING, _S.FAILED, _S.BLOCKED)]
         if not pending:
-            raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
+            raise TransitionConflict("ProtocolRun", run_id, state.run.status, _P.RUNNING)
         step_index = pending[0].step_index
     step = state.step(step_index)
-    if step.status in ("running",):
-        raise step_conflict(step, "running")
+    if step.status in (_S.RUNNING,):
+        raise step_conflict(step, _S.RUNNING)
     await ctx["redis"].enqueue_job(
         "execute_step",
         _job_id=f"exec:{run_id}:{step_index}:{_job_suffix()}",
@@ -168,15 +173,15 @@ async def run_qa(
 ) -> int:
     state = await load_run(ctx["db"], run_id)
     if step_index is None:
-        candidates = [s for s in state.steps if s.status == "needs_qa"] or [
-            s for s in state.steps if s.status == "completed"
+        candidates = [s for s in state.steps if s.status == _S.NEEDS_QA] or [
+            s for s in state.steps if s.status == _S.COMPLETED
         ][-1:]
         if not candidates:
             raise NotFound("no step is waiting for QA")
         step_index = candidates[0].step_index
     step = state.step(step_index)
-    if step.status not in ("needs_qa", "completed"):
-        raise step_conflict(step, "needs_qa")
+    if step.status not in (_S.NEEDS_QA, _S.COMPLETED):
+        raise step_conflict(step, _S.NEEDS_QA)
     await ctx["redis"].enqueue_job(
         "run_quality",
         _job_id=f"qa:{run_id}:{step_index}:{_job_suffix()}",
@@ -196,30 +201,30 @@ async def retry(
     guidance: str = "",
 ) -> int:
     state = await load_run(ctx["db"], run_id)
-    if step_index is None and not state.steps and state.run.status == "failed":
+    if step_index is None and not state.steps and state.run.status == _P.FAILED:
         await replan(ctx, run_id)  # planning failed: /retry plans again
         return 0
     if step_index is None:
-        failed = [s for s in state.steps if s.status in ("failed", "blocked", "needs_qa")]
+        failed = [s for s in state.steps if s.status in (_S.FAILED, _S.BLOCKED, _S.NEEDS_QA)]
         if not failed:
             raise TransitionConflict("ProtocolRun", run_id, state.run.status, "retry")
         step_index = failed[0].step_index
     step = state.step(step_index)
     author = (reply_to or {}).get("author")
-    if step.status == "needs_qa":
+    if step.status == _S.NEEDS_QA:
         if guidance.strip():  # kept for the step's next execution
             await _add_guidance(ctx, step, author, guidance)
         return await run_qa(ctx, run_id, step_index, reply_to)
-    if step.status not in ("failed", "blocked", "completed", "pending"):
-        raise step_conflict(step, "pending")
+    if step.status not in (_S.FAILED, _S.BLOCKED, _S.COMPLETED, _S.PENDING):
+        raise step_conflict(step, _S.PENDING)
     # refuse before changing anything: a refused action must leave the step as it was
-    if state.run.status in ("completed", "cancelled", "pending", "planning"):
-        raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
+    if state.run.status in (_P.COMPLETED, _P.CANCELLED, _P.PENDING, _P.PLANNING):
+        raise TransitionConflict("ProtocolRun", run_id, state.run.status, _P.RUNNING)
     if guidance.strip():  # `/retry N text…`: the text reaches the step's next attempt
         await _add_guidance(ctx, step, author, guidance)
     await reset_step(ctx, step, "retry requested")
-    if state.run.status in ("blocked", "failed", "paused"):
-        await set_protocol_status(ctx["db"], run_id, "running", "retrying")
+    if state.run.status in (_P.BLOCKED, _P.FAILED, _P.PAUSED):
+        await set_protocol_status(ctx["db"], run_id, _P.RUNNING, "retrying")
     return await run_step(ctx, run_id, step_index, reply_to)
 
 
@@ -237,17 +242,16 @@ async def _add_guidance(ctx: dict[str, Any], step: Any, author: str | None, text
 
 async def reset_step(ctx: dict[str, Any], step: Any, why: str) -> None:
     """A new attempt of a step: retries + 1 (a new attempt id for its commit), back to pending."""
-    from bot.runs import update_step
 
     rs = {k: v for k, v in (step.runtime_state or {}).items() if k != "interrupted"}
     await update_step(ctx["db"], step.id, retries=step.retries + 1, runtime_state=rs)
-    if step.status != "pending":
-        await set_step_status(ctx["db"], step.id, "pending", why)
+    if step.status != _S.PENDING:
+        await set_step_status(ctx["db"], step.id, _S.PENDING, why)
 
 
 async def replan(ctx: dict[str, Any], run_id: int) -> None:
     """Plan a protocol again whose planning failed (failed → planning), under a new job id."""
-    await set_protocol_status(ctx["db"], run_id, "planning", "planning restarted")
+    await set_protocol_status(ctx["db"], run_id, _P.PLANNING, "planning restarted")
     await ctx["redis"].enqueue_job(
         "plan_protocol", _job_id=f"plan:{run_id}:{_job_suffix()}", protocol_run_id=run_id
     )
@@ -256,15 +260,16 @@ async def replan(ctx: dict[str, Any], run_id: int) -> None:
 async def pause(ctx: dict[str, Any], run_id: int, by: str | None = None) -> None:
     """Pause; a running engine notices within a second, is stopped and its step runs again later."""
     message = f"paused by @{by}" if by else "paused by request"
-    await set_protocol_status(ctx["db"], run_id, "paused", message, runtime_state=await _with_message(ctx, run_id, message))
+    runtime = await _with_message(ctx, run_id, message)
+    await set_protocol_status(ctx["db"], run_id, _P.PAUSED, message, runtime_state=runtime)
 
 
 async def resume(ctx: dict[str, Any], run_id: int, reply_to: dict[str, Any] | None = None) -> None:
     """Back to running, and re-run the step that stopped the protocol (not the next one)."""
     state = await load_run(ctx["db"], run_id)
     if not state.steps:  # nothing planned yet: a failed planning is resumed by planning again
-        if state.run.status != "failed":
-            raise TransitionConflict("ProtocolRun", run_id, state.run.status, "running")
+        if state.run.status != _P.FAILED:
+            raise TransitionConflict("ProtocolRun", run_id, state.run.status, _P.RUNNING)
         await replan(ctx, run_id)
         return
     decision = resume_decision(
@@ -272,10 +277,12 @@ async def resume(ctx: dict[str, Any], run_id: int, reply_to: dict[str, Any] | No
     )
     if decision.action == "run_step" and decision.step_index is not None:
         step = state.step(decision.step_index)
-        if step.status in ("failed", "blocked", "pending"):
+        if step.status in (_S.FAILED, _S.BLOCKED, _S.PENDING):
             await reset_step(ctx, step, "resumed")
     runtime = {k: v for k, v in (state.run.runtime_state or {}).items() if k != "message"}
-    await set_protocol_status(ctx["db"], run_id, "running", "resumed by request", runtime_state=runtime)
+    await set_protocol_status(
+        ctx["db"], run_id, _P.RUNNING, "resumed by request", runtime_state=runtime
+    )
     if decision.action == "run_step" and decision.step_index is not None:
         await run_step(ctx, run_id, decision.step_index, reply_to)
     elif decision.action == "run_qa" and decision.step_index is not None:
@@ -284,8 +291,8 @@ async def resume(ctx: dict[str, Any], run_id: int, reply_to: dict[str, Any] | No
 
 def _resume_status(step: Any) -> str:
     # a step a pause interrupted is pending again, but it is the one that stopped the protocol
-    if step.status == "pending" and (step.runtime_state or {}).get("interrupted"):
-        return "running"
+    if step.status == _S.PENDING and (step.runtime_state or {}).get("interrupted"):
+        return _P.RUNNING
     return str(step.status)
 
 
@@ -294,11 +301,11 @@ async def cancel(ctx: dict[str, Any], run_id: int, by: str | None = None) -> Non
     state = await load_run(ctx["db"], run_id)
     message = f"cancelled by @{by}" if by else "cancelled by request"
     runtime = {**(state.run.runtime_state or {}), "message": message}
-    await set_protocol_status(ctx["db"], run_id, "cancelled", message, runtime_state=runtime)
+    await set_protocol_status(ctx["db"], run_id, _P.CANCELLED, message, runtime_state=runtime)
     for step in state.steps:
-        if step.status in ("pending", "running", "needs_qa"):
+        if step.status in (_S.PENDING, _S.RUNNING, _S.NEEDS_QA):
             try:
-                await set_step_status(ctx["db"], step.id, "cancelled", "protocol cancelled")
+                await set_step_status(ctx["db"], step.id, _S.CANCELLED, "protocol cancelled")
             except TransitionConflict:
                 pass
 

@@ -17,15 +17,30 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from bot.api.table import api_routes
+from bot.app_credentials import read_app_credentials
+from bot.console import console_routes
+from bot.console_deliveries import delivery_routes, server_error
+from bot.console_steps import step_routes
 from bot.db import Database, database_from_settings
+from bot.demo import start_demo
+from bot.doctor_results import INSTANCE_HEADER, instance_fingerprint
 from bot.edge import ClientGone, WebhookEdge, read_body, webhook_edges
+from bot.github_setup import setup_routes
 from bot.handlers import build_router
 from bot.handlers.router import Router
 from bot.handlers.sansio import LowerCaseHeaders
+from bot.health import write_problems
 from bot.intake import DeliveryStore, relay_outbox
 from bot.jobs.common import JOB_METRICS_KEY
+from bot.jobs.worker import build_worker, stop_embedded_worker
+from bot.migrate import upgrade_head
 from bot.observability import Metrics, configure_logging
 from bot.queue import JobSpec, create_redis, enqueue_many, queue_stats
+from bot.reachability import which_is_down
+from bot.secretbox import private_dir
+from bot.security import is_loopback_bind
+from bot.services import build_services, close_services
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,7 +74,6 @@ class AppState:
     async def services_ctx(self) -> dict[str, Any]:
         """A job-like ctx (db, redis, engines, git, forges) for API actions, built on first use."""
         if self.services is None:
-            from bot.services import build_services
 
             ctx: dict[str, Any] = {"settings": self.settings, "db": self.db, "redis": self.redis}
             ctx.update(self.extra.get("worker_ctx", {}))
@@ -82,8 +96,6 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
 
 
 async def healthz(request: Request) -> Response:
-    from bot.doctor import INSTANCE_HEADER
-
     instance = state_of(request).extra.get("instance")
     # the header lets `doctor` tell this instance from any server answering at PUBLIC_URL
     headers = {INSTANCE_HEADER: instance} if instance else {INSTANCE_HEADER: "-"}
@@ -104,7 +116,6 @@ async def readyz(request: Request) -> Response:
     except Exception as exc:
         problems["queue"] = type(exc).__name__
     if "database" not in problems:
-        from bot.health import write_problems
 
         assert state.db is not None
         problems.update(await write_problems(state.db, state.settings.data_dir))
@@ -152,11 +163,6 @@ async def metrics(request: Request) -> Response:
 
 
 def routes(edges: dict[str, WebhookEdge]) -> list[BaseRoute]:
-    from bot.api import api_routes
-    from bot.console import console_routes
-    from bot.console_steps import step_routes
-    from bot.github_setup import setup_routes
-
     return [
         # DeksdenflowApp hands these POSTs to the edges before starlette sees them; the routes
         # are here so that other methods get starlette's 405, as on any other route
@@ -169,6 +175,7 @@ def routes(edges: dict[str, WebhookEdge]) -> list[BaseRoute]:
         *api_routes(),
         *console_routes(),
         *step_routes(),
+        *delivery_routes(),
         *setup_routes(),
     ]
 
@@ -201,11 +208,9 @@ def create_app(
     unless that is a loopback address.
     """
     state = AppState(settings=settings, metrics=Metrics(), router=build_router())
-    from bot.doctor import instance_fingerprint
 
     state.extra["instance"] = instance_fingerprint(settings)
     if bind_host is not None and settings.api_token is None:
-        from bot.security import is_loopback_bind
 
         state.extra["api_closed"] = not is_loopback_bind(bind_host)
     run_worker = settings.memory_queue if embedded_worker is None else embedded_worker
@@ -214,11 +219,8 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         configure_logging(settings.log_level, settings.log_json, settings.secret_values())
         if settings.database_url.startswith("sqlite"):
-            from bot.migrate import upgrade_head
 
             await asyncio.to_thread(upgrade_head, settings.database_url)
-        from bot.github_setup import read_app_credentials
-        from bot.secretbox import private_dir
 
         private_dir(settings.data_dir)  # 0700: keys, mirrors and the SQLite file live below
         state.db = database_from_settings(settings)
@@ -240,18 +242,15 @@ def create_app(
             if relayed:
                 log.info("relayed %d deliveries left pending by an earlier run", relayed)
         except Exception:
-            from bot.reachability import which_is_down
 
             down = await which_is_down(db, redis, settings)
             log.warning("%s at start; pending deliveries are relayed once it is back", down)
         if run_worker:
-            from bot.jobs.worker import build_worker
 
             worker = build_worker(settings, ctx={"db": db, "redis": redis, **state.extra.get("worker_ctx", {})})
             state.worker_task = asyncio.create_task(worker.async_run(), name="embedded-worker")
             state.extra["worker"] = worker
         if demo_port is not None:
-            from bot.demo import start_demo
 
             # printed by `serve` once the port is bound (bot/serving.py), not before
             state.extra["banner"] = await start_demo(await state.services_ctx(), demo_port)
@@ -260,18 +259,15 @@ def create_app(
         finally:
             await state.store.stop()
             if state.services is not None:
-                from bot.services import close_services
 
                 await close_services(state.services)
             if state.worker_task is not None:
-                from bot.jobs.worker import stop_embedded_worker
 
                 await stop_embedded_worker(state.extra["worker"], state.worker_task)
             await redis.aclose(close_connection_pool=True)
             await db.dispose()
 
     edges = webhook_edges(state)
-    from bot.console_deliveries import server_error
 
     # database failures answer 503 (one line); anything else unhandled gets the styled page
     app = DeksdenflowApp(

@@ -16,11 +16,13 @@ from typing import Any, Literal
 
 from sqlalchemy import select
 
+from bot.ci import apply_ci_result
 from bot.errors import WebhookError
 from bot.handlers.router import HandlerContext
 from bot.handlers.sansio import IncomingDelivery
 from bot.jsonlimits import MAX_JSON_DEPTH, too_deep
 from bot.models import Project, ProtocolRun
+from bot.runs import emit, load_run
 
 TOKEN_ENV = "DEKSDENFLOW_WEBHOOK_TOKEN"
 SIGNATURE_HEADER = "x-deksdenflow-signature"
@@ -163,8 +165,6 @@ def ci_delivery(headers: Mapping[str, str], body: bytes, secret: str) -> Incomin
 
 async def handle_report(ctx: HandlerContext) -> None:
     """The job side of the hook: find the run, then record `running` or apply the result."""
-    from bot.ci import apply_ci_result
-    from bot.runs import emit, load_run
 
     services = ctx.services
     try:

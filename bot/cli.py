@@ -6,9 +6,13 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
+from bot import cli_gitlab, cli_protocol, cli_setup, doctor, doctor_results, report
 from bot.errors import ConfigError, DeksdenFlowError
+from bot.jobs.worker import run_worker
+from bot.migrate import upgrade_head
+from bot.reachability import database_error, is_database_error, ping_database
+from bot.serving import private_umask, serve
 from bot.settings import Settings, external_file_env, load_settings
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -16,26 +20,7 @@ _COMMANDS: dict[str, Command] = {}
 _EXTENSIONS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
 
 
-def uvicorn_options(settings: Settings, host: str, port: int) -> dict[str, Any]:
-    """uvicorn's keyword arguments for `serve` (pure).
-
-    Forwarding headers are believed only from DEKSDENFLOW_TRUSTED_PROXIES: uvicorn's own default
-    trusts 127.0.0.1, which makes any proxy or sidecar on the host a way to claim any address.
-    """
-    proxies = settings.trusted_proxies.strip()
-    return {
-        "host": host,
-        "port": port,
-        "log_level": "warning",
-        "access_log": False,
-        "proxy_headers": bool(proxies),
-        "forwarded_allow_ips": proxies or "",
-    }
-
-
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.serving import serve
-
     port = args.port if args.port is not None else settings.port
     _require_database(settings)
     return serve(settings, host=args.host, port=port, demo=args.demo)
@@ -44,33 +29,19 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from bot import doctor
 
     results = asyncio.run(doctor.run_checks(settings, offline=args.offline))
-    print(doctor.to_json(results) if args.json else doctor.render(results))
-    return doctor.exit_code(results)
+    print(doctor_results.to_json(results) if args.json else doctor_results.render(results))
+    return doctor_results.exit_code(results)
 
 
 def _doctor_config_error(args: argparse.Namespace, exc: ConfigError) -> int:
-    from bot import doctor
-
-    results = [doctor.config_error_result(exc)]
-    print(doctor.to_json(results) if args.json else doctor.render(results))
+    results = [doctor_results.config_error_result(exc)]
+    print(doctor_results.to_json(results) if args.json else doctor_results.render(results))
     return 1
 
 
-def private_umask() -> None:
-    """Everything the service writes (mirrors, worktrees, SQLite, keys) is 0600/0700.
-
-    Set for the long-running commands only: the local CLI commands write into the user's own
-    checkout, where the user's umask is the right one.
-    """
-    os.umask(0o077)
-
-
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.jobs.worker import run_worker
-
     if settings.memory_queue:
         print(
             "DEKSDENFLOW_REDIS_URL is memory:// (in-process queue): `serve` runs its own worker; "
@@ -85,8 +56,6 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.migrate import upgrade_head
-
     upgrade_head(settings.database_url)
     print("database is at the latest migration", file=sys.stderr)
     return 0
@@ -97,7 +66,6 @@ def _require_database(settings: Settings) -> None:
     SQLite file is created on first use)."""
     import asyncio
 
-    from bot.reachability import ping_database
 
     if settings.database_url.startswith("sqlite"):
         return
@@ -147,10 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline", action="store_true", help="skip the model call (still checks the binary)"
     )
     doctor.set_defaults(handler=_doctor, on_config_error=_doctor_config_error)
-    from bot import cli_gitlab, cli_protocol, cli_setup
 
     cli_protocol.add_commands(sub)
-    from bot import report
 
     report.add_commands(sub)
     cli_gitlab.add_commands(sub)
@@ -188,7 +154,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        from bot.reachability import database_error, is_database_error
 
         if not is_database_error(exc):
             raise

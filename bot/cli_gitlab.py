@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 
+from bot.db import database_from_settings
 from bot.errors import ConfigError
+from bot.forge.gitlab import gitlab_forge
+from bot.migrate import upgrade_head
+from bot.models import Project
+from bot.runs import get_or_create_project
 from bot.settings import Settings
 
 if TYPE_CHECKING:
@@ -76,8 +81,6 @@ def _hook_secret(settings: Settings, *, hook_url: str | None, create_hook: bool)
 
 
 def _forge(settings: Settings) -> GitLabForge:
-    from bot.forge.gitlab import gitlab_forge
-
     assert settings.gitlab_token is not None
     return gitlab_forge(
         settings.gitlab_url,
@@ -99,11 +102,6 @@ async def _values(forge: GitLabForge, info: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _store(settings: Settings, projects: list[tuple[str, dict[str, Any]]]) -> None:
-    from bot.db import database_from_settings
-    from bot.migrate import upgrade_head
-    from bot.models import Project
-    from bot.runs import get_or_create_project
-
     if settings.database_url.startswith("sqlite"):
         await asyncio.to_thread(upgrade_head, settings.database_url)
     db = database_from_settings(settings)

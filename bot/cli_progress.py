@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from bot.models import ProtocolRun, StepRun
 from bot.pricing import fmt_cost
+from bot.protocol import ProtocolStatus, StepStatus
 from bot.rendering import fmt_duration
 from bot.transcript import transcript_page
 
@@ -67,9 +68,10 @@ async def snapshot(db: Any, run_id: int) -> Snapshot:
     items = await transcript_page(db, protocol_run_id=run_id, before=2**62, limit=30)
     latest = items[-1] if items else None
     acts = [i for i in items if i["kind"] in ("command", "file_change")]
-    running = next((s for s in steps if s.status == "running"), None)
+    running = next((s for s in steps if s.status == StepStatus.RUNNING), None)
     phase = run.status if run is not None else "?"
-    if latest is not None and run is not None and run.status in ("planning", "running"):
+    active = (ProtocolStatus.PLANNING, ProtocolStatus.RUNNING)
+    if latest is not None and run is not None and run.status in active:
         phase = PHASES.get(latest["phase"], latest["phase"])
         step = next((s for s in steps if s.id == latest["step_run_id"]), running)
         if step is not None:

@@ -11,13 +11,18 @@ from typing import Any
 
 from sqlalchemy import select
 
+from bot import git
+from bot.actions import run_qa, run_step, start_protocol
+from bot.cli_progress import Progress
 from bot.errors import ConfigError, NotFound
+from bot.local_runtime import drain, git_toplevel, local_project, local_runtime
 from bot.models import ForgeRecord, Project, ProtocolRun
 from bot.pricing import fmt_cost
-from bot.runs import load_run
+from bot.protocol import ProtocolStatus, StepStatus
+from bot.runs import load_run, update_run
 from bot.settings import Settings
 
-FAILED = ("failed", "blocked", "cancelled")
+FAILED = (ProtocolStatus.FAILED, ProtocolStatus.BLOCKED, ProtocolStatus.CANCELLED)
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,8 +88,6 @@ async def _find_run(ctx: dict[str, Any], project_id: int, ref: str) -> ProtocolR
 
 async def _drain(ctx: dict[str, Any], project_id: int, run_id: int) -> None:
     """Run the queued jobs, showing progress (in place on a terminal, lines otherwise)."""
-    from bot.cli_progress import Progress
-    from bot.local_runtime import drain
 
     async with Progress(ctx["db"], run_id).running() as printer:
         await drain(ctx, project_id, printer=printer)
@@ -93,7 +96,8 @@ async def _drain(ctx: dict[str, Any], project_id: int, run_id: int) -> None:
 async def _finish(ctx: dict[str, Any], run_id: int) -> int:
     state = await load_run(ctx["db"], run_id)
     print(_render(state, await _records(ctx, state.project.id)))
-    if state.run.status in FAILED or any(s.status in ("failed", "blocked") for s in state.steps):
+    stuck = (StepStatus.FAILED, StepStatus.BLOCKED)
+    if state.run.status in FAILED or any(s.status in stuck for s in state.steps):
         reason = (state.run.runtime_state or {}).get("message") or state.run.status
         print(f"\n✗ {state.run.protocol_name}: {reason}", file=sys.stderr)
         return 1
@@ -108,9 +112,6 @@ async def _finish(ctx: dict[str, Any], run_id: int) -> int:
 
 
 async def _new(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.actions import run_step, start_protocol
-    from bot.local_runtime import git_toplevel, local_project, local_runtime
-
     async with local_runtime(_settings_for(args, settings)) as ctx:
         # everything that would strand a protocol in `planning` is checked before a row exists
         if args.base:
@@ -124,7 +125,7 @@ async def _new(args: argparse.Namespace, settings: Settings) -> int:
         )
         await _drain(ctx, project.id, run.id)
         state = await load_run(ctx["db"], run.id)
-        if args.run_step and state.run.status == "planned":
+        if args.run_step and state.run.status == ProtocolStatus.PLANNED:
             await run_step(ctx, run.id, None)
             await _drain(ctx, project.id, run.id)
         return await _finish(ctx, run.id)
@@ -144,9 +145,8 @@ def engine_problem(engine_id: str, known: list[str], codex_bin: str) -> str | No
 
 async def check_branch(ctx: dict[str, Any], repo: Path, branch: str) -> None:
     """ConfigError (one line) unless `branch` is a branch with a commit in `repo`."""
-    from bot import gitops
 
-    found = await gitops.run_git(
+    found = await git.run_git(
         ["rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}"],
         cwd=repo,
         timeout=ctx["settings"].git_timeout_s,
@@ -168,10 +168,6 @@ async def check_can_start(ctx: dict[str, Any], project: Any) -> None:
 
 
 async def _run_step(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.actions import run_step
-    from bot.local_runtime import local_project, local_runtime
-    from bot.runs import update_run
-
     async with local_runtime(_settings_for(args, settings)) as ctx:
         project = await local_project(ctx, args.repo, None)
         run = await _find_run(ctx, project.id, args.protocol)
@@ -184,9 +180,6 @@ async def _run_step(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _qa(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.actions import run_qa
-    from bot.local_runtime import local_project, local_runtime
-
     async with local_runtime(_settings_for(args, settings)) as ctx:
         project = await local_project(ctx, args.repo, None)
         run = await _find_run(ctx, project.id, args.protocol)
@@ -255,8 +248,6 @@ async def _status_everywhere(ctx: dict[str, Any], ref: str | None) -> int:
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.local_runtime import git_toplevel, local_project, local_runtime
-
     async with local_runtime(settings) as ctx:
         if args.repo == Path("."):
             try:

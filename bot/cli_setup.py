@@ -10,9 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bot import gitops
+from bot.codemachine.importer import import_workspace, read_workspace_dir
 from bot.errors import ConfigError
+from bot.git import commit_all, head_sha
 from bot.jobs.setup import DISCOVERY_COMMIT, SETUP_COMMIT, run_discovery
+from bot.local_runtime import drain, local_project, local_runtime
 from bot.onboarding import (
     SETUP_BRANCH,
     LocalSetupReport,
@@ -21,7 +23,9 @@ from bot.onboarding import (
     repo_warnings,
     write_starter_files,
 )
+from bot.runs import load_run
 from bot.settings import Settings
+from bot.store import record_event
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,8 +87,6 @@ async def local_setup(
     ctx: dict[str, Any] | None = None,
 ) -> LocalSetupReport:
     """The `setup` command's work, callable from tests; events go to the settings' database."""
-    from bot.local_runtime import local_project, local_runtime
-    from bot.store import record_event
 
     root = await asyncio.to_thread(root.resolve)
     initialized = False
@@ -167,10 +169,10 @@ async def _setup_on_branch(
         await git(top, "worktree", "add", "-q", "-b", SETUP_BRANCH, str(wt), base)
         try:
             report = write_starter_files(wt, force=force)
-            await gitops.commit_all(wt, SETUP_COMMIT, settings.bot_name, settings.bot_email)
-            before = await gitops.head_sha(wt)
+            await commit_all(wt, SETUP_COMMIT, settings.bot_name, settings.bot_email)
+            before = await head_sha(wt)
             await run_discovery(ctx, wt, repo=top.name, base_branch=base, project=project)
-            await gitops.commit_all(wt, DISCOVERY_COMMIT, settings.bot_name, settings.bot_email)
+            await commit_all(wt, DISCOVERY_COMMIT, settings.bot_name, settings.bot_email)
             _, out = await git(wt, "diff", "--name-only", before, "HEAD")
             report.discovery_changed = [line for line in out.splitlines() if line]
             report.discovery_branch = SETUP_BRANCH
@@ -216,9 +218,33 @@ def _cmd_setup(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _cmd_codemachine_import(args: argparse.Namespace, settings: Settings) -> int:
-    from bot.codemachine import import_local
+async def import_local(
+    settings: Any,
+    workspace: Path,
+    repo: Path,
+    *,
+    base: str | None = None,
+    workflow: str | None = None,
+    engine: str | None = None,
+) -> dict[str, Any]:
+    """`deksdenflow codemachine import`: import into a local repository and write its branch."""
+    files = read_workspace_dir(workspace)
+    async with local_runtime(settings) as ctx:
+        project = await local_project(ctx, repo, base)
+        run, plan = await import_workspace(ctx, project, files, workflow=workflow, engine=engine)
+        await drain(ctx, project.id)
+        state = await load_run(ctx["db"], run.id)
+        return {
+            "protocol_run_id": run.id,
+            "protocol": run.protocol_name,
+            "status": state.run.status,
+            "workflow": plan.workflow,
+            "steps": [s["file"] for s in plan.spec["steps"]],
+            "warnings": plan.warnings,
+        }
 
+
+def _cmd_codemachine_import(args: argparse.Namespace, settings: Settings) -> int:
     result = asyncio.run(
         import_local(
             _settings_for(args, settings),

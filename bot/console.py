@@ -16,8 +16,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bot import sessions
-from bot.api import (
-    ACTIONS,
+from bot.api.core import (
     CONSOLE_COOKIE,
     CONSOLE_HEADER,
     MAX_ID,
@@ -25,28 +24,28 @@ from bot.api import (
     Access,
     authenticate,
     delivery_json,
-    event_json,
     project_json,
-    queue_snapshot,
     run_json,
-    step_json,
 )
-from bot.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
+from bot.api.queues import queue_snapshot
+from bot.api.run_actions import ACTIONS
+from bot.models import Project, ProtocolRun, WebhookDelivery
+from bot.protocol import ProtocolStatus
 
 TEMPLATES = Path(__file__).parent / "templates" / "console"
 Page = Callable[[Request], Awaitable[Response]]
 PAGE_SIZE = 50
 # which buttons a run page offers, by run status (the API still guards every transition)
 BUTTONS: dict[str, tuple[str, ...]] = {
-    "pending": ("start", "cancel"),
-    "planning": ("cancel",),
-    "planned": ("approve", "run", "open_pr", "cancel"),
-    "running": ("run", "run_qa", "rerun", "pause", "open_pr", "cancel"),
-    "paused": ("resume", "cancel"),
-    "blocked": ("approve", "rerun", "resume", "cancel"),
-    "failed": ("start", "rerun", "cancel"),
-    "completed": ("open_pr",),
-    "cancelled": (),
+    ProtocolStatus.PENDING: ("start", "cancel"),
+    ProtocolStatus.PLANNING: ("cancel",),
+    ProtocolStatus.PLANNED: ("approve", "run", "open_pr", "cancel"),
+    ProtocolStatus.RUNNING: ("run", "run_qa", "rerun", "pause", "open_pr", "cancel"),
+    ProtocolStatus.PAUSED: ("resume", "cancel"),
+    ProtocolStatus.BLOCKED: ("approve", "rerun", "resume", "cancel"),
+    ProtocolStatus.FAILED: ("start", "rerun", "cancel"),
+    ProtocolStatus.COMPLETED: ("open_pr",),
+    ProtocolStatus.CANCELLED: (),
 }
 LABELS = {
     "start": "Start planning",
@@ -279,50 +278,6 @@ async def protocols_page(request: Request) -> Response:
 
 
 @console_page
-async def run_page(request: Request) -> Response:
-    from bot.console_steps import run_state
-
-    run_id = _id(request, "run_id")
-    async with _db(request).sessions() as session:
-        run = await session.get(ProtocolRun, run_id)
-        if run is None:
-            raise LookupError(f"protocol run {run_id} does not exist")
-        project = await session.get(Project, run.project_id)
-        steps = list(
-            (
-                await session.execute(
-                    select(StepRun).where(StepRun.protocol_run_id == run_id).order_by(StepRun.step_index).limit(1000)
-                )
-            ).scalars()
-        )
-        # the newest 50 events, shown oldest first; the page then tails with ?after=
-        events = list(
-            (
-                await session.execute(
-                    select(Event)
-                    .where(Event.protocol_run_id == run_id)
-                    .order_by(Event.id.desc())
-                    .limit(50)
-                )
-            ).scalars()
-        )
-    events.reverse()
-    return render(
-        request,
-        "run.html",
-        run=run_json(run),
-        project=project_json(project) if project else None,
-        steps=[step_json(s) for s in steps],
-        events=[event_json(e) for e in events],
-        last_event=events[-1].id if events else 0,
-        # the buttons valid in this state; the page's stream keeps them (and the rest) current
-        buttons=(live := run_state(run, steps))["buttons"],
-        live=live,
-        all_actions=ACTIONS,
-    )
-
-
-@console_page
 async def deliveries_page(request: Request) -> Response:
     before_raw = request.query_params.get("before") or ""
     if before_raw and not before_raw.isdigit():
@@ -360,7 +315,6 @@ def console_routes() -> list[BaseRoute]:
         Route("/console/logout", logout, methods=["POST"]),
         Route("/console/projects/{project_id:int}", project_page),
         Route("/console/protocols", protocols_page),
-        Route("/console/protocols/{run_id:int}", run_page),
         Route("/console/deliveries", deliveries_page),
         Route("/console/queue", queue_page),
     ]

@@ -8,11 +8,14 @@ from typing import Any
 from sqlalchemy import select, update
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
 
-from bot.api import MAX_ID, delivery_json, event_json
+from bot.api.core import CONSOLE_COOKIE, CONSOLE_HEADER, MAX_ID, delivery_json, event_json
 from bot.console import console_page, render
 from bot.console_steps import _db, _int, _stream_access
 from bot.models import Event, WebhookDelivery
+from bot.queue import JobSpec, enqueue_many
+from bot.store import record_event
 
 # headers worth showing from a stored delivery; everything else (signatures, tokens) stays out
 SAFE_HEADERS = (
@@ -59,9 +62,6 @@ async def redeliver(request: Request) -> Response:
     refused = await _stream_access(request)
     if refused is not None:
         return refused
-    from bot.api import CONSOLE_COOKIE, CONSOLE_HEADER
-    from bot.queue import JobSpec, enqueue_many
-    from bot.store import record_event
 
     # a cookie-authenticated write must come from our own page (CSRF), like the API's actions
     by_cookie = "authorization" not in request.headers and bool(request.cookies.get(CONSOLE_COOKIE))
@@ -131,3 +131,11 @@ async def server_error(request: Request, exc: Exception) -> Response:
         '<p><a href="/console">Back to the console</a></p>',
         status_code=500,
     )
+
+
+def delivery_routes() -> list[BaseRoute]:
+    return [
+        Route("/", root),
+        Route("/favicon.ico", favicon),
+        Route("/console/deliveries/{delivery_id:int}", delivery_page),
+    ]

@@ -19,20 +19,23 @@ from starlette.responses import (
 )
 from starlette.routing import BaseRoute, Route
 
-from bot.api import (
+from bot.api.core import (
     MAX_ID,
     Access,
     authenticate,
     event_json,
+    project_json,
     run_json,
     step_json,
 )
+from bot.api.run_actions import ACTIONS
 from bot.console import console_page, render
 from bot.diffview import FileDiff, parse_diff
 from bot.git.names import safe_repo_name
 from bot.git.runner import run_git
 from bot.models import Event, Project, ProtocolRun, StepRun
 from bot.pricing import fmt_cost
+from bot.protocol import ProtocolStatus, StepStatus
 from bot.rendering import fmt_duration
 from bot.transcript import transcript_page
 
@@ -40,11 +43,14 @@ PAGE_ITEMS = 200  # transcript items on the first screen; older ones page in wit
 STREAM_POLL_S = 0.4  # how often a stream looks for new rows (any worker may be writing them)
 STREAM_MAX_S = 600.0  # then the stream ends and EventSource reconnects with Last-Event-ID
 KEEPALIVE_S = 15.0
-FINISHED_STEP = ("completed", "failed", "cancelled", "blocked")
+# short names for the status enums: the button rules below list several at once
+_P = ProtocolStatus
+_S = StepStatus
+FINISHED_STEP = (_S.COMPLETED, _S.FAILED, _S.CANCELLED, _S.BLOCKED)
 PHASE_NAMES = {"execute": "Execution", "qa": "Quality check", "planning": "Planning",
                "decompose": "Decomposition", "discovery": "Discovery"}  # fmt: skip
 # run statuses in which no step may be (re)run: bot/actions.py refuses them with a 409
-NOT_RUNNABLE = ("completed", "cancelled", "paused", "pending", "planning")
+NOT_RUNNABLE = (_P.COMPLETED, _P.CANCELLED, _P.PAUSED, _P.PENDING, _P.PLANNING)
 
 
 # -- which actions are valid now (pure) -------------------------------------------------------
@@ -55,24 +61,24 @@ def valid_actions(run: dict[str, Any], steps: Sequence[dict[str, Any]]) -> list[
     status = run["status"]
     statuses = {s["status"] for s in steps}
     actions: list[str] = []
-    if status == "pending" or (status == "failed" and not steps):
+    if status == _P.PENDING or (status == _P.FAILED and not steps):
         actions.append("start")
-    if status in ("planned", "running", "paused", "blocked") and not run.get("approved"):
+    if status in (_P.PLANNED, _P.RUNNING, _P.PAUSED, _P.BLOCKED) and not run.get("approved"):
         actions.append("approve")
-    runnable = status not in NOT_RUNNABLE and bool(steps) and "running" not in statuses
-    if runnable and statuses & {"pending", "failed", "blocked"}:
+    runnable = status not in NOT_RUNNABLE and bool(steps) and _S.RUNNING not in statuses
+    if runnable and statuses & {_S.PENDING, _S.FAILED, _S.BLOCKED}:
         actions.append("run")
-    if "needs_qa" in statuses and status not in ("cancelled", "completed"):
+    if _S.NEEDS_QA in statuses and status not in (_P.CANCELLED, _P.COMPLETED):
         actions.append("run_qa")
-    if runnable and statuses & {"failed", "blocked"}:
+    if runnable and statuses & {_S.FAILED, _S.BLOCKED}:
         actions.append("rerun")
-    if status == "running":
+    if status == _P.RUNNING:
         actions.append("pause")
-    if status in ("paused", "blocked"):
+    if status in (_P.PAUSED, _P.BLOCKED):
         actions.append("resume")
-    if status not in ("completed", "cancelled"):
+    if status not in (_P.COMPLETED, _P.CANCELLED):
         actions.append("cancel")
-    if status not in ("pending", "planning", "cancelled") and steps and not run.get("pr_url"):
+    if status not in (_P.PENDING, _P.PLANNING, _P.CANCELLED) and steps and not run.get("pr_url"):
         actions.append("open_pr")
     return actions
 
@@ -80,9 +86,10 @@ def valid_actions(run: dict[str, Any], steps: Sequence[dict[str, Any]]) -> list[
 def step_actions(run_status: str, step_status: str) -> list[str]:
     """Per-step buttons: Rerun (failed/blocked/completed, run not finished) and QA."""
     actions: list[str] = []
-    if run_status not in NOT_RUNNABLE and step_status in ("failed", "blocked", "completed"):
+    if run_status not in NOT_RUNNABLE and step_status in (_S.FAILED, _S.BLOCKED, _S.COMPLETED):
         actions.append("rerun")
-    if step_status in ("needs_qa", "completed") and run_status not in ("cancelled", "completed"):
+    finished_run = run_status in (_P.CANCELLED, _P.COMPLETED)
+    if step_status in (_S.NEEDS_QA, _S.COMPLETED) and not finished_run:
         actions.append("run_qa")
     return actions
 
@@ -96,12 +103,13 @@ def step_facts(step: StepRun) -> dict[str, Any]:
     return {
         **step_json(step),
         "duration": fmt_duration(duration) if duration is not None else "—",
-        "phase_running": step.status == "running",
+        "phase_running": step.status == _S.RUNNING,
         "cost": fmt_cost(step.cost_usd or 0.0),
         "attempts": (step.retries or 0) + 1,
         "qa_attempts": rs.get("qa_attempts", 0),
         "qa_report": rs.get("qa_report"),
-        "error": rs.get("error") or (step.summary if step.status in ("failed", "blocked") else None),
+        "error": rs.get("error")
+        or (step.summary if step.status in (_S.FAILED, _S.BLOCKED) else None),
     }
 
 
@@ -431,15 +439,53 @@ async def transcript_api(request: Request) -> Response:
     )
 
 
-def step_routes() -> list[BaseRoute]:
-    from bot.console_deliveries import delivery_page, favicon, root
+@console_page
+async def run_page(request: Request) -> Response:
+    run_id = _int(request, "run_id")
+    async with _db(request).sessions() as session:
+        run = await session.get(ProtocolRun, run_id)
+        if run is None:
+            raise LookupError(f"protocol run {run_id} does not exist")
+        project = await session.get(Project, run.project_id)
+        steps = list(
+            (
+                await session.execute(
+                    select(StepRun).where(StepRun.protocol_run_id == run_id).order_by(StepRun.step_index).limit(1000)
+                )
+            ).scalars()
+        )
+        # the newest 50 events, shown oldest first; the page then tails with ?after=
+        events = list(
+            (
+                await session.execute(
+                    select(Event)
+                    .where(Event.protocol_run_id == run_id)
+                    .order_by(Event.id.desc())
+                    .limit(50)
+                )
+            ).scalars()
+        )
+    events.reverse()
+    return render(
+        request,
+        "run.html",
+        run=run_json(run),
+        project=project_json(project) if project else None,
+        steps=[step_json(s) for s in steps],
+        events=[event_json(e) for e in events],
+        last_event=events[-1].id if events else 0,
+        # the buttons valid in this state; the page's stream keeps them (and the rest) current
+        buttons=(live := run_state(run, steps))["buttons"],
+        live=live,
+        all_actions=ACTIONS,
+    )
 
+
+def step_routes() -> list[BaseRoute]:
     return [
-        Route("/", root),
-        Route("/favicon.ico", favicon),
+        Route("/console/protocols/{run_id:int}", run_page),
         Route("/console/protocols/{run_id:int}/steps/{step_index:int}", step_page),
         Route("/console/protocols/{run_id:int}/steps/{step_index:int}/diff", step_diff),
         Route("/console/protocols/{run_id:int}/steps/{step_index:int}/stream", step_stream),
         Route("/console/protocols/{run_id:int}/stream", run_stream),
-        Route("/console/deliveries/{delivery_id:int}", delivery_page),
     ]

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from bot.actions import start_protocol
 from bot.errors import GitError
 from bot.models import ProtocolRun
 from bot.runs import get_or_create_project
@@ -72,7 +73,6 @@ async def existing_demo_run(db: Any, project_id: int) -> ProtocolRun | None:
 
 async def start_demo(ctx: dict[str, Any], port: int) -> str:
     """Seed the repository, register it, and start one auto-approved protocol on it."""
-    from bot.actions import start_protocol
 
     settings = ctx["settings"]
     remote = await seed_demo_repo(settings.data_dir)

@@ -11,7 +11,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from bot.doctor import (
+from bot.app_credentials import load_credentials, read_app_credentials
+from bot.db import database_from_settings
+from bot.doctor_results import (
     CONNECT_TIMEOUT_S,
     GITHUB_HOOK_PATH,
     GITLAB_HOOK_PATH,
@@ -30,13 +32,14 @@ from bot.doctor import (
 )
 from bot.errors import DeksdenFlowError
 from bot.forge import github_permissions as ghp
+from bot.forge.github_client import GitHubClient, GitHubHTTPError
+from bot.forge.gitlab_client import GitLabAPIError, GitLabClient, project_path
+from bot.models import Project
 from bot.settings import Settings
 
 
 async def _stored_app(settings: Settings) -> dict[str, Any]:
     """The App /github/setup sealed in the database (or its older file); {} when none or unreadable."""
-    from bot.db import database_from_settings
-    from bot.github_setup import load_credentials, read_app_credentials
 
     try:
         db = database_from_settings(settings)
@@ -67,8 +70,6 @@ def _github_credentials(
 
 
 async def check_github(settings: Settings, *, http: httpx.AsyncClient | None = None) -> list[CheckResult]:
-    from bot.forge.github_client import GitHubClient, GitHubHTTPError
-
     try:
         app_id, pem, secret, _ = _github_credentials(settings, await _stored_app(settings))
     except OSError as exc:
@@ -168,8 +169,6 @@ async def _gitlab_projects(settings: Settings) -> list[tuple[str, str | None]]:
     """(name, forge id) of the enabled GitLab projects in our database; none if it is absent."""
     from sqlalchemy import select
 
-    from bot.db import database_from_settings
-    from bot.models import Project
 
     if settings.database_url.startswith("sqlite") and not settings.sqlite_path.exists():
         return []
@@ -187,8 +186,6 @@ async def _gitlab_projects(settings: Settings) -> list[tuple[str, str | None]]:
 
 
 async def check_gitlab(settings: Settings) -> list[CheckResult]:
-    from bot.forge.gitlab_client import GitLabAPIError, GitLabClient, project_path
-
     if settings.gitlab_token is None or not settings.gitlab_token.get_secret_value():
         return [skip("gitlab token", "not configured (no DEKSDENFLOW_GITLAB_TOKEN)")]
     tokens_page = f"{settings.gitlab_url}/-/user_settings/personal_access_tokens"

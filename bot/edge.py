@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from bot.ci_hook import ci_delivery
 from bot.errors import WebhookError
 from bot.handlers.sansio import IncomingDelivery, LowerCaseHeaders, github_delivery, gitlab_delivery
 from bot.observability import log_context
@@ -161,7 +162,6 @@ def webhook_edges(state: AppState) -> dict[str, WebhookEdge]:
     """The fast-path handlers by path (with and without a trailing slash)."""
     github = WebhookEdge(state, "github", "DEKSDENFLOW_GITHUB_WEBHOOK_SECRET", github_delivery)
     gitlab = WebhookEdge(state, "gitlab", "DEKSDENFLOW_GITLAB_WEBHOOK_SECRET", gitlab_delivery)
-    from bot.ci_hook import ci_delivery
 
     ci = WebhookEdge(state, "ci", "DEKSDENFLOW_WEBHOOK_TOKEN", ci_delivery)
     return {

@@ -118,11 +118,6 @@ def forge_of(ctx: dict[str, Any], state: RunState) -> Forge:
     return forge
 
 
-def issue_ref(ctx: dict[str, Any], state: RunState) -> IssueRef:
-    repo = ctx["forges"].repo_ref(state.project)
-    return IssueRef(repo, state.run.issue_number or 0, "issue")
-
-
 # Forge object ids worth remembering across workers (our status comments, open check runs), kept
 # in forge_records under kinds of their own: a remembered id turns a list+edit into one edit.
 MEMO_STATUS = "memo:status"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import logging
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -15,15 +14,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bot import sessions
-from bot.api import guarded, require_admin
-from bot.db import Database
-from bot.errors import ConfigError
-from bot.secretbox import GITHUB_APP, fernet_of, get_secret, put_secret
-from bot.settings import Settings
+from bot.api.core import guarded, require_admin
+from bot.app_credentials import store_credentials
+from bot.doctor_results import is_loopback_host
+from bot.forge.github import convert_manifest
 
 MANIFEST = Path(__file__).resolve().parent.parent / "app.yml"
-CREDENTIALS_FILE = "github-app.json"
-log = logging.getLogger(__name__)
 
 
 def manifest_for(base_url: str) -> dict[str, Any]:
@@ -39,7 +35,6 @@ def loopback_warning(hook_url: str) -> str:
     """An HTML warning when GitHub could not reach the webhook URL (loopback), else ""."""
     from urllib.parse import urlsplit
 
-    from bot.doctor import is_loopback_host
 
     if not is_loopback_host(urlsplit(hook_url).hostname):
         return ""
@@ -75,43 +70,6 @@ GitHub then returns here and the server stores the new App's id, key and webhook
 </body></html>"""
 
 
-KEPT_FIELDS = ("id", "slug", "pem", "webhook_secret", "client_id", "html_url")
-
-
-async def store_credentials(settings: Settings, db: Database, conversion: dict[str, Any]) -> dict[str, Any]:
-    """Keep what the service needs, sealed in the database where every process can read it."""
-    kept = {k: conversion.get(k) for k in KEPT_FIELDS}
-    await put_secret(db, fernet_of(settings), GITHUB_APP, kept)
-    return kept
-
-
-async def load_stored_credentials(settings: Settings, db: Database) -> dict[str, Any] | None:
-    return await get_secret(db, fernet_of(settings), GITHUB_APP)
-
-
-async def read_app_credentials(settings: Settings, db: Database) -> dict[str, Any] | None:
-    """The App made through /github/setup: sealed in the database, else the older file.
-
-    A process whose key cannot open the row logs why and carries on (GitLab and local jobs
-    need no App) rather than dying at start.
-    """
-    try:
-        stored = await load_stored_credentials(settings, db)
-    except ConfigError as exc:
-        log.error("GitHub App credentials unreadable (%s): set one DEKSDENFLOW_SECRET_KEY everywhere", exc)
-        stored = None
-    return stored or load_credentials(settings.data_dir)
-
-
-def load_credentials(data_dir: Path) -> dict[str, Any] | None:
-    """The file an earlier version wrote (API container only): read as a fallback, never written."""
-    path = data_dir / CREDENTIALS_FILE
-    if not path.exists():
-        return None
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
-
-
 @guarded
 async def github_setup(request: Request) -> Response:
     """The manifest page: operator token (or loopback without one); it mints a one-time state."""
@@ -137,7 +95,6 @@ async def github_setup_callback(request: Request) -> Response:
     The browser carries no API token here (a SameSite=Strict cookie does not follow a redirect
     from github.com), so the state is what proves the flow started on our own setup page.
     """
-    from bot.forge.github import convert_manifest
 
     state = request.app.state.df
     code = request.query_params.get("code", "")

@@ -17,7 +17,9 @@ Deps = Mapping[int, tuple[int, ...]]
 ACTIVE_STATUSES = frozenset({"running", "needs_qa"})
 
 
-def resolve_dependencies(nodes: Sequence[tuple[int, Sequence[int] | None]]) -> dict[int, tuple[int, ...]]:
+def resolve_dependencies(
+    nodes: Sequence[tuple[int, Sequence[int] | None]],
+) -> dict[int, tuple[int, ...]]:
     """Each step's dependencies; None (not given) means the previous step, () a root."""
     out: dict[int, tuple[int, ...]] = {}
     previous: int | None = None
@@ -30,7 +32,9 @@ def resolve_dependencies(nodes: Sequence[tuple[int, Sequence[int] | None]]) -> d
     return out
 
 
-def graph_errors(nodes: Sequence[tuple[int, Sequence[int] | None]], at: str = "$.steps") -> list[str]:
+def graph_errors(
+    nodes: Sequence[tuple[int, Sequence[int] | None]], at: str = "$.steps"
+) -> list[str]:
     """Why this graph cannot run, as `"$.steps[i].depends_on[k]: message"` strings (none: fine).
 
     Unknown ids, a step depending on itself, cycles, and a graph without a root (a step that
@@ -52,7 +56,9 @@ def graph_errors(nodes: Sequence[tuple[int, Sequence[int] | None]], at: str = "$
         path = " → ".join(str(i) for i in cycle)
         errors.append(f"{at}[{position[cycle[0]]}].depends_on: dependency cycle {path}")
     if nodes and not any(not d for d in deps_of.values()):
-        errors.append(f"{at}: no step without dependencies; the protocol would have nowhere to start")
+        errors.append(
+            f"{at}: no step without dependencies; the protocol would have nowhere to start"
+        )
     return errors
 
 
@@ -85,7 +91,10 @@ def find_cycle(deps: Deps) -> list[int]:
 
 def is_linear(deps: Deps, order: Sequence[int]) -> bool:
     """Whether the graph is the plain chain of `order` (the behaviour before graphs existed)."""
-    return all(deps.get(index, ()) == (() if pos == 0 else (order[pos - 1],)) for pos, index in enumerate(order))
+    return all(
+        deps.get(index, ()) == (() if pos == 0 else (order[pos - 1],))
+        for pos, index in enumerate(order)
+    )
 
 
 @dataclass(frozen=True)
@@ -107,13 +116,20 @@ def missing_dependencies(deps: Deps, steps: Mapping[int, StepView], index: int) 
 
 def ready_steps(deps: Deps, steps: Mapping[int, StepView]) -> list[int]:
     """Pending steps whose dependencies are all done, in plan order."""
-    return [i for i in deps if steps.get(i, StepView("pending")).status == "pending" and not missing_dependencies(deps, steps, i)]
+    return [
+        i
+        for i in deps
+        if steps.get(i, StepView("pending")).status == "pending"
+        and not missing_dependencies(deps, steps, i)
+    ]
 
 
 def active_steps(steps: Mapping[int, StepView]) -> list[int]:
     """Steps that hold a slot: started (running or awaiting QA/CI), or completed but not merged."""
     return [
-        i for i, v in steps.items() if v.status in ACTIVE_STATUSES or (v.status == "completed" and not v.integrated)
+        i
+        for i, v in steps.items()
+        if v.status in ACTIVE_STATUSES or (v.status == "completed" and not v.integrated)
     ]
 
 
@@ -171,7 +187,9 @@ def dependencies_of_config(config: Mapping[str, object] | None) -> dict[int, tup
     for s in steps if isinstance(steps, list) else []:
         if isinstance(s, Mapping) and isinstance(s.get("index"), int):
             deps = s.get("depends_on")
-            nodes.append((int(s["index"]), [int(d) for d in deps] if isinstance(deps, list) else None))
+            nodes.append(
+                (int(s["index"]), [int(d) for d in deps] if isinstance(deps, list) else None)
+            )
     return resolve_dependencies(nodes)
 
 

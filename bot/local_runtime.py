@@ -16,6 +16,7 @@ from bot.db import database_from_settings
 from bot.errors import ConfigError
 from bot.handlers import build_router
 from bot.jobs.worker import build_worker
+from bot.migrate import upgrade_head
 from bot.models import Event, Project
 from bot.queue import create_redis
 from bot.runs import get_or_create_project, local_project_name
@@ -27,7 +28,6 @@ from bot.settings import Settings
 async def local_runtime(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """The same ctx a worker has, with an in-process queue that only this process drains."""
     if settings.database_url.startswith("sqlite"):
-        from bot.migrate import upgrade_head
 
         await asyncio.to_thread(upgrade_head, settings.database_url)
     # a CLI run is short: no background spare worktree that the exit would cut off

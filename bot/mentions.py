@@ -67,4 +67,9 @@ def mentions_bot(body: str, handles: Iterable[str]) -> bool:
     names = "|".join(re.escape(h) for h in handles)
     if not names:
         return False
-    return re.search(r"(?<![\w@])@(?:" + names + r")(?:\[bot\])?(?![A-Za-z0-9._-])", body, re.IGNORECASE) is not None
+    return (
+        re.search(
+            r"(?<![\w@])@(?:" + names + r")(?:\[bot\])?(?![A-Za-z0-9._-])", body, re.IGNORECASE
+        )
+        is not None
+    )

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bot.errors import GitError
+
 ASSETS = Path(__file__).resolve().parent / "assets" / "onboarding"
 HOOKS: tuple[str, ...] = ("bootstrap", "lint", "typecheck", "test", "build")
 SETUP_BRANCH = "deksdenflow-setup"
@@ -137,7 +139,6 @@ async def git(root: Path, *args: str, check: bool = True) -> tuple[int, str]:
     out, _ = await proc.communicate()
     text = out.decode("utf-8", "replace")
     if check and proc.returncode != 0:
-        from bot.errors import GitError
 
         raise GitError(f"git {' '.join(args)} failed in {root}: {text.strip()}")
     return int(proc.returncode or 0), text

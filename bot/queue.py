@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,12 +107,6 @@ async def enqueue_many(redis: ArqRedis, jobs: Sequence[JobSpec], queue: str = de
     return int(added)
 
 
-async def enqueue(redis: ArqRedis, function: str, job_id: str | None = None, **kwargs: Any) -> bool:
-    """Enqueue one job; False when a job (or its result) with that id already exists."""
-    job = await redis.enqueue_job(function, _job_id=job_id, **kwargs)
-    return job is not None
-
-
 @dataclass(frozen=True)
 class QueueStats:
     depth: int
@@ -134,7 +128,3 @@ async def queue_stats(redis: ArqRedis, queue: str = default_queue_name) -> Queue
     async for _ in redis.scan_iter(match="arq:in-progress:*", count=500):
         in_progress += 1
     return QueueStats(depth=int(depth), in_progress=in_progress, ready=int(ready))
-
-
-def ids_of(jobs: Iterable[JobSpec]) -> list[str]:
-    return [job.job_id for job in jobs]

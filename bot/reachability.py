@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
+from bot.db import database_from_settings
 from bot.settings import ENV_PREFIX, Settings
 
 
@@ -43,7 +44,6 @@ def is_database_error(exc: BaseException) -> bool:
 
 async def ping_database(settings: Settings, timeout: float = 5.0) -> str | None:
     """None when the database answers, else the line that says why not."""
-    from bot.db import database_from_settings
 
     db = database_from_settings(settings)
     try:

@@ -15,7 +15,6 @@ from bot.pricing import fmt_cost
 # 65,535. We measure in UTF-16 code units, which is never less than the code-point count, and
 # keep some headroom, so whichever way the forge counts we stay under.
 COMMENT_LIMIT = 65_536
-CHECK_TEXT_LIMIT = 65_535
 _COMMENT_BUDGET = 65_000
 _CHECK_BUDGET = 65_000
 _DETAILS_CAP = 12_000  # one step's output block, so one huge step cannot crowd out the rest

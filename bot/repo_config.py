@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from sqlalchemy import update
 
-from bot import gitops
+from bot import git
 from bot.db import Database
 from bot.errors import SpecError
 from bot.models import Project
@@ -98,7 +98,7 @@ async def refresh_repo_config(db: Database, project: Project, mirror: Any) -> di
     Only the base branch counts: a protocol branch, or a pull request's head, could otherwise
     change who may run commands or which engine runs.
     """
-    text = await gitops.read_file_at(mirror, project.base_branch, CONFIG_FILE)
+    text = await git.read_file_at(mirror, project.base_branch, CONFIG_FILE)
     repo = parse_repo_config(text or "")
     values = merged_project_values(project.config or {}, repo)
     # the operator's defaults (API, demo) stay; the repository's file wins where it speaks

@@ -163,7 +163,9 @@ def review_body_comment(review: ReviewSubmitted) -> ReviewComment | None:
 
 def github_pr_comment(payload: Mapping[str, Any]) -> tuple[int, ReviewComment] | None:
     """An `issue_comment` on a pull request as review feedback (it has no file or line)."""
-    if payload.get("action") != "created" or not isinstance(dig(payload, "issue", "pull_request"), dict):
+    if payload.get("action") != "created" or not isinstance(
+        dig(payload, "issue", "pull_request"), dict
+    ):
         return None
     number = _int(dig(payload, "issue", "number"))
     cid = _int(dig(payload, "comment", "id"))
@@ -196,7 +198,9 @@ def github_review_comment_event(payload: Mapping[str, Any]) -> tuple[int, Review
 
 def _gitlab_is_bot(user: Any) -> bool:
     username = _str(dig(user, "username"))
-    return bool(dig(user, "bot")) or (username.startswith(("project_", "group_")) and "_bot" in username)
+    return bool(dig(user, "bot")) or (
+        username.startswith(("project_", "group_")) and "_bot" in username
+    )
 
 
 def gitlab_mr_note(payload: Mapping[str, Any]) -> tuple[int, ReviewComment] | None:
@@ -392,7 +396,9 @@ def fix_step_title(count: int, review_id: int | None = None) -> str:
     return f"Address review feedback ({count} {noun})"
 
 
-def fix_step_markdown(comments: Iterable[ReviewComment], step_index: int, forge: str = "github") -> str:
+def fix_step_markdown(
+    comments: Iterable[ReviewComment], step_index: int, forge: str = "github"
+) -> str:
     """The step file of a review fix step."""
     items = list(comments)
     what = "merge request" if forge == "gitlab" else "pull request"
@@ -422,7 +428,8 @@ def unthreaded_reply(comments: Iterable[ReviewComment], sha: str, step_index: in
     if not loose:
         return None
     items = ", ".join(
-        f"the review of @{c.author}" if c.kind == "review" else f"the comment of @{c.author}" for c in loose
+        f"the review of @{c.author}" if c.kind == "review" else f"the comment of @{c.author}"
+        for c in loose
     )
     return f"{reply_body(sha, step_index)[:-1]}: {items}."
 

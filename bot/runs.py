@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from bot.db import Database
 from bot.errors import NotFound
 from bot.models import Project, ProtocolRun, StepRun, utcnow
-from bot.protocol import allowed_protocol_sources, allowed_step_sources
+from bot.protocol import ProtocolStatus, StepStatus, allowed_protocol_sources, allowed_step_sources
 from bot.spec import ProtocolSpec, step_to_dict
 from bot.store import new_event, transition
 
@@ -51,15 +51,6 @@ async def load_run(db: Database, run_id: int) -> RunState:
             ).scalars()
         )
         return RunState(run, project, steps)
-
-
-async def find_run_by_name(db: Database, project_id: int, name: str) -> ProtocolRun | None:
-    async with db.sessions() as session:
-        return (
-            await session.execute(
-                select(ProtocolRun).where(ProtocolRun.project_id == project_id, ProtocolRun.protocol_name == name)
-            )
-        ).scalar()
 
 
 async def run_names(db: Database, project_id: int) -> list[str]:
@@ -110,7 +101,7 @@ async def create_run(
         run = ProtocolRun(
             project_id=project.id,
             protocol_name=protocol_name,
-            status="pending",
+            status=ProtocolStatus.PENDING,
             base_branch=base_branch,
             description=description,
             issue_number=issue_number,
@@ -222,7 +213,7 @@ async def sync_steps(db: Database, run_id: int, spec: ProtocolSpec) -> None:
                         step_index=step.index,
                         step_name=step.file.removesuffix(".md"),
                         step_type=step.step_type,
-                        status="pending",
+                        status=StepStatus.PENDING,
                         engine_id=step.engine or spec.engine,
                         model=step.model,
                         policy=policy,

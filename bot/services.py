@@ -8,13 +8,20 @@ import logging
 import os
 from typing import Any
 
+from bot.app_credentials import read_app_credentials
 from bot.db import Database
 from bot.errors import ConfigError
 from bot.forge.base import Forge, RepoRef
+from bot.forge.github import GitHubForge
+from bot.forge.gitlab import gitlab_forge
+from bot.forge.local import LocalForge
 from bot.fsperm import ensure_private_dir, readable_by_others
+from bot.git.cache import GitCache
 from bot.models import Project
+from bot.secretbox import private_dir
 from bot.secrets_scan import register_settings
 from bot.settings import Settings
+from engines.registry import default_registry
 
 log = logging.getLogger(__name__)
 # how often a process re-reads the App credentials another process may have stored
@@ -36,7 +43,6 @@ class ForgeFactory:
 
     async def load_stored_app(self) -> None:
         """Read the App credentials every process shares (database first, the old file second)."""
-        from bot.github_setup import read_app_credentials
 
         fresh = await read_app_credentials(self.settings, self.db)
         if fresh != self.stored_app:
@@ -76,7 +82,6 @@ class ForgeFactory:
         if project.provider == "github":
             key = f"github:{project.installation_id}"
             if key not in self._cache:
-                from bot.forge.github import GitHubForge
 
                 pem = self.settings.github_private_key_pem()
                 app_id: int | str | None = self.settings.github_app_id
@@ -99,7 +104,6 @@ class ForgeFactory:
             return forge
         if project.provider == "gitlab":
             if "gitlab" not in self._cache:
-                from bot.forge.gitlab import gitlab_forge
 
                 if self.settings.gitlab_token is None:
                     raise ConfigError("GitLab not configured: set DEKSDENFLOW_GITLAB_TOKEN")
@@ -110,7 +114,6 @@ class ForgeFactory:
                 )
             forge = self._cache["gitlab"]
             return forge
-        from bot.forge.local import LocalForge
 
         return LocalForge(self.db, project.id)
 
@@ -130,8 +133,6 @@ class ForgeFactory:
 
 async def build_services(ctx: dict[str, Any]) -> None:
     """Engines, the git cache and the forge factory; each only if not injected already."""
-    from bot.git.cache import GitCache
-    from engines.registry import default_registry
 
     settings: Settings = ctx["settings"]
     # every secret this worker holds, so pushes and published engine output are scanned for it
@@ -158,7 +159,6 @@ async def build_services(ctx: dict[str, Any]) -> None:
             credential_hosts=settings.credential_hosts,
         )
     if "forges" not in ctx:
-        from bot.secretbox import private_dir
 
         private_dir(settings.data_dir)
         forges = ForgeFactory(settings, ctx["db"], ctx.get("forge_overrides"))

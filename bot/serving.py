@@ -9,13 +9,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import sys
 from typing import Any
 
 import uvicorn
 
+from bot import doctor, doctor_results
+from bot.app import create_app
 from bot.http_limits import limit_options
+from bot.observability import configure_logging
+from bot.security import is_loopback_bind, token_problem
 from bot.settings import Settings
 
 log = logging.getLogger("bot.doctor")
@@ -50,8 +55,6 @@ def bind_error_line(host: str, port: int, exc: OSError) -> str:
 
 async def log_quick_checks(settings: Settings, *, demo: bool = False) -> None:
     """The cheap doctor checks (no network, no model call), logged at start."""
-    from bot import doctor
-    from bot.observability import configure_logging
 
     configure_logging(settings.log_level, settings.log_json, settings.secret_values())
     try:
@@ -60,7 +63,7 @@ async def log_quick_checks(settings: Settings, *, demo: bool = False) -> None:
         log.warning("start-up checks could not run: %s", type(exc).__name__)
         return
     for result in results:
-        line = doctor.render_line(result).replace("\n    ", " — ")
+        line = doctor_results.render_line(result).replace("\n    ", " — ")
         if demo and result.failed and result.name == "engine":
             # the demo runs on the scripted engine: a missing codex only matters later
             log.info("%s (the demo does not need it)", line)
@@ -82,11 +85,33 @@ class _Server(uvicorn.Server):
                 print(self.extra["banner"], flush=True)
 
 
-def serve(settings: Settings, *, host: str, port: int, demo: bool) -> int:
-    from bot.app import create_app
-    from bot.cli import private_umask, uvicorn_options
-    from bot.security import is_loopback_bind, token_problem
+def uvicorn_options(settings: Settings, host: str, port: int) -> dict[str, Any]:
+    """uvicorn's keyword arguments for `serve` (pure).
 
+    Forwarding headers are believed only from DEKSDENFLOW_TRUSTED_PROXIES: uvicorn's own default
+    trusts 127.0.0.1, which makes any proxy or sidecar on the host a way to claim any address.
+    """
+    proxies = settings.trusted_proxies.strip()
+    return {
+        "host": host,
+        "port": port,
+        "log_level": "warning",
+        "access_log": False,
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies or "",
+    }
+
+
+def private_umask() -> None:
+    """Everything the service writes (mirrors, worktrees, SQLite, keys) is 0600/0700.
+
+    Set for the long-running commands only: the local CLI commands write into the user's own
+    checkout, where the user's umask is the right one.
+    """
+    os.umask(0o077)
+
+
+def serve(settings: Settings, *, host: str, port: int, demo: bool) -> int:
     token = settings.api_token.get_secret_value() if settings.api_token else None
     problem = token_problem(token, host)
     if problem:

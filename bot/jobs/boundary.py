@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from arq import Retry
 
-from bot import gitops
+from bot import git as gitops
 from bot.errors import LockBusy, StepStopped
 from bot.git.runner import GitCommandFailed
 from bot.jobs.common import count_job

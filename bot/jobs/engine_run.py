@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from bot import gitops
+from bot import git as gitops
 from bot.engine_guard import sanitize_result
 from bot.errors import StepStopped
 from bot.jobs.env import JobEnv

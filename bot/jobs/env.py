@@ -83,7 +83,7 @@ class JobEnv:
     async def push(self, state: RunState, workdir: Path, step_index: int | None = None) -> str:
         """Push the protocol branch (or the step's child branch) with credentials fetched now,
         not before the engine ran."""
-        from bot import gitops
+        from bot import git as gitops
         from bot.jobs.schedule import branch_for
 
         head: str = await gitops.push(

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from bot import gitops
+from bot import git as gitops
 from bot.ci import gating
 from bot.ci_gate import hold_for_ci
 from bot.errors import StepStopped

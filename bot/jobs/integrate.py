@@ -14,7 +14,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from bot import gitops
+from bot import git as gitops
 from bot.errors import GitError
 from bot.graph import child_branch
 from bot.jobs.env import JobEnv

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bot import gitops
+from bot import git as gitops
 from bot.engine_guard import decompose_schema, decomposed_content
 from bot.errors import EngineError, SpecError
 from bot.feedback import open_or_update_pr, publish_state

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from bot import gitops
+from bot import git as gitops
 from bot.ci import complete_after_qa
 from bot.engine_guard import cap_report
 from bot.errors import TransitionConflict

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from arq import Retry
 
-from bot import gitops
+from bot import git as gitops
 from bot.feedback import forge_of, publish_state
 from bot.forge.base import IssueRef
 from bot.jobs.boundary import guarded

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot import gitops
+from bot import git as gitops
 from bot.engine_guard import sanitize_result
 from bot.errors import DeksdenFlowError, EngineError
 from bot.forge.base import Forge, IssueRef, PullRef

@@ -17,6 +17,7 @@ from bot.jobs.common import MAX_TRIES
 from bot.jobs.resilient import ResilientWorker
 from bot.observability import configure_logging
 from bot.queue import create_redis, redis_settings
+from bot.services import build_services, close_services
 from bot.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,10 @@ async def startup(ctx: dict[str, Any]) -> None:
         ctx["db"] = database_from_settings(settings)
         ctx["owns_db"] = True
     ctx.setdefault("router", build_router())
-    from bot.services import build_services
-
     await build_services(ctx)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    from bot.services import close_services
-
     await close_services(ctx)
     if ctx.get("owns_db"):
         await ctx["db"].dispose()

@@ -14,15 +14,9 @@ from sqlalchemy import func, select
 
 from bot.app import create_app
 from bot.cli import main
-from bot.codemachine import (
-    CodeMachineError,
-    build_import,
-    import_workspace,
-    load_workspace,
-    parse_js,
-    read_workspace_dir,
-    select_workflow,
-)
+from bot.codemachine.importer import import_workspace, read_workspace_dir
+from bot.codemachine.mapping import build_import
+from bot.codemachine.parser import CodeMachineError, load_workspace, parse_js, select_workflow
 from bot.models import Event, ProtocolRun, StepRun
 from bot.spec import validate_spec
 from engines.scripted import ScriptedEngine

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, update
 from starlette.testclient import TestClient
 
-from bot.api import CONSOLE_COOKIE
+from bot.api.core import CONSOLE_COOKIE
 from bot.app import create_app
 from bot.models import AuthSession
 from tests.api.seed import seed, sync_url

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import SecretStr
 
 from bot.cli import main
-from bot.doctor import (
+from bot.doctor_results import (
     INSTANCE_HEADER,
     CheckResult,
     exit_code,

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from bot.codemachine import build_import, load_workspace, select_workflow
+from bot.codemachine.mapping import build_import
+from bot.codemachine.parser import load_workspace, select_workflow
 from bot.errors import SpecError
 from bot.graph import (
     StepView,

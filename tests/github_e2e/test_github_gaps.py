@@ -18,7 +18,7 @@ import pytest
 import yaml
 from sqlalchemy import select, update
 
-from bot.github_setup import load_stored_credentials
+from bot.app_credentials import load_stored_credentials
 from bot.models import Project, StoredSecret
 from tests.github_e2e.conftest import GitHubLoop, sample
 from tests.github_e2e.fake_github import APP_ID, APP_SLUG, FULL_NAME, INSTALLATION_ID

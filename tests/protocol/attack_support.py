@@ -41,8 +41,8 @@ def store_app_credentials(data_dir: Path) -> None:
     import json
     import os
 
+    from bot.app_credentials import CREDENTIALS_FILE
     from bot.fsperm import ensure_private_dir
-    from bot.github_setup import CREDENTIALS_FILE
 
     ensure_private_dir(data_dir)
     fd = os.open(data_dir / CREDENTIALS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
