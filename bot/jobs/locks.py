@@ -2,9 +2,9 @@
 
 A job holds its protocol's lease for as long as it runs; a background task renews it (every
 10 s, TTL 60 s by default). A worker that dies stops renewing, the key expires within a minute
-and the reclaim cron (bot/jobs/reclaim.py) hands the step to another worker. The lease replaces
-arq's in-progress key as the signal "someone is working on this": that key lives for the
-longest job timeout, over an hour here.
+and the reclaim cron (bot/jobs/reclaim.py) hands the step to another worker. The lease is the
+signal "someone is working on this protocol"; arq's in-progress key of each job is renewed the
+same way by its worker (bot/jobs/resilient.py), so a dead worker's job itself also comes back.
 """
 
 from __future__ import annotations
