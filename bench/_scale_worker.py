@@ -1,17 +1,22 @@
 """`deksdenflow worker` with round-trip counters, for bench/scale.py (run as a script).
 
 Counts what this process sends: SQL statements and commits (SQLAlchemy engine events) and Redis
-round trips (single commands, and pipelines as one), by command name. SIGUSR1 writes the counts
+round trips (single commands, and pipelines as one), by command name; and where the job time
+goes: seconds in SQL, in each git subcommand and waiting for a mirror lock. SIGUSR1 writes them
 to $BENCH_COUNTS as JSON; $BENCH_COUNTS.ready appears once the worker has started.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import sys
-from collections import Counter
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,18 +28,55 @@ from redis.asyncio import client as redis_client  # noqa: E402
 from sqlalchemy import event  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
+from bot.jobs.boundary import git_verb  # noqa: E402
 from bot.jobs.worker import build_worker  # noqa: E402
 from bot.settings import load_settings  # noqa: E402
 
 COUNTS: Counter[str] = Counter()
+TIMES: defaultdict[str, float] = defaultdict(float)  # wall seconds, keys "time:…"
 
 
-def _count_sql(*_args: Any, **_kwargs: Any) -> None:
+def _count_sql(conn: Any, *_args: Any, **_kwargs: Any) -> None:
     COUNTS["pg:statements"] += 1
+    conn.info.setdefault("bench_started", []).append(time.perf_counter())
+
+
+def _time_sql(conn: Any, *_args: Any, **_kwargs: Any) -> None:
+    started = conn.info.get("bench_started")
+    if started:
+        TIMES["time:sql"] += time.perf_counter() - started.pop()
 
 
 def _count_commit(*_args: Any) -> None:
     COUNTS["pg:commits"] += 1
+
+
+class _GitTimes(logging.Handler):
+    """Wall time of each git command by subcommand, read from the runner's own debug line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.msg.startswith("git rc="):
+            return
+        _rc, seconds, shown = record.args  # type: ignore[misc]
+        verb = git_verb(str(shown).split())
+        TIMES[f"time:git {verb}"] += float(str(seconds))
+        COUNTS[f"git:{verb}"] += 1
+
+
+def _time_mirror_lock() -> None:
+    """Wall time spent waiting for a mirror lock (held across fetches and worktree changes)."""
+    from bot.git import cache
+
+    inner = cache.mirror_lock  # type: ignore[attr-defined]
+
+    @contextlib.asynccontextmanager
+    async def timed(repo_dir: Path, **kwargs: Any) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        async with inner(repo_dir, **kwargs):
+            TIMES["time:mirror lock wait"] += time.perf_counter() - started
+            yield
+
+    cache.mirror_lock = timed  # type: ignore[attr-defined]
 
 
 def _patch_redis() -> None:
@@ -56,12 +98,18 @@ def _patch_redis() -> None:
 def _dump(_signum: int, _frame: FrameType | None) -> None:
     path = Path(os.environ["BENCH_COUNTS"])
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(COUNTS)))
+    tmp.write_text(json.dumps({**COUNTS, **TIMES}))
     tmp.replace(path)
 
 
 def main() -> None:
     event.listen(Engine, "before_cursor_execute", _count_sql)
+    event.listen(Engine, "after_cursor_execute", _time_sql)
+    git_log = logging.getLogger("bot.git.runner")
+    git_log.setLevel(logging.DEBUG)
+    git_log.addHandler(_GitTimes())
+    git_log.propagate = False
+    _time_mirror_lock()
     event.listen(Engine, "commit", _count_commit)
     _patch_redis()
     signal.signal(signal.SIGUSR1, _dump)

@@ -10,7 +10,8 @@ Printed per N: completed steps per minute and the ratio to N = 1 (goal â‰¥ 0.8 Ã
 largest N the bot's own overhead per step (job time minus the engine's 2 s; goal p50 < 0.3 s)
 and the queue wait between steps; and the round trips per step that the workers sent: SQL
 statements and commits to Postgres, Redis commands (a pipeline counts once), with arq's idle
-polling shown apart.
+polling shown apart; and where the job time goes at the largest N (seconds in SQL, in each git
+subcommand, waiting for a mirror lock).
 
 Needs a Postgres at DEKSDENFLOW_BENCH_PG_ADMIN (default: the test suite's) and `redis-server`
 on PATH: the benchmark starts its own Redis so that nobody else's commands are counted.
@@ -299,6 +300,9 @@ async def one_round(
         "pg": (delta["pg:statements"] + delta["pg:commits"]) / done,
         "redis": sum(v for k, v in delta.items() if k.startswith("redis:")) / done,
         "redis_poll": sum(delta[k] for k in POLL_COMMANDS) / done,
+        # wall seconds per step (jobs overlap, so these add up to more than the elapsed time)
+        "times": {k.removeprefix("time:"): v / done for k, v in delta.items() if k.startswith("time:")},
+        "git": sum(v for k, v in delta.items() if k.startswith("git:")) / done,
     }
 
 
@@ -348,6 +352,10 @@ def main() -> None:
         f"p50 {p50:.3f} s, p95 {sorted(last['overhead'])[int(0.95 * (len(last['overhead']) - 1))]:.3f} s "
         f"(goal p50 < 0.3 s: {'OK' if p50 < 0.3 else 'MISSED'})"
     )
+    # all jobs' time (planning too) per completed step: where the overhead goes
+    spent = sorted(last["times"].items(), key=lambda kv: -kv[1])
+    print(f"where job time goes at {last['n']} workers, s per step ({last['git']:.1f} git commands): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in spent[:8]))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ LOCAL_TIMEOUT = 300.0
 # would overwrite (fetch refuses to touch a checked-out branch) or prune before they are pushed.
 REMOTE_PREFIX = "refs/remotes/origin/"
 FETCH_REFSPEC = "+refs/heads/*:refs/remotes/origin/*"
+GENERATION_FILE = ".generation"
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,42 @@ class GitCache:
         self.warm_spares = warm_spares
         self._spare_tasks: dict[Path, asyncio.Task[None]] = {}
 
+    def generation(self) -> str:
+        """A token naming this incarnation of the cache directory, created on first use.
+
+        A job notes it when it starts. When the job fails and the token is gone or changed, the
+        worker's disk was wiped under it (a node's emptyDir lost, a DATA_DIR deleted): the error
+        says nothing about the step, and the job runs again on a rebuilt worktree.
+        """
+        marker = self.data_dir / GENERATION_FILE
+        try:
+            return marker.read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        token = uuid.uuid4().hex
+        tmp = marker.with_name(f"{GENERATION_FILE}.{token}")
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(token)
+            try:
+                # link, not rename: of two jobs racing here the first token stays, the other reads it
+                os.link(tmp, marker)
+            except FileExistsError:
+                token = marker.read_text()
+            finally:
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            # the directory is being wiped right now: an unstored token reads as "lost" later
+            log.warning("could not record the generation of %s", self.data_dir, exc_info=True)
+        return token
+
+    def lost_since(self, generation: str) -> bool:
+        """Whether the cache directory was wiped since `generation` was read."""
+        try:
+            return (self.data_dir / GENERATION_FILE).read_text() != generation
+        except OSError:
+            return True
+
     def spare_path(self, repo_url: str) -> Path:
         return self.data_dir / "worktrees" / safe_repo_name(repo_url) / ".spare"
 
@@ -205,10 +242,19 @@ class GitCache:
     async def _ensure_mirror_locked(
         self, mirror: Path, repo_url: str, auth_header: Auth, *, fetch: bool
     ) -> None:
-        if (mirror / "HEAD").is_file():
+        if (mirror / "HEAD").is_file() and (mirror / "config").is_file():
             if fetch:
                 await self._fetch(mirror, auth_header, normalize_remote(repo_url))
             return
+        if mirror.is_symlink() or mirror.exists():
+            # Half a mirror: the disk was wiped under a running git (which re-creates the odd
+            # directory or file it writes), or a wipe is still going on. git cannot use it and the
+            # config guard would refuse it for good; the remote has everything, so build it anew.
+            log.warning("rebuilding broken mirror %s", mirror)
+            if mirror.is_symlink() or not mirror.is_dir():
+                mirror.unlink()
+            else:
+                await asyncio.to_thread(shutil.rmtree, mirror, True)
         url = normalize_remote(repo_url)
         # Build under a temporary name and rename: a crash mid-clone never leaves a mirror that
         # looks complete but lacks objects or refs.

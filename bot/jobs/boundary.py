@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
@@ -11,9 +12,9 @@ from typing import Any, Literal
 from arq import Retry
 
 from bot import git as gitops
-from bot.errors import LockBusy, StepStopped
+from bot.errors import GitError, LockBusy, StepStopped
 from bot.git.runner import GitCommandFailed
-from bot.jobs.common import count_job
+from bot.jobs.common import MAX_TRIES, count_job
 from bot.jobs.env import JobEnv
 from bot.jobs.locks import lease
 from bot.jobs.outcome import Check, Outcome, failure, write_outcome
@@ -23,6 +24,7 @@ from bot.runs import RunState, emit, load_run, run_branch
 log = logging.getLogger(__name__)
 
 Body = Callable[[JobEnv], Awaitable[str]]
+WIPE_SETTLE_S = 0.5
 
 
 async def guarded(
@@ -47,7 +49,8 @@ async def guarded(
     name, what = await lease_for(env, job, run_id, step_index)  # a graph's steps: one lease each
     try:
         async with lease(env.redis, name, what, env.settings.lease_ttl_s, env.settings.lease_renew_s):
-            outcome = await _run_body(env, job, run_id, step_index, body, reply_to)
+            generation = _generation(env)
+            outcome = await _run_body(env, job, run_id, step_index, body, reply_to, generation)
     except LockBusy as exc:
         # another worker has this protocol: come back shortly instead of racing it
         raise Retry(defer=2) from exc
@@ -55,8 +58,35 @@ async def guarded(
     return outcome
 
 
+def _generation(env: JobEnv) -> str | None:
+    """The git cache's generation token when the job starts (None: a cache without one)."""
+    generation = getattr(env.git, "generation", None)
+    return str(generation()) if callable(generation) else None
+
+
+async def _disk_lost(env: JobEnv, generation: str | None, exc: Exception) -> bool:
+    """The worker's cache directory was wiped while the job ran, and another try remains."""
+    if generation is None or int(env.ctx.get("job_try", 1)) >= MAX_TRIES:
+        return False
+    if env.git.lost_since(generation):
+        return True
+    if not isinstance(exc, OSError | GitError):
+        return False
+    # A wipe deletes files in directory order: the job may trip over a missing worktree file
+    # while the generation marker is still there. A wipe of a few mirrors and worktrees takes
+    # milliseconds; an error of the filesystem or git kind waits that long for it to show.
+    await asyncio.sleep(WIPE_SETTLE_S)
+    return bool(env.git.lost_since(generation))
+
+
 async def _run_body(
-    env: JobEnv, job: str, run_id: int, step_index: int | None, body: Body, reply_to: dict[str, Any] | None
+    env: JobEnv,
+    job: str,
+    run_id: int,
+    step_index: int | None,
+    body: Body,
+    reply_to: dict[str, Any] | None,
+    generation: str | None = None,
 ) -> str:
     try:
         return await body(env)
@@ -69,6 +99,15 @@ async def _run_body(
         if state.run.status in ("cancelled", "paused"):
             # a human stopped the protocol meanwhile (the error is likely its consequence)
             return await stopped(env, run_id, step_index, state.run.status)
+        if await _disk_lost(env, generation, exc):
+            # Whatever broke (a vanished worktree, a half-deleted mirror) says nothing about the
+            # step: the disk went, as a node's emptyDir does. Run the job again, on a worktree
+            # rebuilt from the pushed branch, instead of failing the step and blocking the run.
+            log.warning("%s of protocol run %s: the worker's disk was wiped under it (%s); trying again",
+                        job, run_id, _reason(exc))  # fmt: skip
+            if job == "execute_step" and step_index is not None:
+                await _drop_attempt(env, state, step_index)
+            raise Retry(defer=1) from exc
         log.warning("%s of protocol run %s failed", job, run_id, exc_info=True)
         if job == "execute_step" and step_index is not None:
             await _drop_attempt(env, state, step_index)

@@ -2,9 +2,9 @@
 
 A job holds its protocol's lease for as long as it runs; a background task renews it (every
 10 s, TTL 60 s by default). A worker that dies stops renewing, the key expires within a minute
-and the reclaim cron (bot/jobs/reclaim.py) hands the step to another worker. The lease replaces
-arq's in-progress key as the signal "someone is working on this": that key lives for the
-longest job timeout, over an hour here.
+and the reclaim cron (bot/jobs/reclaim.py) hands the step to another worker. The lease is the
+signal "someone is working on this protocol"; arq's in-progress key of each job is renewed the
+same way by its worker (bot/jobs/resilient.py), so a dead worker's job itself also comes back.
 """
 
 from __future__ import annotations
@@ -61,9 +61,11 @@ async def lease_alive(redis: Any, run_id: int) -> bool:
     return bool(await redis.exists(LOCK_PREFIX + str(run_id)))
 
 
-async def _keep_renewing(redis: Any, name: str, token: str, ttl_s: float, every_s: float) -> None:
+async def _keep_renewing(redis: Any, name: str, token: str, ttl_s: float, every_s: float, stop: asyncio.Event) -> None:
     while True:
-        await asyncio.sleep(every_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+            return
         try:
             if not await renew(redis, name, token, ttl_s):
                 log.warning("lease of protocol run %s was lost", name)
@@ -103,12 +105,18 @@ async def lease(
     token = await acquire(redis, name, ttl_s)
     if token is None:
         raise LockBusy(f"{what} is busy in another worker")
-    renewer = asyncio.create_task(_keep_renewing(redis, name, token, ttl_s, renew_s))
+    stop = asyncio.Event()
+    renewer = asyncio.create_task(_keep_renewing(redis, name, token, ttl_s, renew_s, stop))
     try:
         yield token
     finally:
-        renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
-        # shielded: a job cancelled by arq must still hand its lease back
-        await asyncio.shield(release(redis, name, token))
+        # Stopped by an event, not by cancelling it: a cancel that lands while a renewal is inside
+        # redis-py can be swallowed there (the renewer was seen "cancelling" yet asleep in its
+        # next round), and the job then waited here forever, its step done but never followed
+        # up. The renewer now ends after at most one Redis call (bounded by the socket timeout).
+        stop.set()
+        try:
+            await asyncio.shield(renewer)
+        finally:
+            # shielded: a job cancelled by arq must still hand its lease back
+            await asyncio.shield(release(redis, name, token))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from typing import Any
 
+from arq.constants import in_progress_key_prefix
 from arq.utils import poll
 from arq.worker import Worker
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,6 +40,41 @@ class ResilientWorker(Worker):
     backoff_start_s = 0.5
     backoff_cap_s = 10.0
 
+    def __init__(
+        self, *args: Any, in_progress_ttl_s: float | None = None, in_progress_renew_s: float = 10.0, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        # arq marks a running job with an in-progress key that lives for the longest job timeout
+        # (over an hour here): a worker SIGKILLed or lost with its node would hold every job it
+        # had taken for that long, including jobs that had not yet left a trace in the database
+        # (a step job still waiting for the mirror), which nothing else can find. With a short
+        # TTL renewed while the worker lives, arq itself hands those jobs to another worker
+        # within a minute of the death; the protocol lease keeps one step on one worker.
+        if in_progress_ttl_s is not None:
+            self.in_progress_timeout_s = in_progress_ttl_s
+        self.in_progress_renew_s = in_progress_renew_s
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+
+    async def _renew_in_progress(self) -> None:
+        while True:
+            # ended by an event, not a cancel (see bot/jobs/locks.py: a cancel can get lost in redis-py)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.in_progress_renew_s)
+                return
+            running = [job_id for job_id, task in self.tasks.items() if not task.done()]
+            if not running:
+                continue
+            ttl_ms = int(self.in_progress_timeout_s * 1000)
+            try:
+                # PEXPIRE leaves a key that is gone alone: a job that ended meanwhile stays ended
+                async with self.pool.pipeline(transaction=False) as pipe:
+                    for job_id in running:
+                        pipe.pexpire(in_progress_key_prefix + job_id, ttl_ms)
+                    await pipe.execute()
+            except REDIS_DOWN as exc:  # the TTL still runs: try again next round
+                log.warning("could not renew the in-progress keys of %d job(s): %s", len(running), exc)
+
     async def close(self) -> None:
         """arq's close(), without exiting 1 over a job handed back on SIGTERM.
 
@@ -45,6 +83,9 @@ class ResilientWorker(Worker):
         that error would escape run() and the worker would exit non-zero after a clean hand-back.
         """
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        if self._heartbeat is not None:
+            self._closing.set()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         for job_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[job_id]
@@ -70,6 +111,8 @@ class ResilientWorker(Worker):
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)
+        # runs until close(): jobs go on running through a SIGTERM's grace period
+        self._heartbeat = asyncio.create_task(self._renew_in_progress())
         delay = self.backoff_start_s
         async for _ in poll(self.poll_delay_s):
             try:

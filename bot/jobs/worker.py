@@ -142,8 +142,13 @@ def build_worker(
     redis = base_ctx.get("redis") or create_redis(settings)
     # fakeredis lacks INFO, which arq's own main() calls; real Redis gets a Worker that rides
     # out Redis outages (bot/jobs/resilient.py)
-    worker_class = InProcessWorker if settings.memory_queue else ResilientWorker
-    return worker_class(redis_pool=redis, ctx=base_ctx, burst=burst, **kwargs)
+    if settings.memory_queue:
+        return InProcessWorker(redis_pool=redis, ctx=base_ctx, burst=burst, **kwargs)
+    # a running job's in-progress key lives as long as a protocol lease and is renewed as often
+    return ResilientWorker(
+        redis_pool=redis, ctx=base_ctx, burst=burst,
+        in_progress_ttl_s=settings.lease_ttl_s, in_progress_renew_s=settings.lease_renew_s, **kwargs,
+    )  # fmt: skip
 
 
 def run_worker(settings: Settings) -> None:

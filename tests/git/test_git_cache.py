@@ -222,3 +222,24 @@ async def test_warm_spare_becomes_the_next_protocol_worktree(tmp_path: Path) -> 
         assert (third.path / "README.md").exists()
     finally:
         await cache.aclose()
+
+
+@pytest.mark.parametrize("lost", ["config", "HEAD"])
+async def test_half_deleted_mirror_is_rebuilt(cache: GitCache, origin: Origin, git: Git, lost: str) -> None:
+    """A disk wiped under a running git leaves half a mirror (a file gone, a directory re-made):
+    the next job rebuilds it from the remote instead of refusing it for good."""
+    mirror = await cache.ensure_mirror(origin.url)
+    (mirror / lost).unlink()
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    assert (mirror / "HEAD").is_file() and (mirror / "config").is_file()
+    assert git("rev-parse", "HEAD", cwd=wt.path) == git("rev-parse", "main", cwd=origin.bare)
+
+
+def test_generation_marks_one_incarnation_of_the_cache(cache: GitCache) -> None:
+    first = cache.generation()
+    assert cache.generation() == first and not cache.lost_since(first)
+    shutil.rmtree(cache.data_dir)  # the node lost its disk
+    assert cache.lost_since(first)
+    second = cache.generation()
+    assert second != first and not cache.lost_since(second) and cache.lost_since(first)
+    assert [p.name for p in cache.data_dir.iterdir()] == [".generation"]  # no temporary left

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
 
+import pytest
+from arq import Retry
+
 from bot import actions
 from bot.forge.local import LocalForge
+from bot.jobs.common import MAX_TRIES
 from bot.jobs.locks import LOCK_PREFIX, lease_alive
 from bot.jobs.protocol import execute_step, plan_protocol, run_quality
 from bot.jobs.reclaim import orphaned_qa, orphaned_work, reclaim_expired
@@ -415,3 +420,48 @@ async def test_a_reclaimed_qa_after_its_verdict_does_nothing(harness: Harness) -
     assert state.step(1).status == "completed"
     assert await run_quality(harness.ctx, protocol_run_id=run_id, step_index=1, reclaim=True) == "skipped-qa-done"
     assert (await harness.state(run_id)).step(1).runtime_state["qa_attempts"] == 1
+
+
+class WipingEngine(ScriptedEngine):
+    """Its first execute call ends with the worker's cache directory gone, as when a node loses
+    its disk (an emptyDir) under a running step."""
+
+    def __init__(self, data_dir: Path, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.data_dir, self.wiped = data_dir, False
+
+    async def run(self, request: EngineRequest) -> EngineResult:
+        result = await super().run(request)
+        if request.phase == "execute" and not self.wiped:
+            self.wiped = True
+            shutil.rmtree(self.data_dir)
+        return result
+
+
+async def test_a_step_whose_disk_is_wiped_runs_again_instead_of_failing(harness: Harness) -> None:
+    engine = WipingEngine(harness.ctx["git"].data_dir, script=scripted_script(planning=one_step_planning()))
+    harness.use(engine)
+    run_id = await harness.start()
+    name = (await harness.state(run_id)).run.protocol_name
+
+    with pytest.raises(Retry):  # the worktree vanished under the job: arq runs it again
+        await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1)
+    state = await harness.state(run_id)
+    assert (state.step(1).status, state.run.status) == ("running", "running")
+    assert not await lease_alive(harness.ctx["redis"], run_id)
+
+    # arq's next try rebuilds the worktree from the pushed branch and finishes the step once
+    await execute_step({**harness.ctx, "job_try": 2}, protocol_run_id=run_id, step_index=1)
+    await harness.drain()
+    assert (await harness.state(run_id)).step(1).status not in ("running", "failed")
+    assert len(step_commits(harness.origin, name, 1)) == 1
+    assert sum(1 for r in engine.requests if r.phase == "execute") == 2
+
+
+async def test_a_wiped_disk_on_the_last_try_fails_the_step_visibly(harness: Harness) -> None:
+    harness.use(WipingEngine(harness.ctx["git"].data_dir, script=scripted_script(planning=one_step_planning())))
+    run_id = await harness.start()
+    ctx = {**harness.ctx, "job_try": MAX_TRIES}  # no try left: the failure is recorded, not retried
+    assert await execute_step(ctx, protocol_run_id=run_id, step_index=1) == "failed"
+    state = await harness.state(run_id)
+    assert (state.step(1).status, state.run.status) == ("failed", "blocked")
