@@ -102,7 +102,6 @@ async def approve(ctx: dict[str, Any], run_id: int, step_index: int | None = Non
         await update_run(ctx["db"], run_id, approved=True)
         await emit(ctx["db"], state, "protocol.approved", "plan approved")
         if state.run.auto_mode:
-
             await enqueue_next_step(ctx, run_id)
         return "approved"
     step = state.step(step_index)
@@ -111,7 +110,10 @@ async def approve(ctx: dict[str, Any], run_id: int, step_index: int | None = Non
     approved = f"step {step_index:02d} approved by a human"
     await set_step_status(ctx["db"], step.id, _S.COMPLETED, approved)
     step.status = _S.COMPLETED
-    if state.run.status in (_P.BLOCKED, _P.FAILED):
+    nothing_left = all(s.status == _S.COMPLETED for s in state.steps)
+    # a paused protocol whose last open step a human accepts has nothing left to pause: it
+    # completes (paused → running → completed) instead of staying paused with no step to resume
+    if state.run.status in (_P.BLOCKED, _P.FAILED) or (state.run.status == _P.PAUSED and nothing_left):
         await set_protocol_status(ctx["db"], run_id, _P.RUNNING, "resumed after approval")
         state.run.status = _P.RUNNING
     await _carry_on(ctx, state)

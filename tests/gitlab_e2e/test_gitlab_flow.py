@@ -104,9 +104,10 @@ def test_plan_approve_run_ci_qa_merge(world: World) -> None:
     assert {"ignored": "not a step's commit"} in world.delivery_result(stale["id"])["handled"]
     world.send("Pipeline Hook", world.pipeline(step_head, name, "success", [("test", "success")]))
     run = world.wait_run("running", ["completed", "pending"])
-    qa_head = run.head_sha
-    # the step is completed before its QA status is sent: wait for the job to get there
+    # the step is completed before its QA status is sent and the run's head recorded: wait for
+    # the job to get there, then read the head
     world.wait(lambda: len(fake.statuses()) == 6, "QA statuses")
+    qa_head = world.run().head_sha
     assert fake.statuses()[3:] == [
         ("deksdenflow/qa-01", step_head, "running"),
         ("deksdenflow/qa-01", step_head, "success"),
