@@ -48,7 +48,8 @@ run: $(STAMP)
 	DEKSDENFLOW_DATA_DIR=$${DEKSDENFLOW_DATA_DIR:-.deksdenflow} $(BIN)/deksdenflow serve --demo --host 127.0.0.1 --port $(PORT)
 
 # The whole suite: real Redis (127.0.0.1:6379) and Postgres (127.0.0.1:5432), the real codex CLI.
-test: $(STAMP) $(CODEX) $(CHECKOV)
+# `make test` is the one command CI and the README name: the lint and type gates, then the suite
+test: lint typecheck $(STAMP) $(CODEX) $(CHECKOV)
 	DEKSDENFLOW_CODEX_BIN=$(CURDIR)/$(CODEX) $(BIN)/pytest
 
 # ruff (with E501 at 100 and C901 at 15, see pyproject.toml) and the dead-code gate; no
