@@ -37,6 +37,8 @@ PLAN = {
             "content": "# Add greeting.txt\n",
             "commit_type": "feat",
             "qa_policy": "light",
+            "max_fix_attempts": None,
+            "depends_on": None,
         }
     ],
 }

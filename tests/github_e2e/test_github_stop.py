@@ -189,4 +189,7 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
         gh.post("workflow_run", gh.workflow_run(PROTOCOL, state.step(1).runtime_state["commit_sha"]))
         wait_for(lambda: gh.run().run.status == "completed", 60, "protocol completed", log_b)
     assert step_commits(gh.origin, 1) == ["feat(add): Add a greeting module [protocol-0001/01]"]
-    assert "lease expired, work taken back" in log_b.read_text()
+    # B took the step back: by the reclaim cron (the lease expired), or by arq itself, whose
+    # in-progress key of the dead worker's job now lives one lease TTL (bot/jobs/resilient.py)
+    log = log_b.read_text()
+    assert "lease expired, work taken back" in log or "engine scripted (execute" in log

@@ -129,11 +129,14 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
     assert step_commits(world, 1) == []  # A died before it committed anything
     killed = time.monotonic()
     with worker_process(tmp_path, "worker-b", b_env) as (_worker_b, log_b):
-        # B's reclaim cron finds the step without a live lease and runs it again; no CI is
+        # B takes the step back (its reclaim cron, or arq: see below) and runs it again; no CI is
         # known for the project, so QA alone gates and the one-step protocol completes
         wait_for(lambda: world.run().status == "completed", 120, "protocol completed on B", log_b)
         assert time.monotonic() - killed < 120
     step = world.steps()[0]
     assert step.status == "completed" and json.loads(step.runtime_state)["qa_verdict"] == "PASS"
     assert step_commits(world, 1) == ["feat(add): Add a greeting module [protocol-0001/01]"]
-    assert "lease expired, work taken back" in log_b.read_text()
+    # B took the step back: by the reclaim cron (the lease expired), or by arq itself, whose
+    # in-progress key of the dead worker's job now lives one lease TTL (bot/jobs/resilient.py)
+    log = log_b.read_text()
+    assert "lease expired, work taken back" in log or "engine scripted (execute" in log
