@@ -211,21 +211,54 @@ async def complete(env: JobEnv, state: RunState) -> None:
     await announce_ready(env.ctx, state)  # un-draft the PR/MR and say what comes next
 
 
+def about_protocol_head(run: ProtocolRun, sha: str | None) -> bool:
+    """Whether CI on `sha` is about the protocol branch after the merges of a graph: the head it
+    waits for, or the red head that blocked it (a re-run of CI there may unblock it)."""
+    rs = run.runtime_state or {}
+    heads = (rs.get("awaiting_ci"), rs.get("ci_red"))
+    return bool(sha) and runs_in_parallel(run.template_config) and sha in heads
+
+
+def blocked_on_protocol_ci(state: RunState) -> bool:
+    """Blocked by red CI on the protocol branch after every step was merged (no step failed)."""
+    red = (state.run.runtime_state or {}).get("ci_red")
+    return parallel(state) and state.run.status == "blocked" and bool(red)
+
+
 async def protocol_ci(ctx: dict[str, Any], state: RunState, sha: str, result: str, failing: list[tuple[str, str]]) -> str | None:
-    """CI on the protocol branch after the last merge: it completes or blocks the protocol.
-    None when the result is not about that commit (the step gates take it)."""
+    """CI on the protocol branch after the last merge: it completes or blocks the protocol, and a
+    green re-run on the head that blocked it completes it after all (no state where only /cancel
+    helps). None when the result is not about that commit (the step gates take it)."""
     rs = state.run.runtime_state or {}
-    if not parallel(state) or not sha or rs.get("awaiting_ci") != sha or state.run.status != "running":
+    if not parallel(state) or not sha:
+        return None
+    waiting = state.run.status == "running" and rs.get("awaiting_ci") == sha
+    rerun = state.run.status == "blocked" and rs.get("ci_red") == sha
+    if not (waiting or rerun):
         return None
     env = JobEnv.from_ctx(ctx)
     if result == "success":
-        await update_run(env.db, state.run.id, runtime_state={**rs, "ci_green": sha, "awaiting_ci": None})
+        fresh = {k: v for k, v in rs.items() if k not in ("ci_red", "message")}
+        fresh.update(ci_green=sha, awaiting_ci=None)
+        if rerun:
+            again = "CI on the protocol branch is green again"
+            await set_protocol_status(env.db, state.run.id, "running", again, runtime_state=fresh)
+        else:
+            await update_run(env.db, state.run.id, runtime_state=fresh)
         state = await load_run(env.db, state.run.id)
         await complete(env, state)
         return "complete"
+    if rerun:  # red again: it stays blocked with the reason it has
+        still = f"CI on the protocol branch is still red on {sha[:12]}"
+        await emit(env.db, state, "ci.failure", still, sha=sha)
+        return "blocked"
     names = ", ".join(n for n, _ in failing[:5]) or "a check"
-    message = f"CI failed on the protocol branch after the steps were merged ({names} on {sha[:12]})"
-    await set_protocol_status(env.db, state.run.id, "blocked", message, runtime_state={**rs, "message": message})
+    message = (
+        f"CI failed on the protocol branch after the steps were merged ({names} on {sha[:12]}); "
+        "a green re-run of CI there, or /resume after it, completes the protocol"
+    )
+    rs = {**rs, "message": message, "ci_red": sha}
+    await set_protocol_status(env.db, state.run.id, "blocked", message, runtime_state=rs)
     await publish_state(ctx, await load_run(env.db, state.run.id), message)
     return "blocked"
 

@@ -1,0 +1,68 @@
+"""Plans that are graphs: the ways out of a blocked protocol, the reclaim of lost queued steps,
+the repository bound, and conflict markers an integration step leaves behind."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import update
+
+from bot import actions
+from bot.actions import start_protocol
+from bot.ci import apply_ci_result
+from bot.models import Project
+from engines.scripted import ScriptedEngine
+from tests.protocol.conftest import Harness
+from tests.protocol.parallel_support import DIAMOND, graph_script
+from tests.protocol.test_protocol_parallel import _feed_ci
+
+
+async def _blocked_by_red_ci(harness: Harness) -> tuple[int, str]:
+    """A diamond whose every step is merged, blocked by red CI on the protocol branch."""
+    async with harness.ctx["db"].sessions.begin() as session:
+        await session.execute(update(Project).where(Project.id == harness.project.id).values(ci_provider="github-actions"))
+    harness.project.ci_provider = "github-actions"
+    harness.use(ScriptedEngine(graph_script(DIAMOND)))
+    run = await start_protocol(harness.ctx, harness.project, "Build four parts", auto=True, approved=True)
+    state = await _feed_ci(harness, run.id, "failure")
+    assert state.run.status == "blocked", state.run.runtime_state
+    red = state.run.runtime_state["ci_red"]
+    assert red == state.run.head_sha
+    assert "a green re-run of CI there, or /resume after it" in state.run.runtime_state["message"]
+    return run.id, red
+
+
+async def test_a_green_rerun_of_ci_on_the_blocked_head_completes_the_protocol(harness: Harness) -> None:
+    run_id, red = await _blocked_by_red_ci(harness)
+    # red again on a re-run: still blocked, with the same reason
+    assert await apply_ci_result(harness.ctx, run_id, red, "failure", [("tests", "failure")]) == "blocked"
+    assert (await harness.state(run_id)).run.status == "blocked"
+    assert await apply_ci_result(harness.ctx, run_id, red, "success") == "complete"
+    state = await harness.state(run_id)
+    assert state.run.status == "completed", state.run.runtime_state
+    assert "ci_red" not in state.run.runtime_state and "message" not in state.run.runtime_state
+    # a late duplicate of the red result changes nothing any more
+    await apply_ci_result(harness.ctx, run_id, red, "failure", [("tests", "failure")])
+    assert (await harness.state(run_id)).run.status == "completed"
+
+
+@pytest.mark.parametrize("command", ["resume", "retry"])
+async def test_resume_or_retry_waits_for_ci_again_and_green_completes(harness: Harness, command: str) -> None:
+    run_id, red = await _blocked_by_red_ci(harness)
+    if command == "resume":
+        await actions.resume(harness.ctx, run_id)
+    else:
+        assert await actions.retry(harness.ctx, run_id) == 0  # no step failed: the protocol's CI
+    await harness.drain()
+    state = await harness.state(run_id)
+    assert state.run.status == "running", state.run.runtime_state
+    assert state.run.runtime_state["awaiting_ci"] == red
+    assert await apply_ci_result(harness.ctx, run_id, red, "success") == "complete"
+    assert (await harness.state(run_id)).run.status == "completed"
+
+
+async def test_red_again_after_resume_blocks_again(harness: Harness) -> None:
+    run_id, red = await _blocked_by_red_ci(harness)
+    await actions.resume(harness.ctx, run_id)
+    assert await apply_ci_result(harness.ctx, run_id, red, "failure", [("lint", "failure")]) == "blocked"
+    state = await harness.state(run_id)
+    assert state.run.status == "blocked" and "(lint on" in state.run.runtime_state["message"]
