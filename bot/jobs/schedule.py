@@ -183,11 +183,11 @@ async def start_ready(env: JobEnv, state: RunState, start: bool = True) -> list[
         await set_protocol_status(env.db, state.run.id, "running", "running steps side by side")
     for index in chosen:
         step = state.step(index)
-        await update_step(env.db, step.id, runtime_state={**(step.runtime_state or {}), "queued_attempt": step.retries})
-        await env.enqueue(
-            "execute_step", f"exec:{state.run.id}:{index}:{step.retries}",
-            protocol_run_id=state.run.id, step_index=index,
-        )
+        job_id = f"exec:{state.run.id}:{index}:{step.retries}"
+        # the job's id and time: a queued step whose job is lost is found by the reclaim cron
+        queued_mark = {"queued_attempt": step.retries, "queued_job": job_id, "queued_at": time.time()}
+        await update_step(env.db, step.id, runtime_state={**(step.runtime_state or {}), **queued_mark})
+        await env.enqueue("execute_step", job_id, protocol_run_id=state.run.id, step_index=index)
     return chosen
 
 

@@ -66,3 +66,31 @@ async def test_red_again_after_resume_blocks_again(harness: Harness) -> None:
     assert await apply_ci_result(harness.ctx, run_id, red, "failure", [("lint", "failure")]) == "blocked"
     state = await harness.state(run_id)
     assert state.run.status == "blocked" and "(lint on" in state.run.runtime_state["message"]
+
+
+async def test_a_queued_step_whose_job_is_lost_is_queued_again_by_the_reclaim_cron(harness: Harness) -> None:
+    from bot.jobs.reclaim import lost_queued_steps, reclaim_expired
+    from bot.jobs.schedule import queued
+    from bot.runs import update_step
+
+    harness.use(ScriptedEngine(graph_script(DIAMOND)))
+    run_id = await harness.start("Build four parts")  # approved, not auto: steps run on command
+    assert await actions.run_step(harness.ctx, run_id, None) == 1  # queued by the scheduler
+    step = (await harness.state(run_id)).step(1)
+    assert queued(step)
+    job_id = step.runtime_state["queued_job"]
+    redis = harness.ctx["redis"]
+    assert await lost_queued_steps(harness.ctx, now=step.runtime_state["queued_at"] + 3600) == []  # still queued
+    # the job is lost (a queue flushed, a worker that took it and died before marking the step)
+    await redis.zrem("arq:queue", job_id)
+    await redis.delete(f"arq:job:{job_id}")
+    assert await lost_queued_steps(harness.ctx) == []  # within the grace: the scheduler may be enqueueing it
+    assert (await lost_queued_steps(harness.ctx, now=step.runtime_state["queued_at"] + 3600))[0][:2] == (run_id, 1)
+    # a step queued long ago: the reclaim cron queues it again, and it runs
+    await update_step(harness.ctx["db"], step.id, runtime_state={**step.runtime_state, "queued_at": 0.0})
+    assert await reclaim_expired(harness.ctx) == 1
+    assert await reclaim_expired(harness.ctx) == 0  # its new job waits: not queued twice
+    await harness.drain()
+    state = await harness.state(run_id)
+    assert state.step(1).status == "completed" and not queued(state.step(1))
+    assert state.step(2).status == "pending"  # nothing else started on its own (not auto)
