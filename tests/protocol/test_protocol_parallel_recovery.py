@@ -94,3 +94,31 @@ async def test_a_queued_step_whose_job_is_lost_is_queued_again_by_the_reclaim_cr
     state = await harness.state(run_id)
     assert state.step(1).status == "completed" and not queued(state.step(1))
     assert state.step(2).status == "pending"  # nothing else started on its own (not auto)
+
+
+def test_marker_lines_finds_what_git_writes_and_not_headings() -> None:
+    from bot.jobs.integrate import marker_lines
+
+    text = "a\n<<<<<<< HEAD\nmine\n||||||| base\nold\n=======\ntheirs\n>>>>>>> step\nTitle\n========\n<<<<<<<x\n"
+    assert marker_lines(text) == [2, 4, 6, 8]
+    assert marker_lines("plain\ntext =======\n") == []
+
+
+async def test_an_integration_step_that_leaves_conflict_markers_fails_and_commits_nothing(harness: Harness) -> None:
+    from tests.gitutil import git
+    from tests.protocol.parallel_support import TimedEngine, run_with_workers
+    from tests.protocol.test_protocol_parallel import conflicting_script
+
+    # the engine "resolves" by saying so, and leaves the conflicted file as the merge wrote it
+    engine = TimedEngine(conflicting_script({"message": "resolved, trust me"}))
+    harness.use(engine)
+    run = await start_protocol(harness.ctx, harness.project, "Build four parts", auto=True, approved=True)
+    state = await run_with_workers(harness, run.id, workers=2)
+    assert state.run.status == "blocked", state.run.runtime_state
+    integration = state.steps[4]
+    assert integration.step_type == "integration" and integration.status == "failed"
+    message = str(state.run.runtime_state["message"])
+    assert "step 05 left conflict markers in shared.txt (line 1, " in message, message
+    assert "nothing was committed" in message
+    assert git("log", "--all", "--fixed-strings", "--grep=[protocol-0001/05]", cwd=harness.origin) == ""
+    assert state.step(4).status == "pending" and "part-4" not in engine.spans
