@@ -50,8 +50,8 @@ def test_a_graph_keeps_each_step_s_own_fix_loop() -> None:
 
 
 def test_the_pure_check_is_quiet_on_chains_and_odd_input() -> None:
-    chain = [{"index": 1}, {"index": 2, "loop": LOOP}]
+    chain: list[dict[str, Any]] = [{"index": 1}, {"index": 2, "loop": LOOP}]
     assert unsupported_in_graph(chain) == []
     assert unsupported_in_graph([{"index": "x", "loop": LOOP}]) == []  # the schema reports it
-    graph = [{"index": 1}, {"index": 2, "depends_on": [], "triggers": [TRIGGER]}]
+    graph: list[dict[str, Any]] = [{"index": 1}, {"index": 2, "depends_on": [], "triggers": [TRIGGER]}]
     assert unsupported_in_graph(graph) == ["$.steps[1].triggers[0]: a trigger is not supported in a plan whose steps run side by side (depends_on)"]
