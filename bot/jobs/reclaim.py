@@ -129,6 +129,14 @@ async def reclaim_expired(ctx: dict[str, Any]) -> int:
         await ctx["redis"].enqueue_job("execute_step", _job_id=job_id, protocol_run_id=run_id, step_index=step_index)
         log.warning("protocol run %s: the queued job of step %s was lost, queued again", run_id, step_index)
         count += 1
+    from bot.jobs.env import JobEnv
+    from bot.jobs.schedule import schedule_ready, stalled
+
+    for run_id in await stalled(JobEnv.from_ctx(ctx)):
+        # a graph waiting for a slot under the repository bound that freed without waking it
+        if await schedule_ready(ctx, run_id):
+            log.warning("protocol run %s: steps waiting for a slot started", run_id)
+            count += 1
     for run_id, step_index in await orphaned_qa(ctx):
         # the QA run again: it finds the report a dead worker committed, or asks the engine anew
         await ctx["redis"].enqueue_job(

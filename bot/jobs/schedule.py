@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from bot.errors import LockBusy
 from bot.feedback import publish_state
@@ -110,18 +110,79 @@ async def integration_lock(env: JobEnv, run_id: int) -> AsyncIterator[None]:
 
 async def bound(env: JobEnv, state: RunState) -> int:
     """How many steps of this protocol may be active: its bound (the repository's policy, else the
-    setting), less what the repository's other protocols already run beyond the repository bound."""
+    setting), less what the repository's other protocols hold beyond the repository bound (their
+    started steps and the ones queued for a worker). May be 0: the protocol then waits for a
+    slot, and is woken when one frees (`wake_siblings`, and the reclaim cron's sweep)."""
     policies = (state.project.config or {}).get("policies") or {}
     per_protocol = policies.get("max_parallel_steps") or env.settings.max_parallel_steps
+    elsewhere = await held_elsewhere(env, state.project.id, state.run.id)
+    room = env.settings.max_parallel_steps_per_repo - elsewhere
+    return max(0, min(int(per_protocol), room))
+
+
+async def held_elsewhere(env: JobEnv, project_id: int, run_id: int | None) -> int:
+    """Slots the project's protocols other than `run_id` hold: started steps, and pending steps
+    the scheduler queued (a queued step holds its slot before a worker takes it)."""
     async with env.db.sessions() as session:
-        elsewhere = await session.scalar(
-            select(func.count(StepRun.id))
-            .join(ProtocolRun, ProtocolRun.id == StepRun.protocol_run_id)
-            .where(ProtocolRun.project_id == state.project.id, ProtocolRun.id != state.run.id)
-            .where(StepRun.status.in_(("running", "needs_qa")))
-        )
-    room = env.settings.max_parallel_steps_per_repo - int(elsewhere or 0)
-    return max(1, min(int(per_protocol), room))
+        steps = (
+            await session.execute(
+                select(StepRun)
+                .join(ProtocolRun, ProtocolRun.id == StepRun.protocol_run_id)
+                .where(ProtocolRun.project_id == project_id, ProtocolRun.id != (run_id or 0))
+                .where(ProtocolRun.status.in_(("planned", "running")))
+                .where(StepRun.status.in_(("running", "needs_qa", "pending")))
+            )
+        ).scalars()
+        return sum(1 for s in steps if s.status != "pending" or queued(s))
+
+
+async def siblings_waiting(env: JobEnv, project_id: int, run_id: int | None) -> list[int]:
+    """Other auto protocols of the project that run a graph: those a freed slot may let go on."""
+    async with env.db.sessions() as session:
+        rows = (
+            await session.execute(
+                select(ProtocolRun.id, ProtocolRun.template_config)
+                .where(ProtocolRun.project_id == project_id, ProtocolRun.id != (run_id or 0))
+                .where(ProtocolRun.status.in_(("planned", "running")))
+                .where(ProtocolRun.auto_mode.is_(True), ProtocolRun.approved.is_(True))
+                .order_by(ProtocolRun.id)
+            )
+        ).all()
+    return [rid for rid, config in rows if runs_in_parallel(config)]
+
+
+async def stalled(env: JobEnv) -> list[int]:
+    """Auto protocols running a graph with pending steps and nothing started or queued: they
+    wait for a slot under the repository bound that freed without waking them (a step that
+    failed, a protocol cancelled). The reclaim cron schedules them again."""
+    async with env.db.sessions() as session:
+        runs = (
+            await session.execute(
+                select(ProtocolRun.id, ProtocolRun.template_config)
+                .where(ProtocolRun.status.in_(("planned", "running")))
+                .where(ProtocolRun.auto_mode.is_(True), ProtocolRun.approved.is_(True))
+            )
+        ).all()
+        found: list[int] = []
+        for run_id, config in runs:
+            if not runs_in_parallel(config):
+                continue
+            steps = (await session.execute(select(StepRun).where(StepRun.protocol_run_id == run_id))).scalars().all()
+            busy = any(s.status in ("running", "needs_qa") or queued(s) for s in steps)
+            if not busy and any(s.status == "pending" for s in steps):
+                found.append(run_id)
+    return found
+
+
+async def wake_siblings(ctx: dict[str, Any], project_id: int, run_id: int | None) -> list[int]:
+    """A slot freed under the repository bound: the other auto protocols of the repository start
+    their ready steps (oldest first, each under its own integration lock); the ones that did."""
+    env = JobEnv.from_ctx(ctx)
+    woken: list[int] = []
+    for other in await siblings_waiting(env, project_id, run_id):
+        if await schedule_ready(ctx, other):
+            woken.append(other)
+    return woken
 
 
 async def schedule_ready(ctx: dict[str, Any], run_id: int, start: bool = True) -> list[int]:
@@ -302,5 +363,7 @@ async def after_step_passed(ctx: dict[str, Any], run_id: int, step_index: int) -
             await start_ready(env, state)
     state = await load_run(env.db, run_id)
     await publish_state(ctx, state)
+    # the step's slot is free: under the repository bound, another protocol may be waiting for it
+    await wake_siblings(ctx, state.project.id, run_id)
     for branch in merged:  # after the lock: the next steps are already on their way
         await integrate.drop_child(env, state, branch)

@@ -3,6 +3,11 @@ the repository bound, and conflict markers an integration step leaves behind."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from typing import Any
+
 import pytest
 from sqlalchemy import update
 
@@ -122,3 +127,87 @@ async def test_an_integration_step_that_leaves_conflict_markers_fails_and_commit
     assert "nothing was committed" in message
     assert git("log", "--all", "--fixed-strings", "--grep=[protocol-0001/05]", cwd=harness.origin) == ""
     assert state.step(4).status == "pending" and "part-4" not in engine.spans
+
+
+class SpanEngine(ScriptedEngine):
+    """The scripted engine, noting every execute call's (start, end), whichever protocol's."""
+
+    def __init__(self, script: dict[str, Any]) -> None:
+        super().__init__(script)
+        self.intervals: list[tuple[float, float]] = []
+
+    async def run(self, request: Any) -> Any:
+        start = time.monotonic()
+        result = await super().run(request)
+        if request.phase == "execute":
+            self.intervals.append((start, time.monotonic()))
+        return result
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    edges = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    now = top = 0
+    for _, delta in edges:  # an end sorts before a start at the same instant
+        now += delta
+        top = max(top, now)
+    return top
+
+
+async def test_the_repository_bound_holds_over_two_protocols(tmp_path: Any, origin: Any) -> None:
+    from bot.jobs.worker import build_worker
+    from tests.protocol.conftest import make_harness, protocol_settings
+
+    settings = protocol_settings(tmp_path, max_parallel_steps=3, max_parallel_steps_per_repo=2, worker_max_jobs=1)
+    async with make_harness(settings, origin) as h:
+        engine = SpanEngine(graph_script(DIAMOND, delay_s=0.6))
+        h.use(engine)
+        runs = [
+            await start_protocol(h.ctx, h.project, f"Build four parts {n}", auto=True, approved=True) for n in ("a", "b")
+        ]
+        workers = [build_worker(settings, ctx=h.ctx) for _ in range(4)]  # room for 4 engines at once
+        tasks = [asyncio.create_task(w.async_run()) for w in workers]
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                states = [await h.state(r.id) for r in runs]
+                if all(s.run.status in ("completed", "blocked", "failed") for s in states):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        states = [await h.state(r.id) for r in runs]
+        assert [s.run.status for s in states] == ["completed", "completed"], [s.run.runtime_state for s in states]
+        assert len(engine.intervals) == 8
+        # each diamond alone runs 02 and 03 at once (2 + 2 = 4 possible): the repository holds 2
+        assert most_at_once(engine.intervals) == 2, engine.intervals
+
+
+async def test_a_protocol_without_a_slot_waits_and_the_cron_starts_it_once_one_frees(tmp_path: Any, origin: Any) -> None:
+    from bot.jobs.env import JobEnv
+    from bot.jobs.reclaim import reclaim_expired
+    from bot.jobs.schedule import bound, schedule_ready, stalled
+    from bot.runs import update_run
+    from tests.protocol.conftest import make_harness, protocol_settings
+
+    async with make_harness(protocol_settings(tmp_path, max_parallel_steps_per_repo=1), origin) as h:
+        h.use(ScriptedEngine(graph_script(DIAMOND)))
+        first = await h.start("Build four parts a")  # planned and approved; steps on command
+        second = await h.start("Build four parts b")
+        env = JobEnv.from_ctx(h.ctx)
+        assert await actions.run_step(h.ctx, first, None) == 1  # 01 of the first takes the one slot
+        await update_run(h.ctx["db"], second, auto_mode=True)
+        b = await h.state(second)
+        assert await bound(env, b) == 0
+        assert await schedule_ready(h.ctx, second) == []  # no slot: it waits
+        assert await stalled(env) == [second]
+        # the slot frees without waking anybody (a cancel); the cron's sweep starts the waiting one
+        await actions.cancel(h.ctx, first, by="alice")
+        assert await reclaim_expired(h.ctx) == 1
+        assert await stalled(env) == []
+        await h.drain()
+        assert (await h.state(second)).run.status == "completed"
+        assert (await h.state(first)).run.status == "cancelled"
