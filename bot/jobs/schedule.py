@@ -259,7 +259,7 @@ async def complete(env: JobEnv, state: RunState) -> None:
         return
     from bot.ci import gating
 
-    head = state.run.head_sha
+    head = await _pushed_head(env, state) if (state.run.runtime_state or {}).get("ci_red") else state.run.head_sha
     if gating(state.project, env.settings) and head and (state.run.runtime_state or {}).get("ci_green") != head:
         rs = {**(state.run.runtime_state or {}), "awaiting_ci": head}
         await update_run(env.db, state.run.id, runtime_state=rs)
@@ -284,6 +284,28 @@ def blocked_on_protocol_ci(state: RunState) -> bool:
     """Blocked by red CI on the protocol branch after every step was merged (no step failed)."""
     red = (state.run.runtime_state or {}).get("ci_red")
     return parallel(state) and state.run.status == "blocked" and bool(red)
+
+
+async def _pushed_head(env: JobEnv, state: RunState) -> str | None:
+    """After red CI on the merged head, someone may have pushed a fix onto the protocol branch:
+    its head on the forge is the one CI must pass, if it contains the merged work (a rewritten
+    branch that dropped it is not adopted: CI is awaited on the merged head again)."""
+    from bot import git as gitops
+
+    merged = state.run.head_sha
+    workdir = await env.worktree(state)  # at the remote branch head
+    head = await gitops.head_sha(workdir)
+    if not merged or head == merged:
+        return merged
+    contains = await gitops.run_git(
+        ["merge-base", "--is-ancestor", merged, head], cwd=workdir, timeout=env.settings.git_timeout_s, check=False
+    )
+    if contains.returncode != 0:
+        return merged
+    await update_run(env.db, state.run.id, head_sha=head)
+    state.run.head_sha = head
+    await emit(env.db, state, "protocol.head", f"the protocol branch moved to {head[:12]}: CI is awaited there")
+    return head
 
 
 async def protocol_ci(ctx: dict[str, Any], state: RunState, sha: str, result: str, failing: list[tuple[str, str]]) -> str | None:

@@ -211,3 +211,43 @@ async def test_a_protocol_without_a_slot_waits_and_the_cron_starts_it_once_one_f
         await h.drain()
         assert (await h.state(second)).run.status == "completed"
         assert (await h.state(first)).run.status == "cancelled"
+
+
+async def test_resume_after_a_fix_pushed_onto_the_protocol_branch_waits_for_ci_on_the_new_head(
+    harness: Harness, tmp_path: Any
+) -> None:
+    from tests.gitutil import git
+
+    run_id, red = await _blocked_by_red_ci(harness)
+    name = (await harness.state(run_id)).run.protocol_name
+    clone = tmp_path / "human"
+    git("clone", "-q", "-b", name, str(harness.origin), str(clone), cwd=tmp_path)
+    (clone / "fix.txt").write_text("the fix\n")
+    git("add", "fix.txt", cwd=clone)
+    git("commit", "-q", "-m", "fix the red CI", cwd=clone)
+    git("push", "-q", "origin", name, cwd=clone)
+    fixed = git("rev-parse", "HEAD", cwd=clone).strip()
+    await actions.resume(harness.ctx, run_id)
+    state = await harness.state(run_id)
+    assert state.run.status == "running" and state.run.head_sha == fixed
+    assert state.run.runtime_state["awaiting_ci"] == fixed
+    assert await apply_ci_result(harness.ctx, run_id, red, "success") != "complete"  # the old head
+    assert await apply_ci_result(harness.ctx, run_id, fixed, "success") == "complete"
+    assert (await harness.state(run_id)).run.status == "completed"
+
+
+async def test_a_rewritten_protocol_branch_without_the_merges_is_not_adopted(harness: Harness, tmp_path: Any) -> None:
+    from tests.gitutil import git
+
+    run_id, red = await _blocked_by_red_ci(harness)
+    name = (await harness.state(run_id)).run.protocol_name
+    clone = tmp_path / "rewrite"
+    git("clone", "-q", "-b", name, str(harness.origin), str(clone), cwd=tmp_path)
+    git("reset", "-q", "--hard", "HEAD~1", cwd=clone)  # drops the last merge
+    (clone / "other.txt").write_text("x\n")
+    git("add", "other.txt", cwd=clone)
+    git("commit", "-q", "-m", "rewrite", cwd=clone)
+    git("push", "-q", "--force", "origin", name, cwd=clone)
+    await actions.resume(harness.ctx, run_id)
+    state = await harness.state(run_id)
+    assert state.run.head_sha == red and state.run.runtime_state["awaiting_ci"] == red
