@@ -208,6 +208,12 @@ async def retry(
         return 0
     if step_index is None:
         failed = [s for s in state.steps if s.status in (_S.FAILED, _S.BLOCKED, _S.NEEDS_QA)]
+        from bot.jobs.schedule import blocked_on_protocol_ci
+
+        # red CI on the protocol branch after the merges: no step to re-run, wait for CI again
+        if not failed and blocked_on_protocol_ci(state):
+            await resume(ctx, run_id, reply_to)
+            return 0
         if not failed:
             raise TransitionConflict("ProtocolRun", run_id, state.run.status, "retry")
         step_index = failed[0].step_index
@@ -289,6 +295,11 @@ async def resume(ctx: dict[str, Any], run_id: int, reply_to: dict[str, Any] | No
         await run_step(ctx, run_id, decision.step_index, reply_to)
     elif decision.action == "run_qa" and decision.step_index is not None:
         await run_qa(ctx, run_id, decision.step_index, reply_to)
+    else:
+        from bot.jobs import schedule
+
+        if schedule.parallel(state):  # a graph: merge what passed, start what is ready, or await CI
+            await schedule.schedule_ready(ctx, run_id, start=bool(state.run.auto_mode))
 
 
 def _resume_status(step: Any) -> str:

@@ -62,6 +62,36 @@ def graph_errors(
     return errors
 
 
+def unsupported_in_graph(
+    steps: Sequence[Mapping[str, object]], at: str = "$.steps"
+) -> list[str]:
+    """What a plan whose steps run side by side cannot honour, as JSON-path errors: a `loop`
+    back to earlier steps and `triggers` (running or sending back another step) assume
+    one step at a time on one branch; the scheduler of a graph would silently ignore them, so
+    the spec is refused instead. A plain chain keeps both."""
+    nodes: list[tuple[int, Sequence[int] | None]] = []
+    for s in steps:
+        index, deps = s.get("index"), s.get("depends_on")
+        if not isinstance(index, int):
+            return []
+        nodes.append((index, [d for d in deps if isinstance(d, int)] if isinstance(deps, list) else None))
+    deps_of = resolve_dependencies(nodes)
+    if not deps_of or is_linear(deps_of, list(deps_of)):
+        return []
+    why = "is not supported in a plan whose steps run side by side (depends_on)"
+    errors: list[str] = []
+    for pos, s in enumerate(steps):
+        loop = s.get("loop")
+        # a loop back to the step itself is its fix loop (QA FAIL or red CI redo the step), which
+        # a graph runs like a chain does; going back to earlier steps resets work merged already
+        if isinstance(loop, Mapping) and loop.get("back_to", s.get("index")) != s.get("index"):
+            errors.append(f"{at}[{pos}].loop.back_to: a loop back to an earlier step {why}")
+        triggers = s.get("triggers")
+        for k in range(len(triggers) if isinstance(triggers, list) else 0):
+            errors.append(f"{at}[{pos}].triggers[{k}]: a trigger {why}")
+    return errors
+
+
 def find_cycle(deps: Deps) -> list[int]:
     """One cycle as [a, b, ..., a] (a depends on b ...), or [] when the graph is acyclic."""
     state: dict[int, int] = {}  # 1: on the current path, 2: done

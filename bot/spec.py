@@ -255,6 +255,10 @@ def _semantic_errors(data: Mapping[str, Any]) -> list[str]:
         from bot.graph import graph_errors
 
         errors += graph_errors([(s["index"], s.get("depends_on")) for s in steps])
+    if not errors:  # loops and triggers of a graph would be silently ignored: refused
+        from bot.graph import unsupported_in_graph
+
+        errors += unsupported_in_graph(steps)
     return sorted(errors)
 
 

@@ -190,7 +190,7 @@ async def _github_ci(ctx: HandlerContext, branch: Any, sha: Any) -> None:
     run = await run_for_branch(ctx, "github", repo.full_name, branch)
     if run is None:
         return
-    if await ci_step_for(ctx.services, run.id, sha) is None:
+    if not await _gated_commit(ctx, run, sha):
         ctx.note(ignored="not a step's commit")
         return
     project = await _project(ctx, run.project_id)
@@ -219,6 +219,14 @@ async def _github_ci(ctx: HandlerContext, branch: Any, sha: Any) -> None:
         ctx.services, run.id, sha, result, failing, source="github-checks", evidence=evidence
     )
     ctx.note(ci=result, outcome=outcome)
+
+
+async def _gated_commit(ctx: HandlerContext, run: ProtocolRun, sha: str) -> bool:
+    """Whether CI on `sha` concerns the protocol: a step's commit, or the protocol branch's head
+    after a graph's merges (no step's commit, but it gates the protocol's completion)."""
+    from bot.jobs.schedule import about_protocol_head
+
+    return about_protocol_head(run, sha) or await ci_step_for(ctx.services, run.id, sha) is not None
 
 
 async def _project(ctx: HandlerContext, project_id: int) -> Project:
@@ -264,7 +272,7 @@ async def github_status(ctx: HandlerContext) -> None:
         )
         if run is None:
             continue
-        if await ci_step_for(ctx.services, run.id, sha) is None:
+        if not await _gated_commit(ctx, run, sha):
             ctx.note(ignored="not a step's commit")
             return
         if state in ("failure", "error"):
@@ -296,7 +304,7 @@ async def gitlab_pipeline(ctx: HandlerContext) -> None:
     run = await run_for_branch(ctx, "gitlab", repo.full_name, branch)
     if run is None or not isinstance(sha, str):
         return
-    if await ci_step_for(ctx.services, run.id, sha) is None:
+    if not await _gated_commit(ctx, run, sha):
         ctx.note(ignored="not a step's commit")
         return
     raw_builds = payload.get("builds")

@@ -232,6 +232,11 @@ async def _run_and_commit(work: StepWork) -> bool:
         message = f"engine {result.outcome}: {result.error or 'no detail'}"
         await write_outcome(env, state, index, failure(state, index, message, head), work.reply_to)
         return False
+    from bot.jobs.integrate import leftover_markers
+
+    if left := leftover_markers(state, work.step_spec, work.workdir):  # integration steps only
+        await write_outcome(env, state, index, failure(state, index, left, head), work.reply_to)
+        return False
     with (work.workdir / ".protocols" / state.run.protocol_name / "log.md").open("a") as fh:
         fh.write(
             log_entry(

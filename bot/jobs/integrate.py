@@ -73,8 +73,8 @@ async def merge(env: JobEnv, workdir: Path, ref: str, message: str | None) -> li
     )  # fmt: skip
     if res.returncode == 0:
         return []
-    listed = await gitops.run_git(["diff", "--name-only", "--diff-filter=U"], cwd=workdir, timeout=s.git_timeout_s)
-    conflicts = listed.out.split()
+    listed = await gitops.run_git(["diff", "-z", "--name-only", "--diff-filter=U"], cwd=workdir, timeout=s.git_timeout_s)
+    conflicts = [p for p in listed.out.split("\0") if p]  # NUL-separated: names may hold spaces
     if message is not None:
         await gitops.run_git(["merge", "--abort"], cwd=workdir, timeout=s.git_timeout_s, check=False)
     if not conflicts:
@@ -254,3 +254,46 @@ def _ancestors(deps: dict[int, tuple[int, ...]], index: int) -> set[int]:
             seen.add(i)
             todo.extend(deps.get(i, ()))
     return seen
+
+
+# the lines git writes around a conflict (`|||||||` with merge.conflictStyle=diff3)
+_MARKERS = frozenset({"<<<<<<<", "|||||||", "=======", ">>>>>>>"})
+_MARKER_SCAN_BYTES = 4 * 1024 * 1024
+
+
+def marker_lines(text: str) -> list[int]:
+    """The 1-based numbers of lines that start with a conflict marker: seven `<`, `|`, `=` or `>`
+    followed by a space, a tab or the line's end (eight `=` are a heading, not a marker)."""
+    return [
+        n
+        for n, line in enumerate(text.splitlines(), start=1)
+        if line[:7] in _MARKERS and (len(line) == 7 or line[7] in " \t")
+    ]
+
+
+def leftover_markers(state: RunState, step: StepSpec, workdir: Path) -> str | None:
+    """Why an integration step's attempt must not be committed: conflict markers still in the
+    files its merge conflicted on (None: none left). The engine is not trusted to have resolved
+    them; a file it deleted is a resolution, and a symlink or a path outside the worktree is
+    not read (the model may have put either there)."""
+    if step.step_type != "integration":
+        return None
+    conflicts = (state.step(step.index).runtime_state or {}).get("conflicts")
+    root = workdir.resolve()
+    found: list[str] = []
+    for path in conflicts if isinstance(conflicts, list) else []:
+        file = workdir / str(path)
+        if file.is_symlink() or not file.is_file() or not file.resolve().is_relative_to(root):
+            continue
+        with file.open("rb") as fh:
+            text = fh.read(_MARKER_SCAN_BYTES).decode("utf-8", errors="replace")
+        lines = marker_lines(text)
+        if lines:
+            shown = ", ".join(str(n) for n in lines[:5]) + (", …" if len(lines) > 5 else "")
+            found.append(f"{path} (line {shown})")
+    if not found:
+        return None
+    return (
+        f"step {step.index:02d} left conflict markers in {'; '.join(found[:5])}: nothing was "
+        "committed; /retry runs the integration again"
+    )

@@ -4,7 +4,8 @@ A step is `running` (or a protocol `planning`) only while a job holds the protoc
 the lease is gone and the status is still there, the worker died mid-job: a new job with a fresh
 id picks the work up. It continues idempotently: the step's `[protocol-NNNN/XX]` commit of this
 attempt is found and pushed instead of running the engine again. A QA run whose worker died is
-taken back the same way: its committed report is reused, or the QA runs again.
+taken back the same way: its committed report is reused, or the QA runs again. A step of a
+graph the scheduler queued whose job was lost (nothing waits or runs for it) is queued again.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import logging
 import time
 from typing import Any
 
+from arq.jobs import Job, JobStatus
 from sqlalchemy import select
 
 from bot.jobs.locks import lease_alive, step_lease_alive
 from bot.models import ProtocolRun, StepRun
+from bot.runs import update_step
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,43 @@ async def orphaned_qa(ctx: dict[str, Any]) -> list[tuple[int, int]]:
     return found
 
 
+Lost = tuple[int, int, int, dict[str, Any]]
+
+# job states in which a queued step's job is still on its way to a worker, or running
+_JOB_ALIVE = frozenset({JobStatus.deferred, JobStatus.queued, JobStatus.in_progress})
+
+
+async def lost_queued_steps(ctx: dict[str, Any], now: float | None = None) -> list[Lost]:
+    """(run id, step index, step id, its runtime state) of steps of a graph the scheduler queued whose job is gone: no such
+    job waits or runs, and no lease covers the step. Such a step holds a slot under the bound
+    for ever (it is counted as queued); its job is enqueued again. A grace of one lease period
+    after queueing leaves the scheduler time to enqueue the job it just marked."""
+    grace = max(1.0, ctx["settings"].lease_ttl_s)
+    now = time.time() if now is None else now
+    async with ctx["db"].sessions() as session:
+        rows = (
+            await session.execute(
+                select(ProtocolRun.id, StepRun.step_index, StepRun.id, StepRun.retries, StepRun.runtime_state)
+                .join(StepRun, StepRun.protocol_run_id == ProtocolRun.id)
+                .where(ProtocolRun.status == "running", StepRun.status == "pending")
+            )
+        ).all()
+    found: list[Lost] = []
+    for run_id, step_index, step_id, retries, runtime_state in rows:
+        rs = runtime_state or {}
+        job_id, at = rs.get("queued_job"), rs.get("queued_at")
+        if rs.get("queued_attempt") != retries or not isinstance(job_id, str):
+            continue
+        if not isinstance(at, int | float) or now - at < grace:
+            continue
+        if await Job(job_id, ctx["redis"]).status() in _JOB_ALIVE:
+            continue
+        if await step_lease_alive(ctx["redis"], run_id, step_index):
+            continue
+        found.append((run_id, step_index, step_id, dict(rs)))
+    return found
+
+
 async def reclaim_expired(ctx: dict[str, Any]) -> int:
     """Enqueue a job for every orphan; the job id changes once per lease period, so a job that is
     merely waiting in the queue is not duplicated on every tick."""
@@ -82,6 +122,21 @@ async def reclaim_expired(ctx: dict[str, Any]) -> int:
             )
         log.warning("protocol run %s: lease expired, work taken back (step %s)", run_id, step_index)
         count += 1
+    for run_id, step_index, step_id, rs in await lost_queued_steps(ctx):
+        job_id = f"exec:{run_id}:{step_index}:requeue:{period}"
+        # the step's mark names its new job, so the next tick sees it waiting
+        await update_step(ctx["db"], step_id, runtime_state={**rs, "queued_job": job_id, "queued_at": time.time()})
+        await ctx["redis"].enqueue_job("execute_step", _job_id=job_id, protocol_run_id=run_id, step_index=step_index)
+        log.warning("protocol run %s: the queued job of step %s was lost, queued again", run_id, step_index)
+        count += 1
+    from bot.jobs.env import JobEnv
+    from bot.jobs.schedule import schedule_ready, stalled
+
+    for run_id in await stalled(JobEnv.from_ctx(ctx)):
+        # a graph waiting for a slot under the repository bound that freed without waking it
+        if await schedule_ready(ctx, run_id):
+            log.warning("protocol run %s: steps waiting for a slot started", run_id)
+            count += 1
     for run_id, step_index in await orphaned_qa(ctx):
         # the QA run again: it finds the report a dead worker committed, or asks the engine anew
         await ctx["redis"].enqueue_job(

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from bot.errors import LockBusy
 from bot.feedback import publish_state
@@ -110,18 +110,79 @@ async def integration_lock(env: JobEnv, run_id: int) -> AsyncIterator[None]:
 
 async def bound(env: JobEnv, state: RunState) -> int:
     """How many steps of this protocol may be active: its bound (the repository's policy, else the
-    setting), less what the repository's other protocols already run beyond the repository bound."""
+    setting), less what the repository's other protocols hold beyond the repository bound (their
+    started steps and the ones queued for a worker). May be 0: the protocol then waits for a
+    slot, and is woken when one frees (`wake_siblings`, and the reclaim cron's sweep)."""
     policies = (state.project.config or {}).get("policies") or {}
     per_protocol = policies.get("max_parallel_steps") or env.settings.max_parallel_steps
+    elsewhere = await held_elsewhere(env, state.project.id, state.run.id)
+    room = env.settings.max_parallel_steps_per_repo - elsewhere
+    return max(0, min(int(per_protocol), room))
+
+
+async def held_elsewhere(env: JobEnv, project_id: int, run_id: int | None) -> int:
+    """Slots the project's protocols other than `run_id` hold: started steps, and pending steps
+    the scheduler queued (a queued step holds its slot before a worker takes it)."""
     async with env.db.sessions() as session:
-        elsewhere = await session.scalar(
-            select(func.count(StepRun.id))
-            .join(ProtocolRun, ProtocolRun.id == StepRun.protocol_run_id)
-            .where(ProtocolRun.project_id == state.project.id, ProtocolRun.id != state.run.id)
-            .where(StepRun.status.in_(("running", "needs_qa")))
-        )
-    room = env.settings.max_parallel_steps_per_repo - int(elsewhere or 0)
-    return max(1, min(int(per_protocol), room))
+        steps = (
+            await session.execute(
+                select(StepRun)
+                .join(ProtocolRun, ProtocolRun.id == StepRun.protocol_run_id)
+                .where(ProtocolRun.project_id == project_id, ProtocolRun.id != (run_id or 0))
+                .where(ProtocolRun.status.in_(("planned", "running")))
+                .where(StepRun.status.in_(("running", "needs_qa", "pending")))
+            )
+        ).scalars()
+        return sum(1 for s in steps if s.status != "pending" or queued(s))
+
+
+async def siblings_waiting(env: JobEnv, project_id: int, run_id: int | None) -> list[int]:
+    """Other auto protocols of the project that run a graph: those a freed slot may let go on."""
+    async with env.db.sessions() as session:
+        rows = (
+            await session.execute(
+                select(ProtocolRun.id, ProtocolRun.template_config)
+                .where(ProtocolRun.project_id == project_id, ProtocolRun.id != (run_id or 0))
+                .where(ProtocolRun.status.in_(("planned", "running")))
+                .where(ProtocolRun.auto_mode.is_(True), ProtocolRun.approved.is_(True))
+                .order_by(ProtocolRun.id)
+            )
+        ).all()
+    return [rid for rid, config in rows if runs_in_parallel(config)]
+
+
+async def stalled(env: JobEnv) -> list[int]:
+    """Auto protocols running a graph with pending steps and nothing started or queued: they
+    wait for a slot under the repository bound that freed without waking them (a step that
+    failed, a protocol cancelled). The reclaim cron schedules them again."""
+    async with env.db.sessions() as session:
+        runs = (
+            await session.execute(
+                select(ProtocolRun.id, ProtocolRun.template_config)
+                .where(ProtocolRun.status.in_(("planned", "running")))
+                .where(ProtocolRun.auto_mode.is_(True), ProtocolRun.approved.is_(True))
+            )
+        ).all()
+        found: list[int] = []
+        for run_id, config in runs:
+            if not runs_in_parallel(config):
+                continue
+            steps = (await session.execute(select(StepRun).where(StepRun.protocol_run_id == run_id))).scalars().all()
+            busy = any(s.status in ("running", "needs_qa") or queued(s) for s in steps)
+            if not busy and any(s.status == "pending" for s in steps):
+                found.append(run_id)
+    return found
+
+
+async def wake_siblings(ctx: dict[str, Any], project_id: int, run_id: int | None) -> list[int]:
+    """A slot freed under the repository bound: the other auto protocols of the repository start
+    their ready steps (oldest first, each under its own integration lock); the ones that did."""
+    env = JobEnv.from_ctx(ctx)
+    woken: list[int] = []
+    for other in await siblings_waiting(env, project_id, run_id):
+        if await schedule_ready(ctx, other):
+            woken.append(other)
+    return woken
 
 
 async def schedule_ready(ctx: dict[str, Any], run_id: int, start: bool = True) -> list[int]:
@@ -183,11 +244,11 @@ async def start_ready(env: JobEnv, state: RunState, start: bool = True) -> list[
         await set_protocol_status(env.db, state.run.id, "running", "running steps side by side")
     for index in chosen:
         step = state.step(index)
-        await update_step(env.db, step.id, runtime_state={**(step.runtime_state or {}), "queued_attempt": step.retries})
-        await env.enqueue(
-            "execute_step", f"exec:{state.run.id}:{index}:{step.retries}",
-            protocol_run_id=state.run.id, step_index=index,
-        )
+        job_id = f"exec:{state.run.id}:{index}:{step.retries}"
+        # the job's id and time: a queued step whose job is lost is found by the reclaim cron
+        queued_mark = {"queued_attempt": step.retries, "queued_job": job_id, "queued_at": time.time()}
+        await update_step(env.db, step.id, runtime_state={**(step.runtime_state or {}), **queued_mark})
+        await env.enqueue("execute_step", job_id, protocol_run_id=state.run.id, step_index=index)
     return chosen
 
 
@@ -198,7 +259,7 @@ async def complete(env: JobEnv, state: RunState) -> None:
         return
     from bot.ci import gating
 
-    head = state.run.head_sha
+    head = await _pushed_head(env, state) if (state.run.runtime_state or {}).get("ci_red") else state.run.head_sha
     if gating(state.project, env.settings) and head and (state.run.runtime_state or {}).get("ci_green") != head:
         rs = {**(state.run.runtime_state or {}), "awaiting_ci": head}
         await update_run(env.db, state.run.id, runtime_state=rs)
@@ -211,21 +272,76 @@ async def complete(env: JobEnv, state: RunState) -> None:
     await announce_ready(env.ctx, state)  # un-draft the PR/MR and say what comes next
 
 
+def about_protocol_head(run: ProtocolRun, sha: str | None) -> bool:
+    """Whether CI on `sha` is about the protocol branch after the merges of a graph: the head it
+    waits for, or the red head that blocked it (a re-run of CI there may unblock it)."""
+    rs = run.runtime_state or {}
+    heads = (rs.get("awaiting_ci"), rs.get("ci_red"))
+    return bool(sha) and runs_in_parallel(run.template_config) and sha in heads
+
+
+def blocked_on_protocol_ci(state: RunState) -> bool:
+    """Blocked by red CI on the protocol branch after every step was merged (no step failed)."""
+    red = (state.run.runtime_state or {}).get("ci_red")
+    return parallel(state) and state.run.status == "blocked" and bool(red)
+
+
+async def _pushed_head(env: JobEnv, state: RunState) -> str | None:
+    """After red CI on the merged head, someone may have pushed a fix onto the protocol branch:
+    its head on the forge is the one CI must pass, if it contains the merged work (a rewritten
+    branch that dropped it is not adopted: CI is awaited on the merged head again)."""
+    from bot import git as gitops
+
+    merged = state.run.head_sha
+    workdir = await env.worktree(state)  # at the remote branch head
+    head = await gitops.head_sha(workdir)
+    if not merged or head == merged:
+        return merged
+    contains = await gitops.run_git(
+        ["merge-base", "--is-ancestor", merged, head], cwd=workdir, timeout=env.settings.git_timeout_s, check=False
+    )
+    if contains.returncode != 0:
+        return merged
+    await update_run(env.db, state.run.id, head_sha=head)
+    state.run.head_sha = head
+    await emit(env.db, state, "protocol.head", f"the protocol branch moved to {head[:12]}: CI is awaited there")
+    return head
+
+
 async def protocol_ci(ctx: dict[str, Any], state: RunState, sha: str, result: str, failing: list[tuple[str, str]]) -> str | None:
-    """CI on the protocol branch after the last merge: it completes or blocks the protocol.
-    None when the result is not about that commit (the step gates take it)."""
+    """CI on the protocol branch after the last merge: it completes or blocks the protocol, and a
+    green re-run on the head that blocked it completes it after all (no state where only /cancel
+    helps). None when the result is not about that commit (the step gates take it)."""
     rs = state.run.runtime_state or {}
-    if not parallel(state) or not sha or rs.get("awaiting_ci") != sha or state.run.status != "running":
+    if not parallel(state) or not sha:
+        return None
+    waiting = state.run.status == "running" and rs.get("awaiting_ci") == sha
+    rerun = state.run.status == "blocked" and rs.get("ci_red") == sha
+    if not (waiting or rerun):
         return None
     env = JobEnv.from_ctx(ctx)
     if result == "success":
-        await update_run(env.db, state.run.id, runtime_state={**rs, "ci_green": sha, "awaiting_ci": None})
+        fresh = {k: v for k, v in rs.items() if k not in ("ci_red", "message")}
+        fresh.update(ci_green=sha, awaiting_ci=None)
+        if rerun:
+            again = "CI on the protocol branch is green again"
+            await set_protocol_status(env.db, state.run.id, "running", again, runtime_state=fresh)
+        else:
+            await update_run(env.db, state.run.id, runtime_state=fresh)
         state = await load_run(env.db, state.run.id)
         await complete(env, state)
         return "complete"
+    if rerun:  # red again: it stays blocked with the reason it has
+        still = f"CI on the protocol branch is still red on {sha[:12]}"
+        await emit(env.db, state, "ci.failure", still, sha=sha)
+        return "blocked"
     names = ", ".join(n for n, _ in failing[:5]) or "a check"
-    message = f"CI failed on the protocol branch after the steps were merged ({names} on {sha[:12]})"
-    await set_protocol_status(env.db, state.run.id, "blocked", message, runtime_state={**rs, "message": message})
+    message = (
+        f"CI failed on the protocol branch after the steps were merged ({names} on {sha[:12]}); "
+        "a green re-run of CI there, or /resume after it, completes the protocol"
+    )
+    rs = {**rs, "message": message, "ci_red": sha}
+    await set_protocol_status(env.db, state.run.id, "blocked", message, runtime_state=rs)
     await publish_state(ctx, await load_run(env.db, state.run.id), message)
     return "blocked"
 
@@ -269,5 +385,7 @@ async def after_step_passed(ctx: dict[str, Any], run_id: int, step_index: int) -
             await start_ready(env, state)
     state = await load_run(env.db, run_id)
     await publish_state(ctx, state)
+    # the step's slot is free: under the repository bound, another protocol may be waiting for it
+    await wake_siblings(ctx, state.project.id, run_id)
     for branch in merged:  # after the lock: the next steps are already on their way
         await integrate.drop_child(env, state, branch)

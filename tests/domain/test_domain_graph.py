@@ -145,6 +145,13 @@ def test_codemachine_depends_on_maps_agent_ids() -> None:
         "resolveStep('task-sanity-check', { model: 'sonnet', agentName: 'Reviewer', dependsOn: ['init'] })",
     )
     ws = load_workspace(files)
+    # its loop module goes back over earlier steps, which a graph cannot run: refused, by path
+    with pytest.raises(SpecError, match=r"\$\.steps\[\d\]\.loop\.back_to: a loop back to an earlier step"):
+        build_import(ws, select_workflow(ws, None), "0001-add-a-greeting", engine="scripted", known_engines={"scripted"})
+    # without its loop and trigger modules the graph is imported
+    kept = [line for line in files[path].splitlines() if "resolveModule(" not in line]
+    files[path] = "\n".join(kept) + "\n"
+    ws = load_workspace(files)
     plan = build_import(ws, select_workflow(ws, None), "0001-add-a-greeting", engine="scripted", known_engines={"scripted"})
     spec = validate_spec(copy.deepcopy(plan.spec))
     assert spec.step(3).depends_on == (1,)
