@@ -23,6 +23,7 @@ from bot.jobs.protocol import execute_step
 from bot.onboarding import ASSETS
 from engines.scripted import ScriptedEngine
 from tests.conftest import LiveServer
+from tests.gitutil import git
 from tests.protocol.conftest import Harness, make_harness, protocol_settings
 
 TOKEN = "ci-hook-token-0123456789"
@@ -202,6 +203,46 @@ async def test_ci_hook_failure_loops_like_a_forge_failure(ci_harness: Harness, t
     feedback = json.dumps(step.runtime_state["feedback"])
     assert "AssertionError: expected 3, got 4" in feedback and "failing stage: test" in feedback
     assert "collected line 1999" in feedback and "collected line 10 " not in feedback  # the tail
+
+
+async def test_ci_hook_finds_a_protocol_planned_on_a_pull_request_branch(
+    ci_harness: Harness, origin: Path
+) -> None:
+    """`/plan` on a human's PR commits to that PR's branch: report.sh sends that branch (and a
+    graph step's child branch `NNNN-task--XX`), and the hook finds the protocol by it."""
+    h = ci_harness
+    git("branch", "feature-x", "main", cwd=origin)  # the human's PR branch
+    run_id = await h.start("Finish feature x", pull=(55, "feature-x", "main"))
+    state = await h.state(run_id)
+    assert state.run.runtime_state["branch"] == "feature-x" and state.run.protocol_name != "feature-x"
+    assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa"
+    sha = (await h.state(run_id)).run.head_sha
+    assert git("rev-parse", "feature-x", cwd=origin).strip() == sha  # the step went to the PR branch
+    name = state.run.protocol_name
+
+    with LiveServer(create_app(h.ctx["settings"])) as server:
+        url = f"{server.url}/webhooks/ci"
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def report(data: dict[str, Any]) -> list[dict[str, Any]]:
+                body = json.dumps(data).encode()
+                r = await client.post(url, content=body, headers={"X-DeksdenFlow-Signature": sign(body)})
+                assert r.status_code == 202, r.text
+                handled: list[dict[str, Any]] = (await wait_processed(h, r.json()["id"]))["handled"]
+                return handled
+
+            # a graph step's child branch reports to its protocol
+            child = await report({"branch": f"{name}--01", "status": "running", "sha": sha})
+            assert child[-1] == {"protocol_run_id": run_id, "outcome": "recorded"}
+            # the protocol's own name is no branch of this run: nothing is found by it
+            own = await report({"branch": name, "status": "success", "sha": sha})
+            assert own[-1] == {"ignored": f"no protocol for branch {name!r}"}
+            # a run id with a branch it does not commit to is refused
+            wrong = await report({"protocol_run_id": run_id, "branch": "main", "status": "success"})
+            assert wrong[-1] == {"ignored": f"no protocol for protocol run {run_id}"}
+            done = await report({"branch": "feature-x", "status": "success", "sha": sha})
+            assert done[-1] == {"protocol_run_id": run_id, "ci": "success", "outcome": "complete"}
+    assert (await h.state(run_id)).step(1).status == "completed"
 
 
 async def test_ci_hook_without_a_token_is_closed(tmp_path: Path) -> None:
