@@ -245,6 +245,52 @@ async def test_ci_hook_finds_a_protocol_planned_on_a_pull_request_branch(
     assert (await h.state(run_id)).step(1).status == "completed"
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_find_run_by_branch_on_both_databases(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The lookup reads the PR branch out of runtime_state (JSON): the same answers on SQLite
+    and Postgres; a branch in two projects needs `project`; a later protocol on one PR wins."""
+    from bot.ci_hook import CIReport, find_run
+    from bot.db import create_database
+    from bot.migrate import upgrade_head
+    from bot.runs import create_run, get_or_create_project, update_run
+    from bot.settings import Settings
+    from tests.conftest import _truncate_postgres
+
+    if backend == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        _truncate_postgres(url)
+    else:
+        url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+        upgrade_head(url)
+    db = create_database(Settings(db_url=url, data_dir=tmp_path).async_database_url)
+    try:
+        a = await get_or_create_project(db, name="o/a", provider="github", git_url="https://github.com/o/a.git", base_branch="main")
+        b = await get_or_create_project(db, name="o/b", provider="github", git_url="https://github.com/o/b.git", base_branch="main")
+        own = await create_run(db, project=a, protocol_name="0001-own", description="x", base_branch="main")
+        on_pr = await create_run(db, project=a, protocol_name="0002-on-pr", description="x", base_branch="main")
+        await update_run(db, on_pr.id, runtime_state={"branch": "feature-x"}, pr_number=5)
+        other = await create_run(db, project=b, protocol_name="0001-own", description="x", base_branch="main")
+
+        async def found(branch: str, project: str | None = None) -> int | None:
+            report = CIReport("success", branch, None, None, project, ())
+            run = await find_run(db, report)
+            return run.id if run is not None else None
+
+        assert await found("feature-x") == on_pr.id
+        assert await found("0002-on-pr") is None  # it commits to the PR's branch, not its name
+        assert await found("0001-own--03", "o/a") == own.id  # a graph step's child branch
+        assert await found("0001-own", "o/b") == other.id
+        with pytest.raises(WebhookError) as err:
+            await found("0001-own")
+        assert err.value.status_code == 409
+        assert await found("feature") is None and await found("feature-x--01") is None
+        later = await create_run(db, project=a, protocol_name="0003-again", description="x", base_branch="main")
+        await update_run(db, later.id, runtime_state={"branch": "feature-x"}, pr_number=5)
+        assert await found("feature-x") == later.id
+    finally:
+        await db.dispose()
+
+
 async def test_ci_hook_without_a_token_is_closed(tmp_path: Path) -> None:
     settings = protocol_settings(tmp_path)
     with LiveServer(create_app(settings)) as server:
