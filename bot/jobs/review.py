@@ -276,8 +276,7 @@ async def reply_in_threads(ctx: dict[str, Any], run_id: int, step_index: int) ->
             answered += 1
         else:
             complete = False
-    if state.project.provider == "github":
-        await _resolve_github_threads(ctx, state, step, rs, comments)
+    await _resolve_threads(ctx, state, step, rs, comments)
     if complete:
         await ctx["redis"].srem(REPLIES_DUE_KEY, _due_member(run_id, step_index))
     return answered
@@ -306,7 +305,7 @@ async def _answer_threads(
         try:
             if state.project.provider == "gitlab":
                 target = IssueRef(repo, number, "merge_request")
-                await forge.reply_in_thread(target, thread, body, resolve=True)  # type: ignore[attr-defined]
+                await forge.reply_in_thread(target, thread, body)  # type: ignore[attr-defined]
             else:
                 await forge.reply_in_thread(repo, number, int(thread), body)  # type: ignore[attr-defined]
         except Exception as exc:  # a reply is a courtesy: the fix is pushed either way
@@ -335,31 +334,40 @@ async def _answer_on_pr(ctx: dict[str, Any], state: RunState, text: str) -> bool
     return True
 
 
-async def _resolve_github_threads(
+async def _resolve_threads(
     ctx: dict[str, Any], state: RunState, step: Any, rs: dict[str, Any], comments: list[ReviewComment]
 ) -> None:
-    """Resolve the GitHub threads just answered (GitLab resolved them with the reply).
+    """Resolve the threads just answered: GitHub through GraphQL (threads found by comment id),
+    GitLab one discussion at a time.
 
-    Best-effort: a failure is logged and shown as an event, and the threads stay open for a
-    human; each thread is tried once (recorded in `review_resolved`).
+    Apart from the replies, so a refused resolve never makes a reply be sent twice; best-effort:
+    a failure is logged and shown as an event, the thread stays open for a human, and each
+    thread is tried once (recorded in `review_resolved` before asking the forge).
     """
     replied = {str(t) for t in rs.get("review_replied") or []}
     tried = {str(t) for t in rs.get("review_resolved") or []}
-    todo = replied - tried
+    todo = sorted(replied - tried)
     if not todo:
         return
-    ids = {int(t) for t in todo if t.isdigit()} | {c.comment_id for c in comments if c.thread_id in todo}
     forge = forge_of(ctx, state)
     repo = ctx["forges"].repo_ref(state.project)
-    await update_step(ctx["db"], step.id, runtime_state={**rs, "review_resolved": sorted(tried | todo)})
+    number = state.run.pr_number
+    assert number is not None  # the caller answered threads on this PR/MR
+    await update_step(ctx["db"], step.id, runtime_state={**rs, "review_resolved": sorted(tried | set(todo))})
     try:
-        resolved = await forge.resolve_review_threads(repo, state.run.pr_number, ids)  # type: ignore[attr-defined]
+        if state.project.provider == "gitlab":
+            for thread in todo:
+                await forge.resolve_discussion(IssueRef(repo, number, "merge_request"), thread)  # type: ignore[attr-defined]
+            resolved = len(todo)
+        else:
+            ids = {int(t) for t in todo if t.isdigit()} | {c.comment_id for c in comments if c.thread_id in todo}
+            resolved = len(await forge.resolve_review_threads(repo, number, ids))  # type: ignore[attr-defined]
     except Exception as exc:  # the replies are there; an open thread only waits for a human
         log.warning("resolving review threads of step %s failed: %s", step.step_index, exc)
         await emit(ctx["db"], state, "feedback.failed", f"resolve review threads: {type(exc).__name__}", step)
         return
     if resolved:
-        await emit(ctx["db"], state, "review.resolved", f"resolved {len(resolved)} review thread(s)", step)
+        await emit(ctx["db"], state, "review.resolved", f"resolved {resolved} review thread(s)", step)
 
 
 async def review_replies(ctx: dict[str, Any], *, protocol_run_id: int, step_index: int) -> str:
