@@ -404,7 +404,25 @@ class WorkerDied(Exception):
     """The worker dies here: the job ends with nothing after this point run."""
 
 
-def test_worker_dying_between_the_push_and_the_replies_answers_each_thread_once(gh: GitHubLoop) -> None:
+@pytest.fixture
+def reclaim_held(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The embedded worker's reclaim cron (twice a minute) finds no replies due while the
+    list holds True: the test says when the reclaim may take them."""
+    import bot.jobs.review as review_job
+
+    held = [True]
+    real = review_job.replies_due
+
+    async def gated(ctx: dict[str, Any]) -> list[tuple[int, int]]:
+        return [] if held[0] else await real(ctx)
+
+    monkeypatch.setattr(review_job, "replies_due", gated)
+    return held
+
+
+def test_worker_dying_between_the_push_and_the_replies_answers_each_thread_once(
+    gh: GitHubLoop, reclaim_held: list[bool]
+) -> None:
     """Killed after the fix's push and its first reply: the reclaim cron's job answers the other
     thread (and resolves both); the thread already answered is not answered twice."""
     from bot.jobs.reclaim import reclaim_expired
@@ -429,6 +447,7 @@ def test_worker_dying_between_the_push_and_the_replies_answers_each_thread_once(
     assert [r["in_reply_to_id"] for r in gh.fake.review_replies] == [9602]  # died after the first
     assert gh.call(_due, gh) == {f"{run_id}:3"}
 
+    reclaim_held[0] = False
     assert gh.call(reclaim_expired, worker_ctx) == 1
     gh.wait_idle(timeout=60)
     assert sorted(r["in_reply_to_id"] for r in gh.fake.review_replies) == [9601, 9602]
@@ -445,3 +464,36 @@ async def _due(gh: GitHubLoop) -> set[str]:
 
     redis: Any = gh.state.redis
     return {m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(REPLIES_DUE_KEY)}
+
+
+def test_worker_dying_right_after_the_push_answers_when_the_job_runs_again(
+    gh: GitHubLoop, reclaim_held: list[bool]
+) -> None:
+    """Killed between the push and the first reply: arq runs a killed worker's job again; that
+    run finds the step past running and sends the replies it left (and only those)."""
+    from bot.jobs.protocol import execute_step
+
+    worker_ctx: dict[str, Any] = gh.state.extra["worker"].ctx
+    kills: list[str] = []
+
+    def die(at: str, _run_id: int, _step: int) -> None:
+        if at == "before_review_replies" and not kills:
+            kills.append(at)
+            raise WorkerDied(at)
+
+    worker_ctx["crash_hook"] = die
+    try:
+        request_changes(gh, review_id=770)
+    finally:
+        del worker_ctx["crash_hook"]
+    assert kills == ["before_review_replies"] and gh.fake.review_replies == []
+    run_id = gh.run().run.id
+
+    async def again() -> str:
+        outcome: str = await execute_step(worker_ctx, protocol_run_id=run_id, step_index=3)
+        return outcome
+
+    assert gh.call(again) == "skipped-needs_qa"
+    assert sorted(r["in_reply_to_id"] for r in gh.fake.review_replies) == [9601, 9602]
+    assert gh.call(again) == "skipped-needs_qa"  # a third run: every thread has its one reply
+    assert len(gh.fake.review_replies) == 2 and gh.call(_due, gh) == set()
