@@ -263,7 +263,10 @@ async def reply_in_threads(ctx: dict[str, Any], run_id: int, step_index: int) ->
     rs = dict(step.runtime_state or {})
     sha = rs.get("commit_sha")
     review = rs.get("review")
-    if not isinstance(sha, str) or not isinstance(review, list) or not state.run.pr_number:
+    if not isinstance(review, list) or not state.run.pr_number:  # no fix step: nothing to answer
+        await ctx["redis"].srem(REPLIES_DUE_KEY, _due_member(run_id, step_index))
+        return 0
+    if not isinstance(sha, str):  # not pushed yet: its execution answers once it is
         return 0
     _crash(ctx, "before_review_replies", run_id, step_index)
     comments = [c for c in (ReviewComment.from_dict(d) for d in review if isinstance(d, dict)) if c]
@@ -405,12 +408,16 @@ async def replies_due(ctx: dict[str, Any]) -> list[tuple[int, int]]:
         if await lease_alive(ctx["redis"], run_id):
             continue  # a job holds the protocol: it answers, or leaves it for a later tick
         try:
-            step = (await load_run(ctx["db"], run_id)).step(step_index)
+            state = await load_run(ctx["db"], run_id)
+            step = state.step(step_index)
         except NotFound:
             await ctx["redis"].srem(REPLIES_DUE_KEY, raw)
             continue
-        if step.status != "running" and isinstance((step.runtime_state or {}).get("commit_sha"), str):
+        pushed = isinstance((step.runtime_state or {}).get("commit_sha"), str)
+        if pushed and step.status != "running":
             found.append((run_id, step_index))  # pushed and recorded: only the replies are missing
+        elif not pushed and state.run.status == "cancelled":
+            await ctx["redis"].srem(REPLIES_DUE_KEY, raw)  # the fix never ran: nothing to answer
     return found
 
 
