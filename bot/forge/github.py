@@ -151,7 +151,7 @@ def build_ready_mutation(node_id: str) -> dict[str, Any]:
 REVIEW_THREADS_QUERY = (
     "query($owner: String!, $name: String!, $number: Int!) { repository(owner: $owner, name: $name) "
     "{ pullRequest(number: $number) { reviewThreads(first: 100) { nodes { id isResolved "
-    "comments(first: 100) { nodes { databaseId } } } } } } }"
+    "comments(first: 100) { nodes { databaseId body } } } } } } }"
 )
 RESOLVE_THREAD_MUTATION = (
     "mutation($id: ID!) { resolveReviewThread(input: {threadId: $id}) { thread { id isResolved } } }"
@@ -184,6 +184,18 @@ def threads_holding(answer: Any, comment_ids: Iterable[int]) -> list[str]:
         thread = node.get("id")
         if isinstance(thread, str) and thread and ids & wanted:
             found.append(thread)
+    return found
+
+
+def threads_with_text(answer: Any, text: str) -> set[int]:
+    """The threads (by their first comment's REST id) that already hold a comment reading
+    exactly `text`: a reply the bot sent before it could record it."""
+    found: set[int] = set()
+    for node in _dig_list(answer, "data", "repository", "pullRequest", "reviewThreads", "nodes"):
+        comments = [c for c in _dig_list(node, "comments", "nodes") if isinstance(c, Mapping)]
+        first = comments[0].get("databaseId") if comments else None
+        if isinstance(first, int) and any(c.get("body") == text for c in comments[1:]):
+            found.add(first)
     return found
 
 
@@ -479,6 +491,12 @@ class GitHubForge(AsyncClosing):
             return
         answer = await self._request(pull.repo, "POST", "/graphql", build_ready_mutation(str(data["node_id"])))
         graphql_errors(answer, "markPullRequestReadyForReview")
+
+    async def threads_answered_with(self, repo: RepoRef, number: int, text: str) -> set[int]:
+        """The review threads (by first comment id) that already hold a reply reading `text`."""
+        answer = await self._request(repo, "POST", "/graphql", build_review_threads_query(repo, number))
+        graphql_errors(answer, "reviewThreads")
+        return threads_with_text(answer, text)
 
     async def resolve_review_threads(self, repo: RepoRef, number: int, comment_ids: Iterable[int]) -> list[str]:
         """Resolve the open review threads holding any of `comment_ids` (REST cannot: GraphQL's

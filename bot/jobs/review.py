@@ -300,11 +300,15 @@ async def _answer_threads(
     repo = ctx["forges"].repo_ref(state.project)
     number = state.run.pr_number
     assert number is not None
+    body = reply_body(sha, step.step_index)
+    rs, done = await _sent_unrecorded(ctx, state, step, rs, done, body)
     answered, complete = 0, True
     for thread, _comment in threads_to_answer(comments):
         if thread in done:
             continue
-        body = reply_body(sha, step.step_index)
+        # the intent first: a run that dies after the POST finds its reply (on GitHub) by it
+        rs = {**rs, "review_replying": sorted({*(rs.get("review_replying") or []), thread})}
+        await update_step(ctx["db"], step.id, runtime_state=rs)
         try:
             if state.project.provider == "gitlab":
                 target = IssueRef(repo, number, "merge_request")
@@ -316,12 +320,38 @@ async def _answer_threads(
             await emit(ctx["db"], state, "feedback.failed", f"review reply: {type(exc).__name__}", step)
             complete = False
             continue
+        _crash(ctx, "after_review_post", state.run.id, step.step_index)
         done.add(thread)
         answered += 1
         rs = {**rs, "review_replied": sorted(done)}
         await update_step(ctx["db"], step.id, runtime_state=rs)
         _crash(ctx, "after_review_reply", state.run.id, step.step_index)
     return answered, rs, complete
+
+
+async def _sent_unrecorded(
+    ctx: dict[str, Any], state: RunState, step: Any, rs: dict[str, Any], done: set[str], body: str
+) -> tuple[dict[str, Any], set[str]]:
+    """Threads a dead run replied in without recording it: on GitHub the PR's review threads
+    show the reply (one GraphQL query, only when such a thread may exist). GitLab is not asked:
+    there such a reply can be sent twice."""
+    unsure = {str(t) for t in rs.get("review_replying") or []} - done
+    if not unsure or state.project.provider != "github":
+        return rs, done
+    forge = forge_of(ctx, state)
+    repo = ctx["forges"].repo_ref(state.project)
+    try:
+        there = await forge.threads_answered_with(repo, state.run.pr_number, body)  # type: ignore[attr-defined]
+    except Exception as exc:  # unknown: reply again rather than leave a thread unanswered
+        log.warning("looking for unrecorded review replies failed: %s", exc)
+        return rs, done
+    found = {t for t in unsure if t.isdigit() and int(t) in there}
+    if not found:
+        return rs, done
+    done = done | found
+    rs = {**rs, "review_replied": sorted(done)}
+    await update_step(ctx["db"], step.id, runtime_state=rs)
+    return rs, done
 
 
 async def _answer_on_pr(ctx: dict[str, Any], state: RunState, text: str) -> bool:

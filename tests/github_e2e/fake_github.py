@@ -301,16 +301,19 @@ class FakeGitHub:
 
     def _threads(self) -> list[dict[str, Any]]:
         """One thread per review comment that answers none; replies join their thread."""
-        roots: dict[int, list[int]] = {}
+        roots: dict[int, list[dict[str, Any]]] = {}
         for comments in self.review_comments.values():
             for c in comments:
-                roots.setdefault(int(c.get("in_reply_to_id") or c["id"]), []).append(int(c["id"]))
+                node = {"databaseId": int(c["id"]), "body": c.get("body", "")}
+                roots.setdefault(int(c.get("in_reply_to_id") or c["id"]), []).append(node)
         for reply in self.review_replies:
-            roots.setdefault(reply["in_reply_to_id"], [reply["in_reply_to_id"]]).append(reply["id"])
+            root = reply["in_reply_to_id"]
+            roots.setdefault(root, [{"databaseId": root, "body": ""}])
+            roots[root].append({"databaseId": reply["id"], "body": reply["body"]})
         return [
             {"id": f"PRRT_fake{root}", "isResolved": f"PRRT_fake{root}" in self.resolved_threads,
-             "comments": {"nodes": [{"databaseId": i} for i in ids]}}
-            for root, ids in roots.items()
+             "comments": {"nodes": nodes}}
+            for root, nodes in roots.items()
         ]  # fmt: skip
 
     def _review_threads(self, number: int) -> Answer:

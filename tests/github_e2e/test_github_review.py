@@ -497,3 +497,36 @@ def test_worker_dying_right_after_the_push_answers_when_the_job_runs_again(
     assert sorted(r["in_reply_to_id"] for r in gh.fake.review_replies) == [9601, 9602]
     assert gh.call(again) == "skipped-needs_qa"  # a third run: every thread has its one reply
     assert len(gh.fake.review_replies) == 2 and gh.call(_due, gh) == set()
+
+
+def test_worker_dying_between_a_reply_and_its_record_does_not_reply_twice(
+    gh: GitHubLoop, reclaim_held: list[bool]
+) -> None:
+    """Killed after a reply's POST, before it was recorded: the next run finds the reply in
+    the PR's review threads (GraphQL) and sends only the one still missing."""
+    from bot.jobs.reclaim import reclaim_expired
+
+    worker_ctx: dict[str, Any] = gh.state.extra["worker"].ctx
+    kills: list[str] = []
+
+    def die(at: str, _run_id: int, _step: int) -> None:
+        if at == "after_review_post" and not kills:
+            kills.append(at)
+            raise WorkerDied(at)
+
+    worker_ctx["crash_hook"] = die
+    try:
+        request_changes(gh, review_id=780)
+    finally:
+        del worker_ctx["crash_hook"]
+    assert kills == ["after_review_post"]
+    step = gh.run().step(3)
+    assert [r["in_reply_to_id"] for r in gh.fake.review_replies] == [9602]
+    assert step.runtime_state["review_replying"] == ["9602"] and "review_replied" not in step.runtime_state
+
+    reclaim_held[0] = False
+    assert gh.call(reclaim_expired, worker_ctx) == 1
+    gh.wait_idle(timeout=60)
+    assert sorted(r["in_reply_to_id"] for r in gh.fake.review_replies) == [9601, 9602]  # 9602 once
+    assert gh.run().step(3).runtime_state["review_replied"] == ["9601", "9602"]
+    assert gh.fake.resolved_threads == {"PRRT_fake9601", "PRRT_fake9602"}

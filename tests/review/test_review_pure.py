@@ -389,3 +389,17 @@ def test_ci_report_branch_matches_the_run(name: str, runtime: dict[str, Any], br
 
     run = ProtocolRun(protocol_name=name, runtime_state=runtime)
     assert reports_to(run, branch) is expected
+
+
+def test_threads_with_text_finds_an_unrecorded_reply() -> None:
+    from bot.forge.github import threads_with_text
+
+    reply = "Addressed in `abc` (step 03, the fix for this review)."
+    answer = {"data": {"repository": {"pullRequest": {"reviewThreads": {"nodes": [
+        {"id": "T1", "isResolved": False, "comments": {"nodes": [{"databaseId": 11, "body": "fix"}, {"databaseId": 12, "body": reply}]}},
+        {"id": "T2", "isResolved": False, "comments": {"nodes": [{"databaseId": 21, "body": reply}]}},  # the comment itself
+        {"id": "T3", "isResolved": False, "comments": {"nodes": [{"databaseId": 31, "body": "x"}, {"databaseId": 32, "body": "other"}]}},
+        {"id": "T4", "comments": {"nodes": [{"databaseId": "41", "body": "x"}, {"body": reply}]}},
+    ]}}}}}  # fmt: skip
+    assert threads_with_text(answer, reply) == {11}
+    assert threads_with_text(None, reply) == set()
