@@ -14,15 +14,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from bot.ci import apply_ci_result
 from bot.errors import WebhookError
+from bot.graph import CHILD_SEPARATOR, parent_branch
 from bot.handlers.router import HandlerContext
 from bot.handlers.sansio import IncomingDelivery
 from bot.jsonlimits import MAX_JSON_DEPTH, too_deep
 from bot.models import Project, ProtocolRun
-from bot.runs import emit, load_run
+from bot.runs import emit, load_run, run_branch
 
 TOKEN_ENV = "DEKSDENFLOW_WEBHOOK_TOKEN"
 SIGNATURE_HEADER = "x-deksdenflow-signature"
@@ -112,22 +113,40 @@ def parse_report(body: bytes) -> CIReport:
     )
 
 
+def reports_to(run: ProtocolRun, branch: str) -> bool:
+    """Whether CI on `branch` is about `run`: the branch it commits to (its own, or the PR's it
+    was planned on), or a child branch `NNNN-task--XX` a step of its graph runs on."""
+    if branch == run_branch(run):
+        return True
+    return CHILD_SEPARATOR in branch and parent_branch(branch) == run.protocol_name
+
+
 async def find_run(db: Any, report: CIReport) -> ProtocolRun | None:
     """The run the report is about; WebhookError(409) when a branch name is ambiguous."""
     async with db.sessions() as session:
         if report.protocol_run_id is not None:
             run: ProtocolRun | None = await session.get(ProtocolRun, report.protocol_run_id)
-            if run is not None and report.branch is not None and run.protocol_name != report.branch:
+            if run is not None and report.branch is not None and not reports_to(run, report.branch):
                 return None
             return run
-        query = select(ProtocolRun).where(ProtocolRun.protocol_name == report.branch)
+        branch = report.branch or ""
+        # candidates by name (own or parent branch) or by the PR branch kept in runtime_state;
+        # reports_to then decides, so a JSON match the database reads loosely cannot mislead
+        query = select(ProtocolRun).where(
+            or_(
+                ProtocolRun.protocol_name.in_({branch, parent_branch(branch)}),
+                ProtocolRun.runtime_state["branch"].as_string() == branch,
+            )
+        )
         if report.project is not None:
             query = query.join(Project, Project.id == ProtocolRun.project_id).where(
                 Project.name == report.project
             )
-        runs = list((await session.execute(query.limit(2))).scalars())
-    if len(runs) > 1:
-        raise WebhookError(409, f"branch {report.branch!r} exists in several projects: pass project")
+        found = (await session.execute(query.order_by(ProtocolRun.id.desc()).limit(20))).scalars()
+        runs = [run for run in found if reports_to(run, branch)]
+    if len({run.project_id for run in runs}) > 1:
+        raise WebhookError(409, f"branch {branch!r} exists in several projects: pass project")
+    # one PR's branch may carry a later protocol after an earlier one ended: the newest is live
     return runs[0] if runs else None
 
 

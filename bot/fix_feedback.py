@@ -5,12 +5,13 @@ A step keeps its items in `runtime_state["feedback"]` (JSON). Kinds:
 
 - `qa_report`: the failing QA report of the previous attempt (its last QA_TAIL bytes);
 - `ci_failure`: the evidence of a red CI run (bot/ci_evidence.py), with its fingerprint;
-- `guidance`: what a human wrote after `/retry [N]`.
+- `guidance`: what a human wrote after `/retry [N]`;
+- `review`: the review comments a review fix step addresses (bot/review.py builds it).
 
-Another source (review comments, say) is one more kind: build a `FeedbackItem` and `add_item`
-it. A new failure replaces the older failure items (the attempt they describe is gone); human
-guidance stays until it is replaced by newer guidance, so an automatic fix attempt after a
-human retry still sees what the human asked for.
+Another source is one more kind: build a `FeedbackItem` and `add_item` it. A new failure
+replaces the older failure items (the attempt they describe is gone); human guidance and review
+comments stay until replaced by newer ones of their kind, so an automatic fix attempt or a
+`/retry` still sees what the human asked for, whatever the previous attempt did to the step file.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ GUIDANCE_LIMIT = 4000
 MAX_ITEMS = 8
 # items that describe what went wrong with one attempt: only the newest one is kept
 FAILURE_KINDS = frozenset({"qa_report", "ci_failure"})
+# items that hold until a newer one of the same kind comes
+REPLACED_KINDS = frozenset({"guidance", "review"})
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,8 @@ def add_item(raw: Any, item: FeedbackItem) -> list[dict[str, Any]]:
     items = items_of(raw)
     if item.kind in FAILURE_KINDS:
         items = [i for i in items if i.kind not in FAILURE_KINDS]
-    elif item.kind == "guidance":
-        items = [i for i in items if i.kind != "guidance"]
+    elif item.kind in REPLACED_KINDS:
+        items = [i for i in items if i.kind != item.kind]
     items.append(item)
     return [i.to_dict() for i in items[-MAX_ITEMS:]]
 
@@ -101,6 +104,7 @@ _HEADINGS = {
     "qa_report": "The QA review of the previous attempt failed",
     "ci_failure": "CI failed on the previous attempt",
     "guidance": "A human's guidance for this attempt",
+    "review": "Review comments this step addresses",
 }
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from bot.commands import sanitize_prompt_text
+from bot.fix_feedback import FeedbackItem
 from bot.handlers.forge_events import dig
 
 CommentKind = Literal["line", "review", "comment"]
@@ -389,6 +390,19 @@ def review_items(comments: Iterable[ReviewComment]) -> str:
         block += ["Comment:", "", f"{fence}text", text, fence]
         parts.append("\n".join(block))
     return "\n\n".join(parts)
+
+
+def review_feedback(comments: Iterable[ReviewComment]) -> FeedbackItem:
+    """The comments as a typed feedback item (bot/fix_feedback.py): kept on the step, so every
+    attempt of the fix step (an automatic one, a `/retry`) has them in its prompt even when an
+    earlier attempt rewrote the step file."""
+    items = list(comments)
+    authors = ", ".join(sorted({f"@{c.author}" for c in items}))
+    noun = "comment" if len(items) == 1 else "comments"
+    return FeedbackItem(
+        "review", f"{len(items)} {noun} from {authors}", review_items(items),
+        {"comments": [c.comment_id for c in items]},
+    )  # fmt: skip
 
 
 def fix_step_title(count: int, review_id: int | None = None) -> str:

@@ -148,6 +148,70 @@ def build_ready_mutation(node_id: str) -> dict[str, Any]:
     }
 
 
+REVIEW_THREADS_QUERY = (
+    "query($owner: String!, $name: String!, $number: Int!) { repository(owner: $owner, name: $name) "
+    "{ pullRequest(number: $number) { reviewThreads(first: 100) { nodes { id isResolved "
+    "comments(first: 100) { nodes { databaseId body } } } } } } }"
+)
+RESOLVE_THREAD_MUTATION = (
+    "mutation($id: ID!) { resolveReviewThread(input: {threadId: $id}) { thread { id isResolved } } }"
+)
+
+
+def build_review_threads_query(repo: RepoRef, number: int) -> dict[str, Any]:
+    """The GraphQL request for a PR's review threads, with their comments' REST ids."""
+    owner, _, name = repo.full_name.partition("/")
+    return {"query": REVIEW_THREADS_QUERY, "variables": {"owner": owner, "name": name, "number": number}}
+
+
+def build_resolve_thread_mutation(thread_id: str) -> dict[str, Any]:
+    return {"query": RESOLVE_THREAD_MUTATION, "variables": {"id": thread_id}}
+
+
+def threads_holding(answer: Any, comment_ids: Iterable[int]) -> list[str]:
+    """The open review threads (GraphQL node ids) that hold any of `comment_ids`, in order.
+
+    REST knows comments by number, GraphQL threads by node id: a thread's comments carry
+    `databaseId`, the REST id. Anything malformed is skipped, never guessed at.
+    """
+    wanted = set(comment_ids)
+    nodes = _dig_list(answer, "data", "repository", "pullRequest", "reviewThreads", "nodes")
+    found: list[str] = []
+    for node in nodes:
+        if not isinstance(node, Mapping) or node.get("isResolved") is not False:
+            continue
+        ids = {c.get("databaseId") for c in _dig_list(node, "comments", "nodes") if isinstance(c, Mapping)}
+        thread = node.get("id")
+        if isinstance(thread, str) and thread and ids & wanted:
+            found.append(thread)
+    return found
+
+
+def threads_with_text(answer: Any, text: str) -> set[int]:
+    """The threads (by their first comment's REST id) that already hold a comment reading
+    exactly `text`: a reply the bot sent before it could record it."""
+    found: set[int] = set()
+    for node in _dig_list(answer, "data", "repository", "pullRequest", "reviewThreads", "nodes"):
+        comments = [c for c in _dig_list(node, "comments", "nodes") if isinstance(c, Mapping)]
+        first = comments[0].get("databaseId") if comments else None
+        if isinstance(first, int) and any(c.get("body") == text for c in comments[1:]):
+            found.add(first)
+    return found
+
+
+def _dig_list(data: Any, *keys: str) -> list[Any]:
+    for key in keys:
+        data = data.get(key) if isinstance(data, Mapping) else None
+    return data if isinstance(data, list) else []
+
+
+def graphql_errors(answer: Any, what: str) -> None:
+    """GraphQL answers 200 with its errors in the body: raise them as an HTTP error would."""
+    errors = answer.get("errors") if isinstance(answer, Mapping) else None
+    if errors:
+        raise GitHubHTTPError(422, f"{what}: {errors}")
+
+
 def pull_ref(repo: RepoRef, data: Mapping[str, Any]) -> PullRef:
     return PullRef(
         repo=repo,
@@ -426,9 +490,26 @@ class GitHubForge(AsyncClosing):
         if not data.get("draft"):
             return
         answer = await self._request(pull.repo, "POST", "/graphql", build_ready_mutation(str(data["node_id"])))
-        errors = answer.get("errors") if isinstance(answer, dict) else None
-        if errors:  # GraphQL answers 200 with its errors in the body
-            raise GitHubHTTPError(422, f"markPullRequestReadyForReview: {errors}")
+        graphql_errors(answer, "markPullRequestReadyForReview")
+
+    async def threads_answered_with(self, repo: RepoRef, number: int, text: str) -> set[int]:
+        """The review threads (by first comment id) that already hold a reply reading `text`."""
+        answer = await self._request(repo, "POST", "/graphql", build_review_threads_query(repo, number))
+        graphql_errors(answer, "reviewThreads")
+        return threads_with_text(answer, text)
+
+    async def resolve_review_threads(self, repo: RepoRef, number: int, comment_ids: Iterable[int]) -> list[str]:
+        """Resolve the open review threads holding any of `comment_ids` (REST cannot: GraphQL's
+        `resolveReviewThread` takes the thread's node id, found through the PR's reviewThreads).
+        Returns the threads resolved; the first 100 threads of the PR are looked at."""
+        answer = await self._request(repo, "POST", "/graphql", build_review_threads_query(repo, number))
+        graphql_errors(answer, "reviewThreads")
+        resolved: list[str] = []
+        for thread in threads_holding(answer, comment_ids):
+            done = await self._request(repo, "POST", "/graphql", build_resolve_thread_mutation(thread))
+            graphql_errors(done, "resolveReviewThread")
+            resolved.append(thread)
+        return resolved
 
     async def _find_check_run(self, repo: RepoRef, check: CheckReport) -> tuple[int, str] | None:
         key = (repo.full_name, check.head_sha, check.name)

@@ -350,7 +350,12 @@ class GitLabForge:
         path = f"{noteable_path(target)}/discussions/{quote(discussion_id, safe='')}"
         await self._client.post(f"{path}/notes", note_payload(body))
         if resolve:
-            await self._client.put(path, {"resolved": True})
+            await self.resolve_discussion(target, discussion_id)
+
+    async def resolve_discussion(self, target: IssueRef, discussion_id: str) -> None:
+        """Mark a merge request discussion resolved."""
+        path = f"{noteable_path(target)}/discussions/{quote(discussion_id, safe='')}"
+        await self._client.put(path, {"resolved": True})
 
     async def report_check(self, repo: RepoRef, check: CheckReport) -> None:
         pipeline_id = await self._pipeline_for(repo, check.head_sha)

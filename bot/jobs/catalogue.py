@@ -129,6 +129,8 @@ JOBS: tuple[Entry, ...] = (
     Entry("project_onboard", _load("bot.jobs.setup", "project_onboard"), _engine_timeout, _tries),
     # review feedback → a fix step: git and forge work only, waits for the protocol's lease
     Entry("review_fix", _load("bot.jobs.review", "review_fix"), lambda s: s.git_timeout_s * 3, _lock_tries),
+    # the thread replies of a fix step whose worker died after its push (reclaim_expired)
+    Entry("review_replies", _load("bot.jobs.review", "review_replies"), lambda s: s.git_timeout_s * 3, _tries),
     Entry(
         "codemachine_prepare", _load("bot.jobs.setup", "codemachine_prepare"), _engine_timeout, _lock_tries
     ),

@@ -76,7 +76,9 @@ async def execute_step(
         from bot.feedback import react_done
 
         await react_done(ctx, protocol_run_id, reply_to, False)
-    if outcome in ("completed", "needs_qa", "needs_qa-run"):  # pushed: answer a review's threads
+    # pushed: answer a review's threads; a re-run of a job whose worker died after the push
+    # (skipped: the step is past running) answers the threads it left (each thread once)
+    if outcome in ("completed", "needs_qa", "needs_qa-run") or outcome.startswith("skipped-"):
         from bot.jobs.review import reply_in_threads
 
         await reply_in_threads(ctx, protocol_run_id, step_index)

@@ -145,4 +145,14 @@ async def reclaim_expired(ctx: dict[str, Any]) -> int:
         )
         log.warning("protocol run %s: lease expired, QA of step %s taken back", run_id, step_index)
         count += 1
+    from bot.jobs.review import replies_due
+
+    for run_id, step_index in await replies_due(ctx):
+        # a fix step pushed by a worker that died before answering every review thread
+        await ctx["redis"].enqueue_job(
+            "review_replies", _job_id=f"replies:{run_id}:{step_index}:{period}",
+            protocol_run_id=run_id, step_index=step_index,
+        )  # fmt: skip
+        log.warning("protocol run %s: review replies of step %s taken back", run_id, step_index)
+        count += 1
     return count

@@ -20,10 +20,13 @@ from typing import Any, Literal
 from arq import Retry
 
 from bot import git as gitops
+from bot.errors import NotFound
 from bot.feedback import forge_of, publish_state
+from bot.fix_feedback import add_item
 from bot.forge.base import IssueRef
 from bot.jobs.boundary import guarded
 from bot.jobs.env import JobEnv
+from bot.loop_policy import default_loop
 from bot.review import (
     FIX_SLUG,
     MAX_COMMENTS_PER_STEP,
@@ -32,6 +35,7 @@ from bot.review import (
     fix_step_title,
     hunk_for_line,
     reply_body,
+    review_feedback,
     threads_to_answer,
     unthreaded_reply,
 )
@@ -171,7 +175,9 @@ async def _fix(env: JobEnv, run_id: int) -> str:
     await sync_steps(env.db, run_id, new_spec)
     fresh = await load_run(env.db, run_id)
     step = fresh.step(step_spec.index)
-    await update_step(env.db, step.id, runtime_state={"review": [c.to_dict() for c in comments]})
+    feedback = add_item(None, review_feedback(comments))
+    await update_step(env.db, step.id, runtime_state={"review": [c.to_dict() for c in comments], "feedback": feedback})
+    await env.redis.sadd(REPLIES_DUE_KEY, _due_member(run_id, step_spec.index))
     await _take(env, run_id, comments)
     authors = sorted({c.author for c in comments})
     message = (
@@ -201,7 +207,11 @@ def fix_step_spec(spec: ProtocolSpec, count: int) -> StepSpec:
     )  # fmt: skip
     if last is None:
         return base
-    return dataclasses.replace(base, engine=last.engine, model=last.model, prompt=last.prompt, max_tokens=last.max_tokens)
+    # the same bounded fix loop as the planned steps (it redoes the fix step, not the last one)
+    loop = default_loop(index, last.loop.max_iterations) if last.loop is not None else None
+    return dataclasses.replace(
+        base, engine=last.engine, model=last.model, prompt=last.prompt, max_tokens=last.max_tokens, loop=loop
+    )
 
 
 def _default_qa(spec: ProtocolSpec) -> Any:
@@ -232,52 +242,213 @@ async def _take(env: JobEnv, run_id: int, comments: list[ReviewComment]) -> None
     await env.redis.hdel(pending, *ids)
 
 
+REPLIES_DUE_KEY = "deksdenflow:review:replies-due"  # "run:step" of fix steps still to answer
+MAX_REPLY_TRIES = 5  # runs of the reply job before a thread that cannot be answered is left
+
+
+def _due_member(run_id: int, step_index: int) -> str:
+    return f"{run_id}:{step_index}"
+
+
 async def reply_in_threads(ctx: dict[str, Any], run_id: int, step_index: int) -> int:
     """Once a fix step's commit is pushed: one reply per thread naming it. Never fails the job.
 
-    The threads answered are remembered on the step, so a re-run answers each thread once.
+    Idempotent and resumable: each thread answered is recorded on the step as soon as its reply
+    is sent, and the step stays in the replies-due set until every thread is answered, so a
+    worker that dies after the push leaves the rest to the reclaim cron's `review_replies` job.
+    (A death between one reply's POST and its record can still repeat that one reply.)
     """
     state = await load_run(ctx["db"], run_id)
     step = state.step(step_index)
     rs = dict(step.runtime_state or {})
     sha = rs.get("commit_sha")
     review = rs.get("review")
-    if not isinstance(sha, str) or not isinstance(review, list) or not state.run.pr_number:
+    if not isinstance(review, list) or not state.run.pr_number:  # no fix step: nothing to answer
+        await ctx["redis"].srem(REPLIES_DUE_KEY, _due_member(run_id, step_index))
         return 0
+    if not isinstance(sha, str):  # not pushed yet: its execution answers once it is
+        return 0
+    _crash(ctx, "before_review_replies", run_id, step_index)
     comments = [c for c in (ReviewComment.from_dict(d) for d in review if isinstance(d, dict)) if c]
-    done = set(rs.get("review_replied") or [])
+    answered, rs, complete = await _answer_threads(ctx, state, step, rs, comments, sha)
+    loose = unthreaded_reply(comments, sha, step_index)
+    if loose is not None and not rs.get("review_answered_pr"):
+        if await _answer_on_pr(ctx, state, loose):
+            rs = {**rs, "review_answered_pr": True}
+            await update_step(ctx["db"], step.id, runtime_state=rs)
+            answered += 1
+        else:
+            complete = False
+    await _resolve_threads(ctx, state, step, rs, comments)
+    if complete:
+        await ctx["redis"].srem(REPLIES_DUE_KEY, _due_member(run_id, step_index))
+    return answered
+
+
+def _crash(ctx: dict[str, Any], where: str, run_id: int, step_index: int) -> None:
+    hook = ctx.get("crash_hook")
+    if hook is not None:  # tests stand for a worker dying here
+        hook(where, run_id, step_index)
+
+
+async def _answer_threads(
+    ctx: dict[str, Any], state: RunState, step: Any, rs: dict[str, Any], comments: list[ReviewComment], sha: str
+) -> tuple[int, dict[str, Any], bool]:
+    """Reply in each thread not answered yet; (replies sent, the step's state, all answered)."""
+    done = {str(t) for t in rs.get("review_replied") or []}
     forge = forge_of(ctx, state)
     repo = ctx["forges"].repo_ref(state.project)
-    answered = 0
+    number = state.run.pr_number
+    assert number is not None
+    body = reply_body(sha, step.step_index)
+    rs, done = await _sent_unrecorded(ctx, state, step, rs, done, body)
+    answered, complete = 0, True
     for thread, _comment in threads_to_answer(comments):
         if thread in done:
             continue
-        body = reply_body(sha, step_index)
+        # the intent first: a run that dies after the POST finds its reply (on GitHub) by it
+        rs = {**rs, "review_replying": sorted({*(rs.get("review_replying") or []), thread})}
+        await update_step(ctx["db"], step.id, runtime_state=rs)
         try:
             if state.project.provider == "gitlab":
-                target = IssueRef(repo, state.run.pr_number, "merge_request")
-                await forge.reply_in_thread(target, thread, body, resolve=True)  # type: ignore[attr-defined]
+                target = IssueRef(repo, number, "merge_request")
+                await forge.reply_in_thread(target, thread, body)  # type: ignore[attr-defined]
             else:
-                await forge.reply_in_thread(repo, state.run.pr_number, int(thread), body)  # type: ignore[attr-defined]
+                await forge.reply_in_thread(repo, number, int(thread), body)  # type: ignore[attr-defined]
         except Exception as exc:  # a reply is a courtesy: the fix is pushed either way
             log.warning("review reply on %s failed: %s", thread, exc)
             await emit(ctx["db"], state, "feedback.failed", f"review reply: {type(exc).__name__}", step)
+            complete = False
             continue
+        _crash(ctx, "after_review_post", state.run.id, step.step_index)
         done.add(thread)
         answered += 1
         rs = {**rs, "review_replied": sorted(done)}
         await update_step(ctx["db"], step.id, runtime_state=rs)
-    loose = unthreaded_reply(comments, sha, step_index)
-    if loose is not None and not rs.get("review_answered_pr"):
-        kind: Literal["pull", "merge_request"] = "merge_request" if state.project.provider == "gitlab" else "pull"
+        _crash(ctx, "after_review_reply", state.run.id, step.step_index)
+    return answered, rs, complete
+
+
+async def _sent_unrecorded(
+    ctx: dict[str, Any], state: RunState, step: Any, rs: dict[str, Any], done: set[str], body: str
+) -> tuple[dict[str, Any], set[str]]:
+    """Threads a dead run replied in without recording it: on GitHub the PR's review threads
+    show the reply (one GraphQL query, only when such a thread may exist). GitLab is not asked:
+    there such a reply can be sent twice."""
+    unsure = {str(t) for t in rs.get("review_replying") or []} - done
+    if not unsure or state.project.provider != "github":
+        return rs, done
+    forge = forge_of(ctx, state)
+    repo = ctx["forges"].repo_ref(state.project)
+    try:
+        there = await forge.threads_answered_with(repo, state.run.pr_number, body)  # type: ignore[attr-defined]
+    except Exception as exc:  # unknown: reply again rather than leave a thread unanswered
+        log.warning("looking for unrecorded review replies failed: %s", exc)
+        return rs, done
+    found = {t for t in unsure if t.isdigit() and int(t) in there}
+    if not found:
+        return rs, done
+    done = done | found
+    rs = {**rs, "review_replied": sorted(done)}
+    await update_step(ctx["db"], step.id, runtime_state=rs)
+    return rs, done
+
+
+async def _answer_on_pr(ctx: dict[str, Any], state: RunState, text: str) -> bool:
+    forge = forge_of(ctx, state)
+    repo = ctx["forges"].repo_ref(state.project)
+    kind: Literal["pull", "merge_request"] = "merge_request" if state.project.provider == "gitlab" else "pull"
+    assert state.run.pr_number is not None
+    try:
+        await forge.post_comment(IssueRef(repo, state.run.pr_number, kind), text)
+    except Exception as exc:  # a courtesy, as above
+        log.warning("review answer on the PR failed: %s", exc)
+        return False
+    return True
+
+
+async def _resolve_threads(
+    ctx: dict[str, Any], state: RunState, step: Any, rs: dict[str, Any], comments: list[ReviewComment]
+) -> None:
+    """Resolve the threads just answered: GitHub through GraphQL (threads found by comment id),
+    GitLab one discussion at a time.
+
+    Apart from the replies, so a refused resolve never makes a reply be sent twice; best-effort:
+    a failure is logged and shown as an event, the thread stays open for a human, and each
+    thread is tried once (recorded in `review_resolved` before asking the forge).
+    """
+    replied = {str(t) for t in rs.get("review_replied") or []}
+    tried = {str(t) for t in rs.get("review_resolved") or []}
+    todo = sorted(replied - tried)
+    if not todo:
+        return
+    forge = forge_of(ctx, state)
+    repo = ctx["forges"].repo_ref(state.project)
+    number = state.run.pr_number
+    assert number is not None  # the caller answered threads on this PR/MR
+    await update_step(ctx["db"], step.id, runtime_state={**rs, "review_resolved": sorted(tried | set(todo))})
+    try:
+        if state.project.provider == "gitlab":
+            for thread in todo:
+                await forge.resolve_discussion(IssueRef(repo, number, "merge_request"), thread)  # type: ignore[attr-defined]
+            resolved = len(todo)
+        else:
+            ids = {int(t) for t in todo if t.isdigit()} | {c.comment_id for c in comments if c.thread_id in todo}
+            resolved = len(await forge.resolve_review_threads(repo, number, ids))  # type: ignore[attr-defined]
+    except Exception as exc:  # the replies are there; an open thread only waits for a human
+        log.warning("resolving review threads of step %s failed: %s", step.step_index, exc)
+        await emit(ctx["db"], state, "feedback.failed", f"resolve review threads: {type(exc).__name__}", step)
+        return
+    if resolved:
+        await emit(ctx["db"], state, "review.resolved", f"resolved {resolved} review thread(s)", step)
+
+
+async def review_replies(ctx: dict[str, Any], *, protocol_run_id: int, step_index: int) -> str:
+    """The replies of a fix step whose worker died after its push (queued by reclaim_expired)."""
+    redis = ctx["redis"]
+    member = _due_member(protocol_run_id, step_index)
+    tries_key = f"deksdenflow:review:reply-tries:{member}"
+    tries = int(await redis.incr(tries_key))
+    await redis.expire(tries_key, KEEP_S)
+    try:
+        answered = await reply_in_threads(ctx, protocol_run_id, step_index)
+    except NotFound:  # the run or step is gone: nothing to answer
+        await redis.srem(REPLIES_DUE_KEY, member)
+        return "gone"
+    if tries >= MAX_REPLY_TRIES and await redis.sismember(REPLIES_DUE_KEY, member):
+        await redis.srem(REPLIES_DUE_KEY, member)  # the forge keeps refusing: stop asking it
+        state = await load_run(ctx["db"], protocol_run_id)
+        await emit(ctx["db"], state, "review.replies-abandoned", f"gave up after {tries} tries", state.step(step_index))
+        return "abandoned"
+    return f"answered {answered}"
+
+
+async def replies_due(ctx: dict[str, Any]) -> list[tuple[int, int]]:
+    """(run id, step index) of pushed fix steps with threads left to answer and no job on them."""
+    from bot.jobs.locks import lease_alive
+
+    found: list[tuple[int, int]] = []
+    for raw in await ctx["redis"].smembers(REPLIES_DUE_KEY):
+        member = raw.decode() if isinstance(raw, bytes) else str(raw)
+        run_text, _, step_text = member.partition(":")
+        if not (run_text.isdigit() and step_text.isdigit()):
+            await ctx["redis"].srem(REPLIES_DUE_KEY, raw)
+            continue
+        run_id, step_index = int(run_text), int(step_text)
+        if await lease_alive(ctx["redis"], run_id):
+            continue  # a job holds the protocol: it answers, or leaves it for a later tick
         try:
-            await forge.post_comment(IssueRef(repo, state.run.pr_number, kind), loose)
-        except Exception as exc:  # a courtesy, as above
-            log.warning("review answer on the PR failed: %s", exc)
-            return answered
-        await update_step(ctx["db"], step.id, runtime_state={**rs, "review_answered_pr": True})
-        answered += 1
-    return answered
+            state = await load_run(ctx["db"], run_id)
+            step = state.step(step_index)
+        except NotFound:
+            await ctx["redis"].srem(REPLIES_DUE_KEY, raw)
+            continue
+        pushed = isinstance((step.runtime_state or {}).get("commit_sha"), str)
+        if pushed and step.status != "running":
+            found.append((run_id, step_index))  # pushed and recorded: only the replies are missing
+        elif not pushed and state.run.status == "cancelled":
+            await ctx["redis"].srem(REPLIES_DUE_KEY, raw)  # the fix never ran: nothing to answer
+    return found
 
 
 def resolved_threads(state: RunState) -> set[str]:

@@ -84,6 +84,8 @@ async def drive_every_method(forge: GitHubForge) -> set[str]:
     await forge.review_comments(repo, 3, 700)
     await forge.reply_in_thread(repo, 3, 9001, "fixed")
     await forge.mark_ready(pull)  # a GET of the PR, then the GraphQL mutation
+    await forge.resolve_review_threads(repo, 3, {9001})  # the GraphQL reviewThreads query
+    await forge.threads_answered_with(repo, 3, "fixed")  # the same query
     await forge.pull_branches(repo, 3)
     await forge.review_state(repo, 3, 700)
     return {
@@ -91,7 +93,8 @@ async def drive_every_method(forge: GitHubForge) -> set[str]:
         "open_draft_pr", "update_pr", "report_check", "put_check", "get_permission",
         "pull_is_fork", "git_auth_header", "get_repo", "has_path", "list_check_suites",
         "list_check_runs", "convert_manifest", "review_comments", "reply_in_thread", "mark_ready",
-        "pull_branches", "review_state", "check_run_annotations", "job_log",
+        "pull_branches", "review_state", "check_run_annotations", "job_log", "resolve_review_threads",
+        "threads_answered_with",
     }
 
 

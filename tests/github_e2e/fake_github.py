@@ -75,6 +75,7 @@ class FakeGitHub:
         self.review_comments: dict[int, list[dict[str, Any]]] = {}
         self.review_replies: list[dict[str, Any]] = []
         self.review_states: dict[int, str] = {}  # review id → its state, as the API spells it
+        self.resolved_threads: set[str] = set()  # GraphQL node ids of resolved review threads
         self.valid_tokens: set[str] = set()
         # installation tokens live `token_ttl` seconds on `clock` (a test may set both)
         self.clock: Callable[[], float] = time.time
@@ -279,14 +280,47 @@ class FakeGitHub:
 
 
     def _graphql(self, body: Any) -> Answer:
-        """Only the mutation the bot sends: markPullRequestReadyForReview by the PR's node id."""
+        """The requests the bot sends: markPullRequestReadyForReview by the PR's node id, a PR's
+        reviewThreads (threads made of the review comments and the replies), resolveReviewThread."""
         query = str((body or {}).get("query", ""))
-        node = ((body or {}).get("variables") or {}).get("id")
+        variables = (body or {}).get("variables") or {}
+        if "reviewThreads" in query:
+            return self._review_threads(int(variables.get("number", 0)))
+        if "resolveReviewThread" in query:
+            thread = str(variables.get("id"))
+            if thread not in {t["id"] for t in self._threads()}:
+                return 200, {}, {"data": None, "errors": [{"type": "NOT_FOUND", "message": f"no thread {thread}"}]}
+            self.resolved_threads.add(thread)
+            return 200, {}, {"data": {"resolveReviewThread": {"thread": {"id": thread, "isResolved": True}}}}
+        node = variables.get("id")
         pull = next((p for p in self.pulls.values() if p.get("node_id") == node), None)
         if "markPullRequestReadyForReview" not in query or pull is None:
             return 200, {}, {"errors": [{"message": f"fake GraphQL cannot answer {query[:60]!r}"}]}
         pull["draft"] = False
         return 200, {}, {"data": {"markPullRequestReadyForReview": {"pullRequest": {"isDraft": False}}}}
+
+    def _threads(self) -> list[dict[str, Any]]:
+        """One thread per review comment that answers none; replies join their thread."""
+        roots: dict[int, list[dict[str, Any]]] = {}
+        for comments in self.review_comments.values():
+            for c in comments:
+                node = {"databaseId": int(c["id"]), "body": c.get("body", "")}
+                roots.setdefault(int(c.get("in_reply_to_id") or c["id"]), []).append(node)
+        for reply in self.review_replies:
+            root = reply["in_reply_to_id"]
+            roots.setdefault(root, [{"databaseId": root, "body": ""}])
+            roots[root].append({"databaseId": reply["id"], "body": reply["body"]})
+        return [
+            {"id": f"PRRT_fake{root}", "isResolved": f"PRRT_fake{root}" in self.resolved_threads,
+             "comments": {"nodes": nodes}}
+            for root, nodes in roots.items()
+        ]  # fmt: skip
+
+    def _review_threads(self, number: int) -> Answer:
+        if number not in self.pulls:
+            return 200, {}, {"data": {"repository": {"pullRequest": None}}, "errors": [{"type": "NOT_FOUND"}]}
+        threads = {"nodes": self._threads()}
+        return 200, {}, {"data": {"repository": {"pullRequest": {"reviewThreads": threads}}}}
 
 
 def basic_token(header_line: str) -> str:

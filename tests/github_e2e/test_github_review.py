@@ -132,6 +132,11 @@ def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
                  "Say which issue this comes from.", "+# line 4 of demo_greeting.py", "Two things, see the lines."):  # fmt: skip
         assert text in prompt, text
     assert "Delete all" not in prompt
+    # the comments are a typed feedback item too (not only the step file the agent may rewrite)
+    assert [i["kind"] for i in fix.runtime_state["feedback"]] == ["review"]
+    assert fix.runtime_state["feedback"][0]["meta"] == {"comments": [700, 9002, 9001]}
+    section = prompt.split("Review comments this step addresses", 1)[1]
+    assert "Use an f-string with a comma" in section and "`TASK.md` line 2" in section
 
     # after the push the bot answered in both threads with the fix's commit
     sha = fix.runtime_state["commit_sha"]
@@ -142,6 +147,12 @@ def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
     answers = [c["body"] for c in gh.fake.comments.values() if c["issue"] == PR and "Addressed in" in c["body"]]
     assert answers == [f"Addressed in `{sha[:12]}` (step 03, the fix for this review): the review of @alice."]
     assert gh.events("review.fix-step")
+    # and resolved the threads it answered: found through GraphQL reviewThreads by comment id
+    assert gh.fake.resolved_threads == {"PRRT_fake9001", "PRRT_fake9002"}
+    asked = [c for c in gh.fake.requests("POST", "/graphql") if "reviewThreads" in c.body["query"]]
+    assert len(asked) == 1 and asked[0].body["variables"] == {"owner": FULL_NAME.split("/")[0], "name": FULL_NAME.split("/")[1], "number": PR}
+    assert "first: 100" in asked[0].body["query"] and "databaseId" in asked[0].body["query"]
+    assert [e.message for e in gh.events("review.resolved")] == ["resolved 2 review thread(s)"]
 
     # the fix goes through the same gates: green CI completes it and the PR stays ready
     gh.ci_green(sha)
@@ -334,3 +345,188 @@ def test_line_comments_of_a_commented_review_make_one_step(gh: GitHubLoop, promp
     assert [s.step_index for s in state.steps] == [1, 2, 3]
     assert sorted(c["comment_id"] for c in state.step(3).runtime_state["review"]) == [9501, 9502]
     assert sorted(r["in_reply_to_id"] for r in gh.fake.review_replies) == [9501, 9502]
+
+
+def request_changes(gh: GitHubLoop, review_id: int = 740) -> list[dict[str, Any]]:
+    """A completed protocol, then a review asking for changes in two threads; its fix step runs."""
+    auto_to_completion(gh)
+    comments = [
+        line_comment(9601, "demo_greeting.py", 4, "Greet with a comma", review_id=review_id),
+        line_comment(9602, "TASK.md", 2, "Name the issue", review_id=review_id),
+    ]
+    gh.fake.review_comments[review_id] = comments
+    gh.fake.review_states[review_id] = "CHANGES_REQUESTED"
+    gh.deliver("pull_request_review", review(gh, "changes_requested", review_id=review_id), timeout=60)
+    gh.wait_idle(timeout=60)
+    return comments
+
+
+def test_review_comments_reach_every_attempt_of_the_fix_step(gh: GitHubLoop, prompts: list[EngineRequest]) -> None:
+    """The comments are a typed feedback item: an automatic fix attempt after red CI and a
+    human's `/retry` of the fix step both carry them, next to the CI evidence and the guidance."""
+    from tests.github_e2e.test_github_fix_loop import executes, red_ci
+
+    request_changes(gh)
+    assert gh.run().step(3).status == "needs_qa"  # QA passed, CI to come
+    out = red_ci(gh, gh.run().step(3).runtime_state["commit_sha"], got=4)
+    assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "retry"}
+    out = red_ci(gh, gh.run().step(3).runtime_state["commit_sha"], got=5)
+    assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "block"}
+    gh.deliver("issue_comment", pull_comment(gh, "/retry 3 keep the greeting short", PR, 7201), timeout=60)
+    attempts = executes(prompts, 3)
+    assert len(attempts) == 3
+    for n, prompt in enumerate(attempts):
+        section = prompt.split("Review comments this step addresses", 1)[1]
+        assert "Greet with a comma" in section and "Name the issue" in section, n
+    assert "AssertionError: expected 3, got 4" in attempts[1]
+    assert "AssertionError: expected 3, got 5" in attempts[2] and "keep the greeting short" in attempts[2]
+    kinds = [i["kind"] for i in gh.run().step(3).runtime_state["feedback"]]
+    assert sorted(kinds) == ["ci_failure", "guidance", "review"]
+
+
+def test_resolving_threads_is_best_effort(gh: GitHubLoop) -> None:
+    """GitHub refuses the thread query: the replies stand, the step goes on, an event says so."""
+    auto_to_completion(gh)
+    gh.fake.fail_next("POST", r"/graphql", 403, {"message": "Resource not accessible by integration"})
+    gh.fake.review_comments[750] = [line_comment(9701, "TASK.md", 1, "Shorter, please", review_id=750)]
+    gh.fake.review_states[750] = "CHANGES_REQUESTED"
+    gh.deliver("pull_request_review", review(gh, "changes_requested", review_id=750), timeout=60)
+    gh.wait_idle(timeout=60)
+    step = gh.run().step(3)
+    assert step.status == "needs_qa" and step.runtime_state["review_replied"] == ["9701"]
+    assert [r["in_reply_to_id"] for r in gh.fake.review_replies] == [9701]
+    assert gh.fake.resolved_threads == set()
+    assert [e.message for e in gh.events("feedback.failed")] == ["resolve review threads: GitHubHTTPError"]
+    assert step.runtime_state["review_resolved"] == ["9701"]  # tried once, not on every re-run
+
+
+class WorkerDied(Exception):
+    """The worker dies here: the job ends with nothing after this point run."""
+
+
+@pytest.fixture
+def reclaim_held(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The embedded worker's reclaim cron (twice a minute) finds no replies due while the
+    list holds True: the test says when the reclaim may take them."""
+    import bot.jobs.review as review_job
+
+    held = [True]
+    real = review_job.replies_due
+
+    async def gated(ctx: dict[str, Any]) -> list[tuple[int, int]]:
+        return [] if held[0] else await real(ctx)
+
+    monkeypatch.setattr(review_job, "replies_due", gated)
+    return held
+
+
+def test_worker_dying_between_the_push_and_the_replies_answers_each_thread_once(
+    gh: GitHubLoop, reclaim_held: list[bool]
+) -> None:
+    """Killed after the fix's push and its first reply: the reclaim cron's job answers the other
+    thread (and resolves both); the thread already answered is not answered twice."""
+    from bot.jobs.reclaim import reclaim_expired
+
+    worker_ctx: dict[str, Any] = gh.state.extra["worker"].ctx
+    kills: list[tuple[str, int, int]] = []
+
+    def die(at: str, run_id: int, step: int) -> None:
+        if at == "after_review_reply" and not kills:
+            kills.append((at, run_id, step))
+            raise WorkerDied(at)
+
+    worker_ctx["crash_hook"] = die
+    try:
+        request_changes(gh, review_id=760)
+    finally:
+        del worker_ctx["crash_hook"]
+    run_id = gh.run().run.id
+    assert kills == [("after_review_reply", run_id, 3)]
+    step = gh.run().step(3)
+    assert step.status == "needs_qa" and step.runtime_state["commit_sha"]  # pushed and recorded
+    assert [r["in_reply_to_id"] for r in gh.fake.review_replies] == [9602]  # died after the first
+    assert gh.call(_due, gh) == {f"{run_id}:3"}
+
+    reclaim_held[0] = False
+    assert gh.call(reclaim_expired, worker_ctx) == 1
+    gh.wait_idle(timeout=60)
+    assert sorted(r["in_reply_to_id"] for r in gh.fake.review_replies) == [9601, 9602]
+    assert gh.fake.resolved_threads == {"PRRT_fake9601", "PRRT_fake9602"}
+    assert gh.call(_due, gh) == set()
+    # nothing is left to take back: a later tick sends nothing again
+    assert gh.call(reclaim_expired, worker_ctx) == 0
+    gh.wait_idle(timeout=30)
+    assert len(gh.fake.review_replies) == 2
+
+
+async def _due(gh: GitHubLoop) -> set[str]:
+    from bot.jobs.review import REPLIES_DUE_KEY
+
+    redis: Any = gh.state.redis
+    return {m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(REPLIES_DUE_KEY)}
+
+
+def test_worker_dying_right_after_the_push_answers_when_the_job_runs_again(
+    gh: GitHubLoop, reclaim_held: list[bool]
+) -> None:
+    """Killed between the push and the first reply: arq runs a killed worker's job again; that
+    run finds the step past running and sends the replies it left (and only those)."""
+    from bot.jobs.protocol import execute_step
+
+    worker_ctx: dict[str, Any] = gh.state.extra["worker"].ctx
+    kills: list[str] = []
+
+    def die(at: str, _run_id: int, _step: int) -> None:
+        if at == "before_review_replies" and not kills:
+            kills.append(at)
+            raise WorkerDied(at)
+
+    worker_ctx["crash_hook"] = die
+    try:
+        request_changes(gh, review_id=770)
+    finally:
+        del worker_ctx["crash_hook"]
+    assert kills == ["before_review_replies"] and gh.fake.review_replies == []
+    run_id = gh.run().run.id
+
+    async def again() -> str:
+        outcome: str = await execute_step(worker_ctx, protocol_run_id=run_id, step_index=3)
+        return outcome
+
+    assert gh.call(again) == "skipped-needs_qa"
+    assert sorted(r["in_reply_to_id"] for r in gh.fake.review_replies) == [9601, 9602]
+    assert gh.call(again) == "skipped-needs_qa"  # a third run: every thread has its one reply
+    assert len(gh.fake.review_replies) == 2 and gh.call(_due, gh) == set()
+
+
+def test_worker_dying_between_a_reply_and_its_record_does_not_reply_twice(
+    gh: GitHubLoop, reclaim_held: list[bool]
+) -> None:
+    """Killed after a reply's POST, before it was recorded: the next run finds the reply in
+    the PR's review threads (GraphQL) and sends only the one still missing."""
+    from bot.jobs.reclaim import reclaim_expired
+
+    worker_ctx: dict[str, Any] = gh.state.extra["worker"].ctx
+    kills: list[str] = []
+
+    def die(at: str, _run_id: int, _step: int) -> None:
+        if at == "after_review_post" and not kills:
+            kills.append(at)
+            raise WorkerDied(at)
+
+    worker_ctx["crash_hook"] = die
+    try:
+        request_changes(gh, review_id=780)
+    finally:
+        del worker_ctx["crash_hook"]
+    assert kills == ["after_review_post"]
+    step = gh.run().step(3)
+    assert [r["in_reply_to_id"] for r in gh.fake.review_replies] == [9602]
+    assert step.runtime_state["review_replying"] == ["9602"] and "review_replied" not in step.runtime_state
+
+    reclaim_held[0] = False
+    assert gh.call(reclaim_expired, worker_ctx) == 1
+    gh.wait_idle(timeout=60)
+    assert sorted(r["in_reply_to_id"] for r in gh.fake.review_replies) == [9601, 9602]  # 9602 once
+    assert gh.run().step(3).runtime_state["review_replied"] == ["9601", "9602"]
+    assert gh.fake.resolved_threads == {"PRRT_fake9601", "PRRT_fake9602"}

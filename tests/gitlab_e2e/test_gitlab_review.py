@@ -137,6 +137,10 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     assert all(sha[:12] in n["body"] for n in replies)
     assert world.fake.state.discussions[(PROJECT_ID, iid, "d-one")] is True
     assert world.fake.state.discussions[(PROJECT_ID, iid, "d-bob")] is False
+    # the comments are a typed feedback item too, so any later attempt still has them
+    feedback = json.loads(fix.runtime_state)["feedback"]
+    assert [i["kind"] for i in feedback] == ["review"] and "Mention the issue here." in feedback[0]["body"]
+    assert "Review comments this step addresses" in executed[0]
 
     # a later note in a thread the bot resolved, and the bot's own notes, change nothing
     follow = mr_note(world, iid, "thanks", world.alice, path="TASK.md", line=2, discussion="d-two")
@@ -146,6 +150,17 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
         handled = world.delivery_result(answer["id"])["handled"]
         assert {"review": "nothing that counts"} in handled, handled
     assert len(world.steps()) == 3 and world.run().status == "completed"
+
+    # GitLab refuses to resolve the next discussion: the reply stands, sent once; the step goes on
+    world.fake.fail(f"/projects/{PROJECT_ID}/merge_requests/{iid}/discussions/d-three", status=403, method="PUT")
+    world.send("Note Hook", mr_note(world, iid, "One more: a docstring", world.alice,
+                                    path="demo_greeting.py", line=1, discussion="d-three"))  # fmt: skip
+    world.wait(lambda: len(world.steps()) == 4, "the second fix step", timeout=90)
+    wait_run(world, "completed", ["completed"] * 4)
+    three = [n for n in world.fake.notes_of(world.project, "merge_requests", iid) if n.get("discussion_id") == "d-three"]
+    assert len(three) == 1 and "(step 04, the fix for this review)" in three[0]["body"]  # one reply
+    assert world.fake.state.discussions[(PROJECT_ID, iid, "d-three")] is False
+    assert [e.message for e in world.events("feedback.failed")] == ["resolve review threads: GitLabAPIError"]
 
 
 def test_plain_mr_note_and_stripped_quick_action_change_nothing(world_factory: Callable[..., World]) -> None:

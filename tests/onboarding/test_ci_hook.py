@@ -23,6 +23,7 @@ from bot.jobs.protocol import execute_step
 from bot.onboarding import ASSETS
 from engines.scripted import ScriptedEngine
 from tests.conftest import LiveServer
+from tests.gitutil import git
 from tests.protocol.conftest import Harness, make_harness, protocol_settings
 
 TOKEN = "ci-hook-token-0123456789"
@@ -202,6 +203,92 @@ async def test_ci_hook_failure_loops_like_a_forge_failure(ci_harness: Harness, t
     feedback = json.dumps(step.runtime_state["feedback"])
     assert "AssertionError: expected 3, got 4" in feedback and "failing stage: test" in feedback
     assert "collected line 1999" in feedback and "collected line 10 " not in feedback  # the tail
+
+
+async def test_ci_hook_finds_a_protocol_planned_on_a_pull_request_branch(
+    ci_harness: Harness, origin: Path
+) -> None:
+    """`/plan` on a human's PR commits to that PR's branch: report.sh sends that branch (and a
+    graph step's child branch `NNNN-task--XX`), and the hook finds the protocol by it."""
+    h = ci_harness
+    git("branch", "feature-x", "main", cwd=origin)  # the human's PR branch
+    run_id = await h.start("Finish feature x", pull=(55, "feature-x", "main"))
+    state = await h.state(run_id)
+    assert state.run.runtime_state["branch"] == "feature-x" and state.run.protocol_name != "feature-x"
+    assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa"
+    sha = (await h.state(run_id)).run.head_sha
+    assert git("rev-parse", "feature-x", cwd=origin).strip() == sha  # the step went to the PR branch
+    name = state.run.protocol_name
+
+    with LiveServer(create_app(h.ctx["settings"])) as server:
+        url = f"{server.url}/webhooks/ci"
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def report(data: dict[str, Any]) -> list[dict[str, Any]]:
+                body = json.dumps(data).encode()
+                r = await client.post(url, content=body, headers={"X-DeksdenFlow-Signature": sign(body)})
+                assert r.status_code == 202, r.text
+                handled: list[dict[str, Any]] = (await wait_processed(h, r.json()["id"]))["handled"]
+                return handled
+
+            # a graph step's child branch reports to its protocol
+            child = await report({"branch": f"{name}--01", "status": "running", "sha": sha})
+            assert child[-1] == {"protocol_run_id": run_id, "outcome": "recorded"}
+            # the protocol's own name is no branch of this run: nothing is found by it
+            own = await report({"branch": name, "status": "success", "sha": sha})
+            assert own[-1] == {"ignored": f"no protocol for branch {name!r}"}
+            # a run id with a branch it does not commit to is refused
+            wrong = await report({"protocol_run_id": run_id, "branch": "main", "status": "success"})
+            assert wrong[-1] == {"ignored": f"no protocol for protocol run {run_id}"}
+            done = await report({"branch": "feature-x", "status": "success", "sha": sha})
+            assert done[-1] == {"protocol_run_id": run_id, "ci": "success", "outcome": "complete"}
+    assert (await h.state(run_id)).step(1).status == "completed"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_find_run_by_branch_on_both_databases(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The lookup reads the PR branch out of runtime_state (JSON): the same answers on SQLite
+    and Postgres; a branch in two projects needs `project`; a later protocol on one PR wins."""
+    from bot.ci_hook import CIReport, find_run
+    from bot.db import create_database
+    from bot.migrate import upgrade_head
+    from bot.runs import create_run, get_or_create_project, update_run
+    from bot.settings import Settings
+    from tests.conftest import _truncate_postgres
+
+    if backend == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        _truncate_postgres(url)
+    else:
+        url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+        upgrade_head(url)
+    db = create_database(Settings(db_url=url, data_dir=tmp_path).async_database_url)
+    try:
+        a = await get_or_create_project(db, name="o/a", provider="github", git_url="https://github.com/o/a.git", base_branch="main")
+        b = await get_or_create_project(db, name="o/b", provider="github", git_url="https://github.com/o/b.git", base_branch="main")
+        own = await create_run(db, project=a, protocol_name="0001-own", description="x", base_branch="main")
+        on_pr = await create_run(db, project=a, protocol_name="0002-on-pr", description="x", base_branch="main")
+        await update_run(db, on_pr.id, runtime_state={"branch": "feature-x"}, pr_number=5)
+        other = await create_run(db, project=b, protocol_name="0001-own", description="x", base_branch="main")
+
+        async def found(branch: str, project: str | None = None) -> int | None:
+            report = CIReport("success", branch, None, None, project, ())
+            run = await find_run(db, report)
+            return run.id if run is not None else None
+
+        assert await found("feature-x") == on_pr.id
+        assert await found("0002-on-pr") is None  # it commits to the PR's branch, not its name
+        assert await found("0001-own--03", "o/a") == own.id  # a graph step's child branch
+        assert await found("0001-own", "o/b") == other.id
+        with pytest.raises(WebhookError) as err:
+            await found("0001-own")
+        assert err.value.status_code == 409
+        assert await found("feature") is None and await found("feature-x--01") is None
+        later = await create_run(db, project=a, protocol_name="0003-again", description="x", base_branch="main")
+        await update_run(db, later.id, runtime_state={"branch": "feature-x"}, pr_number=5)
+        assert await found("feature-x") == later.id
+    finally:
+        await db.dispose()
 
 
 async def test_ci_hook_without_a_token_is_closed(tmp_path: Path) -> None:

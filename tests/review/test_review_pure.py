@@ -302,3 +302,104 @@ def test_next_step_message() -> None:
     assert "request changes in a review" in next_step_message("github", True)
     assert "merge request" in next_step_message("gitlab", True) and "thread" in next_step_message("gitlab", True)
     assert "could not be marked ready" in next_step_message("gitlab", False)
+
+
+# -- thread resolution, the review feedback item, the CI hook's branch match --------------------
+
+
+@pytest.mark.parametrize(
+    ("ids", "threads"),
+    [
+        ({1843219001}, ["PRRT_kwDOKc3Zbc5bHbA1"]),  # the thread's first comment
+        ({1843219877}, ["PRRT_kwDOKc3Zbc5bHbA1"]),  # a reply in it
+        ({1843219002}, []),  # already resolved: left alone
+        ({1843219001, 1843219003, 7}, ["PRRT_kwDOKc3Zbc5bHbA1", "PRRT_kwDOKc3Zbc5bHbA3"]),
+        (set(), []),
+    ],
+)
+def test_threads_holding(ids: set[int], threads: list[str]) -> None:
+    from bot.forge.github import threads_holding
+
+    assert threads_holding(load("github_graphql_review_threads.json"), ids) == threads
+
+
+def test_threads_holding_skips_malformed_answers() -> None:
+    from bot.forge.github import threads_holding
+
+    for answer in (None, {}, {"data": None}, {"data": {"repository": {"pullRequest": None}}}, [1, 2]):
+        assert threads_holding(answer, {1}) == []
+    broken = {"data": {"repository": {"pullRequest": {"reviewThreads": {"nodes": [
+        {"id": 5, "isResolved": False, "comments": {"nodes": [{"databaseId": 1}]}},
+        {"id": "PRRT_x", "isResolved": None, "comments": {"nodes": [{"databaseId": 1}]}},
+        {"id": "PRRT_y", "isResolved": False, "comments": "nope"},
+        "not a node",
+    ]}}}}}  # fmt: skip
+    assert threads_holding(broken, {1}) == []
+
+
+def test_review_threads_query_and_resolve_mutation() -> None:
+    from bot.forge.base import RepoRef
+    from bot.forge.github import build_resolve_thread_mutation, build_review_threads_query
+
+    query = build_review_threads_query(RepoRef("github", "octo/hello"), 7)
+    assert query["variables"] == {"owner": "octo", "name": "hello", "number": 7}
+    assert "reviewThreads(first: 100)" in query["query"] and "databaseId" in query["query"]
+    mutation = build_resolve_thread_mutation("PRRT_1")
+    assert "resolveReviewThread" in mutation["query"] and mutation["variables"] == {"id": "PRRT_1"}
+
+
+def test_review_feedback_item_is_kept_across_failures_and_replaced_by_a_newer_review() -> None:
+    from bot.fix_feedback import FeedbackItem, add_item, guidance_item, qa_item, render_feedback
+    from bot.review import review_feedback
+
+    comments = [
+        ReviewComment(1, "alice", "Rename `x`", thread_id="1", path="a.py", line=3, diff_hunk="@@ -1 +1,3 @@\n+x = 1"),
+        ReviewComment(2, "bob", "Add a test", kind="review"),
+    ]
+    item = review_feedback(comments)
+    assert (item.kind, item.title, item.meta) == ("review", "2 comments from @alice, @bob", {"comments": [1, 2]})
+    stored = add_item(None, item)
+    stored = add_item(stored, qa_item("VERDICT: FAIL", 1))
+    stored = add_item(stored, guidance_item("carol", "keep it short"))
+    stored = add_item(stored, qa_item("VERDICT: FAIL again", 2))
+    assert [i["kind"] for i in stored] == ["review", "guidance", "qa_report"]
+    text = render_feedback(stored)
+    assert "### Review comments this step addresses: 2 comments from @alice, @bob" in text
+    assert "`a.py` line 3" in text and "Rename `x`" in text and "Add a test" in text
+    newer = add_item(stored, FeedbackItem("review", "1 comment from @dan", "Other"))
+    assert [i["title"] for i in newer if i["kind"] == "review"] == ["1 comment from @dan"]
+
+
+@pytest.mark.parametrize(
+    ("name", "runtime", "branch", "expected"),
+    [
+        ("0001-task", {}, "0001-task", True),
+        ("0001-task", {}, "0001-task--02", True),  # a graph step's child branch
+        ("0001-task", {}, "0001-tasks", False),
+        ("0001-task", {}, "0002-task--02", False),
+        ("0001-task", {"branch": "feature-x"}, "feature-x", True),  # planned on a PR
+        ("0001-task", {"branch": "feature-x"}, "0001-task", False),  # not a branch it commits to
+        ("0001-task", {"branch": "feature-x"}, "feature-x--01", False),
+        ("0001-task", {"branch": ""}, "0001-task", True),
+    ],
+)
+def test_ci_report_branch_matches_the_run(name: str, runtime: dict[str, Any], branch: str, expected: bool) -> None:
+    from bot.ci_hook import reports_to
+    from bot.models import ProtocolRun
+
+    run = ProtocolRun(protocol_name=name, runtime_state=runtime)
+    assert reports_to(run, branch) is expected
+
+
+def test_threads_with_text_finds_an_unrecorded_reply() -> None:
+    from bot.forge.github import threads_with_text
+
+    reply = "Addressed in `abc` (step 03, the fix for this review)."
+    answer = {"data": {"repository": {"pullRequest": {"reviewThreads": {"nodes": [
+        {"id": "T1", "isResolved": False, "comments": {"nodes": [{"databaseId": 11, "body": "fix"}, {"databaseId": 12, "body": reply}]}},
+        {"id": "T2", "isResolved": False, "comments": {"nodes": [{"databaseId": 21, "body": reply}]}},  # the comment itself
+        {"id": "T3", "isResolved": False, "comments": {"nodes": [{"databaseId": 31, "body": "x"}, {"databaseId": 32, "body": "other"}]}},
+        {"id": "T4", "comments": {"nodes": [{"databaseId": "41", "body": "x"}, {"body": reply}]}},
+    ]}}}}}  # fmt: skip
+    assert threads_with_text(answer, reply) == {11}
+    assert threads_with_text(None, reply) == set()
