@@ -304,13 +304,14 @@ def forge_leaks() -> None:
     hits: list[str] = []
     for path in source_files():
         relative = path.relative_to(ROOT)
-        if relative.parts[:2] == ("bot", "forge"):
+        # the forge package and its factory are where the forges are told apart
+        if relative.parts[:2] == ("bot", "forge") or relative == Path("bot/services.py"):
             continue
         for number, text in enumerate(path.read_text().splitlines(), 1):
             # `Project.provider == "gitlab"` is a database filter, not a question to a forge
             if LEAK.search(text) and not re.search(r"\b[A-Z]\w*\.provider\b", text):
                 hits.append(f"  {relative}:{number}: {text.strip()[:90]}")
-    print(f"`provider ==` / `getattr(forge` checks outside bot/forge: {len(hits)}")
+    print(f"`provider ==` / `getattr(forge` checks outside bot/forge and its factory: {len(hits)}")
     print("\n".join(hits))
 
 

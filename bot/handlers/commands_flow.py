@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
 from bot import actions
 from bot.commands import (
-    GITLAB_QUICK_ACTIONS,
     MAX_COMMANDS_PER_COMMENT,
     Command,
     CommandError,
@@ -77,10 +76,8 @@ async def latest_run(
         return found
 
 
-def _kind(ev: CommentEvent, provider: str) -> str:
-    if not ev.is_pull:
-        return "issue"
-    return "merge_request" if provider == "gitlab" else "pull"
+def _kind(ev: CommentEvent, forge: Forge) -> Literal["issue", "pull", "merge_request"]:
+    return forge.pull_kind if ev.is_pull else "issue"
 
 
 async def _reply(forge: Forge, target: IssueRef, body: str, ctx: HandlerContext) -> None:
@@ -153,10 +150,9 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
     forges = ctx.services["forges"]
     forge: Forge = forges.forge_for(project)
     repo = forges.repo_ref(project)
-    target = IssueRef(repo, ev.issue_number, _kind(ev, project.provider))  # type: ignore[arg-type]
+    target = IssueRef(repo, ev.issue_number, _kind(ev, forge))
     comment = CommentRef(target, ev.comment_id)
-    own_user_id = getattr(forge, "own_user_id", None)
-    if ev.author_id is not None and own_user_id is not None and ev.author_id == await own_user_id():
+    if ev.author_id is not None and await forge.is_self(author_id=ev.author_id):
         ctx.note(ignored="our own note")  # a token of an ordinary user account is still us
         return
     config = project.config or {}
@@ -177,7 +173,7 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
     from_fork: bool | None = ev.from_fork or None  # None: not known yet (GitHub asks the pull)
     for item in parsed:
         if isinstance(item, CommandError):
-            if not _answer_error(item, permission, may_act, project.provider, overrides):
+            if not _answer_error(item, permission, may_act, forge.quick_actions, overrides):
                 ctx.note(command=item.name, result=f"{item.kind}-unanswered")
                 continue
             replies.add(render_command_error(item, prefix))
@@ -196,7 +192,7 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
             if from_fork:
                 replies.add(
                     f"`{prefix}{item.name}` is not accepted on "
-                    f"{'merge' if project.provider == 'gitlab' else 'pull'} requests from forks here."
+                    f"{forge.pull_word}s from forks here."
                 )
                 ctx.note(command=item.name, result="refused-fork")
                 continue
@@ -228,16 +224,20 @@ async def _mentioned_commands(ctx: HandlerContext, ev: CommentEvent, prefix: str
 
 
 def _answer_error(
-    err: CommandError, permission: str, may_act: bool, provider: str, overrides: Mapping[str, str] | None
+    err: CommandError,
+    permission: str,
+    may_act: bool,
+    quick_actions: Collection[str],
+    overrides: Mapping[str, str] | None,
 ) -> bool:
     """Whether a command we cannot use deserves an answer (pure).
 
     An unknown name is answered only for someone who may act and only when it is a likely typo
-    of ours (within edit distance 2), never for GitLab's own quick actions; a malformed known
+    of ours (within edit distance 2), never for the forge's own quick actions (GitLab's); a malformed known
     command only for someone allowed to run it.
     """
     if err.kind == "unknown":
-        if provider == "gitlab" and err.name.replace("-", "_") in GITLAB_QUICK_ACTIONS:
+        if err.name.replace("-", "_") in quick_actions:
             return False
         return may_act and near_a_command(err.name)
     return permission_allows(permission, required_permission(err.name, overrides))
@@ -246,11 +246,9 @@ def _answer_error(
 async def _pull_is_fork(forge: Forge, ev: CommentEvent, repo: RepoRef) -> bool:
     """Only a comment on a pull request can come from a fork; forges whose payloads do not say
     (GitHub's issue_comment) are asked, once per comment."""
-    checker = getattr(forge, "pull_is_fork", None)
-    if not ev.is_pull or checker is None:
+    if not ev.is_pull:
         return False
-    found: bool = await checker(repo, ev.issue_number)
-    return found
+    return await forge.pull_is_fork(repo, ev.issue_number)
 
 
 async def _safe_react(forge: Forge, comment: CommentRef, reaction: str) -> None:
@@ -363,7 +361,7 @@ async def dispatch(
                 if existing is not None and existing.status not in ("completed", "cancelled", "failed"):
                     replies.add(f"This already runs {existing.protocol_name} ({existing.status}): `{prefix}status` shows it.")
                     return "already-planned"
-                head, base = await forge.pull_branches(forges_repo(services, project), target.number)  # type: ignore[attr-defined]
+                head, base = await forge.pull_branches(forges_repo(services, project), target.number)
                 pull = (target.number, head, base)
             run = await actions.start_protocol(
                 services,

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from arq import Retry
 
@@ -254,11 +254,8 @@ async def reply_in_threads(ctx: dict[str, Any], run_id: int, step_index: int) ->
             continue
         body = reply_body(sha, step_index)
         try:
-            if state.project.provider == "gitlab":
-                target = IssueRef(repo, state.run.pr_number, "merge_request")
-                await forge.reply_in_thread(target, thread, body, resolve=True)  # type: ignore[attr-defined]
-            else:
-                await forge.reply_in_thread(repo, state.run.pr_number, int(thread), body)  # type: ignore[attr-defined]
+            target = IssueRef(repo, state.run.pr_number, forge.pull_kind)
+            await forge.reply_in_thread(target, thread, body, resolve=True)
         except Exception as exc:  # a reply is a courtesy: the fix is pushed either way
             log.warning("review reply on %s failed: %s", thread, exc)
             await emit(ctx["db"], state, "feedback.failed", f"review reply: {type(exc).__name__}", step)
@@ -269,9 +266,8 @@ async def reply_in_threads(ctx: dict[str, Any], run_id: int, step_index: int) ->
         await update_step(ctx["db"], step.id, runtime_state=rs)
     loose = unthreaded_reply(comments, sha, step_index)
     if loose is not None and not rs.get("review_answered_pr"):
-        kind: Literal["pull", "merge_request"] = "merge_request" if state.project.provider == "gitlab" else "pull"
         try:
-            await forge.post_comment(IssueRef(repo, state.run.pr_number, kind), loose)
+            await forge.post_comment(IssueRef(repo, state.run.pr_number, forge.pull_kind), loose)
         except Exception as exc:  # a courtesy, as above
             log.warning("review answer on the PR failed: %s", exc)
             return answered
