@@ -30,7 +30,7 @@ from bot.jobs.locks import acquire, release
 from bot.loop_policy import ci_gates, repo_policies
 from bot.models import Project, StepRun
 from bot.policies import ci_decision
-from bot.protocol import allowed_step_sources
+from bot.protocol import ProtocolStatus, StepStatus, allowed_step_sources
 from bot.runs import (
     RunState,
     emit,
@@ -112,8 +112,8 @@ async def gather_evidence(
 
 def current_ci_step(steps: Iterable[Any]) -> Any | None:
     """The step CI is judging: the latest executed one still waiting on QA, else the latest done."""
-    executed = [s for s in steps if s.status in ("needs_qa", "completed")]
-    waiting = [s for s in executed if s.status == "needs_qa"]
+    executed = [s for s in steps if s.status in (StepStatus.NEEDS_QA, StepStatus.COMPLETED)]
+    waiting = [s for s in executed if s.status == StepStatus.NEEDS_QA]
     pool = waiting or executed
     return max(pool, key=lambda s: s.step_index) if pool else None
 
@@ -237,7 +237,7 @@ async def _apply(
         await jobs.submit(ctx["redis"], jobs.run_quality(run_id, step.step_index, f"ci-{sha}"))
         return "run_qa"
     if meaning.action == "complete":
-        await set_step_status(db, step.id, "completed", meaning.reason)
+        await set_step_status(db, step.id, StepStatus.COMPLETED, meaning.reason)
         from bot.jobs.protocol import after_step_completed
 
         # the protocol's completion re-renders the status comment itself: not twice in a row
@@ -264,12 +264,12 @@ async def _reopen(
     failing = evidence.failing
     detail = reason + ("\n" + "\n".join(f"- {n}: {c}" for n, c in failing) if failing else "")
     await _keep_evidence(db, step, evidence, sha, f"CI failed: {evidence.fingerprint().label}")
-    await set_step_status(db, step.id, "blocked", reason)
-    if state.run.status in ("running", "completed"):
+    await set_step_status(db, step.id, StepStatus.BLOCKED, reason)
+    if state.run.status in (ProtocolStatus.RUNNING, ProtocolStatus.COMPLETED):
         await set_protocol_status(
             db,
             state.run.id,
-            "blocked",
+            ProtocolStatus.BLOCKED,
             reason,
             runtime_state={**(state.run.runtime_state or {}), "message": detail},
         )
@@ -319,7 +319,7 @@ async def _loop(
                 runtime_state={**rs, "feedback": add_item(rs.get("feedback"), item), "attempt_why": why},
             )
             try:
-                await set_step_status(db, target.id, "pending", f"CI loop: {decision.reason}")
+                await set_step_status(db, target.id, StepStatus.PENDING, f"CI loop: {decision.reason}")
             except TransitionConflict:
                 pass
         first = min(decision.reset_steps or [step.step_index])
@@ -328,15 +328,15 @@ async def _loop(
         return "retry"
     await _keep_evidence(db, step, evidence, sha, why)
     try:
-        await set_step_status(db, step.id, "failed", decision.reason)
+        await set_step_status(db, step.id, StepStatus.FAILED, decision.reason)
     except TransitionConflict:
         pass
-    if state.run.status != "blocked":
+    if state.run.status != ProtocolStatus.BLOCKED:
         try:
             await set_protocol_status(
                 db,
                 run_id,
-                "blocked",
+                ProtocolStatus.BLOCKED,
                 decision.reason,
                 runtime_state={
                     **decision.new_runtime_state,
@@ -365,7 +365,7 @@ async def complete_after_qa(ctx: dict[str, Any], run_id: int, step_index: int) -
         if outcome == "completed":  # the pass and the completion: one transaction, rows known
             async with db.sessions.begin() as session:
                 await transition(
-                    session, StepRun, step.id, "completed", allowed_step_sources("completed"),
+                    session, StepRun, step.id, StepStatus.COMPLETED, allowed_step_sources(StepStatus.COMPLETED),
                     values={"runtime_state": rs}, event_message="QA passed",
                     known=KnownRow(status=step.status, run_id=run_id, project_id=state.project.id),
                 )
@@ -381,13 +381,13 @@ async def pr_finished(ctx: dict[str, Any], run_id: int, merged: bool) -> str:
     if merged:
         # remembered so that a red CI arriving after the merge is recorded, not reopened
         await update_run(ctx["db"], run_id, runtime_state={**(state.run.runtime_state or {}), "merged": True})
-    if state.run.status in ("completed", "cancelled"):
+    if state.run.status in (ProtocolStatus.COMPLETED, ProtocolStatus.CANCELLED):
         return f"already-{state.run.status}"
-    wanted = "completed" if merged else "cancelled"
-    if merged and state.run.status != "running":
+    wanted = ProtocolStatus.COMPLETED if merged else ProtocolStatus.CANCELLED
+    if merged and state.run.status != ProtocolStatus.RUNNING:
         # a merge is final whatever the bot thought: walk through running if needed
         try:
-            await set_protocol_status(ctx["db"], run_id, "running", "pull request merged")
+            await set_protocol_status(ctx["db"], run_id, ProtocolStatus.RUNNING, "pull request merged")
         except TransitionConflict:
             pass
     try:

@@ -22,6 +22,7 @@ from bot.forge.base import (
 )
 from bot.loop_policy import attempt_text
 from bot.models import ForgeRecord
+from bot.protocol import StepStatus
 from bot.rendering import ProtocolView, StepView, check_run_output, status_comment, status_marker
 from bot.runs import RunState, emit, load_run, run_branch
 
@@ -75,9 +76,9 @@ def protocol_view(
 ) -> ProtocolView:
     """The status comment's view; `public_url` adds console links (none without it)."""
     run = state.run
-    current = next((s.step_index for s in state.steps if s.status in ("running", "needs_qa")), None)
+    current = next((s.step_index for s in state.steps if s.status in (StepStatus.RUNNING, StepStatus.NEEDS_QA)), None)
     if current is None:
-        current = next((s.step_index for s in state.steps if s.status == "pending"), None)
+        current = next((s.step_index for s in state.steps if s.status == StepStatus.PENDING), None)
     return ProtocolView(
         name=run.protocol_name,
         status=run.status,

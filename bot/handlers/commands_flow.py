@@ -33,9 +33,13 @@ from bot.handlers.forge_events import CommentEvent, LabelEvent, RepoInfo
 from bot.handlers.router import HandlerContext
 from bot.jobs import catalogue as jobs
 from bot.models import Project, ProtocolRun
+from bot.protocol import ProtocolStatus
 from bot.runs import get_or_create_project, update_run
 
 log = logging.getLogger(__name__)
+
+# a protocol in one of these is over: a new label or /plan on its thread starts another
+ENDED = frozenset({ProtocolStatus.COMPLETED, ProtocolStatus.CANCELLED, ProtocolStatus.FAILED})
 
 
 async def project_for(ctx: HandlerContext, repo: RepoInfo) -> Project:
@@ -281,7 +285,7 @@ async def handle_label(ctx: HandlerContext, ev: LabelEvent) -> None:
     required = required_permission("plan", (project.config or {}).get("permissions"))
     replies = Replies()
     existing = await latest_run(ctx, project, ev.issue_number, "issue")
-    active = existing if existing is not None and existing.status not in ("completed", "cancelled", "failed") else None
+    active = existing if existing is not None and existing.status not in ENDED else None
     permission = await forge.get_permission(target.repo, ev.author)
     for label, intent in wanted:
         if active is not None and (intent.name == "plan" or active.auto_mode):
@@ -347,7 +351,7 @@ async def dispatch(
             if (
                 name == "auto"
                 and existing is not None
-                and existing.status not in ("completed", "cancelled", "failed")
+                and existing.status not in ENDED
             ):
                 await update_run(services["db"], existing.id, auto_mode=True, approved=True)
                 await actions.approve(services, existing.id)
@@ -358,7 +362,7 @@ async def dispatch(
             )
             pull = None
             if target.kind != "issue":  # planned on this PR/MR: its branch, found by its number
-                if existing is not None and existing.status not in ("completed", "cancelled", "failed"):
+                if existing is not None and existing.status not in ENDED:
                     replies.add(f"This already runs {existing.protocol_name} ({existing.status}): `{prefix}status` shows it.")
                     return "already-planned"
                 head, base = await forge.pull_branches(forges_repo(services, project), target.number)

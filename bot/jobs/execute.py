@@ -21,7 +21,7 @@ from bot.jobs.outcome import Check, Outcome, failure, known, write_outcome
 from bot.jobs.plan import step_marker
 from bot.models import ProtocolRun, StepRun, utcnow
 from bot.policies import budget_check_after_step, budget_check_before_step, qa_decision
-from bot.protocol import StartDecision, may_start_step
+from bot.protocol import ProtocolStatus, StartDecision, StepStatus, may_start_step
 from bot.rendering import commit_message, log_entry
 from bot.runs import RunState, emit, load_run, protocol_status, run_branch
 from bot.spec import ProtocolSpec, StepSpec, validate_spec
@@ -127,7 +127,7 @@ async def _waits_for_dependencies(env: JobEnv, state: RunState, step: StepRun) -
     its job came to be queued (a reclaim, a trigger, a stale command)."""
     from bot.jobs.schedule import missing_for, parallel
 
-    missing = missing_for(state, step.step_index) if step.status != "running" and parallel(state) else ()
+    missing = missing_for(state, step.step_index) if step.status != StepStatus.RUNNING and parallel(state) else ()
     if missing:
         waits = ", ".join(f"{i:02d}" for i in missing)
         await emit(env.db, state, "step.refused", f"step {step.step_index:02d} waits for {waits}", step)
@@ -147,7 +147,7 @@ async def _budget_allows(
     # the protocol waits for a human: from planned/failed it goes through running to blocked
     if decision.protocol_to_running:
         await _begin(env, state, step, StartDecision("start", "", True), step_too=False)
-    outcome = Outcome(message=budget.reason, protocol_to="blocked", run_state=dict(state.run.runtime_state or {}), ok=False)
+    outcome = Outcome(message=budget.reason, protocol_to=ProtocolStatus.BLOCKED, run_state=dict(state.run.runtime_state or {}), ok=False)
     await write_outcome(env, state, None, outcome, reply_to)
     return False
 
@@ -170,23 +170,23 @@ async def _begin(
             step.runtime_state = runtime_state
         if decision.protocol_to_running:
             await transition(
-                session, ProtocolRun, state.run.id, "running", [state.run.status],
+                session, ProtocolRun, state.run.id, ProtocolStatus.RUNNING, [state.run.status],
                 event_message=f"running step {index:02d}", known=known(state, state.run.status),
             )
-            state.run.status = "running"
+            state.run.status = ProtocolStatus.RUNNING
         if step_too and decision.action == "start":
             if decision.reset_step:
                 await transition(
-                    session, StepRun, step.id, "pending", [step.status],
+                    session, StepRun, step.id, StepStatus.PENDING, [step.status],
                     event_message="reset for a new attempt", known=known(state, step.status),
                 )
             now = utcnow()
             await transition(
-                session, StepRun, step.id, "running", ["pending"],
+                session, StepRun, step.id, StepStatus.RUNNING, [StepStatus.PENDING],
                 values={"started_at": now, "finished_at": None}, event_message=f"step {index:02d} started",
-                known=known(state, "pending"),
+                known=known(state, StepStatus.PENDING),
             )
-            step.status, step.started_at, step.finished_at = "running", now, None
+            step.status, step.started_at, step.finished_at = StepStatus.RUNNING, now, None
 
 
 def attempt_start(step: StepRun) -> str | None:
@@ -295,7 +295,7 @@ async def _push_and_finish(work: StepWork) -> str:
         await emit(env.db, state, "budget.warning", after.reason, step)
     if not after.allow:
         outcome = Outcome(
-            message=after.reason, step_to="blocked", protocol_to="blocked", step_state=step_state,
+            message=after.reason, step_to=StepStatus.BLOCKED, protocol_to=ProtocolStatus.BLOCKED, step_state=step_state,
             step_values={"finished_at": utcnow()}, run_state=dict(state.run.runtime_state or {}),
             run_values={"head_sha": head}, check=Check("step", head, "failure", changed_files=changed), ok=False,
         )

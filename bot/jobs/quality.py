@@ -23,6 +23,7 @@ from bot.jobs.outcome import Check, Outcome, known, write_outcome
 from bot.jobs.plan import step_marker
 from bot.models import ProtocolRun, StepRun, utcnow
 from bot.policies import explain_verdict, loop_decision
+from bot.protocol import ProtocolStatus, StepStatus
 from bot.rendering import commit_message
 from bot.runs import RunState, emit, load_run, update_step
 from bot.spec import ProtocolSpec, StepSpec
@@ -87,10 +88,10 @@ async def _quality(
 ) -> str:
     state = await load_run(env.db, run_id)
     step = state.step(step_index)
-    if step.status not in ("needs_qa", "completed"):
+    if step.status not in (StepStatus.NEEDS_QA, StepStatus.COMPLETED):
         await emit(env.db, state, "qa.refused", f"step {step_index:02d} is {step.status}", step)
         return f"skipped-{step.status}"
-    if state.run.status not in ("running", "planned", "blocked"):
+    if state.run.status not in (ProtocolStatus.RUNNING, ProtocolStatus.PLANNED, ProtocolStatus.BLOCKED):
         await emit(env.db, state, "qa.refused", f"protocol is {state.run.status}", step)
         return f"refused-{state.run.status}"
     spec = spec_of(state)
@@ -154,18 +155,18 @@ async def _begin(env: JobEnv, state: RunState, step: StepRun, start: str) -> Non
         rs = {**(step.runtime_state or {}), "qa_running": start}
         await session.execute(update(StepRun).where(StepRun.id == step.id).values(runtime_state=rs, updated_at=utcnow()))
         step.runtime_state = rs
-        if step.status == "completed":
+        if step.status == StepStatus.COMPLETED:
             await transition(
-                session, StepRun, step.id, "needs_qa", ["completed"],
-                event_message="QA requested again", known=known(state, "completed"),
+                session, StepRun, step.id, StepStatus.NEEDS_QA, [StepStatus.COMPLETED],
+                event_message="QA requested again", known=known(state, StepStatus.COMPLETED),
             )
-            step.status = "needs_qa"
-        if state.run.status in ("blocked", "planned"):
+            step.status = StepStatus.NEEDS_QA
+        if state.run.status in (ProtocolStatus.BLOCKED, ProtocolStatus.PLANNED):
             await transition(
-                session, ProtocolRun, state.run.id, "running", [state.run.status],
+                session, ProtocolRun, state.run.id, ProtocolStatus.RUNNING, [state.run.status],
                 event_message=f"QA of step {step.step_index:02d}", known=known(state, state.run.status),
             )
-            state.run.status = "running"
+            state.run.status = ProtocolStatus.RUNNING
 
 
 async def _qa_call(work: QAWork, last: CommitInfo) -> EngineCall:
@@ -257,7 +258,7 @@ async def _failed(work: QAWork, head: str, report: str, step_state: dict[str, An
         await write_outcome(env, state, step.step_index, outcome, work.reply_to)
         return "retry"
     outcome = Outcome(
-        message=decision.reason, step_to="failed", protocol_to="blocked", step_state=step_state,
+        message=decision.reason, step_to=StepStatus.FAILED, protocol_to=ProtocolStatus.BLOCKED, step_state=step_state,
         run_state=decision.new_runtime_state, check=check, ok=False, **_verdict_event(work, "FAIL", head, why),
     )
     await write_outcome(env, state, step.step_index, outcome, work.reply_to)
@@ -276,7 +277,7 @@ async def reset_for_loop(env: JobEnv, state: RunState, indexes: list[int], item:
         try:
             from bot.runs import set_step_status
 
-            await set_step_status(env.db, target.id, "pending", f"loop: {reason}")
-            target.status = "pending"
+            await set_step_status(env.db, target.id, StepStatus.PENDING, f"loop: {reason}")
+            target.status = StepStatus.PENDING
         except TransitionConflict:
             pass

@@ -12,6 +12,7 @@ from typing import Any
 
 from bot.feedback import forge_of, publish_state
 from bot.forge.base import PullKind, PullRef
+from bot.protocol import ProtocolStatus
 from bot.runs import RunState, emit, update_run
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def next_step_message(kind: PullKind, marked: bool) -> str:
 async def announce_ready(ctx: dict[str, Any], state: RunState) -> None:
     """Un-draft the PR/MR of a completed protocol (once) and say so on the status comment."""
     run = state.run
-    if run.status != "completed" or not run.pr_number or state.project.provider not in ("github", "gitlab"):
+    if run.status != ProtocolStatus.COMPLETED or not run.pr_number or state.project.provider not in ("github", "gitlab"):
         await publish_state(ctx, state)
         return
     forge = forge_of(ctx, state)

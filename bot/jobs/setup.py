@@ -25,6 +25,7 @@ from bot.onboarding import (
     write_file,
 )
 from bot.prompts import render_prompt
+from bot.protocol import ProtocolStatus
 from bot.settings import Settings
 from bot.spec import resolve_engine, resolve_model
 from bot.store import record_event
@@ -264,10 +265,10 @@ async def _write_imported(env: JobEnv, protocol_run_id: int) -> str:
 
     db, settings, ctx = env.db, env.settings, env.ctx
     state = await load_run(db, protocol_run_id)
-    if state.run.status not in ("pending", "planning"):
+    if state.run.status not in (ProtocolStatus.PENDING, ProtocolStatus.PLANNING):
         return f"skipped-{state.run.status}"
-    if state.run.status == "pending":
-        await set_protocol_status(db, protocol_run_id, "planning", "writing the imported protocol")
+    if state.run.status == ProtocolStatus.PENDING:
+        await set_protocol_status(db, protocol_run_id, ProtocolStatus.PLANNING, "writing the imported protocol")
     runtime = dict(state.run.runtime_state or {})
     imported = dict(runtime.get("codemachine") or {})
     files: dict[str, str] = imported.get("files") or {}
@@ -285,7 +286,7 @@ async def _write_imported(env: JobEnv, protocol_run_id: int) -> str:
     # the files now live on the branch; keep only the list in the database
     imported["files"] = sorted(files)
     await update_run(db, protocol_run_id, head_sha=head, runtime_state={**runtime, "codemachine": imported})
-    await set_protocol_status(db, protocol_run_id, "planned", f"imported {len(state.steps)} steps")
+    await set_protocol_status(db, protocol_run_id, ProtocolStatus.PLANNED, f"imported {len(state.steps)} steps")
     body = draft_pr_body(
         protocol_name=name,
         task=state.run.description,
