@@ -32,6 +32,7 @@ from bot.forge.base import CommentRef, Forge, IssueRef, RepoRef
 from bot.handlers.forge_events import CommentEvent, LabelEvent, RepoInfo
 from bot.handlers.router import HandlerContext
 from bot.jobs import catalogue as jobs
+from bot.mentions import bot_handles, mentions_to_commands
 from bot.models import Project, ProtocolRun
 from bot.protocol import ProtocolStatus
 from bot.runs import get_or_create_project, update_run
@@ -214,10 +215,17 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
     await send_replies(ctx, forge, target, ev.author, replies)
 
 
-async def _mentioned_commands(ctx: HandlerContext, ev: CommentEvent, prefix: str) -> list[Command | CommandError]:
-    from bot.handlers.reviews import handles_for
-    from bot.mentions import mentions_to_commands
+async def handles_for(ctx: HandlerContext, project: Project, forge: Forge) -> tuple[str, ...]:
+    """The names `@<bot>` mentions use: the App's slug on GitHub, the token's user on GitLab."""
+    settings = ctx.services["settings"]
+    try:
+        return bot_handles(*await forge.own_handles())
+    except DeksdenFlowError as exc:  # without our name no mention is ours; commands still work
+        log.warning("bot handle unknown: %s", exc)
+        return bot_handles(settings.github_app_slug)
 
+
+async def _mentioned_commands(ctx: HandlerContext, ev: CommentEvent, prefix: str) -> list[Command | CommandError]:
     try:
         project = await project_for(ctx, ev.repo)
     except NotFound:
@@ -324,8 +332,6 @@ async def dispatch(
     prefix: str = services["settings"].command_prefix
     try:
         if name == "help":
-            from bot.handlers.reviews import handles_for
-
             handles = await handles_for(ctx, project, forge)
             replies.add(help_text(prefix, forge=project.provider, bot=handles[0] if handles else ""))
             return "help"

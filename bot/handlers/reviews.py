@@ -12,12 +12,13 @@ from collections.abc import Iterable
 from bot import actions
 from bot.commands import parse_commands, permission_allows, required_permission
 from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
+from bot.feedback import publish_status
 from bot.forge.base import Forge
-from bot.handlers.commands_flow import latest_run, project_for
+from bot.handlers.commands_flow import handles_for, latest_run, project_for
 from bot.handlers.forge_events import RepoInfo, github_repo, gitlab_repo
 from bot.handlers.router import HandlerContext, Router
 from bot.jobs.review import buffer_comments, enqueue_flush, resolved_threads, taken_ids
-from bot.mentions import bot_handles, mentions_bot, mentions_to_commands
+from bot.mentions import mentions_bot, mentions_to_commands
 from bot.models import Project, ProtocolRun
 from bot.review import (
     ReviewComment,
@@ -41,16 +42,6 @@ router = Router()
 # who may steer the agent with a review: write / Developer, as for the commands that change a
 # protocol; a repository may set its own level under `permissions: {review: …}`
 REVIEW_PERMISSION = "review"
-
-
-async def handles_for(ctx: HandlerContext, project: Project, forge: Forge) -> tuple[str, ...]:
-    """The names `@<bot>` mentions use: the App's slug on GitHub, the token's user on GitLab."""
-    settings = ctx.services["settings"]
-    try:
-        return bot_handles(*await forge.own_handles())
-    except DeksdenFlowError as exc:  # without our name no mention is ours; commands still work
-        log.warning("bot handle unknown: %s", exc)
-        return bot_handles(settings.github_app_slug)
 
 
 async def _protocol(ctx: HandlerContext, repo: RepoInfo | None, number: int) -> tuple[Project, ProtocolRun] | None:
@@ -130,8 +121,6 @@ async def _approve(ctx: HandlerContext, project: Project, run: ProtocolRun, forg
     except TransitionConflict as exc:
         ctx.note(review=f"approval not applied: {exc}")
         return
-    from bot.feedback import publish_status
-
     await publish_status(ctx.services, run.id, f"plan approved by @{review.author}'s review")
     ctx.note(review=result, author=review.author)
 

@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 from bot.jobs.env import JobEnv
-from bot.jobs.execute import spec_of, step_spec_of
-from bot.jobs.schedule import after_step_passed, parallel, schedule_ready
+from bot.jobs.placement import parallel
+from bot.jobs.ready import announce_ready
+from bot.jobs.schedule import after_step_passed, schedule_ready
+from bot.jobs.specs import spec_of, step_spec_of
 from bot.policies import trigger_decisions
 from bot.protocol import ProtocolStatus, StepStatus, completes_protocol
 from bot.runs import RunState, emit, load_run, set_protocol_status, set_step_status
@@ -70,7 +72,6 @@ async def after_step_completed(ctx: dict[str, Any], run_id: int, step_index: int
         if state.run.status == ProtocolStatus.RUNNING:
             await set_protocol_status(env.db, run_id, ProtocolStatus.COMPLETED, "every step completed")
             state.run.status = ProtocolStatus.COMPLETED
-            from bot.jobs.ready import announce_ready
 
             await announce_ready(ctx, state)  # un-draft the PR/MR and say what comes next
             return True

@@ -18,6 +18,7 @@ from bot.jobs.common import MAX_TRIES, count_job
 from bot.jobs.env import JobEnv
 from bot.jobs.locks import lease
 from bot.jobs.outcome import Check, Outcome, failure, write_outcome
+from bot.jobs.placement import branch_for, lease_for
 from bot.protocol import ProtocolStatus, StepStatus, stopped_step_status
 from bot.runs import RunState, emit, load_run, run_branch
 
@@ -44,7 +45,6 @@ async def guarded(
     and the reclaim cron hands the work to another worker.
     """
     env = JobEnv.from_ctx(ctx)
-    from bot.jobs.schedule import lease_for
 
     name, what = await lease_for(env, job, run_id, step_index)  # a graph's steps: one lease each
     try:
@@ -146,7 +146,6 @@ async def _drop_attempt(env: JobEnv, state: RunState, step_index: int) -> None:
 
 def workdir_of(env: JobEnv, state: RunState, step_index: int | None) -> Path | None:
     """Where a job on this step worked: the protocol's worktree, or the step's own in a graph."""
-    from bot.jobs.schedule import branch_for
 
     branch = branch_for(state, step_index)
     if branch != run_branch(state.run):

@@ -10,10 +10,12 @@ from bot import git as gitops
 from bot.engine_guard import decompose_schema, decomposed_content
 from bot.errors import EngineError, SpecError
 from bot.feedback import open_or_update_pr, publish_state
+from bot.jobs.advance import enqueue_next_step
 from bot.jobs.boundary import guarded
 from bot.jobs.engine_run import EngineCall, prompt_override, run_engine
 from bot.jobs.env import JobEnv
 from bot.jobs.outcome import Outcome, write_outcome
+from bot.jobs.shutdown import resume_chain
 from bot.loop_policy import fix_attempt_bound, repo_policies
 from bot.prompts import render_prompt
 from bot.protocol import ProtocolStatus
@@ -70,8 +72,6 @@ async def _plan(env: JobEnv, run_id: int, reply_to: dict[str, Any] | None) -> st
     state = await load_run(env.db, run_id)
     if state.run.status not in (ProtocolStatus.PENDING, ProtocolStatus.PLANNING):
         # a re-run after a hand-back (SIGTERM) may find the plan saved but its next step unqueued
-        from bot.jobs.shutdown import resume_chain
-
         await resume_chain(env.ctx, run_id)
         return f"skipped-{state.run.status}"
     if state.run.status == ProtocolStatus.PENDING:
@@ -151,8 +151,6 @@ async def _announce(env: JobEnv, state: RunState, spec: ProtocolSpec, reply_to: 
     await write_outcome(env, state, None, Outcome(message="", show_message=False, ok=True), reply_to)
     if state.run.auto_mode:
         await update_run(env.db, state.run.id, approved=True)
-        from bot.jobs.advance import enqueue_next_step
-
         await enqueue_next_step(env.ctx, state.run.id, state)
 
 

@@ -9,23 +9,25 @@ from typing import Any
 from sqlalchemy import update
 
 from bot import git as gitops
-from bot.ci import complete_after_qa
 from bot.engine_guard import cap_report
 from bot.errors import TransitionConflict
-from bot.feedback import report_state_check
+from bot.feedback import react_done, report_state_check
 from bot.fix_feedback import FeedbackItem, add_item, qa_item
 from bot.git import CommitInfo
+from bot.jobs.advance import after_quality, completion_follows
 from bot.jobs.boundary import discard_changes, guarded
 from bot.jobs.engine_run import EngineCall, run_engine, step_prompt
 from bot.jobs.env import JobEnv
-from bot.jobs.execute import WRITTEN, read, spec_of, step_spec_of, step_values
+from bot.jobs.execute import WRITTEN
+from bot.jobs.gating import complete_after_qa
 from bot.jobs.outcome import Check, Outcome, known, write_outcome
 from bot.jobs.plan import step_marker
+from bot.jobs.specs import read, spec_of, step_spec_of, step_values
 from bot.models import ProtocolRun, StepRun, utcnow
 from bot.policies import explain_verdict, loop_decision
 from bot.protocol import ProtocolStatus, StepStatus
 from bot.rendering import commit_message
-from bot.runs import RunState, emit, load_run, update_step
+from bot.runs import RunState, emit, load_run, set_step_status, update_step
 from bot.spec import ProtocolSpec, StepSpec
 from bot.store import transition
 
@@ -74,11 +76,7 @@ async def run_quality(
 
     outcome = await guarded(ctx, "run_quality", protocol_run_id, step_index, body, reply_to)
     if outcome not in WRITTEN | {"PASS", "FAIL", "retry", "wait_ci"}:
-        from bot.feedback import react_done
-
         await react_done(ctx, protocol_run_id, reply_to, False)
-    from bot.jobs.advance import after_quality
-
     await after_quality(ctx, protocol_run_id, step_index, outcome)
     return outcome
 
@@ -226,7 +224,6 @@ async def _passed(work: QAWork, head: str, report: str, step_state: dict[str, An
                **verdict.pop("event_metadata"))  # fmt: skip
     gate = await complete_after_qa(env.ctx, run_id, index)
     state = await load_run(env.db, run_id)  # with the gate's transition and what CI wrote
-    from bot.jobs.advance import completion_follows
 
     outcome = Outcome(
         message="QA passed" if gate == "completed" else "QA passed; waiting for CI",
@@ -275,7 +272,6 @@ async def reset_for_loop(env: JobEnv, state: RunState, indexes: list[int], item:
         await update_step(env.db, target.id, retries=target.retries + 1, runtime_state=rs)
         target.retries, target.runtime_state = target.retries + 1, rs
         try:
-            from bot.runs import set_step_status
 
             await set_step_status(env.db, target.id, StepStatus.PENDING, f"loop: {reason}")
             target.status = StepStatus.PENDING

@@ -21,7 +21,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bot.jobs.advance import enqueue_next_step
 from bot.protocol import ProtocolStatus, StepStatus
+from bot.runs import load_run, set_protocol_status, update_run
 from bot.settings import Settings
 
 # After the grace period: cancelling the engine (codex gets a few seconds between SIGTERM and
@@ -54,9 +56,6 @@ async def resume_chain(ctx: dict[str, Any], run_id: int) -> None:
     step right after completed ones is queued (never one behind a running step), and job ids make
     a second enqueue a no-op.
     """
-    from bot.jobs.protocol import enqueue_next_step
-    from bot.runs import load_run, set_protocol_status, update_run
-
     db = ctx["db"]
     state = await load_run(db, run_id)
     if not state.run.auto_mode or state.run.status not in (ProtocolStatus.PLANNED, ProtocolStatus.RUNNING):
