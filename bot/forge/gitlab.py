@@ -398,9 +398,9 @@ class GitLabForge:
         mr = await self._client.get(f"/projects/{project_id(repo)}/merge_requests/{number}")
         return str(mr["source_branch"]), str(mr["target_branch"])
 
-    async def reply_in_thread(self, target: IssueRef, discussion_id: str, body: str, *, resolve: bool = False) -> None:
-        """A note in a merge request discussion; `resolve` then marks the thread resolved."""
-        path = f"{noteable_path(target)}/discussions/{quote(discussion_id, safe='')}"
+    async def reply_in_thread(self, target: IssueRef, thread: str, body: str, *, resolve: bool = False) -> None:
+        """A note in merge request discussion `thread`; `resolve` then marks it resolved."""
+        path = f"{noteable_path(target)}/discussions/{quote(thread, safe='')}"
         await self._client.post(f"{path}/notes", note_payload(body))
         if resolve:
             await self._client.put(path, {"resolved": True})
