@@ -10,7 +10,9 @@ from sqlalchemy.exc import IntegrityError
 from bot import git
 from bot.errors import NotFound, TransitionConflict
 from bot.git.names import protocol_name
+from bot.jobs import placement, schedule
 from bot.jobs.advance import enqueue_next_step
+from bot.jobs.ready import announce_ready
 from bot.models import Project, ProtocolRun
 from bot.protocol import ProtocolStatus, StepStatus, may_approve_step, resume_decision
 from bot.runs import (
@@ -124,15 +126,11 @@ async def _carry_on(ctx: dict[str, Any], state: Any) -> None:
     """After a human accepted a step: complete the protocol, or let an auto protocol go on."""
     if state.run.status != _P.RUNNING:
         return
-    from bot.jobs import schedule
-
-    if schedule.parallel(state):  # a graph: the accepted step is merged first, then the rest go on
+    if placement.parallel(state):  # a graph: the accepted step is merged first, then the rest go on
         await schedule.schedule_ready(ctx, state.run.id, start=bool(state.run.auto_mode))
         return
     if all(s.status == _S.COMPLETED for s in state.steps):
         await set_protocol_status(ctx["db"], state.run.id, _P.COMPLETED, "every step completed")
-        from bot.jobs.ready import announce_ready
-
         state.run.status = "completed"
         await announce_ready(ctx, state)
     elif state.run.auto_mode:
@@ -148,9 +146,7 @@ async def run_step(
         raise TransitionConflict("ProtocolRun", run_id, state.run.status, _P.RUNNING)
     if state.run.status in _NOT_RUNNABLE:
         raise TransitionConflict("ProtocolRun", run_id, state.run.status, _P.RUNNING)
-    from bot.jobs import schedule
-
-    if schedule.parallel(state):  # a graph: its dependencies first; "next" is every ready step
+    if placement.parallel(state):  # a graph: its dependencies first; "next" is every ready step
         return await schedule.run_step(ctx, state, step_index, reply_to)
     if step_index is None:
         pending = [s for s in state.steps if s.status in (_S.PENDING, _S.FAILED, _S.BLOCKED)]
@@ -296,9 +292,7 @@ async def resume(ctx: dict[str, Any], run_id: int, reply_to: dict[str, Any] | No
     elif decision.action == "run_qa" and decision.step_index is not None:
         await run_qa(ctx, run_id, decision.step_index, reply_to)
     else:
-        from bot.jobs import schedule
-
-        if schedule.parallel(state):  # a graph: merge what passed, start what is ready, or await CI
+        if placement.parallel(state):  # a graph: merge what passed, start what is ready, or await CI
             await schedule.schedule_ready(ctx, run_id, start=bool(state.run.auto_mode))
 
 

@@ -3,34 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
 from sqlalchemy import update
 
 from bot.ci_evidence import CIEvidence, names_only, redacted, within_budget
 from bot.ci_gate import (
-    GateOutcome,
-    StepCI,
     current_step,
-    gate_after_qa,
     head_of,
     interpret_ci,
-    step_ci,
     step_for_sha,
 )
-from bot.errors import LockBusy, SpecError, TransitionConflict
+from bot.errors import TransitionConflict
 from bot.feedback import publish_status
 from bot.fix_feedback import add_item, ci_item
 from bot.jobs import catalogue as jobs
-from bot.jobs.locks import acquire, release
+from bot.jobs.gating import gate_lock, has_ci, step_views
+from bot.jobs.protocol import after_step_completed
+from bot.jobs.schedule import protocol_ci
 from bot.loop_policy import ci_gates, repo_policies
-from bot.models import Project, StepRun
+from bot.models import Project
 from bot.policies import ci_decision
-from bot.protocol import allowed_step_sources
+from bot.protocol import ProtocolStatus, StepStatus
 from bot.runs import (
     RunState,
     emit,
@@ -41,7 +37,6 @@ from bot.runs import (
     update_step,
 )
 from bot.spec import validate_spec
-from bot.store import KnownRow, transition
 
 log = logging.getLogger(__name__)
 
@@ -50,40 +45,6 @@ CIResult = Literal["success", "failure"]
 # (not for a duplicate or a stale sha), under the gate lock, so at most this long.
 Evidence = CIEvidence | Callable[[], Awaitable[CIEvidence]]
 EVIDENCE_TIMEOUT_S = 20.0
-
-# One short lock per protocol serialises the two places that may complete a step on its gates:
-# a CI result arriving and a QA verdict being written. Without it each could read the other's
-# state just before it was written, and both would wait for ever.
-GATE_WAIT_S = 30.0
-
-
-@contextlib.asynccontextmanager
-async def gate_lock(redis: Any, run_id: int) -> AsyncIterator[None]:
-    """Hold the run's CI-gate lock (seconds, never across an engine call)."""
-    name = f"ci-gate:{run_id}"
-    deadline = time.monotonic() + GATE_WAIT_S
-    while (token := await acquire(redis, name, 60)) is None:
-        if time.monotonic() > deadline:
-            raise LockBusy(f"the CI gate of protocol run {run_id} stayed busy")
-        await asyncio.sleep(0.02)
-    try:
-        yield
-    finally:
-        await release(redis, name, token)
-
-
-def has_ci(project: Any) -> bool:
-    """A repository has CI when project setup found a CI config on its base branch
-    (`.github/workflows/`, `.gitlab-ci.yml`) or when any CI result was ever reported for it."""
-    return bool(getattr(project, "ci_provider", None))
-
-
-def gating(project: Any, settings: Any) -> bool:
-    """CI gates this project's steps: it has CI, and neither `.deksdenflow.yml`
-    (`policies.ci_gates`) nor the environment (DEKSDENFLOW_CI_GATES) turned that off."""
-    default = bool(getattr(settings, "ci_gates", True))
-    return has_ci(project) and ci_gates(repo_policies(getattr(project, "config", None)), default)
-
 
 async def gather_evidence(
     project: Any, source: str, failing: list[tuple[str, str]], evidence: Evidence | None
@@ -112,18 +73,10 @@ async def gather_evidence(
 
 def current_ci_step(steps: Iterable[Any]) -> Any | None:
     """The step CI is judging: the latest executed one still waiting on QA, else the latest done."""
-    executed = [s for s in steps if s.status in ("needs_qa", "completed")]
-    waiting = [s for s in executed if s.status == "needs_qa"]
+    executed = [s for s in steps if s.status in (StepStatus.NEEDS_QA, StepStatus.COMPLETED)]
+    waiting = [s for s in executed if s.status == StepStatus.NEEDS_QA]
     pool = waiting or executed
     return max(pool, key=lambda s: s.step_index) if pool else None
-
-
-def _views(state: RunState) -> list[StepCI]:
-    try:
-        policies = {s.index: s.qa.policy for s in validate_spec(state.run.template_config).steps}
-    except SpecError:
-        policies = {}
-    return [step_ci(s, policies.get(s.step_index)) for s in state.steps]
 
 
 async def _note_ci_seen(db: Any, project: Any, source: str) -> None:
@@ -170,14 +123,13 @@ async def _apply(
     settings = ctx["settings"]
     state = await load_run(db, run_id)
     await _note_ci_seen(db, state.project, source)
-    views = _views(state)
+    views = step_views(state)
     if sha is None:
         current = current_step(views)
         sha = head_of(current) if current is not None else None
         if sha is None:
             await emit(db, state, "ci.ignored", f"CI {result} reported, but no step has run yet")
             return "ignored-no-step"
-    from bot.jobs.schedule import protocol_ci
 
     # a plan that is a graph: CI on the protocol branch after the last merge gates completion
     if (done := await protocol_ci(ctx, state, sha, result, failing)) is not None:
@@ -237,8 +189,7 @@ async def _apply(
         await jobs.submit(ctx["redis"], jobs.run_quality(run_id, step.step_index, f"ci-{sha}"))
         return "run_qa"
     if meaning.action == "complete":
-        await set_step_status(db, step.id, "completed", meaning.reason)
-        from bot.jobs.protocol import after_step_completed
+        await set_step_status(db, step.id, StepStatus.COMPLETED, meaning.reason)
 
         # the protocol's completion re-renders the status comment itself: not twice in a row
         if not await after_step_completed(ctx, run_id, step.step_index, 0):
@@ -264,12 +215,12 @@ async def _reopen(
     failing = evidence.failing
     detail = reason + ("\n" + "\n".join(f"- {n}: {c}" for n, c in failing) if failing else "")
     await _keep_evidence(db, step, evidence, sha, f"CI failed: {evidence.fingerprint().label}")
-    await set_step_status(db, step.id, "blocked", reason)
-    if state.run.status in ("running", "completed"):
+    await set_step_status(db, step.id, StepStatus.BLOCKED, reason)
+    if state.run.status in (ProtocolStatus.RUNNING, ProtocolStatus.COMPLETED):
         await set_protocol_status(
             db,
             state.run.id,
-            "blocked",
+            ProtocolStatus.BLOCKED,
             reason,
             runtime_state={**(state.run.runtime_state or {}), "message": detail},
         )
@@ -319,7 +270,7 @@ async def _loop(
                 runtime_state={**rs, "feedback": add_item(rs.get("feedback"), item), "attempt_why": why},
             )
             try:
-                await set_step_status(db, target.id, "pending", f"CI loop: {decision.reason}")
+                await set_step_status(db, target.id, StepStatus.PENDING, f"CI loop: {decision.reason}")
             except TransitionConflict:
                 pass
         first = min(decision.reset_steps or [step.step_index])
@@ -328,15 +279,15 @@ async def _loop(
         return "retry"
     await _keep_evidence(db, step, evidence, sha, why)
     try:
-        await set_step_status(db, step.id, "failed", decision.reason)
+        await set_step_status(db, step.id, StepStatus.FAILED, decision.reason)
     except TransitionConflict:
         pass
-    if state.run.status != "blocked":
+    if state.run.status != ProtocolStatus.BLOCKED:
         try:
             await set_protocol_status(
                 db,
                 run_id,
-                "blocked",
+                ProtocolStatus.BLOCKED,
                 decision.reason,
                 runtime_state={
                     **decision.new_runtime_state,
@@ -350,44 +301,18 @@ async def _loop(
     return "block"
 
 
-async def complete_after_qa(ctx: dict[str, Any], run_id: int, step_index: int) -> GateOutcome:
-    """QA passed: complete the step, unless the repository has CI and CI on this attempt is not
-    green yet (the step then stays `needs_qa` with the pass remembered; green CI completes it)."""
-    db = ctx["db"]
-    async with gate_lock(ctx["redis"], run_id):
-        state = await load_run(db, run_id)
-        step = state.step(step_index)
-        rs = dict(step.runtime_state or {})
-        rs["qa_passed_on"] = rs.get("commit_sha") or ""
-        step.runtime_state = rs
-        view = next(v for v in _views(state) if v.index == step_index)
-        outcome = gate_after_qa(view, gating(state.project, ctx.get("settings")))
-        if outcome == "completed":  # the pass and the completion: one transaction, rows known
-            async with db.sessions.begin() as session:
-                await transition(
-                    session, StepRun, step.id, "completed", allowed_step_sources("completed"),
-                    values={"runtime_state": rs}, event_message="QA passed",
-                    known=KnownRow(status=step.status, run_id=run_id, project_id=state.project.id),
-                )
-            return outcome
-        await update_step(db, step.id, runtime_state=rs)
-        if outcome == "waiting-ci":
-            await emit(db, state, "step.waiting-ci", f"step {step_index:02d}: QA passed; waiting for CI", step)
-    return outcome
-
-
 async def pr_finished(ctx: dict[str, Any], run_id: int, merged: bool) -> str:
     state = await load_run(ctx["db"], run_id)
     if merged:
         # remembered so that a red CI arriving after the merge is recorded, not reopened
         await update_run(ctx["db"], run_id, runtime_state={**(state.run.runtime_state or {}), "merged": True})
-    if state.run.status in ("completed", "cancelled"):
+    if state.run.status in (ProtocolStatus.COMPLETED, ProtocolStatus.CANCELLED):
         return f"already-{state.run.status}"
-    wanted = "completed" if merged else "cancelled"
-    if merged and state.run.status != "running":
+    wanted = ProtocolStatus.COMPLETED if merged else ProtocolStatus.CANCELLED
+    if merged and state.run.status != ProtocolStatus.RUNNING:
         # a merge is final whatever the bot thought: walk through running if needed
         try:
-            await set_protocol_status(ctx["db"], run_id, "running", "pull request merged")
+            await set_protocol_status(ctx["db"], run_id, ProtocolStatus.RUNNING, "pull request merged")
         except TransitionConflict:
             pass
     try:
@@ -404,7 +329,7 @@ async def pr_finished(ctx: dict[str, Any], run_id: int, merged: bool) -> str:
 async def ci_step_for(ctx: dict[str, Any], run_id: int, sha: str) -> int | None:
     """The step that owns commit `sha`, or None (recorded as a `ci.stale` event)."""
     state = await load_run(ctx["db"], run_id)
-    step = step_for_sha(_views(state), sha)
+    step = step_for_sha(step_views(state), sha)
     if step is None:
         await emit(ctx["db"], state, "ci.stale", f"{sha[:12]} is no step's commit", sha=sha)
         return None

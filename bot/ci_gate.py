@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from bot.policies import QADecision
+from bot.protocol import ProtocolStatus, StepStatus
 
 CIResult = Literal["success", "failure"]
 CIAction = Literal["ignore", "stale", "duplicate", "record", "run_qa", "complete", "loop", "reopen"]
@@ -25,7 +26,7 @@ GateOutcome = Literal["completed", "waiting-ci", "ci-failed", "already"]
 
 # statuses in which a step's commits are the step's current work (a pending or running step is
 # being redone: CI on its previous commit says nothing about the next one)
-JUDGED = frozenset({"needs_qa", "completed", "failed", "blocked"})
+JUDGED = frozenset({StepStatus.NEEDS_QA, StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.BLOCKED})
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ def step_for_sha(steps: Iterable[StepCI], sha: str) -> StepCI | None:
 
 def current_step(steps: Sequence[StepCI]) -> StepCI | None:
     """For a report without a sha: the latest step waiting on its gates, else the latest done."""
-    judged = [s for s in steps if s.status in ("needs_qa", "completed")]
-    waiting = [s for s in judged if s.status == "needs_qa"]
+    judged = [s for s in steps if s.status in (StepStatus.NEEDS_QA, StepStatus.COMPLETED)]
+    waiting = [s for s in judged if s.status == StepStatus.NEEDS_QA]
     pool = waiting or judged
     return max(pool, key=lambda s: s.index) if pool else None
 
@@ -127,7 +128,7 @@ def interpret_ci(
     is done and a late red CI is recorded, not reopened. `gates`: CI gates steps here (the
     repository's `policies.ci_gates`, else DEKSDENFLOW_CI_GATES); when not, red CI is recorded.
     """
-    if protocol_status in ("cancelled", "pending", "planning"):
+    if protocol_status in (ProtocolStatus.CANCELLED, ProtocolStatus.PENDING, ProtocolStatus.PLANNING):
         return CIMeaning("ignore", None, f"protocol is {protocol_status}")
     step = step_for_sha(steps, sha)
     if step is None:
@@ -141,7 +142,7 @@ def interpret_ci(
     if ci.get("sha") == sha and ci.get("result") == result and ci.get("for_commit") == (step.commit_sha or ""):
         return CIMeaning("duplicate", step.index, f"CI {result} on {sha[:12]} was already decided for {label}")
     if result == "success":
-        if step.status != "needs_qa":
+        if step.status != StepStatus.NEEDS_QA:
             return CIMeaning("record", step.index, f"CI passed on {label} ({step.status})")
         if step.qa_passed:
             return CIMeaning("complete", step.index, f"CI passed and QA passed: {label} completed")
@@ -150,11 +151,11 @@ def interpret_ci(
         if auto_qa_on_ci:
             return CIMeaning("run_qa", step.index, f"CI passed; running {step.qa_policy} QA of {label}")
         return CIMeaning("complete", step.index, f"CI passed: {label} completed")
-    if step.status in ("failed", "blocked"):
+    if step.status in (StepStatus.FAILED, StepStatus.BLOCKED):
         return CIMeaning("record", step.index, f"CI failed on {label}, which is already {step.status}")
     if not gates:
         return CIMeaning("record", step.index, f"CI failed on {label}; CI does not gate steps here (ci_gates: false)")
-    if step.status == "needs_qa":
+    if step.status == StepStatus.NEEDS_QA:
         return CIMeaning("loop", step.index, f"CI failed on {label}")
     # a completed step: its CI turned red after the fact
     if merged:
@@ -170,9 +171,9 @@ def gate_after_qa(step: StepCI, has_ci: bool) -> GateOutcome:
     Without CI in the repository QA alone gates. With CI, the verdict on this attempt must be
     green; red means the CI path already blocked or looped the step.
     """
-    if step.status == "completed":
+    if step.status == StepStatus.COMPLETED:
         return "already"
-    if step.status != "needs_qa":
+    if step.status != StepStatus.NEEDS_QA:
         return "ci-failed" if step.ci_result == "failure" else "already"
     if not has_ci:
         return "completed"

@@ -22,6 +22,7 @@ from bot.forge.base import (
 )
 from bot.loop_policy import attempt_text
 from bot.models import ForgeRecord
+from bot.protocol import StepStatus
 from bot.rendering import ProtocolView, StepView, check_run_output, status_comment, status_marker
 from bot.runs import RunState, emit, load_run, run_branch
 
@@ -75,9 +76,9 @@ def protocol_view(
 ) -> ProtocolView:
     """The status comment's view; `public_url` adds console links (none without it)."""
     run = state.run
-    current = next((s.step_index for s in state.steps if s.status in ("running", "needs_qa")), None)
+    current = next((s.step_index for s in state.steps if s.status in (StepStatus.RUNNING, StepStatus.NEEDS_QA)), None)
     if current is None:
-        current = next((s.step_index for s in state.steps if s.status == "pending"), None)
+        current = next((s.step_index for s in state.steps if s.status == StepStatus.PENDING), None)
     return ProtocolView(
         name=run.protocol_name,
         status=run.status,
@@ -174,22 +175,14 @@ async def publish_state(ctx: dict[str, Any], state: RunState, message: str | Non
     forge = forge_of(ctx, state)
     marker = status_marker(state.run.protocol_name)
     repo = ctx["forges"].repo_ref(state.project)
-    targets = []
-    if state.run.issue_number or state.project.provider == "local":
-        targets.append(IssueRef(repo, state.run.issue_number or 0, "issue"))
-    if state.run.pr_number:
-        kind: Literal["pull", "merge_request"] = (
-            "merge_request" if state.project.provider == "gitlab" else "pull"
-        )
-        targets.append(IssueRef(repo, state.run.pr_number, kind))
-    for target in targets:
+    for target in forge.status_targets(repo, state.run.issue_number, state.run.pr_number):
         try:
             if state.project.provider in ("github", "gitlab"):
                 # the remembered id: an edit without listing the thread's comments first
                 key = f"{state.run.protocol_name}:{target.kind}:{target.number}"
                 memo = await recall(ctx["db"], state.project.id, MEMO_STATUS, key) or {}
                 known = memo.get("id") if isinstance(memo.get("id"), int) else None
-                ref = await forge.upsert_status_comment(target, marker, body, comment_id=known)  # type: ignore[call-arg]
+                ref = await forge.upsert_status_comment(target, marker, body, comment_id=known)
                 if ref.comment_id != known:
                     await remember(
                         ctx["db"], state.project.id, MEMO_STATUS, key, {"id": ref.comment_id}
@@ -320,13 +313,9 @@ async def _send_check(ctx: dict[str, Any], state: RunState, report: CheckReport)
 async def _put_check(
     forge: Forge, repo: Any, report: CheckReport, run_id: int | None
 ) -> int | None:
-    put = getattr(forge, "put_check", None)
-    if put is not None:  # GitHub: check-run ids, so a known one is updated without a lookup
-        # the remembered ids are the truth here: no lookup request before creating a run
-        found: int = await put(repo, report, run_id=run_id, lookup=False)
-        return found
-    await forge.report_check(repo, report)
-    return None
+    # GitHub: check-run ids, so a known one is updated without a lookup; the remembered ids are
+    # the truth here: no lookup request before creating a run. Commit statuses have no id.
+    return await forge.put_check(repo, report, run_id=run_id, lookup=False)
 
 
 async def open_or_update_pr(

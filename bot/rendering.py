@@ -10,6 +10,7 @@ from typing import Literal
 
 from bot.forge.base import CheckAction, CheckConclusion, CheckReport, CheckState
 from bot.pricing import fmt_cost
+from bot.protocol import ProtocolStatus, StepStatus
 
 # GitHub rejects comment bodies over 65,536 characters (422) and check-run summary/text over
 # 65,535. We measure in UTF-16 code units, which is never less than the code-point count, and
@@ -21,16 +22,16 @@ _DETAILS_CAP = 12_000  # one step's output block, so one huge step cannot crowd 
 _TITLE_CAP = 120
 
 STATUS_EMOJI: dict[str, str] = {
-    "pending": "⬜",
-    "planning": "🧭",
-    "planned": "📋",
-    "running": "🔄",
-    "needs_qa": "🔍",
-    "paused": "⏸️",
-    "blocked": "⛔",
-    "failed": "❌",
-    "cancelled": "🚫",
-    "completed": "✅",
+    ProtocolStatus.PENDING: "⬜",
+    ProtocolStatus.PLANNING: "🧭",
+    ProtocolStatus.PLANNED: "📋",
+    ProtocolStatus.RUNNING: "🔄",
+    StepStatus.NEEDS_QA: "🔍",
+    ProtocolStatus.PAUSED: "⏸️",
+    ProtocolStatus.BLOCKED: "⛔",
+    ProtocolStatus.FAILED: "❌",
+    ProtocolStatus.CANCELLED: "🚫",
+    ProtocolStatus.COMPLETED: "✅",
 }
 VERDICT_EMOJI = {"PASS": "✅", "FAIL": "❌"}
 
@@ -144,15 +145,15 @@ def status_marker(protocol_name: str) -> str:
 
 
 def _step_line(step: StepView, current: int | None) -> str:
-    done = "x" if step.status == "completed" else " "
+    done = "x" if step.status == StepStatus.COMPLETED else " "
     parts = [f"**{step.index:02d}** {inline(step.title)}"]
     if step.attempt:
         parts.append(f"🔁 {inline(step.attempt, 200)}")
     if step.qa_verdict:
         parts.append(f"QA {VERDICT_EMOJI.get(step.qa_verdict, '❔')} {inline(step.qa_verdict, 10)}")
-        if step.status == "needs_qa" and step.qa_verdict == "PASS":
+        if step.status == StepStatus.NEEDS_QA and step.qa_verdict == "PASS":
             parts.append("waiting for CI")  # the CI gate (bot/ci_gate.py)
-    elif step.status == "needs_qa":
+    elif step.status == StepStatus.NEEDS_QA:
         parts.append("QA pending")
     if step.tokens is not None:
         parts.append(f"{fmt_tokens(step.tokens)} tokens")
@@ -297,13 +298,17 @@ def _action(label: str, description: str, identifier: str) -> CheckAction:
 def _default_conclusion(kind: str, step: StepView, verdict: str | None) -> CheckConclusion:
     if kind == "qa":
         return "success" if verdict == "PASS" else "failure"
-    return {
-        "completed": "success",
-        "needs_qa": "success",
-        "failed": "failure",
-        "blocked": "action_required",
-        "cancelled": "cancelled",
-    }.get(step.status, "neutral")  # type: ignore[return-value]  # values are all conclusions
+    return _STEP_CONCLUSION.get(step.status, "neutral")
+
+
+# what a step check run concludes from the step's status; any other status is neutral
+_STEP_CONCLUSION: dict[str, CheckConclusion] = {
+    StepStatus.COMPLETED: "success",
+    StepStatus.NEEDS_QA: "success",
+    StepStatus.FAILED: "failure",
+    StepStatus.BLOCKED: "action_required",
+    StepStatus.CANCELLED: "cancelled",
+}
 
 
 def check_run_output(
@@ -370,7 +375,7 @@ def check_run_output(
         retry = _action("Retry step", f"Run step {idx} again", ACTION_RETRY)
         ok = conclusion == "success"
         if kind == "step" and ok:
-            if step.status == "needs_qa":
+            if step.status == StepStatus.NEEDS_QA:
                 actions.append(run_qa)
             if has_next_step:
                 actions.append(run_next)

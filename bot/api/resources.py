@@ -105,13 +105,7 @@ async def check_forge_answer(request: Request, project: Project, url: str) -> No
     answer: Any = None
     problem: str | None = None
     try:
-        forge = forges.forge_for(project)
-        if project.provider == "github":
-            answer = (await forge.get_repo(forges.repo_ref(project))).get("clone_url")
-        else:
-            answer = (await forge.get_project(project.forge_id or project.name)).get(
-                "http_url_to_repo"
-            )
+        answer = await forges.forge_for(project).clone_url(forges.repo_ref(project))
     except ConfigError:
         problem = f"cannot be checked: the {project.provider} forge is not configured"
     except ForgeError as exc:

@@ -18,9 +18,12 @@ from bot.forge.base import (
     CommentRef,
     IssueRef,
     Permission,
+    PullKind,
     PullRef,
     Reaction,
+    RepoFacts,
     RepoRef,
+    remote_status_targets,
 )
 from bot.forge.github_client import (
     DEFAULT_API_URL,
@@ -337,6 +340,34 @@ class GitHubForge(AsyncClosing):
 
     # who we are / where we are installed
 
+    pull_kind: PullKind = "pull"
+    pull_word = "pull request"
+    quick_actions: frozenset[str] = frozenset()
+
+    def status_targets(self, repo: RepoRef, issue_number: int | None, pull_number: int | None) -> list[IssueRef]:
+        return remote_status_targets(repo, issue_number, pull_number, self.pull_kind)
+
+    async def clone_url(self, repo: RepoRef) -> str | None:
+        answer = (await self.get_repo(repo)).get("clone_url")
+        return answer if isinstance(answer, str) else None
+
+    async def own_handles(self) -> tuple[str, ...]:
+        return (await self.bot_login(),)
+
+    async def is_self(self, *, author: str = "", author_id: int | None = None) -> bool:
+        # an App's comments carry `[bot]` and the sender type, which the events already check
+        return False
+
+    async def describe_repo(self, repo: RepoRef, fallback: RepoFacts) -> RepoFacts | None:
+        info = await self.get_repo(repo)
+        base = info.get("default_branch") or fallback.base_branch
+        has_ci = await self.has_path(repo, base, ".github/workflows")
+        return RepoFacts(
+            base_branch=base,
+            git_url=info.get("clone_url") or fallback.git_url,
+            ci_provider="github-actions" if has_ci else None,
+        )
+
     async def bot_login(self) -> str:
         """`<app-slug>[bot]`, the login our comments carry; the slug is fetched once if unknown."""
         if self._app_slug is None:
@@ -474,9 +505,13 @@ class GitHubForge(AsyncClosing):
         data = await self._request(repo, "GET", f"{repo_path(repo)}/pulls/{number}/reviews/{review_id}")
         return str(data.get("state") or "").lower()
 
-    async def reply_in_thread(self, repo: RepoRef, number: int, comment_id: int, body: str) -> None:
-        """Answer in a review comment's thread (GitHub replies to the thread's first comment)."""
-        path = f"{repo_path(repo)}/pulls/{number}/comments/{comment_id}/replies"
+    async def reply_in_thread(self, target: IssueRef, thread: str, body: str, *, resolve: bool = False) -> None:
+        """Answer in a review comment's thread (GitHub replies to the thread's first comment).
+
+        REST cannot resolve a thread, so `resolve` is not acted on here.
+        """
+        repo = target.repo
+        path = f"{repo_path(repo)}/pulls/{target.number}/comments/{int(thread)}/replies"
         await self._request(repo, "POST", path, build_comment(body))
 
     async def pull_branches(self, repo: RepoRef, number: int) -> tuple[str, str]:
@@ -484,13 +519,14 @@ class GitHubForge(AsyncClosing):
         data = await self._request(repo, "GET", f"{repo_path(repo)}/pulls/{number}")
         return str(data["head"]["ref"]), str(data["base"]["ref"])
 
-    async def mark_ready(self, pull: PullRef) -> None:
+    async def mark_ready(self, pull: PullRef) -> bool:
         """Take a draft PR out of draft: REST cannot, GraphQL's mutation can (by the node id)."""
         data = await self._request(pull.repo, "GET", f"{repo_path(pull.repo)}/pulls/{pull.number}")
         if not data.get("draft"):
-            return
+            return True
         answer = await self._request(pull.repo, "POST", "/graphql", build_ready_mutation(str(data["node_id"])))
         graphql_errors(answer, "markPullRequestReadyForReview")
+        return True
 
     async def threads_answered_with(self, repo: RepoRef, number: int, text: str) -> set[int]:
         """The review threads (by first comment id) that already hold a reply reading `text`."""

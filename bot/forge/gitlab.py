@@ -9,15 +9,19 @@ from contextlib import aclosing
 from typing import Any, Literal
 from urllib.parse import quote
 
+from bot.commands import GITLAB_QUICK_ACTIONS
 from bot.errors import ForgeError
 from bot.forge.base import (
     CheckReport,
     CommentRef,
     IssueRef,
     Permission,
+    PullKind,
     PullRef,
     Reaction,
+    RepoFacts,
     RepoRef,
+    remote_status_targets,
 )
 from bot.forge.gitlab_client import GitLabAPIError, GitLabClient, project_path
 
@@ -232,6 +236,10 @@ class GitLabForge:
     """Forge over one GitLab instance and token; senders are thin, payloads come from builders."""
 
     provider = "gitlab"
+    pull_kind: PullKind = "merge_request"
+    pull_word = "merge request"
+    # GitLab runs its own quick actions (/assign, /label, …): never answered as our typos
+    quick_actions: frozenset[str] = GITLAB_QUICK_ACTIONS
 
     def __init__(self, client: GitLabClient) -> None:
         self._client = client
@@ -249,6 +257,50 @@ class GitLabForge:
             self._own_user_id = int(user["id"])
             self._own_username = str(user.get("username") or "") or None
         return self._own_user_id
+
+    def status_targets(self, repo: RepoRef, issue_number: int | None, pull_number: int | None) -> list[IssueRef]:
+        return remote_status_targets(repo, issue_number, pull_number, self.pull_kind)
+
+    async def clone_url(self, repo: RepoRef) -> str | None:
+        answer = (await self.get_project(repo.forge_id or repo.full_name)).get("http_url_to_repo")
+        return answer if isinstance(answer, str) else None
+
+    async def own_handles(self) -> tuple[str, ...]:
+        return (await self.own_username(),)
+
+    async def is_self(self, *, author: str = "", author_id: int | None = None) -> bool:
+        # a token of an ordinary user account is us too, though its notes do not say "bot"
+        if author_id is not None:
+            return author_id == await self.own_user_id()
+        return bool(author) and author.casefold() == (await self.own_username()).casefold()
+
+    async def pull_is_fork(self, repo: RepoRef, number: int) -> bool:
+        # a note event carries the MR's source project, which the handler checks itself
+        return False
+
+    async def put_check(
+        self, repo: RepoRef, check: CheckReport, *, run_id: int | None = None, lookup: bool = True
+    ) -> int | None:
+        await self.report_check(repo, check)  # a commit status has no id to remember
+        return None
+
+    async def review_comments(self, repo: RepoRef, number: int, review_id: int) -> list[dict[str, Any]]:
+        return []  # GitLab has no submitted reviews: each note is its own event
+
+    async def review_state(self, repo: RepoRef, number: int, review_id: int) -> str:
+        return ""
+
+    async def describe_repo(self, repo: RepoRef, fallback: RepoFacts) -> RepoFacts | None:
+        info = await self.get_project(fallback.forge_id or repo.full_name)
+        base = info.get("default_branch") or fallback.base_branch
+        forge_id = str(info.get("id") or fallback.forge_id)
+        has_ci = await self.has_file(forge_id, base, ".gitlab-ci.yml")
+        return RepoFacts(
+            base_branch=base,
+            git_url=info.get("http_url_to_repo") or fallback.git_url,
+            ci_provider="gitlab-ci" if has_ci else None,
+            forge_id=forge_id,
+        )
 
     async def add_reaction(self, comment: CommentRef, reaction: Reaction) -> None:
         path = f"{noteable_path(comment.target)}/notes/{comment.comment_id}/award_emoji"
@@ -325,13 +377,14 @@ class GitLabForge:
         payload = merge_request_update_payload(title=title, body=body, is_draft=is_draft)
         await self._client.put(path, payload)
 
-    async def mark_ready(self, pull: PullRef) -> None:
+    async def mark_ready(self, pull: PullRef) -> bool:
         """Take the MR out of draft (GitLab: drop the title prefix)."""
         path = f"/projects/{project_id(pull.repo)}/merge_requests/{pull.number}"
         current = await self._client.get(path)
         title = str(current["title"])
         if ready_title(title) != title:
             await self._client.put(path, {"title": ready_title(title)})
+        return True
 
     async def own_username(self) -> str:
         """Our own username (`GET /user`, once): the handle `@<bot> <command>` mentions."""
@@ -345,12 +398,12 @@ class GitLabForge:
         mr = await self._client.get(f"/projects/{project_id(repo)}/merge_requests/{number}")
         return str(mr["source_branch"]), str(mr["target_branch"])
 
-    async def reply_in_thread(self, target: IssueRef, discussion_id: str, body: str, *, resolve: bool = False) -> None:
-        """A note in a merge request discussion; `resolve` then marks the thread resolved."""
-        path = f"{noteable_path(target)}/discussions/{quote(discussion_id, safe='')}"
+    async def reply_in_thread(self, target: IssueRef, thread: str, body: str, *, resolve: bool = False) -> None:
+        """A note in merge request discussion `thread`; `resolve` then marks it resolved."""
+        path = f"{noteable_path(target)}/discussions/{quote(thread, safe='')}"
         await self._client.post(f"{path}/notes", note_payload(body))
         if resolve:
-            await self.resolve_discussion(target, discussion_id)
+            await self.resolve_discussion(target, thread)
 
     async def resolve_discussion(self, target: IssueRef, discussion_id: str) -> None:
         """Mark a merge request discussion resolved."""

@@ -8,7 +8,18 @@ from typing import Any
 from sqlalchemy import select
 
 from bot.db import Database
-from bot.forge.base import CheckReport, CommentRef, IssueRef, Permission, PullRef, Reaction, RepoRef
+from bot.errors import NotFound
+from bot.forge.base import (
+    CheckReport,
+    CommentRef,
+    IssueRef,
+    Permission,
+    PullKind,
+    PullRef,
+    Reaction,
+    RepoFacts,
+    RepoRef,
+)
 from bot.models import ForgeRecord, utcnow
 
 
@@ -16,6 +27,9 @@ class LocalForge:
     """Forge over a plain git repository: comments, PRs, checks and reactions become rows."""
 
     provider = "local"
+    pull_kind: PullKind = "pull"
+    pull_word = "pull request"
+    quick_actions: frozenset[str] = frozenset()
 
     def __init__(self, db: Database, project_id: int) -> None:
         self.db = db
@@ -56,7 +70,9 @@ class LocalForge:
         record_id = await self._upsert("comment", f"{target.number}:{count + 1}", body, {"issue": target.number})
         return CommentRef(target, record_id)
 
-    async def upsert_status_comment(self, target: IssueRef, marker: str, body: str) -> CommentRef:
+    async def upsert_status_comment(
+        self, target: IssueRef, marker: str, body: str, *, comment_id: int | None = None
+    ) -> CommentRef:
         record_id = await self._upsert("status_comment", f"{target.number}:{marker}", body, {"issue": target.number})
         return CommentRef(target, record_id)
 
@@ -83,3 +99,57 @@ class LocalForge:
 
     async def git_auth_header(self, repo: RepoRef) -> str | None:
         return None
+
+    # -- what a real forge answers from its API: here the checkout is all there is -----------
+
+    def status_targets(self, repo: RepoRef, issue_number: int | None, pull_number: int | None) -> list[IssueRef]:
+        # a local run has no issue: its status lives on thread 0, the CLI's view of the run
+        targets = [IssueRef(repo, issue_number or 0, "issue")]
+        if pull_number:
+            targets.append(IssueRef(repo, pull_number, self.pull_kind))
+        return targets
+
+    async def describe_repo(self, repo: RepoRef, fallback: RepoFacts) -> RepoFacts | None:
+        return None  # the project row already says all a plain checkout could
+
+    async def clone_url(self, repo: RepoRef) -> str | None:
+        return repo.full_name  # the checkout's own path is where it is cloned from
+
+    async def own_handles(self) -> tuple[str, ...]:
+        return ()
+
+    async def is_self(self, *, author: str = "", author_id: int | None = None) -> bool:
+        return False
+
+    async def pull_is_fork(self, repo: RepoRef, number: int) -> bool:
+        return False  # a local pull is a branch of the same checkout
+
+    async def pull_branches(self, repo: RepoRef, number: int) -> tuple[str, str]:
+        async with self.db.sessions() as session:
+            row = await session.get(ForgeRecord, number)
+        if row is None or row.kind != "pull":
+            raise NotFound(f"no local pull {number}")
+        return row.key, str(row.data.get("base") or "")
+
+    async def put_check(
+        self, repo: RepoRef, check: CheckReport, *, run_id: int | None = None, lookup: bool = True
+    ) -> int | None:
+        await self.report_check(repo, check)
+        return None
+
+    async def mark_ready(self, pull: PullRef) -> bool:
+        async with self.db.sessions.begin() as session:
+            row = await session.get(ForgeRecord, pull.number)
+            if row is None:
+                return False
+            row.data = {**row.data, "draft": False}
+        return True
+
+    async def review_comments(self, repo: RepoRef, number: int, review_id: int) -> list[dict[str, Any]]:
+        return []
+
+    async def review_state(self, repo: RepoRef, number: int, review_id: int) -> str:
+        return ""
+
+    async def reply_in_thread(self, target: IssueRef, thread: str, body: str, *, resolve: bool = False) -> None:
+        await self._upsert("reply", f"{target.number}:{thread}", body, {"issue": target.number, "resolve": resolve})

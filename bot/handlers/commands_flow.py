@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
 from bot import actions
 from bot.commands import (
-    GITLAB_QUICK_ACTIONS,
     MAX_COMMANDS_PER_COMMENT,
     Command,
     CommandError,
@@ -33,10 +32,15 @@ from bot.forge.base import CommentRef, Forge, IssueRef, RepoRef
 from bot.handlers.forge_events import CommentEvent, LabelEvent, RepoInfo
 from bot.handlers.router import HandlerContext
 from bot.jobs import catalogue as jobs
+from bot.mentions import bot_handles, mentions_to_commands
 from bot.models import Project, ProtocolRun
+from bot.protocol import ProtocolStatus
 from bot.runs import get_or_create_project, update_run
 
 log = logging.getLogger(__name__)
+
+# a protocol in one of these is over: a new label or /plan on its thread starts another
+ENDED = frozenset({ProtocolStatus.COMPLETED, ProtocolStatus.CANCELLED, ProtocolStatus.FAILED})
 
 
 async def project_for(ctx: HandlerContext, repo: RepoInfo) -> Project:
@@ -77,10 +81,8 @@ async def latest_run(
         return found
 
 
-def _kind(ev: CommentEvent, provider: str) -> str:
-    if not ev.is_pull:
-        return "issue"
-    return "merge_request" if provider == "gitlab" else "pull"
+def _kind(ev: CommentEvent, forge: Forge) -> Literal["issue", "pull", "merge_request"]:
+    return forge.pull_kind if ev.is_pull else "issue"
 
 
 async def _reply(forge: Forge, target: IssueRef, body: str, ctx: HandlerContext) -> None:
@@ -153,10 +155,9 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
     forges = ctx.services["forges"]
     forge: Forge = forges.forge_for(project)
     repo = forges.repo_ref(project)
-    target = IssueRef(repo, ev.issue_number, _kind(ev, project.provider))  # type: ignore[arg-type]
+    target = IssueRef(repo, ev.issue_number, _kind(ev, forge))
     comment = CommentRef(target, ev.comment_id)
-    own_user_id = getattr(forge, "own_user_id", None)
-    if ev.author_id is not None and own_user_id is not None and ev.author_id == await own_user_id():
+    if ev.author_id is not None and await forge.is_self(author_id=ev.author_id):
         ctx.note(ignored="our own note")  # a token of an ordinary user account is still us
         return
     config = project.config or {}
@@ -177,7 +178,7 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
     from_fork: bool | None = ev.from_fork or None  # None: not known yet (GitHub asks the pull)
     for item in parsed:
         if isinstance(item, CommandError):
-            if not _answer_error(item, permission, may_act, project.provider, overrides):
+            if not _answer_error(item, permission, may_act, forge.quick_actions, overrides):
                 ctx.note(command=item.name, result=f"{item.kind}-unanswered")
                 continue
             replies.add(render_command_error(item, prefix))
@@ -196,7 +197,7 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
             if from_fork:
                 replies.add(
                     f"`{prefix}{item.name}` is not accepted on "
-                    f"{'merge' if project.provider == 'gitlab' else 'pull'} requests from forks here."
+                    f"{forge.pull_word}s from forks here."
                 )
                 ctx.note(command=item.name, result="refused-fork")
                 continue
@@ -214,10 +215,17 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
     await send_replies(ctx, forge, target, ev.author, replies)
 
 
-async def _mentioned_commands(ctx: HandlerContext, ev: CommentEvent, prefix: str) -> list[Command | CommandError]:
-    from bot.handlers.reviews import handles_for
-    from bot.mentions import mentions_to_commands
+async def handles_for(ctx: HandlerContext, project: Project, forge: Forge) -> tuple[str, ...]:
+    """The names `@<bot>` mentions use: the App's slug on GitHub, the token's user on GitLab."""
+    settings = ctx.services["settings"]
+    try:
+        return bot_handles(*await forge.own_handles())
+    except DeksdenFlowError as exc:  # without our name no mention is ours; commands still work
+        log.warning("bot handle unknown: %s", exc)
+        return bot_handles(settings.github_app_slug)
 
+
+async def _mentioned_commands(ctx: HandlerContext, ev: CommentEvent, prefix: str) -> list[Command | CommandError]:
     try:
         project = await project_for(ctx, ev.repo)
     except NotFound:
@@ -228,16 +236,20 @@ async def _mentioned_commands(ctx: HandlerContext, ev: CommentEvent, prefix: str
 
 
 def _answer_error(
-    err: CommandError, permission: str, may_act: bool, provider: str, overrides: Mapping[str, str] | None
+    err: CommandError,
+    permission: str,
+    may_act: bool,
+    quick_actions: Collection[str],
+    overrides: Mapping[str, str] | None,
 ) -> bool:
     """Whether a command we cannot use deserves an answer (pure).
 
     An unknown name is answered only for someone who may act and only when it is a likely typo
-    of ours (within edit distance 2), never for GitLab's own quick actions; a malformed known
+    of ours (within edit distance 2), never for the forge's own quick actions (GitLab's); a malformed known
     command only for someone allowed to run it.
     """
     if err.kind == "unknown":
-        if provider == "gitlab" and err.name.replace("-", "_") in GITLAB_QUICK_ACTIONS:
+        if err.name.replace("-", "_") in quick_actions:
             return False
         return may_act and near_a_command(err.name)
     return permission_allows(permission, required_permission(err.name, overrides))
@@ -246,11 +258,9 @@ def _answer_error(
 async def _pull_is_fork(forge: Forge, ev: CommentEvent, repo: RepoRef) -> bool:
     """Only a comment on a pull request can come from a fork; forges whose payloads do not say
     (GitHub's issue_comment) are asked, once per comment."""
-    checker = getattr(forge, "pull_is_fork", None)
-    if not ev.is_pull or checker is None:
+    if not ev.is_pull:
         return False
-    found: bool = await checker(repo, ev.issue_number)
-    return found
+    return await forge.pull_is_fork(repo, ev.issue_number)
 
 
 async def _safe_react(forge: Forge, comment: CommentRef, reaction: str) -> None:
@@ -283,7 +293,7 @@ async def handle_label(ctx: HandlerContext, ev: LabelEvent) -> None:
     required = required_permission("plan", (project.config or {}).get("permissions"))
     replies = Replies()
     existing = await latest_run(ctx, project, ev.issue_number, "issue")
-    active = existing if existing is not None and existing.status not in ("completed", "cancelled", "failed") else None
+    active = existing if existing is not None and existing.status not in ENDED else None
     permission = await forge.get_permission(target.repo, ev.author)
     for label, intent in wanted:
         if active is not None and (intent.name == "plan" or active.auto_mode):
@@ -322,8 +332,6 @@ async def dispatch(
     prefix: str = services["settings"].command_prefix
     try:
         if name == "help":
-            from bot.handlers.reviews import handles_for
-
             handles = await handles_for(ctx, project, forge)
             replies.add(help_text(prefix, forge=project.provider, bot=handles[0] if handles else ""))
             return "help"
@@ -349,7 +357,7 @@ async def dispatch(
             if (
                 name == "auto"
                 and existing is not None
-                and existing.status not in ("completed", "cancelled", "failed")
+                and existing.status not in ENDED
             ):
                 await update_run(services["db"], existing.id, auto_mode=True, approved=True)
                 await actions.approve(services, existing.id)
@@ -360,10 +368,10 @@ async def dispatch(
             )
             pull = None
             if target.kind != "issue":  # planned on this PR/MR: its branch, found by its number
-                if existing is not None and existing.status not in ("completed", "cancelled", "failed"):
+                if existing is not None and existing.status not in ENDED:
                     replies.add(f"This already runs {existing.protocol_name} ({existing.status}): `{prefix}status` shows it.")
                     return "already-planned"
-                head, base = await forge.pull_branches(forges_repo(services, project), target.number)  # type: ignore[attr-defined]
+                head, base = await forge.pull_branches(forges_repo(services, project), target.number)
                 pull = (target.number, head, base)
             run = await actions.start_protocol(
                 services,

@@ -11,6 +11,7 @@ from bot import actions
 from bot.ci import CIResult, apply_ci_result, ci_step_for, pr_finished
 from bot.ci_evidence import CIEvidence, names_only
 from bot.ci_fetch import github_evidence, gitlab_evidence, status_evidence
+from bot.ci_hook import handle_report
 from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
 from bot.graph import parent_branch
 from bot.handlers.forge_events import dig, github_repo, gitlab_repo
@@ -333,8 +334,6 @@ async def gitlab_pipeline(ctx: HandlerContext) -> None:
 @router.register("ci", "report")
 async def ci_report(ctx: HandlerContext) -> None:
     """A report of the CI hook (POST /webhooks/ci), stored by the intake like a forge's."""
-    from bot.ci_hook import handle_report
-
     await handle_report(ctx)
 
 

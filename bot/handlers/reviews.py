@@ -12,12 +12,13 @@ from collections.abc import Iterable
 from bot import actions
 from bot.commands import parse_commands, permission_allows, required_permission
 from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
+from bot.feedback import publish_status
 from bot.forge.base import Forge
-from bot.handlers.commands_flow import latest_run, project_for
+from bot.handlers.commands_flow import handles_for, latest_run, project_for
 from bot.handlers.forge_events import RepoInfo, github_repo, gitlab_repo
 from bot.handlers.router import HandlerContext, Router
 from bot.jobs.review import buffer_comments, enqueue_flush, resolved_threads, taken_ids
-from bot.mentions import bot_handles, mentions_bot, mentions_to_commands
+from bot.mentions import mentions_bot, mentions_to_commands
 from bot.models import Project, ProtocolRun
 from bot.review import (
     ReviewComment,
@@ -43,20 +44,6 @@ router = Router()
 REVIEW_PERMISSION = "review"
 
 
-async def handles_for(ctx: HandlerContext, project: Project, forge: Forge) -> tuple[str, ...]:
-    """The names `@<bot>` mentions use: the App's slug on GitHub, the token's user on GitLab."""
-    settings = ctx.services["settings"]
-    try:
-        if project.provider == "github":
-            login = getattr(forge, "bot_login", None)
-            return bot_handles(settings.github_app_slug, await login() if login else None)
-        username = getattr(forge, "own_username", None)
-        return bot_handles(await username() if username else None)
-    except DeksdenFlowError as exc:  # without our name no mention is ours; commands still work
-        log.warning("bot handle unknown: %s", exc)
-        return bot_handles(settings.github_app_slug)
-
-
 async def _protocol(ctx: HandlerContext, repo: RepoInfo | None, number: int) -> tuple[Project, ProtocolRun] | None:
     if repo is None:
         return None
@@ -65,7 +52,7 @@ async def _protocol(ctx: HandlerContext, repo: RepoInfo | None, number: int) -> 
     except NotFound as exc:
         ctx.note(ignored=str(exc))
         return None
-    kind = "merge_request" if project.provider == "gitlab" else "pull"
+    kind = ctx.services["forges"].forge_for(project).pull_kind
     run = await latest_run(ctx, project, number, kind)
     if run is None:
         ctx.note(ignored="not the pull/merge request of a protocol")
@@ -110,11 +97,10 @@ async def take_feedback(
 
 async def _is_us(forge: Forge, comment: ReviewComment) -> bool:
     # a GitLab token of an ordinary account is us too, though its notes do not say "bot"
-    own = getattr(forge, "own_username", None)
-    if own is None or comment.author_is_bot:
+    if comment.author_is_bot:
         return False
     try:
-        return bool(comment.author) and comment.author.casefold() == (await own()).casefold()
+        return await forge.is_self(author=comment.author)
     except DeksdenFlowError:
         return False
 
@@ -135,8 +121,6 @@ async def _approve(ctx: HandlerContext, project: Project, run: ProtocolRun, forg
     except TransitionConflict as exc:
         ctx.note(review=f"approval not applied: {exc}")
         return
-    from bot.feedback import publish_status
-
     await publish_status(ctx.services, run.id, f"plan approved by @{review.author}'s review")
     ctx.note(review=result, author=review.author)
 
@@ -159,7 +143,7 @@ async def github_review_submitted(ctx: HandlerContext) -> None:
         ctx.note(review=f"{review.state}: its line comments count one by one")
         return
     repo = ctx.services["forges"].repo_ref(project)
-    raw = await forge.review_comments(repo, review.number, review.review_id)  # type: ignore[attr-defined]
+    raw = await forge.review_comments(repo, review.number, review.review_id)
     comments = [c for c in (github_review_comment(item) for item in raw) if c is not None]
     body = review_body_comment(review)
     await take_feedback(
@@ -187,11 +171,8 @@ async def github_line_comment(ctx: HandlerContext) -> None:
 
 
 async def _review_requests_changes(ctx: HandlerContext, project: Project, forge: Forge, number: int, review_id: int) -> bool:
-    state = getattr(forge, "review_state", None)
-    if state is None:
-        return False
     try:
-        found: str = await state(ctx.services["forges"].repo_ref(project), number, review_id)
+        found = await forge.review_state(ctx.services["forges"].repo_ref(project), number, review_id)
     except DeksdenFlowError as exc:  # unknown: count the comment on its own (the batch dedupes)
         log.warning("review %s state unknown: %s", review_id, exc)
         return False

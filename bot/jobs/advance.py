@@ -6,10 +6,12 @@ import time
 from typing import Any
 
 from bot.jobs.env import JobEnv
-from bot.jobs.execute import spec_of, step_spec_of
-from bot.jobs.schedule import after_step_passed, parallel, schedule_ready
+from bot.jobs.placement import parallel
+from bot.jobs.ready import announce_ready
+from bot.jobs.schedule import after_step_passed, schedule_ready
+from bot.jobs.specs import spec_of, step_spec_of
 from bot.policies import trigger_decisions
-from bot.protocol import completes_protocol
+from bot.protocol import ProtocolStatus, StepStatus, completes_protocol
 from bot.runs import RunState, emit, load_run, set_protocol_status, set_step_status
 
 
@@ -39,7 +41,7 @@ async def enqueue_next_step(ctx: dict[str, Any], run_id: int, state: RunState | 
     if parallel(state):  # a graph: every ready step, up to the bound
         return bool(await schedule_ready(ctx, run_id))
     for step in state.steps:
-        if step.status == "pending":
+        if step.status == StepStatus.PENDING:
             await ctx["redis"].enqueue_job(
                 "execute_step", _job_id=f"exec:{run_id}:{step.step_index}:{step.retries}",
                 protocol_run_id=run_id, step_index=step.step_index,
@@ -66,16 +68,15 @@ async def after_step_completed(ctx: dict[str, Any], run_id: int, step_index: int
     fired = await _fire_triggers(env, state, step_index, depth)
     if fired:
         state = await load_run(env.db, run_id)
-    if all(s.status == "completed" for s in state.steps):
-        if state.run.status == "running":
-            await set_protocol_status(env.db, run_id, "completed", "every step completed")
-            state.run.status = "completed"
-            from bot.jobs.ready import announce_ready
+    if all(s.status == StepStatus.COMPLETED for s in state.steps):
+        if state.run.status == ProtocolStatus.RUNNING:
+            await set_protocol_status(env.db, run_id, ProtocolStatus.COMPLETED, "every step completed")
+            state.run.status = ProtocolStatus.COMPLETED
 
             await announce_ready(ctx, state)  # un-draft the PR/MR and say what comes next
             return True
         return False
-    if state.run.auto_mode and state.run.status == "running":
+    if state.run.auto_mode and state.run.status == ProtocolStatus.RUNNING:
         await enqueue_next_step(ctx, run_id, state)
     return False
 
@@ -90,8 +91,8 @@ async def _fire_triggers(env: JobEnv, state: RunState, step_index: int, depth: i
             target=action.step_index, mode=action.mode,
         )
         target = state.step(action.step_index)
-        if target.status in ("completed", "needs_qa"):
-            await set_step_status(env.db, target.id, "pending", f"triggered by step {step_index:02d}")
+        if target.status in (StepStatus.COMPLETED, StepStatus.NEEDS_QA):
+            await set_step_status(env.db, target.id, StepStatus.PENDING, f"triggered by step {step_index:02d}")
         # "inline" triggers are enqueued too, carrying their depth: a job never runs another
         # step's engine inside itself (nor inside whatever called after_step_completed)
         await env.enqueue(

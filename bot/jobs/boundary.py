@@ -18,7 +18,8 @@ from bot.jobs.common import MAX_TRIES, count_job
 from bot.jobs.env import JobEnv
 from bot.jobs.locks import lease
 from bot.jobs.outcome import Check, Outcome, failure, write_outcome
-from bot.protocol import stopped_step_status
+from bot.jobs.placement import branch_for, lease_for
+from bot.protocol import ProtocolStatus, StepStatus, stopped_step_status
 from bot.runs import RunState, emit, load_run, run_branch
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ async def guarded(
     and the reclaim cron hands the work to another worker.
     """
     env = JobEnv.from_ctx(ctx)
-    from bot.jobs.schedule import lease_for
 
     name, what = await lease_for(env, job, run_id, step_index)  # a graph's steps: one lease each
     try:
@@ -96,7 +96,7 @@ async def _run_body(
         raise
     except Exception as exc:
         state = await load_run(env.db, run_id)
-        if state.run.status in ("cancelled", "paused"):
+        if state.run.status in (ProtocolStatus.CANCELLED, ProtocolStatus.PAUSED):
             # a human stopped the protocol meanwhile (the error is likely its consequence)
             return await stopped(env, run_id, step_index, state.run.status)
         if await _disk_lost(env, generation, exc):
@@ -124,7 +124,7 @@ def _with_open_check(state: RunState, job: str, step_index: int | None, outcome:
     rs = state.step(step_index).runtime_state or {}
     kind: Literal["step", "qa"] = "qa" if job == "run_quality" else "step"
     head = rs.get("qa_running" if kind == "qa" else "attempt_head")
-    if not isinstance(head, str) or outcome.step_to != "failed":
+    if not isinstance(head, str) or outcome.step_to != StepStatus.FAILED:
         return outcome
     return dataclasses.replace(outcome, check=Check(kind, head, "failure"))
 
@@ -146,7 +146,6 @@ async def _drop_attempt(env: JobEnv, state: RunState, step_index: int) -> None:
 
 def workdir_of(env: JobEnv, state: RunState, step_index: int | None) -> Path | None:
     """Where a job on this step worked: the protocol's worktree, or the step's own in a graph."""
-    from bot.jobs.schedule import branch_for
 
     branch = branch_for(state, step_index)
     if branch != run_branch(state.run):
@@ -195,11 +194,11 @@ async def stopped(env: JobEnv, run_id: int, step_index: int | None, status: str)
     if path is not None and path.is_dir():
         await discard_changes(env, state, path)
     step_to = None
-    if step_index is not None and state.step(step_index).status == "running":
+    if step_index is not None and state.step(step_index).status == StepStatus.RUNNING:
         step_to = stopped_step_status(state.run.status)
     message = (state.run.runtime_state or {}).get("message") or f"{status} by request"
     # a paused step runs again on /resume: mark it, so /resume knows which step stopped
-    interrupted = {"interrupted": True} if step_to == "pending" else {}
+    interrupted = {"interrupted": True} if step_to == StepStatus.PENDING else {}
     outcome = Outcome(message=str(message), step_to=step_to, event="step.stopped", step_state=interrupted)
     await write_outcome(env, state, step_index, outcome)
     return status

@@ -17,6 +17,8 @@ from arq.cron import CronJob
 from arq.worker import Function, func
 
 from bot.jobs.common import MAX_TRIES
+from bot.jobs.deliveries import prune_old_deliveries, relay_pending
+from bot.jobs.reclaim import reclaim_expired
 from bot.queue import JobSpec, delivery_job
 from bot.settings import Settings
 
@@ -155,9 +157,6 @@ def _relay_seconds(settings: Settings) -> set[int]:
 def cron_jobs(settings: Settings) -> list[CronJob]:
     """The outbox relay (every RELAY_INTERVAL_S, and at start-up), hourly delivery retention,
     and the reclaim of steps whose worker's lease expired."""
-    from bot.jobs.deliveries import prune_old_deliveries, relay_pending
-    from bot.jobs.reclaim import reclaim_expired
-
     return [
         cron(relay_pending, second=_relay_seconds(settings), run_at_startup=True, unique=True),
         # hourly, at an odd minute so it does not meet other hourly work

@@ -20,6 +20,7 @@ from bot.models import ProtocolRun, StepRun
 from bot.observability import log_context
 from bot.pricing import turn_cost
 from bot.prompts import PROMPT_PLACEHOLDERS, override_path, render_prompt
+from bot.protocol import ProtocolStatus
 from bot.runs import RunState, protocol_status
 from bot.spec import ProtocolSpec, StepSpec, resolve_engine, resolve_model
 from bot.store import new_event
@@ -29,7 +30,7 @@ from engines.base import EngineRequest, EngineResult, EventSink, Phase, SandboxM
 log = logging.getLogger(__name__)
 
 # A human stopping the protocol stops the engine; these statuses mean "stop now".
-STOPPING = frozenset({"cancelled", "paused"})
+STOPPING = frozenset({ProtocolStatus.CANCELLED, ProtocolStatus.PAUSED})
 
 
 @dataclass

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bot import git as gitops
 from bot.db import Database
+from bot.jobs.placement import branch_for
 from bot.runs import RunState, run_branch, update_run
 from bot.settings import Settings
 
@@ -64,8 +66,6 @@ class JobEnv:
     async def worktree(self, state: RunState, step_index: int | None = None) -> Path:
         """The protocol's worktree at its branch head (any worker may run any job); a step of a
         graph gets its own, on its child branch cut from the protocol branch (jobs/schedule.py)."""
-        from bot.jobs.schedule import branch_for
-
         branch = branch_for(state, step_index)
         if branch != run_branch(state.run):
             child = await self.git.ensure_worktree(state.project.git_url, branch, run_branch(state.run), self.auth(state))
@@ -83,9 +83,6 @@ class JobEnv:
     async def push(self, state: RunState, workdir: Path, step_index: int | None = None) -> str:
         """Push the protocol branch (or the step's child branch) with credentials fetched now,
         not before the engine ran."""
-        from bot import git as gitops
-        from bot.jobs.schedule import branch_for
-
         head: str = await gitops.push(
             workdir,
             branch_for(state, step_index),

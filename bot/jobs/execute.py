@@ -9,35 +9,34 @@ from typing import Any
 from sqlalchemy import update
 
 from bot import git as gitops
-from bot.ci import gating
 from bot.ci_gate import hold_for_ci
 from bot.errors import StepStopped
-from bot.feedback import publish_state
+from bot.feedback import publish_state, react_done, report_state_check
 from bot.fix_feedback import render_feedback
+from bot.jobs.advance import after_execute, completion_follows
 from bot.jobs.boundary import discard_changes, guarded
 from bot.jobs.engine_run import STOPPING, EngineCall, run_engine, step_prompt
 from bot.jobs.env import JobEnv
+from bot.jobs.gating import gating
+from bot.jobs.integrate import prepare_attempt
 from bot.jobs.outcome import Check, Outcome, failure, known, write_outcome
+from bot.jobs.placement import parallel
 from bot.jobs.plan import step_marker
+from bot.jobs.review import reply_in_threads
+from bot.jobs.schedule import missing_for
+from bot.jobs.shutdown import resume_chain
+from bot.jobs.specs import read, spec_of, step_spec_of, step_values
 from bot.models import ProtocolRun, StepRun, utcnow
 from bot.policies import budget_check_after_step, budget_check_before_step, qa_decision
-from bot.protocol import StartDecision, may_start_step
+from bot.protocol import ProtocolStatus, StartDecision, StepStatus, may_start_step
 from bot.rendering import commit_message, log_entry
 from bot.runs import RunState, emit, load_run, protocol_status, run_branch
-from bot.spec import ProtocolSpec, StepSpec, validate_spec
+from bot.spec import ProtocolSpec, StepSpec
 from bot.store import transition
 from engines.base import EngineResult
 
 # outcomes the outcome writer already reacted to on the comment that asked
 WRITTEN = frozenset({"completed", "needs_qa", "needs_qa-run", "failed", "budget-blocked", "cancelled", "paused"})
-
-
-def spec_of(state: RunState) -> ProtocolSpec:
-    return validate_spec(state.run.template_config)
-
-
-def step_spec_of(spec: ProtocolSpec, step_index: int) -> StepSpec:
-    return next(s for s in spec.steps if s.index == step_index)
 
 
 @dataclass
@@ -69,21 +68,13 @@ async def execute_step(
 
     outcome = await guarded(ctx, "execute_step", protocol_run_id, step_index, body, reply_to)
     if outcome == "skipped-completed":  # handed back (SIGTERM) after it was done
-        from bot.jobs.shutdown import resume_chain
-
         await resume_chain(ctx, protocol_run_id)
     if outcome not in WRITTEN:
-        from bot.feedback import react_done
-
         await react_done(ctx, protocol_run_id, reply_to, False)
     # pushed: answer a review's threads; a re-run of a job whose worker died after the push
     # (skipped: the step is past running) answers the threads it left (each thread once)
     if outcome in ("completed", "needs_qa", "needs_qa-run") or outcome.startswith("skipped-"):
-        from bot.jobs.review import reply_in_threads
-
         await reply_in_threads(ctx, protocol_run_id, step_index)
-    from bot.jobs.advance import after_execute
-
     await after_execute(ctx, protocol_run_id, step_index, depth, outcome)
     return outcome
 
@@ -127,9 +118,8 @@ async def _execute(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
 async def _waits_for_dependencies(env: JobEnv, state: RunState, step: StepRun) -> bool:
     """A step of a graph never starts before its dependencies are completed and merged, however
     its job came to be queued (a reclaim, a trigger, a stale command)."""
-    from bot.jobs.schedule import missing_for, parallel
 
-    missing = missing_for(state, step.step_index) if step.status != "running" and parallel(state) else ()
+    missing = missing_for(state, step.step_index) if step.status != StepStatus.RUNNING and parallel(state) else ()
     if missing:
         waits = ", ".join(f"{i:02d}" for i in missing)
         await emit(env.db, state, "step.refused", f"step {step.step_index:02d} waits for {waits}", step)
@@ -149,7 +139,7 @@ async def _budget_allows(
     # the protocol waits for a human: from planned/failed it goes through running to blocked
     if decision.protocol_to_running:
         await _begin(env, state, step, StartDecision("start", "", True), step_too=False)
-    outcome = Outcome(message=budget.reason, protocol_to="blocked", run_state=dict(state.run.runtime_state or {}), ok=False)
+    outcome = Outcome(message=budget.reason, protocol_to=ProtocolStatus.BLOCKED, run_state=dict(state.run.runtime_state or {}), ok=False)
     await write_outcome(env, state, None, outcome, reply_to)
     return False
 
@@ -172,23 +162,23 @@ async def _begin(
             step.runtime_state = runtime_state
         if decision.protocol_to_running:
             await transition(
-                session, ProtocolRun, state.run.id, "running", [state.run.status],
+                session, ProtocolRun, state.run.id, ProtocolStatus.RUNNING, [state.run.status],
                 event_message=f"running step {index:02d}", known=known(state, state.run.status),
             )
-            state.run.status = "running"
+            state.run.status = ProtocolStatus.RUNNING
         if step_too and decision.action == "start":
             if decision.reset_step:
                 await transition(
-                    session, StepRun, step.id, "pending", [step.status],
+                    session, StepRun, step.id, StepStatus.PENDING, [step.status],
                     event_message="reset for a new attempt", known=known(state, step.status),
                 )
             now = utcnow()
             await transition(
-                session, StepRun, step.id, "running", ["pending"],
+                session, StepRun, step.id, StepStatus.RUNNING, [StepStatus.PENDING],
                 values={"started_at": now, "finished_at": None}, event_message=f"step {index:02d} started",
-                known=known(state, "pending"),
+                known=known(state, StepStatus.PENDING),
             )
-            step.status, step.started_at, step.finished_at = "running", now, None
+            step.status, step.started_at, step.finished_at = StepStatus.RUNNING, now, None
 
 
 def attempt_start(step: StepRun) -> str | None:
@@ -222,7 +212,6 @@ async def _run_and_commit(work: StepWork) -> bool:
     """The engine call and the step commit; False when the engine failed (already recorded)."""
     env, state, step, index = work.env, work.state, work.step, work.step.step_index
     await discard_changes(env, state, work.workdir, index)
-    from bot.jobs.integrate import prepare_attempt
 
     await prepare_attempt(env, state, work.step_spec, work.workdir)  # integration steps only
     # a fresh attempt starts where it was recorded to start; a taken-back one asks git
@@ -259,7 +248,6 @@ async def _run_and_commit(work: StepWork) -> bool:
 
 
 async def _send_in_progress(work: StepWork, head: str) -> None:
-    from bot.feedback import report_state_check
 
     await report_state_check(work.env.ctx, work.state, work.step.step_index, "step", head, status="in_progress")
 
@@ -302,7 +290,7 @@ async def _push_and_finish(work: StepWork) -> str:
         await emit(env.db, state, "budget.warning", after.reason, step)
     if not after.allow:
         outcome = Outcome(
-            message=after.reason, step_to="blocked", protocol_to="blocked", step_state=step_state,
+            message=after.reason, step_to=StepStatus.BLOCKED, protocol_to=ProtocolStatus.BLOCKED, step_state=step_state,
             step_values={"finished_at": utcnow()}, run_state=dict(state.run.runtime_state or {}),
             run_values={"head_sha": head}, check=Check("step", head, "failure", changed_files=changed), ok=False,
         )
@@ -310,7 +298,6 @@ async def _push_and_finish(work: StepWork) -> str:
         return "budget-blocked"
     # a step whose QA is skipped still waits for CI where the repository has CI (bot/ci_gate.py)
     decision = hold_for_ci(qa_decision(s, work.spec, env.settings.auto_qa_after_exec), gating(state.project, env.settings))
-    from bot.jobs.advance import completion_follows
 
     outcome = Outcome(
         message=decision.reason, step_to=decision.status, step_state=step_state,
@@ -334,28 +321,6 @@ async def _stop_if_stopped_after_commit(work: StepWork) -> None:
     if isinstance(start, str):  # the attempt is dropped, also a dead worker's commit of it
         await gitops.run_git(["reset", "--hard", "--quiet", start], cwd=work.workdir, timeout=work.env.settings.git_timeout_s)
     raise StepStopped(status)
-
-
-def step_values(state: RunState, step_spec: StepSpec, root: Path) -> dict[str, Any]:
-    """The placeholders every step prompt (execute, QA) shares."""
-    name = state.run.protocol_name
-    return {
-        "protocol": name,
-        "protocol_dir": f".protocols/{name}",
-        "task": state.run.description,
-        "extra_instructions": "",
-        "step_index": step_spec.index,
-        "step_title": step_spec.title,
-        "step_file": step_spec.file,
-        "step_content": read(root / step_spec.file),
-    }
-
-
-def read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
 
 
 def _first_line(text: str) -> str:

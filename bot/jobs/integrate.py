@@ -18,6 +18,7 @@ from bot import git as gitops
 from bot.errors import GitError
 from bot.graph import child_branch
 from bot.jobs.env import JobEnv
+from bot.jobs.specs import read, spec_of
 from bot.models import StepRun
 from bot.runs import RunState, emit, load_run, sync_steps, update_run, update_step
 from bot.spec import (
@@ -166,8 +167,6 @@ async def drop_child(env: JobEnv, state: RunState, branch: str) -> None:
 
 async def add_integration_step(env: JobEnv, state: RunState, step_index: int, conflicts: list[str]) -> int:
     """A new step that merges `step_index`'s branch into the protocol branch by hand."""
-    from bot.jobs.execute import spec_of
-
     spec = spec_of(state)
     source = spec.step(step_index)
     index = max(s.index for s in spec.steps) + 1
@@ -221,8 +220,6 @@ def spec_dir_of(state: RunState) -> str:
 
 def intents(state: RunState, source: int, conflicts: list[str], root: Path) -> str:
     """The integration step's file: what each side meant, and where they collide."""
-    from bot.jobs.execute import read, spec_of
-
     spec = spec_of(state)
     ancestors = _ancestors(spec.dependencies(), source)
     merged = [

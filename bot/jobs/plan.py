@@ -10,12 +10,15 @@ from bot import git as gitops
 from bot.engine_guard import decompose_schema, decomposed_content
 from bot.errors import EngineError, SpecError
 from bot.feedback import open_or_update_pr, publish_state
+from bot.jobs.advance import enqueue_next_step
 from bot.jobs.boundary import guarded
 from bot.jobs.engine_run import EngineCall, prompt_override, run_engine
 from bot.jobs.env import JobEnv
 from bot.jobs.outcome import Outcome, write_outcome
+from bot.jobs.shutdown import resume_chain
 from bot.loop_policy import fix_attempt_bound, repo_policies
 from bot.prompts import render_prompt
+from bot.protocol import ProtocolStatus
 from bot.rendering import draft_pr_body, plan_commit_message, pr_title
 from bot.repo_config import refresh_repo_config
 from bot.runs import RunState, emit, load_run, set_protocol_status, sync_steps, update_run
@@ -67,15 +70,13 @@ async def plan_protocol(ctx: dict[str, Any], *, protocol_run_id: int, reply_to: 
 
 async def _plan(env: JobEnv, run_id: int, reply_to: dict[str, Any] | None) -> str:
     state = await load_run(env.db, run_id)
-    if state.run.status not in ("pending", "planning"):
+    if state.run.status not in (ProtocolStatus.PENDING, ProtocolStatus.PLANNING):
         # a re-run after a hand-back (SIGTERM) may find the plan saved but its next step unqueued
-        from bot.jobs.shutdown import resume_chain
-
         await resume_chain(env.ctx, run_id)
         return f"skipped-{state.run.status}"
-    if state.run.status == "pending":
-        await set_protocol_status(env.db, run_id, "planning", "planning started")
-        state.run.status = "planning"
+    if state.run.status == ProtocolStatus.PENDING:
+        await set_protocol_status(env.db, run_id, ProtocolStatus.PLANNING, "planning started")
+        state.run.status = ProtocolStatus.PLANNING
     await publish_state(env.ctx, state)
     workdir = await env.worktree(state)
     try:
@@ -93,7 +94,7 @@ async def _plan(env: JobEnv, run_id: int, reply_to: dict[str, Any] | None) -> st
         protocol_root=f".protocols/{state.run.protocol_name}",
     )
     await sync_steps(env.db, run_id, spec)
-    await set_protocol_status(env.db, run_id, "planned", f"planned {len(spec.steps)} steps")
+    await set_protocol_status(env.db, run_id, ProtocolStatus.PLANNED, f"planned {len(spec.steps)} steps")
     await _announce(env, await load_run(env.db, run_id), spec, reply_to)
     return "planned"
 
@@ -128,7 +129,7 @@ async def _planning_failed(
     reason = "planning output invalid" if isinstance(exc, SpecError) else str(exc)
     outcome = Outcome(
         message=f"Planning failed: {exc}",
-        protocol_to="failed",
+        protocol_to=ProtocolStatus.FAILED,
         run_state={**(state.run.runtime_state or {}), "errors": errors, "reason": reason},
         ok=False,
     )
@@ -150,8 +151,6 @@ async def _announce(env: JobEnv, state: RunState, spec: ProtocolSpec, reply_to: 
     await write_outcome(env, state, None, Outcome(message="", show_message=False, ok=True), reply_to)
     if state.run.auto_mode:
         await update_run(env.db, state.run.id, approved=True)
-        from bot.jobs.advance import enqueue_next_step
-
         await enqueue_next_step(env.ctx, state.run.id, state)
 
 

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from bot.errors import DeksdenFlowError, SpecError
+from bot.forge.base import RepoFacts
 from bot.jobs.common import count_job
 from bot.models import Project
 from bot.repo_config import CONFIG_FILE, refresh_repo_config
@@ -24,23 +25,15 @@ async def project_setup(ctx: dict[str, Any], *, project_id: int) -> str:
     repo = ctx["forges"].repo_ref(project)
     values: dict[str, Any] = {}
     try:
-        if project.provider == "github":
-            info = await forge.get_repo(repo)
-            values["base_branch"] = info.get("default_branch") or project.base_branch
-            values["git_url"] = info.get("clone_url") or project.git_url
-            has_ci = await forge.has_path(repo, values["base_branch"], ".github/workflows")
-            values["ci_provider"] = "github-actions" if has_ci else None
-        elif project.provider == "gitlab":
-            info = await forge.get_project(project.forge_id or project.name)
-            values["base_branch"] = info.get("default_branch") or project.base_branch
-            values["git_url"] = info.get("http_url_to_repo") or project.git_url
-            values["forge_id"] = str(info.get("id") or project.forge_id)
-            has_ci = await forge.has_file(
-                values["forge_id"], values["base_branch"], ".gitlab-ci.yml"
-            )
-            values["ci_provider"] = "gitlab-ci" if has_ci else None
-        else:
+        fallback = RepoFacts(project.base_branch, project.git_url, None, project.forge_id)
+        facts = await forge.describe_repo(repo, fallback)
+        if facts is None:
             return "local"
+        values["base_branch"] = facts.base_branch
+        values["git_url"] = facts.git_url
+        if facts.forge_id is not None:
+            values["forge_id"] = facts.forge_id
+        values["ci_provider"] = facts.ci_provider
         project.base_branch = values.get("base_branch") or project.base_branch
         try:
             auth = await forge.git_auth_header(repo)

@@ -12,9 +12,10 @@ from __future__ import annotations
 from bot.jobs.advance import after_step_completed, enqueue_next_step
 from bot.jobs.engine_run import run_engine
 from bot.jobs.env import JobEnv
-from bot.jobs.execute import execute_step, spec_of, step_values
+from bot.jobs.execute import execute_step
 from bot.jobs.plan import SPEC_FILE, plan_protocol, planning_schema, protocol_files, step_marker
 from bot.jobs.quality import QA_REPORT, qa_marker, run_quality
+from bot.jobs.specs import spec_of, step_values
 
 __all__ = [
     "QA_REPORT",

@@ -9,22 +9,25 @@ from typing import Any
 from sqlalchemy import update
 
 from bot import git as gitops
-from bot.ci import complete_after_qa
 from bot.engine_guard import cap_report
 from bot.errors import TransitionConflict
-from bot.feedback import report_state_check
+from bot.feedback import react_done, report_state_check
 from bot.fix_feedback import FeedbackItem, add_item, qa_item
 from bot.git import CommitInfo
+from bot.jobs.advance import after_quality, completion_follows
 from bot.jobs.boundary import discard_changes, guarded
 from bot.jobs.engine_run import EngineCall, run_engine, step_prompt
 from bot.jobs.env import JobEnv
-from bot.jobs.execute import WRITTEN, read, spec_of, step_spec_of, step_values
+from bot.jobs.execute import WRITTEN
+from bot.jobs.gating import complete_after_qa
 from bot.jobs.outcome import Check, Outcome, known, write_outcome
 from bot.jobs.plan import step_marker
+from bot.jobs.specs import read, spec_of, step_spec_of, step_values
 from bot.models import ProtocolRun, StepRun, utcnow
 from bot.policies import explain_verdict, loop_decision
+from bot.protocol import ProtocolStatus, StepStatus
 from bot.rendering import commit_message
-from bot.runs import RunState, emit, load_run, update_step
+from bot.runs import RunState, emit, load_run, set_step_status, update_step
 from bot.spec import ProtocolSpec, StepSpec
 from bot.store import transition
 
@@ -73,11 +76,7 @@ async def run_quality(
 
     outcome = await guarded(ctx, "run_quality", protocol_run_id, step_index, body, reply_to)
     if outcome not in WRITTEN | {"PASS", "FAIL", "retry", "wait_ci"}:
-        from bot.feedback import react_done
-
         await react_done(ctx, protocol_run_id, reply_to, False)
-    from bot.jobs.advance import after_quality
-
     await after_quality(ctx, protocol_run_id, step_index, outcome)
     return outcome
 
@@ -87,10 +86,10 @@ async def _quality(
 ) -> str:
     state = await load_run(env.db, run_id)
     step = state.step(step_index)
-    if step.status not in ("needs_qa", "completed"):
+    if step.status not in (StepStatus.NEEDS_QA, StepStatus.COMPLETED):
         await emit(env.db, state, "qa.refused", f"step {step_index:02d} is {step.status}", step)
         return f"skipped-{step.status}"
-    if state.run.status not in ("running", "planned", "blocked"):
+    if state.run.status not in (ProtocolStatus.RUNNING, ProtocolStatus.PLANNED, ProtocolStatus.BLOCKED):
         await emit(env.db, state, "qa.refused", f"protocol is {state.run.status}", step)
         return f"refused-{state.run.status}"
     spec = spec_of(state)
@@ -154,18 +153,18 @@ async def _begin(env: JobEnv, state: RunState, step: StepRun, start: str) -> Non
         rs = {**(step.runtime_state or {}), "qa_running": start}
         await session.execute(update(StepRun).where(StepRun.id == step.id).values(runtime_state=rs, updated_at=utcnow()))
         step.runtime_state = rs
-        if step.status == "completed":
+        if step.status == StepStatus.COMPLETED:
             await transition(
-                session, StepRun, step.id, "needs_qa", ["completed"],
-                event_message="QA requested again", known=known(state, "completed"),
+                session, StepRun, step.id, StepStatus.NEEDS_QA, [StepStatus.COMPLETED],
+                event_message="QA requested again", known=known(state, StepStatus.COMPLETED),
             )
-            step.status = "needs_qa"
-        if state.run.status in ("blocked", "planned"):
+            step.status = StepStatus.NEEDS_QA
+        if state.run.status in (ProtocolStatus.BLOCKED, ProtocolStatus.PLANNED):
             await transition(
-                session, ProtocolRun, state.run.id, "running", [state.run.status],
+                session, ProtocolRun, state.run.id, ProtocolStatus.RUNNING, [state.run.status],
                 event_message=f"QA of step {step.step_index:02d}", known=known(state, state.run.status),
             )
-            state.run.status = "running"
+            state.run.status = ProtocolStatus.RUNNING
 
 
 async def _qa_call(work: QAWork, last: CommitInfo) -> EngineCall:
@@ -225,7 +224,6 @@ async def _passed(work: QAWork, head: str, report: str, step_state: dict[str, An
                **verdict.pop("event_metadata"))  # fmt: skip
     gate = await complete_after_qa(env.ctx, run_id, index)
     state = await load_run(env.db, run_id)  # with the gate's transition and what CI wrote
-    from bot.jobs.advance import completion_follows
 
     outcome = Outcome(
         message="QA passed" if gate == "completed" else "QA passed; waiting for CI",
@@ -257,7 +255,7 @@ async def _failed(work: QAWork, head: str, report: str, step_state: dict[str, An
         await write_outcome(env, state, step.step_index, outcome, work.reply_to)
         return "retry"
     outcome = Outcome(
-        message=decision.reason, step_to="failed", protocol_to="blocked", step_state=step_state,
+        message=decision.reason, step_to=StepStatus.FAILED, protocol_to=ProtocolStatus.BLOCKED, step_state=step_state,
         run_state=decision.new_runtime_state, check=check, ok=False, **_verdict_event(work, "FAIL", head, why),
     )
     await write_outcome(env, state, step.step_index, outcome, work.reply_to)
@@ -274,9 +272,8 @@ async def reset_for_loop(env: JobEnv, state: RunState, indexes: list[int], item:
         await update_step(env.db, target.id, retries=target.retries + 1, runtime_state=rs)
         target.retries, target.runtime_state = target.retries + 1, rs
         try:
-            from bot.runs import set_step_status
 
-            await set_step_status(env.db, target.id, "pending", f"loop: {reason}")
-            target.status = "pending"
+            await set_step_status(env.db, target.id, StepStatus.PENDING, f"loop: {reason}")
+            target.status = StepStatus.PENDING
         except TransitionConflict:
             pass

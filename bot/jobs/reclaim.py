@@ -19,9 +19,14 @@ from sqlalchemy import select
 
 from bot.jobs.locks import lease_alive, step_lease_alive
 from bot.models import ProtocolRun, StepRun
+from bot.protocol import ProtocolStatus, StepStatus
 from bot.runs import update_step
 
 log = logging.getLogger(__name__)
+
+# a run in one of these may hold a step (or its planning) that a dead worker left behind
+_P = ProtocolStatus
+ORPHAN_STATUSES = (_P.PLANNING, _P.RUNNING, _P.PAUSED, _P.CANCELLED, _P.BLOCKED)
 
 
 async def orphaned_work(ctx: dict[str, Any]) -> list[tuple[int, int | None]]:
@@ -30,9 +35,9 @@ async def orphaned_work(ctx: dict[str, Any]) -> list[tuple[int, int | None]]:
         rows = (
             await session.execute(
                 select(ProtocolRun.id, ProtocolRun.status, StepRun.step_index)
-                .outerjoin(StepRun, (StepRun.protocol_run_id == ProtocolRun.id) & (StepRun.status == "running"))
-                .where(ProtocolRun.status.in_(("planning", "running", "paused", "cancelled", "blocked")))
-                .where((ProtocolRun.status == "planning") | (StepRun.id.is_not(None)))
+                .outerjoin(StepRun, (StepRun.protocol_run_id == ProtocolRun.id) & (StepRun.status == StepStatus.RUNNING))
+                .where(ProtocolRun.status.in_(ORPHAN_STATUSES))
+                .where((ProtocolRun.status == ProtocolStatus.PLANNING) | (StepRun.id.is_not(None)))
             )
         ).all()
     found: list[tuple[int, int | None]] = []
@@ -41,7 +46,7 @@ async def orphaned_work(ctx: dict[str, Any]) -> list[tuple[int, int | None]]:
             continue
         if step_index is not None and await step_lease_alive(ctx["redis"], run_id, step_index):
             continue  # a step of a graph, under its own lease
-        found.append((run_id, None if status == "planning" else step_index))
+        found.append((run_id, None if status == ProtocolStatus.PLANNING else step_index))
     return found
 
 
@@ -56,7 +61,7 @@ async def orphaned_qa(ctx: dict[str, Any]) -> list[tuple[int, int]]:
             await session.execute(
                 select(ProtocolRun.id, StepRun.step_index, StepRun.runtime_state)
                 .join(StepRun, StepRun.protocol_run_id == ProtocolRun.id)
-                .where(ProtocolRun.status == "running", StepRun.status == "needs_qa")
+                .where(ProtocolRun.status == ProtocolStatus.RUNNING, StepRun.status == StepStatus.NEEDS_QA)
             )
         ).all()
     found: list[tuple[int, int]] = []

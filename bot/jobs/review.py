@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from arq import Retry
 
@@ -310,11 +310,9 @@ async def _answer_threads(
         rs = {**rs, "review_replying": sorted({*(rs.get("review_replying") or []), thread})}
         await update_step(ctx["db"], step.id, runtime_state=rs)
         try:
-            if state.project.provider == "gitlab":
-                target = IssueRef(repo, number, "merge_request")
-                await forge.reply_in_thread(target, thread, body)  # type: ignore[attr-defined]
-            else:
-                await forge.reply_in_thread(repo, number, int(thread), body)  # type: ignore[attr-defined]
+            # replies only: resolving is a separate best-effort pass (_resolve_threads), so a
+            # refused resolve never makes a reply be sent twice
+            await forge.reply_in_thread(IssueRef(repo, number, forge.pull_kind), thread, body)
         except Exception as exc:  # a reply is a courtesy: the fix is pushed either way
             log.warning("review reply on %s failed: %s", thread, exc)
             await emit(ctx["db"], state, "feedback.failed", f"review reply: {type(exc).__name__}", step)
@@ -357,10 +355,9 @@ async def _sent_unrecorded(
 async def _answer_on_pr(ctx: dict[str, Any], state: RunState, text: str) -> bool:
     forge = forge_of(ctx, state)
     repo = ctx["forges"].repo_ref(state.project)
-    kind: Literal["pull", "merge_request"] = "merge_request" if state.project.provider == "gitlab" else "pull"
     assert state.run.pr_number is not None
     try:
-        await forge.post_comment(IssueRef(repo, state.run.pr_number, kind), text)
+        await forge.post_comment(IssueRef(repo, state.run.pr_number, forge.pull_kind), text)
     except Exception as exc:  # a courtesy, as above
         log.warning("review answer on the PR failed: %s", exc)
         return False

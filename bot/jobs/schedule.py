@@ -25,7 +25,6 @@ from bot.feedback import publish_state
 from bot.graph import (
     StepView,
     active_steps,
-    child_branch,
     dependencies_of_config,
     missing_dependencies,
     ready_steps,
@@ -34,13 +33,13 @@ from bot.graph import (
 )
 from bot.jobs.env import JobEnv
 from bot.jobs.integrate import integrated
-from bot.jobs.locks import acquire, release, step_lease_name
+from bot.jobs.locks import acquire, release
+from bot.jobs.placement import parallel
 from bot.models import ProtocolRun, StepRun
 from bot.runs import (
     RunState,
     emit,
     load_run,
-    run_branch,
     set_protocol_status,
     update_run,
     update_step,
@@ -50,28 +49,6 @@ log = logging.getLogger(__name__)
 
 INTEGRATION_LOCK_TTL_S = 120.0
 INTEGRATION_WAIT_S = 300.0
-
-
-def parallel(state: RunState) -> bool:
-    return runs_in_parallel(state.run.template_config)
-
-
-def branch_for(state: RunState, step_index: int | None) -> str:
-    """The branch a job on this step works on: its child branch in a graph, else the protocol's."""
-    if step_index is None or not parallel(state):
-        return run_branch(state.run)  # the protocol's own branch, or the PR's it was planned on
-    return child_branch(state.run.protocol_name, step_index)
-
-
-async def lease_for(env: JobEnv, job: str, run_id: int, step_index: int | None) -> tuple[str, str]:
-    """(lease name, what to call it): a step's own lease for the step jobs of a graph, else the
-    protocol's lease, as before graphs existed."""
-    if step_index is not None and job in ("execute_step", "run_quality"):
-        async with env.db.sessions() as session:
-            config = await session.scalar(select(ProtocolRun.template_config).where(ProtocolRun.id == run_id))
-        if runs_in_parallel(config):
-            return step_lease_name(run_id, step_index), f"step {step_index:02d} of protocol run {run_id}"
-    return str(run_id), f"protocol run {run_id}"
 
 
 def queued(step: StepRun) -> bool:
@@ -257,7 +234,7 @@ async def complete(env: JobEnv, state: RunState) -> None:
     where the repository has CI (each step's CI judged its child branch, not the merges)."""
     if state.run.status != "running":
         return
-    from bot.ci import gating
+    from bot.jobs.gating import gating
 
     head = await _pushed_head(env, state) if (state.run.runtime_state or {}).get("ci_red") else state.run.head_sha
     if gating(state.project, env.settings) and head and (state.run.runtime_state or {}).get("ci_green") != head:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bot import git as gitops
 from bot.engine_guard import sanitize_result
 from bot.errors import DeksdenFlowError, EngineError
+from bot.feedback import open_or_update_pr, publish_status
 from bot.forge.base import Forge, IssueRef, PullRef
 from bot.git.cache import remote_ref
+from bot.jobs.advance import enqueue_next_step
+from bot.jobs.boundary import guarded
 from bot.jobs.common import count_job
+from bot.jobs.env import JobEnv
+from bot.jobs.plan import step_marker
 from bot.models import Project
 from bot.onboarding import (
     HOOKS,
@@ -25,13 +30,13 @@ from bot.onboarding import (
     write_file,
 )
 from bot.prompts import render_prompt
+from bot.protocol import ProtocolStatus
+from bot.rendering import draft_pr_body, plan_commit_message, pr_title
+from bot.runs import load_run, set_protocol_status, update_run
 from bot.settings import Settings
 from bot.spec import resolve_engine, resolve_model
 from bot.store import record_event
 from engines.base import EngineRequest, EngineResult
-
-if TYPE_CHECKING:
-    from bot.jobs.env import JobEnv
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +253,6 @@ async def codemachine_prepare(ctx: dict[str, Any], *, protocol_run_id: int) -> s
     Runs inside the step runner's boundary: the protocol's lease, and a failure that ends the
     planning `failed` with its reason instead of leaving it `planning`.
     """
-    from bot.jobs.boundary import guarded
-
     async def body(env: JobEnv) -> str:
         return await _write_imported(env, protocol_run_id)
 
@@ -257,17 +260,12 @@ async def codemachine_prepare(ctx: dict[str, Any], *, protocol_run_id: int) -> s
 
 
 async def _write_imported(env: JobEnv, protocol_run_id: int) -> str:
-    from bot.feedback import open_or_update_pr, publish_status
-    from bot.jobs.protocol import enqueue_next_step, step_marker
-    from bot.rendering import draft_pr_body, plan_commit_message, pr_title
-    from bot.runs import load_run, set_protocol_status, update_run
-
     db, settings, ctx = env.db, env.settings, env.ctx
     state = await load_run(db, protocol_run_id)
-    if state.run.status not in ("pending", "planning"):
+    if state.run.status not in (ProtocolStatus.PENDING, ProtocolStatus.PLANNING):
         return f"skipped-{state.run.status}"
-    if state.run.status == "pending":
-        await set_protocol_status(db, protocol_run_id, "planning", "writing the imported protocol")
+    if state.run.status == ProtocolStatus.PENDING:
+        await set_protocol_status(db, protocol_run_id, ProtocolStatus.PLANNING, "writing the imported protocol")
     runtime = dict(state.run.runtime_state or {})
     imported = dict(runtime.get("codemachine") or {})
     files: dict[str, str] = imported.get("files") or {}
@@ -285,7 +283,7 @@ async def _write_imported(env: JobEnv, protocol_run_id: int) -> str:
     # the files now live on the branch; keep only the list in the database
     imported["files"] = sorted(files)
     await update_run(db, protocol_run_id, head_sha=head, runtime_state={**runtime, "codemachine": imported})
-    await set_protocol_status(db, protocol_run_id, "planned", f"imported {len(state.steps)} steps")
+    await set_protocol_status(db, protocol_run_id, ProtocolStatus.PLANNED, f"imported {len(state.steps)} steps")
     body = draft_pr_body(
         protocol_name=name,
         task=state.run.description,

@@ -21,6 +21,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bot.jobs.advance import enqueue_next_step
+from bot.protocol import ProtocolStatus, StepStatus
+from bot.runs import load_run, set_protocol_status, update_run
 from bot.settings import Settings
 
 # After the grace period: cancelling the engine (codex gets a few seconds between SIGTERM and
@@ -53,19 +56,16 @@ async def resume_chain(ctx: dict[str, Any], run_id: int) -> None:
     step right after completed ones is queued (never one behind a running step), and job ids make
     a second enqueue a no-op.
     """
-    from bot.jobs.protocol import enqueue_next_step
-    from bot.runs import load_run, set_protocol_status, update_run
-
     db = ctx["db"]
     state = await load_run(db, run_id)
-    if not state.run.auto_mode or state.run.status not in ("planned", "running"):
+    if not state.run.auto_mode or state.run.status not in (ProtocolStatus.PLANNED, ProtocolStatus.RUNNING):
         return
     if not state.run.approved:
         await update_run(db, run_id, approved=True)
-    first_open = next((s for s in state.steps if s.status != "completed"), None)
+    first_open = next((s for s in state.steps if s.status != StepStatus.COMPLETED), None)
     if first_open is None:
-        if state.run.status == "running":
-            await set_protocol_status(db, run_id, "completed", "every step completed")
+        if state.run.status == ProtocolStatus.RUNNING:
+            await set_protocol_status(db, run_id, ProtocolStatus.COMPLETED, "every step completed")
         return
-    if first_open.status == "pending":
+    if first_open.status == StepStatus.PENDING:
         await enqueue_next_step(ctx, run_id)

@@ -15,6 +15,7 @@ from bot.handlers import build_router
 from bot.jobs import catalogue
 from bot.jobs.common import MAX_TRIES
 from bot.jobs.resilient import ResilientWorker
+from bot.jobs.shutdown import shutdown_kwargs
 from bot.observability import configure_logging
 from bot.queue import create_redis, redis_settings
 from bot.services import build_services, close_services
@@ -131,8 +132,6 @@ def build_worker(
 ) -> Worker:
     kwargs = {**worker_kwargs(settings), "handle_signals": handle_signals}
     if handle_signals:
-        from bot.jobs.shutdown import shutdown_kwargs
-
         # SIGTERM: stop taking jobs, let steps finish within the grace period, hand back the rest
         kwargs.update(shutdown_kwargs(settings))
     if burst:

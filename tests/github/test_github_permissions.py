@@ -10,7 +10,7 @@ import httpx
 import respx
 
 from bot.forge import github_permissions as ghp
-from bot.forge.base import CheckReport, CommentRef, IssueRef, PullRef, RepoRef
+from bot.forge.base import CheckReport, CommentRef, IssueRef, PullRef, RepoFacts, RepoRef
 from bot.forge.github import GitHubForge, github_time
 from bot.forge.github_client import GitHubClient
 from bot.handlers import build_router
@@ -82,19 +82,23 @@ async def drive_every_method(forge: GitHubForge) -> set[str]:
     await forge.job_log(repo, 12, 1000)
     await forge.convert_manifest("code123")
     await forge.review_comments(repo, 3, 700)
-    await forge.reply_in_thread(repo, 3, 9001, "fixed")
+    await forge.reply_in_thread(IssueRef(repo, 3, "pull"), "9001", "fixed")
     await forge.mark_ready(pull)  # a GET of the PR, then the GraphQL mutation
     await forge.resolve_review_threads(repo, 3, {9001})  # the GraphQL reviewThreads query
     await forge.threads_answered_with(repo, 3, "fixed")  # the same query
     await forge.pull_branches(repo, 3)
     await forge.review_state(repo, 3, 700)
+    await forge.own_handles()
+    await forge.clone_url(repo)
+    await forge.is_self(author="someone")
+    await forge.describe_repo(repo, RepoFacts("main", "https://github.com/o/r.git", None))
     return {
         "bot_login", "installation_id", "add_reaction", "post_comment", "upsert_status_comment",
         "open_draft_pr", "update_pr", "report_check", "put_check", "get_permission",
         "pull_is_fork", "git_auth_header", "get_repo", "has_path", "list_check_suites",
         "list_check_runs", "convert_manifest", "review_comments", "reply_in_thread", "mark_ready",
         "pull_branches", "review_state", "check_run_annotations", "job_log", "resolve_review_threads",
-        "threads_answered_with",
+        "threads_answered_with", "own_handles", "is_self", "describe_repo", "clone_url",
     }
 
 

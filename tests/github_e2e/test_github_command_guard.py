@@ -105,14 +105,14 @@ def test_replies_are_rate_limited_per_user_and_repository(gh: GitHubLoop) -> Non
 
 
 def test_gitlab_quick_actions_are_never_answered() -> None:
-    from bot.commands import parse_commands
+    from bot.commands import GITLAB_QUICK_ACTIONS, parse_commands
     from bot.handlers.commands_flow import _answer_error
 
     (err,) = parse_commands("/unapprove")  # within edit distance 2 of /approve
     assert not isinstance(err, Command)
-    assert _answer_error(err, "write", True, "github", None)
-    assert not _answer_error(err, "write", True, "gitlab", None)
-    assert not _answer_error(err, "read", False, "github", None)
+    assert _answer_error(err, "write", True, frozenset(), None)
+    assert not _answer_error(err, "write", True, GITLAB_QUICK_ACTIONS, None)
+    assert not _answer_error(err, "read", False, frozenset(), None)
 
 
 def test_replayed_signed_plan_under_a_new_delivery_id_is_a_duplicate(gh: GitHubLoop) -> None:

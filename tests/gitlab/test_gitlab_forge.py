@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bot.forge.base import CheckReport, CommentRef, Forge, IssueRef, PullRef, RepoRef
+from bot.forge.base import CheckReport, CommentRef, Forge, IssueRef, PullRef, RepoFacts, RepoRef
 from bot.forge.gitlab import (
     GitLabForge,
     commit_state,
@@ -568,3 +568,20 @@ async def test_no_forge_request_carries_the_recursion_header(
     await forge.create_project_hook(7, "https://x.example.com/h", "s")
     assert len(fake_gitlab.requests) >= 14
     assert all(r.header("X-Gitlab-Event-UUID") is None for r in fake_gitlab.requests)
+
+
+async def test_describe_repo_clone_url_and_who_we_are(
+    fake_gitlab: FakeGitLab, forge: GitLabForge, project: dict[str, Any], repo: RepoRef
+) -> None:
+    fallback = RepoFacts("old", "https://gitlab.example.com/x.git", None, None)
+    facts = await forge.describe_repo(repo, fallback)
+    assert facts == RepoFacts("main", "https://gitlab.example.com/acme/widgets.git", None, "7")
+    fake_gitlab.add_file(project, "main", ".gitlab-ci.yml", "test:\n  script: [pytest]\n")
+    assert (await forge.describe_repo(repo, fallback) or fallback).ci_provider == "gitlab-ci"
+    assert await forge.clone_url(repo) == "https://gitlab.example.com/acme/widgets.git"
+    me = await forge.client.get("/user")
+    assert await forge.own_handles() == (me["username"],)
+    assert await forge.is_self(author_id=int(me["id"]))
+    assert not await forge.is_self(author_id=int(me["id"]) + 1)
+    assert await forge.is_self(author=str(me["username"]).upper())  # GitLab names ignore case
+    assert not await forge.is_self(author="someone-else") and not await forge.is_self(author="")

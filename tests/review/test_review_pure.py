@@ -298,10 +298,10 @@ def test_gitlab_help_says_approve_is_gitlabs_own() -> None:
 
 
 def test_next_step_message() -> None:
-    assert "marked ready for review" in next_step_message("github", True)
-    assert "request changes in a review" in next_step_message("github", True)
-    assert "merge request" in next_step_message("gitlab", True) and "thread" in next_step_message("gitlab", True)
-    assert "could not be marked ready" in next_step_message("gitlab", False)
+    assert "marked ready for review" in next_step_message("pull", True)
+    assert "request changes in a review" in next_step_message("pull", True)
+    assert "merge request" in next_step_message("merge_request", True) and "thread" in next_step_message("merge_request", True)
+    assert "could not be marked ready" in next_step_message("merge_request", False)
 
 
 # -- thread resolution, the review feedback item, the CI hook's branch match --------------------
