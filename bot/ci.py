@@ -23,6 +23,7 @@ from bot.jobs import catalogue as jobs
 from bot.jobs.gating import gate_lock, has_ci, step_views
 from bot.jobs.protocol import after_step_completed
 from bot.jobs.schedule import protocol_ci
+from bot.jobs.specs import spec_of
 from bot.loop_policy import ci_gates, repo_policies
 from bot.models import Project
 from bot.policies import ci_decision
@@ -36,7 +37,6 @@ from bot.runs import (
     update_run,
     update_step,
 )
-from bot.spec import validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ async def _loop(
     """Red CI on a step still waiting on its gates: loop per its policy, or block for a human."""
     db = ctx["db"]
     run_id = state.run.id
-    spec = validate_spec(state.run.template_config)
+    spec = spec_of(state)
     step_spec = next(s for s in spec.steps if s.index == step.step_index)
     fp = evidence.fingerprint()
     decision = ci_decision(

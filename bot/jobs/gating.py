@@ -15,11 +15,11 @@ from typing import Any
 from bot.ci_gate import GateOutcome, StepCI, gate_after_qa, step_ci
 from bot.errors import LockBusy, SpecError
 from bot.jobs.locks import acquire, release
+from bot.jobs.specs import spec_of
 from bot.loop_policy import ci_gates, repo_policies
 from bot.models import StepRun
 from bot.protocol import StepStatus, allowed_step_sources
 from bot.runs import RunState, emit, load_run, update_step
-from bot.spec import validate_spec
 from bot.store import KnownRow, transition
 
 # One short lock per protocol serialises the two places that may complete a step on its gates:
@@ -58,7 +58,7 @@ def gating(project: Any, settings: Any) -> bool:
 
 def step_views(state: RunState) -> list[StepCI]:
     try:
-        policies = {s.index: s.qa.policy for s in validate_spec(state.run.template_config).steps}
+        policies = {s.index: s.qa.policy for s in spec_of(state).steps}
     except SpecError:
         policies = {}
     return [step_ci(s, policies.get(s.step_index)) for s in state.steps]

@@ -26,6 +26,7 @@ from bot.fix_feedback import add_item
 from bot.forge.base import IssueRef
 from bot.jobs.boundary import guarded
 from bot.jobs.env import JobEnv
+from bot.jobs.specs import spec_of
 from bot.loop_policy import default_loop
 from bot.review import (
     FIX_SLUG,
@@ -55,7 +56,6 @@ from bot.spec import (
     protocol_dir,
     spec_to_dict,
     step_file_name,
-    validate_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ async def _fix(env: JobEnv, run_id: int) -> str:
         await _take(env, run_id, comments)
         await emit(env.db, state, "review.ignored", f"review feedback on a {state.run.status} protocol")
         return f"ignored-{state.run.status}"
-    spec = validate_spec(state.run.template_config)
+    spec = spec_of(state)
     workdir = await env.worktree(state)
     comments = [await _with_hunk(env, state, workdir, c) for c in comments]
     step_spec = fix_step_spec(spec, len(comments))
