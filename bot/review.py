@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from bot.commands import sanitize_prompt_text
 from bot.fix_feedback import FeedbackItem
-from bot.handlers.forge_events import dig
+from bot.handlers.forge_events import _int, _str, dig  # the webhook parsers' lenient readers
 
 CommentKind = Literal["line", "review", "comment"]
 
@@ -26,20 +26,6 @@ MAX_COMMENT_CHARS = 4000
 MAX_HUNK_LINES = 30
 MAX_COMMENTS_PER_STEP = 50
 FIX_SLUG = "review-fix"
-
-
-def _str(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
 
 
 @dataclass(frozen=True)
