@@ -194,37 +194,6 @@ async def publish_state(ctx: dict[str, Any], state: RunState, message: str | Non
             await emit(ctx["db"], state, "feedback.failed", f"status comment: {type(exc).__name__}")
 
 
-async def report_check(
-    ctx: dict[str, Any],
-    run_id: int,
-    step_index: int,
-    kind: Literal["step", "qa"],
-    head_sha: str,
-    *,
-    status: CheckState = "completed",
-    conclusion: CheckConclusion | None = None,
-    verdict: str | None = None,
-    changed_files: tuple[str, ...] = (),
-    tokens: int | None = None,
-    quality_report: str | None = None,
-    message: str = "",
-) -> None:
-    await report_state_check(
-        ctx,
-        await load_run(ctx["db"], run_id),
-        step_index,
-        kind,
-        head_sha,
-        status=status,
-        conclusion=conclusion,
-        verdict=verdict,
-        changed_files=changed_files,
-        tokens=tokens,
-        quality_report=quality_report,
-        message=message,
-    )
-
-
 async def report_state_check(
     ctx: dict[str, Any],
     state: RunState,
@@ -240,7 +209,7 @@ async def report_state_check(
     quality_report: str | None = None,
     message: str = "",
 ) -> None:
-    """report_check from a state the caller already holds (no reload)."""
+    """The step's (or its QA's) check run / commit status, from a state the caller already holds."""
     step = state.step(step_index)
     has_next = any(s.step_index > step_index for s in state.steps)
     report = check_run_output(
