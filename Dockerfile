@@ -24,7 +24,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # requirements.lock: pip-compile --generate-hashes of pyproject.toml's dependencies; two builds
 # of the same commit install the same files. The project itself is not installed: it runs from
-# /app, where migrations/, prompts/ and schemas/ sit beside the package as bot/migrate.py expects.
+# /app, where migrations/, prompts/ and schemas/ sit beside the package as bot/storage/migrate.py expects.
 COPY requirements.lock ./
 RUN pip install --require-hashes --no-deps -r requirements.lock
 

@@ -1,7 +1,7 @@
 """`python -m bench._launch FACTORY PORT WORKERS LOOP HTTP`: uvicorn for bench/intake.py.
 
 What `uvicorn --workers N` does, with one difference: the listening socket comes from
-`bot.serving.bind_socket`, which names the protocol (IPPROTO_TCP). uvicorn's own socket for
+`bot.web.serving.bind_socket`, which names the protocol (IPPROTO_TCP). uvicorn's own socket for
 --workers leaves it 0, and asyncio sets TCP_NODELAY only on connections whose socket says TCP:
 every answer (headers, then body: two writes) then waited up to 40 ms for the client's delayed
 ACK, for the bare endpoint as much as for the app. With one worker this is also how `serve` runs.
@@ -14,7 +14,7 @@ import sys
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from bot.serving import bind_socket
+from bot.web.serving import bind_socket
 
 
 def main(argv: list[str]) -> None:

@@ -28,9 +28,9 @@ from redis.asyncio import client as redis_client  # noqa: E402
 from sqlalchemy import event  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
+from bot.core.settings import load_settings  # noqa: E402
 from bot.jobs.boundary import git_verb  # noqa: E402
 from bot.jobs.worker import build_worker  # noqa: E402
-from bot.settings import load_settings  # noqa: E402
 
 COUNTS: Counter[str] = Counter()
 TIMES: defaultdict[str, float] = defaultdict(float)  # wall seconds, keys "time:…"

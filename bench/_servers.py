@@ -24,7 +24,7 @@ def bare_app() -> Starlette:
 
 
 def real_app() -> Starlette:
-    from bot.app import create_app
-    from bot.settings import Settings
+    from bot.core.settings import Settings
+    from bot.web.app import create_app
 
     return create_app(Settings(), embedded_worker=False)

@@ -30,7 +30,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bot.migrate import upgrade_head  # noqa: E402
+from bot.storage.migrate import upgrade_head  # noqa: E402
 
 ADMIN = os.environ.get("DEKSDENFLOW_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TOKEN = "bench-token-0123456789"

@@ -75,7 +75,7 @@ def comment_to_eyes(deliveries: int, key: str, tmp: Path) -> None:
             worker_poll_delay_s=0.01,
             log_level="WARNING",
         )
-        from bot.app import create_app
+        from bot.web.app import create_app
 
         with LiveServer(create_app(settings, embedded_worker=True)) as app, httpx.Client(base_url=app.url) as client:
             loop = GitHubLoop.__new__(GitHubLoop)  # only for its payload builders
@@ -114,7 +114,7 @@ def requests_per_step(key: str, tmp: Path) -> None:
     import respx
     from starlette.testclient import TestClient
 
-    from bot.app import create_app
+    from bot.web.app import create_app
     from tests.github_e2e.conftest import make_origin
 
     origin = make_origin(tmp)

@@ -486,7 +486,7 @@ def create_pg_database() -> tuple[str, str]:
     """A fresh database migrated to head: (name, URL)."""
     import psycopg
 
-    from bot.migrate import upgrade_head
+    from bot.storage.migrate import upgrade_head
 
     name = f"df_bench_intake_{os.getpid()}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
@@ -600,7 +600,7 @@ def main() -> int:
             pg_name, pg_url = create_pg_database()
             db_url = pg_url
         else:
-            from bot.migrate import upgrade_head
+            from bot.storage.migrate import upgrade_head
 
             db_url = f"sqlite:///{db_path}"
             upgrade_head(db_url)  # once, not by every worker process at the same time

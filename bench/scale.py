@@ -46,15 +46,15 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout
 from arq.connections import ArqRedis  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from bot.actions import start_protocol  # noqa: E402
-from bot.db import database_from_settings  # noqa: E402
+from bot.core.settings import Settings  # noqa: E402
 from bot.handlers import build_router  # noqa: E402
-from bot.jobs.protocol import enqueue_next_step  # noqa: E402
-from bot.migrate import upgrade_head  # noqa: E402
-from bot.queue import create_redis  # noqa: E402
-from bot.runs import get_or_create_project, load_run, update_run  # noqa: E402
-from bot.services import build_services, close_services  # noqa: E402
-from bot.settings import Settings  # noqa: E402
+from bot.jobs.actions import start_protocol  # noqa: E402
+from bot.jobs.services import build_services, close_services  # noqa: E402
+from bot.jobs.steps import enqueue_next_step  # noqa: E402
+from bot.storage.db import database_from_settings  # noqa: E402
+from bot.storage.migrate import upgrade_head  # noqa: E402
+from bot.storage.queue import create_redis  # noqa: E402
+from bot.storage.runs import get_or_create_project, load_run, update_run  # noqa: E402
 
 PG_ADMIN = os.environ.get(
     "DEKSDENFLOW_BENCH_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

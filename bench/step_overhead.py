@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout
 
 from sqlalchemy import event  # noqa: E402
 
-from bot.actions import start_protocol  # noqa: E402
-from bot.jobs.protocol import execute_step, run_quality  # noqa: E402
-from bot.local_runtime import drain, local_runtime  # noqa: E402
-from bot.runs import get_or_create_project, load_run  # noqa: E402
-from bot.settings import Settings  # noqa: E402
+from bot.core.settings import Settings  # noqa: E402
+from bot.jobs.actions import start_protocol  # noqa: E402
+from bot.jobs.local_runtime import drain, local_runtime  # noqa: E402
+from bot.jobs.steps import execute_step, run_quality  # noqa: E402
+from bot.storage.runs import get_or_create_project, load_run  # noqa: E402
 from engines.registry import EngineRegistry  # noqa: E402
 from engines.scripted import ScriptedEngine  # noqa: E402
 

@@ -31,9 +31,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a plain script from a checkout
 
-from bot.db import create_database  # noqa: E402
-from bot.migrate import upgrade_head  # noqa: E402
-from bot.transcript import TranscriptRecorder  # noqa: E402
+from bot.storage.db import create_database  # noqa: E402
+from bot.storage.migrate import upgrade_head  # noqa: E402
+from bot.storage.transcript import TranscriptRecorder  # noqa: E402
 from engines.base import EngineRequest  # noqa: E402
 from engines.codex import CodexEngine  # noqa: E402
 
@@ -156,9 +156,9 @@ def bench_page(items: int, fetches: int, tmp: Path) -> None:
     from sqlalchemy.orm import Session
     from starlette.testclient import TestClient
 
-    from bot.app import create_app
-    from bot.models import Project, ProtocolRun, StepRun, TranscriptChunk, utcnow
-    from bot.settings import Settings
+    from bot.core.settings import Settings
+    from bot.storage.models import Project, ProtocolRun, StepRun, TranscriptChunk, utcnow
+    from bot.web.app import create_app
 
     path = tmp / "page.sqlite3"
     url = f"sqlite:///{path}"

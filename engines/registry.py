@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from bot.errors import EngineError
+from bot.core.errors import EngineError
 from engines.base import Engine
 from engines.codex import CodexEngine
 from engines.scripted import ScriptedEngine

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from bot.errors import EngineError
+from bot.core.errors import EngineError
 from engines.base import EngineRequest, EngineResult, TokenUsage
 
 ENGINE_ID = "scripted"

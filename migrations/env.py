@@ -1,11 +1,11 @@
-"""Alembic environment: the URL comes from the caller (bot.migrate), never from a file."""
+"""Alembic environment: the URL comes from the caller (bot.storage.migrate), never from a file."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from bot.models import Base
+from bot.storage.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -15,8 +15,8 @@ import pytest
 import uvicorn
 from sqlalchemy import create_engine, text
 
-from bot.migrate import upgrade_head
-from bot.settings import Settings
+from bot.core.settings import Settings
+from bot.storage.migrate import upgrade_head
 
 PG_ADMIN_URL = os.environ.get("DEKSDENFLOW_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TEST_REDIS_URL = os.environ.get("DEKSDENFLOW_TEST_REDIS", "redis://127.0.0.1:6379/15")

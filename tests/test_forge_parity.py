@@ -19,12 +19,12 @@ import pytest
 from arq.constants import default_queue_name
 from starlette.testclient import TestClient
 
-from bot.ci import apply_ci_result, pr_finished
 from bot.handlers.commands_flow import handle_comment
 from bot.handlers.forge_events import CommentEvent, RepoInfo
 from bot.handlers.router import HandlerContext
 from bot.handlers.sansio import IncomingDelivery
-from bot.models import ForgeRecord
+from bot.jobs.ci import apply_ci_result, pr_finished
+from bot.storage.models import ForgeRecord
 from tests.github_e2e.conftest import GitHubLoop, app_key, loop_factory  # noqa: F401 (fixtures)
 from tests.gitlab_e2e.conftest import World, fake_gitlab, origin, world_factory  # noqa: F401
 from tests.intake.helpers import rows

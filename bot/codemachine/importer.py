@@ -16,14 +16,14 @@ from bot.codemachine.parser import (
     load_workspace,
     select_workflow,
 )
-from bot.errors import SpecError
+from bot.core.errors import SpecError
+from bot.domain.spec import protocol_dir, step_to_dict, validate_spec
+from bot.domain.states import ProtocolStatus
 from bot.git.names import protocol_name
 from bot.jobs import catalogue as jobs
-from bot.models import ProtocolRun, StepRun
-from bot.protocol import ProtocolStatus
-from bot.runs import run_names
-from bot.spec import protocol_dir, step_to_dict, validate_spec
-from bot.store import new_event
+from bot.storage.models import ProtocolRun, StepRun
+from bot.storage.runs import run_names
+from bot.storage.store import new_event
 
 
 def read_workspace_dir(root: Path) -> dict[str, str]:

@@ -16,8 +16,8 @@ from bot.codemachine.parser import (
     CodeMachineError,
     Workspace,
 )
+from bot.domain.spec import protocol_dir, spec_to_dict, step_file_name, validate_spec
 from bot.git.names import slugify
-from bot.spec import protocol_dir, spec_to_dict, step_file_name, validate_spec
 
 
 @dataclass

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.errors import SpecError
+from bot.core.errors import SpecError
 
 MAIN_AGENTS = "config/main.agents.js"
 SUB_AGENTS = "config/sub.agents.js"

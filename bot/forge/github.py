@@ -11,7 +11,7 @@ from urllib.parse import quote, urlencode
 
 import httpx
 
-from bot.errors import ForgeError
+from bot.core.errors import ForgeError
 from bot.forge.base import (
     AsyncClosing,
     CheckReport,

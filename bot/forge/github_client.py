@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from uritemplate import variable
 
-from bot.errors import ForgeError
+from bot.core.errors import ForgeError
 from bot.forge.base import AsyncClosing
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from contextlib import aclosing
 from typing import Any, Literal
 from urllib.parse import quote
 
-from bot.commands import GITLAB_QUICK_ACTIONS
-from bot.errors import ForgeError
+from bot.core.errors import ForgeError
+from bot.domain.commands import GITLAB_QUICK_ACTIONS
 from bot.forge.base import (
     CheckReport,
     CommentRef,

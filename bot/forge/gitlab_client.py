@@ -16,7 +16,7 @@ import gitlab
 import gitlab.exceptions
 import requests
 
-from bot.errors import ForgeError
+from bot.core.errors import ForgeError
 from bot.forge.base import AsyncClosing
 
 # GitLab puts this on webhook deliveries so it can detect a hook that triggers itself; echoing it

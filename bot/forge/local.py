@@ -7,8 +7,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from bot.db import Database
-from bot.errors import NotFound
+from bot.core.errors import NotFound
 from bot.forge.base import (
     CheckReport,
     CommentRef,
@@ -20,7 +19,8 @@ from bot.forge.base import (
     RepoFacts,
     RepoRef,
 )
-from bot.models import ForgeRecord, utcnow
+from bot.storage.db import Database
+from bot.storage.models import ForgeRecord, utcnow
 
 
 class LocalForge:

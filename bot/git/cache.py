@@ -11,7 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot.errors import GitError
+from bot.core.errors import GitError
 from bot.git.guard import GitLinkError, check_worktree_link
 from bot.git.locks import mirror_lock
 from bot.git.names import check_branch_name, normalize_remote, safe_repo_name

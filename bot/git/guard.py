@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from bot.errors import GitError
+from bot.core.errors import GitError
 from bot.git.names import safe_repo_name
 
 # /dev/null is a file, so `<hooksPath>/<hook>` can never exist: no hook runs, and there is no

@@ -12,7 +12,7 @@ import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from bot.errors import GitError
+from bot.core.errors import GitError
 
 # asyncio locks belong to one event loop, so the registry is per loop (tests run one per test).
 _LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (

@@ -8,7 +8,7 @@ import re
 import unicodedata
 from urllib.parse import urlsplit
 
-from bot.errors import GitError
+from bot.core.errors import GitError
 
 SLUG_MAX = 40
 _PROTOCOL = re.compile(r"^(\d{4,})-[A-Za-z0-9]")

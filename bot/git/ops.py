@@ -9,13 +9,13 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bot.errors import GitError
+from bot.core.errors import GitError
+from bot.domain.secrets_scan import Finding, SecretScanner, process_scanner
 from bot.git.cache import LOCAL_TIMEOUT, NETWORK_TIMEOUT, REMOTE_PREFIX, remote_ref
 from bot.git.guard import GitRefused
 from bot.git.locks import mirror_lock
 from bot.git.names import check_branch_name, normalize_remote, parse_protocol_number
 from bot.git.runner import Auth, resolve_auth, run_git, secrets_of
-from bot.secrets_scan import Finding, SecretScanner, process_scanner
 
 StrPath = str | os.PathLike[str]
 PROTOCOLS_DIR = ".protocols"

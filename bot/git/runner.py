@@ -12,10 +12,10 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from bot.errors import GitError
+from bot.core.errors import GitError
+from bot.domain.secrets_scan import register_secrets
 from bot.git.credentials import is_network_url, may_send_credentials
 from bot.git.guard import HARDENING_CONFIG, HARDENING_DEFAULTS, guard_git_cwd, sanitize_git_env
-from bot.secrets_scan import register_secrets
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Any, Literal
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
-from bot import actions
-from bot.commands import (
+from bot.core.errors import DeksdenFlowError, NotFound, TransitionConflict
+from bot.domain.commands import (
     MAX_COMMANDS_PER_COMMENT,
     Command,
     CommandError,
@@ -26,16 +26,16 @@ from bot.commands import (
     required_permission,
     sanitize_prompt_text,
 )
-from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
-from bot.feedback import publish_status
+from bot.domain.mentions import bot_handles, mentions_to_commands
+from bot.domain.states import ProtocolStatus
 from bot.forge.base import CommentRef, Forge, IssueRef, RepoRef
 from bot.handlers.forge_events import CommentEvent, LabelEvent, RepoInfo
 from bot.handlers.router import HandlerContext
+from bot.jobs import actions
 from bot.jobs import catalogue as jobs
-from bot.mentions import bot_handles, mentions_to_commands
-from bot.models import Project, ProtocolRun
-from bot.protocol import ProtocolStatus
-from bot.runs import get_or_create_project, update_run
+from bot.jobs.feedback import publish_status
+from bot.storage.models import Project, ProtocolRun
+from bot.storage.runs import get_or_create_project, update_run
 
 log = logging.getLogger(__name__)
 

@@ -7,20 +7,20 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from bot import actions
-from bot.ci import CIResult, apply_ci_result, ci_step_for, pr_finished
-from bot.ci_evidence import CIEvidence, names_only
-from bot.ci_fetch import github_evidence, gitlab_evidence, status_evidence
-from bot.ci_hook import handle_report
-from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
-from bot.graph import parent_branch
+from bot.core.errors import DeksdenFlowError, NotFound, TransitionConflict
+from bot.domain.ci_evidence import CIEvidence, names_only
+from bot.domain.graph import parent_branch
+from bot.domain.rendering import ACTION_RETRY, ACTION_RUN_NEXT, ACTION_RUN_QA, parse_check_name
+from bot.forge.ci_fetch import github_evidence, gitlab_evidence, status_evidence
+from bot.handlers.ci_report import handle_report
 from bot.handlers.forge_events import dig, github_repo, gitlab_repo
 from bot.handlers.router import HandlerContext, Router
+from bot.jobs import actions
 from bot.jobs import catalogue as jobs
-from bot.models import Project, ProtocolRun
-from bot.rendering import ACTION_RETRY, ACTION_RUN_NEXT, ACTION_RUN_QA, parse_check_name
-from bot.runs import get_or_create_project, run_branch
-from bot.store import record_event
+from bot.jobs.ci import CIResult, apply_ci_result, ci_step_for, pr_finished
+from bot.storage.models import Project, ProtocolRun
+from bot.storage.runs import get_or_create_project, run_branch
+from bot.storage.store import record_event
 
 log = logging.getLogger(__name__)
 router = Router()

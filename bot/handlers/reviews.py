@@ -1,6 +1,6 @@
 """Reviews on a protocol's PR/MR: changes requested → a fix step, approved → `/approve`.
 
-The decisions are bot/review.py's (pure); this module asks the forge who may act, finds the
+The decisions are bot/domain/review.py's (pure); this module asks the forge who may act, finds the
 protocol, and hands the counted comments to the fix-step job (bot/jobs/review.py).
 """
 
@@ -9,18 +9,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from bot import actions
-from bot.commands import parse_commands, permission_allows, required_permission
-from bot.errors import DeksdenFlowError, NotFound, TransitionConflict
-from bot.feedback import publish_status
-from bot.forge.base import Forge
-from bot.handlers.commands_flow import handles_for, latest_run, project_for
-from bot.handlers.forge_events import RepoInfo, github_repo, gitlab_repo
-from bot.handlers.router import HandlerContext, Router
-from bot.jobs.review import buffer_comments, enqueue_flush, resolved_threads, taken_ids
-from bot.mentions import mentions_bot, mentions_to_commands
-from bot.models import Project, ProtocolRun
-from bot.review import (
+from bot.core.errors import DeksdenFlowError, NotFound, TransitionConflict
+from bot.domain.commands import parse_commands, permission_allows, required_permission
+from bot.domain.mentions import mentions_bot, mentions_to_commands
+from bot.domain.review import (
     ReviewComment,
     ReviewSubmitted,
     github_pr_comment,
@@ -34,7 +26,15 @@ from bot.review import (
     review_body_comment,
     select_comments,
 )
-from bot.runs import load_run
+from bot.forge.base import Forge
+from bot.handlers.commands_flow import handles_for, latest_run, project_for
+from bot.handlers.forge_events import RepoInfo, github_repo, gitlab_repo
+from bot.handlers.router import HandlerContext, Router
+from bot.jobs import actions
+from bot.jobs.feedback import publish_status
+from bot.jobs.review import buffer_comments, enqueue_flush, resolved_threads, taken_ids
+from bot.storage.models import Project, ProtocolRun
+from bot.storage.runs import load_run
 
 log = logging.getLogger(__name__)
 router = Router()

@@ -13,8 +13,8 @@ from typing import Any
 import msgspec
 import orjson
 
-from bot.errors import WebhookError
-from bot.jsonlimits import MAX_JSON_DEPTH, too_deep
+from bot.core.errors import WebhookError
+from bot.core.jsonlimits import MAX_JSON_DEPTH, too_deep
 
 # Headers worth keeping with a delivery (for replay and the operator's view); never secrets.
 _KEPT_HEADERS = (

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from bot.domain.policies import trigger_decisions
+from bot.domain.states import ProtocolStatus, StepStatus, completes_protocol
 from bot.jobs.env import JobEnv
 from bot.jobs.placement import parallel
 from bot.jobs.ready import announce_ready
 from bot.jobs.schedule import after_step_passed, schedule_ready
 from bot.jobs.specs import spec_of, step_spec_of
-from bot.policies import trigger_decisions
-from bot.protocol import ProtocolStatus, StepStatus, completes_protocol
-from bot.runs import RunState, emit, load_run, set_protocol_status, set_step_status
+from bot.storage.runs import RunState, emit, load_run, set_protocol_status, set_step_status
 
 
 async def after_execute(ctx: dict[str, Any], run_id: int, step_index: int, depth: int, outcome: str) -> None:

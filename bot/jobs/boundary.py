@@ -12,15 +12,15 @@ from typing import Any, Literal
 from arq import Retry
 
 from bot import git as gitops
-from bot.errors import GitError, LockBusy, StepStopped
+from bot.core.errors import GitError, LockBusy, StepStopped
+from bot.domain.states import ProtocolStatus, StepStatus, stopped_step_status
 from bot.git.runner import GitCommandFailed
 from bot.jobs.common import MAX_TRIES, count_job
 from bot.jobs.env import JobEnv
 from bot.jobs.locks import lease
 from bot.jobs.outcome import Check, Outcome, failure, write_outcome
 from bot.jobs.placement import branch_for, lease_for
-from bot.protocol import ProtocolStatus, StepStatus, stopped_step_status
-from bot.runs import RunState, emit, load_run, run_branch
+from bot.storage.runs import RunState, emit, load_run, run_branch
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from arq import cron
 from arq.cron import CronJob
 from arq.worker import Function, func
 
+from bot.core.settings import Settings
 from bot.jobs.common import MAX_TRIES
 from bot.jobs.deliveries import prune_old_deliveries, relay_pending
 from bot.jobs.reclaim import reclaim_expired
-from bot.queue import JobSpec, delivery_job
-from bot.settings import Settings
+from bot.storage.queue import JobSpec, delivery_job
 
 Reply = dict[str, Any] | None
 
@@ -29,7 +29,7 @@ Reply = dict[str, Any] | None
 
 
 def process_delivery(delivery_id: int, provider: str, key: str, attempt: int = 0) -> JobSpec:
-    # the intake batches these through its Lua enqueue (bot/queue.py), with the same constructor;
+    # the intake batches these through its Lua enqueue (bot/storage/queue.py), with the same constructor;
     # the id comes from the delivery's key, never the row id (ids repeat across databases)
     return delivery_job(delivery_id, provider, key, attempt)
 
@@ -124,17 +124,17 @@ def _load(module: str, name: str) -> Callable[[], Callable[..., Any]]:
 
 JOBS: tuple[Entry, ...] = (
     Entry("process_delivery", _load("bot.jobs.deliveries", "process_delivery"), _default, _tries),
-    Entry("plan_protocol", _load("bot.jobs.protocol", "plan_protocol"), _engine_timeout, _lock_tries),
-    Entry("execute_step", _load("bot.jobs.protocol", "execute_step"), _engine_timeout, _lock_tries),
-    Entry("run_quality", _load("bot.jobs.protocol", "run_quality"), _engine_timeout, _lock_tries),
+    Entry("plan_protocol", _load("bot.jobs.steps", "plan_protocol"), _engine_timeout, _lock_tries),
+    Entry("execute_step", _load("bot.jobs.steps", "execute_step"), _engine_timeout, _lock_tries),
+    Entry("run_quality", _load("bot.jobs.steps", "run_quality"), _engine_timeout, _lock_tries),
     Entry("project_setup", _load("bot.jobs.projects", "project_setup"), lambda s: 120.0, _tries),
-    Entry("project_onboard", _load("bot.jobs.setup", "project_onboard"), _engine_timeout, _tries),
+    Entry("project_onboard", _load("bot.jobs.onboard", "project_onboard"), _engine_timeout, _tries),
     # review feedback → a fix step: git and forge work only, waits for the protocol's lease
     Entry("review_fix", _load("bot.jobs.review", "review_fix"), lambda s: s.git_timeout_s * 3, _lock_tries),
     # the thread replies of a fix step whose worker died after its push (reclaim_expired)
     Entry("review_replies", _load("bot.jobs.review", "review_replies"), lambda s: s.git_timeout_s * 3, _tries),
     Entry(
-        "codemachine_prepare", _load("bot.jobs.setup", "codemachine_prepare"), _engine_timeout, _lock_tries
+        "codemachine_prepare", _load("bot.jobs.onboard", "codemachine_prepare"), _engine_timeout, _lock_tries
     ),
 )
 

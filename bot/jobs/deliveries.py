@@ -10,13 +10,19 @@ from typing import Any
 
 from arq import Retry
 
-from bot.errors import ConfigError, NotFound
+from bot.core.errors import ConfigError, NotFound
+from bot.core.observability import log_context
 from bot.handlers.router import HandlerContext, Router
 from bot.handlers.sansio import IncomingDelivery
-from bot.intake import prune_deliveries, relay_outbox
 from bot.jobs.common import count_job, retry_or_give_up
-from bot.observability import log_context
-from bot.store import claim_delivery, finish_delivery, load_delivery, record_event, renew_lease
+from bot.storage.intake import prune_deliveries, relay_outbox
+from bot.storage.store import (
+    claim_delivery,
+    finish_delivery,
+    load_delivery,
+    record_event,
+    renew_lease,
+)
 
 log = logging.getLogger(__name__)
 

@@ -13,18 +13,18 @@ from typing import Any
 from sqlalchemy import update
 
 from bot import git as gitops
-from bot.engine_guard import sanitize_result
-from bot.errors import StepStopped
+from bot.core.errors import StepStopped
+from bot.core.observability import log_context
+from bot.domain.engine_guard import sanitize_result
+from bot.domain.pricing import turn_cost
+from bot.domain.prompts import PROMPT_PLACEHOLDERS, override_path, render_prompt
+from bot.domain.spec import ProtocolSpec, StepSpec, resolve_engine, resolve_model
+from bot.domain.states import ProtocolStatus
 from bot.jobs.env import JobEnv
-from bot.models import ProtocolRun, StepRun
-from bot.observability import log_context
-from bot.pricing import turn_cost
-from bot.prompts import PROMPT_PLACEHOLDERS, override_path, render_prompt
-from bot.protocol import ProtocolStatus
-from bot.runs import RunState, protocol_status
-from bot.spec import ProtocolSpec, StepSpec, resolve_engine, resolve_model
-from bot.store import new_event
-from bot.transcript import recorder_for
+from bot.storage.models import ProtocolRun, StepRun
+from bot.storage.runs import RunState, protocol_status
+from bot.storage.store import new_event
+from bot.storage.transcript import recorder_for
 from engines.base import EngineRequest, EngineResult, EventSink, Phase, SandboxMode, TokenUsage
 
 log = logging.getLogger(__name__)

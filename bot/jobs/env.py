@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from bot import git as gitops
-from bot.db import Database
+from bot.core.settings import Settings
 from bot.jobs.placement import branch_for
-from bot.runs import RunState, run_branch, update_run
-from bot.settings import Settings
+from bot.storage.db import Database
+from bot.storage.runs import RunState, run_branch, update_run
 
 CrashHook = Callable[[str, int, int], None]
 

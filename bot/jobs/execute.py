@@ -9,14 +9,18 @@ from typing import Any
 from sqlalchemy import update
 
 from bot import git as gitops
-from bot.ci_gate import hold_for_ci
-from bot.errors import StepStopped
-from bot.feedback import publish_state, react_done, report_state_check
-from bot.fix_feedback import render_feedback
+from bot.core.errors import StepStopped
+from bot.domain.ci_gate import hold_for_ci
+from bot.domain.fix_feedback import render_feedback
+from bot.domain.policies import budget_check_after_step, budget_check_before_step, qa_decision
+from bot.domain.rendering import commit_message, log_entry
+from bot.domain.spec import ProtocolSpec, StepSpec
+from bot.domain.states import ProtocolStatus, StartDecision, StepStatus, may_start_step
 from bot.jobs.advance import after_execute, completion_follows
 from bot.jobs.boundary import discard_changes, guarded
 from bot.jobs.engine_run import STOPPING, EngineCall, run_engine, step_prompt
 from bot.jobs.env import JobEnv
+from bot.jobs.feedback import publish_state, react_done, report_state_check
 from bot.jobs.gating import gating
 from bot.jobs.integrate import prepare_attempt
 from bot.jobs.outcome import Check, Outcome, failure, known, write_outcome
@@ -26,13 +30,9 @@ from bot.jobs.review import reply_in_threads
 from bot.jobs.schedule import missing_for
 from bot.jobs.shutdown import resume_chain
 from bot.jobs.specs import read, spec_of, step_spec_of, step_values
-from bot.models import ProtocolRun, StepRun, utcnow
-from bot.policies import budget_check_after_step, budget_check_before_step, qa_decision
-from bot.protocol import ProtocolStatus, StartDecision, StepStatus, may_start_step
-from bot.rendering import commit_message, log_entry
-from bot.runs import RunState, emit, load_run, protocol_status, run_branch
-from bot.spec import ProtocolSpec, StepSpec
-from bot.store import transition
+from bot.storage.models import ProtocolRun, StepRun, utcnow
+from bot.storage.runs import RunState, emit, load_run, protocol_status, run_branch
+from bot.storage.store import transition
 from engines.base import EngineResult
 
 # outcomes the outcome writer already reacted to on the comment that asked
@@ -261,7 +261,7 @@ async def _execute_call(work: StepWork) -> EngineCall:
         "plan": read(root / "plan.md"),
         "context": read(root / "context.md"),
         "attempt": step.retries + 1,
-        # typed items (QA report, CI evidence, human guidance) as one section (bot/fix_feedback.py)
+        # typed items (QA report, CI evidence, human guidance) as one section (bot/domain/fix_feedback.py)
         "feedback": render_feedback((step.runtime_state or {}).get("feedback")),
     }
     prompt = await step_prompt(work.env, state, s.prompt, "execute-step", values)
@@ -296,7 +296,7 @@ async def _push_and_finish(work: StepWork) -> str:
         )
         await write_outcome(env, state, step.step_index, outcome, work.reply_to)
         return "budget-blocked"
-    # a step whose QA is skipped still waits for CI where the repository has CI (bot/ci_gate.py)
+    # a step whose QA is skipped still waits for CI where the repository has CI (bot/domain/ci_gate.py)
     decision = hold_for_ci(qa_decision(s, work.spec, env.settings.auto_qa_after_exec), gating(state.project, env.settings))
 
     outcome = Outcome(

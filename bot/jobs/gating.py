@@ -1,6 +1,6 @@
 """The CI gate as jobs meet it: its lock, whether CI gates a project, and QA's completion.
 
-Split from bot/ci.py so that the jobs which execute and judge steps do not import the CI loop,
+Split from bot/jobs/ci.py so that the jobs which execute and judge steps do not import the CI loop,
 which itself drives those jobs: the dependency runs one way, ci → jobs → this module.
 """
 
@@ -12,15 +12,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from bot.ci_gate import GateOutcome, StepCI, gate_after_qa, step_ci
-from bot.errors import LockBusy, SpecError
+from bot.core.errors import LockBusy, SpecError
+from bot.domain.ci_gate import GateOutcome, StepCI, gate_after_qa, step_ci
+from bot.domain.loop_policy import ci_gates, repo_policies
+from bot.domain.states import StepStatus, allowed_step_sources
 from bot.jobs.locks import acquire, release
 from bot.jobs.specs import spec_of
-from bot.loop_policy import ci_gates, repo_policies
-from bot.models import StepRun
-from bot.protocol import StepStatus, allowed_step_sources
-from bot.runs import RunState, emit, load_run, update_step
-from bot.store import KnownRow, transition
+from bot.storage.models import StepRun
+from bot.storage.runs import RunState, emit, load_run, update_step
+from bot.storage.store import KnownRow, transition
 
 # One short lock per protocol serialises the two places that may complete a step on its gates:
 # a CI result arriving and a QA verdict being written. Without it each could read the other's

@@ -15,13 +15,9 @@ import logging
 from pathlib import Path
 
 from bot import git as gitops
-from bot.errors import GitError
-from bot.graph import child_branch
-from bot.jobs.env import JobEnv
-from bot.jobs.specs import read, spec_of
-from bot.models import StepRun
-from bot.runs import RunState, emit, load_run, sync_steps, update_run, update_step
-from bot.spec import (
+from bot.core.errors import GitError
+from bot.domain.graph import child_branch
+from bot.domain.spec import (
     OutputsSpec,
     ProtocolSpec,
     StepSpec,
@@ -29,6 +25,10 @@ from bot.spec import (
     step_file_name,
     validate_spec,
 )
+from bot.jobs.env import JobEnv
+from bot.jobs.specs import read, spec_of
+from bot.storage.models import StepRun
+from bot.storage.runs import RunState, emit, load_run, sync_steps, update_run, update_step
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from redis.exceptions import WatchError
 
-from bot.errors import LockBusy
+from bot.core.errors import LockBusy
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bot.errors import TransitionConflict
-from bot.feedback import publish_state, react_state, report_state_check
+from bot.core.errors import TransitionConflict
+from bot.domain.states import can_transition_protocol, can_transition_step, failure_statuses
 from bot.forge.base import CheckConclusion, CheckState
 from bot.jobs.env import JobEnv
-from bot.models import ProtocolRun, StepRun, utcnow
-from bot.protocol import can_transition_protocol, can_transition_step, failure_statuses
-from bot.runs import RunState, load_run
-from bot.store import KnownRow, new_event, transition
+from bot.jobs.feedback import publish_state, react_state, report_state_check
+from bot.storage.models import ProtocolRun, StepRun, utcnow
+from bot.storage.runs import RunState, load_run
+from bot.storage.store import KnownRow, new_event, transition
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def known(state: RunState, status: str) -> KnownRow:
 
 
 def failure(state: RunState, step_index: int | None, message: str, head_sha: str | None = None) -> Outcome:
-    """The outcome of an error a job could not recover from (see bot.protocol.failure_statuses)."""
+    """The outcome of an error a job could not recover from (see bot.domain.states.failure_statuses)."""
     step = state.step(step_index) if step_index is not None else None
     wanted = failure_statuses(state.run.status, step.status if step else None)
     check = Check("step", head_sha, conclusion="failure") if head_sha and step else None

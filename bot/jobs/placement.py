@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from bot.graph import child_branch, runs_in_parallel
+from bot.domain.graph import child_branch, runs_in_parallel
 from bot.jobs.locks import step_lease_name
-from bot.models import ProtocolRun
-from bot.runs import RunState, run_branch
+from bot.storage.models import ProtocolRun
+from bot.storage.runs import RunState, run_branch
 
 if TYPE_CHECKING:
     from bot.jobs.env import JobEnv

@@ -7,32 +7,32 @@ from pathlib import Path
 from typing import Any
 
 from bot import git as gitops
-from bot.engine_guard import decompose_schema, decomposed_content
-from bot.errors import EngineError, SpecError
-from bot.feedback import open_or_update_pr, publish_state
-from bot.jobs.advance import enqueue_next_step
-from bot.jobs.boundary import guarded
-from bot.jobs.engine_run import EngineCall, prompt_override, run_engine
-from bot.jobs.env import JobEnv
-from bot.jobs.outcome import Outcome, write_outcome
-from bot.jobs.shutdown import resume_chain
-from bot.loop_policy import fix_attempt_bound, repo_policies
-from bot.prompts import render_prompt
-from bot.protocol import ProtocolStatus
-from bot.rendering import draft_pr_body, plan_commit_message, pr_title
-from bot.repo_config import refresh_repo_config
-from bot.runs import RunState, emit, load_run, set_protocol_status, sync_steps, update_run
-from bot.spec import (
+from bot.core.errors import EngineError, SpecError
+from bot.domain.engine_guard import decompose_schema, decomposed_content
+from bot.domain.loop_policy import fix_attempt_bound, repo_policies
+from bot.domain.planning import spec_from_planning
+from bot.domain.prompts import render_prompt
+from bot.domain.rendering import draft_pr_body, plan_commit_message, pr_title
+from bot.domain.spec import (
     SETUP_FILE,
     PlanningOutput,
     ProtocolSpec,
     SpecDefaults,
     schemas_dir,
-    spec_from_planning,
     spec_to_dict,
     validate_planning_output,
     validate_spec,
 )
+from bot.domain.states import ProtocolStatus
+from bot.jobs.advance import enqueue_next_step
+from bot.jobs.boundary import guarded
+from bot.jobs.engine_run import EngineCall, prompt_override, run_engine
+from bot.jobs.env import JobEnv
+from bot.jobs.feedback import open_or_update_pr, publish_state
+from bot.jobs.outcome import Outcome, write_outcome
+from bot.jobs.shutdown import resume_chain
+from bot.storage.repo_config import refresh_repo_config
+from bot.storage.runs import RunState, emit, load_run, set_protocol_status, sync_steps, update_run
 from engines.base import EngineResult
 
 SPEC_FILE = "spec.json"

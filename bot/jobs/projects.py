@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from bot.errors import DeksdenFlowError, SpecError
+from bot.core.errors import DeksdenFlowError, SpecError
 from bot.forge.base import RepoFacts
 from bot.jobs.common import count_job
-from bot.models import Project
-from bot.repo_config import CONFIG_FILE, refresh_repo_config
-from bot.store import record_event
+from bot.storage.models import Project
+from bot.storage.repo_config import CONFIG_FILE, refresh_repo_config
+from bot.storage.store import record_event
 
 log = logging.getLogger(__name__)
 

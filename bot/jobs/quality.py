@@ -9,27 +9,27 @@ from typing import Any
 from sqlalchemy import update
 
 from bot import git as gitops
-from bot.engine_guard import cap_report
-from bot.errors import TransitionConflict
-from bot.feedback import react_done, report_state_check
-from bot.fix_feedback import FeedbackItem, add_item, qa_item
+from bot.core.errors import TransitionConflict
+from bot.domain.engine_guard import cap_report
+from bot.domain.fix_feedback import FeedbackItem, add_item, qa_item
+from bot.domain.policies import explain_verdict, loop_decision
+from bot.domain.rendering import commit_message
+from bot.domain.spec import ProtocolSpec, StepSpec
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.git import CommitInfo
 from bot.jobs.advance import after_quality, completion_follows
 from bot.jobs.boundary import discard_changes, guarded
 from bot.jobs.engine_run import EngineCall, run_engine, step_prompt
 from bot.jobs.env import JobEnv
 from bot.jobs.execute import WRITTEN
+from bot.jobs.feedback import react_done, report_state_check
 from bot.jobs.gating import complete_after_qa
 from bot.jobs.outcome import Check, Outcome, known, write_outcome
 from bot.jobs.plan import step_marker
 from bot.jobs.specs import read, spec_of, step_spec_of, step_values
-from bot.models import ProtocolRun, StepRun, utcnow
-from bot.policies import explain_verdict, loop_decision
-from bot.protocol import ProtocolStatus, StepStatus
-from bot.rendering import commit_message
-from bot.runs import RunState, emit, load_run, set_step_status, update_step
-from bot.spec import ProtocolSpec, StepSpec
-from bot.store import transition
+from bot.storage.models import ProtocolRun, StepRun, utcnow
+from bot.storage.runs import RunState, emit, load_run, set_step_status, update_step
+from bot.storage.store import transition
 
 QA_REPORT = "quality-report.md"
 
@@ -123,7 +123,7 @@ async def _quality(
 async def _judge(work: QAWork, last: CommitInfo) -> tuple[str, str, str]:
     """The QA engine turn: verdict, why, and the report to commit."""
     result = await run_engine(work.env, work.state, await _qa_call(work, last))
-    # strict: only the last line outside fences and quotes counts (bot/policies.py)
+    # strict: only the last line outside fences and quotes counts (bot/domain/policies.py)
     verdict, why = explain_verdict(result.final_message) if result.ok else ("FAIL", f"engine {result.outcome}")
     title = f"# Quality report — step {work.step.step_index:02d}: {work.step_spec.title}"
     report = cap_report(f"{title}\n\n{result.final_message.strip() or result.error or ''}\n")
@@ -216,7 +216,7 @@ def _verdict_event(work: QAWork, verdict: str, head: str, why: str) -> dict[str,
 
 async def _passed(work: QAWork, head: str, report: str, step_state: dict[str, Any], why: str) -> str:
     env, index, run_id = work.env, work.step.step_index, work.state.run.id
-    # the CI gate (bot/ci_gate.py): where the repository has CI, green CI on this attempt too;
+    # the CI gate (bot/domain/ci_gate.py): where the repository has CI, green CI on this attempt too;
     # it completes the step or leaves it waiting, under the lock CI results take as well
     verdict = _verdict_event(work, "PASS", head, why)
     # the verdict reads before the transition it causes, as every outcome's event does
@@ -263,7 +263,7 @@ async def _failed(work: QAWork, head: str, report: str, step_state: dict[str, An
 
 
 async def reset_for_loop(env: JobEnv, state: RunState, indexes: list[int], item: FeedbackItem, reason: str) -> None:
-    """A loop sends steps back to pending with the failure as feedback (QA here, CI in bot/ci.py)."""
+    """A loop sends steps back to pending with the failure as feedback (QA here, CI in bot/jobs/ci.py)."""
     for index in indexes:
         target = state.step(index)
         rs = dict(target.runtime_state or {})

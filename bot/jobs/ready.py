@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from bot.feedback import forge_of, publish_state
+from bot.domain.states import ProtocolStatus
 from bot.forge.base import PullKind, PullRef
-from bot.protocol import ProtocolStatus
-from bot.runs import RunState, emit, update_run
+from bot.jobs.feedback import forge_of, publish_state
+from bot.storage.runs import RunState, emit, update_run
 
 log = logging.getLogger(__name__)
 

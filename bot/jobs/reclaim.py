@@ -17,10 +17,10 @@ from typing import Any
 from arq.jobs import Job, JobStatus
 from sqlalchemy import select
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs.locks import lease_alive, step_lease_alive
-from bot.models import ProtocolRun, StepRun
-from bot.protocol import ProtocolStatus, StepStatus
-from bot.runs import update_step
+from bot.storage.models import ProtocolRun, StepRun
+from bot.storage.runs import update_step
 
 log = logging.getLogger(__name__)
 

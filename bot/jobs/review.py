@@ -20,15 +20,10 @@ from typing import Any
 from arq import Retry
 
 from bot import git as gitops
-from bot.errors import NotFound
-from bot.feedback import forge_of, publish_state
-from bot.fix_feedback import add_item
-from bot.forge.base import IssueRef
-from bot.jobs.boundary import guarded
-from bot.jobs.env import JobEnv
-from bot.jobs.specs import spec_of
-from bot.loop_policy import default_loop
-from bot.review import (
+from bot.core.errors import NotFound
+from bot.domain.fix_feedback import add_item
+from bot.domain.loop_policy import default_loop
+from bot.domain.review import (
     FIX_SLUG,
     MAX_COMMENTS_PER_STEP,
     ReviewComment,
@@ -40,7 +35,20 @@ from bot.review import (
     threads_to_answer,
     unthreaded_reply,
 )
-from bot.runs import (
+from bot.domain.spec import (
+    OutputsSpec,
+    ProtocolSpec,
+    StepSpec,
+    protocol_dir,
+    spec_to_dict,
+    step_file_name,
+)
+from bot.forge.base import IssueRef
+from bot.jobs.boundary import guarded
+from bot.jobs.env import JobEnv
+from bot.jobs.feedback import forge_of, publish_state
+from bot.jobs.specs import spec_of
+from bot.storage.runs import (
     RunState,
     emit,
     load_run,
@@ -48,14 +56,6 @@ from bot.runs import (
     sync_steps,
     update_run,
     update_step,
-)
-from bot.spec import (
-    OutputsSpec,
-    ProtocolSpec,
-    StepSpec,
-    protocol_dir,
-    spec_to_dict,
-    step_file_name,
 )
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def fix_step_spec(spec: ProtocolSpec, count: int) -> StepSpec:
 
 
 def _default_qa(spec: ProtocolSpec) -> Any:
-    from bot.spec import QASpec
+    from bot.domain.spec import QASpec
 
     return QASpec(policy=spec.qa_policy)
 

@@ -20,9 +20,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from bot.errors import LockBusy
-from bot.feedback import publish_state
-from bot.graph import (
+from bot.core.errors import LockBusy
+from bot.domain.graph import (
     StepView,
     active_steps,
     dependencies_of_config,
@@ -32,11 +31,12 @@ from bot.graph import (
     to_start,
 )
 from bot.jobs.env import JobEnv
+from bot.jobs.feedback import publish_state
 from bot.jobs.integrate import integrated
 from bot.jobs.locks import acquire, release
 from bot.jobs.placement import parallel
-from bot.models import ProtocolRun, StepRun
-from bot.runs import (
+from bot.storage.models import ProtocolRun, StepRun
+from bot.storage.runs import (
     RunState,
     emit,
     load_run,
@@ -173,7 +173,7 @@ async def schedule_ready(ctx: dict[str, Any], run_id: int, start: bool = True) -
 async def run_step(ctx: dict[str, Any], state: RunState, step_index: int | None, reply_to: dict[str, Any] | None) -> int:
     """`/run-step N` in a graph: N once its dependencies are done; `/run-step next`: every ready
     step up to the bound (the first one's number is returned)."""
-    from bot.errors import DependenciesPending, TransitionConflict
+    from bot.core.errors import DependenciesPending, TransitionConflict
 
     if step_index is None:
         if state.run.status in ("blocked", "failed"):

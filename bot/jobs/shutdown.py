@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bot.core.settings import Settings
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs.advance import enqueue_next_step
-from bot.protocol import ProtocolStatus, StepStatus
-from bot.runs import load_run, set_protocol_status, update_run
-from bot.settings import Settings
+from bot.storage.runs import load_run, set_protocol_status, update_run
 
 # After the grace period: cancelling the engine (codex gets a few seconds between SIGTERM and
 # SIGKILL), writing the hand-back to Redis and closing connections.

@@ -11,8 +11,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from bot.runs import RunState
-from bot.spec import ProtocolSpec, StepSpec, validate_spec
+from bot.domain.spec import ProtocolSpec, StepSpec, validate_spec
+from bot.storage.runs import RunState
 
 # A step's jobs read the spec several times; JSON Schema validation of a 20-step spec costs
 # ~13 ms in pure Python, about a sixth of the bot's own time per step. The spec is immutable

@@ -9,17 +9,17 @@ from typing import Any
 
 from arq.worker import Worker
 
-from bot.db import database_from_settings
-from bot.errors import ConfigError
+from bot.core.errors import ConfigError
+from bot.core.observability import configure_logging
+from bot.core.settings import Settings, load_settings
 from bot.handlers import build_router
 from bot.jobs import catalogue
 from bot.jobs.common import MAX_TRIES
 from bot.jobs.resilient import ResilientWorker
+from bot.jobs.services import build_services, close_services
 from bot.jobs.shutdown import shutdown_kwargs
-from bot.observability import configure_logging
-from bot.queue import create_redis, redis_settings
-from bot.services import build_services, close_services
-from bot.settings import Settings, load_settings
+from bot.storage.db import database_from_settings
+from bot.storage.queue import create_redis, redis_settings
 
 log = logging.getLogger(__name__)
 

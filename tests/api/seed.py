@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from bot.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
+from bot.storage.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
 
 
 def sync_url(url: str) -> str:

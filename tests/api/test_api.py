@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from bot.api.table import OPERATIONS, api_routes, build_openapi
-from bot.app import create_app
 from bot.jobs.common import JOB_METRICS_KEY
+from bot.web.api.table import OPERATIONS, api_routes, build_openapi
+from bot.web.app import create_app
 from tests.api.seed import seed
 from tests.conftest import make_settings
 

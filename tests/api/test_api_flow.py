@@ -9,7 +9,7 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from bot.app import create_app
+from bot.web.app import create_app
 from tests.conftest import make_settings
 
 AUTH = {"Authorization": "Bearer api-test-token-0123456789"}

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bot.settings import Settings, file_fields
+from bot.core.settings import Settings, file_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_SERVICES = ("migrate", "api", "worker", "doctor")

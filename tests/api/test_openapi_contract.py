@@ -19,9 +19,9 @@ from schemathesis.checks import not_a_server_error
 from sqlalchemy import create_engine, update
 from starlette.testclient import TestClient
 
-from bot.api.table import OPERATIONS, api_routes, build_openapi
-from bot.app import create_app
-from bot.models import Project
+from bot.storage.models import Project
+from bot.web.api.table import OPERATIONS, api_routes, build_openapi
+from bot.web.app import create_app
 from tests.api.seed import seed
 from tests.conftest import make_settings
 from tests.gitutil import make_origin

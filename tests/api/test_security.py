@@ -19,12 +19,12 @@ from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, text
 from starlette.testclient import TestClient
 
-from bot.app import create_app
-from bot.cli import main
-from bot.errors import ConfigError
-from bot.secretbox import key_from, unseal
-from bot.security import git_url_problem, ref_name_problem, token_problem
-from bot.serving import uvicorn_options
+from bot.cli.main import main
+from bot.core.errors import ConfigError
+from bot.domain.security import git_url_problem, ref_name_problem, token_problem
+from bot.storage.secretbox import key_from, unseal
+from bot.web.app import create_app
+from bot.web.serving import uvicorn_options
 from tests.api.seed import seed, sync_url
 from tests.conftest import free_port, make_settings
 
@@ -361,9 +361,9 @@ def test_serve_without_token_says_so_and_keeps_its_files_private(tmp_path: Path)
 
 def test_workers_read_the_app_the_api_stored(tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """Compose: the API and each worker have their own data dir but one database and one key."""
-    from bot.app_credentials import store_credentials
-    from bot.db import database_from_settings
-    from bot.services import build_services, close_services
+    from bot.jobs.services import build_services, close_services
+    from bot.storage.app_credentials import store_credentials
+    from bot.storage.db import database_from_settings
 
     key = Fernet.generate_key().decode()
     api = make_settings(tmp_path / "api", db_url=db_url, secret_key=key)

@@ -12,13 +12,13 @@ import pytest
 import yaml
 from sqlalchemy import func, select
 
-from bot.app import create_app
-from bot.cli import main
+from bot.cli.main import main
 from bot.codemachine.importer import import_workspace, read_workspace_dir
 from bot.codemachine.mapping import build_import
 from bot.codemachine.parser import CodeMachineError, load_workspace, parse_js, select_workflow
-from bot.models import Event, ProtocolRun, StepRun
-from bot.spec import validate_spec
+from bot.domain.spec import validate_spec
+from bot.storage.models import Event, ProtocolRun, StepRun
+from bot.web.app import create_app
 from engines.scripted import ScriptedEngine
 from tests.codemachine.workspace import WORKFLOW, workspace_files, write_workspace
 from tests.conftest import LiveServer

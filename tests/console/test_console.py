@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import create_engine, update
 from starlette.testclient import TestClient
 
-from bot.api.core import CONSOLE_COOKIE
-from bot.app import create_app
-from bot.models import AuthSession
+from bot.storage.models import AuthSession
+from bot.web.api.core import CONSOLE_COOKIE
+from bot.web.app import create_app
 from tests.api.seed import seed, sync_url
 from tests.conftest import LiveServer, make_settings
 

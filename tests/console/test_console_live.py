@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from bot.app import create_app
+from bot.web.app import create_app
 from engines.scripted import DEFAULT_SCRIPT_PATH
 from tests.api.test_api_flow import bare_origin
 from tests.conftest import GITHUB_SECRET, LiveServer, make_settings

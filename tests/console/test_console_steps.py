@@ -13,10 +13,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from bot.app import create_app
-from bot.console_deliveries import safe_headers
-from bot.console_steps import step_actions, valid_actions
-from bot.models import WebhookDelivery
+from bot.storage.models import WebhookDelivery
+from bot.web.app import create_app
+from bot.web.console_deliveries import safe_headers
+from bot.web.console_steps import step_actions, valid_actions
 from tests.api.seed import seed, sync_url
 from tests.api.test_api_flow import bare_origin
 from tests.conftest import make_settings

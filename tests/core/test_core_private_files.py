@@ -5,8 +5,8 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from bot.fsperm import ensure_private_dir, restrict_sqlite
-from bot.migrate import upgrade_head
+from bot.core.fsperm import ensure_private_dir, restrict_sqlite
+from bot.storage.migrate import upgrade_head
 
 
 def _mode(path: Path) -> int:
@@ -36,7 +36,7 @@ def test_helpers_tighten_existing_files(tmp_path: Path) -> None:
 
 
 def test_a_loose_key_file_is_reported(tmp_path: Path) -> None:
-    from bot.fsperm import readable_by_others
+    from bot.core.fsperm import readable_by_others
 
     key = tmp_path / "app.pem"
     key.write_text("k")

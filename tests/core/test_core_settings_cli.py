@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from bot.app import create_app
-from bot.cli import main
-from bot.errors import ConfigError
-from bot.observability import configure_logging, log_context
-from bot.settings import Settings, load_settings
+from bot.cli.main import main
+from bot.core.errors import ConfigError
+from bot.core.observability import configure_logging, log_context
+from bot.core.settings import Settings, load_settings
+from bot.web.app import create_app
 from tests.conftest import GITHUB_SECRET, make_settings
 from tests.intake.helpers import comment_body, github_headers
 

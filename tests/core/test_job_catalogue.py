@@ -13,7 +13,7 @@ from arq.worker import get_kwargs
 
 from bot.jobs import catalogue
 from bot.jobs.worker import _WorkerSettings, worker_kwargs
-from bot.queue import delivery_job
+from bot.storage.queue import delivery_job
 from tests.conftest import make_settings
 
 BOT = Path(__file__).resolve().parents[2] / "bot"
@@ -87,7 +87,7 @@ def test_arq_worker_settings_load_at_start_not_import(
 
 
 def test_arq_worker_settings_refuse_the_memory_queue(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from bot.errors import ConfigError
+    from bot.core.errors import ConfigError
 
     monkeypatch.setenv("DEKSDENFLOW_REDIS_URL", "memory://")
     monkeypatch.setenv("DEKSDENFLOW_DATA_DIR", str(tmp_path))

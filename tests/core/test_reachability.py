@@ -6,9 +6,9 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from bot.db import create_database
-from bot.reachability import database_error, ping_database, shown_url, which_is_down
-from bot.settings import Settings
+from bot.core.settings import Settings
+from bot.storage.db import create_database
+from bot.storage.reachability import database_error, ping_database, shown_url, which_is_down
 
 
 def test_shown_url_hides_the_password() -> None:

@@ -12,9 +12,9 @@ import os
 import time
 from pathlib import Path
 
+from bot.core.observability import configure_logging
+from bot.core.settings import load_settings
 from bot.jobs.worker import build_worker
-from bot.observability import configure_logging
-from bot.settings import load_settings
 from engines.base import EngineRequest, EngineResult
 from engines.registry import EngineRegistry
 from engines.scripted import ScriptedEngine

@@ -13,8 +13,8 @@ from typing import Any
 
 from arq.worker import func
 
+from bot.core.settings import load_settings
 from bot.jobs.worker import build_worker
-from bot.settings import load_settings
 from engines.base import EngineRequest
 from engines.codex import CodexEngine
 

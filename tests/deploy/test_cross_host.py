@@ -33,15 +33,15 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, text
 
-from bot.actions import start_protocol
-from bot.db import database_from_settings
+from bot.core.settings import Settings
 from bot.handlers import build_router
-from bot.jobs.protocol import step_marker
-from bot.migrate import upgrade_head
-from bot.queue import create_redis
-from bot.runs import get_or_create_project, load_run
-from bot.services import build_services, close_services
-from bot.settings import Settings
+from bot.jobs.actions import start_protocol
+from bot.jobs.services import build_services, close_services
+from bot.jobs.steps import step_marker
+from bot.storage.db import database_from_settings
+from bot.storage.migrate import upgrade_head
+from bot.storage.queue import create_redis
+from bot.storage.runs import get_or_create_project, load_run
 from tests.conftest import PG_ADMIN_URL, free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
+from bot.core.settings import Settings
 from bot.jobs.shutdown import shutdown_kwargs, termination_grace_period_s
-from bot.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 GRACE_S = 3

@@ -9,9 +9,9 @@ from typing import Any
 from arq.constants import in_progress_key_prefix
 from arq.worker import func
 
+from bot.core.settings import Settings
 from bot.jobs.resilient import ResilientWorker
-from bot.queue import create_redis
-from bot.settings import Settings
+from bot.storage.queue import create_redis
 
 TTL_S = 1.0
 

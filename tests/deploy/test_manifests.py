@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from bot.core.observability import Metrics
+from bot.core.settings import Settings
 from bot.jobs.shutdown import TERMINATION_MARGIN_S
-from bot.observability import Metrics
-from bot.settings import Settings
 from tests.deploy.manifests import (
     DEPLOY_DIR,
     OVERLAYS,

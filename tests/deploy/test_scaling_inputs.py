@@ -11,9 +11,9 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from sqlalchemy import create_engine, text
 from starlette.testclient import TestClient
 
-from bot.app import create_app
-from bot.migrate import upgrade_head
-from bot.queue import queue_stats
+from bot.storage.migrate import upgrade_head
+from bot.storage.queue import queue_stats
+from bot.web.app import create_app
 from tests.conftest import PG_ADMIN_URL, make_settings
 
 

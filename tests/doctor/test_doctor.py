@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import SecretStr
 
-from bot.cli import main
-from bot.doctor_results import (
+from bot.cli.main import main
+from bot.core.settings import Settings
+from bot.domain.doctor_results import (
     INSTANCE_HEADER,
     CheckResult,
     exit_code,
@@ -27,7 +28,6 @@ from bot.doctor_results import (
     render,
     safe_url,
 )
-from bot.settings import Settings
 from tests.fakes.codex_fixtures import find_codex_bin
 from tests.fakes.fake_model import FakeModelServer, final, write_codex_home
 from tests.gitlab.fake_gitlab import FakeGitLab, fake_gitlab

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.cli import main
-from bot.errors import ConfigError
-from bot.settings import Settings, external_file_env, file_fields, load_settings
+from bot.cli.main import main
+from bot.core.errors import ConfigError
+from bot.core.settings import Settings, external_file_env, file_fields, load_settings
 
 
 def test_every_secret_setting_accepts_a_file() -> None:

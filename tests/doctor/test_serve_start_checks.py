@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.serving import log_quick_checks
+from bot.web.serving import log_quick_checks
 from tests.conftest import make_settings
 
 

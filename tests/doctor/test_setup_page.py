@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from bot.app import create_app
-from bot.github_setup import loopback_warning
+from bot.web.app import create_app
+from bot.web.github_app import loopback_warning
 from tests.conftest import make_settings
 
 AUTH = {"Authorization": "Bearer api-test-token-0123456789"}

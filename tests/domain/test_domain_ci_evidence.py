@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.ci_evidence import (
+from bot.domain.ci_evidence import (
     EVIDENCE_LIMIT,
     CIEvidence,
     FailedJob,
@@ -22,9 +22,16 @@ from bot.ci_evidence import (
     utf8_len,
     within_budget,
 )
-from bot.fingerprint import failure_fingerprint, normalise_line
-from bot.fix_feedback import add_item, ci_item, guidance_item, items_of, qa_item, render_feedback
-from bot.loop_policy import (
+from bot.domain.fingerprint import failure_fingerprint, normalise_line
+from bot.domain.fix_feedback import (
+    add_item,
+    ci_item,
+    guidance_item,
+    items_of,
+    qa_item,
+    render_feedback,
+)
+from bot.domain.loop_policy import (
     RepoPolicies,
     attempt_text,
     ci_gates,
@@ -32,7 +39,7 @@ from bot.loop_policy import (
     fix_attempt_bound,
     repo_policies,
 )
-from bot.secrets_scan import SecretScanner
+from bot.domain.secrets_scan import SecretScanner
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "ci_logs"
 
@@ -262,7 +269,7 @@ async def test_gathering_survives_a_fetch_that_fails_or_hangs(monkeypatch: pytes
     import asyncio
     from types import SimpleNamespace
 
-    from bot import ci
+    from bot.jobs import ci
 
     project = SimpleNamespace(secrets={"deploy": "project-secret-value-42"})
     failing = [("tests", "failure")]
@@ -298,7 +305,7 @@ async def test_gathering_survives_a_fetch_that_fails_or_hangs(monkeypatch: pytes
     ],
 )
 def test_retry_takes_a_step_and_guidance(body: str, step: int | None, text: str) -> None:
-    from bot.commands import Command, parse_commands
+    from bot.domain.commands import Command, parse_commands
 
     (cmd,) = parse_commands(body)
     assert isinstance(cmd, Command) and (cmd.name, cmd.step, cmd.text) == ("retry", step, text)
@@ -306,15 +313,16 @@ def test_retry_takes_a_step_and_guidance(body: str, step: int | None, text: str)
 
 @pytest.mark.parametrize("body", ["/retry 0 x", "/retry -1", "/retry 1.5 please"])
 def test_retry_with_a_bad_step_number_is_malformed(body: str) -> None:
-    from bot.commands import CommandError, parse_commands
+    from bot.domain.commands import CommandError, parse_commands
 
     (err,) = parse_commands(body)
     assert isinstance(err, CommandError) and "positive step number" in err.message
 
 
 def test_planning_gives_every_step_a_loop_the_model_may_only_lower() -> None:
-    from bot.errors import SpecError
-    from bot.spec import SpecDefaults, spec_from_planning, validate_planning_output
+    from bot.core.errors import SpecError
+    from bot.domain.planning import spec_from_planning
+    from bot.domain.spec import SpecDefaults, validate_planning_output
 
     def step(slug: str, bound: object, qa: str = "full") -> dict[str, object]:
         s: dict[str, object] = {"slug": slug, "title": slug, "content": "x", "commit_type": "feat", "qa_policy": qa}

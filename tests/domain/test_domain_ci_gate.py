@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bot.ci_gate import (
+from bot.domain.ci_gate import (
     CIMeaning,
     StepCI,
     current_step,
@@ -18,7 +18,7 @@ from bot.ci_gate import (
     step_ci,
     step_for_sha,
 )
-from bot.policies import QADecision
+from bot.domain.policies import QADecision
 
 A, QA_A, B, QA_B, PLAN, OLD = "a" * 40, "1" * 40, "b" * 40, "2" * 40, "c" * 40, "d" * 40
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bot.engine_guard import (
+from bot.domain.engine_guard import (
     QA_REPORT_LIMIT,
     cap_events,
     cap_report,
@@ -12,7 +12,7 @@ from bot.engine_guard import (
     decomposed_content,
     sanitize_result,
 )
-from bot.secrets_scan import SecretScanner
+from bot.domain.secrets_scan import SecretScanner
 from engines.base import EngineResult
 
 SECRET = "sanitize-me-secret-value"

@@ -9,8 +9,8 @@ import pytest
 
 from bot.codemachine.mapping import build_import
 from bot.codemachine.parser import load_workspace, select_workflow
-from bot.errors import SpecError
-from bot.graph import (
+from bot.core.errors import SpecError
+from bot.domain.graph import (
     StepView,
     active_steps,
     find_cycle,
@@ -22,7 +22,12 @@ from bot.graph import (
     resolve_dependencies,
     to_start,
 )
-from bot.spec import spec_from_planning, spec_to_dict, validate_planning_output, validate_spec
+from bot.domain.planning import spec_from_planning
+from bot.domain.spec import (
+    spec_to_dict,
+    validate_planning_output,
+    validate_spec,
+)
 from tests.codemachine.workspace import WORKFLOW, workspace_files
 
 DIAMOND = {1: (), 2: (1,), 3: (1,), 4: (2, 3)}
@@ -201,8 +206,8 @@ def test_mermaid_shows_every_node_state_and_edge() -> None:
 
 
 def test_the_status_comment_draws_a_graph_above_the_table() -> None:
-    from bot.rendering import ProtocolView, status_comment
-    from bot.rendering import StepView as RowView
+    from bot.domain.rendering import ProtocolView, status_comment
+    from bot.domain.rendering import StepView as RowView
 
     steps = {1: StepView("completed"), 2: StepView("running"), 3: StepView("running"), 4: StepView("pending")}
     picture = mermaid(DIAMOND, steps, {i: f"Part {i}" for i in DIAMOND})
@@ -215,8 +220,8 @@ def test_the_status_comment_draws_a_graph_above_the_table() -> None:
 
 
 def test_the_console_gets_the_graph_with_columns_and_states() -> None:
-    from bot.console_steps import graph_nodes
-    from bot.models import ProtocolRun, StepRun
+    from bot.storage.models import ProtocolRun, StepRun
+    from bot.web.console_steps import graph_nodes
 
     config = spec_data(None, [1], [1], [2, 3])
     run = ProtocolRun(template_config=config)
@@ -237,7 +242,7 @@ def test_the_console_gets_the_graph_with_columns_and_states() -> None:
 
 
 def test_a_repository_may_set_its_bound() -> None:
-    from bot.repo_config import parse_repo_config
+    from bot.storage.repo_config import parse_repo_config
 
     assert parse_repo_config("policies:\n  max_parallel_steps: 2\n")["policies"] == {"max_parallel_steps": 2}
     with pytest.raises(SpecError, match=r"policies\.max_parallel_steps: must be a whole number from 1 to 32"):

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from bot.errors import SpecError
-from bot.graph import unsupported_in_graph
-from bot.spec import validate_spec
+from bot.core.errors import SpecError
+from bot.domain.graph import unsupported_in_graph
+from bot.domain.spec import validate_spec
 from tests.domain.test_domain_graph import spec_data
 
 LOOP = {"max_iterations": 2, "back_to": 1, "on": "qa_fail"}

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bot.policies import (
+from bot.domain.policies import (
     budget_check_after_step,
     budget_check_before_step,
     ci_decision,
@@ -18,7 +18,7 @@ from bot.policies import (
     qa_decision,
     trigger_decisions,
 )
-from bot.spec import LoopSpec, OutputsSpec, QASpec, StepSpec, TriggerSpec
+from bot.domain.spec import LoopSpec, OutputsSpec, QASpec, StepSpec, TriggerSpec
 
 
 def step(

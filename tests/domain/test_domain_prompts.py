@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from bot.errors import SpecError
-from bot.prompts import (
+from bot.core.errors import SpecError
+from bot.domain.prompts import (
     ALL_PLACEHOLDERS,
     PROMPT_PLACEHOLDERS,
     UNTRUSTED_NOTICE,

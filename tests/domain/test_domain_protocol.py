@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from bot.errors import TransitionConflict
-from bot.protocol import (
+from bot.core.errors import TransitionConflict
+from bot.domain.states import (
     PROTOCOL_TRANSITIONS,
     STEP_TRANSITIONS,
     ProtocolStatus,

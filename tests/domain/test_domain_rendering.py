@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from bot.forge.base import CheckReport
-from bot.rendering import (
+from bot.domain.rendering import (
     COMMENT_LIMIT,
     ProtocolView,
     StepView,
@@ -26,6 +25,7 @@ from bot.rendering import (
     text_size,
     truncate,
 )
+from bot.forge.base import CheckReport
 
 STEPS = [
     StepView(1, "User model", "completed", qa_verdict="PASS", tokens=12_345, duration_seconds=123, check_url="https://x/c/1", commit_sha="abc1234def"),

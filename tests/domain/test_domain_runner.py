@@ -1,10 +1,10 @@
-"""Table tests of the step runner's pure decisions (bot/protocol.py): no fakes, no I/O."""
+"""Table tests of the step runner's pure decisions (bot/domain/states.py): no fakes, no I/O."""
 
 from __future__ import annotations
 
 import pytest
 
-from bot.protocol import (
+from bot.domain.states import (
     completes_protocol,
     failure_statuses,
     may_approve_step,

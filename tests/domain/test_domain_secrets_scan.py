@@ -7,14 +7,14 @@ import urllib.parse
 
 import pytest
 
-from bot.git.ops import scan_log_patch
-from bot.secrets_scan import (
+from bot.domain.secrets_scan import (
     REDACTED,
     SecretScanner,
     is_secret_env_name,
     needles_for,
     secrets_in_environ,
 )
+from bot.git.ops import scan_log_patch
 
 SECRET = "s3cr3t-V4lue-for-the-scanner"
 GHS = "ghs_" + "A1b2C3d4" * 5
@@ -96,8 +96,8 @@ def test_scan_log_patch_names_files_and_messages_not_values() -> None:
 def test_registered_secrets_are_bounded_and_found_by_the_process_scanner(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from bot import secrets_scan
-    from bot.secrets_scan import (
+    from bot.domain import secrets_scan
+    from bot.domain.secrets_scan import (
         MAX_REGISTERED,
         process_scanner,
         register_secrets,

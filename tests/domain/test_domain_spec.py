@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from bot.errors import SpecError
-from bot.spec import (
+from bot.core.errors import SpecError
+from bot.domain.planning import spec_from_planning
+from bot.domain.spec import (
     BUILTIN_MODEL,
     ModelsSpec,
     PlanningOutput,
@@ -18,13 +19,12 @@ from bot.spec import (
     SpecDefaults,
     StepSpec,
     schemas_dir,
-    spec_from_planning,
     spec_to_dict,
     validate_planning_output,
     validate_spec,
 )
-from bot.spec import resolve_engine as engine_for
-from bot.spec import resolve_model as model_for
+from bot.domain.spec import resolve_engine as engine_for
+from bot.domain.spec import resolve_model as model_for
 
 
 def minimal() -> dict[str, Any]:

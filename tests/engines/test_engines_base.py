@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.errors import EngineError
+from bot.core.errors import EngineError
 from engines.base import Engine, EngineRequest, EngineResult, TokenUsage
 from engines.codex import CodexEngine
 from engines.registry import EngineRegistry, default_registry

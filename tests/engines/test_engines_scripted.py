@@ -12,7 +12,7 @@ import jsonschema  # type: ignore[import-untyped,unused-ignore]
 import pytest
 import yaml
 
-from bot.errors import EngineError
+from bot.core.errors import EngineError
 from engines.base import EngineRequest, Phase, TokenUsage
 from engines.scripted import DEFAULT_SCRIPT_PATH, ScriptedEngine, fill, qa_verdict, step_section
 

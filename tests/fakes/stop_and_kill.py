@@ -26,7 +26,7 @@ from tests.engines.test_engines_codex_process import FAKE_CODEX, alive
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = (
     "import logging; logging.basicConfig(level=logging.INFO); "
-    "from bot.jobs.worker import run_worker; from bot.settings import load_settings; run_worker(load_settings())"
+    "from bot.jobs.worker import run_worker; from bot.core.settings import load_settings; run_worker(load_settings())"
 )
 # what the cancelled engine wrote before it was stopped: must never reach a commit
 EDIT = "cancelled-edit.txt"

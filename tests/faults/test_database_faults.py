@@ -16,7 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import make_url
 
-from bot.app import create_app
+from bot.web.app import create_app
 from tests.conftest import LiveServer, _truncate_postgres, free_port, make_settings
 from tests.intake.helpers import comment_body, github_headers
 
@@ -188,7 +188,7 @@ def test_locked_sqlite_gives_503_within_5s_and_readyz_says_so(
 def test_readyz_reports_a_full_disk(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from starlette.testclient import TestClient
 
-    from bot import health
+    from bot.storage import health
 
     settings = make_settings(tmp_path, db_url=sqlite_url)
     with TestClient(create_app(settings)) as client:

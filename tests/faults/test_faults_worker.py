@@ -13,9 +13,9 @@ import httpx
 import pytest
 import redis as redis_sync
 
-from bot.app import create_app
 from bot.jobs.worker import build_worker, close_worker
-from bot.migrate import upgrade_head
+from bot.storage.migrate import upgrade_head
+from bot.web.app import create_app
 from tests.conftest import LiveServer, _truncate_postgres, make_settings
 from tests.faults.conftest import OwnRedis, WorkerProcess
 from tests.intake.helpers import comment_body, github_headers, rows, sync_url

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from bot.app import create_app
-from bot.jsonlimits import MAX_JSON_DEPTH, too_deep
+from bot.core.jsonlimits import MAX_JSON_DEPTH, too_deep
+from bot.web.app import create_app
 from tests.conftest import free_port, make_settings
 from tests.faults.conftest import ROOT
 from tests.intake.helpers import github_headers, gitlab_headers

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bot.errors import GitError
+from bot.core.errors import GitError
 from bot.git import GitCache, head_sha, push, remote_ref
 
 # conftest.py cannot be imported under --import-mode=importlib; these mirror its fixtures' types.

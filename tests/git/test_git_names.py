@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bot.errors import GitError
+from bot.core.errors import GitError
 from bot.git import (
     build_git_argv,
     build_git_env,

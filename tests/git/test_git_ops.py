@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bot.errors import GitError
+from bot.core.errors import GitError
 from bot.git import (
     GitCache,
     StatusEntry,

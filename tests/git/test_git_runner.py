@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bot.errors import GitError
+from bot.core.errors import GitError
 from bot.git import GitCache, GitCommandFailed, GitTimeout, commit_all, push, run_git
 from bot.git.credentials import may_send_credentials
 

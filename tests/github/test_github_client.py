@@ -12,7 +12,7 @@ import jwt
 import pytest
 import respx
 
-from bot.errors import ForgeError
+from bot.core.errors import ForgeError
 from bot.forge.github import convert_manifest
 from bot.forge.github_client import (
     GitHubClient,

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import respx
 
-from bot.errors import ForgeError
+from bot.core.errors import ForgeError
 from bot.forge.base import (
     CheckAction,
     CheckReport,

@@ -21,11 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
 from starlette.testclient import TestClient
 
-from bot.app import AppState, create_app
-from bot.db import Database
-from bot.models import Event, Project, ProtocolRun
-from bot.runs import RunState, load_run
-from bot.store import load_delivery
+from bot.storage.db import Database
+from bot.storage.models import Event, Project, ProtocolRun
+from bot.storage.runs import RunState, load_run
+from bot.storage.store import load_delivery
+from bot.web.app import AppState, create_app
 from tests.conftest import GITHUB_SECRET, make_settings
 from tests.github_e2e.fake_github import (
     APP_ID,
@@ -160,7 +160,7 @@ class GitHubLoop:
         return self.call(get)  # type: ignore[no-any-return]
 
     def update_run(self, **values: Any) -> None:
-        from bot.runs import update_run
+        from bot.storage.runs import update_run
 
         run_id = self.run().run.id
         self.call(lambda: update_run(self.db, run_id, **values))

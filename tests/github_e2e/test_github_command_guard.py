@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bot.commands import Command
+from bot.domain.commands import Command
 from tests.github_e2e.conftest import GitHubLoop
 from tests.github_e2e.fake_github import FULL_NAME
 
@@ -22,7 +22,7 @@ def pairs(calls: list[Any]) -> list[tuple[str, str]]:
 async def _run_count(gh: GitHubLoop) -> int:
     from sqlalchemy import func, select
 
-    from bot.models import ProtocolRun
+    from bot.storage.models import ProtocolRun
 
     async with gh.db.sessions() as session:
         return int((await session.execute(select(func.count(ProtocolRun.id)))).scalar() or 0)
@@ -105,7 +105,7 @@ def test_replies_are_rate_limited_per_user_and_repository(gh: GitHubLoop) -> Non
 
 
 def test_gitlab_quick_actions_are_never_answered() -> None:
-    from bot.commands import GITLAB_QUICK_ACTIONS, parse_commands
+    from bot.domain.commands import GITLAB_QUICK_ACTIONS, parse_commands
     from bot.handlers.commands_flow import _answer_error
 
     (err,) = parse_commands("/unapprove")  # within edit distance 2 of /approve

@@ -194,7 +194,7 @@ def test_read_permission_gets_a_polite_refusal_and_no_job(gh: GitHubLoop) -> Non
 async def _run_count(gh: GitHubLoop) -> int:
     from sqlalchemy import func, select
 
-    from bot.models import ProtocolRun
+    from bot.storage.models import ProtocolRun
 
     async with gh.db.sessions() as session:
         return int((await session.execute(select(func.count(ProtocolRun.id)))).scalar() or 0)

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from sqlalchemy import select, update
 
-from bot.app_credentials import load_stored_credentials
-from bot.models import Project, StoredSecret
+from bot.storage.app_credentials import load_stored_credentials
+from bot.storage.models import Project, StoredSecret
 from tests.github_e2e.conftest import GitHubLoop, sample
 from tests.github_e2e.fake_github import APP_ID, APP_SLUG, FULL_NAME, INSTALLATION_ID
 from tests.protocol.conftest import scripted_script

@@ -471,7 +471,7 @@ def test_worker_dying_right_after_the_push_answers_when_the_job_runs_again(
 ) -> None:
     """Killed between the push and the first reply: arq runs a killed worker's job again; that
     run finds the step past running and sends the replies it left (and only those)."""
-    from bot.jobs.protocol import execute_step
+    from bot.jobs.steps import execute_step
 
     worker_ctx: dict[str, Any] = gh.state.extra["worker"].ctx
     kills: list[str] = []

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from bot.errors import ForgeError
+from bot.core.errors import ForgeError
 from bot.forge.gitlab_client import (
     RECURSION_HEADER,
     GitLabAPIError,

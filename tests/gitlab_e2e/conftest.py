@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from bot.app import create_app
+from bot.web.app import create_app
 from tests.conftest import make_settings
 from tests.gitlab.fake_gitlab import DEVELOPER, REPORTER, FakeGitLab, _Call
 from tests.gitutil import git, make_origin

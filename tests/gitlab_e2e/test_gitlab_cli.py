@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.cli import main
+from bot.cli.main import main
 from tests.conftest import GITLAB_SECRET
 from tests.gitlab.fake_gitlab import FakeGitLab
 from tests.intake.helpers import rows

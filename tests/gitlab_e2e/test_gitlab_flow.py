@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bot.rendering import status_marker
+from bot.domain.rendering import status_marker
 from tests.gitlab_e2e.conftest import PROJECT_ID, World
 from tests.gitutil import git
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bot.commands import help_text
+from bot.domain.commands import help_text
 from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
 from tests.gitlab.fake_gitlab import BOT_USERNAME

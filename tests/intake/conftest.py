@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from bot.app import create_app
+from bot.web.app import create_app
 from tests.conftest import make_settings
 
 

@@ -12,10 +12,10 @@ import pytest
 import redis as redis_sync
 from arq.constants import default_queue_name
 
-from bot.app import create_app
-from bot.db import create_database
 from bot.jobs.worker import build_worker, close_worker
-from bot.queue import JobSpec, delivery_job_id
+from bot.storage.db import create_database
+from bot.storage.queue import JobSpec, delivery_job_id
+from bot.web.app import create_app
 from tests.conftest import LiveServer, make_settings
 from tests.intake.helpers import comment_body, github_headers, rows, sync_url
 
@@ -128,8 +128,8 @@ def test_worker_relays_pending_deliveries_and_rerun_is_idempotent(
 
     async def scenario() -> None:
         from bot.handlers.sansio import IncomingDelivery
-        from bot.intake import DeliveryStore
         from bot.jobs.deliveries import process_delivery
+        from bot.storage.intake import DeliveryStore
 
         db = create_database(settings.async_database_url)
 
@@ -178,7 +178,7 @@ def test_old_finished_deliveries_are_pruned_and_the_rest_kept(tmp_path: Path, db
     from sqlalchemy import update
 
     from bot.jobs.deliveries import prune_old_deliveries
-    from bot.models import WebhookDelivery
+    from bot.storage.models import WebhookDelivery
 
     settings = make_settings(tmp_path, db_url=db_url, delivery_retention_days=30)
 

@@ -15,12 +15,12 @@ from arq.connections import ArqRedis
 from arq.jobs import deserialize_job
 from starlette.testclient import TestClient
 
-from bot.app import create_app
-from bot.edge import read_body
-from bot.errors import WebhookError
+from bot.core.errors import WebhookError
 from bot.handlers.sansio import IncomingDelivery
-from bot.intake import SqliteWriter, _Pending
-from bot.queue import JobSpec, create_redis, delivery_job, enqueue_many
+from bot.storage.intake import SqliteWriter, _Pending
+from bot.storage.queue import JobSpec, create_redis, delivery_job, enqueue_many
+from bot.web.app import create_app
+from bot.web.edge import read_body
 from tests.conftest import GITHUB_SECRET, make_settings
 from tests.intake.helpers import comment_body, github_headers, rows
 
@@ -211,7 +211,7 @@ async def test_serves_socket_gives_connections_tcp_nodelay_on_asyncio() -> None:
     forge's delayed ACK, up to 40 ms; asyncio sets it only when the socket names IPPROTO_TCP."""
     import socket
 
-    from bot.serving import bind_socket
+    from bot.web.serving import bind_socket
 
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]

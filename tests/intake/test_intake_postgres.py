@@ -11,10 +11,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from bot.db import postgres_connector
 from bot.handlers.sansio import IncomingDelivery
-from bot.intake import _Pending
-from bot.intake_pg import PostgresWriter, resolve
+from bot.storage.db import postgres_connector
+from bot.storage.intake import _Pending
+from bot.storage.intake_pg import PostgresWriter, resolve
 from tests.conftest import _truncate_postgres
 from tests.intake.helpers import rows
 
@@ -151,9 +151,9 @@ def test_the_payload_column_is_compressed_with_lz4(pg_url: str) -> None:
 async def test_a_second_batch_commits_while_the_first_waits_and_a_racing_key_is_a_duplicate(pg_url: str) -> None:
     """Two commits in flight: one blocked on a key another transaction holds does not hold up
     the next batch, and once that transaction commits, the blocked delivery is its duplicate."""
-    from bot.db import create_database
-    from bot.intake import DeliveryStore
-    from bot.queue import JobSpec
+    from bot.storage.db import create_database
+    from bot.storage.intake import DeliveryStore
+    from bot.storage.queue import JobSpec
 
     enqueued: list[JobSpec] = []
 

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bot.app import create_app
 from bot.handlers.sansio import github_delivery, gitlab_delivery
+from bot.web.app import create_app
 from tests.conftest import GITHUB_SECRET, GITLAB_SECRET, LiveServer, make_settings
 from tests.intake.helpers import github_headers, gitlab_headers, rows
 

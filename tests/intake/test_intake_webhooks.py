@@ -11,7 +11,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from bot.app import create_app
+from bot.web.app import create_app
 from tests.conftest import LiveServer, make_settings
 from tests.intake.helpers import comment_body, github_headers, gitlab_headers, rows, sign
 
@@ -133,8 +133,8 @@ def test_streamed_oversize_body_is_413_as_soon_as_it_passes_the_limit(
 async def test_body_reader_stops_pulling_chunks_past_the_limit() -> None:
     from starlette.requests import Request
 
-    from bot.app import read_body_limited
-    from bot.errors import WebhookError
+    from bot.core.errors import WebhookError
+    from bot.web.app import read_body_limited
 
     pulled = 0
 

@@ -15,12 +15,12 @@ from typing import Any
 import httpx
 import pytest
 
-from bot.app import create_app
-from bot.ci import apply_ci_result
-from bot.ci_hook import ci_delivery, parse_report, verify
-from bot.errors import WebhookError
-from bot.jobs.protocol import execute_step
-from bot.onboarding import ASSETS
+from bot.core.errors import WebhookError
+from bot.git.onboarding import ASSETS
+from bot.handlers.ci_report import ci_delivery, parse_report, verify
+from bot.jobs.ci import apply_ci_result
+from bot.jobs.steps import execute_step
+from bot.web.app import create_app
 from engines.scripted import ScriptedEngine
 from tests.conftest import LiveServer
 from tests.gitutil import git
@@ -90,7 +90,7 @@ async def snapshot(h: Harness, run_id: int) -> tuple[str, list[str], list[str]]:
 
 async def wait_processed(h: Harness, delivery_id: int) -> dict[str, Any]:
     """The stored delivery's outcome, once the worker has processed it (and its jobs ran)."""
-    from bot.store import load_delivery
+    from bot.storage.store import load_delivery
 
     for _ in range(600):
         row = await load_delivery(h.ctx["db"], delivery_id)
@@ -249,11 +249,11 @@ async def test_ci_hook_finds_a_protocol_planned_on_a_pull_request_branch(
 async def test_find_run_by_branch_on_both_databases(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """The lookup reads the PR branch out of runtime_state (JSON): the same answers on SQLite
     and Postgres; a branch in two projects needs `project`; a later protocol on one PR wins."""
-    from bot.ci_hook import CIReport, find_run
-    from bot.db import create_database
-    from bot.migrate import upgrade_head
-    from bot.runs import create_run, get_or_create_project, update_run
-    from bot.settings import Settings
+    from bot.core.settings import Settings
+    from bot.handlers.ci_report import CIReport, find_run
+    from bot.storage.db import create_database
+    from bot.storage.migrate import upgrade_head
+    from bot.storage.runs import create_run, get_or_create_project, update_run
     from tests.conftest import _truncate_postgres
 
     if backend == "postgres":
@@ -304,7 +304,7 @@ async def test_ci_hook_without_a_token_is_closed(tmp_path: Path) -> None:
 
 
 def test_ci_delivery_stores_the_log_without_our_secrets() -> None:
-    from bot.secrets_scan import register_secrets
+    from bot.domain.secrets_scan import register_secrets
 
     register_secrets(["worker-secret-in-a-ci-log-0042"])
     body = json.dumps(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.jobs.setup import project_onboard
-from bot.onboarding import SETUP_BRANCH
+from bot.git.onboarding import SETUP_BRANCH
+from bot.jobs.onboard import project_onboard
 from engines.codex import CodexEngine
 from tests.fakes.codex_fixtures import FAKE_KEY_NAME, FakeCodex
 from tests.fakes.fake_model import apply_patch_call, final, tool_then

@@ -13,14 +13,14 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from bot.cli import main
-from bot.cli_setup import local_setup
-from bot.errors import ConfigError
+from bot.cli.main import main
+from bot.cli.onboard import local_setup
+from bot.core.errors import ConfigError
 from bot.forge.local import LocalForge
-from bot.jobs.setup import project_onboard
-from bot.local_runtime import local_runtime
-from bot.models import Event
-from bot.onboarding import GITHUB_WORKFLOW, GITLAB_CI, SETUP_BRANCH, starter_paths
+from bot.git.onboarding import GITHUB_WORKFLOW, GITLAB_CI, SETUP_BRANCH, starter_paths
+from bot.jobs.local_runtime import local_runtime
+from bot.jobs.onboard import project_onboard
+from bot.storage.models import Event
 from tests.gitutil import git
 from tests.protocol.conftest import (
     Harness,

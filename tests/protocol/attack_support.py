@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from bot.models import Event, ForgeRecord, ProtocolRun, StepRun
-from bot.secrets_scan import SecretScanner
+from bot.domain.secrets_scan import SecretScanner
+from bot.storage.models import Event, ForgeRecord, ProtocolRun, StepRun
 from tests.gitutil import GIT_ENV
 
 ATTACK_CODEX = Path(__file__).resolve().parents[1] / "fakes" / "attack_codex.py"
@@ -41,8 +41,8 @@ def store_app_credentials(data_dir: Path) -> None:
     import json
     import os
 
-    from bot.app_credentials import CREDENTIALS_FILE
-    from bot.fsperm import ensure_private_dir
+    from bot.core.fsperm import ensure_private_dir
+    from bot.storage.app_credentials import CREDENTIALS_FILE
 
     ensure_private_dir(data_dir)
     fd = os.open(data_dir / CREDENTIALS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from bot.actions import start_protocol
-from bot.local_runtime import drain, local_runtime
-from bot.models import Event, Project
-from bot.runs import get_or_create_project, load_run
-from bot.settings import Settings
+from bot.core.settings import Settings
+from bot.jobs.actions import start_protocol
+from bot.jobs.local_runtime import drain, local_runtime
+from bot.storage.models import Event, Project
+from bot.storage.runs import get_or_create_project, load_run
 from engines.registry import EngineRegistry
 from engines.scripted import ScriptedEngine
 from tests.conftest import make_settings

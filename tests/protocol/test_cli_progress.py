@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bot.cli import main
-from bot.cli_progress import Snapshot, progress_line
-from bot.settings import Settings, default_data_dir
+from bot.cli.main import main
+from bot.cli.progress import Snapshot, progress_line
+from bot.core.settings import Settings, default_data_dir
 from engines.scripted import DEFAULT_SCRIPT_PATH
 from tests.protocol.test_protocol_cli import repo
 

@@ -10,7 +10,7 @@ import inspect
 
 import pytest
 
-from bot.errors import NotFound
+from bot.core.errors import NotFound
 from bot.forge.base import (
     CheckReport,
     Forge,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from bot.jobs.protocol import execute_step
+from bot.jobs.steps import execute_step
 from engines.codex import CodexEngine
 from engines.scripted import ScriptedEngine
 from tests.protocol.attack_support import (

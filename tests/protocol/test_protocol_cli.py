@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bot.cli import main
+from bot.cli.main import main
 from tests.gitutil import git
 from tests.protocol.conftest import one_step_planning, scripted_script
 

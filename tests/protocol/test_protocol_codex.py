@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.jobs.protocol import execute_step
+from bot.jobs.steps import execute_step
 from engines.codex import CodexEngine
 from engines.scripted import ScriptedEngine
 from tests.fakes.codex_fixtures import FAKE_KEY_NAME, FakeCodex

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from arq import Retry
 
-from bot.jobs.protocol import execute_step
-from bot.queue import create_redis
+from bot.jobs.steps import execute_step
+from bot.storage.queue import create_redis
 from engines.scripted import ScriptedEngine
 from tests.protocol.conftest import (
     Harness,

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from arq import Retry
 
-from bot import actions
 from bot.forge.local import LocalForge
+from bot.jobs import actions
 from bot.jobs.common import MAX_TRIES
 from bot.jobs.locks import LOCK_PREFIX, lease_alive
-from bot.jobs.protocol import execute_step, plan_protocol, run_quality
 from bot.jobs.reclaim import orphaned_qa, orphaned_work, reclaim_expired
+from bot.jobs.steps import execute_step, plan_protocol, run_quality
 from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
 from tests.gitutil import git
@@ -244,7 +244,7 @@ async def test_worker_killed_mid_step_is_taken_back_after_the_lease_expires(harn
 
 
 async def test_a_planning_worker_killed_is_taken_back(harness: Harness) -> None:
-    from bot.runs import set_protocol_status
+    from bot.storage.runs import set_protocol_status
 
     run = await actions.start_protocol(harness.ctx, harness.project, "Add a greeting", approved=True)
     await set_protocol_status(harness.ctx["db"], run.id, "planning", "a worker started and died")
@@ -327,7 +327,7 @@ async def test_cancel_kills_the_codex_process_group_within_5_s(harness: Harness,
 
 
 async def test_an_inline_trigger_is_enqueued_with_its_depth_not_run_inside_the_job(harness: Harness) -> None:
-    from bot.runs import update_run
+    from bot.storage.runs import update_run
 
     engine = ScriptedEngine(
         scripted_script(

@@ -7,7 +7,7 @@ from bot.handlers.commands_flow import handle_comment, latest_run
 from bot.handlers.forge_events import CommentEvent, RepoInfo
 from bot.handlers.router import HandlerContext
 from bot.handlers.sansio import IncomingDelivery
-from bot.runs import create_run, load_run, update_run
+from bot.storage.runs import create_run, load_run, update_run
 from tests.protocol.conftest import Harness
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.actions import start_protocol
+from bot.jobs.actions import start_protocol
 from engines.scripted import ScriptedEngine
 from tests.gitutil import git
 from tests.protocol.conftest import Harness, origin_branches, origin_file, origin_log
@@ -99,7 +99,7 @@ async def test_cancel_stops_every_running_step_and_pushes_nothing(harness: Harne
     import asyncio
     import contextlib
 
-    from bot import actions
+    from bot.jobs import actions
     from bot.jobs.worker import build_worker
 
     engine = TimedEngine(graph_script(DIAMOND, delay_s=20.0, execute_steps={"part-1": {"files": [{"path": "part1.txt", "content": "1\n"}]}}))
@@ -137,7 +137,7 @@ async def test_cancel_stops_every_running_step_and_pushes_nothing(harness: Harne
 async def _feed_ci(harness: Harness, run_id: int, protocol_result: str) -> Any:
     """Green CI on each step's child-branch commit as it waits, then `protocol_result` on the
     protocol branch once every step is merged; the final state."""
-    from bot.ci import apply_ci_result
+    from bot.jobs.ci import apply_ci_result
 
     for _ in range(40):
         await harness.drain()
@@ -156,7 +156,7 @@ async def _feed_ci(harness: Harness, run_id: int, protocol_result: str) -> Any:
 async def test_ci_gates_each_step_on_its_branch_and_completion_on_the_protocol_branch(harness: Harness) -> None:
     from sqlalchemy import update
 
-    from bot.models import Project
+    from bot.storage.models import Project
 
     async with harness.ctx["db"].sessions.begin() as session:
         await session.execute(update(Project).where(Project.id == harness.project.id).values(ci_provider="github-actions"))
@@ -172,7 +172,7 @@ async def test_ci_gates_each_step_on_its_branch_and_completion_on_the_protocol_b
 async def test_red_ci_on_the_protocol_branch_after_the_merges_blocks_it(harness: Harness) -> None:
     from sqlalchemy import update
 
-    from bot.models import Project
+    from bot.storage.models import Project
 
     async with harness.ctx["db"].sessions.begin() as session:
         await session.execute(update(Project).where(Project.id == harness.project.id).values(ci_provider="github-actions"))
@@ -187,8 +187,8 @@ async def test_red_ci_on_the_protocol_branch_after_the_merges_blocks_it(harness:
 async def test_run_step_names_the_missing_dependencies_and_next_starts_every_ready_step(harness: Harness) -> None:
     import pytest
 
-    from bot import actions
-    from bot.errors import DependenciesPending
+    from bot.core.errors import DependenciesPending
+    from bot.jobs import actions
 
     harness.use(ScriptedEngine(graph_script(DIAMOND)))
     run_id = await harness.start("Build four parts")  # approved, not auto: steps run on command

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from bot import actions
-from bot.actions import start_protocol
-from bot.ci import apply_ci_result
-from bot.models import Project
+from bot.jobs import actions
+from bot.jobs.actions import start_protocol
+from bot.jobs.ci import apply_ci_result
+from bot.storage.models import Project
 from engines.scripted import ScriptedEngine
 from tests.protocol.conftest import Harness
 from tests.protocol.parallel_support import DIAMOND, graph_script
@@ -76,7 +76,7 @@ async def test_red_again_after_resume_blocks_again(harness: Harness) -> None:
 async def test_a_queued_step_whose_job_is_lost_is_queued_again_by_the_reclaim_cron(harness: Harness) -> None:
     from bot.jobs.reclaim import lost_queued_steps, reclaim_expired
     from bot.jobs.schedule import queued
-    from bot.runs import update_step
+    from bot.storage.runs import update_step
 
     harness.use(ScriptedEngine(graph_script(DIAMOND)))
     run_id = await harness.start("Build four parts")  # approved, not auto: steps run on command
@@ -190,7 +190,7 @@ async def test_a_protocol_without_a_slot_waits_and_the_cron_starts_it_once_one_f
     from bot.jobs.env import JobEnv
     from bot.jobs.reclaim import reclaim_expired
     from bot.jobs.schedule import bound, schedule_ready, stalled
-    from bot.runs import update_run
+    from bot.storage.runs import update_run
     from tests.protocol.conftest import make_harness, protocol_settings
 
     async with make_harness(protocol_settings(tmp_path, max_parallel_steps_per_repo=1), origin) as h:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from bot.jobs.protocol import execute_step, run_quality
-from bot.runs import update_run
-from bot.spec import LoopSpec, spec_to_dict, validate_spec
+from bot.domain.spec import LoopSpec, spec_to_dict, validate_spec
+from bot.jobs.steps import execute_step, run_quality
+from bot.storage.runs import update_run
 from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
 from tests.protocol.conftest import (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bot.jobs.protocol import execute_step
+from bot.jobs.steps import execute_step
 from tests.protocol.conftest import Harness, origin_branches, origin_files, origin_log
 
 

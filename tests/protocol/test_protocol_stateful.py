@@ -27,17 +27,22 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from sqlalchemy import select
 
-from bot import actions
-from bot.ci import apply_ci_result
-from bot.errors import DeksdenFlowError
+from bot.core.errors import DeksdenFlowError
+from bot.domain.states import (
+    can_transition_protocol,
+    may_approve_step,
+    may_start_step,
+    resume_decision,
+)
+from bot.jobs import actions
+from bot.jobs.ci import apply_ci_result
+from bot.jobs.local_runtime import drain
 from bot.jobs.locks import lease_alive, step_lease_alive
-from bot.jobs.protocol import execute_step, run_quality
 from bot.jobs.quality import qa_in_progress
 from bot.jobs.reclaim import reclaim_expired
-from bot.local_runtime import drain
-from bot.models import Event
-from bot.protocol import can_transition_protocol, may_approve_step, may_start_step, resume_decision
-from bot.runs import get_or_create_project, load_run
+from bot.jobs.steps import execute_step, run_quality
+from bot.storage.models import Event
+from bot.storage.runs import get_or_create_project, load_run
 from engines.base import EngineRequest, EngineResult
 from engines.registry import EngineRegistry
 from engines.scripted import ScriptedEngine
@@ -96,7 +101,7 @@ class StepRunnerMachine(RuleBasedStateMachine):
         self.ctx, self.run_id, self.origin = self.loop.run_until_complete(self._setup())
 
     async def _setup(self) -> tuple[dict[str, Any], int, Path]:
-        from bot.local_runtime import local_runtime
+        from bot.jobs.local_runtime import local_runtime
 
         origin = make_origin(self.tmp, readme="# chaos\n")
         config = protocol_settings(self.tmp, stop_poll_s=0.05)
@@ -438,7 +443,7 @@ class ParallelStepMachine(RuleBasedStateMachine):
 
     async def _setup(self) -> tuple[dict[str, Any], int]:
         from bot.jobs import integrate
-        from bot.local_runtime import local_runtime
+        from bot.jobs.local_runtime import local_runtime
 
         original = integrate.integrate_step
 

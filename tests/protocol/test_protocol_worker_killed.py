@@ -21,22 +21,22 @@ import pytest
 import yaml
 from arq.worker import Worker
 
-from bot.actions import start_protocol
-from bot.db import database_from_settings
+from bot.jobs.actions import start_protocol
 from bot.jobs.locks import lease_alive
 from bot.jobs.reclaim import orphaned_work, reclaim_expired
+from bot.jobs.services import build_services, close_services
 from bot.jobs.worker import job_functions, stop_embedded_worker
-from bot.migrate import upgrade_head
-from bot.queue import create_redis
-from bot.runs import get_or_create_project, load_run
-from bot.services import build_services, close_services
+from bot.storage.db import database_from_settings
+from bot.storage.migrate import upgrade_head
+from bot.storage.queue import create_redis
+from bot.storage.runs import get_or_create_project, load_run
 from engines.registry import EngineRegistry
 from engines.scripted import ScriptedEngine
 from tests.conftest import make_settings
 from tests.protocol.conftest import one_step_planning, origin_log, scripted_script
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = "import logging; logging.basicConfig(level=logging.INFO); from bot.jobs.worker import run_worker; from bot.settings import load_settings; run_worker(load_settings())"
+WORKER = "import logging; logging.basicConfig(level=logging.INFO); from bot.jobs.worker import run_worker; from bot.core.settings import load_settings; run_worker(load_settings())"
 
 
 def worker_env(tmp_path: Path, db_url: str, redis_url: str, script: Path) -> dict[str, str]:

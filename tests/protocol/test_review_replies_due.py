@@ -3,11 +3,11 @@ no job holds; stale entries (a gone run, a cancelled fix that never ran, garbage
 
 from __future__ import annotations
 
-from bot import actions
+from bot.jobs import actions
 from bot.jobs.locks import LOCK_PREFIX
 from bot.jobs.reclaim import reclaim_expired
 from bot.jobs.review import REPLIES_DUE_KEY, replies_due
-from bot.runs import update_step
+from bot.storage.runs import update_step
 from engines.scripted import ScriptedEngine
 from tests.protocol.conftest import Harness
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from bot.errors import SpecError
+from bot.core.errors import SpecError
 from bot.git.cache import GitCache
-from bot.repo_config import merged_project_values, parse_repo_config, refresh_repo_config
-from bot.runs import get_or_create_project
+from bot.storage.repo_config import merged_project_values, parse_repo_config, refresh_repo_config
+from bot.storage.runs import get_or_create_project
 from tests.gitutil import git, make_origin
 
 
@@ -51,8 +51,8 @@ def test_merge_keeps_operator_models() -> None:
 
 
 async def test_read_from_base_branch_only(tmp_path: Path, sqlite_url: str) -> None:
-    from bot.db import create_database
-    from bot.settings import Settings
+    from bot.core.settings import Settings
+    from bot.storage.db import create_database
 
     origin = make_origin(tmp_path)
     work = tmp_path / "work"

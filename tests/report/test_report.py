@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.cli import main
-from bot.errors import ConfigError
-from bot.report import build_report, render_html, write_report
+from bot.cli.main import main
+from bot.cli.report import build_report, render_html, write_report
+from bot.core.errors import ConfigError
 from tests.api.seed import seed, sync_url
 from tests.console.test_console import CHROMIUM
 
@@ -77,7 +77,7 @@ def test_money_per_project(sqlite_url: str) -> None:
     from sqlalchemy import create_engine, update
     from sqlalchemy.orm import Session
 
-    from bot.models import ProtocolRun
+    from bot.storage.models import ProtocolRun
 
     seed(sqlite_url, runs=2, status="completed")
     engine = create_engine(sync_url(sqlite_url))

@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from bot.commands import help_text
-from bot.jobs.ready import next_step_message
-from bot.mentions import bot_handles, mentions_bot, mentions_to_commands
-from bot.review import (
+from bot.domain.commands import help_text
+from bot.domain.mentions import bot_handles, mentions_bot, mentions_to_commands
+from bot.domain.review import (
     ReviewComment,
     fix_step_markdown,
     github_pr_comment,
@@ -30,6 +29,7 @@ from bot.review import (
     threads_to_answer,
     unthreaded_reply,
 )
+from bot.jobs.ready import next_step_message
 
 SAMPLES = Path(__file__).with_name("samples")
 
@@ -273,7 +273,7 @@ def test_mentions_to_commands(body: str, expected: str) -> None:
 
 
 def test_mentions_in_code_are_no_commands() -> None:
-    from bot.commands import parse_commands
+    from bot.domain.commands import parse_commands
 
     body = mentions_to_commands("```\n@bot plan\n```", ("bot",))
     assert parse_commands(body) == []
@@ -349,8 +349,14 @@ def test_review_threads_query_and_resolve_mutation() -> None:
 
 
 def test_review_feedback_item_is_kept_across_failures_and_replaced_by_a_newer_review() -> None:
-    from bot.fix_feedback import FeedbackItem, add_item, guidance_item, qa_item, render_feedback
-    from bot.review import review_feedback
+    from bot.domain.fix_feedback import (
+        FeedbackItem,
+        add_item,
+        guidance_item,
+        qa_item,
+        render_feedback,
+    )
+    from bot.domain.review import review_feedback
 
     comments = [
         ReviewComment(1, "alice", "Rename `x`", thread_id="1", path="a.py", line=3, diff_hunk="@@ -1 +1,3 @@\n+x = 1"),
@@ -384,8 +390,8 @@ def test_review_feedback_item_is_kept_across_failures_and_replaced_by_a_newer_re
     ],
 )
 def test_ci_report_branch_matches_the_run(name: str, runtime: dict[str, Any], branch: str, expected: bool) -> None:
-    from bot.ci_hook import reports_to
-    from bot.models import ProtocolRun
+    from bot.handlers.ci_report import reports_to
+    from bot.storage.models import ProtocolRun
 
     run = ProtocolRun(protocol_name=name, runtime_state=runtime)
     assert reports_to(run, branch) is expected

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.pricing import ModelPrice, cost_usd, fmt_cost, price_for, price_table
+from bot.domain.pricing import ModelPrice, cost_usd, fmt_cost, price_for, price_table
 from engines.base import TokenUsage
 
 

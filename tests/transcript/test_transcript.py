@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from bot.jobs.protocol import execute_step
-from bot.pricing import DEFAULT_PRICES, cost_usd
-from bot.transcript import (
+from bot.domain.pricing import DEFAULT_PRICES, cost_usd
+from bot.jobs.steps import execute_step
+from bot.storage.transcript import (
     REDACTED,
     TranscriptRecorder,
     redact,
@@ -140,8 +140,8 @@ async def test_a_scripted_step_stores_its_transcript_and_cost(
 
 
 async def test_recorder_on_sqlite_and_postgres(db_url: str, tmp_path: Path) -> None:
-    from bot.db import create_database
-    from bot.settings import Settings
+    from bot.core.settings import Settings
+    from bot.storage.db import create_database
 
     db = create_database(Settings(db_url=db_url, data_dir=tmp_path).async_database_url)
     try:
@@ -163,8 +163,8 @@ async def test_a_locked_database_sends_the_write_to_the_thread(tmp_path: Path) -
     import asyncio
     import sqlite3
 
-    from bot.db import create_database
-    from bot.migrate import upgrade_head
+    from bot.storage.db import create_database
+    from bot.storage.migrate import upgrade_head
 
     path = tmp_path / "locked.sqlite3"
     upgrade_head(f"sqlite:///{path}")
@@ -188,8 +188,8 @@ async def test_a_locked_database_sends_the_write_to_the_thread(tmp_path: Path) -
 async def test_a_slow_stream_is_stored_before_the_turn_ends(tmp_path: Path) -> None:
     import asyncio
 
-    from bot.db import create_database
-    from bot.migrate import upgrade_head
+    from bot.storage.db import create_database
+    from bot.storage.migrate import upgrade_head
 
     path = tmp_path / "slow.sqlite3"
     upgrade_head(f"sqlite:///{path}")

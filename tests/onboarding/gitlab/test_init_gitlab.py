@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bot.onboarding import SETUP_BRANCH, starter_paths
+from bot.git.onboarding import SETUP_BRANCH, starter_paths
 from tests.gitlab_e2e.conftest import World
 from tests.gitutil import git
 

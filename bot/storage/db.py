@@ -1,0 +1,199 @@
+"""Database access: the async engine, sessions, and SQLite tuning for durable group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from sqlalchemy import event, make_url, text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from bot.core.settings import Settings
+
+# How long any one database operation may take before the request gets a 503 (issue 20): the
+# forges give a delivery 10 s, an operator should not stare at a hung page.
+DEFAULT_DB_TIMEOUT_S = 2.5
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers run beside the writer; FULL keeps every acknowledged delivery on disk
+    # (the intake answers `accepted` only after its commit), busy_timeout absorbs the short
+    # write lock held by a concurrent worker, and no more: a file locked by another process
+    # must give a prompt 503, not a request that waits past the forge's timeout.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def sqlite_file(database: Database) -> str | None:
+    """The file behind a SQLite database, or None (Postgres, in-memory, URI options)."""
+    url = database.engine.url
+    if not database.is_sqlite or url.query or url.database in (None, "", ":memory:"):
+        return None
+    return url.database
+
+
+def connect_sqlite(path: str, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> sqlite3.Connection:
+    """A plain sqlite3 connection with the engine's PRAGMAs, in autocommit mode (explicit BEGIN).
+
+    For the intake's dedicated writer thread: one thread hop per group commit instead of
+    aiosqlite's hop per statement, and no SQL compilation on the event loop.
+    """
+    conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+    _sqlite_pragmas(conn, None, timeout_s)
+    return conn
+
+
+@dataclass
+class Database:
+    """The engine plus a session factory; one per process."""
+
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    timeout_s: float = DEFAULT_DB_TIMEOUT_S
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def create_database(url: str, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> Database:
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": timeout_s}
+    else:
+        kwargs.update(
+            pool_size=10,
+            max_overflow=10,
+            pool_pre_ping=True,
+            pool_timeout=timeout_s,  # waiting for a free connection counts too
+            async_creator=postgres_connector(url, timeout_s),
+        )
+    engine = create_async_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+        event.listen(
+            engine.sync_engine, "connect", lambda conn, record: _sqlite_pragmas(conn, record, timeout_s)
+        )
+    return Database(engine=engine, sessions=async_sessionmaker(engine, expire_on_commit=False), timeout_s=timeout_s)
+
+
+def database_from_settings(settings: Settings) -> Database:
+    return create_database(settings.async_database_url, settings.db_timeout_s)
+
+
+class DatabaseTimeout(psycopg.OperationalError):
+    """The database did not answer in time; the connection was closed (SQLAlchemy drops it)."""
+
+
+def _bounded(timeout_s: float) -> Any:
+    return asyncio.timeout(timeout_s)
+
+
+def _swallow(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it as lost
+
+
+async def _within(conn: psycopg.AsyncConnection[Any], work: Any, timeout_s: float, what: str) -> Any:
+    """Await `work` for at most `timeout_s`; past that close `conn` and raise DatabaseTimeout.
+
+    Not `asyncio.timeout()` around the call: cancelling psycopg mid-query makes it send the
+    server a cancel request and wait for that too, through the same dead network (seconds
+    more). The work runs as a task that is abandoned (cancelled, never awaited) instead.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:  # our caller gave up: so does the statement
+        task.add_done_callback(_swallow)
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    task.add_done_callback(_swallow)
+    task.cancel()
+    with contextlib.suppress(Exception):
+        conn.pgconn.finish()  # drop the socket now: the pool sees a closed connection and discards it
+    raise DatabaseTimeout(f"the database did not {what} within {timeout_s:g} s")
+
+
+class TimedCursor(psycopg.AsyncCursor[Any]):
+    """A cursor whose every statement has a client-side deadline.
+
+    The server's statement_timeout cannot help when the server (or a proxy before it) stops
+    answering: the client would wait for the TCP connection forever. Past the deadline the
+    connection is closed, so the pool discards it, and the caller gets an OperationalError.
+    """
+
+    timeout_s: float = DEFAULT_DB_TIMEOUT_S
+
+    async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        await _within(self.connection, super().execute(query, params, **kwargs), self.timeout_s, "answer")
+        return self
+
+    async def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
+        await _within(self.connection, super().executemany(query, params_seq, **kwargs), self.timeout_s, "answer")
+
+
+class TimedConnection(psycopg.AsyncConnection[Any]):
+    """Commit and rollback with the same deadline as statements."""
+
+    timeout_s: float = DEFAULT_DB_TIMEOUT_S
+
+    async def commit(self) -> None:
+        await _within(self, super().commit(), self.timeout_s, "confirm a commit")
+
+    async def rollback(self) -> None:
+        await _within(self, super().rollback(), self.timeout_s, "roll back")
+
+
+def postgres_connector(url: str, timeout_s: float) -> Any:
+    """An `async_creator` for SQLAlchemy: psycopg connections with deadlines everywhere.
+
+    Connect (libpq's connect_timeout, plus an outer bound), each statement and each commit
+    (client-side, see TimedCursor), and on the server a statement_timeout and a lock_timeout so
+    a query stuck behind a lock gives up there too.
+    """
+    conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    ms = int(timeout_s * 1000)
+    cursor_class = type("BoundTimedCursor", (TimedCursor,), {"timeout_s": timeout_s})
+    connection_class: type[TimedConnection] = type("BoundTimedConnection", (TimedConnection,), {"timeout_s": timeout_s})
+
+    # A connection comes up in milliseconds when the server is well; the pool's pre-ping may
+    # spend one statement deadline on a dead connection before it connects anew, and the two
+    # together must stay within what a request may wait.
+    connect_s = min(1.5, timeout_s)
+
+    async def connect() -> psycopg.AsyncConnection[Any]:
+        try:
+            async with _bounded(connect_s):
+                conn: psycopg.AsyncConnection[Any] = await connection_class.connect(
+                    conninfo,
+                    connect_timeout=2,  # libpq's own floor; the bound above comes first
+                    options=f"-c statement_timeout={ms} -c lock_timeout={ms}",
+                    cursor_factory=cursor_class,
+                )
+                return conn
+        except TimeoutError:
+            raise DatabaseTimeout(f"could not connect to the database within {connect_s:g} s") from None
+
+    return connect
