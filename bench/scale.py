@@ -47,7 +47,7 @@ from arq.connections import ArqRedis  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from bot.core.settings import Settings  # noqa: E402
-from bot.handlers import build_router  # noqa: E402
+from bot.handlers.routes import build_router  # noqa: E402
 from bot.jobs.actions import start_protocol  # noqa: E402
 from bot.jobs.services import build_services, close_services  # noqa: E402
 from bot.jobs.steps import enqueue_next_step  # noqa: E402

@@ -19,6 +19,8 @@ from sqlalchemy import or_, select
 from bot.core.errors import WebhookError
 from bot.core.jsonlimits import MAX_JSON_DEPTH, too_deep
 from bot.domain.graph import CHILD_SEPARATOR, parent_branch
+from bot.domain.secrets_scan import process_scanner
+from bot.forge.ci_fetch import hook_evidence
 from bot.handlers.router import HandlerContext
 from bot.handlers.sansio import IncomingDelivery
 from bot.jobs.ci import apply_ci_result
@@ -167,7 +169,6 @@ def ci_delivery(headers: Mapping[str, str], body: bytes, secret: str) -> Incomin
         key = "sha256:" + hashlib.sha256(body).hexdigest()
     stored = body.decode("utf-8")
     if report.log:  # a CI log may echo a secret this process holds: never stored as sent
-        from bot.domain.secrets_scan import process_scanner
 
         data = json.loads(body)
         data["log"] = process_scanner().redact(report.log)
@@ -201,7 +202,6 @@ async def handle_report(ctx: HandlerContext) -> None:
         await emit(services["db"], loaded, "ci.running", "CI running (reported by the CI hook)", sha=report.sha)
         ctx.note(protocol_run_id=run.id, outcome="recorded")
         return
-    from bot.forge.ci_fetch import hook_evidence
 
     failing = [(name, "failure") for name in report.failing]
     if report.status == "failure" and not failing:

@@ -18,6 +18,7 @@ from bot.handlers.router import HandlerContext, Router
 from bot.jobs import actions
 from bot.jobs import catalogue as jobs
 from bot.jobs.ci import CIResult, apply_ci_result, ci_step_for, pr_finished
+from bot.jobs.schedule import about_protocol_head
 from bot.storage.models import Project, ProtocolRun
 from bot.storage.runs import get_or_create_project, run_branch
 from bot.storage.store import record_event
@@ -225,7 +226,6 @@ async def _github_ci(ctx: HandlerContext, branch: Any, sha: Any) -> None:
 async def _gated_commit(ctx: HandlerContext, run: ProtocolRun, sha: str) -> bool:
     """Whether CI on `sha` concerns the protocol: a step's commit, or the protocol branch's head
     after a graph's merges (no step's commit, but it gates the protocol's completion)."""
-    from bot.jobs.schedule import about_protocol_head
 
     return about_protocol_head(run, sha) or await ci_step_for(ctx.services, run.id, sha) is not None
 

@@ -9,11 +9,13 @@ from sqlalchemy.exc import IntegrityError
 
 from bot import git
 from bot.core.errors import NotFound, TransitionConflict
+from bot.domain.fix_feedback import add_item, guidance_item
 from bot.domain.states import ProtocolStatus, StepStatus, may_approve_step, resume_decision
 from bot.git.names import protocol_name
 from bot.jobs import placement, schedule
 from bot.jobs.advance import enqueue_next_step
 from bot.jobs.ready import announce_ready
+from bot.jobs.schedule import blocked_on_protocol_ci
 from bot.storage.models import Project, ProtocolRun
 from bot.storage.runs import (
     create_run,
@@ -204,7 +206,6 @@ async def retry(
         return 0
     if step_index is None:
         failed = [s for s in state.steps if s.status in (_S.FAILED, _S.BLOCKED, _S.NEEDS_QA)]
-        from bot.jobs.schedule import blocked_on_protocol_ci
 
         # red CI on the protocol branch after the merges: no step to re-run, wait for CI again
         if not failed and blocked_on_protocol_ci(state):
@@ -233,9 +234,6 @@ async def retry(
 
 
 async def _add_guidance(ctx: dict[str, Any], step: Any, author: str | None, text: str) -> None:
-    from bot.domain.fix_feedback import add_item, guidance_item
-    from bot.storage.runs import update_step
-
     item = guidance_item(author, text)
     rs = dict(step.runtime_state or {})
     rs["feedback"] = add_item(rs.get("feedback"), item)

@@ -21,6 +21,7 @@ from bot.domain.ci_gate import (
 from bot.domain.fix_feedback import add_item, ci_item
 from bot.domain.loop_policy import ci_gates, repo_policies
 from bot.domain.policies import ci_decision
+from bot.domain.secrets_scan import process_scanner
 from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs import catalogue as jobs
 from bot.jobs.feedback import publish_status
@@ -66,7 +67,6 @@ async def gather_evidence(
             found = names_only(source, failing, f"(the CI logs could not be fetched: {type(exc).__name__})")
     if not found.jobs and failing:
         found = names_only(source, failing, found.note)
-    from bot.domain.secrets_scan import process_scanner
 
     secrets = [str(v) for v in (getattr(project, "secrets", None) or {}).values() if isinstance(v, str | int)]
     return within_budget(redacted(found, process_scanner(extra=secrets).redact))

@@ -22,7 +22,7 @@ from bot.jobs.engine_run import STOPPING, EngineCall, run_engine, step_prompt
 from bot.jobs.env import JobEnv
 from bot.jobs.feedback import publish_state, react_done, report_state_check
 from bot.jobs.gating import gating
-from bot.jobs.integrate import prepare_attempt
+from bot.jobs.integrate import leftover_markers, prepare_attempt
 from bot.jobs.outcome import Check, Outcome, failure, known, write_outcome
 from bot.jobs.placement import parallel
 from bot.jobs.plan import step_marker
@@ -223,7 +223,6 @@ async def _run_and_commit(work: StepWork) -> bool:
         message = f"engine {result.outcome}: {result.error or 'no detail'}"
         await write_outcome(env, state, index, failure(state, index, message, head), work.reply_to)
         return False
-    from bot.jobs.integrate import leftover_markers
 
     if left := leftover_markers(state, work.step_spec, work.workdir):  # integration steps only
         await write_outcome(env, state, index, failure(state, index, left, head), work.reply_to)

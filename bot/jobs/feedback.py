@@ -10,7 +10,7 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from bot.domain import links
+from bot.domain import graph, links
 from bot.domain.loop_policy import attempt_text
 from bot.domain.rendering import (
     ProtocolView,
@@ -108,7 +108,6 @@ def protocol_view(
 
 def graph_picture(state: RunState) -> str | None:
     """The Mermaid picture of a plan that is a graph, each node with its state; None for a chain."""
-    from bot.domain import graph
 
     config = state.run.template_config
     if not graph.runs_in_parallel(config):

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from bot.core.errors import ConfigError
 from bot.core.settings import Settings
-from bot.handlers import build_router
+from bot.handlers.routes import build_router
 from bot.jobs.services import build_services, close_services
 from bot.jobs.worker import build_worker
 from bot.storage.db import database_from_settings

@@ -18,7 +18,10 @@ from arq.jobs import Job, JobStatus
 from sqlalchemy import select
 
 from bot.domain.states import ProtocolStatus, StepStatus
+from bot.jobs.env import JobEnv
 from bot.jobs.locks import lease_alive, step_lease_alive
+from bot.jobs.review import replies_due
+from bot.jobs.schedule import schedule_ready, stalled
 from bot.storage.models import ProtocolRun, StepRun
 from bot.storage.runs import update_step
 
@@ -134,8 +137,6 @@ async def reclaim_expired(ctx: dict[str, Any]) -> int:
         await ctx["redis"].enqueue_job("execute_step", _job_id=job_id, protocol_run_id=run_id, step_index=step_index)
         log.warning("protocol run %s: the queued job of step %s was lost, queued again", run_id, step_index)
         count += 1
-    from bot.jobs.env import JobEnv
-    from bot.jobs.schedule import schedule_ready, stalled
 
     for run_id in await stalled(JobEnv.from_ctx(ctx)):
         # a graph waiting for a slot under the repository bound that freed without waking it
@@ -150,7 +151,6 @@ async def reclaim_expired(ctx: dict[str, Any]) -> int:
         )
         log.warning("protocol run %s: lease expired, QA of step %s taken back", run_id, step_index)
         count += 1
-    from bot.jobs.review import replies_due
 
     for run_id, step_index in await replies_due(ctx):
         # a fix step pushed by a worker that died before answering every review thread

@@ -38,15 +38,19 @@ from bot.domain.review import (
 from bot.domain.spec import (
     OutputsSpec,
     ProtocolSpec,
+    QASpec,
     StepSpec,
     protocol_dir,
     spec_to_dict,
     step_file_name,
 )
 from bot.forge.base import IssueRef
+from bot.git.cache import remote_ref
+from bot.jobs.advance import enqueue_next_step
 from bot.jobs.boundary import guarded
 from bot.jobs.env import JobEnv
 from bot.jobs.feedback import forge_of, publish_state
+from bot.jobs.locks import lease_alive
 from bot.jobs.specs import spec_of
 from bot.storage.runs import (
     RunState,
@@ -116,8 +120,6 @@ async def review_fix(ctx: dict[str, Any], *, protocol_run_id: int, quiet_s: floa
         )  # fmt: skip
         return "busy"
     if outcome.startswith("step "):
-        from bot.jobs.advance import enqueue_next_step
-
         state = await load_run(ctx["db"], protocol_run_id)
         # run the fix now when nothing comes before it; otherwise it waits its turn
         if state.run.approved and state.run.status == "running" and all(
@@ -215,8 +217,6 @@ def fix_step_spec(spec: ProtocolSpec, count: int) -> StepSpec:
 
 
 def _default_qa(spec: ProtocolSpec) -> Any:
-    from bot.domain.spec import QASpec
-
     return QASpec(policy=spec.qa_policy)
 
 
@@ -224,7 +224,6 @@ async def _with_hunk(env: JobEnv, state: RunState, workdir: Path, c: ReviewComme
     """GitLab's diff notes name a file and line but carry no hunk: take it from the branch."""
     if c.diff_hunk or not c.path:
         return c
-    from bot.git.cache import remote_ref
 
     found = await gitops.run_git(
         ["diff", "--no-color", "--no-ext-diff", f"{remote_ref(state.run.base_branch)}...HEAD", "--", c.path],
@@ -422,7 +421,6 @@ async def review_replies(ctx: dict[str, Any], *, protocol_run_id: int, step_inde
 
 async def replies_due(ctx: dict[str, Any]) -> list[tuple[int, int]]:
     """(run id, step index) of pushed fix steps with threads left to answer and no job on them."""
-    from bot.jobs.locks import lease_alive
 
     found: list[tuple[int, int]] = []
     for raw in await ctx["redis"].smembers(REPLIES_DUE_KEY):

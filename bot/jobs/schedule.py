@@ -20,7 +20,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from bot.core.errors import LockBusy
+from bot import git as gitops
+from bot.core.errors import DependenciesPending, LockBusy, TransitionConflict
 from bot.domain.graph import (
     StepView,
     active_steps,
@@ -30,11 +31,15 @@ from bot.domain.graph import (
     runs_in_parallel,
     to_start,
 )
+from bot.jobs import integrate
+from bot.jobs.boundary import failure_line
 from bot.jobs.env import JobEnv
 from bot.jobs.feedback import publish_state
+from bot.jobs.gating import gating
 from bot.jobs.integrate import integrated
 from bot.jobs.locks import acquire, release
 from bot.jobs.placement import parallel
+from bot.jobs.ready import announce_ready
 from bot.storage.models import ProtocolRun, StepRun
 from bot.storage.runs import (
     RunState,
@@ -173,7 +178,6 @@ async def schedule_ready(ctx: dict[str, Any], run_id: int, start: bool = True) -
 async def run_step(ctx: dict[str, Any], state: RunState, step_index: int | None, reply_to: dict[str, Any] | None) -> int:
     """`/run-step N` in a graph: N once its dependencies are done; `/run-step next`: every ready
     step up to the bound (the first one's number is returned)."""
-    from bot.core.errors import DependenciesPending, TransitionConflict
 
     if step_index is None:
         if state.run.status in ("blocked", "failed"):
@@ -200,7 +204,6 @@ async def start_ready(env: JobEnv, state: RunState, start: bool = True) -> list[
     `/approve`), then enqueue the ready steps that fit under the bound."""
     if state.run.status not in ("planned", "running") or not state.run.approved:
         return []
-    from bot.jobs import integrate
 
     for step in state.steps:
         if step.status == "completed" and not integrated(step) and not integrate.waits_for_integration(step):
@@ -234,7 +237,6 @@ async def complete(env: JobEnv, state: RunState) -> None:
     where the repository has CI (each step's CI judged its child branch, not the merges)."""
     if state.run.status != "running":
         return
-    from bot.jobs.gating import gating
 
     head = await _pushed_head(env, state) if (state.run.runtime_state or {}).get("ci_red") else state.run.head_sha
     if gating(state.project, env.settings) and head and (state.run.runtime_state or {}).get("ci_green") != head:
@@ -244,7 +246,6 @@ async def complete(env: JobEnv, state: RunState) -> None:
         return
     await set_protocol_status(env.db, state.run.id, "completed", "every step completed and merged")
     state.run.status = "completed"
-    from bot.jobs.ready import announce_ready
 
     await announce_ready(env.ctx, state)  # un-draft the PR/MR and say what comes next
 
@@ -267,7 +268,6 @@ async def _pushed_head(env: JobEnv, state: RunState) -> str | None:
     """After red CI on the merged head, someone may have pushed a fix onto the protocol branch:
     its head on the forge is the one CI must pass, if it contains the merged work (a rewritten
     branch that dropped it is not adopted: CI is awaited on the merged head again)."""
-    from bot import git as gitops
 
     merged = state.run.head_sha
     workdir = await env.worktree(state)  # at the remote branch head
@@ -327,8 +327,6 @@ async def _integrate_or_block(env: JobEnv, state: RunState, step_index: int, mer
     """Merge the step; a merge that fails for another reason than a conflict (a rejected push,
     a broken ref) blocks the protocol with the reason instead of leaving it running unmerged.
     Once unblocked, the next scheduling pass merges the step again."""
-    from bot.jobs import integrate
-    from bot.jobs.boundary import failure_line
 
     try:
         await integrate.integrate_step(env, state, step_index, merged)
@@ -346,7 +344,6 @@ async def _integrate_or_block(env: JobEnv, state: RunState, step_index: int, mer
 async def after_step_passed(ctx: dict[str, Any], run_id: int, step_index: int) -> None:
     """A step of a graph passed its gates: merge it, then start what became ready."""
     env = JobEnv.from_ctx(ctx)
-    from bot.jobs import integrate
 
     merged: list[str] = []
     async with integration_lock(env, run_id):

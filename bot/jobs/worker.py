@@ -12,7 +12,7 @@ from arq.worker import Worker
 from bot.core.errors import ConfigError
 from bot.core.observability import configure_logging
 from bot.core.settings import Settings, load_settings
-from bot.handlers import build_router
+from bot.handlers.routes import build_router
 from bot.jobs import catalogue
 from bot.jobs.common import MAX_TRIES
 from bot.jobs.resilient import ResilientWorker

@@ -23,7 +23,7 @@ from bot.handlers.sansio import IncomingDelivery
 from bot.storage.db import Database, connect_sqlite, postgres_connector, sqlite_file
 from bot.storage.intake_pg import PostgresWriter
 from bot.storage.models import WebhookDelivery, utcnow
-from bot.storage.queue import JobSpec, delivery_job
+from bot.storage.queue import JobSpec, delivery_job, enqueue_many
 
 if TYPE_CHECKING:
     from arq.connections import ArqRedis
@@ -591,7 +591,6 @@ async def pending_deliveries_by_id(db: Database, ids: Sequence[int]) -> list[Job
 
 async def relay_outbox(db: Database, redis: ArqRedis, older_than_s: float = 0.0) -> int:
     """Enqueue stored-but-pending deliveries (and expired claims); job ids make a second relay a no-op."""
-    from bot.storage.queue import enqueue_many
 
     await take_back_expired(db)
     total = 0

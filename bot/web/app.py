@@ -21,8 +21,8 @@ from bot.core.observability import Metrics, configure_logging
 from bot.core.settings import Settings
 from bot.domain.doctor_results import INSTANCE_HEADER, instance_fingerprint
 from bot.domain.security import is_loopback_bind
-from bot.handlers import build_router
 from bot.handlers.router import Router
+from bot.handlers.routes import build_router
 from bot.handlers.sansio import LowerCaseHeaders
 from bot.jobs.common import JOB_METRICS_KEY
 from bot.jobs.demo import start_demo

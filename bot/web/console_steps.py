@@ -19,6 +19,7 @@ from starlette.responses import (
 )
 from starlette.routing import BaseRoute, Route
 
+from bot.domain import graph
 from bot.domain.diffview import FileDiff, parse_diff
 from bot.domain.pricing import fmt_cost
 from bot.domain.rendering import fmt_duration
@@ -132,7 +133,6 @@ def run_state(run: ProtocolRun, steps: Sequence[StepRun]) -> dict[str, Any]:
 def graph_nodes(run: ProtocolRun, steps: Sequence[StepRun]) -> list[dict[str, Any]]:
     """The plan's graph for the protocol page, one node per step with its column, its
     dependencies and its state; [] for a plan that is a plain chain (the table says it all)."""
-    from bot.domain import graph
 
     if not graph.runs_in_parallel(run.template_config):
         return []

@@ -34,7 +34,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from bot.core.settings import Settings
-from bot.handlers import build_router
+from bot.handlers.routes import build_router
 from bot.jobs.actions import start_protocol
 from bot.jobs.services import build_services, close_services
 from bot.jobs.steps import step_marker

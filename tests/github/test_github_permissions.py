@@ -13,7 +13,7 @@ from bot.forge import github_permissions as ghp
 from bot.forge.base import CheckReport, CommentRef, IssueRef, PullRef, RepoFacts, RepoRef
 from bot.forge.github import GitHubForge, github_time
 from bot.forge.github_client import GitHubClient
-from bot.handlers import build_router
+from bot.handlers.routes import build_router
 
 API = "https://api.github.com"
 # Events every App receives without asking; a manifest may not list them.

@@ -155,7 +155,7 @@ def test_worker_relays_pending_deliveries_and_rerun_is_idempotent(
             assert await relay_pending(ctx) == 0  # already queued: the job id dedupes it
             await worker.async_run()
             # a re-run of the same job (at-least-once delivery) does nothing the second time
-            from bot.handlers import build_router
+            from bot.handlers.routes import build_router
 
             again = await process_delivery({**ctx, "router": build_router()}, delivery_id=delivery_id)
             assert again == "already-processed"
