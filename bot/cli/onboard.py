@@ -24,8 +24,7 @@ from bot.git.onboarding import (
 )
 from bot.jobs.local_runtime import drain, local_project, local_runtime
 from bot.jobs.onboard import DISCOVERY_COMMIT, SETUP_COMMIT, run_discovery
-from bot.storage.runs import load_run
-from bot.storage.store import record_event
+from bot.storage.runs import load_run, record_event
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

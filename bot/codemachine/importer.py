@@ -22,8 +22,7 @@ from bot.domain.states import ProtocolStatus
 from bot.git.names import protocol_name
 from bot.jobs import catalogue as jobs
 from bot.storage.models import ProtocolRun, StepRun
-from bot.storage.runs import run_names
-from bot.storage.store import new_event
+from bot.storage.runs import new_event, run_names
 
 
 def read_workspace_dir(root: Path) -> dict[str, str]:

@@ -20,8 +20,7 @@ from bot.jobs import catalogue as jobs
 from bot.jobs.ci import CIResult, apply_ci_result, ci_step_for, pr_finished
 from bot.jobs.schedule import about_protocol_head
 from bot.storage.models import Project, ProtocolRun
-from bot.storage.runs import get_or_create_project, run_branch
-from bot.storage.store import record_event
+from bot.storage.runs import get_or_create_project, record_event, run_branch
 
 log = logging.getLogger(__name__)
 router = Router()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bot.handlers.router import HandlerContext, Router
-from bot.storage.store import record_event
+from bot.storage.runs import record_event
 
 router = Router()
 

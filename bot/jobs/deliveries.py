@@ -15,14 +15,9 @@ from bot.core.observability import log_context
 from bot.handlers.router import HandlerContext, Router
 from bot.handlers.sansio import IncomingDelivery
 from bot.jobs.common import count_job, retry_or_give_up
+from bot.storage.deliveries import claim_delivery, finish_delivery, load_delivery, renew_lease
 from bot.storage.intake import prune_deliveries, relay_outbox
-from bot.storage.store import (
-    claim_delivery,
-    finish_delivery,
-    load_delivery,
-    record_event,
-    renew_lease,
-)
+from bot.storage.runs import record_event
 
 log = logging.getLogger(__name__)
 

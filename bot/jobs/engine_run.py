@@ -22,8 +22,7 @@ from bot.domain.spec import ProtocolSpec, StepSpec, resolve_engine, resolve_mode
 from bot.domain.states import ProtocolStatus
 from bot.jobs.env import JobEnv
 from bot.storage.models import ProtocolRun, StepRun
-from bot.storage.runs import RunState, protocol_status
-from bot.storage.store import new_event
+from bot.storage.runs import RunState, new_event, protocol_status
 from bot.storage.transcript import recorder_for
 from engines.base import EngineRequest, EngineResult, EventSink, Phase, SandboxMode, TokenUsage
 

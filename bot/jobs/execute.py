@@ -31,8 +31,7 @@ from bot.jobs.schedule import missing_for
 from bot.jobs.shutdown import resume_chain
 from bot.jobs.specs import read, spec_of, step_spec_of, step_values
 from bot.storage.models import ProtocolRun, StepRun, utcnow
-from bot.storage.runs import RunState, emit, load_run, protocol_status, run_branch
-from bot.storage.store import transition
+from bot.storage.runs import RunState, emit, load_run, protocol_status, run_branch, transition
 from engines.base import EngineResult
 
 # outcomes the outcome writer already reacted to on the comment that asked

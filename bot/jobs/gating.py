@@ -19,8 +19,7 @@ from bot.domain.states import StepStatus, allowed_step_sources
 from bot.jobs.locks import acquire, release
 from bot.jobs.specs import spec_of
 from bot.storage.models import StepRun
-from bot.storage.runs import RunState, emit, load_run, update_step
-from bot.storage.store import KnownRow, transition
+from bot.storage.runs import KnownRow, RunState, emit, load_run, transition, update_step
 
 # One short lock per protocol serialises the two places that may complete a step on its gates:
 # a CI result arriving and a QA verdict being written. Without it each could read the other's

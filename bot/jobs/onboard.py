@@ -34,8 +34,7 @@ from bot.jobs.env import JobEnv
 from bot.jobs.feedback import open_or_update_pr, publish_status
 from bot.jobs.plan import step_marker
 from bot.storage.models import Project
-from bot.storage.runs import load_run, set_protocol_status, update_run
-from bot.storage.store import record_event
+from bot.storage.runs import load_run, record_event, set_protocol_status, update_run
 from engines.base import EngineRequest, EngineResult
 
 log = logging.getLogger(__name__)

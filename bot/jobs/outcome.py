@@ -17,8 +17,7 @@ from bot.forge.base import CheckConclusion, CheckState
 from bot.jobs.env import JobEnv
 from bot.jobs.feedback import publish_state, react_state, report_state_check
 from bot.storage.models import ProtocolRun, StepRun, utcnow
-from bot.storage.runs import RunState, load_run
-from bot.storage.store import KnownRow, new_event, transition
+from bot.storage.runs import KnownRow, RunState, load_run, new_event, transition
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from bot.forge.base import RepoFacts
 from bot.jobs.common import count_job
 from bot.storage.models import Project
 from bot.storage.repo_config import CONFIG_FILE, refresh_repo_config
-from bot.storage.store import record_event
+from bot.storage.runs import record_event
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,7 @@ from bot.jobs.outcome import Check, Outcome, known, write_outcome
 from bot.jobs.plan import step_marker
 from bot.jobs.specs import read, spec_of, step_spec_of, step_values
 from bot.storage.models import ProtocolRun, StepRun, utcnow
-from bot.storage.runs import RunState, emit, load_run, set_step_status, update_step
-from bot.storage.store import transition
+from bot.storage.runs import RunState, emit, load_run, set_step_status, transition, update_step
 
 QA_REPORT = "quality-report.md"
 

@@ -1,15 +1,21 @@
-"""Protocol-run storage: projects, runs and steps, guarded transitions, events."""
+"""Protocol-run storage: projects, runs and steps, events, and the one guarded transition.
+
+`transition` is the compare-and-set every status change goes through (the allowed sources come
+from bot/domain/states.py); `set_protocol_status` and `set_step_status` are its two uses.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.core.errors import NotFound
+from bot.core.errors import NotFound, TransitionConflict
 from bot.domain.spec import ProtocolSpec, step_to_dict
 from bot.domain.states import (
     ProtocolStatus,
@@ -18,8 +24,115 @@ from bot.domain.states import (
     allowed_step_sources,
 )
 from bot.storage.db import Database
-from bot.storage.models import Project, ProtocolRun, StepRun, utcnow
-from bot.storage.store import new_event, transition
+from bot.storage.models import Event, Project, ProtocolRun, StepRun, utcnow
+
+M = TypeVar("M", ProtocolRun, StepRun)
+
+
+@dataclass(frozen=True)
+class KnownRow:
+    """What a caller holding a loaded row already knows: its status and the ids an event needs."""
+
+    status: str
+    run_id: int
+    project_id: int
+
+
+def new_event(
+    event_type: str,
+    message: str = "",
+    *,
+    project_id: int | None = None,
+    protocol_run_id: int | None = None,
+    step_run_id: int | None = None,
+    delivery_id: int | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Event:
+    return Event(
+        event_type=event_type,
+        message=message,
+        project_id=project_id,
+        protocol_run_id=protocol_run_id,
+        step_run_id=step_run_id,
+        delivery_id=delivery_id,
+        metadata_=metadata or {},
+        created_at=utcnow(),
+    )
+
+
+async def record_event(db: Database, event_type: str, message: str = "", **kwargs: Any) -> int:
+    async with db.sessions.begin() as session:
+        event = new_event(event_type, message, **kwargs)
+        session.add(event)
+        await session.flush()
+        return event.id
+
+
+async def transition(
+    session: AsyncSession,
+    model: type[M],
+    entity_id: int,
+    wanted: str,
+    allowed_from: Iterable[str],
+    *,
+    values: dict[str, Any] | None = None,
+    event_message: str = "",
+    event_metadata: dict[str, Any] | None = None,
+    known: KnownRow | None = None,
+) -> str:
+    """Compare-and-set `status` to `wanted` when it is one of `allowed_from`; write an Event.
+
+    Returns the previous status. Raises TransitionConflict with the current status when the
+    row moved on (another worker, an operator) and NotFound when it does not exist. A caller
+    that holds the row already passes `known` (its status and ids): the CAS is the same, the
+    three look-ups are skipped.
+    """
+    allowed = sorted(set(allowed_from))
+    if known is not None:
+        current: Any = known.status
+    else:
+        current = (await session.execute(select(model.status).where(model.id == entity_id))).scalar()
+    if current is None:
+        raise NotFound(f"{model.__tablename__} {entity_id} does not exist")
+    result = await session.execute(
+        update(model)
+        .where(model.id == entity_id, model.status.in_(allowed), model.status == current)
+        .values(status=wanted, updated_at=utcnow(), **(values or {}))
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        now = (await session.execute(select(model.status).where(model.id == entity_id))).scalar()
+        if model is StepRun:  # people know steps by their number, not by a row id
+            index = (await session.execute(select(StepRun.step_index).where(StepRun.id == entity_id))).scalar()
+            raise TransitionConflict("step", int(index or 0), str(now), wanted)
+        raise TransitionConflict(model.__name__, entity_id, str(now), wanted)
+    kind = "step" if model is StepRun else "protocol"
+    ids = await _event_ids(session, model, entity_id, known)
+    session.add(
+        new_event(
+            f"{kind}.{wanted}",
+            event_message or f"{kind} {current} → {wanted}",
+            metadata={"from": current, "to": wanted, **(event_metadata or {})},
+            **ids,
+        )
+    )
+    return str(current)
+
+
+async def _event_ids(session: AsyncSession, model: type[M], entity_id: int, known: KnownRow | None) -> dict[str, Any]:
+    """project, run (and step) ids for a transition's event: known by the caller, or looked up."""
+    if model is StepRun:
+        run_id = known.run_id if known else (
+            await session.execute(select(StepRun.protocol_run_id).where(StepRun.id == entity_id))
+        ).scalar()
+        ids: dict[str, Any] = {"protocol_run_id": run_id, "step_run_id": entity_id}
+    else:
+        run_id = entity_id
+        ids = {"protocol_run_id": entity_id}
+    ids["project_id"] = known.project_id if known else (
+        await session.execute(select(ProtocolRun.project_id).where(ProtocolRun.id == run_id))
+    ).scalar()
+    return ids
 
 
 @dataclass

@@ -12,7 +12,7 @@ from starlette.routing import BaseRoute, Route
 
 from bot.storage.models import Event, WebhookDelivery
 from bot.storage.queue import JobSpec, enqueue_many
-from bot.storage.store import record_event
+from bot.storage.runs import record_event
 from bot.web.api.core import CONSOLE_COOKIE, CONSOLE_HEADER, MAX_ID, delivery_json, event_json
 from bot.web.console import console_page, render
 from bot.web.console_steps import _db, _int, _stream_access

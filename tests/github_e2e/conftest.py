@@ -22,9 +22,9 @@ from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from bot.storage.db import Database
+from bot.storage.deliveries import load_delivery
 from bot.storage.models import Event, Project, ProtocolRun
 from bot.storage.runs import RunState, load_run
-from bot.storage.store import load_delivery
 from bot.web.app import AppState, create_app
 from tests.conftest import GITHUB_SECRET, make_settings
 from tests.github_e2e.fake_github import (

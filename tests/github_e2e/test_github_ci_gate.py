@@ -125,7 +125,7 @@ def test_green_ci_before_qa_then_qa_pass_completes(gh: GitHubLoop, qa_held: thre
 
 
 async def _delivery_status(gh: GitHubLoop, delivery_id: int) -> str:
-    from bot.storage.store import load_delivery
+    from bot.storage.deliveries import load_delivery
 
     row = await load_delivery(gh.db, delivery_id)
     return "missing" if row is None else str(row.status)

@@ -90,7 +90,7 @@ async def snapshot(h: Harness, run_id: int) -> tuple[str, list[str], list[str]]:
 
 async def wait_processed(h: Harness, delivery_id: int) -> dict[str, Any]:
     """The stored delivery's outcome, once the worker has processed it (and its jobs ran)."""
-    from bot.storage.store import load_delivery
+    from bot.storage.deliveries import load_delivery
 
     for _ in range(600):
         row = await load_delivery(h.ctx["db"], delivery_id)

@@ -24,8 +24,8 @@ from bot.domain.security import (
 )
 from bot.jobs import actions
 from bot.storage.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
+from bot.storage.runs import new_event
 from bot.storage.secretbox import fernet_of, seal_all
-from bot.storage.store import new_event
 from bot.web.api.bodies import ProjectCreate, ProjectUpdate, ProtocolCreate
 from bot.web.api.core import (
     DELIVERY_STATUSES,
