@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from bot.storage.migrate import upgrade_head  # noqa: E402
 
-ADMIN = os.environ.get("DEKSDENFLOW_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+ADMIN = os.environ.get(
+    "DEKSDENFLOW_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 TOKEN = "bench-token-0123456789"
 GOAL_MS = 50.0
 
@@ -47,13 +49,23 @@ def plain(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def copy_rows(conn: psycopg.Connection, table: str, columns: list[str], rows: Sequence[tuple[object, ...]]) -> None:
+def copy_rows(
+    conn: psycopg.Connection, table: str, columns: list[str], rows: Sequence[tuple[object, ...]]
+) -> None:
     with conn.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
 
 
-def fill(url: str, *, projects: int, runs_per_project: int, steps_per_run: int, events: int, deliveries: int) -> dict[str, int]:
+def fill(
+    url: str,
+    *,
+    projects: int,
+    runs_per_project: int,
+    steps_per_run: int,
+    events: int,
+    deliveries: int,
+) -> dict[str, int]:
     rnd = random.Random(7)
     t0 = datetime(2026, 10, 1, tzinfo=UTC)
     statuses = ["completed", "running", "paused", "failed", "cancelled", "blocked", "planned"]
@@ -61,8 +73,35 @@ def fill(url: str, *, projects: int, runs_per_project: int, steps_per_run: int, 
         copy_rows(
             conn,
             "projects",
-            ["id", "name", "provider", "git_url", "base_branch", "default_models", "secrets", "config", "enabled", "created_at", "updated_at"],
-            [(p, f"org/repo-{p}", "github", f"https://example.invalid/org/repo-{p}.git", "main", "{}", "{}", "{}", True, t0, t0) for p in range(1, projects + 1)],
+            [
+                "id",
+                "name",
+                "provider",
+                "git_url",
+                "base_branch",
+                "default_models",
+                "secrets",
+                "config",
+                "enabled",
+                "created_at",
+                "updated_at",
+            ],
+            [
+                (
+                    p,
+                    f"org/repo-{p}",
+                    "github",
+                    f"https://example.invalid/org/repo-{p}.git",
+                    "main",
+                    "{}",
+                    "{}",
+                    "{}",
+                    True,
+                    t0,
+                    t0,
+                )
+                for p in range(1, projects + 1)
+            ],
         )
         runs = []
         run_id = 0
@@ -70,11 +109,41 @@ def fill(url: str, *, projects: int, runs_per_project: int, steps_per_run: int, 
             for n in range(1, runs_per_project + 1):
                 run_id += 1
                 created = t0 + timedelta(minutes=run_id * 7)
-                runs.append((run_id, p, f"{n:04d}-task-{n}", rnd.choice(statuses), "main", f"task {n}", "{}", '{"ci_attempts": 1}', rnd.randint(1000, 90000), True, False, created, created + timedelta(minutes=40)))
+                runs.append(
+                    (
+                        run_id,
+                        p,
+                        f"{n:04d}-task-{n}",
+                        rnd.choice(statuses),
+                        "main",
+                        f"task {n}",
+                        "{}",
+                        '{"ci_attempts": 1}',
+                        rnd.randint(1000, 90000),
+                        True,
+                        False,
+                        created,
+                        created + timedelta(minutes=40),
+                    )
+                )
         copy_rows(
             conn,
             "protocol_runs",
-            ["id", "project_id", "protocol_name", "status", "base_branch", "description", "template_config", "runtime_state", "tokens_used", "approved", "auto_mode", "created_at", "updated_at"],
+            [
+                "id",
+                "project_id",
+                "protocol_name",
+                "status",
+                "base_branch",
+                "description",
+                "template_config",
+                "runtime_state",
+                "tokens_used",
+                "approved",
+                "auto_mode",
+                "created_at",
+                "updated_at",
+            ],
             runs,
         )
         steps = []
@@ -82,11 +151,39 @@ def fill(url: str, *, projects: int, runs_per_project: int, steps_per_run: int, 
         for r in range(1, run_id + 1):
             for i in range(1, steps_per_run + 1):
                 step_id += 1
-                steps.append((step_id, r, i, f"step-{i}", "work", "completed", 0, "{}", '{"qa_verdict": "PASS"}', 1200, t0, t0))
+                steps.append(
+                    (
+                        step_id,
+                        r,
+                        i,
+                        f"step-{i}",
+                        "work",
+                        "completed",
+                        0,
+                        "{}",
+                        '{"qa_verdict": "PASS"}',
+                        1200,
+                        t0,
+                        t0,
+                    )
+                )
         copy_rows(
             conn,
             "step_runs",
-            ["id", "protocol_run_id", "step_index", "step_name", "step_type", "status", "retries", "policy", "runtime_state", "tokens_used", "created_at", "updated_at"],
+            [
+                "id",
+                "protocol_run_id",
+                "step_index",
+                "step_name",
+                "step_type",
+                "status",
+                "retries",
+                "policy",
+                "runtime_state",
+                "tokens_used",
+                "created_at",
+                "updated_at",
+            ],
             steps,
         )
         types = ["step.status", "protocol.status", "engine.turn", "feedback.posted", "ci.result"]
@@ -94,18 +191,72 @@ def fill(url: str, *, projects: int, runs_per_project: int, steps_per_run: int, 
         for e in range(1, events + 1):
             r = rnd.randint(1, run_id)
             s = (r - 1) * steps_per_run + rnd.randint(1, steps_per_run)
-            rows.append((e, (r - 1) // runs_per_project + 1, r, s, rnd.choice(types), f"event {e} of run {r}", "{}", t0 + timedelta(seconds=e)))
-        copy_rows(conn, "events", ["id", "project_id", "protocol_run_id", "step_run_id", "event_type", "message", "metadata", "created_at"], rows)
+            rows.append(
+                (
+                    e,
+                    (r - 1) // runs_per_project + 1,
+                    r,
+                    s,
+                    rnd.choice(types),
+                    f"event {e} of run {r}",
+                    "{}",
+                    t0 + timedelta(seconds=e),
+                )
+            )
+        copy_rows(
+            conn,
+            "events",
+            [
+                "id",
+                "project_id",
+                "protocol_run_id",
+                "step_run_id",
+                "event_type",
+                "message",
+                "metadata",
+                "created_at",
+            ],
+            rows,
+        )
         delivery_statuses = ["processed"] * 8 + ["ignored", "failed"]
         copy_rows(
             conn,
             "webhook_deliveries",
-            ["id", "provider", "delivery_key", "event", "action", "status", "received_at", "attempts", "payload", "headers", "outcome"],
-            [(d, "github", str(uuid.UUID(int=d)), "issue_comment", "created", rnd.choice(delivery_statuses), t0 + timedelta(seconds=d), 1, '{"action": "created"}', "{}", '{"intents": 1}') for d in range(1, deliveries + 1)],
+            [
+                "id",
+                "provider",
+                "delivery_key",
+                "event",
+                "action",
+                "status",
+                "received_at",
+                "attempts",
+                "payload",
+                "headers",
+                "outcome",
+            ],
+            [
+                (
+                    d,
+                    "github",
+                    str(uuid.UUID(int=d)),
+                    "issue_comment",
+                    "created",
+                    rnd.choice(delivery_statuses),
+                    t0 + timedelta(seconds=d),
+                    1,
+                    '{"action": "created"}',
+                    "{}",
+                    '{"intents": 1}',
+                )
+                for d in range(1, deliveries + 1)
+            ],
         )
         with conn.cursor() as cur:
             for table in ("projects", "protocol_runs", "step_runs", "events", "webhook_deliveries"):
-                cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
+                cur.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"
+                )
         conn.commit()
         with conn.cursor() as cur:
             conn.autocommit = True
@@ -168,9 +319,18 @@ def main() -> int:
     try:
         started = time.perf_counter()
         upgrade_head(url)
-        counts = fill(url, projects=5, runs_per_project=200, steps_per_run=5, events=args.events, deliveries=20_000)
-        print(f"database {name}: {counts['runs']} runs, {counts['steps']} steps, {args.events} events, 20000 deliveries "
-              f"(migrated and filled in {time.perf_counter() - started:.1f} s)")
+        counts = fill(
+            url,
+            projects=5,
+            runs_per_project=200,
+            steps_per_run=5,
+            events=args.events,
+            deliveries=20_000,
+        )
+        print(
+            f"database {name}: {counts['runs']} runs, {counts['steps']} steps, {args.events} events, 20000 deliveries "
+            f"(migrated and filled in {time.perf_counter() - started:.1f} s)"
+        )
         run_id = 421
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEKSDENFLOW_")}
@@ -178,7 +338,9 @@ def main() -> int:
             DEKSDENFLOW_DB_URL=plain(url),
             # a real Redis, as in production: with memory:// the server would also run the
             # embedded worker, polling on the same event loop
-            DEKSDENFLOW_REDIS_URL=os.environ.get("DEKSDENFLOW_TEST_REDIS", "redis://127.0.0.1:6379/14"),
+            DEKSDENFLOW_REDIS_URL=os.environ.get(
+                "DEKSDENFLOW_TEST_REDIS", "redis://127.0.0.1:6379/14"
+            ),
             DEKSDENFLOW_API_TOKEN=TOKEN,
             DEKSDENFLOW_DATA_DIR=str(ROOT / "bench" / "out" / "api-data"),
             DEKSDENFLOW_LOG_LEVEL="WARNING",
@@ -186,7 +348,10 @@ def main() -> int:
         )
         server = subprocess.Popen(
             [sys.executable, "-m", "bot", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -197,10 +362,17 @@ def main() -> int:
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("server did not start: " + (server.stderr.read().decode() if server.stderr else ""))
+                raise SystemExit(
+                    "server did not start: "
+                    + (server.stderr.read().decode() if server.stderr else "")
+                )
             time.sleep(0.1)
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10) as client:
-            cursor = client.get(f"/api/events?protocol_run_id={run_id}&limit=500").json()["items"][-1]["id"]
+        with httpx.Client(
+            base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+        ) as client:
+            cursor = client.get(f"/api/events?protocol_run_id={run_id}&limit=500").json()["items"][
+                -1
+            ]["id"]
             endpoints = [
                 "/healthz",
                 "/api/protocols",
@@ -220,17 +392,23 @@ def main() -> int:
             ]
             results = {path: measure(client, path, args.requests) for path in endpoints}
         baseline = pct(results["/healthz"], 0.95)
-        print(f"\n{'endpoint':<48} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'p95/healthz':>12}  goal p95 < {GOAL_MS:.0f} ms")
+        print(
+            f"\n{'endpoint':<48} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'p95/healthz':>12}  goal p95 < {GOAL_MS:.0f} ms"
+        )
         worst = 0.0
         for path, samples in results.items():
             p95 = pct(samples, 0.95)
             if path != "/healthz":
                 worst = max(worst, p95)
             flag = "" if p95 < GOAL_MS else "  OVER"
-            print(f"{path:<48} {statistics.median(samples):8.2f} {p95:8.2f} {pct(samples, 0.99):8.2f} {p95 / baseline:11.1f}x{flag}")
-        print(f"\nbaseline /healthz p95 {baseline:.2f} ms; worst list endpoint p95 {worst:.2f} ms "
-              f"({worst / baseline:.1f}x baseline) over {args.requests} requests each -> "
-              f"{'goal met' if worst < GOAL_MS else 'goal MISSED'}")
+            print(
+                f"{path:<48} {statistics.median(samples):8.2f} {p95:8.2f} {pct(samples, 0.99):8.2f} {p95 / baseline:11.1f}x{flag}"
+            )
+        print(
+            f"\nbaseline /healthz p95 {baseline:.2f} ms; worst list endpoint p95 {worst:.2f} ms "
+            f"({worst / baseline:.1f}x baseline) over {args.requests} requests each -> "
+            f"{'goal met' if worst < GOAL_MS else 'goal MISSED'}"
+        )
         print("\nquery plans (each must be an index scan under a LIMIT):")
         bad = 0
         for qname, plan in plans(url, run_id):
@@ -245,7 +423,9 @@ def main() -> int:
                 server.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 server.kill()
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
         admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close()
 

@@ -38,7 +38,9 @@ def fake_github_app(fake: FakeGitHub) -> Starlette:
     async def endpoint(request: Request) -> Response:
         body = await request.body()
         raw = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        status, headers, data = fake.handle(request.method, raw, request.headers.get("authorization"), body)
+        status, headers, data = fake.handle(
+            request.method, raw, request.headers.get("authorization"), body
+        )
         return JSONResponse(data, status_code=status, headers=headers)
 
     methods = ["GET", "POST", "PATCH", "PUT", "DELETE"]
@@ -57,7 +59,11 @@ def comment_to_eyes(deliveries: int, key: str, tmp: Path) -> None:
     seen = threading.Condition()
 
     def on_call(call: Any) -> None:
-        if call.method == "POST" and call.path.endswith("/reactions") and call.body == {"content": "eyes"}:
+        if (
+            call.method == "POST"
+            and call.path.endswith("/reactions")
+            and call.body == {"content": "eyes"}
+        ):
             with seen:
                 arrived[int(call.path.split("/")[-2])] = time.perf_counter()
                 seen.notify_all()
@@ -77,12 +83,17 @@ def comment_to_eyes(deliveries: int, key: str, tmp: Path) -> None:
         )
         from bot.web.app import create_app
 
-        with LiveServer(create_app(settings, embedded_worker=True)) as app, httpx.Client(base_url=app.url) as client:
+        with (
+            LiveServer(create_app(settings, embedded_worker=True)) as app,
+            httpx.Client(base_url=app.url) as client,
+        ):
             loop = GitHubLoop.__new__(GitHubLoop)  # only for its payload builders
             loop.origin = tmp / "unused.git"
             loop._comment_ids = iter(range(10_000, 100_000))
             latencies: list[float] = []
-            for i in range(deliveries + 5):  # the first 5 warm up (token, first project, connections)
+            for i in range(
+                deliveries + 5
+            ):  # the first 5 warm up (token, first project, connections)
                 payload = loop.comment("/help", comment_id=20_000 + i)
                 body = json.dumps(payload).encode()
                 started = time.perf_counter()
@@ -161,7 +172,11 @@ def main() -> None:
 
     pem = (
         rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         .decode()
     )
     with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as two:

@@ -202,7 +202,10 @@ def main() -> None:
         print(f"(c0) first protocol start on the repository (no spare yet): {t0:.3f}s", flush=True)
         stop(99)
         c = median_run(
-            "(c) ensure_worktree (cached mirror, fetch included, warm spare)", args.repeat, start, stop
+            "(c) ensure_worktree (cached mirror, fetch included, warm spare)",
+            args.repeat,
+            start,
+            stop,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -18,7 +18,9 @@ from sqlalchemy import create_engine, text
 from bot.core.settings import Settings
 from bot.storage.migrate import upgrade_head
 
-PG_ADMIN_URL = os.environ.get("DEKSDENFLOW_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "DEKSDENFLOW_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 TEST_REDIS_URL = os.environ.get("DEKSDENFLOW_TEST_REDIS", "redis://127.0.0.1:6379/15")
 GITHUB_SECRET = "gh-test-secret-0123456789"
 GITLAB_SECRET = "gl-test-secret-0123456789"
@@ -69,7 +71,8 @@ def postgres_server() -> Iterator[str]:
     finally:
         with admin.connect() as conn:
             conn.execute(
-                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": name},
             )
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
@@ -139,7 +142,13 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", loop="asyncio", http="h11"
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            loop="asyncio",
+            http="h11",
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -19,7 +19,12 @@ GIT_ENV = {
 
 def git(*args: str, cwd: Path) -> str:
     done = subprocess.run(
-        ["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV}, check=True, capture_output=True, text=True
+        ["git", *args],
+        cwd=cwd,
+        env={**os.environ, **GIT_ENV},
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return done.stdout
 

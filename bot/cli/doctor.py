@@ -44,7 +44,6 @@ def _database_state(url: str) -> tuple[set[str], set[str]]:
     from alembic.script import ScriptDirectory
     from sqlalchemy import create_engine
 
-
     connect_args: dict[str, Any] = {}
     if url.startswith("postgresql"):
         connect_args["connect_timeout"] = int(CONNECT_TIMEOUT_S)
@@ -138,7 +137,9 @@ async def _run(argv: list[str], timeout: float) -> tuple[int, str]:
     return code, (out if code == 0 else err or out).decode(errors="replace")
 
 
-async def check_engine(settings: Settings, *, offline: bool, cheap: bool = False) -> list[CheckResult]:
+async def check_engine(
+    settings: Settings, *, offline: bool, cheap: bool = False
+) -> list[CheckResult]:
     if settings.engine != "codex":
         return [ok("engine", f"{settings.engine} engine (offline, no model call)")]
     found = shutil.which(settings.codex_bin)
@@ -211,12 +212,19 @@ async def run_checks(
     http: httpx.AsyncClient | None = None,
 ) -> list[CheckResult]:
     """Every check in report order; `cheap` leaves out the network and the model (for `serve`)."""
-    async def one(name: str, check: Awaitable[CheckResult | list[CheckResult]]) -> list[CheckResult]:
+
+    async def one(
+        name: str, check: Awaitable[CheckResult | list[CheckResult]]
+    ) -> list[CheckResult]:
         # a check that breaks is a failed line, not a traceback instead of the report
         try:
             result = await check
         except Exception as exc:
-            return [fail(name, f"the check itself failed: {describe_error(exc)}", "report this as a bug")]
+            return [
+                fail(
+                    name, f"the check itself failed: {describe_error(exc)}", "report this as a bug"
+                )
+            ]
         return result if isinstance(result, list) else [result]
 
     results = [ok("settings", "valid")]

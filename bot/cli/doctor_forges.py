@@ -58,7 +58,9 @@ def _github_credentials(
     app_id = str(settings.github_app_id) if settings.github_app_id else None
     pem = settings.github_private_key_pem()
     secret = (
-        settings.github_webhook_secret.get_secret_value() if settings.github_webhook_secret else None
+        settings.github_webhook_secret.get_secret_value()
+        if settings.github_webhook_secret
+        else None
     )
     slug = settings.github_app_slug
     stored = stored or {}
@@ -69,12 +71,19 @@ def _github_credentials(
     return app_id, pem, secret or stored.get("webhook_secret"), slug
 
 
-async def check_github(settings: Settings, *, http: httpx.AsyncClient | None = None) -> list[CheckResult]:
+async def check_github(
+    settings: Settings, *, http: httpx.AsyncClient | None = None
+) -> list[CheckResult]:
     try:
         app_id, pem, secret, _ = _github_credentials(settings, await _stored_app(settings))
     except OSError as exc:
-        return [fail("github app", f"cannot read the private key: {describe_error(exc)}",
-                     "point DEKSDENFLOW_GITHUB_PRIVATE_KEY_PATH at the App's .pem file")]
+        return [
+            fail(
+                "github app",
+                f"cannot read the private key: {describe_error(exc)}",
+                "point DEKSDENFLOW_GITHUB_PRIVATE_KEY_PATH at the App's .pem file",
+            )
+        ]
     if not app_id or not pem:
         return [skip("github app", "not configured (no DEKSDENFLOW_GITHUB_APP_ID / key)")]
     results: list[CheckResult] = []
@@ -97,10 +106,21 @@ async def check_github(settings: Settings, *, http: httpx.AsyncClient | None = N
                 if exc.status_code == 401
                 else f"check DEKSDENFLOW_GITHUB_API_URL ({settings.github_api_url})"
             )
-            return [fail("github app", f"GET /app answered {exc.status_code}: {first_line(str(exc))}", fix)]
+            return [
+                fail(
+                    "github app",
+                    f"GET /app answered {exc.status_code}: {first_line(str(exc))}",
+                    fix,
+                )
+            ]
         except DeksdenFlowError as exc:
-            return [fail("github app", describe_error(exc),
-                         f"check the private key and that {settings.github_api_url} is reachable")]
+            return [
+                fail(
+                    "github app",
+                    describe_error(exc),
+                    f"check the private key and that {settings.github_api_url} is reachable",
+                )
+            ]
         slug = str(app.get("slug") or app_id)
         results.append(ok("github app", f"App {slug} (id {app.get('id', app_id)}) authenticated"))
 
@@ -110,25 +130,31 @@ async def check_github(settings: Settings, *, http: httpx.AsyncClient | None = N
                 count = len(await client.get_all("/app/installations", auth="app"))
             except DeksdenFlowError as exc:
                 count = None
-                results.append(fail("github installations", describe_error(exc), "retry; check the App's key"))
+                results.append(
+                    fail("github installations", describe_error(exc), "retry; check the App's key")
+                )
         if isinstance(count, int):
             if count:
                 results.append(ok("github installations", f"installed on {count} account(s)"))
             else:
-                results.append(fail(
-                    "github installations",
-                    "the App is installed nowhere: no repository can send events",
-                    f"install it: {settings.github_web_url}/apps/{slug}/installations/new",
-                ))
+                results.append(
+                    fail(
+                        "github installations",
+                        "the App is installed nowhere: no repository can send events",
+                        f"install it: {settings.github_web_url}/apps/{slug}/installations/new",
+                    )
+                )
 
         if secret:
             results.append(ok("github webhook secret", "set"))
         else:
-            results.append(fail(
-                "github webhook secret",
-                "unset: /webhooks/github answers 503 to every delivery",
-                "set DEKSDENFLOW_GITHUB_WEBHOOK_SECRET (or _FILE) to the App's webhook secret",
-            ))
+            results.append(
+                fail(
+                    "github webhook secret",
+                    "unset: /webhooks/github answers 503 to every delivery",
+                    "set DEKSDENFLOW_GITHUB_WEBHOOK_SECRET (or _FILE) to the App's webhook secret",
+                )
+            )
 
         manifest = ghp.load_manifest()
         lacking = ghp.missing_permissions(
@@ -137,12 +163,14 @@ async def check_github(settings: Settings, *, http: httpx.AsyncClient | None = N
         events = ghp.missing_events(manifest.get("default_events") or [], app.get("events") or [])
         if lacking or events:
             wanted = [f"{k}: {v}" for k, v in lacking.items()] + [f"event {e}" for e in events]
-            results.append(fail(
-                "github permissions",
-                "the App lacks " + ", ".join(wanted),
-                f"grant them at {settings_url}/{slug}/permissions, then accept the new "
-                "permissions on each installation",
-            ))
+            results.append(
+                fail(
+                    "github permissions",
+                    "the App lacks " + ", ".join(wanted),
+                    f"grant them at {settings_url}/{slug}/permissions, then accept the new "
+                    "permissions on each installation",
+                )
+            )
         else:
             results.append(ok("github permissions", "permissions and events cover app.yml"))
 
@@ -157,18 +185,19 @@ async def check_github(settings: Settings, *, http: httpx.AsyncClient | None = N
                 if got.rstrip("/") == want:
                     results.append(ok("github webhook url", want))
                 else:
-                    results.append(fail(
-                        "github webhook url",
-                        f"the App delivers to {got or 'nowhere'}, not {want}",
-                        f"set the Webhook URL at {settings_url}/{slug} to {want}",
-                    ))
+                    results.append(
+                        fail(
+                            "github webhook url",
+                            f"the App delivers to {got or 'nowhere'}, not {want}",
+                            f"set the Webhook URL at {settings_url}/{slug} to {want}",
+                        )
+                    )
     return results
 
 
 async def _gitlab_projects(settings: Settings) -> list[tuple[str, str | None]]:
     """(name, forge id) of the enabled GitLab projects in our database; none if it is absent."""
     from sqlalchemy import select
-
 
     if settings.database_url.startswith("sqlite") and not settings.sqlite_path.exists():
         return []
@@ -202,13 +231,15 @@ async def check_gitlab(settings: Settings) -> list[CheckResult]:
             token = await client.get("/personal_access_tokens/self")
         except GitLabAPIError as exc:
             if exc.status_code == 401:
-                return [fail(
-                    "gitlab token",
-                    f"{settings.gitlab_url} rejected DEKSDENFLOW_GITLAB_TOKEN (401): "
-                    "wrong, expired or revoked",
-                    f"create a token with the api scope ({tokens_page}, or a project/group "
-                    "access token, role Developer or higher) and set DEKSDENFLOW_GITLAB_TOKEN",
-                )]
+                return [
+                    fail(
+                        "gitlab token",
+                        f"{settings.gitlab_url} rejected DEKSDENFLOW_GITLAB_TOKEN (401): "
+                        "wrong, expired or revoked",
+                        f"create a token with the api scope ({tokens_page}, or a project/group "
+                        "access token, role Developer or higher) and set DEKSDENFLOW_GITLAB_TOKEN",
+                    )
+                ]
             if exc.status_code == 404:
                 # GitLab before 15.5 has no /personal_access_tokens/self: the token is still
                 # usable if /user answers, only its scopes cannot be listed
@@ -217,43 +248,65 @@ async def check_gitlab(settings: Settings) -> list[CheckResult]:
                 except GitLabAPIError:
                     user = None
                 if user:
-                    return [ok("gitlab token", f"valid (user {user.get('username')}); this GitLab "
-                               "cannot list a token's scopes: make sure it has api")]
+                    return [
+                        ok(
+                            "gitlab token",
+                            f"valid (user {user.get('username')}); this GitLab "
+                            "cannot list a token's scopes: make sure it has api",
+                        )
+                    ]
             if exc.status_code is None:
-                return [fail(
+                return [
+                    fail(
+                        "gitlab token",
+                        f"cannot reach {settings.gitlab_url}: {exc.message}",
+                        "check DEKSDENFLOW_GITLAB_URL (and DEKSDENFLOW_CA_BUNDLE for a private CA)",
+                    )
+                ]
+            return [
+                fail(
                     "gitlab token",
-                    f"cannot reach {settings.gitlab_url}: {exc.message}",
-                    "check DEKSDENFLOW_GITLAB_URL (and DEKSDENFLOW_CA_BUNDLE for a private CA)",
-                )]
-            return [fail("gitlab token", first_line(str(exc)),
-                         "check DEKSDENFLOW_GITLAB_URL: the GitLab base URL, without /api/v4")]
+                    first_line(str(exc)),
+                    "check DEKSDENFLOW_GITLAB_URL: the GitLab base URL, without /api/v4",
+                )
+            ]
         scopes = [str(s) for s in (token or {}).get("scopes") or []]
         missing = [s for s in GITLAB_SCOPES if s not in scopes]
         if missing or (token or {}).get("active") is False:
-            results.append(fail(
-                "gitlab token",
-                f"token {token.get('name')!r} has scopes {', '.join(scopes) or 'none'}; "
-                f"needs {', '.join(GITLAB_SCOPES)}",
-                f"create a token with the api scope ({tokens_page}) and set DEKSDENFLOW_GITLAB_TOKEN",
-            ))
+            results.append(
+                fail(
+                    "gitlab token",
+                    f"token {token.get('name')!r} has scopes {', '.join(scopes) or 'none'}; "
+                    f"needs {', '.join(GITLAB_SCOPES)}",
+                    f"create a token with the api scope ({tokens_page}) and set DEKSDENFLOW_GITLAB_TOKEN",
+                )
+            )
         else:
             expires = token.get("expires_at")
-            results.append(ok(
-                "gitlab token",
-                f"token {token.get('name')!r} valid, scopes {', '.join(scopes)}"
-                + (f", expires {expires}" if expires else ""),
-            ))
+            results.append(
+                ok(
+                    "gitlab token",
+                    f"token {token.get('name')!r} valid, scopes {', '.join(scopes)}"
+                    + (f", expires {expires}" if expires else ""),
+                )
+            )
 
         try:
             projects = await _gitlab_projects(settings)
         except Exception as exc:
-            results.append(skip("gitlab hooks", f"cannot read the registered projects: {describe_error(exc)}"))
+            results.append(
+                skip("gitlab hooks", f"cannot read the registered projects: {describe_error(exc)}")
+            )
             return results
         if not projects:
-            results.append(skip("gitlab hooks", "no GitLab project registered (`deksdenflow gitlab add`)"))
+            results.append(
+                skip("gitlab hooks", "no GitLab project registered (`deksdenflow gitlab add`)")
+            )
             return results
         if not settings.public_url:
-            results.append(skip("gitlab hooks", "DEKSDENFLOW_PUBLIC_URL unset: cannot tell the right hook URL"))
+            results.append(
+                skip("gitlab hooks", "DEKSDENFLOW_PUBLIC_URL unset: cannot tell the right hook URL")
+            )
             return results
         want = settings.public_url + GITLAB_HOOK_PATH
         for name, forge_id in projects:
@@ -261,11 +314,13 @@ async def check_gitlab(settings: Settings) -> list[CheckResult]:
             try:
                 hooks = await client.get(f"/projects/{project_path(ref)}/hooks", {"per_page": 100})
             except GitLabAPIError as exc:
-                results.append(fail(
-                    f"gitlab hook {name}",
-                    f"cannot list its hooks: {first_line(str(exc))}",
-                    "the token needs Maintainer on the project to see its hooks",
-                ))
+                results.append(
+                    fail(
+                        f"gitlab hook {name}",
+                        f"cannot list its hooks: {first_line(str(exc))}",
+                        "the token needs Maintainer on the project to see its hooks",
+                    )
+                )
                 continue
             served = hook_points_at(hooks or [], want)
             if not served:
@@ -281,20 +336,23 @@ async def check_gitlab(settings: Settings) -> list[CheckResult]:
                 results.append(ok(f"gitlab hook {name}", f"delivers to {want}"))
             else:
                 urls = ", ".join(str(h.get("url")) for h in hooks or []) or "none"
-                results.append(fail(
-                    f"gitlab hook {name}",
-                    f"no hook delivers to {want} (hooks: {urls})",
-                    f"deksdenflow gitlab add {name} --create-hook --hook-url {want}",
-                ))
+                results.append(
+                    fail(
+                        f"gitlab hook {name}",
+                        f"no hook delivers to {want} (hooks: {urls})",
+                        f"deksdenflow gitlab add {name} --create-hook --hook-url {want}",
+                    )
+                )
     finally:
         await client.aclose()
     return results
 
 
 def _forges_configured(settings: Settings) -> bool:
-    return bool(settings.github_app_id or settings.gitlab_token) or (
-        settings.data_dir / "github-app.json"
-    ).exists()
+    return (
+        bool(settings.github_app_id or settings.gitlab_token)
+        or (settings.data_dir / "github-app.json").exists()
+    )
 
 
 async def check_public_url(
@@ -321,7 +379,9 @@ async def check_public_url(
         return ok(name, f"{settings.public_url} (not fetched at start)")
     url = settings.public_url + "/healthz"
     own = http is None
-    client = http or httpx.AsyncClient(timeout=CONNECT_TIMEOUT_S * 2, verify=settings.httpx_verify())
+    client = http or httpx.AsyncClient(
+        timeout=CONNECT_TIMEOUT_S * 2, verify=settings.httpx_verify()
+    )
     try:
         response = await client.get(url, timeout=CONNECT_TIMEOUT_S * 2)
     except httpx.HTTPError as exc:
@@ -334,12 +394,18 @@ async def check_public_url(
         if own:
             await client.aclose()
     if response.status_code != 200:
-        return fail(name, f"GET {url} answered {response.status_code}",
-                    "route the public URL to this server's port")
+        return fail(
+            name,
+            f"GET {url} answered {response.status_code}",
+            "route the public URL to this server's port",
+        )
     theirs = response.headers.get(INSTANCE_HEADER)
     if theirs is None:
-        return fail(name, f"{url} answers, but not as DeksdenFlow",
-                    "route the public URL to this server's port")
+        return fail(
+            name,
+            f"{url} answers, but not as DeksdenFlow",
+            "route the public URL to this server's port",
+        )
     mine = instance_fingerprint(settings)
     if mine is not None and theirs != mine:
         return fail(

@@ -186,7 +186,9 @@ async def add_group(
     if not projects:
         print(f"group {info.get('full_path')} has no projects yet", file=sys.stderr)
     if hook is not None:
-        print(f"group hook {hook.get('id')} on {info.get('full_path')} → {hook_url} ({HOOK_EVENTS})")
+        print(
+            f"group hook {hook.get('id')} on {info.get('full_path')} → {hook_url} ({HOOK_EVENTS})"
+        )
     elif not create_hook:
         print(
             f"no webhook created: pass --create-hook --hook-url https://<this server>{HOOK_PATH} "

@@ -33,7 +33,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-
     results = asyncio.run(doctor.run_checks(settings, offline=args.offline))
     print(doctor_results.to_json(results) if args.json else doctor_results.render(results))
     return doctor_results.exit_code(results)
@@ -69,7 +68,6 @@ def _require_database(settings: Settings) -> None:
     """Stop with one line naming DB_URL when the database does not answer (Postgres only: a
     SQLite file is created on first use)."""
     import asyncio
-
 
     if settings.database_url.startswith("sqlite"):
         return
@@ -158,7 +156,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-
         if not is_database_error(exc):
             raise
         # a database that is down is a setting to check, not a 180-line traceback

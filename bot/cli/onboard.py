@@ -35,7 +35,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     setup.add_argument("--repo", type=Path, default=Path("."), help="the repository (default: .)")
     setup.add_argument("--base", help="base branch (default: the current branch, else main)")
     setup.add_argument(
-        "--init-if-needed", action="store_true", help="run `git init -b BASE` when REPO is not a git repository"
+        "--init-if-needed",
+        action="store_true",
+        help="run `git init -b BASE` when REPO is not a git repository",
     )
     setup.add_argument(
         "--force", action="store_true", help="overwrite existing files (each is kept as <file>.bak)"
@@ -51,11 +53,19 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     cm = sub.add_parser("codemachine", help="import CodeMachine workspaces as protocols")
     cmsub = cm.add_subparsers(dest="codemachine_command", required=True, metavar="ACTION")
     imp = cmsub.add_parser("import", help="turn a CodeMachine workspace into a protocol run")
-    imp.add_argument("path", type=Path, help="the CodeMachine workspace (config/, templates/workflows/)")
-    imp.add_argument("--repo", type=Path, default=Path("."), help="the repository to run it on (default: .)")
+    imp.add_argument(
+        "path", type=Path, help="the CodeMachine workspace (config/, templates/workflows/)"
+    )
+    imp.add_argument(
+        "--repo", type=Path, default=Path("."), help="the repository to run it on (default: .)"
+    )
     imp.add_argument("--base", help="base branch (default: the repository's current branch)")
-    imp.add_argument("--workflow", help="workflow template name (default: the selected or only one)")
-    imp.add_argument("--engine", help="engine for steps that name none (default: the configured engine)")
+    imp.add_argument(
+        "--workflow", help="workflow template name (default: the selected or only one)"
+    )
+    imp.add_argument(
+        "--engine", help="engine for steps that name none (default: the configured engine)"
+    )
     imp.set_defaults(handler=_cmd_codemachine_import)
 
 
@@ -91,7 +101,9 @@ async def local_setup(
     initialized = False
     if not await is_git_repo(root):
         if not init_if_needed:
-            raise ConfigError(f"{root} is not a git repository (pass --init-if-needed to run git init)")
+            raise ConfigError(
+                f"{root} is not a git repository (pass --init-if-needed to run git init)"
+            )
         root.mkdir(parents=True, exist_ok=True)
         await git(root, "init", "-q", "-b", base or "main")
         initialized = True
@@ -158,7 +170,9 @@ async def _setup_on_branch(
     The user's checkout is left untouched: the result is a branch to review and merge.
     """
     settings: Settings = ctx["settings"]
-    code, _ = await git(top, "rev-parse", "--verify", "--quiet", f"refs/heads/{SETUP_BRANCH}", check=False)
+    code, _ = await git(
+        top, "rev-parse", "--verify", "--quiet", f"refs/heads/{SETUP_BRANCH}", check=False
+    )
     if code == 0:
         raise ConfigError(
             f"branch {SETUP_BRANCH} already exists: merge or delete it (git branch -D {SETUP_BRANCH}) first"

@@ -63,7 +63,9 @@ async def snapshot(db: Any, run_id: int) -> Snapshot:
     async with db.sessions() as session:
         run = await session.get(ProtocolRun, run_id)
         steps = list(
-            (await session.execute(select(StepRun).where(StepRun.protocol_run_id == run_id))).scalars()
+            (
+                await session.execute(select(StepRun).where(StepRun.protocol_run_id == run_id))
+            ).scalars()
         )
     items = await transcript_page(db, protocol_run_id=run_id, before=2**62, limit=30)
     latest = items[-1] if items else None

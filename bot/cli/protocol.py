@@ -229,7 +229,9 @@ async def _status_everywhere(ctx: dict[str, Any], ref: str | None) -> int:
         )  # fmt: skip
     if ref is not None:
         prefix = f"{int(ref):04d}-" if ref.isdigit() else f"{ref}-"
-        found = [(r, p) for r, p in rows if r.protocol_name == ref or r.protocol_name.startswith(prefix)]
+        found = [
+            (r, p) for r, p in rows if r.protocol_name == ref or r.protocol_name.startswith(prefix)
+        ]
         if not found:
             raise NotFound(f"no protocol {ref!r} in any local repository")
         for run, project in found:

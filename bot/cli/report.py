@@ -70,7 +70,9 @@ def _minutes(start: datetime | None, end: datetime | None) -> float | None:
     return max(0.0, (_aware(end) - _aware(start)).total_seconds() / 60)
 
 
-def build_report(database_url: str, *, project: str | None = None, since: date | None = None) -> Report:
+def build_report(
+    database_url: str, *, project: str | None = None, since: date | None = None
+) -> Report:
     """Read the runs (and their steps) created since `since`, grouped by project."""
     engine = create_engine(database_url)
     try:
@@ -80,7 +82,9 @@ def build_report(database_url: str, *, project: str | None = None, since: date |
                 query = query.where(
                     Project.id == int(project) if project.isdigit() else Project.name == project
                 )
-            projects = {p.id: ProjectUsage(p.id, p.name, p.provider) for p in session.scalars(query)}
+            projects = {
+                p.id: ProjectUsage(p.id, p.name, p.provider) for p in session.scalars(query)
+            }
             if project is not None and not projects:
                 raise ConfigError(f"no project named or numbered {project!r}")
             runs = select(
@@ -94,7 +98,9 @@ def build_report(database_url: str, *, project: str | None = None, since: date |
                 ProtocolRun.updated_at,
             ).where(ProtocolRun.project_id.in_(list(projects)))
             if since is not None:
-                runs = runs.where(ProtocolRun.created_at >= datetime.combine(since, datetime.min.time(), UTC))
+                runs = runs.where(
+                    ProtocolRun.created_at >= datetime.combine(since, datetime.min.time(), UTC)
+                )
             run_project: dict[int, int] = {}
             # streamed: a report over a busy year must not hold every row at once
             for row in session.execute(runs.execution_options(yield_per=1000)):
@@ -118,7 +124,11 @@ def build_report(database_url: str, *, project: str | None = None, since: date |
                     StepRun.runtime_state,
                     StepRun.started_at,
                     StepRun.finished_at,
-                ).where(StepRun.protocol_run_id.in_(runs.with_only_columns(ProtocolRun.id).scalar_subquery()))
+                ).where(
+                    StepRun.protocol_run_id.in_(
+                        runs.with_only_columns(ProtocolRun.id).scalar_subquery()
+                    )
+                )
                 for row in session.execute(steps.execution_options(yield_per=1000)):
                     usage = projects[run_project[row.protocol_run_id]]
                     usage.steps += 1
@@ -288,7 +298,9 @@ def html_to_pdf(document: str, out: Path, chromium: str, timeout: float = 120) -
             check=False,
         )
     if done.returncode != 0 or not out.exists():
-        raise ConfigError(f"chromium could not print the PDF (exit {done.returncode}): {done.stderr[-500:]}")
+        raise ConfigError(
+            f"chromium could not print the PDF (exit {done.returncode}): {done.stderr[-500:]}"
+        )
 
 
 def write_report(report: Report, out: Path, chromium: str | None = None) -> Path:
@@ -322,8 +334,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "report", help="usage report per project (protocols, steps, QA, CI, tokens) as HTML or PDF"
     )
     parser.add_argument("--project", help="only this project (name or id)")
-    parser.add_argument("--since", type=_parse_date, help="only runs created on or after YYYY-MM-DD")
+    parser.add_argument(
+        "--since", type=_parse_date, help="only runs created on or after YYYY-MM-DD"
+    )
     parser.add_argument("--out", type=Path, required=True, help="report.html or report.pdf")
     parser.add_argument("--chromium", help="Chromium binary for PDF output (default: from PATH)")
     parser.set_defaults(handler=_cmd_report)
-

@@ -37,7 +37,9 @@ class DependenciesPending(TransitionConflict):
     def __init__(self, step_index: int, missing: tuple[int, ...]) -> None:
         super().__init__("step", step_index, "pending", "running")
         names = ", ".join(f"{i:02d}" for i in missing)
-        self.args = (f"step {step_index:02d} waits for step{'s' if len(missing) > 1 else ''} {names} (not completed yet)",)
+        self.args = (
+            f"step {step_index:02d} waits for step{'s' if len(missing) > 1 else ''} {names} (not completed yet)",
+        )
         self.missing = missing
 
 

@@ -80,7 +80,9 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         ctx = " ".join(
-            f"{key}={getattr(record, key)}" for key in _CONTEXT_KEYS if getattr(record, key, None) is not None
+            f"{key}={getattr(record, key)}"
+            for key in _CONTEXT_KEYS
+            if getattr(record, key, None) is not None
         )
         return f"{base} [{ctx}]" if ctx else base
 
@@ -94,7 +96,9 @@ def configure_logging(level: str, json_logs: bool, secrets: Iterable[str]) -> No
     handler = logging.StreamHandler(sys.stderr)
     handler._deksdenflow = True  # type: ignore[attr-defined]
     handler.setFormatter(
-        JsonFormatter() if json_logs else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        JsonFormatter()
+        if json_logs
+        else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     handler.addFilter(RedactingFilter(secrets))
     root.addHandler(handler)
@@ -123,7 +127,10 @@ class Metrics:
             registry=self.registry,
         )
         self.jobs = Counter(
-            "deksdenflow_jobs_total", "Jobs by name and outcome", ["job", "outcome"], registry=self.registry
+            "deksdenflow_jobs_total",
+            "Jobs by name and outcome",
+            ["job", "outcome"],
+            registry=self.registry,
         )
         self.queue_depth = Gauge(
             "deksdenflow_queue_depth", "Jobs waiting in the arq queue", registry=self.registry

@@ -15,4 +15,3 @@ def host_of(url: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return None
     return parts.hostname.lower() + (f":{port}" if port is not None else "")
-

@@ -236,18 +236,24 @@ def github_job(
     return FailedJob(name, conclusion, tail(summary, SUMMARY_LIMIT), tuple(notes), excerpt, errors)
 
 
-def gitlab_job(name: str, status: str, trace: str | None, stage: str = "", limit: int = EVIDENCE_LIMIT) -> FailedJob:
+def gitlab_job(
+    name: str, status: str, trace: str | None, stage: str = "", limit: int = EVIDENCE_LIMIT
+) -> FailedJob:
     """A failed GitLab job from its trace: the tail, cleaned."""
     text = clean_gitlab_trace(trace or "")
     summary = f"stage: {stage}" if stage else ""
-    return FailedJob(name, status, summary, (), tail(text, limit) if text else "", first_error_lines(text))
+    return FailedJob(
+        name, status, summary, (), tail(text, limit) if text else "", first_error_lines(text)
+    )
 
 
 def hook_job(name: str, stage: str, log_tail: str, limit: int = EVIDENCE_LIMIT) -> FailedJob:
     """What report.sh sent: the failing stage and its log tail (any CI system's format)."""
     text = clean_gitlab_trace(clean_github_log(log_tail)) if log_tail else ""
     summary = f"failing stage: {stage}" if stage else ""
-    return FailedJob(name, "failure", summary, (), tail(text, limit) if text else "", first_error_lines(text))
+    return FailedJob(
+        name, "failure", summary, (), tail(text, limit) if text else "", first_error_lines(text)
+    )
 
 
 def within_budget(evidence: CIEvidence, limit: int = EVIDENCE_LIMIT) -> CIEvidence:

@@ -26,7 +26,9 @@ GateOutcome = Literal["completed", "waiting-ci", "ci-failed", "already"]
 
 # statuses in which a step's commits are the step's current work (a pending or running step is
 # being redone: CI on its previous commit says nothing about the next one)
-JUDGED = frozenset({StepStatus.NEEDS_QA, StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.BLOCKED})
+JUDGED = frozenset(
+    {StepStatus.NEEDS_QA, StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.BLOCKED}
+)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,11 @@ def interpret_ci(
     is done and a late red CI is recorded, not reopened. `gates`: CI gates steps here (the
     repository's `policies.ci_gates`, else DEKSDENFLOW_CI_GATES); when not, red CI is recorded.
     """
-    if protocol_status in (ProtocolStatus.CANCELLED, ProtocolStatus.PENDING, ProtocolStatus.PLANNING):
+    if protocol_status in (
+        ProtocolStatus.CANCELLED,
+        ProtocolStatus.PENDING,
+        ProtocolStatus.PLANNING,
+    ):
         return CIMeaning("ignore", None, f"protocol is {protocol_status}")
     step = step_for_sha(steps, sha)
     if step is None:
@@ -136,11 +142,19 @@ def interpret_ci(
     label = f"step {step.index:02d}"
     if step.status not in JUDGED:
         return CIMeaning(
-            "stale", step.index, f"{label} is {step.status} again; CI of {sha[:12]} is for an earlier attempt"
+            "stale",
+            step.index,
+            f"{label} is {step.status} again; CI of {sha[:12]} is for an earlier attempt",
         )
     ci = step.ci or {}
-    if ci.get("sha") == sha and ci.get("result") == result and ci.get("for_commit") == (step.commit_sha or ""):
-        return CIMeaning("duplicate", step.index, f"CI {result} on {sha[:12]} was already decided for {label}")
+    if (
+        ci.get("sha") == sha
+        and ci.get("result") == result
+        and ci.get("for_commit") == (step.commit_sha or "")
+    ):
+        return CIMeaning(
+            "duplicate", step.index, f"CI {result} on {sha[:12]} was already decided for {label}"
+        )
     if result == "success":
         if step.status != StepStatus.NEEDS_QA:
             return CIMeaning("record", step.index, f"CI passed on {label} ({step.status})")
@@ -149,17 +163,27 @@ def interpret_ci(
         if qa_queued:
             return CIMeaning("record", step.index, f"CI passed on {label}; waiting for its QA")
         if auto_qa_on_ci:
-            return CIMeaning("run_qa", step.index, f"CI passed; running {step.qa_policy} QA of {label}")
+            return CIMeaning(
+                "run_qa", step.index, f"CI passed; running {step.qa_policy} QA of {label}"
+            )
         return CIMeaning("complete", step.index, f"CI passed: {label} completed")
     if step.status in (StepStatus.FAILED, StepStatus.BLOCKED):
-        return CIMeaning("record", step.index, f"CI failed on {label}, which is already {step.status}")
+        return CIMeaning(
+            "record", step.index, f"CI failed on {label}, which is already {step.status}"
+        )
     if not gates:
-        return CIMeaning("record", step.index, f"CI failed on {label}; CI does not gate steps here (ci_gates: false)")
+        return CIMeaning(
+            "record",
+            step.index,
+            f"CI failed on {label}; CI does not gate steps here (ci_gates: false)",
+        )
     if step.status == StepStatus.NEEDS_QA:
         return CIMeaning("loop", step.index, f"CI failed on {label}")
     # a completed step: its CI turned red after the fact
     if merged:
-        return CIMeaning("record", step.index, f"CI failed on {label} after the pull request was merged")
+        return CIMeaning(
+            "record", step.index, f"CI failed on {label} after the pull request was merged"
+        )
     return CIMeaning(
         "reopen", step.index, f"CI failed on {label} after it completed; {label} is blocked"
     )

@@ -28,17 +28,38 @@ class CommandInfo:
 COMMANDS: Mapping[str, CommandInfo] = {
     info.name: info
     for info in (
-        CommandInfo("plan", "text", "plan [free text]", "plan (or re-plan) a protocol for this issue"),
-        CommandInfo("run-step", "step_or_next", "run-step [N|next]", "execute step N, or the next pending step"),
-        CommandInfo("qa", "step", "qa [N]", "run the quality check on step N (default: current step)"),
+        CommandInfo(
+            "plan", "text", "plan [free text]", "plan (or re-plan) a protocol for this issue"
+        ),
+        CommandInfo(
+            "run-step",
+            "step_or_next",
+            "run-step [N|next]",
+            "execute step N, or the next pending step",
+        ),
+        CommandInfo(
+            "qa", "step", "qa [N]", "run the quality check on step N (default: current step)"
+        ),
         CommandInfo("status", "none", "status", "refresh the status comment"),
-        CommandInfo("retry", "step_text", "retry [N] [text…]", "retry step N (default: the failed or blocked step); any text after it goes to the agent as guidance"),
-        CommandInfo("approve", "step", "approve [N]", "approve the plan so steps may run; with N, accept step N without (another) QA pass"),
+        CommandInfo(
+            "retry",
+            "step_text",
+            "retry [N] [text…]",
+            "retry step N (default: the failed or blocked step); any text after it goes to the agent as guidance",
+        ),
+        CommandInfo(
+            "approve",
+            "step",
+            "approve [N]",
+            "approve the plan so steps may run; with N, accept step N without (another) QA pass",
+        ),
         CommandInfo("pause", "none", "pause", "stop after the running step"),
         CommandInfo("resume", "none", "resume", "continue a paused or blocked protocol"),
         CommandInfo("cancel", "none", "cancel", "cancel the protocol"),
         CommandInfo("help", "none", "help", "show this help"),
-        CommandInfo("init", "none", "init", "add a starter .deksdenflow/ configuration to the repository"),
+        CommandInfo(
+            "init", "none", "init", "add a starter .deksdenflow/ configuration to the repository"
+        ),
     )
 }
 
@@ -139,7 +160,12 @@ def visible_lines(body: str) -> list[tuple[int, str]]:
             nested += 1
         elif token.type in ("blockquote_close", "list_item_close"):
             nested -= 1
-        elif token.type == "inline" and nested == 0 and i > 0 and tokens[i - 1].type == "paragraph_open":
+        elif (
+            token.type == "inline"
+            and nested == 0
+            and i > 0
+            and tokens[i - 1].type == "paragraph_open"
+        ):
             line = (token.map or [0])[0] + 1
             parts: list[str] = []
             for child in token.children or ():
@@ -209,7 +235,13 @@ def _parse_one(
             step_no = _parse_positive(first)
             if step_no is None:
                 return malformed(f"`{first}` is not a positive step number")
-            return Command(info.name, step=step_no, text=args.strip()[len(first) :].strip(), raw=raw, line=line_no)
+            return Command(
+                info.name,
+                step=step_no,
+                text=args.strip()[len(first) :].strip(),
+                raw=raw,
+                line=line_no,
+            )
         return Command(info.name, text=args.strip(), raw=raw, line=line_no)
     if info.args == "none":
         if tokens:
@@ -224,7 +256,11 @@ def _parse_one(
         return Command(info.name, raw=raw, line=line_no)
     step = _parse_positive(token)
     if step is None:
-        what = "a positive step number or `next`" if info.args == "step_or_next" else "a positive step number"
+        what = (
+            "a positive step number or `next`"
+            if info.args == "step_or_next"
+            else "a positive step number"
+        )
         return malformed(f"`{token}` is not {what}")
     return Command(info.name, step=step, raw=raw, line=line_no)
 

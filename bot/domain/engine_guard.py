@@ -78,9 +78,7 @@ def sanitize_result(result: EngineResult, scanner: SecretScanner | None = None) 
     scan = scanner if scanner is not None else process_scanner()
     return dataclasses.replace(
         result,
-        final_message=cap_text(
-            scan.redact(result.final_message), FINAL_MESSAGE_LIMIT, "message"
-        ),
+        final_message=cap_text(scan.redact(result.final_message), FINAL_MESSAGE_LIMIT, "message"),
         structured=scan.redact_obj(result.structured),
         parse_error=scan.redact(result.parse_error) if result.parse_error else result.parse_error,
         error=scan.redact(result.error) if result.error else result.error,

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[()][A-Za-z0-9]")
 
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
-_ISO_TIME = re.compile(
-    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?"
-)
+_ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:?\d{2})?")
 _CLOCK = re.compile(r"\b\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?\b")
-_UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
+_UUID = re.compile(
+    r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"
+)
 _HEX_PREFIXED = re.compile(r"\b0x[0-9a-fA-F]+\b")
 # a run of 7+ hex digits holding at least one digit: commit shas, object ids, container ids
 _HEX_ID = re.compile(r"\b(?=[0-9a-fA-F]*[0-9])[0-9a-fA-F]{7,}\b")
@@ -64,7 +64,10 @@ def failure_fingerprint(jobs: Iterable[tuple[str, Sequence[str]]]) -> Fingerprin
     """
     items = sorted(
         {
-            (" ".join(name.split()), tuple(normalise_line(x) for x in lines[:LINES_PER_JOB] if x.strip()))
+            (
+                " ".join(name.split()),
+                tuple(normalise_line(x) for x in lines[:LINES_PER_JOB] if x.strip()),
+            )
             for name, lines in jobs
         }
     )

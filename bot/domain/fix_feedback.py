@@ -78,7 +78,10 @@ def add_item(raw: Any, item: FeedbackItem) -> list[dict[str, Any]]:
 def qa_item(report: str, attempt: int) -> FeedbackItem:
     """A failing QA report: its last QA_TAIL bytes (the findings and the verdict are at the end)."""
     return FeedbackItem(
-        "qa_report", f"QA report of attempt {attempt}: FAIL", tail(report.strip(), QA_TAIL), {"attempt": attempt}
+        "qa_report",
+        f"QA report of attempt {attempt}: FAIL",
+        tail(report.strip(), QA_TAIL),
+        {"attempt": attempt},
     )
 
 
@@ -97,7 +100,12 @@ def ci_item(evidence: CIEvidence, attempt: int, sha: str | None = None) -> Feedb
 def guidance_item(author: str | None, text: str) -> FeedbackItem:
     """What a human asked for with `/retry N text…` (hidden text removed, capped)."""
     who = f"@{author}" if author else "a maintainer"
-    return FeedbackItem("guidance", f"Guidance from {who}", sanitize_prompt_text(text, GUIDANCE_LIMIT), {"author": author or ""})
+    return FeedbackItem(
+        "guidance",
+        f"Guidance from {who}",
+        sanitize_prompt_text(text, GUIDANCE_LIMIT),
+        {"author": author or ""},
+    )
 
 
 _HEADINGS = {

@@ -62,9 +62,7 @@ def graph_errors(
     return errors
 
 
-def unsupported_in_graph(
-    steps: Sequence[Mapping[str, object]], at: str = "$.steps"
-) -> list[str]:
+def unsupported_in_graph(steps: Sequence[Mapping[str, object]], at: str = "$.steps") -> list[str]:
     """What a plan whose steps run side by side cannot honour, as JSON-path errors: a `loop`
     back to earlier steps and `triggers` (running or sending back another step) assume
     one step at a time on one branch; the scheduler of a graph would silently ignore them, so
@@ -74,7 +72,9 @@ def unsupported_in_graph(
         index, deps = s.get("index"), s.get("depends_on")
         if not isinstance(index, int):
             return []
-        nodes.append((index, [d for d in deps if isinstance(d, int)] if isinstance(deps, list) else None))
+        nodes.append(
+            (index, [d for d in deps if isinstance(d, int)] if isinstance(deps, list) else None)
+        )
     deps_of = resolve_dependencies(nodes)
     if not deps_of or is_linear(deps_of, list(deps_of)):
         return []

@@ -80,7 +80,7 @@ def ci_gates(repo: RepoPolicies, env_default: bool) -> bool:
 
 
 def attempt_text(attempt: int, bound: int | None, why: str | None) -> str:
-    """"attempt 2/3: CI failed: tests — …" for the status comment and the check run."""
+    """ "attempt 2/3: CI failed: tests — …" for the status comment and the check run."""
     total = f"/{bound + 1}" if bound is not None and attempt <= bound + 1 else ""
     reason = f": {why}" if why else ""
     return f"attempt {attempt}{total}{reason}"

@@ -118,7 +118,9 @@ def loop_decision(
     idx = step_spec.index
     loop = step_spec.loop
     if loop is None:
-        return LoopDecision("block", [], state, f"step {idx:02d} has no loop policy; {trigger} needs a human")
+        return LoopDecision(
+            "block", [], state, f"step {idx:02d} has no loop policy; {trigger} needs a human"
+        )
     if loop.on not in (trigger, "always"):
         return LoopDecision(
             "block", [], state, f"step {idx:02d} loops on {loop.on}, not {trigger}; needs a human"
@@ -210,7 +212,9 @@ def budget_check_before_step(
         return BudgetDecision(True, False, "no protocol budget enforced")
     assert protocol_budget is not None
     if protocol_used < protocol_budget:
-        return BudgetDecision(True, False, f"{protocol_used}/{protocol_budget} protocol tokens used")
+        return BudgetDecision(
+            True, False, f"{protocol_used}/{protocol_budget} protocol tokens used"
+        )
     reason = f"protocol used {protocol_used} of its {protocol_budget} token budget"
     if mode == "strict":
         return BudgetDecision(False, False, reason + "; blocking")
@@ -235,7 +239,9 @@ def budget_check_after_step(
 
 def ci_fingerprint(failing_checks: Iterable[tuple[str, str]]) -> str:
     """A stable id of *which* checks failed *how*: order and duplicates (re-runs) don't matter."""
-    items = sorted({(name.strip(), conclusion.strip().lower()) for name, conclusion in failing_checks})
+    items = sorted(
+        {(name.strip(), conclusion.strip().lower()) for name, conclusion in failing_checks}
+    )
     payload = "\n".join(f"{name}\x1f{conclusion}" for name, conclusion in items)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 

@@ -34,7 +34,9 @@ DEFAULT_PRICES: Mapping[str, ModelPrice] = {
 }
 
 
-def price_table(overrides: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, ModelPrice]:
+def price_table(
+    overrides: Mapping[str, Mapping[str, float]] | None = None,
+) -> dict[str, ModelPrice]:
     """The defaults with `overrides` ({model: {input, cached_input, output}}) laid over them.
 
     A partial override keeps the default's other figures; a new model without `cached_input`
@@ -70,7 +72,9 @@ def cost_usd(usage: TokenUsage, price: ModelPrice | None) -> float:
         return 0.0
     cached = min(usage.cached_input_tokens, usage.input_tokens)
     uncached = usage.input_tokens - cached
-    total = uncached * price.input + cached * price.cached_input + usage.output_tokens * price.output
+    total = (
+        uncached * price.input + cached * price.cached_input + usage.output_tokens * price.output
+    )
     return total / PER
 
 

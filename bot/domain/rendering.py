@@ -194,7 +194,11 @@ def _header(view: ProtocolView) -> list[str]:
     facts = []
     if view.branch:
         branch = f"`{inline(view.branch, 100)}`"
-        facts.append(f"**Branch:** [{branch}]({view.branch_url})" if view.branch_url else f"**Branch:** {branch}")
+        facts.append(
+            f"**Branch:** [{branch}]({view.branch_url})"
+            if view.branch_url
+            else f"**Branch:** {branch}"
+        )
     if view.pr_url:
         label = f"#{view.pr_number}" if view.pr_number else "draft"
         facts.append(f"**PR:** [{label}]({view.pr_url})")
@@ -211,7 +215,9 @@ def _header(view: ProtocolView) -> list[str]:
         lines.append(" · ".join(facts))
     if view.current_step is not None:
         title = next((s.title for s in view.steps if s.index == view.current_step), "")
-        lines.append(f"**Current step:** {view.current_step:02d}" + (f" — {inline(title)}" if title else ""))
+        lines.append(
+            f"**Current step:** {view.current_step:02d}" + (f" — {inline(title)}" if title else "")
+        )
     if view.message:
         lines += ["", f"> {emoji} {inline(view.message, 500)}"]
     return lines
@@ -219,7 +225,11 @@ def _header(view: ProtocolView) -> list[str]:
 
 def _footer(view: ProtocolView) -> str:
     p = view.command_prefix
-    when = f" · updated {view.updated_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC" if view.updated_at else ""
+    when = (
+        f" · updated {view.updated_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+        if view.updated_at
+        else ""
+    )
     return f"<sub>Commands: `{p}run-step next` · `{p}qa` · `{p}retry` · `{p}pause` · `{p}help`{when}</sub>"
 
 
@@ -248,7 +258,11 @@ def status_comment(view: ProtocolView) -> str:
     # _DETAILS_CAP and the total never exceeds what is left.
     blocks: list[tuple[int, str, str]] = []
     for step in steps:
-        for label, text in (("error", step.error), ("output", step.output), ("QA report", step.qa_report)):
+        for label, text in (
+            ("error", step.error),
+            ("output", step.output),
+            ("QA report", step.qa_report),
+        ):
             if text:
                 blocks.append((step.index, f"Step {step.index:02d} {label}", text))
 
@@ -266,7 +280,9 @@ def status_comment(view: ProtocolView) -> str:
         remaining -= text_size(rendered) + 2
     details = [chosen[pos] for pos in sorted(chosen)]
     if len(chosen) < len(blocks):
-        details.append(f"_{len(blocks) - len(chosen)} more outputs omitted to stay under the comment limit._")
+        details.append(
+            f"_{len(blocks) - len(chosen)} more outputs omitted to stay under the comment limit._"
+        )
 
     out = "\n\n".join([head, body, *details, footer])
     # Belt and braces: nothing above should get here, but the limit is a hard 422.
@@ -462,9 +478,20 @@ def draft_pr_body(
         lines += ["", "### Plan"]
         for path in plan_files:
             shown = f"`{inline(path, 200)}`"
-            lines.append(f"- [{shown}]({file_url_base.rstrip('/')}/{path})" if file_url_base else f"- {shown}")
+            lines.append(
+                f"- [{shown}]({file_url_base.rstrip('/')}/{path})"
+                if file_url_base
+                else f"- {shown}"
+            )
     if plan_excerpt:
-        lines += ["", "<details><summary>plan.md</summary>", "", _fence(truncate(plan_excerpt, 20_000), "markdown"), "", "</details>"]
+        lines += [
+            "",
+            "<details><summary>plan.md</summary>",
+            "",
+            _fence(truncate(plan_excerpt, 20_000), "markdown"),
+            "",
+            "</details>",
+        ]
     lines += [
         "",
         "### Driving it",

@@ -8,7 +8,13 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 # Headers a proxy (or anyone pretending to be one) uses to say who the "real" client is.
-FORWARDING_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip", "x-forwarded-host", "x-client-ip")
+FORWARDING_HEADERS = (
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-host",
+    "x-client-ip",
+)
 MIN_REMOTE_TOKEN_LENGTH = 32
 # git check-ref-format: no control characters, space, ~ ^ : ? * [ \ anywhere in a ref name
 _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")

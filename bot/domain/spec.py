@@ -201,7 +201,11 @@ def _validator(schema_name: str) -> Draft202012Validator:
 
 def _message(error: Any) -> str:
     # A raw regex says little to the person who wrote the spec; say what the pattern means.
-    if error.validator == "pattern" and isinstance(error.schema, dict) and "description" in error.schema:
+    if (
+        error.validator == "pattern"
+        and isinstance(error.schema, dict)
+        and "description" in error.schema
+    ):
         return f"{error.instance!r} is not {error.schema['description']}"
     return str(error.message)
 
@@ -233,7 +237,9 @@ def _semantic_errors(data: Mapping[str, Any]) -> list[str]:
         seen.setdefault(idx, pos)
         number = int(step["file"].split("-", 1)[0])
         if number != idx:
-            errors.append(f"{at}.file: {step['file']!r} is numbered {number}, but the step index is {idx}")
+            errors.append(
+                f"{at}.file: {step['file']!r} is numbered {number}, but the step index is {idx}"
+            )
         out = step.get("outputs", {}).get("protocol")
         if out is not None and not out.startswith(prefix):
             errors.append(f"{at}.outputs.protocol: {out!r} is not under {prefix!r}")
@@ -243,7 +249,9 @@ def _semantic_errors(data: Mapping[str, Any]) -> list[str]:
             if back_to not in known:
                 errors.append(f"{at}.loop.back_to: no step with index {back_to}")
             elif back_to > idx:
-                errors.append(f"{at}.loop.back_to: {back_to} is after this step ({idx}); a loop goes back")
+                errors.append(
+                    f"{at}.loop.back_to: {back_to} is after this step ({idx}); a loop goes back"
+                )
             for k, skip in enumerate(loop.get("skip_steps", [])):
                 if skip not in known:
                     errors.append(f"{at}.loop.skip_steps[{k}]: no step with index {skip}")
@@ -387,7 +395,9 @@ def validate_planning_output(data: Any) -> PlanningOutput:
     data = _with_default_dependencies(_with_planning_defaults(data))
     errors = _schema_errors("protocol-planning.schema.json", data)
     if not errors:
-        errors += graph_errors([(pos, s["depends_on"]) for pos, s in enumerate(data["steps"], start=1)])
+        errors += graph_errors(
+            [(pos, s["depends_on"]) for pos, s in enumerate(data["steps"], start=1)]
+        )
         first_seen: dict[str, int] = {}
         for pos, step in enumerate(data["steps"]):
             slug = step["slug"]
@@ -424,7 +434,9 @@ def _with_planning_defaults(data: Any) -> Any:
     if not isinstance(data, Mapping) or not isinstance(data.get("steps"), list):
         return data
     steps = [
-        {**s, "max_fix_attempts": None} if isinstance(s, Mapping) and "max_fix_attempts" not in s else s
+        {**s, "max_fix_attempts": None}
+        if isinstance(s, Mapping) and "max_fix_attempts" not in s
+        else s
         for s in data["steps"]
     ]
     return {**data, "steps": steps}

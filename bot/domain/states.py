@@ -109,7 +109,8 @@ STEP_TERMINAL = frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED})
 
 
 def _invert(
-    table: Mapping[ProtocolStatus, frozenset[ProtocolStatus]] | Mapping[StepStatus, frozenset[StepStatus]],
+    table: Mapping[ProtocolStatus, frozenset[ProtocolStatus]]
+    | Mapping[StepStatus, frozenset[StepStatus]],
 ) -> dict[str, frozenset[str]]:
     sources: dict[str, set[str]] = {}
     for src, targets in table.items():
@@ -299,7 +300,11 @@ def completes_protocol(protocol_status: str, other_steps: list[str], reopens_a_s
     the step sends one back. The step's outcome then leaves the status comment to the
     completion that follows at once, so the comment is edited once, not twice in a row.
     """
-    return protocol_status == "running" and not reopens_a_step and all(s == "completed" for s in other_steps)
+    return (
+        protocol_status == "running"
+        and not reopens_a_step
+        and all(s == "completed" for s in other_steps)
+    )
 
 
 GateResult = Literal["completed", "wait_ci"]

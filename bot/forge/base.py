@@ -105,7 +105,9 @@ class Forge(Protocol):
         """Open a draft PR/MR for `head`, or return the open one that already exists."""
         ...
 
-    async def update_pr(self, pull: PullRef, *, title: str | None = None, body: str | None = None) -> None: ...
+    async def update_pr(
+        self, pull: PullRef, *, title: str | None = None, body: str | None = None
+    ) -> None: ...
 
     async def report_check(self, repo: RepoRef, check: CheckReport) -> None:
         """Create or update the check run / commit status named `check.name` on `head_sha`."""
@@ -124,7 +126,9 @@ class Forge(Protocol):
     pull_word: str  # "pull request" / "merge request", for sentences
     quick_actions: frozenset[str]  # the forge's own slash commands, never answered as typos
 
-    def status_targets(self, repo: RepoRef, issue_number: int | None, pull_number: int | None) -> list[IssueRef]:
+    def status_targets(
+        self, repo: RepoRef, issue_number: int | None, pull_number: int | None
+    ) -> list[IssueRef]:
         """The threads a protocol's status comment lives on (pure)."""
         ...
 
@@ -162,7 +166,9 @@ class Forge(Protocol):
         """Take a draft out of draft; False when the forge has no drafts to mark."""
         ...
 
-    async def review_comments(self, repo: RepoRef, number: int, review_id: int) -> list[dict[str, Any]]:
+    async def review_comments(
+        self, repo: RepoRef, number: int, review_id: int
+    ) -> list[dict[str, Any]]:
         """Every line comment of one submitted review ([] where reviews do not exist)."""
         ...
 
@@ -170,7 +176,9 @@ class Forge(Protocol):
         """A review's state in lower case ("" where reviews do not exist)."""
         ...
 
-    async def reply_in_thread(self, target: IssueRef, thread: str, body: str, *, resolve: bool = False) -> None:
+    async def reply_in_thread(
+        self, target: IssueRef, thread: str, body: str, *, resolve: bool = False
+    ) -> None:
         """Answer in a review thread; `resolve` marks it resolved where the forge can."""
         ...
 

@@ -26,7 +26,9 @@ from bot.forge.base import RepoRef
 
 log = logging.getLogger(__name__)
 
-FAILED_CONCLUSIONS = frozenset({"failure", "timed_out", "action_required", "startup_failure", "cancelled"})
+FAILED_CONCLUSIONS = frozenset(
+    {"failure", "timed_out", "action_required", "startup_failure", "cancelled"}
+)
 ACTIONS_SLUG = "github-actions"
 
 
@@ -66,7 +68,11 @@ async def github_evidence(forge: Any, repo: RepoRef, sha: str, own_app_id: Any) 
             except Exception as exc:
                 missing.append(f"the log of {name} ({type(exc).__name__})")
         conclusion = str(run.get("conclusion") or "failure")
-        jobs.append(github_job(name, conclusion, output=output, annotations=annotations, log=text, limit=share))
+        jobs.append(
+            github_job(
+                name, conclusion, output=output, annotations=annotations, log=text, limit=share
+            )
+        )
     note = "Not available: " + "; ".join(missing) + "." if missing else ""
     return CIEvidence("github-checks", tuple(jobs), note)
 
@@ -84,7 +90,11 @@ async def gitlab_evidence(forge: Any, repo: RepoRef, pipeline_id: int) -> CIEvid
             trace = await forge.job_trace(repo, int(job["id"]), RAW_LOG_LIMIT)
         except Exception as exc:
             missing.append(f"the trace of {name} ({type(exc).__name__})")
-        jobs.append(gitlab_job(name, str(job.get("status") or "failed"), trace, str(job.get("stage") or ""), share))
+        jobs.append(
+            gitlab_job(
+                name, str(job.get("status") or "failed"), trace, str(job.get("stage") or ""), share
+            )
+        )
     note = "Not available: " + "; ".join(missing) + "." if missing else ""
     return CIEvidence("gitlab-ci", tuple(jobs), note)
 
@@ -99,4 +109,16 @@ def hook_evidence(failing: list[str], stage: str, log_tail: str) -> CIEvidence:
 
 def status_evidence(context: str, state: str, description: str) -> CIEvidence:
     """A failing commit status: its context and description are all there is (pure)."""
-    return CIEvidence("github-status", (FailedJob(context, state, description.strip(), (), "", (description.strip(),) if description.strip() else ()),))
+    return CIEvidence(
+        "github-status",
+        (
+            FailedJob(
+                context,
+                state,
+                description.strip(),
+                (),
+                "",
+                (description.strip(),) if description.strip() else (),
+            ),
+        ),
+    )

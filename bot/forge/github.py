@@ -156,15 +156,16 @@ REVIEW_THREADS_QUERY = (
     "{ pullRequest(number: $number) { reviewThreads(first: 100) { nodes { id isResolved "
     "comments(first: 100) { nodes { databaseId body } } } } } } }"
 )
-RESOLVE_THREAD_MUTATION = (
-    "mutation($id: ID!) { resolveReviewThread(input: {threadId: $id}) { thread { id isResolved } } }"
-)
+RESOLVE_THREAD_MUTATION = "mutation($id: ID!) { resolveReviewThread(input: {threadId: $id}) { thread { id isResolved } } }"
 
 
 def build_review_threads_query(repo: RepoRef, number: int) -> dict[str, Any]:
     """The GraphQL request for a PR's review threads, with their comments' REST ids."""
     owner, _, name = repo.full_name.partition("/")
-    return {"query": REVIEW_THREADS_QUERY, "variables": {"owner": owner, "name": name, "number": number}}
+    return {
+        "query": REVIEW_THREADS_QUERY,
+        "variables": {"owner": owner, "name": name, "number": number},
+    }
 
 
 def build_resolve_thread_mutation(thread_id: str) -> dict[str, Any]:
@@ -183,7 +184,11 @@ def threads_holding(answer: Any, comment_ids: Iterable[int]) -> list[str]:
     for node in nodes:
         if not isinstance(node, Mapping) or node.get("isResolved") is not False:
             continue
-        ids = {c.get("databaseId") for c in _dig_list(node, "comments", "nodes") if isinstance(c, Mapping)}
+        ids = {
+            c.get("databaseId")
+            for c in _dig_list(node, "comments", "nodes")
+            if isinstance(c, Mapping)
+        }
         thread = node.get("id")
         if isinstance(thread, str) and thread and ids & wanted:
             found.append(thread)
@@ -344,7 +349,9 @@ class GitHubForge(AsyncClosing):
     pull_word = "pull request"
     quick_actions: frozenset[str] = frozenset()
 
-    def status_targets(self, repo: RepoRef, issue_number: int | None, pull_number: int | None) -> list[IssueRef]:
+    def status_targets(
+        self, repo: RepoRef, issue_number: int | None, pull_number: int | None
+    ) -> list[IssueRef]:
         return remote_status_targets(repo, issue_number, pull_number, self.pull_kind)
 
     async def clone_url(self, repo: RepoRef) -> str | None:
@@ -495,17 +502,23 @@ class GitHubForge(AsyncClosing):
 
     # review feedback (issue 12)
 
-    async def review_comments(self, repo: RepoRef, number: int, review_id: int) -> list[dict[str, Any]]:
+    async def review_comments(
+        self, repo: RepoRef, number: int, review_id: int
+    ) -> list[dict[str, Any]]:
         """Every line comment of one submitted review (the review event does not carry them)."""
         path = f"{repo_path(repo)}/pulls/{number}/reviews/{review_id}/comments"
         return [c for c in await self._get_all(repo, path) if isinstance(c, dict)]
 
     async def review_state(self, repo: RepoRef, number: int, review_id: int) -> str:
         """`approved`, `changes_requested`, `commented`, … of one review (lower case)."""
-        data = await self._request(repo, "GET", f"{repo_path(repo)}/pulls/{number}/reviews/{review_id}")
+        data = await self._request(
+            repo, "GET", f"{repo_path(repo)}/pulls/{number}/reviews/{review_id}"
+        )
         return str(data.get("state") or "").lower()
 
-    async def reply_in_thread(self, target: IssueRef, thread: str, body: str, *, resolve: bool = False) -> None:
+    async def reply_in_thread(
+        self, target: IssueRef, thread: str, body: str, *, resolve: bool = False
+    ) -> None:
         """Answer in a review comment's thread (GitHub replies to the thread's first comment).
 
         REST cannot resolve a thread, so `resolve` is not acted on here.
@@ -524,25 +537,35 @@ class GitHubForge(AsyncClosing):
         data = await self._request(pull.repo, "GET", f"{repo_path(pull.repo)}/pulls/{pull.number}")
         if not data.get("draft"):
             return True
-        answer = await self._request(pull.repo, "POST", "/graphql", build_ready_mutation(str(data["node_id"])))
+        answer = await self._request(
+            pull.repo, "POST", "/graphql", build_ready_mutation(str(data["node_id"]))
+        )
         graphql_errors(answer, "markPullRequestReadyForReview")
         return True
 
     async def threads_answered_with(self, repo: RepoRef, number: int, text: str) -> set[int]:
         """The review threads (by first comment id) that already hold a reply reading `text`."""
-        answer = await self._request(repo, "POST", "/graphql", build_review_threads_query(repo, number))
+        answer = await self._request(
+            repo, "POST", "/graphql", build_review_threads_query(repo, number)
+        )
         graphql_errors(answer, "reviewThreads")
         return threads_with_text(answer, text)
 
-    async def resolve_review_threads(self, repo: RepoRef, number: int, comment_ids: Iterable[int]) -> list[str]:
+    async def resolve_review_threads(
+        self, repo: RepoRef, number: int, comment_ids: Iterable[int]
+    ) -> list[str]:
         """Resolve the open review threads holding any of `comment_ids` (REST cannot: GraphQL's
         `resolveReviewThread` takes the thread's node id, found through the PR's reviewThreads).
         Returns the threads resolved; the first 100 threads of the PR are looked at."""
-        answer = await self._request(repo, "POST", "/graphql", build_review_threads_query(repo, number))
+        answer = await self._request(
+            repo, "POST", "/graphql", build_review_threads_query(repo, number)
+        )
         graphql_errors(answer, "reviewThreads")
         resolved: list[str] = []
         for thread in threads_holding(answer, comment_ids):
-            done = await self._request(repo, "POST", "/graphql", build_resolve_thread_mutation(thread))
+            done = await self._request(
+                repo, "POST", "/graphql", build_resolve_thread_mutation(thread)
+            )
             graphql_errors(done, "resolveReviewThread")
             resolved.append(thread)
         return resolved
@@ -654,7 +677,9 @@ class GitHubForge(AsyncClosing):
 
     async def check_run_annotations(self, repo: RepoRef, check_run_id: int) -> list[dict[str, Any]]:
         """A check run's annotations (file, line, level, message): the first page is plenty."""
-        path = with_query(f"{repo_path(repo)}/check-runs/{int(check_run_id)}/annotations", {"per_page": 50})
+        path = with_query(
+            f"{repo_path(repo)}/check-runs/{int(check_run_id)}/annotations", {"per_page": 50}
+        )
         found = await self._request(repo, "GET", path)
         return [a for a in found if isinstance(a, dict)] if isinstance(found, list) else []
 

@@ -409,9 +409,12 @@ class GitHubClient(AsyncClosing):
                    "Accept": "application/vnd.github+json"}  # fmt: skip
         url = self.api_url + path
         for _hop in range(2):  # the API's redirect, then the storage URL
-            async with self._semaphore, self._http.stream(
-                "GET", url, headers=headers, follow_redirects=False, timeout=self._timeout
-            ) as response:
+            async with (
+                self._semaphore,
+                self._http.stream(
+                    "GET", url, headers=headers, follow_redirects=False, timeout=self._timeout
+                ) as response,
+            ):
                 if response.status_code in (301, 302, 303, 307, 308):
                     location = response.headers.get("location", "")
                     if not location.startswith(("https://", "http://")):
@@ -419,7 +422,9 @@ class GitHubClient(AsyncClosing):
                     url, headers = location, {"User-Agent": self.requester}
                     continue
                 if response.status_code >= 400:
-                    raise GitHubHTTPError(response.status_code, f"GitHub GET {path} answered {response.status_code}")
+                    raise GitHubHTTPError(
+                        response.status_code, f"GitHub GET {path} answered {response.status_code}"
+                    )
                 kept = bytearray()
                 async for chunk in response.aiter_bytes():
                     kept.extend(chunk)

@@ -48,15 +48,35 @@ REQUESTS: tuple[Need, ...] = (
     Need("POST", _REPO + r"/pulls", "pull_requests", "write", "open the draft PR"),
     Need("PATCH", _REPO + r"/pulls/\d+", "pull_requests", "write", "update the PR"),
     Need("GET", _REPO + r"/pulls/\d+", "pull_requests", "read", "is the PR from a fork"),
-    Need("GET", _REPO + r"/pulls/\d+/reviews/\d+/comments", "pull_requests", "read", "a review's comments"),
-    Need("GET", _REPO + r"/pulls/\d+/reviews/\d+", "pull_requests", "read", "the state of a comment's review"),
-    Need("POST", _REPO + r"/pulls/\d+/comments/\d+/replies", "pull_requests", "write", "answer a review thread"),
+    Need(
+        "GET",
+        _REPO + r"/pulls/\d+/reviews/\d+/comments",
+        "pull_requests",
+        "read",
+        "a review's comments",
+    ),
+    Need(
+        "GET",
+        _REPO + r"/pulls/\d+/reviews/\d+",
+        "pull_requests",
+        "read",
+        "the state of a comment's review",
+    ),
+    Need(
+        "POST",
+        _REPO + r"/pulls/\d+/comments/\d+/replies",
+        "pull_requests",
+        "write",
+        "answer a review thread",
+    ),
     Need("POST", r"/graphql", "pull_requests", "write", "mark the draft PR ready for review"),
     Need("POST", _REPO + r"/check-runs", "checks", "write", "step and QA check runs"),
     Need("PATCH", _REPO + r"/check-runs/\d+", "checks", "write", "update a check run"),
     Need("GET", _REPO + r"/commits/[^/]+/check-runs", "checks", "read", "find our check run"),
     Need("GET", _REPO + r"/commits/[^/]+/check-suites", "checks", "read", "CI results"),
-    Need("GET", _REPO + r"/check-runs/\d+/annotations", "checks", "read", "a red check's annotations"),
+    Need(
+        "GET", _REPO + r"/check-runs/\d+/annotations", "checks", "read", "a red check's annotations"
+    ),
     Need("GET", _REPO + r"/actions/jobs/\d+/logs", "actions", "read", "a failed Actions job's log"),
     Need(
         "GET",
@@ -121,9 +141,7 @@ def load_manifest(path: Path = MANIFEST) -> dict[str, Any]:
     return data
 
 
-def missing_permissions(
-    required: Mapping[str, str], granted: Mapping[str, Any]
-) -> dict[str, str]:
+def missing_permissions(required: Mapping[str, str], granted: Mapping[str, Any]) -> dict[str, str]:
     """Permissions granted below the required level: name → required level."""
     return {
         name: level

@@ -258,7 +258,9 @@ class GitLabForge:
             self._own_username = str(user.get("username") or "") or None
         return self._own_user_id
 
-    def status_targets(self, repo: RepoRef, issue_number: int | None, pull_number: int | None) -> list[IssueRef]:
+    def status_targets(
+        self, repo: RepoRef, issue_number: int | None, pull_number: int | None
+    ) -> list[IssueRef]:
         return remote_status_targets(repo, issue_number, pull_number, self.pull_kind)
 
     async def clone_url(self, repo: RepoRef) -> str | None:
@@ -284,7 +286,9 @@ class GitLabForge:
         await self.report_check(repo, check)  # a commit status has no id to remember
         return None
 
-    async def review_comments(self, repo: RepoRef, number: int, review_id: int) -> list[dict[str, Any]]:
+    async def review_comments(
+        self, repo: RepoRef, number: int, review_id: int
+    ) -> list[dict[str, Any]]:
         return []  # GitLab has no submitted reviews: each note is its own event
 
     async def review_state(self, repo: RepoRef, number: int, review_id: int) -> str:
@@ -398,7 +402,9 @@ class GitLabForge:
         mr = await self._client.get(f"/projects/{project_id(repo)}/merge_requests/{number}")
         return str(mr["source_branch"]), str(mr["target_branch"])
 
-    async def reply_in_thread(self, target: IssueRef, thread: str, body: str, *, resolve: bool = False) -> None:
+    async def reply_in_thread(
+        self, target: IssueRef, thread: str, body: str, *, resolve: bool = False
+    ) -> None:
         """A note in merge request discussion `thread`; `resolve` then marks it resolved."""
         path = f"{noteable_path(target)}/discussions/{quote(thread, safe='')}"
         await self._client.post(f"{path}/notes", note_payload(body))
@@ -524,7 +530,9 @@ class GitLabForge:
             f"/projects/{project_id(repo)}/pipelines/{int(pipeline_id)}/jobs",
             {"scope[]": "failed", "per_page": 100},
         )
-        return [dict(j) for j in jobs or [] if isinstance(j, Mapping) and not j.get("allow_failure")]
+        return [
+            dict(j) for j in jobs or [] if isinstance(j, Mapping) and not j.get("allow_failure")
+        ]
 
     async def job_trace(self, repo: RepoRef, job_id: int, limit: int) -> str:
         """A job's trace, its last `limit` bytes."""

@@ -311,7 +311,9 @@ class GitLabClient(AsyncClosing):
             job.trace(streamed=True, action=keep, chunk_size=64 * 1024, timeout=self._timeout)
         except (gitlab.exceptions.GitlabError, requests.RequestException) as exc:
             status = getattr(exc, "response_code", None)
-            raise GitLabAPIError("GET", f"jobs/{job_id}/trace", status, self._scrub(type(exc).__name__)) from None
+            raise GitLabAPIError(
+                "GET", f"jobs/{job_id}/trace", status, self._scrub(type(exc).__name__)
+            ) from None
         return bytes(kept[-limit:]).decode("utf-8", "replace")
 
     def _scrub(self, text: str) -> str:

@@ -35,17 +35,23 @@ class LocalForge:
         self.db = db
         self.project_id = project_id
 
-    async def _upsert(self, kind: str, key: str, body: str = "", data: dict[str, Any] | None = None) -> int:
+    async def _upsert(
+        self, kind: str, key: str, body: str = "", data: dict[str, Any] | None = None
+    ) -> int:
         async with self.db.sessions.begin() as session:
             row = (
                 await session.execute(
                     select(ForgeRecord).where(
-                        ForgeRecord.project_id == self.project_id, ForgeRecord.kind == kind, ForgeRecord.key == key
+                        ForgeRecord.project_id == self.project_id,
+                        ForgeRecord.kind == kind,
+                        ForgeRecord.key == key,
                     )
                 )
             ).scalar()
             if row is None:
-                row = ForgeRecord(project_id=self.project_id, kind=kind, key=key, body=body, data=data or {})
+                row = ForgeRecord(
+                    project_id=self.project_id, kind=kind, key=key, body=body, data=data or {}
+                )
                 session.add(row)
             else:
                 row.body = body
@@ -62,25 +68,46 @@ class LocalForge:
             return list((await session.execute(query.order_by(ForgeRecord.id))).scalars())
 
     async def add_reaction(self, comment: CommentRef, reaction: Reaction) -> None:
-        await self._upsert("reaction", f"{comment.comment_id}:{reaction}", reaction, {"comment": comment.comment_id})
+        await self._upsert(
+            "reaction",
+            f"{comment.comment_id}:{reaction}",
+            reaction,
+            {"comment": comment.comment_id},
+        )
 
     async def post_comment(self, target: IssueRef, body: str) -> CommentRef:
         async with self.db.sessions() as session:
-            count = len((await session.execute(select(ForgeRecord.id).where(ForgeRecord.kind == "comment"))).all())
-        record_id = await self._upsert("comment", f"{target.number}:{count + 1}", body, {"issue": target.number})
+            count = len(
+                (
+                    await session.execute(
+                        select(ForgeRecord.id).where(ForgeRecord.kind == "comment")
+                    )
+                ).all()
+            )
+        record_id = await self._upsert(
+            "comment", f"{target.number}:{count + 1}", body, {"issue": target.number}
+        )
         return CommentRef(target, record_id)
 
     async def upsert_status_comment(
         self, target: IssueRef, marker: str, body: str, *, comment_id: int | None = None
     ) -> CommentRef:
-        record_id = await self._upsert("status_comment", f"{target.number}:{marker}", body, {"issue": target.number})
+        record_id = await self._upsert(
+            "status_comment", f"{target.number}:{marker}", body, {"issue": target.number}
+        )
         return CommentRef(target, record_id)
 
-    async def open_draft_pr(self, repo: RepoRef, *, head: str, base: str, title: str, body: str) -> PullRef:
-        record_id = await self._upsert("pull", head, body, {"title": title, "base": base, "draft": True, "state": "open"})
+    async def open_draft_pr(
+        self, repo: RepoRef, *, head: str, base: str, title: str, body: str
+    ) -> PullRef:
+        record_id = await self._upsert(
+            "pull", head, body, {"title": title, "base": base, "draft": True, "state": "open"}
+        )
         return PullRef(repo, record_id, f"local://{repo.full_name}/pulls/{record_id}", head)
 
-    async def update_pr(self, pull: PullRef, *, title: str | None = None, body: str | None = None) -> None:
+    async def update_pr(
+        self, pull: PullRef, *, title: str | None = None, body: str | None = None
+    ) -> None:
         async with self.db.sessions.begin() as session:
             row = await session.get(ForgeRecord, pull.number)
             if row is None:
@@ -102,7 +129,9 @@ class LocalForge:
 
     # -- what a real forge answers from its API: here the checkout is all there is -----------
 
-    def status_targets(self, repo: RepoRef, issue_number: int | None, pull_number: int | None) -> list[IssueRef]:
+    def status_targets(
+        self, repo: RepoRef, issue_number: int | None, pull_number: int | None
+    ) -> list[IssueRef]:
         # a local run has no issue: its status lives on thread 0, the CLI's view of the run
         targets = [IssueRef(repo, issue_number or 0, "issue")]
         if pull_number:
@@ -145,11 +174,17 @@ class LocalForge:
             row.data = {**row.data, "draft": False}
         return True
 
-    async def review_comments(self, repo: RepoRef, number: int, review_id: int) -> list[dict[str, Any]]:
+    async def review_comments(
+        self, repo: RepoRef, number: int, review_id: int
+    ) -> list[dict[str, Any]]:
         return []
 
     async def review_state(self, repo: RepoRef, number: int, review_id: int) -> str:
         return ""
 
-    async def reply_in_thread(self, target: IssueRef, thread: str, body: str, *, resolve: bool = False) -> None:
-        await self._upsert("reply", f"{target.number}:{thread}", body, {"issue": target.number, "resolve": resolve})
+    async def reply_in_thread(
+        self, target: IssueRef, thread: str, body: str, *, resolve: bool = False
+    ) -> None:
+        await self._upsert(
+            "reply", f"{target.number}:{thread}", body, {"issue": target.number, "resolve": resolve}
+        )

@@ -84,7 +84,9 @@ def parse_report(body: bytes) -> CIReport:
     run_id = data.get("protocol_run_id")
     if branch is not None and (not isinstance(branch, str) or not branch.strip()):
         raise WebhookError(422, "branch must be a non-empty string")
-    if run_id is not None and (isinstance(run_id, bool) or not isinstance(run_id, int) or run_id < 1):
+    if run_id is not None and (
+        isinstance(run_id, bool) or not isinstance(run_id, int) or run_id < 1
+    ):
         raise WebhookError(422, "protocol_run_id must be a positive integer")
     if branch is None and run_id is None:
         raise WebhookError(422, "give branch or protocol_run_id")
@@ -169,7 +171,6 @@ def ci_delivery(headers: Mapping[str, str], body: bytes, secret: str) -> Incomin
         key = "sha256:" + hashlib.sha256(body).hexdigest()
     stored = body.decode("utf-8")
     if report.log:  # a CI log may echo a secret this process holds: never stored as sent
-
         data = json.loads(body)
         data["log"] = process_scanner().redact(report.log)
         stored = json.dumps(data)
@@ -194,12 +195,22 @@ async def handle_report(ctx: HandlerContext) -> None:
         ctx.note(ignored=exc.message)
         return
     if run is None:
-        what = f"protocol run {report.protocol_run_id}" if report.protocol_run_id else f"branch {report.branch!r}"
+        what = (
+            f"protocol run {report.protocol_run_id}"
+            if report.protocol_run_id
+            else f"branch {report.branch!r}"
+        )
         ctx.note(ignored=f"no protocol for {what}")
         return
     if report.status == "running":
         loaded = await load_run(services["db"], run.id)
-        await emit(services["db"], loaded, "ci.running", "CI running (reported by the CI hook)", sha=report.sha)
+        await emit(
+            services["db"],
+            loaded,
+            "ci.running",
+            "CI running (reported by the CI hook)",
+            sha=report.sha,
+        )
         ctx.note(protocol_run_id=run.id, outcome="recorded")
         return
 

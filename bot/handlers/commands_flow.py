@@ -142,7 +142,9 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
     prefix: str = ctx.services["settings"].command_prefix
     # one more than allowed, so a comment past the cap is recognised without parsing all of it
     parsed = parse_commands(ev.body, prefix=prefix, limit=MAX_COMMANDS_PER_COMMENT + 1)
-    if not parsed and "@" in ev.body:  # `@bot plan …` is `/plan …` (the only way past GitLab's quick actions)
+    if (
+        not parsed and "@" in ev.body
+    ):  # `@bot plan …` is `/plan …` (the only way past GitLab's quick actions)
         parsed = await _mentioned_commands(ctx, ev, prefix)
     if not parsed:
         ctx.note(ignored="no command")
@@ -187,7 +189,9 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
         required = required_permission(item.name, overrides)
         if not permission_allows(permission, required):
             replies.add(
-                permission_refusal(ev.author, item.name, required, permission, project.provider, prefix)
+                permission_refusal(
+                    ev.author, item.name, required, permission, project.provider, prefix
+                )
             )
             ctx.note(command=item.name, result="refused", permission=permission)
             continue
@@ -196,8 +200,7 @@ async def handle_comment(ctx: HandlerContext, ev: CommentEvent) -> None:
                 from_fork = await _pull_is_fork(forge, ev, repo)
             if from_fork:
                 replies.add(
-                    f"`{prefix}{item.name}` is not accepted on "
-                    f"{forge.pull_word}s from forks here."
+                    f"`{prefix}{item.name}` is not accepted on {forge.pull_word}s from forks here."
                 )
                 ctx.note(command=item.name, result="refused-fork")
                 continue
@@ -225,7 +228,9 @@ async def handles_for(ctx: HandlerContext, project: Project, forge: Forge) -> tu
         return bot_handles(settings.github_app_slug)
 
 
-async def _mentioned_commands(ctx: HandlerContext, ev: CommentEvent, prefix: str) -> list[Command | CommandError]:
+async def _mentioned_commands(
+    ctx: HandlerContext, ev: CommentEvent, prefix: str
+) -> list[Command | CommandError]:
     try:
         project = await project_for(ctx, ev.repo)
     except NotFound:
@@ -303,10 +308,14 @@ async def handle_label(ctx: HandlerContext, ev: LabelEvent) -> None:
             ctx.note(label=label, result=f"{active.protocol_name} is already {active.status}")
             continue
         if not permission_allows(permission, required):
-            replies.add(f"Sorry @{ev.author}, the `{label}` label needs {required} access to start a protocol.")
+            replies.add(
+                f"Sorry @{ev.author}, the `{label}` label needs {required} access to start a protocol."
+            )
             ctx.note(label=label, result="refused")
             continue
-        result = await dispatch(ctx, project, forge, target, intent, ev.issue_title, ev.issue_body, None, replies)
+        result = await dispatch(
+            ctx, project, forge, target, intent, ev.issue_title, ev.issue_body, None, replies
+        )
         ctx.note(label=label, result=result)
     await send_replies(ctx, forge, target, ev.author, replies)
 
@@ -333,7 +342,9 @@ async def dispatch(
     try:
         if name == "help":
             handles = await handles_for(ctx, project, forge)
-            replies.add(help_text(prefix, forge=project.provider, bot=handles[0] if handles else ""))
+            replies.add(
+                help_text(prefix, forge=project.provider, bot=handles[0] if handles else "")
+            )
             return "help"
         if name == "init":
             # repository setup is per project, not per protocol: a draft PR/MR with the starter
@@ -354,11 +365,7 @@ async def dispatch(
             return "init-enqueued"
         if name in ("plan", "auto"):
             existing = await latest_run(ctx, project, target.number, target.kind)
-            if (
-                name == "auto"
-                and existing is not None
-                and existing.status not in ENDED
-            ):
+            if name == "auto" and existing is not None and existing.status not in ENDED:
                 await update_run(services["db"], existing.id, auto_mode=True, approved=True)
                 await actions.approve(services, existing.id)
                 return "auto-enabled"
@@ -369,9 +376,13 @@ async def dispatch(
             pull = None
             if target.kind != "issue":  # planned on this PR/MR: its branch, found by its number
                 if existing is not None and existing.status not in ENDED:
-                    replies.add(f"This already runs {existing.protocol_name} ({existing.status}): `{prefix}status` shows it.")
+                    replies.add(
+                        f"This already runs {existing.protocol_name} ({existing.status}): `{prefix}status` shows it."
+                    )
                     return "already-planned"
-                head, base = await forge.pull_branches(forges_repo(services, project), target.number)
+                head, base = await forge.pull_branches(
+                    forges_repo(services, project), target.number
+                )
                 pull = (target.number, head, base)
             run = await actions.start_protocol(
                 services,
@@ -386,7 +397,9 @@ async def dispatch(
             return f"planning {run.protocol_name}"
         found = await latest_run(ctx, project, target.number, target.kind)
         if found is None:
-            replies.add(f"There is no protocol for #{target.number} yet: comment `{prefix}plan` to start one.")
+            replies.add(
+                f"There is no protocol for #{target.number} yet: comment `{prefix}plan` to start one."
+            )
             return "no-protocol"
         run = found
         if name == "status":
@@ -396,7 +409,9 @@ async def dispatch(
             return await actions.approve(services, run.id, cmd.step)
         if name in ("run-step",):
             if not run.approved:
-                replies.add(f"The plan is not approved yet: review it, then comment `{prefix}approve`.")
+                replies.add(
+                    f"The plan is not approved yet: review it, then comment `{prefix}approve`."
+                )
                 return "not-approved"
             index = await actions.run_step(services, run.id, cmd.step, reply_to)
             return f"step {index}"

@@ -51,17 +51,26 @@ async def run_for_branch(
         return found
 
 
-async def _run_on_pull_branch(session: Any, provider: str, full_name: str, branch: str) -> ProtocolRun | None:
+async def _run_on_pull_branch(
+    session: Any, provider: str, full_name: str, branch: str
+) -> ProtocolRun | None:
     candidates = (
         await session.execute(
             select(ProtocolRun)
             .join(Project, Project.id == ProtocolRun.project_id)
-            .where(Project.name == full_name, Project.provider == provider, ProtocolRun.pr_number.is_not(None))
+            .where(
+                Project.name == full_name,
+                Project.provider == provider,
+                ProtocolRun.pr_number.is_not(None),
+            )
             .order_by(ProtocolRun.id.desc())
             .limit(50)
         )
     ).scalars()
-    return next((run for run in candidates if run_branch(run) == branch and run.protocol_name != branch), None)
+    return next(
+        (run for run in candidates if run_branch(run) == branch and run.protocol_name != branch),
+        None,
+    )
 
 
 # -- GitHub installations -------------------------------------------------------------------
@@ -95,7 +104,9 @@ async def _register(ctx: HandlerContext, repos: Any, installation_id: int | None
             installation_id=installation_id,
         )
         names.append(name)
-        await jobs.submit(ctx.services["redis"], jobs.project_setup(project.id, str(ctx.delivery_id)))
+        await jobs.submit(
+            ctx.services["redis"], jobs.project_setup(project.id, str(ctx.delivery_id))
+        )
     return names
 
 
@@ -280,7 +291,13 @@ async def github_status(ctx: HandlerContext) -> None:
             failing = [(context, str(state))]
             found = status_evidence(context, str(state), str(payload.get("description") or ""))
             outcome = await apply_ci_result(
-                ctx.services, run.id, sha, "failure", failing, source="github-status", evidence=found
+                ctx.services,
+                run.id,
+                sha,
+                "failure",
+                failing,
+                source="github-status",
+                evidence=found,
             )
             ctx.note(outcome=outcome)
         else:
@@ -320,7 +337,9 @@ async def gitlab_pipeline(ctx: HandlerContext) -> None:
     async def evidence() -> CIEvidence:  # fetched only if the failure is acted on
         project = await _project(ctx, run.project_id)
         forge = ctx.services["forges"].forge_for(project)
-        found = await gitlab_evidence(forge, ctx.services["forges"].repo_ref(project), int(pipeline_id))
+        found = await gitlab_evidence(
+            forge, ctx.services["forges"].repo_ref(project), int(pipeline_id)
+        )
         return found if found.jobs else names_only("gitlab-ci", failing)
 
     outcome = await apply_ci_result(

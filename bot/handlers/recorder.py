@@ -61,7 +61,12 @@ def summarize(provider: str, event: str, payload: dict[str, Any]) -> dict[str, A
 
 async def record(ctx: HandlerContext) -> None:
     d = ctx.delivery
-    meta = {"provider": d.provider, "event": d.event, "action": d.action, **summarize(d.provider, d.event, d.payload)}
+    meta = {
+        "provider": d.provider,
+        "event": d.event,
+        "action": d.action,
+        **summarize(d.provider, d.event, d.payload),
+    }
     await record_event(
         ctx.services["db"],
         "delivery.received",

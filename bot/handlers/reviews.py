@@ -44,7 +44,9 @@ router = Router()
 REVIEW_PERMISSION = "review"
 
 
-async def _protocol(ctx: HandlerContext, repo: RepoInfo | None, number: int) -> tuple[Project, ProtocolRun] | None:
+async def _protocol(
+    ctx: HandlerContext, repo: RepoInfo | None, number: int
+) -> tuple[Project, ProtocolRun] | None:
     if repo is None:
         return None
     try:
@@ -60,13 +62,17 @@ async def _protocol(ctx: HandlerContext, repo: RepoInfo | None, number: int) -> 
     return project, run
 
 
-async def _writers(ctx: HandlerContext, project: Project, forge: Forge, authors: Iterable[str]) -> dict[str, bool]:
+async def _writers(
+    ctx: HandlerContext, project: Project, forge: Forge, authors: Iterable[str]
+) -> dict[str, bool]:
     overrides = (project.config or {}).get("permissions")
     required = required_permission(REVIEW_PERMISSION, overrides)
     repo = ctx.services["forges"].repo_ref(project)
     found: dict[str, bool] = {}
     for author in {a for a in authors if a}:
-        found[author.casefold()] = permission_allows(await forge.get_permission(repo, author), required)
+        found[author.casefold()] = permission_allows(
+            await forge.get_permission(repo, author), required
+        )
     return found
 
 
@@ -105,11 +111,15 @@ async def _is_us(forge: Forge, comment: ReviewComment) -> bool:
         return False
 
 
-async def _approve(ctx: HandlerContext, project: Project, run: ProtocolRun, forge: Forge, review: ReviewSubmitted) -> None:
+async def _approve(
+    ctx: HandlerContext, project: Project, run: ProtocolRun, forge: Forge, review: ReviewSubmitted
+) -> None:
     """An approving review by someone who may `/approve` approves the plan."""
     overrides = (project.config or {}).get("permissions")
     repo = ctx.services["forges"].repo_ref(project)
-    may = permission_allows(await forge.get_permission(repo, review.author), required_permission("approve", overrides))
+    may = permission_allows(
+        await forge.get_permission(repo, review.author), required_permission("approve", overrides)
+    )
     if review.author_is_bot or not may:
         ctx.note(review="approval by someone who may not approve", author=review.author)
         return
@@ -131,7 +141,9 @@ async def _approve(ctx: HandlerContext, project: Project, run: ProtocolRun, forg
 @router.register("github", "pull_request_review", "submitted")
 async def github_review_submitted(ctx: HandlerContext) -> None:
     review = github_review(ctx.delivery.payload)
-    found = await _protocol(ctx, github_repo(ctx.delivery.payload), review.number) if review else None
+    found = (
+        await _protocol(ctx, github_repo(ctx.delivery.payload), review.number) if review else None
+    )
     if review is None or found is None:
         return
     project, run = found
@@ -147,7 +159,13 @@ async def github_review_submitted(ctx: HandlerContext) -> None:
     comments = [c for c in (github_review_comment(item) for item in raw) if c is not None]
     body = review_body_comment(review)
     await take_feedback(
-        ctx, project, run, forge, ([body] if body else []) + comments, batch=f"gh-review-{review.review_id}", quiet_s=0
+        ctx,
+        project,
+        run,
+        forge,
+        ([body] if body else []) + comments,
+        batch=f"gh-review-{review.review_id}",
+        quiet_s=0,
     )
 
 
@@ -162,17 +180,25 @@ async def github_line_comment(ctx: HandlerContext) -> None:
     project, run = found
     forge: Forge = ctx.services["forges"].forge_for(project)
     comment = event[1]
-    if comment.review_id is not None and await _review_requests_changes(ctx, project, forge, event[0], comment.review_id):
+    if comment.review_id is not None and await _review_requests_changes(
+        ctx, project, forge, event[0], comment.review_id
+    ):
         # its review's own delivery takes every comment of it at once, as one batch
         ctx.note(review="taken with its review", review_id=comment.review_id)
         return
     quiet: float = ctx.services["settings"].review_quiet_s
-    await take_feedback(ctx, project, run, forge, [comment], batch=f"gh-comment-{comment.comment_id}", quiet_s=quiet)
+    await take_feedback(
+        ctx, project, run, forge, [comment], batch=f"gh-comment-{comment.comment_id}", quiet_s=quiet
+    )
 
 
-async def _review_requests_changes(ctx: HandlerContext, project: Project, forge: Forge, number: int, review_id: int) -> bool:
+async def _review_requests_changes(
+    ctx: HandlerContext, project: Project, forge: Forge, number: int, review_id: int
+) -> bool:
     try:
-        found = await forge.review_state(ctx.services["forges"].repo_ref(project), number, review_id)
+        found = await forge.review_state(
+            ctx.services["forges"].repo_ref(project), number, review_id
+        )
     except DeksdenFlowError as exc:  # unknown: count the comment on its own (the batch dedupes)
         log.warning("review %s state unknown: %s", review_id, exc)
         return False
@@ -200,7 +226,11 @@ async def gitlab_review_note(ctx: HandlerContext) -> None:
     if event is None:
         return
     note_type = gitlab_note_type(ctx.delivery.payload)
-    if not event[1].path and note_type not in ("DiffNote", "DiscussionNote") and "@" not in event[1].body:
+    if (
+        not event[1].path
+        and note_type not in ("DiffNote", "DiscussionNote")
+        and "@" not in event[1].body
+    ):
         return  # a plain MR comment that names nobody: people talking to each other
     found = await _protocol(ctx, gitlab_repo(ctx.delivery.payload), event[0])
     if found is None:
@@ -211,7 +241,9 @@ async def gitlab_review_note(ctx: HandlerContext) -> None:
 @router.register("gitlab", "merge request hook", "approved", "approval")
 async def gitlab_mr_approved(ctx: HandlerContext) -> None:
     review = gitlab_approval(ctx.delivery.payload)
-    found = await _protocol(ctx, gitlab_repo(ctx.delivery.payload), review.number) if review else None
+    found = (
+        await _protocol(ctx, gitlab_repo(ctx.delivery.payload), review.number) if review else None
+    )
     if review is None or found is None:
         return
     project, run = found
@@ -219,7 +251,12 @@ async def gitlab_mr_approved(ctx: HandlerContext) -> None:
 
 
 async def _mention_feedback(
-    ctx: HandlerContext, project: Project, run: ProtocolRun, comment: ReviewComment, *, note_type: str
+    ctx: HandlerContext,
+    project: Project,
+    run: ProtocolRun,
+    comment: ReviewComment,
+    *,
+    note_type: str,
 ) -> None:
     forge: Forge = ctx.services["forges"].forge_for(project)
     handles = await handles_for(ctx, project, forge)
@@ -231,4 +268,6 @@ async def _mention_feedback(
         ctx.note(review="not addressed to the bot")
         return
     quiet: float = ctx.services["settings"].review_quiet_s
-    await take_feedback(ctx, project, run, forge, [comment], batch=f"note-{comment.comment_id}", quiet_s=quiet)
+    await take_feedback(
+        ctx, project, run, forge, [comment], batch=f"note-{comment.comment_id}", quiet_s=quiet
+    )

@@ -36,9 +36,7 @@ class Router:
             for key, handlers in other._handlers.items():
                 self._handlers.setdefault(key, []).extend(handlers)
 
-    def register(
-        self, provider: str, event: str, *actions: str
-    ) -> Callable[[Handler], Handler]:
+    def register(self, provider: str, event: str, *actions: str) -> Callable[[Handler], Handler]:
         def decorator(func: Handler) -> Handler:
             for action in actions or (None,):
                 self._handlers.setdefault((provider, event.lower(), action), []).append(func)

@@ -60,7 +60,8 @@ class IncomingDelivery:
     @property
     def is_ping(self) -> bool:
         return (self.provider == "github" and self.event == "ping") or (
-            self.provider == "gitlab" and self.headers.get("x-gitlab-event", "").lower() == "test hook"
+            self.provider == "gitlab"
+            and self.headers.get("x-gitlab-event", "").lower() == "test hook"
         )
 
 

@@ -24,7 +24,9 @@ from bot.core.settings import Settings
 DEFAULT_DB_TIMEOUT_S = 2.5
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> None:
+def _sqlite_pragmas(
+    dbapi_connection: Any, _record: Any, timeout_s: float = DEFAULT_DB_TIMEOUT_S
+) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers run beside the writer; FULL keeps every acknowledged delivery on disk
     # (the intake answers `accepted` only after its commit), busy_timeout absorbs the short
@@ -91,9 +93,15 @@ def create_database(url: str, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> Databa
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(
-            engine.sync_engine, "connect", lambda conn, record: _sqlite_pragmas(conn, record, timeout_s)
+            engine.sync_engine,
+            "connect",
+            lambda conn, record: _sqlite_pragmas(conn, record, timeout_s),
         )
-    return Database(engine=engine, sessions=async_sessionmaker(engine, expire_on_commit=False), timeout_s=timeout_s)
+    return Database(
+        engine=engine,
+        sessions=async_sessionmaker(engine, expire_on_commit=False),
+        timeout_s=timeout_s,
+    )
 
 
 def database_from_settings(settings: Settings) -> Database:
@@ -113,7 +121,9 @@ def _swallow(task: asyncio.Future[Any]) -> None:
         task.exception()  # retrieved, so asyncio does not log it as lost
 
 
-async def _within(conn: psycopg.AsyncConnection[Any], work: Any, timeout_s: float, what: str) -> Any:
+async def _within(
+    conn: psycopg.AsyncConnection[Any], work: Any, timeout_s: float, what: str
+) -> Any:
     """Await `work` for at most `timeout_s`; past that close `conn` and raise DatabaseTimeout.
 
     Not `asyncio.timeout()` around the call: cancelling psycopg mid-query makes it send the
@@ -147,11 +157,18 @@ class TimedCursor(psycopg.AsyncCursor[Any]):
     timeout_s: float = DEFAULT_DB_TIMEOUT_S
 
     async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        await _within(self.connection, super().execute(query, params, **kwargs), self.timeout_s, "answer")
+        await _within(
+            self.connection, super().execute(query, params, **kwargs), self.timeout_s, "answer"
+        )
         return self
 
     async def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
-        await _within(self.connection, super().executemany(query, params_seq, **kwargs), self.timeout_s, "answer")
+        await _within(
+            self.connection,
+            super().executemany(query, params_seq, **kwargs),
+            self.timeout_s,
+            "answer",
+        )
 
 
 class TimedConnection(psycopg.AsyncConnection[Any]):
@@ -176,7 +193,9 @@ def postgres_connector(url: str, timeout_s: float) -> Any:
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     ms = int(timeout_s * 1000)
     cursor_class = type("BoundTimedCursor", (TimedCursor,), {"timeout_s": timeout_s})
-    connection_class: type[TimedConnection] = type("BoundTimedConnection", (TimedConnection,), {"timeout_s": timeout_s})
+    connection_class: type[TimedConnection] = type(
+        "BoundTimedConnection", (TimedConnection,), {"timeout_s": timeout_s}
+    )
 
     # A connection comes up in milliseconds when the server is well; the pool's pre-ping may
     # spend one statement deadline on a dead connection before it connects anew, and the two
@@ -194,6 +213,8 @@ def postgres_connector(url: str, timeout_s: float) -> Any:
                 )
                 return conn
         except TimeoutError:
-            raise DatabaseTimeout(f"could not connect to the database within {connect_s:g} s") from None
+            raise DatabaseTimeout(
+                f"could not connect to the database within {connect_s:g} s"
+            ) from None
 
     return connect

@@ -73,6 +73,11 @@ async def finish_delivery(
             update(WebhookDelivery)
             .where(WebhookDelivery.id == delivery_id)
             .values(
-                status=status, outcome=outcome, error=error, processed_at=utcnow(), claimed_by=None, lease_until=None
+                status=status,
+                outcome=outcome,
+                error=error,
+                processed_at=utcnow(),
+                claimed_by=None,
+                lease_until=None,
             )
         )

@@ -49,7 +49,9 @@ async def ping_database(settings: Settings, timeout: float = 5.0) -> str | None:
     try:
         await asyncio.wait_for(db.ping(), timeout=timeout)
     except TimeoutError as exc:
-        return database_error(settings, exc).replace(": TimeoutError", f": no answer in {timeout:g} s")
+        return database_error(settings, exc).replace(
+            ": TimeoutError", f": no answer in {timeout:g} s"
+        )
     except Exception as exc:
         if is_database_error(exc) or isinstance(exc, OSError):
             return database_error(settings, exc)

@@ -18,7 +18,12 @@ LEVELS = ("admin", "write", "read", "none")
 QA_POLICIES = ("skip", "light", "full")
 # applied by bot/domain/loop_policy.py (precedence: StepSpec, then this file, then the environment)
 POLICY_KEYS = (
-    "qa_policy", "max_inline_depth", "max_tokens", "max_tokens_per_step", "max_fix_attempts", "ci_gates",
+    "qa_policy",
+    "max_inline_depth",
+    "max_tokens",
+    "max_tokens_per_step",
+    "max_fix_attempts",
+    "ci_gates",
     "max_parallel_steps",
 )
 
@@ -26,7 +31,9 @@ POLICY_KEYS = (
 def _str_map(value: Any, field: str, errors: list[str]) -> dict[str, str]:
     if value is None:
         return {}
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
         errors.append(f"{field}: must map names to strings")
         return {}
     return dict(value)
@@ -67,21 +74,29 @@ def parse_repo_config(text: str) -> dict[str, Any]:
         errors.append(f"policies.qa_policy: must be one of {', '.join(QA_POLICIES)}")
     for key in ("max_tokens", "max_tokens_per_step", "max_fix_attempts", "max_inline_depth"):
         value = policies.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
             errors.append(f"policies.{key}: must be a whole number, 0 or more")
     if "ci_gates" in policies and not isinstance(policies["ci_gates"], bool):
         errors.append("policies.ci_gates: must be true or false")
     par = policies.get("max_parallel_steps")
-    if par is not None and (not isinstance(par, int) or isinstance(par, bool) or not 1 <= par <= 32):
+    if par is not None and (
+        not isinstance(par, int) or isinstance(par, bool) or not 1 <= par <= 32
+    ):
         errors.append("policies.max_parallel_steps: must be a whole number from 1 to 32")
     out["policies"] = {k: v for k, v in policies.items() if k in POLICY_KEYS}
-    out["allow_fork_commands"] = bool(policies.get("allow_fork_commands", data.get("allow_fork_commands", False)))
+    out["allow_fork_commands"] = bool(
+        policies.get("allow_fork_commands", data.get("allow_fork_commands", False))
+    )
     if errors:
         raise SpecError(f"{CONFIG_FILE} has invalid values: " + "; ".join(errors), errors=errors)
     return out
 
 
-def merged_project_values(project_config: Mapping[str, Any], repo: Mapping[str, Any]) -> dict[str, Any]:
+def merged_project_values(
+    project_config: Mapping[str, Any], repo: Mapping[str, Any]
+) -> dict[str, Any]:
     """What a project row takes from the repository file: config keys and default models (pure)."""
     config = {**project_config, "repo": dict(repo)}
     for key in ("labels", "permissions", "allow_fork_commands", "policies"):
@@ -105,7 +120,9 @@ async def refresh_repo_config(db: Database, project: Project, mirror: Any) -> di
     models = {**(project.default_models or {}), **values["models"]}
     async with db.sessions.begin() as session:
         await session.execute(
-            update(Project).where(Project.id == project.id).values(config=values["config"], default_models=models)
+            update(Project)
+            .where(Project.id == project.id)
+            .values(config=values["config"], default_models=models)
         )
     project.config = values["config"]
     project.default_models = models

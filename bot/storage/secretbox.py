@@ -83,12 +83,17 @@ def unseal(fernet: Fernet, value: str) -> str:
     try:
         return fernet.decrypt(value[len(SEALED) :].encode()).decode()
     except InvalidToken:
-        raise ConfigError("a stored secret does not decrypt: DEKSDENFLOW_SECRET_KEY changed?") from None
+        raise ConfigError(
+            "a stored secret does not decrypt: DEKSDENFLOW_SECRET_KEY changed?"
+        ) from None
 
 
 def seal_all(fernet: Fernet, values: dict[str, Any]) -> dict[str, Any]:
     """Every value sealed (already sealed ones kept as they are)."""
-    return {k: v if isinstance(v, str) and v.startswith(SEALED) else seal(fernet, str(v)) for k, v in values.items()}
+    return {
+        k: v if isinstance(v, str) and v.startswith(SEALED) else seal(fernet, str(v))
+        for k, v in values.items()
+    }
 
 
 async def put_secret(db: Database, fernet: Fernet, name: str, value: dict[str, Any]) -> None:
@@ -103,7 +108,9 @@ async def put_secret(db: Database, fernet: Fernet, name: str, value: dict[str, A
 
 async def get_secret(db: Database, fernet: Fernet, name: str) -> dict[str, Any] | None:
     async with db.sessions() as session:
-        value = (await session.execute(select(StoredSecret.value).where(StoredSecret.name == name))).scalar()
+        value = (
+            await session.execute(select(StoredSecret.value).where(StoredSecret.name == name))
+        ).scalar()
     if value is None:
         return None
     data: dict[str, Any] = json.loads(unseal(fernet, value))

@@ -28,7 +28,12 @@ async def create(db: Database, kind: str, ttl_s: float) -> str:
         # expired rows are dropped as new ones come: the table stays the size of live sessions
         await session.execute(delete(AuthSession).where(AuthSession.expires_at < now))
         session.add(
-            AuthSession(id_hash=digest(value), kind=kind, created_at=now, expires_at=now + timedelta(seconds=ttl_s))
+            AuthSession(
+                id_hash=digest(value),
+                kind=kind,
+                created_at=now,
+                expires_at=now + timedelta(seconds=ttl_s),
+            )
         )
     return value
 
@@ -69,5 +74,7 @@ async def consume(db: Database, kind: str, value: str) -> bool:
 async def revoke(db: Database, kind: str, value: str) -> None:
     async with db.sessions.begin() as session:
         await session.execute(
-            delete(AuthSession).where(AuthSession.id_hash == digest(value), AuthSession.kind == kind)
+            delete(AuthSession).where(
+                AuthSession.id_hash == digest(value), AuthSession.kind == kind
+            )
         )

@@ -92,7 +92,12 @@ def login_page(request: Request, status_code: int, error: str | None) -> HTMLRes
     if not target.startswith("/console") or target.startswith("/console/log"):
         target = "/console"
     return render(
-        request, "login.html", status_code, error=error, next=target, hide_signout=True,
+        request,
+        "login.html",
+        status_code,
+        error=error,
+        next=target,
+        hide_signout=True,
         ttl_hours=round(settings.console_session_ttl_s / 3600, 1),
     )
 
@@ -120,10 +125,18 @@ async def login(request: Request) -> Response:
     form = await _form(request)
     given = form.get("token", "")
     if not api_token or not hmac.compare_digest(given.encode(), api_token.encode()):
-        return render(request, "login.html", 401, error="wrong token", next=_safe_next(form.get("next", "")),
-                      hide_signout=True,
-                      ttl_hours=round(state.settings.console_session_ttl_s / 3600, 1))
-    session_id = await sessions.create(state.db, sessions.CONSOLE, state.settings.console_session_ttl_s)
+        return render(
+            request,
+            "login.html",
+            401,
+            error="wrong token",
+            next=_safe_next(form.get("next", "")),
+            hide_signout=True,
+            ttl_hours=round(state.settings.console_session_ttl_s / 3600, 1),
+        )
+    session_id = await sessions.create(
+        state.db, sessions.CONSOLE, state.settings.console_session_ttl_s
+    )
     response = RedirectResponse(_safe_next(form.get("next", "")), status_code=303)
     response.set_cookie(
         CONSOLE_COOKIE,
@@ -143,7 +156,9 @@ async def logout(request: Request) -> Response:
     if cookie:
         await sessions.revoke(request.app.state.df.db, sessions.CONSOLE, cookie)
     response = RedirectResponse("/console/login", status_code=303)
-    response.delete_cookie(CONSOLE_COOKIE, path="/", httponly=True, samesite="strict", secure=_https(request))
+    response.delete_cookie(
+        CONSOLE_COOKIE, path="/", httponly=True, samesite="strict", secure=_https(request)
+    )
     return response
 
 
@@ -158,7 +173,9 @@ def console_page(page: Page) -> Page:
     async def wrapper(request: Request) -> Response:
         if "token" in request.query_params:
             # a token in a URL ends up in histories and proxy logs: it is never accepted there
-            return login_page(request, 400, "sign in with the form; a token in the address is refused")
+            return login_page(
+                request, 400, "sign in with the form; a token in the address is refused"
+            )
         access = await authenticate(request)
         if not isinstance(access, Access):
             return login_page(request, access.status_code, None)
@@ -196,9 +213,13 @@ def _offset(request: Request) -> int:
 @console_page
 async def index(request: Request) -> Response:
     async with _db(request).sessions() as session:
-        projects = list((await session.execute(select(Project).order_by(Project.id).limit(200))).scalars())
+        projects = list(
+            (await session.execute(select(Project).order_by(Project.id).limit(200))).scalars()
+        )
         runs = list(
-            (await session.execute(select(ProtocolRun).order_by(ProtocolRun.id.desc()).limit(20))).scalars()
+            (
+                await session.execute(select(ProtocolRun).order_by(ProtocolRun.id.desc()).limit(20))
+            ).scalars()
         )
         counts = dict(
             (
@@ -261,9 +282,17 @@ async def protocols_page(request: Request) -> Response:
             ).scalars()
         )
         ids = {r.project_id for r in runs}
-        names = dict(
-            (await session.execute(select(Project.id, Project.name).where(Project.id.in_(ids)))).all()
-        ) if ids else {}
+        names = (
+            dict(
+                (
+                    await session.execute(
+                        select(Project.id, Project.name).where(Project.id.in_(ids))
+                    )
+                ).all()
+            )
+            if ids
+            else {}
+        )
     return render(
         request,
         "protocols.html",
@@ -287,7 +316,9 @@ async def deliveries_page(request: Request) -> Response:
         query = query.where(WebhookDelivery.id < int(before_raw))
     async with _db(request).sessions() as session:
         rows = list(
-            (await session.execute(query.order_by(WebhookDelivery.id.desc()).limit(PAGE_SIZE))).scalars()
+            (
+                await session.execute(query.order_by(WebhookDelivery.id.desc()).limit(PAGE_SIZE))
+            ).scalars()
         )
     return render(
         request,

@@ -28,9 +28,7 @@ SAFE_HEADERS = (
 
 def safe_headers(headers: dict[str, Any]) -> dict[str, str]:
     """The headers of a stored delivery that are safe to show (no signatures or tokens)."""
-    return {
-        k: str(v)[:500] for k, v in sorted(headers.items()) if k.lower() in SAFE_HEADERS
-    }
+    return {k: str(v)[:500] for k, v in sorted(headers.items()) if k.lower() in SAFE_HEADERS}
 
 
 @console_page
@@ -82,7 +80,9 @@ async def redeliver(request: Request) -> Response:
         async with db.sessions() as session:
             exists = await session.get(WebhookDelivery, delivery_id) is not None
         if not exists:
-            return JSONResponse({"error": f"delivery {delivery_id} does not exist"}, status_code=404)
+            return JSONResponse(
+                {"error": f"delivery {delivery_id} does not exist"}, status_code=404
+            )
         return JSONResponse(
             {"error": "the delivery is being processed right now", "current": "processing"},
             status_code=409,
@@ -92,8 +92,12 @@ async def redeliver(request: Request) -> Response:
         request.app.state.df.redis,
         [JobSpec("process_delivery", job_id, {"delivery_id": delivery_id})],
     )
-    await record_event(db, "delivery.redelivered", "redelivered from the console", delivery_id=delivery_id)
-    return JSONResponse({"delivery": delivery_id, "job_id": job_id, "status": "pending"}, status_code=202)
+    await record_event(
+        db, "delivery.redelivered", "redelivered from the console", delivery_id=delivery_id
+    )
+    return JSONResponse(
+        {"delivery": delivery_id, "job_id": job_id, "status": "pending"}, status_code=202
+    )
 
 
 FAVICON = (
@@ -118,7 +122,12 @@ async def server_error(request: Request, exc: Exception) -> Response:
     """A bug answers a styled one-line page (or JSON for the API), never a traceback."""
     if request.url.path.startswith("/console"):
         try:
-            return render(request, "error.html", 500, message="Something went wrong on our side; the error is in the server log.")
+            return render(
+                request,
+                "error.html",
+                500,
+                message="Something went wrong on our side; the error is in the server log.",
+            )
         except Exception:  # the template itself may be what broke
             pass
     if request.url.path.startswith("/api") or "html" not in request.headers.get("accept", ""):

@@ -198,7 +198,9 @@ async def _load_step(request: Request) -> tuple[ProtocolRun, StepRun, Project | 
             raise LookupError(f"protocol run {run_id} does not exist")
         step = (
             await session.execute(
-                select(StepRun).where(StepRun.protocol_run_id == run_id, StepRun.step_index == index)
+                select(StepRun).where(
+                    StepRun.protocol_run_id == run_id, StepRun.step_index == index
+                )
             )
         ).scalar()
         if step is None:
@@ -218,7 +220,9 @@ def diff_sources(request: Request, run: ProtocolRun, project: Project | None) ->
     if run.worktree_path:
         places.append(Path(run.worktree_path))
     if project is not None:
-        places.append(settings.data_dir / "git" / "mirrors" / f"{safe_repo_name(project.git_url)}.git")
+        places.append(
+            settings.data_dir / "git" / "mirrors" / f"{safe_repo_name(project.git_url)}.git"
+        )
         if project.provider == "local":
             places.append(Path(project.git_url))
     return [p for p in places if p.exists()]
@@ -259,7 +263,10 @@ async def step_page(request: Request) -> Response:
     run, step, project = await _load_step(request)
     before = _cursor(request, "before")
     items = await transcript_page(
-        _db(request), step_run_id=step.id, before=before or 2**62, limit=PAGE_ITEMS,
+        _db(request),
+        step_run_id=step.id,
+        before=before or 2**62,
+        limit=PAGE_ITEMS,
         workdir=_workdir(run),
     )
     sha = (step.runtime_state or {}).get("commit_sha")
@@ -431,12 +438,14 @@ async def transcript_api(request: Request) -> Response:
     if step is None or run is None:
         return JSONResponse({"error": f"step {step_id} does not exist"}, status_code=404)
     items = await transcript_page(
-        _db(request), step_run_id=step_id, after=after or 0, before=before, limit=max(1, limit),
+        _db(request),
+        step_run_id=step_id,
+        after=after or 0,
+        before=before,
+        limit=max(1, limit),
         workdir=_workdir(run),
     )
-    return JSONResponse(
-        {"items": items, "next_after": items[-1]["id"] if items else after}
-    )
+    return JSONResponse({"items": items, "next_after": items[-1]["id"] if items else after})
 
 
 @console_page
@@ -450,7 +459,10 @@ async def run_page(request: Request) -> Response:
         steps = list(
             (
                 await session.execute(
-                    select(StepRun).where(StepRun.protocol_run_id == run_id).order_by(StepRun.step_index).limit(1000)
+                    select(StepRun)
+                    .where(StepRun.protocol_run_id == run_id)
+                    .order_by(StepRun.step_index)
+                    .limit(1000)
                 )
             ).scalars()
         )

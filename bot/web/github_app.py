@@ -35,7 +35,6 @@ def loopback_warning(hook_url: str) -> str:
     """An HTML warning when GitHub could not reach the webhook URL (loopback), else ""."""
     from urllib.parse import urlsplit
 
-
     if not is_loopback_host(urlsplit(hook_url).hostname):
         return ""
     return (
@@ -100,9 +99,12 @@ async def github_setup_callback(request: Request) -> Response:
     code = request.query_params.get("code", "")
     if not code or not code.replace("-", "").replace("_", "").isalnum():
         return JSONResponse({"error": "missing or malformed code"}, status_code=400)
-    if not await sessions.consume(state.db, sessions.SETUP_STATE, request.query_params.get("state", "")):
+    if not await sessions.consume(
+        state.db, sessions.SETUP_STATE, request.query_params.get("state", "")
+    ):
         return JSONResponse(
-            {"error": "missing, used or expired state: start again from /github/setup"}, status_code=403
+            {"error": "missing, used or expired state: start again from /github/setup"},
+            status_code=403,
         )
     conversion = await convert_manifest(code, api_url=state.settings.github_api_url)
     kept = await store_credentials(state.settings, state.db, conversion)

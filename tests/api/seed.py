@@ -17,7 +17,9 @@ def sync_url(url: str) -> str:
     return url
 
 
-def seed(url: str, *, project: str = "acme/widgets", runs: int = 3, status: str = "running") -> dict[str, Any]:
+def seed(
+    url: str, *, project: str = "acme/widgets", runs: int = 3, status: str = "running"
+) -> dict[str, Any]:
     """One project with `runs` protocol runs of two steps each, events and a delivery."""
     engine = create_engine(sync_url(url))
     t0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
@@ -78,7 +80,13 @@ def seed(url: str, *, project: str = "acme/widgets", runs: int = 3, status: str 
                     )
                 )
             session.add(
-                Event(project_id=p.id, protocol_run_id=run.id, event_type="protocol.created", message="created", metadata_={})
+                Event(
+                    project_id=p.id,
+                    protocol_run_id=run.id,
+                    event_type="protocol.created",
+                    message="created",
+                    metadata_={},
+                )
             )
         d = WebhookDelivery(
             provider="github",

@@ -67,7 +67,12 @@ def test_projects_crud_and_write_only_secrets(client: tuple[TestClient, dict[str
     made = c.post(
         "/api/projects",
         headers=AUTH,
-        json={"name": "new/one", "git_url": "/tmp/x.git", "default_models": {"exec": "m1"}, "secrets": {"k": "v-123"}},
+        json={
+            "name": "new/one",
+            "git_url": "/tmp/x.git",
+            "default_models": {"exec": "m1"},
+            "secrets": {"k": "v-123"},
+        },
     )
     assert made.status_code == 201, made.text
     body = made.json()
@@ -78,7 +83,9 @@ def test_projects_crud_and_write_only_secrets(client: tuple[TestClient, dict[str
     got = c.get(f"/api/projects/{pid}", headers=AUTH)
     assert got.status_code == 200 and "v-123" not in got.text
     patched = c.patch(
-        f"/api/projects/{pid}", headers=AUTH, json={"base_branch": "dev", "secrets": {"k": None, "k2": "zz-9"}}
+        f"/api/projects/{pid}",
+        headers=AUTH,
+        json={"base_branch": "dev", "secrets": {"k": None, "k2": "zz-9"}},
     )
     assert patched.status_code == 200, patched.text
     assert patched.json()["base_branch"] == "dev"
@@ -189,13 +196,17 @@ def test_events_cursor_and_filters(client: tuple[TestClient, dict[str, Any]]) ->
     tail = c.get(f"/api/events?protocol_run_id={run}&after=0", headers=AUTH).json()
     assert {e["protocol_run_id"] for e in tail["items"]} == {run}
     assert [e["id"] for e in tail["items"]] == sorted(e["id"] for e in tail["items"])
-    again = c.get(f"/api/events?protocol_run_id={run}&after={tail['next_after']}", headers=AUTH).json()
+    again = c.get(
+        f"/api/events?protocol_run_id={run}&after={tail['next_after']}", headers=AUTH
+    ).json()
     assert again["items"] == [] and again["next_after"] == tail["next_after"]
     typed = c.get("/api/events?type=protocol.created", headers=AUTH).json()["items"]
     assert typed and {e["event_type"] for e in typed} == {"protocol.created"}
     by_step = c.get(f"/api/events?step_run_id={ids['steps'][0]}", headers=AUTH).json()["items"]
     assert [e["step_run_id"] for e in by_step] == [ids["steps"][0]]
-    by_project = c.get(f"/api/events?project_id={ids['project']}&limit=500", headers=AUTH).json()["items"]
+    by_project = c.get(f"/api/events?project_id={ids['project']}&limit=500", headers=AUTH).json()[
+        "items"
+    ]
     assert len(by_project) == 9
 
 
@@ -208,14 +219,18 @@ def test_deliveries_with_outcome(client: tuple[TestClient, dict[str, Any]]) -> N
 
 
 @pytest.fixture
-def client_without_worker(tmp_path: Path, db_url: str) -> Iterator[tuple[TestClient, dict[str, Any]]]:
+def client_without_worker(
+    tmp_path: Path, db_url: str
+) -> Iterator[tuple[TestClient, dict[str, Any]]]:
     """No embedded worker: jobs an action enqueues stay queued, so statuses change only by request."""
     ids = seed(db_url)
     with TestClient(create_app(make_settings(tmp_path, db_url=db_url), embedded_worker=False)) as c:
         yield c, ids
 
 
-def test_actions_are_guarded_transitions(client_without_worker: tuple[TestClient, dict[str, Any]]) -> None:
+def test_actions_are_guarded_transitions(
+    client_without_worker: tuple[TestClient, dict[str, Any]],
+) -> None:
     # with a worker, the step job `run` enqueues could finish the protocol before `cancel`
     c, ids = client_without_worker
     run = ids["runs"][0]
@@ -257,12 +272,23 @@ def test_project_token_reaches_only_its_project(client: tuple[TestClient, dict[s
     assert events and {e["project_id"] for e in events} == {ids["project"]}
     for path in ("/api/deliveries", "/api/queues"):
         assert c.get(path, headers=pt).status_code == 403
-    assert c.post("/api/projects", headers=pt, json={"name": "n", "git_url": "/x"}).status_code == 403
+    assert (
+        c.post("/api/projects", headers=pt, json={"name": "n", "git_url": "/x"}).status_code == 403
+    )
     assert c.post(f"/api/projects/{ids['project']}/disable", headers=pt).status_code == 403
     assert c.get("/api/projects", headers={"X-Project-Token": token + "x"}).status_code == 401
-    assert c.get("/api/projects", headers={"X-Project-Token": f"dfp_{other['project']}_abc"}).status_code == 401
+    assert (
+        c.get(
+            "/api/projects", headers={"X-Project-Token": f"dfp_{other['project']}_abc"}
+        ).status_code
+        == 401
+    )
     # the hash cannot be planted through config
-    forged = c.patch(f"/api/projects/{other['project']}", headers=AUTH, json={"config": {"api_token_sha256": "0" * 64}})
+    forged = c.patch(
+        f"/api/projects/{other['project']}",
+        headers=AUTH,
+        json={"config": {"api_token_sha256": "0" * 64}},
+    )
     assert forged.status_code == 200 and forged.json()["has_project_token"] is False
     # rotating revokes the old token
     c.post(f"/api/projects/{ids['project']}/token", headers=AUTH)
@@ -270,7 +296,9 @@ def test_project_token_reaches_only_its_project(client: tuple[TestClient, dict[s
 
 
 def test_queues_per_job_name(tmp_path: Path, sqlite_url: str) -> None:
-    with TestClient(create_app(make_settings(tmp_path, db_url=sqlite_url), embedded_worker=False)) as c:
+    with TestClient(
+        create_app(make_settings(tmp_path, db_url=sqlite_url), embedded_worker=False)
+    ) as c:
         _queues(c)
 
 
@@ -279,7 +307,9 @@ def _queues(c: TestClient) -> None:
     redis = c.app.state.df.redis  # type: ignore[attr-defined]
 
     async def fill() -> None:
-        await redis.hset(JOB_METRICS_KEY, mapping={"execute_step|completed": 4, "execute_step|failed": 1})
+        await redis.hset(
+            JOB_METRICS_KEY, mapping={"execute_step|completed": 4, "execute_step|failed": 1}
+        )
         await redis.zadd("arq:queue", {"exec:1:2:3": 1, "plan:9:0": 2})
         await redis.set("arq:in-progress:qa:1:1:5", b"1")
 
@@ -287,7 +317,12 @@ def _queues(c: TestClient) -> None:
     body = c.get("/api/queues", headers=AUTH).json()
     assert body["depth"] == before["depth"] + 2
     assert body["in_progress"] == before["in_progress"] + 1 and body["failed"] == 1
-    assert body["jobs"]["execute_step"] == {"queued": 1, "in_progress": 0, "failed": 1, "outcomes": {"completed": 4, "failed": 1}}
+    assert body["jobs"]["execute_step"] == {
+        "queued": 1,
+        "in_progress": 0,
+        "failed": 1,
+        "outcomes": {"completed": 4, "failed": 1},
+    }
     assert body["jobs"]["plan_protocol"]["queued"] == 1
     assert body["jobs"]["run_quality"]["in_progress"] == 1
 
@@ -305,11 +340,34 @@ def test_cookie_writes_need_the_console_header(client: tuple[TestClient, dict[st
     assert ok.status_code == 202
 
 
-
-JUNK = ["", "-1", "abc", "1e9", "0", "2147483648", "99999999999999999999", "\x00", "null", "🙂", "1;DROP TABLE events"]
-JUNK_BODIES: list[Any] = [None, 1, "x", [], {}, {"step": -1}, {"step": 2**40}, {"project_id": None, "task": 5},
-                          {"name": "🙂" * 300, "git_url": "x"}, {"secrets": "no"}, {"default_models": {"a": 1}},
-                          {"config": []}, {"zzz": 1}]
+JUNK = [
+    "",
+    "-1",
+    "abc",
+    "1e9",
+    "0",
+    "2147483648",
+    "99999999999999999999",
+    "\x00",
+    "null",
+    "🙂",
+    "1;DROP TABLE events",
+]
+JUNK_BODIES: list[Any] = [
+    None,
+    1,
+    "x",
+    [],
+    {},
+    {"step": -1},
+    {"step": 2**40},
+    {"project_id": None, "task": 5},
+    {"name": "🙂" * 300, "git_url": "x"},
+    {"secrets": "no"},
+    {"default_models": {"a": 1}},
+    {"config": []},
+    {"zzz": 1},
+]
 
 
 def test_no_500_on_junk(client: tuple[TestClient, dict[str, Any]]) -> None:
@@ -318,10 +376,12 @@ def test_no_500_on_junk(client: tuple[TestClient, dict[str, Any]]) -> None:
     statuses: set[int] = set()
     for op in OPERATIONS:
         method, path, query = op.method, op.path, op.query
-        for action in (["pause", "open_pr", "nope"] if "{action}" in path else [""]):
+        for action in ["pause", "open_pr", "nope"] if "{action}" in path else [""]:
             for ident in (str(ids["runs"][0]), "424242", "2147483648"):
                 concrete = (
-                    path.replace("{project_id}", str(ids["project"]) if ident != "424242" else ident)
+                    path.replace(
+                        "{project_id}", str(ids["project"]) if ident != "424242" else ident
+                    )
                     .replace("{run_id}", ident)
                     .replace("{step_id}", ident)
                     .replace("{delivery_id}", ident)
@@ -346,7 +406,9 @@ def test_start_replans_a_run_whose_planning_failed(tmp_path: Path, sqlite_url: s
     ids = seed(sqlite_url, runs=2, status="failed")
     engine = create_engine(sqlite_url)
     with engine.begin() as conn:
-        conn.execute(text("DELETE FROM step_runs WHERE protocol_run_id = :r"), {"r": ids["runs"][0]})
+        conn.execute(
+            text("DELETE FROM step_runs WHERE protocol_run_id = :r"), {"r": ids["runs"][0]}
+        )
     engine.dispose()
     app = create_app(make_settings(tmp_path, db_url=sqlite_url), embedded_worker=False)
     with TestClient(app) as c:

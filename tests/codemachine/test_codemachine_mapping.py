@@ -47,7 +47,11 @@ def mapped(steps: str, known: set[str] | None = None) -> tuple[list[dict[str, An
         ("resolveStep('a')", ["a"], 0),
         ("resolveStep('a'), resolveUI('x'), separator('y'), resolveStep('b')", ["a", "b"], 0),
         # a trigger target outside the workflow is appended as a step of its own, once
-        ("resolveStep('a'), resolveModule('to-c'), resolveModule('to-c')", ["a", "to-c", "to-c", "c"], 1),
+        (
+            "resolveStep('a'), resolveModule('to-c'), resolveModule('to-c')",
+            ["a", "to-c", "to-c", "c"],
+            1,
+        ),
         # ... but not when the workflow already runs it
         ("resolveStep('c'), resolveModule('to-c')", ["c", "to-c"], 0),
         ("resolveStep('a'), resolveModule('bare')", ["a", "bare"], 0),
@@ -104,10 +108,26 @@ def test_map_step(steps: str, index: int, expected: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("steps", "known", "warning"),
     [
-        ("resolveStep('b')", {"scripted"}, "engine 'claude' is not available here; it runs on scripted"),
-        ("resolveStep('a'), resolveModule('loop')", {"scripted"}, "no loopMaxIterations; bounded at 5"),
-        ("resolveStep('a'), resolveModule('bare')", {"scripted"}, "trigger module without triggerAgentId"),
-        ("resolveStep('a'), resolveModule('to-c')", {"scripted"}, "'c' is not a workflow step: added as step 3"),
+        (
+            "resolveStep('b')",
+            {"scripted"},
+            "engine 'claude' is not available here; it runs on scripted",
+        ),
+        (
+            "resolveStep('a'), resolveModule('loop')",
+            {"scripted"},
+            "no loopMaxIterations; bounded at 5",
+        ),
+        (
+            "resolveStep('a'), resolveModule('bare')",
+            {"scripted"},
+            "trigger module without triggerAgentId",
+        ),
+        (
+            "resolveStep('a'), resolveModule('to-c')",
+            {"scripted"},
+            "'c' is not a workflow step: added as step 3",
+        ),
     ],
 )
 def test_warnings(steps: str, known: set[str], warning: str) -> None:

@@ -133,7 +133,9 @@ def test_session_expires(tmp_path: Path, db_url: str) -> None:
         assert c.get("/console").status_code == 200
         engine = create_engine(sync_url(db_url))
         with engine.begin() as conn:
-            conn.execute(update(AuthSession).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+            conn.execute(
+                update(AuthSession).values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+            )
         engine.dispose()
         assert c.get("/console").status_code == 401
         assert c.get("/api/projects").status_code == 401

@@ -71,7 +71,9 @@ def test_step_page_streams_the_transcript_then_shows_the_diff(
     sync_api = pytest.importorskip("playwright.sync_api")
     origin = bare_origin(tmp_path)
     settings = make_settings(
-        tmp_path, db_url=sqlite_url, scripted_script=paced_script(tmp_path / "paced.yml"),
+        tmp_path,
+        db_url=sqlite_url,
+        scripted_script=paced_script(tmp_path / "paced.yml"),
         # the recorded deliveries name a repository no one installed: nothing may leave 127.0.0.1
         github_api_url="http://127.0.0.1:9",
     )
@@ -123,7 +125,10 @@ def test_step_page_streams_the_transcript_then_shows_the_diff(
             # the protocol page follows the run live: step 1 runs while we watch
             page.goto(f"{server.url}/console/protocols/{run_id}")
             page.evaluate("window.__sameDocument = true")
-            assert api.post(f"/api/protocols/{run_id}/actions/run", json={"step": 1}).status_code == 202
+            assert (
+                api.post(f"/api/protocols/{run_id}/actions/run", json={"step": 1}).status_code
+                == 202
+            )
             page.wait_for_function(
                 "document.querySelector('#steps tr[data-step=\"1\"] .status').textContent === 'completed'",
                 timeout=30_000,

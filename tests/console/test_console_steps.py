@@ -72,7 +72,9 @@ def test_step_page_shows_transcript_diff_and_cost(tmp_path: Path, sqlite_url: st
         run = c.post("/api/protocols", headers=AUTH,
                      json={"project_id": project["id"], "task": "Add a greeting"}).json()  # fmt: skip
         wait(c, run["id"], lambda r: r["status"] == "planned" and r["pr_number"])
-        assert c.post(f"/api/protocols/{run['id']}/actions/approve", headers=AUTH).status_code == 202
+        assert (
+            c.post(f"/api/protocols/{run['id']}/actions/approve", headers=AUTH).status_code == 202
+        )
         assert c.post(f"/api/protocols/{run['id']}/actions/run", headers=AUTH).status_code == 202
         done = wait(c, run["id"], lambda r: r["steps"][0]["status"] == "completed")
         assert done["cost_usd"] > 0 and done["steps"][0]["cost_usd"] > 0
@@ -112,7 +114,10 @@ def test_delivery_details_hide_secrets_and_redeliver(tmp_path: Path, sqlite_url:
     with Session(engine) as session, session.begin():
         session.execute(update(WebhookDelivery).values(headers=headers))
     engine.dispose()
-    assert safe_headers(headers) == {"user-agent": "GitHub-Hookshot/1", "x-github-event": "issue_comment"}
+    assert safe_headers(headers) == {
+        "user-agent": "GitHub-Hookshot/1",
+        "x-github-event": "issue_comment",
+    }
     app = create_app(make_settings(tmp_path, db_url=sqlite_url), embedded_worker=False)
     with TestClient(app) as c:
         c.post("/console/login", data={"token": "api-test-token-0123456789"})
@@ -144,7 +149,9 @@ def test_root_favicon_and_a_styled_server_error(tmp_path: Path, sqlite_url: str)
         icon = c.get("/favicon.ico")
         assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
         page = c.get("/console/boom")
-        assert page.status_code == 500 and "<h1>" in page.text and "Something went wrong" in page.text
+        assert (
+            page.status_code == 500 and "<h1>" in page.text and "Something went wrong" in page.text
+        )
         assert "Traceback" not in page.text and "a bug" not in page.text
         assert c.get("/api/boom").json() == {"error": "internal server error"}
 

@@ -39,7 +39,9 @@ def test_bad_value_is_one_line_naming_the_variable(
     assert needle in text and "\n" not in text
 
 
-def test_cli_exits_2_with_the_config_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_exits_2_with_the_config_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("DEKSDENFLOW_TOKEN_BUDGET_MODE", "sometimes")
     assert main(["migrate"]) == 2
     assert "DEKSDENFLOW_TOKEN_BUDGET_MODE" in capsys.readouterr().err
@@ -66,13 +68,17 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
     assert "usage: deksdenflow" in capsys.readouterr().out
 
 
-def test_migrate_command_builds_the_sqlite_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_migrate_command_builds_the_sqlite_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DEKSDENFLOW_DATA_DIR", str(tmp_path / "d"))
     assert main(["migrate"]) == 0
     assert (tmp_path / "d" / "deksdenflow.sqlite3").exists()
 
 
-def test_worker_refuses_the_in_process_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worker_refuses_the_in_process_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DEKSDENFLOW_DATA_DIR", str(tmp_path))
     assert main(["worker"]) == 2
 
@@ -98,7 +104,9 @@ def test_json_logs_carry_context_and_never_secrets(capsys: pytest.CaptureFixture
     assert "[redacted]" in dump
 
 
-def test_a_request_cycle_logs_no_secret(tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_request_cycle_logs_no_secret(
+    tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     settings = make_settings(tmp_path, db_url=sqlite_url, log_json=True, log_level="DEBUG")
     with TestClient(create_app(settings)) as client:
         body = comment_body()

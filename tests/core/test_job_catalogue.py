@@ -18,7 +18,9 @@ from tests.conftest import make_settings
 
 BOT = Path(__file__).resolve().parents[2] / "bot"
 # enqueue_job("name", …), enqueue(ctx, "name", …) and JobSpec("name", …) anywhere in bot/
-ENQUEUED = re.compile(r'(?:enqueue_job|enqueue)\(\s*(?:ctx,\s*)?"([a-z_]+)"|JobSpec\(\s*"([a-z_]+)"')
+ENQUEUED = re.compile(
+    r'(?:enqueue_job|enqueue)\(\s*(?:ctx,\s*)?"([a-z_]+)"|JobSpec\(\s*"([a-z_]+)"'
+)
 
 
 def enqueued_names() -> set[str]:
@@ -38,7 +40,9 @@ def test_every_enqueued_job_is_in_the_catalogue() -> None:
 def test_constructors_name_id_and_arguments() -> None:
     job = catalogue.execute_step(3, 2, "trig-1", depth=2)
     assert (job.function, job.job_id, job.kwargs) == (
-        "execute_step", "exec:3:2:trig-1", {"protocol_run_id": 3, "step_index": 2, "depth": 2}
+        "execute_step",
+        "exec:3:2:trig-1",
+        {"protocol_run_id": 3, "step_index": 2, "depth": 2},
     )
     qa = catalogue.run_quality(3, 2, "ci-abc", reply_to={"number": 1})
     assert qa.job_id == "qa:3:2:ci-abc" and qa.kwargs["reply_to"] == {"number": 1}
@@ -53,7 +57,9 @@ def test_deksdenflow_worker_runs_every_job_and_the_crons(tmp_path: Path) -> None
     kwargs = worker_kwargs(make_settings(tmp_path))
     assert {f.name for f in kwargs["functions"]} == catalogue.JOB_NAMES
     assert {c.name for c in kwargs["cron_jobs"]} == {
-        "cron:relay_pending", "cron:prune_old_deliveries", "cron:reclaim_expired"
+        "cron:relay_pending",
+        "cron:prune_old_deliveries",
+        "cron:reclaim_expired",
     }
 
 
@@ -77,7 +83,9 @@ def test_arq_worker_settings_load_at_start_not_import(
         assert kwargs["ctx"]["settings"].log_json is True
         ours = [h for h in root.handlers if getattr(h, "_deksdenflow", False)]
         assert len(ours) == 1 and type(ours[0].formatter).__name__ == "JsonFormatter"
-        record = logging.LogRecord("x", logging.INFO, __file__, 1, "token a-secret-api-token-1234", (), None)
+        record = logging.LogRecord(
+            "x", logging.INFO, __file__, 1, "token a-secret-api-token-1234", (), None
+        )
         assert ours[0].filter(record)
         assert "a-secret-api-token-1234" not in record.getMessage()
     finally:
@@ -86,7 +94,9 @@ def test_arq_worker_settings_load_at_start_not_import(
                 root.removeHandler(handler)
 
 
-def test_arq_worker_settings_refuse_the_memory_queue(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_arq_worker_settings_refuse_the_memory_queue(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from bot.core.errors import ConfigError
 
     monkeypatch.setenv("DEKSDENFLOW_REDIS_URL", "memory://")

@@ -59,7 +59,9 @@ def main() -> None:
             logging.getLogger(name).setLevel(logging.DEBUG)
     assert settings.scripted_script is not None
     engine = LoggingEngine(
-        ScriptedEngine(settings.scripted_script), os.environ["WORKER_NAME"], Path(os.environ["STEP_LOG"])
+        ScriptedEngine(settings.scripted_script),
+        os.environ["WORKER_NAME"],
+        Path(os.environ["STEP_LOG"]),
     )
     build_worker(settings, ctx={"engines": EngineRegistry([engine])}, handle_signals=True).run()
 

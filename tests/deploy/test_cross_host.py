@@ -164,8 +164,13 @@ def engine_script() -> dict[str, Any]:
             "log": "# Log\n",
             "setup": "# Setup\n",
             "steps": [
-                {"slug": f"step-{i}", "title": f"Step {i}", "content": f"# Step {i}\n",
-                 "commit_type": "feat", "qa_policy": "skip"}
+                {
+                    "slug": f"step-{i}",
+                    "title": f"Step {i}",
+                    "content": f"# Step {i}\n",
+                    "commit_type": "feat",
+                    "qa_policy": "skip",
+                }
                 for i in range(1, STEPS + 1)
             ],
         },
@@ -174,7 +179,9 @@ def engine_script() -> dict[str, Any]:
             "delay_s": ENGINE_WAIT_S,
             "default": {
                 "message": "done {step_index}",
-                "files": [{"path": "src/{protocol}_{step_index}.py", "content": "X = {step_index}\n"}],
+                "files": [
+                    {"path": "src/{protocol}_{step_index}.py", "content": "X = {step_index}\n"}
+                ],
             },
         },
     }
@@ -189,7 +196,9 @@ def origin_repo(where: Path) -> Path:
         subprocess.run(["git", *args], cwd=seed, check=True, capture_output=True)
     served = where / "served"
     served.mkdir()
-    subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(served / "origin.git")], check=True)
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", str(seed), str(served / "origin.git")], check=True
+    )
     return served
 
 
@@ -261,20 +270,29 @@ async def _start_all(settings: Settings, git_url: str) -> list[int]:
         project = await get_or_create_project(
             ctx["db"], name="cross-host", provider="local", git_url=git_url, base_branch="main"
         )
-        return [(await start_protocol(ctx, project, f"Task {i}", auto=True)).id for i in range(PROTOCOLS)]
+        return [
+            (await start_protocol(ctx, project, f"Task {i}", auto=True)).id
+            for i in range(PROTOCOLS)
+        ]
     finally:
         await close_services(ctx)
         await ctx["redis"].aclose(close_connection_pool=True)
         await ctx["db"].dispose()
 
 
-async def _statuses(settings: Settings, run_ids: list[int]) -> dict[int, tuple[str, list[str], str]]:
+async def _statuses(
+    settings: Settings, run_ids: list[int]
+) -> dict[int, tuple[str, list[str], str]]:
     db = database_from_settings(settings)
     try:
         out = {}
         for run_id in run_ids:
             state = await load_run(db, run_id)
-            out[run_id] = (state.run.status, [s.status for s in state.steps], state.run.protocol_name)
+            out[run_id] = (
+                state.run.status,
+                [s.status for s in state.steps],
+                state.run.protocol_name,
+            )
         return out
     finally:
         await db.dispose()
@@ -283,10 +301,15 @@ async def _statuses(settings: Settings, run_ids: list[int]) -> dict[int, tuple[s
 async def _queue_report(settings: Settings) -> tuple[list[str], list[str]]:
     redis = create_redis(settings)
     try:
-        queued = [j.decode() if isinstance(j, bytes) else str(j) for j in await redis.zrange("arq:queue", 0, -1)]
+        queued = [
+            j.decode() if isinstance(j, bytes) else str(j)
+            for j in await redis.zrange("arq:queue", 0, -1)
+        ]
         # arq queues each cron job ahead of its next run: that one is not left-over work
         left = [j for j in queued if not j.startswith("cron:")]
-        failed = [f"{r.function}: {r.result!r}" for r in await redis.all_job_results() if not r.success]
+        failed = [
+            f"{r.function}: {r.result!r}" for r in await redis.all_job_results() if not r.success
+        ]
         return left, failed
     finally:
         await redis.aclose(close_connection_pool=True)
@@ -331,17 +354,37 @@ def test_three_workers_in_three_network_namespaces(tmp_path: Path, faults: tuple
     served = origin_repo(tmp_path)
     logs = [tmp_path / f"steps-{i}.jsonl" for i in range(WORKERS)]
     data_dirs = [tmp_path / f"data-{i}" for i in range(WORKERS)]
-    pg_port, redis_port, git_port, own_redis_port = free_port(), free_port(), free_port(), free_port()
+    pg_port, redis_port, git_port, own_redis_port = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    )
     # a Redis of its own: the workers' queue must hold this test's jobs and nobody else's
     own_redis = f"redis://127.0.0.1:{own_redis_port}/0"
 
-    with fresh_postgres() as dbname, bridged_namespaces(WORKERS) as net, contextlib.ExitStack() as stack:
+    with (
+        fresh_postgres() as dbname,
+        bridged_namespaces(WORKERS) as net,
+        contextlib.ExitStack() as stack,
+    ):
         upgrade_head(f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{dbname}")
         ip = net.bridge_ip
         stack.enter_context(
             background(
-                [redis_server, "--port", str(own_redis_port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(tmp_path)],
+                [
+                    redis_server,
+                    "--port",
+                    str(own_redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(tmp_path),
+                ],
                 tmp_path / "redis.log",
                 ready=lambda: _listening(own_redis_port),
             )
@@ -349,22 +392,38 @@ def test_three_workers_in_three_network_namespaces(tmp_path: Path, faults: tuple
         forward_log = tmp_path / "forward.log"
         stack.enter_context(
             background(
-                [sys.executable, str(HERE / "tcp_forward.py"), ip, f"{pg_port}:5432",
-                 f"{redis_port}:{own_redis_port}"],
+                [
+                    sys.executable,
+                    str(HERE / "tcp_forward.py"),
+                    ip,
+                    f"{pg_port}:5432",
+                    f"{redis_port}:{own_redis_port}",
+                ],
                 forward_log,
                 ready=lambda: "ready" in forward_log.read_text(),
             )
         )
         stack.enter_context(
             background(
-                ["git", "daemon", "--reuseaddr", "--export-all", "--enable=receive-pack",
-                 f"--base-path={served}", f"--listen={ip}", f"--port={git_port}", str(served)],
+                [
+                    "git",
+                    "daemon",
+                    "--reuseaddr",
+                    "--export-all",
+                    "--enable=receive-pack",
+                    f"--base-path={served}",
+                    f"--listen={ip}",
+                    f"--port={git_port}",
+                    str(served),
+                ],
                 tmp_path / "git-daemon.log",
             )
         )
         git_url = f"git://{ip}:{git_port}/origin.git"
         wait_for(
-            lambda: subprocess.run(["git", "ls-remote", git_url], capture_output=True).returncode == 0,
+            lambda: (
+                subprocess.run(["git", "ls-remote", git_url], capture_output=True).returncode == 0
+            ),
             20,
             "git daemon",
         )
@@ -419,7 +478,14 @@ def test_three_workers_in_three_network_namespaces(tmp_path: Path, faults: tuple
             workers[2].send_signal(signal.SIGTERM)
             assert workers[2].wait(timeout=30) == 0
             _delete_tree(data_dirs[2])
-            argv = ["ip", "netns", "exec", net.namespaces[2], sys.executable, str(HERE / "netns_worker.py")]
+            argv = [
+                "ip",
+                "netns",
+                "exec",
+                net.namespaces[2],
+                sys.executable,
+                str(HERE / "netns_worker.py"),
+            ]
             stack.enter_context(background(argv, tmp_path / "worker-2b.log", env=envs[2]))
         if "datadir" in faults:
             # a worker loses its disk mid-step: its caches, mirrors and worktrees are gone
@@ -433,13 +499,19 @@ def test_three_workers_in_three_network_namespaces(tmp_path: Path, faults: tuple
         try:
             wait_for(all_done, RUN_TIMEOUT_S, "every protocol to complete")
         except AssertionError as exc:  # say which protocols were left where
-            unfinished = {k: v for k, v in asyncio.run(_statuses(settings, run_ids)).items() if v[0] != "completed"}
+            unfinished = {
+                k: v
+                for k, v in asyncio.run(_statuses(settings, run_ids)).items()
+                if v[0] != "completed"
+            }
             raise AssertionError(f"{exc}; unfinished: {unfinished}") from None
         statuses = asyncio.run(_statuses(settings, run_ids))
         left, failed = asyncio.run(_queue_report(settings))
 
     # every protocol and step completed; nothing left in the queue, no job failed
-    assert all(s == "completed" and steps == ["completed"] * STEPS for s, steps, _ in statuses.values())
+    assert all(
+        s == "completed" and steps == ["completed"] * STEPS for s, steps, _ in statuses.values()
+    )
     assert left == [] and failed == [], (left, failed)
     # every step is exactly one commit on its branch in the remote
     origin = served / "origin.git"

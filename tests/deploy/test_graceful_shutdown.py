@@ -44,7 +44,9 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @pytest.fixture
-def workers(tmp_path: Path, sqlite_url: str, redis_url: str) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
+def workers(
+    tmp_path: Path, sqlite_url: str, redis_url: str
+) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
 
     def start(name: str) -> subprocess.Popen[bytes]:
@@ -103,7 +105,11 @@ def test_sigterm_finishes_short_jobs_and_hands_the_engine_step_back(
     try:
         _enqueue(redis_url, "engine", "engine-1", marks=str(marks))
         a = workers("a")
-        _wait(lambda: (marks / "grandchild.pid").exists() and (marks / "engine.pid").exists(), 30, "the engine")
+        _wait(
+            lambda: (marks / "grandchild.pid").exists() and (marks / "engine.pid").exists(),
+            30,
+            "the engine",
+        )
         engine_pid = int((marks / "engine.pid").read_text())
         grandchild_pid = int((marks / "grandchild.pid").read_text())
         _enqueue(redis_url, "short", "short-1")

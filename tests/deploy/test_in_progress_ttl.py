@@ -36,7 +36,9 @@ async def _wait(cond: Any, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_in_progress_key_is_short_and_renewed_then_a_dead_workers_job_moves(redis_url: str) -> None:
+async def test_in_progress_key_is_short_and_renewed_then_a_dead_workers_job_moves(
+    redis_url: str,
+) -> None:
     settings = Settings(redis_url=redis_url)
     redis_a, redis_b, probe = create_redis(settings), create_redis(settings), create_redis(settings)
     key = in_progress_key_prefix + "slow-1"
@@ -65,7 +67,9 @@ async def test_in_progress_key_is_short_and_renewed_then_a_dead_workers_job_move
         finally:
             main_b.cancel()
             b._closing.set()  # what close() does to the heartbeat; the pool is closed below
-            await asyncio.gather(main_b, *([b._heartbeat] if b._heartbeat else []), return_exceptions=True)
+            await asyncio.gather(
+                main_b, *([b._heartbeat] if b._heartbeat else []), return_exceptions=True
+            )
             await redis_b.aclose(close_connection_pool=True)
     finally:
         main_a.cancel()

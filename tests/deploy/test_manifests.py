@@ -232,7 +232,11 @@ def test_worker_grace_period_matches_the_shutdown(objects: list[Manifest]) -> No
 
 def test_keda_scales_workers_on_queue_demand(objects: list[Manifest], overlay: str) -> None:
     scaled = one(objects, "ScaledObject", WORKER)["spec"]
-    assert scaled["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": WORKER}
+    assert scaled["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": WORKER,
+    }
     worker = one(objects, "Deployment", WORKER)
     assert "replicas" not in worker["spec"]  # KEDA owns it
     if overlay == "dev":

@@ -49,8 +49,15 @@ MANIFEST_PERMISSIONS = {
     "metadata": "read",
 }
 MANIFEST_EVENTS = [
-    "issue_comment", "issues", "pull_request", "check_suite", "check_run", "workflow_run",
-    "pull_request_review", "pull_request_review_comment", "status",  # status last: one test drops it
+    "issue_comment",
+    "issues",
+    "pull_request",
+    "check_suite",
+    "check_run",
+    "workflow_run",
+    "pull_request_review",
+    "pull_request_review_comment",
+    "status",  # status last: one test drops it
 ]
 
 
@@ -81,9 +88,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return values
 
 
-def doctor(
-    capsys: pytest.CaptureFixture[str], *args: str
-) -> tuple[int, str]:
+def doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     code = main(["doctor", *args])
     return code, capsys.readouterr().out
 
@@ -328,24 +333,36 @@ def mock_github(router: respx.Router, app: dict[str, Any] | None, *, status: int
     fingerprint = instance_fingerprint(Settings(github_webhook_secret=SecretStr(GH_SECRET)))
     assert fingerprint is not None
     router.get(PUBLIC + "/healthz").mock(
-        return_value=httpx.Response(200, json={"status": "ok"}, headers={INSTANCE_HEADER: fingerprint})
+        return_value=httpx.Response(
+            200, json={"status": "ok"}, headers={INSTANCE_HEADER: fingerprint}
+        )
     )
 
 
-def test_github_valid_credentials(github_env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_github_valid_credentials(
+    github_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with respx.mock(assert_all_called=False) as router:
         mock_github(router, github_app())
         code, out = doctor(capsys, "--offline")
         jwt = router.calls[0].request.headers["authorization"]
     assert code == 0, out
     assert jwt.lower().startswith("bearer ey")  # the App JWT, not a token
-    for name in ("github app", "github installations", "github webhook secret",
-                 "github permissions", "github webhook url", "public url"):
+    for name in (
+        "github app",
+        "github installations",
+        "github webhook secret",
+        "github permissions",
+        "github webhook url",
+        "public url",
+    ):
         assert line_of(out, name).startswith("✔"), out
     assert "installed on 2" in out and "serves this instance" in out
 
 
-def test_github_invalid_credentials(github_env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_github_invalid_credentials(
+    github_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with respx.mock(assert_all_called=False) as router:
         mock_github(router, None, status=401)
         code, out = doctor(capsys, "--offline")
@@ -364,7 +381,11 @@ def test_github_missing_permissions_and_events(
         code, out = doctor(capsys, "--offline")
     assert code == 1
     assert_failed_with_fix(
-        out, "github permissions", "workflows: write", "checks: write", "event status",
+        out,
+        "github permissions",
+        "workflows: write",
+        "checks: write",
+        "event status",
         "/settings/apps/deksdenflow-test/permissions",
     )
     assert_failed_with_fix(out, "github installations", "installations/new")
@@ -420,11 +441,15 @@ def healthz_mock(router: respx.Router) -> None:
     fingerprint = instance_fingerprint(Settings(gitlab_webhook_secret=SecretStr(GL_SECRET)))
     assert fingerprint is not None
     router.get(PUBLIC + "/healthz").mock(
-        return_value=httpx.Response(200, json={"status": "ok"}, headers={INSTANCE_HEADER: fingerprint})
+        return_value=httpx.Response(
+            200, json={"status": "ok"}, headers={INSTANCE_HEADER: fingerprint}
+        )
     )
 
 
-def test_gitlab_valid_token_and_hook(gitlab_env: FakeGitLab, capsys: pytest.CaptureFixture[str]) -> None:
+def test_gitlab_valid_token_and_hook(
+    gitlab_env: FakeGitLab, capsys: pytest.CaptureFixture[str]
+) -> None:
     gitlab_env.add_project("acme/widgets", project_id=7)
     hook_url = PUBLIC + "/webhooks/gitlab"
     assert main(["gitlab", "add", "acme/widgets", "--create-hook", "--hook-url", hook_url]) == 0
@@ -462,7 +487,9 @@ def test_gitlab_token_without_api_scope(
     assert_failed_with_fix(out, "gitlab token", "read_api", "needs api")
 
 
-def test_gitlab_hook_pointing_elsewhere(gitlab_env: FakeGitLab, capsys: pytest.CaptureFixture[str]) -> None:
+def test_gitlab_hook_pointing_elsewhere(
+    gitlab_env: FakeGitLab, capsys: pytest.CaptureFixture[str]
+) -> None:
     gitlab_env.add_project("acme/widgets", project_id=7)
     old = "https://old.example.test/webhooks/gitlab"
     assert main(["gitlab", "add", "acme/widgets", "--create-hook", "--hook-url", old]) == 0

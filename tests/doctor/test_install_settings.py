@@ -15,9 +15,7 @@ from bot.core.settings import Settings, external_file_env, file_fields, load_set
 def test_every_secret_setting_accepts_a_file() -> None:
     names = set(file_fields(Settings))
     secrets = {
-        name
-        for name, info in Settings.model_fields.items()
-        if "SecretStr" in str(info.annotation)
+        name for name, info in Settings.model_fields.items() if "SecretStr" in str(info.annotation)
     }
     assert secrets and secrets <= names
     assert {"db_url", "redis_url", "github_private_key", "gitlab_token"} <= names
@@ -43,7 +41,9 @@ def test_file_secrets_are_read_without_the_trailing_newline(
     assert settings.redis_url == "redis://:pw@redis:6379/0"
 
 
-def test_a_pem_file_keeps_its_inner_newlines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_pem_file_keeps_its_inner_newlines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pem = "-----BEGIN KEY-----\nabc\n-----END KEY-----\n"
     (tmp_path / "key").write_text(pem)
     monkeypatch.setenv("DEKSDENFLOW_GITHUB_PRIVATE_KEY_FILE", str(tmp_path / "key"))

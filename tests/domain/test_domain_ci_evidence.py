@@ -67,7 +67,13 @@ def test_github_failing_section_is_the_step_with_the_error() -> None:
     assert "E       AssertionError: expected 3, got 4" in lines
     assert lines[-1] == "##[error]Process completed with exit code 1."
     # nothing of the other steps: set-up, checkout, lint, the report step, the cleanup
-    for other in ("Operating System", "Syncing repository", "All checks passed!", "skip: DEKSDENFLOW", "Post job"):
+    for other in (
+        "Operating System",
+        "Syncing repository",
+        "All checks passed!",
+        "skip: DEKSDENFLOW",
+        "Post job",
+    ):
         assert other not in section
     assert "##[endgroup]" not in section
 
@@ -113,7 +119,10 @@ def test_gitlab_job_keeps_the_tail_and_the_first_error_lines() -> None:
     assert utf8_len(job.log) <= 600
     assert job.log.startswith("[… ") and job.log.endswith("ERROR: Job failed: exit code 1")
     assert job.summary == "stage: ci"
-    assert job.error_lines[:2] == ("E       AssertionError: expected 3, got 4", "E       assert 4 == 3")
+    assert job.error_lines[:2] == (
+        "E       AssertionError: expected 3, got 4",
+        "E       assert 4 == 3",
+    )
 
 
 # -- trimming and error lines -----------------------------------------------------------------
@@ -140,10 +149,22 @@ def test_tail(text: str, limit: int, expected: str | None) -> None:
 @pytest.mark.parametrize(
     ("log", "expected"),
     [
-        ("ok\n##[error]Process completed with exit code 2.", ("Process completed with exit code 2.",)),
-        ("Found 0 errors\nsrc/a.py:3: error: Name 'x' is not defined\n", ("src/a.py:3: error: Name 'x' is not defined",)),
-        ("Traceback (most recent call last):\nValueError: bad\n", ("Traceback (most recent call last):", "ValueError: bad")),
-        ("--- FAIL: TestAdd (0.00s)\n    add_test.go:9: got 4\nFAIL\n", ("--- FAIL: TestAdd (0.00s)", "FAIL")),
+        (
+            "ok\n##[error]Process completed with exit code 2.",
+            ("Process completed with exit code 2.",),
+        ),
+        (
+            "Found 0 errors\nsrc/a.py:3: error: Name 'x' is not defined\n",
+            ("src/a.py:3: error: Name 'x' is not defined",),
+        ),
+        (
+            "Traceback (most recent call last):\nValueError: bad\n",
+            ("Traceback (most recent call last):", "ValueError: bad"),
+        ),
+        (
+            "--- FAIL: TestAdd (0.00s)\n    add_test.go:9: got 4\nFAIL\n",
+            ("--- FAIL: TestAdd (0.00s)", "FAIL"),
+        ),
         ("all good\n", ()),
     ],
 )
@@ -159,7 +180,10 @@ def test_first_error_lines(log: str, expected: tuple[str, ...]) -> None:
     [
         ("E       AssertionError: expected 3, got 4", "E AssertionError: expected N, got N"),
         ("2026-11-30T10:22:01.2674930Z boom at 10:22:01", "<time> boom at <time>"),
-        ("FAILED /home/runner/work/x/tests/test_a.py::test_b - KeyError", "FAILED <path>::test_b - KeyError"),
+        (
+            "FAILED /home/runner/work/x/tests/test_a.py::test_b - KeyError",
+            "FAILED <path>::test_b - KeyError",
+        ),
         ("object 4f1c0de7a9b3e2d8c6 missing (0xDEADBEEF)", "object <hex> missing (<hex>)"),
         ("id 123e4567-e89b-12d3-a456-426614174000 gone", "id <id> gone"),
         ("see https://ci.example/run/99?x=1 now", "see <url> now"),
@@ -172,8 +196,12 @@ def test_normalise_line(line: str, expected: str) -> None:
 
 
 def test_fingerprint_ignores_what_changes_between_runs_and_order() -> None:
-    a = failure_fingerprint([("tests", ["E AssertionError: expected 3, got 4"]), ("lint", ["src/x.py:1: E501"])])
-    b = failure_fingerprint([("lint", ["lib/y/x.py:9: E501"]), ("tests", ["E AssertionError: expected 5, got 7"])])
+    a = failure_fingerprint(
+        [("tests", ["E AssertionError: expected 3, got 4"]), ("lint", ["src/x.py:1: E501"])]
+    )
+    b = failure_fingerprint(
+        [("lint", ["lib/y/x.py:9: E501"]), ("tests", ["E AssertionError: expected 5, got 7"])]
+    )
     assert a == b
     assert a.label == "lint: <path>:N: EN (+1 more failing)"
     assert len(a.digest) == 16
@@ -187,17 +215,27 @@ def test_fingerprint_ignores_what_changes_between_runs_and_order() -> None:
         ([("tests", [])], "no error line"),
     ],
 )
-def test_fingerprint_tells_other_failures_apart(other: list[tuple[str, list[str]]], why: str) -> None:
+def test_fingerprint_tells_other_failures_apart(
+    other: list[tuple[str, list[str]]], why: str
+) -> None:
     base = failure_fingerprint([("tests", ["E AssertionError: expected 3, got 4"])])
     assert failure_fingerprint(other).digest != base.digest, why
 
 
 def test_two_recorded_logs_of_one_failure_share_a_fingerprint_across_forges_runs() -> None:
     gh = github_job("ci", "failure", log=sample("github_actions_job.log"))
-    rerun = github_job("ci", "failure", log=sample("github_actions_job.log").replace("got 4", "got 5"))
-    assert CIEvidence("github-checks", (gh,)).fingerprint() == CIEvidence("github-checks", (rerun,)).fingerprint()
+    rerun = github_job(
+        "ci", "failure", log=sample("github_actions_job.log").replace("got 4", "got 5")
+    )
+    assert (
+        CIEvidence("github-checks", (gh,)).fingerprint()
+        == CIEvidence("github-checks", (rerun,)).fingerprint()
+    )
     gl = gitlab_job("ci", "failed", sample("gitlab_job_trace.log"))
-    assert CIEvidence("gitlab-ci", (gl,)).fingerprint().label == "ci: E AssertionError: expected N, got N"
+    assert (
+        CIEvidence("gitlab-ci", (gl,)).fingerprint().label
+        == "ci: E AssertionError: expected N, got N"
+    )
 
 
 # -- budget, secrets, feedback items ----------------------------------------------------------
@@ -219,7 +257,9 @@ def test_secrets_are_redacted_from_every_text() -> None:
 
 
 def test_feedback_items_are_typed_and_a_new_failure_replaces_the_old() -> None:
-    ev = CIEvidence("github-checks", (github_job("ci", "failure", log=sample("github_actions_job.log")),))
+    ev = CIEvidence(
+        "github-checks", (github_job("ci", "failure", log=sample("github_actions_job.log")),)
+    )
     stored = add_item(None, qa_item("# QA\nfindings\nVERDICT: FAIL", 1))
     stored = add_item(stored, guidance_item("alice", "use the <!-- hidden --> helper"))
     stored = add_item(stored, ci_item(ev, 2, "4f1c0de7a9b3e2d8"))
@@ -244,16 +284,35 @@ def test_qa_report_item_keeps_the_last_8_kb() -> None:
 
 @pytest.mark.parametrize(
     ("planner", "repo", "env", "expected"),
-    [(None, None, 2, 2), (1, None, 2, 1), (5, None, 2, 2), (None, 4, 2, 4), (0, 4, 2, 0), (None, 99, 2, 10)],
+    [
+        (None, None, 2, 2),
+        (1, None, 2, 1),
+        (5, None, 2, 2),
+        (None, 4, 2, 4),
+        (0, 4, 2, 0),
+        (None, 99, 2, 10),
+    ],
 )
 def test_fix_attempt_bound(planner: int | None, repo: int | None, env: int, expected: int) -> None:
     assert fix_attempt_bound(planner, repo, env) == expected
 
 
 def test_repo_policies_and_gates() -> None:
-    p = repo_policies({"policies": {"qa_policy": "light", "max_tokens": 100, "max_fix_attempts": 1, "ci_gates": False}})
+    p = repo_policies(
+        {
+            "policies": {
+                "qa_policy": "light",
+                "max_tokens": 100,
+                "max_fix_attempts": 1,
+                "ci_gates": False,
+            }
+        }
+    )
     assert p == RepoPolicies(qa_policy="light", max_tokens=100, max_fix_attempts=1, ci_gates=False)
-    assert repo_policies({"policies": {"qa_policy": "sometimes", "max_tokens": -1, "ci_gates": "no"}}) == RepoPolicies()
+    assert (
+        repo_policies({"policies": {"qa_policy": "sometimes", "max_tokens": -1, "ci_gates": "no"}})
+        == RepoPolicies()
+    )
     assert ci_gates(p, True) is False and ci_gates(RepoPolicies(), True) is True
     assert default_loop(3, 0) is None
     loop = default_loop(3, 2)
@@ -265,7 +324,9 @@ def test_repo_policies_and_gates() -> None:
 # -- gathering: slow or failing fetches, names only -------------------------------------------
 
 
-async def test_gathering_survives_a_fetch_that_fails_or_hangs(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_gathering_survives_a_fetch_that_fails_or_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import asyncio
     from types import SimpleNamespace
 
@@ -282,7 +343,9 @@ async def test_gathering_survives_a_fetch_that_fails_or_hangs(monkeypatch: pytes
         raise AssertionError("not reached")
 
     async def leaky() -> CIEvidence:
-        return CIEvidence("gitlab-ci", (hook_job("tests", "", "Error: token project-secret-value-42"),))
+        return CIEvidence(
+            "gitlab-ci", (hook_job("tests", "", "Error: token project-secret-value-42"),)
+        )
 
     found = await ci.gather_evidence(project, "gitlab-ci", failing, broken)
     assert found.failing == failing and "could not be fetched: ConnectionError" in found.note
@@ -300,7 +363,11 @@ async def test_gathering_survives_a_fetch_that_fails_or_hangs(monkeypatch: pytes
     [
         ("/retry", None, ""),
         ("/retry 2", 2, ""),
-        ("/retry 2 split on any whitespace, not just spaces", 2, "split on any whitespace, not just spaces"),
+        (
+            "/retry 2 split on any whitespace, not just spaces",
+            2,
+            "split on any whitespace, not just spaces",
+        ),
         ("/retry use the helper in utils", None, "use the helper in utils"),
     ],
 )
@@ -325,7 +392,13 @@ def test_planning_gives_every_step_a_loop_the_model_may_only_lower() -> None:
     from bot.domain.spec import SpecDefaults, validate_planning_output
 
     def step(slug: str, bound: object, qa: str = "full") -> dict[str, object]:
-        s: dict[str, object] = {"slug": slug, "title": slug, "content": "x", "commit_type": "feat", "qa_policy": qa}
+        s: dict[str, object] = {
+            "slug": slug,
+            "title": slug,
+            "content": "x",
+            "commit_type": "feat",
+            "qa_policy": qa,
+        }
         if bound != "absent":
             s["max_fix_attempts"] = bound
         return s
@@ -335,10 +408,14 @@ def test_planning_gives_every_step_a_loop_the_model_may_only_lower() -> None:
     planning = validate_planning_output(reply)
     spec = spec_from_planning("0001-task", "task", planning, SpecDefaults(fix_attempts=2))
     assert [s.loop.max_iterations if s.loop else None for s in spec.steps] == [2, 1, None, 2, 2]
-    assert all(s.loop is None or (s.loop.on, s.loop.back_to) == ("always", s.index) for s in spec.steps)
+    assert all(
+        s.loop is None or (s.loop.on, s.loop.back_to) == ("always", s.index) for s in spec.steps
+    )
     assert [s.qa.policy for s in spec.steps] == ["full", "full", "full", "full", "skip"]
     # the repository's QA policy replaces the planner's per-step choice
-    repo = spec_from_planning("0001-task", "task", planning, SpecDefaults(fix_attempts=3, repo_qa_policy="light"))
+    repo = spec_from_planning(
+        "0001-task", "task", planning, SpecDefaults(fix_attempts=3, repo_qa_policy="light")
+    )
     assert {s.qa.policy for s in repo.steps} == {"light"} and repo.qa_policy == "light"
     assert [s.loop.max_iterations if s.loop else None for s in repo.steps] == [3, 1, None, 3, 3]
     for bad in (11, -1, "two"):

@@ -46,7 +46,13 @@ def meaning(
     merged: bool = False,
 ) -> tuple[str, int | None]:
     m: CIMeaning = interpret_ci(
-        status, steps, sha, result, qa_queued=qa_queued, auto_qa_on_ci=auto_qa_on_ci, merged=merged  # type: ignore[arg-type]
+        status,
+        steps,
+        sha,
+        result,  # type: ignore[arg-type]
+        qa_queued=qa_queued,
+        auto_qa_on_ci=auto_qa_on_ci,
+        merged=merged,
     )
     return m.action, m.step_index
 
@@ -81,7 +87,13 @@ def meaning(
         # after completion: reopened, unless the pull request was merged
         ([S1], A, "failure", {"status": "completed"}, ("reopen", 1)),  # a re-run turned red
         ([replace(S1, ci=None)], A, "failure", {"status": "completed"}, ("reopen", 1)),
-        ([replace(S1, ci=None)], A, "failure", {"status": "completed", "merged": True}, ("record", 1)),
+        (
+            [replace(S1, ci=None)],
+            A,
+            "failure",
+            {"status": "completed", "merged": True},
+            ("record", 1),
+        ),
         ([S1, S2], B, "failure", {"status": "cancelled"}, ("ignore", None)),
         ([S1, S2], B, "failure", {"status": "planning"}, ("ignore", None)),
     ],
@@ -138,7 +150,12 @@ class Row:
         self.step_index = 3
         self.status = "needs_qa"
         self.policy = {"qa": {"policy": "light"}}
-        self.runtime_state = {"commit_sha": A, "qa_commit": "", "ci": green(A, A), "qa_passed_on": A}
+        self.runtime_state = {
+            "commit_sha": A,
+            "qa_commit": "",
+            "ci": green(A, A),
+            "qa_passed_on": A,
+        }
 
 
 def test_step_ci_from_a_row() -> None:
@@ -159,9 +176,26 @@ def test_invariants_over_every_combination() -> None:
     import itertools
 
     count = 0
-    for status, verdict, qa_passed_on, policy, sha, result, queued, on_ci, proto in itertools.product(
-        STATUSES, VERDICTS, (None, B, OLD), ("full", "skip"), (A, B, QA_B, PLAN), ("success", "failure"),
-        (True, False), (True, False), ("running", "completed", "blocked"),
+    for (
+        status,
+        verdict,
+        qa_passed_on,
+        policy,
+        sha,
+        result,
+        queued,
+        on_ci,
+        proto,
+    ) in itertools.product(
+        STATUSES,
+        VERDICTS,
+        (None, B, OLD),
+        ("full", "skip"),
+        (A, B, QA_B, PLAN),
+        ("success", "failure"),
+        (True, False),
+        (True, False),
+        ("running", "completed", "blocked"),
     ):
         s2 = StepCI(2, status, B, QA_B, qa_passed_on=qa_passed_on, qa_policy=policy, ci=verdict)
         m = interpret_ci(proto, [S1, s2], sha, result, qa_queued=queued, auto_qa_on_ci=on_ci)  # type: ignore[arg-type]

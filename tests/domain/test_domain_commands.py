@@ -196,7 +196,9 @@ def test_edit_distance_and_nearness() -> None:
 
 
 def test_unclosed_fence_hides_the_rest() -> None:
-    assert parse_commands("/status\n```\n/plan\n/cancel") == [Command("status", raw="/status", line=1)]
+    assert parse_commands("/status\n```\n/plan\n/cancel") == [
+        Command("status", raw="/status", line=1)
+    ]
 
 
 def test_multiple_commands_in_order_with_errors_in_place() -> None:

@@ -53,7 +53,12 @@ def test_sanitize_result_redacts_everything() -> None:
 
 def test_decomposed_content_only_from_the_schema_json() -> None:
     def res(message: str, structured: object = None, outcome: str = "completed") -> EngineResult:
-        return EngineResult(outcome=outcome, exit_code=0, final_message=message, structured=structured)  # type: ignore[arg-type]
+        return EngineResult(
+            outcome=outcome,  # type: ignore[arg-type]
+            exit_code=0,
+            final_message=message,
+            structured=structured,
+        )
 
     assert decomposed_content(res('{"content": "# Step\\nDo it"}')) == "# Step\nDo it\n"
     assert decomposed_content(res("", {"content": "# S"})) == "# S\n"

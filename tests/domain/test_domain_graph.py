@@ -36,17 +36,34 @@ DIAMOND = {1: (), 2: (1,), 3: (1,), 4: (2, 3)}
 def spec_data(*deps: list[int] | None) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     for i, d in enumerate(deps, start=1):
-        step: dict[str, Any] = {"index": i, "slug": f"s{i}", "title": f"Step {i}", "file": f"{i:02d}-s{i}.md"}
+        step: dict[str, Any] = {
+            "index": i,
+            "slug": f"s{i}",
+            "title": f"Step {i}",
+            "file": f"{i:02d}-s{i}.md",
+        }
         if d is not None:
             step["depends_on"] = d
         steps.append(step)
-    return {"version": 1, "protocol": "0001-graph", "task": "graph", "engine": "codex", "steps": steps}
+    return {
+        "version": 1,
+        "protocol": "0001-graph",
+        "task": "graph",
+        "engine": "codex",
+        "steps": steps,
+    }
 
 
 def planning(*deps: list[int] | str | None) -> dict[str, Any]:
     steps = []
     for i, d in enumerate(deps, start=1):
-        step: dict[str, Any] = {"slug": f"s{i}", "title": f"S{i}", "content": "c", "commit_type": "feat", "qa_policy": "skip"}
+        step: dict[str, Any] = {
+            "slug": f"s{i}",
+            "title": f"S{i}",
+            "content": "c",
+            "commit_type": "feat",
+            "qa_policy": "skip",
+        }
         if d != "absent":
             step["depends_on"] = d
         steps.append(step)
@@ -63,7 +80,9 @@ def planning(*deps: list[int] | str | None) -> dict[str, Any]:
     ],
     ids=["chain-by-default", "diamond", "roots-and-default", "duplicates"],
 )
-def test_resolve_dependencies(nodes: list[tuple[int, list[int] | None]], expected: dict[int, tuple[int, ...]]) -> None:
+def test_resolve_dependencies(
+    nodes: list[tuple[int, list[int] | None]], expected: dict[int, tuple[int, ...]]
+) -> None:
     assert resolve_dependencies(nodes) == expected
 
 
@@ -105,7 +124,9 @@ def test_no_root_is_named() -> None:
     ],
     ids=["cycle", "unknown"],
 )
-def test_spec_rejects_bad_graphs_with_the_json_path(deps: list[list[int] | None], message: str) -> None:
+def test_spec_rejects_bad_graphs_with_the_json_path(
+    deps: list[list[int] | None], message: str
+) -> None:
     with pytest.raises(SpecError) as info:
         validate_spec(spec_data(*deps))
     assert message in info.value.errors, info.value.errors
@@ -136,7 +157,9 @@ def test_a_plan_without_depends_on_is_a_chain_and_round_trips_unchanged() -> Non
 
 
 def test_a_planned_diamond_reaches_the_spec() -> None:
-    spec = spec_from_planning("0001-graph", "graph", validate_planning_output(planning(None, [1], [1], [2, 3])))
+    spec = spec_from_planning(
+        "0001-graph", "graph", validate_planning_output(planning(None, [1], [1], [2, 3]))
+    )
     assert spec.dependencies() == DIAMOND
     assert validate_spec(spec_to_dict(spec)).dependencies() == DIAMOND
     assert not is_linear(spec.dependencies(), [1, 2, 3, 4])
@@ -151,13 +174,27 @@ def test_codemachine_depends_on_maps_agent_ids() -> None:
     )
     ws = load_workspace(files)
     # its loop module goes back over earlier steps, which a graph cannot run: refused, by path
-    with pytest.raises(SpecError, match=r"\$\.steps\[\d\]\.loop\.back_to: a loop back to an earlier step"):
-        build_import(ws, select_workflow(ws, None), "0001-add-a-greeting", engine="scripted", known_engines={"scripted"})
+    with pytest.raises(
+        SpecError, match=r"\$\.steps\[\d\]\.loop\.back_to: a loop back to an earlier step"
+    ):
+        build_import(
+            ws,
+            select_workflow(ws, None),
+            "0001-add-a-greeting",
+            engine="scripted",
+            known_engines={"scripted"},
+        )
     # without its loop and trigger modules the graph is imported
     kept = [line for line in files[path].splitlines() if "resolveModule(" not in line]
     files[path] = "\n".join(kept) + "\n"
     ws = load_workspace(files)
-    plan = build_import(ws, select_workflow(ws, None), "0001-add-a-greeting", engine="scripted", known_engines={"scripted"})
+    plan = build_import(
+        ws,
+        select_workflow(ws, None),
+        "0001-add-a-greeting",
+        engine="scripted",
+        known_engines={"scripted"},
+    )
     spec = validate_spec(copy.deepcopy(plan.spec))
     assert spec.step(3).depends_on == (1,)
     assert spec.dependencies()[3] == (1,) and spec.dependencies()[2] == (1,)
@@ -183,7 +220,12 @@ def test_ready_steps(steps: dict[int, StepView], ready: list[int]) -> None:
 
 
 def test_a_completed_step_not_merged_yet_does_not_count() -> None:
-    steps = {1: StepView("completed"), 2: StepView("completed", integrated=False), 3: StepView("completed"), 4: StepView("pending")}
+    steps = {
+        1: StepView("completed"),
+        2: StepView("completed", integrated=False),
+        3: StepView("completed"),
+        4: StepView("pending"),
+    }
     assert ready_steps(DIAMOND, steps) == []
     assert missing_dependencies(DIAMOND, steps, 4) == (2,)
     assert active_steps(steps) == [2]
@@ -196,7 +238,12 @@ def test_the_bound() -> None:
 
 
 def test_mermaid_shows_every_node_state_and_edge() -> None:
-    steps = {1: StepView("completed"), 2: StepView("running"), 3: StepView("failed"), 4: StepView("pending")}
+    steps = {
+        1: StepView("completed"),
+        2: StepView("running"),
+        3: StepView("failed"),
+        4: StepView("pending"),
+    }
     text = mermaid(DIAMOND, steps, {1: "Model", 2: 'Evil"] --> x', 3: "View", 4: "Docs"})
     assert text.startswith("flowchart TD")
     assert 's1["01 Model<br/>completed"]' in text
@@ -209,10 +256,17 @@ def test_the_status_comment_draws_a_graph_above_the_table() -> None:
     from bot.domain.rendering import ProtocolView, status_comment
     from bot.domain.rendering import StepView as RowView
 
-    steps = {1: StepView("completed"), 2: StepView("running"), 3: StepView("running"), 4: StepView("pending")}
+    steps = {
+        1: StepView("completed"),
+        2: StepView("running"),
+        3: StepView("running"),
+        4: StepView("pending"),
+    }
     picture = mermaid(DIAMOND, steps, {i: f"Part {i}" for i in DIAMOND})
     rows = tuple(RowView(index=i, title=f"Part {i}", status=v.status) for i, v in steps.items())
-    body = status_comment(ProtocolView(name="0001-graph", status="running", steps=rows, graph=picture))
+    body = status_comment(
+        ProtocolView(name="0001-graph", status="running", steps=rows, graph=picture)
+    )
     assert "```mermaid\nflowchart TD" in body and "s1 --> s2" in body
     assert body.index("```mermaid") < body.index("**Steps**")
     plain = status_comment(ProtocolView(name="0001-graph", status="running", steps=rows))
@@ -232,7 +286,9 @@ def test_the_console_gets_the_graph_with_columns_and_states() -> None:
         for i, st in enumerate(statuses, start=1)
     ]  # fmt: skip
     nodes = graph_nodes(run, steps)
-    assert [(n["index"], n["column"], n["depends_on"], n["status"], n["merged"]) for n in nodes] == [
+    assert [
+        (n["index"], n["column"], n["depends_on"], n["status"], n["merged"]) for n in nodes
+    ] == [
         (1, 0, [], "completed", True),
         (2, 1, [1], "running", False),
         (3, 1, [1], "completed", False),
@@ -244,6 +300,10 @@ def test_the_console_gets_the_graph_with_columns_and_states() -> None:
 def test_a_repository_may_set_its_bound() -> None:
     from bot.storage.repo_config import parse_repo_config
 
-    assert parse_repo_config("policies:\n  max_parallel_steps: 2\n")["policies"] == {"max_parallel_steps": 2}
-    with pytest.raises(SpecError, match=r"policies\.max_parallel_steps: must be a whole number from 1 to 32"):
+    assert parse_repo_config("policies:\n  max_parallel_steps: 2\n")["policies"] == {
+        "max_parallel_steps": 2
+    }
+    with pytest.raises(
+        SpecError, match=r"policies\.max_parallel_steps: must be a whole number from 1 to 32"
+    ):
         parse_repo_config("policies:\n  max_parallel_steps: 0\n")

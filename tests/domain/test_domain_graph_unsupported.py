@@ -24,11 +24,19 @@ def with_extras(data: dict[str, Any], pos: int, **extra: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("extra", "error"),
     [
-        ({"loop": LOOP}, "$.steps[2].loop.back_to: a loop back to an earlier step is not supported in a plan whose steps run side by side (depends_on)"),
-        ({"triggers": [TRIGGER, {"on": "pass", "step": 2}]}, "$.steps[2].triggers[1]: a trigger is not supported"),
+        (
+            {"loop": LOOP},
+            "$.steps[2].loop.back_to: a loop back to an earlier step is not supported in a plan whose steps run side by side (depends_on)",
+        ),
+        (
+            {"triggers": [TRIGGER, {"on": "pass", "step": 2}]},
+            "$.steps[2].triggers[1]: a trigger is not supported",
+        ),
     ],
 )
-def test_a_graph_refuses_loops_and_triggers_with_the_json_path(extra: dict[str, Any], error: str) -> None:
+def test_a_graph_refuses_loops_and_triggers_with_the_json_path(
+    extra: dict[str, Any], error: str
+) -> None:
     data = with_extras(spec_data(None, [1], [1]), 2, **extra)
     with pytest.raises(SpecError) as info:
         validate_spec(data)
@@ -53,5 +61,10 @@ def test_the_pure_check_is_quiet_on_chains_and_odd_input() -> None:
     chain: list[dict[str, Any]] = [{"index": 1}, {"index": 2, "loop": LOOP}]
     assert unsupported_in_graph(chain) == []
     assert unsupported_in_graph([{"index": "x", "loop": LOOP}]) == []  # the schema reports it
-    graph: list[dict[str, Any]] = [{"index": 1}, {"index": 2, "depends_on": [], "triggers": [TRIGGER]}]
-    assert unsupported_in_graph(graph) == ["$.steps[1].triggers[0]: a trigger is not supported in a plan whose steps run side by side (depends_on)"]
+    graph: list[dict[str, Any]] = [
+        {"index": 1},
+        {"index": 2, "depends_on": [], "triggers": [TRIGGER]},
+    ]
+    assert unsupported_in_graph(graph) == [
+        "$.steps[1].triggers[0]: a trigger is not supported in a plan whose steps run side by side (depends_on)"
+    ]

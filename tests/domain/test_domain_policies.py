@@ -111,11 +111,23 @@ LOOP = LoopSpec(max_iterations=2, back_to=1, skip_steps=(2,), on="qa_fail")
         (LoopSpec(1, 3, (), "ci_fail"), {}, "ci_fail", "retry", [3], 1),
         (LoopSpec(1, 2, (), "always"), {}, "qa_fail", "retry", [2, 3], 1),
         (LoopSpec(1, 2, (), "always"), {}, "ci_fail", "retry", [2, 3], 1),
-        (LoopSpec(3, 1, (3,), "qa_fail"), {}, "qa_fail", "retry", [1, 2, 3], 1),  # self always redone
+        (
+            LoopSpec(3, 1, (3,), "qa_fail"),
+            {},
+            "qa_fail",
+            "retry",
+            [1, 2, 3],
+            1,
+        ),  # self always redone
     ],
 )
 def test_loop_decision(
-    loop: LoopSpec | None, state: dict[str, Any], trigger: Any, action: str, reset: list[int], count: int | None
+    loop: LoopSpec | None,
+    state: dict[str, Any],
+    trigger: Any,
+    action: str,
+    reset: list[int],
+    count: int | None,
 ) -> None:
     before = copy.deepcopy(state)
     d = loop_decision(step(loop=loop), state, trigger)
@@ -159,7 +171,9 @@ TRIGGERS = (
         ("complete", 0, 3, [(6, "enqueue", 0)]),
     ],
 )
-def test_trigger_decisions(outcome: Any, depth: int, cap: int, expected: list[tuple[int, str, int]]) -> None:
+def test_trigger_decisions(
+    outcome: Any, depth: int, cap: int, expected: list[tuple[int, str, int]]
+) -> None:
     actions = trigger_decisions(step(triggers=TRIGGERS), outcome, depth, cap)
     assert [(a.step_index, a.mode, a.depth) for a in actions] == expected
 
@@ -185,7 +199,9 @@ def test_trigger_degrade_says_why() -> None:
         ("warn", 150, 100, True, True),
     ],
 )
-def test_budget_before_step(mode: Any, used: int, budget: int | None, allow: bool, warn: bool) -> None:
+def test_budget_before_step(
+    mode: Any, used: int, budget: int | None, allow: bool, warn: bool
+) -> None:
     d = budget_check_before_step(mode, used, budget)
     assert (d.allow, d.warn) == (allow, warn)
     assert d.reason
@@ -203,7 +219,9 @@ def test_budget_before_step(mode: Any, used: int, budget: int | None, allow: boo
         ("warn", 50, 100, True, False),
     ],
 )
-def test_budget_after_step(mode: Any, used: int, budget: int | None, allow: bool, warn: bool) -> None:
+def test_budget_after_step(
+    mode: Any, used: int, budget: int | None, allow: bool, warn: bool
+) -> None:
     d = budget_check_after_step(mode, used, budget)
     assert (d.allow, d.warn) == (allow, warn)
 
@@ -232,7 +250,12 @@ CI_LOOP = LoopSpec(max_iterations=3, back_to=2, on="ci_fail")
 
 @pytest.mark.parametrize(
     ("qa", "auto", "action"),
-    [("full", True, "run_qa"), ("light", True, "run_qa"), ("skip", True, "complete"), ("full", False, "complete")],
+    [
+        ("full", True, "run_qa"),
+        ("light", True, "run_qa"),
+        ("skip", True, "complete"),
+        ("full", False, "complete"),
+    ],
 )
 def test_ci_success(qa: str, auto: bool, action: str) -> None:
     state = {"ci_fingerprints": {"3": "abc"}}

@@ -110,7 +110,12 @@ def test_protocol_conflict(current: str, wanted: str) -> None:
     with pytest.raises(TransitionConflict) as info:
         check_protocol_transition(current, wanted, 7)
     err = info.value
-    assert (err.kind, err.entity_id, err.current, err.wanted) == ("protocol_run", 7, current, wanted)
+    assert (err.kind, err.entity_id, err.current, err.wanted) == (
+        "protocol_run",
+        7,
+        current,
+        wanted,
+    )
     assert not can_transition_protocol(current, wanted)
     assert P(current) not in allowed_protocol_sources(wanted)
 

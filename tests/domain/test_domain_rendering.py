@@ -28,7 +28,16 @@ from bot.domain.rendering import (
 from bot.forge.base import CheckReport
 
 STEPS = [
-    StepView(1, "User model", "completed", qa_verdict="PASS", tokens=12_345, duration_seconds=123, check_url="https://x/c/1", commit_sha="abc1234def"),
+    StepView(
+        1,
+        "User model",
+        "completed",
+        qa_verdict="PASS",
+        tokens=12_345,
+        duration_seconds=123,
+        check_url="https://x/c/1",
+        commit_sha="abc1234def",
+    ),
     StepView(2, "Login view", "needs_qa", tokens=999, output="did things"),
     StepView(3, "Docs", "pending"),
 ]
@@ -57,7 +66,10 @@ def test_status_comment_shape() -> None:
     body = status_comment(view())
     assert body.startswith("<!-- deksdenflow:status protocol=0001-login -->\n")
     assert status_marker("0001-login") in body
-    assert "- [x] ✅ **01** User model · QA ✅ PASS · 12,345 tokens · 2m 03s · `abc1234def` · [check](https://x/c/1)" in body
+    assert (
+        "- [x] ✅ **01** User model · QA ✅ PASS · 12,345 tokens · 2m 03s · `abc1234def` · [check](https://x/c/1)"
+        in body
+    )
     assert "- [ ] 🔍 **02** Login view · QA pending · 999 tokens ← **current**" in body
     assert "- [ ] ⬜ **03** Docs" in body
     assert "**Current step:** 02 — Login view" in body
@@ -98,9 +110,22 @@ def test_output_cannot_escape_its_fence() -> None:
     "steps",
     [
         # a few steps with enormous outputs and reports
-        [StepView(i, "t" * 500, "failed", output="o" * 1_000_000, qa_report="r" * 500_000, error="e" * 200_000) for i in range(1, 4)],
+        [
+            StepView(
+                i,
+                "t" * 500,
+                "failed",
+                output="o" * 1_000_000,
+                qa_report="r" * 500_000,
+                error="e" * 200_000,
+            )
+            for i in range(1, 4)
+        ],
         # many steps, each with a large output
-        [StepView(i, f"step {i}", "completed", output="x" * 20_000, qa_verdict="PASS") for i in range(1, 200)],
+        [
+            StepView(i, f"step {i}", "completed", output="x" * 20_000, qa_verdict="PASS")
+            for i in range(1, 200)
+        ],
         # so many steps that even the checklist would not fit
         [StepView(i, "long title " * 20, "pending") for i in range(1, 5_000)],
         # astral characters count twice in UTF-16
@@ -110,7 +135,9 @@ def test_output_cannot_escape_its_fence() -> None:
     ],
 )
 def test_status_comment_always_fits(steps: list[StepView]) -> None:
-    body = status_comment(view(steps=steps, current_step=steps[-1].index, task="T" * 100_000, message="m" * 100_000))
+    body = status_comment(
+        view(steps=steps, current_step=steps[-1].index, task="T" * 100_000, message="m" * 100_000)
+    )
     assert len(body) < COMMENT_LIMIT
     assert text_size(body) < COMMENT_LIMIT
     assert body.startswith(status_marker("0001-login"))
@@ -118,7 +145,9 @@ def test_status_comment_always_fits(steps: list[StepView]) -> None:
 
 
 def test_status_comment_prioritises_current_step_output() -> None:
-    steps = [StepView(i, f"s{i}", "completed", output=f"out-{i}-" + "x" * 30_000) for i in range(1, 30)]
+    steps = [
+        StepView(i, f"s{i}", "completed", output=f"out-{i}-" + "x" * 30_000) for i in range(1, 30)
+    ]
     body = status_comment(view(steps=steps, current_step=7))
     assert "Step 07 output" in body
     assert "more outputs omitted" in body
@@ -137,14 +166,24 @@ def test_truncate_respects_limit(text: str, limit: int) -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "shown"),
-    [(None, "—"), (0, "0s"), (59.4, "59s"), (60, "1m 00s"), (123, "2m 03s"), (3600, "1h 00m"), (3725, "1h 02m")],
+    [
+        (None, "—"),
+        (0, "0s"),
+        (59.4, "59s"),
+        (60, "1m 00s"),
+        (123, "2m 03s"),
+        (3600, "1h 00m"),
+        (3725, "1h 02m"),
+    ],
 )
 def test_fmt_duration(seconds: float | None, shown: str) -> None:
     assert fmt_duration(seconds) == shown
 
 
 def check(**kw: Any) -> CheckReport:
-    base: dict[str, Any] = dict(kind="step", protocol_name="0001-login", step=STEPS[1], head_sha="f" * 40)
+    base: dict[str, Any] = dict(
+        kind="step", protocol_name="0001-login", step=STEPS[1], head_sha="f" * 40
+    )
     base.update(kw)
     return check_run_output(**base)
 
@@ -160,16 +199,28 @@ def action_ids(report: CheckReport) -> list[str]:
         ({"has_next_step": False}, "deksdenflow/step-02", "success", ["run-qa"]),
         ({"step": STEPS[0]}, "deksdenflow/step-01", "success", ["run-next"]),
         ({"step": StepView(4, "t", "failed")}, "deksdenflow/step-04", "failure", ["retry-step"]),
-        ({"step": StepView(4, "t", "blocked")}, "deksdenflow/step-04", "action_required", ["retry-step"]),
+        (
+            {"step": StepView(4, "t", "blocked")},
+            "deksdenflow/step-04",
+            "action_required",
+            ["retry-step"],
+        ),
         ({"kind": "qa", "verdict": "PASS"}, "deksdenflow/qa-02", "success", ["run-next"]),
-        ({"kind": "qa", "verdict": "FAIL"}, "deksdenflow/qa-02", "failure", ["retry-step", "run-qa"]),
+        (
+            {"kind": "qa", "verdict": "FAIL"},
+            "deksdenflow/qa-02",
+            "failure",
+            ["retry-step", "run-qa"],
+        ),
         ({"kind": "qa", "verdict": None}, "deksdenflow/qa-02", "failure", ["retry-step", "run-qa"]),
         ({"status": "in_progress"}, "deksdenflow/step-02", None, []),
         ({"status": "queued", "conclusion": "success"}, "deksdenflow/step-02", None, []),
         ({"conclusion": "neutral"}, "deksdenflow/step-02", "neutral", ["retry-step"]),
     ],
 )
-def test_check_run_output(kw: dict[str, Any], name: str, conclusion: str | None, actions: list[str]) -> None:
+def test_check_run_output(
+    kw: dict[str, Any], name: str, conclusion: str | None, actions: list[str]
+) -> None:
     report = check(**kw)
     assert report.name == name
     assert report.conclusion == conclusion
@@ -199,7 +250,9 @@ def test_check_run_limits_with_huge_inputs() -> None:
 
 
 def test_check_summary_content() -> None:
-    report = check(kind="qa", verdict="PASS", tokens=1234, changed_files=["a.py"], quality_report="All fine")
+    report = check(
+        kind="qa", verdict="PASS", tokens=1234, changed_files=["a.py"], quality_report="All fine"
+    )
     assert report.title.startswith("QA 02 PASS")
     assert "**Verdict:** ✅ PASS" in report.summary
     assert "**Tokens:** 1,234" in report.summary
@@ -212,7 +265,9 @@ def test_check_name_round_trip(kind: Any, index: int) -> None:
     assert parse_check_name(check_name(kind, index)) == (kind, index)
 
 
-@pytest.mark.parametrize("name", ["ci/test", "deksdenflow/step-1", "deksdenflow/lint-01", "deksdenflow/qa-01x"])
+@pytest.mark.parametrize(
+    "name", ["ci/test", "deksdenflow/step-1", "deksdenflow/lint-01", "deksdenflow/qa-01x"]
+)
 def test_parse_foreign_check_names(name: str) -> None:
     assert parse_check_name(name) is None
 
@@ -221,7 +276,10 @@ def test_parse_foreign_check_names(name: str) -> None:
     ("args", "expected"),
     [
         (("feat", "auth", "add user model", 1, 1), "feat(auth): add user model [protocol-0001/01]"),
-        (("fix", None, "Handle empty input.", "0042", 3), "fix: Handle empty input [protocol-0042/03]"),
+        (
+            ("fix", None, "Handle empty input.", "0042", 3),
+            "fix: Handle empty input [protocol-0042/03]",
+        ),
         (("docs", "", "first line\nsecond line", 7, 12), "docs: first line [protocol-0007/12]"),
         (("chore", "x", "   ", 1, 2), "chore(x): update [protocol-0001/02]"),
     ],
@@ -239,7 +297,10 @@ def test_commit_message_long_subject_keeps_the_tag() -> None:
 
 
 def test_plan_commit_message() -> None:
-    assert plan_commit_message("Add a login page", 3) == "feat(protocol): add plan for Add a login page [protocol-0003/00]"
+    assert (
+        plan_commit_message("Add a login page", 3)
+        == "feat(protocol): add plan for Add a login page [protocol-0003/00]"
+    )
     long = plan_commit_message("word " * 50, 3)
     assert long.endswith("[protocol-0003/00]") and len(long) <= 72
 
@@ -259,7 +320,10 @@ def test_draft_pr_body() -> None:
         plan_excerpt="# Plan\n```\ncode\n```",
     )
     assert "Closes #12" in body
-    assert "[`.protocols/0001-login/plan.md`](https://github.com/o/r/blob/0001-login/.protocols/0001-login/plan.md)" in body
+    assert (
+        "[`.protocols/0001-login/plan.md`](https://github.com/o/r/blob/0001-login/.protocols/0001-login/plan.md)"
+        in body
+    )
     assert "/run-step next" in body
     assert "````markdown" in body
 
@@ -268,21 +332,39 @@ def test_draft_pr_body_without_issue_or_links() -> None:
     body = draft_pr_body(protocol_name="0001-x", task="t", issue_number=None, plan_files=["p.md"])
     assert "Closes" not in body
     assert "- `p.md`" in body
-    huge = draft_pr_body(protocol_name="0001-x", task="t" * 10**6, issue_number=1, plan_files=["p"] * 100_000, plan_excerpt="x" * 10**6)
+    huge = draft_pr_body(
+        protocol_name="0001-x",
+        task="t" * 10**6,
+        issue_number=1,
+        plan_files=["p"] * 100_000,
+        plan_excerpt="x" * 10**6,
+    )
     assert text_size(huge) < COMMENT_LIMIT
 
 
 def test_log_entry() -> None:
     when = datetime(2024, 5, 1, 14, 0, 5, tzinfo=timezone(timedelta(hours=2)))
-    line = log_entry(when=when, event="executed", step_index=2, actor="alice", tokens=1500, commit_sha="abcdef1234567", message="done\nwell")
-    assert line == "- 2024-05-01 12:00:05 UTC · step 02 · **executed** · @alice · 1,500 tokens · `abcdef123456` — done well\n"
+    line = log_entry(
+        when=when,
+        event="executed",
+        step_index=2,
+        actor="alice",
+        tokens=1500,
+        commit_sha="abcdef1234567",
+        message="done\nwell",
+    )
+    assert (
+        line
+        == "- 2024-05-01 12:00:05 UTC · step 02 · **executed** · @alice · 1,500 tokens · `abcdef123456` — done well\n"
+    )
     naive = log_entry(when=datetime(2024, 1, 1), event="planned")
     assert naive == "- 2024-01-01 00:00:00 UTC · protocol · **planned**\n"
 
 
 def test_a_qa_passed_step_waiting_for_ci_says_so() -> None:
     view = ProtocolView(
-        name="0001-x", status="running",
+        name="0001-x",
+        status="running",
         steps=(StepView(index=1, title="One", status="needs_qa", qa_verdict="PASS"),),
     )
     assert "PASS · waiting for CI" in status_comment(view)

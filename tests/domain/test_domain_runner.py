@@ -34,9 +34,15 @@ START = [
 
 
 @pytest.mark.parametrize(("protocol", "approved", "step", "action", "to_running", "reset"), START)
-def test_may_start_step(protocol: str, approved: bool, step: str, action: str, to_running: bool, reset: bool) -> None:
+def test_may_start_step(
+    protocol: str, approved: bool, step: str, action: str, to_running: bool, reset: bool
+) -> None:
     decision = may_start_step(protocol, approved, step)
-    assert (decision.action, decision.protocol_to_running, decision.reset_step) == (action, to_running, reset)
+    assert (decision.action, decision.protocol_to_running, decision.reset_step) == (
+        action,
+        to_running,
+        reset,
+    )
 
 
 FAILURE = [
@@ -55,7 +61,9 @@ FAILURE = [
 
 
 @pytest.mark.parametrize(("protocol", "step", "step_to", "protocol_to"), FAILURE)
-def test_failure_statuses(protocol: str, step: str | None, step_to: str | None, protocol_to: str | None) -> None:
+def test_failure_statuses(
+    protocol: str, step: str | None, step_to: str | None, protocol_to: str | None
+) -> None:
     wanted = failure_statuses(protocol, step)
     assert (wanted.step, wanted.protocol) == (step_to, protocol_to)
 
@@ -65,12 +73,16 @@ def test_no_failure_leaves_work_that_nobody_does() -> None:
     for protocol in ("pending", "planning", "running", "planned", "blocked", "paused", "cancelled"):
         for step in (None, "pending", "running", "needs_qa"):
             wanted = failure_statuses(protocol, step)
-            assert (wanted.protocol or protocol) not in ("pending", "planning", "running"), (protocol, step)
+            assert (wanted.protocol or protocol) not in ("pending", "planning", "running"), (
+                protocol,
+                step,
+            )
             assert (wanted.step or step) != "running", (protocol, step)
 
 
 @pytest.mark.parametrize(
-    ("protocol", "step"), [("cancelled", "cancelled"), ("paused", "pending"), ("running", None), ("blocked", None)]
+    ("protocol", "step"),
+    [("cancelled", "cancelled"), ("paused", "pending"), ("running", None), ("blocked", None)],
 )
 def test_stopped_step_status(protocol: str, step: str | None) -> None:
     assert stopped_step_status(protocol) == step
@@ -99,8 +111,15 @@ def test_resume_reruns_the_step_that_stopped(
 
 @pytest.mark.parametrize(
     ("status", "ok"),
-    [("failed", True), ("blocked", True), ("needs_qa", True), ("pending", False), ("running", False),
-     ("completed", False), ("cancelled", False)],
+    [
+        ("failed", True),
+        ("blocked", True),
+        ("needs_qa", True),
+        ("pending", False),
+        ("running", False),
+        ("completed", False),
+        ("cancelled", False),
+    ],
 )
 def test_may_approve_step(status: str, ok: bool) -> None:
     assert may_approve_step(status) is ok
@@ -108,7 +127,12 @@ def test_may_approve_step(status: str, ok: bool) -> None:
 
 @pytest.mark.parametrize(
     ("has_ci", "green", "gate"),
-    [(False, None, "completed"), (True, True, "completed"), (True, None, "wait_ci"), (True, False, "wait_ci")],
+    [
+        (False, None, "completed"),
+        (True, True, "completed"),
+        (True, None, "wait_ci"),
+        (True, False, "wait_ci"),
+    ],
 )
 def test_step_gate(has_ci: bool, green: bool | None, gate: str) -> None:
     assert step_gate(qa_passed=True, has_ci=has_ci, ci_green_on_head=green) == gate
@@ -132,6 +156,8 @@ def test_step_gate_needs_a_qa_pass() -> None:
         ("completed", ["completed"], False, False),  # already completed: nothing follows
     ],
 )
-def test_completes_protocol(protocol: str, others: list[str], reopens: bool, expected: bool) -> None:
+def test_completes_protocol(
+    protocol: str, others: list[str], reopens: bool, expected: bool
+) -> None:
     """When a step's outcome leaves the status comment to the protocol's completion."""
     assert completes_protocol(protocol, others, reopens) is expected

@@ -19,7 +19,11 @@ from bot.git.ops import scan_log_patch
 SECRET = "s3cr3t-V4lue-for-the-scanner"
 GHS = "ghs_" + "A1b2C3d4" * 5
 GLPAT = "glpat-" + "x" * 20
-PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA" + "q" * 48 + "\n-----END RSA PRIVATE KEY-----\n"
+PEM = (
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA"
+    + "q" * 48
+    + "\n-----END RSA PRIVATE KEY-----\n"
+)
 AWS = "AKIA" + "ABCDEFGHIJKLMNOP"
 
 
@@ -72,7 +76,12 @@ def test_environment_secrets() -> None:
         "PATH": "/usr/bin",
     }
     found = secrets_in_environ(env)
-    assert {"sk-codex-key-123456", "ghs_token_value_abc", "api-token-value-1", "pg-pass-word-9"} <= set(found)
+    assert {
+        "sk-codex-key-123456",
+        "ghs_token_value_abc",
+        "api-token-value-1",
+        "pg-pass-word-9",
+    } <= set(found)
     assert "DeksdenFlow" not in found and "/usr/bin" not in found
     assert is_secret_env_name("GITLAB_WEBHOOK_SECRET") and not is_secret_env_name("HOME")
 

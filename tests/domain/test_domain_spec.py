@@ -135,7 +135,11 @@ DELETE = object()
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
-        ("steps.1.qa.policy", "sometimes", "$.steps[1].qa.policy: 'sometimes' is not one of ['skip', 'light', 'full']"),
+        (
+            "steps.1.qa.policy",
+            "sometimes",
+            "$.steps[1].qa.policy: 'sometimes' is not one of ['skip', 'light', 'full']",
+        ),
         ("version", 2, "$.version: 1 was expected"),
         ("protocol", "1-task", "$.protocol: '1-task' is not NNNN-kebab-case-name"),
         ("task", DELETE, "$: 'task' is a required property"),
@@ -144,22 +148,58 @@ DELETE = object()
         ("steps.0.file", "1-model.md", "$.steps[0].file: '1-model.md' is not NN-slug.md"),
         ("steps.0.slug", "Has Spaces", "$.steps[0].slug: 'Has Spaces' is not kebab-case"),
         ("steps.0.step_type", "magic", "$.steps[0].step_type: 'magic' is not one of"),
-        ("steps.0.outputs.extra", ["../etc/passwd"], "$.steps[0].outputs.extra[0]: '../etc/passwd' is not a relative path"),
-        ("steps.0.outputs.extra", ["/abs"], "$.steps[0].outputs.extra[0]: '/abs' is not a relative path"),
-        ("steps.1.loop.max_iterations", 0, "$.steps[1].loop.max_iterations: 0 is less than the minimum of 1"),
+        (
+            "steps.0.outputs.extra",
+            ["../etc/passwd"],
+            "$.steps[0].outputs.extra[0]: '../etc/passwd' is not a relative path",
+        ),
+        (
+            "steps.0.outputs.extra",
+            ["/abs"],
+            "$.steps[0].outputs.extra[0]: '/abs' is not a relative path",
+        ),
+        (
+            "steps.1.loop.max_iterations",
+            0,
+            "$.steps[1].loop.max_iterations: 0 is less than the minimum of 1",
+        ),
         ("steps.1.loop.on", "sometimes", "$.steps[1].loop.on: 'sometimes' is not one of"),
-        ("steps.0.triggers", [{"on": "pass", "step": 2, "mode": "later"}], "$.steps[0].triggers[0].mode: 'later' is not one of"),
-        ("steps.0.colour", "red", "$.steps[0]: Additional properties are not allowed ('colour' was unexpected)"),
+        (
+            "steps.0.triggers",
+            [{"on": "pass", "step": 2, "mode": "later"}],
+            "$.steps[0].triggers[0].mode: 'later' is not one of",
+        ),
+        (
+            "steps.0.colour",
+            "red",
+            "$.steps[0]: Additional properties are not allowed ('colour' was unexpected)",
+        ),
         ("models", {"review": "x"}, "$.models: Additional properties are not allowed"),
         ("engine", "Codex CLI", "$.engine: 'Codex CLI' does not match"),
         ("max_inline_depth", -1, "$.max_inline_depth: -1 is less than the minimum of 0"),
-        ("steps.0.file", "03-model.md", "$.steps[0].file: '03-model.md' is numbered 3, but the step index is 1"),
+        (
+            "steps.0.file",
+            "03-model.md",
+            "$.steps[0].file: '03-model.md' is numbered 3, but the step index is 1",
+        ),
         ("steps.1.index", 1, "$.steps[1].index: duplicate step index 1 (also $.steps[0])"),
         ("steps.1.loop.back_to", 7, "$.steps[1].loop.back_to: no step with index 7"),
         ("steps.1.loop.skip_steps", [9], "$.steps[1].loop.skip_steps[0]: no step with index 9"),
-        ("steps.0.triggers", [{"on": "pass", "step": 5}], "$.steps[0].triggers[0].step: no step with index 5"),
-        ("steps.0.outputs.protocol", "src/notes.md", "$.steps[0].outputs.protocol: 'src/notes.md' is not under '.protocols/0001-add-login/'"),
-        ("steps.0.outputs.protocol", ".protocols/0002-other/x.md", "is not under '.protocols/0001-add-login/'"),
+        (
+            "steps.0.triggers",
+            [{"on": "pass", "step": 5}],
+            "$.steps[0].triggers[0].step: no step with index 5",
+        ),
+        (
+            "steps.0.outputs.protocol",
+            "src/notes.md",
+            "$.steps[0].outputs.protocol: 'src/notes.md' is not under '.protocols/0001-add-login/'",
+        ),
+        (
+            "steps.0.outputs.protocol",
+            ".protocols/0002-other/x.md",
+            "is not under '.protocols/0001-add-login/'",
+        ),
     ],
 )
 def test_spec_errors_name_the_json_path(path: str, value: Any, expected: str) -> None:
@@ -174,7 +214,9 @@ def test_loop_cannot_go_forward() -> None:
     d["steps"][0]["loop"] = {"max_iterations": 1, "back_to": 2}
     with pytest.raises(SpecError) as info:
         validate_spec(d)
-    assert info.value.errors == ["$.steps[0].loop.back_to: 2 is after this step (1); a loop goes back"]
+    assert info.value.errors == [
+        "$.steps[0].loop.back_to: 2 is after this step (1); a loop goes back"
+    ]
 
 
 def test_every_error_is_reported() -> None:
@@ -202,8 +244,20 @@ def planning() -> dict[str, Any]:
         "log": "planned",
         "setup": "# Setup",
         "steps": [
-            {"slug": "user-model", "title": "Model", "content": "c1", "commit_type": "feat", "qa_policy": "full"},
-            {"slug": "docs", "title": "Docs", "content": "c2", "commit_type": "docs", "qa_policy": "skip"},
+            {
+                "slug": "user-model",
+                "title": "Model",
+                "content": "c1",
+                "commit_type": "feat",
+                "qa_policy": "full",
+            },
+            {
+                "slug": "docs",
+                "title": "Docs",
+                "content": "c2",
+                "commit_type": "docs",
+                "qa_policy": "skip",
+            },
         ],
     }
 
@@ -231,14 +285,22 @@ def planning_with(path: str, value: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
-        ("steps.1.qa_policy", "sometimes", "$.steps[1].qa_policy: 'sometimes' is not one of ['skip', 'light', 'full']"),
+        (
+            "steps.1.qa_policy",
+            "sometimes",
+            "$.steps[1].qa_policy: 'sometimes' is not one of ['skip', 'light', 'full']",
+        ),
         ("steps.0.slug", "Bad Slug", "$.steps[0].slug: 'Bad Slug' does not match"),
         ("steps.0.commit_type", "wip", "$.steps[0].commit_type: 'wip' is not one of"),
         ("plan", "", "$.plan: '' should be non-empty"),
         ("setup", DELETE, "$: 'setup' is a required property"),
         ("steps", [], "$.steps: [] should be non-empty"),
         ("extra", 1, "$: Additional properties are not allowed ('extra' was unexpected)"),
-        ("steps.1.slug", "user-model", "$.steps[1].slug: duplicate slug 'user-model' (also $.steps[0])"),
+        (
+            "steps.1.slug",
+            "user-model",
+            "$.steps[1].slug: duplicate slug 'user-model' (also $.steps[0])",
+        ),
     ],
 )
 def test_planning_errors(path: str, value: Any, expected: str) -> None:
@@ -250,7 +312,13 @@ def test_planning_errors(path: str, value: Any, expected: str) -> None:
 
 def test_spec_from_planning() -> None:
     out = validate_planning_output(planning())
-    defaults = SpecDefaults(engine="scripted", models={"execute": "m-exec"}, qa_policy="light", max_tokens=9000, step_max_tokens=1000)
+    defaults = SpecDefaults(
+        engine="scripted",
+        models={"execute": "m-exec"},
+        qa_policy="light",
+        max_tokens=9000,
+        step_max_tokens=1000,
+    )
     spec = spec_from_planning("0042-login", "Add login", out, defaults)
     assert spec.protocol == "0042-login" and spec.number == 42
     assert spec.engine == "scripted"
@@ -284,7 +352,14 @@ def spec_and_step() -> tuple[ProtocolSpec, StepSpec]:
 @pytest.mark.parametrize(
     ("phase", "use_step", "use_spec", "project", "settings", "expected"),
     [
-        ("execute", True, True, {"execute": "p"}, {"execute": "s"}, "mid"),  # step 2 has no model → protocol
+        (
+            "execute",
+            True,
+            True,
+            {"execute": "p"},
+            {"execute": "s"},
+            "mid",
+        ),  # step 2 has no model → protocol
         ("qa", True, True, {}, {}, "qa-model"),  # step.qa.model wins
         ("planning", True, True, {}, {}, "big"),
         ("decompose", True, True, {"decompose": "p-dec"}, {"decompose": "s-dec"}, "p-dec"),
@@ -300,7 +375,10 @@ def test_resolve_model_order(
     phase: Any, use_step: bool, use_spec: bool, project: Any, settings: Any, expected: str
 ) -> None:
     spec, step = spec_and_step()
-    assert model_for(phase, step if use_step else None, spec if use_spec else None, project, settings) == expected
+    assert (
+        model_for(phase, step if use_step else None, spec if use_spec else None, project, settings)
+        == expected
+    )
 
 
 def test_resolve_model_step_level() -> None:

@@ -52,13 +52,17 @@ def act(action: str, worktree: Path, orders: dict[str, Any]) -> None:
         mirror = mirror_of(worktree)
         script(mirror / "evil.sh", marker)
         with (mirror / "config").open("a") as fh:
-            fh.write(f"[core]\n\tfsmonitor = {mirror / 'evil.sh'}\n[filter \"x\"]\n\tclean = {mirror / 'evil.sh'}\n")
+            fh.write(
+                f'[core]\n\tfsmonitor = {mirror / "evil.sh"}\n[filter "x"]\n\tclean = {mirror / "evil.sh"}\n'
+            )
         (worktree / ".gitattributes").write_text("* filter=x\n")
     elif action == "fsmonitor":
         evil = worktree.parent / f"evil-{worktree.name}"
         subprocess.run(["git", "init", "-q", str(evil)], check=True)
         script(evil / "fsmonitor.sh", marker)
-        subprocess.run(["git", "config", "core.fsmonitor", str(evil / "fsmonitor.sh")], cwd=evil, check=True)
+        subprocess.run(
+            ["git", "config", "core.fsmonitor", str(evil / "fsmonitor.sh")], cwd=evil, check=True
+        )
         (worktree / ".git").write_text(f"gitdir: {evil / '.git'}\n")
     elif action == "leak_files":
         joined = "\n".join(secrets) + "\n"

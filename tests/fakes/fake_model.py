@@ -216,7 +216,12 @@ class FakeModelServer:
                     self._send_json(
                         server.http_error,
                         server.http_error_body
-                        or {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}},
+                        or {
+                            "error": {
+                                "message": "Incorrect API key provided",
+                                "code": "invalid_api_key",
+                            }
+                        },
                     )
                     return
                 response = server._next(recorded)

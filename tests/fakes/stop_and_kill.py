@@ -54,7 +54,9 @@ def stubborn_execute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return dump
 
 
-def wait_for(condition: Callable[[], bool], seconds: float, what: str, log: Path | None = None) -> float:
+def wait_for(
+    condition: Callable[[], bool], seconds: float, what: str, log: Path | None = None
+) -> float:
     """Poll until `condition()`; the seconds it took. Fails (with the worker log's tail) after `seconds`."""
     start = time.monotonic()
     while not condition():
@@ -81,15 +83,21 @@ def write_script(path: Path, script: dict[str, Any]) -> Path:
 
 
 @contextmanager
-def worker_process(tmp_path: Path, name: str, env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+def worker_process(
+    tmp_path: Path, name: str, env: dict[str, str]
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """`deksdenflow worker` in a process of its own (own session, so SIGKILL takes its engine
     too) with only the given DEKSDENFLOW_ settings; stopped with SIGKILL at the end."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DEKSDENFLOW_")}
     log = tmp_path / f"{name}.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER], cwd=ROOT, env={**clean, **env},
-            start_new_session=True, stdout=subprocess.DEVNULL, stderr=out,
+            [sys.executable, "-c", WORKER],
+            cwd=ROOT,
+            env={**clean, **env},
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
         )
     try:
         yield proc, log

@@ -94,10 +94,21 @@ def everywhere(url: str) -> dict[str, httpx.Response | float]:
             console = httpx.AsyncClient(base_url=url, timeout=20, follow_redirects=True)
             try:
                 results = await asyncio.gather(
-                    timed("webhook", http.post("/webhooks/github", content=body, headers=github_headers(body))),
-                    timed("api", http.get("/api/projects", headers={"Authorization": f"Bearer {API_TOKEN}"})),
+                    timed(
+                        "webhook",
+                        http.post("/webhooks/github", content=body, headers=github_headers(body)),
+                    ),
+                    timed(
+                        "api",
+                        http.get("/api/projects", headers={"Authorization": f"Bearer {API_TOKEN}"}),
+                    ),
                     timed("console", console.post("/console/login", data={"token": API_TOKEN})),
-                    timed("ci", http.post("/webhooks/ci", content=ci, headers={"X-DeksdenFlow-Token": CI_TOKEN})),
+                    timed(
+                        "ci",
+                        http.post(
+                            "/webhooks/ci", content=ci, headers={"X-DeksdenFlow-Token": CI_TOKEN}
+                        ),
+                    ),
                     timed("healthz", http.get("/healthz")),
                 )
             finally:
@@ -140,7 +151,9 @@ def test_hanging_postgres_gives_503_within_5s_everywhere(
         assert isinstance(before["api"], httpx.Response) and before["api"].status_code == 200
         proxy.hang(True)
         assert_503_one_line(everywhere(server.url))
-        assert_503_one_line(everywhere(server.url))  # and again, with the pool's connections gone bad
+        assert_503_one_line(
+            everywhere(server.url)
+        )  # and again, with the pool's connections gone bad
         ready = httpx.get(server.url + "/readyz", timeout=20)
         assert ready.status_code == 503 and "database" in ready.json()["failing"]
         proxy.hang(False)
@@ -162,13 +175,21 @@ def test_locked_sqlite_gives_503_within_5s_and_readyz_says_so(
             body = comment_body("locked")
             project = json.dumps({"name": "acme/locked", "git_url": str(tmp_path / "locked-repo")})
             started = time.monotonic()
-            webhook = httpx.post(server.url + "/webhooks/github", content=body, headers=github_headers(body), timeout=20)
+            webhook = httpx.post(
+                server.url + "/webhooks/github",
+                content=body,
+                headers=github_headers(body),
+                timeout=20,
+            )
             webhook_s = time.monotonic() - started
             started = time.monotonic()
             api = httpx.post(
                 server.url + "/api/projects",
                 content=project,
-                headers={"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"},
+                headers={
+                    "Authorization": f"Bearer {API_TOKEN}",
+                    "Content-Type": "application/json",
+                },
                 timeout=20,
             )
             api_s = time.monotonic() - started
@@ -176,7 +197,12 @@ def test_locked_sqlite_gives_503_within_5s_and_readyz_says_so(
             assert webhook_s < 5 and api_s < 5, (webhook_s, api_s)
             assert "\n" not in api.text.strip() and "\n" not in webhook.text.strip()
             assert httpx.get(server.url + "/healthz").status_code == 200
-            assert httpx.get(server.url + "/api/projects", headers={"Authorization": f"Bearer {API_TOKEN}"}).status_code == 200
+            assert (
+                httpx.get(
+                    server.url + "/api/projects", headers={"Authorization": f"Bearer {API_TOKEN}"}
+                ).status_code
+                == 200
+            )
             ready = httpx.get(server.url + "/readyz", timeout=20)
             assert ready.status_code == 503 and "locked" in ready.json()["failing"]["database"]
         finally:
@@ -185,7 +211,9 @@ def test_locked_sqlite_gives_503_within_5s_and_readyz_says_so(
         assert httpx.get(server.url + "/readyz").status_code == 200
 
 
-def test_readyz_reports_a_full_disk(tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readyz_reports_a_full_disk(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from starlette.testclient import TestClient
 
     from bot.storage import health
@@ -193,6 +221,8 @@ def test_readyz_reports_a_full_disk(tmp_path: Path, sqlite_url: str, monkeypatch
     settings = make_settings(tmp_path, db_url=sqlite_url)
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").status_code == 200
-        monkeypatch.setattr(health, "free_bytes", lambda path: 1024)  # the file system, not our code
+        monkeypatch.setattr(
+            health, "free_bytes", lambda path: 1024
+        )  # the file system, not our code
         ready = client.get("/readyz")
     assert ready.status_code == 503 and "disk" in ready.json()["failing"]

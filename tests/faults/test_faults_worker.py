@@ -37,7 +37,9 @@ def statuses(db_url: str) -> dict[int, str]:
     return {int(r[0]): str(r[1]) for r in rows(db_url, "SELECT id, status FROM webhook_deliveries")}
 
 
-def wait_processed(db_url: str, ids: list[int], timeout: float, worker: WorkerProcess | None = None) -> float:
+def wait_processed(
+    db_url: str, ids: list[int], timeout: float, worker: WorkerProcess | None = None
+) -> float:
     """Seconds until every delivery in `ids` is processed; fails after `timeout`."""
     started = time.monotonic()
     while True:
@@ -48,7 +50,9 @@ def wait_processed(db_url: str, ids: list[int], timeout: float, worker: WorkerPr
         if time.monotonic() - started > timeout:
             detail = Counter(found.get(i, "missing") for i in left)
             log = worker.output() if worker is not None else ""
-            raise AssertionError(f"{len(left)} deliveries not processed after {timeout} s: {dict(detail)}\n{log}")
+            raise AssertionError(
+                f"{len(left)} deliveries not processed after {timeout} s: {dict(detail)}\n{log}"
+            )
         time.sleep(0.25)
 
 
@@ -59,7 +63,10 @@ def handled_once(db_url: str, ids: list[int], interrupted: frozenset[int] = froz
     its handlers' own commits: at-least-once, so it may show twice, never more.
     """
     received = Counter(
-        int(r[0]) for r in rows(db_url, "SELECT delivery_id FROM events WHERE event_type = 'delivery.received'")
+        int(r[0])
+        for r in rows(
+            db_url, "SELECT delivery_id FROM events WHERE event_type = 'delivery.received'"
+        )
     )
     expected = {i: (received[i] if i in interrupted and received[i] in (1, 2) else 1) for i in ids}
     assert {i: received[i] for i in ids} == expected
@@ -89,7 +96,11 @@ def test_worker_survives_a_redis_restart_under_load(
 
 @pytest.mark.parametrize("redis_lost", [False, True], ids=["redis-kept", "redis-lost"])
 def test_worker_sigkill_mid_batch_every_delivery_processed_within_60s(
-    tmp_path: Path, db_url: str, own_redis: OwnRedis, live_server: type[LiveServer], redis_lost: bool
+    tmp_path: Path,
+    db_url: str,
+    own_redis: OwnRedis,
+    live_server: type[LiveServer],
+    redis_lost: bool,
 ) -> None:
     settings = make_settings(tmp_path, db_url=db_url, redis_url=own_redis.url)
     with live_server(create_app(settings, embedded_worker=False)) as server:
@@ -104,7 +115,9 @@ def test_worker_sigkill_mid_batch_every_delivery_processed_within_60s(
         worker.kill()
         at_kill = statuses(db_url)
         interrupted = frozenset(i for i, status in at_kill.items() if status == "processing")
-        assert list(at_kill.values()).count("processed") < len(ids), "the batch finished before the kill"
+        assert list(at_kill.values()).count("processed") < len(ids), (
+            "the batch finished before the kill"
+        )
         if redis_lost:  # the worker and an unpersisted Redis die together
             own_redis.kill()
             own_redis.start()
@@ -121,7 +134,9 @@ def test_new_database_with_old_redis_processes_deliveries(
     tmp_path: Path, db_url: str, redis_url: str, live_server: type[LiveServer]
 ) -> None:
     async def drain(settings_db: str) -> None:
-        worker = build_worker(make_settings(tmp_path, db_url=settings_db, redis_url=redis_url), ctx={}, burst=True)
+        worker = build_worker(
+            make_settings(tmp_path, db_url=settings_db, redis_url=redis_url), ctx={}, burst=True
+        )
         try:
             await worker.async_run()
         finally:

@@ -50,8 +50,12 @@ def test_2000_deep_json_is_400_on_every_json_endpoint(tmp_path: Path, sqlite_url
         answers = {
             "github": client.post("/webhooks/github", content=DEEP, headers=github_headers(DEEP)),
             "gitlab": client.post("/webhooks/gitlab", content=DEEP, headers=gitlab_headers()),
-            "ci": client.post("/webhooks/ci", content=DEEP, headers={"X-DeksdenFlow-Token": CI_TOKEN}),
-            "api": client.post("/api/projects", content=DEEP, headers={"Authorization": f"Bearer {API_TOKEN}"}),
+            "ci": client.post(
+                "/webhooks/ci", content=DEEP, headers={"X-DeksdenFlow-Token": CI_TOKEN}
+            ),
+            "api": client.post(
+                "/api/projects", content=DEEP, headers={"Authorization": f"Bearer {API_TOKEN}"}
+            ),
         }
     assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(answers, 400)
     for answer in answers.values():
@@ -69,7 +73,11 @@ def served(tmp_path: Path) -> Iterator[tuple[int, int]]:
     }
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bot", "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "bot", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=log,
     )
     try:
         deadline = time.monotonic() + 30
@@ -79,7 +87,9 @@ def served(tmp_path: Path) -> Iterator[tuple[int, int]]:
                     break
             except httpx.HTTPError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "serve.log"
+            ).read_text()
             time.sleep(0.1)
         yield port, proc.pid
     finally:
@@ -103,7 +113,9 @@ async def _slowloris(port: int, n: int, seconds: float) -> int:
         if i % 2:  # headers that never end
             writer.write(b"POST /webhooks/github HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         else:  # complete headers, then a body that never ends
-            writer.write(b"POST /api/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n{")
+            writer.write(
+                b"POST /api/projects HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n{"
+            )
         streams.append((reader, writer))
     closed: set[int] = set()
     deadline = time.monotonic() + seconds

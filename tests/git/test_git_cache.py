@@ -225,7 +225,9 @@ async def test_warm_spare_becomes_the_next_protocol_worktree(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("lost", ["config", "HEAD"])
-async def test_half_deleted_mirror_is_rebuilt(cache: GitCache, origin: Origin, git: Git, lost: str) -> None:
+async def test_half_deleted_mirror_is_rebuilt(
+    cache: GitCache, origin: Origin, git: Git, lost: str
+) -> None:
     """A disk wiped under a running git leaves half a mirror (a file gone, a directory re-made):
     the next job rebuilds it from the remote instead of refusing it for good."""
     mirror = await cache.ensure_mirror(origin.url)

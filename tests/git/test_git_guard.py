@@ -189,9 +189,7 @@ async def test_a_push_carrying_a_secret_is_refused_and_dropped(
     assert not (wt.path / "notes").exists()
 
 
-async def test_the_push_credential_itself_is_scanned_for(
-    cache: GitCache, origin: Origin
-) -> None:
+async def test_the_push_credential_itself_is_scanned_for(cache: GitCache, origin: Origin) -> None:
     token = "ghs_" + "Zx9" * 12
     wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
     (wt.path / "t.txt").write_text(f"the token the push uses: {token[:-1]}\n{token}\n")

@@ -41,7 +41,6 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "github"
 API = "https://api.github.com"
 
 
-
 def make_origin(tmp_path: Path) -> Path:
     """A bare repository with one commit on main: the repository's 'GitHub remote'."""
     return shared_make_origin(tmp_path, readme="# hello\n")
@@ -136,7 +135,9 @@ class GitHubLoop:
         async def latest() -> RunState:
             async with self.db.sessions() as session:
                 run_id = (
-                    await session.execute(select(ProtocolRun.id).order_by(ProtocolRun.id.desc()).limit(1))
+                    await session.execute(
+                        select(ProtocolRun.id).order_by(ProtocolRun.id.desc()).limit(1)
+                    )
                 ).scalar()
             assert run_id is not None, "no protocol run"
             return await load_run(self.db, run_id)
@@ -147,14 +148,18 @@ class GitHubLoop:
     def project(self) -> Project | None:
         async def get() -> Project | None:
             async with self.db.sessions() as session:
-                return (await session.execute(select(Project).where(Project.name == FULL_NAME))).scalar()
+                return (
+                    await session.execute(select(Project).where(Project.name == FULL_NAME))
+                ).scalar()
 
         return self.call(get)  # type: ignore[no-any-return]
 
     def events(self, event_type: str) -> list[Event]:
         async def get() -> list[Event]:
             async with self.db.sessions() as session:
-                rows = await session.execute(select(Event).where(Event.event_type == event_type).order_by(Event.id))
+                rows = await session.execute(
+                    select(Event).where(Event.event_type == event_type).order_by(Event.id)
+                )
                 return list(rows.scalars())
 
         return self.call(get)  # type: ignore[no-any-return]
@@ -181,14 +186,27 @@ class GitHubLoop:
         payload = sample("installation_created")
         payload["installation"]["id"] = INSTALLATION_ID
         payload["installation"]["app_id"] = APP_ID
-        payload["repositories"] = [{"id": 1, "name": "Hello-World", "full_name": FULL_NAME, "private": False}]
+        payload["repositories"] = [
+            {"id": 1, "name": "Hello-World", "full_name": FULL_NAME, "private": False}
+        ]
         return payload
 
     def comment(
-        self, body: str, *, user: str = "alice", user_type: str = "User", number: int = 1, comment_id: int | None = None
+        self,
+        body: str,
+        *,
+        user: str = "alice",
+        user_type: str = "User",
+        number: int = 1,
+        comment_id: int | None = None,
     ) -> dict[str, Any]:
         payload = self._repo(sample("issue_comment_created"))
-        payload["issue"] = {**payload["issue"], "number": number, "title": "Add a greeting", "body": "Say hello."}
+        payload["issue"] = {
+            **payload["issue"],
+            "number": number,
+            "title": "Add a greeting",
+            "body": "Say hello.",
+        }
         payload["issue"].pop("pull_request", None)
         who = {"login": user, "type": user_type, "id": 7}
         payload["comment"] = {
@@ -201,7 +219,9 @@ class GitHubLoop:
         payload["sender"] = who
         return payload
 
-    def workflow_run(self, branch: str, sha: str | None, conclusion: str = "success") -> dict[str, Any]:
+    def workflow_run(
+        self, branch: str, sha: str | None, conclusion: str = "success"
+    ) -> dict[str, Any]:
         payload = self._repo(sample("workflow_run_completed"))
         payload["workflow_run"] = {
             **payload["workflow_run"],
@@ -212,7 +232,9 @@ class GitHubLoop:
         }
         return payload
 
-    def check_run_action(self, name: str, branch: str, sha: str | None, identifier: str) -> dict[str, Any]:
+    def check_run_action(
+        self, name: str, branch: str, sha: str | None, identifier: str
+    ) -> dict[str, Any]:
         payload = self._repo(sample("check_run_requested_action"))
         payload["check_run"] = copy.deepcopy(payload["check_run"])
         payload["check_run"].update(name=name, head_sha=sha, app={"id": APP_ID, "slug": APP_SLUG})
@@ -235,13 +257,27 @@ class GitHubLoop:
         """Actions reports green on `sha` (default: the protocol's head) of the newest run."""
         self.ci_suite("success")
         state = self.run()
-        return self.deliver("workflow_run", self.workflow_run(state.run.protocol_name, sha or state.run.head_sha))
+        return self.deliver(
+            "workflow_run", self.workflow_run(state.run.protocol_name, sha or state.run.head_sha)
+        )
 
-    def ci_suite(self, conclusion: str, name: str = "GitHub Actions", status: str = "completed") -> None:
+    def ci_suite(
+        self, conclusion: str, name: str = "GitHub Actions", status: str = "completed"
+    ) -> None:
         """What GET …/check-suites answers: one suite of another app."""
         self.fake.check_suites = [
-            {"id": 9001, "status": status, "conclusion": conclusion, "app": {"id": 15368, "slug": "github-actions", "name": name}},
-            {"id": 9002, "status": "completed", "conclusion": "success", "app": {"id": APP_ID, "slug": APP_SLUG}},
+            {
+                "id": 9001,
+                "status": status,
+                "conclusion": conclusion,
+                "app": {"id": 15368, "slug": "github-actions", "name": name},
+            },
+            {
+                "id": 9002,
+                "status": "completed",
+                "conclusion": "success",
+                "app": {"id": APP_ID, "slug": APP_SLUG},
+            },
         ]
 
 

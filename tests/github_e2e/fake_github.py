@@ -56,7 +56,9 @@ def _iso(epoch: float) -> str:
 class FakeGitHub:
     """State (comments, pulls, check runs) plus scripted failures; thread-safe recording."""
 
-    def __init__(self, clone_url: str, *, default_branch: str = "main", has_workflows: bool = True) -> None:
+    def __init__(
+        self, clone_url: str, *, default_branch: str = "main", has_workflows: bool = True
+    ) -> None:
         self.clone_url = clone_url
         self.default_branch = default_branch
         self.has_workflows = has_workflows
@@ -89,13 +91,19 @@ class FakeGitHub:
 
     # -- scripting -------------------------------------------------------------------------
 
-    def fail_next(self, method: str, path_regex: str, status: int, body: Any = None, **headers: str) -> None:
+    def fail_next(
+        self, method: str, path_regex: str, status: int, body: Any = None, **headers: str
+    ) -> None:
         """The next request matching (method, path regex) gets this answer instead (once)."""
-        self.failures.append((method, re.compile(path_regex), (status, headers, body or {"message": "fake"})))
+        self.failures.append(
+            (method, re.compile(path_regex), (status, headers, body or {"message": "fake"}))
+        )
 
     def token_valid(self, token: str) -> bool:
         """Handed out by us, not expired on our clock, not revoked by expire_tokens()."""
-        return token in self.valid_tokens and self.clock() < self.token_expiry.get(token, float("inf"))
+        return token in self.valid_tokens and self.clock() < self.token_expiry.get(
+            token, float("inf")
+        )
 
     def expire_tokens(self) -> None:
         """Every token handed out so far answers 401 from now on (as if it had expired)."""
@@ -105,7 +113,8 @@ class FakeGitHub:
         return [
             c
             for c in list(self.calls)
-            if (method is None or c.method == method) and (path is None or re.fullmatch(path, c.path))
+            if (method is None or c.method == method)
+            and (path is None or re.fullmatch(path, c.path))
         ]
 
     def since(self, mark: int) -> list[Call]:
@@ -118,7 +127,10 @@ class FakeGitHub:
 
     def respx_handler(self, request: httpx.Request) -> httpx.Response:
         status, headers, body = self.handle(
-            request.method, request.url.raw_path.decode(), request.headers.get("authorization"), request.content
+            request.method,
+            request.url.raw_path.decode(),
+            request.headers.get("authorization"),
+            request.content,
         )
         return httpx.Response(status, headers=headers, json=body)
 
@@ -128,11 +140,19 @@ class FakeGitHub:
         with self._lock:
             self.log_downloads.append((path, request.headers.get("authorization")))
         m = re.fullmatch(r"/job-logs/(\d+)", path)
-        if not m or request.url.params.get("sig") != "fake-signature" or int(m.group(1)) not in self.job_logs:
+        if (
+            not m
+            or request.url.params.get("sig") != "fake-signature"
+            or int(m.group(1)) not in self.job_logs
+        ):
             return httpx.Response(403, text="AuthenticationFailed")
-        return httpx.Response(200, text=self.job_logs[int(m.group(1))], headers={"content-type": "text/plain"})
+        return httpx.Response(
+            200, text=self.job_logs[int(m.group(1))], headers={"content-type": "text/plain"}
+        )
 
-    def handle(self, method: str, raw_path: str, authorization: str | None, content: bytes) -> Answer:
+    def handle(
+        self, method: str, raw_path: str, authorization: str | None, content: bytes
+    ) -> Answer:
         split = urlsplit(raw_path)
         path = split.path
         query = dict(parse_qsl(split.query))
@@ -172,14 +192,22 @@ class FakeGitHub:
             return 404, {}, {"message": "Not Found"}
         rest = path[len(repo) :]
         if rest == "" and method == "GET":
-            return 200, {}, {
-                "full_name": FULL_NAME,
-                "default_branch": self.default_branch,
-                "clone_url": self.clone_url,
-            }
+            return (
+                200,
+                {},
+                {
+                    "full_name": FULL_NAME,
+                    "default_branch": self.default_branch,
+                    "clone_url": self.clone_url,
+                },
+            )
         if rest == "/contents/.github/workflows" and method == "GET":
             if self.has_workflows:
-                return 200, {}, [{"name": "ci.yml", "path": ".github/workflows/ci.yml", "type": "file"}]
+                return (
+                    200,
+                    {},
+                    [{"name": "ci.yml", "path": ".github/workflows/ci.yml", "type": "file"}],
+                )
             return 404, {}, {"message": "Not Found"}
         m = re.fullmatch(r"/collaborators/([^/]+)/permission", rest)
         if m and method == "GET":
@@ -213,7 +241,15 @@ class FakeGitHub:
             return 200, {}, self.comments[cid]
         if rest == "/pulls" and method == "GET":
             head = call.query.get("head", "").split(":", 1)[-1]
-            return 200, {}, [p for p in self.pulls.values() if p["head"]["ref"] == head and p["state"] == "open"]
+            return (
+                200,
+                {},
+                [
+                    p
+                    for p in self.pulls.values()
+                    if p["head"]["ref"] == head and p["state"] == "open"
+                ],
+            )
         if rest == "/pulls" and method == "POST":
             number = 100 + len(self.pulls) + 1
             self.pulls[number] = {
@@ -239,7 +275,12 @@ class FakeGitHub:
             return 200, {}, {"id": rid, "state": self.review_states[rid]}
         m = re.fullmatch(r"/pulls/(\d+)/comments/(\d+)/replies", rest)
         if m and method == "POST":
-            reply = {"id": next(self._ids), "pull": int(m.group(1)), "in_reply_to_id": int(m.group(2)), "body": body["body"]}
+            reply = {
+                "id": next(self._ids),
+                "pull": int(m.group(1)),
+                "in_reply_to_id": int(m.group(2)),
+                "body": body["body"],
+            }
             self.review_replies.append(reply)
             return 201, {}, reply
         m = re.fullmatch(r"/pulls/(\d+)", rest)
@@ -275,9 +316,12 @@ class FakeGitHub:
             return 302, {"location": location}, {}
         m = re.fullmatch(r"/commits/([0-9a-f]+)/check-suites", rest)
         if m and method == "GET":
-            return 200, {}, {"total_count": len(self.check_suites), "check_suites": self.check_suites}
+            return (
+                200,
+                {},
+                {"total_count": len(self.check_suites), "check_suites": self.check_suites},
+            )
         return 404, {}, {"message": f"fake GitHub has no {method} {path}"}
-
 
     def _graphql(self, body: Any) -> Answer:
         """The requests the bot sends: markPullRequestReadyForReview by the PR's node id, a PR's
@@ -289,15 +333,30 @@ class FakeGitHub:
         if "resolveReviewThread" in query:
             thread = str(variables.get("id"))
             if thread not in {t["id"] for t in self._threads()}:
-                return 200, {}, {"data": None, "errors": [{"type": "NOT_FOUND", "message": f"no thread {thread}"}]}
+                return (
+                    200,
+                    {},
+                    {
+                        "data": None,
+                        "errors": [{"type": "NOT_FOUND", "message": f"no thread {thread}"}],
+                    },
+                )
             self.resolved_threads.add(thread)
-            return 200, {}, {"data": {"resolveReviewThread": {"thread": {"id": thread, "isResolved": True}}}}
+            return (
+                200,
+                {},
+                {"data": {"resolveReviewThread": {"thread": {"id": thread, "isResolved": True}}}},
+            )
         node = variables.get("id")
         pull = next((p for p in self.pulls.values() if p.get("node_id") == node), None)
         if "markPullRequestReadyForReview" not in query or pull is None:
             return 200, {}, {"errors": [{"message": f"fake GraphQL cannot answer {query[:60]!r}"}]}
         pull["draft"] = False
-        return 200, {}, {"data": {"markPullRequestReadyForReview": {"pullRequest": {"isDraft": False}}}}
+        return (
+            200,
+            {},
+            {"data": {"markPullRequestReadyForReview": {"pullRequest": {"isDraft": False}}}},
+        )
 
     def _threads(self) -> list[dict[str, Any]]:
         """One thread per review comment that answers none; replies join their thread."""
@@ -318,7 +377,11 @@ class FakeGitHub:
 
     def _review_threads(self, number: int) -> Answer:
         if number not in self.pulls:
-            return 200, {}, {"data": {"repository": {"pullRequest": None}}, "errors": [{"type": "NOT_FOUND"}]}
+            return (
+                200,
+                {},
+                {"data": {"repository": {"pullRequest": None}}, "errors": [{"type": "NOT_FOUND"}]},
+            )
         threads = {"nodes": self._threads()}
         return 200, {}, {"data": {"repository": {"pullRequest": {"reviewThreads": threads}}}}
 

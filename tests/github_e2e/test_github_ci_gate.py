@@ -101,7 +101,9 @@ def qa_held(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     release.set()
 
 
-def test_green_ci_before_qa_then_qa_pass_completes(gh: GitHubLoop, qa_held: threading.Event) -> None:
+def test_green_ci_before_qa_then_qa_pass_completes(
+    gh: GitHubLoop, qa_held: threading.Event
+) -> None:
     gh.deliver("installation", gh.installation_created())
     gh.deliver("issue_comment", gh.comment("/plan"))
     gh.deliver("issue_comment", gh.comment("/approve"))
@@ -219,6 +221,8 @@ def test_green_ci_completing_the_protocol_edits_each_status_comment_once(gh: Git
     out = gh.ci_green()
     assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "complete"}
     assert gh.run().run.status == "completed"
-    edits = [c.path for c in gh.fake.since(mark) if c.method == "PATCH" and "/issues/comments/" in c.path]
+    edits = [
+        c.path for c in gh.fake.since(mark) if c.method == "PATCH" and "/issues/comments/" in c.path
+    ]
     assert sorted(edits) == [f"{R}/issues/comments/1001", f"{R}/issues/comments/1002"]  # issue, PR
     assert all("— completed" in gh.fake.comments[int(p.rsplit("/", 1)[1])]["body"] for p in edits)

@@ -45,7 +45,9 @@ def test_unknown_command_far_from_ours_gets_no_reply(gh: GitHubLoop) -> None:
     assert [c.method for c in gh.fake.since(mark)] == ["GET"]
 
 
-@pytest.mark.parametrize(("user", "permission", "replies"), [("mallory", "none", 0), ("alice", "write", 1)])
+@pytest.mark.parametrize(
+    ("user", "permission", "replies"), [("mallory", "none", 0), ("alice", "write", 1)]
+)
 def test_ten_thousand_commands_run_nothing_and_reply_at_most_once(
     gh: GitHubLoop, user: str, permission: str, replies: int
 ) -> None:
@@ -54,7 +56,10 @@ def test_ten_thousand_commands_run_nothing_and_reply_at_most_once(
     mark = gh.fake.mark()
     body = "\n".join("/plan" if i % 2 else "/bogus" for i in range(10_000))
     out = gh.deliver("issue_comment", gh.comment(body, user=user))
-    assert out["outcome"]["handled"][-1] == {"result": "too-many-commands", "permission": permission}
+    assert out["outcome"]["handled"][-1] == {
+        "result": "too-many-commands",
+        "permission": permission,
+    }
     posts = [c for c in gh.fake.since(mark) if c.method == "POST"]
     assert len(posts) == replies
     if posts:
@@ -85,7 +90,12 @@ def test_several_commands_get_one_reply(gh: GitHubLoop) -> None:
     gh.deliver("installation", gh.installation_created())
     mark = gh.fake.mark()
     out = gh.deliver("issue_comment", gh.comment("/help\n/stauts\n/qa zero\n/status"))
-    assert [h.get("result") for h in out["outcome"]["handled"][1:]] == ["help", "unknown", "malformed", "no-protocol"]
+    assert [h.get("result") for h in out["outcome"]["handled"][1:]] == [
+        "help",
+        "unknown",
+        "malformed",
+        "no-protocol",
+    ]
     posts = [c for c in gh.fake.since(mark) if c.method == "POST" and c.path.endswith("/comments")]
     assert len(posts) == 1
     text = posts[0].body["body"]

@@ -60,7 +60,9 @@ def test_a_forge_error_that_outlives_its_retries_blocks_visibly_and_retry_recove
     gh.deliver("issue_comment", gh.comment("/approve"))
     before = git("rev-parse", f"refs/heads/{PROTOCOL}", cwd=gh.origin).strip()
     gh.deliver("issue_comment", gh.comment("/run-step"))
-    assert len(gh.fake.requests("POST", TOKENS)) >= 4 and sleeps  # three failed attempts, then one for the reply
+    assert (
+        len(gh.fake.requests("POST", TOKENS)) >= 4 and sleeps
+    )  # three failed attempts, then one for the reply
 
     state = gh.run()
     assert (state.step(1).status, state.run.status) == ("failed", "blocked")
@@ -69,7 +71,11 @@ def test_a_forge_error_that_outlives_its_retries_blocks_visibly_and_retry_recove
     # nothing of the failed attempt reached the branch
     assert git("rev-parse", f"refs/heads/{PROTOCOL}", cwd=gh.origin).strip() == before
     # the reason is on the status comment and on the step's check run
-    status = [c["body"] for c in gh.fake.comments.values() if "deksdenflow:status" in c["body"] and c["issue"] == 1]
+    status = [
+        c["body"]
+        for c in gh.fake.comments.values()
+        if "deksdenflow:status" in c["body"] and c["issue"] == 1
+    ]
     assert len(status) == 1 and "blocked" in status[0] and reason in status[0]
     # the run opened in progress when the step started is ended with the failure, not left spinning
     step_runs = [r for r in gh.fake.check_runs.values() if r["name"] == "deksdenflow/step-01"]

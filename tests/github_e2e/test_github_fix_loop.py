@@ -42,7 +42,9 @@ def prompts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[EngineRequest]]:
 
 
 def executes(prompts: list[EngineRequest], step: int) -> list[str]:
-    return [r.prompt for r in prompts if r.phase == "execute" and r.context.get("step_index") == step]
+    return [
+        r.prompt for r in prompts if r.phase == "execute" and r.context.get("step_index") == step
+    ]
 
 
 def job_log(got: int) -> str:
@@ -76,7 +78,11 @@ def step_commit(gh: GitHubLoop, index: int) -> str:
 
 
 def check_titles(gh: GitHubLoop, name: str) -> list[str]:
-    return [str(r.get("output", {}).get("title")) for r in gh.fake.check_runs.values() if r["name"] == name]
+    return [
+        str(r.get("output", {}).get("title"))
+        for r in gh.fake.check_runs.values()
+        if r["name"] == name
+    ]
 
 
 def test_red_ci_log_reaches_the_next_attempt_and_the_fix_completes(
@@ -148,7 +154,6 @@ def test_the_same_failure_twice_stops_and_asks_a_human(
     assert "AssertionError: expected 3, got 5" in third
 
 
-
 def test_a_log_that_cannot_be_fetched_leaves_the_rest_of_the_evidence(
     gh: GitHubLoop, prompts: list[EngineRequest]
 ) -> None:
@@ -182,12 +187,19 @@ def test_repository_max_tokens_is_applied(gh: GitHubLoop) -> None:
     state = gh.run()
     assert state.run.template_config["max_tokens"] == 100
     # planning alone used more than 100 tokens: the first step never starts
-    assert state.run.status == "blocked" and [s.status for s in state.steps] == ["pending", "pending"]
+    assert state.run.status == "blocked" and [s.status for s in state.steps] == [
+        "pending",
+        "pending",
+    ]
     assert "token budget" in state.run.runtime_state["message"]
 
 
 def test_repository_policies_turn_the_ci_gate_off_and_set_qa(gh: GitHubLoop) -> None:
-    repo_file(gh, ".deksdenflow.yml", "policies:\n  ci_gates: false\n  qa_policy: light\n  max_fix_attempts: 1\n")
+    repo_file(
+        gh,
+        ".deksdenflow.yml",
+        "policies:\n  ci_gates: false\n  qa_policy: light\n  max_fix_attempts: 1\n",
+    )
     gh.deliver("installation", gh.installation_created())
     gh.deliver("issues", labeled(gh, "deksdenflow:auto"))
     state = gh.run()

@@ -50,7 +50,11 @@ def test_full_loop_install_plan_approve_step_ci_qa_merge(gh: GitHubLoop) -> None
     assert fake.calls[2].query == {"ref": "main"}
     project = gh.project()
     assert project is not None
-    assert (project.git_url, project.base_branch, project.ci_provider) == (str(gh.origin), "main", "github-actions")
+    assert (project.git_url, project.base_branch, project.ci_provider) == (
+        str(gh.origin),
+        "main",
+        "github-actions",
+    )
     assert project.installation_id == INSTALLATION_ID
 
     # /plan: permission → 👀 → plan job: status comment, draft PR, status on issue and PR, 🚀
@@ -81,7 +85,9 @@ def test_full_loop_install_plan_approve_step_ci_qa_merge(gh: GitHubLoop) -> None
     state = gh.run()
     assert (state.run.status, state.run.pr_number, state.run.issue_number) == ("planned", 101, 1)
     assert state.run.head_sha == git("rev-parse", PROTOCOL, cwd=gh.origin).strip()
-    assert git("ls-tree", "--name-only", f"{PROTOCOL}:.protocols/{PROTOCOL}", cwd=gh.origin).split() == [
+    assert git(
+        "ls-tree", "--name-only", f"{PROTOCOL}:.protocols/{PROTOCOL}", cwd=gh.origin
+    ).split() == [
         "00-setup.md",
         "01-record-task.md",
         "02-add-greeting.md",
@@ -110,7 +116,11 @@ def test_full_loop_install_plan_approve_step_ci_qa_merge(gh: GitHubLoop) -> None
     state = gh.run()
     head = state.run.head_sha
     assert head != start_sha and head == git("rev-parse", PROTOCOL, cwd=gh.origin).strip()
-    assert git("log", "-1", "--format=%s", PROTOCOL, cwd=gh.origin).strip().endswith("[protocol-0001/01]")
+    assert (
+        git("log", "-1", "--format=%s", PROTOCOL, cwd=gh.origin)
+        .strip()
+        .endswith("[protocol-0001/01]")
+    )
     assert pairs(calls) == [
         ("GET", f"{R}/collaborators/alice/permission"),
         ("POST", f"{R}/issues/comments/5103/reactions"),
@@ -124,7 +134,11 @@ def test_full_loop_install_plan_approve_step_ci_qa_merge(gh: GitHubLoop) -> None
     started, closed, done = calls[2].body, calls[3].body, calls[4].body
     assert started["name"] == "deksdenflow/step-01" and started["status"] == "in_progress"
     assert started["head_sha"] == start_sha
-    assert closed["status"] == "completed" and closed["conclusion"] == "success" and "actions" not in closed
+    assert (
+        closed["status"] == "completed"
+        and closed["conclusion"] == "success"
+        and "actions" not in closed
+    )
     assert done["head_sha"] == head and done["conclusion"] == "success"
     assert [a["identifier"] for a in done["actions"]] == ["run-qa", "run-next"]
     assert calls[-1].body == {"content": "rocket"}
@@ -160,7 +174,10 @@ def test_full_loop_install_plan_approve_step_ci_qa_merge(gh: GitHubLoop) -> None
     out = gh.deliver("pull_request", gh.pr_closed(PROTOCOL, 101, merged=True))
     assert out["outcome"]["handled"][-1] == {"protocol": PROTOCOL, "result": "completed"}
     calls = fake.since(mark)
-    assert pairs(calls) == [("PATCH", f"{R}/issues/comments/1002"), ("PATCH", f"{R}/issues/comments/1003")]
+    assert pairs(calls) == [
+        ("PATCH", f"{R}/issues/comments/1002"),
+        ("PATCH", f"{R}/issues/comments/1003"),
+    ]
     assert "completed" in calls[0].body["body"]
     assert gh.run().run.status == "completed"
     # one status comment per target, ever; only one token for the whole loop
@@ -181,7 +198,11 @@ def test_read_permission_gets_a_polite_refusal_and_no_job(gh: GitHubLoop) -> Non
     gh.fake.permissions["bob"] = "read"
     mark = gh.fake.mark()
     out = gh.deliver("issue_comment", gh.comment("/plan", user="bob"))
-    assert out["outcome"]["handled"][-1] == {"command": "plan", "result": "refused", "permission": "read"}
+    assert out["outcome"]["handled"][-1] == {
+        "command": "plan",
+        "result": "refused",
+        "permission": "read",
+    }
     calls = gh.fake.since(mark)
     assert pairs(calls) == [
         ("GET", f"{R}/collaborators/bob/permission"),
@@ -216,7 +237,10 @@ def test_unknown_command_replies_with_did_you_mean(gh: GitHubLoop) -> None:
     assert out["outcome"]["handled"][-1]["result"] == "unknown"
     calls = gh.fake.since(mark)
     # who may act is asked before anything is said
-    assert pairs(calls) == [("GET", f"{R}/collaborators/alice/permission"), ("POST", f"{R}/issues/1/comments")]
+    assert pairs(calls) == [
+        ("GET", f"{R}/collaborators/alice/permission"),
+        ("POST", f"{R}/issues/1/comments"),
+    ]
     body = calls[1].body["body"]
     assert "`/paln` is not a DeksdenFlow command" in body and "Did you mean `/plan`?" in body
     assert gh.call(_run_count, gh) == 0
@@ -226,7 +250,12 @@ def test_same_ci_failure_twice_blocks_for_a_human(gh: GitHubLoop) -> None:
     executed(gh)
     # give step 01 a CI loop so the first failure re-runs it (without one it blocks at once)
     spec = gh.run().run.template_config
-    spec["steps"][0]["loop"] = {"max_iterations": 3, "back_to": 1, "skip_steps": [], "on": "ci_fail"}
+    spec["steps"][0]["loop"] = {
+        "max_iterations": 3,
+        "back_to": 1,
+        "skip_steps": [],
+        "on": "ci_fail",
+    }
     gh.update_run(template_config=spec)
     first = gh.run().run.head_sha
     gh.ci_suite("failure", name="tests")
@@ -268,7 +297,10 @@ def test_check_run_buttons_drive_the_protocol(
 ) -> None:
     executed(gh)
     if identifier != "run-qa":  # the other buttons sit on a finished QA check (and green CI)
-        gh.deliver("check_run", gh.check_run_action("deksdenflow/step-01", PROTOCOL, gh.run().run.head_sha, "run-qa"))
+        gh.deliver(
+            "check_run",
+            gh.check_run_action("deksdenflow/step-01", PROTOCOL, gh.run().run.head_sha, "run-qa"),
+        )
         gh.ci_green()
     head = gh.run().run.head_sha
     mark = gh.fake.mark()
@@ -326,7 +358,9 @@ def test_secondary_rate_limit_waits_retry_after_then_retries(
         "POST",
         rf"{R}/issues/comments/\d+/reactions",
         403,
-        {"message": "You have exceeded a secondary rate limit. Please wait a few minutes before you try again."},
+        {
+            "message": "You have exceeded a secondary rate limit. Please wait a few minutes before you try again."
+        },
         **{"retry-after": "7"},
     )
     mark = gh.fake.mark()
@@ -345,7 +379,9 @@ def test_bad_gateway_is_retried_with_backoff(
 ) -> None:
     gh = loop_factory()
     gh.deliver("installation", gh.installation_created())
-    gh.fake.fail_next("GET", rf"{R}/collaborators/alice/permission", 502, {"message": "Bad Gateway"})
+    gh.fake.fail_next(
+        "GET", rf"{R}/collaborators/alice/permission", 502, {"message": "Bad Gateway"}
+    )
     mark = gh.fake.mark()
     out = gh.deliver("issue_comment", gh.comment("/status", comment_id=5300))
     assert out["outcome"]["handled"][-1] == {"command": "status", "result": "no-protocol"}

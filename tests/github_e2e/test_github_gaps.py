@@ -249,7 +249,9 @@ def check_suite(gh: GitHubLoop, sha: str | None, app_id: int = 15368) -> dict[st
     payload = gh._repo(sample("check_suite_completed"))
     payload["check_suite"] = {
         **payload["check_suite"],
-        "id": next(_SUITE_IDS),  # each delivery is another suite (one version of one suite is a replay)
+        "id": next(
+            _SUITE_IDS
+        ),  # each delivery is another suite (one version of one suite is a replay)
         "head_branch": PROTOCOL,
         "head_sha": sha,
         "status": "completed",
@@ -452,7 +454,11 @@ def test_setup_callback_converts_stores_0600_and_uses_the_new_secret(
 
     # sealed in the database, where workers read it; nothing in clear on disk or in the row
     (row,) = _stored_rows(gh)
-    assert row.startswith("fernet:") and "brand-new-webhook-secret" not in row and "PRIVATE KEY" not in row
+    assert (
+        row.startswith("fernet:")
+        and "brand-new-webhook-secret" not in row
+        and "PRIVATE KEY" not in row
+    )
     db = gh.state.db
     assert db is not None
 
@@ -499,7 +505,13 @@ def test_git_url_must_be_the_forges_own_clone_url(gh: GitHubLoop) -> None:
     assert project is not None
     auth = {"Authorization": f"Bearer {API_TOKEN}"}
     gh.fake.clone_url = f"https://github.com/{FULL_NAME}.git"
-    other = gh.client.patch(f"/api/projects/{project.id}", headers=auth, json={"git_url": "https://github.com/evil/fork.git"})
+    other = gh.client.patch(
+        f"/api/projects/{project.id}",
+        headers=auth,
+        json={"git_url": "https://github.com/evil/fork.git"},
+    )
     assert other.status_code == 422 and "clone URL" in other.text
-    same = gh.client.patch(f"/api/projects/{project.id}", headers=auth, json={"git_url": gh.fake.clone_url})
+    same = gh.client.patch(
+        f"/api/projects/{project.id}", headers=auth, json={"git_url": gh.fake.clone_url}
+    )
     assert same.status_code == 200 and same.json()["git_url"] == gh.fake.clone_url

@@ -22,11 +22,18 @@ TWO_ROOTS: list[list[int] | None] = [None, []]  # 01 and 02 depend on nothing: s
 
 def graph_loop(tmp_path: Path, loop_factory: Callable[..., GitHubLoop]) -> GitHubLoop:
     steps = {
-        f"part-{i}": {"message": f"part {i}", "files": [{"path": f"part{i}.txt", "content": f"part {i}\n"}]}
+        f"part-{i}": {
+            "message": f"part {i}",
+            "files": [{"path": f"part{i}.txt", "content": f"part {i}\n"}],
+        }
         for i in (1, 2)
     }
     script = tmp_path / "graph.yml"
-    script.write_text(yaml.safe_dump(scripted_script(planning=graph_planning(TWO_ROOTS, qa="full"), execute={"steps": steps})))
+    script.write_text(
+        yaml.safe_dump(
+            scripted_script(planning=graph_planning(TWO_ROOTS, qa="full"), execute={"steps": steps})
+        )
+    )
     return loop_factory(default_settings=True, scripted_script=script)
 
 
@@ -78,7 +85,10 @@ def test_two_independent_steps_are_gated_by_ci_on_their_branches_and_merged(
     assert out["outcome"]["handled"][-1]["outcome"] == "blocked", out
     state = gh.run()
     assert state.run.status == "blocked"
-    assert "CI failed on the protocol branch after the steps were merged (tests" in state.run.runtime_state["message"]
+    assert (
+        "CI failed on the protocol branch after the steps were merged (tests"
+        in state.run.runtime_state["message"]
+    )
     out = workflow(gh, name, head, "success")
     assert out["outcome"]["handled"][-1]["outcome"] == "complete", out
     assert gh.run().run.status == "completed"

@@ -47,7 +47,9 @@ def statuses(gh: GitHubLoop) -> list[str]:
     return [s.status for s in gh.run().steps]
 
 
-def line_comment(cid: int, path: str, line: int, body: str, *, user: str = "alice", review_id: int = 700) -> dict[str, Any]:
+def line_comment(
+    cid: int, path: str, line: int, body: str, *, user: str = "alice", review_id: int = 700
+) -> dict[str, Any]:
     """A review comment as GitHub's API and webhooks show it (recorded shape, our values)."""
     return {
         "id": cid, "pull_request_review_id": review_id, "path": path, "line": line, "original_line": line,
@@ -57,7 +59,9 @@ def line_comment(cid: int, path: str, line: int, body: str, *, user: str = "alic
     }  # fmt: skip
 
 
-def review(gh: GitHubLoop, state: str, *, user: str = "alice", review_id: int = 700, body: str = "") -> dict[str, Any]:
+def review(
+    gh: GitHubLoop, state: str, *, user: str = "alice", review_id: int = 700, body: str = ""
+) -> dict[str, Any]:
     payload = gh._repo(
         {
             "action": "submitted",
@@ -75,7 +79,9 @@ def review(gh: GitHubLoop, state: str, *, user: str = "alice", review_id: int = 
 
 
 def comment_event(gh: GitHubLoop, comment: dict[str, Any]) -> dict[str, Any]:
-    payload = gh._repo({"action": "created", "comment": {**comment, "updated_at": "2026-11-30T10:00:00Z"}})
+    payload = gh._repo(
+        {"action": "created", "comment": {**comment, "updated_at": "2026-11-30T10:00:00Z"}}
+    )
     payload["pull_request"] = {"number": PR}
     payload["sender"] = comment["user"]
     return payload
@@ -112,9 +118,20 @@ def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
     # requests changes wait for it; a read-only user's comment on the same PR arrives too
     out = gh.deliver("pull_request_review_comment", comment_event(gh, comments[0]))
     assert {"review": "taken with its review", "review_id": 700} in out["outcome"]["handled"]
-    out = gh.deliver("pull_request_review_comment", comment_event(gh, line_comment(9003, "TASK.md", 1, "Delete all", user="mallory", review_id=701)))
-    assert {"review_comment": 9003, "ignored": "author lacks write access"} in out["outcome"]["handled"]
-    out = gh.deliver("pull_request_review", review(gh, "changes_requested", body="Two things, see the lines."), timeout=60)
+    out = gh.deliver(
+        "pull_request_review_comment",
+        comment_event(
+            gh, line_comment(9003, "TASK.md", 1, "Delete all", user="mallory", review_id=701)
+        ),
+    )
+    assert {"review_comment": 9003, "ignored": "author lacks write access"} in out["outcome"][
+        "handled"
+    ]
+    out = gh.deliver(
+        "pull_request_review",
+        review(gh, "changes_requested", body="Two things, see the lines."),
+        timeout=60,
+    )
     assert out["status"] == "processed", out
     gh.wait_idle(timeout=60)
 
@@ -144,13 +161,23 @@ def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
     assert [r["in_reply_to_id"] for r in replies] == [9001, 9002]
     assert all(f"`{sha[:12]}`" in r["body"] for r in replies)
     # the review's own text had no thread: one answer on the PR names it
-    answers = [c["body"] for c in gh.fake.comments.values() if c["issue"] == PR and "Addressed in" in c["body"]]
-    assert answers == [f"Addressed in `{sha[:12]}` (step 03, the fix for this review): the review of @alice."]
+    answers = [
+        c["body"]
+        for c in gh.fake.comments.values()
+        if c["issue"] == PR and "Addressed in" in c["body"]
+    ]
+    assert answers == [
+        f"Addressed in `{sha[:12]}` (step 03, the fix for this review): the review of @alice."
+    ]
     assert gh.events("review.fix-step")
     # and resolved the threads it answered: found through GraphQL reviewThreads by comment id
     assert gh.fake.resolved_threads == {"PRRT_fake9001", "PRRT_fake9002"}
     asked = [c for c in gh.fake.requests("POST", "/graphql") if "reviewThreads" in c.body["query"]]
-    assert len(asked) == 1 and asked[0].body["variables"] == {"owner": FULL_NAME.split("/")[0], "name": FULL_NAME.split("/")[1], "number": PR}
+    assert len(asked) == 1 and asked[0].body["variables"] == {
+        "owner": FULL_NAME.split("/")[0],
+        "name": FULL_NAME.split("/")[1],
+        "number": PR,
+    }
     assert "first: 100" in asked[0].body["query"] and "databaseId" in asked[0].body["query"]
     assert [e.message for e in gh.events("review.resolved")] == ["resolved 2 review thread(s)"]
 
@@ -160,7 +187,9 @@ def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
 
     # a second review of the same comments (a re-delivery, the bot's own replies) adds nothing
     gh.deliver("pull_request_review", review(gh, "changes_requested", review_id=700), timeout=60)
-    bot_reply = line_comment(9100, "TASK.md", 2, replies[0]["body"], user="deksdenflow[bot]", review_id=799)
+    bot_reply = line_comment(
+        9100, "TASK.md", 2, replies[0]["body"], user="deksdenflow[bot]", review_id=799
+    )
     bot_reply["user"]["type"] = "Bot"
     gh.deliver("pull_request_review_comment", comment_event(gh, bot_reply), timeout=60)
     gh.wait_idle(timeout=60)
@@ -170,10 +199,16 @@ def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
 def test_read_only_reviewer_changes_nothing(gh: GitHubLoop) -> None:
     auto_to_completion(gh)
     gh.fake.permissions["mallory"] = "read"
-    gh.fake.review_comments[800] = [line_comment(9201, "TASK.md", 1, "Delete everything", user="mallory", review_id=800)]
-    out = gh.deliver("pull_request_review", review(gh, "changes_requested", user="mallory", review_id=800))
+    gh.fake.review_comments[800] = [
+        line_comment(9201, "TASK.md", 1, "Delete everything", user="mallory", review_id=800)
+    ]
+    out = gh.deliver(
+        "pull_request_review", review(gh, "changes_requested", user="mallory", review_id=800)
+    )
     assert {"review": "nothing that counts"} in out["outcome"]["handled"]
-    assert {"review_comment": 9201, "ignored": "author lacks write access"} in out["outcome"]["handled"]
+    assert {"review_comment": 9201, "ignored": "author lacks write access"} in out["outcome"][
+        "handled"
+    ]
     gh.wait_idle()
     assert len(gh.run().steps) == 2 and gh.run().run.status == "completed"
     assert gh.fake.review_replies == []
@@ -187,7 +222,9 @@ def test_approving_review_approves_the_plan(gh: GitHubLoop) -> None:
     gh.fake.permissions["mallory"] = "read"
     out = gh.deliver("pull_request_review", review(gh, "approved", user="mallory", review_id=901))
     assert not gh.run().run.approved
-    assert {"review": "approval by someone who may not approve", "author": "mallory"} in out["outcome"]["handled"]
+    assert {"review": "approval by someone who may not approve", "author": "mallory"} in out[
+        "outcome"
+    ]["handled"]
     # a writer's approving review is /approve
     out = gh.deliver("pull_request_review", review(gh, "approved", review_id=902))
     assert gh.run().run.approved
@@ -206,13 +243,21 @@ def test_mention_works_like_a_slash_command(gh: GitHubLoop) -> None:
 
 def test_review_comment_sample_shape_is_accepted(gh: GitHubLoop) -> None:
     """A line comment on a PR that is no protocol's is read and ignored cleanly."""
-    payload = gh._repo({"action": "created", "comment": line_comment(1, "a", 1, "x"), "pull_request": {"number": 55}})
+    payload = gh._repo(
+        {
+            "action": "created",
+            "comment": line_comment(1, "a", 1, "x"),
+            "pull_request": {"number": 55},
+        }
+    )
     out = gh.deliver("pull_request_review_comment", payload)
     assert out["status"] == "processed"
     assert {"ignored": "not the pull/merge request of a protocol"} in out["outcome"]["handled"]
 
 
-def test_plan_on_an_existing_pull_request_works_on_its_branch(gh: GitHubLoop, tmp_path: Path) -> None:
+def test_plan_on_an_existing_pull_request_works_on_its_branch(
+    gh: GitHubLoop, tmp_path: Path
+) -> None:
     """`/plan` on a PR someone opened: the plan and the steps go to that PR's branch, the PR is
     the protocol's, and later commands on it find the protocol (no second PR is opened)."""
     gh.deliver("installation", gh.installation_created())
@@ -233,11 +278,17 @@ def test_plan_on_an_existing_pull_request_works_on_its_branch(gh: GitHubLoop, tm
     out = gh.deliver("issue_comment", pull_comment(gh, "/plan finish feature x", 55, 7001))
     assert out["outcome"]["handled"][-1]["result"].startswith("planning 0001-")
     state = gh.run()
-    assert state.run.status == "planned" and state.run.pr_number == 55 and state.run.issue_number is None
+    assert (
+        state.run.status == "planned"
+        and state.run.pr_number == 55
+        and state.run.issue_number is None
+    )
     assert state.run.runtime_state["branch"] == "feature-x"
     assert list(gh.fake.pulls) == [55] and gh.fake.pulls[55]["body"] == "A human's PR."  # untouched
     log = git("log", "--format=%s", "feature-x", cwd=gh.origin)
-    assert "start feature x" in log and "[protocol-0001/00]" in log  # the plan is on the PR's branch
+    assert (
+        "start feature x" in log and "[protocol-0001/00]" in log
+    )  # the plan is on the PR's branch
 
     gh.deliver("issue_comment", pull_comment(gh, "/approve", 55, 7002))
     assert gh.run().run.approved
@@ -245,7 +296,10 @@ def test_plan_on_an_existing_pull_request_works_on_its_branch(gh: GitHubLoop, tm
     step = gh.run().step(1)
     assert step.status == "needs_qa"  # executed and pushed; QA passed, CI is next
     assert git("rev-parse", "feature-x", cwd=gh.origin).strip() == gh.run().run.head_sha
-    assert not any(r.startswith(f"refs/heads/{state.run.protocol_name}") for r in git("for-each-ref", "--format=%(refname)", cwd=gh.origin).split())
+    assert not any(
+        r.startswith(f"refs/heads/{state.run.protocol_name}")
+        for r in git("for-each-ref", "--format=%(refname)", cwd=gh.origin).split()
+    )
     # CI on the PR's branch reaches the protocol planned on it
     gh.ci_suite("success")
     out = gh.deliver("workflow_run", gh.workflow_run("feature-x", step.runtime_state["commit_sha"]))
@@ -256,12 +310,16 @@ def test_plan_on_an_existing_pull_request_works_on_its_branch(gh: GitHubLoop, tm
 
 
 def test_ready_for_review_failure_is_said_not_fatal(gh: GitHubLoop) -> None:
-    gh.fake.fail_next("POST", r"/graphql", 403, {"message": "Resource not accessible by integration"})
+    gh.fake.fail_next(
+        "POST", r"/graphql", 403, {"message": "Resource not accessible by integration"}
+    )
     auto_to_completion(gh)
     assert gh.run().run.status == "completed"  # the work is done either way
     assert gh.fake.pulls[PR]["draft"] is True
     assert "could not be marked ready" in gh.fake.comments[1002]["body"]
-    assert [e.message for e in gh.events("feedback.failed")] == ["ready for review: GitHubHTTPError"]
+    assert [e.message for e in gh.events("feedback.failed")] == [
+        "ready for review: GitHubHTTPError"
+    ]
 
 
 def test_review_on_a_cancelled_protocol_adds_nothing(gh: GitHubLoop) -> None:
@@ -273,25 +331,39 @@ def test_review_on_a_cancelled_protocol_adds_nothing(gh: GitHubLoop) -> None:
     gh.wait_idle()
     state = gh.run()
     assert state.run.status == "cancelled" and len(state.steps) == 2
-    assert [e.message for e in gh.events("review.ignored")] == ["review feedback on a cancelled protocol"]
+    assert [e.message for e in gh.events("review.ignored")] == [
+        "review feedback on a cancelled protocol"
+    ]
 
 
-def test_mention_on_the_pr_is_feedback_after_the_quiet_window(gh: GitHubLoop, prompts: list[EngineRequest]) -> None:
+def test_mention_on_the_pr_is_feedback_after_the_quiet_window(
+    gh: GitHubLoop, prompts: list[EngineRequest]
+) -> None:
     auto_to_completion(gh)
-    gh.deliver("issue_comment", pull_comment(gh, "@deksdenflow please add a docstring to greet", PR, 7101), timeout=60)
+    gh.deliver(
+        "issue_comment",
+        pull_comment(gh, "@deksdenflow please add a docstring to greet", PR, 7101),
+        timeout=60,
+    )
     gh.deliver("issue_comment", pull_comment(gh, "Nice work, everyone", PR, 7102))  # names nobody
     gh.wait_idle(timeout=60)
     state = gh.run()
     assert len(state.steps) == 3
     assert [c["comment_id"] for c in state.step(3).runtime_state["review"]] == [7101]
-    prompt = next(r.prompt for r in prompts if r.phase == "execute" and r.context.get("step_index") == 3)
+    prompt = next(
+        r.prompt for r in prompts if r.phase == "execute" and r.context.get("step_index") == 3
+    )
     assert "please add a docstring to greet" in prompt and "the pull request as a whole" in prompt
     assert "Nice work" not in prompt
     assert gh.fake.review_replies == []  # no thread: the answer is a PR comment
-    assert any("the comment of @alice" in c["body"] for c in gh.fake.comments.values() if c["issue"] == PR)
+    assert any(
+        "the comment of @alice" in c["body"] for c in gh.fake.comments.values() if c["issue"] == PR
+    )
 
 
-def test_review_while_a_step_runs_waits_for_it(gh: GitHubLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_review_while_a_step_runs_waits_for_it(
+    gh: GitHubLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The fix step needs the protocol's branch: a review that comes while a step's engine runs
     is kept and appended once the step is done, nothing lost and nothing run twice."""
     release = threading.Event()
@@ -332,13 +404,18 @@ async def _job_busy(gh: GitHubLoop) -> bool:
     return bool(keys)
 
 
-def test_line_comments_of_a_commented_review_make_one_step(gh: GitHubLoop, prompts: list[EngineRequest]) -> None:
+def test_line_comments_of_a_commented_review_make_one_step(
+    gh: GitHubLoop, prompts: list[EngineRequest]
+) -> None:
     """A review in state `commented` does not request changes, but its line comments (each its
     own delivery) are feedback: those within the quiet window make one step."""
     auto_to_completion(gh)
     gh.fake.review_states[730] = "COMMENTED"
     for cid, line in ((9501, 1), (9502, 2)):
-        gh.post("pull_request_review_comment", comment_event(gh, line_comment(cid, "TASK.md", line, f"nit {cid}", review_id=730)))
+        gh.post(
+            "pull_request_review_comment",
+            comment_event(gh, line_comment(cid, "TASK.md", line, f"nit {cid}", review_id=730)),
+        )
     gh.post("pull_request_review", review(gh, "commented", review_id=730))
     gh.wait_idle(timeout=60)
     state = gh.run()
@@ -356,12 +433,16 @@ def request_changes(gh: GitHubLoop, review_id: int = 740) -> list[dict[str, Any]
     ]
     gh.fake.review_comments[review_id] = comments
     gh.fake.review_states[review_id] = "CHANGES_REQUESTED"
-    gh.deliver("pull_request_review", review(gh, "changes_requested", review_id=review_id), timeout=60)
+    gh.deliver(
+        "pull_request_review", review(gh, "changes_requested", review_id=review_id), timeout=60
+    )
     gh.wait_idle(timeout=60)
     return comments
 
 
-def test_review_comments_reach_every_attempt_of_the_fix_step(gh: GitHubLoop, prompts: list[EngineRequest]) -> None:
+def test_review_comments_reach_every_attempt_of_the_fix_step(
+    gh: GitHubLoop, prompts: list[EngineRequest]
+) -> None:
     """The comments are a typed feedback item: an automatic fix attempt after red CI and a
     human's `/retry` of the fix step both carry them, next to the CI evidence and the guidance."""
     from tests.github_e2e.test_github_fix_loop import executes, red_ci
@@ -372,14 +453,19 @@ def test_review_comments_reach_every_attempt_of_the_fix_step(gh: GitHubLoop, pro
     assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "retry"}
     out = red_ci(gh, gh.run().step(3).runtime_state["commit_sha"], got=5)
     assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "block"}
-    gh.deliver("issue_comment", pull_comment(gh, "/retry 3 keep the greeting short", PR, 7201), timeout=60)
+    gh.deliver(
+        "issue_comment", pull_comment(gh, "/retry 3 keep the greeting short", PR, 7201), timeout=60
+    )
     attempts = executes(prompts, 3)
     assert len(attempts) == 3
     for n, prompt in enumerate(attempts):
         section = prompt.split("Review comments this step addresses", 1)[1]
         assert "Greet with a comma" in section and "Name the issue" in section, n
     assert "AssertionError: expected 3, got 4" in attempts[1]
-    assert "AssertionError: expected 3, got 5" in attempts[2] and "keep the greeting short" in attempts[2]
+    assert (
+        "AssertionError: expected 3, got 5" in attempts[2]
+        and "keep the greeting short" in attempts[2]
+    )
     kinds = [i["kind"] for i in gh.run().step(3).runtime_state["feedback"]]
     assert sorted(kinds) == ["ci_failure", "guidance", "review"]
 
@@ -387,8 +473,12 @@ def test_review_comments_reach_every_attempt_of_the_fix_step(gh: GitHubLoop, pro
 def test_resolving_threads_is_best_effort(gh: GitHubLoop) -> None:
     """GitHub refuses the thread query: the replies stand, the step goes on, an event says so."""
     auto_to_completion(gh)
-    gh.fake.fail_next("POST", r"/graphql", 403, {"message": "Resource not accessible by integration"})
-    gh.fake.review_comments[750] = [line_comment(9701, "TASK.md", 1, "Shorter, please", review_id=750)]
+    gh.fake.fail_next(
+        "POST", r"/graphql", 403, {"message": "Resource not accessible by integration"}
+    )
+    gh.fake.review_comments[750] = [
+        line_comment(9701, "TASK.md", 1, "Shorter, please", review_id=750)
+    ]
     gh.fake.review_states[750] = "CHANGES_REQUESTED"
     gh.deliver("pull_request_review", review(gh, "changes_requested", review_id=750), timeout=60)
     gh.wait_idle(timeout=60)
@@ -396,7 +486,9 @@ def test_resolving_threads_is_best_effort(gh: GitHubLoop) -> None:
     assert step.status == "needs_qa" and step.runtime_state["review_replied"] == ["9701"]
     assert [r["in_reply_to_id"] for r in gh.fake.review_replies] == [9701]
     assert gh.fake.resolved_threads == set()
-    assert [e.message for e in gh.events("feedback.failed")] == ["resolve review threads: GitHubHTTPError"]
+    assert [e.message for e in gh.events("feedback.failed")] == [
+        "resolve review threads: GitHubHTTPError"
+    ]
     assert step.runtime_state["review_resolved"] == ["9701"]  # tried once, not on every re-run
 
 
@@ -463,7 +555,9 @@ async def _due(gh: GitHubLoop) -> set[str]:
     from bot.jobs.review import REPLIES_DUE_KEY
 
     redis: Any = gh.state.redis
-    return {m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(REPLIES_DUE_KEY)}
+    return {
+        m.decode() if isinstance(m, bytes) else m for m in await redis.smembers(REPLIES_DUE_KEY)
+    }
 
 
 def test_worker_dying_right_after_the_push_answers_when_the_job_runs_again(
@@ -522,7 +616,10 @@ def test_worker_dying_between_a_reply_and_its_record_does_not_reply_twice(
     assert kills == ["after_review_post"]
     step = gh.run().step(3)
     assert [r["in_reply_to_id"] for r in gh.fake.review_replies] == [9602]
-    assert step.runtime_state["review_replying"] == ["9602"] and "review_replied" not in step.runtime_state
+    assert (
+        step.runtime_state["review_replying"] == ["9602"]
+        and "review_replied" not in step.runtime_state
+    )
 
     reclaim_held[0] = False
     assert gh.call(reclaim_expired, worker_ctx) == 1

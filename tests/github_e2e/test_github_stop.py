@@ -79,7 +79,11 @@ def test_cancel_during_a_long_engine_step_kills_it_and_pushes_nothing(
     assert gh.events("step.error") == []
     assert job_failures(gh) == []  # every job (the execute job too) ended without a traceback
     # the status comment (on the issue, and its copy on the PR) says who cancelled
-    status = {c["issue"]: c["body"] for c in gh.fake.comments.values() if "deksdenflow:status" in c["body"]}
+    status = {
+        c["issue"]: c["body"]
+        for c in gh.fake.comments.values()
+        if "deksdenflow:status" in c["body"]
+    }
     assert 1 in status and all("cancelled by @alice" in body for body in status.values()), status
 
 
@@ -146,7 +150,9 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
         tmp_path / "slow.yml",
         scripted_script(
             planning=one_step_planning(),
-            execute={"default": {"delay_s": 300, "files": [{"path": "GREETING.md", "content": "hi\n"}]}},
+            execute={
+                "default": {"delay_s": 300, "files": [{"path": "GREETING.md", "content": "hi\n"}]}
+            },
         ),
     )
     fast = write_script(tmp_path / "fast.yml", scripted_script(planning=one_step_planning()))
@@ -163,14 +169,24 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
         "DEKSDENFLOW_LOG_LEVEL": "INFO",
         **LEASE,
     }
-    a_env = {**common, "DEKSDENFLOW_DATA_DIR": str(tmp_path / "a"), "DEKSDENFLOW_SCRIPTED_SCRIPT": str(slow)}
-    b_env = {**common, "DEKSDENFLOW_DATA_DIR": str(tmp_path / "b"), "DEKSDENFLOW_SCRIPTED_SCRIPT": str(fast)}
+    a_env = {
+        **common,
+        "DEKSDENFLOW_DATA_DIR": str(tmp_path / "a"),
+        "DEKSDENFLOW_SCRIPTED_SCRIPT": str(slow),
+    }
+    b_env = {
+        **common,
+        "DEKSDENFLOW_DATA_DIR": str(tmp_path / "b"),
+        "DEKSDENFLOW_SCRIPTED_SCRIPT": str(fast),
+    }
     with worker_process(tmp_path, "worker-a", a_env) as (worker_a, log_a):
         gh.deliver("installation", gh.installation_created(), timeout=60)
         gh.deliver("issue_comment", gh.comment("/plan"), timeout=60)
         gh.deliver("issue_comment", gh.comment("/approve"), timeout=60)
         gh.post("issue_comment", gh.comment("/run-step"))
-        wait_for(lambda: gh.run().step(1).status == "running", 60, "step 01 running on worker A", log_a)
+        wait_for(
+            lambda: gh.run().step(1).status == "running", 60, "step 01 running on worker A", log_a
+        )
         time.sleep(0.5)  # inside the engine's five-minute turn now
         kill(worker_a)
     assert step_commits(gh.origin, 1) == []  # A died before it committed anything
@@ -178,7 +194,10 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
     with worker_process(tmp_path, "worker-b", b_env) as (_worker_b, log_b):
         # B's reclaim cron finds the step without a live lease and runs it again
         wait_for(
-            lambda: gh.run().step(1).runtime_state.get("qa_verdict") == "PASS", 120, "step 01 done on B", log_b
+            lambda: gh.run().step(1).runtime_state.get("qa_verdict") == "PASS",
+            120,
+            "step 01 done on B",
+            log_b,
         )
         assert time.monotonic() - killed < 120
         state = gh.run()
@@ -186,7 +205,9 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
         # (not gh.ci_green: its idle wait counts queued jobs, and the dead worker's execute job
         # stays in arq's queue, held by its in-progress key for the job timeout)
         gh.ci_suite("success")
-        gh.post("workflow_run", gh.workflow_run(PROTOCOL, state.step(1).runtime_state["commit_sha"]))
+        gh.post(
+            "workflow_run", gh.workflow_run(PROTOCOL, state.step(1).runtime_state["commit_sha"])
+        )
         wait_for(lambda: gh.run().run.status == "completed", 60, "protocol completed", log_b)
     assert step_commits(gh.origin, 1) == ["feat(add): Add a greeting module [protocol-0001/01]"]
     # B took the step back: by the reclaim cron (the lease expired), or by arq itself, whose

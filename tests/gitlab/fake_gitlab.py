@@ -581,8 +581,16 @@ class FakeGitLab:
             ("POST", pid + r"/merge_requests", self._post_mr),
             ("GET", pid + r"/merge_requests/(?P<iid>\d+)", self._get_mr),
             ("PUT", pid + r"/merge_requests/(?P<iid>\d+)", self._put_mr),
-            ("POST", pid + r"/merge_requests/(?P<iid>\d+)/discussions/(?P<did>[^/]+)/notes", self._post_discussion_note),
-            ("PUT", pid + r"/merge_requests/(?P<iid>\d+)/discussions/(?P<did>[^/]+)", self._put_discussion),
+            (
+                "POST",
+                pid + r"/merge_requests/(?P<iid>\d+)/discussions/(?P<did>[^/]+)/notes",
+                self._post_discussion_note,
+            ),
+            (
+                "PUT",
+                pid + r"/merge_requests/(?P<iid>\d+)/discussions/(?P<did>[^/]+)",
+                self._put_discussion,
+            ),
             ("GET", pid + r"/repository/commits/(?P<sha>[0-9a-fA-F]+)", self._get_commit),
             ("GET", pid + r"/pipelines", self._list_pipelines),
             ("GET", pid + r"/pipelines/(?P<plid>\d+)/jobs", self._pipeline_jobs),
@@ -747,7 +755,9 @@ class FakeGitLab:
 
     def _post_discussion_note(self, call: _Call) -> Any:
         pid, iid, did = self._discussion(call)
-        note = self._create_note(pid, "merge_requests", iid, _require(call.body, "body"), call.user, False)
+        note = self._create_note(
+            pid, "merge_requests", iid, _require(call.body, "body"), call.user, False
+        )
         note["discussion_id"] = did
         return dict(note)
 
@@ -889,7 +899,12 @@ class FakeGitLab:
     def _token_self(self, call: _Call) -> Any:
         token = next(t for t, uid in self.state.tokens.items() if uid == call.user["id"])
         default = {"name": "deksdenflow", "scopes": ["api"], "active": True, "revoked": False}
-        return {"id": call.user["id"], "expires_at": None, **default, **self.state.token_info.get(token, {})}
+        return {
+            "id": call.user["id"],
+            "expires_at": None,
+            **default,
+            **self.state.token_info.get(token, {}),
+        }
 
     def _group(self, raw_id: str) -> dict[str, Any]:
         key = unquote(raw_id)
@@ -990,9 +1005,13 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items()}
         status, extra, payload = self.owner.handle(self.command, self.path, headers, raw)
         text = isinstance(payload, RawText)
-        data = b"" if payload is None else payload.encode() if text else json.dumps(payload).encode()
+        data = (
+            b"" if payload is None else payload.encode() if text else json.dumps(payload).encode()
+        )
         self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8" if text else "application/json")
+        self.send_header(
+            "Content-Type", "text/plain; charset=utf-8" if text else "application/json"
+        )
         for key, value in extra.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(data)))

@@ -23,8 +23,6 @@ PROJECT_ID = 7
 PROJECT_PATH = "acme/widgets"
 
 
-
-
 class RepoBackedGitLab(FakeGitLab):
     """The fake GitLab, plus: commits pushed to a project's local bare origin exist on it.
 

@@ -37,21 +37,27 @@ def test_repeated_red_pipeline_is_one_decision_and_ci_then_gates(
     repeat = json.loads(json.dumps(red))
     repeat["object_attributes"]["id"] += 1
     again = world.send("Pipeline Hook", repeat)
-    assert {"ci": "failure", "outcome": "duplicate"} in world.delivery_result(again["id"])["handled"]
+    assert {"ci": "failure", "outcome": "duplicate"} in world.delivery_result(again["id"])[
+        "handled"
+    ]
     assert [e.event_type for e in world.events("ci.")] == ["ci.failure", "ci.duplicate"]
     assert rows(world.db_url, "SELECT ci_provider FROM projects")[0][0] == "gitlab-ci"
 
     # the repository has CI now: after /retry, QA passing is not enough …
     world.send("Note Hook", world.note("/retry 1"))
     world.wait(
-        lambda: json.loads(world.steps()[0].runtime_state).get("qa_passed_on") not in (None, step_sha),
+        lambda: (
+            json.loads(world.steps()[0].runtime_state).get("qa_passed_on") not in (None, step_sha)
+        ),
         "QA of the retried step",
     )
     world.wait_run("running", ["needs_qa", "pending"])
     new_sha = json.loads(world.steps()[0].runtime_state)["commit_sha"]
     assert new_sha != step_sha
     # … green CI on the step's commit completes it
-    green = world.send("Pipeline Hook", world.pipeline(new_sha, name, "success", [("test", "success")]))
+    green = world.send(
+        "Pipeline Hook", world.pipeline(new_sha, name, "success", [("test", "success")])
+    )
     assert {"ci": "success", "outcome": "complete"} in world.delivery_result(green["id"])["handled"]
     world.wait_run("running", ["completed", "pending"])
 

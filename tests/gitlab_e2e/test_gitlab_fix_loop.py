@@ -35,7 +35,9 @@ def prompts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[EngineRequest]]:
 
 
 def executes(prompts: list[EngineRequest], step: int) -> list[str]:
-    return [r.prompt for r in prompts if r.phase == "execute" and r.context.get("step_index") == step]
+    return [
+        r.prompt for r in prompts if r.phase == "execute" and r.context.get("step_index") == step
+    ]
 
 
 def step_state(world: World, index: int) -> dict[str, Any]:
@@ -56,7 +58,10 @@ def has_ci(world: World) -> None:
 def trace(got: int) -> str:
     """The recorded job trace failing with `expected 3, got <got>`, echoing our GitLab token."""
     raw = (SAMPLES / "gitlab_job_trace.log").read_bytes().decode("utf-8")
-    raw = raw.replace("rootdir: /builds/acme/widgets\n", f"rootdir: /builds/acme/widgets\nCI_JOB_TOKEN={DEFAULT_TOKEN}\n")
+    raw = raw.replace(
+        "rootdir: /builds/acme/widgets\n",
+        f"rootdir: /builds/acme/widgets\nCI_JOB_TOKEN={DEFAULT_TOKEN}\n",
+    )
     return raw.replace("got 4", f"got {got}")
 
 
@@ -72,16 +77,21 @@ def red_pipeline(world: World, sha: str, branch: str, got: int = 4) -> Any:
 
 
 def green_pipeline(world: World, sha: str, branch: str) -> Any:
-    answer = world.send("Pipeline Hook", world.pipeline(sha, branch, "success", [("test", "success")]))
+    answer = world.send(
+        "Pipeline Hook", world.pipeline(sha, branch, "success", [("test", "success")])
+    )
     return world.delivery_result(answer["id"])["handled"][-1]
 
 
 def step_waiting_for_ci(world: World, index: int, attempt: int) -> str:
     """Until step `index` ran its `attempt` (1-based), passed QA on it and waits for CI."""
     world.wait(
-        lambda: world.steps()[index - 1].retries == attempt - 1
-        and world.steps()[index - 1].status == "needs_qa"
-        and step_state(world, index).get("qa_passed_on") == step_state(world, index).get("commit_sha"),
+        lambda: (
+            world.steps()[index - 1].retries == attempt - 1
+            and world.steps()[index - 1].status == "needs_qa"
+            and step_state(world, index).get("qa_passed_on")
+            == step_state(world, index).get("commit_sha")
+        ),
         f"step {index} attempt {attempt} waiting for CI",
     )
     sha: str = step_state(world, index)["commit_sha"]
@@ -122,12 +132,19 @@ def test_red_pipeline_trace_reaches_the_next_attempt_and_the_fix_completes(
     assert DEFAULT_TOKEN not in prompt and "CI_JOB_TOKEN=[REDACTED" in prompt
     assert DEFAULT_TOKEN not in world.steps()[0].runtime_state
     # the attempt shows in the status note and in the step's commit status
-    assert "attempt 2/3: CI failed: test: E AssertionError: expected N, got N" in world.status_note()["body"]
+    assert (
+        "attempt 2/3: CI failed: test: E AssertionError: expected N, got N"
+        in world.status_note()["body"]
+    )
     assert any(
         name == "deksdenflow/step-01" and sha == second_sha
         for name, sha, _ in world.fake.statuses()
     )
-    descriptions = [s.get("description", "") for s in world.fake.state.statuses if s["name"] == "deksdenflow/step-01"]
+    descriptions = [
+        s.get("description", "")
+        for s in world.fake.state.statuses
+        if s["name"] == "deksdenflow/step-01"
+    ]
     assert any("(attempt 2/3)" in d for d in descriptions)
 
     assert green_pipeline(world, second_sha, branch) == {"ci": "success", "outcome": "complete"}
@@ -142,12 +159,21 @@ def test_the_same_failed_pipeline_twice_stops_and_asks_a_human(
     world_factory: Callable[..., World], prompts: list[EngineRequest]
 ) -> None:
     world, branch = started(world_factory)
-    assert red_pipeline(world, step_waiting_for_ci(world, 1, 1), branch, got=4)["outcome"] == "retry"
-    assert red_pipeline(world, step_waiting_for_ci(world, 1, 2), branch, got=7)["outcome"] == "block"
+    assert (
+        red_pipeline(world, step_waiting_for_ci(world, 1, 1), branch, got=4)["outcome"] == "retry"
+    )
+    assert (
+        red_pipeline(world, step_waiting_for_ci(world, 1, 2), branch, got=7)["outcome"] == "block"
+    )
     run = world.wait_run("blocked", ["failed", "pending"])
     message = json.loads(run.runtime_state)["message"]
     digest = json.loads(run.runtime_state)["ci_fingerprints"]["1"]
     assert "CI failed the same way twice on step 01" in message
-    assert "test: E AssertionError: expected N, got N" in message and f"fingerprint {digest}" in message
-    assert "needs a human" in message and "CI failed the same way twice" in world.status_note()["body"]
+    assert (
+        "test: E AssertionError: expected N, got N" in message
+        and f"fingerprint {digest}" in message
+    )
+    assert (
+        "needs a human" in message and "CI failed the same way twice" in world.status_note()["body"]
+    )
     assert len(executes(prompts, 1)) == 2

@@ -19,8 +19,12 @@ def opened_with(
     template = payload["labels"][0]
     found = [{**template, "id": 900 + i, "title": t} for i, t in enumerate(labels)]
     payload["object_attributes"].update(
-        iid=world.issue["iid"], title=world.issue["title"], description="Please greet",
-        action=action, labels=found, updated_at=updated_at,
+        iid=world.issue["iid"],
+        title=world.issue["title"],
+        description="Please greet",
+        action=action,
+        labels=found,
+        updated_at=updated_at,
     )
     payload["labels"] = found
     payload.pop("changes", None)
@@ -29,22 +33,28 @@ def opened_with(
 
 def test_issue_opened_with_the_plan_label_plans_once(world: World) -> None:
     answer = world.send("Issue Hook", opened_with(world, "bug", "deksdenflow:plan"))
-    assert {"label": "deksdenflow:plan", "result": "planning 0001-add-a-greeting"} in world.delivery_result(
-        answer["id"]
-    )["handled"]
+    assert {
+        "label": "deksdenflow:plan",
+        "result": "planning 0001-add-a-greeting",
+    } in world.delivery_result(answer["id"])["handled"]
     world.wait_run("planned", ["pending", "pending"])
     # an update of the issue (title edited) still carries the label: nothing happens
     # (GitLab moves updated_at on every change; the same one again would be a replay)
-    update = opened_with(world, "bug", "deksdenflow:plan", action="update", updated_at="2026-11-30 08:01:00 UTC")
+    update = opened_with(
+        world, "bug", "deksdenflow:plan", action="update", updated_at="2026-11-30 08:01:00 UTC"
+    )
     update["changes"] = {"title": {"previous": "x", "current": "Add a greeting"}}
     world.send("Issue Hook", update)
     # an update that (again) lists it as added, e.g. removed and re-added: still no second plan
-    again = opened_with(world, "bug", "deksdenflow:plan", action="update", updated_at="2026-11-30 08:02:00 UTC")
+    again = opened_with(
+        world, "bug", "deksdenflow:plan", action="update", updated_at="2026-11-30 08:02:00 UTC"
+    )
     again["changes"] = {"labels": {"previous": [], "current": again["labels"]}}
     out = world.send("Issue Hook", again)
-    assert {"label": "deksdenflow:plan", "result": "0001-add-a-greeting is already planned"} in world.delivery_result(
-        out["id"]
-    )["handled"]
+    assert {
+        "label": "deksdenflow:plan",
+        "result": "0001-add-a-greeting is already planned",
+    } in world.delivery_result(out["id"])["handled"]
     assert len(rows(world.db_url, "SELECT id FROM protocol_runs")) == 1
 
 

@@ -25,7 +25,10 @@ _PIPELINE_IDS = itertools.count(880_000)
 
 def graph_world(tmp_path: Path, world_factory: Callable[..., World]) -> World:
     steps = {
-        f"part-{i}": {"message": f"part {i}", "files": [{"path": f"part{i}.txt", "content": f"part {i}\n"}]}
+        f"part-{i}": {
+            "message": f"part {i}",
+            "files": [{"path": f"part{i}.txt", "content": f"part {i}\n"}],
+        }
         for i in (1, 2)
     }
     script = tmp_path / "graph.yml"
@@ -64,14 +67,21 @@ def test_two_independent_steps_are_gated_by_pipelines_on_their_branches_and_merg
     world.send("Note Hook", world.note("/run-step next"))
     run = world.wait_run("running", ["needs_qa", "needs_qa"])
     name = run.protocol_name
-    world.wait(lambda: all(json.loads(s.runtime_state).get("qa_verdict") == "PASS" for s in world.steps()), "both QAs")
+    world.wait(
+        lambda: all(json.loads(s.runtime_state).get("qa_verdict") == "PASS" for s in world.steps()),
+        "both QAs",
+    )
     shas = [json.loads(s.runtime_state)["commit_sha"] for s in world.steps()]
     assert {f"{name}--01", f"{name}--02"} <= set(origin_branches(world.origin))
 
-    assert {"ci": "success", "outcome": "complete"} in pipeline(world, f"{name}--01", shas[0], "success")
+    assert {"ci": "success", "outcome": "complete"} in pipeline(
+        world, f"{name}--01", shas[0], "success"
+    )
     world.wait_run("running", ["completed", "needs_qa"])
     assert origin_file(world.origin, name, "part1.txt") == "part 1\n"
-    assert {"ci": "success", "outcome": "complete"} in pipeline(world, f"{name}--02", shas[1], "success")
+    assert {"ci": "success", "outcome": "complete"} in pipeline(
+        world, f"{name}--02", shas[1], "success"
+    )
     world.wait_run("running", ["completed", "completed"])
     assert origin_file(world.origin, name, "part2.txt") == "part 2\n"
     assert [b for b in origin_branches(world.origin) if "--" in b] == []
@@ -80,6 +90,8 @@ def test_two_independent_steps_are_gated_by_pipelines_on_their_branches_and_merg
 
     assert {"ci": "failure", "outcome": "blocked"} in pipeline(world, name, head, "failed")
     world.wait_run("blocked")
-    assert "CI failed on the protocol branch after the steps were merged" in runtime(world)["message"]
+    assert (
+        "CI failed on the protocol branch after the steps were merged" in runtime(world)["message"]
+    )
     assert {"ci": "success", "outcome": "complete"} in pipeline(world, name, head, "success")
     world.wait_run("completed")

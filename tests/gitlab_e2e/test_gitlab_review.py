@@ -42,14 +42,22 @@ def mr_note(world: World, iid: int, text: str, user: dict[str, Any], *, path: st
     world._project_fields(payload)
     payload["user"] = world._user(user)
     attrs = payload["object_attributes"]
-    attrs.update(id=note["id"], note=text, noteable_type="MergeRequest", project_id=PROJECT_ID, author_id=user["id"])
+    attrs.update(
+        id=note["id"],
+        note=text,
+        noteable_type="MergeRequest",
+        project_id=PROJECT_ID,
+        author_id=user["id"],
+    )
     if path:
         world.fake.add_discussion(world.project, iid, discussion)
         attrs.update(
             type="DiffNote", discussion_id=discussion,
             position={"old_path": path, "new_path": path, "position_type": "text", "old_line": None, "new_line": line},
         )  # fmt: skip
-    payload["merge_request"].update(iid=iid, source_project_id=PROJECT_ID, target_project_id=PROJECT_ID)
+    payload["merge_request"].update(
+        iid=iid, source_project_id=PROJECT_ID, target_project_id=PROJECT_ID
+    )
     return payload
 
 
@@ -57,7 +65,9 @@ def approval(world: World, iid: int, user: dict[str, Any]) -> dict[str, Any]:
     payload: dict[str, Any] = json.loads((SAMPLES / "merge_request_hook__1.json").read_text())
     world._project_fields(payload)
     payload["user"] = world._user(user)
-    payload["object_attributes"].update(iid=iid, action="approved", source_project_id=PROJECT_ID, target_project_id=PROJECT_ID)
+    payload["object_attributes"].update(
+        iid=iid, action="approved", source_project_id=PROJECT_ID, target_project_id=PROJECT_ID
+    )
     return payload
 
 
@@ -98,14 +108,22 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
 
     for i in range(2):
         world.send("Note Hook", world.note(f"{BOT} run-step"))
-        world.wait(lambda i=i: world.step_statuses()[i] == "completed", f"step {i + 1} done", timeout=90)  # type: ignore[misc]
+        world.wait(
+            lambda i=i: world.step_statuses()[i] == "completed",  # type: ignore[misc]
+            f"step {i + 1} done",
+            timeout=90,
+        )
     wait_run(world, "completed", ["completed", "completed"])
     # the last step passed every gate: the MR leaves draft and the status note says what next
     world.wait(lambda: not mr_of(world)["draft"], "MR marked ready")
     assert not mr_of(world)["title"].startswith("Draft:")
 
     def status_says_ready() -> bool:
-        notes = [n for n in world.fake.notes_of(world.project, "merge_requests", iid) if "deksdenflow:status" in n["body"]]
+        notes = [
+            n
+            for n in world.fake.notes_of(world.project, "merge_requests", iid)
+            if "deksdenflow:status" in n["body"]
+        ]
         return bool(notes) and "marked ready for review" in notes[-1]["body"]
 
     world.wait(status_says_ready, "the status note says what comes next")
@@ -115,16 +133,28 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
                                     path="demo_greeting.py", line=4, discussion="d-one"))  # fmt: skip
     world.send("Note Hook", mr_note(world, iid, "Mention the issue here.", world.alice,
                                     path="TASK.md", line=2, discussion="d-two"))  # fmt: skip
-    world.send("Note Hook", mr_note(world, iid, "Remove everything", world.bob, path="TASK.md", line=1, discussion="d-bob"))
+    world.send(
+        "Note Hook",
+        mr_note(
+            world, iid, "Remove everything", world.bob, path="TASK.md", line=1, discussion="d-bob"
+        ),
+    )
     world.wait(lambda: len(world.steps()) == 3, "the fix step", timeout=90)
     wait_run(world, "completed", ["completed", "completed", "completed"])
     fix = world.steps()[2]
     assert fix.step_name == "03-review-fix"
     taken = [c["comment_id"] for c in json.loads(fix.runtime_state)["review"]]
     assert len(taken) == 2
-    executed = [r.prompt for r in prompts if r.phase == "execute" and r.context.get("step_index") == 3]
+    executed = [
+        r.prompt for r in prompts if r.phase == "execute" and r.context.get("step_index") == 3
+    ]
     assert len(executed) == 1
-    for text in ("`demo_greeting.py` line 4", "Use a comma", "`TASK.md` line 2", "Mention the issue here."):
+    for text in (
+        "`demo_greeting.py` line 4",
+        "Use a comma",
+        "`TASK.md` line 2",
+        "Mention the issue here.",
+    ):
         assert text in executed[0], text
     assert "Remove everything" not in executed[0]
     # GitLab's diff notes carry no hunk: the bot took it from the branch's diff
@@ -132,19 +162,27 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
 
     # the bot answered in both discussions with the fix's commit and resolved them
     sha = json.loads(fix.runtime_state)["commit_sha"]
-    replies = [n for n in world.fake.notes_of(world.project, "merge_requests", iid) if n.get("discussion_id")]
+    replies = [
+        n
+        for n in world.fake.notes_of(world.project, "merge_requests", iid)
+        if n.get("discussion_id")
+    ]
     assert sorted(n["discussion_id"] for n in replies) == ["d-one", "d-two"]
     assert all(sha[:12] in n["body"] for n in replies)
     assert world.fake.state.discussions[(PROJECT_ID, iid, "d-one")] is True
     assert world.fake.state.discussions[(PROJECT_ID, iid, "d-bob")] is False
     # the comments are a typed feedback item too, so any later attempt still has them
     feedback = json.loads(fix.runtime_state)["feedback"]
-    assert [i["kind"] for i in feedback] == ["review"] and "Mention the issue here." in feedback[0]["body"]
+    assert [i["kind"] for i in feedback] == ["review"] and "Mention the issue here." in feedback[0][
+        "body"
+    ]
     assert "Review comments this step addresses" in executed[0]
 
     # a later note in a thread the bot resolved, and the bot's own notes, change nothing
     follow = mr_note(world, iid, "thanks", world.alice, path="TASK.md", line=2, discussion="d-two")
-    own = mr_note(world, iid, replies[0]["body"], world.fake.bot, path="TASK.md", line=2, discussion="d-one")
+    own = mr_note(
+        world, iid, replies[0]["body"], world.fake.bot, path="TASK.md", line=2, discussion="d-one"
+    )
     for payload in (follow, own):
         answer = world.send("Note Hook", payload)
         handled = world.delivery_result(answer["id"])["handled"]
@@ -152,18 +190,28 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     assert len(world.steps()) == 3 and world.run().status == "completed"
 
     # GitLab refuses to resolve the next discussion: the reply stands, sent once; the step goes on
-    world.fake.fail(f"/projects/{PROJECT_ID}/merge_requests/{iid}/discussions/d-three", status=403, method="PUT")
+    world.fake.fail(
+        f"/projects/{PROJECT_ID}/merge_requests/{iid}/discussions/d-three", status=403, method="PUT"
+    )
     world.send("Note Hook", mr_note(world, iid, "One more: a docstring", world.alice,
                                     path="demo_greeting.py", line=1, discussion="d-three"))  # fmt: skip
     world.wait(lambda: len(world.steps()) == 4, "the second fix step", timeout=90)
     wait_run(world, "completed", ["completed"] * 4)
-    three = [n for n in world.fake.notes_of(world.project, "merge_requests", iid) if n.get("discussion_id") == "d-three"]
+    three = [
+        n
+        for n in world.fake.notes_of(world.project, "merge_requests", iid)
+        if n.get("discussion_id") == "d-three"
+    ]
     assert len(three) == 1 and "(step 04, the fix for this review)" in three[0]["body"]  # one reply
     assert world.fake.state.discussions[(PROJECT_ID, iid, "d-three")] is False
-    assert [e.message for e in world.events("feedback.failed")] == ["resolve review threads: GitLabAPIError"]
+    assert [e.message for e in world.events("feedback.failed")] == [
+        "resolve review threads: GitLabAPIError"
+    ]
 
 
-def test_plain_mr_note_and_stripped_quick_action_change_nothing(world_factory: Callable[..., World]) -> None:
+def test_plain_mr_note_and_stripped_quick_action_change_nothing(
+    world_factory: Callable[..., World],
+) -> None:
     world = world_factory(default_settings=True)
     plan = world.note(f"{BOT} plan")
     world.send("Note Hook", plan)
@@ -183,7 +231,9 @@ def test_plain_mr_note_and_stripped_quick_action_change_nothing(world_factory: C
     assert len(world.steps()) == 2
 
 
-def test_mention_plan_on_an_existing_merge_request(world_factory: Callable[..., World], tmp_path: Path) -> None:
+def test_mention_plan_on_an_existing_merge_request(
+    world_factory: Callable[..., World], tmp_path: Path
+) -> None:
     """`@bot plan` on a human's MR plans on its source branch; the MR is the protocol's."""
     world = world_factory(default_settings=True)
     work = tmp_path / "clone"
@@ -193,7 +243,9 @@ def test_mention_plan_on_an_existing_merge_request(world_factory: Callable[..., 
     git("add", "-A", cwd=work)
     git("commit", "-q", "-m", "start y", cwd=work)
     git("push", "-q", "origin", "feature-y", cwd=work)
-    mr = world.fake.add_merge_request(world.project, source_branch="feature-y", title="Feature Y", author=world.alice)
+    mr = world.fake.add_merge_request(
+        world.project, source_branch="feature-y", title="Feature Y", author=world.alice
+    )
     iid = int(mr["iid"])
     plan = mr_note(world, iid, f"{BOT} plan finish feature y", world.alice)
     world.send("Note Hook", plan)

@@ -103,7 +103,9 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
         tmp_path / "slow.yml",
         scripted_script(
             planning=one_step_planning(),
-            execute={"default": {"delay_s": 300, "files": [{"path": "GREETING.md", "content": "hi\n"}]}},
+            execute={
+                "default": {"delay_s": 300, "files": [{"path": "GREETING.md", "content": "hi\n"}]}
+            },
         ),
     )
     fast = write_script(tmp_path / "fast.yml", scripted_script(planning=one_step_planning()))
@@ -118,12 +120,22 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
         "DEKSDENFLOW_LOG_LEVEL": "INFO",
         **LEASE,
     }
-    a_env = {**common, "DEKSDENFLOW_DATA_DIR": str(tmp_path / "a"), "DEKSDENFLOW_SCRIPTED_SCRIPT": str(slow)}
-    b_env = {**common, "DEKSDENFLOW_DATA_DIR": str(tmp_path / "b"), "DEKSDENFLOW_SCRIPTED_SCRIPT": str(fast)}
+    a_env = {
+        **common,
+        "DEKSDENFLOW_DATA_DIR": str(tmp_path / "a"),
+        "DEKSDENFLOW_SCRIPTED_SCRIPT": str(slow),
+    }
+    b_env = {
+        **common,
+        "DEKSDENFLOW_DATA_DIR": str(tmp_path / "b"),
+        "DEKSDENFLOW_SCRIPTED_SCRIPT": str(fast),
+    }
     with worker_process(tmp_path, "worker-a", a_env) as (worker_a, log_a):
         planned_and_approved(world)
         world.send("Note Hook", world.note("/run-step"))
-        wait_for(lambda: world.step_statuses() == ["running"], 60, "step 01 running on worker A", log_a)
+        wait_for(
+            lambda: world.step_statuses() == ["running"], 60, "step 01 running on worker A", log_a
+        )
         time.sleep(0.5)  # inside the engine's five-minute turn now
         kill(worker_a)
     assert step_commits(world, 1) == []  # A died before it committed anything

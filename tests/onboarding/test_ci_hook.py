@@ -37,7 +37,11 @@ def test_verify_and_parse_are_strict() -> None:
     body = b'{"branch": "0001-x", "status": "success"}'
     verify({"X-DeksdenFlow-Signature": sign(body)}, body, TOKEN)
     verify({"x-deksdenflow-token": TOKEN}, body, TOKEN)
-    for headers in ({}, {"X-DeksdenFlow-Token": "nope"}, {"X-DeksdenFlow-Signature": sign(body, "other")}):
+    for headers in (
+        {},
+        {"X-DeksdenFlow-Token": "nope"},
+        {"X-DeksdenFlow-Signature": sign(body, "other")},
+    ):
         with pytest.raises(WebhookError) as err:
             verify(headers, body, TOKEN)
         assert err.value.status_code == 401
@@ -115,12 +119,18 @@ async def test_ci_hook_drives_the_same_transitions_as_a_forge_event(
         url = f"{server.url}/webhooks/ci"
         async with httpx.AsyncClient(timeout=30) as client:
             # stored and answered; the decision is the worker's, not the request's
-            body = json.dumps({"branch": hook_branch, "status": "running", "sha": hook_sha}).encode()
-            r = await client.post(url, content=body, headers={"X-DeksdenFlow-Signature": sign(body)})
+            body = json.dumps(
+                {"branch": hook_branch, "status": "running", "sha": hook_sha}
+            ).encode()
+            r = await client.post(
+                url, content=body, headers={"X-DeksdenFlow-Signature": sign(body)}
+            )
             assert r.status_code == 202 and r.json()["status"] == "accepted"
             assert (await wait_processed(h, r.json()["id"]))["handled"][-1]["outcome"] == "recorded"
             # the same report again is a duplicate of the stored delivery
-            again = await client.post(url, content=body, headers={"X-DeksdenFlow-Signature": sign(body)})
+            again = await client.post(
+                url, content=body, headers={"X-DeksdenFlow-Signature": sign(body)}
+            )
             assert again.status_code == 200 and again.json()["status"] == "duplicate"
 
             bad = await client.post(url, content=body, headers={"X-DeksdenFlow-Token": "wrong"})
@@ -134,12 +144,18 @@ async def test_ci_hook_drives_the_same_transitions_as_a_forge_event(
             assert handled[-1] == {"ignored": "no protocol for branch '0099-nope'"}
             r = await client.post(url, content=b"{", headers={"X-DeksdenFlow-Token": TOKEN})
             assert r.status_code == 400
-            r = await client.post(url, content=b'{"branch": "x"}', headers={"X-DeksdenFlow-Token": TOKEN})
+            r = await client.post(
+                url, content=b'{"branch": "x"}', headers={"X-DeksdenFlow-Token": TOKEN}
+            )
             assert r.status_code == 422
 
             # the real report.sh, with curl, signs and sends the success
             env = {
-                **{k: v for k, v in os.environ.items() if not k.startswith(("DEKSDENFLOW_", "GITHUB_", "CI_"))},
+                **{
+                    k: v
+                    for k, v in os.environ.items()
+                    if not k.startswith(("DEKSDENFLOW_", "GITHUB_", "CI_"))
+                },
                 "DEKSDENFLOW_CI_URL": url,
                 "DEKSDENFLOW_WEBHOOK_TOKEN": TOKEN,
                 "DEKSDENFLOW_BRANCH": hook_branch,
@@ -157,7 +173,11 @@ async def test_ci_hook_drives_the_same_transitions_as_a_forge_event(
             answer = json.loads(done.stdout)
             assert answer["status"] == "accepted"
             handled = (await wait_processed(h, answer["id"]))["handled"]
-            assert handled[-1] == {"protocol_run_id": hook_run, "ci": "success", "outcome": "complete"}
+            assert handled[-1] == {
+                "protocol_run_id": hook_run,
+                "ci": "success",
+                "outcome": "complete",
+            }
 
     forge = await snapshot(h, forge_run)
     hook = await snapshot(h, hook_run)
@@ -165,7 +185,9 @@ async def test_ci_hook_drives_the_same_transitions_as_a_forge_event(
     assert hook[2] == ["ci.running", "ci.success"] and forge[2] == ["ci.success"]
 
 
-async def test_ci_hook_failure_loops_like_a_forge_failure(ci_harness: Harness, tmp_path: Path) -> None:
+async def test_ci_hook_failure_loops_like_a_forge_failure(
+    ci_harness: Harness, tmp_path: Path
+) -> None:
     """report.sh sends the failing stage and its log tail (what run_hook kept in .deksdenflow-ci/);
     the step goes round its fix loop as on a forge's red CI, with that log as its feedback."""
     h = ci_harness
@@ -178,10 +200,15 @@ async def test_ci_hook_failure_loops_like_a_forge_failure(ci_harness: Harness, t
     (workspace / ".deksdenflow-ci" / "stage").write_text("test\n")
     noise = "".join(f"collected line {n} — ünïcode\n" for n in range(2000))  # more than the tail
     (workspace / ".deksdenflow-ci" / "test.log").write_text(
-        noise + 'E       AssertionError: expected 3, got 4\n\tat "quoted" \\ path\nFAILED tests/test_math.py::test_add\n'
+        noise
+        + 'E       AssertionError: expected 3, got 4\n\tat "quoted" \\ path\nFAILED tests/test_math.py::test_add\n'
     )
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("DEKSDENFLOW_", "GITHUB_", "CI_"))},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("DEKSDENFLOW_", "GITHUB_", "CI_"))
+        },
         "DEKSDENFLOW_CI_URL": "",
         "DEKSDENFLOW_WEBHOOK_TOKEN": TOKEN,
         "DEKSDENFLOW_BRANCH": hook_branch,
@@ -214,10 +241,14 @@ async def test_ci_hook_finds_a_protocol_planned_on_a_pull_request_branch(
     git("branch", "feature-x", "main", cwd=origin)  # the human's PR branch
     run_id = await h.start("Finish feature x", pull=(55, "feature-x", "main"))
     state = await h.state(run_id)
-    assert state.run.runtime_state["branch"] == "feature-x" and state.run.protocol_name != "feature-x"
+    assert (
+        state.run.runtime_state["branch"] == "feature-x" and state.run.protocol_name != "feature-x"
+    )
     assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa"
     sha = (await h.state(run_id)).run.head_sha
-    assert git("rev-parse", "feature-x", cwd=origin).strip() == sha  # the step went to the PR branch
+    assert (
+        git("rev-parse", "feature-x", cwd=origin).strip() == sha
+    )  # the step went to the PR branch
     name = state.run.protocol_name
 
     with LiveServer(create_app(h.ctx["settings"])) as server:
@@ -226,7 +257,9 @@ async def test_ci_hook_finds_a_protocol_planned_on_a_pull_request_branch(
 
             async def report(data: dict[str, Any]) -> list[dict[str, Any]]:
                 body = json.dumps(data).encode()
-                r = await client.post(url, content=body, headers={"X-DeksdenFlow-Signature": sign(body)})
+                r = await client.post(
+                    url, content=body, headers={"X-DeksdenFlow-Signature": sign(body)}
+                )
                 assert r.status_code == 202, r.text
                 handled: list[dict[str, Any]] = (await wait_processed(h, r.json()["id"]))["handled"]
                 return handled
@@ -246,7 +279,9 @@ async def test_ci_hook_finds_a_protocol_planned_on_a_pull_request_branch(
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-async def test_find_run_by_branch_on_both_databases(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+async def test_find_run_by_branch_on_both_databases(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """The lookup reads the PR branch out of runtime_state (JSON): the same answers on SQLite
     and Postgres; a branch in two projects needs `project`; a later protocol on one PR wins."""
     from bot.core.settings import Settings
@@ -264,12 +299,30 @@ async def test_find_run_by_branch_on_both_databases(backend: str, tmp_path: Path
         upgrade_head(url)
     db = create_database(Settings(db_url=url, data_dir=tmp_path).async_database_url)
     try:
-        a = await get_or_create_project(db, name="o/a", provider="github", git_url="https://github.com/o/a.git", base_branch="main")
-        b = await get_or_create_project(db, name="o/b", provider="github", git_url="https://github.com/o/b.git", base_branch="main")
-        own = await create_run(db, project=a, protocol_name="0001-own", description="x", base_branch="main")
-        on_pr = await create_run(db, project=a, protocol_name="0002-on-pr", description="x", base_branch="main")
+        a = await get_or_create_project(
+            db,
+            name="o/a",
+            provider="github",
+            git_url="https://github.com/o/a.git",
+            base_branch="main",
+        )
+        b = await get_or_create_project(
+            db,
+            name="o/b",
+            provider="github",
+            git_url="https://github.com/o/b.git",
+            base_branch="main",
+        )
+        own = await create_run(
+            db, project=a, protocol_name="0001-own", description="x", base_branch="main"
+        )
+        on_pr = await create_run(
+            db, project=a, protocol_name="0002-on-pr", description="x", base_branch="main"
+        )
         await update_run(db, on_pr.id, runtime_state={"branch": "feature-x"}, pr_number=5)
-        other = await create_run(db, project=b, protocol_name="0001-own", description="x", base_branch="main")
+        other = await create_run(
+            db, project=b, protocol_name="0001-own", description="x", base_branch="main"
+        )
 
         async def found(branch: str, project: str | None = None) -> int | None:
             report = CIReport("success", branch, None, None, project, ())
@@ -284,7 +337,9 @@ async def test_find_run_by_branch_on_both_databases(backend: str, tmp_path: Path
             await found("0001-own")
         assert err.value.status_code == 409
         assert await found("feature") is None and await found("feature-x--01") is None
-        later = await create_run(db, project=a, protocol_name="0003-again", description="x", base_branch="main")
+        later = await create_run(
+            db, project=a, protocol_name="0003-again", description="x", base_branch="main"
+        )
         await update_run(db, later.id, runtime_state={"branch": "feature-x"}, pr_number=5)
         assert await found("feature-x") == later.id
     finally:
@@ -324,7 +379,9 @@ def test_ci_delivery_keys() -> None:
     first = ci_delivery({"X-DeksdenFlow-Token": TOKEN}, body, TOKEN)
     assert (first.provider, first.event, first.action) == ("ci", "report", "failure")
     assert first.key == ci_delivery({"x-deksdenflow-token": TOKEN}, body, TOKEN).key  # same body
-    keyed = ci_delivery({"X-DeksdenFlow-Token": TOKEN, "X-DeksdenFlow-Delivery": "run-7"}, body, TOKEN)
+    keyed = ci_delivery(
+        {"X-DeksdenFlow-Token": TOKEN, "X-DeksdenFlow-Delivery": "run-7"}, body, TOKEN
+    )
     assert keyed.key == "run-7"
     with pytest.raises(WebhookError) as err:
         ci_delivery({"X-DeksdenFlow-Token": TOKEN}, b'{"status": "done"}', TOKEN)

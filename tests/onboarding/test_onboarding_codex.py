@@ -35,7 +35,9 @@ PATCH = (
 
 
 @pytest.fixture
-async def codex_harness(tmp_path: Path, origin: Path, fake_codex: FakeCodex) -> AsyncIterator[Harness]:
+async def codex_harness(
+    tmp_path: Path, origin: Path, fake_codex: FakeCodex
+) -> AsyncIterator[Harness]:
     settings = protocol_settings(
         tmp_path,
         engine="codex",
@@ -58,7 +60,9 @@ async def test_codex_discovery_fills_the_hooks_in_the_setup_pr(
     codex_harness: Harness, fake_codex: FakeCodex
 ) -> None:
     h = codex_harness
-    commit_to_origin(h.origin, "main", {"pyproject.toml": "[project]\nname = 'x'\n"}, "python project")
+    commit_to_origin(
+        h.origin, "main", {"pyproject.toml": "[project]\nname = 'x'\n"}, "python project"
+    )
     server = fake_codex.server
     server.enqueue(
         tool_then(apply_patch_call(PATCH)),

@@ -80,7 +80,9 @@ def run_ci_steps(repo: Path) -> list[tuple[str, str]]:
         command = step.get("run")
         if not command or "${{" in command:
             continue
-        done = subprocess.run(["bash", "-e", "-c", command], cwd=repo, capture_output=True, text=True)
+        done = subprocess.run(
+            ["bash", "-e", "-c", command], cwd=repo, capture_output=True, text=True
+        )
         assert done.returncode == 0, (step["name"], done.stdout, done.stderr)
         outputs.append((step["name"], done.stdout.strip()))
     gitlab = yaml.safe_load((repo / GITLAB_CI).read_text())
@@ -100,17 +102,26 @@ async def test_ci_stays_green_with_missing_or_non_executable_hooks(tmp_path: Pat
     assert out["lint"].startswith("skip: scripts/ci/lint.sh")
     assert out["test"].startswith("skip: scripts/ci/test.sh")
     assert out["bootstrap"] == "bootstrap: nothing configured yet"
-    assert "skip: scripts/ci/lint.sh" in out["gitlab"] and "build: nothing configured yet" in out["gitlab"]
+    assert (
+        "skip: scripts/ci/lint.sh" in out["gitlab"]
+        and "build: nothing configured yet" in out["gitlab"]
+    )
     # report.sh without its variables skips too, so CI outside a DeksdenFlow setup stays green
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEKSDENFLOW_")}
     done = await asyncio.to_thread(
         subprocess.run,
-        ["scripts/ci/report.sh", "success"], cwd=repo, capture_output=True, text=True, env=env
+        ["scripts/ci/report.sh", "success"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert done.returncode == 0 and done.stdout.startswith("skip:")
 
 
-async def test_setup_on_an_existing_repository_keeps_files_and_force_backs_up(tmp_path: Path) -> None:
+async def test_setup_on_an_existing_repository_keeps_files_and_force_backs_up(
+    tmp_path: Path,
+) -> None:
     settings = protocol_settings(tmp_path)
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -143,7 +154,9 @@ async def test_setup_on_an_existing_repository_keeps_files_and_force_backs_up(tm
     assert (repo / ".deksdenflow.yml.bak").read_text() == "engine: scripted\n"
 
 
-async def test_setup_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_setup_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DEKSDENFLOW_DB_URL", f"sqlite:///{tmp_path / 'db.sqlite3'}")
     monkeypatch.setenv("DEKSDENFLOW_DATA_DIR", str(tmp_path / "data"))
     repo = tmp_path / "cli-repo"
@@ -207,7 +220,10 @@ async def test_onboard_job_opens_a_draft_pr_with_exactly_the_missing_files(
     commit_to_origin(
         h.origin,
         "main",
-        {".gitlab-ci.yml": "test:\n  script: [make test]\n", "scripts/ci/lint.sh": "#!/bin/sh\nruff .\n"},
+        {
+            ".gitlab-ci.yml": "test:\n  script: [make test]\n",
+            "scripts/ci/lint.sh": "#!/bin/sh\nruff .\n",
+        },
         "existing CI",
     )
     reply = {"number": 5, "kind": "issue", "comment_id": 77}
@@ -239,7 +255,9 @@ async def test_onboard_job_opens_a_draft_pr_with_exactly_the_missing_files(
     assert types.count("project.onboarded") == 2 and "project.onboard_skipped" in types
 
 
-async def test_onboard_job_with_scripted_discovery_adds_a_reviewable_commit(harness: Harness) -> None:
+async def test_onboard_job_with_scripted_discovery_adds_a_reviewable_commit(
+    harness: Harness,
+) -> None:
     h = harness
     commit_to_origin(h.origin, "main", {"package.json": '{"scripts": {"test": "jest"}}\n'}, "node")
     base_before = git("rev-parse", "main", cwd=h.origin).strip()

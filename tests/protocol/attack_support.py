@@ -28,7 +28,11 @@ PEM = (
 GITHUB_TOKEN = "ghs_" + "AttackTestToken0123456789abcdefghij"
 STORED_WEBHOOK_SECRET = "whsec-stored-attack-0123456789"
 # what tests.conftest.make_settings configures
-SETTINGS_SECRETS = ("api-test-token-0123456789", "gh-test-secret-0123456789", "gl-test-secret-0123456789")
+SETTINGS_SECRETS = (
+    "api-test-token-0123456789",
+    "gh-test-secret-0123456789",
+    "gl-test-secret-0123456789",
+)
 
 
 def worker_secrets() -> list[str]:
@@ -100,7 +104,9 @@ async def leaks(ctx: dict[str, Any], origin: Path, log_text: str) -> list[str]:
     scanner = SecretScanner(worker_secrets())
     places = {"the origin repository": origin_dump(origin), "logs": log_text}
     places.update(await stored_texts(ctx))
-    return [f"{kinds} in {where}" for where, text in places.items() if (kinds := scanner.kinds_in(text))]
+    return [
+        f"{kinds} in {where}" for where, text in places.items() if (kinds := scanner.kinds_in(text))
+    ]
 
 
 def recorded_prompts(record: Path) -> list[dict[str, str]]:

@@ -25,8 +25,6 @@ from tests.gitutil import git, make_origin
 __all__ = ["codex_bin", "fake_codex", "fake_model"]
 
 
-
-
 def commit_to_origin(origin: Path, branch: str, files: Mapping[str, str], message: str) -> None:
     """Commit `files` on `branch` of the bare `origin` through a scratch clone."""
     scratch = origin.parent / f"scratch-{abs(hash((branch, message)))}"

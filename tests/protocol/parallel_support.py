@@ -42,10 +42,16 @@ def graph_planning(deps: Iterable[list[int] | None], qa: str = "skip") -> dict[s
     return {"steps": steps}
 
 
-def graph_script(deps: list[list[int] | None], delay_s: float = 0.0, execute_steps: dict[str, Any] | None = None) -> dict[str, Any]:
+def graph_script(
+    deps: list[list[int] | None], delay_s: float = 0.0, execute_steps: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Each step i writes its own file part{i}.txt (so no two steps conflict unless told to)."""
     steps: dict[str, Any] = {
-        f"part-{i}": {"message": f"part {i}", "delay_s": delay_s, "files": [{"path": f"part{i}.txt", "content": f"part {i}\n"}]}
+        f"part-{i}": {
+            "message": f"part {i}",
+            "delay_s": delay_s,
+            "files": [{"path": f"part{i}.txt", "content": f"part {i}\n"}],
+        }
         for i in range(1, len(deps) + 1)
     }
     steps.update(execute_steps or {})
@@ -55,7 +61,9 @@ def graph_script(deps: list[list[int] | None], delay_s: float = 0.0, execute_ste
 DIAMOND: list[list[int] | None] = [None, [1], [1], [2, 3]]
 
 
-async def run_with_workers(h: Harness, run_id: int, workers: int = 2, timeout_s: float = 90.0) -> Any:
+async def run_with_workers(
+    h: Harness, run_id: int, workers: int = 2, timeout_s: float = 90.0
+) -> Any:
     """Run the queue with `workers` arq workers (one job at a time each) until the protocol stops
     moving (completed, blocked or failed), then stop them."""
     settings = h.ctx["settings"].model_copy(update={"worker_max_jobs": 1})

@@ -20,7 +20,9 @@ __all__ = ["repo"]
 
 def test_progress_line_is_plain_text() -> None:
     snap = Snapshot("executing step 01", "$ pytest -q", 12345, 0.015)
-    assert progress_line(snap, 42) == "executing step 01 · $ pytest -q · 42s · 12,345 tokens · $0.0150"
+    assert (
+        progress_line(snap, 42) == "executing step 01 · $ pytest -q · 42s · 12,345 tokens · $0.0150"
+    )
     assert progress_line(Snapshot("planning", "", 0, 0.0), 61) == "planning · 1m 01s · 0 tokens"
 
 
@@ -67,7 +69,11 @@ def test_data_dir_defaults_to_the_users_data_home(
     assert Settings().data_dir == tmp_path / "xdg" / "deksdenflow"
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_data_dir({}) == tmp_path / "home" / ".local" / "share" / "deksdenflow"
-    assert default_data_dir({"XDG_DATA_HOME": "relative"}).parts[-3:] == (".local", "share", "deksdenflow")
+    assert default_data_dir({"XDG_DATA_HOME": "relative"}).parts[-3:] == (
+        ".local",
+        "share",
+        "deksdenflow",
+    )
 
 
 # every command that opens the database (doctor reports it as one of its checks instead)

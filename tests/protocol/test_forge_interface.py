@@ -47,7 +47,9 @@ def test_every_forge_has_every_member_with_the_same_parameters(forge: type) -> N
         wanted = list(inspect.signature(member).parameters)  # type: ignore[arg-type]
         found = list(inspect.signature(getattr(forge, name)).parameters)
         assert found == wanted, f"{forge.__name__}.{name}{found} is not {wanted}"
-        assert inspect.iscoroutinefunction(getattr(forge, name)) == inspect.iscoroutinefunction(member)
+        assert inspect.iscoroutinefunction(getattr(forge, name)) == inspect.iscoroutinefunction(
+            member
+        )
 
 
 def test_pull_words_and_kinds() -> None:
@@ -61,7 +63,9 @@ def test_remote_status_targets_are_the_issue_and_the_pull_that_exist() -> None:
     repo = RepoRef("gitlab", "g/p")
     assert remote_status_targets(repo, None, None, "merge_request") == []
     assert remote_status_targets(repo, 4, None, "merge_request") == [IssueRef(repo, 4, "issue")]
-    assert remote_status_targets(repo, None, 9, "merge_request") == [IssueRef(repo, 9, "merge_request")]
+    assert remote_status_targets(repo, None, 9, "merge_request") == [
+        IssueRef(repo, 9, "merge_request")
+    ]
 
 
 async def test_local_forge_answers_from_its_records(harness: Harness) -> None:
@@ -69,13 +73,18 @@ async def test_local_forge_answers_from_its_records(harness: Harness) -> None:
     repo = RepoRef("local", str(harness.origin))
     # a local run has no issue: its status lives on thread 0
     assert forge.status_targets(repo, None, None) == [IssueRef(repo, 0, "issue")]
-    assert forge.status_targets(repo, 3, 7) == [IssueRef(repo, 3, "issue"), IssueRef(repo, 7, "pull")]
+    assert forge.status_targets(repo, 3, 7) == [
+        IssueRef(repo, 3, "issue"),
+        IssueRef(repo, 7, "pull"),
+    ]
     assert await forge.describe_repo(repo, RepoFacts("main", str(harness.origin), None)) is None
     assert await forge.clone_url(repo) == str(harness.origin)
     assert await forge.own_handles() == ()
     assert not await forge.is_self(author="me", author_id=1)
     assert not await forge.pull_is_fork(repo, 1)
-    assert await forge.review_comments(repo, 1, 2) == [] and await forge.review_state(repo, 1, 2) == ""
+    assert (
+        await forge.review_comments(repo, 1, 2) == [] and await forge.review_state(repo, 1, 2) == ""
+    )
 
     pull = await forge.open_draft_pr(repo, head="0001-task", base="main", title="t", body="b")
     assert await forge.pull_branches(repo, pull.number) == ("0001-task", "main")
@@ -86,7 +95,9 @@ async def test_local_forge_answers_from_its_records(harness: Harness) -> None:
     assert record.data["draft"] is False
     assert not await forge.mark_ready(PullRef(repo, pull.number + 1000, "", "x"))
 
-    check = CheckReport(name="deksdenflow/step-01", head_sha="a" * 40, status="completed", conclusion="success")
+    check = CheckReport(
+        name="deksdenflow/step-01", head_sha="a" * 40, status="completed", conclusion="success"
+    )
     assert await forge.put_check(repo, check, run_id=5, lookup=False) is None
     assert [r.data["name"] for r in await forge.records("check")] == ["deksdenflow/step-01"]
 

@@ -97,7 +97,9 @@ def attack(
 
 
 class _Attack:
-    def __init__(self, settings: Any, origin: Path, engine: CodexEngine, record: Path, marker: Path) -> None:
+    def __init__(
+        self, settings: Any, origin: Path, engine: CodexEngine, record: Path, marker: Path
+    ) -> None:
         self.settings, self.origin, self.engine = settings, origin, engine
         self.record, self.marker = record, marker
 
@@ -207,7 +209,11 @@ async def test_secrets_echoed_in_replies_are_redacted_everywhere(
         run_id, _ = await _run_step(h)
         state = await h.state(run_id)
         assert state.run.status == "completed", state.run.runtime_state
-        report = origin_file(a.origin, state.run.protocol_name, f".protocols/{state.run.protocol_name}/quality-report.md")
+        report = origin_file(
+            a.origin,
+            state.run.protocol_name,
+            f".protocols/{state.run.protocol_name}/quality-report.md",
+        )
         assert "[REDACTED]" in report
         assert await leaks(h.ctx, a.origin, logs.text) == []
 

@@ -84,7 +84,9 @@ async def test_codex_plans_executes_and_passes_qa(
     server = fake_codex.server
     server.enqueue(
         final(json.dumps(PLAN), input_tokens=300, output_tokens=40),  # planning
-        final(json.dumps({"content": DETAIL}), input_tokens=200, output_tokens=30),  # decompose step 01
+        final(
+            json.dumps({"content": DETAIL}), input_tokens=200, output_tokens=30
+        ),  # decompose step 01
         tool_then(  # execute: one apply_patch, then the final message
             apply_patch_call(add_file_patch("greeting.txt", "Hello, world!")),
             input_tokens=120,

@@ -69,7 +69,9 @@ async def test_push_rejected_blocks_visibly_and_retry_recovers(harness: Harness)
     state = await harness.state(run_id)
     assert (state.step(1).status, state.run.status) == ("failed", "blocked")
     message = state.run.runtime_state["message"]
-    assert message == "step 01 failed: git push failed (exit 1): remote: push rejected by policy", message
+    assert message == "step 01 failed: git push failed (exit 1): remote: push rejected by policy", (
+        message
+    )
     assert "\n" not in message
     assert message in await status_comment(harness)
     assert step_commits(harness.origin, name, 1) == []
@@ -102,13 +104,17 @@ async def test_engine_error_then_resume_reruns_the_failed_step(harness: Harness)
 
 
 async def test_exception_in_qa_fails_the_step_and_retry_works(harness: Harness) -> None:
-    harness.use(FlakyEngine("qa", raise_exc=True, script=scripted_script(planning=one_step_planning())))
+    harness.use(
+        FlakyEngine("qa", raise_exc=True, script=scripted_script(planning=one_step_planning()))
+    )
     run_id = await harness.start()
     assert await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa-run"
     assert await run_quality(harness.ctx, protocol_run_id=run_id, step_index=1) == "failed"
     state = await harness.state(run_id)
     assert (state.step(1).status, state.run.status) == ("failed", "blocked")
-    assert state.run.runtime_state["message"] == "QA of step 01 failed: RuntimeError: engine blew up"
+    assert (
+        state.run.runtime_state["message"] == "QA of step 01 failed: RuntimeError: engine blew up"
+    )
     assert "QA of step 01 failed" in await status_comment(harness)
 
     await actions.retry(harness.ctx, run_id, 1)
@@ -157,7 +163,9 @@ async def test_approve_accepts_a_failed_step_and_names_steps_by_number(harness: 
 def slow_script(seconds: float) -> dict[str, Any]:
     return scripted_script(
         planning=one_step_planning(),
-        execute={"default": {"delay_s": seconds, "files": [{"path": "slow.txt", "content": "x\n"}]}},
+        execute={
+            "default": {"delay_s": seconds, "files": [{"path": "slow.txt", "content": "x\n"}]}
+        },
     )
 
 
@@ -169,7 +177,9 @@ async def wait_for_engine(engine: ScriptedEngine, phase: str = "execute") -> Non
     raise AssertionError("the engine never started")
 
 
-async def test_cancel_during_a_long_engine_step_stops_it_and_pushes_nothing(harness: Harness) -> None:
+async def test_cancel_during_a_long_engine_step_stops_it_and_pushes_nothing(
+    harness: Harness,
+) -> None:
     engine = ScriptedEngine(slow_script(60))
     harness.use(engine)
     run_id = await harness.start()
@@ -211,7 +221,9 @@ class Killed(BaseException):
     """The worker process dies: nothing after this point runs, no except clause sees it."""
 
 
-async def test_worker_killed_mid_step_is_taken_back_after_the_lease_expires(harness: Harness) -> None:
+async def test_worker_killed_mid_step_is_taken_back_after_the_lease_expires(
+    harness: Harness,
+) -> None:
     engine = ScriptedEngine(scripted_script(planning=one_step_planning()))
     harness.use(engine)
     run_id = await harness.start()
@@ -246,7 +258,9 @@ async def test_worker_killed_mid_step_is_taken_back_after_the_lease_expires(harn
 async def test_a_planning_worker_killed_is_taken_back(harness: Harness) -> None:
     from bot.storage.runs import set_protocol_status
 
-    run = await actions.start_protocol(harness.ctx, harness.project, "Add a greeting", approved=True)
+    run = await actions.start_protocol(
+        harness.ctx, harness.project, "Add a greeting", approved=True
+    )
     await set_protocol_status(harness.ctx["db"], run.id, "planning", "a worker started and died")
     assert await orphaned_work(harness.ctx) == [(run.id, None)]
     await reclaim_expired(harness.ctx)
@@ -280,7 +294,9 @@ def test_env_has_no_token_reused_across_the_engine_call() -> None:
     assert os.sep  # keep os imported for the hook helper on every platform
 
 
-async def test_cancel_kills_the_codex_process_group_within_5_s(harness: Harness, tmp_path: Path) -> None:
+async def test_cancel_kills_the_codex_process_group_within_5_s(
+    harness: Harness, tmp_path: Path
+) -> None:
     """The real engine class on a fake codex binary that starts a child and sleeps."""
     import dataclasses
     import json
@@ -326,7 +342,9 @@ async def test_cancel_kills_the_codex_process_group_within_5_s(harness: Harness,
     assert "cancelled by @carol" in await status_comment(harness)
 
 
-async def test_an_inline_trigger_is_enqueued_with_its_depth_not_run_inside_the_job(harness: Harness) -> None:
+async def test_an_inline_trigger_is_enqueued_with_its_depth_not_run_inside_the_job(
+    harness: Harness,
+) -> None:
     from bot.storage.runs import update_run
 
     engine = ScriptedEngine(
@@ -362,7 +380,9 @@ async def test_an_inline_trigger_is_enqueued_with_its_depth_not_run_inside_the_j
 async def _qa_killed_then_reclaimed(harness: Harness, where: str) -> tuple[int, ScriptedEngine]:
     """Step 01 executed (QA not started on its own), then its QA's worker dies at `where` and,
     once the lease expired, the reclaim cron takes the QA back."""
-    harness.ctx["settings"] = harness.ctx["settings"].model_copy(update={"auto_qa_after_exec": False})
+    harness.ctx["settings"] = harness.ctx["settings"].model_copy(
+        update={"auto_qa_after_exec": False}
+    )
     engine = ScriptedEngine(scripted_script(planning=one_step_planning()))
     harness.use(engine)
     run_id = await harness.start()
@@ -408,7 +428,9 @@ async def test_a_worker_killed_mid_qa_is_taken_back_and_qa_runs_again(harness: H
 
 async def test_a_worker_killed_after_the_qa_commit_reuses_its_report(harness: Harness) -> None:
     _run_id, engine = await _qa_killed_then_reclaimed(harness, "qa_after_commit")
-    assert sum(1 for r in engine.requests if r.phase == "qa") == 1  # the committed report was judged
+    assert (
+        sum(1 for r in engine.requests if r.phase == "qa") == 1
+    )  # the committed report was judged
 
 
 async def test_a_reclaimed_qa_after_its_verdict_does_nothing(harness: Harness) -> None:
@@ -418,7 +440,10 @@ async def test_a_reclaimed_qa_after_its_verdict_does_nothing(harness: Harness) -
     await harness.drain()  # its QA
     state = await harness.state(run_id)
     assert state.step(1).status == "completed"
-    assert await run_quality(harness.ctx, protocol_run_id=run_id, step_index=1, reclaim=True) == "skipped-qa-done"
+    assert (
+        await run_quality(harness.ctx, protocol_run_id=run_id, step_index=1, reclaim=True)
+        == "skipped-qa-done"
+    )
     assert (await harness.state(run_id)).step(1).runtime_state["qa_attempts"] == 1
 
 
@@ -439,7 +464,9 @@ class WipingEngine(ScriptedEngine):
 
 
 async def test_a_step_whose_disk_is_wiped_runs_again_instead_of_failing(harness: Harness) -> None:
-    engine = WipingEngine(harness.ctx["git"].data_dir, script=scripted_script(planning=one_step_planning()))
+    engine = WipingEngine(
+        harness.ctx["git"].data_dir, script=scripted_script(planning=one_step_planning())
+    )
     harness.use(engine)
     run_id = await harness.start()
     name = (await harness.state(run_id)).run.protocol_name
@@ -459,7 +486,11 @@ async def test_a_step_whose_disk_is_wiped_runs_again_instead_of_failing(harness:
 
 
 async def test_a_wiped_disk_on_the_last_try_fails_the_step_visibly(harness: Harness) -> None:
-    harness.use(WipingEngine(harness.ctx["git"].data_dir, script=scripted_script(planning=one_step_planning())))
+    harness.use(
+        WipingEngine(
+            harness.ctx["git"].data_dir, script=scripted_script(planning=one_step_planning())
+        )
+    )
     run_id = await harness.start()
     ctx = {**harness.ctx, "job_try": MAX_TRIES}  # no try left: the failure is recorded, not retried
     assert await execute_step(ctx, protocol_run_id=run_id, step_index=1) == "failed"

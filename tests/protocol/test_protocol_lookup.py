@@ -16,8 +16,12 @@ async def two_runs(h: Harness) -> tuple[int, int]:
     ids = []
     for name, issue, pr in (("0001-a", 2, 1), ("0002-b", 1, 2)):
         run = await create_run(
-            h.ctx["db"], project=h.project, protocol_name=name, description=name,
-            base_branch="main", issue_number=issue,
+            h.ctx["db"],
+            project=h.project,
+            protocol_name=name,
+            description=name,
+            base_branch="main",
+            issue_number=issue,
         )
         await update_run(h.ctx["db"], run.id, pr_number=pr, status="planned")
         ids.append(run.id)
@@ -38,9 +42,12 @@ async def test_issue_and_merge_request_numbers_are_looked_up_apart(harness: Harn
         for n in (1, 2)
     }
     assert found == {
-        ("issue", 1): b, ("issue", 2): a,
-        ("merge_request", 1): a, ("merge_request", 2): b,
-        ("pull", 1): a, ("pull", 2): b,
+        ("issue", 1): b,
+        ("issue", 2): a,
+        ("merge_request", 1): a,
+        ("merge_request", 2): b,
+        ("pull", 1): a,
+        ("pull", 2): b,
     }
     assert await latest_run(ctx, harness.project, 3, "issue") is None
 
@@ -49,8 +56,15 @@ async def test_cancel_on_an_issue_cancels_that_issues_protocol_only(harness: Har
     a, b = await two_runs(harness)
     repo = RepoInfo("local", harness.project.name, str(harness.origin), "main")
     event = CommentEvent(
-        repo=repo, issue_number=2, is_pull=False, comment_id=9001, body="/cancel",
-        author="alice", author_is_bot=False, issue_title="A", issue_body="",
+        repo=repo,
+        issue_number=2,
+        is_pull=False,
+        comment_id=9001,
+        body="/cancel",
+        author="alice",
+        author_is_bot=False,
+        issue_title="A",
+        issue_body="",
     )
     await handle_comment(hctx(harness), event)
     assert (await load_run(harness.ctx["db"], a)).run.status == "cancelled"

@@ -24,10 +24,16 @@ from tests.protocol.test_protocol_parallel import _feed_ci
 async def _blocked_by_red_ci(harness: Harness) -> tuple[int, str]:
     """A diamond whose every step is merged, blocked by red CI on the protocol branch."""
     async with harness.ctx["db"].sessions.begin() as session:
-        await session.execute(update(Project).where(Project.id == harness.project.id).values(ci_provider="github-actions"))
+        await session.execute(
+            update(Project)
+            .where(Project.id == harness.project.id)
+            .values(ci_provider="github-actions")
+        )
     harness.project.ci_provider = "github-actions"
     harness.use(ScriptedEngine(graph_script(DIAMOND)))
-    run = await start_protocol(harness.ctx, harness.project, "Build four parts", auto=True, approved=True)
+    run = await start_protocol(
+        harness.ctx, harness.project, "Build four parts", auto=True, approved=True
+    )
     state = await _feed_ci(harness, run.id, "failure")
     assert state.run.status == "blocked", state.run.runtime_state
     red = state.run.runtime_state["ci_red"]
@@ -36,10 +42,15 @@ async def _blocked_by_red_ci(harness: Harness) -> tuple[int, str]:
     return run.id, red
 
 
-async def test_a_green_rerun_of_ci_on_the_blocked_head_completes_the_protocol(harness: Harness) -> None:
+async def test_a_green_rerun_of_ci_on_the_blocked_head_completes_the_protocol(
+    harness: Harness,
+) -> None:
     run_id, red = await _blocked_by_red_ci(harness)
     # red again on a re-run: still blocked, with the same reason
-    assert await apply_ci_result(harness.ctx, run_id, red, "failure", [("tests", "failure")]) == "blocked"
+    assert (
+        await apply_ci_result(harness.ctx, run_id, red, "failure", [("tests", "failure")])
+        == "blocked"
+    )
     assert (await harness.state(run_id)).run.status == "blocked"
     assert await apply_ci_result(harness.ctx, run_id, red, "success") == "complete"
     state = await harness.state(run_id)
@@ -51,7 +62,9 @@ async def test_a_green_rerun_of_ci_on_the_blocked_head_completes_the_protocol(ha
 
 
 @pytest.mark.parametrize("command", ["resume", "retry"])
-async def test_resume_or_retry_waits_for_ci_again_and_green_completes(harness: Harness, command: str) -> None:
+async def test_resume_or_retry_waits_for_ci_again_and_green_completes(
+    harness: Harness, command: str
+) -> None:
     run_id, red = await _blocked_by_red_ci(harness)
     if command == "resume":
         await actions.resume(harness.ctx, run_id)
@@ -68,12 +81,17 @@ async def test_resume_or_retry_waits_for_ci_again_and_green_completes(harness: H
 async def test_red_again_after_resume_blocks_again(harness: Harness) -> None:
     run_id, red = await _blocked_by_red_ci(harness)
     await actions.resume(harness.ctx, run_id)
-    assert await apply_ci_result(harness.ctx, run_id, red, "failure", [("lint", "failure")]) == "blocked"
+    assert (
+        await apply_ci_result(harness.ctx, run_id, red, "failure", [("lint", "failure")])
+        == "blocked"
+    )
     state = await harness.state(run_id)
     assert state.run.status == "blocked" and "(lint on" in state.run.runtime_state["message"]
 
 
-async def test_a_queued_step_whose_job_is_lost_is_queued_again_by_the_reclaim_cron(harness: Harness) -> None:
+async def test_a_queued_step_whose_job_is_lost_is_queued_again_by_the_reclaim_cron(
+    harness: Harness,
+) -> None:
     from bot.jobs.reclaim import lost_queued_steps, reclaim_expired
     from bot.jobs.schedule import queued
     from bot.storage.runs import update_step
@@ -85,14 +103,22 @@ async def test_a_queued_step_whose_job_is_lost_is_queued_again_by_the_reclaim_cr
     assert queued(step)
     job_id = step.runtime_state["queued_job"]
     redis = harness.ctx["redis"]
-    assert await lost_queued_steps(harness.ctx, now=step.runtime_state["queued_at"] + 3600) == []  # still queued
+    assert (
+        await lost_queued_steps(harness.ctx, now=step.runtime_state["queued_at"] + 3600) == []
+    )  # still queued
     # the job is lost (a queue flushed, a worker that took it and died before marking the step)
     await redis.zrem("arq:queue", job_id)
     await redis.delete(f"arq:job:{job_id}")
-    assert await lost_queued_steps(harness.ctx) == []  # within the grace: the scheduler may be enqueueing it
-    assert (await lost_queued_steps(harness.ctx, now=step.runtime_state["queued_at"] + 3600))[0][:2] == (run_id, 1)
+    assert (
+        await lost_queued_steps(harness.ctx) == []
+    )  # within the grace: the scheduler may be enqueueing it
+    assert (await lost_queued_steps(harness.ctx, now=step.runtime_state["queued_at"] + 3600))[0][
+        :2
+    ] == (run_id, 1)
     # a step queued long ago: the reclaim cron queues it again, and it runs
-    await update_step(harness.ctx["db"], step.id, runtime_state={**step.runtime_state, "queued_at": 0.0})
+    await update_step(
+        harness.ctx["db"], step.id, runtime_state={**step.runtime_state, "queued_at": 0.0}
+    )
     assert await reclaim_expired(harness.ctx) == 1
     assert await reclaim_expired(harness.ctx) == 0  # its new job waits: not queued twice
     await harness.drain()
@@ -109,7 +135,9 @@ def test_marker_lines_finds_what_git_writes_and_not_headings() -> None:
     assert marker_lines("plain\ntext =======\n") == []
 
 
-async def test_an_integration_step_that_leaves_conflict_markers_fails_and_commits_nothing(harness: Harness) -> None:
+async def test_an_integration_step_that_leaves_conflict_markers_fails_and_commits_nothing(
+    harness: Harness,
+) -> None:
     from tests.gitutil import git
     from tests.protocol.parallel_support import TimedEngine, run_with_workers
     from tests.protocol.test_protocol_parallel import conflicting_script
@@ -117,7 +145,9 @@ async def test_an_integration_step_that_leaves_conflict_markers_fails_and_commit
     # the engine "resolves" by saying so, and leaves the conflicted file as the merge wrote it
     engine = TimedEngine(conflicting_script({"message": "resolved, trust me"}))
     harness.use(engine)
-    run = await start_protocol(harness.ctx, harness.project, "Build four parts", auto=True, approved=True)
+    run = await start_protocol(
+        harness.ctx, harness.project, "Build four parts", auto=True, approved=True
+    )
     state = await run_with_workers(harness, run.id, workers=2)
     assert state.run.status == "blocked", state.run.runtime_state
     integration = state.steps[4]
@@ -125,7 +155,10 @@ async def test_an_integration_step_that_leaves_conflict_markers_fails_and_commit
     message = str(state.run.runtime_state["message"])
     assert "step 05 left conflict markers in shared.txt (line 1, " in message, message
     assert "nothing was committed" in message
-    assert git("log", "--all", "--fixed-strings", "--grep=[protocol-0001/05]", cwd=harness.origin) == ""
+    assert (
+        git("log", "--all", "--fixed-strings", "--grep=[protocol-0001/05]", cwd=harness.origin)
+        == ""
+    )
     assert state.step(4).status == "pending" and "part-4" not in engine.spans
 
 
@@ -157,14 +190,21 @@ async def test_the_repository_bound_holds_over_two_protocols(tmp_path: Any, orig
     from bot.jobs.worker import build_worker
     from tests.protocol.conftest import make_harness, protocol_settings
 
-    settings = protocol_settings(tmp_path, max_parallel_steps=3, max_parallel_steps_per_repo=2, worker_max_jobs=1)
+    settings = protocol_settings(
+        tmp_path, max_parallel_steps=3, max_parallel_steps_per_repo=2, worker_max_jobs=1
+    )
     async with make_harness(settings, origin) as h:
         engine = SpanEngine(graph_script(DIAMOND, delay_s=0.6))
         h.use(engine)
         runs = [
-            await start_protocol(h.ctx, h.project, f"Build four parts {n}", auto=True, approved=True) for n in ("a", "b")
+            await start_protocol(
+                h.ctx, h.project, f"Build four parts {n}", auto=True, approved=True
+            )
+            for n in ("a", "b")
         ]
-        workers = [build_worker(settings, ctx=h.ctx) for _ in range(4)]  # room for 4 engines at once
+        workers = [
+            build_worker(settings, ctx=h.ctx) for _ in range(4)
+        ]  # room for 4 engines at once
         tasks = [asyncio.create_task(w.async_run()) for w in workers]
         try:
             deadline = time.monotonic() + 120
@@ -180,20 +220,26 @@ async def test_the_repository_bound_holds_over_two_protocols(tmp_path: Any, orig
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         states = [await h.state(r.id) for r in runs]
-        assert [s.run.status for s in states] == ["completed", "completed"], [s.run.runtime_state for s in states]
+        assert [s.run.status for s in states] == ["completed", "completed"], [
+            s.run.runtime_state for s in states
+        ]
         assert len(engine.intervals) == 8
         # each diamond alone runs 02 and 03 at once (2 + 2 = 4 possible): the repository holds 2
         assert most_at_once(engine.intervals) == 2, engine.intervals
 
 
-async def test_a_protocol_without_a_slot_waits_and_the_cron_starts_it_once_one_frees(tmp_path: Any, origin: Any) -> None:
+async def test_a_protocol_without_a_slot_waits_and_the_cron_starts_it_once_one_frees(
+    tmp_path: Any, origin: Any
+) -> None:
     from bot.jobs.env import JobEnv
     from bot.jobs.reclaim import reclaim_expired
     from bot.jobs.schedule import bound, schedule_ready, stalled
     from bot.storage.runs import update_run
     from tests.protocol.conftest import make_harness, protocol_settings
 
-    async with make_harness(protocol_settings(tmp_path, max_parallel_steps_per_repo=1), origin) as h:
+    async with make_harness(
+        protocol_settings(tmp_path, max_parallel_steps_per_repo=1), origin
+    ) as h:
         h.use(ScriptedEngine(graph_script(DIAMOND)))
         first = await h.start("Build four parts a")  # planned and approved; steps on command
         second = await h.start("Build four parts b")
@@ -236,7 +282,9 @@ async def test_resume_after_a_fix_pushed_onto_the_protocol_branch_waits_for_ci_o
     assert (await harness.state(run_id)).run.status == "completed"
 
 
-async def test_a_rewritten_protocol_branch_without_the_merges_is_not_adopted(harness: Harness, tmp_path: Any) -> None:
+async def test_a_rewritten_protocol_branch_without_the_merges_is_not_adopted(
+    harness: Harness, tmp_path: Any
+) -> None:
     from tests.gitutil import git
 
     run_id, red = await _blocked_by_red_ci(harness)

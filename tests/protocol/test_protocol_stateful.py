@@ -52,7 +52,12 @@ from tests.protocol.conftest import protocol_settings, quiet, scripted_script
 SCRIPT = scripted_script(
     planning={
         "steps": [
-            {"slug": f"step-{i}", "title": f"Step {i}", "content": f"# Step {i}\n", "qa_policy": "light"}
+            {
+                "slug": f"step-{i}",
+                "title": f"Step {i}",
+                "content": f"# Step {i}\n",
+                "qa_policy": "light",
+            }
             for i in (1, 2)
         ]
     },
@@ -108,7 +113,11 @@ class StepRunnerMachine(RuleBasedStateMachine):
         ctx = await self.stack.enter_async_context(local_runtime(config))
         ctx["engines"] = EngineRegistry([self.engine])
         project = await get_or_create_project(
-            ctx["db"], name=f"local:{origin}", provider="local", git_url=str(origin), base_branch="main"
+            ctx["db"],
+            name=f"local:{origin}",
+            provider="local",
+            git_url=str(origin),
+            base_branch="main",
         )
         run = await actions.start_protocol(ctx, project, "Chaos", approved=True)
         await drain(ctx, project.id, printer=quiet)
@@ -185,7 +194,9 @@ class StepRunnerMachine(RuleBasedStateMachine):
     @rule(
         result=st.sampled_from(["success", "failure"]),
         on=st.sampled_from(["head", "newest", "step-1", "step-2", "qa-1", "qa-2", "stale"]),
-        kinds=st.sampled_from([("workflow_run",), ("check_suite",), ("workflow_run", "check_suite"), ("status",) * 2]),
+        kinds=st.sampled_from(
+            [("workflow_run",), ("check_suite",), ("workflow_run", "check_suite"), ("status",) * 2]
+        ),
     )
     def ci(self, result: str, on: str, kinds: tuple[str, ...]) -> None:
         """A CI result on some commit (a step's own, its QA report's, the head, an unknown one),
@@ -200,11 +211,22 @@ class StepRunnerMachine(RuleBasedStateMachine):
             sha = "0" * 40
         else:
             kind, index = on.split("-")
-            sha = (state.step(int(index)).runtime_state or {}).get("qa_commit" if kind == "qa" else "commit_sha")
+            sha = (state.step(int(index)).runtime_state or {}).get(
+                "qa_commit" if kind == "qa" else "commit_sha"
+            )
             if sha is None:
                 return
         for source in kinds:
-            self._do(apply_ci_result(self.ctx, self.run_id, sha, result, [("tests", "failure")], source=source))  # type: ignore[arg-type]
+            self._do(
+                apply_ci_result(
+                    self.ctx,
+                    self.run_id,
+                    sha,
+                    result,  # type: ignore[arg-type]
+                    [("tests", "failure")],
+                    source=source,
+                )
+            )
 
     @rule(step=st.sampled_from([None, 1, 2]))
     def engine_fails(self, step: int | None) -> None:
@@ -243,7 +265,9 @@ class StepRunnerMachine(RuleBasedStateMachine):
         self.cached = None
         try:
             self.loop.run_until_complete(
-                execute_step(self.ctx, protocol_run_id=self.run_id, step_index=runnable[0].step_index)
+                execute_step(
+                    self.ctx, protocol_run_id=self.run_id, step_index=runnable[0].step_index
+                )
             )
         except Killed:
             pass
@@ -302,7 +326,11 @@ class StepRunnerMachine(RuleBasedStateMachine):
     def at_most_one_commit_per_step_attempt(self) -> None:
         state = self._state()
         name = state.run.protocol_name
-        subjects = git("log", "--format=%s", f"refs/heads/{name}", cwd=self.origin).splitlines() if self._branch_head() else []
+        subjects = (
+            git("log", "--format=%s", f"refs/heads/{name}", cwd=self.origin).splitlines()
+            if self._branch_head()
+            else []
+        )
         for step in state.steps:
             marker = f"[protocol-0001/{step.step_index:02d}]"
             commits = sum(1 for s in subjects if marker in s)
@@ -321,19 +349,40 @@ class StepRunnerMachine(RuleBasedStateMachine):
         for e in self.loop.run_until_complete(self._ci_events()):
             sha = (e.metadata_ or {}).get("sha")
             if not sha:  # "no step has run yet": no commit, no verdict
-                assert e.event_type == "ci.ignored" and e.step_run_id is None, (e.event_type, e.message)
+                assert e.event_type == "ci.ignored" and e.step_run_id is None, (
+                    e.event_type,
+                    e.message,
+                )
                 continue
             owner = self._owner_of(str(sha))
             blamed = by_id.get(e.step_run_id) if e.step_run_id is not None else None
-            if e.event_type in ("ci.success", "ci.failure", "ci.duplicate"):  # a decision (or its repeat)
-                assert owner is not None and blamed == owner, (e.event_type, e.message, sha, owner, blamed)
+            if e.event_type in (
+                "ci.success",
+                "ci.failure",
+                "ci.duplicate",
+            ):  # a decision (or its repeat)
+                assert owner is not None and blamed == owner, (
+                    e.event_type,
+                    e.message,
+                    sha,
+                    owner,
+                    blamed,
+                )
             else:  # stale or ignored: attributed to no step, or to the commit's own
-                assert blamed is None or blamed == owner, (e.event_type, e.message, sha, owner, blamed)
+                assert blamed is None or blamed == owner, (
+                    e.event_type,
+                    e.message,
+                    sha,
+                    owner,
+                    blamed,
+                )
 
     async def _ci_events(self) -> list[Event]:
         async with self.ctx["db"].sessions() as session:
             rows = await session.execute(
-                select(Event).where(Event.protocol_run_id == self.run_id, Event.event_type.like("ci.%"))
+                select(Event).where(
+                    Event.protocol_run_id == self.run_id, Event.event_type.like("ci.%")
+                )
             )
             return list(rows.scalars())
 
@@ -361,16 +410,23 @@ class StepRunnerMachine(RuleBasedStateMachine):
         if status in ("completed", "cancelled"):
             return
         assert any(v != "completed" for _, v in steps), f"{status} with every step completed"
-        assert not any(v == "running" for _, v in steps), f"a step running after the queue drained: {steps}"
+        assert not any(v == "running" for _, v in steps), (
+            f"a step running after the queue drained: {steps}"
+        )
         if status == "paused":  # /resume
             assert can_transition_protocol(status, "running")
             return
         # /run-step, /retry N or /approve N has a step to act on …
         actionable = [i for i, v in steps if v == "pending" or may_approve_step(v)]
         assert actionable, (status, steps)
-        if status in ("blocked", "failed"):  # … and /resume or /retry puts the protocol back to work
+        if status in (
+            "blocked",
+            "failed",
+        ):  # … and /resume or /retry puts the protocol back to work
             assert can_transition_protocol(status, "running")
-            assert resume_decision(steps, auto_mode=False).action != "nothing" or any(v == "pending" for _, v in steps)
+            assert resume_decision(steps, auto_mode=False).action != "nothing" or any(
+                v == "pending" for _, v in steps
+            )
         else:
             for index in actionable:
                 start = may_start_step(status, True, dict(steps)[index])
@@ -447,7 +503,9 @@ class ParallelStepMachine(RuleBasedStateMachine):
 
         original = integrate.integrate_step
 
-        async def counted(env: Any, state: Any, step_index: int, merged: list[str] | None = None) -> str:
+        async def counted(
+            env: Any, state: Any, step_index: int, merged: list[str] | None = None
+        ) -> str:
             # the real integration, counted: two at once in one protocol is the bug looked for
             self.integrating += 1
             self.overlaps += self.integrating > 1
@@ -464,7 +522,11 @@ class ParallelStepMachine(RuleBasedStateMachine):
         ctx = await self.stack.enter_async_context(local_runtime(config))
         ctx["engines"] = EngineRegistry([self.engine])
         project = await get_or_create_project(
-            ctx["db"], name=f"local:{origin}", provider="local", git_url=str(origin), base_branch="main"
+            ctx["db"],
+            name=f"local:{origin}",
+            provider="local",
+            git_url=str(origin),
+            base_branch="main",
         )
         run = await actions.start_protocol(ctx, project, "Graph", approved=True)
         await drain(ctx, project.id, printer=quiet)
@@ -530,7 +592,9 @@ class ParallelStepMachine(RuleBasedStateMachine):
         state = self._state()
         for s in state.steps:
             if s.status == "running":
-                alive = self.loop.run_until_complete(step_lease_alive(self.ctx["redis"], self.run_id, s.step_index))
+                alive = self.loop.run_until_complete(
+                    step_lease_alive(self.ctx["redis"], self.run_id, s.step_index)
+                )
                 assert alive, f"step {s.step_index} running without its lease"
 
 

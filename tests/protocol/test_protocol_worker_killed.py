@@ -78,24 +78,41 @@ async def _killed_worker_scenario(tmp_path: Path, origin: Path, redis_url: str) 
     upgrade_head(db_url)
     slow = scripted_script(
         planning=one_step_planning(),
-        execute={"default": {"delay_s": 120, "files": [{"path": "GREETING.md", "content": "hi\n"}]}},
+        execute={
+            "default": {"delay_s": 120, "files": [{"path": "GREETING.md", "content": "hi\n"}]}
+        },
     )
     script = tmp_path / "slow.yml"
     script.write_text(yaml.safe_dump(slow))
     settings = make_settings(
-        tmp_path, db_url=db_url, redis_url=redis_url, data_dir=tmp_path / "worker-b",
-        lease_ttl_s=2.0, lease_renew_s=0.5,
+        tmp_path,
+        db_url=db_url,
+        redis_url=redis_url,
+        data_dir=tmp_path / "worker-b",
+        lease_ttl_s=2.0,
+        lease_renew_s=0.5,
     )
     db = database_from_settings(settings)
     redis = create_redis(settings)
     fast = ScriptedEngine(scripted_script(planning=one_step_planning()))
-    ctx: dict[str, Any] = {"settings": settings, "db": db, "redis": redis, "engines": EngineRegistry([fast])}
+    ctx: dict[str, Any] = {
+        "settings": settings,
+        "db": db,
+        "redis": redis,
+        "engines": EngineRegistry([fast]),
+    }
     await build_services(ctx)
     log_path = tmp_path / "worker-a.log"
     with log_path.open("w") as log_file:
         worker_a = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", WORKER, cwd=ROOT, env=worker_env(tmp_path, db_url, redis_url, script),
-            start_new_session=True, stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
+            sys.executable,
+            "-c",
+            WORKER,
+            cwd=ROOT,
+            env=worker_env(tmp_path, db_url, redis_url, script),
+            start_new_session=True,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log_file,
         )
     try:
         project = await get_or_create_project(
@@ -119,8 +136,12 @@ async def _killed_worker_scenario(tmp_path: Path, origin: Path, redis_url: str) 
         await wait_until(orphaned, 10)
         # worker B: the protocol jobs only (its reclaim cron is called by hand below)
         worker_b = Worker(
-            functions=job_functions(settings), redis_pool=redis, ctx=dict(ctx),
-            poll_delay=0.05, handle_signals=False, keep_result=60,
+            functions=job_functions(settings),
+            redis_pool=redis,
+            ctx=dict(ctx),
+            poll_delay=0.05,
+            handle_signals=False,
+            keep_result=60,
         )
         task = asyncio.create_task(worker_b.async_run())
         try:

@@ -23,7 +23,9 @@ async def test_replies_due_takes_pushed_steps_and_drops_stale_entries(harness: H
     cancelled = await harness.start("Cancelled fix")
     redis = harness.ctx["redis"]
     step = (await harness.state(pushed)).step(1)
-    await update_step(harness.ctx["db"], step.id, status="needs_qa", runtime_state={"commit_sha": "a" * 40})
+    await update_step(
+        harness.ctx["db"], step.id, status="needs_qa", runtime_state={"commit_sha": "a" * 40}
+    )
     await actions.cancel(harness.ctx, cancelled)
     await redis.sadd(REPLIES_DUE_KEY, f"{pushed}:1", f"{cancelled}:1", "9999:1", "not-a-member")
 

@@ -69,7 +69,9 @@ async def test_read_from_base_branch_only(tmp_path: Path, sqlite_url: str) -> No
 
     db = create_database(Settings(db_url=sqlite_url).async_database_url)
     try:
-        project = await get_or_create_project(db, name="o/r", provider="github", git_url=str(origin), base_branch="main")
+        project = await get_or_create_project(
+            db, name="o/r", provider="github", git_url=str(origin), base_branch="main"
+        )
         mirror = await GitCache(tmp_path / "git").ensure_mirror(str(origin))
         await refresh_repo_config(db, project, mirror)
         assert project.config["permissions"] == {"plan": "admin"}

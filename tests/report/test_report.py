@@ -59,7 +59,10 @@ def test_cli_writes_html(sqlite_url: str, tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("DEKSDENFLOW_DB_URL", sqlite_url)
     monkeypatch.setenv("DEKSDENFLOW_DATA_DIR", str(tmp_path / "data"))
     out = tmp_path / "out" / "report.html"
-    assert main(["report", "--since", "2026-11-01", "--project", "acme/widgets", "--out", str(out)]) == 0
+    assert (
+        main(["report", "--since", "2026-11-01", "--project", "acme/widgets", "--out", str(out)])
+        == 0
+    )
     assert "acme/widgets" in out.read_text()
     with pytest.raises(SystemExit):
         main(["report", "--since", "yesterday", "--out", str(out)])

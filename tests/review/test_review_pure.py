@@ -62,7 +62,12 @@ def test_github_review_submitted_sample() -> None:
     payload = load("github_pull_request_review_submitted.json")
     review = github_review(payload)
     assert review is not None
-    assert (review.number, review.review_id, review.state, review.author) == (2, 237895671, "commented", "Codertocat")
+    assert (review.number, review.review_id, review.state, review.author) == (
+        2,
+        237895671,
+        "commented",
+        "Codertocat",
+    )
     assert review_body_comment(review) is None  # body null: nothing of its own to say
     changes = copy.deepcopy(payload)
     changes["review"].update(state="CHANGES_REQUESTED", body="Please rename it.")
@@ -83,10 +88,14 @@ def test_github_review_comment_sample() -> None:
     assert c.diff_hunk == "@@ -1 +1 @@\n-# Hello-World" and c.review_id == 237895671
     assert c.body == "Maybe you should use more emojji on this line." and not c.author_is_bot
     # a reply in a thread answers to the thread's first comment
-    reply = github_review_comment({"id": 9, "in_reply_to_id": 284312630, "body": "x", "user": {"login": "a"}})
+    reply = github_review_comment(
+        {"id": 9, "in_reply_to_id": 284312630, "body": "x", "user": {"login": "a"}}
+    )
     assert reply is not None and reply.thread_id == "284312630"
     # the bot's own reply is recognised by its login or type
-    own = github_review_comment({"id": 10, "body": "x", "user": {"login": "deksdenflow[bot]", "type": "Bot"}})
+    own = github_review_comment(
+        {"id": 10, "body": "x", "user": {"login": "deksdenflow[bot]", "type": "Bot"}}
+    )
     assert own is not None and own.author_is_bot
     assert github_review_comment_event({"action": "edited", "comment": {}}) is None
 
@@ -95,7 +104,11 @@ def test_github_pr_comment_only_on_pulls() -> None:
     payload = {
         "action": "created",
         "issue": {"number": 5, "pull_request": {"url": "u"}},
-        "comment": {"id": 3, "body": "@deksdenflow rename it", "user": {"login": "alice", "type": "User"}},
+        "comment": {
+            "id": 3,
+            "body": "@deksdenflow rename it",
+            "user": {"login": "alice", "type": "User"},
+        },
     }
     found = github_pr_comment(payload)
     assert found is not None and found[0] == 5 and found[1].kind == "comment"
@@ -112,14 +125,24 @@ def test_gitlab_notes_samples() -> None:
     line = gitlab_mr_note(diff_note())
     assert line is not None
     c = line[1]
-    assert (c.path, c.line, c.kind, c.thread_id) == ("app/greet.py", 12, "line", "6a9c1750b37d513a43987b574953fceb50b03ce7")
+    assert (c.path, c.line, c.kind, c.thread_id) == (
+        "app/greet.py",
+        12,
+        "line",
+        "6a9c1750b37d513a43987b574953fceb50b03ce7",
+    )
     # old-side line when the new side has none; a resolved thread says so
     old = gitlab_mr_note(diff_note(resolved_at="2026-01-01 10:00:00 UTC"))
     assert old is not None and old[1].resolved
     # system notes, edits and issue notes are no review feedback
     assert gitlab_mr_note(diff_note(system=True)) is None
     assert gitlab_mr_note(diff_note(action="update")) is None
-    assert gitlab_mr_note({**plain, "object_attributes": {**plain["object_attributes"], "noteable_type": "Issue"}}) is None
+    assert (
+        gitlab_mr_note(
+            {**plain, "object_attributes": {**plain["object_attributes"], "noteable_type": "Issue"}}
+        )
+        is None
+    )
 
 
 def test_gitlab_approval_sample() -> None:
@@ -127,7 +150,11 @@ def test_gitlab_approval_sample() -> None:
     assert gitlab_approval(payload) is None  # action open
     payload["object_attributes"]["action"] = "approved"
     review = gitlab_approval(payload)
-    assert review is not None and (review.number, review.state, review.author) == (1, "approved", "root")
+    assert review is not None and (review.number, review.state, review.author) == (
+        1,
+        "approved",
+        "root",
+    )
     payload["object_attributes"]["action"] = "approval"  # one approval of several required
     assert gitlab_approval(payload) is not None
     payload["object_attributes"]["action"] = "unapproved"
@@ -163,7 +190,9 @@ def test_select_comments(
     comments: list[ReviewComment], writers: dict[str, bool], resolved: tuple[str, ...], handled: tuple[int, ...],
     kept: list[int], dropped: list[tuple[int, str]],
 ) -> None:  # fmt: skip
-    selection = select_comments(comments, writers=writers, resolved_threads=resolved, handled=handled)
+    selection = select_comments(
+        comments, writers=writers, resolved_threads=resolved, handled=handled
+    )
     assert [c.comment_id for c in selection.kept] == kept
     assert list(selection.dropped) == dropped
 
@@ -189,7 +218,13 @@ def test_threads_to_answer_once_each() -> None:
 
 def test_fix_step_carries_file_line_hunk_and_text() -> None:
     comments = [
-        rc(1, path="app/greet.py", line=12, diff_hunk="@@ -10,3 +10,4 @@\n+def greet():", body="Rename `greet`."),
+        rc(
+            1,
+            path="app/greet.py",
+            line=12,
+            diff_hunk="@@ -10,3 +10,4 @@\n+def greet():",
+            body="Rename `greet`.",
+        ),
         rc(2, path="README.md", line=3, body="```\nfenced\n```<!-- hidden -->"),
         rc(3, kind="review", body="Overall fine."),
     ]
@@ -227,7 +262,12 @@ DIFF = "\n".join(
 
 @pytest.mark.parametrize(
     ("line", "head"),
-    [(2, "@@ -1,3 +1,4 @@"), (22, "@@ -20,2 +21,3 @@ def f():"), (None, "@@ -1,3 +1,4 @@"), (99, "@@ -1,3 +1,4 @@")],
+    [
+        (2, "@@ -1,3 +1,4 @@"),
+        (22, "@@ -20,2 +21,3 @@ def f():"),
+        (None, "@@ -1,3 +1,4 @@"),
+        (99, "@@ -1,3 +1,4 @@"),
+    ],
 )
 def test_hunk_for_line(line: int | None, head: str) -> None:
     assert hunk_for_line(DIFF, line).splitlines()[0] == head
@@ -243,12 +283,22 @@ def test_hunk_for_line_clips_long_hunks() -> None:
 
 def test_unthreaded_reply() -> None:
     assert unthreaded_reply([rc(1, thread_id="5", kind="line")], "abcdef0123456789", 2) is None
-    text = unthreaded_reply([rc(1, kind="review"), rc(2, "bob", kind="comment"), rc(3, thread_id="d", kind="comment")], "abcdef0123456789", 2)
-    assert text == "Addressed in `abcdef012345` (step 02, the fix for this review): the review of @alice, the comment of @bob."
+    text = unthreaded_reply(
+        [rc(1, kind="review"), rc(2, "bob", kind="comment"), rc(3, thread_id="d", kind="comment")],
+        "abcdef0123456789",
+        2,
+    )
+    assert (
+        text
+        == "Addressed in `abcdef012345` (step 02, the fix for this review): the review of @alice, the comment of @bob."
+    )
 
 
 def test_reply_body_names_the_commit() -> None:
-    assert reply_body("0123456789abcdef", 3) == "Addressed in `0123456789ab` (step 03, the fix for this review)."
+    assert (
+        reply_body("0123456789abcdef", 3)
+        == "Addressed in `0123456789ab` (step 03, the fix for this review)."
+    )
 
 
 # -- mentions -----------------------------------------------------------------------------------
@@ -277,11 +327,16 @@ def test_mentions_in_code_are_no_commands() -> None:
 
     body = mentions_to_commands("```\n@bot plan\n```", ("bot",))
     assert parse_commands(body) == []
-    assert [c.name for c in parse_commands(mentions_to_commands("@bot plan x", ("bot",)))] == ["plan"]
+    assert [c.name for c in parse_commands(mentions_to_commands("@bot plan x", ("bot",)))] == [
+        "plan"
+    ]
 
 
 def test_handles_and_mentions() -> None:
-    assert bot_handles("deksdenflow", "deksdenflow[bot]", None, "", "@Ops-Bot") == ("deksdenflow", "ops-bot")
+    assert bot_handles("deksdenflow", "deksdenflow[bot]", None, "", "@Ops-Bot") == (
+        "deksdenflow",
+        "ops-bot",
+    )
     assert bot_handles("bad name!") == ()
     assert mentions_bot("thanks @deksdenflow, please fix", ("deksdenflow",))
     assert not mentions_bot("mail me at a@deksdenflow.com", ("deksdenflow",))
@@ -300,7 +355,9 @@ def test_gitlab_help_says_approve_is_gitlabs_own() -> None:
 def test_next_step_message() -> None:
     assert "marked ready for review" in next_step_message("pull", True)
     assert "request changes in a review" in next_step_message("pull", True)
-    assert "merge request" in next_step_message("merge_request", True) and "thread" in next_step_message("merge_request", True)
+    assert "merge request" in next_step_message(
+        "merge_request", True
+    ) and "thread" in next_step_message("merge_request", True)
     assert "could not be marked ready" in next_step_message("merge_request", False)
 
 
@@ -326,7 +383,13 @@ def test_threads_holding(ids: set[int], threads: list[str]) -> None:
 def test_threads_holding_skips_malformed_answers() -> None:
     from bot.forge.github import threads_holding
 
-    for answer in (None, {}, {"data": None}, {"data": {"repository": {"pullRequest": None}}}, [1, 2]):
+    for answer in (
+        None,
+        {},
+        {"data": None},
+        {"data": {"repository": {"pullRequest": None}}},
+        [1, 2],
+    ):
         assert threads_holding(answer, {1}) == []
     broken = {"data": {"repository": {"pullRequest": {"reviewThreads": {"nodes": [
         {"id": 5, "isResolved": False, "comments": {"nodes": [{"databaseId": 1}]}},
@@ -359,11 +422,23 @@ def test_review_feedback_item_is_kept_across_failures_and_replaced_by_a_newer_re
     from bot.domain.review import review_feedback
 
     comments = [
-        ReviewComment(1, "alice", "Rename `x`", thread_id="1", path="a.py", line=3, diff_hunk="@@ -1 +1,3 @@\n+x = 1"),
+        ReviewComment(
+            1,
+            "alice",
+            "Rename `x`",
+            thread_id="1",
+            path="a.py",
+            line=3,
+            diff_hunk="@@ -1 +1,3 @@\n+x = 1",
+        ),
         ReviewComment(2, "bob", "Add a test", kind="review"),
     ]
     item = review_feedback(comments)
-    assert (item.kind, item.title, item.meta) == ("review", "2 comments from @alice, @bob", {"comments": [1, 2]})
+    assert (item.kind, item.title, item.meta) == (
+        "review",
+        "2 comments from @alice, @bob",
+        {"comments": [1, 2]},
+    )
     stored = add_item(None, item)
     stored = add_item(stored, qa_item("VERDICT: FAIL", 1))
     stored = add_item(stored, guidance_item("carol", "keep it short"))
@@ -389,7 +464,9 @@ def test_review_feedback_item_is_kept_across_failures_and_replaced_by_a_newer_re
         ("0001-task", {"branch": ""}, "0001-task", True),
     ],
 )
-def test_ci_report_branch_matches_the_run(name: str, runtime: dict[str, Any], branch: str, expected: bool) -> None:
+def test_ci_report_branch_matches_the_run(
+    name: str, runtime: dict[str, Any], branch: str, expected: bool
+) -> None:
     from bot.handlers.ci_report import reports_to
     from bot.storage.models import ProtocolRun
 

@@ -18,7 +18,9 @@ def test_init_note_opens_a_draft_mr_with_the_missing_files(world: World) -> None
     note = world.note("/init")
     world.send("Note Hook", note)
     world.wait(lambda: bool(world.events("project.onboarded")), "setup MR")
-    [mr] = [m for m in world.fake.state.merge_requests.values() if m["source_branch"] == SETUP_BRANCH]
+    [mr] = [
+        m for m in world.fake.state.merge_requests.values() if m["source_branch"] == SETUP_BRANCH
+    ]
     assert mr["draft"] and mr["title"].startswith("Draft:") and mr["target_branch"] == "main"
     changed = sorted(git("diff", "--name-only", f"main...{SETUP_BRANCH}", cwd=world.origin).split())
     assert changed == sorted(set(starter_paths()) - {".deksdenflow.yml"})
