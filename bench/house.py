@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "bot.git.names": 1,
     "engines.base": 1,
     "bot.forge.base": 1,
+    "bot.forge.kinds": 1,
     "bot.handlers.sansio": 1,
     "bot.handlers.forge_events": 1,
     # 2 storage and adapters: the database, forges, git, engines

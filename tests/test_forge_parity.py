@@ -16,16 +16,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import respx
 from arq.constants import default_queue_name
 from starlette.testclient import TestClient
 
+from bot.forge.base import IssueRef, RepoRef
+from bot.forge.github import GitHubForge
+from bot.forge.github_client import GitHubClient
+from bot.forge.gitlab import GitLabForge
+from bot.forge.gitlab_client import GitLabClient
+from bot.forge.kinds import KINDS
+from bot.forge.local import LocalForge
 from bot.handlers.commands_flow import handle_comment
 from bot.handlers.forge_events import CommentEvent, RepoInfo
 from bot.handlers.router import HandlerContext
 from bot.handlers.sansio import IncomingDelivery
 from bot.jobs.ci import apply_ci_result, pr_finished
 from bot.storage.models import ForgeRecord
+from tests.github_e2e.conftest import API as GH_API
 from tests.github_e2e.conftest import GitHubLoop, app_key, loop_factory  # noqa: F401 (fixtures)
+from tests.github_e2e.fake_github import APP_ID as GH_APP_ID
+from tests.github_e2e.fake_github import FULL_NAME as GH_FULL_NAME
+from tests.github_e2e.fake_github import INSTALLATION_ID as GH_INSTALLATION
+from tests.github_e2e.fake_github import FakeGitHub
+from tests.gitlab.fake_gitlab import FakeGitLab
 from tests.gitlab_e2e.conftest import World, fake_gitlab, origin, world_factory  # noqa: F401
 from tests.intake.helpers import rows
 from tests.protocol.conftest import make_harness, protocol_settings
@@ -297,3 +311,83 @@ def test_same_loop_on_every_forge(
         for key in ("commands", "reactions", "checks", "events", "final"):
             assert seen[key] == theirs[key], f"{forge} differs from {other} in {key}"
     OBSERVED[forge] = seen
+
+
+# -- review threads: one question, each forge's own answer ------------------------------------
+# A fix step's replies are sent, then the threads resolved; a worker that died between the reply
+# and recording it asks which threads already hold the reply. The job asks every forge alike.
+
+
+async def _github_threads(key: str) -> tuple[set[str], int, set[str]]:
+    fake = FakeGitHub("https://github.com/o/r.git")
+    fake.pulls[3] = {"number": 3, "node_id": "PR_3", "head": {"ref": "x"}, "base": {"ref": "main"}}
+    fake.review_comments[700] = [{"id": 9001, "body": "rename"}, {"id": 9002, "body": "test"}]
+    repo = RepoRef("github", GH_FULL_NAME, installation_id=GH_INSTALLATION)
+    target = IssueRef(repo, 3, "pull")
+    with respx.mock(base_url=GH_API, assert_all_called=False) as mock:
+        mock.route().mock(side_effect=fake.respx_handler)
+        async with GitHubClient(app_id=GH_APP_ID, private_key=key) as client:
+            forge = GitHubForge(client)
+            await forge.reply_in_thread(target, "9001", "fixed in abc")
+            answered = await forge.answered_threads(target, {"9001", "9002"}, "fixed in abc")
+            resolved = await forge.resolve_threads(target, ["9001"], [9001])
+    return answered, resolved, fake.resolved_threads
+
+
+async def _gitlab_threads(fake: FakeGitLab) -> tuple[set[str], int, set[str]]:
+    project = fake.add_project("acme/widgets", project_id=7)
+    mr = fake.add_merge_request(project, source_branch="0001-x")
+    fake.add_discussion(project, mr["iid"], "d1")
+    fake.add_discussion(project, mr["iid"], "d2")
+    repo = RepoRef("gitlab", "acme/widgets", forge_id="7")
+    target = IssueRef(repo, mr["iid"], "merge_request")
+    client = GitLabClient(fake.url, fake.token, timeout=5.0)
+    try:
+        forge = GitLabForge(client)
+        await forge.reply_in_thread(target, "d1", "fixed in abc")
+        answered = await forge.answered_threads(target, {"d1", "d2"}, "fixed in abc")
+        resolved = await forge.resolve_threads(target, ["d1"], [1])
+    finally:
+        client.close()
+    done = {did for (_, _, did), is_resolved in fake.state.discussions.items() if is_resolved}
+    return answered, resolved, done
+
+
+async def _local_threads(tmp_path: Path, origin_path: Path) -> tuple[set[str], int, set[str]]:
+    async with make_harness(protocol_settings(tmp_path), origin_path) as h:
+        forge = LocalForge(h.ctx["db"], h.project.id)
+        target = IssueRef(RepoRef("local", str(origin_path)), 3, "pull")
+        await forge.reply_in_thread(target, "t1", "fixed in abc")
+        await forge.reply_in_thread(target, "t2", "something else")
+        answered = await forge.answered_threads(target, {"t1", "t2", "t3"}, "fixed in abc")
+        resolved = await forge.resolve_threads(target, ["t1"])
+        done = {r.key.partition(":")[2] for r in await forge.records("resolved")}
+    return answered, resolved, done
+
+
+async def test_review_threads_on_every_forge(
+    app_key: str,  # noqa: F811 (the fixture imported above)
+    fake_gitlab: FakeGitLab,  # noqa: F811
+    origin: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # GitHub reads its review threads: the thread replied in is known, the other is not
+    assert await _github_threads(app_key) == ({"9001"}, 1, {"PRRT_fake9001"})
+    # GitLab does not say (a reply may be sent twice there), and resolves by discussion id
+    assert await _gitlab_threads(fake_gitlab) == (set(), 1, {"d1"})
+    # Local answers from its records like GitHub
+    assert await _local_threads(tmp_path, origin) == ({"t1"}, 1, {"t1"})
+
+
+def test_every_forge_has_a_kind_row() -> None:
+    """The intake, recorder, git_url rule and console look a provider up in KINDS: a forge
+    without a row would be served by none of them."""
+    for forge in (GitHubForge, GitLabForge, LocalForge):
+        kind = KINDS[forge.provider]
+        assert kind.name == forge.provider == kind.repo_url.forge
+    assert [k.name for k in KINDS.values() if k.checkout_is_origin] == ["local"]
+    # only the forges that send webhooks have deliveries to record or pings to answer
+    assert {k.name for k in KINDS.values() if k.recorded_events and k.ping_event} == {
+        "github",
+        "gitlab",
+    }

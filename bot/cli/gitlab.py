@@ -7,15 +7,12 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import update
-
 from bot.core.errors import ConfigError
 from bot.core.settings import Settings
 from bot.forge.gitlab import gitlab_forge
 from bot.storage.db import database_from_settings
 from bot.storage.migrate import upgrade_head
-from bot.storage.models import Project
-from bot.storage.runs import get_or_create_project
+from bot.storage.runs import register_project
 
 if TYPE_CHECKING:
     from bot.forge.gitlab import GitLabForge
@@ -107,16 +104,8 @@ async def _store(settings: Settings, projects: list[tuple[str, dict[str, Any]]])
     db = database_from_settings(settings)
     try:
         for name, values in projects:
-            stored = await get_or_create_project(db, name=name, provider="gitlab", **values)
-            if stored.provider != "gitlab":
-                raise ConfigError(
-                    f"a {stored.provider} project named {stored.name} is already registered"
-                )
             # adding again refreshes what GitLab says (renamed default branch, new CI file, …)
-            async with db.sessions.begin() as session:
-                await session.execute(
-                    update(Project).where(Project.id == stored.id).values(enabled=True, **values)
-                )
+            await register_project(db, name=name, provider="gitlab", **values)
     finally:
         await db.dispose()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 # Headers a proxy (or anyone pretending to be one) uses to say who the "real" client is.
@@ -80,13 +81,24 @@ def ref_name_problem(name: str) -> str | None:
     return None
 
 
-def git_url_problem(url: str, provider: str, forge_url: str | None) -> str | None:
+@dataclass(frozen=True)
+class RepoUrlRule:
+    """How one kind of forge names a repository in a project's git_url (bot/forge/kinds.py
+    holds each forge's rule: the domain never asks which forge it is)."""
+
+    forge: str  # the forge's name, for messages
+    path: bool = False  # a filesystem path (a plain checkout), never a URL
+    depth: int | None = None  # path segments naming a repository exactly; None: 2 or more
+
+
+def git_url_problem(url: str, rule: RepoUrlRule, forge_url: str | None) -> str | None:
     """Why `url` is not acceptable as a project's git_url, or None.
 
-    GitHub and GitLab projects: an http(s) URL on the configured forge's own host and port,
-    without credentials, query or fragment, whose path names a repository. That one rule keeps
-    the forge's token on the forge (the git layer checks again per command), and leaves no room
-    for file://, other hosts or private addresses. Local projects: a plain filesystem path.
+    A forge's project: an http(s) URL on the configured forge's own host and port, without
+    credentials, query or fragment, whose path names a repository (`rule.depth` segments, or
+    2 or more where groups nest). That one rule keeps the forge's token on the forge (the git
+    layer checks again per command), and leaves no room for file://, other hosts or private
+    addresses. A plain checkout's project (`rule.path`): a filesystem path.
     """
     if not url or url != url.strip() or any(ord(c) < 0x20 or c == "\x7f" for c in url):
         return "must be a plain URL or path without spaces or control characters"
@@ -94,12 +106,12 @@ def git_url_problem(url: str, provider: str, forge_url: str | None) -> str | Non
         return "must not start with '-'"
     if _HELPER.match(url):
         return "remote helpers (`transport::address`, e.g. ext::) are not allowed"
-    if provider == "local":
+    if rule.path:
         if "://" in url or _SCP_LIKE.match(url):
             return "a local project's git_url is a filesystem path, not a URL"
         return None
     if forge_url is None:
-        return f"no {provider} host is configured"
+        return f"no {rule.forge} host is configured"
     try:
         parts, forge = urlsplit(url), urlsplit(forge_url)
         port, forge_port = parts.port, forge.port
@@ -118,8 +130,7 @@ def git_url_problem(url: str, provider: str, forge_url: str | None) -> str | Non
     if segments[: len(base_segments)] != base_segments:
         return f"must be under {forge_url}"
     segments = segments[len(base_segments) :]
-    wanted = 2 if provider == "github" else None
-    if len(segments) < 2 or (wanted is not None and len(segments) != wanted):
+    if len(segments) < 2 or (rule.depth is not None and len(segments) != rule.depth):
         return "must name a repository (owner/name)"
     if not all(_SEGMENT.match(s) for s in segments):
         return "has an invalid owner or repository name"

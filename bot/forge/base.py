@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Self
 
@@ -180,6 +181,21 @@ class Forge(Protocol):
         self, target: IssueRef, thread: str, body: str, *, resolve: bool = False
     ) -> None:
         """Answer in a review thread; `resolve` marks it resolved where the forge can."""
+        ...
+
+    async def answered_threads(
+        self, target: IssueRef, threads: Collection[str], text: str
+    ) -> set[str]:
+        """Those of `threads` that already hold a reply reading `text` (a run that died after
+        replying, before recording it); a forge that cannot tell names none, so they are
+        answered again."""
+        ...
+
+    async def resolve_threads(
+        self, target: IssueRef, threads: Collection[str], comment_ids: Collection[int] = ()
+    ) -> int:
+        """Mark review `threads` resolved, and say how many were; `comment_ids` are comments in
+        them (GitHub finds a thread by its comments, GitLab by the thread id)."""
         ...
 
 

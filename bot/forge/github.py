@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
@@ -550,6 +550,24 @@ class GitHubForge(AsyncClosing):
         )
         graphql_errors(answer, "reviewThreads")
         return threads_with_text(answer, text)
+
+    async def answered_threads(
+        self, target: IssueRef, threads: Collection[str], text: str
+    ) -> set[str]:
+        """A thread is named by its first comment's id: the PR's review threads (one GraphQL
+        query) show which of them already hold `text`."""
+        asked = {t for t in threads if t.isdigit()}
+        if not asked:
+            return set()
+        there = await self.threads_answered_with(target.repo, target.number, text)
+        return {t for t in asked if int(t) in there}
+
+    async def resolve_threads(
+        self, target: IssueRef, threads: Collection[str], comment_ids: Collection[int] = ()
+    ) -> int:
+        """Through GraphQL: the threads holding the threads' first comments or `comment_ids`."""
+        ids = {int(t) for t in threads if t.isdigit()} | set(comment_ids)
+        return len(await self.resolve_review_threads(target.repo, target.number, ids))
 
     async def resolve_review_threads(
         self, repo: RepoRef, number: int, comment_ids: Iterable[int]

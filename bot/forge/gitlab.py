@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from contextlib import aclosing
 from typing import Any, Literal
 from urllib.parse import quote
@@ -410,6 +410,20 @@ class GitLabForge:
         await self._client.post(f"{path}/notes", note_payload(body))
         if resolve:
             await self.resolve_discussion(target, thread)
+
+    async def answered_threads(
+        self, target: IssueRef, threads: Collection[str], text: str
+    ) -> set[str]:
+        """Not asked: reading every discussion back costs more than a reply sent twice."""
+        return set()
+
+    async def resolve_threads(
+        self, target: IssueRef, threads: Collection[str], comment_ids: Collection[int] = ()
+    ) -> int:
+        """One discussion at a time (a thread is a discussion id; the comments are not needed)."""
+        for thread in threads:
+            await self.resolve_discussion(target, thread)
+        return len(threads)
 
     async def resolve_discussion(self, target: IssueRef, discussion_id: str) -> None:
         """Mark a merge request discussion resolved."""

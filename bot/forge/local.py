@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import select
@@ -188,3 +189,19 @@ class LocalForge:
         await self._upsert(
             "reply", f"{target.number}:{thread}", body, {"issue": target.number, "resolve": resolve}
         )
+
+    async def answered_threads(
+        self, target: IssueRef, threads: Collection[str], text: str
+    ) -> set[str]:
+        """The recorded replies say it."""
+        sent = {r.key for r in await self.records("reply") if r.body == text}
+        return {t for t in threads if f"{target.number}:{t}" in sent}
+
+    async def resolve_threads(
+        self, target: IssueRef, threads: Collection[str], comment_ids: Collection[int] = ()
+    ) -> int:
+        for thread in threads:
+            await self._upsert(
+                "resolved", f"{target.number}:{thread}", "", {"issue": target.number}
+            )
+        return len(threads)

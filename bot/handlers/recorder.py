@@ -4,32 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from bot.forge.kinds import KINDS, forge_kind
 from bot.handlers.router import HandlerContext, Router
 from bot.storage.runs import record_event
 
 router = Router()
-
-GITHUB_EVENTS = (
-    "issue_comment",
-    "issues",
-    "pull_request",
-    "check_suite",
-    "check_run",
-    "workflow_run",
-    "status",
-    "pull_request_review",
-    "pull_request_review_comment",
-    "installation",
-    "installation_repositories",
-)
-GITLAB_EVENTS = (
-    "note hook",
-    "issue hook",
-    "merge request hook",
-    "pipeline hook",
-    "confidential note hook",
-    "confidential issue hook",
-)
 
 
 def _get(payload: Any, *path: str) -> Any:
@@ -42,21 +21,17 @@ def _get(payload: Any, *path: str) -> Any:
 
 
 def summarize(provider: str, event: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """A few identifying fields of a delivery; pure and safe on any payload shape."""
-    if provider == "github":
-        fields = {
-            "repository": _get(payload, "repository", "full_name"),
-            "sender": _get(payload, "sender", "login"),
-            "installation": _get(payload, "installation", "id"),
-            "number": _get(payload, "issue", "number") or _get(payload, "pull_request", "number"),
-        }
-    else:
-        fields = {
-            "project": _get(payload, "project", "path_with_namespace"),
-            "user": _get(payload, "user", "username"),
-            "kind": _get(payload, "object_kind"),
-        }
-    return {k: v for k, v in fields.items() if isinstance(v, str | int) and not isinstance(v, bool)}
+    """A few identifying fields of a delivery (the forge kind's `summary` says which); pure and
+    safe on any payload shape."""
+    kind = forge_kind(provider)
+    fields: dict[str, Any] = {}
+    for name, paths in kind.summary if kind is not None else ():
+        for path in paths:
+            value = _get(payload, *path)
+            if isinstance(value, str | int) and not isinstance(value, bool):
+                fields[name] = value
+                break
+    return fields
 
 
 async def record(ctx: HandlerContext) -> None:
@@ -77,7 +52,6 @@ async def record(ctx: HandlerContext) -> None:
     ctx.note(handler="recorder", recorded=True)
 
 
-for _event in GITHUB_EVENTS:
-    router.register("github", _event)(record)
-for _event in GITLAB_EVENTS:
-    router.register("gitlab", _event)(record)
+for _kind in KINDS.values():
+    for _event in _kind.recorded_events:
+        router.register(_kind.name, _event)(record)

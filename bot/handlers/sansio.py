@@ -15,6 +15,7 @@ import orjson
 
 from bot.core.errors import WebhookError
 from bot.core.jsonlimits import MAX_JSON_DEPTH, too_deep
+from bot.forge.kinds import forge_kind
 
 # Headers worth keeping with a delivery (for replay and the operator's view); never secrets.
 _KEPT_HEADERS = (
@@ -59,10 +60,9 @@ class IncomingDelivery:
 
     @property
     def is_ping(self) -> bool:
-        return (self.provider == "github" and self.event == "ping") or (
-            self.provider == "gitlab"
-            and self.headers.get("x-gitlab-event", "").lower() == "test hook"
-        )
+        """A forge testing its hook (GitHub's `ping`, GitLab's `Test Hook`): answered, not kept."""
+        kind = forge_kind(self.provider)
+        return kind is not None and kind.ping_event == self.event.lower()
 
 
 class LowerCaseHeaders(dict[str, str]):

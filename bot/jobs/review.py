@@ -329,20 +329,22 @@ async def _answer_threads(
 async def _sent_unrecorded(
     ctx: dict[str, Any], state: RunState, step: Any, rs: dict[str, Any], done: set[str], body: str
 ) -> tuple[dict[str, Any], set[str]]:
-    """Threads a dead run replied in without recording it: on GitHub the PR's review threads
-    show the reply (one GraphQL query, only when such a thread may exist). GitLab is not asked:
-    there such a reply can be sent twice."""
+    """Threads a dead run replied in without recording it, as far as the forge can tell (GitHub
+    reads its review threads in one GraphQL query; GitLab does not say, so there such a reply
+    can be sent twice). Asked only when such a thread may exist."""
     unsure = {str(t) for t in rs.get("review_replying") or []} - done
-    if not unsure or state.project.provider != "github":
+    if not unsure:
         return rs, done
     forge = forge_of(ctx, state)
     repo = ctx["forges"].repo_ref(state.project)
+    assert state.run.pr_number is not None  # the caller answers threads on this PR/MR
     try:
-        there = await forge.threads_answered_with(repo, state.run.pr_number, body)  # type: ignore[attr-defined]
+        found = await forge.answered_threads(
+            IssueRef(repo, state.run.pr_number, forge.pull_kind), unsure, body
+        )
     except Exception as exc:  # unknown: reply again rather than leave a thread unanswered
         log.warning("looking for unrecorded review replies failed: %s", exc)
         return rs, done
-    found = {t for t in unsure if t.isdigit() and int(t) in there}
     if not found:
         return rs, done
     done = done | found
@@ -366,8 +368,7 @@ async def _answer_on_pr(ctx: dict[str, Any], state: RunState, text: str) -> bool
 async def _resolve_threads(
     ctx: dict[str, Any], state: RunState, step: Any, rs: dict[str, Any], comments: list[ReviewComment]
 ) -> None:
-    """Resolve the threads just answered: GitHub through GraphQL (threads found by comment id),
-    GitLab one discussion at a time.
+    """Resolve the threads just answered, each forge its own way (`Forge.resolve_threads`).
 
     Apart from the replies, so a refused resolve never makes a reply be sent twice; best-effort:
     a failure is logged and shown as an event, the thread stays open for a human, and each
@@ -383,14 +384,10 @@ async def _resolve_threads(
     number = state.run.pr_number
     assert number is not None  # the caller answered threads on this PR/MR
     await update_step(ctx["db"], step.id, runtime_state={**rs, "review_resolved": sorted(tried | set(todo))})
+    target = IssueRef(repo, number, forge.pull_kind)
+    in_threads = {c.comment_id for c in comments if c.thread_id in todo}
     try:
-        if state.project.provider == "gitlab":
-            for thread in todo:
-                await forge.resolve_discussion(IssueRef(repo, number, "merge_request"), thread)  # type: ignore[attr-defined]
-            resolved = len(todo)
-        else:
-            ids = {int(t) for t in todo if t.isdigit()} | {c.comment_id for c in comments if c.thread_id in todo}
-            resolved = len(await forge.resolve_review_threads(repo, number, ids))  # type: ignore[attr-defined]
+        resolved = await forge.resolve_threads(target, todo, in_threads)
     except Exception as exc:  # the replies are there; an open thread only waits for a human
         log.warning("resolving review threads of step %s failed: %s", step.step_index, exc)
         await emit(ctx["db"], state, "feedback.failed", f"resolve review threads: {type(exc).__name__}", step)

@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.core.errors import NotFound, TransitionConflict
+from bot.core.errors import ConfigError, NotFound, TransitionConflict
 from bot.domain.spec import ProtocolSpec, step_to_dict
 from bot.domain.states import (
     ProtocolStatus,
@@ -196,6 +196,23 @@ async def get_or_create_project(
             found = (await session.execute(select(Project).where(Project.name == name))).scalar()
             assert found is not None
             return found
+
+
+async def register_project(db: Database, *, name: str, provider: str, **values: Any) -> Project:
+    """Create project `name` on `provider`, or re-enable it and refresh `values` when it is
+    already registered there (what the forge says may have changed: default branch, CI file).
+
+    ConfigError when `name` belongs to a project of another provider: the update is guarded by
+    the provider, so that project is left as it was.
+    """
+    project = await get_or_create_project(db, name=name, provider=provider, **values)
+    async with db.sessions.begin() as session:
+        result = await session.execute(
+            update(Project).filter_by(id=project.id, provider=provider).values(enabled=True, **values)
+        )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise ConfigError(f"a {project.provider} project named {name} is already registered")
+    return project
 
 
 def local_project_name(repo: Path) -> str:

@@ -24,6 +24,7 @@ from bot.domain.diffview import FileDiff, parse_diff
 from bot.domain.pricing import fmt_cost
 from bot.domain.rendering import fmt_duration
 from bot.domain.states import ProtocolStatus, StepStatus
+from bot.forge.kinds import forge_kind
 from bot.git.names import safe_repo_name
 from bot.git.runner import run_git
 from bot.storage.models import Event, Project, ProtocolRun, StepRun
@@ -223,7 +224,8 @@ def diff_sources(request: Request, run: ProtocolRun, project: Project | None) ->
         places.append(
             settings.data_dir / "git" / "mirrors" / f"{safe_repo_name(project.git_url)}.git"
         )
-        if project.provider == "local":
+        kind = forge_kind(project.provider)
+        if kind is not None and kind.checkout_is_origin:  # a plain checkout: its own path
             places.append(Path(project.git_url))
     return [p for p in places if p.exists()]
 

@@ -90,29 +90,48 @@ async def answer(send: Send, status: int, content: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def ci_secret(state: AppState) -> str | None:
+    """The CI hook's bearer token."""
+    token = state.settings.webhook_token
+    return token.get_secret_value() if token else None
+
+
+def github_secret(state: AppState) -> str | None:
+    """The GitHub App's webhook secret: the manifest flow (`/setup/github`) stores it at
+    runtime, over the configured one."""
+    stored: str | None = state.extra.get("github_webhook_secret")
+    if stored:
+        return stored
+    configured = state.settings.github_webhook_secret
+    return configured.get_secret_value() if configured else None
+
+
+def gitlab_secret(state: AppState) -> str | None:
+    """The token GitLab's hooks send."""
+    configured = state.settings.gitlab_webhook_secret
+    return configured.get_secret_value() if configured else None
+
+
 class WebhookEdge:
     """Receives deliveries for one provider and hands them to the durable store."""
 
-    def __init__(self, state: AppState, provider: str, secret_env: str, parse: Parser) -> None:
+    def __init__(
+        self,
+        state: AppState,
+        provider: str,
+        secret_env: str,
+        parse: Parser,
+        secret: Callable[[AppState], str | None],
+    ) -> None:
         self.state = state
         self.provider = provider
         self.secret_env = secret_env
         self.parse = parse
+        self._secret = secret
 
     def secret(self) -> str | None:
-        settings = self.state.settings
-        if self.provider == "ci":
-            token = settings.webhook_token
-            return token.get_secret_value() if token else None
-        if self.provider == "github":
-            # the GitHub App manifest flow (`/setup/github`) stores its secret at runtime
-            stored: str | None = self.state.extra.get("github_webhook_secret")
-            if stored:
-                return stored
-            configured = settings.github_webhook_secret
-        else:
-            configured = settings.gitlab_webhook_secret
-        return configured.get_secret_value() if configured else None
+        """Read on every delivery: settings reload and the manifest flow may change it."""
+        return self._secret(self.state)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -160,10 +179,13 @@ class WebhookEdge:
 
 def webhook_edges(state: AppState) -> dict[str, WebhookEdge]:
     """The fast-path handlers by path (with and without a trailing slash)."""
-    github = WebhookEdge(state, "github", "DEKSDENFLOW_GITHUB_WEBHOOK_SECRET", github_delivery)
-    gitlab = WebhookEdge(state, "gitlab", "DEKSDENFLOW_GITLAB_WEBHOOK_SECRET", gitlab_delivery)
-
-    ci = WebhookEdge(state, "ci", "DEKSDENFLOW_WEBHOOK_TOKEN", ci_delivery)
+    github = WebhookEdge(
+        state, "github", "DEKSDENFLOW_GITHUB_WEBHOOK_SECRET", github_delivery, github_secret
+    )
+    gitlab = WebhookEdge(
+        state, "gitlab", "DEKSDENFLOW_GITLAB_WEBHOOK_SECRET", gitlab_delivery, gitlab_secret
+    )
+    ci = WebhookEdge(state, "ci", "DEKSDENFLOW_WEBHOOK_TOKEN", ci_delivery, ci_secret)
     return {
         "/webhooks/ci": ci,
         "/webhooks/ci/": ci,

@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 from bot.cli.main import main
 from bot.core.errors import ConfigError
 from bot.domain.security import git_url_problem, ref_name_problem, token_problem
+from bot.forge.kinds import GITHUB, GITLAB, LOCAL
 from bot.storage.secretbox import key_from, unseal
 from bot.web.app import create_app
 from bot.web.serving import uvicorn_options
@@ -336,16 +337,20 @@ def test_ref_name_rules(name: str, ok: bool) -> None:
 
 def test_git_url_rules() -> None:
     gh, gl = "https://github.com", "https://gitlab.example/sub"
-    assert git_url_problem("https://github.com/o/r.git", "github", gh) is None
-    assert git_url_problem("https://github.com/o/r", "github", gh) is None
-    assert git_url_problem("https://github.com/o/r/x.git", "github", gh) is not None
-    assert git_url_problem("https://github.com:8443/o/r.git", "github", gh) is not None
-    assert git_url_problem("https://github.com/o/r.git?x=1", "github", gh) is not None
-    assert git_url_problem("https://gitlab.example/sub/g/s/r.git", "gitlab", gl) is None
-    assert git_url_problem("https://gitlab.example/g/r.git", "gitlab", gl) is not None
-    assert git_url_problem("/srv/repos/r.git", "local", None) is None
-    assert git_url_problem("host:path/r.git", "local", None) is not None
-    assert git_url_problem("-u", "local", None) is not None
+    github, gitlab, local = GITHUB.repo_url, GITLAB.repo_url, LOCAL.repo_url
+    assert git_url_problem("https://github.com/o/r.git", github, gh) is None
+    assert git_url_problem("https://github.com/o/r", github, gh) is None
+    assert git_url_problem("https://github.com/o/r/x.git", github, gh) is not None
+    assert git_url_problem("https://github.com:8443/o/r.git", github, gh) is not None
+    assert git_url_problem("https://github.com/o/r.git?x=1", github, gh) is not None
+    assert git_url_problem("https://gitlab.example/sub/g/s/r.git", gitlab, gl) is None
+    assert git_url_problem("https://gitlab.example/g/r.git", gitlab, gl) is not None
+    assert git_url_problem("/srv/repos/r.git", local, None) is None
+    assert git_url_problem("host:path/r.git", local, None) is not None
+    assert git_url_problem("-u", local, None) is not None
+    assert git_url_problem("https://gitlab.example/sub/g/r.git", gitlab, None) == (
+        "no gitlab host is configured"
+    )
 
 
 def test_short_tokens_only_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:

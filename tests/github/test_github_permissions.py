@@ -86,6 +86,8 @@ async def drive_every_method(forge: GitHubForge) -> set[str]:
     await forge.mark_ready(pull)  # a GET of the PR, then the GraphQL mutation
     await forge.resolve_review_threads(repo, 3, {9001})  # the GraphQL reviewThreads query
     await forge.threads_answered_with(repo, 3, "fixed")  # the same query
+    await forge.answered_threads(IssueRef(repo, 3, "pull"), {"9001"}, "fixed")  # the same query
+    await forge.resolve_threads(IssueRef(repo, 3, "pull"), {"9001"})  # as resolve_review_threads
     await forge.pull_branches(repo, 3)
     await forge.review_state(repo, 3, 700)
     await forge.own_handles()
@@ -119,6 +121,8 @@ async def drive_every_method(forge: GitHubForge) -> set[str]:
         "job_log",
         "resolve_review_threads",
         "threads_answered_with",
+        "answered_threads",
+        "resolve_threads",
         "own_handles",
         "is_self",
         "describe_repo",

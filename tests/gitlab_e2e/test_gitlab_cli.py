@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from bot.cli.main import main
 from tests.conftest import GITLAB_SECRET
@@ -108,3 +109,22 @@ def test_unknown_project_is_an_error(
 ) -> None:
     assert main(["gitlab", "add", "nobody/nothing"]) == 1
     assert "404" in capsys.readouterr().err
+
+
+def test_add_refuses_a_name_registered_on_another_forge(
+    env: str, fake_gitlab: FakeGitLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_gitlab.add_project("acme/widgets", project_id=43)
+    assert main(["gitlab", "add", "acme/widgets"]) == 0
+    engine = create_engine(env)
+    with engine.begin() as conn:  # the name now belongs to a GitHub project
+        conn.execute(
+            text("UPDATE projects SET provider = 'github', git_url = 'https://github.com/a/w.git'")
+        )
+    engine.dispose()
+    capsys.readouterr()
+    assert main(["gitlab", "add", "acme/widgets"]) == 1
+    assert "a github project named acme/widgets is already registered" in capsys.readouterr().err
+    # the guarded update left the other forge's project as it was
+    stored = rows(env, "SELECT provider, git_url, forge_id FROM projects")
+    assert [tuple(r) for r in stored] == [("github", "https://github.com/a/w.git", "43")]

@@ -22,6 +22,7 @@ from bot.domain.security import (
     git_url_problem,
     same_repository_url,
 )
+from bot.forge.kinds import forge_kind
 from bot.jobs import actions
 from bot.storage.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
 from bot.storage.runs import new_event
@@ -85,7 +86,10 @@ OPERATOR_CONFIG_KEYS = ("permissions", "allow_fork_commands", "labels", "policie
 def check_git_url(request: Request, url: str, provider: str) -> None:
     """422 unless `url` is acceptable for `provider` (bot/domain/security.py: git_url_problem)."""
     settings = _state(request).settings
-    problem = git_url_problem(url, provider, settings.forge_url(provider))
+    kind = forge_kind(provider)
+    if kind is None:  # the body's model admits only the known forges
+        raise BodyInvalid([{"loc": ["provider"], "msg": "unknown provider", "type": "value_error"}])
+    problem = git_url_problem(url, kind.repo_url, settings.forge_url(provider))
     if problem:
         raise BodyInvalid(
             [{"loc": ["git_url"], "msg": f"git_url {problem}", "type": "value_error"}]
@@ -98,7 +102,8 @@ async def check_forge_answer(request: Request, project: Project, url: str) -> No
     The host rule already keeps the token on the forge; this also keeps a project from pointing
     at another repository on that forge than the one its name and installation say.
     """
-    if project.provider not in ("github", "gitlab"):
+    kind = forge_kind(project.provider)
+    if kind is None or kind.checkout_is_origin:  # a checkout's own path: no forge to ask
         return
     ctx = await _state(request).services_ctx()
     forges = ctx["forges"]
