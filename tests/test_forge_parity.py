@@ -1,15 +1,18 @@
 """One scenario, three forges: GitHub (respx fake), GitLab (fake over HTTP) and Local (records).
 
-plan → approve → run step 1 → CI success → QA PASS → merge. Each forge is driven through its
-own entry points (signed deliveries, hooks, the shared command flow in-process for Local) and
-the observable results are normalised and compared: the command outcomes, the reactions on the
-command comments, the protocol/step/CI/QA events in order, the check names with their final
-states per commit, and the final statuses. A user moving between forges must see the same bot.
+In a repository with CI, on the product's default settings: plan → approve → run step 1 → QA
+PASS (on its own, right after the step) → CI success on the step's commit → merge. Each forge
+is driven through its own entry points (signed deliveries, hooks, the shared command flow
+in-process for Local) and the observable results are normalised and compared: the command
+outcomes, the reactions on the command comments, the protocol/step/CI/QA events in order, the
+check names with their final states per commit, and the final statuses. A user moving between
+forges must see the same bot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 import pytest
 import respx
 from arq.constants import default_queue_name
+from sqlalchemy import update
 from starlette.testclient import TestClient
 
 from bot.forge.base import IssueRef, RepoRef
@@ -32,7 +36,7 @@ from bot.handlers.forge_events import CommentEvent, RepoInfo
 from bot.handlers.router import HandlerContext
 from bot.handlers.sansio import IncomingDelivery
 from bot.jobs.ci import apply_ci_result, pr_finished
-from bot.storage.models import ForgeRecord
+from bot.storage.models import ForgeRecord, Project
 from tests.github_e2e.conftest import API as GH_API
 from tests.github_e2e.conftest import GitHubLoop, app_key, loop_factory  # noqa: F401 (fixtures)
 from tests.github_e2e.fake_github import APP_ID as GH_APP_ID
@@ -41,6 +45,7 @@ from tests.github_e2e.fake_github import INSTALLATION_ID as GH_INSTALLATION
 from tests.github_e2e.fake_github import FakeGitHub
 from tests.gitlab.fake_gitlab import FakeGitLab
 from tests.gitlab_e2e.conftest import World, fake_gitlab, origin, world_factory  # noqa: F401
+from tests.gitlab_e2e.test_gitlab_fix_loop import has_ci
 from tests.intake.helpers import rows
 from tests.protocol.conftest import make_harness, protocol_settings
 
@@ -112,7 +117,10 @@ def _github(request: pytest.FixtureRequest, tmp_path: Path) -> Observed:
         out = gh.deliver("issue_comment", gh.comment(command, comment_id=6001 + i))
         assert out["status"] == "processed", out
         outcomes.append(_commands(out["outcome"]["handled"]))
-    head = gh.run().run.head_sha
+    # the repository has CI: project setup found .github/workflows at installation
+    project = gh.project()
+    assert project is not None and project.ci_provider == "github-actions"
+    head = gh.run().step(1).runtime_state["commit_sha"]
     gh.ci_suite("success")
     out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, head))
     ci = out["outcome"]["handled"][-1]
@@ -171,7 +179,9 @@ def _gitlab(request: pytest.FixtureRequest, tmp_path: Path) -> Observed:
         answer = world.send("Note Hook", note)
         outcomes.append(_commands(world.delivery_result(answer["id"])["handled"]))
         _wait_idle(world.client)
-    head = world.run().head_sha
+        if command == "/plan":  # the same repository as on GitHub: one with CI
+            has_ci(world)
+    head = json.loads(world.steps()[0].runtime_state)["commit_sha"]
     answer = world.send(
         "Pipeline Hook", world.pipeline(head, PROTOCOL, "success", [("test", "success")])
     )
@@ -202,7 +212,7 @@ def _gitlab(request: pytest.FixtureRequest, tmp_path: Path) -> Observed:
 
 def _local(request: pytest.FixtureRequest, tmp_path: Path) -> Observed:
     origin_path: Path = request.getfixturevalue("origin")
-    settings = protocol_settings(tmp_path, auto_qa_after_exec=False)
+    settings = protocol_settings(tmp_path)
     return asyncio.run(_local_flow(settings, origin_path, f"sqlite:///{tmp_path / 'db.sqlite3'}"))
 
 
@@ -210,6 +220,11 @@ async def _local_flow(settings: Any, origin_path: Path, db_url: str) -> Observed
     from sqlalchemy import select
 
     async with make_harness(settings, origin_path) as h:
+        # the same repository as on GitHub: one with CI
+        async with h.ctx["db"].sessions.begin() as session:
+            await session.execute(
+                update(Project).where(Project.id == h.project.id).values(ci_provider="local")
+            )
         repo = RepoInfo("local", h.project.name, str(origin_path), "main")
         outcomes: list[Any] = []
         for i, command in enumerate(COMMANDS):
@@ -230,7 +245,8 @@ async def _local_flow(settings: Any, origin_path: Path, db_url: str) -> Observed
             outcomes.append(_commands(hctx.outcomes))
             await h.drain()
         state = await h.state(1)
-        ci = await apply_ci_result(h.ctx, state.run.id, state.run.head_sha, "success", [])
+        step_sha = state.step(1).runtime_state["commit_sha"]
+        ci = await apply_ci_result(h.ctx, state.run.id, step_sha, "success", [])
         await h.drain()
         merge = await pr_finished(h.ctx, state.run.id, merged=True)
         await h.drain()
@@ -286,8 +302,9 @@ EXPECTED_EVENTS = [
     ("protocol.running", None),
     ("step.running", 1),
     ("step.needs_qa", 1),
+    ("qa.verdict", 1),  # QA right after the step (AUTO_QA_AFTER_EXEC) …
+    ("step.waiting-ci", 1),  # … passed; the repository has CI, so the step waits for it
     ("ci.success", 1),
-    ("qa.verdict", 1),
     ("step.completed", 1),
     ("protocol.completed", None),
 ]
@@ -300,7 +317,7 @@ def test_same_loop_on_every_forge(
     seen = DRIVERS[forge](request, tmp_path)
     # what every forge must show on its own
     assert seen["commands"] == EXPECTED_COMMANDS, seen["commands"]
-    assert seen["ci"] == ("success", "run_qa")
+    assert seen["ci"] == ("success", "complete")
     assert seen["merge"] == "completed"
     assert seen["reactions"] == [["eyes", "rocket"], ["eyes"], ["eyes", "rocket"]]
     assert seen["checks"] == EXPECTED_CHECKS

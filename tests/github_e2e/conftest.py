@@ -286,8 +286,10 @@ def loop_factory(tmp_path: Path, app_key: str) -> Iterator[Callable[..., GitHubL
     """Start the app against a fresh bare origin with GitHub faked by respx."""
     stack: list[Any] = []
 
-    def start(default_settings: bool = False, **overrides: Any) -> GitHubLoop:
-        """`default_settings`: the product's defaults (QA right after execution, CI gating)."""
+    def start(**overrides: Any) -> GitHubLoop:
+        """The product's default settings (QA right after execution, CI gating, the relay's
+        interval …): end-to-end tests run as the product ships. `overrides` is for a test
+        whose point is a non-default setting; it says why where it passes one."""
         origin = make_origin(tmp_path)
         fake = FakeGitHub(str(origin))
         mock = respx.mock(base_url=API, assert_all_called=False)
@@ -300,11 +302,7 @@ def loop_factory(tmp_path: Path, app_key: str) -> Iterator[Callable[..., GitHubL
             "github_app_id": APP_ID,
             "github_private_key": app_key,
             "github_app_slug": APP_SLUG,
-            "auto_qa_after_exec": False,
-            "relay_interval_s": 59,
         }
-        if default_settings:
-            del values["auto_qa_after_exec"], values["relay_interval_s"]
         settings = make_settings(tmp_path, **{**values, **overrides})
         client = TestClient(create_app(settings))
         client.__enter__()

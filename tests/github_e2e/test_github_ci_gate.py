@@ -24,7 +24,7 @@ PROTOCOL = "0001-add-a-greeting"
 
 @pytest.fixture
 def gh(loop_factory: Callable[..., GitHubLoop]) -> GitHubLoop:
-    return loop_factory(default_settings=True)
+    return loop_factory()
 
 
 def statuses(gh: GitHubLoop) -> list[str]:

@@ -138,6 +138,7 @@ def test_replayed_signed_plan_under_a_new_delivery_id_is_a_duplicate(gh: GitHubL
 
 
 def test_the_command_prefix_is_configurable(loop_factory: Callable[..., GitHubLoop]) -> None:
+    # not the default "/": the point is that another prefix is honoured
     gh = loop_factory(command_prefix="!df ")
     gh.deliver("installation", gh.installation_created())
     out = gh.deliver("issue_comment", gh.comment("/help"))

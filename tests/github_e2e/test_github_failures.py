@@ -39,7 +39,7 @@ def test_a_forge_error_that_outlives_its_retries_blocks_visibly_and_retry_recove
         return original_from_app(cls, clock=clock, token_margin=10.0, sleep=sleep, **kwargs)
 
     monkeypatch.setattr(GitHubForge, "from_app", classmethod(from_app))
-    gh = loop_factory(default_settings=True)
+    gh = loop_factory()
     gh.fake.clock = clock
     original_run = ScriptedEngine.run
     broken = [True]

@@ -24,7 +24,7 @@ ACTIONS = {"id": 15368, "slug": "github-actions", "name": "GitHub Actions"}
 
 @pytest.fixture
 def gh(loop_factory: Callable[..., GitHubLoop]) -> GitHubLoop:
-    return loop_factory(default_settings=True)
+    return loop_factory()
 
 
 @pytest.fixture

@@ -31,13 +31,16 @@ def planned(gh: GitHubLoop) -> None:
 
 
 def executed(gh: GitHubLoop) -> None:
+    """… → /approve → /run-step: step 01 executed and QA'd on its own (PASS), waiting for CI."""
     planned(gh)
     gh.deliver("issue_comment", gh.comment("/approve"))
     gh.deliver("issue_comment", gh.comment("/run-step"))
-    assert [s.status for s in gh.run().steps] == ["needs_qa", "pending"]
+    state = gh.run()
+    assert [s.status for s in state.steps] == ["needs_qa", "pending"]
+    assert state.step(1).runtime_state["qa_verdict"] == "PASS"
 
 
-def test_full_loop_install_plan_approve_step_ci_qa_merge(gh: GitHubLoop) -> None:
+def test_full_loop_install_plan_approve_step_qa_ci_merge(gh: GitHubLoop) -> None:
     fake = gh.fake
     # install: the project is registered, then project_setup learns branch, clone URL and CI
     out = gh.deliver("installation", gh.installation_created())
@@ -107,17 +110,25 @@ def test_full_loop_install_plan_approve_step_ci_qa_merge(gh: GitHubLoop) -> None
     ]
     assert gh.run().run.approved
 
-    # /run-step: one step executed, committed and pushed; check run in_progress → completed
+    # /run-step: one step executed, committed and pushed; check run in_progress → completed;
+    # then QA runs on its own (the default AUTO_QA_AFTER_EXEC) and commits its report
     start_sha = gh.run().run.head_sha
     mark = fake.mark()
     out = gh.deliver("issue_comment", gh.comment("/run-step", comment_id=5103))
     assert out["outcome"]["handled"][-1] == {"command": "run-step", "result": "step 1"}
     calls = fake.since(mark)
     state = gh.run()
+    step_sha = state.step(1).runtime_state["commit_sha"]
     head = state.run.head_sha
-    assert head != start_sha and head == git("rev-parse", PROTOCOL, cwd=gh.origin).strip()
+    assert head == git("rev-parse", PROTOCOL, cwd=gh.origin).strip()
+    assert step_sha == git("rev-parse", f"{PROTOCOL}~1", cwd=gh.origin).strip()
+    assert start_sha not in (step_sha, head)
     assert (
-        git("log", "-1", "--format=%s", PROTOCOL, cwd=gh.origin)
+        git("log", "-1", "--format=%s", head, cwd=gh.origin).strip()
+        == "test(qa): quality report for step 01: PASS [protocol-0001/01-qa]"
+    )
+    assert (
+        git("log", "-1", "--format=%s", step_sha, cwd=gh.origin)
         .strip()
         .endswith("[protocol-0001/01]")
     )
@@ -130,6 +141,12 @@ def test_full_loop_install_plan_approve_step_ci_qa_merge(gh: GitHubLoop) -> None
         ("PATCH", f"{R}/issues/comments/1002"),
         ("PATCH", f"{R}/issues/comments/1003"),
         ("POST", f"{R}/issues/comments/5103/reactions"),
+        # QA right after execution: its own job, after the command's 🚀
+        ("POST", f"{R}/check-runs"),  # QA in progress on the step's commit
+        ("PATCH", f"{R}/check-runs/1010"),
+        ("POST", f"{R}/check-runs"),  # QA completed on the quality-report commit
+        ("PATCH", f"{R}/issues/comments/1002"),
+        ("PATCH", f"{R}/issues/comments/1003"),
     ]
     started, closed, done = calls[2].body, calls[3].body, calls[4].body
     assert started["name"] == "deksdenflow/step-01" and started["status"] == "in_progress"
@@ -139,32 +156,34 @@ def test_full_loop_install_plan_approve_step_ci_qa_merge(gh: GitHubLoop) -> None
         and closed["conclusion"] == "success"
         and "actions" not in closed
     )
-    assert done["head_sha"] == head and done["conclusion"] == "success"
+    assert done["head_sha"] == step_sha and done["conclusion"] == "success"
     assert [a["identifier"] for a in done["actions"]] == ["run-qa", "run-next"]
-    assert calls[-1].body == {"content": "rocket"}
-    assert [s.status for s in state.steps] == ["needs_qa", "pending"]
+    assert calls[7].body == {"content": "rocket"}
     # the executed step's own GitHub traffic (bench figure): ≤ 6 requests, tokens included
-    assert len(calls) - 2 <= 6
+    assert len(calls[:8]) - 2 <= 6
+    qa_started, qa_done = calls[8].body, calls[10].body
+    assert qa_started["name"] == "deksdenflow/qa-01" and qa_started["head_sha"] == step_sha
+    assert qa_done["head_sha"] == head
+    assert qa_done["conclusion"] == "success" and "PASS" in qa_done["output"]["summary"]
+    # QA passed, but the repository has CI: the step waits for it (CI_GATES by default)
+    assert [s.status for s in state.steps] == ["needs_qa", "pending"]
+    assert state.steps[0].runtime_state["qa_verdict"] == "PASS"
 
-    # CI: a workflow_run for another sha is ignored; for the head, suites are aggregated → QA
+    # CI: a workflow_run for another sha is ignored; green on the step's commit (suites
+    # aggregated) completes the step
     mark = fake.mark()
     out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, "0" * 40))
     assert out["outcome"]["handled"][-1] == {"ignored": "not a step's commit"}
     assert fake.since(mark) == []
     gh.ci_suite("success")
-    out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, head))
-    assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "run_qa"}
+    out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, step_sha))
+    assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "complete"}
     calls = fake.since(mark)
     assert pairs(calls) == [
-        ("GET", f"{R}/commits/{head}/check-suites"),
-        ("POST", f"{R}/check-runs"),  # QA in progress
-        ("PATCH", f"{R}/check-runs/1010"),
-        ("POST", f"{R}/check-runs"),  # QA completed on the quality-report commit
+        ("GET", f"{R}/commits/{step_sha}/check-suites"),
         ("PATCH", f"{R}/issues/comments/1002"),
         ("PATCH", f"{R}/issues/comments/1003"),
     ]
-    assert calls[1].body["name"] == "deksdenflow/qa-01"
-    assert calls[3].body["conclusion"] == "success" and "PASS" in calls[3].body["output"]["summary"]
     state = gh.run()
     assert [s.status for s in state.steps] == ["completed", "pending"]
     assert state.steps[0].runtime_state["qa_verdict"] == "PASS"
@@ -286,8 +305,10 @@ def test_same_ci_failure_twice_blocks_for_a_human(gh: GitHubLoop) -> None:
 @pytest.mark.parametrize(
     ("identifier", "check", "expected_check", "expected_steps"),
     [
-        # QA passed, CI has not reported yet: the step waits on its CI gate
+        # QA again (it already ran on its own and passed), CI has not reported yet: the
+        # step still waits on its CI gate
         ("run-qa", "deksdenflow/step-01", "deksdenflow/qa-01", ["needs_qa", "pending"]),
+        # step 02 executes and is QA'd on its own, then waits for CI like step 01 did
         ("run-next", "deksdenflow/qa-01", "deksdenflow/step-02", ["completed", "needs_qa"]),
         ("retry-step", "deksdenflow/step-01", "deksdenflow/step-01", ["needs_qa", "pending"]),
     ],
@@ -297,11 +318,8 @@ def test_check_run_buttons_drive_the_protocol(
 ) -> None:
     executed(gh)
     if identifier != "run-qa":  # the other buttons sit on a finished QA check (and green CI)
-        gh.deliver(
-            "check_run",
-            gh.check_run_action("deksdenflow/step-01", PROTOCOL, gh.run().run.head_sha, "run-qa"),
-        )
-        gh.ci_green()
+        gh.ci_green(gh.run().step(1).runtime_state["commit_sha"])
+        assert [s.status for s in gh.run().steps] == ["completed", "pending"]
     head = gh.run().run.head_sha
     mark = gh.fake.mark()
     out = gh.deliver("check_run", gh.check_run_action(check, PROTOCOL, head, identifier))

@@ -70,10 +70,19 @@ def planned(gh: GitHubLoop) -> None:
 
 
 def executed(gh: GitHubLoop) -> None:
+    """… → /approve → /run-step: step 01 executed and QA'd on its own (PASS), waiting for CI."""
     planned(gh)
     gh.deliver("issue_comment", gh.comment("/approve"))
     gh.deliver("issue_comment", gh.comment("/run-step"))
-    assert [s.status for s in gh.run().steps] == ["needs_qa", "pending"]
+    state = gh.run()
+    assert [s.status for s in state.steps] == ["needs_qa", "pending"]
+    assert state.step(1).runtime_state["qa_verdict"] == "PASS"
+
+
+def step_commit(gh: GitHubLoop, index: int) -> str:
+    """The step's own commit: the one its CI gate waits on (QA's report commit follows it)."""
+    sha: str = gh.run().step(index).runtime_state["commit_sha"]
+    return sha
 
 
 def set_config(gh: GitHubLoop, **config: Any) -> None:
@@ -139,14 +148,16 @@ def test_auto_label_runs_every_step_with_its_ci_and_qa_to_the_end(gh: GitHubLoop
         "label": "deksdenflow:auto",
         "result": f"planning {PROTOCOL}",
     }
-    # approved by the label: planning went straight on to step 1, which now waits for CI
+    # approved by the label: planning went straight on to step 1, which was QA'd right after
+    # it executed and now waits for CI
     state = gh.run()
     assert state.run.approved and state.run.auto_mode
     assert [s.status for s in state.steps] == ["needs_qa", "pending"]
     gh.ci_suite("success")
-    for expected in (["completed", "needs_qa"], ["completed", "completed"]):
-        out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, gh.run().run.head_sha))
-        assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "run_qa"}
+    for index, expected in ((1, ["completed", "needs_qa"]), (2, ["completed", "completed"])):
+        assert gh.run().step(index).runtime_state["qa_verdict"] == "PASS"
+        out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, step_commit(gh, index)))
+        assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "complete"}
         assert [s.status for s in gh.run().steps] == expected
     state = gh.run()
     assert state.run.status == "completed"
@@ -263,7 +274,7 @@ def check_suite(gh: GitHubLoop, sha: str | None, app_id: int = 15368) -> dict[st
 
 def test_check_suite_completed_drives_ci_like_workflow_run(gh: GitHubLoop) -> None:
     executed(gh)
-    head = gh.run().run.head_sha
+    head = step_commit(gh, 1)  # QA already passed: CI on the step's commit is what it waits for
     mark = gh.fake.mark()
     out = gh.deliver("check_suite", check_suite(gh, head, app_id=APP_ID))
     assert [
@@ -279,9 +290,9 @@ def test_check_suite_completed_drives_ci_like_workflow_run(gh: GitHubLoop) -> No
     gh.ci_suite("success")
     mark = gh.fake.mark()
     out = gh.deliver("check_suite", check_suite(gh, head))
-    assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "run_qa"}
+    assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "complete"}
     assert pairs(gh.fake.since(mark))[0] == ("GET", f"{R}/commits/{head}/check-suites")
-    assert checks_created(gh, mark) == ["deksdenflow/qa-01", "deksdenflow/qa-01"]
+    assert checks_created(gh, mark) == []  # QA ran before CI, right after the step executed
     state = gh.run()
     assert [s.status for s in state.steps] == ["completed", "pending"]
     assert state.steps[0].runtime_state["qa_verdict"] == "PASS"
@@ -295,13 +306,8 @@ def rerequested(gh: GitHubLoop, name: str) -> dict[str, Any]:
 
 
 def test_check_run_rerequested_reruns_the_step_or_its_qa(gh: GitHubLoop) -> None:
-    executed(gh)
-    gh.deliver(
-        "check_run",
-        gh.check_run_action("deksdenflow/step-01", PROTOCOL, gh.run().run.head_sha, "run-qa"),
-    )
-    assert [s.status for s in gh.run().steps] == ["needs_qa", "pending"]  # QA passed, CI due
-    gh.ci_green()
+    executed(gh)  # QA passed on its own, CI due
+    gh.ci_green(step_commit(gh, 1))
     assert [s.status for s in gh.run().steps] == ["completed", "pending"]
 
     # "Re-run" on the QA check runs QA again

@@ -34,7 +34,7 @@ def graph_loop(tmp_path: Path, loop_factory: Callable[..., GitHubLoop]) -> GitHu
             scripted_script(planning=graph_planning(TWO_ROOTS, qa="full"), execute={"steps": steps})
         )
     )
-    return loop_factory(default_settings=True, scripted_script=script)
+    return loop_factory(scripted_script=script)
 
 
 _RUN_IDS = itertools.count(7_700_000)

@@ -26,7 +26,7 @@ PR = 101
 
 @pytest.fixture
 def gh(loop_factory: Callable[..., GitHubLoop]) -> GitHubLoop:
-    return loop_factory(default_settings=True)
+    return loop_factory()
 
 
 @pytest.fixture

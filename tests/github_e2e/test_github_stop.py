@@ -53,7 +53,7 @@ def test_cancel_during_a_long_engine_step_kills_it_and_pushes_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, loop_factory: Callable[..., GitHubLoop]
 ) -> None:
     dump = stubborn_execute(monkeypatch, tmp_path)
-    gh = loop_factory(default_settings=True)
+    gh = loop_factory()
     gh.deliver("installation", gh.installation_created())
     gh.deliver("issue_comment", gh.comment("/plan"))
     gh.deliver("issue_comment", gh.comment("/approve"))
@@ -144,7 +144,7 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
 ) -> None:
     db_url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
     # the app answers webhooks only (a redis:// queue: no embedded worker); workers do the jobs
-    gh = loop_factory(default_settings=True, redis_url=redis_url, secret_key=fernet_key)
+    gh = loop_factory(redis_url=redis_url, secret_key=fernet_key)
     api = github_server(gh)
     slow = write_script(
         tmp_path / "slow.yml",

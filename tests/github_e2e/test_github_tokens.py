@@ -64,7 +64,7 @@ def test_push_after_a_long_engine_step_uses_a_fresh_token(
     monkeypatch.setattr(ops, "run_git", observed)  # push, ls-remote
     monkeypatch.setattr(cache, "run_git", observed)  # fetch
 
-    gh = loop_factory(default_settings=True)
+    gh = loop_factory()
     gh.fake.clock = clock
     gh.fake.token_ttl = 60
     gh.deliver("installation", gh.installation_created())

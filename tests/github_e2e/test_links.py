@@ -13,6 +13,7 @@ PUBLIC = "https://bot.example.com"
 def test_check_runs_and_status_comment_link_to_the_console(
     loop_factory: Callable[..., GitHubLoop],
 ) -> None:
+    # links exist only with a PUBLIC_URL (default: none), which is what this test is about
     gh = loop_factory(public_url=PUBLIC + "/")
     executed(gh)
     run_id = gh.run().run.id

@@ -292,18 +292,16 @@ def world_factory(
 ) -> Iterator[Callable[..., World]]:
     clients: list[TestClient] = []
 
-    def build(default_settings: bool = False, **overrides: Any) -> World:
-        """`default_settings`: the product's defaults (QA right after a step, CI gating)."""
+    def build(**overrides: Any) -> World:
+        """The product's default settings (QA right after a step, CI gating …): end-to-end
+        tests run as the product ships. `overrides` is for a test whose point is a
+        non-default setting; it says why where it passes one."""
         values: dict[str, Any] = {
             "db_url": sqlite_url,
             "gitlab_url": fake_gitlab.url,
             "gitlab_token": fake_gitlab.token,
-            # QA waits for CI: the Pipeline Hook is what starts it
-            "auto_qa_after_exec": False,
             **overrides,
         }
-        if default_settings:
-            values.pop("auto_qa_after_exec")
         client = TestClient(create_app(make_settings(tmp_path, **values)))
         client.__enter__()
         clients.append(client)

@@ -14,7 +14,7 @@ from tests.intake.helpers import rows
 def test_repeated_red_pipeline_is_one_decision_and_ci_then_gates(
     world_factory: Callable[..., World],
 ) -> None:
-    world = world_factory(default_settings=True)
+    world = world_factory()
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)
@@ -72,7 +72,7 @@ def test_a_step_edits_the_status_notes_by_id_and_completion_edits_them_once(
     """Forge requests per step: the status note's id is remembered (no listing of the thread's
     notes before each edit), and the last step's QA pass leaves the note to the protocol's
     completion, which follows at once (one edit per note, not two in a row)."""
-    world = world_factory(default_settings=True)
+    world = world_factory()
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)
@@ -101,7 +101,7 @@ def test_a_step_edits_the_status_notes_by_id_and_completion_edits_them_once(
 
 
 def test_a_deleted_status_note_is_posted_again(world_factory: Callable[..., World]) -> None:
-    world = world_factory(default_settings=True)
+    world = world_factory()
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)

@@ -99,7 +99,7 @@ def step_waiting_for_ci(world: World, index: int, attempt: int) -> str:
 
 
 def started(world_factory: Callable[..., World]) -> tuple[World, str]:
-    world = world_factory(default_settings=True)
+    world = world_factory()
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)

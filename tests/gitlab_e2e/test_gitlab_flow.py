@@ -8,6 +8,7 @@ from typing import Any
 
 from bot.domain.rendering import status_marker
 from tests.gitlab_e2e.conftest import PROJECT_ID, World
+from tests.gitlab_e2e.test_gitlab_fix_loop import has_ci, step_waiting_for_ci
 from tests.gitutil import git
 
 NOTES = f"/projects/{PROJECT_ID}/issues/1/notes"
@@ -23,7 +24,7 @@ def _plan_and_approve(world: World) -> Any:
     return run
 
 
-def test_plan_approve_run_ci_qa_merge(world: World) -> None:
+def test_plan_approve_run_qa_ci_merge(world: World) -> None:
     fake = world.fake
     # 1. `/plan` by a Developer: permission looked up, 👀 on the note, planning enqueued.
     plan_note = world.note("/plan")
@@ -71,49 +72,60 @@ def test_plan_approve_run_ci_qa_merge(world: World) -> None:
     ]
     assert len(mr_notes) == 1
 
-    # 2. `/approve`, then `/run-step`: step 01 runs, its commit status goes running → success.
+    # 2. `/approve`, then `/run-step`: step 01 runs, its commit status goes running → success;
+    # QA follows on its own (the default AUTO_QA_AFTER_EXEC) and, with no CI known for the
+    # project yet (no .gitlab-ci.yml seen, no pipeline reported), its PASS completes the step.
     world.send("Note Hook", world.note("/approve"))
     world.wait(lambda: bool(world.run().approved), "approval")
     plan_head = run.head_sha
     run_note = world.note("/run-step")
     world.send("Note Hook", run_note)
     world.wait_reaction(run_note)
-    run = world.wait_run("running", ["needs_qa", "pending"])
-    step_head = run.head_sha
-    assert step_head != plan_head
-    assert git("rev-parse", name, cwd=world.origin).strip() == step_head
+    # the step is completed before its QA status is sent and the run's head recorded: wait for
+    # the job to get there, then read the head
+    world.wait(lambda: len(fake.statuses()) == 6, "QA statuses")
+    run = world.wait_run("running", ["completed", "pending"])
+    step_head = json.loads(world.steps()[0].runtime_state)["commit_sha"]
+    qa_head = run.head_sha
+    assert plan_head not in (step_head, qa_head) and step_head != qa_head
+    assert git("rev-parse", name, cwd=world.origin).strip() == qa_head
+    assert git("rev-parse", f"{name}~1", cwd=world.origin).strip() == step_head
     # running on the commit the step started from, closed there with the result (or it would
-    # stay running forever), then success on the commit the step made
+    # stay running forever), then success on the commit the step made; QA the same way
     assert fake.statuses() == [
         ("deksdenflow/step-01", plan_head, "running"),
         ("deksdenflow/step-01", plan_head, "success"),
         ("deksdenflow/step-01", step_head, "success"),
-    ]
-    # the status joined the commit's push pipeline instead of creating an external one
-    step_pipeline = fake.state.commits[(PROJECT_ID, step_head)]["last_pipeline"]["id"]
-    success = fake.requests_to("POST", f"/projects/{PROJECT_ID}/statuses/{step_head}")[-1]
-    assert success.json["pipeline_id"] == step_pipeline
-    assert ("rocket", run_note["object_attributes"]["id"]) in [
-        (a["name"], a["awardable_id"]) for a in fake.state.award_emoji
-    ]
-
-    # 3. CI: a pipeline for another sha is ignored; success for the head starts QA → PASS.
-    stale = world.send(
-        "Pipeline Hook", world.pipeline(plan_head, name, "success", [("test", "success")])
-    )
-    assert {"ignored": "not a step's commit"} in world.delivery_result(stale["id"])["handled"]
-    world.send("Pipeline Hook", world.pipeline(step_head, name, "success", [("test", "success")]))
-    run = world.wait_run("running", ["completed", "pending"])
-    # the step is completed before its QA status is sent and the run's head recorded: wait for
-    # the job to get there, then read the head
-    world.wait(lambda: len(fake.statuses()) == 6, "QA statuses")
-    qa_head = world.run().head_sha
-    assert fake.statuses()[3:] == [
         ("deksdenflow/qa-01", step_head, "running"),
         ("deksdenflow/qa-01", step_head, "success"),
         ("deksdenflow/qa-01", qa_head, "success"),
     ]
+    # the status joined the commit's push pipeline instead of creating an external one
+    step_pipeline = fake.state.commits[(PROJECT_ID, step_head)]["last_pipeline"]["id"]
+    success = [
+        r
+        for r in fake.requests_to("POST", f"/projects/{PROJECT_ID}/statuses/{step_head}")
+        if r.json["name"] == "deksdenflow/step-01"
+    ][-1]
+    assert success.json["pipeline_id"] == step_pipeline
+    assert ("rocket", run_note["object_attributes"]["id"]) in [
+        (a["name"], a["awardable_id"]) for a in fake.state.award_emoji
+    ]
     assert [e.message for e in world.events("qa.verdict")] == ["step 01: PASS"]
+
+    # 3. CI: a pipeline for another sha is ignored; success on the step's commit is read and
+    # recorded against the step (already completed by its QA) and changes nothing.
+    stale = world.send(
+        "Pipeline Hook", world.pipeline(plan_head, name, "success", [("test", "success")])
+    )
+    assert {"ignored": "not a step's commit"} in world.delivery_result(stale["id"])["handled"]
+    green = world.send(
+        "Pipeline Hook", world.pipeline(step_head, name, "success", [("test", "success")])
+    )
+    assert {"ci": "success", "outcome": "recorded"} in world.delivery_result(green["id"])["handled"]
+    world.wait_run("running", ["completed", "pending"])
+    assert [e.event_type for e in world.events("ci.")] == ["ci.stale", "ci.success"]
+    assert len(fake.statuses()) == 6  # no second QA
 
     # 4. The MR is merged: the protocol is completed and the status note says so.
     world.send("Merge Request Hook", world.merge_request_event(1, name, "merge"))
@@ -196,19 +208,20 @@ def test_same_pipeline_failure_twice_blocks(world: World) -> None:
     run = _plan_and_approve(world)
     name = run.protocol_name
     _add_ci_loop(world)
+    # the project has CI, so the step, QA'd on its own right after it runs, waits for it
+    # (without CI known QA's PASS would complete the step before the pipeline reports)
+    has_ci(world)
     run_note = world.note("/run-step")
     world.send("Note Hook", run_note)
     world.wait_reaction(run_note)
-    first = world.wait_run("running", ["needs_qa", "pending"]).head_sha
+    first = step_waiting_for_ci(world, 1, attempt=1)
 
     failing = [("lint", "success"), ("test", "failed")]
     answer = world.send("Pipeline Hook", world.pipeline(first, name, "failed", failing))
     assert {"ci": "failure", "outcome": "retry"} in world.delivery_result(answer["id"])["handled"]
-    # the loop re-ran step 01: a new commit, waiting for CI again
-    world.wait(
-        lambda: world.run().head_sha != first and world.step_statuses()[0] == "needs_qa", "re-run"
-    )
-    second = world.run().head_sha
+    # the loop re-ran step 01: a new commit, QA'd again, waiting for CI again
+    second = step_waiting_for_ci(world, 1, attempt=2)
+    assert second != first
     step = world.steps()[0]
     assert step.retries == 1
     feedback = (

@@ -12,6 +12,7 @@ PUBLIC = "https://bot.example.com"
 def test_commit_statuses_and_status_note_link_to_the_console(
     world_factory: Callable[..., World],
 ) -> None:
+    # links exist only with a PUBLIC_URL (default: none), which is what this test is about
     world = world_factory(public_url=PUBLIC)
     note = world.note("/plan")
     world.send("Note Hook", note)

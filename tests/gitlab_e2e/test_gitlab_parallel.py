@@ -34,7 +34,7 @@ def graph_world(tmp_path: Path, world_factory: Callable[..., World]) -> World:
     script = tmp_path / "graph.yml"
     planning = graph_planning([None, []], qa="full")  # 01 and 02 depend on nothing
     script.write_text(yaml.safe_dump(scripted_script(planning=planning, execute={"steps": steps})))
-    return world_factory(default_settings=True, scripted_script=script)
+    return world_factory(scripted_script=script)
 
 
 def pipeline(world: World, ref: str, sha: str, status: str) -> Any:

@@ -87,7 +87,7 @@ def mr_of(world: World) -> dict[str, Any]:
 def test_mention_plan_mr_approval_ready_and_review_fix(
     world_factory: Callable[..., World], prompts: list[EngineRequest]
 ) -> None:
-    world = world_factory(default_settings=True)
+    world = world_factory()
     # GitLab strips its own `/approve` from a note: what reaches the bot is the rest of it, and
     # /help says to write `@bot approve` instead
     assert f"`{BOT} approve`" in help_text(forge="gitlab", bot=BOT_USERNAME)
@@ -212,7 +212,7 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
 def test_plain_mr_note_and_stripped_quick_action_change_nothing(
     world_factory: Callable[..., World],
 ) -> None:
-    world = world_factory(default_settings=True)
+    world = world_factory()
     plan = world.note(f"{BOT} plan")
     world.send("Note Hook", plan)
     wait_run(world, "planned", ["pending", "pending"])
@@ -235,7 +235,7 @@ def test_mention_plan_on_an_existing_merge_request(
     world_factory: Callable[..., World], tmp_path: Path
 ) -> None:
     """`@bot plan` on a human's MR plans on its source branch; the MR is the protocol's."""
-    world = world_factory(default_settings=True)
+    world = world_factory()
     work = tmp_path / "clone"
     git("clone", "-q", str(world.origin), str(work), cwd=tmp_path)
     git("checkout", "-q", "-b", "feature-y", cwd=work)

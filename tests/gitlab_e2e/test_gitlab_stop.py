@@ -58,7 +58,7 @@ def test_cancel_during_a_long_engine_step_kills_it_and_pushes_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, world_factory: Callable[..., World]
 ) -> None:
     dump = stubborn_execute(monkeypatch, tmp_path)
-    world = world_factory(default_settings=True)
+    world = world_factory()
     planned_and_approved(world)
     world.send("Note Hook", world.note("/run-step"))
     wait_for(lambda: bool(engine_pids(dump)), 30, "the engine process started")
@@ -98,7 +98,7 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
 ) -> None:
     key = Fernet.generate_key().decode()
     # the app answers webhooks only (a redis:// queue: no embedded worker); workers do the jobs
-    world = world_factory(default_settings=True, redis_url=redis_url, secret_key=key)
+    world = world_factory(redis_url=redis_url, secret_key=key)
     slow = write_script(
         tmp_path / "slow.yml",
         scripted_script(
