@@ -57,6 +57,7 @@ test: lint typecheck $(STAMP) $(CODEX) $(CHECKOV)
 # with the parallel branches
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/vulture bot engines vulture_whitelist.py --min-confidence 80
 
 typecheck: $(STAMP)

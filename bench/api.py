@@ -255,7 +255,8 @@ def fill(
         with conn.cursor() as cur:
             for table in ("projects", "protocol_runs", "step_runs", "events", "webhook_deliveries"):
                 cur.execute(
-                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                    f"(SELECT max(id) FROM {table}))"
                 )
         conn.commit()
         with conn.cursor() as cur:
@@ -268,16 +269,35 @@ def plans(url: str, run_id: int) -> list[tuple[str, str]]:
     """EXPLAIN the list queries the endpoints issue: each must use an index and a LIMIT."""
     queries = {
         "/api/protocols": "SELECT * FROM protocol_runs ORDER BY id DESC LIMIT 50",
-        "/api/protocols?project_id&status": "SELECT * FROM protocol_runs WHERE project_id = 2 AND status = 'running' ORDER BY id DESC LIMIT 50",
+        "/api/protocols?project_id&status": (
+            "SELECT * FROM protocol_runs WHERE project_id = 2 AND status = 'running' "
+            "ORDER BY id DESC LIMIT 50"
+        ),
         "/api/events": "SELECT * FROM events ORDER BY id DESC LIMIT 100",
-        "/api/events?protocol_run_id": f"SELECT * FROM events WHERE protocol_run_id = {run_id} ORDER BY id DESC LIMIT 100",
-        "/api/events?protocol_run_id&after": f"SELECT * FROM events WHERE protocol_run_id = {run_id} AND id > 50000 ORDER BY id LIMIT 100",
-        "/api/events?project_id": "SELECT * FROM events WHERE project_id = 3 ORDER BY id DESC LIMIT 100",
-        "/api/events?type": "SELECT * FROM events WHERE event_type = 'ci.result' ORDER BY id DESC LIMIT 100",
-        "/api/events?step_run_id": "SELECT * FROM events WHERE step_run_id = 77 ORDER BY id DESC LIMIT 100",
+        "/api/events?protocol_run_id": (
+            f"SELECT * FROM events WHERE protocol_run_id = {run_id} ORDER BY id DESC LIMIT 100"
+        ),
+        "/api/events?protocol_run_id&after": (
+            f"SELECT * FROM events WHERE protocol_run_id = {run_id} AND id > 50000 "
+            "ORDER BY id LIMIT 100"
+        ),
+        "/api/events?project_id": (
+            "SELECT * FROM events WHERE project_id = 3 ORDER BY id DESC LIMIT 100"
+        ),
+        "/api/events?type": (
+            "SELECT * FROM events WHERE event_type = 'ci.result' ORDER BY id DESC LIMIT 100"
+        ),
+        "/api/events?step_run_id": (
+            "SELECT * FROM events WHERE step_run_id = 77 ORDER BY id DESC LIMIT 100"
+        ),
         "/api/deliveries": "SELECT * FROM webhook_deliveries ORDER BY id DESC LIMIT 50",
-        "/api/deliveries?status": "SELECT * FROM webhook_deliveries WHERE status = 'failed' ORDER BY id DESC LIMIT 50",
-        "run page steps": f"SELECT * FROM step_runs WHERE protocol_run_id = {run_id} ORDER BY step_index LIMIT 1000",
+        "/api/deliveries?status": (
+            "SELECT * FROM webhook_deliveries WHERE status = 'failed' ORDER BY id DESC LIMIT 50"
+        ),
+        "run page steps": (
+            f"SELECT * FROM step_runs WHERE protocol_run_id = {run_id} "
+            "ORDER BY step_index LIMIT 1000"
+        ),
     }
     out = []
     with psycopg.connect(plain(url), autocommit=True) as conn, conn.cursor() as cur:
@@ -328,7 +348,8 @@ def main() -> int:
             deliveries=20_000,
         )
         print(
-            f"database {name}: {counts['runs']} runs, {counts['steps']} steps, {args.events} events, 20000 deliveries "
+            f"database {name}: {counts['runs']} runs, {counts['steps']} steps, "
+            f"{args.events} events, 20000 deliveries "
             f"(migrated and filled in {time.perf_counter() - started:.1f} s)"
         )
         run_id = 421
@@ -393,7 +414,8 @@ def main() -> int:
             results = {path: measure(client, path, args.requests) for path in endpoints}
         baseline = pct(results["/healthz"], 0.95)
         print(
-            f"\n{'endpoint':<48} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'p95/healthz':>12}  goal p95 < {GOAL_MS:.0f} ms"
+            f"\n{'endpoint':<48} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'p95/healthz':>12}  "
+            f"goal p95 < {GOAL_MS:.0f} ms"
         )
         worst = 0.0
         for path, samples in results.items():
@@ -402,7 +424,8 @@ def main() -> int:
                 worst = max(worst, p95)
             flag = "" if p95 < GOAL_MS else "  OVER"
             print(
-                f"{path:<48} {statistics.median(samples):8.2f} {p95:8.2f} {pct(samples, 0.99):8.2f} {p95 / baseline:11.1f}x{flag}"
+                f"{path:<48} {statistics.median(samples):8.2f} {p95:8.2f} "
+                f"{pct(samples, 0.99):8.2f} {p95 / baseline:11.1f}x{flag}"
             )
         print(
             f"\nbaseline /healthz p95 {baseline:.2f} ms; worst list endpoint p95 {worst:.2f} ms "

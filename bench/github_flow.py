@@ -116,7 +116,8 @@ def comment_to_eyes(deliveries: int, key: str, tmp: Path) -> None:
     print(f"comment → 👀 over real Redis ({REDIS_URL}), {len(latencies)} deliveries, sequential:")
     print(
         f"  p50 {percentile(latencies, 0.5):.1f} ms  p95 {percentile(latencies, 0.95):.1f} ms  "
-        f"max {max(latencies):.1f} ms  mean {statistics.mean(latencies):.1f} ms   (goal p95 < 300 ms)"
+        f"max {max(latencies):.1f} ms  mean {statistics.mean(latencies):.1f} ms   "
+        "(goal p95 < 300 ms)"
     )
     redis_sync.Redis.from_url(REDIS_URL).flushdb()
 

@@ -55,8 +55,8 @@ def origin(where: Path) -> Path:
 
 def script(delay_s: float) -> dict[str, Any]:
     steps = [
-        {"slug": f"part-{i}", "title": f"Part {i}", "content": f"# Part {i}\n", "commit_type": "feat",
-         "qa_policy": "skip", "depends_on": deps}
+        {"slug": f"part-{i}", "title": f"Part {i}", "content": f"# Part {i}\n",
+         "commit_type": "feat", "qa_policy": "skip", "depends_on": deps}
         for i, deps in enumerate(DEPENDS_ON, start=1)
     ]  # fmt: skip
     execute = {
@@ -99,7 +99,8 @@ async def run_once(bound: int, delay_s: float) -> float:
             state = await load_run(ctx["db"], run.id)
             if state.run.status != "completed":
                 raise SystemExit(
-                    f"bound {bound}: the protocol ended {state.run.status}: {state.run.runtime_state}"
+                    f"bound {bound}: the protocol ended {state.run.status}: "
+                    f"{state.run.runtime_state}"
                 )
             return took
 
@@ -120,7 +121,8 @@ async def main() -> None:
         serials.append(await run_once(1, args.delay))
         parallels.append(await run_once(3, args.delay))
         print(
-            f"run {n + 1}: max_parallel_steps=1 {serials[-1]:.2f} s, max_parallel_steps=3 {parallels[-1]:.2f} s"
+            f"run {n + 1}: max_parallel_steps=1 {serials[-1]:.2f} s, "
+            f"max_parallel_steps=3 {parallels[-1]:.2f} s"
         )
     serial, parallel = statistics.median(serials), statistics.median(parallels)
     print(f"max_parallel_steps=1: {serial:.2f} s (median of {args.repeat})")

@@ -1,4 +1,5 @@
-"""Benchmark: protocol start (ensure_worktree on a cached mirror) vs. a fresh clone and a bare `worktree add`."""
+"""Benchmark: protocol start (ensure_worktree on a cached mirror) vs. a fresh clone and a bare
+`worktree add`."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def initial_text(i: int) -> bytes:
 
 
 def build_origin(origin: Path, commits: int, files: int) -> None:
-    """A bare repo made with one fast-import stream: 20k files, then many one-to-three-file commits."""
+    """A bare repo made with one fast-import stream: 20k files, then many one-to-three-file
+    commits."""
     tmp = origin.with_name(origin.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     git("init", "-q", "--bare", "-b", "main", tmp)

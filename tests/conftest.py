@@ -89,8 +89,8 @@ def _truncate_postgres(url: str) -> None:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE webhook_deliveries, events, forge_records, step_runs, protocol_runs, projects, "
-                "auth_sessions, stored_secrets, transcript_chunks "
+                "TRUNCATE webhook_deliveries, events, forge_records, step_runs, protocol_runs, "
+                "projects, auth_sessions, stored_secrets, transcript_chunks "
                 "RESTART IDENTITY CASCADE"
             )
         )

@@ -39,7 +39,8 @@ from bot.storage.models import Project
 
 
 async def _stored_app(settings: Settings) -> dict[str, Any]:
-    """The App /github/setup sealed in the database (or its older file); {} when none or unreadable."""
+    """The App /github/setup sealed in the database (or its older file); {} when none or
+    unreadable."""
 
     try:
         db = database_from_settings(settings)
@@ -54,7 +55,8 @@ async def _stored_app(settings: Settings) -> dict[str, Any]:
 def _github_credentials(
     settings: Settings, stored: dict[str, Any] | None = None
 ) -> tuple[str | None, str | None, str | None, str | None]:
-    """(app id, pem, webhook secret, slug) from the settings, else from what /github/setup stored."""
+    """(app id, pem, webhook secret, slug) from the settings, else from what /github/setup
+    stored."""
     app_id = str(settings.github_app_id) if settings.github_app_id else None
     pem = settings.github_private_key_pem()
     secret = (
@@ -225,127 +227,122 @@ async def check_gitlab(settings: Settings) -> list[CheckResult]:
         max_retries=0,
         ssl_verify=settings.tls_verify,
     )
-    results: list[CheckResult] = []
     try:
         try:
             token = await client.get("/personal_access_tokens/self")
         except GitLabAPIError as exc:
-            if exc.status_code == 401:
-                return [
-                    fail(
-                        "gitlab token",
-                        f"{settings.gitlab_url} rejected DEKSDENFLOW_GITLAB_TOKEN (401): "
-                        "wrong, expired or revoked",
-                        f"create a token with the api scope ({tokens_page}, or a project/group "
-                        "access token, role Developer or higher) and set DEKSDENFLOW_GITLAB_TOKEN",
-                    )
-                ]
-            if exc.status_code == 404:
-                # GitLab before 15.5 has no /personal_access_tokens/self: the token is still
-                # usable if /user answers, only its scopes cannot be listed
-                try:
-                    user = await client.get("/user")
-                except GitLabAPIError:
-                    user = None
-                if user:
-                    return [
-                        ok(
-                            "gitlab token",
-                            f"valid (user {user.get('username')}); this GitLab "
-                            "cannot list a token's scopes: make sure it has api",
-                        )
-                    ]
-            if exc.status_code is None:
-                return [
-                    fail(
-                        "gitlab token",
-                        f"cannot reach {settings.gitlab_url}: {exc.message}",
-                        "check DEKSDENFLOW_GITLAB_URL (and DEKSDENFLOW_CA_BUNDLE for a private CA)",
-                    )
-                ]
-            return [
-                fail(
-                    "gitlab token",
-                    first_line(str(exc)),
-                    "check DEKSDENFLOW_GITLAB_URL: the GitLab base URL, without /api/v4",
-                )
-            ]
-        scopes = [str(s) for s in (token or {}).get("scopes") or []]
-        missing = [s for s in GITLAB_SCOPES if s not in scopes]
-        if missing or (token or {}).get("active") is False:
-            results.append(
-                fail(
-                    "gitlab token",
-                    f"token {token.get('name')!r} has scopes {', '.join(scopes) or 'none'}; "
-                    f"needs {', '.join(GITLAB_SCOPES)}",
-                    f"create a token with the api scope ({tokens_page}) and set DEKSDENFLOW_GITLAB_TOKEN",
-                )
-            )
-        else:
-            expires = token.get("expires_at")
-            results.append(
-                ok(
-                    "gitlab token",
-                    f"token {token.get('name')!r} valid, scopes {', '.join(scopes)}"
-                    + (f", expires {expires}" if expires else ""),
-                )
-            )
-
-        try:
-            projects = await _gitlab_projects(settings)
-        except Exception as exc:
-            results.append(
-                skip("gitlab hooks", f"cannot read the registered projects: {describe_error(exc)}")
-            )
-            return results
-        if not projects:
-            results.append(
-                skip("gitlab hooks", "no GitLab project registered (`deksdenflow gitlab add`)")
-            )
-            return results
-        if not settings.public_url:
-            results.append(
-                skip("gitlab hooks", "DEKSDENFLOW_PUBLIC_URL unset: cannot tell the right hook URL")
-            )
-            return results
-        want = settings.public_url + GITLAB_HOOK_PATH
-        for name, forge_id in projects:
-            ref: str | int = int(forge_id) if forge_id and forge_id.isdigit() else name
-            try:
-                hooks = await client.get(f"/projects/{project_path(ref)}/hooks", {"per_page": 100})
-            except GitLabAPIError as exc:
-                results.append(
-                    fail(
-                        f"gitlab hook {name}",
-                        f"cannot list its hooks: {first_line(str(exc))}",
-                        "the token needs Maintainer on the project to see its hooks",
-                    )
-                )
-                continue
-            served = hook_points_at(hooks or [], want)
-            if not served:
-                for group in namespaces_of(name):
-                    try:
-                        group_hooks = await client.get(f"/groups/{project_path(group)}/hooks")
-                    except GitLabAPIError:
-                        continue  # not a group, or no Owner access: only project hooks count
-                    if hook_points_at(group_hooks or [], want):
-                        served = True
-                        break
-            if served:
-                results.append(ok(f"gitlab hook {name}", f"delivers to {want}"))
-            else:
-                urls = ", ".join(str(h.get("url")) for h in hooks or []) or "none"
-                results.append(
-                    fail(
-                        f"gitlab hook {name}",
-                        f"no hook delivers to {want} (hooks: {urls})",
-                        f"deksdenflow gitlab add {name} --create-hook --hook-url {want}",
-                    )
-                )
+            return [await _gitlab_token_refused(client, settings, exc, tokens_page)]
+        results = [_gitlab_token_scopes(token, tokens_page)]
+        results += await _gitlab_hooks(client, settings)
     finally:
         await client.aclose()
     return results
+
+
+async def _gitlab_token_refused(
+    client: GitLabClient, settings: Settings, exc: GitLabAPIError, tokens_page: str
+) -> CheckResult:
+    """The token check when GitLab would not show the token itself."""
+    if exc.status_code == 401:
+        return fail(
+            "gitlab token",
+            f"{settings.gitlab_url} rejected DEKSDENFLOW_GITLAB_TOKEN (401): "
+            "wrong, expired or revoked",
+            f"create a token with the api scope ({tokens_page}, or a project/group "
+            "access token, role Developer or higher) and set DEKSDENFLOW_GITLAB_TOKEN",
+        )
+    if exc.status_code == 404:
+        # GitLab before 15.5 has no /personal_access_tokens/self: the token is still
+        # usable if /user answers, only its scopes cannot be listed
+        try:
+            user = await client.get("/user")
+        except GitLabAPIError:
+            user = None
+        if user:
+            return ok(
+                "gitlab token",
+                f"valid (user {user.get('username')}); this GitLab "
+                "cannot list a token's scopes: make sure it has api",
+            )
+    if exc.status_code is None:
+        return fail(
+            "gitlab token",
+            f"cannot reach {settings.gitlab_url}: {exc.message}",
+            "check DEKSDENFLOW_GITLAB_URL (and DEKSDENFLOW_CA_BUNDLE for a private CA)",
+        )
+    return fail(
+        "gitlab token",
+        first_line(str(exc)),
+        "check DEKSDENFLOW_GITLAB_URL: the GitLab base URL, without /api/v4",
+    )
+
+
+def _gitlab_token_scopes(token: Any, tokens_page: str) -> CheckResult:
+    """The token check from what GitLab says of the token: active, with the scopes we need."""
+    scopes = [str(s) for s in (token or {}).get("scopes") or []]
+    missing = [s for s in GITLAB_SCOPES if s not in scopes]
+    if missing or (token or {}).get("active") is False:
+        return fail(
+            "gitlab token",
+            f"token {token.get('name')!r} has scopes {', '.join(scopes) or 'none'}; "
+            f"needs {', '.join(GITLAB_SCOPES)}",
+            f"create a token with the api scope ({tokens_page}) and set DEKSDENFLOW_GITLAB_TOKEN",
+        )
+    expires = token.get("expires_at")
+    return ok(
+        "gitlab token",
+        f"token {token.get('name')!r} valid, scopes {', '.join(scopes)}"
+        + (f", expires {expires}" if expires else ""),
+    )
+
+
+async def _gitlab_hooks(client: GitLabClient, settings: Settings) -> list[CheckResult]:
+    """One line per registered GitLab project: does a project or group hook deliver to us."""
+    try:
+        projects = await _gitlab_projects(settings)
+    except Exception as exc:
+        return [skip("gitlab hooks", f"cannot read the registered projects: {describe_error(exc)}")]
+    if not projects:
+        return [skip("gitlab hooks", "no GitLab project registered (`deksdenflow gitlab add`)")]
+    if not settings.public_url:
+        return [
+            skip("gitlab hooks", "DEKSDENFLOW_PUBLIC_URL unset: cannot tell the right hook URL")
+        ]
+    want = settings.public_url + GITLAB_HOOK_PATH
+    return [await _gitlab_hook(client, name, forge_id, want) for name, forge_id in projects]
+
+
+async def _gitlab_hook(
+    client: GitLabClient, name: str, forge_id: str | None, want: str
+) -> CheckResult:
+    """Whether the project `name`, or a group above it, has a hook delivering to `want`."""
+    ref: str | int = int(forge_id) if forge_id and forge_id.isdigit() else name
+    try:
+        hooks = await client.get(f"/projects/{project_path(ref)}/hooks", {"per_page": 100})
+    except GitLabAPIError as exc:
+        return fail(
+            f"gitlab hook {name}",
+            f"cannot list its hooks: {first_line(str(exc))}",
+            "the token needs Maintainer on the project to see its hooks",
+        )
+    served = hook_points_at(hooks or [], want)
+    if not served:
+        for group in namespaces_of(name):
+            try:
+                group_hooks = await client.get(f"/groups/{project_path(group)}/hooks")
+            except GitLabAPIError:
+                continue  # not a group, or no Owner access: only project hooks count
+            if hook_points_at(group_hooks or [], want):
+                served = True
+                break
+    if served:
+        return ok(f"gitlab hook {name}", f"delivers to {want}")
+    urls = ", ".join(str(h.get("url")) for h in hooks or []) or "none"
+    return fail(
+        f"gitlab hook {name}",
+        f"no hook delivers to {want} (hooks: {urls})",
+        f"deksdenflow gitlab add {name} --create-hook --hook-url {want}",
+    )
 
 
 def _forges_configured(settings: Settings) -> bool:

@@ -1,4 +1,5 @@
-"""`deksdenflow setup` and `deksdenflow codemachine import`: onboarding commands for a local repository."""
+"""`deksdenflow setup` and `deksdenflow codemachine import`: onboarding commands for a local
+repository."""
 
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ async def local_setup(
         await record_event(
             rt["db"],
             "project.setup_local",
-            f"setup: {len(report.created)} created, {len(report.kept)} kept, {len(report.overwritten)} overwritten",
+            f"setup: {len(report.created)} created, {len(report.kept)} kept, "
+            f"{len(report.overwritten)} overwritten",
             project_id=project.id,
             metadata={
                 "created": report.created,
@@ -175,7 +177,8 @@ async def _setup_on_branch(
     )
     if code == 0:
         raise ConfigError(
-            f"branch {SETUP_BRANCH} already exists: merge or delete it (git branch -D {SETUP_BRANCH}) first"
+            f"branch {SETUP_BRANCH} already exists: merge or delete it "
+            f"(git branch -D {SETUP_BRANCH}) first"
         )
     with tempfile.TemporaryDirectory(prefix="deksdenflow-setup-") as tmp:
         wt = Path(tmp) / "wt"
@@ -209,7 +212,8 @@ def _print_report(report: LocalSetupReport, root: Path, base: str | None) -> Non
         print(f"discovery changed: {', '.join(report.discovery_changed) or 'nothing'}", file=out)
         if report.discovery_branch:
             print(
-                f"review with: git diff {base or 'main'}...{report.discovery_branch}, then merge it",
+                f"review with: git diff {base or 'main'}...{report.discovery_branch}, "
+                "then merge it",
                 file=out,
             )
     for warning in report.warnings:

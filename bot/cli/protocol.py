@@ -206,14 +206,16 @@ def _render(state: Any, records: list[ForgeRecord]) -> str:
     for step in state.steps:
         verdict = (step.runtime_state or {}).get("qa_verdict") or ""
         lines.append(
-            f"  {step.step_index:02d} {step.status:<10} {verdict:<5} {step.tokens_used:>7} tok  {step.summary or step.step_name}"
+            f"  {step.step_index:02d} {step.status:<10} {verdict:<5} {step.tokens_used:>7} tok  "
+            f"{step.summary or step.step_name}"
         )
     for rec in records:
         if rec.kind == "pull" and rec.key == run.protocol_name:
             lines.append(f"  draft PR: {rec.data.get('title')} ({rec.data.get('state')})")
         if rec.kind == "check" and run.head_sha and rec.key.startswith(run.head_sha):
             lines.append(
-                f"  check {rec.data.get('name')}: {rec.data.get('status')} {rec.data.get('conclusion') or ''}"
+                f"  check {rec.data.get('name')}: {rec.data.get('status')} "
+                f"{rec.data.get('conclusion') or ''}"
             )
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""`deksdenflow report`: per-project usage (protocols, steps, QA, CI, tokens, durations) as HTML or PDF."""
+"""`deksdenflow report`: per-project usage (protocols, steps, QA, CI, tokens, durations) as HTML
+or PDF."""
 
 from __future__ import annotations
 
@@ -177,12 +178,14 @@ def tokens_chart(report: Report, width: int = 720, height: int = 260) -> str:
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="tokens per day">',
-        f'<line x1="{left}" y1="{top_pad + plot_h}" x2="{width - 10}" y2="{top_pad + plot_h}" stroke="#888"/>',
+        f'<line x1="{left}" y1="{top_pad + plot_h}" x2="{width - 10}" y2="{top_pad + plot_h}" '
+        'stroke="#888"/>',
     ]
     for frac in (0, 0.5, 1):
         y = top_pad + plot_h - frac * plot_h
         parts.append(
-            f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{int(top * frac):,}</text>'
+            f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">'
+            f"{int(top * frac):,}</text>"
         )
     for i, day in enumerate(days):
         y = top_pad + plot_h
@@ -222,10 +225,15 @@ def render_html(report: Report) -> str:
             f"<td><strong>{esc(p.name)}</strong><div class=muted>{esc(p.provider)}</div></td>"
             f"<td>{p.runs}<div class=muted>{esc(statuses)}</div></td>"
             f"<td>{p.steps}<div class=muted>{esc(step_statuses)}</div></td>"
-            f"<td>{_fmt_rate(p.qa_pass_rate)}<div class=muted>{p.qa_pass} pass / {p.qa_fail} fail</div></td>"
-            f"<td>{p.ci_attempts}<div class=muted>{(p.ci_attempts / p.runs if p.runs else 0):.1f} per run</div></td>"
-            f"<td>{p.tokens:,}<div class=muted>{(p.tokens // p.runs if p.runs else 0):,} per run</div></td>"
-            f"<td>{esc(fmt_cost(p.cost_usd))}<div class=muted>{esc(fmt_cost(p.cost_usd / p.runs if p.runs else 0))} per run</div></td>"
+            f"<td>{_fmt_rate(p.qa_pass_rate)}"
+            f"<div class=muted>{p.qa_pass} pass / {p.qa_fail} fail</div></td>"
+            f"<td>{p.ci_attempts}"
+            f"<div class=muted>{(p.ci_attempts / p.runs if p.runs else 0):.1f} per run</div></td>"
+            f"<td>{p.tokens:,}"
+            f"<div class=muted>{(p.tokens // p.runs if p.runs else 0):,} per run</div></td>"
+            f"<td>{esc(fmt_cost(p.cost_usd))}"
+            f"<div class=muted>{esc(fmt_cost(p.cost_usd / p.runs if p.runs else 0))} per run</div>"
+            "</td>"
             f"<td>{esc(_fmt_minutes(p.run_minutes))}</td>"
             f"<td>{esc(_fmt_minutes(p.step_minutes))}</td>"
             "</tr>"
@@ -234,13 +242,15 @@ def render_html(report: Report) -> str:
     total_cost = sum(p.cost_usd for p in report.projects)
     total_runs = sum(p.runs for p in report.projects)
     body = "\n".join(rows) or '<tr><td colspan="9" class="muted">No projects.</td></tr>'
-    return f"""<!doctype html>
+    return (
+        f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>DeksdenFlow usage report</title>
 <style>
  body {{ font: 13px/1.4 system-ui, sans-serif; color: #1f2328; margin: 24px; }}
  h1 {{ font-size: 20px; margin: 0 0 4px; }} h2 {{ font-size: 15px; margin: 22px 0 8px; }}
  table {{ border-collapse: collapse; width: 100%; }}
- th, td {{ border-bottom: 1px solid #d0d7de; padding: 5px 8px; text-align: left; vertical-align: top; }}
+ th, td {{ border-bottom: 1px solid #d0d7de; padding: 5px 8px; text-align: left; """
+        f"""vertical-align: top; }}
  th {{ background: #f6f8fa; }} .muted {{ color: #656d76; font-size: 11px; }}
  .legend span {{ margin-right: 14px; font-size: 11px; }}
  .legend i {{ display: inline-block; width: 10px; height: 10px; margin-right: 4px; }}
@@ -259,6 +269,7 @@ def render_html(report: Report) -> str:
 {tokens_chart(report)}
 </body></html>
 """
+    )
 
 
 def find_chromium(explicit: str | None = None) -> str:

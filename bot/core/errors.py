@@ -38,7 +38,8 @@ class DependenciesPending(TransitionConflict):
         super().__init__("step", step_index, "pending", "running")
         names = ", ".join(f"{i:02d}" for i in missing)
         self.args = (
-            f"step {step_index:02d} waits for step{'s' if len(missing) > 1 else ''} {names} (not completed yet)",
+            f"step {step_index:02d} waits for step{'s' if len(missing) > 1 else ''} {names} "
+            "(not completed yet)",
         )
         self.missing = missing
 

@@ -1,4 +1,5 @@
-"""Private files for the worker's secrets: the data dir 0700, the database, keys and credentials 0600.
+"""Private files for the worker's secrets: the data dir 0700, the database, keys and credentials
+0600.
 
 An engine that runs as the worker's user can still read them (see the README's security section);
 these modes keep every *other* user of the machine out.

@@ -53,8 +53,8 @@ class SecretFileSource(PydanticBaseSettingsSource):
     """`DEKSDENFLOW_<NAME>_FILE=/run/secrets/x` reads the value of <NAME> from that file.
 
     The file's content is taken whole, less one trailing newline (what `echo` and most secret
-    stores leave); an empty file counts as unset. Setting both the variable and its _FILE twin is refused: which one wins
-    would otherwise be a guess.
+    stores leave); an empty file counts as unset. Setting both the variable and its _FILE twin is
+    refused: which one wins would otherwise be a guess.
     """
 
     def __init__(
@@ -89,7 +89,8 @@ class SecretFileSource(PydanticBaseSettingsSource):
 
 
 def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """$XDG_DATA_HOME/deksdenflow, else ~/.local/share/deksdenflow (read when settings are built)."""
+    """$XDG_DATA_HOME/deksdenflow, else ~/.local/share/deksdenflow (read when settings are
+    built)."""
     env = os.environ if environ is None else environ
     xdg = env.get("XDG_DATA_HOME", "").strip()
     base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"

@@ -31,7 +31,8 @@ _GL_STAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?Z [0-9a-f
 # Lines that say what went wrong. Generic runner lines ("exit code 1") count only when a job
 # printed nothing more specific.
 _ERROR_LINE = re.compile(
-    r"##\[error\]|\b(?:[A-Z]\w*(?:Error|Exception)|error|ERROR|Error|FAILED|FAIL|fatal|panic)\b|^E {2,}\S|Traceback"
+    r"##\[error\]|\b(?:[A-Z]\w*(?:Error|Exception)|error|ERROR|Error|FAILED|FAIL|fatal|panic)\b"
+    r"|^E {2,}\S|Traceback"
 )
 _GENERIC = re.compile(
     r"Process completed with exit code|Job failed: exit code|ERROR: Job failed|exit status \d+\s*$|"

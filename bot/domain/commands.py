@@ -45,7 +45,8 @@ COMMANDS: Mapping[str, CommandInfo] = {
             "retry",
             "step_text",
             "retry [N] [text…]",
-            "retry step N (default: the failed or blocked step); any text after it goes to the agent as guidance",
+            "retry step N (default: the failed or blocked step); "
+            "any text after it goes to the agent as guidance",
         ),
         CommandInfo(
             "approve",
@@ -350,7 +351,8 @@ def label_intent(label_name: str, labels_config: Mapping[str, str] | None = None
 # How each forge names the access a command needs (GitLab's roles: Reporter 20, Developer 30,
 # Maintainer 40; GitHub's repository permissions as they are).
 ROLE_WORDS: Mapping[str, Mapping[str, str]] = {
-    "github": {"none": "no", "read": "read", "write": "write", "maintain": "maintain", "admin": "admin"},
+    "github": {"none": "no", "read": "read", "write": "write", "maintain": "maintain",
+               "admin": "admin"},
     "gitlab": {"none": "no", "read": "Reporter", "write": "Developer", "maintain": "Maintainer",
                "admin": "Maintainer"},
 }  # fmt: skip

@@ -75,6 +75,45 @@ def highlight_lines(lines: list[str], path: str) -> list[str]:
     return rendered[: len(lines)]
 
 
+def _note_file_header(current: FileDiff, line: str) -> None:
+    """A line between `diff --git` and the first hunk: what happened to the file."""
+    if line.startswith("new file mode"):
+        current.status = "added"
+    elif line.startswith("deleted file mode"):
+        current.status = "deleted"
+    elif line.startswith("rename from "):
+        current.status, current.old_path = "renamed", line[len("rename from ") :]
+    elif line.startswith("Binary files "):
+        current.status = "binary"
+
+
+def _classify(line: str, old: int, new: int) -> tuple[str, int | None, int | None]:
+    """A hunk line's kind and its old/new line numbers (None on the side it is absent from)."""
+    if line.startswith("+"):
+        return "add", None, new
+    if line.startswith("-"):
+        return "del", old, None
+    if line.startswith("\\"):
+        return "note", None, None
+    return "ctx", old, new
+
+
+def _colour(files: list[FileDiff], raw: list[tuple[FileDiff, Hunk, str, str]]) -> None:
+    """Fill each line's html: per file, the file's lines lexed together so strings and comments
+    span correctly."""
+    by_file: dict[int, list[tuple[Hunk, str, str]]] = {}
+    for file, h, kind, content in raw:
+        by_file.setdefault(id(file), []).append((h, kind, content))
+    for file in files:
+        entries = by_file.get(id(file), [])
+        coloured = highlight_lines([c for _, k, c in entries], file.path)
+        cursor: dict[int, int] = {}
+        for (h, kind, content), markup in zip(entries, coloured, strict=True):
+            index = cursor.get(id(h), 0)
+            cursor[id(h)] = index + 1
+            h.lines[index].html = html.escape(content) if kind == "note" else markup
+
+
 def parse_diff(text: str) -> list[FileDiff]:
     """`git show --patch` / `git diff` output → files with their hunks (uncoloured)."""
     files: list[FileDiff] = []
@@ -94,14 +133,7 @@ def parse_diff(text: str) -> list[FileDiff]:
         if current is None:
             continue
         if hunk is None:
-            if line.startswith("new file mode"):
-                current.status = "added"
-            elif line.startswith("deleted file mode"):
-                current.status = "deleted"
-            elif line.startswith("rename from "):
-                current.status, current.old_path = "renamed", line[len("rename from ") :]
-            elif line.startswith("Binary files "):
-                current.status = "binary"
+            _note_file_header(current, line)
         match = _HUNK.match(line)
         if match:
             old, new = int(match.group(1)), int(match.group(2))
@@ -110,19 +142,14 @@ def parse_diff(text: str) -> list[FileDiff]:
             continue
         if hunk is None:
             continue
-        if line.startswith("+"):
+        kind, lines_old, lines_new = _classify(line, old, new)
+        if kind == "add":
             current.added += 1
-            kind, lines_old, lines_new = "add", None, new
-            new += 1
-        elif line.startswith("-"):
+        elif kind == "del":
             current.removed += 1
-            kind, lines_old, lines_new = "del", old, None
+        if lines_old is not None:
             old += 1
-        elif line.startswith("\\"):
-            kind, lines_old, lines_new = "note", None, None
-        else:
-            kind, lines_old, lines_new = "ctx", old, new
-            old += 1
+        if lines_new is not None:
             new += 1
         shown = sum(len(h.lines) for h in current.hunks)
         if shown >= MAX_LINES_PER_FILE:
@@ -130,16 +157,5 @@ def parse_diff(text: str) -> list[FileDiff]:
             continue
         hunk.lines.append(DiffLine(kind, lines_old, lines_new, ""))
         raw.append((current, hunk, kind, line[1:] if kind != "note" else line))
-    # colour per file, the file's lines lexed together so strings and comments span correctly
-    by_file: dict[int, list[tuple[Hunk, str, str]]] = {}
-    for file, h, kind, content in raw:
-        by_file.setdefault(id(file), []).append((h, kind, content))
-    for file in files:
-        entries = by_file.get(id(file), [])
-        coloured = highlight_lines([c for _, k, c in entries], file.path)
-        cursor: dict[int, int] = {}
-        for (h, kind, content), markup in zip(entries, coloured, strict=True):
-            index = cursor.get(id(h), 0)
-            cursor[id(h)] = index + 1
-            h.lines[index].html = html.escape(content) if kind == "note" else markup
+    _colour(files, raw)
     return files

@@ -1,4 +1,5 @@
-"""What the bot does to an engine's output before storing, committing or publishing any of it (pure).
+"""What the bot does to an engine's output before storing, committing or publishing any of it
+(pure).
 
 The agent's text is untrusted: it may echo secrets it read, be megabytes long, or pretend to be
 something it is not. Every result passes through `sanitize_result` (secrets redacted, event log

@@ -244,7 +244,8 @@ def parent_branch(branch: str) -> str:
 
 
 def depths(deps: Deps) -> dict[int, int]:
-    """Each step's column in a drawing of the graph: 0 for roots, else 1 + its deepest dependency."""
+    """Each step's column in a drawing of the graph: 0 for roots, else 1 + its deepest
+    dependency."""
     out: dict[int, int] = {}
 
     def depth(index: int, seen: frozenset[int]) -> int:

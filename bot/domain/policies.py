@@ -177,7 +177,8 @@ def trigger_decisions(
                     trig.step,
                     "enqueue",
                     0,
-                    f"{src}: inline depth {depth + 1} exceeds the cap of {max_inline_depth}; enqueued instead",
+                    f"{src}: inline depth {depth + 1} exceeds the cap of {max_inline_depth}; "
+                    "enqueued instead",
                 )
             )
         else:

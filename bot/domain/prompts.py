@@ -126,7 +126,8 @@ def render_prompt(
     if unknown:
         allowed = ", ".join(sorted(prompt_placeholders(name)))
         raise SpecError(
-            f"{source}: unknown placeholder(s) {', '.join('$' + u for u in unknown)}; allowed: {allowed}",
+            f"{source}: unknown placeholder(s) {', '.join('$' + u for u in unknown)}; "
+            f"allowed: {allowed}",
             errors=[f"{source}: unknown placeholder ${u}" for u in unknown],
         )
     missing = sorted(used - set(values))

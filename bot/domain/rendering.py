@@ -230,7 +230,10 @@ def _footer(view: ProtocolView) -> str:
         if view.updated_at
         else ""
     )
-    return f"<sub>Commands: `{p}run-step next` · `{p}qa` · `{p}retry` · `{p}pause` · `{p}help`{when}</sub>"
+    return (
+        f"<sub>Commands: `{p}run-step next` · `{p}qa` · `{p}retry` · `{p}pause` · "
+        f"`{p}help`{when}</sub>"
+    )
 
 
 def status_comment(view: ProtocolView) -> str:
@@ -327,6 +330,90 @@ _STEP_CONCLUSION: dict[str, CheckConclusion] = {
 }
 
 
+def _check_title(
+    kind: Literal["step", "qa"],
+    step: StepView,
+    status: CheckState,
+    conclusion: CheckConclusion | None,
+    verdict: str | None,
+) -> str:
+    """The check run's title: what, which step, how it went, and the attempt when retried."""
+    idx = f"{step.index:02d}"
+    what = "QA" if kind == "qa" else "Step"
+    if status != "completed":
+        state = "queued" if status == "queued" else "running"
+        title = f"{what} {idx} {state}: {inline(step.title, 100)}"
+    elif kind == "qa":
+        title = f"QA {idx} {verdict or 'FAIL'}: {inline(step.title, 100)}"
+    else:
+        title = f"Step {idx} {conclusion}: {inline(step.title, 100)}"
+
+    if step.attempt:
+        title += f" ({inline(step.attempt.split(':', 1)[0], 30)})"
+    return title
+
+
+def _check_summary(
+    protocol_name: str,
+    step: StepView,
+    *,
+    message: str,
+    verdict: str | None,
+    tokens: int | None,
+    cost_usd: float | None,
+    details_url: str | None,
+    changed_files: Sequence[str],
+) -> str:
+    """The check run's summary before any quality report: protocol, step, verdict, cost, files."""
+    idx = f"{step.index:02d}"
+    lines = [f"**Protocol** `{inline(protocol_name, 80)}` · **Step {idx}** — {inline(step.title)}"]
+    if step.attempt:
+        lines += ["", f"🔁 {inline(step.attempt, 500)}"]
+    if message:
+        lines += ["", inline(message, 1000)]
+    if verdict:
+        lines += ["", f"**Verdict:** {VERDICT_EMOJI.get(verdict, '❔')} {inline(verdict, 10)}"]
+    if tokens is not None:
+        cost = f" · **Cost:** {fmt_cost(cost_usd)}" if cost_usd else ""
+        lines += ["", f"**Tokens:** {fmt_tokens(tokens)}{cost}"]
+    if details_url:
+        lines += ["", f"[Transcript, diff and cost]({details_url})"]
+    if changed_files:
+        shown = [f"- `{inline(f, 200)}`" for f in changed_files[:50]]
+        if len(changed_files) > 50:
+            shown.append(f"- … and {len(changed_files) - 50} more")
+        lines += ["", "### What changed", *shown]
+    return "\n".join(lines)
+
+
+def _check_actions(
+    kind: Literal["step", "qa"],
+    step: StepView,
+    status: CheckState,
+    conclusion: CheckConclusion | None,
+    has_next_step: bool,
+) -> list[CheckAction]:
+    """The buttons a finished check run offers: what comes next after success, a retry else."""
+    actions: list[CheckAction] = []
+    if status == "completed":
+        idx = f"{step.index:02d}"
+        run_next = _action("Run next step", "Execute the next pending step", ACTION_RUN_NEXT)
+        run_qa = _action("Run QA", f"Run the quality check on step {idx}", ACTION_RUN_QA)
+        retry = _action("Retry step", f"Run step {idx} again", ACTION_RETRY)
+        ok = conclusion == "success"
+        if kind == "step" and ok:
+            if step.status == StepStatus.NEEDS_QA:
+                actions.append(run_qa)
+            if has_next_step:
+                actions.append(run_next)
+        elif kind == "qa" and ok:
+            if has_next_step:
+                actions.append(run_next)
+        else:
+            actions += [retry, run_qa] if kind == "qa" else [retry]
+    return actions
+
+
 def check_run_output(
     *,
     kind: Literal["step", "qa"],
@@ -345,61 +432,27 @@ def check_run_output(
     cost_usd: float | None = None,
 ) -> CheckReport:
     """The check run for a step's execution or its QA, with up to three action buttons."""
-    idx = f"{step.index:02d}"
     if status == "completed" and conclusion is None:
         conclusion = _default_conclusion(kind, step, verdict)
     if status != "completed":
         conclusion = None
-    what = "QA" if kind == "qa" else "Step"
-    if status != "completed":
-        title = f"{what} {idx} {'queued' if status == 'queued' else 'running'}: {inline(step.title, 100)}"
-    elif kind == "qa":
-        title = f"QA {idx} {verdict or 'FAIL'}: {inline(step.title, 100)}"
-    else:
-        title = f"Step {idx} {conclusion}: {inline(step.title, 100)}"
-
-    if step.attempt:
-        title += f" ({inline(step.attempt.split(':', 1)[0], 30)})"
-    lines = [f"**Protocol** `{inline(protocol_name, 80)}` · **Step {idx}** — {inline(step.title)}"]
-    if step.attempt:
-        lines += ["", f"🔁 {inline(step.attempt, 500)}"]
-    if message:
-        lines += ["", inline(message, 1000)]
-    if verdict:
-        lines += ["", f"**Verdict:** {VERDICT_EMOJI.get(verdict, '❔')} {inline(verdict, 10)}"]
-    if tokens is not None:
-        cost = f" · **Cost:** {fmt_cost(cost_usd)}" if cost_usd else ""
-        lines += ["", f"**Tokens:** {fmt_tokens(tokens)}{cost}"]
-    if details_url:
-        lines += ["", f"[Transcript, diff and cost]({details_url})"]
-    if changed_files:
-        shown = [f"- `{inline(f, 200)}`" for f in changed_files[:50]]
-        if len(changed_files) > 50:
-            shown.append(f"- … and {len(changed_files) - 50} more")
-        lines += ["", "### What changed", *shown]
-    summary = "\n".join(lines)
+    title = _check_title(kind, step, status, conclusion, verdict)
+    summary = _check_summary(
+        protocol_name,
+        step,
+        message=message,
+        verdict=verdict,
+        tokens=tokens,
+        cost_usd=cost_usd,
+        details_url=details_url,
+        changed_files=changed_files,
+    )
     text = ""
     if quality_report:
         excerpt = truncate(quality_report, 3_000, "\n…")
         summary += "\n\n### Quality report (excerpt)\n\n" + _fence(excerpt)
         text = _fence(truncate(quality_report, _CHECK_BUDGET - 20, "\n… (truncated)"))
-
-    actions: list[CheckAction] = []
-    if status == "completed":
-        run_next = _action("Run next step", "Execute the next pending step", ACTION_RUN_NEXT)
-        run_qa = _action("Run QA", f"Run the quality check on step {idx}", ACTION_RUN_QA)
-        retry = _action("Retry step", f"Run step {idx} again", ACTION_RETRY)
-        ok = conclusion == "success"
-        if kind == "step" and ok:
-            if step.status == StepStatus.NEEDS_QA:
-                actions.append(run_qa)
-            if has_next_step:
-                actions.append(run_next)
-        elif kind == "qa" and ok:
-            if has_next_step:
-                actions.append(run_next)
-        else:
-            actions += [retry, run_qa] if kind == "qa" else [retry]
+    actions = _check_actions(kind, step, status, conclusion, has_next_step)
     return CheckReport(
         name=check_name(kind, step.index),
         head_sha=head_sha,

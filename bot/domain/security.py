@@ -52,7 +52,8 @@ def token_problem(token: str | None, host: str) -> str | None:
 
 
 def is_loopback_bind(host: str) -> bool:
-    """A bind address reachable from this machine only (`localhost` is a name we resolve ourselves)."""
+    """A bind address reachable from this machine only (`localhost` is a name we resolve
+    ourselves)."""
     return host == "localhost" or is_loopback(host)
 
 

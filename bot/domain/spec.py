@@ -372,7 +372,8 @@ def step_to_dict(step: StepSpec) -> dict[str, Any]:
 
 
 def spec_to_dict(spec: ProtocolSpec) -> dict[str, Any]:
-    """A ProtocolSpec as JSON data for ProtocolRun.template_config; `validate_spec` reads it back."""
+    """A ProtocolSpec as JSON data for ProtocolRun.template_config; `validate_spec` reads it
+    back."""
     models = _drop_none({p: spec.models.for_phase(p) for p in PHASES})
     return _drop_none(
         {
@@ -403,7 +404,8 @@ def validate_planning_output(data: Any) -> PlanningOutput:
             slug = step["slug"]
             if slug in first_seen:
                 errors.append(
-                    f"$.steps[{pos}].slug: duplicate slug {slug!r} (also $.steps[{first_seen[slug]}])"
+                    f"$.steps[{pos}].slug: duplicate slug {slug!r} "
+                    f"(also $.steps[{first_seen[slug]}])"
                 )
             first_seen.setdefault(slug, pos)
     _raise("planning output", errors)
@@ -505,7 +507,8 @@ def resolve_engine(
     project_default_engine: str | None,
     settings_engine: str = DEFAULT_ENGINE,
 ) -> str:
-    """The engine id: step (qa: step.qa.engine, then step.engine) → protocol → project → settings."""
+    """The engine id: step (qa: step.qa.engine, then step.engine) → protocol → project →
+    settings."""
     if step_spec is not None and phase in ("execute", "qa"):
         if phase == "qa" and step_spec.qa.engine:
             return step_spec.qa.engine

@@ -152,11 +152,15 @@ def build_ready_mutation(node_id: str) -> dict[str, Any]:
 
 
 REVIEW_THREADS_QUERY = (
-    "query($owner: String!, $name: String!, $number: Int!) { repository(owner: $owner, name: $name) "
+    "query($owner: String!, $name: String!, $number: Int!) "
+    "{ repository(owner: $owner, name: $name) "
     "{ pullRequest(number: $number) { reviewThreads(first: 100) { nodes { id isResolved "
     "comments(first: 100) { nodes { databaseId body } } } } } } }"
 )
-RESOLVE_THREAD_MUTATION = "mutation($id: ID!) { resolveReviewThread(input: {threadId: $id}) { thread { id isResolved } } }"
+RESOLVE_THREAD_MUTATION = (
+    "mutation($id: ID!) { resolveReviewThread(input: {threadId: $id}) "
+    "{ thread { id isResolved } } }"
+)
 
 
 def build_review_threads_query(repo: RepoRef, number: int) -> dict[str, Any]:

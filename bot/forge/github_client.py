@@ -1,4 +1,5 @@
-"""GitHub REST client: gidgethub over httpx with App auth, token caching, rate limits and retries."""
+"""GitHub REST client: gidgethub over httpx with App auth, token caching, rate limits and
+retries."""
 
 from __future__ import annotations
 

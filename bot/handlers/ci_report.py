@@ -51,7 +51,8 @@ class CIReport:
 
 
 def verify(headers: dict[str, str], body: bytes, token: str) -> None:
-    """Accept an HMAC-SHA256 of the body (`sha256=<hex>`) or the shared token; WebhookError(401) else."""
+    """Accept an HMAC-SHA256 of the body (`sha256=<hex>`) or the shared token; WebhookError(401)
+    else."""
     lowered = {k.lower(): v for k, v in headers.items()}
     signature = lowered.get(SIGNATURE_HEADER)
     if signature is not None:

@@ -250,8 +250,8 @@ def _answer_error(
     """Whether a command we cannot use deserves an answer (pure).
 
     An unknown name is answered only for someone who may act and only when it is a likely typo
-    of ours (within edit distance 2), never for the forge's own quick actions (GitLab's); a malformed known
-    command only for someone allowed to run it.
+    of ours (within edit distance 2), never for the forge's own quick actions (GitLab's); a
+    malformed known command only for someone allowed to run it.
     """
     if err.kind == "unknown":
         if err.name.replace("-", "_") in quick_actions:
@@ -309,7 +309,8 @@ async def handle_label(ctx: HandlerContext, ev: LabelEvent) -> None:
             continue
         if not permission_allows(permission, required):
             replies.add(
-                f"Sorry @{ev.author}, the `{label}` label needs {required} access to start a protocol."
+                f"Sorry @{ev.author}, the `{label}` label needs {required} access "
+                "to start a protocol."
             )
             ctx.note(label=label, result="refused")
             continue
@@ -347,90 +348,130 @@ async def dispatch(
             )
             return "help"
         if name == "init":
-            # repository setup is per project, not per protocol: a draft PR/MR with the starter
-            # files; discovery runs when a discovery model is configured or the repo asks for it
-            discovery = bool(
-                services["settings"].protocol_discovery_model
-                or (project.config or {}).get("setup", {}).get("discovery")
-            )
-            await jobs.submit(
-                services["redis"],
-                jobs.project_onboard(
-                    project.id,
-                    f"{target.number}:{(reply_to or {}).get('comment_id')}",
-                    run_discovery=discovery,
-                    reply_to=reply_to or {"number": target.number, "kind": target.kind},
-                ),
-            )
-            return "init-enqueued"
+            return await _enqueue_setup(services, project, target, reply_to)
         if name in ("plan", "auto"):
-            existing = await latest_run(ctx, project, target.number, target.kind)
-            if name == "auto" and existing is not None and existing.status not in ENDED:
-                await update_run(services["db"], existing.id, auto_mode=True, approved=True)
-                await actions.approve(services, existing.id)
-                return "auto-enabled"
-            # prompt text comes only from what existed at trigger time, cleaned of hidden text
-            task = sanitize_prompt_text(
-                cmd.text or issue_title or "the task described in the issue", 2000
+            return await _plan(
+                ctx, project, forge, target, cmd, issue_title, issue_body, reply_to, replies
             )
-            pull = None
-            if target.kind != "issue":  # planned on this PR/MR: its branch, found by its number
-                if existing is not None and existing.status not in ENDED:
-                    replies.add(
-                        f"This already runs {existing.protocol_name} ({existing.status}): `{prefix}status` shows it."
-                    )
-                    return "already-planned"
-                head, base = await forge.pull_branches(
-                    forges_repo(services, project), target.number
-                )
-                pull = (target.number, head, base)
-            run = await actions.start_protocol(
-                services,
-                project,
-                task,
-                issue_number=target.number if target.kind == "issue" else None,
-                issue_body=sanitize_prompt_text(issue_body),
-                auto=name == "auto",
-                reply_to=reply_to,
-                pull=pull,
-            )
-            return f"planning {run.protocol_name}"
         found = await latest_run(ctx, project, target.number, target.kind)
         if found is None:
             replies.add(
-                f"There is no protocol for #{target.number} yet: comment `{prefix}plan` to start one."
+                f"There is no protocol for #{target.number} yet: "
+                f"comment `{prefix}plan` to start one."
             )
             return "no-protocol"
-        run = found
-        if name == "status":
-            await publish_status(services, run.id)
-            return "status"
-        if name == "approve":
-            return await actions.approve(services, run.id, cmd.step)
-        if name in ("run-step",):
-            if not run.approved:
-                replies.add(
-                    f"The plan is not approved yet: review it, then comment `{prefix}approve`."
-                )
-                return "not-approved"
-            index = await actions.run_step(services, run.id, cmd.step, reply_to)
-            return f"step {index}"
-        if name == "qa":
-            return f"qa {await actions.run_qa(services, run.id, cmd.step, reply_to)}"
-        if name == "retry":
-            return f"retry {await actions.retry(services, run.id, cmd.step, reply_to, guidance=cmd.text)}"
-        by = (reply_to or {}).get("author")
-        if name == "pause":
-            await actions.pause(services, run.id, by=by)
-        elif name == "resume":
-            await actions.resume(services, run.id, reply_to)
-        elif name == "cancel":
-            await actions.cancel(services, run.id, by=by)
-        await publish_status(services, run.id)
-        return name
+        return await _on_run(services, found, cmd, reply_to, replies)
     except TransitionConflict as exc:
         replies.add(f"Can't `{prefix}{name}` now: {exc}.")
         return "conflict"
     except NotFound as exc:
         replies.add(f"Can't `{prefix}{name}`: {exc}.")
         return "not-found"
+
+
+async def _enqueue_setup(
+    services: dict[str, Any],
+    project: Project,
+    target: IssueRef,
+    reply_to: dict[str, Any] | None,
+) -> str:
+    """`init`: repository setup is per project, not per protocol: a draft PR/MR with the starter
+    files; discovery runs when a discovery model is configured or the repo asks for it."""
+    discovery = bool(
+        services["settings"].protocol_discovery_model
+        or (project.config or {}).get("setup", {}).get("discovery")
+    )
+    await jobs.submit(
+        services["redis"],
+        jobs.project_onboard(
+            project.id,
+            f"{target.number}:{(reply_to or {}).get('comment_id')}",
+            run_discovery=discovery,
+            reply_to=reply_to or {"number": target.number, "kind": target.kind},
+        ),
+    )
+    return "init-enqueued"
+
+
+async def _plan(
+    ctx: HandlerContext,
+    project: Project,
+    forge: Forge,
+    target: IssueRef,
+    cmd: Command,
+    issue_title: str,
+    issue_body: str,
+    reply_to: dict[str, Any] | None,
+    replies: Replies,
+) -> str:
+    """`plan` / `auto`: start a protocol for the issue or PR/MR (`auto` on a running one only
+    switches auto mode on)."""
+    services = ctx.services
+    name = cmd.name
+    prefix: str = services["settings"].command_prefix
+    existing = await latest_run(ctx, project, target.number, target.kind)
+    if name == "auto" and existing is not None and existing.status not in ENDED:
+        await update_run(services["db"], existing.id, auto_mode=True, approved=True)
+        await actions.approve(services, existing.id)
+        return "auto-enabled"
+    # prompt text comes only from what existed at trigger time, cleaned of hidden text
+    task = sanitize_prompt_text(cmd.text or issue_title or "the task described in the issue", 2000)
+    pull = None
+    if target.kind != "issue":  # planned on this PR/MR: its branch, found by its number
+        if existing is not None and existing.status not in ENDED:
+            replies.add(
+                f"This already runs {existing.protocol_name} ({existing.status}): "
+                f"`{prefix}status` shows it."
+            )
+            return "already-planned"
+        head, base = await forge.pull_branches(forges_repo(services, project), target.number)
+        pull = (target.number, head, base)
+    run = await actions.start_protocol(
+        services,
+        project,
+        task,
+        issue_number=target.number if target.kind == "issue" else None,
+        issue_body=sanitize_prompt_text(issue_body),
+        auto=name == "auto",
+        reply_to=reply_to,
+        pull=pull,
+    )
+    return f"planning {run.protocol_name}"
+
+
+async def _on_run(
+    services: dict[str, Any],
+    run: ProtocolRun,
+    cmd: Command,
+    reply_to: dict[str, Any] | None,
+    replies: Replies,
+) -> str:
+    """A command on the issue's or PR's existing protocol (status, approve, run-step, qa, retry,
+    pause, resume, cancel)."""
+    name = cmd.name
+    prefix: str = services["settings"].command_prefix
+    if name == "status":
+        await publish_status(services, run.id)
+        return "status"
+    if name == "approve":
+        return await actions.approve(services, run.id, cmd.step)
+    if name in ("run-step",):
+        if not run.approved:
+            replies.add(f"The plan is not approved yet: review it, then comment `{prefix}approve`.")
+            return "not-approved"
+        index = await actions.run_step(services, run.id, cmd.step, reply_to)
+        return f"step {index}"
+    if name == "qa":
+        return f"qa {await actions.run_qa(services, run.id, cmd.step, reply_to)}"
+    if name == "retry":
+        retried = await actions.retry(services, run.id, cmd.step, reply_to, guidance=cmd.text)
+        return f"retry {retried}"
+    by = (reply_to or {}).get("author")
+    if name == "pause":
+        await actions.pause(services, run.id, by=by)
+    elif name == "resume":
+        await actions.resume(services, run.id, reply_to)
+    elif name == "cancel":
+        await actions.cancel(services, run.id, by=by)
+    await publish_status(services, run.id)
+    return name

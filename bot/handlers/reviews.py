@@ -77,9 +77,15 @@ async def _writers(
 
 
 async def take_feedback(
-    ctx: HandlerContext, project: Project, run: ProtocolRun, forge: Forge, comments: list[ReviewComment],
-    *, batch: str, quiet_s: float,
-) -> int:  # fmt: skip
+    ctx: HandlerContext,
+    project: Project,
+    run: ProtocolRun,
+    forge: Forge,
+    comments: list[ReviewComment],
+    *,
+    batch: str,
+    quiet_s: float,
+) -> int:
     """Count the comments that may steer the agent, keep them, and queue the fix-step job."""
     state = await load_run(ctx.services["db"], run.id)
     own_ids = {c.comment_id for c in comments if await _is_us(forge, c)}

@@ -142,7 +142,8 @@ async def _within(
     task.add_done_callback(_swallow)
     task.cancel()
     with contextlib.suppress(Exception):
-        conn.pgconn.finish()  # drop the socket now: the pool sees a closed connection and discards it
+        # drop the socket now: the pool sees a closed connection and discards it
+        conn.pgconn.finish()
     raise DatabaseTimeout(f"the database did not {what} within {timeout_s:g} s")
 
 

@@ -17,7 +17,8 @@ async def load_delivery(db: Database, delivery_id: int) -> WebhookDelivery | Non
 
 
 async def claim_delivery(db: Database, delivery_id: int, holder: str, lease_s: float) -> bool:
-    """Lease a delivery to `holder` (a job id) for `lease_s` seconds; False if someone else holds it.
+    """Lease a delivery to `holder` (a job id) for `lease_s` seconds; False if someone else holds
+    it.
 
     A pending delivery can be claimed; a processing one only when its lease ran out (its worker
     died) or when the holder is the same job coming back (arq's retry of it). Finished ones never.

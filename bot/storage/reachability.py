@@ -1,4 +1,5 @@
-"""One line naming what is down: the database (DB_URL) or the queue (REDIS_URL), never a traceback."""
+"""One line naming what is down: the database (DB_URL) or the queue (REDIS_URL), never a
+traceback."""
 
 from __future__ import annotations
 

@@ -108,7 +108,8 @@ def merged_project_values(
 
 
 async def refresh_repo_config(db: Database, project: Project, mirror: Any) -> dict[str, Any] | None:
-    """Read the file from the base branch in the (freshly fetched) mirror and store it on the project.
+    """Read the file from the base branch in the (freshly fetched) mirror and store it on the
+    project.
 
     Only the base branch counts: a protocol branch, or a pull request's head, could otherwise
     change who may run commands or which engine runs.

@@ -19,8 +19,9 @@ from bot.web.console_steps import _db, _int, _stream_access
 
 # headers worth showing from a stored delivery; everything else (signatures, tokens) stays out
 SAFE_HEADERS = (
-    "x-github-event", "x-github-delivery", "x-github-hook-id", "x-github-hook-installation-target-id",
-    "x-github-hook-installation-target-type", "x-gitlab-event", "x-gitlab-event-uuid",
+    "x-github-event", "x-github-delivery", "x-github-hook-id",
+    "x-github-hook-installation-target-id", "x-github-hook-installation-target-type",
+    "x-gitlab-event", "x-gitlab-event-uuid",
     "x-gitlab-instance", "x-gitlab-webhook-uuid", "idempotency-key", "user-agent", "content-type",
     "content-length",
 )  # fmt: skip

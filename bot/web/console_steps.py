@@ -365,7 +365,8 @@ async def step_stream(request: Request) -> Response:
 
 
 async def run_stream(request: Request) -> Response:
-    """SSE for the protocol page: the run's state when it changes (`state`), new events (`event`)."""
+    """SSE for the protocol page: the run's state when it changes (`state`), new events
+    (`event`)."""
     refused = await _stream_access(request)
     if refused is not None:
         return refused

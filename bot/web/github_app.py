@@ -39,7 +39,8 @@ def loopback_warning(hook_url: str) -> str:
         return ""
     return (
         '<p class="warning" style="border: 2px solid #b00; padding: .5rem 1rem">'
-        f"<b>Warning:</b> the webhook URL would be <code>{html.escape(hook_url)}</code>, a loopback "
+        "<b>Warning:</b> the webhook URL would be "
+        f"<code>{html.escape(hook_url)}</code>, a loopback "
         "address GitHub cannot reach: the App would get no events. Set "
         "<code>DEKSDENFLOW_PUBLIC_URL</code> to a public address, or for local development to a "
         "tunnel (smee.io, <code>gh webhook forward</code>, ngrok, cloudflared), restart, and open "
@@ -53,12 +54,13 @@ def setup_page(
     path = f"/organizations/{quote(organization, safe='')}" if organization else ""
     # GitHub hands `state` back on the redirect to the callback, which checks it once
     target = f"{web_url}{path}/settings/apps/new?{urlencode({'state': state})}"
+    for_org = f" for the organisation <b>{html.escape(organization)}</b>" if organization else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>DeksdenFlow · create the GitHub App</title></head>
 <body style="font-family: system-ui; max-width: 42rem; margin: 3rem auto">
 <h1>Create the DeksdenFlow GitHub App</h1>
 {warning}
-<p>This sends the manifest below to GitHub{" for the organisation <b>" + html.escape(organization) + "</b>" if organization else ""}.
+<p>This sends the manifest below to GitHub{for_org}.
 GitHub then returns here and the server stores the new App's id, key and webhook secret.</p>
 <form action="{html.escape(target)}" method="post">
 <input type="hidden" name="manifest" value="{html.escape(json.dumps(manifest))}">

@@ -222,7 +222,8 @@ def test_deliveries_with_outcome(client: tuple[TestClient, dict[str, Any]]) -> N
 def client_without_worker(
     tmp_path: Path, db_url: str
 ) -> Iterator[tuple[TestClient, dict[str, Any]]]:
-    """No embedded worker: jobs an action enqueues stay queued, so statuses change only by request."""
+    """No embedded worker: jobs an action enqueues stay queued, so statuses change only by
+    request."""
     ids = seed(db_url)
     with TestClient(create_app(make_settings(tmp_path, db_url=db_url), embedded_worker=False)) as c:
         yield c, ids

@@ -1,4 +1,5 @@
-"""CodeMachine import: parsing, the mapping to a ProtocolSpec, a run with the scripted engine, bad workspaces."""
+"""CodeMachine import: parsing, the mapping to a ProtocolSpec, a run with the scripted engine, bad
+workspaces."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ API_TOKEN = "api-test-token-0123456789"
 def test_js_subset_parser() -> None:
     value = parse_js(
         "const path = require('path');\n/* block */ const d = path.join(__dirname, '..', 'p');\n"
-        "module.exports = [{ id: 'a', list: [1, 2.5, true, null,], s: \"q\\\"x\", p: path.join(d, 'x.md'), d },];",
+        'module.exports = [{ id: \'a\', list: [1, 2.5, true, null,], s: "q\\"x", '
+        "p: path.join(d, 'x.md'), d },];",
         "config/x.js",
     )
     assert value == [{"id": "a", "list": [1, 2.5, True, None], "s": 'q"x', "p": "p/x.md", "d": "p"}]
@@ -124,7 +126,8 @@ MALFORMED = [
                 "'01-code.md'", "'missing.md'"
             )
         },
-        r"config/main\.agents\.js: \[1\]\.promptPath\[1\]: prompt file 'prompts/templates/main-agents/missing\.md' does not exist",
+        r"config/main\.agents\.js: \[1\]\.promptPath\[1\]: "
+        r"prompt file 'prompts/templates/main-agents/missing\.md' does not exist",
         id="missing-prompt-file",
     ),
     pytest.param(
@@ -133,7 +136,8 @@ MALFORMED = [
                 "resolveStep('task-sanity-check'", "resolveStep('ghost'"
             )
         },
-        r"templates/workflows/greeting\.workflow\.js: steps\[3\]: unknown agent 'ghost' \(not in config/main\.agents\.js\)",
+        r"templates/workflows/greeting\.workflow\.js: steps\[3\]: "
+        r"unknown agent 'ghost' \(not in config/main\.agents\.js\)",
         id="unknown-agent",
     ),
     pytest.param(
@@ -147,7 +151,9 @@ MALFORMED = [
     ),
     pytest.param(
         {
-            "config/sub.agents.js": "module.exports = [\n  { id: 'x', name: 'X' \n  { id: 'y' },\n];\n"
+            "config/sub.agents.js": (
+                "module.exports = [\n  { id: 'x', name: 'X' \n  { id: 'y' },\n];\n"
+            )
         },
         r"config/sub\.agents\.js: line 3, column 3: expected '}', found '\{'",
         id="syntax-error",

@@ -1,4 +1,5 @@
-"""The pure mapping, table by table: a workflow's calls → the steps, loops, triggers and warnings."""
+"""The pure mapping, table by table: a workflow's calls → the steps, loops, triggers and
+warnings."""
 
 from __future__ import annotations
 
@@ -68,13 +69,20 @@ def test_plan_entries(steps: str, entries: list[str], added: int) -> None:
     ("steps", "index", "expected"),
     [
         # a plain agent: a work step with the light QA policy
-        ("resolveStep('a')", 1, {"step_type": "work", "commit_type": "feat", "qa": {"policy": "light"}}),
+        (
+            "resolveStep('a')",
+            1,
+            {"step_type": "work", "commit_type": "feat", "qa": {"policy": "light"}},
+        ),
         # a loop module: full QA, back `steps` steps, bounded by the default iterations
         (
             "resolveStep('a'), resolveStep('c'), resolveModule('loop')",
             3,
-            {"step_type": "review", "loop": {"max_iterations": 5, "back_to": 1, "skip_steps": [],
-                                             "on": "qa_fail"}, "qa": {"policy": "full"}},
+            {
+                "step_type": "review",
+                "loop": {"max_iterations": 5, "back_to": 1, "skip_steps": [], "on": "qa_fail"},
+                "qa": {"policy": "full"},
+            },
         ),
         # options override the module: one step back, two iterations, executeOnce steps skipped
         (
@@ -84,17 +92,26 @@ def test_plan_entries(steps: str, entries: list[str], added: int) -> None:
             {"loop": {"max_iterations": 2, "back_to": 1, "skip_steps": [1], "on": "qa_fail"}},
         ),
         # iterations are capped at 50 whatever the workspace says
-        ("resolveStep('a'), resolveModule('loop', { loopMaxIterations: 900 })", 2,
-         {"loop": {"max_iterations": 50, "back_to": 1, "skip_steps": [], "on": "qa_fail"}}),
+        (
+            "resolveStep('a'), resolveModule('loop', { loopMaxIterations: 900 })",
+            2,
+            {"loop": {"max_iterations": 50, "back_to": 1, "skip_steps": [], "on": "qa_fail"}},
+        ),
         # a trigger module enqueues its target's step when it passes
-        ("resolveStep('c'), resolveModule('to-c')", 2,
-         {"step_type": "review", "triggers": [{"on": "pass", "step": 1, "mode": "enqueue"}]}),
+        (
+            "resolveStep('c'), resolveModule('to-c')",
+            2,
+            {"step_type": "review", "triggers": [{"on": "pass", "step": 1, "mode": "enqueue"}]},
+        ),
         # an engine this server has keeps its model, for the step and its QA
-        ("resolveStep('b')", 1, {"engine": "claude", "model": "sonnet",
-                                 "qa": {"policy": "light", "model": "sonnet"}}),
+        (
+            "resolveStep('b')",
+            1,
+            {"engine": "claude", "model": "sonnet", "qa": {"policy": "light", "model": "sonnet"}},
+        ),
         ("resolveStep('a', { agentName: 'Renamed' })", 1, {"title": "Renamed"}),
     ],
-)  # fmt: skip
+)
 def test_map_step(steps: str, index: int, expected: dict[str, Any]) -> None:
     found, _warnings = mapped(steps, known={"scripted", "claude"})
     step = found[index - 1]

@@ -1,4 +1,5 @@
-"""A CodeMachine workspace written the way its documentation describes (config/, templates/, prompts/)."""
+"""A CodeMachine workspace written the way its documentation describes (config/, templates/,
+prompts/)."""
 
 from __future__ import annotations
 
@@ -121,8 +122,10 @@ PROMPTS = {
     "prompts/templates/main-agents/00-init.md": "Create a branch and read {specifications}.\n",
     "prompts/templates/shared/rules.md": "Follow these rules:\n{command_constraints}\n",
     "prompts/templates/shared/constraints.md": "Never delete files you did not create.",
-    "prompts/templates/main-agents/01-code.md": "Implement the next task from {tasks} following {plan}.\n"
-    "Braces in code stay: {not_a_placeholder}.\n",
+    "prompts/templates/main-agents/01-code.md": (
+        "Implement the next task from {tasks} following {plan}.\n"
+        "Braces in code stay: {not_a_placeholder}.\n"
+    ),
     "prompts/templates/main-agents/code-chained/01-tests.md": "Now add tests.\n",
     "prompts/templates/main-agents/code-chained/02-polish.md": "Now polish.\n",
     "prompts/templates/main-agents/02-review.md": "Review the change against {tasks}.\n",

@@ -1,4 +1,5 @@
-"""Console pages: server-rendered, sign-in by POST to a server-side session, and a click in headless Chromium."""
+"""Console pages: server-rendered, sign-in by POST to a server-side session, and a click in headless
+Chromium."""
 
 from __future__ import annotations
 

@@ -130,7 +130,8 @@ def test_step_page_streams_the_transcript_then_shows_the_diff(
                 == 202
             )
             page.wait_for_function(
-                "document.querySelector('#steps tr[data-step=\"1\"] .status').textContent === 'completed'",
+                "document.querySelector('#steps tr[data-step=\"1\"] .status').textContent"
+                " === 'completed'",
                 timeout=30_000,
             )
             assert page.evaluate("window.__sameDocument") is True

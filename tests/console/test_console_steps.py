@@ -67,10 +67,16 @@ def test_refused_rerun_changes_nothing(tmp_path: Path, sqlite_url: str) -> None:
 def test_step_page_shows_transcript_diff_and_cost(tmp_path: Path, sqlite_url: str) -> None:
     origin = bare_origin(tmp_path)
     with TestClient(create_app(make_settings(tmp_path, db_url=sqlite_url))) as c:
-        project = c.post("/api/projects", headers=AUTH,
-                         json={"name": "demo", "provider": "local", "git_url": str(origin)}).json()  # fmt: skip
-        run = c.post("/api/protocols", headers=AUTH,
-                     json={"project_id": project["id"], "task": "Add a greeting"}).json()  # fmt: skip
+        project = c.post(
+            "/api/projects",
+            headers=AUTH,
+            json={"name": "demo", "provider": "local", "git_url": str(origin)},
+        ).json()
+        run = c.post(
+            "/api/protocols",
+            headers=AUTH,
+            json={"project_id": project["id"], "task": "Add a greeting"},
+        ).json()
         wait(c, run["id"], lambda r: r["status"] == "planned" and r["pr_number"])
         assert (
             c.post(f"/api/protocols/{run['id']}/actions/approve", headers=AUTH).status_code == 202

@@ -1,4 +1,5 @@
-"""The worker's secrets on disk: data dir 0700, database 0600 (sealed App credentials: tests/api)."""
+"""The worker's secrets on disk: data dir 0700, database 0600 (sealed App credentials:
+tests/api)."""
 
 from __future__ import annotations
 

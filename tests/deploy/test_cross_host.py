@@ -191,8 +191,11 @@ def origin_repo(where: Path) -> Path:
     seed = where / "seed"
     seed.mkdir()
     (seed / "README.md").write_text("# cross-host\n")
-    for args in (["init", "-q", "-b", "main"], ["add", "--all"],
-                 ["-c", "user.name=t", "-c", "user.email=t@x", "commit", "-q", "-m", "init"]):  # fmt: skip
+    for args in (
+        ["init", "-q", "-b", "main"],
+        ["add", "--all"],
+        ["-c", "user.name=t", "-c", "user.email=t@x", "commit", "-q", "-m", "init"],
+    ):
         subprocess.run(["git", *args], cwd=seed, check=True, capture_output=True)
     served = where / "served"
     served.mkdir()

@@ -1,4 +1,5 @@
-"""SIGTERM on a real worker process: stop taking jobs, finish what fits the grace, hand back the rest."""
+"""SIGTERM on a real worker process: stop taking jobs, finish what fits the grace, hand back the
+rest."""
 
 from __future__ import annotations
 

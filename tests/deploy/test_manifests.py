@@ -1,4 +1,5 @@
-"""The Kubernetes manifests under deploy/: schema-valid, policy-clean, and saying what the README says."""
+"""The Kubernetes manifests under deploy/: schema-valid, policy-clean, and saying what the README
+says."""
 
 from __future__ import annotations
 

@@ -88,12 +88,21 @@ def test_github_job_keeps_the_section_annotations_and_first_error_lines() -> Non
         "failure",
         output={"title": "1 failed", "summary": "pytest failed", "annotations_count": 1},
         annotations=[
-            {"path": "tests/test_greeting.py", "start_line": 14, "annotation_level": "failure",
-             "message": "AssertionError: expected 3,\n got 4"},
-            {"path": "x.py", "start_line": 1, "annotation_level": "notice", "message": "just a note"},
+            {
+                "path": "tests/test_greeting.py",
+                "start_line": 14,
+                "annotation_level": "failure",
+                "message": "AssertionError: expected 3,\n got 4",
+            },
+            {
+                "path": "x.py",
+                "start_line": 1,
+                "annotation_level": "notice",
+                "message": "just a note",
+            },
         ],
         log=sample("github_actions_job.log"),
-    )  # fmt: skip
+    )
     assert "E       AssertionError: expected 3, got 4" in job.log
     assert job.annotations == ("tests/test_greeting.py:14: AssertionError: expected 3, got 4",)
     assert job.summary == "1 failed\n\npytest failed"
@@ -403,8 +412,20 @@ def test_planning_gives_every_step_a_loop_the_model_may_only_lower() -> None:
             s["max_fix_attempts"] = bound
         return s
 
-    reply = {"title": "t", "plan": "p", "context": "", "log": "", "setup": "s",
-             "steps": [step("a", None), step("b", 1), step("c", 0), step("d", 7), step("e", "absent", "skip")]}  # fmt: skip
+    reply = {
+        "title": "t",
+        "plan": "p",
+        "context": "",
+        "log": "",
+        "setup": "s",
+        "steps": [
+            step("a", None),
+            step("b", 1),
+            step("c", 0),
+            step("d", 7),
+            step("e", "absent", "skip"),
+        ],
+    }
     planning = validate_planning_output(reply)
     spec = spec_from_planning("0001-task", "task", planning, SpecDefaults(fix_attempts=2))
     assert [s.loop.max_iterations if s.loop else None for s in spec.steps] == [2, 1, None, 2, 2]

@@ -1,4 +1,5 @@
-"""The step graph: defaults, validation with JSON paths, readiness, the bound, and its Mermaid picture."""
+"""The step graph: defaults, validation with JSON paths, readiness, the bound, and its Mermaid
+picture."""
 
 from __future__ import annotations
 
@@ -170,7 +171,8 @@ def test_codemachine_depends_on_maps_agent_ids() -> None:
     path = "templates/workflows/greeting.workflow.js"
     files[path] = WORKFLOW.replace(
         "resolveStep('task-sanity-check', { model: 'sonnet', agentName: 'Reviewer' })",
-        "resolveStep('task-sanity-check', { model: 'sonnet', agentName: 'Reviewer', dependsOn: ['init'] })",
+        "resolveStep('task-sanity-check', "
+        "{ model: 'sonnet', agentName: 'Reviewer', dependsOn: ['init'] })",
     )
     ws = load_workspace(files)
     # its loop module goes back over earlier steps, which a graph cannot run: refused, by path

@@ -26,7 +26,8 @@ def with_extras(data: dict[str, Any], pos: int, **extra: Any) -> dict[str, Any]:
     [
         (
             {"loop": LOOP},
-            "$.steps[2].loop.back_to: a loop back to an earlier step is not supported in a plan whose steps run side by side (depends_on)",
+            "$.steps[2].loop.back_to: a loop back to an earlier step is not supported in a plan "
+            "whose steps run side by side (depends_on)",
         ),
         (
             {"triggers": [TRIGGER, {"on": "pass", "step": 2}]},
@@ -66,5 +67,6 @@ def test_the_pure_check_is_quiet_on_chains_and_odd_input() -> None:
         {"index": 2, "depends_on": [], "triggers": [TRIGGER]},
     ]
     assert unsupported_in_graph(graph) == [
-        "$.steps[1].triggers[0]: a trigger is not supported in a plan whose steps run side by side (depends_on)"
+        "$.steps[1].triggers[0]: a trigger is not supported in a plan whose steps run side by "
+        "side (depends_on)"
     ]

@@ -20,7 +20,8 @@ def test_no_function_in_the_jobs_package_is_longer_than_60_lines() -> None:
 
 
 def test_only_the_job_boundary_reads_arqs_ctx_in_the_step_runner() -> None:
-    """plan/execute/quality/outcome use JobEnv; ctx["..."] stays in env.py (and advance's enqueues)."""
+    """plan/execute/quality/outcome use JobEnv; ctx["..."] stays in env.py (and advance's
+    enqueues)."""
     for name in (
         "plan.py",
         "execute.py",

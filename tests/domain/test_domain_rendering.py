@@ -354,8 +354,8 @@ def test_log_entry() -> None:
         message="done\nwell",
     )
     assert (
-        line
-        == "- 2024-05-01 12:00:05 UTC · step 02 · **executed** · @alice · 1,500 tokens · `abcdef123456` — done well\n"
+        line == "- 2024-05-01 12:00:05 UTC · step 02 · **executed** · @alice · 1,500 tokens · "
+        "`abcdef123456` — done well\n"
     )
     naive = log_entry(when=datetime(2024, 1, 1), event="planned")
     assert naive == "- 2024-01-01 00:00:00 UTC · protocol · **planned**\n"

@@ -53,7 +53,8 @@ def act(action: str, worktree: Path, orders: dict[str, Any]) -> None:
         script(mirror / "evil.sh", marker)
         with (mirror / "config").open("a") as fh:
             fh.write(
-                f'[core]\n\tfsmonitor = {mirror / "evil.sh"}\n[filter "x"]\n\tclean = {mirror / "evil.sh"}\n'
+                f"[core]\n\tfsmonitor = {mirror / 'evil.sh'}\n"
+                f'[filter "x"]\n\tclean = {mirror / "evil.sh"}\n'
             )
         (worktree / ".gitattributes").write_text("* filter=x\n")
     elif action == "fsmonitor":

@@ -26,7 +26,8 @@ from tests.engines.test_engines_codex_process import FAKE_CODEX, alive
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = (
     "import logging; logging.basicConfig(level=logging.INFO); "
-    "from bot.jobs.worker import run_worker; from bot.core.settings import load_settings; run_worker(load_settings())"
+    "from bot.jobs.worker import run_worker; from bot.core.settings import load_settings; "
+    "run_worker(load_settings())"
 )
 # what the cancelled engine wrote before it was stopped: must never reach a commit
 EDIT = "cancelled-edit.txt"
@@ -57,7 +58,8 @@ def stubborn_execute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def wait_for(
     condition: Callable[[], bool], seconds: float, what: str, log: Path | None = None
 ) -> float:
-    """Poll until `condition()`; the seconds it took. Fails (with the worker log's tail) after `seconds`."""
+    """Poll until `condition()`; the seconds it took. Fails (with the worker log's tail) after
+    `seconds`."""
     start = time.monotonic()
     while not condition():
         if time.monotonic() - start > seconds:

@@ -191,6 +191,15 @@ class FakeGitHub:
         if not path.startswith(repo):
             return 404, {}, {"message": "Not Found"}
         rest = path[len(repo) :]
+        for route in (self._repo_meta, self._issues, self._pulls, self._checks):
+            answer = route(call, rest)
+            if answer is not None:
+                return answer
+        return 404, {}, {"message": f"fake GitHub has no {method} {path}"}
+
+    def _repo_meta(self, call: Call, rest: str) -> Answer | None:
+        """The repository itself, its workflows and a user's permission on it."""
+        method = call.method
         if rest == "" and method == "GET":
             return (
                 200,
@@ -215,6 +224,11 @@ class FakeGitHub:
             if perm == "404":
                 return 404, {}, {"message": "Not Found"}
             return 200, {}, {"permission": perm, "user": {"login": m.group(1)}}
+        return None
+
+    def _issues(self, call: Call, rest: str) -> Answer | None:
+        """Issue comments and their reactions."""
+        method, body = call.method, call.body
         m = re.fullmatch(r"/issues/comments/(\d+)/reactions", rest)
         if m and method == "POST":
             return 201, {}, {"id": next(self._ids), "content": body["content"]}
@@ -239,6 +253,11 @@ class FakeGitHub:
                 return 404, {}, {"message": "Not Found"}
             self.comments[cid]["body"] = body["body"]
             return 200, {}, self.comments[cid]
+        return None
+
+    def _pulls(self, call: Call, rest: str) -> Answer | None:
+        """Pull requests, their reviews, review comments and replies."""
+        method, body = call.method, call.body
         if rest == "/pulls" and method == "GET":
             head = call.query.get("head", "").split(":", 1)[-1]
             return (
@@ -287,6 +306,11 @@ class FakeGitHub:
         if m and method == "GET":
             pull = self.pulls.get(int(m.group(1)))
             return (200, {}, pull) if pull is not None else (404, {}, {"message": "Not Found"})
+        return None
+
+    def _checks(self, call: Call, rest: str) -> Answer | None:
+        """Check runs and suites, their annotations, and the job logs' redirect."""
+        method, body = call.method, call.body
         m = re.fullmatch(r"/commits/([0-9a-f]+)/check-runs", rest)
         if m and method == "GET":
             sha = m.group(1)
@@ -321,7 +345,7 @@ class FakeGitHub:
                 {},
                 {"total_count": len(self.check_suites), "check_suites": self.check_suites},
             )
-        return 404, {}, {"message": f"fake GitHub has no {method} {path}"}
+        return None
 
     def _graphql(self, body: Any) -> Answer:
         """The requests the bot sends: markPullRequestReadyForReview by the PR's node id, a PR's

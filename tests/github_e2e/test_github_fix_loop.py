@@ -59,14 +59,29 @@ def red_ci(gh: GitHubLoop, sha: str, got: int = 4) -> dict[str, Any]:
     """GitHub Actions fails on `sha`: a failed check run (output, an annotation, a job log)."""
     run_id = 70_000 + len(gh.fake.job_logs)
     gh.fake.check_runs[run_id] = {
-        "id": run_id, "name": "ci", "head_sha": sha, "status": "completed", "conclusion": "failure",
+        "id": run_id,
+        "name": "ci",
+        "head_sha": sha,
+        "status": "completed",
+        "conclusion": "failure",
         "app": ACTIONS,
-        "output": {"title": "Process completed with exit code 1.", "summary": "", "text": None, "annotations_count": 1},
-    }  # fmt: skip
+        "output": {
+            "title": "Process completed with exit code 1.",
+            "summary": "",
+            "text": None,
+            "annotations_count": 1,
+        },
+    }
     gh.fake.annotations[run_id] = [
-        {"path": "tests/test_greeting.py", "start_line": 14, "end_line": 14, "annotation_level": "failure",
-         "title": "test_count", "message": f"AssertionError: expected 3, got {got}"},
-    ]  # fmt: skip
+        {
+            "path": "tests/test_greeting.py",
+            "start_line": 14,
+            "end_line": 14,
+            "annotation_level": "failure",
+            "title": "test_count",
+            "message": f"AssertionError: expected 3, got {got}",
+        },
+    ]
     gh.fake.job_logs[run_id] = job_log(got)
     gh.ci_suite("failure", name="GitHub Actions")
     return gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, sha, "failure"))

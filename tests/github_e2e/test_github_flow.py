@@ -377,7 +377,8 @@ def test_secondary_rate_limit_waits_retry_after_then_retries(
         rf"{R}/issues/comments/\d+/reactions",
         403,
         {
-            "message": "You have exceeded a secondary rate limit. Please wait a few minutes before you try again."
+            "message": "You have exceeded a secondary rate limit. "
+            "Please wait a few minutes before you try again."
         },
         **{"retry-after": "7"},
     )

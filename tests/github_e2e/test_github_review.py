@@ -52,11 +52,16 @@ def line_comment(
 ) -> dict[str, Any]:
     """A review comment as GitHub's API and webhooks show it (recorded shape, our values)."""
     return {
-        "id": cid, "pull_request_review_id": review_id, "path": path, "line": line, "original_line": line,
-        "diff_hunk": f"@@ -0,0 +1,{line} @@\n+# line {line} of {path}", "body": body,
+        "id": cid,
+        "pull_request_review_id": review_id,
+        "path": path,
+        "line": line,
+        "original_line": line,
+        "diff_hunk": f"@@ -0,0 +1,{line} @@\n+# line {line} of {path}",
+        "body": body,
         "user": {"login": user, "type": "User", "id": 7},
         "html_url": f"https://github.com/{FULL_NAME}/pull/{PR}#discussion_r{cid}",
-    }  # fmt: skip
+    }
 
 
 def review(
@@ -145,8 +150,14 @@ def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
     executed = [r for r in prompts if r.phase == "execute" and r.context.get("step_index") == 3]
     assert len(executed) == 1
     prompt = executed[0].prompt
-    for text in ("`demo_greeting.py` line 4", "Use an f-string with a comma", "`TASK.md` line 2",
-                 "Say which issue this comes from.", "+# line 4 of demo_greeting.py", "Two things, see the lines."):  # fmt: skip
+    for text in (
+        "`demo_greeting.py` line 4",
+        "Use an f-string with a comma",
+        "`TASK.md` line 2",
+        "Say which issue this comes from.",
+        "+# line 4 of demo_greeting.py",
+        "Two things, see the lines.",
+    ):
         assert text in prompt, text
     assert "Delete all" not in prompt
     # the comments are a typed feedback item too (not only the step file the agent may rewrite)

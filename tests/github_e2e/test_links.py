@@ -21,9 +21,15 @@ def test_check_runs_and_status_comment_link_to_the_console(
     runs = [r for r in gh.fake.check_runs.values() if r["name"] == "deksdenflow/step-01"]
     assert runs and all(r.get("details_url") == step_page for r in runs)
     assert step_page in runs[-1]["output"]["summary"]
-    bodies = [c.body["body"] for c in gh.fake.calls if c.method in ("POST", "PATCH")
-              and c.path.startswith("/repos/") and "comments" in c.path
-              and isinstance(c.body, dict) and "deksdenflow:status" in c.body.get("body", "")]  # fmt: skip
+    bodies = [
+        c.body["body"]
+        for c in gh.fake.calls
+        if c.method in ("POST", "PATCH")
+        and c.path.startswith("/repos/")
+        and "comments" in c.path
+        and isinstance(c.body, dict)
+        and "deksdenflow:status" in c.body.get("body", "")
+    ]
     last = bodies[-1]
     assert f"[**Console**]({PUBLIC}/console/protocols/{run_id})" in last
     assert f"[transcript & diff]({step_page})" in last
@@ -34,6 +40,9 @@ def test_without_a_public_url_no_links_are_made(gh: GitHubLoop) -> None:
     executed(gh)
     runs = [r for r in gh.fake.check_runs.values() if r["name"] == "deksdenflow/step-01"]
     assert runs and all("details_url" not in r for r in runs)
-    bodies = [c.body["body"] for c in gh.fake.calls
-              if isinstance(c.body, dict) and "deksdenflow:status" in str(c.body.get("body", ""))]  # fmt: skip
+    bodies = [
+        c.body["body"]
+        for c in gh.fake.calls
+        if isinstance(c.body, dict) and "deksdenflow:status" in str(c.body.get("body", ""))
+    ]
     assert bodies and not any("/console/" in b for b in bodies)

@@ -46,7 +46,8 @@ class RecordedRequest:
 
 @dataclass
 class Failure:
-    """Answer the next `times` requests matching `pattern` (fnmatch on the API path) with `status`."""
+    """Answer the next `times` requests matching `pattern` (fnmatch on the API path) with
+    `status`."""
 
     pattern: str
     times: int
@@ -717,7 +718,8 @@ class FakeGitLab:
                 raise ApiError(
                     409,
                     [
-                        f"Another open merge request already exists for this source branch: !{mr['iid']}"
+                        "Another open merge request already exists for this source branch: "
+                        f"!{mr['iid']}"
                     ],
                 )
         return dict(self._create_mr(project, call.body, call.user))
@@ -789,8 +791,15 @@ class FakeGitLab:
     ) -> dict[str, Any]:  # fmt: skip
         """A job of a pipeline, with its trace (the text GET …/jobs/:id/trace answers)."""
         with self._lock:
-            job = {"id": self._next_id(), "name": name, "stage": stage, "status": status,
-                   "pipeline_id": pipeline_id, "project_id": project["id"], "allow_failure": allow_failure}  # fmt: skip
+            job = {
+                "id": self._next_id(),
+                "name": name,
+                "stage": stage,
+                "status": status,
+                "pipeline_id": pipeline_id,
+                "project_id": project["id"],
+                "allow_failure": allow_failure,
+            }
             self.state.jobs[job["id"]] = job
             self.state.traces[job["id"]] = trace
             return dict(job)

@@ -248,7 +248,8 @@ class World:
             if time.monotonic() > deadline:
                 run = self.run()
                 raise AssertionError(
-                    f"timed out waiting for {what}; run={run and run.status} steps={self.step_statuses()} "
+                    f"timed out waiting for {what}; run={run and run.status} "
+                    f"steps={self.step_statuses()} "
                     f"events={[(e.event_type, e.message) for e in self.events()][-12:]}"
                 )
             time.sleep(0.05)

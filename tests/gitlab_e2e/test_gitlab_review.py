@@ -34,8 +34,16 @@ def prompts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[EngineRequest]]:
     yield seen
 
 
-def mr_note(world: World, iid: int, text: str, user: dict[str, Any], *, path: str = "", line: int = 0,
-            discussion: str = "") -> dict[str, Any]:  # fmt: skip
+def mr_note(
+    world: World,
+    iid: int,
+    text: str,
+    user: dict[str, Any],
+    *,
+    path: str = "",
+    line: int = 0,
+    discussion: str = "",
+) -> dict[str, Any]:
     """A Note Hook on the MR (GitLab's documented sample), as a DiffNote when `path` is given."""
     note = world.fake.add_note(world.project, "merge_requests", iid, text, author=user)
     payload: dict[str, Any] = json.loads((SAMPLES / "note_hook__2.json").read_text())
@@ -52,9 +60,16 @@ def mr_note(world: World, iid: int, text: str, user: dict[str, Any], *, path: st
     if path:
         world.fake.add_discussion(world.project, iid, discussion)
         attrs.update(
-            type="DiffNote", discussion_id=discussion,
-            position={"old_path": path, "new_path": path, "position_type": "text", "old_line": None, "new_line": line},
-        )  # fmt: skip
+            type="DiffNote",
+            discussion_id=discussion,
+            position={
+                "old_path": path,
+                "new_path": path,
+                "position_type": "text",
+                "old_line": None,
+                "new_line": line,
+            },
+        )
     payload["merge_request"].update(
         iid=iid, source_project_id=PROJECT_ID, target_project_id=PROJECT_ID
     )
@@ -73,8 +88,15 @@ def approval(world: World, iid: int, user: dict[str, Any]) -> dict[str, Any]:
 
 def wait_run(world: World, status: str, steps: list[str], timeout: float = 90.0) -> Any:
     """World.wait_run with room for a loaded machine (a fix step waits out the quiet window)."""
-    world.wait(lambda: world.run() is not None and world.run().status == status and world.step_statuses() == steps,
-               f"protocol {status} with steps {steps}", timeout=timeout)  # fmt: skip
+    world.wait(
+        lambda: (
+            world.run() is not None
+            and world.run().status == status
+            and world.step_statuses() == steps
+        ),
+        f"protocol {status} with steps {steps}",
+        timeout=timeout,
+    )
     return world.run()
 
 
@@ -129,8 +151,18 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     world.wait(status_says_ready, "the status note says what comes next")
 
     # two diff notes from a Developer within the quiet window, one from a Reporter
-    world.send("Note Hook", mr_note(world, iid, "Use a comma: `Hello, world!`", world.alice,
-                                    path="demo_greeting.py", line=4, discussion="d-one"))  # fmt: skip
+    world.send(
+        "Note Hook",
+        mr_note(
+            world,
+            iid,
+            "Use a comma: `Hello, world!`",
+            world.alice,
+            path="demo_greeting.py",
+            line=4,
+            discussion="d-one",
+        ),
+    )
     world.send("Note Hook", mr_note(world, iid, "Mention the issue here.", world.alice,
                                     path="TASK.md", line=2, discussion="d-two"))  # fmt: skip
     world.send(
@@ -193,8 +225,18 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     world.fake.fail(
         f"/projects/{PROJECT_ID}/merge_requests/{iid}/discussions/d-three", status=403, method="PUT"
     )
-    world.send("Note Hook", mr_note(world, iid, "One more: a docstring", world.alice,
-                                    path="demo_greeting.py", line=1, discussion="d-three"))  # fmt: skip
+    world.send(
+        "Note Hook",
+        mr_note(
+            world,
+            iid,
+            "One more: a docstring",
+            world.alice,
+            path="demo_greeting.py",
+            line=1,
+            discussion="d-three",
+        ),
+    )
     world.wait(lambda: len(world.steps()) == 4, "the second fix step", timeout=90)
     wait_run(world, "completed", ["completed"] * 4)
     three = [

@@ -1,4 +1,5 @@
-"""POST /webhooks/ci: authentication, body checks, and the same transitions as a forge's CI event."""
+"""POST /webhooks/ci: authentication, body checks, and the same transitions as a forge's CI
+event."""
 
 from __future__ import annotations
 
@@ -200,8 +201,8 @@ async def test_ci_hook_failure_loops_like_a_forge_failure(
     (workspace / ".deksdenflow-ci" / "stage").write_text("test\n")
     noise = "".join(f"collected line {n} — ünïcode\n" for n in range(2000))  # more than the tail
     (workspace / ".deksdenflow-ci" / "test.log").write_text(
-        noise
-        + 'E       AssertionError: expected 3, got 4\n\tat "quoted" \\ path\nFAILED tests/test_math.py::test_add\n'
+        noise + 'E       AssertionError: expected 3, got 4\n\tat "quoted" \\ path\n'
+        "FAILED tests/test_math.py::test_add\n"
     )
     env = {
         **{

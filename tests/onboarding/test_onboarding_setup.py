@@ -1,4 +1,5 @@
-"""`deksdenflow setup` locally and the project_onboard job on a forge (Local), with scripted discovery."""
+"""`deksdenflow setup` locally and the project_onboard job on a forge (Local), with scripted
+discovery."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Shared by the attack tests: the worker's secrets, and a search for them everywhere they may not be."""
+"""Shared by the attack tests: the worker's secrets, and a search for them everywhere they may not
+be."""
 
 from __future__ import annotations
 

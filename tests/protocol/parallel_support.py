@@ -35,10 +35,16 @@ class TimedEngine(ScriptedEngine):
 
 def graph_planning(deps: Iterable[list[int] | None], qa: str = "skip") -> dict[str, Any]:
     steps = [
-        {"slug": f"part-{i}", "title": f"Part {i}", "content": f"# Part {i}\n\nWrite part{i}.txt.\n",
-         "commit_type": "feat", "qa_policy": qa, "depends_on": d}
+        {
+            "slug": f"part-{i}",
+            "title": f"Part {i}",
+            "content": f"# Part {i}\n\nWrite part{i}.txt.\n",
+            "commit_type": "feat",
+            "qa_policy": qa,
+            "depends_on": d,
+        }
         for i, d in enumerate(deps, start=1)
-    ]  # fmt: skip
+    ]
     return {"steps": steps}
 
 

@@ -81,9 +81,12 @@ def attack(
         plan_file = tmp_path / "orders.json"
         plan_file.write_text(json.dumps(full))
         s = protocol_settings(
-            tmp_path, engine="codex", data_dir=data_dir, engine_timeout_s=settings.pop("timeout", 60),
+            tmp_path,
+            engine="codex",
+            data_dir=data_dir,
+            engine_timeout_s=settings.pop("timeout", 60),
             **settings,
-        )  # fmt: skip
+        )
         engine = CodexEngine(
             str(standin_bin(tmp_path)),
             codex_home=str(tmp_path / "codex-home"),
@@ -201,10 +204,15 @@ async def test_secrets_echoed_in_replies_are_redacted_everywhere(
     attack: Callable[..., _Attack], logs: pytest.LogCaptureFixture
 ) -> None:
     echo = "Done. By the way: " + " | ".join(worker_secrets())
-    a = attack({
-        "execute": {"message": echo},
-        "qa": {"message": f"Report with {GITHUB_TOKEN} and the key\n{worker_secrets()[-1]}\nVERDICT: PASS"},
-    })  # fmt: skip
+    a = attack(
+        {
+            "execute": {"message": echo},
+            "qa": {
+                "message": f"Report with {GITHUB_TOKEN} and the key\n{worker_secrets()[-1]}\n"
+                "VERDICT: PASS"
+            },
+        }
+    )
     async with a.harness() as h:
         run_id, _ = await _run_step(h)
         state = await h.state(run_id)

@@ -1,4 +1,5 @@
-"""The attacks again, with the real codex CLI and the product's flags, the fake model as attacker."""
+"""The attacks again, with the real codex CLI and the product's flags, the fake model as
+attacker."""
 
 from __future__ import annotations
 
@@ -223,11 +224,14 @@ async def test_codex_as_an_engine_user_reads_nothing_of_the_worker(
         async with make_harness(settings, origin) as h:
             h.use(
                 CodexEngine(
-                    fake_codex.codex_bin, codex_home=str(fake_codex.home), env_allow=[FAKE_KEY_NAME],
-                    base_env={**os.environ, **fake_codex.env}, run_as="nobody",
+                    fake_codex.codex_bin,
+                    codex_home=str(fake_codex.home),
+                    env_allow=[FAKE_KEY_NAME],
+                    base_env={**os.environ, **fake_codex.env},
+                    run_as="nobody",
                 ),
                 ScriptedEngine(),
-            )  # fmt: skip
+            )
             run_id = await h.start("Add a greeting")
             await execute_step(h.ctx, protocol_run_id=run_id, step_index=1)
             await h.drain()

@@ -332,7 +332,8 @@ async def test_a_rejected_merge_push_blocks_the_protocol_with_the_reason(harness
     hook.write_text(
         "#!/bin/sh\nwhile read old new ref; do\n"
         '  case "$ref" in *--*) continue;; esac\n'
-        '  if [ "$(git rev-list --parents -n1 "$new" | wc -w)" -gt 2 ]; then echo "merge commits refused" >&2; exit 1; fi\n'
+        '  if [ "$(git rev-list --parents -n1 "$new" | wc -w)" -gt 2 ]; '
+        'then echo "merge commits refused" >&2; exit 1; fi\n'
         "done\n"
     )
     hook.chmod(hook.stat().st_mode | stat.S_IEXEC)

@@ -130,7 +130,10 @@ async def test_a_queued_step_whose_job_is_lost_is_queued_again_by_the_reclaim_cr
 def test_marker_lines_finds_what_git_writes_and_not_headings() -> None:
     from bot.jobs.integrate import marker_lines
 
-    text = "a\n<<<<<<< HEAD\nmine\n||||||| base\nold\n=======\ntheirs\n>>>>>>> step\nTitle\n========\n<<<<<<<x\n"
+    text = (
+        "a\n<<<<<<< HEAD\nmine\n||||||| base\nold\n=======\ntheirs\n>>>>>>> step\n"
+        "Title\n========\n<<<<<<<x\n"
+    )
     assert marker_lines(text) == [2, 4, 6, 8]
     assert marker_lines("plain\ntext =======\n") == []
 

@@ -387,7 +387,8 @@ class StepRunnerMachine(RuleBasedStateMachine):
             return list(rows.scalars())
 
     def _owner_of(self, sha: str) -> int | None:
-        """The step whose commit `sha` is, read from the commit (on the remote or in the worktree)."""
+        """The step whose commit `sha` is, read from the commit (on the remote or in the
+        worktree)."""
         if sha not in self.owners:
             self.owners[sha] = None
             for where in (self.origin, Path(self._state().run.worktree_path or self.origin)):
@@ -449,13 +450,20 @@ DIAMOND_DEPS: dict[int, tuple[int, ...]] = {1: (), 2: (1,), 3: (1,), 4: (2, 3)}
 DIAMOND_SCRIPT = scripted_script(
     planning={
         "steps": [
-            {"slug": f"step-{i}", "title": f"Step {i}", "content": f"# Step {i}\n", "qa_policy": "skip",
-             "depends_on": list(DIAMOND_DEPS[i]) if i > 1 else None}
+            {
+                "slug": f"step-{i}",
+                "title": f"Step {i}",
+                "content": f"# Step {i}\n",
+                "qa_policy": "skip",
+                "depends_on": list(DIAMOND_DEPS[i]) if i > 1 else None,
+            }
             for i in (1, 2, 3, 4)
         ]
     },
-    execute={"default": {"files": [{"path": "work/{step_index}.txt", "append": "x\n"}], "delay_s": 0.05}},
-)  # fmt: skip
+    execute={
+        "default": {"files": [{"path": "work/{step_index}.txt", "append": "x\n"}], "delay_s": 0.05}
+    },
+)
 
 
 class GraphEngine(ScriptedEngine):
@@ -474,10 +482,12 @@ class GraphEngine(ScriptedEngine):
             index = int(request.context.get("step_index", 0))
             state = await load_run(self.ctx["db"], self.run_id)
             missing = [
-                d for d in DIAMOND_DEPS.get(index, ())
+                d
+                for d in DIAMOND_DEPS.get(index, ())
                 if state.step(d).status != "completed"
-                or (state.step(d).runtime_state or {}).get("integrated_attempt") != state.step(d).retries
-            ]  # fmt: skip
+                or (state.step(d).runtime_state or {}).get("integrated_attempt")
+                != state.step(d).retries
+            ]
             if missing:
                 self.early.append((index, missing))
             if self.fail_next:

@@ -36,7 +36,11 @@ from tests.conftest import make_settings
 from tests.protocol.conftest import one_step_planning, origin_log, scripted_script
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = "import logging; logging.basicConfig(level=logging.INFO); from bot.jobs.worker import run_worker; from bot.core.settings import load_settings; run_worker(load_settings())"
+WORKER = (
+    "import logging; logging.basicConfig(level=logging.INFO); "
+    "from bot.jobs.worker import run_worker; from bot.core.settings import load_settings; "
+    "run_worker(load_settings())"
+)
 
 
 def worker_env(tmp_path: Path, db_url: str, redis_url: str, script: Path) -> dict[str, str]:

@@ -16,7 +16,8 @@ from tests.gitutil import git, make_origin
 def test_parse_keeps_known_keys_and_defaults() -> None:
     cfg = parse_repo_config(
         "engine: scripted\nmodels: {qa: small}\nlabels: {'ship it': auto}\n"
-        "permissions: {plan: admin}\npolicies: {qa_policy: light, allow_fork_commands: true}\nother: 1\n"
+        "permissions: {plan: admin}\n"
+        "policies: {qa_policy: light, allow_fork_commands: true}\nother: 1\n"
     )
     assert cfg["engine"] == "scripted"
     assert cfg["models"] == {"qa": "small"}

@@ -1,4 +1,5 @@
-"""Usage report: numbers per project from a database with a few runs, HTML with an SVG chart, PDF."""
+"""Usage report: numbers per project from a database with a few runs, HTML with an SVG chart,
+PDF."""
 
 from __future__ import annotations
 

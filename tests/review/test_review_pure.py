@@ -171,25 +171,72 @@ def rc(cid: int, author: str = "alice", **kw: Any) -> ReviewComment:
 @pytest.mark.parametrize(
     ("comments", "writers", "resolved", "handled", "kept", "dropped"),
     [
-        ([rc(1, path="a.py", line=3), rc(2, path="a.py", line=1)], {"alice": True}, (), (), [2, 1], []),
-        ([rc(1), rc(2, "eve")], {"alice": True, "eve": False}, (), (), [1], [(2, "author lacks write access")]),
-        ([rc(1), rc(2, "mallory")], {"alice": True}, (), (), [1], [(2, "author lacks write access")]),
+        (
+            [rc(1, path="a.py", line=3), rc(2, path="a.py", line=1)],
+            {"alice": True},
+            (),
+            (),
+            [2, 1],
+            [],
+        ),
+        (
+            [rc(1), rc(2, "eve")],
+            {"alice": True, "eve": False},
+            (),
+            (),
+            [1],
+            [(2, "author lacks write access")],
+        ),
+        (
+            [rc(1), rc(2, "mallory")],
+            {"alice": True},
+            (),
+            (),
+            [1],
+            [(2, "author lacks write access")],
+        ),
         ([rc(1, author_is_bot=True)], {"alice": True}, (), (), [], [(1, "written by a bot")]),
-        ([rc(1, thread_id="t1"), rc(2, thread_id="t2")], {"alice": True}, ("t1",), (), [2], [(1, "thread resolved")]),
+        (
+            [rc(1, thread_id="t1"), rc(2, thread_id="t2")],
+            {"alice": True},
+            ("t1",),
+            (),
+            [2],
+            [(1, "thread resolved")],
+        ),
         ([rc(1, resolved=True)], {"alice": True}, (), (), [], [(1, "thread resolved")]),
-        ([rc(1), rc(1), rc(2)], {"alice": True}, (), (2,), [1], [(1, "already taken"), (2, "already taken")]),
+        (
+            [rc(1), rc(1), rc(2)],
+            {"alice": True},
+            (),
+            (2,),
+            [1],
+            [(1, "already taken"), (2, "already taken")],
+        ),
         ([rc(1, body="  ")], {"alice": True}, (), (), [], [(1, "empty")]),
         ([rc(1, "Alice")], {"alice": True}, (), (), [1], []),  # logins compare without case
         (
-            [rc(5, path="b.py", line=1), rc(4, kind="review", review_id=9), rc(3, path="a.py", line=9)],
-            {"alice": True}, (), (), [4, 3, 5], [],
+            [
+                rc(5, path="b.py", line=1),
+                rc(4, kind="review", review_id=9),
+                rc(3, path="a.py", line=9),
+            ],
+            {"alice": True},
+            (),
+            (),
+            [4, 3, 5],
+            [],
         ),  # the review's own text first, then by file and line
     ],
-)  # fmt: skip
+)
 def test_select_comments(
-    comments: list[ReviewComment], writers: dict[str, bool], resolved: tuple[str, ...], handled: tuple[int, ...],
-    kept: list[int], dropped: list[tuple[int, str]],
-) -> None:  # fmt: skip
+    comments: list[ReviewComment],
+    writers: dict[str, bool],
+    resolved: tuple[str, ...],
+    handled: tuple[int, ...],
+    kept: list[int],
+    dropped: list[tuple[int, str]],
+) -> None:
     selection = select_comments(
         comments, writers=writers, resolved_threads=resolved, handled=handled
     )
@@ -289,8 +336,8 @@ def test_unthreaded_reply() -> None:
         2,
     )
     assert (
-        text
-        == "Addressed in `abcdef012345` (step 02, the fix for this review): the review of @alice, the comment of @bob."
+        text == "Addressed in `abcdef012345` (step 02, the fix for this review): "
+        "the review of @alice, the comment of @bob."
     )
 
 
@@ -478,11 +525,15 @@ def test_threads_with_text_finds_an_unrecorded_reply() -> None:
     from bot.forge.github import threads_with_text
 
     reply = "Addressed in `abc` (step 03, the fix for this review)."
-    answer = {"data": {"repository": {"pullRequest": {"reviewThreads": {"nodes": [
-        {"id": "T1", "isResolved": False, "comments": {"nodes": [{"databaseId": 11, "body": "fix"}, {"databaseId": 12, "body": reply}]}},
-        {"id": "T2", "isResolved": False, "comments": {"nodes": [{"databaseId": 21, "body": reply}]}},  # the comment itself
-        {"id": "T3", "isResolved": False, "comments": {"nodes": [{"databaseId": 31, "body": "x"}, {"databaseId": 32, "body": "other"}]}},
+    threads = [
+        {"id": "T1", "isResolved": False, "comments": {"nodes": [
+            {"databaseId": 11, "body": "fix"}, {"databaseId": 12, "body": reply}]}},
+        {"id": "T2", "isResolved": False,
+         "comments": {"nodes": [{"databaseId": 21, "body": reply}]}},  # the comment itself
+        {"id": "T3", "isResolved": False, "comments": {"nodes": [
+            {"databaseId": 31, "body": "x"}, {"databaseId": 32, "body": "other"}]}},
         {"id": "T4", "comments": {"nodes": [{"databaseId": "41", "body": "x"}, {"body": reply}]}},
-    ]}}}}}  # fmt: skip
+    ]  # fmt: skip
+    answer = {"data": {"repository": {"pullRequest": {"reviewThreads": {"nodes": threads}}}}}
     assert threads_with_text(answer, reply) == {11}
     assert threads_with_text(None, reply) == set()
