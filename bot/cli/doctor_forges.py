@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from sqlalchemy import select
 
 from bot.core.errors import DeksdenFlowError
 from bot.core.settings import Settings
@@ -199,8 +200,6 @@ async def check_github(
 
 async def _gitlab_projects(settings: Settings) -> list[tuple[str, str | None]]:
     """(name, forge id) of the enabled GitLab projects in our database; none if it is absent."""
-    from sqlalchemy import select
-
     if settings.database_url.startswith("sqlite") and not settings.sqlite_path.exists():
         return []
     db = database_from_settings(settings)
