@@ -431,22 +431,24 @@ class DeliveryStore:
             stored = await self._pg_writers[slot].write(firsts)
         else:
             stored = await self._commit_sqlalchemy(firsts)
-        ids: dict[tuple[str, str], int] = {}
         to_enqueue: list[JobSpec] = []
         for item, (row_id, inserted) in zip(firsts, stored, strict=True):
-            ids[(item.delivery.provider, item.delivery.key)] = row_id
             if inserted and item.status == "pending":
                 to_enqueue.append(delivery_job(row_id, item.delivery.provider, item.delivery.key))
             if not item.future.done():  # a waiter cancelled by a disconnect
                 item.future.set_result(("accepted" if inserted else "duplicate", row_id))
-        semantic = {
-            (item.delivery.provider, item.delivery.semantic_key): ids[(item.delivery.provider, item.delivery.key)]
-            for item in firsts
-            if item.delivery.semantic_key
-        }
-        for item in repeats:
-            if not item.future.done():
-                item.future.set_result(("duplicate", first_of(item.delivery, ids, semantic)))
+        if repeats:  # copies within the batch share their first copy's row
+            ids = {
+                (i.delivery.provider, i.delivery.key): row_id for i, (row_id, _) in zip(firsts, stored, strict=True)
+            }
+            semantic = {
+                (i.delivery.provider, i.delivery.semantic_key): ids[(i.delivery.provider, i.delivery.key)]
+                for i in firsts
+                if i.delivery.semantic_key
+            }
+            for item in repeats:
+                if not item.future.done():
+                    item.future.set_result(("duplicate", first_of(item.delivery, ids, semantic)))
         return to_enqueue
 
     async def _commit_sqlalchemy(self, firsts: list[_Pending]) -> Stored:
