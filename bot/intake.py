@@ -373,12 +373,13 @@ class DeliveryStore:
                 slot = self._free_slots.pop()
                 batch = self._pending[: self.batch_max]
                 del self._pending[: self.batch_max]
+                # registered now, not when the task starts: the watchdog must see it meanwhile
+                self._in_flight[slot] = batch
                 task = asyncio.create_task(self._commit_batch(batch, slot))
                 self._commits.add(task)
                 task.add_done_callback(self._commits.discard)
 
     async def _commit_batch(self, batch: list[_Pending], slot: int) -> None:
-        self._in_flight[slot] = batch
         try:
             new_ids = await self._commit(batch, slot)
         except Exception as exc:  # the edge answers 503; the forge will show the failure
@@ -388,7 +389,7 @@ class DeliveryStore:
                     item.future.set_exception(exc)
             new_ids = []
         finally:
-            del self._in_flight[slot]
+            self._in_flight.pop(slot, None)
             self._free_slots.append(slot)
             if self._pending:
                 self._wakeup.set()
