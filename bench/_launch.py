@@ -29,6 +29,12 @@ def main(argv: list[str]) -> None:
         http=http,
         log_level="warning",
         access_log=False,
+        # The supervisor pings each worker and kills one that does not answer within this many
+        # seconds; the answer comes from a thread that starts only once the worker has imported
+        # the app. On a loaded 2-core machine that import takes longer than uvicorn's default 5 s,
+        # so workers were killed and restarted in a loop, and the connections the load generator
+        # had on them were never answered (the run then died on its own timeout).
+        timeout_worker_healthcheck=120,
     )
     sock = bind_socket("127.0.0.1", int(port))
     if config.workers > 1:

@@ -16,12 +16,15 @@ the same client-side deadline (a hung server costs one deadline, then a fresh co
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
 import psycopg.errors
+from psycopg.adapt import Buffer, Dumper
+from psycopg.pq import Format
 
 from bot.storage.models import WebhookDelivery
 
@@ -52,10 +55,50 @@ WHERE delivery_key = ANY(%b::text[]) OR semantic_key = ANY(%b::text[])
 
 Connect = Callable[[], Awaitable["psycopg.AsyncConnection[Any]"]]
 
+_TEXT_OID = 25
+_TEXT_ARRAY_OID = 1009
+_ARRAY_HEAD = struct.Struct("!iiIii")  # dimensions, has nulls, element type, length, lower bound
+_EMPTY_ARRAY = struct.pack("!iiI", 0, 0, _TEXT_OID)
+_NULL = b"\xff\xff\xff\xff"  # an element's length of -1
 
-def batch_columns(items: Sequence[_Pending]) -> list[list[str | None]]:
+
+class TextArray(list[str | None]):
+    """A list sent as one binary `text[]` parameter by `TextArrayDumper`."""
+
+
+class TextArrayDumper(Dumper):
+    """`text[]` in Postgres's binary array format, built in one pass.
+
+    psycopg's generic list dumper looks at the elements to choose their dumper and then dumps
+    each through it: on the uvloop server a batch's eight arrays cost about as much CPU as the
+    batch's requests spent verifying their signatures. The intake's arrays are always
+    one-dimensional text (or NULL), so the format is a fixed header and a length per element.
+    """
+
+    format = Format.BINARY
+    oid = _TEXT_ARRAY_OID
+
+    def dump(self, obj: list[str | None]) -> Buffer:
+        if not obj:
+            return _EMPTY_ARRAY
+        parts = [b""]
+        append = parts.append
+        has_null = 0
+        for value in obj:
+            if value is None:
+                append(_NULL)
+                has_null = 1
+            else:
+                data = value.encode()
+                append(len(data).to_bytes(4, "big"))
+                append(data)
+        parts[0] = _ARRAY_HEAD.pack(1, has_null, _TEXT_OID, len(obj), 1)
+        return b"".join(parts)
+
+
+def batch_columns(items: Sequence[_Pending]) -> list[TextArray]:
     """The INSERT's eight parameter arrays, one per column, in batch order (pure)."""
-    columns: list[list[str | None]] = [[], [], [], [], [], [], [], []]
+    columns = [TextArray() for _ in range(8)]
     provider, key, event, action, status, payload, headers, semantic = columns
     for item in items:
         d = item.delivery
@@ -110,6 +153,8 @@ class PostgresWriter:
             try:
                 await conn.set_autocommit(True)
                 await conn.execute("SET synchronous_commit = on")
+                if conn.info.encoding == "utf-8":  # what TextArrayDumper encodes to
+                    conn.adapters.register_dumper(TextArray, TextArrayDumper)
             except BaseException:
                 await conn.close()
                 raise
@@ -145,8 +190,8 @@ class PostgresWriter:
             # INSERT waited for any concurrent writer of the same key to commit, so those rows
             # are visible to this next statement.
             left = [i.delivery for i in items if (i.delivery.provider, i.delivery.key) not in inserted]
-            keys = [d.key for d in left]
-            semantic = [d.semantic_key for d in left if d.semantic_key]
+            keys = TextArray(d.key for d in left)
+            semantic = TextArray(d.semantic_key for d in left if d.semantic_key)
             cur = await conn.execute(FIND_STORED, (keys, semantic), prepare=True)
             stored = [(int(r[0]), r[1], r[2], r[3]) for r in await cur.fetchall()]
         return resolve(items, inserted, stored)

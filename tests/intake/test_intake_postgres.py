@@ -186,3 +186,49 @@ async def test_a_second_batch_commits_while_the_first_waits_and_a_racing_key_is_
     finally:
         await store.stop()
         await db.dispose()
+
+
+async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_still_commit(pg_url: str) -> None:
+    """One timer for every waiter: a delivery whose commit is stuck past `deadline_s` fails with
+    TimeoutError (the edge's 503) at its deadline, and the deliveries after it are unaffected."""
+    from bot.db import create_database
+    from bot.intake import DeliveryStore
+    from bot.queue import JobSpec
+
+    async def on_stored(jobs: list[JobSpec]) -> None:
+        pass
+
+    db = create_database(_plain(pg_url).replace("postgresql://", "postgresql+psycopg://"))
+    store = DeliveryStore(db, on_stored)
+    store.deadline_s = 0.5
+    store.start()
+    loop = asyncio.get_running_loop()
+    try:
+        async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as other:
+            await other.execute(
+                "INSERT INTO webhook_deliveries (provider, delivery_key, event, status, payload, headers, outcome,"
+                " attempts, received_at) VALUES ('github', 'stuck', 'issue_comment', 'pending', '{}', '{}', '{}',"
+                " 0, now())"
+            )
+            started = loop.time()
+            stuck = asyncio.ensure_future(store.store(_pending("stuck", loop).delivery))
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(stuck, 5)
+            assert 0.4 < loop.time() - started < 1.5
+            for key in ("after-1", "after-2"):
+                outcome, _ = await asyncio.wait_for(store.store(_pending(key, loop).delivery), 5)
+                assert outcome == "accepted"
+            await other.rollback()
+    finally:
+        await store.stop()
+        await db.dispose()
+
+
+async def test_the_text_array_dumper_round_trips_nulls_non_ascii_and_empty_arrays(pg_url: str) -> None:
+    from bot.intake_pg import TextArray, TextArrayDumper
+
+    async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as conn:
+        conn.adapters.register_dumper(TextArray, TextArrayDumper)
+        for values in ([], ["a"], ["ü \" \\ { } ,", None, "", "x" * 5000], [None]):
+            cur = await conn.execute("SELECT %b::text[], cardinality(%b::text[])", (TextArray(values), TextArray(values)))
+            assert await cur.fetchone() == (values, len(values))
