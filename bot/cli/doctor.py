@@ -2,7 +2,7 @@
 
 Result types and the comparisons are pure; each check is a small async function doing its own
 I/O with a short timeout, so one unreachable system costs seconds, not the whole run. The checks
-of the forges and of the public URL are in bot/doctor_forges.py.
+of the forges and of the public URL are in bot/cli/doctor_forges.py.
 """
 
 from __future__ import annotations

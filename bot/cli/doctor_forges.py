@@ -1,7 +1,8 @@
 """The doctor's forge checks: the GitHub App, the GitLab token and hooks, the public URL.
 
 Each asks the real service with short timeouts and turns every answer into ✔/✘ lines with a fix;
-the result types and the pure comparisons live in bot/doctor.py and bot/forge/github_permissions.py.
+the result types and the pure comparisons live in bot/domain/doctor_results.py and
+bot/forge/github_permissions.py.
 """
 
 from __future__ import annotations

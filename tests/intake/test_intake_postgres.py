@@ -191,9 +191,9 @@ async def test_a_second_batch_commits_while_the_first_waits_and_a_racing_key_is_
 async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_still_commit(pg_url: str) -> None:
     """One timer for every waiter: a delivery whose commit is stuck past `deadline_s` fails with
     TimeoutError (the edge's 503) at its deadline, and the deliveries after it are unaffected."""
-    from bot.db import create_database
-    from bot.intake import DeliveryStore
-    from bot.queue import JobSpec
+    from bot.storage.db import create_database
+    from bot.storage.intake import DeliveryStore
+    from bot.storage.queue import JobSpec
 
     async def on_stored(jobs: list[JobSpec]) -> None:
         pass
@@ -225,7 +225,7 @@ async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_sti
 
 
 async def test_the_text_array_dumper_round_trips_nulls_non_ascii_and_empty_arrays(pg_url: str) -> None:
-    from bot.intake_pg import TextArray, TextArrayDumper
+    from bot.storage.intake_pg import TextArray, TextArrayDumper
 
     async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as conn:
         conn.adapters.register_dumper(TextArray, TextArrayDumper)
