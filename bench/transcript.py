@@ -81,7 +81,8 @@ async def one_turn(
         if db is not None else None
     )  # fmt: skip
     request = EngineRequest(prompt="bench", workdir=workdir, phase="execute", timeout_s=60,
-                            sink=recorder.add if recorder else None)  # fmt: skip
+                            sink=recorder.add if recorder else None,
+                            lines_sink=recorder.add_lines if recorder else None)  # fmt: skip
     started, cpu, loop_cpu = time.perf_counter(), time.process_time(), time.thread_time()
     try:
         result = await engine.run(request)
