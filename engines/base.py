@@ -40,8 +40,9 @@ class LinesSink(Protocol):
     `data` ends with a newline and holds `lines` lines. An engine that reads JSONL hands its
     bytes here, as they arrive, instead of calling the EventSink once per event: a consumer that
     stores the stream pays one call per block, not per event. Events it has no bytes for (and
-    lines over LINES_SINK_MAX_LINE) still go to the EventSink, in order with the blocks. Called
-    on the engine's reading loop: buffer, don't write.
+    lines over LINES_SINK_MAX_LINE) still go to the EventSink, in order with the blocks. An
+    empty `data` says the stream has ended: what the consumer buffered may go now, while the
+    engine finishes the turn. Called on the engine's reading loop: buffer, don't write.
     """
 
     def __call__(self, data: bytes, lines: int, /) -> None: ...

@@ -898,6 +898,7 @@ class CodexEngine:
                 watch.block(whole, parser)
         if pending and not skipping:  # a last line with no newline
             watch.block(b"".join(pending) + b"\n", parser)
+        watch.keep(b"", 0)  # the end: the consumer need not wait for the turn to finish
 
     @staticmethod
     async def _write_stdin(stream: asyncio.StreamWriter, data: bytes) -> None:

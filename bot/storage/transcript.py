@@ -293,6 +293,9 @@ class TranscriptRecorder:
 
     def add_lines(self, data: bytes, lines: int) -> None:
         """The LinesSink: whole JSONL lines as the engine read them, on its reading loop."""
+        if not data:  # the stream has ended: the last batch is stored while the engine finishes
+            self._hand_over()
+            return
         if self._lines + lines > CHUNK_LINES and self._batch:
             self._hand_over()  # a chunk never gets more lines than it may hold
         self._batch.append(data)

@@ -247,3 +247,30 @@ async def test_a_slow_stream_is_stored_before_the_turn_ends(tmp_path: Path) -> N
         assert recorder.stored == 1
     finally:
         await db.dispose()
+
+
+async def test_the_end_of_the_stream_stores_the_last_batch_before_close(tmp_path: Path) -> None:
+    import asyncio
+
+    from bot.storage.db import create_database
+    from bot.storage.migrate import upgrade_head
+
+    path = tmp_path / "end.sqlite3"
+    upgrade_head(f"sqlite:///{path}")
+    db = create_database(f"sqlite+aiosqlite:///{path}")
+    try:
+        # a batch window far longer than the test: only the end marker can hand the line over
+        recorder = TranscriptRecorder(db, protocol_run_id=1, step_run_id=8, phase="execute",
+                                      interval_s=600)  # fmt: skip
+        event = {"type": "item.completed", "item": {"type": "agent_message", "text": "last"}}
+        recorder.add_lines(json.dumps(event).encode() + b"\n", 1)
+        recorder.add_lines(b"", 0)  # what codex's reader says at EOF
+        for _ in range(100):
+            if await transcript_page(db, step_run_id=8):
+                break
+            await asyncio.sleep(0.05)
+        assert [i["text"] for i in await transcript_page(db, step_run_id=8)] == ["last"]
+        await recorder.close()
+        assert recorder.stored == 1
+    finally:
+        await db.dispose()
