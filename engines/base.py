@@ -29,6 +29,25 @@ class EventSink(Protocol):
     def __call__(self, event: dict[str, Any], raw: bytes | None = None, /) -> None: ...
 
 
+# A line longer than this never reaches a LinesSink: it goes to the EventSink as its (compacted)
+# event, so a consumer never holds an engine's megabytes of command output.
+LINES_SINK_MAX_LINE = 16 * 1024
+
+
+class LinesSink(Protocol):
+    """Receives a turn's JSONL as the engine read it: whole lines, a block at a time.
+
+    `data` ends with a newline and holds `lines` lines. An engine that reads JSONL hands its
+    bytes here, as they arrive, instead of calling the EventSink once per event: a consumer that
+    stores the stream pays one call per block, not per event. Events it has no bytes for (and
+    lines over LINES_SINK_MAX_LINE) still go to the EventSink, in order with the blocks. An
+    empty `data` says the stream has ended: what the consumer buffered may go now, while the
+    engine finishes the turn. Called on the engine's reading loop: buffer, don't write.
+    """
+
+    def __call__(self, data: bytes, lines: int, /) -> None: ...
+
+
 
 @dataclass(frozen=True)
 class TokenUsage:
@@ -107,6 +126,8 @@ class EngineRequest:
     context: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     # Optional live consumer of the turn's events (the transcript); None: nobody is watching.
     sink: EventSink | None = None
+    # The same consumer's block form, for engines that read JSONL; None: events go to `sink`.
+    lines_sink: LinesSink | None = None
 
 
 @dataclass

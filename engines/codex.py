@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.base import EngineRequest, EngineResult, EventSink, Outcome, TokenUsage
+from engines.base import (
+    LINES_SINK_MAX_LINE,
+    EngineRequest,
+    EngineResult,
+    EventSink,
+    LinesSink,
+    Outcome,
+    TokenUsage,
+)
 from engines.lifetime import die_with_parent
 from engines.structured import parse_json_reply
 
@@ -108,6 +116,7 @@ COMMAND_OUTPUT_LIMIT = 4000
 STDERR_TAIL_BYTES = 8 * 1024
 MAX_EVENTS = 5000
 _LINE_LIMIT = 8 * 1024 * 1024
+_READ_SIZE = 64 * 1024  # stdout is read in blocks of up to this, then split into lines
 # After the codex process exits, how long stragglers holding its pipes may keep them open.
 _PIPE_DRAIN_S = 5.0
 
@@ -521,12 +530,65 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 class _StreamWatch:
-    """Hands each event to the request's sink and notices errors that end the turn for good."""
+    """Hands the turn's JSONL to the request's sinks and notices errors that end it for good."""
 
-    def __init__(self, sink: EventSink | None) -> None:
+    def __init__(self, sink: EventSink | None, lines_sink: LinesSink | None = None) -> None:
         self.sink = sink
+        self.lines_sink = lines_sink
         self.fatal = asyncio.Event()
         self.cause: str | None = None
+
+    def block(self, data: bytes, parser: CodexEventParser) -> None:
+        """Whole lines as read (`data` ends with a newline): each parsed and watched.
+
+        With a LinesSink the bytes go on in one piece, one call per block: the per-line work
+        is the engine's own parsing, nothing more.
+        """
+        lines = data.split(b"\n")
+        lines.pop()  # the empty rest after the last newline
+        keep = self.lines_sink
+        if keep is None:
+            for line in lines:
+                if (event := parser.feed(line)) is not None:
+                    self.see(event, line)
+            return
+        if len(data) > LINES_SINK_MAX_LINE and max(map(len, lines)) >= LINES_SINK_MAX_LINE:
+            self._block_with_long_lines(data, lines, parser)
+            return
+        for line in lines:
+            if (event := parser.feed(line)) is not None:
+                self.check(event)
+        self.keep(data, len(lines))
+
+    def _block_with_long_lines(
+        self, data: bytes, lines: list[bytes], parser: CodexEventParser
+    ) -> None:
+        # the runs of ordinary lines go on as bytes, each long line as its compacted event
+        start = offset = count = 0
+        for line in lines:
+            end = offset + len(line) + 1
+            event = parser.feed(line)
+            if len(line) >= LINES_SINK_MAX_LINE:
+                if count:
+                    self.keep(data[start:offset], count)
+                start, count = end, 0
+                if event is not None:
+                    self.see(event)
+            else:
+                count += 1
+                if event is not None:
+                    self.check(event)
+            offset = end
+        if count:
+            self.keep(data[start:], count)
+
+    def keep(self, data: bytes, lines: int) -> None:
+        if self.lines_sink is not None:
+            try:
+                self.lines_sink(data, lines)
+            except Exception:  # a broken consumer must not break the turn; drop it
+                log.exception("transcript sink failed; the rest of this turn is not recorded")
+                self.lines_sink = self.sink = None
 
     def see(self, event: dict[str, Any], raw: bytes | None = None) -> None:
         if self.sink is not None:
@@ -534,7 +596,10 @@ class _StreamWatch:
                 self.sink(event, raw)
             except Exception:  # a broken consumer must not break the turn; drop it
                 log.exception("transcript sink failed; the rest of this turn is not recorded")
-                self.sink = None
+                self.sink = self.lines_sink = None
+        self.check(event)
+
+    def check(self, event: dict[str, Any]) -> None:
         if self.cause is None and event.get("type") != "turn.failed":
             cause = fatal_cause(event)
             if cause is not None:
@@ -660,7 +725,7 @@ class CodexEngine:
         stderr_tail = _Tail(STDERR_TAIL_BYTES)
         assert proc.stdout is not None and proc.stderr is not None
         assert proc.stdin is not None
-        watch = _StreamWatch(request.sink)
+        watch = _StreamWatch(request.sink, request.lines_sink)
         readers = [
             asyncio.create_task(self._read_stdout(proc.stdout, parser, watch)),
             asyncio.create_task(self._read_stderr(proc.stderr, stderr_tail)),
@@ -803,19 +868,37 @@ class CodexEngine:
     async def _read_stdout(
         stream: asyncio.StreamReader, parser: CodexEventParser, watch: _StreamWatch
     ) -> None:
-        # Line by line as codex writes them, so the sink sees each event when it happens.
-        while True:
-            try:
-                line = await stream.readline()
-            except ValueError:
-                # A line over _LINE_LIMIT: asyncio has discarded it; keep reading.
-                parser.run.bad_lines += 1
+        # Blocks as codex writes them, cut at the last newline: each event is seen as soon as
+        # its line is complete, and one await serves a block of lines, not each line.
+        pending: list[bytes] = []  # the start of a line not complete yet
+        size = 0
+        skipping = False  # inside a line over _LINE_LIMIT: dropped, counted as a bad line
+        while data := await stream.read(_READ_SIZE):
+            end = data.rfind(b"\n") + 1
+            if not end:
+                if not skipping:
+                    pending.append(data)
+                    size += len(data)
+                    if size > _LINE_LIMIT:
+                        parser.run.bad_lines += 1
+                        pending, size, skipping = [], 0, True
                 continue
-            if not line:
-                return
-            event = parser.feed(line)
-            if event is not None:
-                watch.see(event, line)
+            start = 0
+            if skipping:
+                start, skipping = data.find(b"\n") + 1, False
+            if pending:
+                pending.append(data[:end])
+                whole = b"".join(pending)
+                pending, size = [], 0
+            else:
+                whole = data[start:end]
+            if end < len(data):
+                pending, size = [data[end:]], len(data) - end
+            if whole:
+                watch.block(whole, parser)
+        if pending and not skipping:  # a last line with no newline
+            watch.block(b"".join(pending) + b"\n", parser)
+        watch.keep(b"", 0)  # the end: the consumer need not wait for the turn to finish
 
     @staticmethod
     async def _write_stdin(stream: asyncio.StreamWriter, data: bytes) -> None:

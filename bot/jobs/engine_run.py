@@ -24,7 +24,15 @@ from bot.jobs.env import JobEnv
 from bot.storage.models import ProtocolRun, StepRun
 from bot.storage.runs import RunState, new_event, protocol_status
 from bot.storage.transcript import recorder_for
-from engines.base import EngineRequest, EngineResult, EventSink, Phase, SandboxMode, TokenUsage
+from engines.base import (
+    EngineRequest,
+    EngineResult,
+    EventSink,
+    LinesSink,
+    Phase,
+    SandboxMode,
+    TokenUsage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +58,11 @@ class EngineCall:
 
 
 def _request(
-    env: JobEnv, state: RunState, call: EngineCall, sink: EventSink | None = None
+    env: JobEnv,
+    state: RunState,
+    call: EngineCall,
+    sink: EventSink | None = None,
+    lines_sink: LinesSink | None = None,
 ) -> tuple[str, EngineRequest]:
     models = state.project.default_models or {}
     project_engine = models.get("engine") if isinstance(models.get("engine"), str) else None
@@ -68,6 +80,7 @@ def _request(
         previous_usage=call.previous_usage,
         context={"task": state.run.description, "protocol": state.run.protocol_name, **call.context},
         sink=sink,
+        lines_sink=lines_sink,
     )
     return engine_id, request
 
@@ -76,7 +89,7 @@ async def run_engine(env: JobEnv, state: RunState, call: EngineCall) -> EngineRe
     """Run one turn; raise StepStopped (engine killed) when /cancel or /pause arrives meanwhile."""
     # the transcript: each event stored (redacted, in batches) as the engine reads it
     recorder = recorder_for(env.ctx, state, call.step, call.phase, call.workdir)
-    engine_id, request = _request(env, state, call, recorder.add)
+    engine_id, request = _request(env, state, call, recorder.add, recorder.add_lines)
     engine = env.engines.get(engine_id)
     step_id = call.step.id if call.step else None
     with log_context(protocol_run_id=state.run.id, step_run_id=step_id):

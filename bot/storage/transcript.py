@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -174,30 +175,61 @@ def _needles(secrets: tuple[str, ...]) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(out)
 
 
+def _libc_memmem() -> Any:
+    # The C library's memmem, called through ctypes: ctypes lets go of the GIL for the call,
+    # and glibc's search is several times faster than `in` (0.3 ms against 1.4 ms for two
+    # secrets in a 5,000-event turn). The writer looks for every secret in every batch, and
+    # while it holds the GIL the engine's reading loop waits. None where there is no memmem.
+    try:
+        found = ctypes.CDLL(None).memmem
+    except (OSError, AttributeError):
+        return None
+    found.restype = ctypes.c_void_p
+    found.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t)
+    return found
+
+
+_MEMMEM = _libc_memmem()
+
+
+def _holds(data: bytes, needle: bytes) -> bool:
+    if _MEMMEM is None or len(data) < 4096:  # a short text: the call costs more than `in`
+        return needle in data
+    return _MEMMEM(data, len(data), needle, len(needle)) is not None
+
+
 def redact_line(line: bytes, needles: tuple[tuple[bytes, bytes], ...]) -> bytes:
     """JSONL bytes with every secret replaced (no decoding; a secret never spans two lines)."""
     for needle, replacement in needles:
-        if needle in line:
+        if _holds(line, needle):
             line = line.replace(needle, replacement)
     return line
 
 
 def chunk_bodies(
-    lines: list[bytes], needles: tuple[tuple[bytes, bytes], ...]
+    blocks: list[bytes], lines: int, needles: tuple[tuple[bytes, bytes], ...]
 ) -> list[tuple[int, str]]:
-    """Newline-terminated JSONL lines as (line count, redacted text) chunks of CHUNK_LINES (pure).
+    """Blocks of whole JSONL lines (`lines` in all) as (line count, redacted text) chunks (pure).
 
-    Joining, redacting and decoding happen once per chunk, in C.
+    Joining, redacting and decoding happen once per batch, in C; a batch is cut into chunks of
+    CHUNK_LINES only when one block brought more lines than a chunk holds.
     """
-    out: list[tuple[int, str]] = []
-    for start in range(0, len(lines), CHUNK_LINES):
-        part = lines[start : start + CHUNK_LINES]
-        body = redact_line(b"".join(part), needles)
-        end = len(body)
-        while end and body[end - 1] in b"\r\n":  # decoded from a view: no copy to strip it
-            end -= 1
-        out.append((len(part), str(memoryview(body)[:end], "utf-8", "replace")))
-    return out
+    body = redact_line(blocks[0] if len(blocks) == 1 else b"".join(blocks), needles)
+    if lines <= CHUNK_LINES:
+        return [(lines, _text(body))]
+    parts = body.split(b"\n")
+    parts.pop()  # the empty rest after the last newline
+    return [
+        (len(part), _text(b"\n".join(part)))
+        for part in (parts[i : i + CHUNK_LINES] for i in range(0, len(parts), CHUNK_LINES))
+    ]
+
+
+def _text(body: bytes) -> str:
+    end = len(body)
+    while end and body[end - 1] in b"\r\n":  # decoded from a view: no copy to strip it
+        end -= 1
+    return str(memoryview(body)[:end], "utf-8", "replace")
 
 
 _IDLE_CHECK_S = 30.0  # how often an idle writer checks that its turn's loop still runs
@@ -211,10 +243,12 @@ _INSERT_SQL = (
 class TranscriptRecorder:
     """An engine sink that stores a turn's events in batches from a writer thread of its own.
 
-    The engine's reading loop pays one list append per event and nothing else: it never waits
-    for the database, and never redacts, encodes or copies a batch. A batch goes to the writer
-    when it holds a chunk's worth of lines, or FLUSH_INTERVAL_S after its first line (so a slow
-    stream still shows within that time). The writer redacts it on the bytes and stores it; on
+    An engine that reads JSONL hands over its bytes a block of lines at a time (`add_lines`):
+    the reading loop pays one list append per block and nothing per event; it never waits for
+    the database, and never redacts, encodes or copies a batch. Events with no bytes of their
+    own come one by one (`add`). A batch goes to the writer when it holds a chunk's worth of
+    lines, or FLUSH_INTERVAL_S after its first line (so a slow stream still shows within that
+    time). The writer redacts it on the bytes and stores it; on
     SQLite on its own connection, where sqlite3 releases the GIL while it writes, on other
     databases through the loop's async engine. One thread writes every batch of the turn, in
     order, so chunk ids follow arrival.
@@ -239,24 +273,34 @@ class TranscriptRecorder:
         self.workdir = workdir
         self.interval_s = interval_s
         self.stored = 0  # lines written (by the writer thread; read it after close)
-        self._batch: list[bytes] = []
+        self._batch: list[bytes] = []  # blocks of whole lines, not handed over yet
+        self._lines = 0  # lines in _batch
         self._timer: asyncio.TimerHandle | None = None
-        self._queue: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[list[bytes], int] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Future[None] | None = None
 
     def add(self, event: dict[str, Any], raw: bytes | None = None) -> None:
-        """The sink: called once per engine event, on the engine's reading loop."""
+        """The EventSink: an event the engine has no block of lines for (or an overlong one)."""
         if raw is None or len(raw) > RAW_LIMIT:
             line = self.encoded(event)
         elif raw[-1:] != b"\n":
             line = raw + b"\n"
         else:
             line = raw  # the engine's own bytes, as read: nothing to build
-        batch = self._batch
-        batch.append(line)
-        if len(batch) >= CHUNK_LINES:
+        self.add_lines(line, 1)
+
+    def add_lines(self, data: bytes, lines: int) -> None:
+        """The LinesSink: whole JSONL lines as the engine read them, on its reading loop."""
+        if not data:  # the stream has ended: the last batch is stored while the engine finishes
+            self._hand_over()
+            return
+        if self._lines + lines > CHUNK_LINES and self._batch:
+            self._hand_over()  # a chunk never gets more lines than it may hold
+        self._batch.append(data)
+        self._lines += lines
+        if self._lines >= CHUNK_LINES:
             # a fast stream: this chunk is written now, beside the reading, not at the end
             self._hand_over()
         elif self._timer is None:
@@ -286,8 +330,8 @@ class TranscriptRecorder:
         if self._batch:
             if self._loop is None:
                 self._start()
-            self._queue.put(self._batch)
-            self._batch = []
+            self._queue.put((self._batch, self._lines))
+            self._batch, self._lines = [], 0
 
     # -- the writer thread -------------------------------------------------------------------
     def _writer(self) -> None:
@@ -308,7 +352,7 @@ class TranscriptRecorder:
                     while True:
                         batches.append(self._queue.get_nowait())
                 closing = batches[-1] is None
-                ready = [batch for batch in batches if batch]
+                ready = [batch for batch in batches if batch is not None]
                 if ready:
                     if path is not None and conn is None:
                         conn = _borrow_connection(path)
@@ -323,14 +367,17 @@ class TranscriptRecorder:
             if path is not None and conn is not None:
                 _return_connection(path, conn)
 
-    def _store(self, batches: list[list[bytes]], conn: sqlite3.Connection | None) -> None:
-        # each batch is a chunk already (a full one, or what the batch window collected)
+    def _store(
+        self, batches: list[tuple[list[bytes], int]], conn: sqlite3.Connection | None
+    ) -> None:
+        # each batch is a chunk (a full one, or what the batch window collected), unless one
+        # block brought more lines than a chunk holds
         rows = [
             (self.protocol_run_id, self.step_run_id, self.phase, count, body)
-            for batch in batches
-            for count, body in chunk_bodies(batch, self.needles)
+            for blocks, lines in batches
+            for count, body in chunk_bodies(blocks, lines, self.needles)
         ]
-        lines = sum(len(batch) for batch in batches)
+        lines = sum(count for _blocks, count in batches)
         try:
             if conn is not None:
                 _insert(conn, rows, _sqlite_time(utcnow()))

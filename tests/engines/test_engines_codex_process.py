@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +69,18 @@ elif mode == "bigline":
           "status": "completed"}})
     sys.stderr.write("z" * 50000)
     ok()
+elif mode == "pieces":
+    # lines cut across writes, a junk line, a line longer than the test's line limit, and a
+    # last event with no newline after it
+    line = json.dumps({"type": "item.completed",
+                       "item": {"id": "m", "type": "agent_message", "text": "split"}})
+    for part in (line[:10], line[10:30], line[30:] + "\\n" + '{"type": "turn.sta', 'rted"}\\nnot json\\n',
+                 "x" * 3000, "x" * 10 + "\\n"):
+        sys.stdout.write(part)
+        sys.stdout.flush()
+        time.sleep(0.05)
+    sys.stdout.write(json.dumps({"type": "turn.completed", "usage": {"input_tokens": 5}}))
+    sys.stdout.flush()
 elif mode in ("sleep", "stubborn"):
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -221,6 +234,64 @@ async def test_huge_output_is_streamed_and_truncated(tmp_path: Path, fake_bin: P
     command = result.events[0]["item"]
     assert command["type"] == "command_execution"
     assert len(command["aggregated_output"]) < COMMAND_OUTPUT_LIMIT + 100
+
+
+class _Sinks:
+    """Both sinks of one consumer, in the order the engine called them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def event(self, event: dict[str, Any], raw: bytes | None = None) -> None:
+        self.calls.append(("event", event))
+
+    def lines(self, data: bytes, lines: int) -> None:
+        assert data.count(b"\n") == lines and (data.endswith(b"\n") or data == b"")
+        self.calls.append(("lines", data) if data else ("end", None))
+
+    def stream(self) -> list[Any]:
+        """Every event in order: blocks split into their lines, events as they came."""
+        out: list[Any] = []
+        assert self.calls[-1] == ("end", None)  # the end of the stream is said, once
+        for kind, value in self.calls[:-1]:
+            out += value.decode().splitlines() if kind == "lines" else [value]
+        return out
+
+
+async def test_a_lines_sink_gets_whole_lines_and_long_lines_come_as_events(
+    tmp_path: Path, fake_bin: Path
+) -> None:
+    sinks = _Sinks()
+    request = make_request(tmp_path, "bigline", sink=sinks.event, lines_sink=sinks.lines)
+    result = await CodexEngine(str(fake_bin)).run(request)
+    assert result.ok
+    stream = sinks.stream()
+    # the 300 kB command line reaches the event sink, compacted; the rest as bytes, in order
+    assert stream[0] == result.events[0]
+    assert len(stream[0]["item"]["aggregated_output"]) < COMMAND_OUTPUT_LIMIT + 100
+    assert [json.loads(line) for line in stream[1:]] == result.events[1:]
+    assert all(kind == "lines" for kind, _ in sinks.calls[1:-1])
+    assert len(sinks.calls) < len(result.events)  # blocks, not an event each
+
+
+async def test_lines_cut_across_reads_and_overlong_lines(
+    tmp_path: Path, fake_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engines.codex
+
+    monkeypatch.setattr(engines.codex, "_LINE_LIMIT", 1000)
+    sinks = _Sinks()
+    request = make_request(tmp_path, "pieces", sink=sinks.event, lines_sink=sinks.lines)
+    result = await CodexEngine(str(fake_bin)).run(request)
+    assert result.ok, result.error
+    assert [e["type"] for e in result.events] == ["item.completed", "turn.started", "turn.completed"]
+    assert result.final_message == "split" and result.usage.input_tokens == 5
+    # the junk line is kept (a reader skips it); the 3,010 x's over the limit are dropped
+    stream = sinks.stream()
+    assert [json.loads(line) for line in stream[:2]] == result.events[:2]
+    assert stream[2] == "not json"
+    assert json.loads(stream[3]) == result.events[2]  # the last line, newline added
+    assert len(stream) == 4
 
 
 @pytest.mark.parametrize("mode", ["sleep", "stubborn"])

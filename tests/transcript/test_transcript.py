@@ -95,6 +95,44 @@ async def test_recorder_batches_redacts_and_pages(harness: Harness) -> None:
     assert [i["id"] for i in tail] == ids[1196:]
 
 
+async def test_blocks_of_lines_are_chunked_redacted_and_kept_in_order(harness: Harness) -> None:
+    from sqlalchemy import select
+
+    from bot.storage.models import TranscriptChunk
+    from bot.storage.transcript import CHUNK_LINES
+
+    db = harness.ctx["db"]
+    recorder = TranscriptRecorder(
+        db, protocol_run_id=7, step_run_id=4, phase="execute",
+        secrets=("sk-secret-value", 'quote"secret'), interval_s=0.05,
+    )  # fmt: skip
+
+    def line(n: int) -> bytes:
+        event = {"type": "item.completed",
+                 "item": {"type": "agent_message", "text": f"m{n} sk-secret-value quote\"secret"}}
+        return json.dumps(event).encode() + b"\n"
+
+    # what codex's reader hands over: one block of more lines than a chunk holds, an event
+    # with no bytes of its own, then blocks that fill chunks a few at a time
+    recorder.add_lines(b"".join(line(n) for n in range(700)), 700)
+    recorder.add({"type": "item.completed", "item": {"type": "agent_message", "text": "m700"}})
+    for start in range(701, 1301, 200):
+        recorder.add_lines(b"".join(line(n) for n in range(start, start + 200)), 200)
+    await recorder.close()
+    assert recorder.stored == 1301
+    items = await transcript_page(db, step_run_id=4, limit=5000)
+    assert [i["text"].split()[0] for i in items] == [f"m{n}" for n in range(1301)]
+    assert items[0]["text"] == f"m0 {REDACTED} {REDACTED}"
+    assert not any("sk-secret-value" in i["text"] or 'quote"secret' in i["text"] for i in items)
+    ids = [i["id"] for i in items]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    async with db.sessions() as session:
+        counts = list((await session.execute(
+            select(TranscriptChunk.lines).where(TranscriptChunk.step_run_id == 4)
+            .order_by(TranscriptChunk.id))).scalars())  # fmt: skip
+    assert sum(counts) == 1301 and max(counts) <= CHUNK_LINES
+
+
 async def test_a_scripted_step_stores_its_transcript_and_cost(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -205,6 +243,33 @@ async def test_a_slow_stream_is_stored_before_the_turn_ends(tmp_path: Path) -> N
                 break
             await asyncio.sleep(0.05)
         assert [i["text"] for i in await transcript_page(db, step_run_id=6)] == ["one line"]
+        await recorder.close()
+        assert recorder.stored == 1
+    finally:
+        await db.dispose()
+
+
+async def test_the_end_of_the_stream_stores_the_last_batch_before_close(tmp_path: Path) -> None:
+    import asyncio
+
+    from bot.storage.db import create_database
+    from bot.storage.migrate import upgrade_head
+
+    path = tmp_path / "end.sqlite3"
+    upgrade_head(f"sqlite:///{path}")
+    db = create_database(f"sqlite+aiosqlite:///{path}")
+    try:
+        # a batch window far longer than the test: only the end marker can hand the line over
+        recorder = TranscriptRecorder(db, protocol_run_id=1, step_run_id=8, phase="execute",
+                                      interval_s=600)  # fmt: skip
+        event = {"type": "item.completed", "item": {"type": "agent_message", "text": "last"}}
+        recorder.add_lines(json.dumps(event).encode() + b"\n", 1)
+        recorder.add_lines(b"", 0)  # what codex's reader says at EOF
+        for _ in range(100):
+            if await transcript_page(db, step_run_id=8):
+                break
+            await asyncio.sleep(0.05)
+        assert [i["text"] for i in await transcript_page(db, step_run_id=8)] == ["last"]
         await recorder.close()
         assert recorder.stored == 1
     finally:
