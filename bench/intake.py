@@ -80,7 +80,9 @@ def build_requests(count: int) -> list[bytes]:
     # serialized once; each body differs only in this id (a sentinel no date or URL contains:
     # "-1" also matched dates, so every body kept the same comment id)
     template["comment"]["id"] = 987_654_321_987
-    prefix, _, suffix = json.dumps(template, separators=(",", ":")).encode().partition(b"987654321987")
+    prefix, _, suffix = (
+        json.dumps(template, separators=(",", ":")).encode().partition(b"987654321987")
+    )
     signer = hmac.new(SECRET.encode(), digestmod=hashlib.sha256)
     out: list[bytes] = []
     for i in range(count):
@@ -301,7 +303,9 @@ def uvicorn_impls(server: str) -> tuple[str, str]:
         return "asyncio", "h11"
     missing = [name for name in ("uvloop", "httptools") if importlib.util.find_spec(name) is None]
     if missing:
-        raise SystemExit(f"--server uvloop needs {' and '.join(missing)}: .venv/bin/pip install uvloop httptools")
+        raise SystemExit(
+            f"--server uvloop needs {' and '.join(missing)}: .venv/bin/pip install uvloop httptools"
+        )
     return "uvloop", "httptools"
 
 
@@ -326,7 +330,16 @@ class Server:
         self.workers = workers
         loop, http = uvicorn_impls(server)
         # uvicorn's own runner, on a socket that gets TCP_NODELAY (see bench/_launch.py)
-        cmd = [sys.executable, "-m", "bench._launch", factory, str(self.port), str(workers), loop, http]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench._launch",
+            factory,
+            str(self.port),
+            str(workers),
+            loop,
+            http,
+        ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
 
     def processes(self) -> list[int]:
@@ -334,7 +347,11 @@ class Server:
         if self.workers == 1:
             return [self.proc.pid]
         # multiprocessing's spawn start method adds a resource tracker: not a server
-        return [pid for pid in children(self.proc.pid) if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        return [
+            pid
+            for pid in children(self.proc.pid)
+            if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         # uvicorn binds only after the lifespan's startup finished: a connect means ready. With
@@ -479,7 +496,9 @@ async def interleaved(sides: list[Side], args: argparse.Namespace) -> tuple[floa
     return max(0.0, ((busy1 - busy0) / hz - ours) / total), (steal1 - steal0) / hz / total
 
 
-PG_ADMIN_URL = os.environ.get("DEKSDENFLOW_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "DEKSDENFLOW_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def create_pg_database() -> tuple[str, str]:
@@ -529,7 +548,9 @@ def pg_cpu(dbname: str) -> dict[int, tuple[bool, float]]:
     return {int(pid): (bool(own), process_cpu_seconds(int(pid))) for pid, own in rows}
 
 
-def pg_cpu_delta(before: dict[int, tuple[bool, float]], after: dict[int, tuple[bool, float]]) -> tuple[float, float]:
+def pg_cpu_delta(
+    before: dict[int, tuple[bool, float]], after: dict[int, tuple[bool, float]]
+) -> tuple[float, float]:
     """CPU seconds between two samples: (bench database's backends, shared processes).
 
     A backend that connected in between counts from zero; one that left is not seen.
@@ -626,7 +647,9 @@ def main() -> int:
             time.sleep(0.5)  # let the batched enqueue of the last commits finish
             lat = asyncio.run(open_loop(app_server.port, app.feed, args.rate, args.latency_seconds))
             # the same open loop against the bare endpoint: what this machine's load alone does
-            bare_lat = asyncio.run(open_loop(bare_server.port, bare.feed, args.rate, args.latency_seconds))
+            bare_lat = asyncio.run(
+                open_loop(bare_server.port, bare.feed, args.rate, args.latency_seconds)
+            )
             rss = app_server.peak_rss_mb()
             bare_rss = bare_server.peak_rss_mb()
         finally:

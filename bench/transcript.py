@@ -51,24 +51,78 @@ for i in range(0, len(lines), {burst}):
 
 def turn_events(count: int) -> list[dict[str, Any]]:
     """`count` events in the proportions a busy Codex turn has (started + completed commands)."""
-    out: list[dict[str, Any]] = [{"type": "thread.started", "thread_id": "t-1"}, {"type": "turn.started"}]
+    out: list[dict[str, Any]] = [
+        {"type": "thread.started", "thread_id": "t-1"},
+        {"type": "turn.started"},
+    ]
     n = 0
     while len(out) < count - 1:
         n += 1
         kind = n % 5
         if kind in (0, 1):
-            cmd = {"id": f"i{n}", "type": "command_execution", "command": f"pytest -q tests/test_{n}.py"}
-            out.append({"type": "item.started", "item": {**cmd, "aggregated_output": "", "status": "in_progress"}})
+            cmd = {
+                "id": f"i{n}",
+                "type": "command_execution",
+                "command": f"pytest -q tests/test_{n}.py",
+            }
+            out.append(
+                {
+                    "type": "item.started",
+                    "item": {**cmd, "aggregated_output": "", "status": "in_progress"},
+                }
+            )
             output = "".join(f"tests/test_{n}.py::test_{k} PASSED\n" for k in range(30))
-            out.append({"type": "item.completed", "item": {**cmd, "aggregated_output": output, "exit_code": 0, "status": "completed"}})
+            out.append(
+                {
+                    "type": "item.completed",
+                    "item": {
+                        **cmd,
+                        "aggregated_output": output,
+                        "exit_code": 0,
+                        "status": "completed",
+                    },
+                }
+            )
         elif kind == 2:
-            out.append({"type": "item.completed", "item": {"id": f"i{n}", "type": "file_change", "changes": [{"path": f"/w/src/m{n}.py", "kind": "update"}]}})
+            out.append(
+                {
+                    "type": "item.completed",
+                    "item": {
+                        "id": f"i{n}",
+                        "type": "file_change",
+                        "changes": [{"path": f"/w/src/m{n}.py", "kind": "update"}],
+                    },
+                }
+            )
         elif kind == 3:
-            out.append({"type": "item.completed", "item": {"id": f"i{n}", "type": "reasoning", "text": "Checking the failing test and the module it imports. " * 4}})
+            out.append(
+                {
+                    "type": "item.completed",
+                    "item": {
+                        "id": f"i{n}",
+                        "type": "reasoning",
+                        "text": "Checking the failing test and the module it imports. " * 4,
+                    },
+                }
+            )
         else:
-            out.append({"type": "item.completed", "item": {"id": f"i{n}", "type": "agent_message", "text": f"Step {n}: updated the module and ran its tests."}})
+            out.append(
+                {
+                    "type": "item.completed",
+                    "item": {
+                        "id": f"i{n}",
+                        "type": "agent_message",
+                        "text": f"Step {n}: updated the module and ran its tests.",
+                    },
+                }
+            )
     out = out[: count - 1]
-    out.append({"type": "turn.completed", "usage": {"input_tokens": 120000, "cached_input_tokens": 80000, "output_tokens": 9000}})
+    out.append(
+        {
+            "type": "turn.completed",
+            "usage": {"input_tokens": 120000, "cached_input_tokens": 80000, "output_tokens": 9000},
+        }
+    )
     return out
 
 
@@ -95,7 +149,9 @@ async def one_turn(
     return elapsed, cpu, loop_cpu
 
 
-async def bench_turn(items: int, rounds: int, tmp: Path, burst: int = 10**9, pause: float = 0) -> None:
+async def bench_turn(
+    items: int, rounds: int, tmp: Path, burst: int = 10**9, pause: float = 0
+) -> None:
     data = tmp / "events.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in turn_events(items)))
     emitter = tmp / "fake-codex"
@@ -213,7 +269,9 @@ def bench_page(items: int, fetches: int, tmp: Path) -> None:
             assert page.status_code == 200
             size = len(page.content)
         times = times[1:]  # the first fetch compiles the templates
-    print(f"step page over {items:,} stored items: {fetches} fetches, {size / 1024:.0f} KiB of HTML")
+    print(
+        f"step page over {items:,} stored items: {fetches} fetches, {size / 1024:.0f} KiB of HTML"
+    )
     print(f"  first screen: median {statistics.median(times) * 1000:.1f} ms, "
           f"max {max(times) * 1000:.1f} ms  (goal < 200 ms)")  # fmt: skip
 

@@ -17,7 +17,6 @@ PHASES: tuple[Phase, ...] = ("planning", "decompose", "execute", "qa", "discover
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
-
 class EventSink(Protocol):
     """Receives each JSONL event of a turn as it arrives (Codex's own event shape).
 
@@ -46,7 +45,6 @@ class LinesSink(Protocol):
     """
 
     def __call__(self, data: bytes, lines: int, /) -> None: ...
-
 
 
 @dataclass(frozen=True)

@@ -281,14 +281,23 @@ def parse_codex_events(lines: Iterable[str | bytes]) -> ParsedRun:
 # with retries configured higher, sit until the job timeout. Matched on the error text codex
 # prints, which carries the provider's HTTP status ("unexpected status 401 Unauthorized: …").
 _FATAL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"\b401\b|unauthori[sz]ed|invalid[_ ]api[_ ]key|incorrect api key", re.I),
-     "the model provider refused the credentials"),
+    (
+        re.compile(r"\b401\b|unauthori[sz]ed|invalid[_ ]api[_ ]key|incorrect api key", re.I),
+        "the model provider refused the credentials",
+    ),
     (re.compile(r"\b403\b|forbidden", re.I), "the model provider refused access"),
-    (re.compile(r"model[_ ]not[_ ]found|unknown model|model .{0,80}does not exist|"
-                r"unsupported model|not a (?:valid|supported) model", re.I),
-     "the model is unknown to the provider"),
-    (re.compile(r"missing environment variable|api key (?:is )?missing|no api key", re.I),
-     "no API key reached codex"),
+    (
+        re.compile(
+            r"model[_ ]not[_ ]found|unknown model|model .{0,80}does not exist|"
+            r"unsupported model|not a (?:valid|supported) model",
+            re.I,
+        ),
+        "the model is unknown to the provider",
+    ),
+    (
+        re.compile(r"missing environment variable|api key (?:is )?missing|no api key", re.I),
+        "no API key reached codex",
+    ),
 )
 
 
@@ -667,13 +676,17 @@ class CodexEngine:
                 chown_tree(scratch, user.uid, user.gid)
             # ours last: a configured override must not reopen /tmp or hand the agent a key
             overrides = [*self.config_overrides, *sandbox_overrides([dirs.home, dirs.tmp])]
-            argv = build_codex_argv(request, self.codex_bin, last_message_path, schema_path, overrides)
+            argv = build_codex_argv(
+                request, self.codex_bin, last_message_path, schema_path, overrides
+            )
             if user is None:
                 result = await self._run_process(
                     request, argv, env, last_message_path, started, dirs.codex_home
                 )
             else:
-                result = await self._run_as(user, request, argv, env, last_message_path, started, dirs)
+                result = await self._run_as(
+                    user, request, argv, env, last_message_path, started, dirs
+                )
             save_sessions(dirs.codex_home, source, result.thread_id)
         return result
 
@@ -844,7 +857,9 @@ class CodexEngine:
         workdir = request.workdir
         me_uid, me_gid = os.geteuid(), os.getegid()
         if workdir.is_dir():
-            await asyncio.to_thread(chown_tree, workdir, user.uid, user.gid, skip=frozenset({".git"}))
+            await asyncio.to_thread(
+                chown_tree, workdir, user.uid, user.gid, skip=frozenset({".git"})
+            )
         try:
             return await self._run_process(
                 request, user.argv_prefix() + argv, env, last_message_path, started, dirs.codex_home
@@ -857,7 +872,9 @@ class CodexEngine:
         """SIGTERM the whole process group, then SIGKILL it after the grace period."""
         _signal_group(proc.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(proc.wait(), timeout=self.kill_grace_s if grace_s is None else grace_s)
+            await asyncio.wait_for(
+                proc.wait(), timeout=self.kill_grace_s if grace_s is None else grace_s
+            )
         except TimeoutError:
             _signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()

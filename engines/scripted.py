@@ -221,7 +221,9 @@ async def run_command(workdir: Path, spec: Any) -> dict[str, Any]:
     }
 
 
-def call_section(script: Mapping[str, Any], phase: str, context: Mapping[str, Any]) -> dict[str, Any]:
+def call_section(
+    script: Mapping[str, Any], phase: str, context: Mapping[str, Any]
+) -> dict[str, Any]:
     """The script section answering this call: the phase itself, or its per-step entry."""
     phase_section = _mapping(script.get(phase), phase)
     if phase in ("planning", "discovery"):
@@ -317,7 +319,9 @@ class ScriptedEngine:
         if reply.reasoning:
             await emit(item({"type": "reasoning", "text": reply.reasoning}))
         if reply.changes:
-            await emit(item({"type": "file_change", "changes": reply.changes, "status": "completed"}))
+            await emit(
+                item({"type": "file_change", "changes": reply.changes, "status": "completed"})
+            )
         for spec in reply.commands or []:
             shown = spec.get("command") if isinstance(spec, dict) else spec
             begun: dict[str, Any] = {

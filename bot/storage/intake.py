@@ -66,7 +66,9 @@ def split_batch(items: Sequence[_Pending]) -> tuple[list[_Pending], list[_Pendin
     return firsts, repeats
 
 
-def first_of(repeat: IncomingDelivery, ids: dict[tuple[str, str], int], semantic: dict[tuple[str, str], int]) -> int:
+def first_of(
+    repeat: IncomingDelivery, ids: dict[tuple[str, str], int], semantic: dict[tuple[str, str], int]
+) -> int:
     """The row id a batch-internal duplicate shares with its first copy."""
     found = ids.get((repeat.provider, repeat.key))
     if found is None and repeat.semantic_key:
@@ -95,9 +97,7 @@ class SqliteWriter:
     """
 
     _TABLE = WebhookDelivery.__tablename__
-    _COLUMNS = (
-        "provider, delivery_key, event, action, status, payload, headers, semantic_key, outcome, attempts, received_at"
-    )
+    _COLUMNS = "provider, delivery_key, event, action, status, payload, headers, semantic_key, outcome, attempts, received_at"
     _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, '{}', 0, ?)"
     _CHUNK = 500  # rows per statement: 9 variables each, far under SQLite's 32766
 
@@ -112,12 +112,16 @@ class SqliteWriter:
         # own thread and connection: done by the committing connection, as SQLite does by
         # default, one commit in a few hundred waits tens of milliseconds and so do the
         # deliveries behind it.
-        self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="delivery-checkpoint")
+        self._checkpointer = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="delivery-checkpoint"
+        )
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._checkpoint_pending = False
         self._last_checkpoint = 0.0
         dialect = sqlite.dialect()
-        self._datetime = WebhookDelivery.__table__.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
+        self._datetime = WebhookDelivery.__table__.c.received_at.type.dialect_impl(
+            dialect
+        ).bind_processor(dialect)
 
     async def write(self, items: Sequence[_Pending]) -> Stored:
         rows: list[_Row] = [
@@ -135,7 +139,9 @@ class SqliteWriter:
         ]
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._write, rows)
 
-    def _ids(self, cur: sqlite3.Cursor, provider: str, column: str, keys: Sequence[str]) -> dict[str, int]:
+    def _ids(
+        self, cur: sqlite3.Cursor, provider: str, column: str, keys: Sequence[str]
+    ) -> dict[str, int]:
         """{key: id} of the stored keys among `keys` in `column` (delivery_key or semantic_key)."""
         found: dict[str, int] = {}
         for i in range(0, len(keys), self._CHUNK):
@@ -205,14 +211,21 @@ class SqliteWriter:
                     if row[7]:
                         by_semantic.setdefault(row[0], []).append(row[7])
                 ids = {
-                    (p, k): i for p, keys in by_provider.items() for k, i in self._ids(cur, p, "delivery_key", keys).items()
+                    (p, k): i
+                    for p, keys in by_provider.items()
+                    for k, i in self._ids(cur, p, "delivery_key", keys).items()
                 }
                 semantic = {
-                    (p, k): i for p, keys in by_semantic.items() for k, i in self._ids(cur, p, "semantic_key", keys).items()
+                    (p, k): i
+                    for p, keys in by_semantic.items()
+                    for k, i in self._ids(cur, p, "semantic_key", keys).items()
                 }
                 for row in chunk:
                     row_id = ids.get((row[0], row[1]), 0)
-                    own = row_id >= first_new and semantic.get((row[0], row[7] or ""), row_id) == row_id
+                    own = (
+                        row_id >= first_new
+                        and semantic.get((row[0], row[7] or ""), row_id) == row_id
+                    )
                     if not row_id and row[7]:
                         row_id = semantic.get((row[0], row[7]), 0)
                     out.append((row_id, inserted > 0 and own))
@@ -291,7 +304,9 @@ class DeliveryStore:
             elif not self.db.is_sqlite:
                 url = self.db.engine.url.render_as_string(hide_password=False)
                 connect = postgres_connector(url, self.db.timeout_s)
-                self._pg_writers = [PostgresWriter(connect) for _ in range(self.PG_COMMITS_IN_FLIGHT)]
+                self._pg_writers = [
+                    PostgresWriter(connect) for _ in range(self.PG_COMMITS_IN_FLIGHT)
+                ]
                 self._free_slots = list(range(self.PG_COMMITS_IN_FLIGHT))
             self._task = asyncio.create_task(self._run(), name="delivery-store")
 
@@ -322,7 +337,9 @@ class DeliveryStore:
         for writer in self._pg_writers:
             await writer.close()
 
-    async def store(self, delivery: IncomingDelivery, status: str = "pending") -> tuple[StoreStatus, int]:
+    async def store(
+        self, delivery: IncomingDelivery, status: str = "pending"
+    ) -> tuple[StoreStatus, int]:
         """Make the delivery durable; `status="ignored"` stores it without enqueueing.
 
         Raises TimeoutError when its commit has not ended within `deadline_s` (the caller
@@ -421,7 +438,9 @@ class DeliveryStore:
         try:
             await self.on_stored(ids)
         except Exception as exc:  # the outbox relay picks these up later
-            log.warning("enqueue of %d stored deliveries failed (%s); the relay will retry", len(ids), exc)
+            log.warning(
+                "enqueue of %d stored deliveries failed (%s); the relay will retry", len(ids), exc
+            )
 
     async def _commit(self, batch: list[_Pending], slot: int = 0) -> list[JobSpec]:
         """Store the batch in one transaction, resolve every waiter, return the jobs to enqueue."""
@@ -440,10 +459,13 @@ class DeliveryStore:
                 item.future.set_result(("accepted" if inserted else "duplicate", row_id))
         if repeats:  # copies within the batch share their first copy's row
             ids = {
-                (i.delivery.provider, i.delivery.key): row_id for i, (row_id, _) in zip(firsts, stored, strict=True)
+                (i.delivery.provider, i.delivery.key): row_id
+                for i, (row_id, _) in zip(firsts, stored, strict=True)
             }
             semantic = {
-                (i.delivery.provider, i.delivery.semantic_key): ids[(i.delivery.provider, i.delivery.key)]
+                (i.delivery.provider, i.delivery.semantic_key): ids[
+                    (i.delivery.provider, i.delivery.key)
+                ]
                 for i in firsts
                 if i.delivery.semantic_key
             }
@@ -483,7 +505,9 @@ class DeliveryStore:
             inserted = {
                 (r.provider, r.delivery_key): r.id for r in (await conn.execute(stmt)).all()
             }
-            left = [p.delivery for p in firsts if (p.delivery.provider, p.delivery.key) not in inserted]
+            left = [
+                p.delivery for p in firsts if (p.delivery.provider, p.delivery.key) not in inserted
+            ]
             existing: dict[tuple[str, str], int] = {}
             by_semantic: dict[tuple[str, str], int] = {}
             if left:
@@ -496,7 +520,10 @@ class DeliveryStore:
                         WebhookDelivery.delivery_key,
                         WebhookDelivery.semantic_key,
                     ).where(
-                        or_(WebhookDelivery.delivery_key.in_(keys), WebhookDelivery.semantic_key.in_(semantic_keys))
+                        or_(
+                            WebhookDelivery.delivery_key.in_(keys),
+                            WebhookDelivery.semantic_key.in_(semantic_keys),
+                        )
                     )
                 )
                 for r in found.all():
@@ -520,7 +547,12 @@ async def pending_deliveries(
     cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
     async with db.sessions() as session:
         result = await session.execute(
-            select(WebhookDelivery.id, WebhookDelivery.provider, WebhookDelivery.delivery_key, WebhookDelivery.attempts)
+            select(
+                WebhookDelivery.id,
+                WebhookDelivery.provider,
+                WebhookDelivery.delivery_key,
+                WebhookDelivery.attempts,
+            )
             .where(
                 WebhookDelivery.status == "pending",
                 WebhookDelivery.received_at <= cutoff,
@@ -576,17 +608,22 @@ async def prune_deliveries(db: Database, older_than: datetime, batch: int = 5000
     while True:
         async with db.sessions.begin() as session:
             ids = (
-                await session.execute(
-                    select(WebhookDelivery.id)
-                    .where(
-                        WebhookDelivery.status.in_(PRUNABLE_STATUSES),
-                        WebhookDelivery.received_at < older_than,
-                        WebhookDelivery.id < select(func.max(WebhookDelivery.id)).scalar_subquery(),
+                (
+                    await session.execute(
+                        select(WebhookDelivery.id)
+                        .where(
+                            WebhookDelivery.status.in_(PRUNABLE_STATUSES),
+                            WebhookDelivery.received_at < older_than,
+                            WebhookDelivery.id
+                            < select(func.max(WebhookDelivery.id)).scalar_subquery(),
+                        )
+                        .order_by(WebhookDelivery.id)
+                        .limit(batch)
                     )
-                    .order_by(WebhookDelivery.id)
-                    .limit(batch)
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             if ids:
                 await session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(ids)))
         total += len(ids)
@@ -620,7 +657,9 @@ async def _reissue_started(db: Database, redis: ArqRedis, jobs: list[JobSpec]) -
             .values(attempts=WebhookDelivery.attempts + 1)
             .execution_options(synchronize_session=False)
         )
-    log.warning("re-issuing %d pending deliveries whose job started but never claimed them", len(stale))
+    log.warning(
+        "re-issuing %d pending deliveries whose job started but never claimed them", len(stale)
+    )
     fresh = {job.job_id: job for job in await pending_deliveries_by_id(db, ids)}
     return [job for job in jobs if job not in stale] + list(fresh.values())
 
@@ -628,7 +667,12 @@ async def _reissue_started(db: Database, redis: ArqRedis, jobs: list[JobSpec]) -
 async def pending_deliveries_by_id(db: Database, ids: Sequence[int]) -> list[JobSpec]:
     async with db.sessions() as session:
         result = await session.execute(
-            select(WebhookDelivery.id, WebhookDelivery.provider, WebhookDelivery.delivery_key, WebhookDelivery.attempts)
+            select(
+                WebhookDelivery.id,
+                WebhookDelivery.provider,
+                WebhookDelivery.delivery_key,
+                WebhookDelivery.attempts,
+            )
             .where(WebhookDelivery.id.in_(ids), WebhookDelivery.status == "pending")
             .order_by(WebhookDelivery.id)
         )

@@ -189,7 +189,9 @@ class PostgresWriter:
             # Some keys were stored before (or by another process meanwhile): their ids. The
             # INSERT waited for any concurrent writer of the same key to commit, so those rows
             # are visible to this next statement.
-            left = [i.delivery for i in items if (i.delivery.provider, i.delivery.key) not in inserted]
+            left = [
+                i.delivery for i in items if (i.delivery.provider, i.delivery.key) not in inserted
+            ]
             keys = TextArray(d.key for d in left)
             semantic = TextArray(d.semantic_key for d in left if d.semantic_key)
             cur = await conn.execute(FIND_STORED, (keys, semantic), prepare=True)

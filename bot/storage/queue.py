@@ -20,6 +20,7 @@ from bot.core.settings import Settings
 # A job never waits in the queue longer than a day (arq's own default expiry).
 JOB_EXPIRES_MS = 24 * 3600 * 1000
 
+
 def redis_settings(url: str) -> RedisSettings:
     return RedisSettings.from_dsn(url)
 
@@ -88,7 +89,9 @@ return added
 """
 
 
-async def enqueue_many(redis: ArqRedis, jobs: Sequence[JobSpec], queue: str = default_queue_name) -> int:
+async def enqueue_many(
+    redis: ArqRedis, jobs: Sequence[JobSpec], queue: str = default_queue_name
+) -> int:
     """Enqueue jobs with arq's semantics (skip ids whose job or result exists) in one round trip.
 
     arq's `enqueue_job` costs a WATCH/MULTI transaction per job, and even a pipeline costs

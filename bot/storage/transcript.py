@@ -77,7 +77,11 @@ def _cut(text: str, limit: int) -> str:
 
 
 def _tail(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"[{len(text) - limit} earlier characters] …" + text[-limit:]
+    return (
+        text
+        if len(text) <= limit
+        else f"[{len(text) - limit} earlier characters] …" + text[-limit:]
+    )
 
 
 def _relative(path: str, workdir: Path | None) -> str:
@@ -87,7 +91,9 @@ def _relative(path: str, workdir: Path | None) -> str:
     return path
 
 
-def transcript_entry(event: Mapping[str, Any], workdir: Path | None = None) -> dict[str, Any] | None:
+def transcript_entry(
+    event: Mapping[str, Any], workdir: Path | None = None
+) -> dict[str, Any] | None:
     """The transcript item for one Codex JSONL event, or None for events not worth showing (pure).
 
     Returns {"kind", "text", "data"}; the shapes follow `codex exec --json` (the scripted
@@ -108,9 +114,17 @@ def transcript_entry(event: Mapping[str, Any], workdir: Path | None = None) -> d
     if kind == "turn.failed":
         error = event.get("error")
         message = error.get("message") if isinstance(error, dict) else None
-        return {"kind": "error", "text": _cut(str(message or "turn failed"), TEXT_LIMIT), "data": {}}
+        return {
+            "kind": "error",
+            "text": _cut(str(message or "turn failed"), TEXT_LIMIT),
+            "data": {},
+        }
     if kind == "error":
-        return {"kind": "error", "text": _cut(str(event.get("message", "")), TEXT_LIMIT), "data": {}}
+        return {
+            "kind": "error",
+            "text": _cut(str(event.get("message", "")), TEXT_LIMIT),
+            "data": {},
+        }
     if kind not in ("item.started", "item.completed"):
         return None
     item = event.get("item")
@@ -137,7 +151,11 @@ def transcript_entry(event: Mapping[str, Any], workdir: Path | None = None) -> d
     if itype == "agent_message":
         return {"kind": "message", "text": _cut(str(item.get("text", "")), TEXT_LIMIT), "data": {}}
     if itype == "reasoning":
-        return {"kind": "reasoning", "text": _cut(str(item.get("text", "")), TEXT_LIMIT), "data": {}}
+        return {
+            "kind": "reasoning",
+            "text": _cut(str(item.get("text", "")), TEXT_LIMIT),
+            "data": {},
+        }
     if itype == "file_change":
         changes = [
             {"path": _relative(str(c.get("path", "")), workdir), "kind": str(c.get("kind", ""))}

@@ -74,7 +74,6 @@ class AppState:
     async def services_ctx(self) -> dict[str, Any]:
         """A job-like ctx (db, redis, engines, git, forges) for API actions, built on first use."""
         if self.services is None:
-
             ctx: dict[str, Any] = {"settings": self.settings, "db": self.db, "redis": self.redis}
             ctx.update(self.extra.get("worker_ctx", {}))
             await build_services(ctx)
@@ -116,7 +115,6 @@ async def readyz(request: Request) -> Response:
     except Exception as exc:
         problems["queue"] = type(exc).__name__
     if "database" not in problems:
-
         assert state.db is not None
         problems.update(await write_problems(state.db, state.settings.data_dir))
     if problems:
@@ -126,9 +124,16 @@ async def readyz(request: Request) -> Response:
 
 async def database_unavailable(request: Request, exc: Exception) -> Response:
     """Any database error a route did not handle: one line and 503 (retry later), never a 500."""
-    log.warning("%s %s: database error: %s", request.method, request.url.path, str(exc).splitlines()[0][:300])
+    log.warning(
+        "%s %s: database error: %s",
+        request.method,
+        request.url.path,
+        str(exc).splitlines()[0][:300],
+    )
     return JSONResponse(
-        {"error": "the database is unavailable; try again shortly"}, status_code=503, headers={"Retry-After": "5"}
+        {"error": "the database is unavailable; try again shortly"},
+        status_code=503,
+        headers={"Retry-After": "5"},
     )
 
 
@@ -211,7 +216,6 @@ def create_app(
 
     state.extra["instance"] = instance_fingerprint(settings)
     if bind_host is not None and settings.api_token is None:
-
         state.extra["api_closed"] = not is_loopback_bind(bind_host)
     run_worker = settings.memory_queue if embedded_worker is None else embedded_worker
 
@@ -219,7 +223,6 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         configure_logging(settings.log_level, settings.log_json, settings.secret_values())
         if settings.database_url.startswith("sqlite"):
-
             await asyncio.to_thread(upgrade_head, settings.database_url)
 
         private_dir(settings.data_dir)  # 0700: keys, mirrors and the SQLite file live below
@@ -242,16 +245,15 @@ def create_app(
             if relayed:
                 log.info("relayed %d deliveries left pending by an earlier run", relayed)
         except Exception:
-
             down = await which_is_down(db, redis, settings)
             log.warning("%s at start; pending deliveries are relayed once it is back", down)
         if run_worker:
-
-            worker = build_worker(settings, ctx={"db": db, "redis": redis, **state.extra.get("worker_ctx", {})})
+            worker = build_worker(
+                settings, ctx={"db": db, "redis": redis, **state.extra.get("worker_ctx", {})}
+            )
             state.worker_task = asyncio.create_task(worker.async_run(), name="embedded-worker")
             state.extra["worker"] = worker
         if demo_port is not None:
-
             # printed by `serve` once the port is bound (bot/web/serving.py), not before
             state.extra["banner"] = await start_demo(await state.services_ctx(), demo_port)
         try:
@@ -259,10 +261,8 @@ def create_app(
         finally:
             await state.store.stop()
             if state.services is not None:
-
                 await close_services(state.services)
             if state.worker_task is not None:
-
                 await stop_embedded_worker(state.extra["worker"], state.worker_task)
             await redis.aclose(close_connection_pool=True)
             await db.dispose()

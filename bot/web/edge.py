@@ -41,7 +41,9 @@ class ClientGone(Exception):
 
 def header_dict(scope: Scope) -> LowerCaseHeaders:
     """ASGI headers (lower-cased byte pairs) as a str dict; a repeated header keeps its last value."""
-    return LowerCaseHeaders({name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]})
+    return LowerCaseHeaders(
+        {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+    )
 
 
 async def read_body(headers: dict[str, str], receive: Receive, limit: int) -> bytes:
@@ -83,7 +85,10 @@ async def answer(send: Send, status: int, content: dict[str, Any]) -> None:
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})
@@ -139,7 +144,10 @@ class WebhookEdge:
             return
         except Exception:  # a bug here must still answer, never hang the forge's request
             log.exception("%s webhook intake failed", self.provider)
-            status, content = 500, {"error": "internal error; the delivery was not stored, please redeliver"}
+            status, content = (
+                500,
+                {"error": "internal error; the delivery was not stored, please redeliver"},
+            )
         await answer(send, status, content)
 
     async def receive_delivery(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
@@ -148,7 +156,9 @@ class WebhookEdge:
         secret = self.secret()
         if not secret:
             # Never accept unsigned deliveries: an unset secret is an operator error, not "open".
-            return 503, {"error": f"{self.provider} webhooks are not configured: set {self.secret_env}"}
+            return 503, {
+                "error": f"{self.provider} webhooks are not configured: set {self.secret_env}"
+            }
         headers = header_dict(scope)
         try:
             body = await read_body(headers, receive, state.settings.max_body_bytes)
@@ -164,7 +174,9 @@ class WebhookEdge:
         try:
             # bounded by the store's deadline (TimeoutError): a database that hangs gives the
             # forge a 503 well within its 10 s
-            outcome, delivery_id = await state.store.store(delivery, "pending" if handled else "ignored")
+            outcome, delivery_id = await state.store.store(
+                delivery, "pending" if handled else "ignored"
+            )
         except Exception:
             with log_context(delivery_key=delivery.key):
                 log.exception("could not store %s delivery", self.provider)
@@ -172,7 +184,12 @@ class WebhookEdge:
         status = outcome if (outcome == "duplicate" or handled) else "ignored"
         state.metrics.count_delivery(self.provider, delivery.event, status)
         state.metrics.observe_intake(self.provider, time.perf_counter() - started)
-        content = {"delivery": delivery.key, "status": status, "id": delivery_id, "event": delivery.event}
+        content = {
+            "delivery": delivery.key,
+            "status": status,
+            "id": delivery_id,
+            "event": delivery.event,
+        }
         return (200 if status == "duplicate" else 202), content
 
 

@@ -126,7 +126,10 @@ def serve(settings: Settings, *, host: str, port: int, demo: bool) -> int:
         return 1
     if token is None:
         if is_loopback_bind(host):
-            print("no DEKSDENFLOW_API_TOKEN: the API and console answer loopback callers only", file=sys.stderr)
+            print(
+                "no DEKSDENFLOW_API_TOKEN: the API and console answer loopback callers only",
+                file=sys.stderr,
+            )
         else:
             print(
                 f"no DEKSDENFLOW_API_TOKEN and bound to {host}: the API and console are closed "

@@ -284,7 +284,11 @@ async def test_lines_cut_across_reads_and_overlong_lines(
     request = make_request(tmp_path, "pieces", sink=sinks.event, lines_sink=sinks.lines)
     result = await CodexEngine(str(fake_bin)).run(request)
     assert result.ok, result.error
-    assert [e["type"] for e in result.events] == ["item.completed", "turn.started", "turn.completed"]
+    assert [e["type"] for e in result.events] == [
+        "item.completed",
+        "turn.started",
+        "turn.completed",
+    ]
     assert result.final_message == "split" and result.usage.input_tokens == 5
     # the junk line is kept (a reader skips it); the 3,010 x's over the limit are dropped
     stream = sinks.stream()

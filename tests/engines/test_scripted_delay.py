@@ -12,7 +12,10 @@ from engines.scripted import ScriptedEngine
 async def test_delay_applies_per_step_and_per_phase(tmp_path: Path) -> None:
     engine = ScriptedEngine(
         {
-            "execute": {"default": {"message": "ok"}, "steps": {2: {"message": "slow", "delay_s": 0.3}}},
+            "execute": {
+                "default": {"message": "ok"},
+                "steps": {2: {"message": "slow", "delay_s": 0.3}},
+            },
             "qa": {"delay_s": 0.2, "default": {"verdicts": ["PASS"]}},
         }
     )
@@ -20,7 +23,10 @@ async def test_delay_applies_per_step_and_per_phase(tmp_path: Path) -> None:
     async def timed(phase: str, index: int) -> tuple[float, str]:
         started = time.monotonic()
         request = EngineRequest(
-            prompt="p", workdir=tmp_path, phase=phase, context={"step_index": index}  # type: ignore[arg-type]
+            prompt="p",
+            workdir=tmp_path,
+            phase=phase,  # type: ignore[arg-type]
+            context={"step_index": index},
         )
         result = await engine.run(request)
         return time.monotonic() - started, result.final_message

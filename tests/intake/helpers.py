@@ -17,7 +17,9 @@ def sign(body: bytes, secret: str = GITHUB_SECRET) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def github_headers(body: bytes, event: str = "issue_comment", delivery: str | None = None) -> dict[str, str]:
+def github_headers(
+    body: bytes, event: str = "issue_comment", delivery: str | None = None
+) -> dict[str, str]:
     return {
         "X-GitHub-Event": event,
         "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
@@ -27,7 +29,11 @@ def github_headers(body: bytes, event: str = "issue_comment", delivery: str | No
 
 
 def gitlab_headers(event: str = "Note Hook", key: str | None = None) -> dict[str, str]:
-    headers = {"X-Gitlab-Event": event, "X-Gitlab-Token": GITLAB_SECRET, "Content-Type": "application/json"}
+    headers = {
+        "X-Gitlab-Event": event,
+        "X-Gitlab-Token": GITLAB_SECRET,
+        "Content-Type": "application/json",
+    }
     if key:
         headers["Idempotency-Key"] = key
     return headers
@@ -38,7 +44,10 @@ def comment_body(text_: str = "Thanks, looks good", **extra: Any) -> bytes:
         "action": "created",
         "issue": {"number": 7, "title": "Add a README", "body": "please"},
         "comment": {"id": 99, "body": text_, "user": {"login": "alice", "type": "User"}},
-        "repository": {"full_name": "acme/widgets", "clone_url": "https://github.com/acme/widgets.git"},
+        "repository": {
+            "full_name": "acme/widgets",
+            "clone_url": "https://github.com/acme/widgets.git",
+        },
         "sender": {"login": "alice", "type": "User"},
         "installation": {"id": 42},
         **extra,

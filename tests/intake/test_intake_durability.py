@@ -29,9 +29,13 @@ def queued_jobs(redis_url: str) -> list[str]:
         client.close()
 
 
-async def _post_many(url: str, body: bytes, headers: dict[str, str], n: int) -> list[httpx.Response]:
+async def _post_many(
+    url: str, body: bytes, headers: dict[str, str], n: int
+) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=30) as http:
-        return await asyncio.gather(*[http.post(url, content=body, headers=headers) for _ in range(n)])
+        return await asyncio.gather(
+            *[http.post(url, content=body, headers=headers) for _ in range(n)]
+        )
 
 
 def test_fifty_concurrent_copies_make_one_row_and_one_job(
@@ -88,10 +92,15 @@ def test_queue_down_then_up_relays_each_delivery_exactly_once(
     down = make_settings(tmp_path, db_url=db_url, redis_url="redis://127.0.0.1:1/0")
     ids: list[int] = []
     keys: list[str] = []
-    with live_server(create_app(down, embedded_worker=False)) as server, httpx.Client(timeout=30) as http:
+    with (
+        live_server(create_app(down, embedded_worker=False)) as server,
+        httpx.Client(timeout=30) as http,
+    ):
         for i in range(5):
             body = comment_body(f"note {i}")
-            res = http.post(server.url + "/webhooks/github", content=body, headers=github_headers(body))
+            res = http.post(
+                server.url + "/webhooks/github", content=body, headers=github_headers(body)
+            )
             assert res.status_code == 202 and res.json()["status"] == "accepted"
             ids.append(res.json()["id"])
             keys.append(res.json()["delivery"])
@@ -114,9 +123,10 @@ def test_queue_down_then_up_relays_each_delivery_exactly_once(
             await close_worker(worker)
 
     asyncio.run(drain())
-    assert [tuple(r) for r in rows(db_url, "SELECT id, status, attempts FROM webhook_deliveries ORDER BY id")] == [
-        (i, "processed", 1) for i in ids
-    ]
+    assert [
+        tuple(r)
+        for r in rows(db_url, "SELECT id, status, attempts FROM webhook_deliveries ORDER BY id")
+    ] == [(i, "processed", 1) for i in ids]
     received = rows(db_url, "SELECT delivery_id FROM events WHERE event_type = 'delivery.received'")
     assert sorted(r[0] for r in received) == sorted(ids)
 
@@ -157,17 +167,24 @@ def test_worker_relays_pending_deliveries_and_rerun_is_idempotent(
             # a re-run of the same job (at-least-once delivery) does nothing the second time
             from bot.handlers.routes import build_router
 
-            again = await process_delivery({**ctx, "router": build_router()}, delivery_id=delivery_id)
+            again = await process_delivery(
+                {**ctx, "router": build_router()}, delivery_id=delivery_id
+            )
             assert again == "already-processed"
         finally:
             await close_worker(worker)
             await db.dispose()
 
     asyncio.run(scenario())
-    assert rows(sync_url(sqlite_url), "SELECT status, attempts FROM webhook_deliveries")[0] == ("processed", 1)
+    assert rows(sync_url(sqlite_url), "SELECT status, attempts FROM webhook_deliveries")[0] == (
+        "processed",
+        1,
+    )
 
 
-@pytest.mark.parametrize("table", ["projects", "protocol_runs", "step_runs", "events", "webhook_deliveries"])
+@pytest.mark.parametrize(
+    "table", ["projects", "protocol_runs", "step_runs", "events", "webhook_deliveries"]
+)
 def test_migrations_build_every_table(db_url: str, table: str) -> None:
     assert rows(db_url, f"SELECT COUNT(*) FROM {table}") == [(0,)]
 
@@ -186,7 +203,9 @@ def test_old_finished_deliveries_are_pruned_and_the_rest_kept(tmp_path: Path, db
         db = create_database(settings.async_database_url)
         try:
             async with db.sessions.begin() as session:
-                for i, status in enumerate(["processed", "ignored", "failed", "pending", "processed"]):
+                for i, status in enumerate(
+                    ["processed", "ignored", "failed", "pending", "processed"]
+                ):
                     session.add(
                         WebhookDelivery(
                             provider="github", delivery_key=f"k{i}", event="issues", status=status,
@@ -196,7 +215,9 @@ def test_old_finished_deliveries_are_pruned_and_the_rest_kept(tmp_path: Path, db
             old = datetime.now(UTC) - timedelta(days=31)
             async with db.sessions.begin() as session:  # all but the last are past retention
                 await session.execute(
-                    update(WebhookDelivery).where(WebhookDelivery.delivery_key != "k4").values(received_at=old)
+                    update(WebhookDelivery)
+                    .where(WebhookDelivery.delivery_key != "k4")
+                    .values(received_at=old)
                 )
             ctx = {"db": db, "settings": settings}
             pruned = await prune_old_deliveries(ctx)

@@ -43,10 +43,15 @@ def test_other_methods_get_405_and_a_trailing_slash_still_works(client: TestClie
         b'{"action": "first", "action": "created"}',  # duplicate keys: the last one wins
     ],
 )
-def test_json_the_fast_decoder_refuses_but_json_allows_is_accepted(client: TestClient, body: bytes) -> None:
+def test_json_the_fast_decoder_refuses_but_json_allows_is_accepted(
+    client: TestClient, body: bytes
+) -> None:
     res = client.post("/webhooks/github", content=body, headers=github_headers(body))
     assert res.status_code == 202, res.text
-    (action,) = rows(client.db_url, f"SELECT action FROM webhook_deliveries WHERE id = {res.json()['id']}")[0]  # type: ignore[attr-defined]
+    db_url = client.db_url  # type: ignore[attr-defined]
+    (action,) = rows(
+        db_url, f"SELECT action FROM webhook_deliveries WHERE id = {res.json()['id']}"
+    )[0]
     assert action == "created"
 
 
@@ -107,7 +112,9 @@ class _lifespan:
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def __aenter__(self) -> None:
-        self.task = asyncio.create_task(self.app({"type": "lifespan"}, self.inbox.get, self.outbox.put))
+        self.task = asyncio.create_task(
+            self.app({"type": "lifespan"}, self.inbox.get, self.outbox.put)
+        )
         await self.inbox.put({"type": "lifespan.startup"})
         assert (await self.outbox.get())["type"] == "lifespan.startup.complete"
 
@@ -134,7 +141,9 @@ async def test_read_body_joins_chunks_and_refuses_a_bad_content_length() -> None
 
 def _pending(key: str, loop: asyncio.AbstractEventLoop, provider: str = "github") -> _Pending:
     body = json.dumps({"action": "created", "key": key})
-    delivery = IncomingDelivery(provider, key, "issue_comment", "created", body, {"x-github-event": "issue_comment"})
+    delivery = IncomingDelivery(
+        provider, key, "issue_comment", "created", body, {"x-github-event": "issue_comment"}
+    )
     return _Pending(delivery, "pending", loop.create_future())
 
 
@@ -146,14 +155,21 @@ async def test_sqlite_writer_ids_and_flags_for_new_mixed_and_old_batches(sqlite_
         assert [inserted for _, inserted in first] == [True, True, True]
         # a batch mixing stored and new keys, and the same key under another provider
         mixed = await writer.write(
-            [_pending("b", loop), _pending("d", loop), _pending("a", loop), _pending("a", loop, "gitlab")]
+            [
+                _pending("b", loop),
+                _pending("d", loop),
+                _pending("a", loop),
+                _pending("a", loop, "gitlab"),
+            ]
         )
         again = await writer.write([_pending(k, loop) for k in ("c", "d")])
     finally:
         writer.close()
     stored = {
         (provider, key): row_id
-        for row_id, provider, key in rows(sqlite_url, "SELECT id, provider, delivery_key FROM webhook_deliveries")
+        for row_id, provider, key in rows(
+            sqlite_url, "SELECT id, provider, delivery_key FROM webhook_deliveries"
+        )
     }
     assert len(stored) == 5
     assert first == [(stored[("github", k)], True) for k in ("a", "b", "c")]
@@ -164,7 +180,9 @@ async def test_sqlite_writer_ids_and_flags_for_new_mixed_and_old_batches(sqlite_
         (stored[("gitlab", "a")], True),
     ]
     assert again == [(stored[("github", "c")], False), (stored[("github", "d")], False)]
-    headers, outcome, status = rows(sqlite_url, "SELECT headers, outcome, status FROM webhook_deliveries LIMIT 1")[0]
+    headers, outcome, status = rows(
+        sqlite_url, "SELECT headers, outcome, status FROM webhook_deliveries LIMIT 1"
+    )[0]
     assert json.loads(headers) == {"x-github-event": "issue_comment"}
     assert json.loads(outcome) == {} and status == "pending"
 
@@ -173,10 +191,13 @@ async def test_sqlite_writer_ids_and_flags_for_new_mixed_and_old_batches(sqlite_
 
 
 @pytest.mark.parametrize("backend", ["redis", "memory"])
-async def test_enqueue_many_keeps_arqs_semantics(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+async def test_enqueue_many_keeps_arqs_semantics(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     url = request.getfixturevalue("redis_url") if backend == "redis" else "memory://"
     redis: ArqRedis = create_redis(make_settings(tmp_path, redis_url=url))
     try:
+
         def job(i: int) -> JobSpec:
             return delivery_job(i, "github", f"key-{i}")
 
@@ -192,7 +213,9 @@ async def test_enqueue_many_keeps_arqs_semantics(backend: str, request: pytest.F
         assert raw is not None
         found = deserialize_job(raw)
         assert (found.function, found.args, found.kwargs) == (
-            "process_delivery", (), {"delivery_id": 2, "delivery_key": "key-2"}
+            "process_delivery",
+            (),
+            {"delivery_id": 2, "delivery_key": "key-2"},
         )
         assert 0 < await redis.pttl(f"arq:job:{job(2).job_id}") <= 24 * 3600 * 1000
         other = JobSpec("project_onboard", f"onboard:{uuid.uuid4()}", {"project_id": 7})
@@ -200,7 +223,6 @@ async def test_enqueue_many_keeps_arqs_semantics(backend: str, request: pytest.F
         assert await redis.zcard("arq:other") == 1
     finally:
         await redis.aclose(close_connection_pool=True)
-
 
 
 # --- the listening socket ----------------------------------------------------------------------

@@ -22,9 +22,15 @@ from tests.intake.helpers import rows
 def _pending(
     key: str, loop: asyncio.AbstractEventLoop, provider: str = "github", semantic: str | None = None
 ) -> _Pending:
-    body = json.dumps({"action": "created", "key": key, "text": "quote \" backslash \\ brace { } ü"})
+    body = json.dumps({"action": "created", "key": key, "text": 'quote " backslash \\ brace { } ü'})
     delivery = IncomingDelivery(
-        provider, key, "issue_comment", "created", body, {"x-github-event": "issue_comment"}, semantic
+        provider,
+        key,
+        "issue_comment",
+        "created",
+        body,
+        {"x-github-event": "issue_comment"},
+        semantic,
     )
     return _Pending(delivery, "pending", loop.create_future())
 
@@ -48,17 +54,26 @@ def _plain(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://")
 
 
-async def test_ids_and_flags_for_new_mixed_and_old_batches(pg_url: str, writer: PostgresWriter) -> None:
+async def test_ids_and_flags_for_new_mixed_and_old_batches(
+    pg_url: str, writer: PostgresWriter
+) -> None:
     loop = asyncio.get_running_loop()
     first = await writer.write([_pending(k, loop) for k in ("a", "b", "c")])
     assert [inserted for _, inserted in first] == [True, True, True]
     mixed = await writer.write(
-        [_pending("b", loop), _pending("d", loop), _pending("a", loop), _pending("a", loop, "gitlab")]
+        [
+            _pending("b", loop),
+            _pending("d", loop),
+            _pending("a", loop),
+            _pending("a", loop, "gitlab"),
+        ]
     )
     again = await writer.write([_pending(k, loop) for k in ("c", "d")])
     stored = {
         (provider, key): row_id
-        for row_id, provider, key in rows(pg_url, "SELECT id, provider, delivery_key FROM webhook_deliveries")
+        for row_id, provider, key in rows(
+            pg_url, "SELECT id, provider, delivery_key FROM webhook_deliveries"
+        )
     }
     assert len(stored) == 5
     assert first == [(stored[("github", k)], True) for k in ("a", "b", "c")]
@@ -70,7 +85,8 @@ async def test_ids_and_flags_for_new_mixed_and_old_batches(pg_url: str, writer: 
     ]
     assert again == [(stored[("github", "c")], False), (stored[("github", "d")], False)]
     payload, headers, outcome, status, attempts = rows(
-        pg_url, "SELECT payload, headers, outcome, status, attempts FROM webhook_deliveries WHERE delivery_key = 'a'"
+        pg_url,
+        "SELECT payload, headers, outcome, status, attempts FROM webhook_deliveries WHERE delivery_key = 'a'",
     )[0]
     # the body is stored verbatim (quotes, backslashes and non-ASCII through the binary arrays)
     assert payload == _pending("a", loop).delivery.body
@@ -82,10 +98,15 @@ async def test_a_replay_under_a_new_key_shares_the_row_of_its_semantic_key(
     pg_url: str, writer: PostgresWriter
 ) -> None:
     loop = asyncio.get_running_loop()
-    [(original, inserted)] = await writer.write([_pending("k1", loop, semantic="issue_comment:created:1:t")])
+    [(original, inserted)] = await writer.write(
+        [_pending("k1", loop, semantic="issue_comment:created:1:t")]
+    )
     assert inserted
     replay = await writer.write(
-        [_pending("k2", loop, semantic="issue_comment:created:1:t"), _pending("k3", loop, semantic="other")]
+        [
+            _pending("k2", loop, semantic="issue_comment:created:1:t"),
+            _pending("k3", loop, semantic="other"),
+        ]
     )
     assert replay[0] == (original, False)
     assert replay[1][1] is True
@@ -131,11 +152,24 @@ async def test_a_killed_connection_fails_its_batch_and_the_next_batch_reconnects
 def test_resolve_prefers_the_delivery_key_then_the_semantic_key() -> None:
     loop = asyncio.new_event_loop()
     try:
-        items = [_pending("new", loop), _pending("old", loop), _pending("replay", loop, semantic="s"), _pending("gone", loop)]
+        items = [
+            _pending("new", loop),
+            _pending("old", loop),
+            _pending("replay", loop, semantic="s"),
+            _pending("gone", loop),
+        ]
     finally:
         loop.close()
-    stored: list[tuple[int, str, str, Any]] = [(7, "github", "old", None), (9, "github", "first", "s")]
-    assert resolve(items, {("github", "new"): 11}, stored) == [(11, True), (7, False), (9, False), (0, False)]
+    stored: list[tuple[int, str, str, Any]] = [
+        (7, "github", "old", None),
+        (9, "github", "first", "s"),
+    ]
+    assert resolve(items, {("github", "new"): 11}, stored) == [
+        (11, True),
+        (7, False),
+        (9, False),
+        (0, False),
+    ]
 
 
 def test_the_payload_column_is_compressed_with_lz4(pg_url: str) -> None:
@@ -148,7 +182,9 @@ def test_the_payload_column_is_compressed_with_lz4(pg_url: str) -> None:
     assert method == "l"
 
 
-async def test_a_second_batch_commits_while_the_first_waits_and_a_racing_key_is_a_duplicate(pg_url: str) -> None:
+async def test_a_second_batch_commits_while_the_first_waits_and_a_racing_key_is_a_duplicate(
+    pg_url: str,
+) -> None:
     """Two commits in flight: one blocked on a key another transaction holds does not hold up
     the next batch, and once that transaction commits, the blocked delivery is its duplicate."""
     from bot.storage.db import create_database
@@ -188,7 +224,9 @@ async def test_a_second_batch_commits_while_the_first_waits_and_a_racing_key_is_
         await db.dispose()
 
 
-async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_still_commit(pg_url: str) -> None:
+async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_still_commit(
+    pg_url: str,
+) -> None:
     """One timer for every waiter: a delivery whose commit is stuck past `deadline_s` fails with
     TimeoutError (the edge's 503) at its deadline, and the deliveries after it are unaffected."""
     from bot.storage.db import create_database
@@ -224,11 +262,15 @@ async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_sti
         await db.dispose()
 
 
-async def test_the_text_array_dumper_round_trips_nulls_non_ascii_and_empty_arrays(pg_url: str) -> None:
+async def test_the_text_array_dumper_round_trips_nulls_non_ascii_and_empty_arrays(
+    pg_url: str,
+) -> None:
     from bot.storage.intake_pg import TextArray, TextArrayDumper
 
     async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as conn:
         conn.adapters.register_dumper(TextArray, TextArrayDumper)
-        for values in ([], ["a"], ["ü \" \\ { } ,", None, "", "x" * 5000], [None]):
-            cur = await conn.execute("SELECT %b::text[], cardinality(%b::text[])", (TextArray(values), TextArray(values)))
+        for values in ([], ["a"], ['ü " \\ { } ,', None, "", "x" * 5000], [None]):
+            cur = await conn.execute(
+                "SELECT %b::text[], cardinality(%b::text[])", (TextArray(values), TextArray(values))
+            )
             assert await cur.fetchone() == (values, len(values))

@@ -23,7 +23,13 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 def comment(updated_at: str = "2026-11-30T08:00:00Z", comment_id: int = 4242) -> bytes:
     payload = {
         "action": "created",
-        "issue": {"id": 1, "number": 7, "title": "Add a README", "body": "please", "updated_at": updated_at},
+        "issue": {
+            "id": 1,
+            "number": 7,
+            "title": "Add a README",
+            "body": "please",
+            "updated_at": updated_at,
+        },
         "comment": {
             "id": comment_id,
             "body": "/plan",
@@ -31,7 +37,10 @@ def comment(updated_at: str = "2026-11-30T08:00:00Z", comment_id: int = 4242) ->
             "created_at": "2026-11-30T08:00:00Z",
             "updated_at": updated_at,
         },
-        "repository": {"full_name": "acme/widgets", "clone_url": "https://github.com/acme/widgets.git"},
+        "repository": {
+            "full_name": "acme/widgets",
+            "clone_url": "https://github.com/acme/widgets.git",
+        },
         "sender": {"login": "alice", "type": "User"},
         "installation": {"id": 42},
     }
@@ -51,7 +60,9 @@ def test_replay_under_a_new_delivery_id_is_a_duplicate(
     with live_server(create_app(settings, embedded_worker=False)) as server:
         url = server.url + "/webhooks/github"
         first = httpx.post(url, content=body, headers=github_headers(body))
-        replay = httpx.post(url, content=body, headers=github_headers(body))  # a fresh X-GitHub-Delivery
+        replay = httpx.post(
+            url, content=body, headers=github_headers(body)
+        )  # a fresh X-GitHub-Delivery
         assert (first.status_code, first.json()["status"]) == (202, "accepted")
         assert (replay.status_code, replay.json()["status"]) == (200, "duplicate")
         assert replay.json()["id"] == first.json()["id"]
@@ -75,7 +86,14 @@ def test_gitlab_note_replayed_with_a_new_idempotency_key_is_a_duplicate(
 ) -> None:
     settings = make_settings(tmp_path, db_url=db_url, redis_url=redis_url)
     note = json.dumps(
-        {"object_kind": "note", "object_attributes": {"id": 9, "note": "/plan", "updated_at": "2026-11-30 08:00:00 UTC"}}
+        {
+            "object_kind": "note",
+            "object_attributes": {
+                "id": 9,
+                "note": "/plan",
+                "updated_at": "2026-11-30 08:00:00 UTC",
+            },
+        }
     ).encode()
     with live_server(create_app(settings, embedded_worker=False)) as server:
         url = server.url + "/webhooks/gitlab"
@@ -92,11 +110,27 @@ def _sample(provider: str, case: str) -> bytes:
 @pytest.mark.parametrize(
     ("event", "case", "expected"),
     [
-        ("issue_comment", "issue_comment_created", "issue_comment:created:492700400:2019-05-15T15:20:21Z:::"),
+        (
+            "issue_comment",
+            "issue_comment_created",
+            "issue_comment:created:492700400:2019-05-15T15:20:21Z:::",
+        ),
         ("issues", "issues_labeled", "issues:labeled:444500041:2019-05-15T15:20:18Z:bug::"),
-        ("pull_request", "pull_request_closed", "pull_request:closed:279147437:2019-05-15T15:21:18Z::ec26c3e57ca3a959ca5aad62de7213c562f8c821:"),
-        ("workflow_run", "workflow_run_completed", "workflow_run:completed:289782451:2020-10-05T16:33:49Z::3484a3fb816e0859fd6e1cea078d76385ff50625:1"),
-        ("check_suite", "check_suite_completed", "check_suite:completed:118578147:2019-05-15T15:21:14Z::ec26c3e57ca3a959ca5aad62de7213c562f8c821:"),
+        (
+            "pull_request",
+            "pull_request_closed",
+            "pull_request:closed:279147437:2019-05-15T15:21:18Z::ec26c3e57ca3a959ca5aad62de7213c562f8c821:",
+        ),
+        (
+            "workflow_run",
+            "workflow_run_completed",
+            "workflow_run:completed:289782451:2020-10-05T16:33:49Z::3484a3fb816e0859fd6e1cea078d76385ff50625:1",
+        ),
+        (
+            "check_suite",
+            "check_suite_completed",
+            "check_suite:completed:118578147:2019-05-15T15:21:14Z::ec26c3e57ca3a959ca5aad62de7213c562f8c821:",
+        ),
         ("check_run", "check_run_requested_action", None),
         ("installation", "installation_created", None),
     ],
@@ -115,14 +149,20 @@ def test_gitlab_semantic_keys() -> None:
             continue
         body = (SAMPLES / "gitlab" / entry["file"]).read_bytes()
         event = entry.get("x_gitlab_event_header", "")
-        found[entry["file"]] = gitlab_delivery(gitlab_headers(event), body, GITLAB_SECRET).semantic_key
+        found[entry["file"]] = gitlab_delivery(
+            gitlab_headers(event), body, GITLAB_SECRET
+        ).semantic_key
     notes = {k: v for k, v in found.items() if k.startswith("note_hook")}
     assert notes and all(v and v.startswith("note hook:") for v in notes.values())
     assert len(set(notes.values())) == len(notes)
 
 
 def test_odd_shapes_have_no_semantic_key() -> None:
-    for payload in ({"comment": "x", "action": "created"}, {"comment": {"id": True, "updated_at": 5}}, {"comment": {"id": 1}}):
+    for payload in (
+        {"comment": "x", "action": "created"},
+        {"comment": {"id": True, "updated_at": 5}},
+        {"comment": {"id": 1}},
+    ):
         body = json.dumps(payload).encode()
         headers = {k.lower(): v for k, v in github_headers(body).items()}
         assert github_delivery(headers, body, GITHUB_SECRET).semantic_key is None

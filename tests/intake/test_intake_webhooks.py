@@ -48,9 +48,18 @@ def test_valid_github_delivery_is_accepted_stored_and_processed(client: TestClie
 
 @pytest.mark.parametrize(
     "signature",
-    [None, "", "sha256=", "sha256=deadbeef", "sha1=0123456789abcdef0123456789abcdef01234567", "garbage"],
+    [
+        None,
+        "",
+        "sha256=",
+        "sha256=deadbeef",
+        "sha1=0123456789abcdef0123456789abcdef01234567",
+        "garbage",
+    ],
 )
-def test_bad_or_missing_signature_is_401_and_nothing_stored(client: TestClient, signature: str | None) -> None:
+def test_bad_or_missing_signature_is_401_and_nothing_stored(
+    client: TestClient, signature: str | None
+) -> None:
     body = comment_body()
     headers = github_headers(body)
     if signature is None:
@@ -80,8 +89,12 @@ def test_gitlab_wrong_token_is_401(client: TestClient) -> None:
     assert count(client) == 0
 
 
-def test_unconfigured_secret_answers_503_naming_the_variable(tmp_path: Path, sqlite_url: str) -> None:
-    settings = make_settings(tmp_path, db_url=sqlite_url, github_webhook_secret=None, gitlab_webhook_secret=None)
+def test_unconfigured_secret_answers_503_naming_the_variable(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    settings = make_settings(
+        tmp_path, db_url=sqlite_url, github_webhook_secret=None, gitlab_webhook_secret=None
+    )
     with TestClient(create_app(settings)) as c:
         body = comment_body()
         res = c.post("/webhooks/github", content=body, headers=github_headers(body))
@@ -93,7 +106,7 @@ def test_unconfigured_secret_answers_503_naming_the_variable(tmp_path: Path, sql
     assert rows(sqlite_url, "SELECT id FROM webhook_deliveries") == []
 
 
-@pytest.mark.parametrize("body", [b"not json", b"{", b"[1, 2]", b"\"text\"", b"null", b"\xff\xfe"])
+@pytest.mark.parametrize("body", [b"not json", b"{", b"[1, 2]", b'"text"', b"null", b"\xff\xfe"])
 def test_malformed_body_is_400(client: TestClient, body: bytes) -> None:
     res = client.post("/webhooks/github", content=body, headers=github_headers(body))
     assert res.status_code == 400
@@ -123,7 +136,9 @@ def test_streamed_oversize_body_is_413_as_soon_as_it_passes_the_limit(
 
     with live_server(create_app(settings)) as server, httpx.Client(timeout=10) as http:
         try:
-            res = http.post(server.url + "/webhooks/github", content=chunks(), headers=github_headers(b""))
+            res = http.post(
+                server.url + "/webhooks/github", content=chunks(), headers=github_headers(b"")
+            )
             assert res.status_code == 413
         except httpx.HTTPError:
             pass  # the server may close the connection mid-upload; either way it stopped reading
@@ -161,7 +176,9 @@ def test_unknown_event_is_ignored_with_202(client: TestClient) -> None:
     res = client.post("/webhooks/github", content=body, headers=github_headers(body, event="star"))
     assert res.status_code == 202
     assert res.json()["status"] == "ignored"
-    res = client.post("/webhooks/gitlab", content=b'{"object_kind": "push"}', headers=gitlab_headers("Push Hook"))
+    res = client.post(
+        "/webhooks/gitlab", content=b'{"object_kind": "push"}', headers=gitlab_headers("Push Hook")
+    )
     assert res.status_code == 202 and res.json()["status"] == "ignored"
 
 
@@ -196,7 +213,11 @@ def test_gitlab_dedupe_by_idempotency_key_then_body_hash(client: TestClient) -> 
 
 
 def _github_samples() -> list[Path]:
-    return sorted(p for p in (SAMPLES / "github").iterdir() if p.is_dir()) if (SAMPLES / "github").exists() else []
+    return (
+        sorted(p for p in (SAMPLES / "github").iterdir() if p.is_dir())
+        if (SAMPLES / "github").exists()
+        else []
+    )
 
 
 @pytest.mark.parametrize("sample", _github_samples(), ids=lambda p: p.name)
@@ -212,20 +233,28 @@ def test_recorded_github_deliveries(client: TestClient, sample: Path) -> None:
     data = res.json()
     assert data["delivery"] == headers["X-GitHub-Delivery"]
     if data["status"] == "accepted":
-        assert wait_status(client.db_url, data["id"], {"processed", "ignored"}) in {"processed", "ignored"}  # type: ignore[attr-defined]
+        db_url = client.db_url  # type: ignore[attr-defined]
+        assert wait_status(db_url, data["id"], {"processed", "ignored"}) in {"processed", "ignored"}
 
 
 def _gitlab_samples() -> list[tuple[str, Path]]:
     index = SAMPLES / "gitlab" / "index.json"
     if not index.exists():
         return []
-    return [(e["x_gitlab_event_header"], SAMPLES / "gitlab" / e["file"]) for e in json.loads(index.read_text())]
+    return [
+        (e["x_gitlab_event_header"], SAMPLES / "gitlab" / e["file"])
+        for e in json.loads(index.read_text())
+    ]
 
 
-@pytest.mark.parametrize("event,sample", _gitlab_samples(), ids=lambda v: v.name if isinstance(v, Path) else v)
+@pytest.mark.parametrize(
+    "event,sample", _gitlab_samples(), ids=lambda v: v.name if isinstance(v, Path) else v
+)
 def test_gitlab_documentation_examples(client: TestClient, event: str, sample: Path) -> None:
     body = sample.read_bytes()
-    res = client.post("/webhooks/gitlab", content=body, headers=gitlab_headers(event, key=sample.name))
+    res = client.post(
+        "/webhooks/gitlab", content=body, headers=gitlab_headers(event, key=sample.name)
+    )
     assert res.status_code == 202, res.text
     data = res.json()
     if data["status"] == "accepted":
@@ -243,21 +272,36 @@ ODD_SHAPES: list[object] = [
 
 
 @pytest.mark.parametrize("payload", ODD_SHAPES)
-@pytest.mark.parametrize("event", ["issue_comment", "issues", "pull_request", "check_suite", "workflow_run", "installation"])
-def test_any_github_payload_shape_never_5xx(client: TestClient, payload: object, event: str) -> None:
+@pytest.mark.parametrize(
+    "event",
+    ["issue_comment", "issues", "pull_request", "check_suite", "workflow_run", "installation"],
+)
+def test_any_github_payload_shape_never_5xx(
+    client: TestClient, payload: object, event: str
+) -> None:
     body = json.dumps(payload).encode()
     res = client.post("/webhooks/github", content=body, headers=github_headers(body, event=event))
     assert res.status_code == 202
-    assert wait_status(client.db_url, res.json()["id"], {"processed", "ignored", "failed"}) == "processed"  # type: ignore[attr-defined]
+    db_url = client.db_url  # type: ignore[attr-defined]
+    done = wait_status(db_url, res.json()["id"], {"processed", "ignored", "failed"})
+    assert done == "processed"
 
 
-@pytest.mark.parametrize("payload", [*ODD_SHAPES, {"object_attributes": None}, {"object_attributes": {"action": 3}}])
-@pytest.mark.parametrize("event", ["Note Hook", "Issue Hook", "Merge Request Hook", "Pipeline Hook"])
-def test_any_gitlab_payload_shape_never_5xx(client: TestClient, payload: object, event: str) -> None:
+@pytest.mark.parametrize(
+    "payload", [*ODD_SHAPES, {"object_attributes": None}, {"object_attributes": {"action": 3}}]
+)
+@pytest.mark.parametrize(
+    "event", ["Note Hook", "Issue Hook", "Merge Request Hook", "Pipeline Hook"]
+)
+def test_any_gitlab_payload_shape_never_5xx(
+    client: TestClient, payload: object, event: str
+) -> None:
     body = json.dumps(payload).encode()
     res = client.post("/webhooks/gitlab", content=body, headers=gitlab_headers(event))
     assert res.status_code == 202
-    assert wait_status(client.db_url, res.json()["id"], {"processed", "ignored", "failed"}) == "processed"  # type: ignore[attr-defined]
+    db_url = client.db_url  # type: ignore[attr-defined]
+    done = wait_status(db_url, res.json()["id"], {"processed", "ignored", "failed"})
+    assert done == "processed"
 
 
 def test_health_ready_and_metrics(client: TestClient) -> None:
@@ -266,7 +310,10 @@ def test_health_ready_and_metrics(client: TestClient) -> None:
     body = comment_body()
     client.post("/webhooks/github", content=body, headers=github_headers(body))
     text_ = client.get("/metrics").text
-    assert 'deksdenflow_deliveries_total{event="issue_comment",provider="github",status="accepted"} 1.0' in text_
+    assert (
+        'deksdenflow_deliveries_total{event="issue_comment",provider="github",status="accepted"} 1.0'
+        in text_
+    )
     assert "deksdenflow_intake_seconds_bucket" in text_
     assert "deksdenflow_queue_depth" in text_
 

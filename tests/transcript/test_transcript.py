@@ -46,7 +46,11 @@ def test_entries_for_each_kind_of_codex_event() -> None:
         "data": {"usage": {"input_tokens": 1200, "output_tokens": 30}},
     }  # fmt: skip
     failed = {"type": "turn.failed", "error": {"message": "unexpected status 401"}}
-    assert transcript_entry(failed) == {"kind": "error", "text": "unexpected status 401", "data": {}}
+    assert transcript_entry(failed) == {
+        "kind": "error",
+        "text": "unexpected status 401",
+        "data": {},
+    }
     assert transcript_entry({"type": "thread.started", "thread_id": "t"}) is None
     started_msg = {"type": "item.started", "item": {"type": "agent_message", "text": ""}}
     assert transcript_entry(started_msg) is None
@@ -72,8 +76,10 @@ async def test_recorder_batches_redacts_and_pages(harness: Harness) -> None:
         secrets=("sk-secret-value", 'quote"secret'), interval_s=0.05,
     )  # fmt: skip
     for n in range(1200):
-        event = {"type": "item.completed",
-                 "item": {"type": "agent_message", "text": f"m{n} sk-secret-value quote\"secret"}}
+        event = {
+            "type": "item.completed",
+            "item": {"type": "agent_message", "text": f'm{n} sk-secret-value quote"secret'},
+        }
         # the engine's own bytes when it has them (codex), else the recorder encodes (scripted)
         recorder.add(event, json.dumps(event).encode() + b"\n" if n % 2 else None)
     recorder.add({"type": "thread.started", "thread_id": "t"})  # stored, never shown
@@ -81,7 +87,9 @@ async def test_recorder_batches_redacts_and_pages(harness: Harness) -> None:
     assert recorder.stored == 1201
     items = await transcript_page(db, step_run_id=3, limit=5000)
     assert len(items) == 1200
-    assert all("sk-secret-value" not in i["text"] and 'quote"secret' not in i["text"] for i in items)
+    assert all(
+        "sk-secret-value" not in i["text"] and 'quote"secret' not in i["text"] for i in items
+    )
     assert items[0]["text"] == f"m0 {REDACTED} {REDACTED}"
     assert [i["text"].split()[0] for i in items[:3]] == ["m0", "m1", "m2"]
     ids = [i["id"] for i in items]
@@ -108,8 +116,10 @@ async def test_blocks_of_lines_are_chunked_redacted_and_kept_in_order(harness: H
     )  # fmt: skip
 
     def line(n: int) -> bytes:
-        event = {"type": "item.completed",
-                 "item": {"type": "agent_message", "text": f"m{n} sk-secret-value quote\"secret"}}
+        event = {
+            "type": "item.completed",
+            "item": {"type": "agent_message", "text": f'm{n} sk-secret-value quote"secret'},
+        }
         return json.dumps(event).encode() + b"\n"
 
     # what codex's reader hands over: one block of more lines than a chunk holds, an event
