@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
+from bot.domain.states import StepStatus
 from bot.storage.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
 
 
@@ -59,7 +60,7 @@ def seed(
                     protocol_run_id=run.id,
                     step_index=index,
                     step_name=f"step-{index}",
-                    status="completed" if index == 1 else "pending",
+                    status=StepStatus.COMPLETED if index == 1 else StepStatus.PENDING,
                     runtime_state={"qa_verdict": "PASS" if (n + index) % 2 == 0 else "FAIL"},
                     tokens_used=400 * n,
                     engine_id="scripted",

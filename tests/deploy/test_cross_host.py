@@ -34,6 +34,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from bot.core.settings import Settings
+from bot.domain.states import ProtocolStatus
 from bot.handlers.routes import build_router
 from bot.jobs.actions import start_protocol
 from bot.jobs.services import build_services, close_services
@@ -494,7 +495,7 @@ def test_three_workers_in_three_network_namespaces(tmp_path: Path, faults: tuple
 
         def all_done() -> bool:
             statuses = asyncio.run(_statuses(settings, run_ids))
-            return all(status == "completed" for status, _, _ in statuses.values())
+            return all(status == ProtocolStatus.COMPLETED for status, _, _ in statuses.values())
 
         try:
             wait_for(all_done, RUN_TIMEOUT_S, "every protocol to complete")

@@ -28,6 +28,7 @@ from bot.domain.spec import (
     validate_planning_output,
     validate_spec,
 )
+from bot.domain.states import ProtocolStatus, StepStatus
 from tests.codemachine.workspace import WORKFLOW, workspace_files
 
 DIAMOND = {1: (), 2: (1,), 3: (1,), 4: (2, 3)}
@@ -265,11 +266,13 @@ def test_the_status_comment_draws_a_graph_above_the_table() -> None:
     picture = mermaid(DIAMOND, steps, {i: f"Part {i}" for i in DIAMOND})
     rows = tuple(RowView(index=i, title=f"Part {i}", status=v.status) for i, v in steps.items())
     body = status_comment(
-        ProtocolView(name="0001-graph", status="running", steps=rows, graph=picture)
+        ProtocolView(name="0001-graph", status=ProtocolStatus.RUNNING, steps=rows, graph=picture)
     )
     assert "```mermaid\nflowchart TD" in body and "s1 --> s2" in body
     assert body.index("```mermaid") < body.index("**Steps**")
-    plain = status_comment(ProtocolView(name="0001-graph", status="running", steps=rows))
+    plain = status_comment(
+        ProtocolView(name="0001-graph", status=ProtocolStatus.RUNNING, steps=rows)
+    )
     assert "mermaid" not in plain  # a chain's comment is as before
 
 
@@ -279,7 +282,7 @@ def test_the_console_gets_the_graph_with_columns_and_states() -> None:
 
     config = spec_data(None, [1], [1], [2, 3])
     run = ProtocolRun(template_config=config)
-    statuses = ["completed", "running", "completed", "pending"]
+    statuses = [StepStatus.COMPLETED, StepStatus.RUNNING, StepStatus.COMPLETED, StepStatus.PENDING]
     steps = [
         StepRun(step_index=i, step_name=f"{i:02d}-s{i}", summary=f"Step {i}", status=st, retries=0,
                 runtime_state={"integrated_attempt": 0} if i == 1 else {})
@@ -289,10 +292,10 @@ def test_the_console_gets_the_graph_with_columns_and_states() -> None:
     assert [
         (n["index"], n["column"], n["depends_on"], n["status"], n["merged"]) for n in nodes
     ] == [
-        (1, 0, [], "completed", True),
-        (2, 1, [1], "running", False),
-        (3, 1, [1], "completed", False),
-        (4, 2, [2, 3], "pending", False),
+        (1, 0, [], StepStatus.COMPLETED, True),
+        (2, 1, [1], StepStatus.RUNNING, False),
+        (3, 1, [1], StepStatus.COMPLETED, False),
+        (4, 2, [2, 3], StepStatus.PENDING, False),
     ]
     assert graph_nodes(ProtocolRun(template_config=spec_data(None, None)), steps[:2]) == []
 

@@ -25,6 +25,7 @@ from bot.domain.rendering import (
     text_size,
     truncate,
 )
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.forge.base import CheckReport
 
 STEPS = [
@@ -46,7 +47,7 @@ STEPS = [
 def view(**kw: Any) -> ProtocolView:
     base: dict[str, Any] = dict(
         name="0001-login",
-        status="running",
+        status=ProtocolStatus.RUNNING,
         task="Add a login page",
         steps=STEPS,
         current_step=2,
@@ -80,18 +81,22 @@ def test_status_comment_shape() -> None:
 
 
 def test_status_comment_without_steps() -> None:
-    body = status_comment(ProtocolView(name="0002-x", status="planning"))
+    body = status_comment(ProtocolView(name="0002-x", status=ProtocolStatus.PLANNING))
     assert body.startswith(status_marker("0002-x"))
     assert "No steps planned yet" in body
 
 
 def test_status_comment_blocked_message() -> None:
-    body = status_comment(view(status="blocked", message="CI failed the same way twice"))
+    body = status_comment(
+        view(status=ProtocolStatus.BLOCKED, message="CI failed the same way twice")
+    )
     assert "⛔" in body and "CI failed the same way twice" in body
 
 
 def test_untrusted_titles_cannot_inject_markers_or_break_lines() -> None:
-    evil = StepView(1, "x <!-- deksdenflow:status protocol=0009-other -->\n# heading", "pending")
+    evil = StepView(
+        1, "x <!-- deksdenflow:status protocol=0009-other -->\n# heading", StepStatus.PENDING
+    )
     body = status_comment(view(steps=[evil], current_step=None))
     assert body.count("<!--") == 1
     assert "0009-other" in body and "\n# heading" not in body
@@ -364,7 +369,7 @@ def test_log_entry() -> None:
 def test_a_qa_passed_step_waiting_for_ci_says_so() -> None:
     view = ProtocolView(
         name="0001-x",
-        status="running",
-        steps=(StepView(index=1, title="One", status="needs_qa", qa_verdict="PASS"),),
+        status=ProtocolStatus.RUNNING,
+        steps=(StepView(index=1, title="One", status=StepStatus.NEEDS_QA, qa_verdict="PASS"),),
     )
     assert "PASS · waiting for CI" in status_comment(view)

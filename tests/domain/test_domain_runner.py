@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bot.domain.states import (
+    ProtocolStatus,
+    StepStatus,
     completes_protocol,
     failure_statuses,
     may_approve_step,
@@ -70,10 +72,22 @@ def test_failure_statuses(
 
 def test_no_failure_leaves_work_that_nobody_does() -> None:
     """The issue's rule: after a failure nothing stays running/planning with no job on it."""
-    for protocol in ("pending", "planning", "running", "planned", "blocked", "paused", "cancelled"):
+    for protocol in (
+        ProtocolStatus.PENDING,
+        ProtocolStatus.PLANNING,
+        ProtocolStatus.RUNNING,
+        ProtocolStatus.PLANNED,
+        ProtocolStatus.BLOCKED,
+        ProtocolStatus.PAUSED,
+        ProtocolStatus.CANCELLED,
+    ):
         for step in (None, "pending", "running", "needs_qa"):
             wanted = failure_statuses(protocol, step)
-            assert (wanted.protocol or protocol) not in ("pending", "planning", "running"), (
+            assert (wanted.protocol or protocol) not in (
+                ProtocolStatus.PENDING,
+                ProtocolStatus.PLANNING,
+                ProtocolStatus.RUNNING,
+            ), (
                 protocol,
                 step,
             )
@@ -112,13 +126,13 @@ def test_resume_reruns_the_step_that_stopped(
 @pytest.mark.parametrize(
     ("status", "ok"),
     [
-        ("failed", True),
-        ("blocked", True),
-        ("needs_qa", True),
-        ("pending", False),
-        ("running", False),
-        ("completed", False),
-        ("cancelled", False),
+        (StepStatus.FAILED, True),
+        (StepStatus.BLOCKED, True),
+        (StepStatus.NEEDS_QA, True),
+        (StepStatus.PENDING, False),
+        (StepStatus.RUNNING, False),
+        (StepStatus.COMPLETED, False),
+        (StepStatus.CANCELLED, False),
     ],
 )
 def test_may_approve_step(status: str, ok: bool) -> None:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from sqlalchemy import select, update
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.storage.app_credentials import load_stored_credentials
 from bot.storage.models import Project, StoredSecret
 from tests.github_e2e.conftest import GitHubLoop, sample
@@ -66,14 +67,14 @@ def pull_comment(gh: GitHubLoop, body: str, number: int, comment_id: int) -> dic
 def planned(gh: GitHubLoop) -> None:
     gh.deliver("installation", gh.installation_created())
     gh.deliver("issue_comment", gh.comment("/plan"))
-    assert gh.run().run.status == "planned"
+    assert gh.run().run.status == ProtocolStatus.PLANNED
 
 
 def executed(gh: GitHubLoop) -> None:
     planned(gh)
     gh.deliver("issue_comment", gh.comment("/approve"))
     gh.deliver("issue_comment", gh.comment("/run-step"))
-    assert [s.status for s in gh.run().steps] == ["needs_qa", "pending"]
+    assert [s.status for s in gh.run().steps] == [StepStatus.NEEDS_QA, StepStatus.PENDING]
 
 
 def set_config(gh: GitHubLoop, **config: Any) -> None:
@@ -110,8 +111,12 @@ def test_plan_label_plans_the_issue(gh: GitHubLoop) -> None:
     assert ("POST", f"{R}/pulls") in pairs(calls)
     assert not any(c.path.endswith("/reactions") for c in calls)
     state = gh.run()
-    assert (state.run.status, state.run.issue_number, state.run.approved) == ("planned", 1, False)
-    assert [s.status for s in state.steps] == ["pending", "pending"]
+    assert (state.run.status, state.run.issue_number, state.run.approved) == (
+        ProtocolStatus.PLANNED,
+        1,
+        False,
+    )
+    assert [s.status for s in state.steps] == [StepStatus.PENDING, StepStatus.PENDING]
 
 
 def test_plan_label_by_a_reader_is_refused(gh: GitHubLoop) -> None:
@@ -142,14 +147,14 @@ def test_auto_label_runs_every_step_with_its_ci_and_qa_to_the_end(gh: GitHubLoop
     # approved by the label: planning went straight on to step 1, which now waits for CI
     state = gh.run()
     assert state.run.approved and state.run.auto_mode
-    assert [s.status for s in state.steps] == ["needs_qa", "pending"]
+    assert [s.status for s in state.steps] == [StepStatus.NEEDS_QA, StepStatus.PENDING]
     gh.ci_suite("success")
     for expected in (["completed", "needs_qa"], ["completed", "completed"]):
         out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, gh.run().run.head_sha))
         assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "run_qa"}
         assert [s.status for s in gh.run().steps] == expected
     state = gh.run()
-    assert state.run.status == "completed"
+    assert state.run.status == ProtocolStatus.COMPLETED
     assert [s.runtime_state["qa_verdict"] for s in state.steps] == ["PASS", "PASS"]
     assert checks_created(gh) == [
         "deksdenflow/step-01",
@@ -187,7 +192,10 @@ def test_several_commands_in_one_comment_run_in_order(gh: GitHubLoop) -> None:
     ]
     assert reactions_on(gh, 5401) == ["eyes", "eyes", "rocket"]
     state = gh.run()
-    assert state.run.approved and [s.status for s in state.steps] == ["needs_qa", "pending"]
+    assert state.run.approved and [s.status for s in state.steps] == [
+        StepStatus.NEEDS_QA,
+        StepStatus.PENDING,
+    ]
 
 
 def test_command_on_a_pull_request_from_a_fork_is_refused_unless_allowed(gh: GitHubLoop) -> None:
@@ -213,7 +221,7 @@ def test_command_on_a_pull_request_from_a_fork_is_refused_unless_allowed(gh: Git
     assert calls[2].body == {
         "body": "`/run-step` is not accepted on pull requests from forks here."
     }
-    assert [s.status for s in gh.run().steps] == ["pending", "pending"]
+    assert [s.status for s in gh.run().steps] == [StepStatus.PENDING, StepStatus.PENDING]
 
     # /status and /help are harmless: no fork lookup at all
     mark = gh.fake.mark()
@@ -274,7 +282,7 @@ def test_check_suite_completed_drives_ci_like_workflow_run(gh: GitHubLoop) -> No
     gh.ci_suite("in_progress", status="in_progress")
     out = gh.deliver("check_suite", check_suite(gh, head))
     assert out["outcome"]["handled"][-1] == {"waiting": "other check suites still running"}
-    assert [s.status for s in gh.run().steps] == ["needs_qa", "pending"]
+    assert [s.status for s in gh.run().steps] == [StepStatus.NEEDS_QA, StepStatus.PENDING]
 
     gh.ci_suite("success")
     mark = gh.fake.mark()
@@ -283,7 +291,7 @@ def test_check_suite_completed_drives_ci_like_workflow_run(gh: GitHubLoop) -> No
     assert pairs(gh.fake.since(mark))[0] == ("GET", f"{R}/commits/{head}/check-suites")
     assert checks_created(gh, mark) == ["deksdenflow/qa-01", "deksdenflow/qa-01"]
     state = gh.run()
-    assert [s.status for s in state.steps] == ["completed", "pending"]
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED, StepStatus.PENDING]
     assert state.steps[0].runtime_state["qa_verdict"] == "PASS"
 
 
@@ -300,9 +308,12 @@ def test_check_run_rerequested_reruns_the_step_or_its_qa(gh: GitHubLoop) -> None
         "check_run",
         gh.check_run_action("deksdenflow/step-01", PROTOCOL, gh.run().run.head_sha, "run-qa"),
     )
-    assert [s.status for s in gh.run().steps] == ["needs_qa", "pending"]  # QA passed, CI due
+    assert [s.status for s in gh.run().steps] == [
+        StepStatus.NEEDS_QA,
+        StepStatus.PENDING,
+    ]  # QA passed, CI due
     gh.ci_green()
-    assert [s.status for s in gh.run().steps] == ["completed", "pending"]
+    assert [s.status for s in gh.run().steps] == [StepStatus.COMPLETED, StepStatus.PENDING]
 
     # "Re-run" on the QA check runs QA again
     mark = gh.fake.mark()
@@ -317,7 +328,7 @@ def test_check_run_rerequested_reruns_the_step_or_its_qa(gh: GitHubLoop) -> None
     assert out["outcome"]["handled"][-1] == {"action": "retry-step", "step": 1}
     assert checks_created(gh, mark)[0] == "deksdenflow/step-01"
     state = gh.run()
-    assert state.steps[0].retries == 1 and state.steps[0].status == "needs_qa"
+    assert state.steps[0].retries == 1 and state.steps[0].status == StepStatus.NEEDS_QA
     assert state.run.head_sha != before
 
 
@@ -375,8 +386,11 @@ def test_failed_job_reacts_confused(
     assert out["outcome"]["handled"][-1] == {"command": "run-step", "result": "step 1"}
     assert reactions_on(gh, 5601) == ["eyes", "confused"]
     state = gh.run()
-    assert state.steps[0].status == "failed"
-    assert state.run.status == "blocked" and "agent crashed" in state.run.runtime_state["message"]
+    assert state.steps[0].status == StepStatus.FAILED
+    assert (
+        state.run.status == ProtocolStatus.BLOCKED
+        and "agent crashed" in state.run.runtime_state["message"]
+    )
     # the step's check run, opened in progress, is closed as a failure (never left spinning)
     runs = [r for r in gh.fake.check_runs.values() if r["name"] == "deksdenflow/step-01"]
     assert [(r["status"], r.get("conclusion")) for r in runs] == [("completed", "failure")]

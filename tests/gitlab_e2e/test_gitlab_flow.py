@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from bot.domain.rendering import status_marker
+from bot.domain.states import ProtocolStatus, StepStatus
 from tests.gitlab_e2e.conftest import PROJECT_ID, World
 from tests.gitutil import git
 
@@ -17,7 +18,7 @@ def _plan_and_approve(world: World) -> Any:
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)
-    run = world.wait_run("planned", ["pending", "pending"])
+    run = world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     world.send("Note Hook", world.note("/approve"))
     world.wait(lambda: bool(world.run().approved), "approval")
     return run
@@ -31,7 +32,7 @@ def test_plan_approve_run_ci_qa_merge(world: World) -> None:
     outcome = world.delivery_result(answer["id"])
     assert {"command": "plan", "result": "planning 0001-add-a-greeting"} in outcome["handled"]
     world.wait_reaction(plan_note)
-    run = world.wait_run("planned", ["pending", "pending"])
+    run = world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     name = run.protocol_name
     assert name == "0001-add-a-greeting"
     assert run.pr_number == 1 and run.pr_url.endswith("/-/merge_requests/1")
@@ -78,7 +79,7 @@ def test_plan_approve_run_ci_qa_merge(world: World) -> None:
     run_note = world.note("/run-step")
     world.send("Note Hook", run_note)
     world.wait_reaction(run_note)
-    run = world.wait_run("running", ["needs_qa", "pending"])
+    run = world.wait_run(ProtocolStatus.RUNNING, [StepStatus.NEEDS_QA, StepStatus.PENDING])
     step_head = run.head_sha
     assert step_head != plan_head
     assert git("rev-parse", name, cwd=world.origin).strip() == step_head
@@ -103,7 +104,7 @@ def test_plan_approve_run_ci_qa_merge(world: World) -> None:
     )
     assert {"ignored": "not a step's commit"} in world.delivery_result(stale["id"])["handled"]
     world.send("Pipeline Hook", world.pipeline(step_head, name, "success", [("test", "success")]))
-    run = world.wait_run("running", ["completed", "pending"])
+    run = world.wait_run(ProtocolStatus.RUNNING, [StepStatus.COMPLETED, StepStatus.PENDING])
     # the step is completed before its QA status is sent and the run's head recorded: wait for
     # the job to get there, then read the head
     world.wait(lambda: len(fake.statuses()) == 6, "QA statuses")
@@ -117,7 +118,7 @@ def test_plan_approve_run_ci_qa_merge(world: World) -> None:
 
     # 4. The MR is merged: the protocol is completed and the status note says so.
     world.send("Merge Request Hook", world.merge_request_event(1, name, "merge"))
-    run = world.wait_run("completed")
+    run = world.wait_run(ProtocolStatus.COMPLETED)
     world.wait(lambda: "completed" in world.status_note()["body"].lower(), "completed note")
 
     # Never echo GitLab's recursion-detection header on our own API calls.
@@ -155,7 +156,7 @@ def test_rate_limited_call_is_retried_after_retry_after(world: World) -> None:
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)
-    world.wait_run("planned")
+    world.wait_run(ProtocolStatus.PLANNED)
     awards = world.fake.requests_to("POST", award_path)
     assert [r.status for r in awards][:2] == [429, 201]
     assert (
@@ -199,14 +200,17 @@ def test_same_pipeline_failure_twice_blocks(world: World) -> None:
     run_note = world.note("/run-step")
     world.send("Note Hook", run_note)
     world.wait_reaction(run_note)
-    first = world.wait_run("running", ["needs_qa", "pending"]).head_sha
+    first = world.wait_run(
+        ProtocolStatus.RUNNING, [StepStatus.NEEDS_QA, StepStatus.PENDING]
+    ).head_sha
 
     failing = [("lint", "success"), ("test", "failed")]
     answer = world.send("Pipeline Hook", world.pipeline(first, name, "failed", failing))
     assert {"ci": "failure", "outcome": "retry"} in world.delivery_result(answer["id"])["handled"]
     # the loop re-ran step 01: a new commit, waiting for CI again
     world.wait(
-        lambda: world.run().head_sha != first and world.step_statuses()[0] == "needs_qa", "re-run"
+        lambda: world.run().head_sha != first and world.step_statuses()[0] == StepStatus.NEEDS_QA,
+        "re-run",
     )
     second = world.run().head_sha
     step = world.steps()[0]
@@ -222,7 +226,7 @@ def test_same_pipeline_failure_twice_blocks(world: World) -> None:
         "Pipeline Hook", world.pipeline(second, name, "failed", list(reversed(failing)))
     )
     assert {"ci": "failure", "outcome": "block"} in world.delivery_result(answer["id"])["handled"]
-    run = world.wait_run("blocked", ["failed", "pending"])
+    run = world.wait_run(ProtocolStatus.BLOCKED, [StepStatus.FAILED, StepStatus.PENDING])
     world.wait(
         lambda: "CI failed the same way twice on step 01" in world.status_note()["body"],
         "blocked note",
@@ -237,11 +241,11 @@ def test_label_starts_a_protocol_and_closing_the_mr_cancels_it(world: World) -> 
         "result": "planning 0001-add-a-greeting",
     } in world.delivery_result(answer["id"])["handled"]
     world.wait(lambda: world.run() is not None and world.run().pr_number is not None, "draft MR")
-    run = world.wait_run("planned", ["pending", "pending"])
+    run = world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     assert world.fake.state.merge_requests[(PROJECT_ID, 1)]["title"].startswith("Draft: ")
 
     world.send("Merge Request Hook", world.merge_request_event(1, run.protocol_name, "close"))
-    world.wait_run("cancelled")
+    world.wait_run(ProtocolStatus.CANCELLED)
 
 
 def test_label_by_a_reporter_is_refused(world: World) -> None:
