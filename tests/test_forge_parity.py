@@ -19,6 +19,7 @@ import pytest
 from arq.constants import default_queue_name
 from starlette.testclient import TestClient
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.handlers.commands_flow import handle_comment
 from bot.handlers.forge_events import CommentEvent, RepoInfo
 from bot.handlers.router import HandlerContext
@@ -290,7 +291,11 @@ def test_same_loop_on_every_forge(
     assert seen["merge"] == "completed"
     assert seen["reactions"] == [["eyes", "rocket"], ["eyes"], ["eyes", "rocket"]]
     assert seen["checks"] == EXPECTED_CHECKS
-    assert seen["final"] == ("completed", ["completed", "pending"], True)
+    assert seen["final"] == (
+        ProtocolStatus.COMPLETED,
+        [StepStatus.COMPLETED, StepStatus.PENDING],
+        True,
+    )
     assert seen["events"] == EXPECTED_EVENTS
     # … and exactly what the other forges showed (whichever ran first is the reference)
     for other, theirs in OBSERVED.items():

@@ -245,8 +245,11 @@ def test_actions_are_guarded_transitions(
     assert paused.json()["status"] == ProtocolStatus.PAUSED
     again = c.post(f"/api/protocols/{run}/actions/pause", headers=AUTH)
     assert again.status_code == 409
-    assert again.json()["current"] == "paused"
-    assert c.post(f"/api/protocols/{run}/actions/start", headers=AUTH).json()["current"] == "paused"
+    assert again.json()["current"] == ProtocolStatus.PAUSED
+    assert (
+        c.post(f"/api/protocols/{run}/actions/start", headers=AUTH).json()["current"]
+        == ProtocolStatus.PAUSED
+    )
     assert c.post(f"/api/protocols/{run}/actions/open_pr", headers=AUTH).status_code == 409
     resumed = c.post(f"/api/protocols/{run}/actions/resume", headers=AUTH)
     assert resumed.json()["status"] == ProtocolStatus.RUNNING
@@ -255,7 +258,7 @@ def test_actions_are_guarded_transitions(
     cancelled = c.post(f"/api/protocols/{run}/actions/cancel", headers=AUTH)
     assert cancelled.json()["status"] == ProtocolStatus.CANCELLED
     late = c.post(f"/api/protocols/{run}/actions/resume", headers=AUTH)
-    assert late.status_code == 409 and late.json()["current"] == "cancelled"
+    assert late.status_code == 409 and late.json()["current"] == ProtocolStatus.CANCELLED
 
 
 def test_project_token_reaches_only_its_project(client: tuple[TestClient, dict[str, Any]]) -> None:
@@ -425,4 +428,4 @@ def test_start_replans_a_run_whose_planning_failed(tmp_path: Path, sqlite_url: s
         assert queued["jobs"]["plan_protocol"]["queued"] == 1
         # a failed run that has steps is retried step by step, not re-planned
         refused = c.post(f"/api/protocols/{ids['runs'][1]}/actions/start", headers=AUTH)
-        assert refused.status_code == 409 and refused.json()["current"] == "failed"
+        assert refused.status_code == 409 and refused.json()["current"] == ProtocolStatus.FAILED

@@ -52,9 +52,9 @@ def test_valid_actions_follow_the_state() -> None:
         {"status": ProtocolStatus.COMPLETED, "pr_url": "u"}, [{"status": StepStatus.COMPLETED}]
     )
     assert done == []
-    assert step_actions("completed", "completed") == []
-    assert step_actions("running", "completed") == ["rerun", "run_qa"]
-    assert step_actions("running", "needs_qa") == ["run_qa"]
+    assert step_actions(ProtocolStatus.COMPLETED, StepStatus.COMPLETED) == []
+    assert step_actions(ProtocolStatus.RUNNING, StepStatus.COMPLETED) == ["rerun", "run_qa"]
+    assert step_actions(ProtocolStatus.RUNNING, StepStatus.NEEDS_QA) == ["run_qa"]
 
 
 def test_refused_rerun_changes_nothing(tmp_path: Path, sqlite_url: str) -> None:
@@ -63,7 +63,7 @@ def test_refused_rerun_changes_nothing(tmp_path: Path, sqlite_url: str) -> None:
     with TestClient(create_app(make_settings(tmp_path, db_url=sqlite_url))) as c:
         before = c.get(f"/api/protocols/{run}", headers=AUTH).json()
         refused = c.post(f"/api/protocols/{run}/actions/rerun", headers=AUTH, json={"step": 1})
-        assert refused.status_code == 409 and refused.json()["current"] == "completed"
+        assert refused.status_code == 409 and refused.json()["current"] == ProtocolStatus.COMPLETED
         after = c.get(f"/api/protocols/{run}", headers=AUTH).json()
         assert [s["status"] for s in after["steps"]] == [s["status"] for s in before["steps"]]
         assert [s["retries"] for s in after["steps"]] == [s["retries"] for s in before["steps"]]

@@ -32,8 +32,8 @@ def red(sha: str, for_commit: str) -> dict[str, str]:
     return {"sha": sha, "result": "failure", "for_commit": for_commit}
 
 
-S1 = StepCI(1, "completed", A, QA_A, qa_passed_on=A, ci=green(A, A))
-S2 = StepCI(2, "needs_qa", B)
+S1 = StepCI(1, StepStatus.COMPLETED, A, QA_A, qa_passed_on=A, ci=green(A, A))
+S2 = StepCI(2, StepStatus.NEEDS_QA, B)
 S2_QA = replace(S2, qa_commit=QA_B, qa_passed_on=B)
 
 
@@ -41,7 +41,7 @@ def meaning(
     steps: list[StepCI],
     sha: str,
     result: str,
-    status: str = "running",
+    status: str = ProtocolStatus.RUNNING,
     qa_queued: bool = True,
     auto_qa_on_ci: bool = True,
     merged: bool = False,
@@ -230,7 +230,7 @@ def test_invariants_over_every_combination() -> None:
         ("success", "failure"),
         (True, False),
         (True, False),
-        ("running", "completed", "blocked"),
+        (ProtocolStatus.RUNNING, ProtocolStatus.COMPLETED, ProtocolStatus.BLOCKED),
     ):
         s2 = StepCI(2, status, B, QA_B, qa_passed_on=qa_passed_on, qa_policy=policy, ci=verdict)
         m = interpret_ci(proto, [S1, s2], sha, result, qa_queued=queued, auto_qa_on_ci=on_ci)  # type: ignore[arg-type]
@@ -244,12 +244,12 @@ def test_invariants_over_every_combination() -> None:
         if owner != 2:
             continue
         if m.action == "complete":
-            assert status == "needs_qa" and result == "success"
+            assert status == StepStatus.NEEDS_QA and result == "success"
             assert s2.qa_passed or (not queued and not on_ci)
         if m.action == "reopen":
-            assert status == "completed" and result == "failure"
+            assert status == StepStatus.COMPLETED and result == "failure"
         if m.action == "loop":
-            assert status == "needs_qa" and result == "failure"
+            assert status == StepStatus.NEEDS_QA and result == "failure"
         if m.action == "duplicate":
             assert verdict is not None and verdict["sha"] == sha and verdict["result"] == result
         if status in (StepStatus.PENDING, StepStatus.RUNNING):

@@ -208,11 +208,51 @@ def views(**statuses: str) -> dict[int, StepView]:
 @pytest.mark.parametrize(
     ("steps", "ready"),
     [
-        (views(s1="pending", s2="pending", s3="pending", s4="pending"), [1]),
-        (views(s1="completed", s2="pending", s3="pending", s4="pending"), [2, 3]),
-        (views(s1="completed", s2="completed", s3="running", s4="pending"), []),
-        (views(s1="completed", s2="completed", s3="completed", s4="pending"), [4]),
-        (views(s1="completed", s2="failed", s3="completed", s4="pending"), []),
+        (
+            views(
+                s1=StepStatus.PENDING,
+                s2=StepStatus.PENDING,
+                s3=StepStatus.PENDING,
+                s4=StepStatus.PENDING,
+            ),
+            [1],
+        ),
+        (
+            views(
+                s1=StepStatus.COMPLETED,
+                s2=StepStatus.PENDING,
+                s3=StepStatus.PENDING,
+                s4=StepStatus.PENDING,
+            ),
+            [2, 3],
+        ),
+        (
+            views(
+                s1=StepStatus.COMPLETED,
+                s2=StepStatus.COMPLETED,
+                s3=StepStatus.RUNNING,
+                s4=StepStatus.PENDING,
+            ),
+            [],
+        ),
+        (
+            views(
+                s1=StepStatus.COMPLETED,
+                s2=StepStatus.COMPLETED,
+                s3=StepStatus.COMPLETED,
+                s4=StepStatus.PENDING,
+            ),
+            [4],
+        ),
+        (
+            views(
+                s1=StepStatus.COMPLETED,
+                s2=StepStatus.FAILED,
+                s3=StepStatus.COMPLETED,
+                s4=StepStatus.PENDING,
+            ),
+            [],
+        ),
     ],
     ids=["start", "fan-out", "waits-for-both", "fan-in", "failed-dependency"],
 )
@@ -222,10 +262,10 @@ def test_ready_steps(steps: dict[int, StepView], ready: list[int]) -> None:
 
 def test_a_completed_step_not_merged_yet_does_not_count() -> None:
     steps = {
-        1: StepView("completed"),
-        2: StepView("completed", integrated=False),
-        3: StepView("completed"),
-        4: StepView("pending"),
+        1: StepView(StepStatus.COMPLETED),
+        2: StepView(StepStatus.COMPLETED, integrated=False),
+        3: StepView(StepStatus.COMPLETED),
+        4: StepView(StepStatus.PENDING),
     }
     assert ready_steps(DIAMOND, steps) == []
     assert missing_dependencies(DIAMOND, steps, 4) == (2,)
@@ -240,10 +280,10 @@ def test_the_bound() -> None:
 
 def test_mermaid_shows_every_node_state_and_edge() -> None:
     steps = {
-        1: StepView("completed"),
-        2: StepView("running"),
-        3: StepView("failed"),
-        4: StepView("pending"),
+        1: StepView(StepStatus.COMPLETED),
+        2: StepView(StepStatus.RUNNING),
+        3: StepView(StepStatus.FAILED),
+        4: StepView(StepStatus.PENDING),
     }
     text = mermaid(DIAMOND, steps, {1: "Model", 2: 'Evil"] --> x', 3: "View", 4: "Docs"})
     assert text.startswith("flowchart TD")
@@ -258,10 +298,10 @@ def test_the_status_comment_draws_a_graph_above_the_table() -> None:
     from bot.domain.rendering import StepView as RowView
 
     steps = {
-        1: StepView("completed"),
-        2: StepView("running"),
-        3: StepView("running"),
-        4: StepView("pending"),
+        1: StepView(StepStatus.COMPLETED),
+        2: StepView(StepStatus.RUNNING),
+        3: StepView(StepStatus.RUNNING),
+        4: StepView(StepStatus.PENDING),
     }
     picture = mermaid(DIAMOND, steps, {i: f"Part {i}" for i in DIAMOND})
     rows = tuple(RowView(index=i, title=f"Part {i}", status=v.status) for i, v in steps.items())

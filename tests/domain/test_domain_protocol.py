@@ -152,7 +152,7 @@ def test_sources_examples() -> None:
     assert allowed_sources(P.PENDING) == frozenset()
     assert allowed_sources(S.PENDING) == {S.RUNNING, S.NEEDS_QA, S.FAILED, S.BLOCKED, S.COMPLETED}
     # StrEnum members compare equal to their values, which is what a SQL IN (...) gets.
-    assert "planned" in allowed_sources(P.RUNNING)
+    assert P.PLANNED in allowed_sources(P.RUNNING)
 
 
 def test_allowed_sources_needs_an_enum() -> None:

@@ -32,15 +32,15 @@ STEPS = [
     StepView(
         1,
         "User model",
-        "completed",
+        StepStatus.COMPLETED,
         qa_verdict="PASS",
         tokens=12_345,
         duration_seconds=123,
         check_url="https://x/c/1",
         commit_sha="abc1234def",
     ),
-    StepView(2, "Login view", "needs_qa", tokens=999, output="did things"),
-    StepView(3, "Docs", "pending"),
+    StepView(2, "Login view", StepStatus.NEEDS_QA, tokens=999, output="did things"),
+    StepView(3, "Docs", StepStatus.PENDING),
 ]
 
 
@@ -104,7 +104,7 @@ def test_untrusted_titles_cannot_inject_markers_or_break_lines() -> None:
 
 def test_output_cannot_escape_its_fence() -> None:
     out = "before\n```\n</details>\n<!-- x -->\n" + "`" * 40 + "\nafter"
-    body = status_comment(view(steps=[StepView(1, "t", "failed", output=out)]))
+    body = status_comment(view(steps=[StepView(1, "t", StepStatus.FAILED, output=out)]))
     section = body.split("<summary>Step 01 output</summary>", 1)[1]
     fence = section.split("\n")[2]
     assert set(fence) == {"`"} and len(fence) >= 4
@@ -119,7 +119,7 @@ def test_output_cannot_escape_its_fence() -> None:
             StepView(
                 i,
                 "t" * 500,
-                "failed",
+                StepStatus.FAILED,
                 output="o" * 1_000_000,
                 qa_report="r" * 500_000,
                 error="e" * 200_000,
@@ -128,15 +128,15 @@ def test_output_cannot_escape_its_fence() -> None:
         ],
         # many steps, each with a large output
         [
-            StepView(i, f"step {i}", "completed", output="x" * 20_000, qa_verdict="PASS")
+            StepView(i, f"step {i}", StepStatus.COMPLETED, output="x" * 20_000, qa_verdict="PASS")
             for i in range(1, 200)
         ],
         # so many steps that even the checklist would not fit
-        [StepView(i, "long title " * 20, "pending") for i in range(1, 5_000)],
+        [StepView(i, "long title " * 20, StepStatus.PENDING) for i in range(1, 5_000)],
         # astral characters count twice in UTF-16
-        [StepView(1, "😀" * 1000, "running", output="😀" * 200_000)],
+        [StepView(1, "😀" * 1000, StepStatus.RUNNING, output="😀" * 200_000)],
         # backtick storms
-        [StepView(1, "t", "failed", output="`" * 300_000)],
+        [StepView(1, "t", StepStatus.FAILED, output="`" * 300_000)],
     ],
 )
 def test_status_comment_always_fits(steps: list[StepView]) -> None:
@@ -151,7 +151,8 @@ def test_status_comment_always_fits(steps: list[StepView]) -> None:
 
 def test_status_comment_prioritises_current_step_output() -> None:
     steps = [
-        StepView(i, f"s{i}", "completed", output=f"out-{i}-" + "x" * 30_000) for i in range(1, 30)
+        StepView(i, f"s{i}", StepStatus.COMPLETED, output=f"out-{i}-" + "x" * 30_000)
+        for i in range(1, 30)
     ]
     body = status_comment(view(steps=steps, current_step=7))
     assert "Step 07 output" in body
@@ -203,9 +204,14 @@ def action_ids(report: CheckReport) -> list[str]:
         ({}, "deksdenflow/step-02", "success", ["run-qa", "run-next"]),
         ({"has_next_step": False}, "deksdenflow/step-02", "success", ["run-qa"]),
         ({"step": STEPS[0]}, "deksdenflow/step-01", "success", ["run-next"]),
-        ({"step": StepView(4, "t", "failed")}, "deksdenflow/step-04", "failure", ["retry-step"]),
         (
-            {"step": StepView(4, "t", "blocked")},
+            {"step": StepView(4, "t", StepStatus.FAILED)},
+            "deksdenflow/step-04",
+            "failure",
+            ["retry-step"],
+        ),
+        (
+            {"step": StepView(4, "t", StepStatus.BLOCKED)},
             "deksdenflow/step-04",
             "action_required",
             ["retry-step"],
@@ -238,7 +244,7 @@ def test_check_run_limits_with_huge_inputs() -> None:
     report = check(
         kind="qa",
         verdict="FAIL",
-        step=StepView(99, "t" * 10_000, "needs_qa"),
+        step=StepView(99, "t" * 10_000, StepStatus.NEEDS_QA),
         changed_files=[f"src/file_{i}.py" for i in range(10_000)],
         quality_report="q" * 1_000_000,
         tokens=10**9,

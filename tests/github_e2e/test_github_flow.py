@@ -292,9 +292,24 @@ def test_same_ci_failure_twice_blocks_for_a_human(gh: GitHubLoop) -> None:
     ("identifier", "check", "expected_check", "expected_steps"),
     [
         # QA passed, CI has not reported yet: the step waits on its CI gate
-        ("run-qa", "deksdenflow/step-01", "deksdenflow/qa-01", ["needs_qa", "pending"]),
-        ("run-next", "deksdenflow/qa-01", "deksdenflow/step-02", ["completed", "needs_qa"]),
-        ("retry-step", "deksdenflow/step-01", "deksdenflow/step-01", ["needs_qa", "pending"]),
+        (
+            "run-qa",
+            "deksdenflow/step-01",
+            "deksdenflow/qa-01",
+            [StepStatus.NEEDS_QA, StepStatus.PENDING],
+        ),
+        (
+            "run-next",
+            "deksdenflow/qa-01",
+            "deksdenflow/step-02",
+            [StepStatus.COMPLETED, StepStatus.NEEDS_QA],
+        ),
+        (
+            "retry-step",
+            "deksdenflow/step-01",
+            "deksdenflow/step-01",
+            [StepStatus.NEEDS_QA, StepStatus.PENDING],
+        ),
     ],
 )
 def test_check_run_buttons_drive_the_protocol(

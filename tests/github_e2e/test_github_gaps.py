@@ -149,7 +149,10 @@ def test_auto_label_runs_every_step_with_its_ci_and_qa_to_the_end(gh: GitHubLoop
     assert state.run.approved and state.run.auto_mode
     assert [s.status for s in state.steps] == [StepStatus.NEEDS_QA, StepStatus.PENDING]
     gh.ci_suite("success")
-    for expected in (["completed", "needs_qa"], ["completed", "completed"]):
+    for expected in (
+        [StepStatus.COMPLETED, StepStatus.NEEDS_QA],
+        [StepStatus.COMPLETED, StepStatus.COMPLETED],
+    ):
         out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, gh.run().run.head_sha))
         assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "run_qa"}
         assert [s.status for s in gh.run().steps] == expected

@@ -201,7 +201,7 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     world.send("Note Hook", mr_note(world, iid, "One more: a docstring", world.alice,
                                     path="demo_greeting.py", line=1, discussion="d-three"))  # fmt: skip
     world.wait(lambda: len(world.steps()) == 4, "the second fix step", timeout=90)
-    wait_run(world, ProtocolStatus.COMPLETED, ["completed"] * 4)
+    wait_run(world, ProtocolStatus.COMPLETED, [StepStatus.COMPLETED] * 4)
     three = [
         n
         for n in world.fake.notes_of(world.project, "merge_requests", iid)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from bot.core.errors import WebhookError
-from bot.domain.states import StepStatus
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.git.onboarding import ASSETS
 from bot.handlers.ci_report import ci_delivery, parse_report, verify
 from bot.jobs.ci import apply_ci_result
@@ -182,7 +182,11 @@ async def test_ci_hook_drives_the_same_transitions_as_a_forge_event(
 
     forge = await snapshot(h, forge_run)
     hook = await snapshot(h, hook_run)
-    assert forge[:2] == hook[:2] == ("running", ["completed", "pending"])
+    assert (
+        forge[:2]
+        == hook[:2]
+        == (ProtocolStatus.RUNNING, [StepStatus.COMPLETED, StepStatus.PENDING])
+    )
     assert hook[2] == ["ci.running", "ci.success"] and forge[2] == ["ci.success"]
 
 

@@ -20,7 +20,7 @@ async def test_diamond_runs_02_and_03_side_by_side_on_two_workers(harness: Harne
     )
     state = await run_with_workers(harness, run.id, workers=2)
     assert state.run.status == ProtocolStatus.COMPLETED, (state.run.status, state.run.runtime_state)
-    assert [s.status for s in state.steps] == ["completed"] * 4
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED] * 4
     (s2, e2), (s3, e3) = engine.spans["part-2"], engine.spans["part-3"]
     assert s2 < e3 and s3 < e2, "02 and 03 did not overlap"
     s4 = engine.spans["part-4"][0]
@@ -98,7 +98,7 @@ async def test_a_conflict_becomes_an_integration_step_that_resolves_it(harness: 
     state = await run_with_workers(harness, run.id, workers=2)
     assert state.run.status == ProtocolStatus.COMPLETED, (state.run.status, state.run.runtime_state)
     assert len(state.steps) == 5 and state.steps[4].step_type == "integration"
-    assert [s.status for s in state.steps] == ["completed"] * 5
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED] * 5
     conflict = [e for e in await harness.events(run.id, "step.conflict")]
     assert len(conflict) == 1 and "shared.txt" in conflict[0].message
     [integration] = [

@@ -429,15 +429,17 @@ class StepRunnerMachine(RuleBasedStateMachine):
         assert status not in (ProtocolStatus.PENDING, ProtocolStatus.PLANNING), "planning stranded"
         if status in (ProtocolStatus.COMPLETED, ProtocolStatus.CANCELLED):
             return
-        assert any(v != "completed" for _, v in steps), f"{status} with every step completed"
-        assert not any(v == "running" for _, v in steps), (
+        assert any(v != StepStatus.COMPLETED for _, v in steps), (
+            f"{status} with every step completed"
+        )
+        assert not any(v == StepStatus.RUNNING for _, v in steps), (
             f"a step running after the queue drained: {steps}"
         )
         if status == ProtocolStatus.PAUSED:  # /resume
             assert can_transition_protocol(status, ProtocolStatus.RUNNING)
             return
         # /run-step, /retry N or /approve N has a step to act on …
-        actionable = [i for i, v in steps if v == "pending" or may_approve_step(v)]
+        actionable = [i for i, v in steps if v == StepStatus.PENDING or may_approve_step(v)]
         assert actionable, (status, steps)
         if status in (
             ProtocolStatus.BLOCKED,
@@ -445,7 +447,7 @@ class StepRunnerMachine(RuleBasedStateMachine):
         ):  # … and /resume or /retry puts the protocol back to work
             assert can_transition_protocol(status, ProtocolStatus.RUNNING)
             assert resume_decision(steps, auto_mode=False).action != "nothing" or any(
-                v == "pending" for _, v in steps
+                v == StepStatus.PENDING for _, v in steps
             )
         else:
             for index in actionable:

@@ -21,7 +21,7 @@ def test_numbers_per_project(db_url: str) -> None:
     report = build_report(sync_url(db_url))
     by_name = {p.name: p for p in report.projects}
     acme = by_name["acme/widgets"]
-    assert acme.runs == 3 and acme.run_status == {"completed": 3}
+    assert acme.runs == 3 and acme.run_status == {ProtocolStatus.COMPLETED: 3}
     assert acme.steps == 6 and acme.step_status == {StepStatus.COMPLETED: 3, StepStatus.PENDING: 3}
     # run n, step i passes when n + i is even: (1,1) (2,2) (3,1) pass of six
     assert (acme.qa_pass, acme.qa_fail) == (3, 3) and acme.qa_pass_rate == 0.5
