@@ -218,15 +218,8 @@ def may_start_step(protocol_status: str, approved: bool, step_status: str) -> St
         return StartDecision("skip", f"step is {step_status}")
     if not approved:
         return StartDecision("wait_approval", "the plan is not approved yet")
-    to_running = protocol_status in (
-        _P.PLANNED,
-        _P.BLOCKED,
-        _P.FAILED,
-    )
-    if step_status == _S.RUNNING and protocol_status in (
-        _P.PAUSED,
-        _P.CANCELLED,
-    ):
+    to_running = protocol_status in (_P.PLANNED, _P.BLOCKED, _P.FAILED)
+    if step_status == _S.RUNNING and protocol_status in (_P.PAUSED, _P.CANCELLED):
         # a dead worker's step, stopped by a human meanwhile: finish the stop, run nothing
         return StartDecision("stop", f"protocol is {protocol_status}")
     if not to_running and protocol_status != _P.RUNNING:

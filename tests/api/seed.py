@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from bot.domain.states import StepStatus
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.storage.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
 
 
@@ -19,7 +19,7 @@ def sync_url(url: str) -> str:
 
 
 def seed(
-    url: str, *, project: str = "acme/widgets", runs: int = 3, status: str = "running"
+    url: str, *, project: str = "acme/widgets", runs: int = 3, status: str = ProtocolStatus.RUNNING
 ) -> dict[str, Any]:
     """One project with `runs` protocol runs of two steps each, events and a delivery."""
     engine = create_engine(sync_url(url))
