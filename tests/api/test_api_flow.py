@@ -90,7 +90,7 @@ def test_create_start_and_open_pr(tmp_path: Path, sqlite_url: str) -> None:
         assert again.json()["result"]["pr_number"] == number
         assert (
             c.post(f"/api/protocols/{run['id']}/actions/start", headers=AUTH).json()["current"]
-            == "planned"
+            == ProtocolStatus.PLANNED
         )
         second = c.post(
             "/api/protocols", headers=AUTH, json={"project_id": project["id"], "task": "Second"}
