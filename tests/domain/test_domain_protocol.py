@@ -190,3 +190,10 @@ def test_final_states_have_no_exit() -> None:
     assert PROTOCOL_TRANSITIONS[P.COMPLETED] == frozenset({P.BLOCKED})
     assert PROTOCOL_TRANSITIONS[P.CANCELLED] == frozenset()
     assert STEP_TRANSITIONS[S.CANCELLED] == frozenset()
+
+
+def test_conflict_message_reads_the_same_for_enum_members() -> None:
+    """Callers pass enum members or stored strings; the 409 text must not show the enum's repr."""
+    for current, wanted in ((P.BLOCKED, P.RUNNING), ("blocked", "running")):
+        err = TransitionConflict("protocol_run", 7, current, wanted)
+        assert str(err) == "protocol_run 7 is 'blocked'; cannot move to 'running'"
