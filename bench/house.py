@@ -301,6 +301,151 @@ def radon_summary() -> None:
         print(f"  {block}")
 
 
+# -- raw status literals ---------------------------------------------------------------------
+# A string constant equal to a StepStatus/ProtocolStatus value, in a status context: compared
+# with something named `status`, assigned or passed as one, a key of a status map, or one of a
+# tuple/list/set made only of statuses. The same words are also CI results, engine outcomes,
+# check-run states and webhook-delivery statuses: contexts naming those are not counted.
+STATUS_DIRS = ("bot", "engines", "tests")
+STATUS_WORD = re.compile(r"status(?!_code)", re.IGNORECASE)
+NOT_A_STEP_STATUS = re.compile(
+    r"deliver|processing|conclusion|check\.|check_run|suite|CheckState|pipeline|gitlab_state"
+    r"|\bci_status|CIStatus|success|failure|report\.status|\"data\"|item\.|prev\.get"
+    r"|file_change|command_execution|processed|outcomes|dig\(|report\(",
+    re.IGNORECASE,
+)
+# whole files about another status: webhook deliveries, GitLab commit statuses
+NOT_STEP_STATUS_FILES = (
+    "tests/intake/",
+    "tests/faults/",
+    "tests/gitlab/fake_gitlab.py",
+    "tests/gitlab/test_gitlab_forge.py",
+)
+# a function taking `status: CheckState` (or a CI/GitLab one) compares that status, not ours
+OTHER_STATUS_TYPE = re.compile(r":\s*(CheckState|CIStatus|GitLabState)\b")
+
+
+def status_values() -> frozenset[str]:
+    """The enums' values, read from bot/domain/states.py without importing it."""
+    tree = ast.parse((ROOT / "bot/domain/states.py").read_text())
+    values: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in ("ProtocolStatus", "StepStatus"):
+            for item in node.body:
+                if isinstance(item, ast.Assign) and isinstance(item.value, ast.Constant):
+                    values.add(str(item.value.value))
+    return frozenset(values)
+
+
+_PASS_THROUGH = (ast.Tuple, ast.List, ast.Set, ast.IfExp, ast.BoolOp, ast.Starred, ast.Subscript)
+
+
+def status_nodes(tree: ast.AST, text: str, values: frozenset[str]) -> Iterator[ast.Constant]:
+    """The status literals of one module (see the section's comment)."""
+    parent: dict[ast.AST, ast.AST] = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            parent[child] = node
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Constant) and node.value in values):
+            continue
+        up: ast.AST = node
+        while isinstance(parent.get(up), _PASS_THROUGH):
+            up = parent[up]
+        ctx = parent.get(up)
+        stmt = ctx
+        while stmt is not None and not isinstance(stmt, ast.stmt):
+            stmt = parent.get(stmt)
+        if (
+            _is_status(node, up, ctx, text, values)
+            and not NOT_A_STEP_STATUS.search(_header(stmt, text))
+            and not OTHER_STATUS_TYPE.search(_signature(stmt, parent, text))
+        ):
+            yield node
+
+
+def _signature(stmt: ast.AST | None, parent: dict[ast.AST, ast.AST], text: str) -> str:
+    """The parameters of the function around a statement (`status: CheckState` says which)."""
+    node = stmt
+    while node is not None and not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        node = parent.get(node)
+    if node is None:
+        return ""
+    return "\n".join(text.splitlines()[node.lineno - 1 : node.body[0].lineno - 1])
+
+
+def _header(stmt: ast.AST | None, text: str) -> str:
+    """A statement's own text: for a compound one, only its first line (not its body)."""
+    if stmt is None:
+        return ""
+    if isinstance(stmt, ast.If | ast.While):
+        return ast.get_source_segment(text, stmt.test) or ""
+    if isinstance(stmt, ast.For | ast.AsyncFor):
+        return ast.get_source_segment(text, stmt.iter) or ""
+    if isinstance(stmt, ast.With | ast.AsyncWith | ast.Try | ast.FunctionDef | ast.ClassDef):
+        return text.splitlines()[stmt.lineno - 1]
+    return ast.get_source_segment(text, stmt) or ""
+
+
+def _is_status(
+    node: ast.Constant, up: ast.AST, ctx: ast.AST | None, text: str, values: frozenset[str]
+) -> bool:
+    def src(n: ast.AST) -> str:
+        return ast.get_source_segment(text, n) or ""
+
+    if isinstance(up, ast.Tuple | ast.List | ast.Set) and len(up.elts) >= 2:
+        if all(isinstance(e, ast.Constant) and e.value in values for e in up.elts):
+            return True
+    if isinstance(ctx, ast.Compare):
+        if up is ctx.left and isinstance(ctx.ops[0], ast.In | ast.NotIn) and up is node:
+            return False  # `"completed" in body`: a substring test
+        others = [ctx.left, *ctx.comparators]
+        return any(STATUS_WORD.search(src(o)) for o in others if o is not up)
+    if isinstance(ctx, ast.keyword):
+        return bool(ctx.arg and STATUS_WORD.search(ctx.arg))
+    if isinstance(ctx, ast.Call):
+        return bool(STATUS_WORD.search(src(ctx.func))) or any(
+            STATUS_WORD.search(src(a)) for a in ctx.args if a is not up
+        )
+    if isinstance(ctx, ast.Assign | ast.AnnAssign):
+        targets = ctx.targets if isinstance(ctx, ast.Assign) else [ctx.target]
+        return any(STATUS_WORD.search(src(t)) for t in targets)
+    if isinstance(ctx, ast.Dict):
+        keys = [k for k in ctx.keys if k is not None]
+        if up in keys:
+            return len(keys) >= 2 and all(
+                isinstance(k, ast.Constant) and k.value in values for k in keys
+            )
+        key = ctx.keys[ctx.values.index(up)] if up in ctx.values else None
+        return isinstance(key, ast.Constant) and key.value == "status"
+    return False
+
+
+def status_literals(show: bool = False) -> None:
+    values = status_values()
+    per_dir: dict[str, int] = {}
+    per_file: dict[str, int] = {}
+    for top in STATUS_DIRS:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if str(path.relative_to(ROOT)).startswith(NOT_STEP_STATUS_FILES):
+                continue
+            text = path.read_text()
+            lines = [n.lineno for n in status_nodes(ast.parse(text, str(path)), text, values)]
+            if lines:
+                relative = str(path.relative_to(ROOT))
+                per_file[relative] = len(lines)
+                per_dir[top] = per_dir.get(top, 0) + len(lines)
+                if show:
+                    for line in sorted(lines):
+                        print(f"  {relative}:{line}: {text.splitlines()[line - 1].strip()[:90]}")
+    print(
+        f"raw status literals (StepStatus/ProtocolStatus values in status contexts, "
+        f"{'/'.join(STATUS_DIRS)}; migrations/ not read): {sum(per_dir.values())} {per_dir}"
+    )
+    for relative, count in sorted(per_file.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"  {count:4d}  {relative}")
+
+
 def main() -> None:
     import_report()
     print()
@@ -309,6 +454,8 @@ def main() -> None:
     forge_leaks()
     print()
     radon_summary()
+    print()
+    status_literals()
     print()
     run_tool(
         "duplicates (bot, engines)",

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from bot.core.errors import ConfigError
 from bot.core.settings import Settings
 from bot.domain.pricing import fmt_cost
+from bot.domain.states import PROTOCOL_TERMINAL
 from bot.storage.models import Project, ProtocolRun, StepRun
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -114,7 +115,7 @@ def build_report(
                 usage.tokens_by_day[_aware(row.created_at).date()] += int(row.tokens_used or 0)
                 state = row.runtime_state if isinstance(row.runtime_state, dict) else {}
                 usage.ci_attempts += int(state.get("ci_attempts", 0) or 0)
-                if row.status in ("completed", "failed", "cancelled"):
+                if row.status in PROTOCOL_TERMINAL:
                     minutes = _minutes(row.created_at, row.updated_at)
                     if minutes is not None:
                         usage.run_minutes.append(minutes)

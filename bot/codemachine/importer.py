@@ -18,7 +18,7 @@ from bot.codemachine.parser import (
 )
 from bot.core.errors import SpecError
 from bot.domain.spec import protocol_dir, step_to_dict, validate_spec
-from bot.domain.states import ProtocolStatus
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.git.names import protocol_name
 from bot.jobs import catalogue as jobs
 from bot.storage.models import ProtocolRun, StepRun
@@ -88,7 +88,7 @@ async def create_imported_run(
                     step_index=step.index,
                     step_name=step.file.removesuffix(".md"),
                     step_type=step.step_type,
-                    status="pending",
+                    status=StepStatus.PENDING,
                     engine_id=step.engine or spec.engine,
                     model=step.model,
                     policy=step_to_dict(step),

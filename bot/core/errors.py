@@ -24,7 +24,8 @@ class TransitionConflict(DeksdenFlowError):
     """A guarded state transition found the row in another state (HTTP 409)."""
 
     def __init__(self, kind: str, entity_id: int, current: str, wanted: str) -> None:
-        super().__init__(f"{kind} {entity_id} is {current!r}; cannot move to {wanted!r}")
+        # str(): a StrEnum status member reads 'running' in the message, as the stored string does
+        super().__init__(f"{kind} {entity_id} is {str(current)!r}; cannot move to {str(wanted)!r}")
         self.kind = kind
         self.entity_id = entity_id
         self.current = current

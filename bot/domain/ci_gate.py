@@ -211,6 +211,8 @@ def gate_after_qa(step: StepCI, has_ci: bool) -> GateOutcome:
 
 def hold_for_ci(decision: QADecision, has_ci: bool) -> QADecision:
     """After execution: a step whose QA is skipped still waits for CI when the repository has CI."""
-    if decision.status == "completed" and has_ci:
-        return QADecision("needs_qa", False, decision.policy, f"{decision.reason}; waiting for CI")
+    if decision.status == StepStatus.COMPLETED and has_ci:
+        return QADecision(
+            StepStatus.NEEDS_QA, False, decision.policy, f"{decision.reason}; waiting for CI"
+        )
     return decision

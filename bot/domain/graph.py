@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from bot.domain.states import StepStatus
+
 Deps = Mapping[int, tuple[int, ...]]
 
 # a step whose work has started and not yet been merged into the protocol branch
-ACTIVE_STATUSES = frozenset({"running", "needs_qa"})
+ACTIVE_STATUSES = frozenset({StepStatus.RUNNING, StepStatus.NEEDS_QA})
 
 
 def resolve_dependencies(
@@ -136,7 +138,7 @@ class StepView:
 
 
 def done(view: StepView | None) -> bool:
-    return view is not None and view.status == "completed" and view.integrated
+    return view is not None and view.status == StepStatus.COMPLETED and view.integrated
 
 
 def missing_dependencies(deps: Deps, steps: Mapping[int, StepView], index: int) -> tuple[int, ...]:
@@ -149,7 +151,7 @@ def ready_steps(deps: Deps, steps: Mapping[int, StepView]) -> list[int]:
     return [
         i
         for i in deps
-        if steps.get(i, StepView("pending")).status == "pending"
+        if steps.get(i, StepView(StepStatus.PENDING)).status == StepStatus.PENDING
         and not missing_dependencies(deps, steps, i)
     ]
 
@@ -159,7 +161,7 @@ def active_steps(steps: Mapping[int, StepView]) -> list[int]:
     return [
         i
         for i, v in steps.items()
-        if v.status in ACTIVE_STATUSES or (v.status == "completed" and not v.integrated)
+        if v.status in ACTIVE_STATUSES or (v.status == StepStatus.COMPLETED and not v.integrated)
     ]
 
 
@@ -169,13 +171,13 @@ def to_start(ready: Iterable[int], active: int, bound: int) -> list[int]:
     return list(ready)[:room]
 
 
-_MERMAID_CLASS = {
-    "completed": "done",
-    "running": "running",
-    "needs_qa": "running",
-    "failed": "failed",
-    "blocked": "failed",
-    "cancelled": "failed",
+_MERMAID_CLASS: dict[str, str] = {
+    StepStatus.COMPLETED: "done",
+    StepStatus.RUNNING: "running",
+    StepStatus.NEEDS_QA: "running",
+    StepStatus.FAILED: "failed",
+    StepStatus.BLOCKED: "failed",
+    StepStatus.CANCELLED: "failed",
 }
 
 
@@ -183,16 +185,16 @@ def mermaid(deps: Deps, steps: Mapping[int, StepView], titles: Mapping[int, str]
     """A Mermaid flowchart of the graph, one node per step labelled with its state."""
     lines = ["flowchart TD"]
     for index in deps:
-        view = steps.get(index, StepView("pending"))
+        view = steps.get(index, StepView(StepStatus.PENDING))
         state = view.status
-        if view.status == "completed" and not view.integrated:
+        if view.status == StepStatus.COMPLETED and not view.integrated:
             state = "completed, not merged"
         title = _mermaid_text(titles.get(index, ""))
         lines.append(f'  s{index}["{index:02d} {title}<br/>{state}"]')
     for index, ds in deps.items():
         lines.extend(f"  s{d} --> s{index}" for d in ds)
     for index in deps:
-        css = _MERMAID_CLASS.get(steps.get(index, StepView("pending")).status)
+        css = _MERMAID_CLASS.get(steps.get(index, StepView(StepStatus.PENDING)).status)
         if css:
             lines.append(f"  class s{index} {css}")
     lines += [

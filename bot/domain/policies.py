@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bot.domain.spec import ProtocolSpec, QAPolicy, StepSpec
+from bot.domain.states import StepStatus
 
 Verdict = Literal["PASS", "FAIL"]
 BudgetMode = Literal["strict", "warn", "off"]
@@ -28,7 +29,7 @@ Outcome = Literal["pass", "fail", "complete"]
 class QADecision:
     """What a step becomes after execution, and whether to start QA right away."""
 
-    status: Literal["needs_qa", "completed"]
+    status: Literal[StepStatus.NEEDS_QA, StepStatus.COMPLETED]
     run_qa: bool
     policy: QAPolicy
     reason: str
@@ -45,10 +46,12 @@ def qa_decision(
     """
     policy = step_spec.qa.policy or (protocol_spec.qa_policy if protocol_spec else "full")
     if policy == "skip":
-        return QADecision("completed", False, policy, "QA policy is skip")
+        return QADecision(StepStatus.COMPLETED, False, policy, "QA policy is skip")
     if auto_qa_after_exec:
-        return QADecision("needs_qa", True, policy, f"QA policy is {policy}; running QA now")
-    return QADecision("needs_qa", False, policy, f"QA policy is {policy}; waiting for /qa")
+        return QADecision(
+            StepStatus.NEEDS_QA, True, policy, f"QA policy is {policy}; running QA now"
+        )
+    return QADecision(StepStatus.NEEDS_QA, False, policy, f"QA policy is {policy}; waiting for /qa")
 
 
 # The only two lines that count, and only as the reply's last non-empty line outside a fence.

@@ -189,7 +189,8 @@ def is_terminal(status: ProtocolStatus | StepStatus | str) -> bool:
         return status in PROTOCOL_TERMINAL
     if isinstance(status, StepStatus):
         return status in STEP_TERMINAL
-    return status in {"completed", "failed", "cancelled"}
+    # a plain string: the terminal names are the same for both kinds
+    return status in PROTOCOL_TERMINAL
 
 
 # -- runner decisions (pure; the step runner in bot/jobs/ acts on them) ----------------------
@@ -213,27 +214,27 @@ def may_start_step(protocol_status: str, approved: bool, step_status: str) -> St
     A `running` step is continued rather than refused: only a job holding the protocol's lease
     gets here, so a running step means a previous attempt died and this job takes it back.
     """
-    if step_status in ("needs_qa", "completed", "cancelled"):
+    if step_status in (_S.NEEDS_QA, _S.COMPLETED, _S.CANCELLED):
         return StartDecision("skip", f"step is {step_status}")
     if not approved:
         return StartDecision("wait_approval", "the plan is not approved yet")
-    to_running = protocol_status in ("planned", "blocked", "failed")
-    if step_status == "running" and protocol_status in ("paused", "cancelled"):
+    to_running = protocol_status in (_P.PLANNED, _P.BLOCKED, _P.FAILED)
+    if step_status == _S.RUNNING and protocol_status in (_P.PAUSED, _P.CANCELLED):
         # a dead worker's step, stopped by a human meanwhile: finish the stop, run nothing
         return StartDecision("stop", f"protocol is {protocol_status}")
-    if not to_running and protocol_status != "running":
+    if not to_running and protocol_status != _P.RUNNING:
         return StartDecision("refuse", f"protocol is {protocol_status}")
-    if step_status == "running":
+    if step_status == _S.RUNNING:
         return StartDecision("continue", "taking back an interrupted attempt", to_running)
-    return StartDecision("start", "step starts", to_running, reset_step=step_status != "pending")
+    return StartDecision("start", "step starts", to_running, reset_step=step_status != _S.PENDING)
 
 
 @dataclass(frozen=True)
 class FailureStatuses:
     """Where a failed job leaves its step and protocol (None: leave as it is)."""
 
-    step: str | None
-    protocol: str | None
+    step: StepStatus | None
+    protocol: ProtocolStatus | None
 
 
 def failure_statuses(protocol_status: str, step_status: str | None) -> FailureStatuses:
@@ -244,17 +245,22 @@ def failure_statuses(protocol_status: str, step_status: str | None) -> FailureSt
     and the API's start re-plan it). Paused and cancelled protocols keep their status: a human
     put them there.
     """
-    step = "failed" if step_status in ("running", "needs_qa") else None
-    if step_status == "pending" and protocol_status == "running":
-        step = "blocked"
+    step: StepStatus | None = _S.FAILED if step_status in (_S.RUNNING, _S.NEEDS_QA) else None
+    if step_status == _S.PENDING and protocol_status == _P.RUNNING:
+        step = _S.BLOCKED
     # planned, blocked, failed: already waiting for a command
-    protocol = {"running": "blocked", "planning": "failed", "pending": "failed"}
+    protocol: dict[str, ProtocolStatus] = {
+        _P.RUNNING: _P.BLOCKED,
+        _P.PLANNING: _P.FAILED,
+        _P.PENDING: _P.FAILED,
+    }
     return FailureStatuses(step, protocol.get(protocol_status))
 
 
-def stopped_step_status(protocol_status: str) -> str | None:
+def stopped_step_status(protocol_status: str) -> StepStatus | None:
     """What a running step becomes when a human stopped the protocol under it."""
-    return {"cancelled": "cancelled", "paused": "pending"}.get(protocol_status)
+    stopped: dict[str, StepStatus] = {_P.CANCELLED: _S.CANCELLED, _P.PAUSED: _S.PENDING}
+    return stopped.get(protocol_status)
 
 
 ResumeAction = Literal["run_step", "run_qa", "nothing"]
@@ -277,11 +283,11 @@ def resume_decision(steps: list[tuple[int, str]], auto_mode: bool) -> ResumeDeci
     QA gets its QA. Without such a step an auto protocol goes on with the next pending step.
     """
     for index, status in steps:
-        if status in ("failed", "blocked", "running"):
+        if status in (_S.FAILED, _S.BLOCKED, _S.RUNNING):
             return ResumeDecision("run_step", index, f"re-running step {index:02d}")
-        if status == "needs_qa":
+        if status == _S.NEEDS_QA:
             return ResumeDecision("run_qa", index, f"running QA of step {index:02d}")
-        if status == "pending":
+        if status == _S.PENDING:
             if auto_mode:
                 return ResumeDecision("run_step", index, f"running step {index:02d}")
             return ResumeDecision("nothing", None, "waiting for /run-step")
@@ -290,7 +296,7 @@ def resume_decision(steps: list[tuple[int, str]], auto_mode: bool) -> ResumeDeci
 
 def may_approve_step(step_status: str) -> bool:
     """/approve N accepts a failed, blocked or QA-waiting step as completed."""
-    return step_status in ("failed", "blocked", "needs_qa")
+    return step_status in (_S.FAILED, _S.BLOCKED, _S.NEEDS_QA)
 
 
 def completes_protocol(protocol_status: str, other_steps: list[str], reopens_a_step: bool) -> bool:
@@ -301,9 +307,9 @@ def completes_protocol(protocol_status: str, other_steps: list[str], reopens_a_s
     completion that follows at once, so the comment is edited once, not twice in a row.
     """
     return (
-        protocol_status == "running"
+        protocol_status == _P.RUNNING
         and not reopens_a_step
-        and all(s == "completed" for s in other_steps)
+        and all(s == _S.COMPLETED for s in other_steps)
     )
 
 

@@ -133,7 +133,7 @@ async def _carry_on(ctx: dict[str, Any], state: Any) -> None:
         return
     if all(s.status == _S.COMPLETED for s in state.steps):
         await set_protocol_status(ctx["db"], state.run.id, _P.COMPLETED, "every step completed")
-        state.run.status = "completed"
+        state.run.status = _P.COMPLETED
         await announce_ready(ctx, state)
     elif state.run.auto_mode:
 

@@ -301,10 +301,10 @@ async def _push_and_finish(work: StepWork) -> str:
         message=decision.reason, step_to=decision.status, step_state=step_state,
         step_values={"finished_at": utcnow()}, run_values={"head_sha": head}, show_message=False,
         check=Check("step", head, "success", changed_files=changed), ok=True,
-        publish=not (decision.status == "completed" and completion_follows(state, step.step_index)),
+        publish=not (decision.status == StepStatus.COMPLETED and completion_follows(state, step.step_index)),
     )
     await write_outcome(env, state, step.step_index, outcome, work.reply_to)
-    if decision.status == "needs_qa":
+    if decision.status == StepStatus.NEEDS_QA:
         return "needs_qa-run" if decision.run_qa else "needs_qa"
     return "completed"
 

@@ -94,7 +94,7 @@ async def lost_queued_steps(ctx: dict[str, Any], now: float | None = None) -> li
             await session.execute(
                 select(ProtocolRun.id, StepRun.step_index, StepRun.id, StepRun.retries, StepRun.runtime_state)
                 .join(StepRun, StepRun.protocol_run_id == ProtocolRun.id)
-                .where(ProtocolRun.status == "running", StepRun.status == "pending")
+                .where(ProtocolRun.status == ProtocolStatus.RUNNING, StepRun.status == StepStatus.PENDING)
             )
         ).all()
     found: list[Lost] = []

@@ -44,6 +44,7 @@ from bot.domain.spec import (
     spec_to_dict,
     step_file_name,
 )
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.forge.base import IssueRef
 from bot.git.cache import remote_ref
 from bot.jobs.advance import enqueue_next_step
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 BUSY_RETRY_S = 10.0  # how soon a fix-step job looks again when a step holds the protocol
 KEEP_S = 7 * 24 * 3600  # a buffer nobody flushes (a dead protocol) goes away on its own
 # protocol states in which a review can still add work
-_OPEN = frozenset({"planned", "running", "paused", "blocked", "completed"})
+_OPEN = frozenset({ProtocolStatus.PLANNED, ProtocolStatus.RUNNING, ProtocolStatus.PAUSED, ProtocolStatus.BLOCKED, ProtocolStatus.COMPLETED})
 
 
 def _keys(run_id: int) -> tuple[str, str, str]:
@@ -122,8 +123,8 @@ async def review_fix(ctx: dict[str, Any], *, protocol_run_id: int, quiet_s: floa
     if outcome.startswith("step "):
         state = await load_run(ctx["db"], protocol_run_id)
         # run the fix now when nothing comes before it; otherwise it waits its turn
-        if state.run.approved and state.run.status == "running" and all(
-            s.status == "completed" for s in state.steps[:-1]
+        if state.run.approved and state.run.status == ProtocolStatus.RUNNING and all(
+            s.status == StepStatus.COMPLETED for s in state.steps[:-1]
         ):
             await enqueue_next_step(ctx, protocol_run_id, state)
     return outcome
@@ -187,12 +188,12 @@ async def _fix(env: JobEnv, run_id: int) -> str:
         f"{len(comments)} comment(s) → step {step_spec.index:02d}"
     )
     await emit(env.db, fresh, "review.fix-step", message, step, comments=[c.comment_id for c in comments])
-    if fresh.run.status == "completed":
+    if fresh.run.status == ProtocolStatus.COMPLETED:
         # completed only reopens through blocked (as a red CI does); the fix step runs at once
         # the "ready for review" note no longer holds while the fix runs
         runtime = {k: v for k, v in (fresh.run.runtime_state or {}).items() if k != "message"}
-        await set_protocol_status(env.db, run_id, "blocked", "reopened for review feedback", runtime_state=runtime)
-        await set_protocol_status(env.db, run_id, "running", "running the review fix")
+        await set_protocol_status(env.db, run_id, ProtocolStatus.BLOCKED, "reopened for review feedback", runtime_state=runtime)
+        await set_protocol_status(env.db, run_id, ProtocolStatus.RUNNING, "running the review fix")
     await publish_state(env.ctx, await load_run(env.db, run_id), message)
     return f"step {step_spec.index}"
 
@@ -436,9 +437,9 @@ async def replies_due(ctx: dict[str, Any]) -> list[tuple[int, int]]:
             await ctx["redis"].srem(REPLIES_DUE_KEY, raw)
             continue
         pushed = isinstance((step.runtime_state or {}).get("commit_sha"), str)
-        if pushed and step.status != "running":
+        if pushed and step.status != StepStatus.RUNNING:
             found.append((run_id, step_index))  # pushed and recorded: only the replies are missing
-        elif not pushed and state.run.status == "cancelled":
+        elif not pushed and state.run.status == ProtocolStatus.CANCELLED:
             await ctx["redis"].srem(REPLIES_DUE_KEY, raw)  # the fix never ran: nothing to answer
     return found
 

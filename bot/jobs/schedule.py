@@ -31,6 +31,7 @@ from bot.domain.graph import (
     runs_in_parallel,
     to_start,
 )
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs import integrate
 from bot.jobs.boundary import failure_line
 from bot.jobs.env import JobEnv
@@ -58,7 +59,7 @@ INTEGRATION_WAIT_S = 300.0
 
 def queued(step: StepRun) -> bool:
     """A pending step the scheduler already handed to the queue (this attempt)."""
-    return step.status == "pending" and (step.runtime_state or {}).get("queued_attempt") == step.retries
+    return step.status == StepStatus.PENDING and (step.runtime_state or {}).get("queued_attempt") == step.retries
 
 
 def views(state: RunState) -> dict[int, StepView]:
@@ -72,7 +73,7 @@ def missing_for(state: RunState, step_index: int) -> tuple[int, ...]:
 
 
 def all_done(state: RunState) -> bool:
-    return all(v.status == "completed" and v.integrated for v in views(state).values())
+    return all(v.status == StepStatus.COMPLETED and v.integrated for v in views(state).values())
 
 
 @contextlib.asynccontextmanager
@@ -111,11 +112,11 @@ async def held_elsewhere(env: JobEnv, project_id: int, run_id: int | None) -> in
                 select(StepRun)
                 .join(ProtocolRun, ProtocolRun.id == StepRun.protocol_run_id)
                 .where(ProtocolRun.project_id == project_id, ProtocolRun.id != (run_id or 0))
-                .where(ProtocolRun.status.in_(("planned", "running")))
-                .where(StepRun.status.in_(("running", "needs_qa", "pending")))
+                .where(ProtocolRun.status.in_((ProtocolStatus.PLANNED, ProtocolStatus.RUNNING)))
+                .where(StepRun.status.in_((StepStatus.RUNNING, StepStatus.NEEDS_QA, StepStatus.PENDING)))
             )
         ).scalars()
-        return sum(1 for s in steps if s.status != "pending" or queued(s))
+        return sum(1 for s in steps if s.status != StepStatus.PENDING or queued(s))
 
 
 async def siblings_waiting(env: JobEnv, project_id: int, run_id: int | None) -> list[int]:
@@ -125,7 +126,7 @@ async def siblings_waiting(env: JobEnv, project_id: int, run_id: int | None) -> 
             await session.execute(
                 select(ProtocolRun.id, ProtocolRun.template_config)
                 .where(ProtocolRun.project_id == project_id, ProtocolRun.id != (run_id or 0))
-                .where(ProtocolRun.status.in_(("planned", "running")))
+                .where(ProtocolRun.status.in_((ProtocolStatus.PLANNED, ProtocolStatus.RUNNING)))
                 .where(ProtocolRun.auto_mode.is_(True), ProtocolRun.approved.is_(True))
                 .order_by(ProtocolRun.id)
             )
@@ -141,7 +142,7 @@ async def stalled(env: JobEnv) -> list[int]:
         runs = (
             await session.execute(
                 select(ProtocolRun.id, ProtocolRun.template_config)
-                .where(ProtocolRun.status.in_(("planned", "running")))
+                .where(ProtocolRun.status.in_((ProtocolStatus.PLANNED, ProtocolStatus.RUNNING)))
                 .where(ProtocolRun.auto_mode.is_(True), ProtocolRun.approved.is_(True))
             )
         ).all()
@@ -150,8 +151,8 @@ async def stalled(env: JobEnv) -> list[int]:
             if not runs_in_parallel(config):
                 continue
             steps = (await session.execute(select(StepRun).where(StepRun.protocol_run_id == run_id))).scalars().all()
-            busy = any(s.status in ("running", "needs_qa") or queued(s) for s in steps)
-            if not busy and any(s.status == "pending" for s in steps):
+            busy = any(s.status in (StepStatus.RUNNING, StepStatus.NEEDS_QA) or queued(s) for s in steps)
+            if not busy and any(s.status == StepStatus.PENDING for s in steps):
                 found.append(run_id)
     return found
 
@@ -180,18 +181,18 @@ async def run_step(ctx: dict[str, Any], state: RunState, step_index: int | None,
     step up to the bound (the first one's number is returned)."""
 
     if step_index is None:
-        if state.run.status in ("blocked", "failed"):
-            raise TransitionConflict("ProtocolRun", state.run.id, state.run.status, "running")
+        if state.run.status in (ProtocolStatus.BLOCKED, ProtocolStatus.FAILED):
+            raise TransitionConflict("ProtocolRun", state.run.id, state.run.status, ProtocolStatus.RUNNING)
         started = await schedule_ready(ctx, state.run.id)
         if not started:
-            raise TransitionConflict("ProtocolRun", state.run.id, state.run.status, "running")
+            raise TransitionConflict("ProtocolRun", state.run.id, state.run.status, ProtocolStatus.RUNNING)
         return started[0]
     step = state.step(step_index)
     missing = missing_for(state, step_index)
     if missing:
         raise DependenciesPending(step_index, missing)
-    if step.status == "running":
-        raise TransitionConflict("step", step_index, step.status, "running")
+    if step.status == StepStatus.RUNNING:
+        raise TransitionConflict("step", step_index, step.status, StepStatus.RUNNING)
     await JobEnv.from_ctx(ctx).enqueue(
         "execute_step", f"exec:{state.run.id}:{step_index}:{time.time_ns()}",
         protocol_run_id=state.run.id, step_index=step_index, reply_to=reply_to,
@@ -202,11 +203,11 @@ async def run_step(ctx: dict[str, Any], state: RunState, step_index: int | None,
 async def start_ready(env: JobEnv, state: RunState, start: bool = True) -> list[int]:
     """Under the integration lock: merge what passed and was not merged yet (a crash, an
     `/approve`), then enqueue the ready steps that fit under the bound."""
-    if state.run.status not in ("planned", "running") or not state.run.approved:
+    if state.run.status not in (ProtocolStatus.PLANNED, ProtocolStatus.RUNNING) or not state.run.approved:
         return []
 
     for step in state.steps:
-        if step.status == "completed" and not integrated(step) and not integrate.waits_for_integration(step):
+        if step.status == StepStatus.COMPLETED and not integrated(step) and not integrate.waits_for_integration(step):
             await integrate.integrate_step(env, state, step.step_index)
             state = await load_run(env.db, state.run.id)
     if all_done(state):
@@ -219,9 +220,9 @@ async def start_ready(env: JobEnv, state: RunState, start: bool = True) -> list[
     active = len(active_steps(now)) + sum(1 for s in state.steps if queued(s))
     ready = [i for i in ready_steps(deps, now) if not queued(state.step(i))]
     chosen = to_start(ready, active, await bound(env, state))
-    if chosen and state.run.status == "planned":
+    if chosen and state.run.status == ProtocolStatus.PLANNED:
         # one transition here, not one per step: steps starting at once would race for it
-        await set_protocol_status(env.db, state.run.id, "running", "running steps side by side")
+        await set_protocol_status(env.db, state.run.id, ProtocolStatus.RUNNING, "running steps side by side")
     for index in chosen:
         step = state.step(index)
         job_id = f"exec:{state.run.id}:{index}:{step.retries}"
@@ -235,7 +236,7 @@ async def start_ready(env: JobEnv, state: RunState, start: bool = True) -> list[
 async def complete(env: JobEnv, state: RunState) -> None:
     """Every step is merged: the protocol is complete, once CI is green on the protocol branch
     where the repository has CI (each step's CI judged its child branch, not the merges)."""
-    if state.run.status != "running":
+    if state.run.status != ProtocolStatus.RUNNING:
         return
 
     head = await _pushed_head(env, state) if (state.run.runtime_state or {}).get("ci_red") else state.run.head_sha
@@ -244,8 +245,8 @@ async def complete(env: JobEnv, state: RunState) -> None:
         await update_run(env.db, state.run.id, runtime_state=rs)
         await emit(env.db, state, "protocol.awaiting_ci", f"every step merged; waiting for CI on {head[:12]}")
         return
-    await set_protocol_status(env.db, state.run.id, "completed", "every step completed and merged")
-    state.run.status = "completed"
+    await set_protocol_status(env.db, state.run.id, ProtocolStatus.COMPLETED, "every step completed and merged")
+    state.run.status = ProtocolStatus.COMPLETED
 
     await announce_ready(env.ctx, state)  # un-draft the PR/MR and say what comes next
 
@@ -261,7 +262,7 @@ def about_protocol_head(run: ProtocolRun, sha: str | None) -> bool:
 def blocked_on_protocol_ci(state: RunState) -> bool:
     """Blocked by red CI on the protocol branch after every step was merged (no step failed)."""
     red = (state.run.runtime_state or {}).get("ci_red")
-    return parallel(state) and state.run.status == "blocked" and bool(red)
+    return parallel(state) and state.run.status == ProtocolStatus.BLOCKED and bool(red)
 
 
 async def _pushed_head(env: JobEnv, state: RunState) -> str | None:
@@ -292,8 +293,8 @@ async def protocol_ci(ctx: dict[str, Any], state: RunState, sha: str, result: st
     rs = state.run.runtime_state or {}
     if not parallel(state) or not sha:
         return None
-    waiting = state.run.status == "running" and rs.get("awaiting_ci") == sha
-    rerun = state.run.status == "blocked" and rs.get("ci_red") == sha
+    waiting = state.run.status == ProtocolStatus.RUNNING and rs.get("awaiting_ci") == sha
+    rerun = state.run.status == ProtocolStatus.BLOCKED and rs.get("ci_red") == sha
     if not (waiting or rerun):
         return None
     env = JobEnv.from_ctx(ctx)
@@ -302,7 +303,7 @@ async def protocol_ci(ctx: dict[str, Any], state: RunState, sha: str, result: st
         fresh.update(ci_green=sha, awaiting_ci=None)
         if rerun:
             again = "CI on the protocol branch is green again"
-            await set_protocol_status(env.db, state.run.id, "running", again, runtime_state=fresh)
+            await set_protocol_status(env.db, state.run.id, ProtocolStatus.RUNNING, again, runtime_state=fresh)
         else:
             await update_run(env.db, state.run.id, runtime_state=fresh)
         state = await load_run(env.db, state.run.id)
@@ -318,7 +319,7 @@ async def protocol_ci(ctx: dict[str, Any], state: RunState, sha: str, result: st
         "a green re-run of CI there, or /resume after it, completes the protocol"
     )
     rs = {**rs, "message": message, "ci_red": sha}
-    await set_protocol_status(env.db, state.run.id, "blocked", message, runtime_state=rs)
+    await set_protocol_status(env.db, state.run.id, ProtocolStatus.BLOCKED, message, runtime_state=rs)
     await publish_state(ctx, await load_run(env.db, state.run.id), message)
     return "blocked"
 
@@ -335,8 +336,8 @@ async def _integrate_or_block(env: JobEnv, state: RunState, step_index: int, mer
         log.warning("merging step %s of protocol run %s failed", step_index, state.run.id, exc_info=True)
         message = failure_line("integrate", step_index, exc).replace(f"step {step_index:02d} failed", f"merging step {step_index:02d} into the protocol branch failed", 1)
         rs = {**(state.run.runtime_state or {}), "message": message}
-        if state.run.status == "running":
-            await set_protocol_status(env.db, state.run.id, "blocked", message, runtime_state=rs)
+        if state.run.status == ProtocolStatus.RUNNING:
+            await set_protocol_status(env.db, state.run.id, ProtocolStatus.BLOCKED, message, runtime_state=rs)
         await publish_state(env.ctx, await load_run(env.db, state.run.id), message)
         return False
 
@@ -348,7 +349,7 @@ async def after_step_passed(ctx: dict[str, Any], run_id: int, step_index: int) -
     merged: list[str] = []
     async with integration_lock(env, run_id):
         state = await load_run(env.db, run_id)
-        if state.run.status == "cancelled":
+        if state.run.status == ProtocolStatus.CANCELLED:
             return
         if not await _integrate_or_block(env, state, step_index, merged):
             return

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.storage.models import Event, Project, ProtocolRun, StepRun, WebhookDelivery
 
 
@@ -18,7 +19,7 @@ def sync_url(url: str) -> str:
 
 
 def seed(
-    url: str, *, project: str = "acme/widgets", runs: int = 3, status: str = "running"
+    url: str, *, project: str = "acme/widgets", runs: int = 3, status: str = ProtocolStatus.RUNNING
 ) -> dict[str, Any]:
     """One project with `runs` protocol runs of two steps each, events and a delivery."""
     engine = create_engine(sync_url(url))
@@ -59,7 +60,7 @@ def seed(
                     protocol_run_id=run.id,
                     step_index=index,
                     step_name=f"step-{index}",
-                    status="completed" if index == 1 else "pending",
+                    status=StepStatus.COMPLETED if index == 1 else StepStatus.PENDING,
                     runtime_state={"qa_verdict": "PASS" if (n + index) % 2 == 0 else "FAIL"},
                     tokens_used=400 * n,
                     engine_id="scripted",

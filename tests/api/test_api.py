@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from bot.domain.states import ProtocolStatus
 from bot.jobs.common import JOB_METRICS_KEY
 from bot.web.api.table import OPERATIONS, api_routes, build_openapi
 from bot.web.app import create_app
@@ -168,7 +169,12 @@ def test_bad_input_is_4xx_with_a_reason(
 
 def test_protocols_list_filters_and_pages(client: tuple[TestClient, dict[str, Any]]) -> None:
     c, ids = client
-    other = seed(str(c.app.state.df.settings.db_url), project="other/repo", runs=2, status="paused")  # type: ignore[attr-defined]
+    other = seed(
+        str(c.app.state.df.settings.db_url),  # type: ignore[attr-defined]
+        project="other/repo",
+        runs=2,
+        status=ProtocolStatus.PAUSED,
+    )
     page = c.get("/api/protocols?limit=2", headers=AUTH).json()
     assert page["total"] == 5 and len(page["items"]) == 2
     assert page["items"][0]["id"] > page["items"][1]["id"]
@@ -237,20 +243,23 @@ def test_actions_are_guarded_transitions(
     run = ids["runs"][0]
     paused = c.post(f"/api/protocols/{run}/actions/pause", headers=AUTH)
     assert paused.status_code == 202, paused.text
-    assert paused.json()["status"] == "paused"
+    assert paused.json()["status"] == ProtocolStatus.PAUSED
     again = c.post(f"/api/protocols/{run}/actions/pause", headers=AUTH)
     assert again.status_code == 409
-    assert again.json()["current"] == "paused"
-    assert c.post(f"/api/protocols/{run}/actions/start", headers=AUTH).json()["current"] == "paused"
+    assert again.json()["current"] == ProtocolStatus.PAUSED
+    assert (
+        c.post(f"/api/protocols/{run}/actions/start", headers=AUTH).json()["current"]
+        == ProtocolStatus.PAUSED
+    )
     assert c.post(f"/api/protocols/{run}/actions/open_pr", headers=AUTH).status_code == 409
     resumed = c.post(f"/api/protocols/{run}/actions/resume", headers=AUTH)
-    assert resumed.json()["status"] == "running"
+    assert resumed.json()["status"] == ProtocolStatus.RUNNING
     ran = c.post(f"/api/protocols/{run}/actions/run", headers=AUTH, json={"step": 2})
     assert ran.status_code == 202 and ran.json()["result"] == 2
     cancelled = c.post(f"/api/protocols/{run}/actions/cancel", headers=AUTH)
-    assert cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["status"] == ProtocolStatus.CANCELLED
     late = c.post(f"/api/protocols/{run}/actions/resume", headers=AUTH)
-    assert late.status_code == 409 and late.json()["current"] == "cancelled"
+    assert late.status_code == 409 and late.json()["current"] == ProtocolStatus.CANCELLED
 
 
 def test_project_token_reaches_only_its_project(client: tuple[TestClient, dict[str, Any]]) -> None:
@@ -404,7 +413,7 @@ def test_no_500_on_junk(client: tuple[TestClient, dict[str, Any]]) -> None:
 def test_start_replans_a_run_whose_planning_failed(tmp_path: Path, sqlite_url: str) -> None:
     from sqlalchemy import create_engine, text
 
-    ids = seed(sqlite_url, runs=2, status="failed")
+    ids = seed(sqlite_url, runs=2, status=ProtocolStatus.FAILED)
     engine = create_engine(sqlite_url)
     with engine.begin() as conn:
         conn.execute(
@@ -415,9 +424,9 @@ def test_start_replans_a_run_whose_planning_failed(tmp_path: Path, sqlite_url: s
     with TestClient(app) as c:
         started = c.post(f"/api/protocols/{ids['runs'][0]}/actions/start", headers=AUTH)
         assert started.status_code == 202, started.text
-        assert started.json()["status"] == "planning"
+        assert started.json()["status"] == ProtocolStatus.PLANNING
         queued = c.get("/api/queues", headers=AUTH).json()
         assert queued["jobs"]["plan_protocol"]["queued"] == 1
         # a failed run that has steps is retried step by step, not re-planned
         refused = c.post(f"/api/protocols/{ids['runs'][1]}/actions/start", headers=AUTH)
-        assert refused.status_code == 409 and refused.json()["current"] == "failed"
+        assert refused.status_code == 409 and refused.json()["current"] == ProtocolStatus.FAILED

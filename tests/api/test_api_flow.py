@@ -9,6 +9,7 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
+from bot.domain.states import ProtocolStatus
 from bot.web.app import create_app
 from tests.conftest import make_settings
 
@@ -64,9 +65,13 @@ def test_create_start_and_open_pr(tmp_path: Path, sqlite_url: str) -> None:
         assert made.status_code == 201, made.text
         run = made.json()
         assert run["protocol_name"].startswith("0001-")
-        assert run["status"] in ("pending", "planning", "planned")
-        planned = wait_status(c, run["id"], {"planned", "failed"})
-        assert planned["status"] == "planned", planned
+        assert run["status"] in (
+            ProtocolStatus.PENDING,
+            ProtocolStatus.PLANNING,
+            ProtocolStatus.PLANNED,
+        )
+        planned = wait_status(c, run["id"], {ProtocolStatus.PLANNED, ProtocolStatus.FAILED})
+        assert planned["status"] == ProtocolStatus.PLANNED, planned
         assert planned["steps"]
         # the plan job opens the draft PR right after `planned`: let it finish first
         deadline = time.monotonic() + 30
@@ -85,7 +90,7 @@ def test_create_start_and_open_pr(tmp_path: Path, sqlite_url: str) -> None:
         assert again.json()["result"]["pr_number"] == number
         assert (
             c.post(f"/api/protocols/{run['id']}/actions/start", headers=AUTH).json()["current"]
-            == "planned"
+            == ProtocolStatus.PLANNED
         )
         second = c.post(
             "/api/protocols", headers=AUTH, json={"project_id": project["id"], "task": "Second"}

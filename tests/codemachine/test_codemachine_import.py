@@ -18,6 +18,7 @@ from bot.codemachine.importer import import_workspace, read_workspace_dir
 from bot.codemachine.mapping import build_import
 from bot.codemachine.parser import CodeMachineError, load_workspace, parse_js, select_workflow
 from bot.domain.spec import validate_spec
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.storage.models import Event, ProtocolRun, StepRun
 from bot.web.app import create_app
 from engines.scripted import ScriptedEngine
@@ -219,11 +220,11 @@ async def test_imported_workspace_runs_with_the_scripted_engine(cm_harness: Harn
     await h.drain()
     state = await h.state(run.id)
     assert state.run.template_source == "codemachine"
-    assert state.run.status == "completed", (
+    assert state.run.status == ProtocolStatus.COMPLETED, (
         state.run.runtime_state,
         [s.status for s in state.steps],
     )
-    assert [s.status for s in state.steps] == ["completed"] * 6
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED] * 6
     # the loop gate failed QA once: steps 2..4 ran again (init is outside the loop), then the
     # docs gate passed and triggered the appended docs step
     assert [s.retries for s in state.steps] == [0, 1, 1, 1, 0, 0]
@@ -314,7 +315,9 @@ async def test_codemachine_import_cli(
     out = capsys.readouterr()
     assert code == 0, out.err
     result = json.loads(out.out)
-    assert result["protocol"] == "0001-add-a-greeting" and result["status"] == "planned"
+    assert (
+        result["protocol"] == "0001-add-a-greeting" and result["status"] == ProtocolStatus.PLANNED
+    )
     assert len(result["steps"]) == 6
     assert "0001-add-a-greeting" in git("branch", "--list", cwd=repo)
     (ws / "config/modules.js").write_text("module.exports = {};\n")

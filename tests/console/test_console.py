@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import create_engine, update
 from starlette.testclient import TestClient
 
+from bot.domain.states import ProtocolStatus
 from bot.storage.models import AuthSession
 from bot.web.api.core import CONSOLE_COOKIE
 from bot.web.app import create_app
@@ -88,7 +89,7 @@ def test_click_pause_in_headless_chromium(tmp_path: Path, sqlite_url: str) -> No
             page.get_by_role("button", name="Sign in").click()
             page.wait_for_url(f"{server.url}/console/protocols/{run}")
             assert "token=" not in page.url  # the token went in a POST body, never the address
-            assert page.locator("#run-status").inner_text() == "running"
+            assert page.locator("#run-status").inner_text() == ProtocolStatus.RUNNING
             page.get_by_role("button", name="Pause").click()
             page.wait_for_function("document.getElementById('run-status').textContent === 'paused'")
             assert "pause" in page.locator("#flash").inner_text()
@@ -114,7 +115,7 @@ def test_click_pause_in_headless_chromium(tmp_path: Path, sqlite_url: str) -> No
         state: dict[str, Any] = httpx.get(
             f"{server.url}/api/protocols/{run}", headers={"Authorization": f"Bearer {TOKEN}"}
         ).json()
-    assert state["status"] == "paused"
+    assert state["status"] == ProtocolStatus.PAUSED
 
 
 def _sign_in(c: TestClient) -> str:

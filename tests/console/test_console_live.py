@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.web.app import create_app
 from engines.scripted import DEFAULT_SCRIPT_PATH
 from tests.api.test_api_flow import bare_origin
@@ -87,7 +88,7 @@ def test_step_page_streams_the_transcript_then_shows_the_diff(
                                                "task": "Add a greeting module"}).json()  # fmt: skip
         run_id = run["id"]
         wait_for(lambda: api.get(f"/api/protocols/{run_id}").json(),
-                 lambda r: r["status"] == "planned" and r["pr_number"])  # fmt: skip
+                 lambda r: r["status"] == ProtocolStatus.PLANNED and r["pr_number"])  # fmt: skip
         for case in ("issues_opened", "issue_comment_created", "pull_request_opened"):
             deliver(server.url, case)
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -98,14 +99,14 @@ def test_step_page_streams_the_transcript_then_shows_the_diff(
             page.fill("input[name=token]", TOKEN)  # sign in by POST, never a token in the URL
             page.get_by_role("button", name="Sign in").click()
             page.wait_for_url(step_url)
-            assert page.locator("#step-status").inner_text() == "pending"
+            assert page.locator("#step-status").inner_text() == StepStatus.PENDING
             page.evaluate("window.__sameDocument = true")  # survives only without a reload
             assert api.post(f"/api/protocols/{run_id}/actions/approve").status_code == 202
             ran = api.post(f"/api/protocols/{run_id}/actions/run", json={"step": 2})
             assert ran.status_code == 202, ran.text
             # transcript lines arrive while the step is still running
             page.wait_for_selector("#transcript li.kind-row-reasoning", timeout=20_000)
-            assert page.locator("#step-status").inner_text() == "running"
+            assert page.locator("#step-status").inner_text() == StepStatus.RUNNING
             assert page.locator("#live-note").inner_text() == "live"
             assert page.locator(".file").count() == 0  # no diff before the commit
             page.wait_for_selector("#transcript li.kind-row-command .exit-ok", timeout=20_000)
@@ -135,7 +136,7 @@ def test_step_page_streams_the_transcript_then_shows_the_diff(
                 timeout=30_000,
             )
             assert page.evaluate("window.__sameDocument") is True
-            assert page.locator("#run-status").inner_text() == "completed"
+            assert page.locator("#run-status").inner_text() == ProtocolStatus.COMPLETED
             assert not page.get_by_role("button", name="Pause").is_visible()
             assert page.locator("#steps button").count() == 0  # nothing to rerun on a finished run
             assert page.locator('[data-run="cost"]').inner_text().startswith("$")

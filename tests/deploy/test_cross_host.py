@@ -34,6 +34,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from bot.core.settings import Settings
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.handlers.routes import build_router
 from bot.jobs.actions import start_protocol
 from bot.jobs.services import build_services, close_services
@@ -497,7 +498,7 @@ def test_three_workers_in_three_network_namespaces(tmp_path: Path, faults: tuple
 
         def all_done() -> bool:
             statuses = asyncio.run(_statuses(settings, run_ids))
-            return all(status == "completed" for status, _, _ in statuses.values())
+            return all(status == ProtocolStatus.COMPLETED for status, _, _ in statuses.values())
 
         try:
             wait_for(all_done, RUN_TIMEOUT_S, "every protocol to complete")
@@ -505,7 +506,7 @@ def test_three_workers_in_three_network_namespaces(tmp_path: Path, faults: tuple
             unfinished = {
                 k: v
                 for k, v in asyncio.run(_statuses(settings, run_ids)).items()
-                if v[0] != "completed"
+                if v[0] != ProtocolStatus.COMPLETED
             }
             raise AssertionError(f"{exc}; unfinished: {unfinished}") from None
         statuses = asyncio.run(_statuses(settings, run_ids))
@@ -513,7 +514,8 @@ def test_three_workers_in_three_network_namespaces(tmp_path: Path, faults: tuple
 
     # every protocol and step completed; nothing left in the queue, no job failed
     assert all(
-        s == "completed" and steps == ["completed"] * STEPS for s, steps, _ in statuses.values()
+        s == ProtocolStatus.COMPLETED and steps == [StepStatus.COMPLETED] * STEPS
+        for s, steps, _ in statuses.values()
     )
     assert left == [] and failed == [], (left, failed)
     # every step is exactly one commit on its branch in the remote

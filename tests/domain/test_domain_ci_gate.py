@@ -19,6 +19,7 @@ from bot.domain.ci_gate import (
     step_for_sha,
 )
 from bot.domain.policies import QADecision
+from bot.domain.states import ProtocolStatus, StepStatus
 
 A, QA_A, B, QA_B, PLAN, OLD = "a" * 40, "1" * 40, "b" * 40, "2" * 40, "c" * 40, "d" * 40
 
@@ -31,8 +32,8 @@ def red(sha: str, for_commit: str) -> dict[str, str]:
     return {"sha": sha, "result": "failure", "for_commit": for_commit}
 
 
-S1 = StepCI(1, "completed", A, QA_A, qa_passed_on=A, ci=green(A, A))
-S2 = StepCI(2, "needs_qa", B)
+S1 = StepCI(1, StepStatus.COMPLETED, A, QA_A, qa_passed_on=A, ci=green(A, A))
+S2 = StepCI(2, StepStatus.NEEDS_QA, B)
 S2_QA = replace(S2, qa_commit=QA_B, qa_passed_on=B)
 
 
@@ -40,7 +41,7 @@ def meaning(
     steps: list[StepCI],
     sha: str,
     result: str,
-    status: str = "running",
+    status: str = ProtocolStatus.RUNNING,
     qa_queued: bool = True,
     auto_qa_on_ci: bool = True,
     merged: bool = False,
@@ -67,8 +68,8 @@ def meaning(
         ([S1, S2], PLAN, "success", {}, ("stale", None)),
         ([S1, S2], OLD, "failure", {}, ("stale", None)),
         # a step being redone: CI of its previous attempt is stale
-        ([S1, replace(S2, status="running")], B, "failure", {}, ("stale", 2)),
-        ([S1, replace(S2, status="pending")], B, "success", {}, ("stale", 2)),
+        ([S1, replace(S2, status=StepStatus.RUNNING)], B, "failure", {}, ("stale", 2)),
+        ([S1, replace(S2, status=StepStatus.PENDING)], B, "success", {}, ("stale", 2)),
         # green: QA queued → wait; QA passed → complete; no auto QA → run it, or complete
         ([S1, S2], B, "success", {}, ("record", 2)),
         ([S1, S2_QA], B, "success", {}, ("complete", 2)),
@@ -79,23 +80,47 @@ def meaning(
         ([S1, S2], A, "success", {}, ("duplicate", 1)),
         ([S1, S2], QA_A, "success", {}, ("record", 1)),
         # one decision per run: the second webhook about the same sha and result is a duplicate
-        ([S1, replace(S2, status="failed", ci=red(B, B))], B, "failure", {}, ("duplicate", 2)),
-        ([S1, replace(S2_QA, status="failed", ci=red(B, B))], QA_B, "failure", {}, ("record", 2)),
-        ([S1, replace(S2, status="blocked", ci=red(B, B))], B, "success", {}, ("record", 2)),
+        (
+            [S1, replace(S2, status=StepStatus.FAILED, ci=red(B, B))],
+            B,
+            "failure",
+            {},
+            ("duplicate", 2),
+        ),
+        (
+            [S1, replace(S2_QA, status=StepStatus.FAILED, ci=red(B, B))],
+            QA_B,
+            "failure",
+            {},
+            ("record", 2),
+        ),
+        (
+            [S1, replace(S2, status=StepStatus.BLOCKED, ci=red(B, B))],
+            B,
+            "success",
+            {},
+            ("record", 2),
+        ),
         # a verdict on an earlier attempt (for_commit differs) does not make this one a duplicate
         ([S1, replace(S2, ci=red(B, OLD))], B, "failure", {}, ("loop", 2)),
         # after completion: reopened, unless the pull request was merged
-        ([S1], A, "failure", {"status": "completed"}, ("reopen", 1)),  # a re-run turned red
-        ([replace(S1, ci=None)], A, "failure", {"status": "completed"}, ("reopen", 1)),
+        (
+            [S1],
+            A,
+            "failure",
+            {"status": ProtocolStatus.COMPLETED},
+            ("reopen", 1),
+        ),  # a re-run turned red
+        ([replace(S1, ci=None)], A, "failure", {"status": ProtocolStatus.COMPLETED}, ("reopen", 1)),
         (
             [replace(S1, ci=None)],
             A,
             "failure",
-            {"status": "completed", "merged": True},
+            {"status": ProtocolStatus.COMPLETED, "merged": True},
             ("record", 1),
         ),
-        ([S1, S2], B, "failure", {"status": "cancelled"}, ("ignore", None)),
-        ([S1, S2], B, "failure", {"status": "planning"}, ("ignore", None)),
+        ([S1, S2], B, "failure", {"status": ProtocolStatus.CANCELLED}, ("ignore", None)),
+        ([S1, S2], B, "failure", {"status": ProtocolStatus.PLANNING}, ("ignore", None)),
     ],
 )
 def test_interpret_ci(
@@ -113,9 +138,9 @@ def test_interpret_ci(
         (replace(S2_QA, ci=green(QA_B, B)), True, "completed"),
         (replace(S2_QA, ci=green(B, OLD)), True, "waiting-ci"),  # green on an earlier attempt
         (replace(S2_QA, ci=red(B, B)), True, "ci-failed"),
-        (replace(S2_QA, status="failed", ci=red(B, B)), True, "ci-failed"),
-        (replace(S2_QA, status="completed"), True, "already"),
-        (replace(S2_QA, status="pending"), True, "already"),
+        (replace(S2_QA, status=StepStatus.FAILED, ci=red(B, B)), True, "ci-failed"),
+        (replace(S2_QA, status=StepStatus.COMPLETED), True, "already"),
+        (replace(S2_QA, status=StepStatus.PENDING), True, "already"),
     ],
 )
 def test_gate_after_qa(step: StepCI, has_ci: bool, expected: str) -> None:
@@ -129,11 +154,14 @@ def test_qa_passed_belongs_to_the_attempt() -> None:
 
 
 def test_hold_for_ci() -> None:
-    skip = QADecision("completed", False, "skip", "QA policy is skip")
+    skip = QADecision(StepStatus.COMPLETED, False, "skip", "QA policy is skip")
     assert hold_for_ci(skip, False) == skip
     held = hold_for_ci(skip, True)
-    assert (held.status, held.run_qa) == ("needs_qa", False) and "waiting for CI" in held.reason
-    qa = QADecision("needs_qa", True, "full", "x")
+    assert (held.status, held.run_qa) == (
+        StepStatus.NEEDS_QA,
+        False,
+    ) and "waiting for CI" in held.reason
+    qa = QADecision(StepStatus.NEEDS_QA, True, "full", "x")
     assert hold_for_ci(qa, True) == qa
 
 
@@ -148,7 +176,7 @@ def test_lookups() -> None:
 class Row:
     def __init__(self) -> None:
         self.step_index = 3
-        self.status = "needs_qa"
+        self.status = StepStatus.NEEDS_QA
         self.policy = {"qa": {"policy": "light"}}
         self.runtime_state = {
             "commit_sha": A,
@@ -165,7 +193,14 @@ def test_step_ci_from_a_row() -> None:
     assert step_ci(Row(), "skip").qa_policy == "skip"
 
 
-STATUSES = ("pending", "running", "needs_qa", "completed", "failed", "blocked")
+STATUSES = (
+    StepStatus.PENDING,
+    StepStatus.RUNNING,
+    StepStatus.NEEDS_QA,
+    StepStatus.COMPLETED,
+    StepStatus.FAILED,
+    StepStatus.BLOCKED,
+)
 VERDICTS = (None, green(B, B), red(B, B), green(QA_B, B), red(B, OLD))
 
 
@@ -195,7 +230,7 @@ def test_invariants_over_every_combination() -> None:
         ("success", "failure"),
         (True, False),
         (True, False),
-        ("running", "completed", "blocked"),
+        (ProtocolStatus.RUNNING, ProtocolStatus.COMPLETED, ProtocolStatus.BLOCKED),
     ):
         s2 = StepCI(2, status, B, QA_B, qa_passed_on=qa_passed_on, qa_policy=policy, ci=verdict)
         m = interpret_ci(proto, [S1, s2], sha, result, qa_queued=queued, auto_qa_on_ci=on_ci)  # type: ignore[arg-type]
@@ -209,14 +244,14 @@ def test_invariants_over_every_combination() -> None:
         if owner != 2:
             continue
         if m.action == "complete":
-            assert status == "needs_qa" and result == "success"
+            assert status == StepStatus.NEEDS_QA and result == "success"
             assert s2.qa_passed or (not queued and not on_ci)
         if m.action == "reopen":
-            assert status == "completed" and result == "failure"
+            assert status == StepStatus.COMPLETED and result == "failure"
         if m.action == "loop":
-            assert status == "needs_qa" and result == "failure"
+            assert status == StepStatus.NEEDS_QA and result == "failure"
         if m.action == "duplicate":
             assert verdict is not None and verdict["sha"] == sha and verdict["result"] == result
-        if status in ("pending", "running"):
+        if status in (StepStatus.PENDING, StepStatus.RUNNING):
             assert m.action == "stale"
     assert count == 6 * 5 * 3 * 2 * 4 * 2 * 2 * 2 * 3

@@ -29,6 +29,7 @@ from bot.domain.spec import (
     validate_planning_output,
     validate_spec,
 )
+from bot.domain.states import ProtocolStatus, StepStatus
 from tests.codemachine.workspace import WORKFLOW, workspace_files
 
 DIAMOND = {1: (), 2: (1,), 3: (1,), 4: (2, 3)}
@@ -209,11 +210,51 @@ def views(**statuses: str) -> dict[int, StepView]:
 @pytest.mark.parametrize(
     ("steps", "ready"),
     [
-        (views(s1="pending", s2="pending", s3="pending", s4="pending"), [1]),
-        (views(s1="completed", s2="pending", s3="pending", s4="pending"), [2, 3]),
-        (views(s1="completed", s2="completed", s3="running", s4="pending"), []),
-        (views(s1="completed", s2="completed", s3="completed", s4="pending"), [4]),
-        (views(s1="completed", s2="failed", s3="completed", s4="pending"), []),
+        (
+            views(
+                s1=StepStatus.PENDING,
+                s2=StepStatus.PENDING,
+                s3=StepStatus.PENDING,
+                s4=StepStatus.PENDING,
+            ),
+            [1],
+        ),
+        (
+            views(
+                s1=StepStatus.COMPLETED,
+                s2=StepStatus.PENDING,
+                s3=StepStatus.PENDING,
+                s4=StepStatus.PENDING,
+            ),
+            [2, 3],
+        ),
+        (
+            views(
+                s1=StepStatus.COMPLETED,
+                s2=StepStatus.COMPLETED,
+                s3=StepStatus.RUNNING,
+                s4=StepStatus.PENDING,
+            ),
+            [],
+        ),
+        (
+            views(
+                s1=StepStatus.COMPLETED,
+                s2=StepStatus.COMPLETED,
+                s3=StepStatus.COMPLETED,
+                s4=StepStatus.PENDING,
+            ),
+            [4],
+        ),
+        (
+            views(
+                s1=StepStatus.COMPLETED,
+                s2=StepStatus.FAILED,
+                s3=StepStatus.COMPLETED,
+                s4=StepStatus.PENDING,
+            ),
+            [],
+        ),
     ],
     ids=["start", "fan-out", "waits-for-both", "fan-in", "failed-dependency"],
 )
@@ -223,10 +264,10 @@ def test_ready_steps(steps: dict[int, StepView], ready: list[int]) -> None:
 
 def test_a_completed_step_not_merged_yet_does_not_count() -> None:
     steps = {
-        1: StepView("completed"),
-        2: StepView("completed", integrated=False),
-        3: StepView("completed"),
-        4: StepView("pending"),
+        1: StepView(StepStatus.COMPLETED),
+        2: StepView(StepStatus.COMPLETED, integrated=False),
+        3: StepView(StepStatus.COMPLETED),
+        4: StepView(StepStatus.PENDING),
     }
     assert ready_steps(DIAMOND, steps) == []
     assert missing_dependencies(DIAMOND, steps, 4) == (2,)
@@ -241,10 +282,10 @@ def test_the_bound() -> None:
 
 def test_mermaid_shows_every_node_state_and_edge() -> None:
     steps = {
-        1: StepView("completed"),
-        2: StepView("running"),
-        3: StepView("failed"),
-        4: StepView("pending"),
+        1: StepView(StepStatus.COMPLETED),
+        2: StepView(StepStatus.RUNNING),
+        3: StepView(StepStatus.FAILED),
+        4: StepView(StepStatus.PENDING),
     }
     text = mermaid(DIAMOND, steps, {1: "Model", 2: 'Evil"] --> x', 3: "View", 4: "Docs"})
     assert text.startswith("flowchart TD")
@@ -259,19 +300,21 @@ def test_the_status_comment_draws_a_graph_above_the_table() -> None:
     from bot.domain.rendering import StepView as RowView
 
     steps = {
-        1: StepView("completed"),
-        2: StepView("running"),
-        3: StepView("running"),
-        4: StepView("pending"),
+        1: StepView(StepStatus.COMPLETED),
+        2: StepView(StepStatus.RUNNING),
+        3: StepView(StepStatus.RUNNING),
+        4: StepView(StepStatus.PENDING),
     }
     picture = mermaid(DIAMOND, steps, {i: f"Part {i}" for i in DIAMOND})
     rows = tuple(RowView(index=i, title=f"Part {i}", status=v.status) for i, v in steps.items())
     body = status_comment(
-        ProtocolView(name="0001-graph", status="running", steps=rows, graph=picture)
+        ProtocolView(name="0001-graph", status=ProtocolStatus.RUNNING, steps=rows, graph=picture)
     )
     assert "```mermaid\nflowchart TD" in body and "s1 --> s2" in body
     assert body.index("```mermaid") < body.index("**Steps**")
-    plain = status_comment(ProtocolView(name="0001-graph", status="running", steps=rows))
+    plain = status_comment(
+        ProtocolView(name="0001-graph", status=ProtocolStatus.RUNNING, steps=rows)
+    )
     assert "mermaid" not in plain  # a chain's comment is as before
 
 
@@ -281,7 +324,7 @@ def test_the_console_gets_the_graph_with_columns_and_states() -> None:
 
     config = spec_data(None, [1], [1], [2, 3])
     run = ProtocolRun(template_config=config)
-    statuses = ["completed", "running", "completed", "pending"]
+    statuses = [StepStatus.COMPLETED, StepStatus.RUNNING, StepStatus.COMPLETED, StepStatus.PENDING]
     steps = [
         StepRun(step_index=i, step_name=f"{i:02d}-s{i}", summary=f"Step {i}", status=st, retries=0,
                 runtime_state={"integrated_attempt": 0} if i == 1 else {})
@@ -291,10 +334,10 @@ def test_the_console_gets_the_graph_with_columns_and_states() -> None:
     assert [
         (n["index"], n["column"], n["depends_on"], n["status"], n["merged"]) for n in nodes
     ] == [
-        (1, 0, [], "completed", True),
-        (2, 1, [1], "running", False),
-        (3, 1, [1], "completed", False),
-        (4, 2, [2, 3], "pending", False),
+        (1, 0, [], StepStatus.COMPLETED, True),
+        (2, 1, [1], StepStatus.RUNNING, False),
+        (3, 1, [1], StepStatus.COMPLETED, False),
+        (4, 2, [2, 3], StepStatus.PENDING, False),
     ]
     assert graph_nodes(ProtocolRun(template_config=spec_data(None, None)), steps[:2]) == []
 

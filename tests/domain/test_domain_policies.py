@@ -19,6 +19,7 @@ from bot.domain.policies import (
     trigger_decisions,
 )
 from bot.domain.spec import LoopSpec, OutputsSpec, QASpec, StepSpec, TriggerSpec
+from bot.domain.states import StepStatus
 
 
 def step(
@@ -42,12 +43,12 @@ def step(
 @pytest.mark.parametrize(
     ("policy", "auto", "status", "run_qa"),
     [
-        ("skip", True, "completed", False),
-        ("skip", False, "completed", False),
-        ("light", True, "needs_qa", True),
-        ("light", False, "needs_qa", False),
-        ("full", True, "needs_qa", True),
-        ("full", False, "needs_qa", False),
+        ("skip", True, StepStatus.COMPLETED, False),
+        ("skip", False, StepStatus.COMPLETED, False),
+        ("light", True, StepStatus.NEEDS_QA, True),
+        ("light", False, StepStatus.NEEDS_QA, False),
+        ("full", True, StepStatus.NEEDS_QA, True),
+        ("full", False, StepStatus.NEEDS_QA, False),
     ],
 )
 def test_qa_decision(policy: str, auto: bool, status: str, run_qa: bool) -> None:

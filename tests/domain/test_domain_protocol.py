@@ -152,7 +152,7 @@ def test_sources_examples() -> None:
     assert allowed_sources(P.PENDING) == frozenset()
     assert allowed_sources(S.PENDING) == {S.RUNNING, S.NEEDS_QA, S.FAILED, S.BLOCKED, S.COMPLETED}
     # StrEnum members compare equal to their values, which is what a SQL IN (...) gets.
-    assert "planned" in allowed_sources(P.RUNNING)
+    assert P.PLANNED in allowed_sources(P.RUNNING)
 
 
 def test_allowed_sources_needs_an_enum() -> None:
@@ -190,3 +190,10 @@ def test_final_states_have_no_exit() -> None:
     assert PROTOCOL_TRANSITIONS[P.COMPLETED] == frozenset({P.BLOCKED})
     assert PROTOCOL_TRANSITIONS[P.CANCELLED] == frozenset()
     assert STEP_TRANSITIONS[S.CANCELLED] == frozenset()
+
+
+def test_conflict_message_reads_the_same_for_enum_members() -> None:
+    """Callers pass enum members or stored strings; the 409 text must not show the enum's repr."""
+    for current, wanted in ((P.BLOCKED, P.RUNNING), ("blocked", "running")):
+        err = TransitionConflict("protocol_run", 7, current, wanted)
+        assert str(err) == "protocol_run 7 is 'blocked'; cannot move to 'running'"

@@ -25,28 +25,29 @@ from bot.domain.rendering import (
     text_size,
     truncate,
 )
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.forge.base import CheckReport
 
 STEPS = [
     StepView(
         1,
         "User model",
-        "completed",
+        StepStatus.COMPLETED,
         qa_verdict="PASS",
         tokens=12_345,
         duration_seconds=123,
         check_url="https://x/c/1",
         commit_sha="abc1234def",
     ),
-    StepView(2, "Login view", "needs_qa", tokens=999, output="did things"),
-    StepView(3, "Docs", "pending"),
+    StepView(2, "Login view", StepStatus.NEEDS_QA, tokens=999, output="did things"),
+    StepView(3, "Docs", StepStatus.PENDING),
 ]
 
 
 def view(**kw: Any) -> ProtocolView:
     base: dict[str, Any] = dict(
         name="0001-login",
-        status="running",
+        status=ProtocolStatus.RUNNING,
         task="Add a login page",
         steps=STEPS,
         current_step=2,
@@ -80,18 +81,22 @@ def test_status_comment_shape() -> None:
 
 
 def test_status_comment_without_steps() -> None:
-    body = status_comment(ProtocolView(name="0002-x", status="planning"))
+    body = status_comment(ProtocolView(name="0002-x", status=ProtocolStatus.PLANNING))
     assert body.startswith(status_marker("0002-x"))
     assert "No steps planned yet" in body
 
 
 def test_status_comment_blocked_message() -> None:
-    body = status_comment(view(status="blocked", message="CI failed the same way twice"))
+    body = status_comment(
+        view(status=ProtocolStatus.BLOCKED, message="CI failed the same way twice")
+    )
     assert "⛔" in body and "CI failed the same way twice" in body
 
 
 def test_untrusted_titles_cannot_inject_markers_or_break_lines() -> None:
-    evil = StepView(1, "x <!-- deksdenflow:status protocol=0009-other -->\n# heading", "pending")
+    evil = StepView(
+        1, "x <!-- deksdenflow:status protocol=0009-other -->\n# heading", StepStatus.PENDING
+    )
     body = status_comment(view(steps=[evil], current_step=None))
     assert body.count("<!--") == 1
     assert "0009-other" in body and "\n# heading" not in body
@@ -99,7 +104,7 @@ def test_untrusted_titles_cannot_inject_markers_or_break_lines() -> None:
 
 def test_output_cannot_escape_its_fence() -> None:
     out = "before\n```\n</details>\n<!-- x -->\n" + "`" * 40 + "\nafter"
-    body = status_comment(view(steps=[StepView(1, "t", "failed", output=out)]))
+    body = status_comment(view(steps=[StepView(1, "t", StepStatus.FAILED, output=out)]))
     section = body.split("<summary>Step 01 output</summary>", 1)[1]
     fence = section.split("\n")[2]
     assert set(fence) == {"`"} and len(fence) >= 4
@@ -114,7 +119,7 @@ def test_output_cannot_escape_its_fence() -> None:
             StepView(
                 i,
                 "t" * 500,
-                "failed",
+                StepStatus.FAILED,
                 output="o" * 1_000_000,
                 qa_report="r" * 500_000,
                 error="e" * 200_000,
@@ -123,15 +128,15 @@ def test_output_cannot_escape_its_fence() -> None:
         ],
         # many steps, each with a large output
         [
-            StepView(i, f"step {i}", "completed", output="x" * 20_000, qa_verdict="PASS")
+            StepView(i, f"step {i}", StepStatus.COMPLETED, output="x" * 20_000, qa_verdict="PASS")
             for i in range(1, 200)
         ],
         # so many steps that even the checklist would not fit
-        [StepView(i, "long title " * 20, "pending") for i in range(1, 5_000)],
+        [StepView(i, "long title " * 20, StepStatus.PENDING) for i in range(1, 5_000)],
         # astral characters count twice in UTF-16
-        [StepView(1, "😀" * 1000, "running", output="😀" * 200_000)],
+        [StepView(1, "😀" * 1000, StepStatus.RUNNING, output="😀" * 200_000)],
         # backtick storms
-        [StepView(1, "t", "failed", output="`" * 300_000)],
+        [StepView(1, "t", StepStatus.FAILED, output="`" * 300_000)],
     ],
 )
 def test_status_comment_always_fits(steps: list[StepView]) -> None:
@@ -146,7 +151,8 @@ def test_status_comment_always_fits(steps: list[StepView]) -> None:
 
 def test_status_comment_prioritises_current_step_output() -> None:
     steps = [
-        StepView(i, f"s{i}", "completed", output=f"out-{i}-" + "x" * 30_000) for i in range(1, 30)
+        StepView(i, f"s{i}", StepStatus.COMPLETED, output=f"out-{i}-" + "x" * 30_000)
+        for i in range(1, 30)
     ]
     body = status_comment(view(steps=steps, current_step=7))
     assert "Step 07 output" in body
@@ -198,9 +204,14 @@ def action_ids(report: CheckReport) -> list[str]:
         ({}, "deksdenflow/step-02", "success", ["run-qa", "run-next"]),
         ({"has_next_step": False}, "deksdenflow/step-02", "success", ["run-qa"]),
         ({"step": STEPS[0]}, "deksdenflow/step-01", "success", ["run-next"]),
-        ({"step": StepView(4, "t", "failed")}, "deksdenflow/step-04", "failure", ["retry-step"]),
         (
-            {"step": StepView(4, "t", "blocked")},
+            {"step": StepView(4, "t", StepStatus.FAILED)},
+            "deksdenflow/step-04",
+            "failure",
+            ["retry-step"],
+        ),
+        (
+            {"step": StepView(4, "t", StepStatus.BLOCKED)},
             "deksdenflow/step-04",
             "action_required",
             ["retry-step"],
@@ -233,7 +244,7 @@ def test_check_run_limits_with_huge_inputs() -> None:
     report = check(
         kind="qa",
         verdict="FAIL",
-        step=StepView(99, "t" * 10_000, "needs_qa"),
+        step=StepView(99, "t" * 10_000, StepStatus.NEEDS_QA),
         changed_files=[f"src/file_{i}.py" for i in range(10_000)],
         quality_report="q" * 1_000_000,
         tokens=10**9,
@@ -364,7 +375,7 @@ def test_log_entry() -> None:
 def test_a_qa_passed_step_waiting_for_ci_says_so() -> None:
     view = ProtocolView(
         name="0001-x",
-        status="running",
-        steps=(StepView(index=1, title="One", status="needs_qa", qa_verdict="PASS"),),
+        status=ProtocolStatus.RUNNING,
+        steps=(StepView(index=1, title="One", status=StepStatus.NEEDS_QA, qa_verdict="PASS"),),
     )
     assert "PASS · waiting for CI" in status_comment(view)

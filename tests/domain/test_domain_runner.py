@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bot.domain.states import (
+    ProtocolStatus,
+    StepStatus,
     completes_protocol,
     failure_statuses,
     may_approve_step,
@@ -16,20 +18,20 @@ from bot.domain.states import (
 
 START = [
     # protocol, approved, step → action, protocol to running, reset step
-    ("running", True, "pending", "start", False, False),
-    ("planned", True, "pending", "start", True, False),
-    ("blocked", True, "failed", "start", True, True),
-    ("failed", True, "blocked", "start", True, True),
-    ("running", True, "running", "continue", False, False),
-    ("blocked", True, "running", "continue", True, False),
-    ("paused", True, "running", "stop", False, False),
-    ("cancelled", True, "running", "stop", False, False),
-    ("paused", True, "pending", "refuse", False, False),
-    ("completed", True, "pending", "refuse", False, False),
-    ("running", False, "pending", "wait_approval", False, False),
-    ("running", True, "needs_qa", "skip", False, False),
-    ("running", True, "completed", "skip", False, False),
-    ("cancelled", True, "cancelled", "skip", False, False),
+    (ProtocolStatus.RUNNING, True, StepStatus.PENDING, "start", False, False),
+    (ProtocolStatus.PLANNED, True, StepStatus.PENDING, "start", True, False),
+    (ProtocolStatus.BLOCKED, True, StepStatus.FAILED, "start", True, True),
+    (ProtocolStatus.FAILED, True, StepStatus.BLOCKED, "start", True, True),
+    (ProtocolStatus.RUNNING, True, StepStatus.RUNNING, "continue", False, False),
+    (ProtocolStatus.BLOCKED, True, StepStatus.RUNNING, "continue", True, False),
+    (ProtocolStatus.PAUSED, True, StepStatus.RUNNING, "stop", False, False),
+    (ProtocolStatus.CANCELLED, True, StepStatus.RUNNING, "stop", False, False),
+    (ProtocolStatus.PAUSED, True, StepStatus.PENDING, "refuse", False, False),
+    (ProtocolStatus.COMPLETED, True, StepStatus.PENDING, "refuse", False, False),
+    (ProtocolStatus.RUNNING, False, StepStatus.PENDING, "wait_approval", False, False),
+    (ProtocolStatus.RUNNING, True, StepStatus.NEEDS_QA, "skip", False, False),
+    (ProtocolStatus.RUNNING, True, StepStatus.COMPLETED, "skip", False, False),
+    (ProtocolStatus.CANCELLED, True, StepStatus.CANCELLED, "skip", False, False),
 ]
 
 
@@ -47,16 +49,16 @@ def test_may_start_step(
 
 FAILURE = [
     # protocol, step → step becomes, protocol becomes
-    ("running", "running", "failed", "blocked"),
-    ("running", "needs_qa", "failed", "blocked"),
-    ("running", "pending", "blocked", "blocked"),
-    ("running", None, None, "blocked"),
-    ("planning", None, None, "failed"),
-    ("pending", None, None, "failed"),
-    ("blocked", "failed", None, None),
-    ("planned", "pending", None, None),
-    ("paused", "running", "failed", None),
-    ("cancelled", "cancelled", None, None),
+    (ProtocolStatus.RUNNING, StepStatus.RUNNING, StepStatus.FAILED, ProtocolStatus.BLOCKED),
+    (ProtocolStatus.RUNNING, StepStatus.NEEDS_QA, StepStatus.FAILED, ProtocolStatus.BLOCKED),
+    (ProtocolStatus.RUNNING, StepStatus.PENDING, StepStatus.BLOCKED, ProtocolStatus.BLOCKED),
+    (ProtocolStatus.RUNNING, None, None, ProtocolStatus.BLOCKED),
+    (ProtocolStatus.PLANNING, None, None, ProtocolStatus.FAILED),
+    (ProtocolStatus.PENDING, None, None, ProtocolStatus.FAILED),
+    (ProtocolStatus.BLOCKED, StepStatus.FAILED, None, None),
+    (ProtocolStatus.PLANNED, StepStatus.PENDING, None, None),
+    (ProtocolStatus.PAUSED, StepStatus.RUNNING, StepStatus.FAILED, None),
+    (ProtocolStatus.CANCELLED, StepStatus.CANCELLED, None, None),
 ]
 
 
@@ -70,19 +72,36 @@ def test_failure_statuses(
 
 def test_no_failure_leaves_work_that_nobody_does() -> None:
     """The issue's rule: after a failure nothing stays running/planning with no job on it."""
-    for protocol in ("pending", "planning", "running", "planned", "blocked", "paused", "cancelled"):
-        for step in (None, "pending", "running", "needs_qa"):
+    for protocol in (
+        ProtocolStatus.PENDING,
+        ProtocolStatus.PLANNING,
+        ProtocolStatus.RUNNING,
+        ProtocolStatus.PLANNED,
+        ProtocolStatus.BLOCKED,
+        ProtocolStatus.PAUSED,
+        ProtocolStatus.CANCELLED,
+    ):
+        for step in (None, StepStatus.PENDING, StepStatus.RUNNING, StepStatus.NEEDS_QA):
             wanted = failure_statuses(protocol, step)
-            assert (wanted.protocol or protocol) not in ("pending", "planning", "running"), (
+            assert (wanted.protocol or protocol) not in (
+                ProtocolStatus.PENDING,
+                ProtocolStatus.PLANNING,
+                ProtocolStatus.RUNNING,
+            ), (
                 protocol,
                 step,
             )
-            assert (wanted.step or step) != "running", (protocol, step)
+            assert (wanted.step or step) != StepStatus.RUNNING, (protocol, step)
 
 
 @pytest.mark.parametrize(
     ("protocol", "step"),
-    [("cancelled", "cancelled"), ("paused", "pending"), ("running", None), ("blocked", None)],
+    [
+        (ProtocolStatus.CANCELLED, StepStatus.CANCELLED),
+        (ProtocolStatus.PAUSED, StepStatus.PENDING),
+        (ProtocolStatus.RUNNING, None),
+        (ProtocolStatus.BLOCKED, None),
+    ],
 )
 def test_stopped_step_status(protocol: str, step: str | None) -> None:
     assert stopped_step_status(protocol) == step
@@ -90,14 +109,29 @@ def test_stopped_step_status(protocol: str, step: str | None) -> None:
 
 RESUME = [
     # steps, auto → action, step
-    ([(1, "completed"), (2, "failed"), (3, "pending")], True, "run_step", 2),
-    ([(1, "completed"), (2, "failed"), (3, "pending")], False, "run_step", 2),
-    ([(1, "completed"), (2, "blocked")], False, "run_step", 2),
-    ([(1, "completed"), (2, "running"), (3, "pending")], False, "run_step", 2),
-    ([(1, "needs_qa"), (2, "pending")], True, "run_qa", 1),
-    ([(1, "completed"), (2, "pending")], True, "run_step", 2),
-    ([(1, "completed"), (2, "pending")], False, "nothing", None),
-    ([(1, "completed")], True, "nothing", None),
+    (
+        [(1, StepStatus.COMPLETED), (2, StepStatus.FAILED), (3, StepStatus.PENDING)],
+        True,
+        "run_step",
+        2,
+    ),
+    (
+        [(1, StepStatus.COMPLETED), (2, StepStatus.FAILED), (3, StepStatus.PENDING)],
+        False,
+        "run_step",
+        2,
+    ),
+    ([(1, StepStatus.COMPLETED), (2, StepStatus.BLOCKED)], False, "run_step", 2),
+    (
+        [(1, StepStatus.COMPLETED), (2, StepStatus.RUNNING), (3, StepStatus.PENDING)],
+        False,
+        "run_step",
+        2,
+    ),
+    ([(1, StepStatus.NEEDS_QA), (2, StepStatus.PENDING)], True, "run_qa", 1),
+    ([(1, StepStatus.COMPLETED), (2, StepStatus.PENDING)], True, "run_step", 2),
+    ([(1, StepStatus.COMPLETED), (2, StepStatus.PENDING)], False, "nothing", None),
+    ([(1, StepStatus.COMPLETED)], True, "nothing", None),
 ]
 
 
@@ -112,13 +146,13 @@ def test_resume_reruns_the_step_that_stopped(
 @pytest.mark.parametrize(
     ("status", "ok"),
     [
-        ("failed", True),
-        ("blocked", True),
-        ("needs_qa", True),
-        ("pending", False),
-        ("running", False),
-        ("completed", False),
-        ("cancelled", False),
+        (StepStatus.FAILED, True),
+        (StepStatus.BLOCKED, True),
+        (StepStatus.NEEDS_QA, True),
+        (StepStatus.PENDING, False),
+        (StepStatus.RUNNING, False),
+        (StepStatus.COMPLETED, False),
+        (StepStatus.CANCELLED, False),
     ],
 )
 def test_may_approve_step(status: str, ok: bool) -> None:
@@ -146,14 +180,34 @@ def test_step_gate_needs_a_qa_pass() -> None:
 @pytest.mark.parametrize(
     ("protocol", "others", "reopens", "expected"),
     [
-        ("running", ["completed", "completed"], False, True),
-        ("running", [], False, True),  # a one-step protocol
-        ("running", ["completed", "needs_qa"], False, False),  # another step still waits
-        ("running", ["completed", "pending"], False, False),
-        ("running", ["completed"], True, False),  # a `pass` trigger sends a step back
-        ("blocked", ["completed"], False, False),  # a human stopped it: no completion follows
-        ("paused", ["completed"], False, False),
-        ("completed", ["completed"], False, False),  # already completed: nothing follows
+        (ProtocolStatus.RUNNING, [StepStatus.COMPLETED, StepStatus.COMPLETED], False, True),
+        (ProtocolStatus.RUNNING, [], False, True),  # a one-step protocol
+        (
+            ProtocolStatus.RUNNING,
+            [StepStatus.COMPLETED, StepStatus.NEEDS_QA],
+            False,
+            False,
+        ),  # another step still waits
+        (ProtocolStatus.RUNNING, [StepStatus.COMPLETED, StepStatus.PENDING], False, False),
+        (
+            ProtocolStatus.RUNNING,
+            [StepStatus.COMPLETED],
+            True,
+            False,
+        ),  # a `pass` trigger sends a step back
+        (
+            ProtocolStatus.BLOCKED,
+            [StepStatus.COMPLETED],
+            False,
+            False,
+        ),  # a human stopped it: no completion follows
+        (ProtocolStatus.PAUSED, [StepStatus.COMPLETED], False, False),
+        (
+            ProtocolStatus.COMPLETED,
+            [StepStatus.COMPLETED],
+            False,
+            False,
+        ),  # already completed: nothing follows
     ],
 )
 def test_completes_protocol(

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
 from tests.github_e2e.conftest import GitHubLoop, sample
@@ -71,14 +72,14 @@ def test_qa_passes_first_then_green_ci_completes_the_step(gh: GitHubLoop) -> Non
     first_step_done(gh)
     state = gh.run()
     # QA ran on its own (default AUTO_QA_AFTER_EXEC) and passed, but CI has not spoken
-    assert statuses(gh) == ["needs_qa", "pending"]
+    assert statuses(gh) == [StepStatus.NEEDS_QA, StepStatus.PENDING]
     assert state.step(1).runtime_state["qa_verdict"] == "PASS"
-    assert gh.events("step.waiting-ci") and state.run.status == "running"
+    assert gh.events("step.waiting-ci") and state.run.status == ProtocolStatus.RUNNING
     assert "PASS · waiting for CI" in gh.fake.comments[1002]["body"]  # the status comment says so
     # CI on the step's own commit (not the QA-report head) completes it
     out = gh.ci_green(step_commit(gh, 1))
     assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "complete"}
-    assert statuses(gh) == ["completed", "pending"]
+    assert statuses(gh) == [StepStatus.COMPLETED, StepStatus.PENDING]
     # CI on the QA-report commit is the same step's, read and recorded, and changes nothing
     out = gh.ci_green()
     assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "recorded"}
@@ -119,10 +120,10 @@ def test_green_ci_before_qa_then_qa_pass_completes(
     while gh.call(_delivery_status, gh, answer["id"]) in ("pending", "processing"):
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert statuses(gh) == ["needs_qa", "pending"]
+    assert statuses(gh) == [StepStatus.NEEDS_QA, StepStatus.PENDING]
     qa_held.set()
     gh.wait_idle()
-    assert statuses(gh) == ["completed", "pending"]
+    assert statuses(gh) == [StepStatus.COMPLETED, StepStatus.PENDING]
     assert [e.message for e in gh.events("qa.verdict")] == ["step 01: PASS"]  # QA ran once
 
 
@@ -136,11 +137,17 @@ async def _delivery_status(gh: GitHubLoop, delivery_id: int) -> str:
 def auto_to_completion(gh: GitHubLoop) -> None:
     gh.deliver("installation", gh.installation_created())
     gh.deliver("issues", labeled(gh, "deksdenflow:auto"))
-    assert statuses(gh) == ["needs_qa", "pending"]  # executed, QA passed, waiting for CI
+    assert statuses(gh) == [
+        StepStatus.NEEDS_QA,
+        StepStatus.PENDING,
+    ]  # executed, QA passed, waiting for CI
     gh.ci_green()
-    assert statuses(gh) == ["completed", "needs_qa"]  # step 02 ran only once 01 was green
+    assert statuses(gh) == [
+        StepStatus.COMPLETED,
+        StepStatus.NEEDS_QA,
+    ]  # step 02 ran only once 01 was green
     gh.ci_green()
-    assert gh.run().run.status == "completed"
+    assert gh.run().run.status == ProtocolStatus.COMPLETED
 
 
 def test_red_ci_after_completion_reopens_the_protocol_to_blocked(gh: GitHubLoop) -> None:
@@ -148,8 +155,8 @@ def test_red_ci_after_completion_reopens_the_protocol_to_blocked(gh: GitHubLoop)
     out = red(gh, step_commit(gh, 2))
     assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "reopened"}
     state = gh.run()
-    assert state.run.status == "blocked"
-    assert statuses(gh) == ["completed", "blocked"]
+    assert state.run.status == ProtocolStatus.BLOCKED
+    assert statuses(gh) == [StepStatus.COMPLETED, StepStatus.BLOCKED]
     assert "CI failed on step 02 after it completed" in state.run.runtime_state["message"]
     assert step_of_event(gh, "ci.failure") == [2]
     # the status comment says so
@@ -157,18 +164,21 @@ def test_red_ci_after_completion_reopens_the_protocol_to_blocked(gh: GitHubLoop)
     assert "step 02" in body and "blocked" in body
     # /retry 2 gets out of it
     gh.deliver("issue_comment", gh.comment("/retry 2"))
-    assert gh.run().run.status == "running" and statuses(gh)[1] == "needs_qa"
+    assert gh.run().run.status == ProtocolStatus.RUNNING and statuses(gh)[1] == StepStatus.NEEDS_QA
 
 
 def test_red_ci_on_an_earlier_step_blames_that_step(gh: GitHubLoop) -> None:
     auto_to_completion(gh)
     out = red(gh, step_commit(gh, 1))
     assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "reopened"}
-    assert statuses(gh) == ["blocked", "completed"]
+    assert statuses(gh) == [StepStatus.BLOCKED, StepStatus.COMPLETED]
     assert step_of_event(gh, "ci.failure") == [1]
     # a human accepts it: every step is completed again, and so is the protocol
     gh.deliver("issue_comment", gh.comment("/approve 1"))
-    assert statuses(gh) == ["completed", "completed"] and gh.run().run.status == "completed"
+    assert (
+        statuses(gh) == [StepStatus.COMPLETED, StepStatus.COMPLETED]
+        and gh.run().run.status == ProtocolStatus.COMPLETED
+    )
 
 
 def repo_file(gh: GitHubLoop, path: str, content: str) -> None:
@@ -187,7 +197,7 @@ def test_workflow_run_and_check_suite_of_one_failing_run_make_one_decision(gh: G
     gh.deliver("issues", labeled(gh, "deksdenflow:auto"))
     assert [s.policy.get("loop") for s in gh.run().steps] == [None, None]
     gh.ci_green()
-    assert statuses(gh) == ["completed", "needs_qa"]
+    assert statuses(gh) == [StepStatus.COMPLETED, StepStatus.NEEDS_QA]
     head = step_commit(gh, 2)
     first = red(gh, head, "workflow_run")
     assert first["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "block"}
@@ -197,7 +207,10 @@ def test_workflow_run_and_check_suite_of_one_failing_run_make_one_decision(gh: G
     third = gh.deliver("status", status_event(gh, head, "failure"))
     assert third["outcome"]["handled"][-1] == {"outcome": "duplicate"}
     state = gh.run()
-    assert state.run.status == "blocked" and statuses(gh) == ["completed", "failed"]
+    assert state.run.status == ProtocolStatus.BLOCKED and statuses(gh) == [
+        StepStatus.COMPLETED,
+        StepStatus.FAILED,
+    ]
     # one decision, about step 02; step 01 (which passed) is never blamed
     assert step_of_event(gh, "ci.failure") == [2]
     assert step_of_event(gh, "ci.duplicate") == [2, 2]
@@ -207,7 +220,7 @@ def test_workflow_run_and_check_suite_of_one_failing_run_make_one_decision(gh: G
     out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, "f" * 40, "failure"))
     assert out["outcome"]["handled"][-1] == {"ignored": "not a step's commit"}
     assert len(gh.events("ci.stale")) == 1
-    assert statuses(gh) == ["completed", "failed"]
+    assert statuses(gh) == [StepStatus.COMPLETED, StepStatus.FAILED]
 
 
 def test_green_ci_completing_the_protocol_edits_each_status_comment_once(gh: GitHubLoop) -> None:
@@ -216,11 +229,11 @@ def test_green_ci_completing_the_protocol_edits_each_status_comment_once(gh: Git
     gh.deliver("installation", gh.installation_created())
     gh.deliver("issues", labeled(gh, "deksdenflow:auto"))
     gh.ci_green()
-    assert statuses(gh) == ["completed", "needs_qa"]
+    assert statuses(gh) == [StepStatus.COMPLETED, StepStatus.NEEDS_QA]
     mark = gh.fake.mark()
     out = gh.ci_green()
     assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "complete"}
-    assert gh.run().run.status == "completed"
+    assert gh.run().run.status == ProtocolStatus.COMPLETED
     edits = [
         c.path for c in gh.fake.since(mark) if c.method == "PATCH" and "/issues/comments/" in c.path
     ]

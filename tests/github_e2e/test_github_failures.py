@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.forge.github import GitHubForge
 from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
@@ -65,7 +66,7 @@ def test_a_forge_error_that_outlives_its_retries_blocks_visibly_and_retry_recove
     )  # three failed attempts, then one for the reply
 
     state = gh.run()
-    assert (state.step(1).status, state.run.status) == ("failed", "blocked")
+    assert (state.step(1).status, state.run.status) == (StepStatus.FAILED, ProtocolStatus.BLOCKED)
     reason = state.run.runtime_state["message"]
     assert reason.startswith("step 01 failed: ") and "\n" not in reason and "502" in reason, reason
     # nothing of the failed attempt reached the branch
@@ -85,6 +86,6 @@ def test_a_forge_error_that_outlives_its_retries_blocks_visibly_and_retry_recove
     gh.deliver("issue_comment", gh.comment("/retry 1"))
     state = gh.run()
     # executed and QA'd; waiting for CI (the repository has workflows)
-    assert (state.step(1).status, state.run.status) == ("needs_qa", "running")
+    assert (state.step(1).status, state.run.status) == (StepStatus.NEEDS_QA, ProtocolStatus.RUNNING)
     assert state.step(1).runtime_state["qa_verdict"] == "PASS"
     assert len(step_commits(gh)) == 1

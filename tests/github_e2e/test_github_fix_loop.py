@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
 from tests.conftest import GITHUB_SECRET
@@ -107,7 +108,10 @@ def test_red_ci_log_reaches_the_next_attempt_and_the_fix_completes(
     gh.deliver("issues", labeled(gh, "deksdenflow:auto"))
     # planning gave every step the default loop: at most 2 automatic fix attempts
     assert [s.policy["loop"]["max_iterations"] for s in gh.run().steps] == [2, 2]
-    assert [s.status for s in gh.run().steps] == ["needs_qa", "pending"]  # QA passed, CI to come
+    assert [s.status for s in gh.run().steps] == [
+        StepStatus.NEEDS_QA,
+        StepStatus.PENDING,
+    ]  # QA passed, CI to come
     first = step_commit(gh, 1)
     assert "AssertionError" not in executes(prompts, 1)[0]
 
@@ -115,7 +119,9 @@ def test_red_ci_log_reaches_the_next_attempt_and_the_fix_completes(
     assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "retry"}
     state = gh.run()
     step = state.step(1)
-    assert step.retries == 1 and step.status == "needs_qa"  # executed again and QA passed again
+    assert (
+        step.retries == 1 and step.status == StepStatus.NEEDS_QA
+    )  # executed again and QA passed again
     # the second attempt was told why: the failing step's log, the annotation, the check output
     second = executes(prompts, 1)[1]
     assert "AssertionError: expected 3, got 4" in second
@@ -138,9 +144,9 @@ def test_red_ci_log_reaches_the_next_attempt_and_the_fix_completes(
     second_sha = step_commit(gh, 1)
     assert second_sha != first
     gh.ci_green(second_sha)
-    assert [s.status for s in gh.run().steps] == ["completed", "needs_qa"]
+    assert [s.status for s in gh.run().steps] == [StepStatus.COMPLETED, StepStatus.NEEDS_QA]
     gh.ci_green()
-    assert gh.run().run.status == "completed"
+    assert gh.run().run.status == ProtocolStatus.COMPLETED
 
 
 def test_the_same_failure_twice_stops_and_asks_a_human(
@@ -154,7 +160,7 @@ def test_the_same_failure_twice_stops_and_asks_a_human(
     out = red_ci(gh, step_commit(gh, 1), got=5)
     assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "block"}
     state = gh.run()
-    assert state.run.status == "blocked" and state.step(1).status == "failed"
+    assert state.run.status == ProtocolStatus.BLOCKED and state.step(1).status == StepStatus.FAILED
     digest = state.run.runtime_state["ci_fingerprints"]["1"]
     reason = state.run.runtime_state["message"]
     assert "CI failed the same way twice on step 01" in reason
@@ -202,9 +208,9 @@ def test_repository_max_tokens_is_applied(gh: GitHubLoop) -> None:
     state = gh.run()
     assert state.run.template_config["max_tokens"] == 100
     # planning alone used more than 100 tokens: the first step never starts
-    assert state.run.status == "blocked" and [s.status for s in state.steps] == [
-        "pending",
-        "pending",
+    assert state.run.status == ProtocolStatus.BLOCKED and [s.status for s in state.steps] == [
+        StepStatus.PENDING,
+        StepStatus.PENDING,
     ]
     assert "token budget" in state.run.runtime_state["message"]
 
@@ -221,7 +227,7 @@ def test_repository_policies_turn_the_ci_gate_off_and_set_qa(gh: GitHubLoop) -> 
     assert [s.policy["qa"]["policy"] for s in state.steps] == ["light", "light"]
     assert [s.policy["loop"]["max_iterations"] for s in state.steps] == [1, 1]
     # QA alone gates although the repository has workflows: done without any CI result
-    assert state.run.status == "completed"
+    assert state.run.status == ProtocolStatus.COMPLETED
     out = red_ci(gh, step_commit(gh, 2))
     assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "recorded"}
-    assert gh.run().run.status == "completed"
+    assert gh.run().run.status == ProtocolStatus.COMPLETED

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from tests.github_e2e.conftest import GitHubLoop
 from tests.gitutil import git
 from tests.protocol.conftest import origin_branches, origin_file, scripted_script
@@ -60,7 +61,9 @@ def test_two_independent_steps_are_gated_by_ci_on_their_branches_and_merged(
     state = gh.run()
     name = state.run.protocol_name
     # both ran on their own child branches, passed QA, and wait for CI there
-    assert [s.status for s in state.steps] == ["needs_qa", "needs_qa"], state.run.runtime_state
+    assert [s.status for s in state.steps] == [StepStatus.NEEDS_QA, StepStatus.NEEDS_QA], (
+        state.run.runtime_state
+    )
     assert {f"{name}--01", f"{name}--02"} <= set(origin_branches(gh.origin))
     shas = {i: state.step(i).runtime_state["commit_sha"] for i in (1, 2)}
     for i in (1, 2):
@@ -69,26 +72,30 @@ def test_two_independent_steps_are_gated_by_ci_on_their_branches_and_merged(
     out = workflow(gh, f"{name}--01", shas[1], "success")
     assert out["outcome"]["handled"][-1]["outcome"] == "complete", out
     state = gh.run()
-    assert [s.status for s in state.steps] == ["completed", "needs_qa"]
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED, StepStatus.NEEDS_QA]
     assert origin_file(gh.origin, name, "part1.txt") == "part 1\n"  # merged at once
     out = workflow(gh, f"{name}--02", shas[2], "success")
     assert out["outcome"]["handled"][-1]["outcome"] == "complete", out
     state = gh.run()
-    assert [s.status for s in state.steps] == ["completed", "completed"]
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED, StepStatus.COMPLETED]
     assert origin_file(gh.origin, name, "part2.txt") == "part 2\n"
     assert [b for b in origin_branches(gh.origin) if "--" in b] == []  # the child branches are gone
     head = state.run.head_sha
-    assert head and state.run.runtime_state["awaiting_ci"] == head and state.run.status == "running"
+    assert (
+        head
+        and state.run.runtime_state["awaiting_ci"] == head
+        and state.run.status == ProtocolStatus.RUNNING
+    )
     assert git("rev-parse", name, cwd=gh.origin).strip() == head
     # red CI on the merged head blocks the protocol; a green re-run of CI on it completes it
     out = workflow(gh, name, head, "failure")
     assert out["outcome"]["handled"][-1]["outcome"] == "blocked", out
     state = gh.run()
-    assert state.run.status == "blocked"
+    assert state.run.status == ProtocolStatus.BLOCKED
     assert (
         "CI failed on the protocol branch after the steps were merged (tests"
         in state.run.runtime_state["message"]
     )
     out = workflow(gh, name, head, "success")
     assert out["outcome"]["handled"][-1]["outcome"] == "complete", out
-    assert gh.run().run.status == "completed"
+    assert gh.run().run.status == ProtocolStatus.COMPLETED

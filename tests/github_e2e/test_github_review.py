@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
 from tests.github_e2e.conftest import GitHubLoop
@@ -97,7 +98,7 @@ def auto_to_completion(gh: GitHubLoop) -> None:
     gh.deliver("issues", labeled(gh, "deksdenflow:auto"))
     gh.ci_green()
     gh.ci_green()
-    assert gh.run().run.status == "completed"
+    assert gh.run().run.status == ProtocolStatus.COMPLETED
 
 
 def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
@@ -194,7 +195,7 @@ def test_changes_requested_review_becomes_one_fix_step_answered_in_both_threads(
 
     # the fix goes through the same gates: green CI completes it and the PR stays ready
     gh.ci_green(sha)
-    assert gh.run().run.status == "completed"
+    assert gh.run().run.status == ProtocolStatus.COMPLETED
 
     # a second review of the same comments (a re-delivery, the bot's own replies) adds nothing
     gh.deliver("pull_request_review", review(gh, "changes_requested", review_id=700), timeout=60)
@@ -221,14 +222,14 @@ def test_read_only_reviewer_changes_nothing(gh: GitHubLoop) -> None:
         "handled"
     ]
     gh.wait_idle()
-    assert len(gh.run().steps) == 2 and gh.run().run.status == "completed"
+    assert len(gh.run().steps) == 2 and gh.run().run.status == ProtocolStatus.COMPLETED
     assert gh.fake.review_replies == []
 
 
 def test_approving_review_approves_the_plan(gh: GitHubLoop) -> None:
     gh.deliver("installation", gh.installation_created())
     gh.deliver("issue_comment", gh.comment("/plan"))
-    assert gh.run().run.status == "planned" and not gh.run().run.approved
+    assert gh.run().run.status == ProtocolStatus.PLANNED and not gh.run().run.approved
     # a reader's approval does not count
     gh.fake.permissions["mallory"] = "read"
     out = gh.deliver("pull_request_review", review(gh, "approved", user="mallory", review_id=901))
@@ -247,7 +248,7 @@ def test_mention_works_like_a_slash_command(gh: GitHubLoop) -> None:
     gh.deliver("installation", gh.installation_created())
     out = gh.deliver("issue_comment", gh.comment("@deksdenflow plan"))
     assert out["outcome"]["handled"][-1]["command"] == "plan"
-    assert gh.run().run.status == "planned"
+    assert gh.run().run.status == ProtocolStatus.PLANNED
     gh.deliver("issue_comment", gh.comment("@deksdenflow approve"))
     assert gh.run().run.approved
 
@@ -290,7 +291,7 @@ def test_plan_on_an_existing_pull_request_works_on_its_branch(
     assert out["outcome"]["handled"][-1]["result"].startswith("planning 0001-")
     state = gh.run()
     assert (
-        state.run.status == "planned"
+        state.run.status == ProtocolStatus.PLANNED
         and state.run.pr_number == 55
         and state.run.issue_number is None
     )
@@ -305,7 +306,7 @@ def test_plan_on_an_existing_pull_request_works_on_its_branch(
     assert gh.run().run.approved
     gh.deliver("issue_comment", pull_comment(gh, "/run-step", 55, 7003))
     step = gh.run().step(1)
-    assert step.status == "needs_qa"  # executed and pushed; QA passed, CI is next
+    assert step.status == StepStatus.NEEDS_QA  # executed and pushed; QA passed, CI is next
     assert git("rev-parse", "feature-x", cwd=gh.origin).strip() == gh.run().run.head_sha
     assert not any(
         r.startswith(f"refs/heads/{state.run.protocol_name}")
@@ -325,7 +326,7 @@ def test_ready_for_review_failure_is_said_not_fatal(gh: GitHubLoop) -> None:
         "POST", r"/graphql", 403, {"message": "Resource not accessible by integration"}
     )
     auto_to_completion(gh)
-    assert gh.run().run.status == "completed"  # the work is done either way
+    assert gh.run().run.status == ProtocolStatus.COMPLETED  # the work is done either way
     assert gh.fake.pulls[PR]["draft"] is True
     assert "could not be marked ready" in gh.fake.comments[1002]["body"]
     assert [e.message for e in gh.events("feedback.failed")] == [
@@ -341,7 +342,7 @@ def test_review_on_a_cancelled_protocol_adds_nothing(gh: GitHubLoop) -> None:
     gh.deliver("pull_request_review", review(gh, "changes_requested", review_id=710))
     gh.wait_idle()
     state = gh.run()
-    assert state.run.status == "cancelled" and len(state.steps) == 2
+    assert state.run.status == ProtocolStatus.CANCELLED and len(state.steps) == 2
     assert [e.message for e in gh.events("review.ignored")] == [
         "review feedback on a cancelled protocol"
     ]
@@ -405,7 +406,7 @@ def test_review_while_a_step_runs_waits_for_it(
     state = gh.run()
     assert [s.step_index for s in state.steps] == [1, 2, 3]
     assert [c["comment_id"] for c in state.step(3).runtime_state["review"]] == [9401]
-    assert state.step(1).status in ("needs_qa", "completed")
+    assert state.step(1).status in (StepStatus.NEEDS_QA, StepStatus.COMPLETED)
 
 
 async def _job_busy(gh: GitHubLoop) -> bool:
@@ -459,7 +460,7 @@ def test_review_comments_reach_every_attempt_of_the_fix_step(
     from tests.github_e2e.test_github_fix_loop import executes, red_ci
 
     request_changes(gh)
-    assert gh.run().step(3).status == "needs_qa"  # QA passed, CI to come
+    assert gh.run().step(3).status == StepStatus.NEEDS_QA  # QA passed, CI to come
     out = red_ci(gh, gh.run().step(3).runtime_state["commit_sha"], got=4)
     assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "retry"}
     out = red_ci(gh, gh.run().step(3).runtime_state["commit_sha"], got=5)
@@ -494,7 +495,7 @@ def test_resolving_threads_is_best_effort(gh: GitHubLoop) -> None:
     gh.deliver("pull_request_review", review(gh, "changes_requested", review_id=750), timeout=60)
     gh.wait_idle(timeout=60)
     step = gh.run().step(3)
-    assert step.status == "needs_qa" and step.runtime_state["review_replied"] == ["9701"]
+    assert step.status == StepStatus.NEEDS_QA and step.runtime_state["review_replied"] == ["9701"]
     assert [r["in_reply_to_id"] for r in gh.fake.review_replies] == [9701]
     assert gh.fake.resolved_threads == set()
     assert [e.message for e in gh.events("feedback.failed")] == [
@@ -546,7 +547,9 @@ def test_worker_dying_between_the_push_and_the_replies_answers_each_thread_once(
     run_id = gh.run().run.id
     assert kills == [("after_review_reply", run_id, 3)]
     step = gh.run().step(3)
-    assert step.status == "needs_qa" and step.runtime_state["commit_sha"]  # pushed and recorded
+    assert (
+        step.status == StepStatus.NEEDS_QA and step.runtime_state["commit_sha"]
+    )  # pushed and recorded
     assert [r["in_reply_to_id"] for r in gh.fake.review_replies] == [9602]  # died after the first
     assert gh.call(_due, gh) == {f"{run_id}:3"}
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from tests.conftest import GITHUB_SECRET, LiveServer
 from tests.fakes.stop_and_kill import (
     EDIT,
@@ -71,7 +72,10 @@ def test_cancel_during_a_long_engine_step_kills_it_and_pushes_nothing(
     assert time.monotonic() - started < 5
     gh.wait_idle()
     state = gh.run()
-    assert (state.run.status, state.step(1).status) == ("cancelled", "cancelled")
+    assert (state.run.status, state.step(1).status) == (
+        ProtocolStatus.CANCELLED,
+        StepStatus.CANCELLED,
+    )
     # nothing of the cancelled step is committed, pushed, or left in the worktree
     assert branch_head(gh.origin) == before and step_commits(gh.origin, 1) == []
     assert git("status", "--porcelain", cwd=worktree).strip() == ""
@@ -185,7 +189,10 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
         gh.deliver("issue_comment", gh.comment("/approve"), timeout=60)
         gh.post("issue_comment", gh.comment("/run-step"))
         wait_for(
-            lambda: gh.run().step(1).status == "running", 60, "step 01 running on worker A", log_a
+            lambda: gh.run().step(1).status == StepStatus.RUNNING,
+            60,
+            "step 01 running on worker A",
+            log_a,
         )
         time.sleep(0.5)  # inside the engine's five-minute turn now
         kill(worker_a)
@@ -201,14 +208,18 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
         )
         assert time.monotonic() - killed < 120
         state = gh.run()
-        assert state.step(1).status == "needs_qa"  # executed and QA'd, waiting for CI (default)
+        assert (
+            state.step(1).status == StepStatus.NEEDS_QA
+        )  # executed and QA'd, waiting for CI (default)
         # (not gh.ci_green: its idle wait counts queued jobs, and the dead worker's execute job
         # stays in arq's queue, held by its in-progress key for the job timeout)
         gh.ci_suite("success")
         gh.post(
             "workflow_run", gh.workflow_run(PROTOCOL, state.step(1).runtime_state["commit_sha"])
         )
-        wait_for(lambda: gh.run().run.status == "completed", 60, "protocol completed", log_b)
+        wait_for(
+            lambda: gh.run().run.status == ProtocolStatus.COMPLETED, 60, "protocol completed", log_b
+        )
     assert step_commits(gh.origin, 1) == ["feat(add): Add a greeting module [protocol-0001/01]"]
     # B took the step back: by the reclaim cron (the lease expired), or by arq itself, whose
     # in-progress key of the dead worker's job now lives one lease TTL (bot/jobs/resilient.py)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from bot.domain.states import StepStatus
 from bot.forge.github import GitHubForge
 from bot.git import cache, ops, resolve_auth
 from bot.git.runner import Auth, run_git
@@ -74,7 +75,9 @@ def test_push_after_a_long_engine_step_uses_a_fresh_token(
     gh.deliver("issue_comment", gh.comment("/run-step"))
     state = gh.run()
     assert state.step(1).runtime_state.get("commit_sha"), "the step did not commit"
-    assert state.step(1).status == "needs_qa"  # executed, pushed, QA passed, waiting for CI
+    assert (
+        state.step(1).status == StepStatus.NEEDS_QA
+    )  # executed, pushed, QA passed, waiting for CI
     step = network[before:]
     pushes = [(token, valid) for command, token, valid in step if command == "push"]
     fetches = [token for command, token, _ in step if command == "fetch"]

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from tests.gitlab_e2e.conftest import World
 from tests.intake.helpers import rows
 
@@ -18,20 +19,20 @@ def test_repeated_red_pipeline_is_one_decision_and_ci_then_gates(
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)
-    world.wait_run("planned", ["pending", "pending"])
+    world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     world.send("Note Hook", world.note("/approve"))
     world.wait(lambda: bool(world.run().approved), "approval")
     run_note = world.note("/run-step")
     world.send("Note Hook", run_note)
     # no CI known yet (no .gitlab-ci.yml seen, no pipeline reported): QA alone gates
-    run = world.wait_run("running", ["completed", "pending"])
+    run = world.wait_run(ProtocolStatus.RUNNING, [StepStatus.COMPLETED, StepStatus.PENDING])
     name = run.protocol_name
     step_sha = json.loads(world.steps()[0].runtime_state)["commit_sha"]
 
     red = world.pipeline(step_sha, name, "failed", [("test", "failed")])
     first = world.send("Pipeline Hook", red)
     assert {"ci": "failure", "outcome": "reopened"} in world.delivery_result(first["id"])["handled"]
-    world.wait_run("blocked", ["blocked", "pending"])
+    world.wait_run(ProtocolStatus.BLOCKED, [StepStatus.BLOCKED, StepStatus.PENDING])
     # the same failure reported again (a retried pipeline on the same sha; an identical resend
     # is already dropped by the intake): no second decision
     repeat = json.loads(json.dumps(red))
@@ -51,7 +52,7 @@ def test_repeated_red_pipeline_is_one_decision_and_ci_then_gates(
         ),
         "QA of the retried step",
     )
-    world.wait_run("running", ["needs_qa", "pending"])
+    world.wait_run(ProtocolStatus.RUNNING, [StepStatus.NEEDS_QA, StepStatus.PENDING])
     new_sha = json.loads(world.steps()[0].runtime_state)["commit_sha"]
     assert new_sha != step_sha
     # … green CI on the step's commit completes it
@@ -59,11 +60,11 @@ def test_repeated_red_pipeline_is_one_decision_and_ci_then_gates(
         "Pipeline Hook", world.pipeline(new_sha, name, "success", [("test", "success")])
     )
     assert {"ci": "success", "outcome": "complete"} in world.delivery_result(green["id"])["handled"]
-    world.wait_run("running", ["completed", "pending"])
+    world.wait_run(ProtocolStatus.RUNNING, [StepStatus.COMPLETED, StepStatus.PENDING])
 
 
 def step_completed(world: World, step: int) -> Callable[[], bool]:
-    return lambda: world.step_statuses()[step - 1] == "completed"
+    return lambda: world.step_statuses()[step - 1] == StepStatus.COMPLETED
 
 
 def test_a_step_edits_the_status_notes_by_id_and_completion_edits_them_once(
@@ -76,7 +77,7 @@ def test_a_step_edits_the_status_notes_by_id_and_completion_edits_them_once(
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)
-    world.wait_run("planned", ["pending", "pending"])
+    world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     world.send("Note Hook", world.note("/approve"))
     world.wait(lambda: bool(world.run().approved), "approval")
     for step in (1, 2):
@@ -96,7 +97,7 @@ def test_a_step_edits_the_status_notes_by_id_and_completion_edits_them_once(
         world.wait(lambda: len(edits()) >= 4, "the status notes edited")
         time.sleep(0.5)  # a fifth edit would come right after
         assert len(edits()) == 4, edits()
-    world.wait_run("completed", ["completed", "completed"])
+    world.wait_run(ProtocolStatus.COMPLETED, [StepStatus.COMPLETED, StepStatus.COMPLETED])
     assert "completed" in world.status_note()["body"]
 
 
@@ -105,7 +106,7 @@ def test_a_deleted_status_note_is_posted_again(world_factory: Callable[..., Worl
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)
-    world.wait_run("planned", ["pending", "pending"])
+    world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     status = world.status_note()
     notes = world.fake.state.notes[(world.project["id"], "issues", world.issue["iid"])]
     notes.remove(status)  # someone deleted it: the remembered id answers 404

@@ -3,6 +3,7 @@ bot treats them like their public counterparts."""
 
 from __future__ import annotations
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from tests.gitlab_e2e.conftest import World
 
 
@@ -13,7 +14,7 @@ def test_confidential_note_runs_the_command(world: World) -> None:
     outcome = world.delivery_result(answer["id"])
     assert {"command": "plan", "result": "planning 0001-add-a-greeting"} in outcome["handled"]
     world.wait_reaction(note)
-    world.wait_run("planned", ["pending", "pending"])
+    world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
 
 
 def test_confidential_issue_label_starts_a_protocol(world: World) -> None:
@@ -24,4 +25,4 @@ def test_confidential_issue_label_starts_a_protocol(world: World) -> None:
         "label": "deksdenflow:plan",
         "result": "planning 0001-add-a-greeting",
     } in world.delivery_result(answer["id"])["handled"]
-    world.wait_run("planned", ["pending", "pending"])
+    world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])

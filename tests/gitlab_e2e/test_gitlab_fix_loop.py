@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
 from tests.gitlab.fake_gitlab import DEFAULT_TOKEN
@@ -88,7 +89,7 @@ def step_waiting_for_ci(world: World, index: int, attempt: int) -> str:
     world.wait(
         lambda: (
             world.steps()[index - 1].retries == attempt - 1
-            and world.steps()[index - 1].status == "needs_qa"
+            and world.steps()[index - 1].status == StepStatus.NEEDS_QA
             and step_state(world, index).get("qa_passed_on")
             == step_state(world, index).get("commit_sha")
         ),
@@ -103,7 +104,7 @@ def started(world_factory: Callable[..., World]) -> tuple[World, str]:
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)
-    run = world.wait_run("planned", ["pending", "pending"])
+    run = world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     has_ci(world)
     world.send("Note Hook", world.note("/approve"))
     world.wait(lambda: bool(world.run().approved), "approval")
@@ -148,11 +149,11 @@ def test_red_pipeline_trace_reaches_the_next_attempt_and_the_fix_completes(
     assert any("(attempt 2/3)" in d for d in descriptions)
 
     assert green_pipeline(world, second_sha, branch) == {"ci": "success", "outcome": "complete"}
-    world.wait_run("running", ["completed", "pending"])
+    world.wait_run(ProtocolStatus.RUNNING, [StepStatus.COMPLETED, StepStatus.PENDING])
     world.send("Note Hook", world.note("/run-step"))
     step_two = step_waiting_for_ci(world, 2, 1)
     assert green_pipeline(world, step_two, branch) == {"ci": "success", "outcome": "complete"}
-    world.wait_run("completed", ["completed", "completed"])
+    world.wait_run(ProtocolStatus.COMPLETED, [StepStatus.COMPLETED, StepStatus.COMPLETED])
 
 
 def test_the_same_failed_pipeline_twice_stops_and_asks_a_human(
@@ -165,7 +166,7 @@ def test_the_same_failed_pipeline_twice_stops_and_asks_a_human(
     assert (
         red_pipeline(world, step_waiting_for_ci(world, 1, 2), branch, got=7)["outcome"] == "block"
     )
-    run = world.wait_run("blocked", ["failed", "pending"])
+    run = world.wait_run(ProtocolStatus.BLOCKED, [StepStatus.FAILED, StepStatus.PENDING])
     message = json.loads(run.runtime_state)["message"]
     digest = json.loads(run.runtime_state)["ci_fingerprints"]["1"]
     assert "CI failed the same way twice on step 01" in message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from tests.gitlab_e2e.conftest import SAMPLES, World
 from tests.intake.helpers import rows
 
@@ -37,7 +38,7 @@ def test_issue_opened_with_the_plan_label_plans_once(world: World) -> None:
         "label": "deksdenflow:plan",
         "result": "planning 0001-add-a-greeting",
     } in world.delivery_result(answer["id"])["handled"]
-    world.wait_run("planned", ["pending", "pending"])
+    world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     # an update of the issue (title edited) still carries the label: nothing happens
     # (GitLab moves updated_at on every change; the same one again would be a replay)
     update = opened_with(

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from sqlalchemy import create_engine, text
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from tests.gitlab_e2e.conftest import World
 from tests.gitutil import git
 from tests.intake.helpers import sync_url
@@ -57,7 +58,7 @@ def test_two_independent_steps_are_gated_by_pipelines_on_their_branches_and_merg
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)
-    world.wait_run("planned", ["pending", "pending"])
+    world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     engine = create_engine(sync_url(world.db_url))  # a repository with CI (.gitlab-ci.yml)
     with engine.begin() as conn:
         conn.execute(text("UPDATE projects SET ci_provider = 'gitlab-ci'"))
@@ -65,7 +66,7 @@ def test_two_independent_steps_are_gated_by_pipelines_on_their_branches_and_merg
     world.send("Note Hook", world.note("/approve"))
     world.wait(lambda: bool(world.run().approved), "approval")
     world.send("Note Hook", world.note("/run-step next"))
-    run = world.wait_run("running", ["needs_qa", "needs_qa"])
+    run = world.wait_run(ProtocolStatus.RUNNING, [StepStatus.NEEDS_QA, StepStatus.NEEDS_QA])
     name = run.protocol_name
     world.wait(
         lambda: all(json.loads(s.runtime_state).get("qa_verdict") == "PASS" for s in world.steps()),
@@ -77,21 +78,21 @@ def test_two_independent_steps_are_gated_by_pipelines_on_their_branches_and_merg
     assert {"ci": "success", "outcome": "complete"} in pipeline(
         world, f"{name}--01", shas[0], "success"
     )
-    world.wait_run("running", ["completed", "needs_qa"])
+    world.wait_run(ProtocolStatus.RUNNING, [StepStatus.COMPLETED, StepStatus.NEEDS_QA])
     assert origin_file(world.origin, name, "part1.txt") == "part 1\n"
     assert {"ci": "success", "outcome": "complete"} in pipeline(
         world, f"{name}--02", shas[1], "success"
     )
-    world.wait_run("running", ["completed", "completed"])
+    world.wait_run(ProtocolStatus.RUNNING, [StepStatus.COMPLETED, StepStatus.COMPLETED])
     assert origin_file(world.origin, name, "part2.txt") == "part 2\n"
     assert [b for b in origin_branches(world.origin) if "--" in b] == []
     head = world.run().head_sha
     assert runtime(world)["awaiting_ci"] == head == git("rev-parse", name, cwd=world.origin).strip()
 
     assert {"ci": "failure", "outcome": "blocked"} in pipeline(world, name, head, "failed")
-    world.wait_run("blocked")
+    world.wait_run(ProtocolStatus.BLOCKED)
     assert (
         "CI failed on the protocol branch after the steps were merged" in runtime(world)["message"]
     )
     assert {"ci": "success", "outcome": "complete"} in pipeline(world, name, head, "success")
-    world.wait_run("completed")
+    world.wait_run(ProtocolStatus.COMPLETED)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from bot.domain.commands import help_text
+from bot.domain.states import ProtocolStatus, StepStatus
 from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
 from tests.gitlab.fake_gitlab import BOT_USERNAME
@@ -115,7 +116,7 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     assert f"`{BOT} approve`" in help_text(forge="gitlab", bot=BOT_USERNAME)
     plan = world.note(f"{BOT} plan greet the world")
     world.send("Note Hook", plan)
-    wait_run(world, "planned", ["pending", "pending"])
+    wait_run(world, ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     world.wait(lambda: world.run().pr_number is not None, "the MR of the plan", timeout=90)
     run = world.run()
     assert run.description == "greet the world"
@@ -131,11 +132,11 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
     for i in range(2):
         world.send("Note Hook", world.note(f"{BOT} run-step"))
         world.wait(
-            lambda i=i: world.step_statuses()[i] == "completed",  # type: ignore[misc]
+            lambda i=i: world.step_statuses()[i] == StepStatus.COMPLETED,  # type: ignore[misc]
             f"step {i + 1} done",
             timeout=90,
         )
-    wait_run(world, "completed", ["completed", "completed"])
+    wait_run(world, ProtocolStatus.COMPLETED, [StepStatus.COMPLETED, StepStatus.COMPLETED])
     # the last step passed every gate: the MR leaves draft and the status note says what next
     world.wait(lambda: not mr_of(world)["draft"], "MR marked ready")
     assert not mr_of(world)["title"].startswith("Draft:")
@@ -172,7 +173,11 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
         ),
     )
     world.wait(lambda: len(world.steps()) == 3, "the fix step", timeout=90)
-    wait_run(world, "completed", ["completed", "completed", "completed"])
+    wait_run(
+        world,
+        ProtocolStatus.COMPLETED,
+        [StepStatus.COMPLETED, StepStatus.COMPLETED, StepStatus.COMPLETED],
+    )
     fix = world.steps()[2]
     assert fix.step_name == "03-review-fix"
     taken = [c["comment_id"] for c in json.loads(fix.runtime_state)["review"]]
@@ -219,7 +224,7 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
         answer = world.send("Note Hook", payload)
         handled = world.delivery_result(answer["id"])["handled"]
         assert {"review": "nothing that counts"} in handled, handled
-    assert len(world.steps()) == 3 and world.run().status == "completed"
+    assert len(world.steps()) == 3 and world.run().status == ProtocolStatus.COMPLETED
 
     # GitLab refuses to resolve the next discussion: the reply stands, sent once; the step goes on
     world.fake.fail(
@@ -238,7 +243,7 @@ def test_mention_plan_mr_approval_ready_and_review_fix(
         ),
     )
     world.wait(lambda: len(world.steps()) == 4, "the second fix step", timeout=90)
-    wait_run(world, "completed", ["completed"] * 4)
+    wait_run(world, ProtocolStatus.COMPLETED, [StepStatus.COMPLETED] * 4)
     three = [
         n
         for n in world.fake.notes_of(world.project, "merge_requests", iid)
@@ -257,7 +262,7 @@ def test_plain_mr_note_and_stripped_quick_action_change_nothing(
     world = world_factory()
     plan = world.note(f"{BOT} plan")
     world.send("Note Hook", plan)
-    wait_run(world, "planned", ["pending", "pending"])
+    wait_run(world, ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     world.wait(lambda: world.run().pr_number is not None, "the MR of the plan", timeout=90)
     run = world.run()
     iid = int(run.pr_number)
@@ -291,7 +296,7 @@ def test_mention_plan_on_an_existing_merge_request(
     iid = int(mr["iid"])
     plan = mr_note(world, iid, f"{BOT} plan finish feature y", world.alice)
     world.send("Note Hook", plan)
-    wait_run(world, "planned", ["pending", "pending"])
+    wait_run(world, ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     world.wait(lambda: world.run().pr_number is not None, "the MR of the plan", timeout=90)
     run = world.run()
     assert run.pr_number == iid and run.issue_number is None

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from tests.conftest import GITLAB_SECRET
 from tests.fakes.stop_and_kill import (
     EDIT,
@@ -41,7 +42,7 @@ def planned_and_approved(world: World) -> None:
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)
-    world.wait_run("planned")
+    world.wait_run(ProtocolStatus.PLANNED)
     world.send("Note Hook", world.note("/approve"))
     world.wait(lambda: bool(world.run().approved), "approval")
 
@@ -73,7 +74,7 @@ def test_cancel_during_a_long_engine_step_kills_it_and_pushes_nothing(
     # stop (its last act, after discarding the edits) within 5 s
     wait_for(lambda: engine_gone(dump) and bool(world.events("step.stopped")), 5, "engine stopped")
     assert time.monotonic() - started < 5
-    world.wait_run("cancelled")
+    world.wait_run(ProtocolStatus.CANCELLED)
     # nothing of the cancelled step is committed, pushed, or left in the worktree
     assert git("rev-parse", f"refs/heads/{name}", cwd=world.origin).strip() == before
     assert step_commits(world, 1) == []
@@ -134,7 +135,10 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
         planned_and_approved(world)
         world.send("Note Hook", world.note("/run-step"))
         wait_for(
-            lambda: world.step_statuses() == ["running"], 60, "step 01 running on worker A", log_a
+            lambda: world.step_statuses() == [StepStatus.RUNNING],
+            60,
+            "step 01 running on worker A",
+            log_a,
         )
         time.sleep(0.5)  # inside the engine's five-minute turn now
         kill(worker_a)
@@ -143,10 +147,18 @@ def test_a_worker_killed_mid_step_the_step_finishes_on_another_worker(
     with worker_process(tmp_path, "worker-b", b_env) as (_worker_b, log_b):
         # B takes the step back (its reclaim cron, or arq: see below) and runs it again; no CI is
         # known for the project, so QA alone gates and the one-step protocol completes
-        wait_for(lambda: world.run().status == "completed", 120, "protocol completed on B", log_b)
+        wait_for(
+            lambda: world.run().status == ProtocolStatus.COMPLETED,
+            120,
+            "protocol completed on B",
+            log_b,
+        )
         assert time.monotonic() - killed < 120
     step = world.steps()[0]
-    assert step.status == "completed" and json.loads(step.runtime_state)["qa_verdict"] == "PASS"
+    assert (
+        step.status == StepStatus.COMPLETED
+        and json.loads(step.runtime_state)["qa_verdict"] == "PASS"
+    )
     assert step_commits(world, 1) == ["feat(add): Add a greeting module [protocol-0001/01]"]
     # B took the step back: by the reclaim cron (the lease expired), or by arq itself, whose
     # in-progress key of the dead worker's job now lives one lease TTL (bot/jobs/resilient.py)

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from bot.core.errors import WebhookError
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.git.onboarding import ASSETS
 from bot.handlers.ci_report import ci_delivery, parse_report, verify
 from bot.jobs.ci import apply_ci_result
@@ -82,7 +83,7 @@ async def runs_waiting_for_ci(h: Harness, *tasks: str) -> list[tuple[int, str, s
         assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa"
     for run_id in ids:
         state = await h.state(run_id)
-        assert state.step(1).status == "needs_qa"
+        assert state.step(1).status == StepStatus.NEEDS_QA
         out.append((run_id, state.run.protocol_name, state.run.head_sha))
     return out
 
@@ -182,7 +183,11 @@ async def test_ci_hook_drives_the_same_transitions_as_a_forge_event(
 
     forge = await snapshot(h, forge_run)
     hook = await snapshot(h, hook_run)
-    assert forge[:2] == hook[:2] == ("running", ["completed", "pending"])
+    assert (
+        forge[:2]
+        == hook[:2]
+        == (ProtocolStatus.RUNNING, [StepStatus.COMPLETED, StepStatus.PENDING])
+    )
     assert hook[2] == ["ci.running", "ci.success"] and forge[2] == ["ci.success"]
 
 
@@ -276,7 +281,7 @@ async def test_ci_hook_finds_a_protocol_planned_on_a_pull_request_branch(
             assert wrong[-1] == {"ignored": f"no protocol for protocol run {run_id}"}
             done = await report({"branch": "feature-x", "status": "success", "sha": sha})
             assert done[-1] == {"protocol_run_id": run_id, "ci": "success", "outcome": "complete"}
-    assert (await h.state(run_id)).step(1).status == "completed"
+    assert (await h.state(run_id)).step(1).status == StepStatus.COMPLETED
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs.worker import build_worker
 from engines.base import EngineRequest, EngineResult
 from engines.scripted import ScriptedEngine
@@ -79,8 +80,12 @@ async def run_with_workers(
     try:
         while time.monotonic() < deadline:
             state = await h.state(run_id)
-            busy = any(s.status in ("running", "needs_qa") for s in state.steps)
-            if state.run.status in ("completed", "blocked", "failed") and not busy:
+            busy = any(s.status in (StepStatus.RUNNING, StepStatus.NEEDS_QA) for s in state.steps)
+            if (
+                state.run.status
+                in (ProtocolStatus.COMPLETED, ProtocolStatus.BLOCKED, ProtocolStatus.FAILED)
+                and not busy
+            ):
                 queued = await h.ctx["redis"].zcard("arq:queue")
                 if not queued:
                     break

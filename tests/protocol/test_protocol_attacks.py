@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs.steps import execute_step
 from engines.codex import CodexEngine
 from engines.scripted import ScriptedEngine
@@ -128,7 +129,7 @@ class _HarnessCtx:
 async def _run_step(h: Harness, **start: Any) -> tuple[int, Any]:
     run_id = await h.start("Add a greeting", **start)
     state = await h.state(run_id)
-    assert state.run.status == "planned", state.run.runtime_state
+    assert state.run.status == ProtocolStatus.PLANNED, state.run.runtime_state
     outcome = await execute_step(h.ctx, protocol_run_id=run_id, step_index=1)
     await h.drain()
     return run_id, outcome
@@ -147,7 +148,7 @@ async def test_hooks_and_config_planted_in_the_mirror_never_run(
     async with a.harness() as h:
         run_id, _ = await _run_step(h)
         state = await h.state(run_id)
-        assert state.run.status == "completed", state.run.runtime_state
+        assert state.run.status == ProtocolStatus.COMPLETED, state.run.runtime_state
         assert not a.marker.exists(), "a hook or fsmonitor planted by the agent ran"
         assert await leaks(h.ctx, a.origin, logs.text) == []
 
@@ -160,7 +161,7 @@ async def test_a_tampered_mirror_config_blocks_the_step_and_runs_nothing(
         run_id, outcome = await _run_step(h)
         assert outcome == "failed"
         state = await h.state(run_id)
-        assert state.run.status == "blocked"
+        assert state.run.status == ProtocolStatus.BLOCKED
         assert "core.fsmonitor" in state.run.runtime_state["message"]
         assert "filter.x.clean" in state.run.runtime_state["message"]
         assert not a.marker.exists(), "a program from the mirror's config ran"
@@ -175,7 +176,7 @@ async def test_a_swapped_git_link_blocks_the_step_and_runs_nothing(
         run_id, outcome = await _run_step(h)
         assert outcome == "failed"
         state = await h.state(run_id)
-        assert state.run.status == "blocked"
+        assert state.run.status == ProtocolStatus.BLOCKED
         assert ".git" in state.step(1).runtime_state.get("error", "") or ".git" in str(
             state.run.runtime_state
         )
@@ -192,7 +193,7 @@ async def test_secrets_written_into_the_worktree_are_never_pushed(
         run_id, outcome = await _run_step(h)
         assert outcome == "failed"
         state = await h.state(run_id)
-        assert state.run.status == "blocked"
+        assert state.run.status == ProtocolStatus.BLOCKED
         reason = state.run.runtime_state["message"]
         assert "push blocked" in reason and "leak.txt" in reason and "docs/leak.b64" in reason
         assert "creds.json" in reason
@@ -216,7 +217,7 @@ async def test_secrets_echoed_in_replies_are_redacted_everywhere(
     async with a.harness() as h:
         run_id, _ = await _run_step(h)
         state = await h.state(run_id)
-        assert state.run.status == "completed", state.run.runtime_state
+        assert state.run.status == ProtocolStatus.COMPLETED, state.run.runtime_state
         report = origin_file(
             a.origin,
             state.run.protocol_name,
@@ -245,7 +246,7 @@ async def test_a_false_pass_is_fail(
         run_id, _ = await _run_step(h)
         state = await h.state(run_id)
         assert state.step(1).runtime_state["qa_verdict"] == "FAIL"
-        assert state.step(1).status != "completed"
+        assert state.step(1).status != StepStatus.COMPLETED
         # every attempt of the default fix loop got the same answer, and a FAIL for it
         verdicts = await h.events(run_id, "qa.verdict")
         assert verdicts and all(v.metadata_["reason"] == "no verdict" for v in verdicts)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs.steps import execute_step
 from engines.codex import CodexEngine
 from engines.scripted import ScriptedEngine
@@ -115,7 +116,7 @@ async def test_codex_agent_attacks_hooks_git_link_and_secrets(
         final("Done. Found: " + " ".join(secrets())),
     )
     run_id = await h.start("Add a greeting")
-    assert (await h.state(run_id)).run.status == "planned"
+    assert (await h.state(run_id)).run.status == ProtocolStatus.PLANNED
     outcome = await execute_step(h.ctx, protocol_run_id=run_id, step_index=1)
     await h.drain()
 
@@ -130,7 +131,7 @@ async def test_codex_agent_attacks_hooks_git_link_and_secrets(
     # the stolen credentials file was written into the worktree: the push refused it
     assert outcome == "failed"
     state = await h.state(run_id)
-    assert state.run.status == "blocked"
+    assert state.run.status == ProtocolStatus.BLOCKED
     assert "creds.json" in state.run.runtime_state["message"]
     assert await leaks(h.ctx, h.origin, caplog.text) == []
 
@@ -156,7 +157,7 @@ async def test_codex_false_pass_decompose_chat_and_forged_marker(
     await h.drain()
     state = await h.state(run_id)
     assert state.step(1).runtime_state["qa_verdict"] == "FAIL"
-    assert state.step(1).status != "completed"
+    assert state.step(1).status != StepStatus.COMPLETED
     prompt = fake_codex.server.response_requests()[0].user_texts()[-1]
     opening = prompt.index("<<<UNTRUSTED issue_body ")
     tag = prompt[opening:].split("\n", 1)[0].rsplit(" ", 1)[-1]
@@ -238,7 +239,7 @@ async def test_codex_as_an_engine_user_reads_nothing_of_the_worker(
             output = str(fake_codex.server.response_requests()[3].tool_outputs()["call_shell"])
             assert output.count("Permission denied") == 3, output
             state = await h.state(run_id)
-            assert state.run.status == "completed", state.run.runtime_state
+            assert state.run.status == ProtocolStatus.COMPLETED, state.run.runtime_state
             name = state.run.protocol_name
             assert origin_file(h.origin, name, "greeting.txt") == "hello\n"
             assert await leaks(h.ctx, h.origin, caplog.text) == []

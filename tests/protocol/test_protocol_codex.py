@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs.steps import execute_step
 from engines.codex import CodexEngine
 from engines.scripted import ScriptedEngine
@@ -101,7 +102,7 @@ async def test_codex_plans_executes_and_passes_qa(
     )
     run_id = await h.start(TASK)
     state = await h.state(run_id)
-    assert state.run.status == "planned", state.run.runtime_state
+    assert state.run.status == ProtocolStatus.PLANNED, state.run.runtime_state
     name = state.run.protocol_name
     assert name == "0001-add-a-greeting-file"
 
@@ -110,9 +111,9 @@ async def test_codex_plans_executes_and_passes_qa(
 
     assert not server.unexpected and not server.errors and server.pending() == 0
     state = await h.state(run_id)
-    assert state.run.status == "completed", state.run.runtime_state
+    assert state.run.status == ProtocolStatus.COMPLETED, state.run.runtime_state
     step = state.step(1)
-    assert step.status == "completed"
+    assert step.status == StepStatus.COMPLETED
     assert step.runtime_state["qa_verdict"] == "PASS"
 
     # the branch and its commits on the origin
@@ -203,7 +204,7 @@ async def test_codex_planning_repair_counts_only_the_turns_own_tokens(
     )
     run_id = await h.start(TASK)
     state = await h.state(run_id)
-    assert state.run.status == "planned", state.run.runtime_state
+    assert state.run.status == ProtocolStatus.PLANNED, state.run.runtime_state
     assert state.run.tokens_used == (300 + 40) + (500 + 60) + (200 + 30)
     planning = [
         e.metadata_
@@ -242,7 +243,7 @@ async def test_a_refusing_provider_fails_the_step_within_seconds_with_the_cause(
     # retry budget: the stop must come from the engine reading the cause, not from a timeout
     codex_harness.use(ScriptedEngine(engine_id="codex"))
     run_id = await codex_harness.start(TASK)
-    assert (await codex_harness.state(run_id)).run.status == "planned"
+    assert (await codex_harness.state(run_id)).run.status == ProtocolStatus.PLANNED
     config = fake_codex.home / "config.toml"
     config.write_text(
         config.read_text()
@@ -260,8 +261,8 @@ async def test_a_refusing_provider_fails_the_step_within_seconds_with_the_cause(
     assert 1 <= len(fake_codex.server.response_requests()) < 9  # stopped, not given up
     state = await codex_harness.state(run_id)
     step = state.step(1)
-    assert step.status == "failed"
+    assert step.status == StepStatus.FAILED
     reason = step.runtime_state["error"]
     assert all(part in reason for part in expected), reason
-    assert state.run.status == "blocked"
+    assert state.run.status == ProtocolStatus.BLOCKED
     assert expected[0] in state.run.runtime_state["message"]

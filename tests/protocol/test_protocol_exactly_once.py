@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from arq import Retry
 
+from bot.domain.states import StepStatus
 from bot.jobs.steps import execute_step
 from bot.storage.queue import create_redis
 from engines.scripted import ScriptedEngine
@@ -65,7 +66,7 @@ async def test_crash_after_commit_before_push_rerun_pushes_once(harness: Harness
     # the commit exists only in the worktree: nothing reached the origin
     assert step_commits(harness.origin, name, 1) == []
     state = await harness.state(run_id)
-    assert state.step(1).status == "running"
+    assert state.step(1).status == StepStatus.RUNNING
 
     # the lock was released by the crash (context manager), so the re-run gets it
     outcome = await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from arq import Retry
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.forge.local import LocalForge
 from bot.jobs import actions
 from bot.jobs.common import MAX_TRIES
@@ -67,7 +68,7 @@ async def test_push_rejected_blocks_visibly_and_retry_recovers(harness: Harness)
 
     assert await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1) == "failed"
     state = await harness.state(run_id)
-    assert (state.step(1).status, state.run.status) == ("failed", "blocked")
+    assert (state.step(1).status, state.run.status) == (StepStatus.FAILED, ProtocolStatus.BLOCKED)
     message = state.run.runtime_state["message"]
     assert message == "step 01 failed: git push failed (exit 1): remote: push rejected by policy", (
         message
@@ -80,7 +81,7 @@ async def test_push_rejected_blocks_visibly_and_retry_recovers(harness: Harness)
     assert await actions.retry(harness.ctx, run_id) == 1
     await harness.drain()
     state = await harness.state(run_id)
-    assert state.step(1).status == "completed"
+    assert state.step(1).status == StepStatus.COMPLETED
     assert len(step_commits(harness.origin, name, 1)) == 1
 
 
@@ -89,7 +90,7 @@ async def test_engine_error_then_resume_reruns_the_failed_step(harness: Harness)
     harness.use(engine)
     run_id = await harness.start(auto=True)
     state = await harness.state(run_id)
-    assert (state.step(1).status, state.run.status) == ("failed", "blocked")
+    assert (state.step(1).status, state.run.status) == (StepStatus.FAILED, ProtocolStatus.BLOCKED)
     assert "engine failed: model unavailable" in state.run.runtime_state["message"]
     failures = [c for c in await checks(harness) if c.get("conclusion") == "failure"]
     assert failures, await checks(harness)
@@ -97,8 +98,10 @@ async def test_engine_error_then_resume_reruns_the_failed_step(harness: Harness)
     await actions.resume(harness.ctx, run_id)
     await harness.drain()
     state = await harness.state(run_id)
-    assert state.run.status == "completed", [(s.step_index, s.status) for s in state.steps]
-    assert all(s.status == "completed" for s in state.steps)
+    assert state.run.status == ProtocolStatus.COMPLETED, [
+        (s.step_index, s.status) for s in state.steps
+    ]
+    assert all(s.status == StepStatus.COMPLETED for s in state.steps)
     name = state.run.protocol_name
     assert len(step_commits(harness.origin, name, 1)) == 1
 
@@ -111,7 +114,7 @@ async def test_exception_in_qa_fails_the_step_and_retry_works(harness: Harness) 
     assert await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa-run"
     assert await run_quality(harness.ctx, protocol_run_id=run_id, step_index=1) == "failed"
     state = await harness.state(run_id)
-    assert (state.step(1).status, state.run.status) == ("failed", "blocked")
+    assert (state.step(1).status, state.run.status) == (StepStatus.FAILED, ProtocolStatus.BLOCKED)
     assert (
         state.run.runtime_state["message"] == "QA of step 01 failed: RuntimeError: engine blew up"
     )
@@ -120,28 +123,31 @@ async def test_exception_in_qa_fails_the_step_and_retry_works(harness: Harness) 
     await actions.retry(harness.ctx, run_id, 1)
     await harness.drain()
     state = await harness.state(run_id)
-    assert (state.step(1).status, state.run.status) == ("completed", "completed")
+    assert (state.step(1).status, state.run.status) == (
+        StepStatus.COMPLETED,
+        ProtocolStatus.COMPLETED,
+    )
 
 
 async def test_exception_in_planning_fails_it_and_retry_plans_again(harness: Harness) -> None:
     harness.use(FlakyEngine("planning", raise_exc=True))
     run_id = await harness.start()
     state = await harness.state(run_id)
-    assert state.run.status == "failed"
+    assert state.run.status == ProtocolStatus.FAILED
     assert state.run.runtime_state["message"].startswith("planning failed: RuntimeError")
 
     await actions.resume(harness.ctx, run_id)  # /resume (like /retry) plans again
     await harness.drain()
-    assert (await harness.state(run_id)).run.status == "planned"
+    assert (await harness.state(run_id)).run.status == ProtocolStatus.PLANNED
 
 
 async def test_retry_after_a_failed_planning_plans_again(harness: Harness) -> None:
     harness.use(FlakyEngine("planning"))
     run_id = await harness.start()
-    assert (await harness.state(run_id)).run.status == "failed"
+    assert (await harness.state(run_id)).run.status == ProtocolStatus.FAILED
     await actions.retry(harness.ctx, run_id)
     await harness.drain()
-    assert (await harness.state(run_id)).run.status == "planned"
+    assert (await harness.state(run_id)).run.status == ProtocolStatus.PLANNED
 
 
 async def test_approve_accepts_a_failed_step_and_names_steps_by_number(harness: Harness) -> None:
@@ -157,7 +163,10 @@ async def test_approve_accepts_a_failed_step_and_names_steps_by_number(harness: 
         raise AssertionError("QA of a failed step must be refused")
     assert await actions.approve(harness.ctx, run_id, 1) == "step-approved"
     state = await harness.state(run_id)
-    assert (state.step(1).status, state.run.status) == ("completed", "completed")
+    assert (state.step(1).status, state.run.status) == (
+        StepStatus.COMPLETED,
+        ProtocolStatus.COMPLETED,
+    )
 
 
 def slow_script(seconds: float) -> dict[str, Any]:
@@ -189,7 +198,10 @@ async def test_cancel_during_a_long_engine_step_stops_it_and_pushes_nothing(
     await actions.cancel(harness.ctx, run_id, by="alice")
     assert await asyncio.wait_for(job, timeout=5) == "cancelled"
     state = await harness.state(run_id)
-    assert (state.run.status, state.step(1).status) == ("cancelled", "cancelled")
+    assert (state.run.status, state.step(1).status) == (
+        ProtocolStatus.CANCELLED,
+        StepStatus.CANCELLED,
+    )
     assert step_commits(harness.origin, name, 1) == []
     worktree = Path(state.run.worktree_path)
     assert git("status", "--porcelain", cwd=worktree).strip() == ""
@@ -207,14 +219,17 @@ async def test_pause_stops_the_engine_and_resume_reruns_the_step(harness: Harnes
     await actions.pause(harness.ctx, run_id, by="bob")
     assert await asyncio.wait_for(job, timeout=5) == "paused"
     state = await harness.state(run_id)
-    assert (state.run.status, state.step(1).status) == ("paused", "pending")
+    assert (state.run.status, state.step(1).status) == (ProtocolStatus.PAUSED, StepStatus.PENDING)
     assert "paused by @bob" in await status_comment(harness)
 
     harness.use(ScriptedEngine(scripted_script(planning=one_step_planning())))
     await actions.resume(harness.ctx, run_id)
     await harness.drain()
     state = await harness.state(run_id)
-    assert (state.step(1).status, state.run.status) == ("completed", "completed")
+    assert (state.step(1).status, state.run.status) == (
+        StepStatus.COMPLETED,
+        ProtocolStatus.COMPLETED,
+    )
 
 
 class Killed(BaseException):
@@ -242,7 +257,7 @@ async def test_worker_killed_mid_step_is_taken_back_after_the_lease_expires(
     # a killed process releases nothing: its lease stays until its TTL runs out
     redis = harness.ctx["redis"]
     await redis.set(LOCK_PREFIX + str(run_id), "dead-worker", px=300)
-    assert (await harness.state(run_id)).step(1).status == "running"
+    assert (await harness.state(run_id)).step(1).status == StepStatus.RUNNING
     assert await orphaned_work(harness.ctx) == []  # still leased: nobody takes it yet
     await asyncio.sleep(0.4)
     assert await orphaned_work(harness.ctx) == [(run_id, 1)]
@@ -250,7 +265,10 @@ async def test_worker_killed_mid_step_is_taken_back_after_the_lease_expires(
     assert await reclaim_expired(harness.ctx) == 1
     await harness.drain()
     state = await harness.state(run_id)
-    assert (state.step(1).status, state.run.status) == ("completed", "completed")
+    assert (state.step(1).status, state.run.status) == (
+        StepStatus.COMPLETED,
+        ProtocolStatus.COMPLETED,
+    )
     assert len(step_commits(harness.origin, name, 1)) == 1
     assert sum(1 for r in engine.requests if r.phase == "execute") == 1  # the commit was reused
 
@@ -261,11 +279,13 @@ async def test_a_planning_worker_killed_is_taken_back(harness: Harness) -> None:
     run = await actions.start_protocol(
         harness.ctx, harness.project, "Add a greeting", approved=True
     )
-    await set_protocol_status(harness.ctx["db"], run.id, "planning", "a worker started and died")
+    await set_protocol_status(
+        harness.ctx["db"], run.id, ProtocolStatus.PLANNING, "a worker started and died"
+    )
     assert await orphaned_work(harness.ctx) == [(run.id, None)]
     await reclaim_expired(harness.ctx)
     await harness.drain()
-    assert (await harness.state(run.id)).run.status == "planned"
+    assert (await harness.state(run.id)).run.status == ProtocolStatus.PLANNED
     assert await plan_protocol(harness.ctx, protocol_run_id=run.id) == "skipped-planned"
 
 
@@ -373,8 +393,8 @@ async def test_an_inline_trigger_is_enqueued_with_its_depth_not_run_inside_the_j
     assert [j.kwargs["depth"] for j in trig] == [1]
     await harness.drain()
     state = await harness.state(run_id)
-    assert [s.status for s in state.steps] == ["completed", "completed"]
-    assert state.run.status == "completed"
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED, StepStatus.COMPLETED]
+    assert state.run.status == ProtocolStatus.COMPLETED
 
 
 async def _qa_killed_then_reclaimed(harness: Harness, where: str) -> tuple[int, ScriptedEngine]:
@@ -401,7 +421,7 @@ async def _qa_killed_then_reclaimed(harness: Harness, where: str) -> tuple[int, 
     del harness.ctx["crash_hook"]
     redis = harness.ctx["redis"]
     await redis.set(LOCK_PREFIX + str(run_id), "dead-worker", px=300)  # a killed process keeps it
-    assert (await harness.state(run_id)).step(1).status == "needs_qa"
+    assert (await harness.state(run_id)).step(1).status == StepStatus.NEEDS_QA
     assert await orphaned_qa(harness.ctx) == []  # still leased
     await asyncio.sleep(0.4)
     assert await orphaned_qa(harness.ctx) == [(run_id, 1)]
@@ -409,7 +429,10 @@ async def _qa_killed_then_reclaimed(harness: Harness, where: str) -> tuple[int, 
     assert await reclaim_expired(harness.ctx) == 1
     await harness.drain()
     state = await harness.state(run_id)
-    assert (state.step(1).status, state.run.status) == ("completed", "completed")
+    assert (state.step(1).status, state.run.status) == (
+        StepStatus.COMPLETED,
+        ProtocolStatus.COMPLETED,
+    )
     assert state.step(1).runtime_state["qa_verdict"] == "PASS"
     assert state.step(1).runtime_state.get("qa_running") is None
     assert await orphaned_qa(harness.ctx) == []
@@ -439,7 +462,7 @@ async def test_a_reclaimed_qa_after_its_verdict_does_nothing(harness: Harness) -
     await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1)
     await harness.drain()  # its QA
     state = await harness.state(run_id)
-    assert state.step(1).status == "completed"
+    assert state.step(1).status == StepStatus.COMPLETED
     assert (
         await run_quality(harness.ctx, protocol_run_id=run_id, step_index=1, reclaim=True)
         == "skipped-qa-done"
@@ -474,13 +497,16 @@ async def test_a_step_whose_disk_is_wiped_runs_again_instead_of_failing(harness:
     with pytest.raises(Retry):  # the worktree vanished under the job: arq runs it again
         await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1)
     state = await harness.state(run_id)
-    assert (state.step(1).status, state.run.status) == ("running", "running")
+    assert (state.step(1).status, state.run.status) == (StepStatus.RUNNING, ProtocolStatus.RUNNING)
     assert not await lease_alive(harness.ctx["redis"], run_id)
 
     # arq's next try rebuilds the worktree from the pushed branch and finishes the step once
     await execute_step({**harness.ctx, "job_try": 2}, protocol_run_id=run_id, step_index=1)
     await harness.drain()
-    assert (await harness.state(run_id)).step(1).status not in ("running", "failed")
+    assert (await harness.state(run_id)).step(1).status not in (
+        StepStatus.RUNNING,
+        StepStatus.FAILED,
+    )
     assert len(step_commits(harness.origin, name, 1)) == 1
     assert sum(1 for r in engine.requests if r.phase == "execute") == 2
 
@@ -495,4 +521,4 @@ async def test_a_wiped_disk_on_the_last_try_fails_the_step_visibly(harness: Harn
     ctx = {**harness.ctx, "job_try": MAX_TRIES}  # no try left: the failure is recorded, not retried
     assert await execute_step(ctx, protocol_run_id=run_id, step_index=1) == "failed"
     state = await harness.state(run_id)
-    assert (state.step(1).status, state.run.status) == ("failed", "blocked")
+    assert (state.step(1).status, state.run.status) == (StepStatus.FAILED, ProtocolStatus.BLOCKED)

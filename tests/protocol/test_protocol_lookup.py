@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from bot.domain.states import ProtocolStatus
 from bot.handlers.commands_flow import handle_comment, latest_run
 from bot.handlers.forge_events import CommentEvent, RepoInfo
 from bot.handlers.router import HandlerContext
@@ -23,7 +24,7 @@ async def two_runs(h: Harness) -> tuple[int, int]:
             base_branch="main",
             issue_number=issue,
         )
-        await update_run(h.ctx["db"], run.id, pr_number=pr, status="planned")
+        await update_run(h.ctx["db"], run.id, pr_number=pr, status=ProtocolStatus.PLANNED)
         ids.append(run.id)
     return ids[0], ids[1]
 
@@ -67,5 +68,5 @@ async def test_cancel_on_an_issue_cancels_that_issues_protocol_only(harness: Har
         issue_body="",
     )
     await handle_comment(hctx(harness), event)
-    assert (await load_run(harness.ctx["db"], a)).run.status == "cancelled"
-    assert (await load_run(harness.ctx["db"], b)).run.status == "planned"
+    assert (await load_run(harness.ctx["db"], a)).run.status == ProtocolStatus.CANCELLED
+    assert (await load_run(harness.ctx["db"], b)).run.status == ProtocolStatus.PLANNED

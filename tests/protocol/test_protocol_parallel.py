@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs.actions import start_protocol
 from engines.scripted import ScriptedEngine
 from tests.gitutil import git
@@ -18,8 +19,8 @@ async def test_diamond_runs_02_and_03_side_by_side_on_two_workers(harness: Harne
         harness.ctx, harness.project, "Build four parts", auto=True, approved=True
     )
     state = await run_with_workers(harness, run.id, workers=2)
-    assert state.run.status == "completed", (state.run.status, state.run.runtime_state)
-    assert [s.status for s in state.steps] == ["completed"] * 4
+    assert state.run.status == ProtocolStatus.COMPLETED, (state.run.status, state.run.runtime_state)
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED] * 4
     (s2, e2), (s3, e3) = engine.spans["part-2"], engine.spans["part-3"]
     assert s2 < e3 and s3 < e2, "02 and 03 did not overlap"
     s4 = engine.spans["part-4"][0]
@@ -64,7 +65,7 @@ async def test_a_linear_plan_keeps_one_branch(harness: Harness) -> None:
         harness.ctx, harness.project, "Three parts", auto=True, approved=True
     )
     state = await run_with_workers(harness, run.id, workers=2)
-    assert state.run.status == "completed"
+    assert state.run.status == ProtocolStatus.COMPLETED
     subjects = origin_log(harness.origin, state.run.protocol_name)
     assert not any(s.startswith("merge:") for s in subjects)
     assert [b for b in origin_branches(harness.origin) if "--" in b] == []
@@ -95,9 +96,9 @@ async def test_a_conflict_becomes_an_integration_step_that_resolves_it(harness: 
         harness.ctx, harness.project, "Build four parts", auto=True, approved=True
     )
     state = await run_with_workers(harness, run.id, workers=2)
-    assert state.run.status == "completed", (state.run.status, state.run.runtime_state)
+    assert state.run.status == ProtocolStatus.COMPLETED, (state.run.status, state.run.runtime_state)
     assert len(state.steps) == 5 and state.steps[4].step_type == "integration"
-    assert [s.status for s in state.steps] == ["completed"] * 5
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED] * 5
     conflict = [e for e in await harness.events(run.id, "step.conflict")]
     assert len(conflict) == 1 and "shared.txt" in conflict[0].message
     [integration] = [
@@ -136,11 +137,13 @@ async def test_an_unresolved_conflict_blocks_the_protocol_and_04_never_starts(
         harness.ctx, harness.project, "Build four parts", auto=True, approved=True
     )
     state = await run_with_workers(harness, run.id, workers=2)
-    assert state.run.status == "blocked"
+    assert state.run.status == ProtocolStatus.BLOCKED
     integration = state.steps[4]
-    assert integration.status == "failed" and integration.summary.startswith("Integrate step 0")
+    assert integration.status == StepStatus.FAILED and integration.summary.startswith(
+        "Integrate step 0"
+    )
     assert "the two versions cannot both hold" in str(state.run.runtime_state.get("message"))
-    assert state.step(4).status == "pending" and "part-4" not in engine.spans
+    assert state.step(4).status == StepStatus.PENDING and "part-4" not in engine.spans
 
 
 async def test_cancel_stops_every_running_step_and_pushes_nothing(harness: Harness) -> None:
@@ -166,9 +169,10 @@ async def test_cancel_stops_every_running_step_and_pushes_nothing(harness: Harne
     try:
         for _ in range(300):
             state = await harness.state(run.id)
-            if [s.status for s in state.steps][1:3] == ["running", "running"] and len(
-                engine.starts
-            ) >= 3:
+            if [s.status for s in state.steps][1:3] == [
+                StepStatus.RUNNING,
+                StepStatus.RUNNING,
+            ] and len(engine.starts) >= 3:
                 break
             await asyncio.sleep(0.1)
         else:
@@ -186,8 +190,13 @@ async def test_cancel_stops_every_running_step_and_pushes_nothing(harness: Harne
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
     state = await harness.state(run.id)
-    assert state.run.status == "cancelled"
-    assert [s.status for s in state.steps] == ["completed", "cancelled", "cancelled", "cancelled"]
+    assert state.run.status == ProtocolStatus.CANCELLED
+    assert [s.status for s in state.steps] == [
+        StepStatus.COMPLETED,
+        StepStatus.CANCELLED,
+        StepStatus.CANCELLED,
+        StepStatus.CANCELLED,
+    ]
     for i in (2, 3):  # nothing of the stopped steps reached the forge
         assert (
             git(
@@ -223,7 +232,7 @@ async def _feed_ci(harness: Harness, run_id: int, protocol_result: str) -> Any:
         waiting = [
             s
             for s in state.steps
-            if s.status == "needs_qa" and (s.runtime_state or {}).get("commit_sha")
+            if s.status == StepStatus.NEEDS_QA and (s.runtime_state or {}).get("commit_sha")
         ]
         for s in waiting:
             await apply_ci_result(harness.ctx, run_id, s.runtime_state["commit_sha"], "success")
@@ -249,7 +258,7 @@ async def test_ci_gates_each_step_on_its_branch_and_completion_on_the_protocol_b
         harness.ctx, harness.project, "Build four parts", auto=True, approved=True
     )
     state = await _feed_ci(harness, run.id, "success")
-    assert state.run.status == "completed", state.run.runtime_state
+    assert state.run.status == ProtocolStatus.COMPLETED, state.run.runtime_state
     events = [e.event_type for e in await harness.events(run.id)]
     assert events.index("protocol.awaiting_ci") < events.index("protocol.completed")
 
@@ -271,7 +280,7 @@ async def test_red_ci_on_the_protocol_branch_after_the_merges_blocks_it(harness:
         harness.ctx, harness.project, "Build four parts", auto=True, approved=True
     )
     state = await _feed_ci(harness, run.id, "failure")
-    assert state.run.status == "blocked"
+    assert state.run.status == ProtocolStatus.BLOCKED
     assert (
         "CI failed on the protocol branch after the steps were merged (tests"
         in state.run.runtime_state["message"]
@@ -307,7 +316,7 @@ async def test_run_step_names_the_missing_dependencies_and_next_starts_every_rea
     assert await actions.run_step(harness.ctx, run_id, 4) == 4
     await harness.drain()
     state = await harness.state(run_id)
-    assert state.run.status == "completed", state.run.runtime_state
+    assert state.run.status == ProtocolStatus.COMPLETED, state.run.runtime_state
 
 
 async def test_the_bound_keeps_02_and_03_apart(tmp_path: Any, origin: Any) -> None:
@@ -318,7 +327,7 @@ async def test_the_bound_keeps_02_and_03_apart(tmp_path: Any, origin: Any) -> No
         h.use(engine)
         run = await start_protocol(h.ctx, h.project, "Build four parts", auto=True, approved=True)
         state = await run_with_workers(h, run.id, workers=2)
-        assert state.run.status == "completed"
+        assert state.run.status == ProtocolStatus.COMPLETED
         (s2, e2), (s3, e3) = engine.spans["part-2"], engine.spans["part-3"]
         assert e2 <= s3 or e3 <= s2, "two steps ran at once under max_parallel_steps=1"
 
@@ -342,12 +351,17 @@ async def test_a_rejected_merge_push_blocks_the_protocol_with_the_reason(harness
     )
     await harness.drain()
     state = await harness.state(run.id)
-    assert state.run.status == "blocked"
+    assert state.run.status == ProtocolStatus.BLOCKED
     message = str(state.run.runtime_state["message"])
     assert message.startswith("merging step 01 into the protocol branch failed: git push failed"), (
         message
     )
-    assert [s.status for s in state.steps] == ["completed", "pending", "pending", "pending"]
+    assert [s.status for s in state.steps] == [
+        StepStatus.COMPLETED,
+        StepStatus.PENDING,
+        StepStatus.PENDING,
+        StepStatus.PENDING,
+    ]
 
 
 async def test_a_cycle_or_an_unknown_id_is_rejected_at_planning(harness: Harness) -> None:
@@ -358,6 +372,6 @@ async def test_a_cycle_or_an_unknown_id_is_rejected_at_planning(harness: Harness
         harness.use(ScriptedEngine(graph_script(deps)))
         run_id = await harness.start("Build parts")
         state = await harness.state(run_id)
-        assert state.run.status == "failed", state.run.status
+        assert state.run.status == ProtocolStatus.FAILED, state.run.status
         assert error in str(state.run.runtime_state), state.run.runtime_state
         assert state.steps == []  # nothing was planned

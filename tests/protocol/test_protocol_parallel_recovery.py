@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs import actions
 from bot.jobs.actions import start_protocol
 from bot.jobs.ci import apply_ci_result
@@ -35,7 +36,7 @@ async def _blocked_by_red_ci(harness: Harness) -> tuple[int, str]:
         harness.ctx, harness.project, "Build four parts", auto=True, approved=True
     )
     state = await _feed_ci(harness, run.id, "failure")
-    assert state.run.status == "blocked", state.run.runtime_state
+    assert state.run.status == ProtocolStatus.BLOCKED, state.run.runtime_state
     red = state.run.runtime_state["ci_red"]
     assert red == state.run.head_sha
     assert "a green re-run of CI there, or /resume after it" in state.run.runtime_state["message"]
@@ -51,14 +52,14 @@ async def test_a_green_rerun_of_ci_on_the_blocked_head_completes_the_protocol(
         await apply_ci_result(harness.ctx, run_id, red, "failure", [("tests", "failure")])
         == "blocked"
     )
-    assert (await harness.state(run_id)).run.status == "blocked"
+    assert (await harness.state(run_id)).run.status == ProtocolStatus.BLOCKED
     assert await apply_ci_result(harness.ctx, run_id, red, "success") == "complete"
     state = await harness.state(run_id)
-    assert state.run.status == "completed", state.run.runtime_state
+    assert state.run.status == ProtocolStatus.COMPLETED, state.run.runtime_state
     assert "ci_red" not in state.run.runtime_state and "message" not in state.run.runtime_state
     # a late duplicate of the red result changes nothing any more
     await apply_ci_result(harness.ctx, run_id, red, "failure", [("tests", "failure")])
-    assert (await harness.state(run_id)).run.status == "completed"
+    assert (await harness.state(run_id)).run.status == ProtocolStatus.COMPLETED
 
 
 @pytest.mark.parametrize("command", ["resume", "retry"])
@@ -72,10 +73,10 @@ async def test_resume_or_retry_waits_for_ci_again_and_green_completes(
         assert await actions.retry(harness.ctx, run_id) == 0  # no step failed: the protocol's CI
     await harness.drain()
     state = await harness.state(run_id)
-    assert state.run.status == "running", state.run.runtime_state
+    assert state.run.status == ProtocolStatus.RUNNING, state.run.runtime_state
     assert state.run.runtime_state["awaiting_ci"] == red
     assert await apply_ci_result(harness.ctx, run_id, red, "success") == "complete"
-    assert (await harness.state(run_id)).run.status == "completed"
+    assert (await harness.state(run_id)).run.status == ProtocolStatus.COMPLETED
 
 
 async def test_red_again_after_resume_blocks_again(harness: Harness) -> None:
@@ -86,7 +87,10 @@ async def test_red_again_after_resume_blocks_again(harness: Harness) -> None:
         == "blocked"
     )
     state = await harness.state(run_id)
-    assert state.run.status == "blocked" and "(lint on" in state.run.runtime_state["message"]
+    assert (
+        state.run.status == ProtocolStatus.BLOCKED
+        and "(lint on" in state.run.runtime_state["message"]
+    )
 
 
 async def test_a_queued_step_whose_job_is_lost_is_queued_again_by_the_reclaim_cron(
@@ -123,8 +127,8 @@ async def test_a_queued_step_whose_job_is_lost_is_queued_again_by_the_reclaim_cr
     assert await reclaim_expired(harness.ctx) == 0  # its new job waits: not queued twice
     await harness.drain()
     state = await harness.state(run_id)
-    assert state.step(1).status == "completed" and not queued(state.step(1))
-    assert state.step(2).status == "pending"  # nothing else started on its own (not auto)
+    assert state.step(1).status == StepStatus.COMPLETED and not queued(state.step(1))
+    assert state.step(2).status == StepStatus.PENDING  # nothing else started on its own (not auto)
 
 
 def test_marker_lines_finds_what_git_writes_and_not_headings() -> None:
@@ -152,9 +156,9 @@ async def test_an_integration_step_that_leaves_conflict_markers_fails_and_commit
         harness.ctx, harness.project, "Build four parts", auto=True, approved=True
     )
     state = await run_with_workers(harness, run.id, workers=2)
-    assert state.run.status == "blocked", state.run.runtime_state
+    assert state.run.status == ProtocolStatus.BLOCKED, state.run.runtime_state
     integration = state.steps[4]
-    assert integration.step_type == "integration" and integration.status == "failed"
+    assert integration.step_type == "integration" and integration.status == StepStatus.FAILED
     message = str(state.run.runtime_state["message"])
     assert "step 05 left conflict markers in shared.txt (line 1, " in message, message
     assert "nothing was committed" in message
@@ -162,7 +166,7 @@ async def test_an_integration_step_that_leaves_conflict_markers_fails_and_commit
         git("log", "--all", "--fixed-strings", "--grep=[protocol-0001/05]", cwd=harness.origin)
         == ""
     )
-    assert state.step(4).status == "pending" and "part-4" not in engine.spans
+    assert state.step(4).status == StepStatus.PENDING and "part-4" not in engine.spans
 
 
 class SpanEngine(ScriptedEngine):
@@ -213,7 +217,11 @@ async def test_the_repository_bound_holds_over_two_protocols(tmp_path: Any, orig
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 states = [await h.state(r.id) for r in runs]
-                if all(s.run.status in ("completed", "blocked", "failed") for s in states):
+                if all(
+                    s.run.status
+                    in (ProtocolStatus.COMPLETED, ProtocolStatus.BLOCKED, ProtocolStatus.FAILED)
+                    for s in states
+                ):
                     break
                 await asyncio.sleep(0.1)
         finally:
@@ -223,9 +231,10 @@ async def test_the_repository_bound_holds_over_two_protocols(tmp_path: Any, orig
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         states = [await h.state(r.id) for r in runs]
-        assert [s.run.status for s in states] == ["completed", "completed"], [
-            s.run.runtime_state for s in states
-        ]
+        assert [s.run.status for s in states] == [
+            ProtocolStatus.COMPLETED,
+            ProtocolStatus.COMPLETED,
+        ], [s.run.runtime_state for s in states]
         assert len(engine.intervals) == 8
         # each diamond alone runs 02 and 03 at once (2 + 2 = 4 possible): the repository holds 2
         assert most_at_once(engine.intervals) == 2, engine.intervals
@@ -258,8 +267,8 @@ async def test_a_protocol_without_a_slot_waits_and_the_cron_starts_it_once_one_f
         assert await reclaim_expired(h.ctx) == 1
         assert await stalled(env) == []
         await h.drain()
-        assert (await h.state(second)).run.status == "completed"
-        assert (await h.state(first)).run.status == "cancelled"
+        assert (await h.state(second)).run.status == ProtocolStatus.COMPLETED
+        assert (await h.state(first)).run.status == ProtocolStatus.CANCELLED
 
 
 async def test_resume_after_a_fix_pushed_onto_the_protocol_branch_waits_for_ci_on_the_new_head(
@@ -278,11 +287,11 @@ async def test_resume_after_a_fix_pushed_onto_the_protocol_branch_waits_for_ci_o
     fixed = git("rev-parse", "HEAD", cwd=clone).strip()
     await actions.resume(harness.ctx, run_id)
     state = await harness.state(run_id)
-    assert state.run.status == "running" and state.run.head_sha == fixed
+    assert state.run.status == ProtocolStatus.RUNNING and state.run.head_sha == fixed
     assert state.run.runtime_state["awaiting_ci"] == fixed
     assert await apply_ci_result(harness.ctx, run_id, red, "success") != "complete"  # the old head
     assert await apply_ci_result(harness.ctx, run_id, fixed, "success") == "complete"
-    assert (await harness.state(run_id)).run.status == "completed"
+    assert (await harness.state(run_id)).run.status == ProtocolStatus.COMPLETED
 
 
 async def test_a_rewritten_protocol_branch_without_the_merges_is_not_adopted(

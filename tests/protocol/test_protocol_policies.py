@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from bot.domain.spec import LoopSpec, spec_to_dict, validate_spec
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs.steps import execute_step, run_quality
 from bot.storage.runs import update_run
 from engines.base import EngineRequest, EngineResult
@@ -33,7 +34,7 @@ async def test_invalid_plan_gets_one_repair_turn_then_plans(harness: Harness) ->
     run_id = await harness.start()
 
     state = await harness.state(run_id)
-    assert state.run.status == "planned"
+    assert state.run.status == ProtocolStatus.PLANNED
     planning = [r for r in engine.requests if r.phase == "planning"]
     assert len(planning) == 2
     first, repair = planning
@@ -60,7 +61,7 @@ async def test_plan_still_invalid_after_repair_fails_with_the_errors(harness: Ha
     run_id = await harness.start()
 
     state = await harness.state(run_id)
-    assert state.run.status == "failed"
+    assert state.run.status == ProtocolStatus.FAILED
     assert state.steps == []
     rs = state.run.runtime_state
     assert rs["errors"], rs
@@ -79,7 +80,7 @@ async def test_planning_engine_failure_fails_the_protocol(harness: Harness) -> N
     harness.use(ScriptedEngine(scripted_script(planning={"fail": "model unreachable"})))
     run_id = await harness.start()
     state = await harness.state(run_id)
-    assert state.run.status == "failed"
+    assert state.run.status == ProtocolStatus.FAILED
     assert "model unreachable" in state.run.runtime_state["message"]
 
 
@@ -117,8 +118,8 @@ async def test_qa_without_a_verdict_is_a_fail(harness: Harness, reply: str) -> N
     state = await harness.state(run_id)
     step = state.step(1)
     assert step.runtime_state["qa_verdict"] == "FAIL"
-    assert step.status == "failed"
-    assert state.run.status == "blocked"
+    assert step.status == StepStatus.FAILED
+    assert state.run.status == ProtocolStatus.BLOCKED
     # the planned step's default loop redid it twice, each time with the report as feedback
     assert "used all 2 loop iterations" in state.run.runtime_state["message"]
     name = state.run.protocol_name
@@ -144,7 +145,7 @@ async def test_qa_verdict_is_the_last_verdict_line(harness: Harness) -> None:
     await harness.drain()
     state = await harness.state(run_id)
     assert state.step(1).runtime_state["qa_verdict"] == "PASS"
-    assert state.run.status == "completed"
+    assert state.run.status == ProtocolStatus.COMPLETED
 
 
 async def test_qa_job_on_a_step_not_waiting_for_qa_is_refused(harness: Harness) -> None:
@@ -174,11 +175,11 @@ async def test_strict_protocol_budget_refuses_the_step_and_blocks(
         assert (await h.state(run_id)).run.tokens_used == 450
         assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "budget-blocked"
         state = await h.state(run_id)
-        assert state.run.status == "blocked"
+        assert state.run.status == ProtocolStatus.BLOCKED
         assert state.run.runtime_state["message"] == (
             "protocol used 450 of its 400 token budget; blocking"
         )
-        assert state.step(1).status == "pending"
+        assert state.step(1).status == StepStatus.PENDING
         assert not [r for r in engine.requests if r.phase == "execute"]
         assert "budget.warning" not in await h.event_types(run_id)
 
@@ -191,9 +192,9 @@ async def test_strict_step_budget_blocks_the_step(tmp_path: Path, origin: Path) 
         run_id = await h.start()
         assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "budget-blocked"
         state = await h.state(run_id)
-        assert state.step(1).status == "blocked"
+        assert state.step(1).status == StepStatus.BLOCKED
         assert state.step(1).tokens_used == 150
-        assert state.run.status == "blocked"
+        assert state.run.status == ProtocolStatus.BLOCKED
         assert "over its budget of 100" in state.run.runtime_state["message"]
         # the work itself was committed and pushed; only the gate is closed
         assert any("[protocol-0001/01]" in s for s in origin_log(origin, state.run.protocol_name))
@@ -212,8 +213,8 @@ async def test_warn_mode_records_warnings_and_continues(tmp_path: Path, origin: 
         assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa-run"
         await h.drain()
         state = await h.state(run_id)
-        assert state.step(1).status == "completed"
-        assert state.run.status == "running"
+        assert state.step(1).status == StepStatus.COMPLETED
+        assert state.run.status == ProtocolStatus.RUNNING
         warnings = [e.message for e in await h.events(run_id, "budget.warning")]
         assert any("protocol used 450 of its 400" in w for w in warnings), warnings
         assert any("over its budget of 100" in w for w in warnings), warnings
@@ -227,7 +228,7 @@ async def test_off_mode_ignores_budgets(tmp_path: Path, origin: Path) -> None:
         run_id = await h.start()
         assert await execute_step(h.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa-run"
         await h.drain()
-        assert (await h.state(run_id)).step(1).status == "completed"
+        assert (await h.state(run_id)).step(1).status == StepStatus.COMPLETED
         assert "budget.warning" not in await h.event_types(run_id)
 
 
@@ -259,11 +260,11 @@ async def test_loop_bound_reached_blocks_the_protocol(harness: Harness, bound: i
     await harness.drain()  # QA FAIL → loop → execute → QA FAIL … until the bound
 
     state = await harness.state(run_id)
-    assert state.run.status == "blocked"
+    assert state.run.status == ProtocolStatus.BLOCKED
     assert state.run.runtime_state["loop_counts"] == {"1": bound}
     assert f"used all {bound} loop iterations" in state.run.runtime_state["message"]
     step = state.step(1)
-    assert step.status == "failed"
+    assert step.status == StepStatus.FAILED
     assert step.retries == bound
     # the step really ran again each time (a fresh engine call and a fresh commit)
     executes = [r for r in engine.requests if r.phase == "execute"]
@@ -292,7 +293,7 @@ async def test_loop_passes_on_a_later_attempt(harness: Harness) -> None:
     await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1)
     await harness.drain()
     state = await harness.state(run_id)
-    assert state.run.status == "completed"
+    assert state.run.status == ProtocolStatus.COMPLETED
     assert state.run.runtime_state["loop_counts"] == {"1": 1}
     assert len([r for r in engine.requests if r.phase == "execute"]) == 2
     assert state.step(1).runtime_state["qa_attempts"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs.steps import execute_step
 from tests.protocol.conftest import Harness, origin_branches, origin_files, origin_log
 
@@ -9,10 +10,10 @@ from tests.protocol.conftest import Harness, origin_branches, origin_files, orig
 async def test_scripted_protocol_runs_to_completion(harness: Harness) -> None:
     run_id = await harness.start()
     state = await harness.state(run_id)
-    assert state.run.status == "planned", state.run.runtime_state
+    assert state.run.status == ProtocolStatus.PLANNED, state.run.runtime_state
     name = state.run.protocol_name
     assert name == "0001-add-a-greeting"
-    assert [s.status for s in state.steps] == ["pending", "pending"]
+    assert [s.status for s in state.steps] == [StepStatus.PENDING, StepStatus.PENDING]
 
     assert await execute_step(harness.ctx, protocol_run_id=run_id, step_index=1) == "needs_qa-run"
     await harness.drain()  # the QA job it enqueued
@@ -20,8 +21,8 @@ async def test_scripted_protocol_runs_to_completion(harness: Harness) -> None:
     await harness.drain()
 
     state = await harness.state(run_id)
-    assert state.run.status == "completed"
-    assert [s.status for s in state.steps] == ["completed", "completed"]
+    assert state.run.status == ProtocolStatus.COMPLETED
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED, StepStatus.COMPLETED]
     assert name in origin_branches(harness.origin)
     assert origin_log(harness.origin, name) == [
         "init",

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from arq.worker import Worker
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.jobs.actions import start_protocol
 from bot.jobs.locks import lease_alive
 from bot.jobs.reclaim import orphaned_work, reclaim_expired
@@ -126,7 +127,7 @@ async def _killed_worker_scenario(tmp_path: Path, origin: Path, redis_url: str) 
 
         async def step_running() -> bool:
             state = await load_run(db, run.id)
-            return bool(state.steps) and state.step(1).status == "running"
+            return bool(state.steps) and state.step(1).status == StepStatus.RUNNING
 
         await wait_until(step_running, 90, log_path)
         await asyncio.sleep(0.5)  # inside the engine's sleep now
@@ -152,7 +153,7 @@ async def _killed_worker_scenario(tmp_path: Path, origin: Path, redis_url: str) 
             assert await reclaim_expired(ctx) == 1
 
             async def completed() -> bool:
-                return (await load_run(db, run.id)).run.status == "completed"
+                return (await load_run(db, run.id)).run.status == ProtocolStatus.COMPLETED
 
             await wait_until(completed, 60)
         finally:

@@ -3,6 +3,7 @@ no job holds; stale entries (a gone run, a cancelled fix that never ran, garbage
 
 from __future__ import annotations
 
+from bot.domain.states import StepStatus
 from bot.jobs import actions
 from bot.jobs.locks import LOCK_PREFIX
 from bot.jobs.reclaim import reclaim_expired
@@ -24,7 +25,10 @@ async def test_replies_due_takes_pushed_steps_and_drops_stale_entries(harness: H
     redis = harness.ctx["redis"]
     step = (await harness.state(pushed)).step(1)
     await update_step(
-        harness.ctx["db"], step.id, status="needs_qa", runtime_state={"commit_sha": "a" * 40}
+        harness.ctx["db"],
+        step.id,
+        status=StepStatus.NEEDS_QA,
+        runtime_state={"commit_sha": "a" * 40},
     )
     await actions.cancel(harness.ctx, cancelled)
     await redis.sadd(REPLIES_DUE_KEY, f"{pushed}:1", f"{cancelled}:1", "9999:1", "not-a-member")

@@ -11,18 +11,19 @@ import pytest
 from bot.cli.main import main
 from bot.cli.report import build_report, render_html, write_report
 from bot.core.errors import ConfigError
+from bot.domain.states import ProtocolStatus, StepStatus
 from tests.api.seed import seed, sync_url
 from tests.console.test_console import CHROMIUM
 
 
 def test_numbers_per_project(db_url: str) -> None:
-    seed(db_url, runs=3, status="completed")
-    seed(db_url, project="other/repo", runs=1, status="failed")
+    seed(db_url, runs=3, status=ProtocolStatus.COMPLETED)
+    seed(db_url, project="other/repo", runs=1, status=ProtocolStatus.FAILED)
     report = build_report(sync_url(db_url))
     by_name = {p.name: p for p in report.projects}
     acme = by_name["acme/widgets"]
-    assert acme.runs == 3 and acme.run_status == {"completed": 3}
-    assert acme.steps == 6 and acme.step_status == {"completed": 3, "pending": 3}
+    assert acme.runs == 3 and acme.run_status == {ProtocolStatus.COMPLETED: 3}
+    assert acme.steps == 6 and acme.step_status == {StepStatus.COMPLETED: 3, StepStatus.PENDING: 3}
     # run n, step i passes when n + i is even: (1,1) (2,2) (3,1) pass of six
     assert (acme.qa_pass, acme.qa_fail) == (3, 3) and acme.qa_pass_rate == 0.5
     assert acme.ci_attempts == 1 + 2 + 3
@@ -83,7 +84,7 @@ def test_money_per_project(sqlite_url: str) -> None:
 
     from bot.storage.models import ProtocolRun
 
-    seed(sqlite_url, runs=2, status="completed")
+    seed(sqlite_url, runs=2, status=ProtocolStatus.COMPLETED)
     engine = create_engine(sync_url(sqlite_url))
     with Session(engine) as session, session.begin():
         session.execute(update(ProtocolRun).values(cost_usd=1.25))

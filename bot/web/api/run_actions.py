@@ -106,13 +106,13 @@ async def protocol_action(request: Request) -> Response:
         result = await actions.retry(ctx, run_id, step)
     elif action == "pause":
         await actions.pause(ctx, run_id)
-        result = "paused"
+        result = _P.PAUSED
     elif action == "resume":
         await actions.resume(ctx, run_id)
-        result = "running"
+        result = _P.RUNNING
     elif action == "cancel":
         await actions.cancel(ctx, run_id)
-        result = "cancelled"
+        result = _P.CANCELLED
     else:
         result = await open_pr(ctx, run_id)
     run = await _load_run(request, run_id)
