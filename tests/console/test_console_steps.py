@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.storage.models import WebhookDelivery
 from bot.web.app import create_app
 from bot.web.console_deliveries import safe_headers
@@ -35,14 +36,21 @@ def wait(c: TestClient, run_id: int, ok: Any, timeout: float = 60) -> dict[str, 
 
 
 def test_valid_actions_follow_the_state() -> None:
-    step = {"status": "pending"}
-    assert valid_actions({"status": "pending"}, []) == ["start", "cancel"]
-    planned = valid_actions({"status": "planned", "approved": False}, [step])
+    step = {"status": StepStatus.PENDING}
+    assert valid_actions({"status": ProtocolStatus.PENDING}, []) == ["start", "cancel"]
+    planned = valid_actions({"status": ProtocolStatus.PLANNED, "approved": False}, [step])
     assert planned == ["approve", "run", "cancel", "open_pr"]
-    running = {"status": "running", "approved": True, "pr_url": "u"}
-    assert valid_actions(running, [{"status": "running"}, step]) == ["pause", "cancel"]
-    assert valid_actions(running, [{"status": "failed"}]) == ["run", "rerun", "pause", "cancel"]
-    done = valid_actions({"status": "completed", "pr_url": "u"}, [{"status": "completed"}])
+    running = {"status": ProtocolStatus.RUNNING, "approved": True, "pr_url": "u"}
+    assert valid_actions(running, [{"status": StepStatus.RUNNING}, step]) == ["pause", "cancel"]
+    assert valid_actions(running, [{"status": StepStatus.FAILED}]) == [
+        "run",
+        "rerun",
+        "pause",
+        "cancel",
+    ]
+    done = valid_actions(
+        {"status": ProtocolStatus.COMPLETED, "pr_url": "u"}, [{"status": StepStatus.COMPLETED}]
+    )
     assert done == []
     assert step_actions("completed", "completed") == []
     assert step_actions("running", "completed") == ["rerun", "run_qa"]
@@ -50,7 +58,7 @@ def test_valid_actions_follow_the_state() -> None:
 
 
 def test_refused_rerun_changes_nothing(tmp_path: Path, sqlite_url: str) -> None:
-    ids = seed(sqlite_url, runs=1, status="completed")
+    ids = seed(sqlite_url, runs=1, status=ProtocolStatus.COMPLETED)
     run = ids["runs"][0]
     with TestClient(create_app(make_settings(tmp_path, db_url=sqlite_url))) as c:
         before = c.get(f"/api/protocols/{run}", headers=AUTH).json()
@@ -77,12 +85,12 @@ def test_step_page_shows_transcript_diff_and_cost(tmp_path: Path, sqlite_url: st
             headers=AUTH,
             json={"project_id": project["id"], "task": "Add a greeting"},
         ).json()
-        wait(c, run["id"], lambda r: r["status"] == "planned" and r["pr_number"])
+        wait(c, run["id"], lambda r: r["status"] == ProtocolStatus.PLANNED and r["pr_number"])
         assert (
             c.post(f"/api/protocols/{run['id']}/actions/approve", headers=AUTH).status_code == 202
         )
         assert c.post(f"/api/protocols/{run['id']}/actions/run", headers=AUTH).status_code == 202
-        done = wait(c, run["id"], lambda r: r["steps"][0]["status"] == "completed")
+        done = wait(c, run["id"], lambda r: r["steps"][0]["status"] == StepStatus.COMPLETED)
         assert done["cost_usd"] > 0 and done["steps"][0]["cost_usd"] > 0
         c.post("/console/login", data={"token": "api-test-token-0123456789"})
         page = c.get(f"/console/protocols/{run['id']}/steps/1")
@@ -135,9 +143,9 @@ def test_delivery_details_hide_secrets_and_redeliver(tmp_path: Path, sqlite_url:
         assert c.post(f"/api/deliveries/{ids['delivery']}/redeliver").status_code == 403
         again = c.post(f"/api/deliveries/{ids['delivery']}/redeliver",
                        headers={"x-deksdenflow-console": "1"})  # fmt: skip
-        assert again.status_code == 202 and again.json()["status"] == "pending"
+        assert again.status_code == 202 and again.json()["status"] == StepStatus.PENDING
         one = c.get(f"/api/deliveries/{ids['delivery']}", headers=AUTH).json()
-        assert one["status"] == "pending"
+        assert one["status"] == StepStatus.PENDING
         assert c.post("/api/deliveries/424242/redeliver", headers=AUTH).status_code == 404
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.forge.github import GitHubForge
 from tests.github_e2e.conftest import GitHubLoop
 from tests.github_e2e.fake_github import FULL_NAME, INSTALLATION_ID
@@ -27,7 +28,7 @@ def planned(gh: GitHubLoop) -> None:
     """install → /plan, without assertions (the full-loop test asserts those requests)."""
     gh.deliver("installation", gh.installation_created())
     gh.deliver("issue_comment", gh.comment("/plan"))
-    assert gh.run().run.status == "planned"
+    assert gh.run().run.status == ProtocolStatus.PLANNED
 
 
 def executed(gh: GitHubLoop) -> None:
@@ -36,7 +37,7 @@ def executed(gh: GitHubLoop) -> None:
     gh.deliver("issue_comment", gh.comment("/approve"))
     gh.deliver("issue_comment", gh.comment("/run-step"))
     state = gh.run()
-    assert [s.status for s in state.steps] == ["needs_qa", "pending"]
+    assert [s.status for s in state.steps] == [StepStatus.NEEDS_QA, StepStatus.PENDING]
     assert state.step(1).runtime_state["qa_verdict"] == "PASS"
 
 
@@ -86,7 +87,11 @@ def test_full_loop_install_plan_approve_step_qa_ci_merge(gh: GitHubLoop) -> None
     assert calls[3].body["body"].startswith(STATUS_MARKER)
     assert "planned" in calls[6].body["body"]
     state = gh.run()
-    assert (state.run.status, state.run.pr_number, state.run.issue_number) == ("planned", 101, 1)
+    assert (state.run.status, state.run.pr_number, state.run.issue_number) == (
+        ProtocolStatus.PLANNED,
+        101,
+        1,
+    )
     assert state.run.head_sha == git("rev-parse", PROTOCOL, cwd=gh.origin).strip()
     assert git(
         "ls-tree", "--name-only", f"{PROTOCOL}:.protocols/{PROTOCOL}", cwd=gh.origin
@@ -166,7 +171,7 @@ def test_full_loop_install_plan_approve_step_qa_ci_merge(gh: GitHubLoop) -> None
     assert qa_done["head_sha"] == head
     assert qa_done["conclusion"] == "success" and "PASS" in qa_done["output"]["summary"]
     # QA passed, but the repository has CI: the step waits for it (CI_GATES by default)
-    assert [s.status for s in state.steps] == ["needs_qa", "pending"]
+    assert [s.status for s in state.steps] == [StepStatus.NEEDS_QA, StepStatus.PENDING]
     assert state.steps[0].runtime_state["qa_verdict"] == "PASS"
 
     # CI: a workflow_run for another sha is ignored; green on the step's commit (suites
@@ -185,7 +190,7 @@ def test_full_loop_install_plan_approve_step_qa_ci_merge(gh: GitHubLoop) -> None
         ("PATCH", f"{R}/issues/comments/1003"),
     ]
     state = gh.run()
-    assert [s.status for s in state.steps] == ["completed", "pending"]
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED, StepStatus.PENDING]
     assert state.steps[0].runtime_state["qa_verdict"] == "PASS"
 
     # the PR is merged: protocol completed, status comments say so
@@ -198,7 +203,7 @@ def test_full_loop_install_plan_approve_step_qa_ci_merge(gh: GitHubLoop) -> None
         ("PATCH", f"{R}/issues/comments/1003"),
     ]
     assert "completed" in calls[0].body["body"]
-    assert gh.run().run.status == "completed"
+    assert gh.run().run.status == ProtocolStatus.COMPLETED
     # one status comment per target, ever; only one token for the whole loop
     assert len(fake.requests("POST", f"{R}/issues/1/comments")) == 1
     assert len(fake.requests("POST", f"{R}/issues/101/comments")) == 1
@@ -209,7 +214,7 @@ def test_unmerged_close_cancels(gh: GitHubLoop) -> None:
     planned(gh)
     out = gh.deliver("pull_request", gh.pr_closed(PROTOCOL, 101, merged=False))
     assert out["outcome"]["handled"][-1] == {"protocol": PROTOCOL, "result": "cancelled"}
-    assert gh.run().run.status == "cancelled"
+    assert gh.run().run.status == ProtocolStatus.CANCELLED
 
 
 def test_read_permission_gets_a_polite_refusal_and_no_job(gh: GitHubLoop) -> None:
@@ -283,13 +288,13 @@ def test_same_ci_failure_twice_blocks_for_a_human(gh: GitHubLoop) -> None:
     state = gh.run()
     second = state.run.head_sha
     assert second != first  # the step ran again (CI feedback in its prompt) and pushed
-    assert state.steps[0].status == "needs_qa" and state.steps[0].retries == 1
+    assert state.steps[0].status == StepStatus.NEEDS_QA and state.steps[0].retries == 1
     assert "CI failed" in json.dumps(state.steps[0].runtime_state["feedback"])
     mark = gh.fake.mark()
     out = gh.deliver("workflow_run", gh.workflow_run(PROTOCOL, second, "failure"))
     assert out["outcome"]["handled"][-1] == {"ci": "failure", "outcome": "block"}
     state = gh.run()
-    assert state.run.status == "blocked" and state.steps[0].status == "failed"
+    assert state.run.status == ProtocolStatus.BLOCKED and state.steps[0].status == StepStatus.FAILED
     assert "failed the same way twice" in state.run.runtime_state["message"]
     assert "needs a human" in state.run.runtime_state["message"]
     calls = gh.fake.since(mark)
@@ -319,7 +324,7 @@ def test_check_run_buttons_drive_the_protocol(
     executed(gh)
     if identifier != "run-qa":  # the other buttons sit on a finished QA check (and green CI)
         gh.ci_green(gh.run().step(1).runtime_state["commit_sha"])
-        assert [s.status for s in gh.run().steps] == ["completed", "pending"]
+        assert [s.status for s in gh.run().steps] == [StepStatus.COMPLETED, StepStatus.PENDING]
     head = gh.run().run.head_sha
     mark = gh.fake.mark()
     out = gh.deliver("check_run", gh.check_run_action(check, PROTOCOL, head, identifier))

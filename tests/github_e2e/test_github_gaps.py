@@ -18,6 +18,7 @@ import pytest
 import yaml
 from sqlalchemy import select, update
 
+from bot.domain.states import ProtocolStatus, StepStatus
 from bot.storage.app_credentials import load_stored_credentials
 from bot.storage.models import Project, StoredSecret
 from tests.github_e2e.conftest import GitHubLoop, sample
@@ -66,7 +67,7 @@ def pull_comment(gh: GitHubLoop, body: str, number: int, comment_id: int) -> dic
 def planned(gh: GitHubLoop) -> None:
     gh.deliver("installation", gh.installation_created())
     gh.deliver("issue_comment", gh.comment("/plan"))
-    assert gh.run().run.status == "planned"
+    assert gh.run().run.status == ProtocolStatus.PLANNED
 
 
 def executed(gh: GitHubLoop) -> None:
@@ -75,7 +76,7 @@ def executed(gh: GitHubLoop) -> None:
     gh.deliver("issue_comment", gh.comment("/approve"))
     gh.deliver("issue_comment", gh.comment("/run-step"))
     state = gh.run()
-    assert [s.status for s in state.steps] == ["needs_qa", "pending"]
+    assert [s.status for s in state.steps] == [StepStatus.NEEDS_QA, StepStatus.PENDING]
     assert state.step(1).runtime_state["qa_verdict"] == "PASS"
 
 
@@ -119,8 +120,12 @@ def test_plan_label_plans_the_issue(gh: GitHubLoop) -> None:
     assert ("POST", f"{R}/pulls") in pairs(calls)
     assert not any(c.path.endswith("/reactions") for c in calls)
     state = gh.run()
-    assert (state.run.status, state.run.issue_number, state.run.approved) == ("planned", 1, False)
-    assert [s.status for s in state.steps] == ["pending", "pending"]
+    assert (state.run.status, state.run.issue_number, state.run.approved) == (
+        ProtocolStatus.PLANNED,
+        1,
+        False,
+    )
+    assert [s.status for s in state.steps] == [StepStatus.PENDING, StepStatus.PENDING]
 
 
 def test_plan_label_by_a_reader_is_refused(gh: GitHubLoop) -> None:
@@ -152,7 +157,7 @@ def test_auto_label_runs_every_step_with_its_ci_and_qa_to_the_end(gh: GitHubLoop
     # it executed and now waits for CI
     state = gh.run()
     assert state.run.approved and state.run.auto_mode
-    assert [s.status for s in state.steps] == ["needs_qa", "pending"]
+    assert [s.status for s in state.steps] == [StepStatus.NEEDS_QA, StepStatus.PENDING]
     gh.ci_suite("success")
     for index, expected in ((1, ["completed", "needs_qa"]), (2, ["completed", "completed"])):
         assert gh.run().step(index).runtime_state["qa_verdict"] == "PASS"
@@ -160,7 +165,7 @@ def test_auto_label_runs_every_step_with_its_ci_and_qa_to_the_end(gh: GitHubLoop
         assert out["outcome"]["handled"][-1] == {"ci": "success", "outcome": "complete"}
         assert [s.status for s in gh.run().steps] == expected
     state = gh.run()
-    assert state.run.status == "completed"
+    assert state.run.status == ProtocolStatus.COMPLETED
     assert [s.runtime_state["qa_verdict"] for s in state.steps] == ["PASS", "PASS"]
     assert checks_created(gh) == [
         "deksdenflow/step-01",
@@ -198,7 +203,10 @@ def test_several_commands_in_one_comment_run_in_order(gh: GitHubLoop) -> None:
     ]
     assert reactions_on(gh, 5401) == ["eyes", "eyes", "rocket"]
     state = gh.run()
-    assert state.run.approved and [s.status for s in state.steps] == ["needs_qa", "pending"]
+    assert state.run.approved and [s.status for s in state.steps] == [
+        StepStatus.NEEDS_QA,
+        StepStatus.PENDING,
+    ]
 
 
 def test_command_on_a_pull_request_from_a_fork_is_refused_unless_allowed(gh: GitHubLoop) -> None:
@@ -224,7 +232,7 @@ def test_command_on_a_pull_request_from_a_fork_is_refused_unless_allowed(gh: Git
     assert calls[2].body == {
         "body": "`/run-step` is not accepted on pull requests from forks here."
     }
-    assert [s.status for s in gh.run().steps] == ["pending", "pending"]
+    assert [s.status for s in gh.run().steps] == [StepStatus.PENDING, StepStatus.PENDING]
 
     # /status and /help are harmless: no fork lookup at all
     mark = gh.fake.mark()
@@ -285,7 +293,7 @@ def test_check_suite_completed_drives_ci_like_workflow_run(gh: GitHubLoop) -> No
     gh.ci_suite("in_progress", status="in_progress")
     out = gh.deliver("check_suite", check_suite(gh, head))
     assert out["outcome"]["handled"][-1] == {"waiting": "other check suites still running"}
-    assert [s.status for s in gh.run().steps] == ["needs_qa", "pending"]
+    assert [s.status for s in gh.run().steps] == [StepStatus.NEEDS_QA, StepStatus.PENDING]
 
     gh.ci_suite("success")
     mark = gh.fake.mark()
@@ -294,7 +302,7 @@ def test_check_suite_completed_drives_ci_like_workflow_run(gh: GitHubLoop) -> No
     assert pairs(gh.fake.since(mark))[0] == ("GET", f"{R}/commits/{head}/check-suites")
     assert checks_created(gh, mark) == []  # QA ran before CI, right after the step executed
     state = gh.run()
-    assert [s.status for s in state.steps] == ["completed", "pending"]
+    assert [s.status for s in state.steps] == [StepStatus.COMPLETED, StepStatus.PENDING]
     assert state.steps[0].runtime_state["qa_verdict"] == "PASS"
 
 
@@ -308,7 +316,7 @@ def rerequested(gh: GitHubLoop, name: str) -> dict[str, Any]:
 def test_check_run_rerequested_reruns_the_step_or_its_qa(gh: GitHubLoop) -> None:
     executed(gh)  # QA passed on its own, CI due
     gh.ci_green(step_commit(gh, 1))
-    assert [s.status for s in gh.run().steps] == ["completed", "pending"]
+    assert [s.status for s in gh.run().steps] == [StepStatus.COMPLETED, StepStatus.PENDING]
 
     # "Re-run" on the QA check runs QA again
     mark = gh.fake.mark()
@@ -323,7 +331,7 @@ def test_check_run_rerequested_reruns_the_step_or_its_qa(gh: GitHubLoop) -> None
     assert out["outcome"]["handled"][-1] == {"action": "retry-step", "step": 1}
     assert checks_created(gh, mark)[0] == "deksdenflow/step-01"
     state = gh.run()
-    assert state.steps[0].retries == 1 and state.steps[0].status == "needs_qa"
+    assert state.steps[0].retries == 1 and state.steps[0].status == StepStatus.NEEDS_QA
     assert state.run.head_sha != before
 
 
@@ -381,8 +389,11 @@ def test_failed_job_reacts_confused(
     assert out["outcome"]["handled"][-1] == {"command": "run-step", "result": "step 1"}
     assert reactions_on(gh, 5601) == ["eyes", "confused"]
     state = gh.run()
-    assert state.steps[0].status == "failed"
-    assert state.run.status == "blocked" and "agent crashed" in state.run.runtime_state["message"]
+    assert state.steps[0].status == StepStatus.FAILED
+    assert (
+        state.run.status == ProtocolStatus.BLOCKED
+        and "agent crashed" in state.run.runtime_state["message"]
+    )
     # the step's check run, opened in progress, is closed as a failure (never left spinning)
     runs = [r for r in gh.fake.check_runs.values() if r["name"] == "deksdenflow/step-01"]
     assert [(r["status"], r.get("conclusion")) for r in runs] == [("completed", "failure")]

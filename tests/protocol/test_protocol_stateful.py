@@ -29,6 +29,8 @@ from sqlalchemy import select
 
 from bot.core.errors import DeksdenFlowError
 from bot.domain.states import (
+    ProtocolStatus,
+    StepStatus,
     can_transition_protocol,
     may_approve_step,
     may_start_step,
@@ -253,8 +255,16 @@ class StepRunnerMachine(RuleBasedStateMachine):
     @rule(where=st.sampled_from(["before_commit", "after_commit"]))
     def worker_killed(self, where: str) -> None:
         state = self._state()
-        runnable = [s for s in state.steps if s.status in ("pending", "failed", "blocked")]
-        if not runnable or state.run.status not in ("running", "planned", "blocked"):
+        runnable = [
+            s
+            for s in state.steps
+            if s.status in (StepStatus.PENDING, StepStatus.FAILED, StepStatus.BLOCKED)
+        ]
+        if not runnable or state.run.status not in (
+            ProtocolStatus.RUNNING,
+            ProtocolStatus.PLANNED,
+            ProtocolStatus.BLOCKED,
+        ):
             return
 
         def die(at: str, _run: int, _step: int) -> None:
@@ -281,8 +291,12 @@ class StepRunnerMachine(RuleBasedStateMachine):
     @rule(where=st.sampled_from(["qa_before_commit", "qa_after_commit"]))
     def qa_worker_killed(self, where: str) -> None:
         state = self._state()
-        waiting = [s for s in state.steps if s.status == "needs_qa"]
-        if not waiting or state.run.status not in ("running", "planned", "blocked"):
+        waiting = [s for s in state.steps if s.status == StepStatus.NEEDS_QA]
+        if not waiting or state.run.status not in (
+            ProtocolStatus.RUNNING,
+            ProtocolStatus.PLANNED,
+            ProtocolStatus.BLOCKED,
+        ):
             return
 
         def die(at: str, _run: int, _step: int) -> None:
@@ -304,7 +318,7 @@ class StepRunnerMachine(RuleBasedStateMachine):
         self._do(reclaim_expired(self.ctx))
 
     def _remember_cancel(self) -> None:
-        if self._state().run.status == "cancelled" and self.cancelled_head is None:
+        if self._state().run.status == ProtocolStatus.CANCELLED and self.cancelled_head is None:
             self.cancelled_head = self._branch_head()
 
     # -- invariants ------------------------------------------------------------------------
@@ -316,11 +330,17 @@ class StepRunnerMachine(RuleBasedStateMachine):
         for s in state.steps:
             event(f"step {s.step_index} {s.status}")
         alive = self.loop.run_until_complete(lease_alive(self.ctx["redis"], self.run_id))
-        running = [s.step_index for s in state.steps if s.status == "running"]
+        running = [s.step_index for s in state.steps if s.status == StepStatus.RUNNING]
         assert not running or alive, f"steps {running} running without a lease ({state.run.status})"
         # a QA under way (started, no verdict yet) is covered by a lease too, or reclaimed
-        in_qa = [s.step_index for s in state.steps if s.status == "needs_qa" and qa_in_progress(s)]
-        assert state.run.status != "running" or not in_qa or alive, f"QA of {in_qa} without a lease"
+        in_qa = [
+            s.step_index
+            for s in state.steps
+            if s.status == StepStatus.NEEDS_QA and qa_in_progress(s)
+        ]
+        assert state.run.status != ProtocolStatus.RUNNING or not in_qa or alive, (
+            f"QA of {in_qa} without a lease"
+        )
 
     @invariant()
     def at_most_one_commit_per_step_attempt(self) -> None:
@@ -407,24 +427,24 @@ class StepRunnerMachine(RuleBasedStateMachine):
         state = self._state()
         status = state.run.status
         steps = [(s.step_index, s.status) for s in state.steps]
-        assert status not in ("pending", "planning"), "planning stranded"
-        if status in ("completed", "cancelled"):
+        assert status not in (ProtocolStatus.PENDING, ProtocolStatus.PLANNING), "planning stranded"
+        if status in (ProtocolStatus.COMPLETED, ProtocolStatus.CANCELLED):
             return
         assert any(v != "completed" for _, v in steps), f"{status} with every step completed"
         assert not any(v == "running" for _, v in steps), (
             f"a step running after the queue drained: {steps}"
         )
-        if status == "paused":  # /resume
-            assert can_transition_protocol(status, "running")
+        if status == ProtocolStatus.PAUSED:  # /resume
+            assert can_transition_protocol(status, ProtocolStatus.RUNNING)
             return
         # /run-step, /retry N or /approve N has a step to act on …
         actionable = [i for i, v in steps if v == "pending" or may_approve_step(v)]
         assert actionable, (status, steps)
         if status in (
-            "blocked",
-            "failed",
+            ProtocolStatus.BLOCKED,
+            ProtocolStatus.FAILED,
         ):  # … and /resume or /retry puts the protocol back to work
-            assert can_transition_protocol(status, "running")
+            assert can_transition_protocol(status, ProtocolStatus.RUNNING)
             assert resume_decision(steps, auto_mode=False).action != "nothing" or any(
                 v == "pending" for _, v in steps
             )
@@ -484,7 +504,7 @@ class GraphEngine(ScriptedEngine):
             missing = [
                 d
                 for d in DIAMOND_DEPS.get(index, ())
-                if state.step(d).status != "completed"
+                if state.step(d).status != StepStatus.COMPLETED
                 or (state.step(d).runtime_state or {}).get("integrated_attempt")
                 != state.step(d).retries
             ]
@@ -601,7 +621,7 @@ class ParallelStepMachine(RuleBasedStateMachine):
     def nothing_runs_without_its_lease(self) -> None:
         state = self._state()
         for s in state.steps:
-            if s.status == "running":
+            if s.status == StepStatus.RUNNING:
                 alive = self.loop.run_until_complete(
                     step_lease_alive(self.ctx["redis"], self.run_id, s.step_index)
                 )
