@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from bot.domain.rendering import status_marker
-from bot.domain.states import StepStatus
+from bot.domain.states import ProtocolStatus, StepStatus
 from tests.gitlab_e2e.conftest import PROJECT_ID, World
 from tests.gitlab_e2e.test_gitlab_fix_loop import has_ci, step_waiting_for_ci
 from tests.gitutil import git
@@ -19,7 +19,7 @@ def _plan_and_approve(world: World) -> Any:
     note = world.note("/plan")
     world.send("Note Hook", note)
     world.wait_reaction(note)
-    run = world.wait_run("planned", [StepStatus.PENDING, StepStatus.PENDING])
+    run = world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     world.send("Note Hook", world.note("/approve"))
     world.wait(lambda: bool(world.run().approved), "approval")
     return run
@@ -33,7 +33,7 @@ def test_plan_approve_run_qa_ci_merge(world: World) -> None:
     outcome = world.delivery_result(answer["id"])
     assert {"command": "plan", "result": "planning 0001-add-a-greeting"} in outcome["handled"]
     world.wait_reaction(plan_note)
-    run = world.wait_run("planned", [StepStatus.PENDING, StepStatus.PENDING])
+    run = world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     name = run.protocol_name
     assert name == "0001-add-a-greeting"
     assert run.pr_number == 1 and run.pr_url.endswith("/-/merge_requests/1")
@@ -85,7 +85,7 @@ def test_plan_approve_run_qa_ci_merge(world: World) -> None:
     # the step is completed before its QA status is sent and the run's head recorded: wait for
     # the job to get there, then read the head
     world.wait(lambda: len(fake.statuses()) == 6, "QA statuses")
-    run = world.wait_run("running", [StepStatus.COMPLETED, StepStatus.PENDING])
+    run = world.wait_run(ProtocolStatus.RUNNING, [StepStatus.COMPLETED, StepStatus.PENDING])
     step_head = json.loads(world.steps()[0].runtime_state)["commit_sha"]
     qa_head = run.head_sha
     assert plan_head not in (step_head, qa_head) and step_head != qa_head
@@ -124,7 +124,7 @@ def test_plan_approve_run_qa_ci_merge(world: World) -> None:
         "Pipeline Hook", world.pipeline(step_head, name, "success", [("test", "success")])
     )
     assert {"ci": "success", "outcome": "recorded"} in world.delivery_result(green["id"])["handled"]
-    world.wait_run("running", [StepStatus.COMPLETED, StepStatus.PENDING])
+    world.wait_run(ProtocolStatus.RUNNING, [StepStatus.COMPLETED, StepStatus.PENDING])
     assert [e.event_type for e in world.events("ci.")] == ["ci.stale", "ci.success"]
     assert len(fake.statuses()) == 6  # no second QA
 
@@ -236,7 +236,7 @@ def test_same_pipeline_failure_twice_blocks(world: World) -> None:
         "Pipeline Hook", world.pipeline(second, name, "failed", list(reversed(failing)))
     )
     assert {"ci": "failure", "outcome": "block"} in world.delivery_result(answer["id"])["handled"]
-    run = world.wait_run("blocked", [StepStatus.FAILED, StepStatus.PENDING])
+    run = world.wait_run(ProtocolStatus.BLOCKED, [StepStatus.FAILED, StepStatus.PENDING])
     world.wait(
         lambda: "CI failed the same way twice on step 01" in world.status_note()["body"],
         "blocked note",
@@ -251,7 +251,7 @@ def test_label_starts_a_protocol_and_closing_the_mr_cancels_it(world: World) -> 
         "result": "planning 0001-add-a-greeting",
     } in world.delivery_result(answer["id"])["handled"]
     world.wait(lambda: world.run() is not None and world.run().pr_number is not None, "draft MR")
-    run = world.wait_run("planned", [StepStatus.PENDING, StepStatus.PENDING])
+    run = world.wait_run(ProtocolStatus.PLANNED, [StepStatus.PENDING, StepStatus.PENDING])
     assert world.fake.state.merge_requests[(PROJECT_ID, 1)]["title"].startswith("Draft: ")
 
     world.send("Merge Request Hook", world.merge_request_event(1, run.protocol_name, "close"))
