@@ -12,7 +12,7 @@ from pathlib import Path
 from bot.core.errors import GitError
 from bot.domain.secrets_scan import Finding, SecretScanner, process_scanner
 from bot.git.cache import LOCAL_TIMEOUT, NETWORK_TIMEOUT, REMOTE_PREFIX, remote_ref
-from bot.git.guard import GitRefused
+from bot.git.guard import GitRefused, cache_worktree_of, mirror_config_value
 from bot.git.locks import mirror_lock
 from bot.git.names import check_branch_name, normalize_remote, parse_protocol_number
 from bot.git.runner import Auth, resolve_auth, run_git, secrets_of
@@ -104,6 +104,23 @@ async def _git_common_dir(worktree: StrPath) -> Path:
     return Path(res.out.strip())
 
 
+async def _origin_of(worktree: StrPath) -> tuple[Path, str | None]:
+    """The repository holding the worktree's refs, and its `origin` URL.
+
+    A worktree of the git cache: both come from the cache's layout and the config its guard
+    already parsed (no git process; the push's guard checked the link and the config). Any
+    other checkout: asked of git.
+    """
+    found = cache_worktree_of(worktree)
+    if found is not None:
+        return found[1], await mirror_config_value(found[1], "remote.origin.url")
+    mirror = await _git_common_dir(worktree)
+    origin = await run_git(
+        ["config", "--get", "remote.origin.url"], cwd=mirror, timeout=LOCAL_TIMEOUT, check=False
+    )
+    return mirror, origin.out.strip() if origin.returncode == 0 else None
+
+
 async def push(
     worktree: StrPath,
     branch: str,
@@ -143,11 +160,8 @@ async def push(
         remote=url,
         credential_hosts=credential_hosts,
     )
-    mirror = await _git_common_dir(worktree)
-    origin = await run_git(
-        ["config", "--get", "remote.origin.url"], cwd=mirror, timeout=LOCAL_TIMEOUT, check=False
-    )
-    if origin.returncode == 0 and origin.out.strip() == url:
+    mirror, origin = await _origin_of(worktree)
+    if origin == url:
         async with mirror_lock(mirror):
             await run_git(["update-ref", ref, sha], cwd=mirror, timeout=LOCAL_TIMEOUT)
     return sha
@@ -272,8 +286,6 @@ def _base_rev(ref: str) -> str:
 async def read_file_at(mirror: StrPath, ref: str, path: str) -> str | None:
     """A file's text at `ref` (a branch name = the remote branch) without a checkout; None if absent."""
     rev = _base_rev(ref)
-    if await _resolve(mirror, rev) is None:
-        raise GitError(f"{ref!r} does not exist in {mirror}")
     res = await run_git(
         ["cat-file", "blob", f"{rev}:{path.lstrip('/')}"],
         cwd=mirror,
@@ -282,8 +294,12 @@ async def read_file_at(mirror: StrPath, ref: str, path: str) -> str | None:
     )
     if res.returncode == 0:
         return res.stdout.decode("utf-8", "replace")
+    # git says a path is missing only once the revision resolved (`path 'x' does not exist in
+    # 'main'`): one command for the usual answers; a step reads a prompt override on every run
     if _MISSING_PATH.search(res.err):
         return None
+    if await _resolve(mirror, rev) is None:
+        raise GitError(f"{ref!r} does not exist in {mirror}")
     raise GitError(f"cannot read {path!r} at {ref!r}: {res.err.strip()}")
 
 
