@@ -15,11 +15,12 @@ from bot.git.cache import LOCAL_TIMEOUT, NETWORK_TIMEOUT, REMOTE_PREFIX, remote_
 from bot.git.guard import GitRefused, cache_worktree_of, mirror_config_value
 from bot.git.locks import mirror_lock
 from bot.git.names import check_branch_name, normalize_remote, parse_protocol_number
-from bot.git.runner import Auth, resolve_auth, run_git, secrets_of
+from bot.git.runner import Auth, GitCommandFailed, resolve_auth, run_git, secrets_of
 
 StrPath = str | os.PathLike[str]
 PROTOCOLS_DIR = ".protocols"
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+_NOTHING_TO_COMMIT = re.compile(r"^(nothing|no changes) (added )?to commit", re.MULTILINE)
 _MISSING_PATH = re.compile(r"does not exist in|exists on disk, but not in|bad file")
 
 
@@ -65,13 +66,6 @@ async def commit_all(
 ) -> str | None:
     """Stage everything and commit; the new sha, or None when there was nothing to commit."""
     await run_git(["add", "--all"], cwd=worktree, timeout=LOCAL_TIMEOUT)
-    diff = await run_git(
-        ["diff", "--cached", "--quiet"], cwd=worktree, timeout=LOCAL_TIMEOUT, check=False
-    )
-    if diff.returncode == 0:
-        return None
-    if diff.returncode != 1:
-        raise GitError(f"git diff --cached failed in {worktree}: {diff.err.strip()}")
     ident = {
         "GIT_AUTHOR_NAME": author_name,
         "GIT_AUTHOR_EMAIL": author_email,
@@ -83,15 +77,22 @@ async def commit_all(
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".msg", delete=False) as fh:
         fh.write(message)
     try:
-        await run_git(
+        # No `diff --cached --quiet` first (a git process per step): with nothing staged, commit
+        # exits 1 and says so (in English: the runner sets LC_ALL=C).
+        res = await run_git(
             ["commit", "--quiet", "--no-verify", "--cleanup=whitespace", "-F", fh.name],
             cwd=worktree,
             env=ident,
             config={"commit.gpgsign": "false"},
             timeout=LOCAL_TIMEOUT,
+            check=False,
         )
     finally:
         os.unlink(fh.name)
+    if res.returncode == 1 and _NOTHING_TO_COMMIT.search(res.out):
+        return None
+    if res.returncode != 0:
+        raise GitCommandFailed(res.argv, res.returncode, res.err.strip()[-2000:] or res.out.strip()[-2000:])
     return await head_sha(worktree)
 
 
