@@ -2,8 +2,9 @@
 
 Counts what this process sends: SQL statements and commits (SQLAlchemy engine events) and Redis
 round trips (single commands, and pipelines as one), by command name; and where the job time
-goes: seconds in SQL, in each git subcommand and waiting for a mirror lock. SIGUSR1 writes them
-to $BENCH_COUNTS as JSON; $BENCH_COUNTS.ready appears once the worker has started.
+goes: seconds in SQL, in each git subcommand and waiting for a mirror lock; and CPU seconds of
+the worker and of its git processes. SIGUSR1 writes them to $BENCH_COUNTS as JSON;
+$BENCH_COUNTS.ready appears once the worker has started.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -95,10 +97,21 @@ def _patch_redis() -> None:
     redis_client.Pipeline.execute = execute  # type: ignore[method-assign]
 
 
+def _cpu() -> dict[str, float]:
+    """CPU seconds so far of this worker and of the git processes it started (and waited for):
+    unlike wall times, these do not grow when other processes load the machine."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "cpu:worker": own.ru_utime + own.ru_stime,
+        "cpu:git": children.ru_utime + children.ru_stime,
+    }
+
+
 def _dump(_signum: int, _frame: FrameType | None) -> None:
     path = Path(os.environ["BENCH_COUNTS"])
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**COUNTS, **TIMES}))
+    tmp.write_text(json.dumps({**COUNTS, **TIMES, **_cpu()}))
     tmp.replace(path)
 
 

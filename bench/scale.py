@@ -10,8 +10,9 @@ Printed per N: completed steps per minute and the ratio to N = 1 (goal â‰¥ 0.8 Ã
 largest N the bot's own overhead per step (job time minus the engine's 2 s; goal p50 < 0.3 s)
 and the queue wait between steps; and the round trips per step that the workers sent: SQL
 statements and commits to Postgres, Redis commands (a pipeline counts once), with arq's idle
-polling shown apart; and where the job time goes at the largest N (seconds in SQL, in each git
-subcommand, waiting for a mirror lock).
+polling shown apart; the CPU seconds per step of the workers and of their git processes
+(which, unlike wall times, other load on the machine hardly inflates); and where the job time
+goes at the largest N (seconds in SQL, in each git subcommand, waiting for a mirror lock).
 
 Needs a Postgres at DEKSDENFLOW_BENCH_PG_ADMIN (default: the test suite's) and `redis-server`
 on PATH: the benchmark starts its own Redis so that nobody else's commands are counted.
@@ -303,6 +304,8 @@ async def one_round(
         # wall seconds per step (jobs overlap, so these add up to more than the elapsed time)
         "times": {k.removeprefix("time:"): v / done for k, v in delta.items() if k.startswith("time:")},
         "git": sum(v for k, v in delta.items() if k.startswith("git:")) / done,
+        # CPU seconds per step, of the workers and of their git processes: load-independent
+        "cpu": {k.removeprefix("cpu:"): v / done for k, v in delta.items() if k.startswith("cpu:")},
     }
 
 
@@ -335,7 +338,7 @@ def main() -> None:
     print(f"scripted steps waiting {ENGINE_WAIT_S:g} s; 2N protocols of {args.steps} steps; "
           f"one Redis, one Postgres; {os.cpu_count()} cores")  # fmt: skip
     print(f"{'workers':>7} {'steps':>5} {'time s':>7} {'steps/min':>9} {'ratio':>6} {'goal':>5} "
-          f"{'pg/step':>8} {'redis/step':>10} {'(polls)':>8}")  # fmt: skip
+          f"{'pg/step':>8} {'redis/step':>10} {'(polls)':>8} {'cpu s/step':>10}")  # fmt: skip
     for r in rows:
         # vs the first (smallest) N; the goal scales with the worker ratio
         ratio = r["per_min"] / rows[0]["per_min"]
@@ -343,7 +346,7 @@ def main() -> None:
         print(
             f"{r['n']:>7} {r['steps']:>5} {r['elapsed']:>7.1f} {r['per_min']:>9.1f} {ratio:>6.2f} "
             f"{'OK' if ratio >= goal else 'MISS':>5} {r['pg']:>8.1f} {r['redis']:>10.1f} "
-            f"{r['redis_poll']:>8.1f}"
+            f"{r['redis_poll']:>8.1f} {sum(r['cpu'].values()):>10.3f}"
         )
     last = rows[-1]
     p50 = statistics.median(last["overhead"])
@@ -352,6 +355,8 @@ def main() -> None:
         f"p50 {p50:.3f} s, p95 {sorted(last['overhead'])[int(0.95 * (len(last['overhead']) - 1))]:.3f} s "
         f"(goal p50 < 0.3 s: {'OK' if p50 < 0.3 else 'MISSED'})"
     )
+    print(f"CPU per step at {last['n']} workers: "
+          + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(last["cpu"].items())))  # fmt: skip
     # all jobs' time (planning too) per completed step: where the overhead goes
     spent = sorted(last["times"].items(), key=lambda kv: -kv[1])
     print(f"where job time goes at {last['n']} workers, s per step ({last['git']:.1f} git commands): "

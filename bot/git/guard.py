@@ -97,7 +97,8 @@ _DANGEROUS_CONFIG = re.compile(
     r"|remote\..+\.(uploadpack|receivepack|proxy|vcs)$|extensions\.worktreeconfig$)",
     re.IGNORECASE,
 )
-_checked_configs: dict[str, tuple[int, int, int, int]] = {}
+# config path -> (stat signature, its entries as parsed when it was checked)
+_checked_configs: dict[str, tuple[tuple[int, int, int, int], dict[str, str]]] = {}
 
 
 def config_problems(entries: Iterable[tuple[str, str]], mirror_name: str) -> list[str]:
@@ -151,7 +152,8 @@ async def check_mirror_config(mirror: Path, admin: Path | None = None) -> None:
     if not os.path.isfile(config) or os.path.islink(config):
         raise GitConfigError(mirror, ["(config is not a plain file)"])
     signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
-    if _checked_configs.get(str(config)) == signature:
+    checked = _checked_configs.get(str(config))
+    if checked is not None and checked[0] == signature:
         return
     proc = await asyncio.create_subprocess_exec(
         "git", "config", "--file", str(config), "--no-includes", "--list", "-z",
@@ -161,10 +163,19 @@ async def check_mirror_config(mirror: Path, admin: Path | None = None) -> None:
     out, _err = await proc.communicate()
     if proc.returncode != 0:
         raise GitConfigError(mirror, ["(config unreadable)"])
-    problems = config_problems(_parse_config_list(out), mirror.name)
+    entries = _parse_config_list(out)
+    problems = config_problems(entries, mirror.name)
     if problems:
         raise GitConfigError(mirror, problems)
-    _checked_configs[str(config)] = signature
+    # a key given twice reads as its last value, as `git config --get` answers
+    _checked_configs[str(config)] = (signature, dict(entries))
+
+
+async def mirror_config_value(mirror: Path, key: str) -> str | None:
+    """`git config --get <key>` of a cache mirror (key as git lists it: `remote.origin.url`),
+    answered from the entries the config check parsed: no git process unless the file changed."""
+    await check_mirror_config(mirror)
+    return _checked_configs[str(mirror / "config")][1].get(key)
 
 
 def sanitize_git_env(base: Mapping[str, str]) -> dict[str, str]:

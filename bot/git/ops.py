@@ -12,14 +12,15 @@ from pathlib import Path
 from bot.core.errors import GitError
 from bot.domain.secrets_scan import Finding, SecretScanner, process_scanner
 from bot.git.cache import LOCAL_TIMEOUT, NETWORK_TIMEOUT, REMOTE_PREFIX, remote_ref
-from bot.git.guard import GitRefused
+from bot.git.guard import GitRefused, cache_worktree_of, mirror_config_value
 from bot.git.locks import mirror_lock
 from bot.git.names import check_branch_name, normalize_remote, parse_protocol_number
-from bot.git.runner import Auth, resolve_auth, run_git, secrets_of
+from bot.git.runner import Auth, GitCommandFailed, resolve_auth, run_git, secrets_of
 
 StrPath = str | os.PathLike[str]
 PROTOCOLS_DIR = ".protocols"
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+_NOTHING_TO_COMMIT = re.compile(r"^(nothing|no changes) (added )?to commit", re.MULTILINE)
 _MISSING_PATH = re.compile(r"does not exist in|exists on disk, but not in|bad file")
 
 
@@ -65,13 +66,6 @@ async def commit_all(
 ) -> str | None:
     """Stage everything and commit; the new sha, or None when there was nothing to commit."""
     await run_git(["add", "--all"], cwd=worktree, timeout=LOCAL_TIMEOUT)
-    diff = await run_git(
-        ["diff", "--cached", "--quiet"], cwd=worktree, timeout=LOCAL_TIMEOUT, check=False
-    )
-    if diff.returncode == 0:
-        return None
-    if diff.returncode != 1:
-        raise GitError(f"git diff --cached failed in {worktree}: {diff.err.strip()}")
     ident = {
         "GIT_AUTHOR_NAME": author_name,
         "GIT_AUTHOR_EMAIL": author_email,
@@ -83,15 +77,22 @@ async def commit_all(
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".msg", delete=False) as fh:
         fh.write(message)
     try:
-        await run_git(
+        # No `diff --cached --quiet` first (a git process per step): with nothing staged, commit
+        # exits 1 and says so (in English: the runner sets LC_ALL=C).
+        res = await run_git(
             ["commit", "--quiet", "--no-verify", "--cleanup=whitespace", "-F", fh.name],
             cwd=worktree,
             env=ident,
             config={"commit.gpgsign": "false"},
             timeout=LOCAL_TIMEOUT,
+            check=False,
         )
     finally:
         os.unlink(fh.name)
+    if res.returncode == 1 and _NOTHING_TO_COMMIT.search(res.out):
+        return None
+    if res.returncode != 0:
+        raise GitCommandFailed(res.argv, res.returncode, res.err.strip()[-2000:] or res.out.strip()[-2000:])
     return await head_sha(worktree)
 
 
@@ -102,6 +103,23 @@ async def _git_common_dir(worktree: StrPath) -> Path:
         timeout=LOCAL_TIMEOUT,
     )
     return Path(res.out.strip())
+
+
+async def _origin_of(worktree: StrPath) -> tuple[Path, str | None]:
+    """The repository holding the worktree's refs, and its `origin` URL.
+
+    A worktree of the git cache: both come from the cache's layout and the config its guard
+    already parsed (no git process; the push's guard checked the link and the config). Any
+    other checkout: asked of git.
+    """
+    found = cache_worktree_of(worktree)
+    if found is not None:
+        return found[1], await mirror_config_value(found[1], "remote.origin.url")
+    mirror = await _git_common_dir(worktree)
+    origin = await run_git(
+        ["config", "--get", "remote.origin.url"], cwd=mirror, timeout=LOCAL_TIMEOUT, check=False
+    )
+    return mirror, origin.out.strip() if origin.returncode == 0 else None
 
 
 async def push(
@@ -143,11 +161,8 @@ async def push(
         remote=url,
         credential_hosts=credential_hosts,
     )
-    mirror = await _git_common_dir(worktree)
-    origin = await run_git(
-        ["config", "--get", "remote.origin.url"], cwd=mirror, timeout=LOCAL_TIMEOUT, check=False
-    )
-    if origin.returncode == 0 and origin.out.strip() == url:
+    mirror, origin = await _origin_of(worktree)
+    if origin == url:
         async with mirror_lock(mirror):
             await run_git(["update-ref", ref, sha], cwd=mirror, timeout=LOCAL_TIMEOUT)
     return sha
@@ -272,8 +287,6 @@ def _base_rev(ref: str) -> str:
 async def read_file_at(mirror: StrPath, ref: str, path: str) -> str | None:
     """A file's text at `ref` (a branch name = the remote branch) without a checkout; None if absent."""
     rev = _base_rev(ref)
-    if await _resolve(mirror, rev) is None:
-        raise GitError(f"{ref!r} does not exist in {mirror}")
     res = await run_git(
         ["cat-file", "blob", f"{rev}:{path.lstrip('/')}"],
         cwd=mirror,
@@ -282,8 +295,12 @@ async def read_file_at(mirror: StrPath, ref: str, path: str) -> str | None:
     )
     if res.returncode == 0:
         return res.stdout.decode("utf-8", "replace")
+    # git says a path is missing only once the revision resolved (`path 'x' does not exist in
+    # 'main'`): one command for the usual answers; a step reads a prompt override on every run
     if _MISSING_PATH.search(res.err):
         return None
+    if await _resolve(mirror, rev) is None:
+        raise GitError(f"{ref!r} does not exist in {mirror}")
     raise GitError(f"cannot read {path!r} at {ref!r}: {res.err.strip()}")
 
 

@@ -66,19 +66,24 @@ class JobEnv:
     async def worktree(self, state: RunState, step_index: int | None = None) -> Path:
         """The protocol's worktree at its branch head (any worker may run any job); a step of a
         graph gets its own, on its child branch cut from the protocol branch (jobs/schedule.py)."""
+        path, _head = await self.checkout(state, step_index)
+        return path
+
+    async def checkout(self, state: RunState, step_index: int | None = None) -> tuple[Path, str]:
+        """worktree() and the commit it was left at: the cache already knows it, so a job that
+        needs the head need not ask git again."""
         branch = branch_for(state, step_index)
         if branch != run_branch(state.run):
             child = await self.git.ensure_worktree(state.project.git_url, branch, run_branch(state.run), self.auth(state))
-            child_path: Path = child.path
-            return child_path
+            return Path(child.path), str(child.head)
         wt = await self.git.ensure_worktree(
             state.project.git_url, run_branch(state.run), state.run.base_branch, self.auth(state)
         )
-        path: Path = wt.path
+        path = Path(wt.path)
         if state.run.worktree_path != str(path):
             await update_run(self.db, state.run.id, worktree_path=str(path))
             state.run.worktree_path = str(path)
-        return path
+        return path, str(wt.head)
 
     async def push(self, state: RunState, workdir: Path, step_index: int | None = None) -> str:
         """Push the protocol branch (or the step's child branch) with credentials fetched now,

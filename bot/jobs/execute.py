@@ -98,10 +98,10 @@ async def _execute(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
     spec = spec_of(state)
     if not await _budget_allows(env, state, step, spec, decision, reply_to):
         return "budget-blocked"
-    workdir = await env.worktree(state, step_index)
+    workdir, head = await env.checkout(state, step_index)
     start = attempt_start(step)
     if start is None:  # a new attempt: remember where it starts, with the step's transition
-        fresh = {**(step.runtime_state or {}), "attempt": step.retries, "attempt_head": await gitops.head_sha(workdir)}
+        fresh = {**(step.runtime_state or {}), "attempt": step.retries, "attempt_head": head}
         await _begin(env, state, step, decision, fresh)
     else:
         await _begin(env, state, step, decision)

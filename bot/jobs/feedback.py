@@ -8,7 +8,8 @@ from datetime import UTC
 from typing import Any, Literal
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from bot.domain import graph, links
 from bot.domain.loop_policy import attempt_text
@@ -29,7 +30,7 @@ from bot.forge.base import (
     IssueRef,
     PullRef,
 )
-from bot.storage.models import ForgeRecord
+from bot.storage.models import ForgeRecord, utcnow
 from bot.storage.runs import RunState, emit, load_run, run_branch
 
 log = logging.getLogger(__name__)
@@ -145,25 +146,19 @@ async def recall(db: Any, project_id: int, kind: str, key: str) -> dict[str, Any
 
 
 async def remember(db: Any, project_id: int, kind: str, key: str, data: dict[str, Any]) -> None:
-    for _ in range(2):  # a concurrent first insert wins the unique key; then update it
-        try:
-            async with db.sessions.begin() as session:
-                row = (
-                    await session.execute(
-                        select(ForgeRecord).where(
-                            ForgeRecord.project_id == project_id,
-                            ForgeRecord.kind == kind,
-                            ForgeRecord.key == key,
-                        )
-                    )
-                ).scalar()
-                if row is None:
-                    session.add(ForgeRecord(project_id=project_id, kind=kind, key=key, data=data))
-                else:
-                    row.data = data
-            return
-        except IntegrityError:
-            continue
+    """Keep `data` under the key: one statement, an insert that replaces the data of a row the
+    key already has (two workers writing the same key: the later one wins, as before)."""
+    insert = sqlite_insert if db.is_sqlite else pg_insert
+    now = utcnow()
+    stmt = insert(ForgeRecord).values(
+        project_id=project_id, kind=kind, key=key, data=data, created_at=now, updated_at=now
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[ForgeRecord.project_id, ForgeRecord.kind, ForgeRecord.key],
+        set_={"data": stmt.excluded.data, "updated_at": now},
+    )
+    async with db.sessions.begin() as session:
+        await session.execute(stmt)
 
 
 async def publish_status(ctx: dict[str, Any], run_id: int, message: str | None = None) -> None:

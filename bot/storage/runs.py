@@ -155,20 +155,21 @@ class RunState:
 
 
 async def load_run(db: Database, run_id: int) -> RunState:
+    """The run, its project and its steps in one round trip (a job loads it several times)."""
+    query = (
+        select(ProtocolRun, Project, StepRun)
+        .join(Project, Project.id == ProtocolRun.project_id)
+        .outerjoin(StepRun, StepRun.protocol_run_id == ProtocolRun.id)
+        .where(ProtocolRun.id == run_id)
+        .order_by(StepRun.step_index)
+    )
     async with db.sessions() as session:
-        run = await session.get(ProtocolRun, run_id)
-        if run is None:
-            raise NotFound(f"protocol run {run_id} does not exist")
-        project = await session.get(Project, run.project_id)
-        assert project is not None
-        steps = list(
-            (
-                await session.execute(
-                    select(StepRun).where(StepRun.protocol_run_id == run_id).order_by(StepRun.step_index)
-                )
-            ).scalars()
-        )
-        return RunState(run, project, steps)
+        rows = (await session.execute(query)).all()
+    if not rows:
+        raise NotFound(f"protocol run {run_id} does not exist")
+    run, project = rows[0][0], rows[0][1]
+    # a run without steps yet (pending, planning) comes back as one row with no step
+    return RunState(run, project, [row[2] for row in rows if row[2] is not None])
 
 
 async def run_names(db: Database, project_id: int) -> list[str]:
