@@ -52,9 +52,8 @@ run: $(STAMP)
 test: lint typecheck $(STAMP) $(CODEX) $(CHECKOV)
 	DEKSDENFLOW_CODEX_BIN=$(CURDIR)/$(CODEX) $(BIN)/pytest
 
-# ruff (with E501 at 100 and C901 at 15, see pyproject.toml) and the dead-code gate; no
-# `ruff format --check` yet: the tree is not formatted, and formatting it now would conflict
-# with the parallel branches
+# ruff (with E501 at 100 and C901 at 15, see pyproject.toml), the formatting gate and the
+# dead-code gate; .pre-commit-config.yaml runs the same locally
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

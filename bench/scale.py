@@ -127,8 +127,19 @@ def own_redis(where: Path) -> Iterator[str]:
         raise SystemExit("redis-server is not on PATH")
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(where)],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(where),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -302,7 +313,9 @@ async def one_round(
         "redis": sum(v for k, v in delta.items() if k.startswith("redis:")) / done,
         "redis_poll": sum(delta[k] for k in POLL_COMMANDS) / done,
         # wall seconds per step (jobs overlap, so these add up to more than the elapsed time)
-        "times": {k.removeprefix("time:"): v / done for k, v in delta.items() if k.startswith("time:")},
+        "times": {
+            k.removeprefix("time:"): v / done for k, v in delta.items() if k.startswith("time:")
+        },
         "git": sum(v for k, v in delta.items() if k.startswith("git:")) / done,
         # CPU seconds per step, of the workers and of their git processes: load-independent
         "cpu": {k.removeprefix("cpu:"): v / done for k, v in delta.items() if k.startswith("cpu:")},
@@ -328,7 +341,9 @@ async def bench(counts: list[int], steps: int, keep: Path | None) -> list[dict[s
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--workers", default="1,2,4,8", help="comma-separated worker counts")
     ap.add_argument("--steps", type=int, default=3, help="steps per protocol (2N protocols)")
     ap.add_argument("--tmp", type=Path, default=None, help="parent for the scratch directory")
@@ -350,17 +365,20 @@ def main() -> None:
         )
     last = rows[-1]
     p50 = statistics.median(last["overhead"])
+    p95 = sorted(last["overhead"])[int(0.95 * (len(last["overhead"]) - 1))]
     print(
         f"bot overhead per step at {last['n']} workers (job time - {ENGINE_WAIT_S:g} s): "
-        f"p50 {p50:.3f} s, p95 {sorted(last['overhead'])[int(0.95 * (len(last['overhead']) - 1))]:.3f} s "
+        f"p50 {p50:.3f} s, p95 {p95:.3f} s "
         f"(goal p50 < 0.3 s: {'OK' if p50 < 0.3 else 'MISSED'})"
     )
     print(f"CPU per step at {last['n']} workers: "
           + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(last["cpu"].items())))  # fmt: skip
     # all jobs' time (planning too) per completed step: where the overhead goes
     spent = sorted(last["times"].items(), key=lambda kv: -kv[1])
-    print(f"where job time goes at {last['n']} workers, s per step ({last['git']:.1f} git commands): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in spent[:8]))  # fmt: skip
+    print(
+        f"where job time goes at {last['n']} workers, s per step ({last['git']:.1f} git commands): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in spent[:8])
+    )
 
 
 if __name__ == "__main__":

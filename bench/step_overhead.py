@@ -161,7 +161,9 @@ async def bench(steps: int, files: int, keep: Path | None) -> dict[str, Any]:
             state = await load_run(ctx["db"], run.id)
             assert state.run.status == "planned", state.run.runtime_state
             counter = Counter()
-            event.listen(ctx["db"].engine.sync_engine, "before_cursor_execute", counter.on_statement)
+            event.listen(
+                ctx["db"].engine.sync_engine, "before_cursor_execute", counter.on_statement
+            )
             event.listen(ctx["db"].engine.sync_engine, "commit", counter.on_commit)
             counter.wrap_forges(ctx["forges"])
             per_step: list[float] = []
@@ -177,7 +179,9 @@ async def bench(steps: int, files: int, keep: Path | None) -> dict[str, Any]:
                 exec_s.append(t1 - t0)
                 qa_s.append(t2 - t1)
                 per_step.append(t2 - t0)
-            event.remove(ctx["db"].engine.sync_engine, "before_cursor_execute", counter.on_statement)
+            event.remove(
+                ctx["db"].engine.sync_engine, "before_cursor_execute", counter.on_statement
+            )
             event.remove(ctx["db"].engine.sync_engine, "commit", counter.on_commit)
             if os.environ.get("BENCH_SHOW_SQL"):
                 for line in counter.statements[: len(counter.statements) // steps]:

@@ -135,7 +135,8 @@ class GitCache:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             tmp.write_text(token)
             try:
-                # link, not rename: of two jobs racing here the first token stays, the other reads it
+                # link, not rename: of two jobs racing here the first token stays, the other reads
+                # it
                 os.link(tmp, marker)
             except FileExistsError:
                 token = marker.read_text()
@@ -193,7 +194,9 @@ class GitCache:
         except GitError as exc:
             log.warning("could not prepare a spare worktree: %s", exc)
 
-    async def _take_spare(self, mirror: Path, spare: Path, path: Path, branch: str, start: str) -> bool:
+    async def _take_spare(
+        self, mirror: Path, spare: Path, path: Path, branch: str, start: str
+    ) -> bool:
         """Turn a ready spare into the protocol's worktree; False when there is none to take."""
         task = self._spare_tasks.get(spare)
         if task is not None and not task.done():
@@ -205,7 +208,9 @@ class GitCache:
             return False
         try:
             await run_git(
-                ["worktree", "move", os.fspath(spare), os.fspath(path)], cwd=mirror, timeout=self.local_timeout
+                ["worktree", "move", os.fspath(spare), os.fspath(path)],
+                cwd=mirror,
+                timeout=self.local_timeout,
             )
             # -f: the spare is ours and untouched; only the files that differ are written
             await run_git(
@@ -265,7 +270,11 @@ class GitCache:
         try:
             t = self.local_timeout
             await run_git(["init", "--quiet", "--bare", str(tmp)], timeout=t)
-            await run_git(["remote", "add", "--no-tags", "--end-of-options", "origin", url], cwd=tmp, timeout=t)
+            await run_git(
+                ["remote", "add", "--no-tags", "--end-of-options", "origin", url],
+                cwd=tmp,
+                timeout=t,
+            )
             await run_git(["config", "remote.origin.fetch", FETCH_REFSPEC], cwd=tmp, timeout=t)
             await self._fetch(tmp, auth_header, url)
             tmp.rename(mirror)
@@ -321,7 +330,9 @@ class GitCache:
             if start is None:
                 raise GitError(f"base branch {base!r} does not exist on the remote")
             spare = self.spare_path(repo_url)
-            if not (self.warm_spares and await self._take_spare(mirror, spare, path, branch, start)):
+            if not (
+                self.warm_spares and await self._take_spare(mirror, spare, path, branch, start)
+            ):
                 await self._add(mirror, path, branch, start)
             base_sha = refs.get(remote_ref(base))
             if base_sha is not None:

@@ -1,4 +1,5 @@
-"""What makes the bot's git trust nothing an agent can write: config overrides and the `.git` link check.
+"""What makes the bot's git trust nothing an agent can write: config overrides and the `.git` link
+check.
 
 An agent runs in a protocol worktree and may write any file there, `.git` included when its
 sandbox is weak or absent. Git reads hooks, `core.fsmonitor`, pagers, ssh commands and diff
@@ -213,7 +214,8 @@ def _read_small(path: Path) -> str:
 
 
 def check_worktree_link(worktree: Path, mirror: Path) -> Path:
-    """The worktree's admin dir in `mirror`, after checking the link both ways; else GitLinkError."""
+    """The worktree's admin dir in `mirror`, after checking the link both ways; else
+    GitLinkError."""
     dotgit = worktree / ".git"
     try:
         text = _read_small(dotgit)
@@ -221,7 +223,9 @@ def check_worktree_link(worktree: Path, mirror: Path) -> Path:
         raise GitLinkError(worktree, ".git is missing") from None
     except (OSError, UnicodeDecodeError) as exc:
         # a directory, a symlink, a fifo… git would take any of them as a repository
-        raise GitLinkError(worktree, f".git is not a plain link file ({exc.__class__.__name__})") from None
+        raise GitLinkError(
+            worktree, f".git is not a plain link file ({exc.__class__.__name__})"
+        ) from None
     if not text.startswith("gitdir: ") or text.count("\n") > 1:
         raise GitLinkError(worktree, ".git is not a `gitdir:` link")
     target = Path(text[len("gitdir: ") :].strip())

@@ -106,7 +106,8 @@ def write_file(root: Path, item: StarterFile) -> None:
 
 
 def write_starter_files(root: Path, *, force: bool = False) -> LocalSetupReport:
-    """Write the starter files under `root`; existing files are kept unless `force` (then backed up)."""
+    """Write the starter files under `root`; existing files are kept unless `force` (then backed
+    up)."""
     report = LocalSetupReport()
     for item in starter_files():
         target = root / item.path
@@ -139,7 +140,6 @@ async def git(root: Path, *args: str, check: bool = True) -> tuple[int, str]:
     out, _ = await proc.communicate()
     text = out.decode("utf-8", "replace")
     if check and proc.returncode != 0:
-
         raise GitError(f"git {' '.join(args)} failed in {root}: {text.strip()}")
     return int(proc.returncode or 0), text
 

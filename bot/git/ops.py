@@ -1,4 +1,5 @@
-"""What a job does with git: commit, push, inspect history, read the base branch, number protocols."""
+"""What a job does with git: commit, push, inspect history, read the base branch, number
+protocols."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ class SecretLeak(GitRefused):
         self.findings = findings
         places = sorted({f.where for f in findings})
         kinds = sorted({f.kind for f in findings})
-        shown = ", ".join(places[:10]) + (f" and {len(places) - 10} more" if len(places) > 10 else "")
+        shown = ", ".join(places[:10]) + (
+            f" and {len(places) - 10} more" if len(places) > 10 else ""
+        )
         super().__init__(
             f"push blocked: {' / '.join(kinds)} found in {shown}; nothing was pushed and the "
             "commits were dropped from the worktree"
@@ -92,7 +95,9 @@ async def commit_all(
     if res.returncode == 1 and _NOTHING_TO_COMMIT.search(res.out):
         return None
     if res.returncode != 0:
-        raise GitCommandFailed(res.argv, res.returncode, res.err.strip()[-2000:] or res.out.strip()[-2000:])
+        raise GitCommandFailed(
+            res.argv, res.returncode, res.err.strip()[-2000:] or res.out.strip()[-2000:]
+        )
     return await head_sha(worktree)
 
 
@@ -212,9 +217,7 @@ def scan_log_patch(text: str, scanner: SecretScanner) -> list[Finding]:
 
 async def _drop_outgoing(worktree: StrPath) -> None:
     """Reset the worktree to where the outgoing commits started, so no retry can push them."""
-    res = await run_git(
-        ["rev-list", "--reverse", *_OUTGOING], cwd=worktree, timeout=LOCAL_TIMEOUT
-    )
+    res = await run_git(["rev-list", "--reverse", *_OUTGOING], cwd=worktree, timeout=LOCAL_TIMEOUT)
     commits = res.out.split()
     if not commits:
         return
@@ -267,13 +270,19 @@ async def list_remote_branches(
 
 
 async def remote_branch_sha(
-    source: StrPath, branch: str, *, auth_header: Auth = None, credential_hosts: Collection[str] = ()
+    source: StrPath,
+    branch: str,
+    *,
+    auth_header: Auth = None,
+    credential_hosts: Collection[str] = (),
 ) -> str | None:
     """The remote branch's sha, or None; `source` as in list_remote_branches."""
     check_branch_name(branch)
     if isinstance(source, os.PathLike):
         return await _resolve(source, remote_ref(branch))
-    branches = await list_remote_branches(source, auth_header=auth_header, credential_hosts=credential_hosts)
+    branches = await list_remote_branches(
+        source, auth_header=auth_header, credential_hosts=credential_hosts
+    )
     return branches.get(branch)
 
 
@@ -285,7 +294,8 @@ def _base_rev(ref: str) -> str:
 
 
 async def read_file_at(mirror: StrPath, ref: str, path: str) -> str | None:
-    """A file's text at `ref` (a branch name = the remote branch) without a checkout; None if absent."""
+    """A file's text at `ref` (a branch name = the remote branch) without a checkout; None if
+    absent."""
     rev = _base_rev(ref)
     res = await run_git(
         ["cat-file", "blob", f"{rev}:{path.lstrip('/')}"],

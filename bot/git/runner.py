@@ -160,7 +160,9 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return _AUTH_WORDS.sub(r"\1 ***", text)
 
 
-def credentials_for(remote: str | None, auth_header: str, credential_hosts: Collection[str]) -> str | None:
+def credentials_for(
+    remote: str | None, auth_header: str, credential_hosts: Collection[str]
+) -> str | None:
     """The header to attach for a command talking to `remote`, or None; GitError when refused."""
     if remote is not None and may_send_credentials(remote, credential_hosts):
         return auth_header

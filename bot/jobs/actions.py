@@ -117,7 +117,9 @@ async def approve(ctx: dict[str, Any], run_id: int, step_index: int | None = Non
     nothing_left = all(s.status == _S.COMPLETED for s in state.steps)
     # a paused protocol whose last open step a human accepts has nothing left to pause: it
     # completes (paused → running → completed) instead of staying paused with no step to resume
-    if state.run.status in (_P.BLOCKED, _P.FAILED) or (state.run.status == _P.PAUSED and nothing_left):
+    if state.run.status in (_P.BLOCKED, _P.FAILED) or (
+        state.run.status == _P.PAUSED and nothing_left
+    ):
         await set_protocol_status(ctx["db"], run_id, _P.RUNNING, "resumed after approval")
         state.run.status = _P.RUNNING
     await _carry_on(ctx, state)
@@ -136,12 +138,14 @@ async def _carry_on(ctx: dict[str, Any], state: Any) -> None:
         state.run.status = _P.COMPLETED
         await announce_ready(ctx, state)
     elif state.run.auto_mode:
-
         await enqueue_next_step(ctx, state.run.id, state)
 
 
 async def run_step(
-    ctx: dict[str, Any], run_id: int, step_index: int | None = None, reply_to: dict[str, Any] | None = None
+    ctx: dict[str, Any],
+    run_id: int,
+    step_index: int | None = None,
+    reply_to: dict[str, Any] | None = None,
 ) -> int:
     state = await load_run(ctx["db"], run_id)
     if not state.steps:
@@ -169,7 +173,10 @@ async def run_step(
 
 
 async def run_qa(
-    ctx: dict[str, Any], run_id: int, step_index: int | None = None, reply_to: dict[str, Any] | None = None
+    ctx: dict[str, Any],
+    run_id: int,
+    step_index: int | None = None,
+    reply_to: dict[str, Any] | None = None,
 ) -> int:
     state = await load_run(ctx["db"], run_id)
     if step_index is None:
@@ -290,7 +297,9 @@ async def resume(ctx: dict[str, Any], run_id: int, reply_to: dict[str, Any] | No
     elif decision.action == "run_qa" and decision.step_index is not None:
         await run_qa(ctx, run_id, decision.step_index, reply_to)
     else:
-        if placement.parallel(state):  # a graph: merge what passed, start what is ready, or await CI
+        if placement.parallel(
+            state
+        ):  # a graph: merge what passed, start what is ready, or await CI
             await schedule.schedule_ready(ctx, run_id, start=bool(state.run.auto_mode))
 
 

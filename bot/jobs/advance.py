@@ -15,14 +15,18 @@ from bot.jobs.specs import spec_of, step_spec_of
 from bot.storage.runs import RunState, emit, load_run, set_protocol_status, set_step_status
 
 
-async def after_execute(ctx: dict[str, Any], run_id: int, step_index: int, depth: int, outcome: str) -> None:
+async def after_execute(
+    ctx: dict[str, Any], run_id: int, step_index: int, depth: int, outcome: str
+) -> None:
     if outcome == "needs_qa-run":
         # One automatic QA per attempt: a job id made of the wall-clock second deduplicated the
         # QA of a loop's next attempt away when both fell in the same second (arq keeps results).
         attempt = (await load_run(ctx["db"], run_id)).step(step_index).retries
         await ctx["redis"].enqueue_job(
-            "run_quality", _job_id=f"qa:{run_id}:{step_index}:attempt-{attempt}",
-            protocol_run_id=run_id, step_index=step_index,
+            "run_quality",
+            _job_id=f"qa:{run_id}:{step_index}:attempt-{attempt}",
+            protocol_run_id=run_id,
+            step_index=step_index,
         )
     elif outcome == "completed":
         await after_step_completed(ctx, run_id, step_index, depth)
@@ -35,7 +39,9 @@ async def after_quality(ctx: dict[str, Any], run_id: int, step_index: int, outco
         await enqueue_next_step(ctx, run_id)
 
 
-async def enqueue_next_step(ctx: dict[str, Any], run_id: int, state: RunState | None = None) -> bool:
+async def enqueue_next_step(
+    ctx: dict[str, Any], run_id: int, state: RunState | None = None
+) -> bool:
     """Enqueue the first pending step (job id per attempt, so a duplicate call is harmless)."""
     state = state or await load_run(ctx["db"], run_id)
     if parallel(state):  # a graph: every ready step, up to the bound
@@ -43,8 +49,10 @@ async def enqueue_next_step(ctx: dict[str, Any], run_id: int, state: RunState | 
     for step in state.steps:
         if step.status == StepStatus.PENDING:
             await ctx["redis"].enqueue_job(
-                "execute_step", _job_id=f"exec:{run_id}:{step.step_index}:{step.retries}",
-                protocol_run_id=run_id, step_index=step.step_index,
+                "execute_step",
+                _job_id=f"exec:{run_id}:{step.step_index}:{step.retries}",
+                protocol_run_id=run_id,
+                step_index=step.step_index,
             )
             return True
     return False
@@ -54,10 +62,14 @@ def completion_follows(state: RunState, step_index: int) -> bool:
     """Whether this step completing completes the protocol in after_step_completed, next."""
     step_spec = step_spec_of(spec_of(state), step_index)
     others = [s.status for s in state.steps if s.step_index != step_index]
-    return completes_protocol(state.run.status, others, any(t.on == "pass" for t in step_spec.triggers))
+    return completes_protocol(
+        state.run.status, others, any(t.on == "pass" for t in step_spec.triggers)
+    )
 
 
-async def after_step_completed(ctx: dict[str, Any], run_id: int, step_index: int, depth: int) -> bool:
+async def after_step_completed(
+    ctx: dict[str, Any], run_id: int, step_index: int, depth: int
+) -> bool:
     """Triggers, then the next step in auto mode, or protocol completion when none is left.
     True when it completed the protocol (and so re-rendered the status comment)."""
     env = JobEnv.from_ctx(ctx)
@@ -70,7 +82,9 @@ async def after_step_completed(ctx: dict[str, Any], run_id: int, step_index: int
         state = await load_run(env.db, run_id)
     if all(s.status == StepStatus.COMPLETED for s in state.steps):
         if state.run.status == ProtocolStatus.RUNNING:
-            await set_protocol_status(env.db, run_id, ProtocolStatus.COMPLETED, "every step completed")
+            await set_protocol_status(
+                env.db, run_id, ProtocolStatus.COMPLETED, "every step completed"
+            )
             state.run.status = ProtocolStatus.COMPLETED
 
             await announce_ready(ctx, state)  # un-draft the PR/MR and say what comes next
@@ -87,16 +101,26 @@ async def _fire_triggers(env: JobEnv, state: RunState, step_index: int, depth: i
     actions = trigger_decisions(step_spec_of(spec, step_index), "pass", depth, cap)
     for action in actions:
         await emit(
-            env.db, state, "trigger", action.reason, state.step(step_index),
-            target=action.step_index, mode=action.mode,
+            env.db,
+            state,
+            "trigger",
+            action.reason,
+            state.step(step_index),
+            target=action.step_index,
+            mode=action.mode,
         )
         target = state.step(action.step_index)
         if target.status in (StepStatus.COMPLETED, StepStatus.NEEDS_QA):
-            await set_step_status(env.db, target.id, StepStatus.PENDING, f"triggered by step {step_index:02d}")
+            await set_step_status(
+                env.db, target.id, StepStatus.PENDING, f"triggered by step {step_index:02d}"
+            )
         # "inline" triggers are enqueued too, carrying their depth: a job never runs another
         # step's engine inside itself (nor inside whatever called after_step_completed)
         await env.enqueue(
-            "execute_step", f"exec:{state.run.id}:{action.step_index}:trig:{time.time_ns()}",
-            protocol_run_id=state.run.id, step_index=action.step_index, depth=action.depth,
+            "execute_step",
+            f"exec:{state.run.id}:{action.step_index}:trig:{time.time_ns()}",
+            protocol_run_id=state.run.id,
+            step_index=action.step_index,
+            depth=action.depth,
         )
     return bool(actions)

@@ -1,4 +1,5 @@
-"""The job boundary: ctx → JobEnv, the protocol's lease, and no error left without a visible state."""
+"""The job boundary: ctx → JobEnv, the protocol's lease, and no error left without a visible
+state."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ async def guarded(
 
     name, what = await lease_for(env, job, run_id, step_index)  # a graph's steps: one lease each
     try:
-        async with lease(env.redis, name, what, env.settings.lease_ttl_s, env.settings.lease_renew_s):
+        async with lease(
+            env.redis, name, what, env.settings.lease_ttl_s, env.settings.lease_renew_s
+        ):
             generation = _generation(env)
             outcome = await _run_body(env, job, run_id, step_index, body, reply_to, generation)
     except LockBusy as exc:
@@ -103,8 +106,12 @@ async def _run_body(
             # Whatever broke (a vanished worktree, a half-deleted mirror) says nothing about the
             # step: the disk went, as a node's emptyDir does. Run the job again, on a worktree
             # rebuilt from the pushed branch, instead of failing the step and blocking the run.
-            log.warning("%s of protocol run %s: the worker's disk was wiped under it (%s); trying again",
-                        job, run_id, _reason(exc))  # fmt: skip
+            log.warning(
+                "%s of protocol run %s: the worker's disk was wiped under it (%s); trying again",
+                job,
+                run_id,
+                _reason(exc),
+            )
             if job == "execute_step" and step_index is not None:
                 await _drop_attempt(env, state, step_index)
             raise Retry(defer=1) from exc
@@ -112,11 +119,15 @@ async def _run_body(
         if job == "execute_step" and step_index is not None:
             await _drop_attempt(env, state, step_index)
         outcome = failure(state, step_index, failure_line(job, step_index, exc))
-        await write_outcome(env, state, step_index, _with_open_check(state, job, step_index, outcome), reply_to)
+        await write_outcome(
+            env, state, step_index, _with_open_check(state, job, step_index, outcome), reply_to
+        )
         return "failed"
 
 
-def _with_open_check(state: RunState, job: str, step_index: int | None, outcome: Outcome) -> Outcome:
+def _with_open_check(
+    state: RunState, job: str, step_index: int | None, outcome: Outcome
+) -> Outcome:
     """The failure also ends the check run the job opened (in progress on the commit the attempt
     or the QA started from): the reason shows there, and nothing spins forever."""
     if step_index is None or job not in ("execute_step", "run_quality"):
@@ -188,7 +199,8 @@ def _reason(exc: BaseException) -> str:
 
 
 async def stopped(env: JobEnv, run_id: int, step_index: int | None, status: str) -> str:
-    """A human stopped the protocol mid-job: drop the step's uncommitted work, say who stopped it."""
+    """A human stopped the protocol mid-job: drop the step's uncommitted work, say who stopped
+    it."""
     state = await load_run(env.db, run_id)
     path = workdir_of(env, state, step_index)
     if path is not None and path.is_dir():
@@ -199,13 +211,18 @@ async def stopped(env: JobEnv, run_id: int, step_index: int | None, status: str)
     message = (state.run.runtime_state or {}).get("message") or f"{status} by request"
     # a paused step runs again on /resume: mark it, so /resume knows which step stopped
     interrupted = {"interrupted": True} if step_to == StepStatus.PENDING else {}
-    outcome = Outcome(message=str(message), step_to=step_to, event="step.stopped", step_state=interrupted)
+    outcome = Outcome(
+        message=str(message), step_to=step_to, event="step.stopped", step_state=interrupted
+    )
     await write_outcome(env, state, step_index, outcome)
     return status
 
 
-async def discard_changes(env: JobEnv, state: RunState, workdir: Path, step_index: int | None = None) -> None:
-    """Reset the worktree to its last commit: an interrupted attempt's edits must not be committed."""
+async def discard_changes(
+    env: JobEnv, state: RunState, workdir: Path, step_index: int | None = None
+) -> None:
+    """Reset the worktree to its last commit: an interrupted attempt's edits must not be
+    committed."""
     dirty = await gitops.status_porcelain(workdir)
     if not dirty:
         return

@@ -29,14 +29,17 @@ Reply = dict[str, Any] | None
 
 
 def process_delivery(delivery_id: int, provider: str, key: str, attempt: int = 0) -> JobSpec:
-    # the intake batches these through its Lua enqueue (bot/storage/queue.py), with the same constructor;
+    # the intake batches these through its Lua enqueue (bot/storage/queue.py), with the same
+    # constructor;
     # the id comes from the delivery's key, never the row id (ids repeat across databases)
     return delivery_job(delivery_id, provider, key, attempt)
 
 
 def plan_protocol(run_id: int, attempt: str = "0", reply_to: Reply = None) -> JobSpec:
     return JobSpec(
-        "plan_protocol", f"plan:{run_id}:{attempt}", {"protocol_run_id": run_id, "reply_to": reply_to}
+        "plan_protocol",
+        f"plan:{run_id}:{attempt}",
+        {"protocol_run_id": run_id, "reply_to": reply_to},
     )
 
 
@@ -130,11 +133,24 @@ JOBS: tuple[Entry, ...] = (
     Entry("project_setup", _load("bot.jobs.projects", "project_setup"), lambda s: 120.0, _tries),
     Entry("project_onboard", _load("bot.jobs.onboard", "project_onboard"), _engine_timeout, _tries),
     # review feedback → a fix step: git and forge work only, waits for the protocol's lease
-    Entry("review_fix", _load("bot.jobs.review", "review_fix"), lambda s: s.git_timeout_s * 3, _lock_tries),
-    # the thread replies of a fix step whose worker died after its push (reclaim_expired)
-    Entry("review_replies", _load("bot.jobs.review", "review_replies"), lambda s: s.git_timeout_s * 3, _tries),
     Entry(
-        "codemachine_prepare", _load("bot.jobs.onboard", "codemachine_prepare"), _engine_timeout, _lock_tries
+        "review_fix",
+        _load("bot.jobs.review", "review_fix"),
+        lambda s: s.git_timeout_s * 3,
+        _lock_tries,
+    ),
+    # the thread replies of a fix step whose worker died after its push (reclaim_expired)
+    Entry(
+        "review_replies",
+        _load("bot.jobs.review", "review_replies"),
+        lambda s: s.git_timeout_s * 3,
+        _tries,
+    ),
+    Entry(
+        "codemachine_prepare",
+        _load("bot.jobs.onboard", "codemachine_prepare"),
+        _engine_timeout,
+        _lock_tries,
     ),
 )
 
@@ -144,7 +160,12 @@ JOB_NAMES = frozenset(entry.name for entry in JOBS)
 def functions(settings: Settings) -> list[Function]:
     """arq Functions for every job in the catalogue."""
     return [
-        func(entry.load(), name=entry.name, timeout=entry.timeout(settings), max_tries=entry.tries(settings))
+        func(
+            entry.load(),
+            name=entry.name,
+            timeout=entry.timeout(settings),
+            max_tries=entry.tries(settings),
+        )
         for entry in JOBS
     ]
 

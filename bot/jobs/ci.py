@@ -48,6 +48,7 @@ CIResult = Literal["success", "failure"]
 Evidence = CIEvidence | Callable[[], Awaitable[CIEvidence]]
 EVIDENCE_TIMEOUT_S = 20.0
 
+
 async def gather_evidence(
     project: Any, source: str, failing: list[tuple[str, str]], evidence: Evidence | None
 ) -> CIEvidence:
@@ -64,11 +65,17 @@ async def gather_evidence(
             found = await asyncio.wait_for(evidence(), EVIDENCE_TIMEOUT_S)
         except Exception as exc:  # evidence is a help, never a reason to drop the CI result
             log.warning("CI evidence for %s could not be fetched: %s", source, exc)
-            found = names_only(source, failing, f"(the CI logs could not be fetched: {type(exc).__name__})")
+            found = names_only(
+                source, failing, f"(the CI logs could not be fetched: {type(exc).__name__})"
+            )
     if not found.jobs and failing:
         found = names_only(source, failing, found.note)
 
-    secrets = [str(v) for v in (getattr(project, "secrets", None) or {}).values() if isinstance(v, str | int)]
+    secrets = [
+        str(v)
+        for v in (getattr(project, "secrets", None) or {}).values()
+        if isinstance(v, str | int)
+    ]
     return within_budget(redacted(found, process_scanner(extra=secrets).redact))
 
 
@@ -103,7 +110,8 @@ async def apply_ci_result(
 ) -> str:
     """Act on a finished CI run on commit `sha` (None: the newest step's head).
 
-    The meaning is decided by `bot.domain.ci_gate.interpret_ci`; this applies it. Only transitions and
+    The meaning is decided by `bot.domain.ci_gate.interpret_ci`; this applies it. Only transitions
+    and
     enqueued jobs happen here, never engine work, so any job (or handler) may call it.
     `evidence` (or the fetch of it) feeds the next attempt of a step that red CI sends back.
     """
@@ -139,11 +147,15 @@ async def _apply(
     meaning = _meaning(settings, state, views, target, sha, result)
     step = state.step(meaning.step_index) if meaning.step_index is not None else None
     if meaning.action in ("ignore", "stale", "duplicate"):
-        kind = {"ignore": "ci.ignored", "stale": "ci.stale", "duplicate": "ci.duplicate"}[meaning.action]
-        await emit(db, state, kind, meaning.reason, step, sha=sha, result=result)
-        return {"ignore": f"ignored-{state.run.status}", "stale": "stale", "duplicate": "duplicate"}[
+        kind = {"ignore": "ci.ignored", "stale": "ci.stale", "duplicate": "ci.duplicate"}[
             meaning.action
         ]
+        await emit(db, state, kind, meaning.reason, step, sha=sha, result=result)
+        return {
+            "ignore": f"ignored-{state.run.status}",
+            "stale": "stale",
+            "duplicate": "duplicate",
+        }[meaning.action]
     assert step is not None and target is not None
     acted = result == "failure" and meaning.action in ("loop", "reopen")
     found = await gather_evidence(state.project, source, failing, evidence if acted else None)
@@ -161,10 +173,13 @@ def _meaning(
         views,
         sha,
         result,
-        qa_queued=bool(settings.auto_qa_after_exec) and (target is None or target.qa_policy != "skip"),
+        qa_queued=bool(settings.auto_qa_after_exec)
+        and (target is None or target.qa_policy != "skip"),
         auto_qa_on_ci=bool(settings.auto_qa_on_ci),
         merged=bool(rs.get("merged")),
-        gates=ci_gates(repo_policies(state.project.config), bool(getattr(settings, "ci_gates", True))),
+        gates=ci_gates(
+            repo_policies(state.project.config), bool(getattr(settings, "ci_gates", True))
+        ),
     )
 
 
@@ -240,15 +255,26 @@ async def _act(
     return await _loop(ctx, state, step, sha, result, found)
 
 
-async def _keep_evidence(db: Any, step: Any, evidence: CIEvidence, sha: str | None, why: str) -> None:
+async def _keep_evidence(
+    db: Any, step: Any, evidence: CIEvidence, sha: str | None, why: str
+) -> None:
     """The failure becomes the step's feedback: a later attempt (automatic or `/retry`) sees it."""
     rs = step.runtime_state or {}
     item = ci_item(evidence, step.retries + 1, sha)
-    await update_step(db, step.id, runtime_state={**rs, "feedback": add_item(rs.get("feedback"), item), "attempt_why": why})
+    await update_step(
+        db,
+        step.id,
+        runtime_state={**rs, "feedback": add_item(rs.get("feedback"), item), "attempt_why": why},
+    )
 
 
 async def _reopen(
-    ctx: dict[str, Any], state: RunState, step: Any, reason: str, evidence: CIEvidence, sha: str | None
+    ctx: dict[str, Any],
+    state: RunState,
+    step: Any,
+    reason: str,
+    evidence: CIEvidence,
+    sha: str | None,
 ) -> str:
     """Red CI on a completed step: the step and its protocol go back to blocked, with the reason."""
     db = ctx["db"]
@@ -265,7 +291,9 @@ async def _reopen(
             runtime_state={**(state.run.runtime_state or {}), "message": detail},
         )
     else:
-        await update_run(db, state.run.id, runtime_state={**(state.run.runtime_state or {}), "message": detail})
+        await update_run(
+            db, state.run.id, runtime_state={**(state.run.runtime_state or {}), "message": detail}
+        )
     await publish_status(ctx, state.run.id, reason)
     return "reopened"
 
@@ -323,7 +351,11 @@ async def _retry(
             db,
             target.id,
             retries=target.retries + 1,
-            runtime_state={**rs, "feedback": add_item(rs.get("feedback"), item), "attempt_why": why},
+            runtime_state={
+                **rs,
+                "feedback": add_item(rs.get("feedback"), item),
+                "attempt_why": why,
+            },
         )
         try:
             await set_step_status(db, target.id, StepStatus.PENDING, f"CI loop: {decision.reason}")
@@ -359,14 +391,18 @@ async def pr_finished(ctx: dict[str, Any], run_id: int, merged: bool) -> str:
     state = await load_run(ctx["db"], run_id)
     if merged:
         # remembered so that a red CI arriving after the merge is recorded, not reopened
-        await update_run(ctx["db"], run_id, runtime_state={**(state.run.runtime_state or {}), "merged": True})
+        await update_run(
+            ctx["db"], run_id, runtime_state={**(state.run.runtime_state or {}), "merged": True}
+        )
     if state.run.status in (ProtocolStatus.COMPLETED, ProtocolStatus.CANCELLED):
         return f"already-{state.run.status}"
     wanted = ProtocolStatus.COMPLETED if merged else ProtocolStatus.CANCELLED
     if merged and state.run.status != ProtocolStatus.RUNNING:
         # a merge is final whatever the bot thought: walk through running if needed
         try:
-            await set_protocol_status(ctx["db"], run_id, ProtocolStatus.RUNNING, "pull request merged")
+            await set_protocol_status(
+                ctx["db"], run_id, ProtocolStatus.RUNNING, "pull request merged"
+            )
         except TransitionConflict:
             pass
     try:

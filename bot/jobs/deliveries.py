@@ -45,13 +45,17 @@ async def _keep_lease(db: Any, delivery_id: int, holder: str, lease_s: float) ->
             log.warning("could not renew the lease on delivery %s: %s", delivery_id, exc)
 
 
-async def _hold_for_retry(db: Any, delivery_id: int, holder: str, lease_s: float, retry: Retry) -> None:
+async def _hold_for_retry(
+    db: Any, delivery_id: int, holder: str, lease_s: float, retry: Retry
+) -> None:
     """arq brings this same job back after the delay: the lease must outlast the wait."""
     defer_s = (getattr(retry, "defer_score", None) or 0) / 1000
     await renew_lease(db, delivery_id, holder, lease_s + defer_s)
 
 
-async def process_delivery(ctx: dict[str, Any], *, delivery_id: int, delivery_key: str | None = None) -> str:
+async def process_delivery(
+    ctx: dict[str, Any], *, delivery_id: int, delivery_key: str | None = None
+) -> str:
     """Idempotent: a delivery already processed (or ignored), or leased to a live job, is skipped.
 
     `delivery_key` guards against a job from another database (an old Redis, a re-created
@@ -88,9 +92,14 @@ async def process_delivery(ctx: dict[str, Any], *, delivery_id: int, delivery_ke
                 except Retry as retry:
                     await _hold_for_retry(db, delivery_id, holder, lease_s, retry)
                     raise
-            await finish_delivery(db, delivery_id, "failed", {"handled": hctx.outcomes}, error=repr(exc)[:2000])
+            await finish_delivery(
+                db, delivery_id, "failed", {"handled": hctx.outcomes}, error=repr(exc)[:2000]
+            )
             await record_event(
-                db, "delivery.failed", f"handling failed: {type(exc).__name__}", delivery_id=delivery_id
+                db,
+                "delivery.failed",
+                f"handling failed: {type(exc).__name__}",
+                delivery_id=delivery_id,
             )
             await count_job(ctx, "process_delivery", "failed")
             return "failed"
@@ -103,7 +112,8 @@ async def process_delivery(ctx: dict[str, Any], *, delivery_id: int, delivery_ke
 
 
 async def prune_old_deliveries(ctx: dict[str, Any]) -> int:
-    """Cron: drop finished deliveries older than DEKSDENFLOW_DELIVERY_RETENTION_DAYS (0 keeps all)."""
+    """Cron: drop finished deliveries older than DEKSDENFLOW_DELIVERY_RETENTION_DAYS (0 keeps
+    all)."""
     days = ctx["settings"].delivery_retention_days
     if not days:
         return 0
@@ -115,7 +125,9 @@ async def prune_old_deliveries(ctx: dict[str, Any]) -> int:
 
 async def relay_pending(ctx: dict[str, Any]) -> int:
     """Cron: enqueue deliveries that were stored while the queue was unreachable."""
-    relayed = await relay_outbox(ctx["db"], ctx["redis"], older_than_s=ctx["settings"].relay_interval_s)
+    relayed = await relay_outbox(
+        ctx["db"], ctx["redis"], older_than_s=ctx["settings"].relay_interval_s
+    )
     if relayed:
         log.info("relayed %d pending deliveries", relayed)
     return relayed

@@ -87,7 +87,9 @@ async def start_demo(ctx: dict[str, Any], port: int) -> str:
     run = await existing_demo_run(ctx["db"], project.id)
     if run is None:
         run = await start_protocol(ctx, project, DEMO_TASK, auto=True)
-        headline = f"Demo: protocol {run.protocol_name} is running on {remote} with the scripted engine."
+        headline = (
+            f"Demo: protocol {run.protocol_name} is running on {remote} with the scripted engine."
+        )
     else:
         # a restart shows the demo it already has instead of piling up one protocol per start
         headline = (

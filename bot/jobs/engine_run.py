@@ -66,8 +66,20 @@ def _request(
 ) -> tuple[str, EngineRequest]:
     models = state.project.default_models or {}
     project_engine = models.get("engine") if isinstance(models.get("engine"), str) else None
-    engine_id = resolve_engine(call.phase, call.step_spec, call.spec, project_engine, env.settings.engine)  # type: ignore[arg-type]
-    model = resolve_model(call.phase, call.step_spec, call.spec, models, env.settings.phase_models())  # type: ignore[arg-type]
+    engine_id = resolve_engine(
+        call.phase,  # type: ignore[arg-type]
+        call.step_spec,
+        call.spec,
+        project_engine,
+        env.settings.engine,
+    )
+    model = resolve_model(
+        call.phase,  # type: ignore[arg-type]
+        call.step_spec,
+        call.spec,
+        models,
+        env.settings.phase_models(),
+    )
     request = EngineRequest(
         prompt=call.prompt,
         workdir=call.workdir,
@@ -78,7 +90,11 @@ def _request(
         timeout_s=env.settings.engine_timeout_s,
         resume_thread_id=call.resume,
         previous_usage=call.previous_usage,
-        context={"task": state.run.description, "protocol": state.run.protocol_name, **call.context},
+        context={
+            "task": state.run.description,
+            "protocol": state.run.protocol_name,
+            **call.context,
+        },
         sink=sink,
         lines_sink=lines_sink,
     )
@@ -106,7 +122,12 @@ async def run_engine(env: JobEnv, state: RunState, call: EngineCall) -> EngineRe
 
 
 async def _record(
-    env: JobEnv, state: RunState, call: EngineCall, engine_id: str, model: str | None, result: EngineResult
+    env: JobEnv,
+    state: RunState,
+    call: EngineCall,
+    engine_id: str,
+    model: str | None,
+    result: EngineResult,
 ) -> None:
     """The turn's tokens and its event, in one transaction; the loaded rows keep the totals."""
     step_id = call.step.id if call.step else None
@@ -115,18 +136,26 @@ async def _record(
     async with env.db.sessions.begin() as session:
         if tokens > 0 or cost > 0:
             await session.execute(
-                update(ProtocolRun).where(ProtocolRun.id == state.run.id)
-                .values(tokens_used=ProtocolRun.tokens_used + tokens, cost_usd=ProtocolRun.cost_usd + cost)
+                update(ProtocolRun)
+                .where(ProtocolRun.id == state.run.id)
+                .values(
+                    tokens_used=ProtocolRun.tokens_used + tokens,
+                    cost_usd=ProtocolRun.cost_usd + cost,
+                )
             )
             if step_id is not None:
                 await session.execute(
-                    update(StepRun).where(StepRun.id == step_id)
-                    .values(tokens_used=StepRun.tokens_used + tokens, cost_usd=StepRun.cost_usd + cost)
+                    update(StepRun)
+                    .where(StepRun.id == step_id)
+                    .values(
+                        tokens_used=StepRun.tokens_used + tokens, cost_usd=StepRun.cost_usd + cost
+                    )
                 )
         session.add(
             new_event(
                 f"engine.{result.outcome}",
-                f"{engine_id} {call.phase}: {result.outcome} in {result.duration_s:.1f}s, {tokens} tokens",
+                f"{engine_id} {call.phase}: {result.outcome} in {result.duration_s:.1f}s, "
+                f"{tokens} tokens",
                 project_id=state.project.id,
                 protocol_run_id=state.run.id,
                 step_run_id=step_id,
@@ -185,7 +214,8 @@ def _trim_event(event: dict[str, Any]) -> dict[str, Any]:
 
 
 async def prompt_override(env: JobEnv, state: RunState, name: str) -> str | None:
-    """A repository's prompt override, read from its base branch only (never the protocol branch)."""
+    """A repository's prompt override, read from its base branch only (never the protocol
+    branch)."""
     mirror = env.git.mirror_path(state.project.git_url)
     text: str | None = await gitops.read_file_at(mirror, state.run.base_branch, override_path(name))
     return text

@@ -74,7 +74,9 @@ class JobEnv:
         needs the head need not ask git again."""
         branch = branch_for(state, step_index)
         if branch != run_branch(state.run):
-            child = await self.git.ensure_worktree(state.project.git_url, branch, run_branch(state.run), self.auth(state))
+            child = await self.git.ensure_worktree(
+                state.project.git_url, branch, run_branch(state.run), self.auth(state)
+            )
             return Path(child.path), str(child.head)
         wt = await self.git.ensure_worktree(
             state.project.git_url, run_branch(state.run), state.run.base_branch, self.auth(state)

@@ -35,7 +35,9 @@ from bot.storage.runs import RunState, emit, load_run, protocol_status, run_bran
 from engines.base import EngineResult
 
 # outcomes the outcome writer already reacted to on the comment that asked
-WRITTEN = frozenset({"completed", "needs_qa", "needs_qa-run", "failed", "budget-blocked", "cancelled", "paused"})
+WRITTEN = frozenset(
+    {"completed", "needs_qa", "needs_qa-run", "failed", "budget-blocked", "cancelled", "paused"}
+)
 
 
 @dataclass
@@ -78,7 +80,9 @@ async def execute_step(
     return outcome
 
 
-async def _execute(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str, Any] | None) -> str:
+async def _execute(
+    env: JobEnv, run_id: int, step_index: int, reply_to: dict[str, Any] | None
+) -> str:
     state = await load_run(env.db, run_id)
     step = state.step(step_index)
     decision = may_start_step(state.run.status, state.run.approved, step.status)
@@ -86,7 +90,9 @@ async def _execute(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
         return f"skipped-{step.status}"
     if decision.action == "wait_approval":
         await emit(env.db, state, "step.refused", decision.reason, step)
-        await publish_state(env.ctx, state, "Waiting for approval: comment `/approve` to let steps run.")
+        await publish_state(
+            env.ctx, state, "Waiting for approval: comment `/approve` to let steps run."
+        )
         return "not-approved"
     if decision.action == "stop":
         raise StepStopped(state.run.status)
@@ -105,9 +111,20 @@ async def _execute(env: JobEnv, run_id: int, step_index: int, reply_to: dict[str
         await _begin(env, state, step, decision, fresh)
     else:
         await _begin(env, state, step, decision)
-    work = StepWork(env, state, step, step_spec_of(spec, step_index), spec, workdir, reply_to, fresh=start is None)
+    work = StepWork(
+        env,
+        state,
+        step,
+        step_spec_of(spec, step_index),
+        spec,
+        workdir,
+        reply_to,
+        fresh=start is None,
+    )
     if start is not None:
-        work.sha = await _attempt_commit(env, state, workdir, start, step_marker(state.number, step_index))
+        work.sha = await _attempt_commit(
+            env, state, workdir, start, step_marker(state.number, step_index)
+        )
     if work.sha is None:
         if not await _run_and_commit(work):
             return "failed"
@@ -118,18 +135,31 @@ async def _waits_for_dependencies(env: JobEnv, state: RunState, step: StepRun) -
     """A step of a graph never starts before its dependencies are completed and merged, however
     its job came to be queued (a reclaim, a trigger, a stale command)."""
 
-    missing = missing_for(state, step.step_index) if step.status != StepStatus.RUNNING and parallel(state) else ()
+    missing = (
+        missing_for(state, step.step_index)
+        if step.status != StepStatus.RUNNING and parallel(state)
+        else ()
+    )
     if missing:
         waits = ", ".join(f"{i:02d}" for i in missing)
-        await emit(env.db, state, "step.refused", f"step {step.step_index:02d} waits for {waits}", step)
+        await emit(
+            env.db, state, "step.refused", f"step {step.step_index:02d} waits for {waits}", step
+        )
     return bool(missing)
 
 
 async def _budget_allows(
-    env: JobEnv, state: RunState, step: StepRun, spec: ProtocolSpec, decision: StartDecision, reply_to: dict[str, Any] | None
+    env: JobEnv,
+    state: RunState,
+    step: StepRun,
+    spec: ProtocolSpec,
+    decision: StartDecision,
+    reply_to: dict[str, Any] | None,
 ) -> bool:
     budget = budget_check_before_step(
-        env.settings.token_budget_mode, state.run.tokens_used, spec.max_tokens or env.settings.max_tokens_per_protocol or None
+        env.settings.token_budget_mode,
+        state.run.tokens_used,
+        spec.max_tokens or env.settings.max_tokens_per_protocol or None,
     )
     if budget.warn:
         await emit(env.db, state, "budget.warning", budget.reason, step)
@@ -138,7 +168,12 @@ async def _budget_allows(
     # the protocol waits for a human: from planned/failed it goes through running to blocked
     if decision.protocol_to_running:
         await _begin(env, state, step, StartDecision("start", "", True), step_too=False)
-    outcome = Outcome(message=budget.reason, protocol_to=ProtocolStatus.BLOCKED, run_state=dict(state.run.runtime_state or {}), ok=False)
+    outcome = Outcome(
+        message=budget.reason,
+        protocol_to=ProtocolStatus.BLOCKED,
+        run_state=dict(state.run.runtime_state or {}),
+        ok=False,
+    )
     await write_outcome(env, state, None, outcome, reply_to)
     return False
 
@@ -156,25 +191,42 @@ async def _begin(
     async with env.db.sessions.begin() as session:
         if runtime_state is not None:
             await session.execute(
-                update(StepRun).where(StepRun.id == step.id).values(runtime_state=runtime_state, updated_at=utcnow())
+                update(StepRun)
+                .where(StepRun.id == step.id)
+                .values(runtime_state=runtime_state, updated_at=utcnow())
             )
             step.runtime_state = runtime_state
         if decision.protocol_to_running:
             await transition(
-                session, ProtocolRun, state.run.id, ProtocolStatus.RUNNING, [state.run.status],
-                event_message=f"running step {index:02d}", known=known(state, state.run.status),
+                session,
+                ProtocolRun,
+                state.run.id,
+                ProtocolStatus.RUNNING,
+                [state.run.status],
+                event_message=f"running step {index:02d}",
+                known=known(state, state.run.status),
             )
             state.run.status = ProtocolStatus.RUNNING
         if step_too and decision.action == "start":
             if decision.reset_step:
                 await transition(
-                    session, StepRun, step.id, StepStatus.PENDING, [step.status],
-                    event_message="reset for a new attempt", known=known(state, step.status),
+                    session,
+                    StepRun,
+                    step.id,
+                    StepStatus.PENDING,
+                    [step.status],
+                    event_message="reset for a new attempt",
+                    known=known(state, step.status),
                 )
             now = utcnow()
             await transition(
-                session, StepRun, step.id, StepStatus.RUNNING, [StepStatus.PENDING],
-                values={"started_at": now, "finished_at": None}, event_message=f"step {index:02d} started",
+                session,
+                StepRun,
+                step.id,
+                StepStatus.RUNNING,
+                [StepStatus.PENDING],
+                values={"started_at": now, "finished_at": None},
+                event_message=f"step {index:02d} started",
                 known=known(state, StepStatus.PENDING),
             )
             step.status, step.started_at, step.finished_at = StepStatus.RUNNING, now, None
@@ -193,7 +245,9 @@ def attempt_start(step: StepRun) -> str | None:
     return start if isinstance(start, str) else None
 
 
-async def _attempt_commit(env: JobEnv, state: RunState, workdir: Path, start: str, marker: str) -> str | None:
+async def _attempt_commit(
+    env: JobEnv, state: RunState, workdir: Path, start: str, marker: str
+) -> str | None:
     """This attempt's step commit, made by a run of it that died before finishing."""
     found = await gitops.run_git(
         ["log", "--format=%H", "--fixed-strings", f"--grep={marker}", f"{start}..HEAD", "--"],
@@ -229,8 +283,11 @@ async def _run_and_commit(work: StepWork) -> bool:
     with (work.workdir / ".protocols" / state.run.protocol_name / "log.md").open("a") as fh:
         fh.write(
             log_entry(
-                when=utcnow(), event="executed", step_index=index,
-                tokens=result.usage.total, message=_first_line(result.final_message),
+                when=utcnow(),
+                event="executed",
+                step_index=index,
+                tokens=result.usage.total,
+                message=_first_line(result.final_message),
             )
         )
     env.crash_point("before_commit", state.run.id, index)
@@ -247,7 +304,9 @@ async def _run_and_commit(work: StepWork) -> bool:
 
 async def _send_in_progress(work: StepWork, head: str) -> None:
 
-    await report_state_check(work.env.ctx, work.state, work.step.step_index, "step", head, status="in_progress")
+    await report_state_check(
+        work.env.ctx, work.state, work.step.step_index, "step", head, status="in_progress"
+    )
 
 
 async def _execute_call(work: StepWork) -> EngineCall:
@@ -259,13 +318,24 @@ async def _execute_call(work: StepWork) -> EngineCall:
         "plan": read(root / "plan.md"),
         "context": read(root / "context.md"),
         "attempt": step.retries + 1,
-        # typed items (QA report, CI evidence, human guidance) as one section (bot/domain/fix_feedback.py)
+        # typed items (QA report, CI evidence, human guidance) as one section
+        # (bot/domain/fix_feedback.py)
         "feedback": render_feedback((step.runtime_state or {}).get("feedback")),
     }
     prompt = await step_prompt(work.env, state, s.prompt, "execute-step", values)
     return EngineCall(
-        phase="execute", prompt=prompt, workdir=work.workdir, step_spec=s, spec=work.spec, step=step,
-        context={"step_index": s.index, "slug": s.slug, "title": s.title, "attempt": step.retries + 1},
+        phase="execute",
+        prompt=prompt,
+        workdir=work.workdir,
+        step_spec=s,
+        spec=work.spec,
+        step=step,
+        context={
+            "step_index": s.index,
+            "slug": s.slug,
+            "title": s.title,
+            "attempt": step.retries + 1,
+        },
     )
 
 
@@ -282,26 +352,45 @@ async def _push_and_finish(work: StepWork) -> str:
             thread_usage=work.result.thread_usage.to_dict(),
         )
     after = budget_check_after_step(
-        env.settings.token_budget_mode, step.tokens_used, s.max_tokens or env.settings.max_tokens_per_step or None
+        env.settings.token_budget_mode,
+        step.tokens_used,
+        s.max_tokens or env.settings.max_tokens_per_step or None,
     )
     if after.warn:
         await emit(env.db, state, "budget.warning", after.reason, step)
     if not after.allow:
         outcome = Outcome(
-            message=after.reason, step_to=StepStatus.BLOCKED, protocol_to=ProtocolStatus.BLOCKED, step_state=step_state,
-            step_values={"finished_at": utcnow()}, run_state=dict(state.run.runtime_state or {}),
-            run_values={"head_sha": head}, check=Check("step", head, "failure", changed_files=changed), ok=False,
+            message=after.reason,
+            step_to=StepStatus.BLOCKED,
+            protocol_to=ProtocolStatus.BLOCKED,
+            step_state=step_state,
+            step_values={"finished_at": utcnow()},
+            run_state=dict(state.run.runtime_state or {}),
+            run_values={"head_sha": head},
+            check=Check("step", head, "failure", changed_files=changed),
+            ok=False,
         )
         await write_outcome(env, state, step.step_index, outcome, work.reply_to)
         return "budget-blocked"
-    # a step whose QA is skipped still waits for CI where the repository has CI (bot/domain/ci_gate.py)
-    decision = hold_for_ci(qa_decision(s, work.spec, env.settings.auto_qa_after_exec), gating(state.project, env.settings))
+    # a step whose QA is skipped still waits for CI where the repository has CI
+    # (bot/domain/ci_gate.py)
+    decision = hold_for_ci(
+        qa_decision(s, work.spec, env.settings.auto_qa_after_exec),
+        gating(state.project, env.settings),
+    )
 
     outcome = Outcome(
-        message=decision.reason, step_to=decision.status, step_state=step_state,
-        step_values={"finished_at": utcnow()}, run_values={"head_sha": head}, show_message=False,
-        check=Check("step", head, "success", changed_files=changed), ok=True,
-        publish=not (decision.status == StepStatus.COMPLETED and completion_follows(state, step.step_index)),
+        message=decision.reason,
+        step_to=decision.status,
+        step_state=step_state,
+        step_values={"finished_at": utcnow()},
+        run_values={"head_sha": head},
+        show_message=False,
+        check=Check("step", head, "success", changed_files=changed),
+        ok=True,
+        publish=not (
+            decision.status == StepStatus.COMPLETED and completion_follows(state, step.step_index)
+        ),
     )
     await write_outcome(env, state, step.step_index, outcome, work.reply_to)
     if decision.status == StepStatus.NEEDS_QA:
@@ -317,7 +406,11 @@ async def _stop_if_stopped_after_commit(work: StepWork) -> None:
         return
     start = (work.step.runtime_state or {}).get("attempt_head")
     if isinstance(start, str):  # the attempt is dropped, also a dead worker's commit of it
-        await gitops.run_git(["reset", "--hard", "--quiet", start], cwd=work.workdir, timeout=work.env.settings.git_timeout_s)
+        await gitops.run_git(
+            ["reset", "--hard", "--quiet", start],
+            cwd=work.workdir,
+            timeout=work.env.settings.git_timeout_s,
+        )
     raise StepStopped(status)
 
 

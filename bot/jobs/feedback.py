@@ -1,4 +1,5 @@
-"""Tell people what is happening: the status comment, check runs and the draft PR, from stored state."""
+"""Tell people what is happening: the status comment, check runs and the draft PR, from stored
+state."""
 
 from __future__ import annotations
 
@@ -65,14 +66,16 @@ def step_view(step: Any, page_url: str | None = None) -> StepView:
 
 
 def _attempt(step: Any) -> str | None:
-    """"attempt 2/3: why" for a step being redone (its loop bound from the stored StepSpec)."""
+    """ "attempt 2/3: why" for a step being redone (its loop bound from the stored StepSpec)."""
     attempt = int(getattr(step, "retries", 0) or 0) + 1
     if attempt <= 1:
         return None
     loop = (step.policy or {}).get("loop")
     bound = loop.get("max_iterations") if isinstance(loop, dict) else None
     why = (step.runtime_state or {}).get("attempt_why")
-    return attempt_text(attempt, bound if isinstance(bound, int) else None, why if isinstance(why, str) else None)
+    return attempt_text(
+        attempt, bound if isinstance(bound, int) else None, why if isinstance(why, str) else None
+    )
 
 
 def protocol_view(
@@ -83,7 +86,14 @@ def protocol_view(
 ) -> ProtocolView:
     """The status comment's view; `public_url` adds console links (none without it)."""
     run = state.run
-    current = next((s.step_index for s in state.steps if s.status in (StepStatus.RUNNING, StepStatus.NEEDS_QA)), None)
+    current = next(
+        (
+            s.step_index
+            for s in state.steps
+            if s.status in (StepStatus.RUNNING, StepStatus.NEEDS_QA)
+        ),
+        None,
+    )
     if current is None:
         current = next((s.step_index for s in state.steps if s.status == StepStatus.PENDING), None)
     return ProtocolView(
@@ -114,10 +124,16 @@ def graph_picture(state: RunState) -> str | None:
     if not graph.runs_in_parallel(config):
         return None
     views = {
-        s.step_index: graph.StepView(s.status, (s.runtime_state or {}).get("integrated_attempt") == s.retries)
+        s.step_index: graph.StepView(
+            s.status, (s.runtime_state or {}).get("integrated_attempt") == s.retries
+        )
         for s in state.steps
     }
-    return graph.mermaid(graph.dependencies_of_config(config), views, {s.step_index: s.summary or "" for s in state.steps})
+    return graph.mermaid(
+        graph.dependencies_of_config(config),
+        views,
+        {s.step_index: s.summary or "" for s in state.steps},
+    )
 
 
 def forge_of(ctx: dict[str, Any], state: RunState) -> Forge:

@@ -74,17 +74,23 @@ async def merge(env: JobEnv, workdir: Path, ref: str, message: str | None) -> li
     )  # fmt: skip
     if res.returncode == 0:
         return []
-    listed = await gitops.run_git(["diff", "-z", "--name-only", "--diff-filter=U"], cwd=workdir, timeout=s.git_timeout_s)
+    listed = await gitops.run_git(
+        ["diff", "-z", "--name-only", "--diff-filter=U"], cwd=workdir, timeout=s.git_timeout_s
+    )
     conflicts = [p for p in listed.out.split("\0") if p]  # NUL-separated: names may hold spaces
     if message is not None:
-        await gitops.run_git(["merge", "--abort"], cwd=workdir, timeout=s.git_timeout_s, check=False)
+        await gitops.run_git(
+            ["merge", "--abort"], cwd=workdir, timeout=s.git_timeout_s, check=False
+        )
     if not conflicts:
         said = next((line for line in (res.err or res.out).splitlines() if line.strip()), "")
         raise GitError(f"git merge of {ref} failed: {said}")
     return conflicts
 
 
-async def integrate_step(env: JobEnv, state: RunState, step_index: int, merged: list[str] | None = None) -> str:
+async def integrate_step(
+    env: JobEnv, state: RunState, step_index: int, merged: list[str] | None = None
+) -> str:
     """Merge the step's branch into the protocol branch: "merged", "conflict" or "nothing".
 
     The merged child branches are appended to `merged` for the caller to delete once it let go
@@ -96,14 +102,23 @@ async def integrate_step(env: JobEnv, state: RunState, step_index: int, merged: 
         return "nothing"
     child = child_branch(state.run.protocol_name, step_index)
     workdir = await env.worktree(state)  # the protocol branch, fetched
-    await gitops.run_git(["reset", "--hard", "--quiet", "HEAD"], cwd=workdir, timeout=env.settings.git_timeout_s)
+    await gitops.run_git(
+        ["reset", "--hard", "--quiet", "HEAD"], cwd=workdir, timeout=env.settings.git_timeout_s
+    )
     ref = gitops.remote_ref(child)
-    await emit(env.db, state, "step.integrating", f"merging step {step_index:02d} into the protocol branch", step)
+    await emit(
+        env.db,
+        state,
+        "step.integrating",
+        f"merging step {step_index:02d} into the protocol branch",
+        step,
+    )
     if not await _exists(env, workdir, ref):
         await _mark(env, state, step_index, None)  # accepted by a human without a branch
         return "nothing"
     title = state.step(step_index).summary or f"step {step_index:02d}"
-    message = f"merge: step {step_index:02d} {title} into {state.run.protocol_name}\n\n{merge_trailer(state.number, step_index)}\n"
+    trailer = merge_trailer(state.number, step_index)
+    message = f"merge: step {step_index:02d} {title} into {state.run.protocol_name}\n\n{trailer}\n"
     conflicts = await merge(env, workdir, ref, message)
     if conflicts:
         await add_integration_step(env, state, step_index, conflicts)
@@ -128,12 +143,17 @@ async def integrate_step(env: JobEnv, state: RunState, step_index: int, merged: 
 
 
 def done_steps(branches: list[str], state: RunState) -> set[int]:
-    return {int(b.rsplit("--", 1)[1]) for b in branches if b.startswith(state.run.protocol_name + "--")}
+    return {
+        int(b.rsplit("--", 1)[1]) for b in branches if b.startswith(state.run.protocol_name + "--")
+    }
 
 
 async def _exists(env: JobEnv, workdir: Path, ref: str) -> bool:
     res = await gitops.run_git(
-        ["rev-parse", "--verify", "--quiet", ref + "^{commit}"], cwd=workdir, timeout=env.settings.git_timeout_s, check=False
+        ["rev-parse", "--verify", "--quiet", ref + "^{commit}"],
+        cwd=workdir,
+        timeout=env.settings.git_timeout_s,
+        check=False,
     )
     return res.returncode == 0
 
@@ -143,7 +163,14 @@ async def _mark(env: JobEnv, state: RunState, step_index: int, head: str | None)
     rs = {**(step.runtime_state or {}), "integrated_attempt": step.retries, "merge_sha": head}
     await update_step(env.db, step.id, runtime_state=rs)
     step.runtime_state = rs
-    await emit(env.db, state, "step.integrated", f"step {step_index:02d} merged into the protocol branch", step, sha=head)
+    await emit(
+        env.db,
+        state,
+        "step.integrated",
+        f"step {step_index:02d} merged into the protocol branch",
+        step,
+        sha=head,
+    )
 
 
 async def drop_child(env: JobEnv, state: RunState, branch: str) -> None:
@@ -158,14 +185,19 @@ async def drop_child(env: JobEnv, state: RunState, branch: str) -> None:
             credential_hosts=env.git.credential_hosts,
         )  # fmt: skip
         await gitops.run_git(
-            ["update-ref", "-d", gitops.remote_ref(branch)], cwd=workdir, timeout=env.settings.git_timeout_s, check=False
+            ["update-ref", "-d", gitops.remote_ref(branch)],
+            cwd=workdir,
+            timeout=env.settings.git_timeout_s,
+            check=False,
         )
         await env.git.remove_worktree(state.project.git_url, branch)
     except Exception:  # the merge stands: a branch left behind is only untidy
         log.warning("could not delete branch %s", branch, exc_info=True)
 
 
-async def add_integration_step(env: JobEnv, state: RunState, step_index: int, conflicts: list[str]) -> int:
+async def add_integration_step(
+    env: JobEnv, state: RunState, step_index: int, conflicts: list[str]
+) -> int:
     """A new step that merges `step_index`'s branch into the protocol branch by hand."""
     spec = spec_of(state)
     source = spec.step(step_index)
@@ -173,25 +205,45 @@ async def add_integration_step(env: JobEnv, state: RunState, step_index: int, co
     slug = f"integrate-{step_index:02d}"
     file = step_file_name(index, slug)
     new = StepSpec(
-        index=index, slug=slug, title=f"Integrate step {step_index:02d}: {source.title}"[:200], file=file,
-        qa=source.qa, outputs=OutputsSpec(protocol=f"{spec_dir(spec)}/{file}"), step_type="integration",
-        commit_type="fix", engine=source.engine, model=source.model,
+        index=index,
+        slug=slug,
+        title=f"Integrate step {step_index:02d}: {source.title}"[:200],
+        file=file,
+        qa=source.qa,
+        outputs=OutputsSpec(protocol=f"{spec_dir(spec)}/{file}"),
+        step_type="integration",
+        commit_type="fix",
+        engine=source.engine,
+        model=source.model,
         depends_on=spec.dependencies()[step_index],
-    )  # fmt: skip
+    )
     grown = validate_spec(spec_to_dict(dataclasses.replace(spec, steps=(*spec.steps, new))))
     await update_run(env.db, state.run.id, template_config=spec_to_dict(grown))
     await sync_steps(env.db, state.run.id, grown)
     fresh = await load_run(env.db, state.run.id)
-    await update_step(env.db, fresh.step(index).id, runtime_state={"integrates": step_index, "conflicts": conflicts})
+    await update_step(
+        env.db,
+        fresh.step(index).id,
+        runtime_state={"integrates": step_index, "conflicts": conflicts},
+    )
     src = fresh.step(step_index)
-    rs = {**(src.runtime_state or {}), "integration_step": index, "integration_attempt": src.retries}
+    rs = {
+        **(src.runtime_state or {}),
+        "integration_step": index,
+        "integration_attempt": src.retries,
+    }
     await update_step(env.db, src.id, runtime_state=rs)
     shown = ", ".join(conflicts[:10])
     await emit(
-        env.db, fresh, "step.conflict",
-        f"step {step_index:02d} conflicts with the protocol branch ({shown}): step {index:02d} integrates it",
-        src, conflicts=conflicts, integration_step=index,
-    )  # fmt: skip
+        env.db,
+        fresh,
+        "step.conflict",
+        f"step {step_index:02d} conflicts with the protocol branch ({shown}): "
+        f"step {index:02d} integrates it",
+        src,
+        conflicts=conflicts,
+        integration_step=index,
+    )
     return index
 
 
@@ -223,14 +275,19 @@ def intents(state: RunState, source: int, conflicts: list[str], root: Path) -> s
     spec = spec_of(state)
     ancestors = _ancestors(spec.dependencies(), source)
     merged = [
-        s for s in spec.steps
-        if s.index not in ancestors and s.index != source and s.step_type != "integration"
-        and (state.step(s.index).runtime_state or {}).get("integrated_attempt") == state.step(s.index).retries
-    ]  # fmt: skip
+        s
+        for s in spec.steps
+        if s.index not in ancestors
+        and s.index != source
+        and s.step_type != "integration"
+        and (state.step(s.index).runtime_state or {}).get("integrated_attempt")
+        == state.step(s.index).retries
+    ]
     mine = spec.step(source)
     parts = [
         f"# Integrate step {source:02d} into the protocol branch\n",
-        f"Step {source:02d}'s branch and the protocol branch changed the same lines. The merge is under "
+        f"Step {source:02d}'s branch and the protocol branch changed the same lines. "
+        "The merge is under "
         "way in this worktree; the conflicted files hold both sides between conflict markers:\n",
         *(f"- `{path}`" for path in conflicts),
         "\nResolve every conflict so that both intents below hold, remove every conflict marker, "
@@ -238,7 +295,10 @@ def intents(state: RunState, source: int, conflicts: list[str], root: Path) -> s
         f"## Step {source:02d} (being merged): {mine.title}\n\n{read(root / mine.file)}",
     ]
     for s in merged:
-        parts.append(f"## Step {s.index:02d} (already on the protocol branch): {s.title}\n\n{read(root / s.file)}")
+        parts.append(
+            f"## Step {s.index:02d} (already on the protocol branch): {s.title}\n\n"
+            f"{read(root / s.file)}"
+        )
     return "\n".join(parts) + "\n\n## Notes\n"
 
 

@@ -28,7 +28,6 @@ from bot.storage.runs import get_or_create_project, local_project_name
 async def local_runtime(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """The same ctx a worker has, with an in-process queue that only this process drains."""
     if settings.database_url.startswith("sqlite"):
-
         await asyncio.to_thread(upgrade_head, settings.database_url)
     # a CLI run is short: no background spare worktree that the exit would cut off
     local = settings.model_copy(update={"redis_url": "memory://", "warm_worktrees": False})
@@ -136,7 +135,8 @@ async def _print_events(
             usage = event.metadata_["usage"]
             extra = f" [{usage.get('input_tokens', 0) + usage.get('output_tokens', 0)} tokens]"
         printer(
-            f"[{int(elapsed) // 60:02d}:{elapsed % 60:04.1f}] {event.event_type:<22} {event.message}{extra}"
+            f"[{int(elapsed) // 60:02d}:{elapsed % 60:04.1f}] "
+            f"{event.event_type:<22} {event.message}{extra}"
         )
         after = max(after, event.id)
     return after

@@ -40,7 +40,10 @@ async def _if_ours(redis: Any, name: str, token: str, act: Callable[[Any, str], 
         try:
             await pipe.watch(key)
             current = await pipe.get(key)
-            if current is None or (current.decode() if isinstance(current, bytes) else current) != token:
+            if (
+                current is None
+                or (current.decode() if isinstance(current, bytes) else current) != token
+            ):
                 await pipe.reset()
                 return False
             pipe.multi()
@@ -53,7 +56,9 @@ async def _if_ours(redis: Any, name: str, token: str, act: Callable[[Any, str], 
 
 async def renew(redis: Any, name: str, token: str, ttl_s: float) -> bool:
     """Extend the TTL only while the key still holds our token."""
-    return await _if_ours(redis, name, token, lambda pipe, key: pipe.pexpire(key, int(ttl_s * 1000)))
+    return await _if_ours(
+        redis, name, token, lambda pipe, key: pipe.pexpire(key, int(ttl_s * 1000))
+    )
 
 
 async def lease_alive(redis: Any, run_id: int) -> bool:
@@ -61,7 +66,9 @@ async def lease_alive(redis: Any, run_id: int) -> bool:
     return bool(await redis.exists(LOCK_PREFIX + str(run_id)))
 
 
-async def _keep_renewing(redis: Any, name: str, token: str, ttl_s: float, every_s: float, stop: asyncio.Event) -> None:
+async def _keep_renewing(
+    redis: Any, name: str, token: str, ttl_s: float, every_s: float, stop: asyncio.Event
+) -> None:
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every_s)

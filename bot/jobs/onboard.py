@@ -1,4 +1,5 @@
-"""project_onboard: add the starter files (and optionally CI discovery) to a repository as a draft PR/MR."""
+"""project_onboard: add the starter files (and optionally CI discovery) to a repository as a draft
+PR/MR."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def discovery_prompt(repo: str, base_branch: str) -> str:
     """prompts/discovery.md filled in (it uses `$repo`, `$base_branch`, `$hooks`)."""
     hooks = "\n".join(f"- `{hook_path(h)}`" for h in HOOKS)
     return render_prompt(
-        "discovery", {"protocol": SETUP_BRANCH, "repo": repo, "base_branch": base_branch, "hooks": hooks}
+        "discovery",
+        {"protocol": SETUP_BRANCH, "repo": repo, "base_branch": base_branch, "hooks": hooks},
     )
 
 
@@ -84,16 +86,27 @@ async def run_discovery(
         model=model,
         sandbox="workspace-write",
         timeout_s=settings.engine_timeout_s,
-        context={"repo": repo, "base_branch": base_branch, "task": "CI discovery", "protocol": "setup"},
+        context={
+            "repo": repo,
+            "base_branch": base_branch,
+            "task": "CI discovery",
+            "protocol": "setup",
+        },
     )
     result: EngineResult = sanitize_result(await engine.run(request))
     if project is not None:
         await record_event(
             ctx["db"],
             f"discovery.{result.outcome}",
-            f"{engine_id} discovery: {result.outcome} in {result.duration_s:.1f}s, {result.usage.total} tokens",
+            f"{engine_id} discovery: {result.outcome} in {result.duration_s:.1f}s, "
+            f"{result.usage.total} tokens",
             project_id=project.id,
-            metadata={"engine": engine_id, "model": model, "usage": result.usage.to_dict(), "error": result.error},
+            metadata={
+                "engine": engine_id,
+                "model": model,
+                "usage": result.usage.to_dict(),
+                "error": result.error,
+            },
         )
     if not result.ok:
         raise EngineError(f"CI discovery failed: {result.error or result.outcome}")
@@ -143,11 +156,8 @@ async def project_onboard(
     forges = ctx["forges"]
     forge: Forge = forges.forge_for(project)
     repo = forges.repo_ref(project)
-    target = (
-        IssueRef(repo, int(reply_to["number"]), reply_to.get("kind", "issue"))
-        if reply_to and reply_to.get("number") is not None
-        else None
-    )
+    target = _reply_target(repo, reply_to)
+
     async def auth() -> str | None:  # asked before each fetch and push (discovery may be long)
         header: str | None = await forge.git_auth_header(repo)
         return header
@@ -156,33 +166,90 @@ async def project_onboard(
         present = await _present_on_base(ctx, project, auth)
         missing = missing_starter_files(present)
         if not missing and not run_discovery:
-            await record_event(db, "project.onboard_skipped", "every starter file is already on the base branch", project_id=project_id)
-            await _reply(forge, target, "This repository already has every DeksdenFlow starter file. Nothing to do.")
-            await count_job(ctx, "project_onboard", "nothing")
-            return "nothing"
+            await record_event(
+                db,
+                "project.onboard_skipped",
+                "every starter file is already on the base branch",
+                project_id=project_id,
+            )
+            return await _nothing(
+                ctx,
+                forge,
+                target,
+                "This repository already has every DeksdenFlow starter file. Nothing to do.",
+            )
         workdir, changed, discovered = await _proposal(ctx, project, missing, run_discovery, auth)
         added = [f.path for f in missing]
         if not changed:
-            await _reply(forge, target, "Nothing to propose: the starter files exist and discovery changed nothing.")
-            await count_job(ctx, "project_onboard", "nothing")
-            return "nothing"
-        head = await gitops.push(
-            workdir, SETUP_BRANCH, project.git_url, auth, force_with_lease=True,
-            credential_hosts=ctx["git"].credential_hosts,
+            return await _nothing(
+                ctx,
+                forge,
+                target,
+                "Nothing to propose: the starter files exist and discovery changed nothing.",
+            )
+        head, pull = await _push_and_open(
+            ctx, forge, repo, project, workdir, auth, added, discovered
         )
-        pull: PullRef = await forge.open_draft_pr(
-            repo, head=SETUP_BRANCH, base=project.base_branch, title=PR_TITLE, body=pr_body(added, discovered)
-        )
-        await forge.update_pr(pull, title=PR_TITLE, body=pr_body(added, discovered))
     except DeksdenFlowError as exc:
-        log.warning("onboarding %s failed: %s", project.name, exc)
-        await record_event(db, "project.onboard_failed", str(exc), project_id=project_id)
-        await _reply(forge, target, f"Setup failed: {exc}")
-        await count_job(ctx, "project_onboard", "failed")
-        return "failed"
+        return await _failed(ctx, forge, target, project, exc)
     await _proposed(ctx, forge, target, project_id, pull, added, discovered, head)
     await count_job(ctx, "project_onboard", "ok")
     return "ok"
+
+
+def _reply_target(repo: Any, reply_to: dict[str, Any] | None) -> IssueRef | None:
+    """Where the command that asked for onboarding was given (None: nowhere to answer)."""
+    if not reply_to or reply_to.get("number") is None:
+        return None
+    return IssueRef(repo, int(reply_to["number"]), reply_to.get("kind", "issue"))
+
+
+async def _failed(
+    ctx: dict[str, Any], forge: Forge, target: IssueRef | None, project: Project, exc: Exception
+) -> str:
+    """Onboarding could not finish: an event, a log line and the reason where it was asked."""
+    log.warning("onboarding %s failed: %s", project.name, exc)
+    await record_event(ctx["db"], "project.onboard_failed", str(exc), project_id=project.id)
+    await _reply(forge, target, f"Setup failed: {exc}")
+    await count_job(ctx, "project_onboard", "failed")
+    return "failed"
+
+
+async def _nothing(ctx: dict[str, Any], forge: Forge, target: IssueRef | None, text: str) -> str:
+    """Nothing to propose: say so where the command was given."""
+    await _reply(forge, target, text)
+    await count_job(ctx, "project_onboard", "nothing")
+    return "nothing"
+
+
+async def _push_and_open(
+    ctx: dict[str, Any],
+    forge: Forge,
+    repo: Any,
+    project: Project,
+    workdir: Any,
+    auth: Any,
+    added: list[str],
+    discovered: Any,
+) -> tuple[str, PullRef]:
+    """Push the setup branch (with a lease) and open, or refresh, its draft PR/MR."""
+    head = await gitops.push(
+        workdir,
+        SETUP_BRANCH,
+        project.git_url,
+        auth,
+        force_with_lease=True,
+        credential_hosts=ctx["git"].credential_hosts,
+    )
+    pull: PullRef = await forge.open_draft_pr(
+        repo,
+        head=SETUP_BRANCH,
+        base=project.base_branch,
+        title=PR_TITLE,
+        body=pr_body(added, discovered),
+    )
+    await forge.update_pr(pull, title=PR_TITLE, body=pr_body(added, discovered))
+    return head, pull
 
 
 async def _proposed(
@@ -214,7 +281,11 @@ async def _proposed(
 
 
 async def _proposal(
-    ctx: dict[str, Any], project: Project, missing: list[StarterFile], run_discovery: bool, auth: gitops.Auth
+    ctx: dict[str, Any],
+    project: Project,
+    missing: list[StarterFile],
+    run_discovery: bool,
+    auth: gitops.Auth,
 ) -> tuple[Path, bool, list[str] | None]:
     """The setup branch rebuilt from the base with the missing files (and discovery's edits).
 
@@ -239,7 +310,9 @@ async def _proposal(
     return workdir, await gitops.head_sha(workdir) != start, discovered
 
 
-async def run_discovery_job_step(ctx: dict[str, Any], workdir: Path, project: Project) -> EngineResult:
+async def run_discovery_job_step(
+    ctx: dict[str, Any], workdir: Path, project: Project
+) -> EngineResult:
     return await run_discovery(
         ctx, workdir, repo=project.name, base_branch=project.base_branch, project=project
     )
@@ -252,6 +325,7 @@ async def codemachine_prepare(ctx: dict[str, Any], *, protocol_run_id: int) -> s
     Runs inside the step runner's boundary: the protocol's lease, and a failure that ends the
     planning `failed` with its reason instead of leaving it `planning`.
     """
+
     async def body(env: JobEnv) -> str:
         return await _write_imported(env, protocol_run_id)
 
@@ -264,32 +338,48 @@ async def _write_imported(env: JobEnv, protocol_run_id: int) -> str:
     if state.run.status not in (ProtocolStatus.PENDING, ProtocolStatus.PLANNING):
         return f"skipped-{state.run.status}"
     if state.run.status == ProtocolStatus.PENDING:
-        await set_protocol_status(db, protocol_run_id, ProtocolStatus.PLANNING, "writing the imported protocol")
+        await set_protocol_status(
+            db, protocol_run_id, ProtocolStatus.PLANNING, "writing the imported protocol"
+        )
     runtime = dict(state.run.runtime_state or {})
     imported = dict(runtime.get("codemachine") or {})
     files: dict[str, str] = imported.get("files") or {}
     workdir = await env.worktree(state)
     name = state.run.protocol_name
-    if await gitops.has_commit_with_trailer(workdir, step_marker(state.number, 0), state.run.base_branch) is None:
+    if (
+        await gitops.has_commit_with_trailer(
+            workdir, step_marker(state.number, 0), state.run.base_branch
+        )
+        is None
+    ):
         for rel, content in files.items():
             target = workdir / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(content, encoding="utf-8")
         await gitops.commit_all(
-            workdir, plan_commit_message(state.run.description, state.number), settings.bot_name, settings.bot_email
+            workdir,
+            plan_commit_message(state.run.description, state.number),
+            settings.bot_name,
+            settings.bot_email,
         )
     head = await env.push(state, workdir)
     # the files now live on the branch; keep only the list in the database
     imported["files"] = sorted(files)
-    await update_run(db, protocol_run_id, head_sha=head, runtime_state={**runtime, "codemachine": imported})
-    await set_protocol_status(db, protocol_run_id, ProtocolStatus.PLANNED, f"imported {len(state.steps)} steps")
+    await update_run(
+        db, protocol_run_id, head_sha=head, runtime_state={**runtime, "codemachine": imported}
+    )
+    await set_protocol_status(
+        db, protocol_run_id, ProtocolStatus.PLANNED, f"imported {len(state.steps)} steps"
+    )
     body = draft_pr_body(
         protocol_name=name,
         task=state.run.description,
         issue_number=state.run.issue_number,
         plan_files=sorted(f for f in files if f.startswith(f".protocols/{name}/")),
     )
-    pull = await open_or_update_pr(ctx, protocol_run_id, pr_title(name, state.run.description), body)
+    pull = await open_or_update_pr(
+        ctx, protocol_run_id, pr_title(name, state.run.description), body
+    )
     if pull is not None:
         await update_run(db, protocol_run_id, pr_number=pull.number, pr_url=pull.url)
     await publish_status(ctx, protocol_run_id)

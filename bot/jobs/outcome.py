@@ -107,8 +107,11 @@ async def _store(env: JobEnv, state: RunState, step: StepRun | None, outcome: Ou
         if outcome.event:
             session.add(
                 new_event(
-                    outcome.event, outcome.event_message or outcome.message, project_id=state.project.id,
-                    protocol_run_id=run.id, step_run_id=step.id if step else None,
+                    outcome.event,
+                    outcome.event_message or outcome.message,
+                    project_id=state.project.id,
+                    protocol_run_id=run.id,
+                    step_run_id=step.id if step else None,
                     metadata=outcome.event_metadata,
                 )
             )
@@ -119,8 +122,14 @@ async def _store(env: JobEnv, state: RunState, step: StepRun | None, outcome: Ou
                 step_values["runtime_state"] = step.runtime_state
             if outcome.step_to and can_transition_step(step.status, outcome.step_to):
                 await transition(
-                    session, StepRun, step.id, outcome.step_to, [step.status],
-                    values=step_values, event_message=outcome.message, known=known(state, step.status),
+                    session,
+                    StepRun,
+                    step.id,
+                    outcome.step_to,
+                    [step.status],
+                    values=step_values,
+                    event_message=outcome.message,
+                    known=known(state, step.status),
                 )
                 step.status = outcome.step_to
             elif step_values:
@@ -135,8 +144,14 @@ async def _store(env: JobEnv, state: RunState, step: StepRun | None, outcome: Ou
             run_values["runtime_state"] = run.runtime_state
         if outcome.protocol_to and can_transition_protocol(run.status, outcome.protocol_to):
             await transition(
-                session, ProtocolRun, run.id, outcome.protocol_to, [run.status],
-                values=run_values, event_message=outcome.message, known=known(state, run.status),
+                session,
+                ProtocolRun,
+                run.id,
+                outcome.protocol_to,
+                [run.status],
+                values=run_values,
+                event_message=outcome.message,
+                known=known(state, run.status),
             )
             run.status = outcome.protocol_to
         elif run_values:
@@ -146,7 +161,9 @@ async def _store(env: JobEnv, state: RunState, step: StepRun | None, outcome: Ou
 async def _update(session: Any, model: Any, row_id: int, values: dict[str, Any]) -> None:
     from sqlalchemy import update
 
-    await session.execute(update(model).where(model.id == row_id).values(updated_at=utcnow(), **values))
+    await session.execute(
+        update(model).where(model.id == row_id).values(updated_at=utcnow(), **values)
+    )
 
 
 def known(state: RunState, status: str) -> KnownRow:
@@ -154,8 +171,11 @@ def known(state: RunState, status: str) -> KnownRow:
     return KnownRow(status=status, run_id=state.run.id, project_id=state.project.id)
 
 
-def failure(state: RunState, step_index: int | None, message: str, head_sha: str | None = None) -> Outcome:
-    """The outcome of an error a job could not recover from (see bot.domain.states.failure_statuses)."""
+def failure(
+    state: RunState, step_index: int | None, message: str, head_sha: str | None = None
+) -> Outcome:
+    """The outcome of an error a job could not recover from (see
+    bot.domain.states.failure_statuses)."""
     step = state.step(step_index) if step_index is not None else None
     wanted = failure_statuses(state.run.status, step.status if step else None)
     check = Check("step", head_sha, conclusion="failure") if head_sha and step else None
@@ -181,4 +201,6 @@ async def write_failure(
     reply_to: dict[str, Any] | None = None,
 ) -> None:
     """Fail the step and block the protocol (or fail its planning) with a one-line reason."""
-    await write_outcome(env, state, step_index, failure(state, step_index, message, head_sha), reply_to)
+    await write_outcome(
+        env, state, step_index, failure(state, step_index, message, head_sha), reply_to
+    )

@@ -47,7 +47,9 @@ def planning_schema() -> dict[str, Any]:
     return data
 
 
-def protocol_files(spec: ProtocolSpec, planning: PlanningOutput, details: dict[int, str]) -> dict[str, str]:
+def protocol_files(
+    spec: ProtocolSpec, planning: PlanningOutput, details: dict[int, str]
+) -> dict[str, str]:
     """The files planning writes under `.protocols/<name>/` (pure)."""
     files = {
         "plan.md": planning.plan,
@@ -61,7 +63,9 @@ def protocol_files(spec: ProtocolSpec, planning: PlanningOutput, details: dict[i
     return files
 
 
-async def plan_protocol(ctx: dict[str, Any], *, protocol_run_id: int, reply_to: dict[str, Any] | None = None) -> str:
+async def plan_protocol(
+    ctx: dict[str, Any], *, protocol_run_id: int, reply_to: dict[str, Any] | None = None
+) -> str:
     async def body(env: JobEnv) -> str:
         return await _plan(env, protocol_run_id, reply_to)
 
@@ -90,11 +94,16 @@ async def _plan(env: JobEnv, run_id: int, reply_to: dict[str, Any] | None) -> st
         return "failed"
     head = await env.push(state, workdir)
     await update_run(
-        env.db, run_id, template_config=spec_to_dict(spec), head_sha=head,
+        env.db,
+        run_id,
+        template_config=spec_to_dict(spec),
+        head_sha=head,
         protocol_root=f".protocols/{state.run.protocol_name}",
     )
     await sync_steps(env.db, run_id, spec)
-    await set_protocol_status(env.db, run_id, ProtocolStatus.PLANNED, f"planned {len(spec.steps)} steps")
+    await set_protocol_status(
+        env.db, run_id, ProtocolStatus.PLANNED, f"planned {len(spec.steps)} steps"
+    )
     await _announce(env, await load_run(env.db, run_id), spec, reply_to)
     return "planned"
 
@@ -136,19 +145,28 @@ async def _planning_failed(
     await write_outcome(env, state, None, outcome, reply_to)
 
 
-async def _announce(env: JobEnv, state: RunState, spec: ProtocolSpec, reply_to: dict[str, Any] | None) -> None:
+async def _announce(
+    env: JobEnv, state: RunState, spec: ProtocolSpec, reply_to: dict[str, Any] | None
+) -> None:
     """The draft PR, the status comment, the reaction, and the first step of an auto protocol."""
     name = state.run.protocol_name
     plan_files = [f".protocols/{name}/{f}" for f in ("plan.md", "context.md", "log.md", SETUP_FILE)]
     plan_files += [f".protocols/{name}/{s.file}" for s in spec.steps]
     body = draft_pr_body(
-        protocol_name=name, task=state.run.description, issue_number=state.run.issue_number, plan_files=plan_files
+        protocol_name=name,
+        task=state.run.description,
+        issue_number=state.run.issue_number,
+        plan_files=plan_files,
     )
-    pull = await open_or_update_pr(env.ctx, state, pr_title(name, spec.task or state.run.description), body)
+    pull = await open_or_update_pr(
+        env.ctx, state, pr_title(name, spec.task or state.run.description), body
+    )
     if pull is not None:
         await update_run(env.db, state.run.id, pr_number=pull.number, pr_url=pull.url)
         state.run.pr_number, state.run.pr_url = pull.number, pull.url
-    await write_outcome(env, state, None, Outcome(message="", show_message=False, ok=True), reply_to)
+    await write_outcome(
+        env, state, None, Outcome(message="", show_message=False, ok=True), reply_to
+    )
     if state.run.auto_mode:
         await update_run(env.db, state.run.id, approved=True)
         await enqueue_next_step(env.ctx, state.run.id, state)
@@ -160,13 +178,19 @@ async def _planning_calls(
     values = _planning_values(state)
     prompt = render_prompt("planning", values, await prompt_override(env, state, "planning"))
     call = EngineCall(
-        phase="planning", prompt=prompt, workdir=workdir, output_schema=planning_schema(), sandbox="read-only"
+        phase="planning",
+        prompt=prompt,
+        workdir=workdir,
+        output_schema=planning_schema(),
+        sandbox="read-only",
     )
     result = await run_engine(env, state, call)
     if not result.ok:
         raise EngineError(f"planning engine {result.outcome}: {result.error or 'no detail'}")
     planning = await _validated(env, state, call, result)
-    spec = spec_from_planning(state.run.protocol_name, state.run.description, planning, _defaults(env, state))
+    spec = spec_from_planning(
+        state.run.protocol_name, state.run.description, planning, _defaults(env, state)
+    )
     details = await _decompose(env, state, workdir, spec, planning, values)
     return spec, planning, details
 
@@ -202,7 +226,9 @@ def _reply(result: EngineResult) -> Any:
     return result.structured if result.structured is not None else result.final_message
 
 
-async def _validated(env: JobEnv, state: RunState, call: EngineCall, result: EngineResult) -> PlanningOutput:
+async def _validated(
+    env: JobEnv, state: RunState, call: EngineCall, result: EngineResult
+) -> PlanningOutput:
     """The planning reply validated, after one repair turn in the same thread if needed."""
     try:
         return validate_planning_output(_reply(result))
@@ -212,11 +238,19 @@ async def _validated(env: JobEnv, state: RunState, call: EngineCall, result: Eng
             + "\n".join(f"- {e}" for e in (first.errors or [str(first)]))
             + "\nReply again with only the corrected JSON object."
         )
-        await emit(env.db, state, "planning.repair", "planning output invalid; asking for a repair", errors=first.errors)
+        await emit(
+            env.db,
+            state,
+            "planning.repair",
+            "planning output invalid; asking for a repair",
+            errors=first.errors,
+        )
     call.prompt, call.resume, call.previous_usage = repair, result.thread_id, result.thread_usage
     again = await run_engine(env, state, call)
     if not again.ok:
-        raise EngineError(f"planning repair {again.outcome}: {again.error or 'no detail'}") from None
+        raise EngineError(
+            f"planning repair {again.outcome}: {again.error or 'no detail'}"
+        ) from None
     return validate_planning_output(_reply(again))
 
 
@@ -250,7 +284,11 @@ async def _decompose(
             spec=spec,
             sandbox="read-only",
             output_schema=decompose_schema(),
-            context={"step_index": step_spec.index, "slug": step_spec.slug, "title": step_spec.title},
+            context={
+                "step_index": step_spec.index,
+                "slug": step_spec.slug,
+                "title": step_spec.title,
+            },
         )
         detail = await run_engine(env, state, call)
         # only the schema's JSON replaces the planned step; chat text never does

@@ -69,7 +69,10 @@ async def run_quality(
     reclaim: bool = False,
 ) -> str:
     async def body(env: JobEnv) -> str:
-        if reclaim and qa_in_progress((await load_run(env.db, protocol_run_id)).step(step_index)) is None:
+        if (
+            reclaim
+            and qa_in_progress((await load_run(env.db, protocol_run_id)).step(step_index)) is None
+        ):
             return "skipped-qa-done"  # a verdict was written after the reclaim cron looked
         return await _quality(env, protocol_run_id, step_index, reply_to, reclaim)
 
@@ -81,18 +84,34 @@ async def run_quality(
 
 
 async def _quality(
-    env: JobEnv, run_id: int, step_index: int, reply_to: dict[str, Any] | None, reclaim: bool = False
+    env: JobEnv,
+    run_id: int,
+    step_index: int,
+    reply_to: dict[str, Any] | None,
+    reclaim: bool = False,
 ) -> str:
     state = await load_run(env.db, run_id)
     step = state.step(step_index)
     if step.status not in (StepStatus.NEEDS_QA, StepStatus.COMPLETED):
         await emit(env.db, state, "qa.refused", f"step {step_index:02d} is {step.status}", step)
         return f"skipped-{step.status}"
-    if state.run.status not in (ProtocolStatus.RUNNING, ProtocolStatus.PLANNED, ProtocolStatus.BLOCKED):
+    if state.run.status not in (
+        ProtocolStatus.RUNNING,
+        ProtocolStatus.PLANNED,
+        ProtocolStatus.BLOCKED,
+    ):
         await emit(env.db, state, "qa.refused", f"protocol is {state.run.status}", step)
         return f"refused-{state.run.status}"
     spec = spec_of(state)
-    work = QAWork(env, state, step, step_spec_of(spec, step_index), spec, await env.worktree(state, step_index), reply_to)
+    work = QAWork(
+        env,
+        state,
+        step,
+        step_spec_of(spec, step_index),
+        spec,
+        await env.worktree(state, step_index),
+        reply_to,
+    )
     taken_back = qa_in_progress(step) if reclaim else None
     if taken_back:  # what the dead worker left uncommitted is not this run's
         await discard_changes(env, state, work.workdir, step_index)
@@ -111,7 +130,10 @@ async def _quality(
         sha, head = await _commit_report(work, report, verdict)
     attempts = int((step.runtime_state or {}).get("qa_attempts", 0)) + 1
     step_state = {
-        "qa_verdict": verdict, "qa_attempts": attempts, "qa_report": report[-4000:], "qa_commit": sha,
+        "qa_verdict": verdict,
+        "qa_attempts": attempts,
+        "qa_report": report[-4000:],
+        "qa_commit": sha,
         "qa_running": None,
     }
     if verdict == "PASS":
@@ -123,7 +145,9 @@ async def _judge(work: QAWork, last: CommitInfo) -> tuple[str, str, str]:
     """The QA engine turn: verdict, why, and the report to commit."""
     result = await run_engine(work.env, work.state, await _qa_call(work, last))
     # strict: only the last line outside fences and quotes counts (bot/domain/policies.py)
-    verdict, why = explain_verdict(result.final_message) if result.ok else ("FAIL", f"engine {result.outcome}")
+    verdict, why = (
+        explain_verdict(result.final_message) if result.ok else ("FAIL", f"engine {result.outcome}")
+    )
     title = f"# Quality report — step {work.step.step_index:02d}: {work.step_spec.title}"
     report = cap_report(f"{title}\n\n{result.final_message.strip() or result.error or ''}\n")
     work.env.crash_point("qa_before_commit", work.state.run.id, work.step.step_index)
@@ -134,14 +158,25 @@ async def _earlier_report(work: QAWork, start: str) -> tuple[str, str] | None:
     """(sha, report) of the QA-report commit a dead worker made after `start`, on this branch."""
     state, index, timeout = work.state, work.step.step_index, work.env.settings.git_timeout_s
     found = await gitops.run_git(
-        ["log", "--format=%H", "--fixed-strings", f"--grep={qa_marker(state.number, index)}", f"{start}..HEAD", "--"],
-        cwd=work.workdir, timeout=timeout, check=False,
+        [
+            "log",
+            "--format=%H",
+            "--fixed-strings",
+            f"--grep={qa_marker(state.number, index)}",
+            f"{start}..HEAD",
+            "--",
+        ],
+        cwd=work.workdir,
+        timeout=timeout,
+        check=False,
     )
     shas = found.out.split() if found.returncode == 0 else []
     if not shas:
         return None
     path = f".protocols/{state.run.protocol_name}/{QA_REPORT}"
-    shown = await gitops.run_git(["show", f"{shas[0]}:{path}"], cwd=work.workdir, timeout=timeout, check=False)
+    shown = await gitops.run_git(
+        ["show", f"{shas[0]}:{path}"], cwd=work.workdir, timeout=timeout, check=False
+    )
     return (shas[0], shown.out) if shown.returncode == 0 and shown.out.strip() else None
 
 
@@ -150,18 +185,32 @@ async def _begin(env: JobEnv, state: RunState, step: StepRun, start: str) -> Non
     The step keeps where this QA run started until its verdict: a dead worker's QA is found."""
     async with env.db.sessions.begin() as session:
         rs = {**(step.runtime_state or {}), "qa_running": start}
-        await session.execute(update(StepRun).where(StepRun.id == step.id).values(runtime_state=rs, updated_at=utcnow()))
+        await session.execute(
+            update(StepRun)
+            .where(StepRun.id == step.id)
+            .values(runtime_state=rs, updated_at=utcnow())
+        )
         step.runtime_state = rs
         if step.status == StepStatus.COMPLETED:
             await transition(
-                session, StepRun, step.id, StepStatus.NEEDS_QA, [StepStatus.COMPLETED],
-                event_message="QA requested again", known=known(state, StepStatus.COMPLETED),
+                session,
+                StepRun,
+                step.id,
+                StepStatus.NEEDS_QA,
+                [StepStatus.COMPLETED],
+                event_message="QA requested again",
+                known=known(state, StepStatus.COMPLETED),
             )
             step.status = StepStatus.NEEDS_QA
         if state.run.status in (ProtocolStatus.BLOCKED, ProtocolStatus.PLANNED):
             await transition(
-                session, ProtocolRun, state.run.id, ProtocolStatus.RUNNING, [state.run.status],
-                event_message=f"QA of step {step.step_index:02d}", known=known(state, state.run.status),
+                session,
+                ProtocolRun,
+                state.run.id,
+                ProtocolStatus.RUNNING,
+                [state.run.status],
+                event_message=f"QA of step {step.step_index:02d}",
+                known=known(state, state.run.status),
             )
             state.run.status = ProtocolStatus.RUNNING
 
@@ -169,9 +218,13 @@ async def _begin(env: JobEnv, state: RunState, step: StepRun, start: str) -> Non
 async def _qa_call(work: QAWork, last: CommitInfo) -> EngineCall:
     state, s = work.state, work.step_spec
     root = work.workdir / ".protocols" / state.run.protocol_name
-    status_lines = "\n".join(f"{e.code} {e.path}" for e in await gitops.status_porcelain(work.workdir)) or "(clean)"
+    status_lines = (
+        "\n".join(f"{e.code} {e.path}" for e in await gitops.status_porcelain(work.workdir))
+        or "(clean)"
+    )
     changes = (
-        f"git status:\n{status_lines}\n\nlast commit {last.sha[:12]}: {last.message}\n{last.stat}\n\n"
+        f"git status:\n{status_lines}\n\n"
+        f"last commit {last.sha[:12]}: {last.message}\n{last.stat}\n\n"
         f"plan.md:\n{read(root / 'plan.md')}\n\ncontext.md:\n{read(root / 'context.md')}\n\n"
         f"log.md:\n{read(root / 'log.md')}"
     )
@@ -184,7 +237,12 @@ async def _qa_call(work: QAWork, last: CommitInfo) -> EngineCall:
     prompt = await step_prompt(work.env, state, s.qa.prompt, "quality-validator", values)
     attempt = int((work.step.runtime_state or {}).get("qa_attempts", 0)) + 1
     return EngineCall(
-        phase="qa", prompt=prompt, workdir=work.workdir, step_spec=s, spec=work.spec, step=work.step,
+        phase="qa",
+        prompt=prompt,
+        workdir=work.workdir,
+        step_spec=s,
+        spec=work.spec,
+        step=work.step,
         sandbox="read-only",
         context={"step_index": s.index, "slug": s.slug, "title": s.title, "qa_attempt": attempt},
     )
@@ -196,7 +254,9 @@ async def _commit_report(work: QAWork, report: str, verdict: str) -> tuple[str |
     message = commit_message(
         "test", "qa", f"quality report for step {index:02d}: {verdict}", state.number, index
     ).replace(step_marker(state.number, index), qa_marker(state.number, index))
-    sha = await gitops.commit_all(work.workdir, message, env.settings.bot_name, env.settings.bot_email)
+    sha = await gitops.commit_all(
+        work.workdir, message, env.settings.bot_name, env.settings.bot_email
+    )
     env.crash_point("qa_after_commit", state.run.id, index)
     head = await env.push(state, work.workdir, index)
     return sha, head
@@ -213,9 +273,12 @@ def _verdict_event(work: QAWork, verdict: str, head: str, why: str) -> dict[str,
     }
 
 
-async def _passed(work: QAWork, head: str, report: str, step_state: dict[str, Any], why: str) -> str:
+async def _passed(
+    work: QAWork, head: str, report: str, step_state: dict[str, Any], why: str
+) -> str:
     env, index, run_id = work.env, work.step.step_index, work.state.run.id
-    # the CI gate (bot/domain/ci_gate.py): where the repository has CI, green CI on this attempt too;
+    # the CI gate (bot/domain/ci_gate.py): where the repository has CI, green CI on this attempt
+    # too;
     # it completes the step or leaves it waiting, under the lock CI results take as well
     verdict = _verdict_event(work, "PASS", head, why)
     # the verdict reads before the transition it causes, as every outcome's event does
@@ -226,7 +289,9 @@ async def _passed(work: QAWork, head: str, report: str, step_state: dict[str, An
 
     outcome = Outcome(
         message="QA passed" if gate == "completed" else "QA passed; waiting for CI",
-        step_state=step_state, show_message=False, ok=True,
+        step_state=step_state,
+        show_message=False,
+        ok=True,
         publish=not (gate == "completed" and completion_follows(state, index)),
         check=Check("qa", head, "success", verdict="PASS", quality_report=report),
         **verdict,
@@ -235,34 +300,53 @@ async def _passed(work: QAWork, head: str, report: str, step_state: dict[str, An
     return "PASS" if gate == "completed" else "wait_ci"
 
 
-async def _failed(work: QAWork, head: str, report: str, step_state: dict[str, Any], why: str) -> str:
+async def _failed(
+    work: QAWork, head: str, report: str, step_state: dict[str, Any], why: str
+) -> str:
     env, state, step = work.env, work.state, work.step
     decision = loop_decision(work.step_spec, state.run.runtime_state or {}, "qa_fail")
     check = Check("qa", head, "failure", verdict="FAIL", quality_report=report)
     # the report's findings go to the next attempt, automatic or a human's /retry
     item = qa_item(report, step.retries + 1)
-    step_state = {**step_state, "feedback": add_item((step.runtime_state or {}).get("feedback"), item),
-                  "attempt_why": f"QA FAIL ({why})" if not why.startswith("VERDICT: ") else "QA FAIL"}  # fmt: skip
+    step_state = {
+        **step_state,
+        "feedback": add_item((step.runtime_state or {}).get("feedback"), item),
+        "attempt_why": f"QA FAIL ({why})" if not why.startswith("VERDICT: ") else "QA FAIL",
+    }
     if decision.action == "retry":
-        await update_step(env.db, step.id, runtime_state={**(step.runtime_state or {}), **step_state})
+        await update_step(
+            env.db, step.id, runtime_state={**(step.runtime_state or {}), **step_state}
+        )
         step.runtime_state = {**(step.runtime_state or {}), **step_state}
         await reset_for_loop(env, state, decision.reset_steps, item, decision.reason)
         outcome = Outcome(
-            message=decision.reason, run_state=decision.new_runtime_state, check=check, ok=False,
+            message=decision.reason,
+            run_state=decision.new_runtime_state,
+            check=check,
+            ok=False,
             **_verdict_event(work, "FAIL", head, why),
         )
         await write_outcome(env, state, step.step_index, outcome, work.reply_to)
         return "retry"
     outcome = Outcome(
-        message=decision.reason, step_to=StepStatus.FAILED, protocol_to=ProtocolStatus.BLOCKED, step_state=step_state,
-        run_state=decision.new_runtime_state, check=check, ok=False, **_verdict_event(work, "FAIL", head, why),
+        message=decision.reason,
+        step_to=StepStatus.FAILED,
+        protocol_to=ProtocolStatus.BLOCKED,
+        step_state=step_state,
+        run_state=decision.new_runtime_state,
+        check=check,
+        ok=False,
+        **_verdict_event(work, "FAIL", head, why),
     )
     await write_outcome(env, state, step.step_index, outcome, work.reply_to)
     return "FAIL"
 
 
-async def reset_for_loop(env: JobEnv, state: RunState, indexes: list[int], item: FeedbackItem, reason: str) -> None:
-    """A loop sends steps back to pending with the failure as feedback (QA here, CI in bot/jobs/ci.py)."""
+async def reset_for_loop(
+    env: JobEnv, state: RunState, indexes: list[int], item: FeedbackItem, reason: str
+) -> None:
+    """A loop sends steps back to pending with the failure as feedback (QA here, CI in
+    bot/jobs/ci.py)."""
     for index in indexes:
         target = state.step(index)
         rs = dict(target.runtime_state or {})
@@ -271,7 +355,6 @@ async def reset_for_loop(env: JobEnv, state: RunState, indexes: list[int], item:
         await update_step(env.db, target.id, retries=target.retries + 1, runtime_state=rs)
         target.retries, target.runtime_state = target.retries + 1, rs
         try:
-
             await set_step_status(env.db, target.id, StepStatus.PENDING, f"loop: {reason}")
             target.status = StepStatus.PENDING
         except TransitionConflict:

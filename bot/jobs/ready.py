@@ -26,7 +26,11 @@ def next_step_message(kind: PullKind, marked: bool) -> str:
             f"Every step passed its gates, but the {what} could not be marked ready for review: "
             f"take it out of draft by hand, review it and merge it."
         )
-    review = "comment on a line or start a thread" if kind == "merge_request" else "request changes in a review"
+    review = (
+        "comment on a line or start a thread"
+        if kind == "merge_request"
+        else "request changes in a review"
+    )
     return (
         f"Every step passed its gates and the {what} is marked ready for review. Next: review it "
         f"and merge it — or {review}, and the comments become one fix step."
@@ -36,19 +40,29 @@ def next_step_message(kind: PullKind, marked: bool) -> str:
 async def announce_ready(ctx: dict[str, Any], state: RunState) -> None:
     """Un-draft the PR/MR of a completed protocol (once) and say so on the status comment."""
     run = state.run
-    if run.status != ProtocolStatus.COMPLETED or not run.pr_number or state.project.provider not in ("github", "gitlab"):
+    if (
+        run.status != ProtocolStatus.COMPLETED
+        or not run.pr_number
+        or state.project.provider not in ("github", "gitlab")
+    ):
         await publish_state(ctx, state)
         return
     forge = forge_of(ctx, state)
     repo = ctx["forges"].repo_ref(state.project)
     marked = False
     try:
-        marked = await forge.mark_ready(PullRef(repo, run.pr_number, run.pr_url or "", head=run.protocol_name))
+        marked = await forge.mark_ready(
+            PullRef(repo, run.pr_number, run.pr_url or "", head=run.protocol_name)
+        )
     except Exception as exc:  # best effort: the protocol is complete either way
         log.warning("marking %s ready failed: %s", run.protocol_name, exc)
         await emit(ctx["db"], state, "feedback.failed", f"ready for review: {type(exc).__name__}")
     message = next_step_message(forge.pull_kind, marked)
-    run.runtime_state = {**(run.runtime_state or {}), "message": message, "ready_for_review": marked}
+    run.runtime_state = {
+        **(run.runtime_state or {}),
+        "message": message,
+        "ready_for_review": marked,
+    }
     await update_run(ctx["db"], run.id, runtime_state=run.runtime_state)
     if marked:
         await emit(ctx["db"], state, "protocol.ready", "marked ready for review")

@@ -38,7 +38,11 @@ async def orphaned_work(ctx: dict[str, Any]) -> list[tuple[int, int | None]]:
         rows = (
             await session.execute(
                 select(ProtocolRun.id, ProtocolRun.status, StepRun.step_index)
-                .outerjoin(StepRun, (StepRun.protocol_run_id == ProtocolRun.id) & (StepRun.status == StepStatus.RUNNING))
+                .outerjoin(
+                    StepRun,
+                    (StepRun.protocol_run_id == ProtocolRun.id)
+                    & (StepRun.status == StepStatus.RUNNING),
+                )
                 .where(ProtocolRun.status.in_(ORPHAN_STATUSES))
                 .where((ProtocolRun.status == ProtocolStatus.PLANNING) | (StepRun.id.is_not(None)))
             )
@@ -64,7 +68,10 @@ async def orphaned_qa(ctx: dict[str, Any]) -> list[tuple[int, int]]:
             await session.execute(
                 select(ProtocolRun.id, StepRun.step_index, StepRun.runtime_state)
                 .join(StepRun, StepRun.protocol_run_id == ProtocolRun.id)
-                .where(ProtocolRun.status == ProtocolStatus.RUNNING, StepRun.status == StepStatus.NEEDS_QA)
+                .where(
+                    ProtocolRun.status == ProtocolStatus.RUNNING,
+                    StepRun.status == StepStatus.NEEDS_QA,
+                )
             )
         ).all()
     found: list[tuple[int, int]] = []
@@ -83,18 +90,28 @@ _JOB_ALIVE = frozenset({JobStatus.deferred, JobStatus.queued, JobStatus.in_progr
 
 
 async def lost_queued_steps(ctx: dict[str, Any], now: float | None = None) -> list[Lost]:
-    """(run id, step index, step id, its runtime state) of steps of a graph the scheduler queued whose job is gone: no such
-    job waits or runs, and no lease covers the step. Such a step holds a slot under the bound
-    for ever (it is counted as queued); its job is enqueued again. A grace of one lease period
-    after queueing leaves the scheduler time to enqueue the job it just marked."""
+    """(run id, step index, step id, its runtime state) of steps of a graph the scheduler queued
+    whose job is gone: no such job waits or runs, and no lease covers the step. Such a step holds
+    a slot under the bound for ever (it is counted as queued); its job is enqueued again. A grace
+    of one lease period after queueing leaves the scheduler time to enqueue the job it just
+    marked."""
     grace = max(1.0, ctx["settings"].lease_ttl_s)
     now = time.time() if now is None else now
     async with ctx["db"].sessions() as session:
         rows = (
             await session.execute(
-                select(ProtocolRun.id, StepRun.step_index, StepRun.id, StepRun.retries, StepRun.runtime_state)
+                select(
+                    ProtocolRun.id,
+                    StepRun.step_index,
+                    StepRun.id,
+                    StepRun.retries,
+                    StepRun.runtime_state,
+                )
                 .join(StepRun, StepRun.protocol_run_id == ProtocolRun.id)
-                .where(ProtocolRun.status == ProtocolStatus.RUNNING, StepRun.status == StepStatus.PENDING)
+                .where(
+                    ProtocolRun.status == ProtocolStatus.RUNNING,
+                    StepRun.status == StepStatus.PENDING,
+                )
             )
         ).all()
     found: list[Lost] = []
@@ -125,17 +142,25 @@ async def reclaim_expired(ctx: dict[str, Any]) -> int:
             )
         else:
             await ctx["redis"].enqueue_job(
-                "execute_step", _job_id=f"exec:{run_id}:{step_index}:reclaim:{period}",
-                protocol_run_id=run_id, step_index=step_index,
+                "execute_step",
+                _job_id=f"exec:{run_id}:{step_index}:reclaim:{period}",
+                protocol_run_id=run_id,
+                step_index=step_index,
             )
         log.warning("protocol run %s: lease expired, work taken back (step %s)", run_id, step_index)
         count += 1
     for run_id, step_index, step_id, rs in await lost_queued_steps(ctx):
         job_id = f"exec:{run_id}:{step_index}:requeue:{period}"
         # the step's mark names its new job, so the next tick sees it waiting
-        await update_step(ctx["db"], step_id, runtime_state={**rs, "queued_job": job_id, "queued_at": time.time()})
-        await ctx["redis"].enqueue_job("execute_step", _job_id=job_id, protocol_run_id=run_id, step_index=step_index)
-        log.warning("protocol run %s: the queued job of step %s was lost, queued again", run_id, step_index)
+        await update_step(
+            ctx["db"], step_id, runtime_state={**rs, "queued_job": job_id, "queued_at": time.time()}
+        )
+        await ctx["redis"].enqueue_job(
+            "execute_step", _job_id=job_id, protocol_run_id=run_id, step_index=step_index
+        )
+        log.warning(
+            "protocol run %s: the queued job of step %s was lost, queued again", run_id, step_index
+        )
         count += 1
 
     for run_id in await stalled(JobEnv.from_ctx(ctx)):
@@ -146,8 +171,11 @@ async def reclaim_expired(ctx: dict[str, Any]) -> int:
     for run_id, step_index in await orphaned_qa(ctx):
         # the QA run again: it finds the report a dead worker committed, or asks the engine anew
         await ctx["redis"].enqueue_job(
-            "run_quality", _job_id=f"qa:{run_id}:{step_index}:reclaim:{period}",
-            protocol_run_id=run_id, step_index=step_index, reclaim=True,
+            "run_quality",
+            _job_id=f"qa:{run_id}:{step_index}:reclaim:{period}",
+            protocol_run_id=run_id,
+            step_index=step_index,
+            reclaim=True,
         )
         log.warning("protocol run %s: lease expired, QA of step %s taken back", run_id, step_index)
         count += 1

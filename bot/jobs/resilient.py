@@ -41,7 +41,11 @@ class ResilientWorker(Worker):
     backoff_cap_s = 10.0
 
     def __init__(
-        self, *args: Any, in_progress_ttl_s: float | None = None, in_progress_renew_s: float = 10.0, **kwargs: Any
+        self,
+        *args: Any,
+        in_progress_ttl_s: float | None = None,
+        in_progress_renew_s: float = 10.0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         # arq marks a running job with an in-progress key that lives for the longest job timeout
@@ -58,7 +62,8 @@ class ResilientWorker(Worker):
 
     async def _renew_in_progress(self) -> None:
         while True:
-            # ended by an event, not a cancel (see bot/jobs/locks.py: a cancel can get lost in redis-py)
+            # ended by an event, not a cancel (see bot/jobs/locks.py: a cancel can get lost in
+            # redis-py)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.in_progress_renew_s)
                 return
@@ -73,7 +78,9 @@ class ResilientWorker(Worker):
                         pipe.pexpire(in_progress_key_prefix + job_id, ttl_ms)
                     await pipe.execute()
             except REDIS_DOWN as exc:  # the TTL still runs: try again next round
-                log.warning("could not renew the in-progress keys of %d job(s): %s", len(running), exc)
+                log.warning(
+                    "could not renew the in-progress keys of %d job(s): %s", len(running), exc
+                )
 
     async def close(self) -> None:
         """arq's close(), without exiting 1 over a job handed back on SIGTERM.
@@ -106,7 +113,9 @@ class ResilientWorker(Worker):
         if self._pool is None:  # build_worker always hands one in; arq's path for the rest
             await super().main()
             return
-        log.info("Starting worker for %d functions: %s", len(self.functions), ", ".join(self.functions))
+        log.info(
+            "Starting worker for %d functions: %s", len(self.functions), ", ".join(self.functions)
+        )
         await self._until_redis_answers()
         self.ctx["redis"] = self.pool
         if self.on_startup:
@@ -128,7 +137,10 @@ class ResilientWorker(Worker):
 
     async def _burst_done(self) -> bool:
         """arq's own end-of-burst test."""
-        if 0 <= self.max_burst_jobs <= self._jobs_started() or await self.pool.zcard(self.queue_name) == 0:
+        if (
+            0 <= self.max_burst_jobs <= self._jobs_started()
+            or await self.pool.zcard(self.queue_name) == 0
+        ):
             await asyncio.gather(*self.tasks.values())
             return True
         return False

@@ -68,7 +68,15 @@ log = logging.getLogger(__name__)
 BUSY_RETRY_S = 10.0  # how soon a fix-step job looks again when a step holds the protocol
 KEEP_S = 7 * 24 * 3600  # a buffer nobody flushes (a dead protocol) goes away on its own
 # protocol states in which a review can still add work
-_OPEN = frozenset({ProtocolStatus.PLANNED, ProtocolStatus.RUNNING, ProtocolStatus.PAUSED, ProtocolStatus.BLOCKED, ProtocolStatus.COMPLETED})
+_OPEN = frozenset(
+    {
+        ProtocolStatus.PLANNED,
+        ProtocolStatus.RUNNING,
+        ProtocolStatus.PAUSED,
+        ProtocolStatus.BLOCKED,
+        ProtocolStatus.COMPLETED,
+    }
+)
 
 
 def _keys(run_id: int) -> tuple[str, str, str]:
@@ -81,7 +89,9 @@ async def buffer_comments(redis: Any, run_id: int, comments: list[ReviewComment]
     if not comments:
         return
     pending, last, _ = _keys(run_id)
-    await redis.hset(pending, mapping={str(c.comment_id): json.dumps(c.to_dict()) for c in comments})
+    await redis.hset(
+        pending, mapping={str(c.comment_id): json.dumps(c.to_dict()) for c in comments}
+    )
     await redis.set(last, repr(time.time()), ex=KEEP_S)
     await redis.expire(pending, KEEP_S)
 
@@ -123,8 +133,10 @@ async def review_fix(ctx: dict[str, Any], *, protocol_run_id: int, quiet_s: floa
     if outcome.startswith("step "):
         state = await load_run(ctx["db"], protocol_run_id)
         # run the fix now when nothing comes before it; otherwise it waits its turn
-        if state.run.approved and state.run.status == ProtocolStatus.RUNNING and all(
-            s.status == StepStatus.COMPLETED for s in state.steps[:-1]
+        if (
+            state.run.approved
+            and state.run.status == ProtocolStatus.RUNNING
+            and all(s.status == StepStatus.COMPLETED for s in state.steps[:-1])
         ):
             await enqueue_next_step(ctx, protocol_run_id, state)
     return outcome
@@ -157,29 +169,22 @@ async def _fix(env: JobEnv, run_id: int) -> str:
     state = await load_run(env.db, run_id)
     if state.run.status not in _OPEN or not state.run.template_config:
         await _take(env, run_id, comments)
-        await emit(env.db, state, "review.ignored", f"review feedback on a {state.run.status} protocol")
+        await emit(
+            env.db, state, "review.ignored", f"review feedback on a {state.run.status} protocol"
+        )
         return f"ignored-{state.run.status}"
-    spec = spec_of(state)
-    workdir = await env.worktree(state)
-    comments = [await _with_hunk(env, state, workdir, c) for c in comments]
-    step_spec = fix_step_spec(spec, len(comments))
-    name = state.run.protocol_name
-    root = workdir / protocol_dir(name)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / step_spec.file).write_text(fix_step_markdown(comments, step_spec.index, state.project.provider))
-    new_spec = dataclasses.replace(spec, steps=(*spec.steps, step_spec))
-    (root / "spec.json").write_text(json.dumps(spec_to_dict(new_spec), indent=2) + "\n")
-    await gitops.commit_all(
-        workdir, f"chore(protocol): review feedback as step {step_spec.index:02d} of {name}",
-        env.settings.bot_name, env.settings.bot_email,
-    )  # fmt: skip
+    step_spec, new_spec, workdir, comments = await _commit_fix_step(env, state, comments)
     head = await env.push(state, workdir)
     await update_run(env.db, run_id, template_config=spec_to_dict(new_spec), head_sha=head)
     await sync_steps(env.db, run_id, new_spec)
     fresh = await load_run(env.db, run_id)
     step = fresh.step(step_spec.index)
     feedback = add_item(None, review_feedback(comments))
-    await update_step(env.db, step.id, runtime_state={"review": [c.to_dict() for c in comments], "feedback": feedback})
+    await update_step(
+        env.db,
+        step.id,
+        runtime_state={"review": [c.to_dict() for c in comments], "feedback": feedback},
+    )
     await env.redis.sadd(REPLIES_DUE_KEY, _due_member(run_id, step_spec.index))
     await _take(env, run_id, comments)
     authors = sorted({c.author for c in comments})
@@ -187,15 +192,54 @@ async def _fix(env: JobEnv, run_id: int) -> str:
         f"review feedback from {', '.join('@' + a for a in authors)}: "
         f"{len(comments)} comment(s) → step {step_spec.index:02d}"
     )
-    await emit(env.db, fresh, "review.fix-step", message, step, comments=[c.comment_id for c in comments])
+    await emit(
+        env.db, fresh, "review.fix-step", message, step, comments=[c.comment_id for c in comments]
+    )
     if fresh.run.status == ProtocolStatus.COMPLETED:
-        # completed only reopens through blocked (as a red CI does); the fix step runs at once
-        # the "ready for review" note no longer holds while the fix runs
-        runtime = {k: v for k, v in (fresh.run.runtime_state or {}).items() if k != "message"}
-        await set_protocol_status(env.db, run_id, ProtocolStatus.BLOCKED, "reopened for review feedback", runtime_state=runtime)
-        await set_protocol_status(env.db, run_id, ProtocolStatus.RUNNING, "running the review fix")
+        await _reopen_for_fix(env, fresh)
     await publish_state(env.ctx, await load_run(env.db, run_id), message)
     return f"step {step_spec.index}"
+
+
+async def _commit_fix_step(
+    env: JobEnv, state: Any, comments: list[Any]
+) -> tuple[StepSpec, ProtocolSpec, Path, list[Any]]:
+    """Write the fix step (its file and the grown spec) on the protocol branch and commit it."""
+    spec = spec_of(state)
+    workdir = await env.worktree(state)
+    comments = [await _with_hunk(env, state, workdir, c) for c in comments]
+    step_spec = fix_step_spec(spec, len(comments))
+    name = state.run.protocol_name
+    root = workdir / protocol_dir(name)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / step_spec.file).write_text(
+        fix_step_markdown(comments, step_spec.index, state.project.provider)
+    )
+    new_spec = dataclasses.replace(spec, steps=(*spec.steps, step_spec))
+    (root / "spec.json").write_text(json.dumps(spec_to_dict(new_spec), indent=2) + "\n")
+    await gitops.commit_all(
+        workdir,
+        f"chore(protocol): review feedback as step {step_spec.index:02d} of {name}",
+        env.settings.bot_name,
+        env.settings.bot_email,
+    )
+    return step_spec, new_spec, workdir, comments
+
+
+async def _reopen_for_fix(env: JobEnv, fresh: Any) -> None:
+    """A completed protocol reopens for review feedback; the fix step runs at once."""
+    run_id = fresh.run.id
+    # completed only reopens through blocked (as a red CI does); the fix step runs at once
+    # the "ready for review" note no longer holds while the fix runs
+    runtime = {k: v for k, v in (fresh.run.runtime_state or {}).items() if k != "message"}
+    await set_protocol_status(
+        env.db,
+        run_id,
+        ProtocolStatus.BLOCKED,
+        "reopened for review feedback",
+        runtime_state=runtime,
+    )
+    await set_protocol_status(env.db, run_id, ProtocolStatus.RUNNING, "running the review fix")
 
 
 def fix_step_spec(spec: ProtocolSpec, count: int) -> StepSpec:
@@ -213,7 +257,12 @@ def fix_step_spec(spec: ProtocolSpec, count: int) -> StepSpec:
     # the same bounded fix loop as the planned steps (it redoes the fix step, not the last one)
     loop = default_loop(index, last.loop.max_iterations) if last.loop is not None else None
     return dataclasses.replace(
-        base, engine=last.engine, model=last.model, prompt=last.prompt, max_tokens=last.max_tokens, loop=loop
+        base,
+        engine=last.engine,
+        model=last.model,
+        prompt=last.prompt,
+        max_tokens=last.max_tokens,
+        loop=loop,
     )
 
 
@@ -221,15 +270,26 @@ def _default_qa(spec: ProtocolSpec) -> Any:
     return QASpec(policy=spec.qa_policy)
 
 
-async def _with_hunk(env: JobEnv, state: RunState, workdir: Path, c: ReviewComment) -> ReviewComment:
+async def _with_hunk(
+    env: JobEnv, state: RunState, workdir: Path, c: ReviewComment
+) -> ReviewComment:
     """GitLab's diff notes name a file and line but carry no hunk: take it from the branch."""
     if c.diff_hunk or not c.path:
         return c
 
     found = await gitops.run_git(
-        ["diff", "--no-color", "--no-ext-diff", f"{remote_ref(state.run.base_branch)}...HEAD", "--", c.path],
-        cwd=workdir, timeout=env.settings.git_timeout_s, check=False,
-    )  # fmt: skip
+        [
+            "diff",
+            "--no-color",
+            "--no-ext-diff",
+            f"{remote_ref(state.run.base_branch)}...HEAD",
+            "--",
+            c.path,
+        ],
+        cwd=workdir,
+        timeout=env.settings.git_timeout_s,
+        check=False,
+    )
     hunk = hunk_for_line(found.out, c.line) if found.returncode == 0 else ""
     return dataclasses.replace(c, diff_hunk=hunk) if hunk else c
 
@@ -292,7 +352,12 @@ def _crash(ctx: dict[str, Any], where: str, run_id: int, step_index: int) -> Non
 
 
 async def _answer_threads(
-    ctx: dict[str, Any], state: RunState, step: Any, rs: dict[str, Any], comments: list[ReviewComment], sha: str
+    ctx: dict[str, Any],
+    state: RunState,
+    step: Any,
+    rs: dict[str, Any],
+    comments: list[ReviewComment],
+    sha: str,
 ) -> tuple[int, dict[str, Any], bool]:
     """Reply in each thread not answered yet; (replies sent, the step's state, all answered)."""
     done = {str(t) for t in rs.get("review_replied") or []}
@@ -315,7 +380,9 @@ async def _answer_threads(
             await forge.reply_in_thread(IssueRef(repo, number, forge.pull_kind), thread, body)
         except Exception as exc:  # a reply is a courtesy: the fix is pushed either way
             log.warning("review reply on %s failed: %s", thread, exc)
-            await emit(ctx["db"], state, "feedback.failed", f"review reply: {type(exc).__name__}", step)
+            await emit(
+                ctx["db"], state, "feedback.failed", f"review reply: {type(exc).__name__}", step
+            )
             complete = False
             continue
         _crash(ctx, "after_review_post", state.run.id, step.step_index)
@@ -367,7 +434,11 @@ async def _answer_on_pr(ctx: dict[str, Any], state: RunState, text: str) -> bool
 
 
 async def _resolve_threads(
-    ctx: dict[str, Any], state: RunState, step: Any, rs: dict[str, Any], comments: list[ReviewComment]
+    ctx: dict[str, Any],
+    state: RunState,
+    step: Any,
+    rs: dict[str, Any],
+    comments: list[ReviewComment],
 ) -> None:
     """Resolve the threads just answered, each forge its own way (`Forge.resolve_threads`).
 
@@ -384,17 +455,27 @@ async def _resolve_threads(
     repo = ctx["forges"].repo_ref(state.project)
     number = state.run.pr_number
     assert number is not None  # the caller answered threads on this PR/MR
-    await update_step(ctx["db"], step.id, runtime_state={**rs, "review_resolved": sorted(tried | set(todo))})
+    await update_step(
+        ctx["db"], step.id, runtime_state={**rs, "review_resolved": sorted(tried | set(todo))}
+    )
     target = IssueRef(repo, number, forge.pull_kind)
     in_threads = {c.comment_id for c in comments if c.thread_id in todo}
     try:
         resolved = await forge.resolve_threads(target, todo, in_threads)
     except Exception as exc:  # the replies are there; an open thread only waits for a human
         log.warning("resolving review threads of step %s failed: %s", step.step_index, exc)
-        await emit(ctx["db"], state, "feedback.failed", f"resolve review threads: {type(exc).__name__}", step)
+        await emit(
+            ctx["db"],
+            state,
+            "feedback.failed",
+            f"resolve review threads: {type(exc).__name__}",
+            step,
+        )
         return
     if resolved:
-        await emit(ctx["db"], state, "review.resolved", f"resolved {resolved} review thread(s)", step)
+        await emit(
+            ctx["db"], state, "review.resolved", f"resolved {resolved} review thread(s)", step
+        )
 
 
 async def review_replies(ctx: dict[str, Any], *, protocol_run_id: int, step_index: int) -> str:
@@ -412,7 +493,13 @@ async def review_replies(ctx: dict[str, Any], *, protocol_run_id: int, step_inde
     if tries >= MAX_REPLY_TRIES and await redis.sismember(REPLIES_DUE_KEY, member):
         await redis.srem(REPLIES_DUE_KEY, member)  # the forge keeps refusing: stop asking it
         state = await load_run(ctx["db"], protocol_run_id)
-        await emit(ctx["db"], state, "review.replies-abandoned", f"gave up after {tries} tries", state.step(step_index))
+        await emit(
+            ctx["db"],
+            state,
+            "review.replies-abandoned",
+            f"gave up after {tries} tries",
+            state.step(step_index),
+        )
         return "abandoned"
     return f"answered {answered}"
 

@@ -59,7 +59,10 @@ INTEGRATION_WAIT_S = 300.0
 
 def queued(step: StepRun) -> bool:
     """A pending step the scheduler already handed to the queue (this attempt)."""
-    return step.status == StepStatus.PENDING and (step.runtime_state or {}).get("queued_attempt") == step.retries
+    return (
+        step.status == StepStatus.PENDING
+        and (step.runtime_state or {}).get("queued_attempt") == step.retries
+    )
 
 
 def views(state: RunState) -> dict[int, StepView]:
@@ -69,7 +72,9 @@ def views(state: RunState) -> dict[int, StepView]:
 
 def missing_for(state: RunState, step_index: int) -> tuple[int, ...]:
     """The dependencies of a step that are not done yet (for `/run-step N`)."""
-    return missing_dependencies(dependencies_of_config(state.run.template_config), views(state), step_index)
+    return missing_dependencies(
+        dependencies_of_config(state.run.template_config), views(state), step_index
+    )
 
 
 def all_done(state: RunState) -> bool:
@@ -113,7 +118,11 @@ async def held_elsewhere(env: JobEnv, project_id: int, run_id: int | None) -> in
                 .join(ProtocolRun, ProtocolRun.id == StepRun.protocol_run_id)
                 .where(ProtocolRun.project_id == project_id, ProtocolRun.id != (run_id or 0))
                 .where(ProtocolRun.status.in_((ProtocolStatus.PLANNED, ProtocolStatus.RUNNING)))
-                .where(StepRun.status.in_((StepStatus.RUNNING, StepStatus.NEEDS_QA, StepStatus.PENDING)))
+                .where(
+                    StepRun.status.in_(
+                        (StepStatus.RUNNING, StepStatus.NEEDS_QA, StepStatus.PENDING)
+                    )
+                )
             )
         ).scalars()
         return sum(1 for s in steps if s.status != StepStatus.PENDING or queued(s))
@@ -150,8 +159,14 @@ async def stalled(env: JobEnv) -> list[int]:
         for run_id, config in runs:
             if not runs_in_parallel(config):
                 continue
-            steps = (await session.execute(select(StepRun).where(StepRun.protocol_run_id == run_id))).scalars().all()
-            busy = any(s.status in (StepStatus.RUNNING, StepStatus.NEEDS_QA) or queued(s) for s in steps)
+            steps = (
+                (await session.execute(select(StepRun).where(StepRun.protocol_run_id == run_id)))
+                .scalars()
+                .all()
+            )
+            busy = any(
+                s.status in (StepStatus.RUNNING, StepStatus.NEEDS_QA) or queued(s) for s in steps
+            )
             if not busy and any(s.status == StepStatus.PENDING for s in steps):
                 found.append(run_id)
     return found
@@ -176,16 +191,22 @@ async def schedule_ready(ctx: dict[str, Any], run_id: int, start: bool = True) -
         return await start_ready(env, await load_run(env.db, run_id), start)
 
 
-async def run_step(ctx: dict[str, Any], state: RunState, step_index: int | None, reply_to: dict[str, Any] | None) -> int:
+async def run_step(
+    ctx: dict[str, Any], state: RunState, step_index: int | None, reply_to: dict[str, Any] | None
+) -> int:
     """`/run-step N` in a graph: N once its dependencies are done; `/run-step next`: every ready
     step up to the bound (the first one's number is returned)."""
 
     if step_index is None:
         if state.run.status in (ProtocolStatus.BLOCKED, ProtocolStatus.FAILED):
-            raise TransitionConflict("ProtocolRun", state.run.id, state.run.status, ProtocolStatus.RUNNING)
+            raise TransitionConflict(
+                "ProtocolRun", state.run.id, state.run.status, ProtocolStatus.RUNNING
+            )
         started = await schedule_ready(ctx, state.run.id)
         if not started:
-            raise TransitionConflict("ProtocolRun", state.run.id, state.run.status, ProtocolStatus.RUNNING)
+            raise TransitionConflict(
+                "ProtocolRun", state.run.id, state.run.status, ProtocolStatus.RUNNING
+            )
         return started[0]
     step = state.step(step_index)
     missing = missing_for(state, step_index)
@@ -194,8 +215,11 @@ async def run_step(ctx: dict[str, Any], state: RunState, step_index: int | None,
     if step.status == StepStatus.RUNNING:
         raise TransitionConflict("step", step_index, step.status, StepStatus.RUNNING)
     await JobEnv.from_ctx(ctx).enqueue(
-        "execute_step", f"exec:{state.run.id}:{step_index}:{time.time_ns()}",
-        protocol_run_id=state.run.id, step_index=step_index, reply_to=reply_to,
+        "execute_step",
+        f"exec:{state.run.id}:{step_index}:{time.time_ns()}",
+        protocol_run_id=state.run.id,
+        step_index=step_index,
+        reply_to=reply_to,
     )
     return step_index
 
@@ -203,11 +227,18 @@ async def run_step(ctx: dict[str, Any], state: RunState, step_index: int | None,
 async def start_ready(env: JobEnv, state: RunState, start: bool = True) -> list[int]:
     """Under the integration lock: merge what passed and was not merged yet (a crash, an
     `/approve`), then enqueue the ready steps that fit under the bound."""
-    if state.run.status not in (ProtocolStatus.PLANNED, ProtocolStatus.RUNNING) or not state.run.approved:
+    if (
+        state.run.status not in (ProtocolStatus.PLANNED, ProtocolStatus.RUNNING)
+        or not state.run.approved
+    ):
         return []
 
     for step in state.steps:
-        if step.status == StepStatus.COMPLETED and not integrated(step) and not integrate.waits_for_integration(step):
+        if (
+            step.status == StepStatus.COMPLETED
+            and not integrated(step)
+            and not integrate.waits_for_integration(step)
+        ):
             await integrate.integrate_step(env, state, step.step_index)
             state = await load_run(env.db, state.run.id)
     if all_done(state):
@@ -222,13 +253,21 @@ async def start_ready(env: JobEnv, state: RunState, start: bool = True) -> list[
     chosen = to_start(ready, active, await bound(env, state))
     if chosen and state.run.status == ProtocolStatus.PLANNED:
         # one transition here, not one per step: steps starting at once would race for it
-        await set_protocol_status(env.db, state.run.id, ProtocolStatus.RUNNING, "running steps side by side")
+        await set_protocol_status(
+            env.db, state.run.id, ProtocolStatus.RUNNING, "running steps side by side"
+        )
     for index in chosen:
         step = state.step(index)
         job_id = f"exec:{state.run.id}:{index}:{step.retries}"
         # the job's id and time: a queued step whose job is lost is found by the reclaim cron
-        queued_mark = {"queued_attempt": step.retries, "queued_job": job_id, "queued_at": time.time()}
-        await update_step(env.db, step.id, runtime_state={**(step.runtime_state or {}), **queued_mark})
+        queued_mark = {
+            "queued_attempt": step.retries,
+            "queued_job": job_id,
+            "queued_at": time.time(),
+        }
+        await update_step(
+            env.db, step.id, runtime_state={**(step.runtime_state or {}), **queued_mark}
+        )
         await env.enqueue("execute_step", job_id, protocol_run_id=state.run.id, step_index=index)
     return chosen
 
@@ -239,13 +278,28 @@ async def complete(env: JobEnv, state: RunState) -> None:
     if state.run.status != ProtocolStatus.RUNNING:
         return
 
-    head = await _pushed_head(env, state) if (state.run.runtime_state or {}).get("ci_red") else state.run.head_sha
-    if gating(state.project, env.settings) and head and (state.run.runtime_state or {}).get("ci_green") != head:
+    head = (
+        await _pushed_head(env, state)
+        if (state.run.runtime_state or {}).get("ci_red")
+        else state.run.head_sha
+    )
+    if (
+        gating(state.project, env.settings)
+        and head
+        and (state.run.runtime_state or {}).get("ci_green") != head
+    ):
         rs = {**(state.run.runtime_state or {}), "awaiting_ci": head}
         await update_run(env.db, state.run.id, runtime_state=rs)
-        await emit(env.db, state, "protocol.awaiting_ci", f"every step merged; waiting for CI on {head[:12]}")
+        await emit(
+            env.db,
+            state,
+            "protocol.awaiting_ci",
+            f"every step merged; waiting for CI on {head[:12]}",
+        )
         return
-    await set_protocol_status(env.db, state.run.id, ProtocolStatus.COMPLETED, "every step completed and merged")
+    await set_protocol_status(
+        env.db, state.run.id, ProtocolStatus.COMPLETED, "every step completed and merged"
+    )
     state.run.status = ProtocolStatus.COMPLETED
 
     await announce_ready(env.ctx, state)  # un-draft the PR/MR and say what comes next
@@ -276,17 +330,27 @@ async def _pushed_head(env: JobEnv, state: RunState) -> str | None:
     if not merged or head == merged:
         return merged
     contains = await gitops.run_git(
-        ["merge-base", "--is-ancestor", merged, head], cwd=workdir, timeout=env.settings.git_timeout_s, check=False
+        ["merge-base", "--is-ancestor", merged, head],
+        cwd=workdir,
+        timeout=env.settings.git_timeout_s,
+        check=False,
     )
     if contains.returncode != 0:
         return merged
     await update_run(env.db, state.run.id, head_sha=head)
     state.run.head_sha = head
-    await emit(env.db, state, "protocol.head", f"the protocol branch moved to {head[:12]}: CI is awaited there")
+    await emit(
+        env.db,
+        state,
+        "protocol.head",
+        f"the protocol branch moved to {head[:12]}: CI is awaited there",
+    )
     return head
 
 
-async def protocol_ci(ctx: dict[str, Any], state: RunState, sha: str, result: str, failing: list[tuple[str, str]]) -> str | None:
+async def protocol_ci(
+    ctx: dict[str, Any], state: RunState, sha: str, result: str, failing: list[tuple[str, str]]
+) -> str | None:
     """CI on the protocol branch after the last merge: it completes or blocks the protocol, and a
     green re-run on the head that blocked it completes it after all (no state where only /cancel
     helps). None when the result is not about that commit (the step gates take it)."""
@@ -303,7 +367,9 @@ async def protocol_ci(ctx: dict[str, Any], state: RunState, sha: str, result: st
         fresh.update(ci_green=sha, awaiting_ci=None)
         if rerun:
             again = "CI on the protocol branch is green again"
-            await set_protocol_status(env.db, state.run.id, ProtocolStatus.RUNNING, again, runtime_state=fresh)
+            await set_protocol_status(
+                env.db, state.run.id, ProtocolStatus.RUNNING, again, runtime_state=fresh
+            )
         else:
             await update_run(env.db, state.run.id, runtime_state=fresh)
         state = await load_run(env.db, state.run.id)
@@ -319,12 +385,16 @@ async def protocol_ci(ctx: dict[str, Any], state: RunState, sha: str, result: st
         "a green re-run of CI there, or /resume after it, completes the protocol"
     )
     rs = {**rs, "message": message, "ci_red": sha}
-    await set_protocol_status(env.db, state.run.id, ProtocolStatus.BLOCKED, message, runtime_state=rs)
+    await set_protocol_status(
+        env.db, state.run.id, ProtocolStatus.BLOCKED, message, runtime_state=rs
+    )
     await publish_state(ctx, await load_run(env.db, state.run.id), message)
     return "blocked"
 
 
-async def _integrate_or_block(env: JobEnv, state: RunState, step_index: int, merged: list[str]) -> bool:
+async def _integrate_or_block(
+    env: JobEnv, state: RunState, step_index: int, merged: list[str]
+) -> bool:
     """Merge the step; a merge that fails for another reason than a conflict (a rejected push,
     a broken ref) blocks the protocol with the reason instead of leaving it running unmerged.
     Once unblocked, the next scheduling pass merges the step again."""
@@ -333,11 +403,19 @@ async def _integrate_or_block(env: JobEnv, state: RunState, step_index: int, mer
         await integrate.integrate_step(env, state, step_index, merged)
         return True
     except Exception as exc:
-        log.warning("merging step %s of protocol run %s failed", step_index, state.run.id, exc_info=True)
-        message = failure_line("integrate", step_index, exc).replace(f"step {step_index:02d} failed", f"merging step {step_index:02d} into the protocol branch failed", 1)
+        log.warning(
+            "merging step %s of protocol run %s failed", step_index, state.run.id, exc_info=True
+        )
+        message = failure_line("integrate", step_index, exc).replace(
+            f"step {step_index:02d} failed",
+            f"merging step {step_index:02d} into the protocol branch failed",
+            1,
+        )
         rs = {**(state.run.runtime_state or {}), "message": message}
         if state.run.status == ProtocolStatus.RUNNING:
-            await set_protocol_status(env.db, state.run.id, ProtocolStatus.BLOCKED, message, runtime_state=rs)
+            await set_protocol_status(
+                env.db, state.run.id, ProtocolStatus.BLOCKED, message, runtime_state=rs
+            )
         await publish_state(env.ctx, await load_run(env.db, state.run.id), message)
         return False
 

@@ -31,7 +31,9 @@ APP_REFRESH_S = 60.0
 class ForgeFactory:
     """The Forge for a project: Local, GitHub (per installation) or GitLab; clients are reused."""
 
-    def __init__(self, settings: Settings, db: Database, overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, db: Database, overrides: dict[str, Any] | None = None
+    ) -> None:
         self.settings = settings
         self.db = db
         self.overrides = overrides or {}  # tests inject forges by provider name
@@ -73,7 +75,12 @@ class ForgeFactory:
         full_name = project.name
         if provider == "local":
             full_name = project.git_url
-        return RepoRef(provider, full_name, installation_id=project.installation_id, forge_id=project.forge_id)  # type: ignore[arg-type]
+        return RepoRef(
+            provider,  # type: ignore[arg-type]
+            full_name,
+            installation_id=project.installation_id,
+            forge_id=project.forge_id,
+        )
 
     def forge_for(self, project: Project) -> Forge:
         if project.provider in self.overrides:
@@ -82,16 +89,21 @@ class ForgeFactory:
         if project.provider == "github":
             key = f"github:{project.installation_id}"
             if key not in self._cache:
-
                 pem = self.settings.github_private_key_pem()
                 app_id: int | str | None = self.settings.github_app_id
                 slug = self.settings.github_app_slug
                 if not app_id or not pem:
                     # an App created through /github/setup: its credentials are in the database
                     stored = self.stored_app or {}
-                    app_id, pem, slug = stored.get("id"), stored.get("pem"), slug or stored.get("slug")
+                    app_id, pem, slug = (
+                        stored.get("id"),
+                        stored.get("pem"),
+                        slug or stored.get("slug"),
+                    )
                 if not app_id or not pem:
-                    raise ConfigError("GitHub App not configured: set DEKSDENFLOW_GITHUB_APP_ID and a private key")
+                    raise ConfigError(
+                        "GitHub App not configured: set DEKSDENFLOW_GITHUB_APP_ID and a private key"
+                    )
                 self._cache[key] = GitHubForge.from_app(
                     app_id=app_id,
                     private_key=pem,
@@ -104,7 +116,6 @@ class ForgeFactory:
             return forge
         if project.provider == "gitlab":
             if "gitlab" not in self._cache:
-
                 if self.settings.gitlab_token is None:
                     raise ConfigError("GitLab not configured: set DEKSDENFLOW_GITLAB_TOKEN")
                 self._cache["gitlab"] = gitlab_forge(
@@ -159,7 +170,6 @@ async def build_services(ctx: dict[str, Any]) -> None:
             credential_hosts=settings.credential_hosts,
         )
     if "forges" not in ctx:
-
         private_dir(settings.data_dir)
         forges = ForgeFactory(settings, ctx["db"], ctx.get("forge_overrides"))
         await forges.load_stored_app()

@@ -1,4 +1,5 @@
-"""Graceful SIGTERM for `deksdenflow worker`: finish what fits in the grace period, hand back the rest.
+"""Graceful SIGTERM for `deksdenflow worker`: finish what fits in the grace period, hand back the
+rest.
 
 On SIGTERM (Kubernetes scaling in, draining a node, rolling out) a worker:
 
@@ -58,7 +59,10 @@ async def resume_chain(ctx: dict[str, Any], run_id: int) -> None:
     """
     db = ctx["db"]
     state = await load_run(db, run_id)
-    if not state.run.auto_mode or state.run.status not in (ProtocolStatus.PLANNED, ProtocolStatus.RUNNING):
+    if not state.run.auto_mode or state.run.status not in (
+        ProtocolStatus.PLANNED,
+        ProtocolStatus.RUNNING,
+    ):
         return
     if not state.run.approved:
         await update_run(db, run_id, approved=True)

@@ -1,4 +1,5 @@
-"""The protocol's spec as the step jobs read it: the validated plan, one step of it, its prompt values.
+"""The protocol's spec as the step jobs read it: the validated plan, one step of it, its prompt
+values.
 
 Below execute, quality, integrate and advance, which all read it, so none of them imports another
 for it.

@@ -1,10 +1,10 @@
 """Protocol jobs, re-exported: the step runner lives in plan, execute, quality and advance.
 
-    plan_protocol  (plan.py)     one planning call, decompose calls, plan committed and pushed
-    execute_step   (execute.py)  one step's engine call, its commit (once), push, outcome
-    run_quality    (quality.py)  the QA call, its report, the verdict (loop, block or pass)
-    advance.py                   what follows a step: QA, triggers, next step, completion
-    boundary.py / outcome.py     the lease and error boundary; the one outcome writer
+plan_protocol  (plan.py)     one planning call, decompose calls, plan committed and pushed
+execute_step   (execute.py)  one step's engine call, its commit (once), push, outcome
+run_quality    (quality.py)  the QA call, its report, the verdict (loop, block or pass)
+advance.py                   what follows a step: QA, triggers, next step, completion
+boundary.py / outcome.py     the lease and error boundary; the one outcome writer
 """
 
 from __future__ import annotations

@@ -128,7 +128,10 @@ class InProcessWorker(Worker):
 
 
 def build_worker(
-    settings: Settings, ctx: dict[str, Any] | None = None, burst: bool = False, handle_signals: bool = False
+    settings: Settings,
+    ctx: dict[str, Any] | None = None,
+    burst: bool = False,
+    handle_signals: bool = False,
 ) -> Worker:
     kwargs = {**worker_kwargs(settings), "handle_signals": handle_signals}
     if handle_signals:
@@ -145,9 +148,13 @@ def build_worker(
         return InProcessWorker(redis_pool=redis, ctx=base_ctx, burst=burst, **kwargs)
     # a running job's in-progress key lives as long as a protocol lease and is renewed as often
     return ResilientWorker(
-        redis_pool=redis, ctx=base_ctx, burst=burst,
-        in_progress_ttl_s=settings.lease_ttl_s, in_progress_renew_s=settings.lease_renew_s, **kwargs,
-    )  # fmt: skip
+        redis_pool=redis,
+        ctx=base_ctx,
+        burst=burst,
+        in_progress_ttl_s=settings.lease_ttl_s,
+        in_progress_renew_s=settings.lease_renew_s,
+        **kwargs,
+    )
 
 
 def run_worker(settings: Settings) -> None:
@@ -156,7 +163,9 @@ def run_worker(settings: Settings) -> None:
     build_worker(settings, handle_signals=True).run()
 
 
-async def stop_embedded_worker(worker: Worker, task: asyncio.Task[Any], grace_s: float = 10.0) -> None:
+async def stop_embedded_worker(
+    worker: Worker, task: asyncio.Task[Any], grace_s: float = 10.0
+) -> None:
     """Stop polling, give running jobs `grace_s` to finish, cancel the rest, run on_shutdown.
 
     arq's own `close()` cancels jobs and then awaits them, which re-raises CancelledError into

@@ -91,7 +91,9 @@ async def transition(
     if known is not None:
         current: Any = known.status
     else:
-        current = (await session.execute(select(model.status).where(model.id == entity_id))).scalar()
+        current = (
+            await session.execute(select(model.status).where(model.id == entity_id))
+        ).scalar()
     if current is None:
         raise NotFound(f"{model.__tablename__} {entity_id} does not exist")
     result = await session.execute(
@@ -103,7 +105,9 @@ async def transition(
     if result.rowcount != 1:  # type: ignore[attr-defined]
         now = (await session.execute(select(model.status).where(model.id == entity_id))).scalar()
         if model is StepRun:  # people know steps by their number, not by a row id
-            index = (await session.execute(select(StepRun.step_index).where(StepRun.id == entity_id))).scalar()
+            index = (
+                await session.execute(select(StepRun.step_index).where(StepRun.id == entity_id))
+            ).scalar()
             raise TransitionConflict("step", int(index or 0), str(now), wanted)
         raise TransitionConflict(model.__name__, entity_id, str(now), wanted)
     kind = "step" if model is StepRun else "protocol"
@@ -119,19 +123,31 @@ async def transition(
     return str(current)
 
 
-async def _event_ids(session: AsyncSession, model: type[M], entity_id: int, known: KnownRow | None) -> dict[str, Any]:
+async def _event_ids(
+    session: AsyncSession, model: type[M], entity_id: int, known: KnownRow | None
+) -> dict[str, Any]:
     """project, run (and step) ids for a transition's event: known by the caller, or looked up."""
     if model is StepRun:
-        run_id = known.run_id if known else (
-            await session.execute(select(StepRun.protocol_run_id).where(StepRun.id == entity_id))
-        ).scalar()
+        run_id = (
+            known.run_id
+            if known
+            else (
+                await session.execute(
+                    select(StepRun.protocol_run_id).where(StepRun.id == entity_id)
+                )
+            ).scalar()
+        )
         ids: dict[str, Any] = {"protocol_run_id": run_id, "step_run_id": entity_id}
     else:
         run_id = entity_id
         ids = {"protocol_run_id": entity_id}
-    ids["project_id"] = known.project_id if known else (
-        await session.execute(select(ProtocolRun.project_id).where(ProtocolRun.id == run_id))
-    ).scalar()
+    ids["project_id"] = (
+        known.project_id
+        if known
+        else (
+            await session.execute(select(ProtocolRun.project_id).where(ProtocolRun.id == run_id))
+        ).scalar()
+    )
     return ids
 
 
@@ -174,7 +190,9 @@ async def load_run(db: Database, run_id: int) -> RunState:
 
 async def run_names(db: Database, project_id: int) -> list[str]:
     async with db.sessions() as session:
-        rows = await session.execute(select(ProtocolRun.protocol_name).where(ProtocolRun.project_id == project_id))
+        rows = await session.execute(
+            select(ProtocolRun.protocol_name).where(ProtocolRun.project_id == project_id)
+        )
         return [r[0] for r in rows.all()]
 
 
@@ -187,10 +205,14 @@ async def get_or_create_project(
             return found
     try:
         async with db.sessions.begin() as session:
-            project = Project(name=name, provider=provider, git_url=git_url, base_branch=base_branch, **values)
+            project = Project(
+                name=name, provider=provider, git_url=git_url, base_branch=base_branch, **values
+            )
             session.add(project)
             await session.flush()
-            session.add(new_event("project.created", f"project {name} registered", project_id=project.id))
+            session.add(
+                new_event("project.created", f"project {name} registered", project_id=project.id)
+            )
             return project
     except IntegrityError:  # created concurrently: take the winner's row
         async with db.sessions() as session:
@@ -209,7 +231,9 @@ async def register_project(db: Database, *, name: str, provider: str, **values: 
     project = await get_or_create_project(db, name=name, provider=provider, **values)
     async with db.sessions.begin() as session:
         result = await session.execute(
-            update(Project).filter_by(id=project.id, provider=provider).values(enabled=True, **values)
+            update(Project)
+            .filter_by(id=project.id, provider=provider)
+            .values(enabled=True, **values)
         )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise ConfigError(f"a {project.provider} project named {name} is already registered")
@@ -267,14 +291,28 @@ async def set_protocol_status(
 ) -> str:
     async with db.sessions.begin() as session:
         return await transition(
-            session, ProtocolRun, run_id, wanted, allowed_protocol_sources(wanted), values=values, event_message=message
+            session,
+            ProtocolRun,
+            run_id,
+            wanted,
+            allowed_protocol_sources(wanted),
+            values=values,
+            event_message=message,
         )
 
 
-async def set_step_status(db: Database, step_id: int, wanted: str, message: str = "", **values: Any) -> str:
+async def set_step_status(
+    db: Database, step_id: int, wanted: str, message: str = "", **values: Any
+) -> str:
     async with db.sessions.begin() as session:
         return await transition(
-            session, StepRun, step_id, wanted, allowed_step_sources(wanted), values=values, event_message=message
+            session,
+            StepRun,
+            step_id,
+            wanted,
+            allowed_step_sources(wanted),
+            values=values,
+            event_message=message,
         )
 
 
@@ -286,12 +324,18 @@ def run_branch(run: ProtocolRun) -> str:
 
 async def update_run(db: Database, run_id: int, **values: Any) -> None:
     async with db.sessions.begin() as session:
-        await session.execute(update(ProtocolRun).where(ProtocolRun.id == run_id).values(updated_at=utcnow(), **values))
+        await session.execute(
+            update(ProtocolRun)
+            .where(ProtocolRun.id == run_id)
+            .values(updated_at=utcnow(), **values)
+        )
 
 
 async def update_step(db: Database, step_id: int, **values: Any) -> None:
     async with db.sessions.begin() as session:
-        await session.execute(update(StepRun).where(StepRun.id == step_id).values(updated_at=utcnow(), **values))
+        await session.execute(
+            update(StepRun).where(StepRun.id == step_id).values(updated_at=utcnow(), **values)
+        )
 
 
 async def add_tokens(
@@ -312,12 +356,19 @@ async def add_tokens(
             await session.execute(
                 update(StepRun)
                 .where(StepRun.id == step_id)
-                .values(tokens_used=StepRun.tokens_used + tokens, cost_usd=StepRun.cost_usd + cost_usd)
+                .values(
+                    tokens_used=StepRun.tokens_used + tokens, cost_usd=StepRun.cost_usd + cost_usd
+                )
             )
 
 
 async def emit(
-    db: Database, state: RunState, event_type: str, message: str, step: StepRun | None = None, **metadata: Any
+    db: Database,
+    state: RunState,
+    event_type: str,
+    message: str,
+    step: StepRun | None = None,
+    **metadata: Any,
 ) -> None:
     async with db.sessions.begin() as session:
         session.add(
@@ -337,7 +388,9 @@ async def sync_steps(db: Database, run_id: int, spec: ProtocolSpec) -> None:
     async with db.sessions.begin() as session:
         existing = {
             s.step_index: s
-            for s in (await session.execute(select(StepRun).where(StepRun.protocol_run_id == run_id))).scalars()
+            for s in (
+                await session.execute(select(StepRun).where(StepRun.protocol_run_id == run_id))
+            ).scalars()
         }
         for step in spec.steps:
             row = existing.get(step.index)
@@ -365,7 +418,9 @@ async def sync_steps(db: Database, run_id: int, spec: ProtocolSpec) -> None:
 async def protocol_status(db: Database, run_id: int) -> str:
     """Just the run's status: one cheap query, polled while an engine runs."""
     async with db.sessions() as session:
-        status = (await session.execute(select(ProtocolRun.status).where(ProtocolRun.id == run_id))).scalar()
+        status = (
+            await session.execute(select(ProtocolRun.status).where(ProtocolRun.id == run_id))
+        ).scalar()
     if status is None:
         raise NotFound(f"protocol run {run_id} does not exist")
     return str(status)
