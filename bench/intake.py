@@ -22,8 +22,9 @@ on Postgres, the database server's CPU (the bench database's backends, and the s
 writer, checkpointer and background writer). The last line is `ratio=<b/a>`.
 
 Run: `.venv/bin/python bench/intake.py [--store postgres] [--server uvloop] [--workers 2]`
-(needs Redis on 127.0.0.1:6379, flushes db 14 or DEKSDENFLOW_BENCH_REDIS; Postgres at DEKSDENFLOW_BENCH_PG_ADMIN, default
-postgresql://postgres@127.0.0.1:5432/postgres, where it creates and drops its own database).
+(needs Redis on 127.0.0.1:6379, flushes db 14 or DEKSDENFLOW_BENCH_REDIS; Postgres at
+DEKSDENFLOW_BENCH_PG_ADMIN, default postgresql://postgres@127.0.0.1:5432/postgres, where it
+creates and drops its own database).
 """
 
 from __future__ import annotations
@@ -542,7 +543,8 @@ def pg_cpu(dbname: str) -> dict[int, tuple[bool, float]]:
 
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT pid, datname IS NOT NULL FROM pg_stat_activity WHERE datname = %s OR backend_type = ANY(%s)",
+            "SELECT pid, datname IS NOT NULL FROM pg_stat_activity"
+            " WHERE datname = %s OR backend_type = ANY(%s)",
             (dbname, list(_PG_SHARED)),
         ).fetchall()
     return {int(pid): (bool(own), process_cpu_seconds(int(pid))) for pid, own in rows}
@@ -675,7 +677,8 @@ def main() -> int:
     delivered = max(1, app.tally.ok)
     print(f"config: --store {args.store} --server {args.server} --workers {args.workers}")
     print(
-        f"bare: {bare.rps:.0f} req/s (errors={bare.tally.errors}, server cpu {bare.cpu / max(1, bare.tally.ok) * 1e6:.0f} us/req)"
+        f"bare: {bare.rps:.0f} req/s (errors={bare.tally.errors}, "
+        f"server cpu {bare.cpu / max(1, bare.tally.ok) * 1e6:.0f} us/req)"
     )
     print(
         f"app: {app.rps:.0f} req/s (accepted={app.tally.accepted}, errors={app.tally.errors}, "
@@ -683,8 +686,9 @@ def main() -> int:
     )
     if pg_name:
         print(
-            f"postgres cpu: {(pg_own + pg_shared) / delivered * 1e6:.0f} us/delivery (the bench database's "
-            f"backends {pg_own / delivered * 1e6:.0f}, shared wal writer/checkpointer/bgwriter "
+            f"postgres cpu: {(pg_own + pg_shared) / delivered * 1e6:.0f} us/delivery "
+            f"(the bench database's backends {pg_own / delivered * 1e6:.0f}, "
+            "shared wal writer/checkpointer/bgwriter "
             f"{pg_shared / delivered * 1e6:.0f}, which other databases' traffic drives too)"
         )
     # What the ratio would be if every process only waited for CPU (a machine busy with other
@@ -698,15 +702,18 @@ def main() -> int:
         estimate += f", bare/(app + postgres) {bare_us / (app_us + pg_us):.2f}"
     print(estimate)
     print(
-        f"app latency @{args.rate:.0f} req/s: p50={p50:.1f} ms p99={p99:.1f} ms (n={len(lat.latencies)})"
+        f"app latency @{args.rate:.0f} req/s: p50={p50:.1f} ms p99={p99:.1f} ms "
+        f"(n={len(lat.latencies)})"
     )
     print(
-        f"bare latency @{args.rate:.0f} req/s: p50={statistics.median(bare_lat.latencies) * 1000:.1f} ms "
+        f"bare latency @{args.rate:.0f} req/s: "
+        f"p50={statistics.median(bare_lat.latencies) * 1000:.1f} ms "
         f"p99={percentile(bare_lat.latencies, 0.99) * 1000:.1f} ms (same machine, same moment)"
     )
     print(f"peak RSS per process: app {rss:.1f} MB, bare {bare_rss:.1f} MB")
     print(
-        f"background cpu (other processes{', Postgres included' if pg_name else ''}) during the throughput phase: {noise * 100:.0f}% of the machine"
+        f"background cpu (other processes{', Postgres included' if pg_name else ''}) "
+        f"during the throughput phase: {noise * 100:.0f}% of the machine"
         f" (of which stolen by the hypervisor: {stolen * 100:.0f}%)"
     )
     check = "ok" if stored == accepted == queued and errors == 0 else "MISMATCH"

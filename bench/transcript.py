@@ -226,8 +226,8 @@ def bench_page(items: int, fetches: int, tmp: Path) -> None:
     upgrade_head(url)
     sync = create_engine(url)
     with Session(sync) as session, session.begin():
-        project = Project(name="bench", provider="local", git_url=str(tmp / "none.git"), base_branch="main",
-                          default_models={}, secrets={}, config={})  # fmt: skip
+        project = Project(name="bench", provider="local", git_url=str(tmp / "none.git"),
+                          base_branch="main", default_models={}, secrets={}, config={})  # fmt: skip
         session.add(project)
         session.flush()
         run = ProtocolRun(project_id=project.id, protocol_name="0001-bench", status="running",
@@ -256,7 +256,8 @@ def bench_page(items: int, fetches: int, tmp: Path) -> None:
         session.execute(insert(TranscriptChunk), rows)
         run_id = run.id
     sync.dispose()
-    settings = Settings(db_url=url, data_dir=tmp / "data", api_token=SecretStr("bench-token-0123456789"),
+    settings = Settings(db_url=url, data_dir=tmp / "data",
+                        api_token=SecretStr("bench-token-0123456789"),
                         engine="scripted", redis_url="memory://")  # fmt: skip
     with TestClient(create_app(settings, embedded_worker=False)) as client:
         client.post("/console/login", data={"token": "bench-token-0123456789"})

@@ -378,6 +378,38 @@ def error_message(
     return message
 
 
+def timeout_error(timeout_s: float, parsed: ParsedRun, stderr_tail: str) -> str:
+    """The error of a run stopped at its timeout, with the last cause codex gave, if any."""
+    cause = parsed.turn_failed or (parsed.errors[-1] if parsed.errors else "")
+    cause = cause or stderr_cause(stderr_tail)
+    return f"codex did not finish within {timeout_s:g} s and was stopped" + (
+        f"; last error: {_truncate(cause, 800)}" if cause else ""
+    )
+
+
+def stopped_early_error(cause: str | None, stderr_tail: str) -> str:
+    """The error of a run stopped on a fatal stream error, with stderr's cause, if any."""
+    error = f"codex stopped early: {cause}"
+    if tail := stderr_cause(stderr_tail):
+        error += f"\nstderr: {tail}"
+    return error
+
+
+def run_usage(
+    request: EngineRequest, parsed: ParsedRun, run_codex_home: Path | None
+) -> tuple[TokenUsage, TokenUsage]:
+    """(this turn's usage, the thread's usage so far) of a finished run."""
+    resumed = request.resume_thread_id is not None
+    recorded = parsed.usage
+    if recorded is None and run_codex_home is not None:
+        # stopped before turn.completed (timeout, failure): what codex recorded was billed
+        recorded = usage_from_sessions(run_codex_home, parsed.thread_id or request.resume_thread_id)
+    if recorded is not None:
+        return turn_usage(recorded, request.previous_usage, resumed), recorded
+    # No turn.completed: nothing billed that we can see this turn.
+    return TokenUsage(), (request.previous_usage if resumed else None) or TokenUsage()
+
+
 class _Tail:
     """Keeps the last `limit` bytes written to it."""
 
@@ -699,6 +731,58 @@ class CodexEngine:
         started: float,
         run_codex_home: Path | None = None,
     ) -> EngineResult:
+        proc = await self._spawn(request, argv, env, started)
+        if isinstance(proc, EngineResult):
+            return proc
+        parser = CodexEventParser()
+        stderr_tail = _Tail(STDERR_TAIL_BYTES)
+        watch = _StreamWatch(request.sink, request.lines_sink)
+        timed_out, stopped_early = await self._supervise(proc, request, parser, stderr_tail, watch)
+
+        parsed = parser.run
+        if parsed.dropped_events:
+            parsed.events.append(
+                {"type": "deksdenflow.events_dropped", "count": parsed.dropped_events}
+            )
+        code = proc.returncode
+        if timed_out:
+            outcome: Outcome = "timeout"
+            error: str | None = timeout_error(request.timeout_s, parsed, stderr_tail.text())
+        elif stopped_early:
+            outcome = "failed"
+            error = stopped_early_error(watch.cause, stderr_tail.text())
+        else:
+            assert code is not None
+            outcome = outcome_for_exit(code, parsed.turn_failed)
+            error = error_message(outcome, code, parsed, stderr_tail.text())
+
+        # -o holds exactly the last agent message; prefer it over our own reading.
+        final_message = _read_text(last_message_path) or parsed.final_message
+
+        structured: Any | None = None
+        parse_error: str | None = None
+        if request.output_schema is not None:
+            structured, parse_error = parse_json_reply(final_message)
+
+        usage, thread_usage = run_usage(request, parsed, run_codex_home)
+        return EngineResult(
+            outcome=outcome,
+            exit_code=None if timed_out else code,
+            final_message=final_message,
+            structured=structured,
+            parse_error=parse_error,
+            usage=usage,
+            thread_usage=thread_usage,
+            thread_id=parsed.thread_id or request.resume_thread_id,
+            events=parsed.events,
+            error=error,
+            duration_s=time.monotonic() - started,
+        )
+
+    async def _spawn(
+        self, request: EngineRequest, argv: list[str], env: dict[str, str], started: float
+    ) -> asyncio.subprocess.Process | EngineResult:
+        """Start codex in the request's workdir, or the result that says why it could not."""
         if not request.workdir.is_dir():
             return EngineResult(
                 outcome="failed",
@@ -708,7 +792,7 @@ class CodexEngine:
                 duration_s=time.monotonic() - started,
             )
         try:
-            proc = await asyncio.create_subprocess_exec(
+            return await asyncio.create_subprocess_exec(
                 *argv,
                 # the prompt goes in on stdin ("-"), then EOF: codex never waits on an open pipe
                 stdin=asyncio.subprocess.PIPE,
@@ -734,11 +818,21 @@ class CodexEngine:
                 duration_s=time.monotonic() - started,
             )
 
-        parser = CodexEventParser()
-        stderr_tail = _Tail(STDERR_TAIL_BYTES)
+    async def _supervise(
+        self,
+        proc: asyncio.subprocess.Process,
+        request: EngineRequest,
+        parser: CodexEventParser,
+        stderr_tail: _Tail,
+        watch: _StreamWatch,
+    ) -> tuple[bool, bool]:
+        """Feed codex its prompt and read its output until it ends or is stopped.
+
+        Returns (timed out, stopped early on a fatal stream error); a cancelled run stops the
+        process group and re-raises.
+        """
         assert proc.stdout is not None and proc.stderr is not None
         assert proc.stdin is not None
-        watch = _StreamWatch(request.sink, request.lines_sink)
         readers = [
             asyncio.create_task(self._read_stdout(proc.stdout, parser, watch)),
             asyncio.create_task(self._read_stderr(proc.stderr, stderr_tail)),
@@ -777,67 +871,7 @@ class CodexEngine:
             for task in readers:
                 task.cancel()
             raise
-
-        parsed = parser.run
-        if parsed.dropped_events:
-            parsed.events.append(
-                {"type": "deksdenflow.events_dropped", "count": parsed.dropped_events}
-            )
-        code = proc.returncode
-        if timed_out:
-            outcome: Outcome = "timeout"
-            cause = parsed.turn_failed or (parsed.errors[-1] if parsed.errors else "")
-            cause = cause or stderr_cause(stderr_tail.text())
-            error: str | None = (
-                f"codex did not finish within {request.timeout_s:g} s and was stopped"
-                + (f"; last error: {_truncate(cause, 800)}" if cause else "")
-            )
-        elif stopped_early:
-            outcome = "failed"
-            error = f"codex stopped early: {watch.cause}"
-            if tail := stderr_cause(stderr_tail.text()):
-                error += f"\nstderr: {tail}"
-        else:
-            assert code is not None
-            outcome = outcome_for_exit(code, parsed.turn_failed)
-            error = error_message(outcome, code, parsed, stderr_tail.text())
-
-        # -o holds exactly the last agent message; prefer it over our own reading.
-        final_message = _read_text(last_message_path) or parsed.final_message
-
-        structured: Any | None = None
-        parse_error: str | None = None
-        if request.output_schema is not None:
-            structured, parse_error = parse_json_reply(final_message)
-
-        resumed = request.resume_thread_id is not None
-        recorded = parsed.usage
-        if recorded is None and run_codex_home is not None:
-            # stopped before turn.completed (timeout, failure): what codex recorded was billed
-            recorded = usage_from_sessions(
-                run_codex_home, parsed.thread_id or request.resume_thread_id
-            )
-        if recorded is not None:
-            thread_usage = recorded
-            usage = turn_usage(thread_usage, request.previous_usage, resumed)
-        else:
-            # No turn.completed: nothing billed that we can see this turn.
-            thread_usage = (request.previous_usage if resumed else None) or TokenUsage()
-            usage = TokenUsage()
-
-        return EngineResult(
-            outcome=outcome,
-            exit_code=None if timed_out else code,
-            final_message=final_message,
-            structured=structured,
-            parse_error=parse_error,
-            usage=usage,
-            thread_usage=thread_usage,
-            thread_id=parsed.thread_id or request.resume_thread_id,
-            events=parsed.events,
-            error=error,
-            duration_s=time.monotonic() - started,
-        )
+        return timed_out, stopped_early
 
     async def _run_as(
         self,

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from bot.core.errors import EngineError
-from engines.base import EngineRequest, EngineResult, TokenUsage
+from engines.base import EngineRequest, EngineResult, EventSink, TokenUsage
 
 ENGINE_ID = "scripted"
 DEFAULT_SCRIPT_PATH = Path(__file__).with_name("scripted_default.yml")
@@ -231,6 +231,86 @@ def call_section(
     return step_section(phase_section, context)
 
 
+def add_transcript_extras(
+    reply: _Reply, script: Mapping[str, Any], request: EngineRequest, context: Mapping[str, Any]
+) -> None:
+    """Set the reply's transcript extras from its section of the script, if it has one.
+
+    A reasoning line, real commands to run, and a pace between events (`pace_s`, so a demo or
+    a browser test can watch a step happen).
+    """
+    with contextlib.suppress(EngineError):
+        section = call_section(script, request.phase, context)
+        if isinstance(section.get("reasoning"), str):
+            reply.reasoning = fill(section["reasoning"], context)
+        if request.phase in ("execute", "discovery") and reply.fail is None:
+            commands = fill_deep(section.get("commands"), context)
+            reply.commands = commands if isinstance(commands, list) else None
+        pace = section.get("pace_s", script.get("pace_s", 0))
+        reply.pace_s = float(pace) if isinstance(pace, int | float) else 0.0
+
+
+class _EventStream:
+    """One turn's events: the same, in the same order, that codex would stream, paced when asked."""
+
+    def __init__(self, sink: EventSink | None, pace_s: float) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._sink = sink
+        self._pace_s = pace_s
+        self._ids = itertools.count()
+
+    def next_id(self) -> str:
+        return f"item_{next(self._ids)}"
+
+    def item(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "item.completed", "item": {"id": self.next_id(), **body}}
+
+    async def emit(self, event: dict[str, Any]) -> None:
+        if self.events and self._pace_s > 0:
+            await asyncio.sleep(self._pace_s)
+        self.events.append(event)
+        if self._sink is not None:
+            self._sink(event)
+
+
+async def _emit_work(stream: _EventStream, request: EngineRequest, reply: _Reply) -> None:
+    """The turn's work before its answer: reasoning, file changes, then each command run.
+
+    A command that cannot run fails the reply and ends the turn's work there.
+    """
+    if reply.reasoning:
+        await stream.emit(stream.item({"type": "reasoning", "text": reply.reasoning}))
+    if reply.changes:
+        await stream.emit(
+            stream.item({"type": "file_change", "changes": reply.changes, "status": "completed"})
+        )
+    for spec in reply.commands or []:
+        shown = spec.get("command") if isinstance(spec, dict) else spec
+        begun: dict[str, Any] = {
+            "id": stream.next_id(), "type": "command_execution",
+            "command": str(shown), "aggregated_output": "", "status": "in_progress",
+        }  # fmt: skip
+        await stream.emit({"type": "item.started", "item": begun})
+        try:
+            done = await run_command(request.workdir, spec)
+        except (EngineError, OSError) as exc:
+            reply.fail = str(exc)
+            break
+        await stream.emit({"type": "item.completed", "item": {**begun, **done}})
+
+
+def _structured(request: EngineRequest, reply: _Reply) -> tuple[Any | None, str | None]:
+    """(structured reply, parse error) of a completed turn asked for an output schema."""
+    if request.output_schema is None:
+        return None, None
+    if reply.structured is not None:
+        return reply.structured, None
+    try:
+        return json.loads(reply.message), None
+    except ValueError as exc:
+        return None, f"the final message is not JSON: {exc}"
+
+
 class ScriptedEngine:
     """Answers every phase from a YAML script (a path, or a dict passed by a test)."""
 
@@ -288,58 +368,17 @@ class ScriptedEngine:
         # `delay_s` stands for a long engine turn (a model call); a cancelled job cancels it
         if reply.delay_s > 0:
             await asyncio.sleep(reply.delay_s)
-        with contextlib.suppress(EngineError):
-            # transcript extras: a reasoning line, real commands, and a pace between events
-            # (`pace_s`, so a demo or a browser test can watch a step happen)
-            section = call_section(script, request.phase, context)
-            if isinstance(section.get("reasoning"), str):
-                reply.reasoning = fill(section["reasoning"], context)
-            if request.phase in ("execute", "discovery") and reply.fail is None:
-                commands = fill_deep(section.get("commands"), context)
-                reply.commands = commands if isinstance(commands, list) else None
-            pace = section.get("pace_s", script.get("pace_s", 0))
-            reply.pace_s = float(pace) if isinstance(pace, int | float) else 0.0
+        add_transcript_extras(reply, script, request, context)
 
-        events: list[dict[str, Any]] = []
-        ids = itertools.count()
-
-        async def emit(event: dict[str, Any]) -> None:
-            # the same events, in the same order, that codex would stream, paced when asked
-            if events and reply.pace_s > 0:
-                await asyncio.sleep(reply.pace_s)
-            events.append(event)
-            if request.sink is not None:
-                request.sink(event)
-
-        def item(body: dict[str, Any]) -> dict[str, Any]:
-            return {"type": "item.completed", "item": {"id": f"item_{next(ids)}", **body}}
-
-        await emit({"type": "thread.started", "thread_id": thread_id})
-        await emit({"type": "turn.started"})
-        if reply.reasoning:
-            await emit(item({"type": "reasoning", "text": reply.reasoning}))
-        if reply.changes:
-            await emit(
-                item({"type": "file_change", "changes": reply.changes, "status": "completed"})
-            )
-        for spec in reply.commands or []:
-            shown = spec.get("command") if isinstance(spec, dict) else spec
-            begun: dict[str, Any] = {
-                "id": f"item_{next(ids)}", "type": "command_execution",
-                "command": str(shown), "aggregated_output": "", "status": "in_progress",
-            }  # fmt: skip
-            await emit({"type": "item.started", "item": begun})
-            try:
-                done = await run_command(request.workdir, spec)
-            except (EngineError, OSError) as exc:
-                reply.fail = str(exc)
-                break
-            await emit({"type": "item.completed", "item": {**begun, **done}})
+        stream = _EventStream(request.sink, reply.pace_s)
+        await stream.emit({"type": "thread.started", "thread_id": thread_id})
+        await stream.emit({"type": "turn.started"})
+        await _emit_work(stream, request, reply)
         base = (
             (request.previous_usage or TokenUsage()) if request.resume_thread_id else TokenUsage()
         )
         if reply.fail is not None:
-            await emit({"type": "turn.failed", "error": {"message": reply.fail}})
+            await stream.emit({"type": "turn.failed", "error": {"message": reply.fail}})
             return EngineResult(
                 outcome="failed",
                 exit_code=1,
@@ -347,24 +386,15 @@ class ScriptedEngine:
                 usage=TokenUsage(),
                 thread_usage=base,
                 thread_id=thread_id,
-                events=events,
+                events=stream.events,
                 error=reply.fail,
                 duration_s=time.monotonic() - started,
             )
-        await emit(item({"type": "agent_message", "text": reply.message}))
+        await stream.emit(stream.item({"type": "agent_message", "text": reply.message}))
         thread_usage = base + reply.usage
-        await emit({"type": "turn.completed", "usage": thread_usage.to_dict()})
+        await stream.emit({"type": "turn.completed", "usage": thread_usage.to_dict()})
 
-        structured: Any | None = None
-        parse_error: str | None = None
-        if request.output_schema is not None:
-            if reply.structured is not None:
-                structured = reply.structured
-            else:
-                try:
-                    structured = json.loads(reply.message)
-                except ValueError as exc:
-                    parse_error = f"the final message is not JSON: {exc}"
+        structured, parse_error = _structured(request, reply)
         return EngineResult(
             outcome="completed",
             exit_code=0,
@@ -374,7 +404,7 @@ class ScriptedEngine:
             usage=reply.usage,
             thread_usage=thread_usage,
             thread_id=thread_id,
-            events=events,
+            events=stream.events,
             duration_s=time.monotonic() - started,
         )
 

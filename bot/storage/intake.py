@@ -1,4 +1,7 @@
-"""Durable intake: group-commit verified deliveries, answer, then enqueue (outbox relay as backstop)."""
+"""Durable intake: group-commit verified deliveries, answer, then enqueue.
+
+The outbox relay is the backstop for deliveries stored but never enqueued.
+"""
 
 from __future__ import annotations
 
@@ -97,7 +100,10 @@ class SqliteWriter:
     """
 
     _TABLE = WebhookDelivery.__tablename__
-    _COLUMNS = "provider, delivery_key, event, action, status, payload, headers, semantic_key, outcome, attempts, received_at"
+    _COLUMNS = (
+        "provider, delivery_key, event, action, status, payload, headers, semantic_key, outcome,"
+        " attempts, received_at"
+    )
     _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, '{}', 0, ?)"
     _CHUNK = 500  # rows per statement: 9 variables each, far under SQLite's 32766
 
@@ -190,7 +196,8 @@ class SqliteWriter:
                 # the commit is durable (synchronous=FULL). Nothing else inserts meanwhile,
                 # so the rows it added got consecutive ids.
                 cur.execute(
-                    f"INSERT INTO {self._TABLE} ({self._COLUMNS}) VALUES {', '.join([self._ROW] * len(chunk))}"
+                    f"INSERT INTO {self._TABLE} ({self._COLUMNS})"
+                    f" VALUES {', '.join([self._ROW] * len(chunk))}"
                     # either unique key: the delivery id, or the semantic key of a replay
                     " ON CONFLICT DO NOTHING",
                     [value for row in chunk for value in (*row, received)],
@@ -680,7 +687,10 @@ async def pending_deliveries_by_id(db: Database, ids: Sequence[int]) -> list[Job
 
 
 async def relay_outbox(db: Database, redis: ArqRedis, older_than_s: float = 0.0) -> int:
-    """Enqueue stored-but-pending deliveries (and expired claims); job ids make a second relay a no-op."""
+    """Enqueue stored-but-pending deliveries (and expired claims).
+
+    Job ids make a second relay a no-op.
+    """
 
     await take_back_expired(db)
     total = 0

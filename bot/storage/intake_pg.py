@@ -39,9 +39,12 @@ _TABLE = WebhookDelivery.__tablename__
 # kept headers as json text; `received_at` is the transaction's time, as one batch shares one.
 INSERT_BATCH = f"""
 INSERT INTO {_TABLE}
-    (provider, delivery_key, event, action, status, payload, headers, semantic_key, outcome, attempts, received_at)
-SELECT provider, delivery_key, event, action, status, payload, headers::json, semantic_key, '{{}}'::json, 0, now()
-FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[])
+    (provider, delivery_key, event, action, status, payload, headers, semantic_key, outcome,
+     attempts, received_at)
+SELECT provider, delivery_key, event, action, status, payload, headers::json, semantic_key,
+       '{{}}'::json, 0, now()
+FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[],
+            %b::text[], %b::text[], %b::text[], %b::text[])
     AS batch(provider, delivery_key, event, action, status, payload, headers, semantic_key)
 ON CONFLICT DO NOTHING
 RETURNING id, provider, delivery_key

@@ -328,7 +328,10 @@ class TranscriptRecorder:
             self._timer = self._loop.call_later(self.interval_s, self._hand_over)
 
     def encoded(self, event: dict[str, Any]) -> bytes:
-        """An event without usable raw bytes, as one JSON line (oversized ones cut to their item)."""
+        """An event without usable raw bytes, as one JSON line.
+
+        Oversized ones are cut down to their transcript item.
+        """
         line = json.dumps(event, default=str).encode()
         if len(line) > RAW_LIMIT:  # keep the shape, lose the bulk
             entry = transcript_entry(event, self.workdir) or {}

@@ -186,7 +186,10 @@ def routes(edges: dict[str, WebhookEdge]) -> list[BaseRoute]:
 
 
 class DeksdenflowApp(Starlette):
-    """Starlette, with the two webhook POST routes served by the plain-ASGI edge (bot/web/edge.py)."""
+    """Starlette, with the two webhook POST routes served by the plain-ASGI edge.
+
+    The edge lives in bot/web/edge.py.
+    """
 
     edges: dict[str, WebhookEdge]
 

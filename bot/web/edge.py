@@ -40,7 +40,10 @@ class ClientGone(Exception):
 
 
 def header_dict(scope: Scope) -> LowerCaseHeaders:
-    """ASGI headers (lower-cased byte pairs) as a str dict; a repeated header keeps its last value."""
+    """ASGI headers (lower-cased byte pairs) as a str dict.
+
+    A repeated header keeps its last value.
+    """
     return LowerCaseHeaders(
         {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
     )

@@ -1,4 +1,7 @@
-"""The engine dies with its worker (issue 20, point 14): a SIGKILLed worker leaves no codex behind."""
+"""The engine dies with its worker (issue 20, point 14).
+
+A SIGKILLed worker leaves no codex behind.
+"""
 
 from __future__ import annotations
 

@@ -74,8 +74,8 @@ elif mode == "pieces":
     # last event with no newline after it
     line = json.dumps({"type": "item.completed",
                        "item": {"id": "m", "type": "agent_message", "text": "split"}})
-    for part in (line[:10], line[10:30], line[30:] + "\\n" + '{"type": "turn.sta', 'rted"}\\nnot json\\n',
-                 "x" * 3000, "x" * 10 + "\\n"):
+    for part in (line[:10], line[10:30], line[30:] + "\\n" + '{"type": "turn.sta',
+                 'rted"}\\nnot json\\n', "x" * 3000, "x" * 10 + "\\n"):
         sys.stdout.write(part)
         sys.stdout.flush()
         time.sleep(0.05)

@@ -142,8 +142,8 @@ def test_command_output_is_truncated_in_events() -> None:
     big = "x" * (COMMAND_OUTPUT_LIMIT * 3)
     event = {
         "type": "item.completed",
-        "item": {"id": "i", "type": "command_execution", "command": "cat big", "aggregated_output": big,
-                 "exit_code": 0, "status": "completed"},
+        "item": {"id": "i", "type": "command_execution", "command": "cat big",
+                 "aggregated_output": big, "exit_code": 0, "status": "completed"},
     }  # fmt: skip
     parsed = parse_codex_events([json.dumps(event)])
     stored = parsed.events[0]["item"]["aggregated_output"]

@@ -101,7 +101,8 @@ async def test_agent_cannot_write_tmp_or_the_worker_tmpdir(
     outside = tmp_path / "outside-marker"
     worker_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"df-worker-tmp-marker-{os.getpid()}"
     cmd = (
-        f"touch in-workdir.txt; touch {outside}; touch {worker_tmp}; touch /tmp/df-slash-tmp-marker; "
+        f"touch in-workdir.txt; touch {outside}; touch {worker_tmp}; "
+        "touch /tmp/df-slash-tmp-marker; "
         "touch $TMPDIR/run-tmp && echo TMP-WRITABLE; touch $HOME/run-home && echo HOME-WRITABLE"
     )
     fake_codex.server.enqueue(tool_then(shell_call(cmd)), final("ok"))

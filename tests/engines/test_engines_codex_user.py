@@ -65,7 +65,10 @@ async def test_the_agent_runs_unprivileged_and_cannot_read_the_worker_files(
     repo_parent = shared_root / "worktrees"
     repo_parent.mkdir(mode=0o755)
     repo = init_git_repo(repo_parent / "repo")
-    cmd = f"id -u; cat {secret_file}; cat /root/.bashrc >/dev/null; echo hi > new.txt; git status --short"
+    cmd = (
+        f"id -u; cat {secret_file}; cat /root/.bashrc >/dev/null; echo hi > new.txt;"
+        " git status --short"
+    )
     fake_codex.server.enqueue(tool_then(shell_call(cmd)), final("done"))
     engine = CodexEngine(
         fake_codex.codex_bin,

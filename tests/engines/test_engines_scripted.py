@@ -72,8 +72,9 @@ async def test_invalid_first_planning_then_resume_repairs(
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(first.structured, planning_schema)
     repaired = await engine.run(
-        EngineRequest(prompt="fix it", workdir=tmp_path, phase="planning", output_schema=planning_schema,
-                      context=CONTEXT, resume_thread_id=first.thread_id, previous_usage=first.thread_usage)
+        EngineRequest(prompt="fix it", workdir=tmp_path, phase="planning",
+                      output_schema=planning_schema, context=CONTEXT,
+                      resume_thread_id=first.thread_id, previous_usage=first.thread_usage)
     )  # fmt: skip
     jsonschema.validate(repaired.structured, planning_schema)
     assert isinstance(repaired.structured, dict)
@@ -158,7 +159,8 @@ async def test_execute_delete_and_scripted_failure(tmp_path: Path) -> None:
 async def test_qa_verdict_sequence_per_step(tmp_path: Path) -> None:
     engine = ScriptedEngine({"qa": {
         "default": {"verdicts": ["PASS"], "report": "# QA {slug}"},
-        "steps": {"flaky": {"verdicts": ["FAIL", "PASS"], "usage": {"input_tokens": 7, "output_tokens": 3}}},
+        "steps": {"flaky": {"verdicts": ["FAIL", "PASS"],
+                            "usage": {"input_tokens": 7, "output_tokens": 3}}},
     }})  # fmt: skip
     messages = [
         (await engine.run(req(tmp_path, "qa", step_index=1, slug="flaky"))).final_message
@@ -186,7 +188,8 @@ def test_qa_verdict_edge_cases() -> None:
 async def test_usage_levels_and_discovery(tmp_path: Path) -> None:
     engine = ScriptedEngine({
         "usage": {"input_tokens": 1000, "output_tokens": 10},
-        "discovery": {"message": "Found {protocol}", "files": [{"path": "ci/check.sh", "content": "true\n"}]},
+        "discovery": {"message": "Found {protocol}",
+                      "files": [{"path": "ci/check.sh", "content": "true\n"}]},
     })  # fmt: skip
     result = await engine.run(req(tmp_path, "discovery"))
     assert result.final_message == "Found 0001-add-greeting"

@@ -44,8 +44,10 @@ def test_queue_responder_and_fallback() -> None:
         assert json.loads(first[1]["item"]["arguments"]) == {"cmd": "ls"}
         assert first[2]["response"]["usage"]["input_tokens"] == 10
 
-        body = {"input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
-                          {"type": "function_call_output", "call_id": "c1", "output": "README.md"}]}  # fmt: skip
+        body = {"input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+            {"type": "function_call_output", "call_id": "c1", "output": "README.md"},
+        ]}  # fmt: skip
         second = post(server, body)
         assert second[1]["item"]["content"][0]["text"] == "echo: hi"
         assert server.requests[1].tool_outputs() == {"c1": "README.md"}

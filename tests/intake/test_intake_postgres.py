@@ -86,7 +86,8 @@ async def test_ids_and_flags_for_new_mixed_and_old_batches(
     assert again == [(stored[("github", "c")], False), (stored[("github", "d")], False)]
     payload, headers, outcome, status, attempts = rows(
         pg_url,
-        "SELECT payload, headers, outcome, status, attempts FROM webhook_deliveries WHERE delivery_key = 'a'",
+        "SELECT payload, headers, outcome, status, attempts FROM webhook_deliveries"
+        " WHERE delivery_key = 'a'",
     )[0]
     # the body is stored verbatim (quotes, backslashes and non-ASCII through the binary arrays)
     assert payload == _pending("a", loop).delivery.body
@@ -204,8 +205,9 @@ async def test_a_second_batch_commits_while_the_first_waits_and_a_racing_key_is_
     try:
         async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as other:
             cur = await other.execute(
-                "INSERT INTO webhook_deliveries (provider, delivery_key, event, status, payload, headers, outcome,"
-                " attempts, received_at) VALUES ('github', 'racing', 'issue_comment', 'pending', '{}', '{}', '{}',"
+                "INSERT INTO webhook_deliveries (provider, delivery_key, event, status, payload,"
+                " headers, outcome, attempts, received_at)"
+                " VALUES ('github', 'racing', 'issue_comment', 'pending', '{}', '{}', '{}',"
                 " 0, now()) RETURNING id"
             )
             row = await cur.fetchone()
@@ -244,8 +246,9 @@ async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_sti
     try:
         async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as other:
             await other.execute(
-                "INSERT INTO webhook_deliveries (provider, delivery_key, event, status, payload, headers, outcome,"
-                " attempts, received_at) VALUES ('github', 'stuck', 'issue_comment', 'pending', '{}', '{}', '{}',"
+                "INSERT INTO webhook_deliveries (provider, delivery_key, event, status, payload,"
+                " headers, outcome, attempts, received_at)"
+                " VALUES ('github', 'stuck', 'issue_comment', 'pending', '{}', '{}', '{}',"
                 " 0, now())"
             )
             started = loop.time()
