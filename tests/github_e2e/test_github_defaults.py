@@ -23,3 +23,25 @@ def test_the_world_has_the_product_defaults(gh: GitHubLoop) -> None:
     while "git" not in worker.ctx and time.monotonic() < deadline:
         time.sleep(0.02)
     assert worker.ctx["git"].warm_spares is Settings().warm_worktrees is True
+
+
+def test_a_second_protocol_starts_in_the_spare_worktree(gh: GitHubLoop) -> None:
+    """WARM_WORKTREES (on by default): the first protocol's start leaves a spare checkout of
+    the base branch behind, and the next protocol of the repository is started in it."""
+    gh.deliver("installation", gh.installation_created())
+    gh.deliver("issue_comment", gh.comment("/plan", number=1))
+    first = gh.run().run.protocol_name
+    cache = gh.state.extra["worker"].ctx["git"]
+    gh.call(cache.wait_spares)
+    spare = cache.spare_path(str(gh.origin))
+    spare_link = (spare / ".git").read_text()  # its registration in the mirror
+
+    gh.deliver("issue_comment", gh.comment("/plan", number=2))
+    state = gh.run()
+    assert state.run.protocol_name != first and state.run.status == "planned"
+    worktree = cache.worktree_path(str(gh.origin), state.run.protocol_name)
+    # `worktree move` keeps the registration: the protocol's checkout is the spare, moved
+    assert (worktree / ".git").read_text() == spare_link
+    gh.call(cache.wait_spares)
+    # … and a new spare (a registration of its own) is ready for the one after
+    assert (spare / ".git").read_text() not in ("", spare_link)
