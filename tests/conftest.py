@@ -44,18 +44,61 @@ def _restore_umask() -> Iterator[None]:
     os.umask(old)
 
 
-def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+# Settings a test may set that do not change what the product does, only where it runs and with
+# what it signs: the plumbing every test needs. An end-to-end world differs from `Settings()` in
+# these alone (tests/github_e2e and tests/gitlab_e2e check it); anything else is a behaviour the
+# product would not ship with.
+PLUMBING_SETTINGS = frozenset(
+    {
+        "data_dir",  # the test's tmp_path, not the user's ~/.local/share
+        "db_url",  # the test's SQLite file or Postgres database
+        "redis_url",  # the test's Redis db (memory:// is the product default)
+        "api_token",  # the API's bearer token the tests send
+        "github_webhook_secret",  # what the tests sign GitHub deliveries with
+        "gitlab_webhook_secret",  # … and GitLab's X-Gitlab-Token
+        "github_app_id",  # the fake GitHub's App
+        "github_private_key",
+        "github_app_slug",
+        "gitlab_url",  # the fake GitLab's address
+        "gitlab_token",
+        "engine",  # the scripted engine instead of codex: no model, no network
+        "scripted_script",  # … and the script it plays
+    }
+)
+
+
+def make_settings(tmp_path: Path, *, product_defaults: bool = False, **overrides: Any) -> Settings:
+    """Settings for a test: the plumbing, then `overrides`.
+
+    Unless `product_defaults`, two speed-ups the product does not ship with: a shorter worker
+    poll, and no spare worktree checked out in the background after a protocol starts (a git
+    process that would outlive many a short test's assertions). End-to-end tests pass
+    `product_defaults=True`: they run as the product ships.
+    """
     values: dict[str, Any] = {
         "data_dir": tmp_path / "data",
         "github_webhook_secret": GITHUB_SECRET,
         "gitlab_webhook_secret": GITLAB_SECRET,
         "api_token": "api-test-token-0123456789",
         "engine": "scripted",
-        "worker_poll_delay_s": 0.02,
-        "warm_worktrees": False,
     }
+    if not product_defaults:
+        values.update(worker_poll_delay_s=0.02, warm_worktrees=False)
     values.update(overrides)
     return Settings(**values)
+
+
+def behaviour_overrides(settings: Settings) -> dict[str, tuple[Any, Any]]:
+    """{field: (value, product default)} of every setting off its default that is no plumbing."""
+    shipped = Settings()
+    found: dict[str, tuple[Any, Any]] = {}
+    for name in type(settings).model_fields:
+        if name in PLUMBING_SETTINGS:
+            continue
+        value, default = getattr(settings, name), getattr(shipped, name)
+        if value != default:
+            found[name] = (value, default)
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,8 @@ from bot.handlers.router import HandlerContext
 from bot.handlers.sansio import IncomingDelivery
 from bot.jobs.ci import apply_ci_result, pr_finished
 from bot.storage.models import ForgeRecord, Project
+from bot.web.app import AppState
+from tests.conftest import behaviour_overrides, make_settings
 from tests.github_e2e.conftest import API as GH_API
 from tests.github_e2e.conftest import GitHubLoop, app_key, loop_factory  # noqa: F401 (fixtures)
 from tests.github_e2e.fake_github import APP_ID as GH_APP_ID
@@ -47,7 +49,7 @@ from tests.gitlab.fake_gitlab import FakeGitLab
 from tests.gitlab_e2e.conftest import World, fake_gitlab, origin, world_factory  # noqa: F401
 from tests.gitlab_e2e.test_gitlab_fix_loop import has_ci
 from tests.intake.helpers import rows
-from tests.protocol.conftest import make_harness, protocol_settings
+from tests.protocol.conftest import make_harness
 
 PROTOCOL = "0001-add-a-greeting"
 COMMANDS = ("/plan", "/approve", "/run-step")
@@ -139,6 +141,7 @@ def _github(request: pytest.FixtureRequest, tmp_path: Path) -> Observed:
     ]
     db_url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
     return {
+        "overrides": behaviour_overrides(gh.state.settings),
         "commands": outcomes,
         "ci": (ci["ci"], ci["outcome"]),
         "merge": merge,
@@ -181,6 +184,7 @@ def _gitlab(request: pytest.FixtureRequest, tmp_path: Path) -> Observed:
         _wait_idle(world.client)
         if command == "/plan":  # the same repository as on GitHub: one with CI
             has_ci(world)
+    state: AppState = world.client.app.state.df  # type: ignore[attr-defined]
     head = json.loads(world.steps()[0].runtime_state)["commit_sha"]
     answer = world.send(
         "Pipeline Hook", world.pipeline(head, PROTOCOL, "success", [("test", "success")])
@@ -197,6 +201,7 @@ def _gitlab(request: pytest.FixtureRequest, tmp_path: Path) -> Observed:
     for award in world.fake.state.award_emoji:
         reactions[award["awardable_id"]].append(award["name"])
     return {
+        "overrides": behaviour_overrides(state.settings),
         "commands": outcomes,
         "ci": (ci["ci"], ci["outcome"]),
         "merge": merge,
@@ -212,8 +217,11 @@ def _gitlab(request: pytest.FixtureRequest, tmp_path: Path) -> Observed:
 
 def _local(request: pytest.FixtureRequest, tmp_path: Path) -> Observed:
     origin_path: Path = request.getfixturevalue("origin")
-    settings = protocol_settings(tmp_path)
-    return asyncio.run(_local_flow(settings, origin_path, f"sqlite:///{tmp_path / 'db.sqlite3'}"))
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    # the product's defaults, as on the webhook forges (the local runtime itself turns off the
+    # spare worktree: a CLI run is short)
+    settings = make_settings(tmp_path, product_defaults=True, db_url=db_url)
+    return asyncio.run(_local_flow(settings, origin_path, db_url))
 
 
 async def _local_flow(settings: Any, origin_path: Path, db_url: str) -> Observed:
@@ -264,6 +272,7 @@ async def _local_flow(settings: Any, origin_path: Path, db_url: str) -> Observed
             state_name = str(data.get("conclusion") or data["status"])
             reports.append((str(data["name"]), str(data["head_sha"]), STATE[state_name]))
     return {
+        "overrides": behaviour_overrides(settings),
         "commands": outcomes,
         "ci": ("success", ci),
         "merge": merge,
@@ -315,6 +324,8 @@ def test_same_loop_on_every_forge(
     forge: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     seen = DRIVERS[forge](request, tmp_path)
+    # every forge on the product's defaults (tests/conftest.py lists the plumbing that may differ)
+    assert seen["overrides"] == {}, seen["overrides"]
     # what every forge must show on its own
     assert seen["commands"] == EXPECTED_COMMANDS, seen["commands"]
     assert seen["ci"] == ("success", "complete")
@@ -371,7 +382,10 @@ async def _gitlab_threads(fake: FakeGitLab) -> tuple[set[str], int, set[str]]:
 
 
 async def _local_threads(tmp_path: Path, origin_path: Path) -> tuple[set[str], int, set[str]]:
-    async with make_harness(protocol_settings(tmp_path), origin_path) as h:
+    settings = make_settings(
+        tmp_path, product_defaults=True, db_url=f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    )
+    async with make_harness(settings, origin_path) as h:
         forge = LocalForge(h.ctx["db"], h.project.id)
         target = IssueRef(RepoRef("local", str(origin_path)), 3, "pull")
         await forge.reply_in_thread(target, "t1", "fixed in abc")

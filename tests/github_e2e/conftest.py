@@ -303,7 +303,7 @@ def loop_factory(tmp_path: Path, app_key: str) -> Iterator[Callable[..., GitHubL
             "github_private_key": app_key,
             "github_app_slug": APP_SLUG,
         }
-        settings = make_settings(tmp_path, **{**values, **overrides})
+        settings = make_settings(tmp_path, product_defaults=True, **{**values, **overrides})
         client = TestClient(create_app(settings))
         client.__enter__()
         stack.append(lambda: client.__exit__(None, None, None))

@@ -303,7 +303,7 @@ def world_factory(
             "gitlab_token": fake_gitlab.token,
             **overrides,
         }
-        client = TestClient(create_app(make_settings(tmp_path, **values)))
+        client = TestClient(create_app(make_settings(tmp_path, product_defaults=True, **values)))
         client.__enter__()
         clients.append(client)
         return World(fake_gitlab, origin, client, sqlite_url)
