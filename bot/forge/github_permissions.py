@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from bot.forge.kinds import GITHUB
+
 MANIFEST = Path(__file__).resolve().parent.parent.parent / "app.yml"
 LEVELS = {"none": 0, "read": 1, "write": 2, "admin": 3}
 _REPO = r"/repos/[^/]+/[^/]+"
@@ -101,16 +103,10 @@ EVENT_NEEDS: Mapping[str, tuple[str, str]] = {
     "actions": ("read", "workflow_run events (GitHub Actions results)"),
     "statuses": ("read", "status events (external CI)"),
 }
-EVENTS: tuple[str, ...] = (
-    "issue_comment",
-    "issues",
-    "pull_request",
-    "check_suite",
-    "check_run",
-    "workflow_run",
-    "status",
-    "pull_request_review",
-    "pull_request_review_comment",
+# the events the App subscribes to: every one the recorder keeps, except the installation
+# events, which GitHub sends every App without a subscription
+EVENTS: tuple[str, ...] = tuple(
+    e for e in GITHUB.recorded_events if e not in ("installation", "installation_repositories")
 )
 
 
