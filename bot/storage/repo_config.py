@@ -39,8 +39,16 @@ def _str_map(value: Any, field: str, errors: list[str]) -> dict[str, str]:
     return dict(value)
 
 
-def parse_repo_config(text: str) -> dict[str, Any]:
-    """Validate the file's shape (pure). Unknown keys are ignored; bad values raise SpecError."""
+_WHOLE_NUMBER_POLICIES = (
+    "max_tokens",
+    "max_tokens_per_step",
+    "max_fix_attempts",
+    "max_inline_depth",
+)
+
+
+def _load_mapping(text: str) -> Mapping[Any, Any]:
+    """The file's top level as a mapping (an empty file is an empty mapping)."""
     try:
         data = yaml.safe_load(text) if text.strip() else {}
     except yaml.YAMLError as exc:
@@ -49,42 +57,77 @@ def parse_repo_config(text: str) -> dict[str, Any]:
         data = {}
     if not isinstance(data, Mapping):
         raise SpecError(f"{CONFIG_FILE} must be a mapping at the top level")
-    errors: list[str] = []
-    out: dict[str, Any] = {}
-    engine = data.get("engine")
-    if engine is not None:
-        if isinstance(engine, str) and engine:
-            out["engine"] = engine
-        else:
-            errors.append("engine: must be an engine id such as codex or scripted")
-    out["models"] = _str_map(data.get("models"), "models", errors)
-    labels = _str_map(data.get("labels"), "labels", errors)
-    bad_labels = [k for k, v in labels.items() if v not in ("plan", "auto", "")]
-    errors += [f"labels.{k}: must be plan, auto or empty" for k in bad_labels]
-    out["labels"] = {k: v for k, v in labels.items() if k not in bad_labels}
-    permissions = _str_map(data.get("permissions"), "permissions", errors)
-    bad_perms = [k for k, v in permissions.items() if v not in LEVELS]
-    errors += [f"permissions.{k}: must be one of {', '.join(LEVELS)}" for k in bad_perms]
-    out["permissions"] = {k: v for k, v in permissions.items() if k not in bad_perms}
-    policies = data.get("policies") or {}
+    return data
+
+
+def _engine(value: Any, errors: list[str]) -> dict[str, str]:
+    """{"engine": id} when the file names one; {} when absent or invalid (noted in errors)."""
+    if value is None:
+        return {}
+    if isinstance(value, str) and value:
+        return {"engine": value}
+    errors.append("engine: must be an engine id such as codex or scripted")
+    return {}
+
+
+def _allowed_values(
+    value: Any, field: str, allowed: tuple[str, ...], expected: str, errors: list[str]
+) -> dict[str, str]:
+    """A name → string map keeping only the entries whose value is in `allowed`; each other
+    entry is noted in errors as `field.name: must be <expected>`."""
+    mapping = _str_map(value, field, errors)
+    bad = [k for k, v in mapping.items() if v not in allowed]
+    errors += [f"{field}.{k}: must be {expected}" for k in bad]
+    return {k: v for k, v in mapping.items() if k not in bad}
+
+
+def _policies(value: Any, errors: list[str]) -> Mapping[Any, Any]:
+    """The `policies` section; an absent or empty one is {}, a non-mapping one is an error."""
+    policies = value or {}
     if not isinstance(policies, Mapping):
         errors.append("policies: must be a mapping")
-        policies = {}
+        return {}
+    return policies
+
+
+def _is_count(value: Any, low: int, high: int | None = None) -> bool:
+    """A whole number (never a bool, which YAML's true/false parse to) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return False
+    return value >= low and (high is None or value <= high)
+
+
+def _policy_problems(policies: Mapping[Any, Any]) -> list[str]:
+    """What is wrong with the values of the known policies, in the order they are checked."""
+    problems: list[str] = []
     if "qa_policy" in policies and policies["qa_policy"] not in QA_POLICIES:
-        errors.append(f"policies.qa_policy: must be one of {', '.join(QA_POLICIES)}")
-    for key in ("max_tokens", "max_tokens_per_step", "max_fix_attempts", "max_inline_depth"):
+        problems.append(f"policies.qa_policy: must be one of {', '.join(QA_POLICIES)}")
+    for key in _WHOLE_NUMBER_POLICIES:
         value = policies.get(key)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 0
-        ):
-            errors.append(f"policies.{key}: must be a whole number, 0 or more")
+        if value is not None and not _is_count(value, 0):
+            problems.append(f"policies.{key}: must be a whole number, 0 or more")
     if "ci_gates" in policies and not isinstance(policies["ci_gates"], bool):
-        errors.append("policies.ci_gates: must be true or false")
+        problems.append("policies.ci_gates: must be true or false")
     par = policies.get("max_parallel_steps")
-    if par is not None and (
-        not isinstance(par, int) or isinstance(par, bool) or not 1 <= par <= 32
-    ):
-        errors.append("policies.max_parallel_steps: must be a whole number from 1 to 32")
+    if par is not None and not _is_count(par, 1, 32):
+        problems.append("policies.max_parallel_steps: must be a whole number from 1 to 32")
+    return problems
+
+
+def parse_repo_config(text: str) -> dict[str, Any]:
+    """Validate the file's shape (pure). Unknown keys are ignored; bad values raise SpecError."""
+    data = _load_mapping(text)
+    errors: list[str] = []
+    out: dict[str, Any] = _engine(data.get("engine"), errors)
+    out["models"] = _str_map(data.get("models"), "models", errors)
+    out["labels"] = _allowed_values(
+        data.get("labels"), "labels", ("plan", "auto", ""), "plan, auto or empty", errors
+    )
+    out["permissions"] = _allowed_values(
+        data.get("permissions"), "permissions", LEVELS, f"one of {', '.join(LEVELS)}", errors
+    )
+    policies = _policies(data.get("policies"), errors)
+    errors += _policy_problems(policies)
     out["policies"] = {k: v for k, v in policies.items() if k in POLICY_KEYS}
     out["allow_fork_commands"] = bool(
         policies.get("allow_fork_commands", data.get("allow_fork_commands", False))
