@@ -6,7 +6,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 # Headers a proxy (or anyone pretending to be one) uses to say who the "real" client is.
 FORWARDING_HEADERS = (
@@ -101,23 +101,50 @@ def git_url_problem(url: str, rule: RepoUrlRule, forge_url: str | None) -> str |
     layer checks again per command), and leaves no room for file://, other hosts or private
     addresses. A plain checkout's project (`rule.path`): a filesystem path.
     """
+    if problem := _plain_text_problem(url):
+        return problem
+    if rule.path:
+        return _local_path_problem(url)
+    if forge_url is None:
+        return f"no {rule.forge} host is configured"
+    return _forge_url_problem(url, rule, forge_url)
+
+
+def _plain_text_problem(url: str) -> str | None:
+    """What any git_url must be: no spaces or control characters, never an option for git,
+    never a remote helper."""
     if not url or url != url.strip() or any(ord(c) < 0x20 or c == "\x7f" for c in url):
         return "must be a plain URL or path without spaces or control characters"
     if url.startswith("-"):
         return "must not start with '-'"
     if _HELPER.match(url):
         return "remote helpers (`transport::address`, e.g. ext::) are not allowed"
-    if rule.path:
-        if "://" in url or _SCP_LIKE.match(url):
-            return "a local project's git_url is a filesystem path, not a URL"
-        return None
-    if forge_url is None:
-        return f"no {rule.forge} host is configured"
+    return None
+
+
+def _local_path_problem(url: str) -> str | None:
+    """A plain checkout's git_url is a path: no scheme, no scp-like `host:path`."""
+    if "://" in url or _SCP_LIKE.match(url):
+        return "a local project's git_url is a filesystem path, not a URL"
+    return None
+
+
+def _forge_url_problem(url: str, rule: RepoUrlRule, forge_url: str) -> str | None:
+    """A forge project's git_url: on the forge's origin, then a repository's path under it."""
     try:
         parts, forge = urlsplit(url), urlsplit(forge_url)
-        port, forge_port = parts.port, forge.port
+        port, forge_port = parts.port, forge.port  # raise ValueError on a bad port
     except ValueError:
         return "is not a valid URL"
+    return _address_problem(parts, port, forge, forge_port) or _repository_path_problem(
+        parts.path, forge.path, forge_url, rule.depth
+    )
+
+
+def _address_problem(
+    parts: SplitResult, port: int | None, forge: SplitResult, forge_port: int | None
+) -> str | None:
+    """Same scheme, host and port as the forge; no credentials, query, fragment or escapes."""
     if parts.scheme != forge.scheme or (parts.hostname or "") != (forge.hostname or "").lower():
         return f"must be a {forge.scheme}:// URL on {forge.hostname}"
     if port != forge_port:
@@ -126,12 +153,20 @@ def git_url_problem(url: str, rule: RepoUrlRule, forge_url: str | None) -> str |
         return "must not contain credentials"
     if parts.query or parts.fragment or "%" in parts.path:
         return "must not contain a query, fragment or escapes"
-    segments = parts.path.strip("/").removesuffix(".git").split("/")
-    base_segments = [s for s in forge.path.strip("/").split("/") if s]
+    return None
+
+
+def _repository_path_problem(
+    path: str, base_path: str, forge_url: str, depth: int | None
+) -> str | None:
+    """The path is the forge's own base path, then a repository: `depth` valid segments (2 or
+    more when depth is None), an optional trailing .git aside."""
+    segments = path.strip("/").removesuffix(".git").split("/")
+    base_segments = [s for s in base_path.strip("/").split("/") if s]
     if segments[: len(base_segments)] != base_segments:
         return f"must be under {forge_url}"
     segments = segments[len(base_segments) :]
-    if len(segments) < 2 or (rule.depth is not None and len(segments) != rule.depth):
+    if len(segments) < 2 or (depth is not None and len(segments) != depth):
         return "must name a repository (owner/name)"
     if not all(_SEGMENT.match(s) for s in segments):
         return "has an invalid owner or repository name"
