@@ -90,9 +90,31 @@ async def check_github(
         ]
     if not app_id or not pem:
         return [skip("github app", "not configured (no DEKSDENFLOW_GITHUB_APP_ID / key)")]
-    results: list[CheckResult] = []
     settings_url = f"{settings.github_web_url}/settings/apps"
-    async with GitHubClient(
+    async with _app_client(settings, app_id, pem, http) as client:
+        try:
+            app = await client.request("GET", "/app", auth="app")
+        except GitHubHTTPError as exc:
+            return [_app_refused(exc, settings.github_api_url, settings_url)]
+        except DeksdenFlowError as exc:
+            return [_app_unreachable(exc, settings.github_api_url)]
+        slug = str(app.get("slug") or app_id)
+        results = [ok("github app", f"App {slug} (id {app.get('id', app_id)}) authenticated")]
+        results.append(await _check_installations(client, app, settings.github_web_url, slug))
+        results.append(_webhook_secret_result(secret))
+        results.append(_permissions_result(ghp.load_manifest(), app, settings_url, slug))
+        if settings.public_url:
+            want = settings.public_url + GITHUB_HOOK_PATH
+            results.append(await _check_webhook_url(client, want, settings_url, slug))
+    return results
+
+
+def _app_client(
+    settings: Settings, app_id: str, pem: str, http: httpx.AsyncClient | None
+) -> GitHubClient:
+    """A client authenticating as the App, with one short attempt per request: the doctor
+    reports a slow or failing GitHub instead of waiting it out."""
+    return GitHubClient(
         app_id=app_id,
         private_key=pem,
         api_url=settings.github_api_url,
@@ -100,103 +122,97 @@ async def check_github(
         max_attempts=1,
         timeout=CONNECT_TIMEOUT_S * 2,
         verify=settings.httpx_verify(),
-    ) as client:
+    )
+
+
+def _app_refused(exc: GitHubHTTPError, api_url: str, settings_url: str) -> CheckResult:
+    """GET /app answered an error status: a 401 is a key of another App (or a wrong id)."""
+    fix = (
+        "DEKSDENFLOW_GITHUB_APP_ID and the private key must belong to the same App "
+        f"(App id and 'Private keys' at {settings_url}/<slug>); generate a new key if lost"
+        if exc.status_code == 401
+        else f"check DEKSDENFLOW_GITHUB_API_URL ({api_url})"
+    )
+    return fail("github app", f"GET /app answered {exc.status_code}: {first_line(str(exc))}", fix)
+
+
+def _app_unreachable(exc: DeksdenFlowError, api_url: str) -> CheckResult:
+    """GET /app got no answer (or the key could not sign a token)."""
+    return fail(
+        "github app",
+        describe_error(exc),
+        f"check the private key and that {api_url} is reachable",
+    )
+
+
+async def _check_installations(
+    client: GitHubClient, app: dict[str, Any], web_url: str, slug: str
+) -> CheckResult:
+    """How many accounts installed the App: GET /app's count, else the list of installations."""
+    count = app.get("installations_count")
+    if not isinstance(count, int):
         try:
-            app = await client.request("GET", "/app", auth="app")
-        except GitHubHTTPError as exc:
-            fix = (
-                "DEKSDENFLOW_GITHUB_APP_ID and the private key must belong to the same App "
-                f"(App id and 'Private keys' at {settings_url}/<slug>); generate a new key if lost"
-                if exc.status_code == 401
-                else f"check DEKSDENFLOW_GITHUB_API_URL ({settings.github_api_url})"
-            )
-            return [
-                fail(
-                    "github app",
-                    f"GET /app answered {exc.status_code}: {first_line(str(exc))}",
-                    fix,
-                )
-            ]
+            count = len(await client.get_all("/app/installations", auth="app"))
         except DeksdenFlowError as exc:
-            return [
-                fail(
-                    "github app",
-                    describe_error(exc),
-                    f"check the private key and that {settings.github_api_url} is reachable",
-                )
-            ]
-        slug = str(app.get("slug") or app_id)
-        results.append(ok("github app", f"App {slug} (id {app.get('id', app_id)}) authenticated"))
+            return fail("github installations", describe_error(exc), "retry; check the App's key")
+    return _installations_result(count, web_url, slug)
 
-        count = app.get("installations_count")
-        if not isinstance(count, int):
-            try:
-                count = len(await client.get_all("/app/installations", auth="app"))
-            except DeksdenFlowError as exc:
-                count = None
-                results.append(
-                    fail("github installations", describe_error(exc), "retry; check the App's key")
-                )
-        if isinstance(count, int):
-            if count:
-                results.append(ok("github installations", f"installed on {count} account(s)"))
-            else:
-                results.append(
-                    fail(
-                        "github installations",
-                        "the App is installed nowhere: no repository can send events",
-                        f"install it: {settings.github_web_url}/apps/{slug}/installations/new",
-                    )
-                )
 
-        if secret:
-            results.append(ok("github webhook secret", "set"))
-        else:
-            results.append(
-                fail(
-                    "github webhook secret",
-                    "unset: /webhooks/github answers 503 to every delivery",
-                    "set DEKSDENFLOW_GITHUB_WEBHOOK_SECRET (or _FILE) to the App's webhook secret",
-                )
-            )
+def _installations_result(count: int, web_url: str, slug: str) -> CheckResult:
+    if count:
+        return ok("github installations", f"installed on {count} account(s)")
+    return fail(
+        "github installations",
+        "the App is installed nowhere: no repository can send events",
+        f"install it: {web_url}/apps/{slug}/installations/new",
+    )
 
-        manifest = ghp.load_manifest()
-        lacking = ghp.missing_permissions(
-            dict(manifest.get("default_permissions") or {}), app.get("permissions") or {}
-        )
-        events = ghp.missing_events(manifest.get("default_events") or [], app.get("events") or [])
-        if lacking or events:
-            wanted = [f"{k}: {v}" for k, v in lacking.items()] + [f"event {e}" for e in events]
-            results.append(
-                fail(
-                    "github permissions",
-                    "the App lacks " + ", ".join(wanted),
-                    f"grant them at {settings_url}/{slug}/permissions, then accept the new "
-                    "permissions on each installation",
-                )
-            )
-        else:
-            results.append(ok("github permissions", "permissions and events cover app.yml"))
 
-        if settings.public_url:
-            want = settings.public_url + GITHUB_HOOK_PATH
-            try:
-                hook = await client.request("GET", "/app/hook/config", auth="app")
-            except DeksdenFlowError as exc:
-                results.append(fail("github webhook url", describe_error(exc), "retry later"))
-            else:
-                got = str((hook or {}).get("url") or "")
-                if got.rstrip("/") == want:
-                    results.append(ok("github webhook url", want))
-                else:
-                    results.append(
-                        fail(
-                            "github webhook url",
-                            f"the App delivers to {got or 'nowhere'}, not {want}",
-                            f"set the Webhook URL at {settings_url}/{slug} to {want}",
-                        )
-                    )
-    return results
+def _webhook_secret_result(secret: str | None) -> CheckResult:
+    if secret:
+        return ok("github webhook secret", "set")
+    return fail(
+        "github webhook secret",
+        "unset: /webhooks/github answers 503 to every delivery",
+        "set DEKSDENFLOW_GITHUB_WEBHOOK_SECRET (or _FILE) to the App's webhook secret",
+    )
+
+
+def _permissions_result(
+    manifest: dict[str, Any], app: dict[str, Any], settings_url: str, slug: str
+) -> CheckResult:
+    """The App's granted permissions and events against what app.yml (the manifest) asks."""
+    lacking = ghp.missing_permissions(
+        dict(manifest.get("default_permissions") or {}), app.get("permissions") or {}
+    )
+    events = ghp.missing_events(manifest.get("default_events") or [], app.get("events") or [])
+    if not lacking and not events:
+        return ok("github permissions", "permissions and events cover app.yml")
+    wanted = [f"{k}: {v}" for k, v in lacking.items()] + [f"event {e}" for e in events]
+    return fail(
+        "github permissions",
+        "the App lacks " + ", ".join(wanted),
+        f"grant them at {settings_url}/{slug}/permissions, then accept the new "
+        "permissions on each installation",
+    )
+
+
+async def _check_webhook_url(
+    client: GitHubClient, want: str, settings_url: str, slug: str
+) -> CheckResult:
+    """Where the App delivers its webhooks, against our public URL's hook path."""
+    try:
+        hook = await client.request("GET", "/app/hook/config", auth="app")
+    except DeksdenFlowError as exc:
+        return fail("github webhook url", describe_error(exc), "retry later")
+    got = str((hook or {}).get("url") or "")
+    if got.rstrip("/") == want:
+        return ok("github webhook url", want)
+    return fail(
+        "github webhook url",
+        f"the App delivers to {got or 'nowhere'}, not {want}",
+        f"set the Webhook URL at {settings_url}/{slug} to {want}",
+    )
 
 
 async def _gitlab_projects(settings: Settings) -> list[tuple[str, str | None]]:
