@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from bot.core.settings import Settings
+from bot.domain.states import ProtocolStatus
 from tests.conftest import PLUMBING_SETTINGS, behaviour_overrides
 from tests.github_e2e.conftest import GitHubLoop
 
@@ -38,7 +39,7 @@ def test_a_second_protocol_starts_in_the_spare_worktree(gh: GitHubLoop) -> None:
 
     gh.deliver("issue_comment", gh.comment("/plan", number=2))
     state = gh.run()
-    assert state.run.protocol_name != first and state.run.status == "planned"
+    assert state.run.protocol_name != first and state.run.status == ProtocolStatus.PLANNED
     worktree = cache.worktree_path(str(gh.origin), state.run.protocol_name)
     # `worktree move` keeps the registration: the protocol's checkout is the spare, moved
     assert (worktree / ".git").read_text() == spare_link
