@@ -12,6 +12,7 @@ from bot.core.errors import NotFound, TransitionConflict
 from bot.domain.fix_feedback import add_item, guidance_item
 from bot.domain.states import ProtocolStatus, StepStatus, may_approve_step, resume_decision
 from bot.git.names import protocol_name
+from bot.jobs import catalogue as jobs
 from bot.jobs import placement, schedule
 from bot.jobs.advance import enqueue_next_step
 from bot.jobs.ready import announce_ready
@@ -78,9 +79,7 @@ async def start_protocol(
         await update_run(ctx["db"], run.id, pr_number=pull[0])
     if runtime:
         await update_run(ctx["db"], run.id, runtime_state=runtime)
-    await ctx["redis"].enqueue_job(
-        "plan_protocol", _job_id=f"plan:{run.id}:0", protocol_run_id=run.id, reply_to=reply_to
-    )
+    await jobs.submit(ctx["redis"], jobs.plan_protocol(run.id, reply_to=reply_to))
     return run
 
 
@@ -162,12 +161,8 @@ async def run_step(
     step = state.step(step_index)
     if step.status in (_S.RUNNING,):
         raise step_conflict(step, _S.RUNNING)
-    await ctx["redis"].enqueue_job(
-        "execute_step",
-        _job_id=f"exec:{run_id}:{step_index}:{_job_suffix()}",
-        protocol_run_id=run_id,
-        step_index=step_index,
-        reply_to=reply_to,
+    await jobs.submit(
+        ctx["redis"], jobs.execute_step(run_id, step_index, _job_suffix(), reply_to=reply_to)
     )
     return step_index
 
@@ -189,12 +184,8 @@ async def run_qa(
     step = state.step(step_index)
     if step.status not in (_S.NEEDS_QA, _S.COMPLETED):
         raise step_conflict(step, _S.NEEDS_QA)
-    await ctx["redis"].enqueue_job(
-        "run_quality",
-        _job_id=f"qa:{run_id}:{step_index}:{_job_suffix()}",
-        protocol_run_id=run_id,
-        step_index=step_index,
-        reply_to=reply_to,
+    await jobs.submit(
+        ctx["redis"], jobs.run_quality(run_id, step_index, _job_suffix(), reply_to=reply_to)
     )
     return step_index
 
@@ -261,9 +252,7 @@ async def reset_step(ctx: dict[str, Any], step: Any, why: str) -> None:
 async def replan(ctx: dict[str, Any], run_id: int) -> None:
     """Plan a protocol again whose planning failed (failed → planning), under a new job id."""
     await set_protocol_status(ctx["db"], run_id, _P.PLANNING, "planning restarted")
-    await ctx["redis"].enqueue_job(
-        "plan_protocol", _job_id=f"plan:{run_id}:{_job_suffix()}", protocol_run_id=run_id
-    )
+    await jobs.submit(ctx["redis"], jobs.plan_protocol(run_id, _job_suffix()))
 
 
 async def pause(ctx: dict[str, Any], run_id: int, by: str | None = None) -> None:
