@@ -145,10 +145,8 @@ async def _planning_failed(
     await write_outcome(env, state, None, outcome, reply_to)
 
 
-async def _announce(
-    env: JobEnv, state: RunState, spec: ProtocolSpec, reply_to: dict[str, Any] | None
-) -> None:
-    """The draft PR, the status comment, the reaction, and the first step of an auto protocol."""
+def draft_pr_text(state: RunState, spec: ProtocolSpec) -> tuple[str, str]:
+    """The draft PR/MR's title and body for a planned protocol: the task and its plan files."""
     name = state.run.protocol_name
     plan_files = [f".protocols/{name}/{f}" for f in ("plan.md", "context.md", "log.md", SETUP_FILE)]
     plan_files += [f".protocols/{name}/{s.file}" for s in spec.steps]
@@ -158,9 +156,15 @@ async def _announce(
         issue_number=state.run.issue_number,
         plan_files=plan_files,
     )
-    pull = await open_or_update_pr(
-        env.ctx, state, pr_title(name, spec.task or state.run.description), body
-    )
+    return pr_title(name, spec.task or state.run.description), body
+
+
+async def _announce(
+    env: JobEnv, state: RunState, spec: ProtocolSpec, reply_to: dict[str, Any] | None
+) -> None:
+    """The draft PR, the status comment, the reaction, and the first step of an auto protocol."""
+    title, body = draft_pr_text(state, spec)
+    pull = await open_or_update_pr(env.ctx, state, title, body)
     if pull is not None:
         await update_run(env.db, state.run.id, pr_number=pull.number, pr_url=pull.url)
         state.run.pr_number, state.run.pr_url = pull.number, pull.url

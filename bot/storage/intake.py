@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from sqlalchemy import delete, func, or_, select, update
@@ -547,6 +547,20 @@ class DeliveryStore:
         return out
 
 
+def _job_columns() -> Any:
+    """What a pending delivery's job needs: a SELECT of those columns only."""
+    return select(
+        WebhookDelivery.id,
+        WebhookDelivery.provider,
+        WebhookDelivery.delivery_key,
+        WebhookDelivery.attempts,
+    )
+
+
+def _jobs(rows: Sequence[Any]) -> list[JobSpec]:
+    return [delivery_job(r.id, r.provider, r.delivery_key, r.attempts) for r in rows]
+
+
 async def pending_deliveries(
     db: Database, older_than_s: float = 0.0, after_id: int = 0, limit: int = 500
 ) -> list[JobSpec]:
@@ -554,12 +568,7 @@ async def pending_deliveries(
     cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
     async with db.sessions() as session:
         result = await session.execute(
-            select(
-                WebhookDelivery.id,
-                WebhookDelivery.provider,
-                WebhookDelivery.delivery_key,
-                WebhookDelivery.attempts,
-            )
+            _job_columns()
             .where(
                 WebhookDelivery.status == "pending",
                 WebhookDelivery.received_at <= cutoff,
@@ -568,7 +577,7 @@ async def pending_deliveries(
             .order_by(WebhookDelivery.id)
             .limit(limit)
         )
-        return [delivery_job(r.id, r.provider, r.delivery_key, r.attempts) for r in result.all()]
+        return _jobs(result.all())
 
 
 async def take_back_expired(db: Database) -> int:
@@ -674,16 +683,11 @@ async def _reissue_started(db: Database, redis: ArqRedis, jobs: list[JobSpec]) -
 async def pending_deliveries_by_id(db: Database, ids: Sequence[int]) -> list[JobSpec]:
     async with db.sessions() as session:
         result = await session.execute(
-            select(
-                WebhookDelivery.id,
-                WebhookDelivery.provider,
-                WebhookDelivery.delivery_key,
-                WebhookDelivery.attempts,
-            )
+            _job_columns()
             .where(WebhookDelivery.id.in_(ids), WebhookDelivery.status == "pending")
             .order_by(WebhookDelivery.id)
         )
-        return [delivery_job(r.id, r.provider, r.delivery_key, r.attempts) for r in result.all()]
+        return _jobs(result.all())
 
 
 async def relay_outbox(db: Database, redis: ArqRedis, older_than_s: float = 0.0) -> int:

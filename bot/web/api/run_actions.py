@@ -13,12 +13,11 @@ from bot.core.errors import (
     NotFound,
     TransitionConflict,
 )
-from bot.domain.rendering import draft_pr_body, pr_title
-from bot.domain.spec import SETUP_FILE
 from bot.domain.states import ProtocolStatus
 from bot.jobs import actions
 from bot.jobs import catalogue as jobs
 from bot.jobs.feedback import open_or_update_pr
+from bot.jobs.plan import draft_pr_text
 from bot.jobs.steps import spec_of
 from bot.storage.runs import load_run, set_protocol_status, update_run
 from bot.web.api.bodies import ActionBody
@@ -65,18 +64,8 @@ async def open_pr(ctx: dict[str, Any], run_id: int) -> dict[str, Any]:
     if state.run.status in (_P.PENDING, _P.PLANNING, _P.CANCELLED) or not state.run.template_config:
         raise TransitionConflict("ProtocolRun", run_id, state.run.status, "open_pr")
     spec = spec_of(state)
-    name = state.run.protocol_name
-    plan_files = [f".protocols/{name}/{f}" for f in ("plan.md", "context.md", "log.md", SETUP_FILE)]
-    plan_files += [f".protocols/{name}/{s.file}" for s in spec.steps]
-    body = draft_pr_body(
-        protocol_name=name,
-        task=state.run.description,
-        issue_number=state.run.issue_number,
-        plan_files=plan_files,
-    )
-    pull = await open_or_update_pr(
-        ctx, run_id, pr_title(name, spec.task or state.run.description), body
-    )
+    title, body = draft_pr_text(state, spec)
+    pull = await open_or_update_pr(ctx, run_id, title, body)
     if pull is None:
         raise BadGateway("the forge refused the draft PR; see the run's events")
     await update_run(ctx["db"], run_id, pr_number=pull.number, pr_url=pull.url)
