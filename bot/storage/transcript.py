@@ -483,7 +483,7 @@ def _writer_connection(path: str) -> sqlite3.Connection:
     # is the database's own (WAL, set by the engine's connections): asking would take a lock.
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     try:
-        for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0"):
+        for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0", "cache_size=-40"):
             conn.execute(f"PRAGMA {pragma}")
     except BaseException:
         conn.close()
