@@ -454,6 +454,7 @@ _IDLE: OrderedDict[str, list[sqlite3.Connection]] = OrderedDict()
 _IDLE_LOCK = threading.Lock()
 _IDLE_FILES_CAP = 4
 _IDLE_PER_FILE_CAP = 4
+WRITER_CACHE_KIB = 40  # ten 4 KiB pages, SQLite's floor
 
 
 def _borrow_connection(path: str) -> sqlite3.Connection:
@@ -481,9 +482,17 @@ def _writer_connection(path: str) -> sqlite3.Connection:
     # commit does not fsync (see _write_async for why a transcript may skip the wait), and WAL
     # checkpoints (with their fsync) are left to the app's other connections. The journal mode
     # is the database's own (WAL, set by the engine's connections): asking would take a lock.
+    # The page cache is SQLite's smallest (WRITER_CACHE_KIB): the writer only appends, and a
+    # 2 MB cache would cycle ~500 page buffers through each turn's megabytes, each a fresh
+    # copy-on-write fault after the engine forks codex; a few hot buffers serve as well and
+    # the WAL frames written are the same.
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     try:
-        for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0", "cache_size=-40"):
+        for pragma in (
+            "synchronous=NORMAL",
+            "wal_autocheckpoint=0",
+            f"cache_size=-{WRITER_CACHE_KIB}",
+        ):
             conn.execute(f"PRAGMA {pragma}")
     except BaseException:
         conn.close()

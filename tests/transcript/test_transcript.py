@@ -284,3 +284,42 @@ async def test_the_end_of_the_stream_stores_the_last_batch_before_close(tmp_path
         assert recorder.stored == 1
     finally:
         await db.dispose()
+
+
+async def test_the_writer_keeps_a_small_page_cache_and_stores_chunks_larger_than_it(
+    tmp_path: Path,
+) -> None:
+    # a turn writes megabytes: the writer's SQLite page cache stays a few pages (fewer page
+    # faults per turn), and chunks many times its size are stored whole all the same
+    import sqlite3
+    from contextlib import closing
+
+    from bot.storage.db import create_database
+    from bot.storage.migrate import upgrade_head
+    from bot.storage.transcript import CHUNK_LINES, WRITER_CACHE_KIB, _borrow_connection
+
+    path = tmp_path / "cache.sqlite3"
+    upgrade_head(f"sqlite:///{path}")
+    db = create_database(f"sqlite+aiosqlite:///{path}")
+    try:
+        recorder = TranscriptRecorder(db, protocol_run_id=1, step_run_id=2, phase="execute")
+
+        def line(n: int) -> bytes:
+            event = {"type": "item.completed",
+                     "item": {"type": "agent_message", "text": f"m{n} " + "x" * 2000}}  # fmt: skip
+            return json.dumps(event).encode() + b"\n"
+
+        for start in range(0, 2 * CHUNK_LINES, 100):  # two chunks of ~1 MB each
+            recorder.add_lines(b"".join(line(n) for n in range(start, start + 100)), 100)
+        await recorder.close()
+        items = await transcript_page(db, step_run_id=2, limit=5000)
+        assert [i["text"].split()[0] for i in items] == [f"m{n}" for n in range(2 * CHUNK_LINES)]
+        conn = _borrow_connection(str(path))  # the one the writer returned to the pool
+        try:
+            assert conn.execute("PRAGMA cache_size").fetchone()[0] == -WRITER_CACHE_KIB
+        finally:
+            conn.close()
+        with closing(sqlite3.connect(path)) as check:
+            assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        await db.dispose()
