@@ -150,6 +150,36 @@ async def test_a_killed_connection_fails_its_batch_and_the_next_batch_reconnects
     assert row_id > 0
 
 
+async def test_an_all_new_batch_is_one_plain_insert_and_a_stored_key_sends_it_again(
+    pg_url: str, writer: PostgresWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual batch skips ON CONFLICT's speculative insertion; one that meets a stored key
+    fails whole, goes again with ON CONFLICT DO NOTHING, and the connection's prepared
+    statements keep working for the batches after it."""
+    from bot.storage.intake_pg import INSERT_BATCH, INSERT_NEW
+
+    sent: list[str] = []
+    execute = psycopg.AsyncConnection.execute
+
+    async def spy(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append("new" if query == INSERT_NEW else "batch" if query == INSERT_BATCH else "other")
+        return await execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "execute", spy)
+    loop = asyncio.get_running_loop()
+    first = await writer.write([_pending(k, loop) for k in ("a", "b")])
+    assert sent[-1:] == ["new"] and [flag for _, flag in first] == [True, True]
+    sent.clear()
+    mixed = await writer.write([_pending("c", loop), _pending("a", loop)])
+    assert sent == ["new", "batch", "other"]  # failed, again, then the stored key's id looked up
+    assert mixed[1] == (first[0][0], False) and mixed[0][1] is True
+    sent.clear()
+    after = await writer.write([_pending("d", loop), _pending("e", loop, semantic="s")])
+    assert sent == ["new"] and [flag for _, flag in after] == [True, True]
+    keys = {k for (k,) in rows(pg_url, "SELECT delivery_key FROM webhook_deliveries")}
+    assert keys == {"a", "b", "c", "d", "e"}
+
+
 def test_resolve_prefers_the_delivery_key_then_the_semantic_key() -> None:
     loop = asyncio.new_event_loop()
     try:
