@@ -256,6 +256,63 @@ async def test_a_second_batch_commits_while_the_first_waits_and_a_racing_key_is_
         await db.dispose()
 
 
+async def test_a_few_deliveries_wait_for_the_commit_under_way_and_go_in_one_batch(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer than PG_SECOND_BATCH_MIN deliveries wait for the commit under way (one commit for
+    them, not one each); that many start a second commit at once."""
+    from bot.storage.db import create_database
+    from bot.storage.intake import DeliveryStore
+    from bot.storage.queue import JobSpec
+
+    sizes: list[int] = []
+    write = PostgresWriter.write
+
+    async def spy(self: PostgresWriter, items: Any) -> Any:
+        sizes.append(len(items))
+        return await write(self, items)
+
+    monkeypatch.setattr(PostgresWriter, "write", spy)
+
+    async def on_stored(jobs: list[JobSpec]) -> None:
+        pass
+
+    db = create_database(_plain(pg_url).replace("postgresql://", "postgresql+psycopg://"))
+    store = DeliveryStore(db, on_stored)
+    store.PG_SECOND_BATCH_WAIT_S = 30.0  # the wait ends with the commit, not with its limit
+    store.start()
+    loop = asyncio.get_running_loop()
+
+    def submit(*keys: str) -> list[asyncio.Future[Any]]:
+        return [asyncio.ensure_future(store.store(_pending(k, loop).delivery)) for k in keys]
+
+    try:
+        async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as other:
+            await other.execute(
+                "INSERT INTO webhook_deliveries (provider, delivery_key, event, status, payload,"
+                " headers, outcome, attempts, received_at)"
+                " VALUES ('github', 'held', 'issue_comment', 'pending', '{}', '{}', '{}',"
+                " 0, now())"
+            )
+            [held] = submit("held")
+            await asyncio.sleep(0.2)  # its commit waits for the other transaction's key
+            few = submit("few-1", "few-2", "few-3")
+            await asyncio.sleep(0.3)
+            assert not any(f.done() for f in [held, *few])
+            many = submit(*(f"many-{i}" for i in range(DeliveryStore.PG_SECOND_BATCH_MIN)))
+            for outcome, _ in await asyncio.wait_for(asyncio.gather(*many), 5):
+                assert outcome == "accepted"
+            assert not held.done()
+            await other.rollback()
+        results = await asyncio.wait_for(asyncio.gather(held, *few), 5)
+        assert [outcome for outcome, _ in results] == ["accepted"] * 4
+        # the waiting few went with the many, in the second commit
+        assert sizes == [1, 3 + DeliveryStore.PG_SECOND_BATCH_MIN]
+    finally:
+        await store.stop()
+        await db.dispose()
+
+
 async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_still_commit(
     pg_url: str,
 ) -> None:
