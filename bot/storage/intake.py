@@ -264,7 +264,8 @@ class DeliveryStore:
     SQLite has one writer, so one commit runs at a time. On Postgres a commit's time is mostly
     the wait for its WAL flush, when neither this process nor the server has work to do; with
     `PG_COMMITS_IN_FLIGHT` batches on as many held connections, the next batch is inserted
-    while the previous one waits (and the server flushes both with one write when it can).
+    while the previous one waits (and the server flushes both with one write when it can), as
+    long as it is large enough to be worth a commit of its own (`PG_SECOND_BATCH_MIN`).
     """
 
     # Two: enough to overlap one batch's WAL flush with the next batch's insert. Each slot more
