@@ -264,13 +264,22 @@ class DeliveryStore:
     SQLite has one writer, so one commit runs at a time. On Postgres a commit's time is mostly
     the wait for its WAL flush, when neither this process nor the server has work to do; with
     `PG_COMMITS_IN_FLIGHT` batches on as many held connections, the next batch is inserted
-    while the previous one waits (and the server flushes both with one write when it can).
+    while the previous one waits (and the server flushes both with one write when it can), as
+    long as it is large enough to be worth a commit of its own (`PG_SECOND_BATCH_MIN`).
     """
 
     # Two: enough to overlap one batch's WAL flush with the next batch's insert. Each slot more
     # makes batches smaller, and a commit costs the server about 300 µs of CPU (its WAL flush)
     # whatever its size, against about 30 µs per 4 KB row (measured on the 2-core VM).
     PG_COMMITS_IN_FLIGHT = 2
+    # Under load the second slot used to start a commit for whatever had arrived, often one or
+    # two deliveries: a server commit each. Now a batch smaller than this waits for the commit
+    # under way and goes with the next arrivals in one larger batch (on the uvloop bench ~8 → ~10
+    # rows a commit, the server's and the app's CPU per delivery both ~10 % less). It waits
+    # at most PG_SECOND_BATCH_WAIT_S, so a commit stuck on another transaction's key lock does
+    # not hold up the deliveries behind it.
+    PG_SECOND_BATCH_MIN = 16
+    PG_SECOND_BATCH_WAIT_S = 0.01
 
     def __init__(
         self,
@@ -291,6 +300,9 @@ class DeliveryStore:
         self._commits: set[asyncio.Task[None]] = set()
         # the batch each commit slot is storing, for the deadline watchdog
         self._in_flight: dict[int, list[_Pending]] = {}
+        # when each slot's commit started (loop time), and the timer that ends a wait for it
+        self._started: dict[int, float] = {}
+        self._hold_timer: asyncio.TimerHandle | None = None
         # one timer for every waiting request (see _expire) instead of an asyncio.timeout each
         self._watchdog: asyncio.TimerHandle | None = None
         self._drainer: asyncio.Task[None] | None = None
@@ -321,6 +333,9 @@ class DeliveryStore:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         if self._task is not None:
             self._task.cancel()
             try:
@@ -393,15 +408,32 @@ class DeliveryStore:
             self._wakeup.clear()
             # Everything that arrived while the commits under way ran goes into the next one;
             # a commit that ends sets the event again when deliveries are waiting.
-            while self._pending and self._free_slots:
+            while self._pending and self._free_slots and not self._wait_for_commit():
                 slot = self._free_slots.pop()
                 batch = self._pending[: self.batch_max]
                 del self._pending[: self.batch_max]
                 # registered now, not when the task starts: the watchdog must see it meanwhile
                 self._in_flight[slot] = batch
+                self._started[slot] = asyncio.get_running_loop().time()
                 task = asyncio.create_task(self._commit_batch(batch, slot))
                 self._commits.add(task)
                 task.add_done_callback(self._commits.discard)
+
+    def _wait_for_commit(self) -> bool:
+        """True when the few pending deliveries should wait for the commit under way."""
+        if not self._in_flight or len(self._pending) >= self.PG_SECOND_BATCH_MIN:
+            return False
+        loop = asyncio.get_running_loop()
+        until = min(self._started.values()) + self.PG_SECOND_BATCH_WAIT_S
+        if loop.time() >= until:
+            return False
+        if self._hold_timer is None:  # a commit that ends first wakes the loop up too
+            self._hold_timer = loop.call_at(until, self._end_wait)
+        return True
+
+    def _end_wait(self) -> None:
+        self._hold_timer = None
+        self._wakeup.set()
 
     async def _commit_batch(self, batch: list[_Pending], slot: int) -> None:
         try:
@@ -414,6 +446,7 @@ class DeliveryStore:
             new_ids = []
         finally:
             self._in_flight.pop(slot, None)
+            self._started.pop(slot, None)
             self._free_slots.append(slot)
             if self._pending:
                 self._wakeup.set()

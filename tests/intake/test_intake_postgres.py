@@ -150,6 +150,36 @@ async def test_a_killed_connection_fails_its_batch_and_the_next_batch_reconnects
     assert row_id > 0
 
 
+async def test_an_all_new_batch_is_one_plain_insert_and_a_stored_key_sends_it_again(
+    pg_url: str, writer: PostgresWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual batch skips ON CONFLICT's speculative insertion; one that meets a stored key
+    fails whole, goes again with ON CONFLICT DO NOTHING, and the connection's prepared
+    statements keep working for the batches after it."""
+    from bot.storage.intake_pg import INSERT_BATCH, INSERT_NEW
+
+    sent: list[str] = []
+    execute = psycopg.AsyncConnection.execute
+
+    async def spy(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append("new" if query == INSERT_NEW else "batch" if query == INSERT_BATCH else "other")
+        return await execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "execute", spy)
+    loop = asyncio.get_running_loop()
+    first = await writer.write([_pending(k, loop) for k in ("a", "b")])
+    assert sent[-1:] == ["new"] and [flag for _, flag in first] == [True, True]
+    sent.clear()
+    mixed = await writer.write([_pending("c", loop), _pending("a", loop)])
+    assert sent == ["new", "batch", "other"]  # failed, again, then the stored key's id looked up
+    assert mixed[1] == (first[0][0], False) and mixed[0][1] is True
+    sent.clear()
+    after = await writer.write([_pending("d", loop), _pending("e", loop, semantic="s")])
+    assert sent == ["new"] and [flag for _, flag in after] == [True, True]
+    keys = {k for (k,) in rows(pg_url, "SELECT delivery_key FROM webhook_deliveries")}
+    assert keys == {"a", "b", "c", "d", "e"}
+
+
 def test_resolve_prefers_the_delivery_key_then_the_semantic_key() -> None:
     loop = asyncio.new_event_loop()
     try:
@@ -221,6 +251,63 @@ async def test_a_second_batch_commits_while_the_first_waits_and_a_racing_key_is_
         assert await asyncio.wait_for(blocked, 5) == ("duplicate", row[0])
         await asyncio.sleep(0.1)
         assert [job.kwargs["delivery_key"] for job in enqueued] == ["free"]
+    finally:
+        await store.stop()
+        await db.dispose()
+
+
+async def test_a_few_deliveries_wait_for_the_commit_under_way_and_go_in_one_batch(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer than PG_SECOND_BATCH_MIN deliveries wait for the commit under way (one commit for
+    them, not one each); that many start a second commit at once."""
+    from bot.storage.db import create_database
+    from bot.storage.intake import DeliveryStore
+    from bot.storage.queue import JobSpec
+
+    sizes: list[int] = []
+    write = PostgresWriter.write
+
+    async def spy(self: PostgresWriter, items: Any) -> Any:
+        sizes.append(len(items))
+        return await write(self, items)
+
+    monkeypatch.setattr(PostgresWriter, "write", spy)
+
+    async def on_stored(jobs: list[JobSpec]) -> None:
+        pass
+
+    db = create_database(_plain(pg_url).replace("postgresql://", "postgresql+psycopg://"))
+    store = DeliveryStore(db, on_stored)
+    store.PG_SECOND_BATCH_WAIT_S = 30.0  # the wait ends with the commit, not with its limit
+    store.start()
+    loop = asyncio.get_running_loop()
+
+    def submit(*keys: str) -> list[asyncio.Future[Any]]:
+        return [asyncio.ensure_future(store.store(_pending(k, loop).delivery)) for k in keys]
+
+    try:
+        async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as other:
+            await other.execute(
+                "INSERT INTO webhook_deliveries (provider, delivery_key, event, status, payload,"
+                " headers, outcome, attempts, received_at)"
+                " VALUES ('github', 'held', 'issue_comment', 'pending', '{}', '{}', '{}',"
+                " 0, now())"
+            )
+            [held] = submit("held")
+            await asyncio.sleep(0.2)  # its commit waits for the other transaction's key
+            few = submit("few-1", "few-2", "few-3")
+            await asyncio.sleep(0.3)
+            assert not any(f.done() for f in [held, *few])
+            many = submit(*(f"many-{i}" for i in range(DeliveryStore.PG_SECOND_BATCH_MIN)))
+            for outcome, _ in await asyncio.wait_for(asyncio.gather(*many), 5):
+                assert outcome == "accepted"
+            assert not held.done()
+            await other.rollback()
+        results = await asyncio.wait_for(asyncio.gather(held, *few), 5)
+        assert [outcome for outcome, _ in results] == ["accepted"] * 4
+        # the waiting few went with the many, in the second commit
+        assert sizes == [1, 3 + DeliveryStore.PG_SECOND_BATCH_MIN]
     finally:
         await store.stop()
         await db.dispose()
