@@ -6,7 +6,9 @@ import dataclasses
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import JSON, cast, select
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from bot.core.errors import NotFound
 from bot.forge.base import (
@@ -38,6 +40,35 @@ class LocalForge:
 
     async def _upsert(
         self, kind: str, key: str, body: str = "", data: dict[str, Any] | None = None
+    ) -> int:
+        """Create the record `(kind, key)` or replace its body and merge `data` into its data.
+
+        On Postgres one statement (an insert that updates on conflict: a step posts five of
+        these); SQLite has no shallow JSON merge, so there it reads the row first.
+        """
+        if self.db.is_sqlite:
+            return await self._upsert_read_first(kind, key, body, data)
+        now = utcnow()
+        stmt = pg_insert(ForgeRecord).values(
+            project_id=self.project_id,
+            kind=kind,
+            key=key,
+            body=body,
+            data=data or {},
+            created_at=now,
+            updated_at=now,
+        )
+        # jsonb `||` merges the top-level keys, new ones winning: {**old, **new}
+        merged = cast(cast(ForgeRecord.data, JSONB).op("||")(cast(stmt.excluded.data, JSONB)), JSON)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[ForgeRecord.project_id, ForgeRecord.kind, ForgeRecord.key],
+            set_={"body": stmt.excluded.body, "data": merged, "updated_at": now},
+        ).returning(ForgeRecord.id)
+        async with self.db.engine.begin() as conn:
+            return int((await conn.execute(stmt)).scalar_one())
+
+    async def _upsert_read_first(
+        self, kind: str, key: str, body: str, data: dict[str, Any] | None
     ) -> int:
         async with self.db.sessions.begin() as session:
             row = (

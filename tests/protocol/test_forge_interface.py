@@ -11,6 +11,7 @@ import inspect
 import pytest
 
 from bot.core.errors import NotFound
+from bot.core.settings import Settings
 from bot.forge.base import (
     CheckReport,
     Forge,
@@ -23,6 +24,8 @@ from bot.forge.base import (
 from bot.forge.github import GitHubForge
 from bot.forge.gitlab import GitLabForge
 from bot.forge.local import LocalForge
+from bot.storage.db import database_from_settings
+from bot.storage.runs import get_or_create_project
 from tests.protocol.conftest import Harness
 
 FORGES = (GitHubForge, GitLabForge, LocalForge)
@@ -104,3 +107,25 @@ async def test_local_forge_answers_from_its_records(harness: Harness) -> None:
     await forge.reply_in_thread(IssueRef(repo, pull.number, "pull"), "t-1", "fixed", resolve=True)
     (reply,) = await forge.records("reply")
     assert (reply.body, reply.data["resolve"]) == ("fixed", True)
+
+
+async def test_local_forge_upsert_replaces_the_body_and_merges_the_data(db_url: str) -> None:
+    """One record per (kind, key): a second post keeps its id, replaces its body and merges
+    the new data keys over the old ones (on Postgres that is one statement)."""
+    db = database_from_settings(Settings(db_url=db_url))
+    try:
+        project = await get_or_create_project(
+            db, name="p", provider="local", git_url="/x", base_branch="main"
+        )
+        forge = LocalForge(db, project.id)
+        first = await forge._upsert("check", "k", "one", {"a": 1, "b": {"x": 1}, "c": None})
+        again = await forge._upsert("check", "k", "two", {"b": {"y": 2}, "d": "new"})
+        other = await forge._upsert("check", "other")
+        assert again == first != other
+        records = {r.key: r for r in await forge.records("check")}
+        assert records["k"].body == "two"
+        assert records["k"].data == {"a": 1, "b": {"y": 2}, "c": None, "d": "new"}
+        assert (records["other"].body, records["other"].data) == ("", {})
+        assert records["k"].updated_at >= records["k"].created_at
+    finally:
+        await db.dispose()
