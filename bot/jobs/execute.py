@@ -342,8 +342,9 @@ async def _execute_call(work: StepWork) -> EngineCall:
 async def _push_and_finish(work: StepWork) -> str:
     env, state, step, s = work.env, work.state, work.step, work.step_spec
     await _stop_if_stopped_after_commit(work)
-    head = await env.push(state, work.workdir, step.step_index)
-    changed = await _changed_files(work.workdir, work.sha)
+    pushed = await env.push_commits(state, work.workdir, step.step_index)
+    head = pushed.sha
+    changed = await _changed_files(work.workdir, work.sha, pushed.head_stat)
     step_state: dict[str, Any] = {"commit_sha": work.sha, "changed_files": list(changed)}
     if work.result is not None:
         step_state.update(
@@ -422,8 +423,12 @@ def _scope(step_spec: StepSpec) -> str:
     return step_spec.slug.split("-")[0][:20] or "step"
 
 
-async def _changed_files(workdir: Path, sha: str | None) -> tuple[str, ...]:
+async def _changed_files(
+    workdir: Path, sha: str | None, head_stat: str | None = None
+) -> tuple[str, ...]:
+    """The paths HEAD's commit changed: from the stat the push's scan read (HEAD was pushed
+    now), else (it was on the remote already, or a merge with no stat there) from git."""
     if not sha:
         return ()
-    info = await gitops.last_commit(workdir)
-    return tuple(line.split("|", 1)[0].strip() for line in info.stat.splitlines() if "|" in line)
+    stat = head_stat or (await gitops.last_commit(workdir)).stat
+    return tuple(line.split("|", 1)[0].strip() for line in stat.splitlines() if "|" in line)
