@@ -64,8 +64,8 @@ class LocalForge:
             index_elements=[ForgeRecord.project_id, ForgeRecord.kind, ForgeRecord.key],
             set_={"body": stmt.excluded.body, "data": merged, "updated_at": now},
         ).returning(ForgeRecord.id)
-        async with self.db.engine.begin() as conn:
-            return int((await conn.execute(stmt)).scalar_one())
+        async with self.db.single.begin() as session:  # one statement: its own transaction
+            return int((await session.execute(stmt)).scalar_one())
 
     async def _upsert_read_first(
         self, kind: str, key: str, body: str, data: dict[str, Any] | None

@@ -148,7 +148,7 @@ MEMO_CHECK = "memo:check"
 
 
 async def recall(db: Any, project_id: int, kind: str, key: str) -> dict[str, Any] | None:
-    async with db.sessions() as session:
+    async with db.single() as session:
         row = (
             await session.execute(
                 select(ForgeRecord.data).where(
@@ -173,7 +173,7 @@ async def remember(db: Any, project_id: int, kind: str, key: str, data: dict[str
         index_elements=[ForgeRecord.project_id, ForgeRecord.kind, ForgeRecord.key],
         set_={"data": stmt.excluded.data, "updated_at": now},
     )
-    async with db.sessions.begin() as session:
+    async with db.single.begin() as session:  # one statement: its own transaction
         await session.execute(stmt)
 
 

@@ -34,7 +34,7 @@ async def lease_for(env: JobEnv, job: str, run_id: int, step_index: int | None) 
     """(lease name, what to call it): a step's own lease for the step jobs of a graph, else the
     protocol's lease, as before graphs existed."""
     if step_index is not None and job in ("execute_step", "run_quality"):
-        async with env.db.sessions() as session:
+        async with env.db.single() as session:
             config = await session.scalar(
                 select(ProtocolRun.template_config).where(ProtocolRun.id == run_id)
             )

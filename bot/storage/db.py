@@ -65,6 +65,15 @@ class Database:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     timeout_s: float = DEFAULT_DB_TIMEOUT_S
+    # Sessions for work that is one statement (a read, an upsert): on Postgres in autocommit,
+    # so the statement is its own transaction without a BEGIN and a ROLLBACK/COMMIT round trip
+    # each (a step runs a dozen of these). Never for several statements that must be atomic.
+    autocommit: async_sessionmaker[AsyncSession] | None = None
+
+    @property
+    def single(self) -> async_sessionmaker[AsyncSession]:
+        """Sessions for one statement: autocommit ones where there are, else the usual."""
+        return self.autocommit or self.sessions
 
     @property
     def is_sqlite(self) -> bool:
@@ -97,10 +106,16 @@ def create_database(url: str, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> Databa
             "connect",
             lambda conn, record: _sqlite_pragmas(conn, record, timeout_s),
         )
+    autocommit = None
+    if not url.startswith("sqlite"):
+        autocommit = async_sessionmaker(
+            engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
+        )
     return Database(
         engine=engine,
         sessions=async_sessionmaker(engine, expire_on_commit=False),
         timeout_s=timeout_s,
+        autocommit=autocommit,
     )
 
 

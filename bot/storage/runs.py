@@ -179,7 +179,7 @@ async def load_run(db: Database, run_id: int) -> RunState:
         .where(ProtocolRun.id == run_id)
         .order_by(StepRun.step_index)
     )
-    async with db.sessions() as session:
+    async with db.single() as session:  # one statement: no transaction round trips
         rows = (await session.execute(query)).all()
     if not rows:
         raise NotFound(f"protocol run {run_id} does not exist")
@@ -417,7 +417,7 @@ async def sync_steps(db: Database, run_id: int, spec: ProtocolSpec) -> None:
 
 async def protocol_status(db: Database, run_id: int) -> str:
     """Just the run's status: one cheap query, polled while an engine runs."""
-    async with db.sessions() as session:
+    async with db.single() as session:
         status = (
             await session.execute(select(ProtocolRun.status).where(ProtocolRun.id == run_id))
         ).scalar()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from sqlalchemy import text
 
 from bot.core.errors import NotFound
 from bot.core.settings import Settings
@@ -24,6 +25,7 @@ from bot.forge.base import (
 from bot.forge.github import GitHubForge
 from bot.forge.gitlab import GitLabForge
 from bot.forge.local import LocalForge
+from bot.jobs.feedback import recall, remember
 from bot.storage.db import database_from_settings
 from bot.storage.runs import get_or_create_project
 from tests.protocol.conftest import Harness
@@ -127,5 +129,29 @@ async def test_local_forge_upsert_replaces_the_body_and_merges_the_data(db_url: 
         assert records["k"].data == {"a": 1, "b": {"y": 2}, "c": None, "d": "new"}
         assert (records["other"].body, records["other"].data) == ("", {})
         assert records["k"].updated_at >= records["k"].created_at
+    finally:
+        await db.dispose()
+
+
+async def test_one_statement_sessions_commit_on_their_own(db_url: str) -> None:
+    """`Database.single`: autocommit on Postgres (no BEGIN, no ROLLBACK round trip for a read or
+    an upsert), the usual sessions on SQLite; either way a statement's write is kept."""
+    db = database_from_settings(Settings(db_url=db_url))
+    try:
+        assert (db.single is db.sessions) == db.is_sqlite
+        async with db.single() as session:
+            await session.execute(text("SELECT 1"))
+            raw = await (await session.connection()).get_raw_connection()
+            # psycopg's own flag; aiosqlite's connection has none
+            autocommit = getattr(raw.driver_connection, "autocommit", False)
+        assert autocommit != db.is_sqlite
+        async with db.sessions() as session:  # the pool's connection is back in transactions
+            raw = await (await session.connection()).get_raw_connection()
+            assert not getattr(raw.driver_connection, "autocommit", False)
+        project = await get_or_create_project(
+            db, name="p", provider="local", git_url="/x", base_branch="main"
+        )
+        await remember(db, project.id, "memo:check", "k", {"id": 1})
+        assert await recall(db, project.id, "memo:check", "k") == {"id": 1}
     finally:
         await db.dispose()
