@@ -188,14 +188,14 @@ async def _begin(
 ) -> None:
     """Protocol to running, step (reset and) to running, the attempt's start: one transaction."""
     index = step.step_index
+    starts = step_too and decision.action == "start"
     async with env.db.sessions.begin() as session:
-        if runtime_state is not None:
+        if runtime_state is not None and not starts:
             await session.execute(
                 update(StepRun)
                 .where(StepRun.id == step.id)
                 .values(runtime_state=runtime_state, updated_at=utcnow())
             )
-            step.runtime_state = runtime_state
         if decision.protocol_to_running:
             await transition(
                 session,
@@ -207,7 +207,7 @@ async def _begin(
                 known=known(state, state.run.status),
             )
             state.run.status = ProtocolStatus.RUNNING
-        if step_too and decision.action == "start":
+        if starts:
             if decision.reset_step:
                 await transition(
                     session,
@@ -219,17 +219,21 @@ async def _begin(
                     known=known(state, step.status),
                 )
             now = utcnow()
+            # the attempt's start goes with the step's transition: one statement, not two
+            fresh = {} if runtime_state is None else {"runtime_state": runtime_state}
             await transition(
                 session,
                 StepRun,
                 step.id,
                 StepStatus.RUNNING,
                 [StepStatus.PENDING],
-                values={"started_at": now, "finished_at": None},
+                values={"started_at": now, "finished_at": None, **fresh},
                 event_message=f"step {index:02d} started",
                 known=known(state, StepStatus.PENDING),
             )
             step.status, step.started_at, step.finished_at = StepStatus.RUNNING, now, None
+    if runtime_state is not None:
+        step.runtime_state = runtime_state
 
 
 def attempt_start(step: StepRun) -> str | None:
