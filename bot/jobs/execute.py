@@ -26,7 +26,7 @@ from bot.jobs.integrate import leftover_markers, prepare_attempt
 from bot.jobs.outcome import Check, Outcome, failure, known, write_outcome
 from bot.jobs.placement import parallel
 from bot.jobs.plan import step_marker
-from bot.jobs.review import reply_in_threads
+from bot.jobs.review import answers_review, reply_in_threads
 from bot.jobs.schedule import missing_for
 from bot.jobs.shutdown import resume_chain
 from bot.jobs.specs import read, spec_of, step_spec_of, step_values
@@ -74,9 +74,13 @@ async def execute_step(
         await react_done(ctx, protocol_run_id, reply_to, False)
     # pushed: answer a review's threads; a re-run of a job whose worker died after the push
     # (skipped: the step is past running) answers the threads it left (each thread once)
+    state: RunState | None = None
     if outcome in ("completed", "needs_qa", "needs_qa-run") or outcome.startswith("skipped-"):
-        await reply_in_threads(ctx, protocol_run_id, step_index)
-    await after_execute(ctx, protocol_run_id, step_index, depth, outcome)
+        state = await load_run(ctx["db"], protocol_run_id)
+        await reply_in_threads(ctx, protocol_run_id, step_index, state)
+        if answers_review(state, step_index):  # it talked to the forge meanwhile: load anew
+            state = None
+    await after_execute(ctx, protocol_run_id, step_index, depth, outcome, state)
     return outcome
 
 
