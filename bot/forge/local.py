@@ -49,7 +49,7 @@ class LocalForge:
         if self.db.is_sqlite:
             return await self._upsert_read_first(kind, key, body, data)
         now = utcnow()
-        stmt = pg_insert(ForgeRecord).values(
+        insert = pg_insert(ForgeRecord).values(
             project_id=self.project_id,
             kind=kind,
             key=key,
@@ -59,10 +59,12 @@ class LocalForge:
             updated_at=now,
         )
         # jsonb `||` merges the top-level keys, new ones winning: {**old, **new}
-        merged = cast(cast(ForgeRecord.data, JSONB).op("||")(cast(stmt.excluded.data, JSONB)), JSON)
-        stmt = stmt.on_conflict_do_update(
+        merged = cast(
+            cast(ForgeRecord.data, JSONB).op("||")(cast(insert.excluded.data, JSONB)), JSON
+        )
+        stmt = insert.on_conflict_do_update(
             index_elements=[ForgeRecord.project_id, ForgeRecord.kind, ForgeRecord.key],
-            set_={"body": stmt.excluded.body, "data": merged, "updated_at": now},
+            set_={"body": insert.excluded.body, "data": merged, "updated_at": now},
         ).returning(ForgeRecord.id)
         async with self.db.single.begin() as session:  # one statement: its own transaction
             return int((await session.execute(stmt)).scalar_one())
