@@ -118,10 +118,10 @@ class GitCache:
         # on a big repository writing every file is what a new worktree costs.
         self.warm_spares = warm_spares
         self._spare_tasks: dict[Path, asyncio.Task[None]] = {}
-        # the base branch heads the last ensure_worktree saw (after its fetch), and files read
+        # The base branch heads the last ensure_worktree saw, as (sha, the mirror's refresh
+        # count then): a note holds until the mirror is fetched or rebuilt again. And files read
         # at those commits: a commit's files never change, so a step reads its prompt override
-        # once per base commit instead of once per step
-        # (sha, fetch count of the mirror when seen): a note is used only until the next fetch
+        # once per base commit instead of once per step.
         self._bases: dict[tuple[Path, str], tuple[str, int]] = {}
         self._fetches: dict[Path, int] = {}
         self._files: OrderedDict[tuple[Path, str, str], str | None] = OrderedDict()
@@ -256,6 +256,8 @@ class GitCache:
     async def _ensure_mirror_locked(
         self, mirror: Path, repo_url: str, auth_header: Auth, *, fetch: bool
     ) -> None:
+        # refs may move now (a fetch, a rebuild): what was noted of them holds no longer
+        self._fetches[mirror] = self._fetches.get(mirror, 0) + 1
         if (mirror / "HEAD").is_file() and (mirror / "config").is_file():
             if fetch:
                 await self._fetch(mirror, auth_header, normalize_remote(repo_url))
@@ -293,7 +295,6 @@ class GitCache:
         log.info("created mirror %s", mirror)
 
     async def _fetch(self, mirror: Path, auth_header: Auth, url: str) -> None:
-        self._fetches[mirror] = self._fetches.get(mirror, 0) + 1
         # --no-show-forced-updates: that check walks history on every forced update, which is
         # slow on big repositories and tells us nothing we use.
         await run_git(
@@ -357,7 +358,7 @@ class GitCache:
             self._bases[(mirror, base)] = (sha, self._fetches.get(mirror, 0))
 
     def _base_seen(self, mirror: Path, base: str) -> str | None:
-        """The base head noted since the mirror's last fetch here (a later fetch, say for a
+        """The base head noted since the mirror's last refresh here (a later fetch, say for a
         graph step's worktree that is cut from another branch, may have moved it)."""
         noted = self._bases.get((mirror, base))
         if noted is None or noted[1] != self._fetches.get(mirror, 0):
@@ -381,7 +382,10 @@ class GitCache:
         if key in self._files:
             self._files.move_to_end(key)
             return self._files[key]
-        text = await read_file_at(mirror, sha, path)
+        try:
+            text = await read_file_at(mirror, sha, path)
+        except GitError:  # the commit is gone (a mirror rebuilt elsewhere): read the branch
+            return await read_file_at(mirror, base_branch, path)
         self._files[key] = text
         while len(self._files) > FILE_CACHE_SIZE:
             self._files.popitem(last=False)

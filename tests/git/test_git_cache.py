@@ -287,3 +287,21 @@ async def test_base_file_is_read_once_per_base_commit(
     await cache.ensure_mirror(origin.url)
     assert await cache.base_file(origin.url, "main", "prompt.md") == "three\n"
     assert reads[-1] == "main"
+
+
+async def test_base_file_falls_back_to_the_branch_when_the_commit_is_gone(
+    cache: GitCache, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bot.git.ops as ops
+
+    origin.commit({"prompt.md": "one\n"}, "override")
+    await cache.ensure_worktree(origin.url, BRANCH, "main")
+    real = ops.read_file_at
+
+    async def gone_at_shas(mirror: Any, ref: str, path: str) -> str | None:
+        if len(ref) == 40:
+            raise GitError(f"{ref!r} does not exist in {mirror}")
+        return await real(mirror, ref, path)
+
+    monkeypatch.setattr(ops, "read_file_at", gone_at_shas)
+    assert await cache.base_file(origin.url, "main", "prompt.md") == "one\n"
