@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -415,12 +415,14 @@ async def sync_steps(db: Database, run_id: int, spec: ProtocolSpec) -> None:
                 row.step_name = step.file.removesuffix(".md")
 
 
+# built once: a plain read polled every few seconds (bound parameter, no ORM session)
+_STATUS = select(ProtocolRun.status).where(ProtocolRun.id == bindparam("run_id"))
+
+
 async def protocol_status(db: Database, run_id: int) -> str:
     """Just the run's status: one cheap query, polled while an engine runs."""
-    async with db.single() as session:
-        status = (
-            await session.execute(select(ProtocolRun.status).where(ProtocolRun.id == run_id))
-        ).scalar()
+    async with db.one_statement() as conn:
+        status = await conn.scalar(_STATUS, {"run_id": run_id})
     if status is None:
         raise NotFound(f"protocol run {run_id} does not exist")
     return str(status)
