@@ -179,7 +179,7 @@ _RECALL, _REMEMBER_PG, _REMEMBER_SQLITE = _memo_statements()
 
 
 async def recall(db: Any, project_id: int, kind: str, key: str) -> dict[str, Any] | None:
-    async with db.one_statement() as conn:
+    async with db.one_read() as conn:
         row = await conn.scalar(_RECALL, {"project_id": project_id, "kind": kind, "key": key})
     return dict(row) if isinstance(row, dict) else None
 

@@ -38,7 +38,7 @@ async def lease_for(env: JobEnv, job: str, run_id: int, step_index: int | None) 
     """(lease name, what to call it): a step's own lease for the step jobs of a graph, else the
     protocol's lease, as before graphs existed."""
     if step_index is not None and job in ("execute_step", "run_quality"):
-        async with env.db.one_statement() as conn:
+        async with env.db.one_read() as conn:
             config = await conn.scalar(_CONFIG, {"run_id": run_id})
         if runs_in_parallel(config):
             return step_lease_name(

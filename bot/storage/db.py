@@ -83,6 +83,10 @@ class Database:
         autocommit): no ORM session around a plain read or upsert."""
         return (self.autocommit or self.engine).begin()
 
+    def one_read(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """one_statement() for a read: nothing to commit."""
+        return (self.autocommit or self.engine).connect()
+
     @property
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"

@@ -421,7 +421,7 @@ _STATUS = select(ProtocolRun.status).where(ProtocolRun.id == bindparam("run_id")
 
 async def protocol_status(db: Database, run_id: int) -> str:
     """Just the run's status: one cheap query, polled while an engine runs."""
-    async with db.one_statement() as conn:
+    async with db.one_read() as conn:
         status = await conn.scalar(_STATUS, {"run_id": run_id})
     if status is None:
         raise NotFound(f"protocol run {run_id} does not exist")
