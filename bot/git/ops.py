@@ -219,14 +219,10 @@ class Outgoing:
     head_stat: str | None  # HEAD's `--stat` lines, as last_commit() has them
 
 
-async def outgoing_findings(worktree: StrPath, scanner: SecretScanner) -> list[Finding]:
-    """Secrets in the commits HEAD has that the remote had not: added lines, paths, messages."""
-    return (await outgoing(worktree, scanner)).findings
-
-
 async def outgoing(worktree: StrPath, scanner: SecretScanner) -> Outgoing:
-    """outgoing_findings(), with HEAD's sha and stat read from the same `git log` (a push needs
-    both: no `rev-parse` and no `show --stat` after it)."""
+    """Secrets in the commits HEAD has that the remote had not (added lines, paths, messages),
+    with HEAD's sha and stat read from the same `git log` (a push needs both: no `rev-parse`
+    and no `show --stat` after it)."""
     res = await run_git(
         ["-c", "core.quotePath=false", "log", "-p", "--stat", "--text", "--no-ext-diff",
          "--no-textconv", "--no-color", "--no-renames", "--format=%x00%H%n%B%x00", *_OUTGOING],
