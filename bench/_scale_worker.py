@@ -32,7 +32,7 @@ from sqlalchemy.engine import Engine  # noqa: E402
 
 from bot.core.settings import load_settings  # noqa: E402
 from bot.jobs.boundary import git_verb  # noqa: E402
-from bot.jobs.worker import build_worker  # noqa: E402
+from bot.jobs.worker import build_worker, use_pidfd_watcher  # noqa: E402
 
 COUNTS: Counter[str] = Counter()
 TIMES: defaultdict[str, float] = defaultdict(float)  # wall seconds, keys "time:…"
@@ -127,6 +127,7 @@ def main() -> None:
     _patch_redis()
     signal.signal(signal.SIGUSR1, _dump)
     worker = build_worker(load_settings(), handle_signals=True)
+    use_pidfd_watcher(worker.loop)  # as run_worker does
     startup = worker.on_startup
 
     async def on_startup(ctx: dict[str, Any]) -> None:

@@ -6,7 +6,9 @@ import dataclasses
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import JSON, bindparam, cast, select
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from bot.core.errors import NotFound
 from bot.forge.base import (
@@ -24,6 +26,34 @@ from bot.storage.db import Database
 from bot.storage.models import ForgeRecord, utcnow
 
 
+def _upsert_statement() -> Any:
+    """INSERT .. ON CONFLICT DO UPDATE of one record, built once (bound parameters): a step runs
+    five, and building and keying the statement anew each time cost more than sending it."""
+    table = ForgeRecord.__table__.c
+    insert = pg_insert(ForgeRecord).values(
+        project_id=bindparam("project_id"),
+        kind=bindparam("kind"),
+        key=bindparam("key"),
+        body=bindparam("body"),
+        data=bindparam("data", type_=table.data.type),
+        created_at=bindparam("now", type_=table.created_at.type),
+        updated_at=bindparam("now", type_=table.updated_at.type),
+    )
+    # jsonb `||` merges the top-level keys, new ones winning: {**old, **new}
+    merged = cast(cast(ForgeRecord.data, JSONB).op("||")(cast(insert.excluded.data, JSONB)), JSON)
+    return insert.on_conflict_do_update(
+        index_elements=[ForgeRecord.project_id, ForgeRecord.kind, ForgeRecord.key],
+        set_={
+            "body": insert.excluded.body,
+            "data": merged,
+            "updated_at": insert.excluded.updated_at,
+        },
+    ).returning(ForgeRecord.id)
+
+
+_UPSERT = _upsert_statement()
+
+
 class LocalForge:
     """Forge over a plain git repository: comments, PRs, checks and reactions become rows."""
 
@@ -38,6 +68,21 @@ class LocalForge:
 
     async def _upsert(
         self, kind: str, key: str, body: str = "", data: dict[str, Any] | None = None
+    ) -> int:
+        """Create the record `(kind, key)` or replace its body and merge `data` into its data.
+
+        On Postgres one statement (an insert that updates on conflict: a step posts five of
+        these); SQLite has no shallow JSON merge, so there it reads the row first.
+        """
+        if self.db.is_sqlite:
+            return await self._upsert_read_first(kind, key, body, data)
+        values = {"project_id": self.project_id, "kind": kind, "key": key, "body": body}
+        async with self.db.one_statement() as conn:
+            result = await conn.execute(_UPSERT, {**values, "data": data or {}, "now": utcnow()})
+            return int(result.scalar_one())
+
+    async def _upsert_read_first(
+        self, kind: str, key: str, body: str, data: dict[str, Any] | None
     ) -> int:
         async with self.db.sessions.begin() as session:
             row = (

@@ -12,6 +12,7 @@ from bot.git.names import (
 )
 from bot.git.ops import (
     CommitInfo,
+    Pushed,
     SecretLeak,
     StatusEntry,
     commit_all,
@@ -22,6 +23,7 @@ from bot.git.ops import (
     log_messages,
     next_protocol_number,
     push,
+    push_commits,
     read_file_at,
     remote_branch_sha,
     status_porcelain,
@@ -49,6 +51,7 @@ __all__ = [
     "GitRefused",
     "GitResult",
     "GitTimeout",
+    "Pushed",
     "SecretLeak",
     "StatusEntry",
     "Worktree",
@@ -66,6 +69,7 @@ __all__ = [
     "parse_protocol_number",
     "protocol_name",
     "push",
+    "push_commits",
     "read_file_at",
     "redact",
     "remote_branch_sha",

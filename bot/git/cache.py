@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ LOCAL_TIMEOUT = 300.0
 REMOTE_PREFIX = "refs/remotes/origin/"
 FETCH_REFSPEC = "+refs/heads/*:refs/remotes/origin/*"
 GENERATION_FILE = ".generation"
+FILE_CACHE_SIZE = 256  # base-branch files kept (prompt overrides: a few per repository)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,13 @@ class GitCache:
         # on a big repository writing every file is what a new worktree costs.
         self.warm_spares = warm_spares
         self._spare_tasks: dict[Path, asyncio.Task[None]] = {}
+        # The base branch heads the last ensure_worktree saw, as (sha, the mirror's refresh
+        # count then): a note holds until the mirror is fetched or rebuilt again. And files read
+        # at those commits: a commit's files never change, so a step reads its prompt override
+        # once per base commit instead of once per step.
+        self._bases: dict[tuple[Path, str], tuple[str, int]] = {}
+        self._fetches: dict[Path, int] = {}
+        self._files: OrderedDict[tuple[Path, str, str], str | None] = OrderedDict()
 
     def generation(self) -> str:
         """A token naming this incarnation of the cache directory, created on first use.
@@ -247,6 +256,8 @@ class GitCache:
     async def _ensure_mirror_locked(
         self, mirror: Path, repo_url: str, auth_header: Auth, *, fetch: bool
     ) -> None:
+        # refs may move now (a fetch, a rebuild): what was noted of them holds no longer
+        self._fetches[mirror] = self._fetches.get(mirror, 0) + 1
         if (mirror / "HEAD").is_file() and (mirror / "config").is_file():
             if fetch:
                 await self._fetch(mirror, auth_header, normalize_remote(repo_url))
@@ -318,6 +329,7 @@ class GitCache:
         async with mirror_lock(mirror):
             await self._ensure_mirror_locked(mirror, repo_url, auth_header, fetch=fetch)
             refs = await self._refs(mirror, [remote_ref(branch), remote_ref(base)])
+            self._note_base(mirror, base, refs.get(remote_ref(base)))
             remote_sha = refs.get(remote_ref(branch))
             existing = await self._inspect(path, mirror)
             if existing is not None and existing[1] == f"refs/heads/{branch}":
@@ -338,6 +350,46 @@ class GitCache:
             if base_sha is not None:
                 self._schedule_spare(mirror, spare, base_sha)
             return Worktree(path, branch, mirror, start, created=True)
+
+    def _note_base(self, mirror: Path, base: str, sha: str | None) -> None:
+        if sha is None:
+            self._bases.pop((mirror, base), None)
+        else:
+            self._bases[(mirror, base)] = (sha, self._fetches.get(mirror, 0))
+
+    def _base_seen(self, mirror: Path, base: str) -> str | None:
+        """The base head noted since the mirror's last refresh here (a later fetch, say for a
+        graph step's worktree that is cut from another branch, may have moved it)."""
+        noted = self._bases.get((mirror, base))
+        if noted is None or noted[1] != self._fetches.get(mirror, 0):
+            return None
+        return noted[0]
+
+    async def base_file(self, repo_url: str, base_branch: str, path: str) -> str | None:
+        """A file's text on the base branch as the last ensure_worktree here saw it (the commit
+        the protocol's worktree came from, if no fetch came since), else at the branch's head
+        now; None if absent.
+
+        Read once per commit: the text of a path at a commit cannot change.
+        """
+        from bot.git.ops import read_file_at  # ops builds on this module
+
+        mirror = self.mirror_path(repo_url)
+        sha = self._base_seen(mirror, base_branch)
+        if sha is None:
+            return await read_file_at(mirror, base_branch, path)
+        key = (mirror, sha, path)
+        if key in self._files:
+            self._files.move_to_end(key)
+            return self._files[key]
+        try:
+            text = await read_file_at(mirror, sha, path)
+        except GitError:  # the commit is gone (a mirror rebuilt elsewhere): read the branch
+            return await read_file_at(mirror, base_branch, path)
+        self._files[key] = text
+        while len(self._files) > FILE_CACHE_SIZE:
+            self._files.popitem(last=False)
+        return text
 
     async def remove_worktree(
         self, repo_url: str, protocol_branch: str, *, delete_branch: bool = True

@@ -127,6 +127,15 @@ async def _origin_of(worktree: StrPath) -> tuple[Path, str | None]:
     return mirror, origin.out.strip() if origin.returncode == 0 else None
 
 
+@dataclass(frozen=True)
+class Pushed:
+    """What a push sent: the sha, and HEAD's `--stat` lines (as `last_commit` has them) when
+    HEAD was among the commits sent (None: HEAD was on the remote already)."""
+
+    sha: str
+    head_stat: str | None
+
+
 async def push(
     worktree: StrPath,
     branch: str,
@@ -141,17 +150,39 @@ async def push(
     Afterwards the mirror's `origin/<branch>` is set to it, so ensure_worktree on this machine
     sees the push without another fetch (other machines fetch before they act).
     """
+    pushed = await push_commits(
+        worktree,
+        branch,
+        remote_url,
+        auth_header,
+        force_with_lease=force_with_lease,
+        credential_hosts=credential_hosts,
+    )
+    return pushed.sha
+
+
+async def push_commits(
+    worktree: StrPath,
+    branch: str,
+    remote_url: str,
+    auth_header: Auth,
+    *,
+    force_with_lease: bool = False,
+    credential_hosts: Collection[str] = (),
+) -> Pushed:
+    """push(), also telling what HEAD's commit changed: the secret scan already read it."""
     ref = remote_ref(branch)
     url = normalize_remote(remote_url)
-    sha = await head_sha(worktree)
     # Nothing secret leaves: what the agent wrote (or echoed into a report) is pushed only
     # after a scan for every secret this process holds, the push's own credential included.
     # the header is asked for once, right before the push (fresh), and scanned for too
     header = await resolve_auth(auth_header)
-    findings = await outgoing_findings(worktree, process_scanner(secrets_of(header)))
-    if findings:
+    out = await outgoing(worktree, process_scanner(secrets_of(header)))
+    if out.findings:
         await _drop_outgoing(worktree)
-        raise SecretLeak(findings)
+        raise SecretLeak(out.findings)
+    # the scan listed HEAD first when it is outgoing; else HEAD is on the remote already
+    sha = out.head or await head_sha(worktree)
     args = ["push", "--quiet", "--no-verify", "--porcelain"]
     if force_with_lease:
         # The lease is what we last saw of the remote branch; nothing seen = it must not exist.
@@ -170,22 +201,51 @@ async def push(
     if origin == url:
         async with mirror_lock(mirror):
             await run_git(["update-ref", ref, sha], cwd=mirror, timeout=LOCAL_TIMEOUT)
-    return sha
+    return Pushed(sha, out.head_stat)
 
 
 # The commits a push would send: reachable from HEAD, not from anything the remote had.
 _OUTGOING = ["HEAD", "--not", f"--glob={REMOTE_PREFIX}*", "--"]
+# `log -p --stat`: each commit's stat comes after this line, then its diff
+_STAT_START = "\n---\n"
 
 
-async def outgoing_findings(worktree: StrPath, scanner: SecretScanner) -> list[Finding]:
-    """Secrets in the commits HEAD has that the remote had not: added lines, paths, messages."""
+@dataclass(frozen=True)
+class Outgoing:
+    """The commits a push would send, as the secret scan read them."""
+
+    findings: list[Finding]
+    head: str | None  # HEAD's sha when HEAD is among them (the log lists it first)
+    head_stat: str | None  # HEAD's `--stat` lines, as last_commit() has them
+
+
+async def outgoing(worktree: StrPath, scanner: SecretScanner) -> Outgoing:
+    """Secrets in the commits HEAD has that the remote had not (added lines, paths, messages),
+    with HEAD's sha and stat read from the same `git log` (a push needs both: no `rev-parse`
+    and no `show --stat` after it)."""
     res = await run_git(
-        ["-c", "core.quotePath=false", "log", "-p", "--text", "--no-ext-diff", "--no-textconv",
-         "--no-color", "--no-renames", "--format=%x00%H%n%B%x00", *_OUTGOING],
+        ["-c", "core.quotePath=false", "log", "-p", "--stat", "--text", "--no-ext-diff",
+         "--no-textconv", "--no-color", "--no-renames", "--format=%x00%H%n%B%x00", *_OUTGOING],
         cwd=worktree,
         timeout=LOCAL_TIMEOUT,
     )  # fmt: skip
-    return scan_log_patch(res.stdout.decode("utf-8", "replace"), scanner)
+    text = res.stdout.decode("utf-8", "replace")
+    head, stat = _head_of_log(text)
+    return Outgoing(scan_log_patch(text, scanner), head, stat)
+
+
+def _head_of_log(text: str) -> tuple[str | None, str | None]:
+    """(sha, stat lines) of the first commit in `log -p --stat --format=%x00%H%n%B%x00` (pure)."""
+    parts = text.split("\0", 3)
+    if len(parts) < 3:
+        return None, None
+    sha = parts[1].partition("\n")[0].strip()
+    body = parts[2]
+    diff = body.find("\ndiff --git ")
+    stat = body if diff < 0 else body[:diff]
+    if stat.startswith(_STAT_START):
+        stat = stat[len(_STAT_START) :]
+    return sha or None, stat.strip("\n")
 
 
 def scan_log_patch(text: str, scanner: SecretScanner) -> list[Finding]:

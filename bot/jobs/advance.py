@@ -16,12 +16,19 @@ from bot.storage.runs import RunState, emit, load_run, set_protocol_status, set_
 
 
 async def after_execute(
-    ctx: dict[str, Any], run_id: int, step_index: int, depth: int, outcome: str
+    ctx: dict[str, Any],
+    run_id: int,
+    step_index: int,
+    depth: int,
+    outcome: str,
+    state: RunState | None = None,
 ) -> None:
+    """What follows an execution; `state`: the run as loaded after the job, if the caller has
+    it (else it is loaded here)."""
     if outcome == "needs_qa-run":
         # One automatic QA per attempt: a job id made of the wall-clock second deduplicated the
         # QA of a loop's next attempt away when both fell in the same second (arq keeps results).
-        attempt = (await load_run(ctx["db"], run_id)).step(step_index).retries
+        attempt = (state or await load_run(ctx["db"], run_id)).step(step_index).retries
         await ctx["redis"].enqueue_job(
             "run_quality",
             _job_id=f"qa:{run_id}:{step_index}:attempt-{attempt}",
@@ -29,7 +36,7 @@ async def after_execute(
             step_index=step_index,
         )
     elif outcome == "completed":
-        await after_step_completed(ctx, run_id, step_index, depth)
+        await after_step_completed(ctx, run_id, step_index, depth, state)
 
 
 async def after_quality(ctx: dict[str, Any], run_id: int, step_index: int, outcome: str) -> None:
@@ -68,12 +75,12 @@ def completion_follows(state: RunState, step_index: int) -> bool:
 
 
 async def after_step_completed(
-    ctx: dict[str, Any], run_id: int, step_index: int, depth: int
+    ctx: dict[str, Any], run_id: int, step_index: int, depth: int, state: RunState | None = None
 ) -> bool:
     """Triggers, then the next step in auto mode, or protocol completion when none is left.
     True when it completed the protocol (and so re-rendered the status comment)."""
     env = JobEnv.from_ctx(ctx)
-    state = await load_run(env.db, run_id)
+    state = state or await load_run(env.db, run_id)
     if parallel(state):  # a graph: merge the step, then start what became ready
         await after_step_passed(ctx, run_id, step_index)
         return False

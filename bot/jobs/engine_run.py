@@ -12,7 +12,6 @@ from typing import Any
 
 from sqlalchemy import update
 
-from bot import git as gitops
 from bot.core.errors import StepStopped
 from bot.core.observability import log_context
 from bot.domain.engine_guard import sanitize_result
@@ -216,8 +215,10 @@ def _trim_event(event: dict[str, Any]) -> dict[str, Any]:
 async def prompt_override(env: JobEnv, state: RunState, name: str) -> str | None:
     """A repository's prompt override, read from its base branch only (never the protocol
     branch)."""
-    mirror = env.git.mirror_path(state.project.git_url)
-    text: str | None = await gitops.read_file_at(mirror, state.run.base_branch, override_path(name))
+    # read once per base commit: the one the worktree's fetch saw (bot/git/cache.py)
+    text: str | None = await env.git.base_file(
+        state.project.git_url, state.run.base_branch, override_path(name)
+    )
     return text
 
 

@@ -90,11 +90,17 @@ class JobEnv:
     async def push(self, state: RunState, workdir: Path, step_index: int | None = None) -> str:
         """Push the protocol branch (or the step's child branch) with credentials fetched now,
         not before the engine ran."""
-        head: str = await gitops.push(
+        return (await self.push_commits(state, workdir, step_index)).sha
+
+    async def push_commits(
+        self, state: RunState, workdir: Path, step_index: int | None = None
+    ) -> gitops.Pushed:
+        """push(), also with what HEAD's commit changed (read by the push's secret scan)."""
+        pushed: gitops.Pushed = await gitops.push_commits(
             workdir,
             branch_for(state, step_index),
             state.project.git_url,
             self.auth(state),
             credential_hosts=self.git.credential_hosts,
         )
-        return head
+        return pushed

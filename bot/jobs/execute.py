@@ -26,7 +26,7 @@ from bot.jobs.integrate import leftover_markers, prepare_attempt
 from bot.jobs.outcome import Check, Outcome, failure, known, write_outcome
 from bot.jobs.placement import parallel
 from bot.jobs.plan import step_marker
-from bot.jobs.review import reply_in_threads
+from bot.jobs.review import answers_review, reply_in_threads
 from bot.jobs.schedule import missing_for
 from bot.jobs.shutdown import resume_chain
 from bot.jobs.specs import read, spec_of, step_spec_of, step_values
@@ -74,9 +74,13 @@ async def execute_step(
         await react_done(ctx, protocol_run_id, reply_to, False)
     # pushed: answer a review's threads; a re-run of a job whose worker died after the push
     # (skipped: the step is past running) answers the threads it left (each thread once)
+    state: RunState | None = None
     if outcome in ("completed", "needs_qa", "needs_qa-run") or outcome.startswith("skipped-"):
-        await reply_in_threads(ctx, protocol_run_id, step_index)
-    await after_execute(ctx, protocol_run_id, step_index, depth, outcome)
+        state = await load_run(ctx["db"], protocol_run_id)
+        await reply_in_threads(ctx, protocol_run_id, step_index, state)
+        if answers_review(state, step_index):  # it talked to the forge meanwhile: load anew
+            state = None
+    await after_execute(ctx, protocol_run_id, step_index, depth, outcome, state)
     return outcome
 
 
@@ -188,14 +192,14 @@ async def _begin(
 ) -> None:
     """Protocol to running, step (reset and) to running, the attempt's start: one transaction."""
     index = step.step_index
+    starts = step_too and decision.action == "start"
     async with env.db.sessions.begin() as session:
-        if runtime_state is not None:
+        if runtime_state is not None and not starts:
             await session.execute(
                 update(StepRun)
                 .where(StepRun.id == step.id)
                 .values(runtime_state=runtime_state, updated_at=utcnow())
             )
-            step.runtime_state = runtime_state
         if decision.protocol_to_running:
             await transition(
                 session,
@@ -207,7 +211,7 @@ async def _begin(
                 known=known(state, state.run.status),
             )
             state.run.status = ProtocolStatus.RUNNING
-        if step_too and decision.action == "start":
+        if starts:
             if decision.reset_step:
                 await transition(
                     session,
@@ -219,17 +223,21 @@ async def _begin(
                     known=known(state, step.status),
                 )
             now = utcnow()
+            # the attempt's start goes with the step's transition: one statement, not two
+            fresh = {} if runtime_state is None else {"runtime_state": runtime_state}
             await transition(
                 session,
                 StepRun,
                 step.id,
                 StepStatus.RUNNING,
                 [StepStatus.PENDING],
-                values={"started_at": now, "finished_at": None},
+                values={"started_at": now, "finished_at": None, **fresh},
                 event_message=f"step {index:02d} started",
                 known=known(state, StepStatus.PENDING),
             )
             step.status, step.started_at, step.finished_at = StepStatus.RUNNING, now, None
+    if runtime_state is not None:
+        step.runtime_state = runtime_state
 
 
 def attempt_start(step: StepRun) -> str | None:
@@ -342,8 +350,9 @@ async def _execute_call(work: StepWork) -> EngineCall:
 async def _push_and_finish(work: StepWork) -> str:
     env, state, step, s = work.env, work.state, work.step, work.step_spec
     await _stop_if_stopped_after_commit(work)
-    head = await env.push(state, work.workdir, step.step_index)
-    changed = await _changed_files(work.workdir, work.sha)
+    pushed = await env.push_commits(state, work.workdir, step.step_index)
+    head = pushed.sha
+    changed = await _changed_files(work.workdir, work.sha, pushed.head_stat)
     step_state: dict[str, Any] = {"commit_sha": work.sha, "changed_files": list(changed)}
     if work.result is not None:
         step_state.update(
@@ -422,8 +431,12 @@ def _scope(step_spec: StepSpec) -> str:
     return step_spec.slug.split("-")[0][:20] or "step"
 
 
-async def _changed_files(workdir: Path, sha: str | None) -> tuple[str, ...]:
+async def _changed_files(
+    workdir: Path, sha: str | None, head_stat: str | None = None
+) -> tuple[str, ...]:
+    """The paths HEAD's commit changed: from the stat the push's scan read (HEAD was pushed
+    now), else (it was on the remote already, or a merge with no stat there) from git."""
     if not sha:
         return ()
-    info = await gitops.last_commit(workdir)
-    return tuple(line.split("|", 1)[0].strip() for line in info.stat.splitlines() if "|" in line)
+    stat = head_stat or (await gitops.last_commit(workdir)).stat
+    return tuple(line.split("|", 1)[0].strip() for line in stat.splitlines() if "|" in line)

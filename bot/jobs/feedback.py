@@ -8,7 +8,7 @@ import logging
 from datetime import UTC
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -147,34 +147,50 @@ MEMO_STATUS = "memo:status"
 MEMO_CHECK = "memo:check"
 
 
-async def recall(db: Any, project_id: int, kind: str, key: str) -> dict[str, Any] | None:
-    async with db.sessions() as session:
-        row = (
-            await session.execute(
-                select(ForgeRecord.data).where(
-                    ForgeRecord.project_id == project_id,
-                    ForgeRecord.kind == kind,
-                    ForgeRecord.key == key,
-                )
+def _memo_statements() -> tuple[Any, Any, Any]:
+    """recall's SELECT and remember's upsert (Postgres, SQLite), built once: a step recalls and
+    remembers a few times, and building and keying a statement costs more than sending it."""
+    c = ForgeRecord.__table__.c
+    where = (
+        ForgeRecord.project_id == bindparam("project_id"),
+        ForgeRecord.kind == bindparam("kind"),
+        ForgeRecord.key == bindparam("key"),
+    )
+    upserts = []
+    for insert in (pg_insert, sqlite_insert):
+        stmt = insert(ForgeRecord).values(
+            project_id=bindparam("project_id"),
+            kind=bindparam("kind"),
+            key=bindparam("key"),
+            data=bindparam("data", type_=c.data.type),
+            created_at=bindparam("now", type_=c.created_at.type),
+            updated_at=bindparam("now", type_=c.updated_at.type),
+        )
+        upserts.append(
+            stmt.on_conflict_do_update(
+                index_elements=[ForgeRecord.project_id, ForgeRecord.kind, ForgeRecord.key],
+                set_={"data": stmt.excluded.data, "updated_at": stmt.excluded.updated_at},
             )
-        ).scalar()
+        )
+    return select(ForgeRecord.data).where(*where), upserts[0], upserts[1]
+
+
+_RECALL, _REMEMBER_PG, _REMEMBER_SQLITE = _memo_statements()
+
+
+async def recall(db: Any, project_id: int, kind: str, key: str) -> dict[str, Any] | None:
+    async with db.one_read() as conn:
+        row = await conn.scalar(_RECALL, {"project_id": project_id, "kind": kind, "key": key})
     return dict(row) if isinstance(row, dict) else None
 
 
 async def remember(db: Any, project_id: int, kind: str, key: str, data: dict[str, Any]) -> None:
     """Keep `data` under the key: one statement, an insert that replaces the data of a row the
     key already has (two workers writing the same key: the later one wins, as before)."""
-    insert = sqlite_insert if db.is_sqlite else pg_insert
-    now = utcnow()
-    stmt = insert(ForgeRecord).values(
-        project_id=project_id, kind=kind, key=key, data=data, created_at=now, updated_at=now
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[ForgeRecord.project_id, ForgeRecord.kind, ForgeRecord.key],
-        set_={"data": stmt.excluded.data, "updated_at": now},
-    )
-    async with db.sessions.begin() as session:
-        await session.execute(stmt)
+    stmt = _REMEMBER_SQLITE if db.is_sqlite else _REMEMBER_PG
+    values = {"project_id": project_id, "kind": kind, "key": key, "data": data, "now": utcnow()}
+    async with db.one_statement() as conn:  # one statement: its own transaction
+        await conn.execute(stmt, values)
 
 
 async def publish_status(ctx: dict[str, Any], run_id: int, message: str | None = None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from bot.domain.graph import child_branch, runs_in_parallel
 from bot.jobs.locks import step_lease_name
@@ -17,6 +17,10 @@ from bot.storage.runs import RunState, run_branch
 
 if TYPE_CHECKING:
     from bot.jobs.env import JobEnv
+
+
+# built once: every step job asks it before taking its lease
+_CONFIG = select(ProtocolRun.template_config).where(ProtocolRun.id == bindparam("run_id"))
 
 
 def parallel(state: RunState) -> bool:
@@ -34,10 +38,8 @@ async def lease_for(env: JobEnv, job: str, run_id: int, step_index: int | None) 
     """(lease name, what to call it): a step's own lease for the step jobs of a graph, else the
     protocol's lease, as before graphs existed."""
     if step_index is not None and job in ("execute_step", "run_quality"):
-        async with env.db.sessions() as session:
-            config = await session.scalar(
-                select(ProtocolRun.template_config).where(ProtocolRun.id == run_id)
-            )
+        async with env.db.one_read() as conn:
+            config = await conn.scalar(_CONFIG, {"run_id": run_id})
         if runs_in_parallel(config):
             return step_lease_name(
                 run_id, step_index

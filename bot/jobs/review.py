@@ -310,7 +310,15 @@ def _due_member(run_id: int, step_index: int) -> str:
     return f"{run_id}:{step_index}"
 
 
-async def reply_in_threads(ctx: dict[str, Any], run_id: int, step_index: int) -> int:
+def answers_review(state: RunState, step_index: int) -> bool:
+    """Whether reply_in_threads has threads to answer on the forge for this step."""
+    review = (state.step(step_index).runtime_state or {}).get("review")
+    return isinstance(review, list) and bool(state.run.pr_number)
+
+
+async def reply_in_threads(
+    ctx: dict[str, Any], run_id: int, step_index: int, state: RunState | None = None
+) -> int:
     """Once a fix step's commit is pushed: one reply per thread naming it. Never fails the job.
 
     Idempotent and resumable: each thread answered is recorded on the step as soon as its reply
@@ -318,7 +326,7 @@ async def reply_in_threads(ctx: dict[str, Any], run_id: int, step_index: int) ->
     worker that dies after the push leaves the rest to the reclaim cron's `review_replies` job.
     (A death between one reply's POST and its record can still repeat that one reply.)
     """
-    state = await load_run(ctx["db"], run_id)
+    state = state or await load_run(ctx["db"], run_id)
     step = state.step(step_index)
     rs = dict(step.runtime_state or {})
     sha = rs.get("commit_sha")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from sqlalchemy import event, make_url, text
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -65,6 +67,25 @@ class Database:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     timeout_s: float = DEFAULT_DB_TIMEOUT_S
+    # For work that is one statement (a read, an upsert): on Postgres in autocommit, so the
+    # statement is its own transaction without a BEGIN and a ROLLBACK/COMMIT round trip each (a
+    # step runs a dozen of these). Never for several statements that must be atomic.
+    autocommit: AsyncEngine | None = None
+    autocommit_sessions: async_sessionmaker[AsyncSession] | None = None
+
+    @property
+    def single(self) -> async_sessionmaker[AsyncSession]:
+        """ORM sessions for one statement: autocommit ones where there are, else the usual."""
+        return self.autocommit_sessions or self.sessions
+
+    def one_statement(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A Core connection for one statement, committed when the block ends (a no-op in
+        autocommit): no ORM session around a plain read or upsert."""
+        return (self.autocommit or self.engine).begin()
+
+    def one_read(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """one_statement() for a read: nothing to commit."""
+        return (self.autocommit or self.engine).connect()
 
     @property
     def is_sqlite(self) -> bool:
@@ -97,10 +118,17 @@ def create_database(url: str, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> Databa
             "connect",
             lambda conn, record: _sqlite_pragmas(conn, record, timeout_s),
         )
+    autocommit = None
+    if not url.startswith("sqlite"):
+        autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
     return Database(
         engine=engine,
         sessions=async_sessionmaker(engine, expire_on_commit=False),
         timeout_s=timeout_s,
+        autocommit=autocommit,
+        autocommit_sessions=(
+            None if autocommit is None else async_sessionmaker(autocommit, expire_on_commit=False)
+        ),
     )
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -179,7 +179,7 @@ async def load_run(db: Database, run_id: int) -> RunState:
         .where(ProtocolRun.id == run_id)
         .order_by(StepRun.step_index)
     )
-    async with db.sessions() as session:
+    async with db.single() as session:  # one statement: no transaction round trips
         rows = (await session.execute(query)).all()
     if not rows:
         raise NotFound(f"protocol run {run_id} does not exist")
@@ -415,12 +415,14 @@ async def sync_steps(db: Database, run_id: int, spec: ProtocolSpec) -> None:
                 row.step_name = step.file.removesuffix(".md")
 
 
+# built once: a plain read polled every few seconds (bound parameter, no ORM session)
+_STATUS = select(ProtocolRun.status).where(ProtocolRun.id == bindparam("run_id"))
+
+
 async def protocol_status(db: Database, run_id: int) -> str:
     """Just the run's status: one cheap query, polled while an engine runs."""
-    async with db.sessions() as session:
-        status = (
-            await session.execute(select(ProtocolRun.status).where(ProtocolRun.id == run_id))
-        ).scalar()
+    async with db.one_read() as conn:
+        status = await conn.scalar(_STATUS, {"run_id": run_id})
     if status is None:
         raise NotFound(f"protocol run {run_id} does not exist")
     return str(status)

@@ -245,3 +245,63 @@ def test_generation_marks_one_incarnation_of_the_cache(cache: GitCache) -> None:
     second = cache.generation()
     assert second != first and not cache.lost_since(second) and cache.lost_since(first)
     assert [p.name for p in cache.data_dir.iterdir()] == [".generation"]  # no temporary left
+
+
+async def test_base_file_is_read_once_per_base_commit(
+    cache: GitCache, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt override on the base branch: read at the commit the last ensure_worktree saw,
+    from git once per commit; a new base commit (seen by the next ensure_worktree) is read anew.
+    Before any ensure_worktree it is read at the branch's head."""
+    import bot.git.ops as ops
+
+    reads: list[str] = []
+    real = ops.read_file_at
+
+    async def counted(mirror: Any, ref: str, path: str) -> str | None:
+        reads.append(ref)
+        return await real(mirror, ref, path)
+
+    monkeypatch.setattr(ops, "read_file_at", counted)
+    origin.commit({"prompt.md": "one\n"}, "override")
+    await cache.ensure_mirror(origin.url)
+    assert await cache.base_file(origin.url, "main", "prompt.md") == "one\n"
+    assert reads == ["main"]
+
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    for _ in range(3):
+        assert await cache.base_file(origin.url, "main", "prompt.md") == "one\n"
+        assert await cache.base_file(origin.url, "main", "absent.md") is None
+    seen = reads[1]
+    assert len(reads) == 3 and seen == (await head_sha(wt.path)) and len(seen) == 40
+
+    second = origin.commit({"prompt.md": "two\n"}, "new override")
+    assert await cache.base_file(origin.url, "main", "prompt.md") == "one\n"  # not seen yet
+    await cache.ensure_worktree(origin.url, BRANCH, "main")
+    assert await cache.base_file(origin.url, "main", "prompt.md") == "two\n"
+    assert reads[-1] == second
+
+    # a fetch not followed by a look at this base (a graph step's worktree is cut from the
+    # protocol branch): the note may be stale, so the branch's head is read again
+    origin.commit({"prompt.md": "three\n"}, "newer override")
+    await cache.ensure_mirror(origin.url)
+    assert await cache.base_file(origin.url, "main", "prompt.md") == "three\n"
+    assert reads[-1] == "main"
+
+
+async def test_base_file_falls_back_to_the_branch_when_the_commit_is_gone(
+    cache: GitCache, origin: Origin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bot.git.ops as ops
+
+    origin.commit({"prompt.md": "one\n"}, "override")
+    await cache.ensure_worktree(origin.url, BRANCH, "main")
+    real = ops.read_file_at
+
+    async def gone_at_shas(mirror: Any, ref: str, path: str) -> str | None:
+        if len(ref) == 40:
+            raise GitError(f"{ref!r} does not exist in {mirror}")
+        return await real(mirror, ref, path)
+
+    monkeypatch.setattr(ops, "read_file_at", gone_at_shas)
+    assert await cache.base_file(origin.url, "main", "prompt.md") == "one\n"

@@ -18,6 +18,7 @@ from bot.git import (
     log_messages,
     next_protocol_number,
     push,
+    push_commits,
     read_file_at,
     remote_branch_sha,
     status_porcelain,
@@ -63,6 +64,29 @@ async def test_commit_push_and_trailer_idempotency(
     again = await cache.ensure_worktree(origin.url, BRANCH, "main")
     assert await has_commit_with_trailer(again.path, MARKER, "main") == sha
     assert await log_messages(again.path, "refs/remotes/origin/main..HEAD") == [message.strip()]
+
+
+async def test_push_tells_heads_stat_as_last_commit_does(
+    cache: GitCache, origin: Origin, git: Git
+) -> None:
+    """The push's secret scan already read HEAD's commit: its sha and stat come from there (no
+    rev-parse, no show --stat), the same as git tells them; HEAD already on the remote: None."""
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    (wt.path / "src/first.py").write_text("a = 1\n")
+    await commit_all(wt.path, "first\n\nbody", "Bot", "bot@example.com")
+    deep = wt.path / "src" / "a-rather-long-directory-name" / "and-another-one-below-it"
+    deep.mkdir(parents=True)
+    (deep / "with_a_long_file_name_too.py").write_text("b = 2\n")
+    (wt.path / "README.md").write_text("changed\n")
+    sha = await commit_all(wt.path, "second\n---\nnot a stat | 1 +", "Bot", "bot@example.com")
+    info = await last_commit(wt.path)
+
+    pushed = await push_commits(wt.path, BRANCH, origin.url, None)
+    assert pushed.sha == sha == git("rev-parse", f"refs/heads/{BRANCH}", cwd=origin.bare)
+    assert pushed.head_stat == info.stat and "2 files changed" in info.stat
+
+    again = await push_commits(wt.path, BRANCH, origin.url, None)
+    assert (again.sha, again.head_stat) == (sha, None)
 
 
 async def test_log_messages_newest_first(cache: GitCache, origin: Origin) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from sqlalchemy import text
 
 from bot.core.errors import NotFound
+from bot.core.settings import Settings
 from bot.forge.base import (
     CheckReport,
     Forge,
@@ -23,6 +25,9 @@ from bot.forge.base import (
 from bot.forge.github import GitHubForge
 from bot.forge.gitlab import GitLabForge
 from bot.forge.local import LocalForge
+from bot.jobs.feedback import recall, remember
+from bot.storage.db import database_from_settings
+from bot.storage.runs import get_or_create_project
 from tests.protocol.conftest import Harness
 
 FORGES = (GitHubForge, GitLabForge, LocalForge)
@@ -104,3 +109,49 @@ async def test_local_forge_answers_from_its_records(harness: Harness) -> None:
     await forge.reply_in_thread(IssueRef(repo, pull.number, "pull"), "t-1", "fixed", resolve=True)
     (reply,) = await forge.records("reply")
     assert (reply.body, reply.data["resolve"]) == ("fixed", True)
+
+
+async def test_local_forge_upsert_replaces_the_body_and_merges_the_data(db_url: str) -> None:
+    """One record per (kind, key): a second post keeps its id, replaces its body and merges
+    the new data keys over the old ones (on Postgres that is one statement)."""
+    db = database_from_settings(Settings(db_url=db_url))
+    try:
+        project = await get_or_create_project(
+            db, name="p", provider="local", git_url="/x", base_branch="main"
+        )
+        forge = LocalForge(db, project.id)
+        first = await forge._upsert("check", "k", "one", {"a": 1, "b": {"x": 1}, "c": None})
+        again = await forge._upsert("check", "k", "two", {"b": {"y": 2}, "d": "new"})
+        other = await forge._upsert("check", "other")
+        assert again == first != other
+        records = {r.key: r for r in await forge.records("check")}
+        assert records["k"].body == "two"
+        assert records["k"].data == {"a": 1, "b": {"y": 2}, "c": None, "d": "new"}
+        assert (records["other"].body, records["other"].data) == ("", {})
+        assert records["k"].updated_at >= records["k"].created_at
+    finally:
+        await db.dispose()
+
+
+async def test_one_statement_sessions_commit_on_their_own(db_url: str) -> None:
+    """`Database.single`: autocommit on Postgres (no BEGIN, no ROLLBACK round trip for a read or
+    an upsert), the usual sessions on SQLite; either way a statement's write is kept."""
+    db = database_from_settings(Settings(db_url=db_url))
+    try:
+        assert (db.single is db.sessions) == db.is_sqlite
+        async with db.single() as session:
+            await session.execute(text("SELECT 1"))
+            raw = await (await session.connection()).get_raw_connection()
+            # psycopg's own flag; aiosqlite's connection has none
+            autocommit = getattr(raw.driver_connection, "autocommit", False)
+        assert autocommit != db.is_sqlite
+        async with db.sessions() as session:  # the pool's connection is back in transactions
+            raw = await (await session.connection()).get_raw_connection()
+            assert not getattr(raw.driver_connection, "autocommit", False)
+        project = await get_or_create_project(
+            db, name="p", provider="local", git_url="/x", base_branch="main"
+        )
+        await remember(db, project.id, "memo:check", "k", {"id": 1})
+        assert await recall(db, project.id, "memo:check", "k") == {"id": 1}
+    finally:
+        await db.dispose()
