@@ -6,7 +6,10 @@ in its own worktree under its own lease; a step's branch is cut from the protoco
 the step starts, and merged back into it when the step has passed its gates (integrate.py).
 Starting steps and merging them happen under one short lock per protocol (the integration
 lock), so two workers never merge into one protocol branch at once and the bound on steps
-running side by side is counted by one worker at a time.
+running side by side is counted by one worker at a time. The repository's bound spans its
+protocols: counting the slots and marking the chosen steps queued happen under one short lock
+per repository (the slots lock), so two protocols scheduling at the same moment cannot both
+count the other's slots as free.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 
 INTEGRATION_LOCK_TTL_S = 120.0
 INTEGRATION_WAIT_S = 300.0
+SLOTS_LOCK_TTL_S = 30.0  # held for a count and a few UPDATEs; a dead holder frees it this soon
 
 
 def queued(step: StepRun) -> bool:
@@ -82,18 +86,38 @@ def all_done(state: RunState) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def integration_lock(env: JobEnv, run_id: int) -> AsyncIterator[None]:
-    """The protocol's short lock for merging and starting steps; waits for it (merges are short)."""
-    name = f"{run_id}:integrate"
+async def _waited_lock(env: JobEnv, name: str, ttl_s: float, what: str) -> AsyncIterator[None]:
+    """A short Redis lock, waited for (its holders keep it briefly); LockBusy past the wait."""
     deadline = time.monotonic() + INTEGRATION_WAIT_S
-    while (token := await acquire(env.redis, name, INTEGRATION_LOCK_TTL_S)) is None:
+    while (token := await acquire(env.redis, name, ttl_s)) is None:
         if time.monotonic() > deadline:
-            raise LockBusy(f"the integration lock of protocol run {run_id} stayed taken")
-        await asyncio.sleep(0.1)
+            raise LockBusy(f"{what} stayed taken")
+        await asyncio.sleep(0.05)
     try:
         yield
     finally:
         await asyncio.shield(release(env.redis, name, token))
+
+
+def integration_lock(env: JobEnv, run_id: int) -> contextlib.AbstractAsyncContextManager[None]:
+    """The protocol's short lock for merging and starting steps; waits for it (merges are short)."""
+    return _waited_lock(
+        env,
+        f"{run_id}:integrate",
+        INTEGRATION_LOCK_TTL_S,
+        f"the integration lock of protocol run {run_id}",
+    )
+
+
+def slots_lock(env: JobEnv, project_id: int) -> contextlib.AbstractAsyncContextManager[None]:
+    """The repository's lock for counting its step slots and claiming some (always taken inside
+    a protocol's integration lock, never the other way round: no two holders wait on each other)."""
+    return _waited_lock(
+        env,
+        f"project-{project_id}:slots",
+        SLOTS_LOCK_TTL_S,
+        f"the step-slots lock of project {project_id}",
+    )
 
 
 async def bound(env: JobEnv, state: RunState) -> int:
@@ -250,26 +274,27 @@ async def start_ready(env: JobEnv, state: RunState, start: bool = True) -> list[
     now = views(state)
     active = len(active_steps(now)) + sum(1 for s in state.steps if queued(s))
     ready = [i for i in ready_steps(deps, now) if not queued(state.step(i))]
-    chosen = to_start(ready, active, await bound(env, state))
-    if chosen and state.run.status == ProtocolStatus.PLANNED:
-        # one transition here, not one per step: steps starting at once would race for it
-        await set_protocol_status(
-            env.db, state.run.id, ProtocolStatus.RUNNING, "running steps side by side"
-        )
-    for index in chosen:
-        step = state.step(index)
-        job_id = f"exec:{state.run.id}:{index}:{step.retries}"
-        # the job's id and time: a queued step whose job is lost is found by the reclaim cron
-        queued_mark = {
-            "queued_attempt": step.retries,
-            "queued_job": job_id,
-            "queued_at": time.time(),
-        }
-        await update_step(
-            env.db, step.id, runtime_state={**(step.runtime_state or {}), **queued_mark}
-        )
+    async with slots_lock(env, state.project.id):
+        # counted and claimed in one hold: another protocol's count then sees these as taken
+        chosen = to_start(ready, active, await bound(env, state))
+        if chosen and state.run.status == ProtocolStatus.PLANNED:
+            # one transition here, not one per step: steps starting at once would race for it
+            await set_protocol_status(
+                env.db, state.run.id, ProtocolStatus.RUNNING, "running steps side by side"
+            )
+        jobs = [await _mark_queued(env, state.step(index)) for index in chosen]
+    for index, job_id in zip(chosen, jobs, strict=True):
         await env.enqueue("execute_step", job_id, protocol_run_id=state.run.id, step_index=index)
     return chosen
+
+
+async def _mark_queued(env: JobEnv, step: StepRun) -> str:
+    """Mark a pending step handed to the queue (it holds its slot from now on); its job's id.
+    The job's id and time let the reclaim cron find a queued step whose job was lost."""
+    job_id = f"exec:{step.protocol_run_id}:{step.step_index}:{step.retries}"
+    queued_mark = {"queued_attempt": step.retries, "queued_job": job_id, "queued_at": time.time()}
+    await update_step(env.db, step.id, runtime_state={**(step.runtime_state or {}), **queued_mark})
+    return job_id
 
 
 async def complete(env: JobEnv, state: RunState) -> None:

@@ -311,3 +311,35 @@ async def test_a_rewritten_protocol_branch_without_the_merges_is_not_adopted(
     await actions.resume(harness.ctx, run_id)
     state = await harness.state(run_id)
     assert state.run.head_sha == red and state.run.runtime_state["awaiting_ci"] == red
+
+
+async def test_two_protocols_scheduling_at_once_share_the_repository_bound(
+    tmp_path: Any, origin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each protocol schedules under its own integration lock: were the repository's slots
+    counted outside one shared lock, two protocols counting at the same moment would each see
+    the other's slots free and both start (seen once in CI: four steps at once under a bound
+    of two). Here both counts are slowed so that they overlap: only one protocol may start."""
+    from bot.jobs import schedule
+    from bot.storage.runs import update_run
+    from tests.protocol.conftest import make_harness, protocol_settings
+
+    settings = protocol_settings(tmp_path, max_parallel_steps=3, max_parallel_steps_per_repo=1)
+    async with make_harness(settings, origin) as h:
+        h.use(ScriptedEngine(graph_script(DIAMOND)))
+        ids = [await h.start(f"Build four parts {n}", approved=False) for n in ("a", "b")]
+        assert [(await h.state(i)).run.status for i in ids] == [ProtocolStatus.PLANNED] * 2
+        for run_id in ids:
+            await update_run(h.ctx["db"], run_id, approved=True, auto_mode=True)
+        counted = schedule.held_elsewhere
+
+        async def slow_count(env: Any, project_id: int, run_id: int | None) -> int:
+            held = await counted(env, project_id, run_id)
+            await asyncio.sleep(0.3)  # the other protocol counts meanwhile, if it can
+            return held
+
+        monkeypatch.setattr(schedule, "held_elsewhere", slow_count)
+        started = await asyncio.gather(*(schedule.schedule_ready(h.ctx, i) for i in ids))
+        assert sorted(len(s) for s in started) == [0, 1], started
+        queued = [s for i in ids for s in (await h.state(i)).steps if schedule.queued(s)]
+        assert len(queued) == 1
