@@ -512,6 +512,7 @@ class WorkerDied(Exception):
 def reclaim_held(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """The embedded worker's reclaim cron (twice a minute) finds no replies due while the
     list holds True: the test says when the reclaim may take them."""
+    import bot.jobs.reclaim as reclaim_job
     import bot.jobs.review as review_job
 
     held = [True]
@@ -520,6 +521,9 @@ def reclaim_held(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     async def gated(ctx: dict[str, Any]) -> list[tuple[int, int]]:
         return [] if held[0] else await real(ctx)
 
+    # the cron calls the name reclaim imported: patching review's alone held nothing, and a
+    # cron tick inside the test's window answered the threads before the test meant it to
+    monkeypatch.setattr(reclaim_job, "replies_due", gated)
     monkeypatch.setattr(review_job, "replies_due", gated)
     return held
 
