@@ -136,7 +136,13 @@ def test_step_page_streams_the_transcript_then_shows_the_diff(
                 timeout=30_000,
             )
             assert page.evaluate("window.__sameDocument") is True
-            assert page.locator("#run-status").inner_text() == ProtocolStatus.COMPLETED
+            # the run's status is its own update, a moment after the step's: waited for, still
+            # without a reload
+            page.wait_for_function(
+                "document.getElementById('run-status').textContent.trim() === 'completed'",
+                timeout=30_000,
+            )
+            assert page.evaluate("window.__sameDocument") is True
             assert not page.get_by_role("button", name="Pause").is_visible()
             assert page.locator("#steps button").count() == 0  # nothing to rerun on a finished run
             assert page.locator('[data-run="cost"]').inner_text().startswith("$")
