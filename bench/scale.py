@@ -353,7 +353,8 @@ def main() -> None:
     print(f"scripted steps waiting {ENGINE_WAIT_S:g} s; 2N protocols of {args.steps} steps; "
           f"one Redis, one Postgres; {os.cpu_count()} cores")  # fmt: skip
     print(f"{'workers':>7} {'steps':>5} {'time s':>7} {'steps/min':>9} {'ratio':>6} {'goal':>5} "
-          f"{'pg/step':>8} {'redis/step':>10} {'(polls)':>8} {'cpu s/step':>10}")  # fmt: skip
+          f"{'pg/step':>8} {'redis/step':>10} {'(polls)':>8} {'cpu s/step':>10} "
+          f"{'overhead p50 s':>14}")  # fmt: skip
     for r in rows:
         # vs the first (smallest) N; the goal scales with the worker ratio
         ratio = r["per_min"] / rows[0]["per_min"]
@@ -361,7 +362,8 @@ def main() -> None:
         print(
             f"{r['n']:>7} {r['steps']:>5} {r['elapsed']:>7.1f} {r['per_min']:>9.1f} {ratio:>6.2f} "
             f"{'OK' if ratio >= goal else 'MISS':>5} {r['pg']:>8.1f} {r['redis']:>10.1f} "
-            f"{r['redis_poll']:>8.1f} {sum(r['cpu'].values()):>10.3f}"
+            f"{r['redis_poll']:>8.1f} {sum(r['cpu'].values()):>10.3f} "
+            f"{statistics.median(r['overhead']):>14.3f}"
         )
     last = rows[-1]
     p50 = statistics.median(last["overhead"])
