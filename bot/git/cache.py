@@ -8,7 +8,7 @@ import os
 import shutil
 import uuid
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,8 @@ REMOTE_PREFIX = "refs/remotes/origin/"
 FETCH_REFSPEC = "+refs/heads/*:refs/remotes/origin/*"
 GENERATION_FILE = ".generation"
 FILE_CACHE_SIZE = 256  # base-branch files kept (prompt overrides: a few per repository)
+# (mirror, ref, path) -> the file's text at ref, None if absent
+FileReader = Callable[[Path, str, str], Awaitable[str | None]]
 
 
 @dataclass(frozen=True)
@@ -365,15 +367,16 @@ class GitCache:
             return None
         return noted[0]
 
-    async def base_file(self, repo_url: str, base_branch: str, path: str) -> str | None:
+    async def base_file(
+        self, repo_url: str, base_branch: str, path: str, read_file_at: FileReader
+    ) -> str | None:
         """A file's text on the base branch as the last ensure_worktree here saw it (the commit
         the protocol's worktree came from, if no fetch came since), else at the branch's head
         now; None if absent.
 
-        Read once per commit: the text of a path at a commit cannot change.
+        Read once per commit: the text of a path at a commit cannot change. `read_file_at` is
+        `bot.git.ops.read_file_at`, passed in because ops builds on this module.
         """
-        from bot.git.ops import read_file_at  # ops builds on this module
-
         mirror = self.mirror_path(repo_url)
         sha = self._base_seen(mirror, base_branch)
         if sha is None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import update
 
+from bot import git as gitops
 from bot.core.errors import StepStopped
 from bot.core.observability import log_context
 from bot.domain.engine_guard import sanitize_result
@@ -217,7 +218,7 @@ async def prompt_override(env: JobEnv, state: RunState, name: str) -> str | None
     branch)."""
     # read once per base commit: the one the worktree's fetch saw (bot/git/cache.py)
     text: str | None = await env.git.base_file(
-        state.project.git_url, state.run.base_branch, override_path(name)
+        state.project.git_url, state.run.base_branch, override_path(name), gitops.read_file_at
     )
     return text
 

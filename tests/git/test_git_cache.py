@@ -265,27 +265,29 @@ async def test_base_file_is_read_once_per_base_commit(
     monkeypatch.setattr(ops, "read_file_at", counted)
     origin.commit({"prompt.md": "one\n"}, "override")
     await cache.ensure_mirror(origin.url)
-    assert await cache.base_file(origin.url, "main", "prompt.md") == "one\n"
+    assert await cache.base_file(origin.url, "main", "prompt.md", ops.read_file_at) == "one\n"
     assert reads == ["main"]
 
     wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
     for _ in range(3):
-        assert await cache.base_file(origin.url, "main", "prompt.md") == "one\n"
-        assert await cache.base_file(origin.url, "main", "absent.md") is None
+        assert await cache.base_file(origin.url, "main", "prompt.md", ops.read_file_at) == "one\n"
+        assert await cache.base_file(origin.url, "main", "absent.md", ops.read_file_at) is None
     seen = reads[1]
     assert len(reads) == 3 and seen == (await head_sha(wt.path)) and len(seen) == 40
 
     second = origin.commit({"prompt.md": "two\n"}, "new override")
-    assert await cache.base_file(origin.url, "main", "prompt.md") == "one\n"  # not seen yet
+    assert (
+        await cache.base_file(origin.url, "main", "prompt.md", ops.read_file_at) == "one\n"
+    )  # not seen yet
     await cache.ensure_worktree(origin.url, BRANCH, "main")
-    assert await cache.base_file(origin.url, "main", "prompt.md") == "two\n"
+    assert await cache.base_file(origin.url, "main", "prompt.md", ops.read_file_at) == "two\n"
     assert reads[-1] == second
 
     # a fetch not followed by a look at this base (a graph step's worktree is cut from the
     # protocol branch): the note may be stale, so the branch's head is read again
     origin.commit({"prompt.md": "three\n"}, "newer override")
     await cache.ensure_mirror(origin.url)
-    assert await cache.base_file(origin.url, "main", "prompt.md") == "three\n"
+    assert await cache.base_file(origin.url, "main", "prompt.md", ops.read_file_at) == "three\n"
     assert reads[-1] == "main"
 
 
@@ -304,4 +306,4 @@ async def test_base_file_falls_back_to_the_branch_when_the_commit_is_gone(
         return await real(mirror, ref, path)
 
     monkeypatch.setattr(ops, "read_file_at", gone_at_shas)
-    assert await cache.base_file(origin.url, "main", "prompt.md") == "one\n"
+    assert await cache.base_file(origin.url, "main", "prompt.md", ops.read_file_at) == "one\n"
