@@ -24,25 +24,17 @@ from bot.forge.base import (
 )
 from bot.storage.db import Database
 from bot.storage.models import ForgeRecord, utcnow
+from bot.storage.records import RECORD_KEY, record_insert
 
 
 def _upsert_statement() -> Any:
     """INSERT .. ON CONFLICT DO UPDATE of one record, built once (bound parameters): a step runs
     five, and building and keying the statement anew each time cost more than sending it."""
-    table = ForgeRecord.__table__.c
-    insert = pg_insert(ForgeRecord).values(
-        project_id=bindparam("project_id"),
-        kind=bindparam("kind"),
-        key=bindparam("key"),
-        body=bindparam("body"),
-        data=bindparam("data", type_=table.data.type),
-        created_at=bindparam("now", type_=table.created_at.type),
-        updated_at=bindparam("now", type_=table.updated_at.type),
-    )
+    insert = record_insert(pg_insert, body=bindparam("body"))
     # jsonb `||` merges the top-level keys, new ones winning: {**old, **new}
     merged = cast(cast(ForgeRecord.data, JSONB).op("||")(cast(insert.excluded.data, JSONB)), JSON)
     return insert.on_conflict_do_update(
-        index_elements=[ForgeRecord.project_id, ForgeRecord.kind, ForgeRecord.key],
+        index_elements=RECORD_KEY,
         set_={
             "body": insert.excluded.body,
             "data": merged,

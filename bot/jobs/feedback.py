@@ -32,6 +32,7 @@ from bot.forge.base import (
     PullRef,
 )
 from bot.storage.models import ForgeRecord, utcnow
+from bot.storage.records import RECORD_KEY, record_insert
 from bot.storage.runs import RunState, emit, load_run, run_branch
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,6 @@ MEMO_CHECK = "memo:check"
 def _memo_statements() -> tuple[Any, Any, Any]:
     """recall's SELECT and remember's upsert (Postgres, SQLite), built once: a step recalls and
     remembers a few times, and building and keying a statement costs more than sending it."""
-    c = ForgeRecord.__table__.c
     where = (
         ForgeRecord.project_id == bindparam("project_id"),
         ForgeRecord.kind == bindparam("kind"),
@@ -158,17 +158,10 @@ def _memo_statements() -> tuple[Any, Any, Any]:
     )
     upserts = []
     for insert in (pg_insert, sqlite_insert):
-        stmt = insert(ForgeRecord).values(
-            project_id=bindparam("project_id"),
-            kind=bindparam("kind"),
-            key=bindparam("key"),
-            data=bindparam("data", type_=c.data.type),
-            created_at=bindparam("now", type_=c.created_at.type),
-            updated_at=bindparam("now", type_=c.updated_at.type),
-        )
+        stmt = record_insert(insert)
         upserts.append(
             stmt.on_conflict_do_update(
-                index_elements=[ForgeRecord.project_id, ForgeRecord.kind, ForgeRecord.key],
+                index_elements=RECORD_KEY,
                 set_={"data": stmt.excluded.data, "updated_at": stmt.excluded.updated_at},
             )
         )
