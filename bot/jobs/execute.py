@@ -76,7 +76,7 @@ async def execute_step(
     # (skipped: the step is past running) answers the threads it left (each thread once)
     state: RunState | None = None
     if outcome in ("completed", "needs_qa", "needs_qa-run") or outcome.startswith("skipped-"):
-        state = await load_run(ctx["db"], protocol_run_id)
+        state = await load_run(JobEnv.from_ctx(ctx).db, protocol_run_id)
         await reply_in_threads(ctx, protocol_run_id, step_index, state)
         if answers_review(state, step_index):  # it talked to the forge meanwhile: load anew
             state = None
