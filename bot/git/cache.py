@@ -195,13 +195,26 @@ class GitCache:
             if spare.exists():
                 return
             spare.parent.mkdir(parents=True, exist_ok=True)
-            # not under the mirror lock: checking out a big tree takes long and only adds this
-            # worktree's own registration; `worktree prune` leaves a directory that exists alone
-            await run_git(
-                ["worktree", "add", "--quiet", "--detach", os.fspath(spare), start],
-                cwd=mirror,
-                timeout=self.local_timeout,
-            )
+            # Registered under the mirror lock: while `worktree add` runs, the new worktree's
+            # HEAD is a placeholder (the null sha), and a fetch in the mirror meanwhile failed
+            # with "bad object worktrees/…/HEAD" (it reads every worktree's HEAD). Without its
+            # files that takes milliseconds; the checkout of a big tree, which takes long and
+            # touches only the spare's own index and files, comes after, outside the lock.
+            async with mirror_lock(mirror):
+                await run_git(
+                    [
+                        "worktree",
+                        "add",
+                        "--quiet",
+                        "--no-checkout",
+                        "--detach",
+                        os.fspath(spare),
+                        start,
+                    ],
+                    cwd=mirror,
+                    timeout=self.local_timeout,
+                )
+            await run_git(["reset", "--quiet", "--hard"], cwd=spare, timeout=self.local_timeout)
         except GitError as exc:
             log.warning("could not prepare a spare worktree: %s", exc)
 

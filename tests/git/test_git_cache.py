@@ -224,6 +224,29 @@ async def test_warm_spare_becomes_the_next_protocol_worktree(tmp_path: Path) -> 
         await cache.aclose()
 
 
+async def test_a_spare_is_registered_under_the_mirror_lock(tmp_path: Path) -> None:
+    """While `worktree add` runs, the new worktree's HEAD is the null sha, and a fetch in the
+    mirror then failed ("bad object worktrees/-spare1/HEAD", seen in CI): the spare's
+    registration waits for the mirror lock, so no fetch runs beside it."""
+    from bot.git.cache import GitCache as Cache
+    from bot.git.locks import mirror_lock
+    from tests.gitutil import make_origin
+
+    origin = make_origin(tmp_path)
+    cache = Cache(tmp_path / "data", warm_spares=True)
+    try:
+        first = await cache.ensure_worktree(str(origin), "0001-a", "main")
+        async with mirror_lock(first.mirror):  # a fetch under way, say
+            await asyncio.sleep(0.5)
+            registered = sorted(p.name for p in (first.mirror / "worktrees").iterdir())
+            assert len(registered) == 1, registered  # the protocol's worktree alone
+        await cache.wait_spares()
+        spare = cache.spare_path(str(origin))
+        assert (spare / "README.md").read_text() == "# hello\n"  # the files came after
+    finally:
+        await cache.aclose()
+
+
 @pytest.mark.parametrize("lost", ["config", "HEAD"])
 async def test_half_deleted_mirror_is_rebuilt(
     cache: GitCache, origin: Origin, git: Git, lost: str
