@@ -50,6 +50,17 @@ async def writer(pg_url: str) -> AsyncIterator[PostgresWriter]:
         await w.close()
 
 
+async def _hold_key(other: Any, key: str) -> None:
+    """Insert a delivery under `key` in another, open transaction: its key stays locked (a
+    batch meeting it waits for that commit) until `other` commits or rolls back."""
+    await other.execute(
+        "INSERT INTO webhook_deliveries (provider, delivery_key, event, status, payload,"
+        " headers, outcome, attempts, received_at)"
+        " VALUES ('github', %s, 'issue_comment', 'pending', '{}', '{}', '{}', 0, now())",
+        (key,),
+    )
+
+
 def _plain(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://")
 
@@ -288,12 +299,7 @@ async def test_a_few_deliveries_wait_for_the_commit_under_way_and_go_in_one_batc
 
     try:
         async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as other:
-            await other.execute(
-                "INSERT INTO webhook_deliveries (provider, delivery_key, event, status, payload,"
-                " headers, outcome, attempts, received_at)"
-                " VALUES ('github', 'held', 'issue_comment', 'pending', '{}', '{}', '{}',"
-                " 0, now())"
-            )
+            await _hold_key(other, "held")
             [held] = submit("held")
             await asyncio.sleep(0.2)  # its commit waits for the other transaction's key
             few = submit("few-1", "few-2", "few-3")
@@ -332,12 +338,7 @@ async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_sti
     loop = asyncio.get_running_loop()
     try:
         async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as other:
-            await other.execute(
-                "INSERT INTO webhook_deliveries (provider, delivery_key, event, status, payload,"
-                " headers, outcome, attempts, received_at)"
-                " VALUES ('github', 'stuck', 'issue_comment', 'pending', '{}', '{}', '{}',"
-                " 0, now())"
-            )
+            await _hold_key(other, "stuck")
             started = loop.time()
             stuck = asyncio.ensure_future(store.store(_pending("stuck", loop).delivery))
             with pytest.raises(TimeoutError):
