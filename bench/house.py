@@ -198,12 +198,29 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
     return result
 
 
-def import_report() -> None:
-    modules = {module_name(p) for p in source_files()}
-    imports = collect_imports(modules)
+def import_graph(imports: list[Import], modules: set[str]) -> dict[str, set[str]]:
+    """Module -> the modules it imports (function-level imports included)."""
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for imp in imports:
         graph[imp.source].add(imp.targets[0])
+    return graph
+
+
+def upward_imports(imports: list[Import]) -> list[str]:
+    """Imports from a lower layer to a higher one (README's table), as "a (n) -> b (m)"."""
+    return sorted(
+        {
+            f"{i.source} ({layer_of(i.source)}) -> {i.targets[0]} ({layer_of(i.targets[0])})"
+            for i in imports
+            if (layer_of(i.source) or 0) < (layer_of(i.targets[0]) or 0)
+        }
+    )
+
+
+def import_report() -> None:
+    modules = {module_name(p) for p in source_files()}
+    imports = collect_imports(modules)
+    graph = import_graph(imports, modules)
     inner = [i for i in imports if i.in_function]
     print(
         f"modules: {len(modules)}; imports between them: {len(imports)}; "
@@ -221,13 +238,7 @@ def import_report() -> None:
         if not imp.in_function:
             top[imp.source].add(imp.targets[0])
     print(f"cycles among module-level imports only: {len(strongly_connected(top))}")
-    upward = sorted(
-        {
-            f"{i.source} ({layer_of(i.source)}) -> {i.targets[0]} ({layer_of(i.targets[0])})"
-            for i in imports
-            if (layer_of(i.source) or 0) < (layer_of(i.targets[0]) or 0)
-        }
-    )
+    upward = upward_imports(imports)
     unmapped = sorted(m for m in modules if layer_of(m) is None)
     print(f"imports that run back up the layers (README's table): {len(upward)}")
     for line in upward:

@@ -14,10 +14,12 @@ import pytest  # noqa: E402
 from bench import house  # noqa: E402
 from bench.house import (  # noqa: E402
     collect_imports,
+    import_graph,
     layer_of,
     module_name,
     source_files,
     strongly_connected,
+    upward_imports,
 )
 
 
@@ -31,19 +33,11 @@ def _this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_no_import_cycles_and_none_inside_functions() -> None:
     modules = {module_name(p) for p in source_files()}
     imports = collect_imports(modules)
-    graph: dict[str, set[str]] = {m: set() for m in modules}
-    for imp in imports:
-        graph[imp.source].add(imp.targets[0])
-    assert strongly_connected(graph) == []
+    assert strongly_connected(import_graph(imports, modules)) == []
     assert [f"{i.source}:{i.line}" for i in imports if i.in_function] == []
 
 
 def test_no_import_runs_back_up_the_layers() -> None:
     modules = {module_name(p) for p in source_files()}
-    upward = [
-        f"{i.source} -> {i.targets[0]}"
-        for i in collect_imports(modules)
-        if (layer_of(i.source) or 0) < (layer_of(i.targets[0]) or 0)
-    ]
-    assert upward == []
+    assert upward_imports(collect_imports(modules)) == []
     assert sorted(m for m in modules if layer_of(m) is None) == []
