@@ -115,9 +115,18 @@ async def run_engine(env: JobEnv, state: RunState, call: EngineCall) -> EngineRe
             result: EngineResult = sanitize_result(
                 await stoppable(env, state.run.id, engine.run(request))
             )
-        finally:
+        except BaseException:
             await recorder.close()
+            raise
+    # The turn is over: the transcript's last batch is written now, after the engine's own
+    # wrap-up, not beside it. On Postgres the turn's tokens are recorded meanwhile; SQLite has
+    # one writer at a time, and a transaction meeting the transcript's would sleep in steps
+    # for the lock. The step goes on only once both are stored.
+    recorder.finish()
+    if env.db.is_sqlite:
+        await recorder.wait_stored()
     await _record(env, state, call, engine_id, request.model, result)
+    await recorder.wait_stored()
     return result
 
 

@@ -259,7 +259,7 @@ async def test_a_slow_stream_is_stored_before_the_turn_ends(tmp_path: Path) -> N
         await db.dispose()
 
 
-async def test_the_end_of_the_stream_stores_the_last_batch_before_close(tmp_path: Path) -> None:
+async def test_finish_hands_the_last_batch_over_without_waiting_for_it(tmp_path: Path) -> None:
     import asyncio
 
     from bot.storage.db import create_database
@@ -269,19 +269,81 @@ async def test_the_end_of_the_stream_stores_the_last_batch_before_close(tmp_path
     upgrade_head(f"sqlite:///{path}")
     db = create_database(f"sqlite+aiosqlite:///{path}")
     try:
-        # a batch window far longer than the test: only the end marker can hand the line over
+        # a batch window far longer than the test: only finish() can hand the line over
         recorder = TranscriptRecorder(db, protocol_run_id=1, step_run_id=8, phase="execute",
                                       interval_s=600)  # fmt: skip
         event = {"type": "item.completed", "item": {"type": "agent_message", "text": "last"}}
         recorder.add_lines(json.dumps(event).encode() + b"\n", 1)
-        recorder.add_lines(b"", 0)  # what codex's reader says at EOF
+        # what codex's reader says at EOF: the engine is still wrapping up the turn, and the
+        # writer does not compete with it
+        recorder.add_lines(b"", 0)
+        await asyncio.sleep(0.2)
+        assert await transcript_page(db, step_run_id=8) == []
+        recorder.finish()  # returns at once: the runner records the turn meanwhile
         for _ in range(100):
             if await transcript_page(db, step_run_id=8):
                 break
             await asyncio.sleep(0.05)
         assert [i["text"] for i in await transcript_page(db, step_run_id=8)] == ["last"]
-        await recorder.close()
+        await recorder.wait_stored()
         assert recorder.stored == 1
+        await recorder.close()  # after finish: nothing more to do, and no second end marker
+        assert recorder.stored == 1
+    finally:
+        await db.dispose()
+
+
+async def test_a_burst_is_one_batch_in_chunks_and_a_long_one_is_cut_by_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a stream faster than the batch window: nothing is written beside the reading until the
+    # window ends or the batch holds MAX_PENDING_BYTES; chunks keep at most CHUNK_LINES lines
+    import asyncio
+
+    from sqlalchemy import select
+
+    from bot.storage import transcript
+    from bot.storage.db import create_database
+    from bot.storage.migrate import upgrade_head
+    from bot.storage.models import TranscriptChunk
+
+    path = tmp_path / "burst.sqlite3"
+    upgrade_head(f"sqlite:///{path}")
+    db = create_database(f"sqlite+aiosqlite:///{path}")
+
+    def block(start: int, count: int) -> bytes:
+        return b"".join(
+            json.dumps({"type": "item.completed",
+                        "item": {"type": "agent_message", "text": f"m{n}"}}).encode() + b"\n"
+            for n in range(start, start + count)
+        )  # fmt: skip
+
+    try:
+        recorder = TranscriptRecorder(db, protocol_run_id=1, step_run_id=10, phase="execute",
+                                      interval_s=600)  # fmt: skip
+        for start in range(0, 1200, 100):
+            recorder.add_lines(block(start, 100), 100)
+        await asyncio.sleep(0.2)
+        assert await transcript_page(db, step_run_id=10) == []  # two full chunks wait too
+        await recorder.close()
+        async with db.sessions() as session:
+            counts = list((await session.execute(
+                select(TranscriptChunk.lines).where(TranscriptChunk.step_run_id == 10)
+                .order_by(TranscriptChunk.id))).scalars())  # fmt: skip
+        assert counts == [500, 500, 200]
+
+        monkeypatch.setattr(transcript, "MAX_PENDING_BYTES", len(block(0, 100)) * 3)
+        recorder = TranscriptRecorder(db, protocol_run_id=1, step_run_id=11, phase="execute",
+                                      interval_s=600)  # fmt: skip
+        for start in range(0, 300, 100):
+            recorder.add_lines(block(start, 100), 100)
+        for _ in range(100):  # the size cap handed the batch over: no window, no finish
+            if len(await transcript_page(db, step_run_id=11, limit=1000)) == 300:
+                break
+            await asyncio.sleep(0.05)
+        assert len(await transcript_page(db, step_run_id=11, limit=1000)) == 300
+        await recorder.close()
+        assert recorder.stored == 300
     finally:
         await db.dispose()
 
