@@ -375,7 +375,17 @@ class DeliveryStore:
         self._pending.append(_Pending(delivery, status, future, deadline))
         if self._watchdog is None:
             self._watchdog = loop.call_at(deadline, self._expire)
-        self._wakeup.set()
+        # Wake the batching loop only when it can start a commit now: with every slot busy,
+        # a commit's end wakes it; while a small batch waits for the commit under way, the
+        # hold's timer does. Otherwise an arrival that found the loop idle woke it (a task
+        # switch) only for it to find nothing to do: on the uvloop Postgres bench 0.107 wakes
+        # per delivery before, 0.078 after.
+        if self._free_slots and (
+            self._hold_timer is None
+            or not self._in_flight
+            or len(self._pending) >= self.PG_SECOND_BATCH_MIN
+        ):
+            self._wakeup.set()
         return await future
 
     def _expire(self) -> None:

@@ -72,17 +72,27 @@ def delivery_job(delivery_id: int, provider: str, key: str, attempt: int = 0) ->
 # arq's enqueue semantics for a whole batch in one round trip: a job id whose job or result
 # key exists is skipped (so relaying the same ids twice is a no-op), the others get their
 # serialized job under the job key and a place in the queue scored by enqueue time.
-# ARGV: queue, enqueue time (ms), expiry (ms), job-key prefix, result-key prefix, then
-# (job id, serialized job) pairs. Returns how many were added.
+# ARGV: queue, enqueue time (ms), expiry (ms), job-key prefix, result-key prefix, the byte
+# lengths of (job id, serialized job) pairs as "12,250,12,251,…", then the pairs' bytes
+# concatenated. Returns how many were added.
 _ENQUEUE_LUA = """
 local added = 0
-for i = 6, #ARGV, 2 do
-  local id = ARGV[i]
-  local job_key = ARGV[4] .. id
-  if redis.call('EXISTS', job_key, ARGV[5] .. id) == 0 then
-    redis.call('SET', job_key, ARGV[i + 1], 'PX', ARGV[3])
-    redis.call('ZADD', ARGV[1], ARGV[2], id)
-    added = added + 1
+local packed = ARGV[7]
+local pos = 1
+local id = nil
+for size in string.gmatch(ARGV[6], '%d+') do
+  local part = string.sub(packed, pos, pos + size - 1)
+  pos = pos + size
+  if id == nil then
+    id = part
+  else
+    local job_key = ARGV[4] .. id
+    if redis.call('EXISTS', job_key, ARGV[5] .. id) == 0 then
+      redis.call('SET', job_key, part, 'PX', ARGV[3])
+      redis.call('ZADD', ARGV[1], ARGV[2], id)
+      added = added + 1
+    end
+    id = nil
   end
 end
 return added
@@ -97,15 +107,18 @@ async def enqueue_many(
     arq's `enqueue_job` costs a WATCH/MULTI transaction per job, and even a pipeline costs
     a few client-side command encodings per job; the intake enqueues whole batches, so one
     script call carries them all (and runs atomically, so a concurrent relay of the same ids
-    cannot queue one twice).
+    cannot queue one twice). The jobs travel as two arguments, not two per job: redis-py
+    encodes and frames every argument in Python, which cost more than serializing the job.
     """
     if not jobs:
         return 0
     now = timestamp_ms()
-    args: list[str | bytes | int] = [queue, now, JOB_EXPIRES_MS, job_key_prefix, result_key_prefix]
+    parts: list[bytes] = []
     for job in jobs:
-        args.append(job.job_id)
-        args.append(serialize_job(job.function, (), job.kwargs, None, now))
+        parts.append(job.job_id.encode())
+        parts.append(serialize_job(job.function, (), job.kwargs, None, now))
+    sizes = ",".join([str(len(part)) for part in parts])
+    args = (queue, now, JOB_EXPIRES_MS, job_key_prefix, result_key_prefix, sizes, b"".join(parts))
     added = await redis.eval(_ENQUEUE_LUA, 0, *args)  # type: ignore[arg-type,misc]
     return int(added)
 

@@ -319,6 +319,46 @@ async def test_a_few_deliveries_wait_for_the_commit_under_way_and_go_in_one_batc
         await db.dispose()
 
 
+async def test_a_few_deliveries_behind_a_stuck_commit_go_when_the_wait_ends(
+    pg_url: str,
+) -> None:
+    """Arrivals that find the hold armed do not wake the batching loop (store() skips it); the
+    hold's timer does, so a few deliveries behind a commit stuck on a lock still commit once
+    PG_SECOND_BATCH_WAIT_S has passed, in one batch, while that commit is still stuck."""
+    from bot.storage.db import create_database
+    from bot.storage.intake import DeliveryStore
+    from bot.storage.queue import JobSpec
+
+    async def on_stored(jobs: list[JobSpec]) -> None:
+        pass
+
+    db = create_database(_plain(pg_url).replace("postgresql://", "postgresql+psycopg://"))
+    store = DeliveryStore(db, on_stored)
+    store.PG_SECOND_BATCH_WAIT_S = 0.3
+    store.start()
+    loop = asyncio.get_running_loop()
+    try:
+        async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as other:
+            await _hold_key(other, "held")
+            held = asyncio.ensure_future(store.store(_pending("held", loop).delivery))
+            await asyncio.sleep(0.05)  # its commit is under way, waiting for the key
+            started = loop.time()
+            few = [
+                asyncio.ensure_future(store.store(_pending(f"few-{i}", loop).delivery))
+                for i in range(3)
+            ]
+            results = await asyncio.wait_for(asyncio.gather(*few), 5)
+            assert [outcome for outcome, _ in results] == ["accepted"] * 3
+            assert loop.time() - started < 2.0
+            assert not held.done()
+            await other.rollback()
+        outcome, _ = await asyncio.wait_for(held, 5)
+        assert outcome == "accepted"
+    finally:
+        await store.stop()
+        await db.dispose()
+
+
 async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_still_commit(
     pg_url: str,
 ) -> None:
