@@ -1,7 +1,7 @@
 """`deksdenflow worker` with round-trip counters, for bench/scale.py (run as a script).
 
-Counts what this process sends: SQL statements and commits (SQLAlchemy engine events) and Redis
-round trips (single commands, and pipelines as one), by command name; and where the job time
+Counts what this process sends: SQL statements and commits (SQLAlchemy engine events), the
+pool's pings, and Redis round trips (single commands, and pipelines as one), by command name; and where the job time
 goes: seconds in SQL, in each git subcommand and waiting for a mirror lock; and CPU seconds of
 the worker and of its git processes. SIGUSR1 writes them to $BENCH_COUNTS as JSON;
 $BENCH_COUNTS.ready appears once the worker has started.
@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from redis.asyncio import client as redis_client  # noqa: E402
 from sqlalchemy import event  # noqa: E402
+from sqlalchemy.dialects.postgresql._psycopg_common import _PGDialect_common_psycopg  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
 from bot.core.settings import load_settings  # noqa: E402
@@ -51,6 +52,17 @@ def _time_sql(conn: Any, *_args: Any, **_kwargs: Any) -> None:
 
 def _count_commit(*_args: Any) -> None:
     COUNTS["pg:commits"] += 1
+
+
+def _count_pings() -> None:
+    """The pool's pings (a round trip each, sent past the cursor events counted above)."""
+    ping: Any = _PGDialect_common_psycopg.do_ping
+
+    def counted(self: Any, dbapi_connection: Any) -> bool:
+        COUNTS["pg:pings"] += 1
+        return bool(ping(self, dbapi_connection))
+
+    _PGDialect_common_psycopg.do_ping = counted  # type: ignore[method-assign]
 
 
 class _GitTimes(logging.Handler):
@@ -124,6 +136,7 @@ def main() -> None:
     git_log.propagate = False
     _time_mirror_lock()
     event.listen(Engine, "commit", _count_commit)
+    _count_pings()
     _patch_redis()
     signal.signal(signal.SIGUSR1, _dump)
     worker = build_worker(load_settings(), handle_signals=True)

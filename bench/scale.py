@@ -9,8 +9,8 @@ bot's own work (lock, database, worktree, commit, push, forge records).
 Printed per N: completed steps per minute and the ratio to N = 1 (goal ≥ 0.8 × N); at the
 largest N the bot's own overhead per step (job time minus the engine's 2 s; goal p50 < 0.3 s)
 and the queue wait between steps; and the round trips per step that the workers sent: SQL
-statements and commits to Postgres, Redis commands (a pipeline counts once), with arq's idle
-polling shown apart; the CPU seconds per step of the workers and of their git processes
+statements and commits to Postgres (the connection pool's pings shown apart), Redis commands (a
+pipeline counts once), with arq's idle polling shown apart; the CPU seconds per step of the workers and of their git processes
 (which, unlike wall times, other load on the machine hardly inflates); and where the job time
 goes at the largest N (seconds in SQL, in each git subcommand, waiting for a mirror lock).
 
@@ -310,6 +310,7 @@ async def one_round(
         "overhead": [s - ENGINE_WAIT_S for s in job_s],
         "waits": waits,
         "pg": (delta["pg:statements"] + delta["pg:commits"]) / done,
+        "pings": delta["pg:pings"] / done,
         "redis": sum(v for k, v in delta.items() if k.startswith("redis:")) / done,
         "redis_poll": sum(delta[k] for k in POLL_COMMANDS) / done,
         # wall seconds per step (jobs overlap, so these add up to more than the elapsed time)
@@ -353,7 +354,7 @@ def main() -> None:
     print(f"scripted steps waiting {ENGINE_WAIT_S:g} s; 2N protocols of {args.steps} steps; "
           f"one Redis, one Postgres; {os.cpu_count()} cores")  # fmt: skip
     print(f"{'workers':>7} {'steps':>5} {'time s':>7} {'steps/min':>9} {'ratio':>6} {'goal':>5} "
-          f"{'pg/step':>8} {'redis/step':>10} {'(polls)':>8} {'cpu s/step':>10} "
+          f"{'pg/step':>8} {'(pings)':>8} {'redis/step':>10} {'(polls)':>8} {'cpu s/step':>10} "
           f"{'overhead p50 s':>14}")  # fmt: skip
     for r in rows:
         # vs the first (smallest) N; the goal scales with the worker ratio
@@ -361,7 +362,8 @@ def main() -> None:
         goal = 0.8 * r["n"] / rows[0]["n"]
         print(
             f"{r['n']:>7} {r['steps']:>5} {r['elapsed']:>7.1f} {r['per_min']:>9.1f} {ratio:>6.2f} "
-            f"{'OK' if ratio >= goal else 'MISS':>5} {r['pg']:>8.1f} {r['redis']:>10.1f} "
+            f"{'OK' if ratio >= goal else 'MISS':>5} {r['pg']:>8.1f} {r['pings']:>8.1f} "
+            f"{r['redis']:>10.1f} "
             f"{r['redis_poll']:>8.1f} {sum(r['cpu'].values()):>10.3f} "
             f"{statistics.median(r['overhead']):>14.3f}"
         )
