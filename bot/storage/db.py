@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import select
 import sqlite3
+import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import psycopg
-from sqlalchemy import event, make_url, text
+from sqlalchemy import event, exc, make_url, text
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -25,6 +28,10 @@ from bot.core.settings import Settings
 # How long any one database operation may take before the request gets a 503 (issue 20): the
 # forges give a delivery 10 s, an operator should not stare at a hung page.
 DEFAULT_DB_TIMEOUT_S = 2.5
+# A pooled connection idle longer than this is pinged (a round trip) before it is handed out;
+# one used more recently is only checked for a message the server sent while it sat in the pool.
+PING_AFTER_IDLE_S = 5.0
+_LAST_USED = "deksdenflow_last_used"  # in a pool record's info: monotonic time of its last checkin
 
 
 def _sqlite_pragmas(
@@ -108,7 +115,7 @@ def create_database(url: str, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> Databa
         kwargs.update(
             pool_size=10,
             max_overflow=10,
-            pool_pre_ping=True,
+            # pinged on checkout when idle, or when the server hung up (ping_when_idle)
             pool_timeout=timeout_s,  # waiting for a free connection counts too
             async_creator=postgres_connector(url, timeout_s),
         )
@@ -121,6 +128,7 @@ def create_database(url: str, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> Databa
         )
     autocommit = None
     if not url.startswith("sqlite"):
+        ping_when_idle(engine.sync_engine.pool, cast(DefaultDialect, engine.sync_engine.dialect))
         autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
     return Database(
         engine=engine,
@@ -131,6 +139,50 @@ def create_database(url: str, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> Databa
             None if autocommit is None else async_sessionmaker(autocommit, expire_on_commit=False)
         ),
     )
+
+
+def _server_hung_up(dbapi_connection: Any) -> bool:
+    """The server closed or ended this idle connection: its socket is readable (a FATAL
+    message, or end of file) though we sent nothing. Costs one poll, no round trip."""
+    try:
+        fd = dbapi_connection.driver_connection.pgconn.socket
+        readable, _, _ = select.select([fd], [], [], 0)
+    except Exception:  # closed already, or no socket: ask the server
+        return True
+    return bool(readable)
+
+
+def ping_when_idle(pool: Any, dialect: DefaultDialect, idle_s: float = PING_AFTER_IDLE_S) -> None:
+    """The pool's pre-ping, with a round trip only where one can tell something.
+
+    A step checks out a connection some twenty times, each within a second of the last use:
+    SQLAlchemy's `pool_pre_ping` sent a round trip before every one. A server that restarts or
+    ends a connection says so on its socket (a FATAL message, or end of file), seen here
+    without a round trip; only a connection idle for `idle_s` (a proxy or a network may have
+    dropped it without a word) is pinged. Either way a dead connection is replaced before use,
+    as the pre-ping did.
+    """
+
+    def on_connect(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_LAST_USED] = time.monotonic()
+
+    def on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info[_LAST_USED] = time.monotonic()
+
+    def on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        used = record.info.get(_LAST_USED)
+        hung_up = _server_hung_up(dbapi_connection)
+        if not hung_up and used is not None and time.monotonic() - used < idle_s:
+            return
+        # the pre-ping's own call: a disconnect error reads as False, anything else raises
+        if hung_up or not dialect._do_ping_w_event(dbapi_connection):
+            # the pool replaces the connection and tries again (as after a failed pre-ping)
+            raise exc.DisconnectionError("the pooled connection is gone")
+
+    event.listen(pool, "connect", on_connect)
+    event.listen(pool, "checkin", on_checkin)
+    event.listen(pool, "checkout", on_checkout)
 
 
 def database_from_settings(settings: Settings) -> Database:
@@ -242,9 +294,9 @@ def postgres_connector(url: str, timeout_s: float) -> Any:
         "BoundTimedConnection", (TimedConnection,), {"timeout_s": timeout_s}
     )
 
-    # A connection comes up in milliseconds when the server is well; the pool's pre-ping may
-    # spend one statement deadline on a dead connection before it connects anew, and the two
-    # together must stay within what a request may wait.
+    # A connection comes up in milliseconds when the server is well; the pool's ping of an idle
+    # connection (ping_when_idle) may spend one statement deadline on a dead connection before
+    # it connects anew, and the two together must stay within what a request may wait.
     connect_s = min(1.5, timeout_s)
 
     async def connect() -> psycopg.AsyncConnection[Any]:
