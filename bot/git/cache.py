@@ -28,6 +28,12 @@ LOCAL_TIMEOUT = 300.0
 REMOTE_PREFIX = "refs/remotes/origin/"
 FETCH_REFSPEC = "+refs/heads/*:refs/remotes/origin/*"
 GENERATION_FILE = ".generation"
+# git's own housekeeping (`git maintenance run --auto`: packs loose objects once there are
+# thousands) runs after every fetch and commit unless told not to: a process per step each. A
+# mirror's objects are all its worktrees' too, so one fetch in this many does it for them all.
+MAINTAIN_EVERY = 16
+# for the commands that leave the housekeeping to the mirror's fetch
+NO_MAINTENANCE = {"maintenance.auto": "false"}
 FILE_CACHE_SIZE = 256  # base-branch files kept (prompt overrides: a few per repository)
 # (mirror, ref, path) -> the file's text at ref, None if absent
 FileReader = Callable[[Path, str, str], Awaitable[str | None]]
@@ -275,7 +281,8 @@ class GitCache:
         self._fetches[mirror] = self._fetches.get(mirror, 0) + 1
         if (mirror / "HEAD").is_file() and (mirror / "config").is_file():
             if fetch:
-                await self._fetch(mirror, auth_header, normalize_remote(repo_url))
+                maintain = self._fetches[mirror] % MAINTAIN_EVERY == 0
+                await self._fetch(mirror, auth_header, normalize_remote(repo_url), maintain)
             return
         if mirror.is_symlink() or mirror.exists():
             # Half a mirror: the disk was wiped under a running git (which re-creates the odd
@@ -309,7 +316,9 @@ class GitCache:
             raise
         log.info("created mirror %s", mirror)
 
-    async def _fetch(self, mirror: Path, auth_header: Auth, url: str) -> None:
+    async def _fetch(
+        self, mirror: Path, auth_header: Auth, url: str, maintain: bool = True
+    ) -> None:
         # --no-show-forced-updates: that check walks history on every forced update, which is
         # slow on big repositories and tells us nothing we use.
         await run_git(
@@ -317,7 +326,10 @@ class GitCache:
             cwd=mirror,
             auth_header=auth_header,
             timeout=self.network_timeout,
-            config={"advice.fetchShowForcedUpdates": "false"},
+            config={
+                "advice.fetchShowForcedUpdates": "false",
+                **({} if maintain else NO_MAINTENANCE),
+            },
             remote=url,
             credential_hosts=self.credential_hosts,
         )

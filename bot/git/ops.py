@@ -12,7 +12,13 @@ from pathlib import Path
 
 from bot.core.errors import GitError
 from bot.domain.secrets_scan import Finding, SecretScanner, process_scanner
-from bot.git.cache import LOCAL_TIMEOUT, NETWORK_TIMEOUT, REMOTE_PREFIX, remote_ref
+from bot.git.cache import (
+    LOCAL_TIMEOUT,
+    NETWORK_TIMEOUT,
+    NO_MAINTENANCE,
+    REMOTE_PREFIX,
+    remote_ref,
+)
 from bot.git.guard import GitRefused, cache_worktree_of, mirror_config_value
 from bot.git.locks import mirror_lock
 from bot.git.names import check_branch_name, normalize_remote, parse_protocol_number
@@ -22,6 +28,9 @@ StrPath = str | os.PathLike[str]
 PROTOCOLS_DIR = ".protocols"
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _NOTHING_TO_COMMIT = re.compile(r"^(nothing|no changes) (added )?to commit", re.MULTILINE)
+# commit's summary line, `[branch 0123…] subject` (`[branch (root-commit) …]`, `[detached HEAD …]`),
+# with the full sha when core.abbrev=no
+_COMMITTED = re.compile(r"^\[.*? ([0-9a-f]{40}(?:[0-9a-f]{24})?)\] ", re.MULTILINE)
 _MISSING_PATH = re.compile(r"does not exist in|exists on disk, but not in|bad file")
 
 
@@ -81,12 +90,20 @@ async def commit_all(
         fh.write(message)
     try:
         # No `diff --cached --quiet` first (a git process per step): with nothing staged, commit
-        # exits 1 and says so (in English: the runner sets LC_ALL=C).
+        # exits 1 and says so (in English: the runner sets LC_ALL=C). Not --quiet: the summary
+        # line names the new commit (in full with core.abbrev=no), so no `rev-parse` after it;
+        # --no-status spares the status listing of the editor template.
         res = await run_git(
-            ["commit", "--quiet", "--no-verify", "--cleanup=whitespace", "-F", fh.name],
+            ["commit", "--no-status", "--no-verify", "--cleanup=whitespace", "-F", fh.name],
             cwd=worktree,
             env=ident,
-            config={"commit.gpgsign": "false"},
+            # housekeeping: the mirror's fetch does it (bot.git.cache.MAINTAIN_EVERY)
+            config={
+                "commit.gpgsign": "false",
+                "core.abbrev": "no",
+                "diff.renames": "false",  # the summary's stat: no rename search
+                **NO_MAINTENANCE,
+            },
             timeout=LOCAL_TIMEOUT,
             check=False,
         )
@@ -98,7 +115,8 @@ async def commit_all(
         raise GitCommandFailed(
             res.argv, res.returncode, res.err.strip()[-2000:] or res.out.strip()[-2000:]
         )
-    return await head_sha(worktree)
+    made = _COMMITTED.search(res.out)
+    return made.group(1) if made else await head_sha(worktree)
 
 
 async def _git_common_dir(worktree: StrPath) -> Path:
