@@ -1,10 +1,10 @@
 """`deksdenflow worker` with round-trip counters, for bench/scale.py (run as a script).
 
 Counts what this process sends: SQL statements and commits (SQLAlchemy engine events), the
-pool's pings, and Redis round trips (single commands, and pipelines as one), by command name; and where the job time
-goes: seconds in SQL, in each git subcommand and waiting for a mirror lock; and CPU seconds of
-the worker and of its git processes. SIGUSR1 writes them to $BENCH_COUNTS as JSON;
-$BENCH_COUNTS.ready appears once the worker has started.
+pool's pings, and Redis round trips (single commands, and pipelines as one), by command name;
+and where the job time goes: seconds in SQL, in each git subcommand and waiting for a mirror
+lock; and CPU seconds of the worker and of its git processes. SIGUSR1 writes them to
+$BENCH_COUNTS as JSON; $BENCH_COUNTS.ready appears once the worker has started.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ Printed per N: completed steps per minute and the ratio to N = 1 (goal â‰¥ 0.8 Ã
 largest N the bot's own overhead per step (job time minus the engine's 2 s; goal p50 < 0.3 s)
 and the queue wait between steps; and the round trips per step that the workers sent: SQL
 statements and commits to Postgres (the connection pool's pings shown apart), Redis commands (a
-pipeline counts once), with arq's idle polling shown apart; the CPU seconds per step of the workers and of their git processes
-(which, unlike wall times, other load on the machine hardly inflates); and where the job time
-goes at the largest N (seconds in SQL, in each git subcommand, waiting for a mirror lock).
+pipeline counts once), with arq's idle polling shown apart; the CPU seconds per step of the
+workers and of their git processes (which, unlike wall times, other load on the machine hardly
+inflates); and where the job time goes at the largest N (seconds in SQL, in each git
+subcommand, waiting for a mirror lock).
 
 Needs a Postgres at DEKSDENFLOW_BENCH_PG_ADMIN (default: the test suite's) and `redis-server`
 on PATH: the benchmark starts its own Redis so that nobody else's commands are counted.
