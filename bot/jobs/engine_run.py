@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
-
 from bot import git as gitops
 from bot.core.errors import StepStopped
 from bot.core.observability import log_context
@@ -21,8 +19,8 @@ from bot.domain.prompts import PROMPT_PLACEHOLDERS, override_path, render_prompt
 from bot.domain.spec import ProtocolSpec, StepSpec, resolve_engine, resolve_model
 from bot.domain.states import ProtocolStatus
 from bot.jobs.env import JobEnv
-from bot.storage.models import ProtocolRun, StepRun
-from bot.storage.runs import RunState, new_event, protocol_status
+from bot.storage.models import StepRun
+from bot.storage.runs import RunState, new_event, protocol_status, record_usage
 from bot.storage.transcript import recorder_for
 from engines.base import (
     EngineRequest,
@@ -142,46 +140,26 @@ async def _record(
     step_id = call.step.id if call.step else None
     tokens = result.usage.total
     cost = turn_cost(model, result.usage, env.settings.model_prices)
-    async with env.db.sessions.begin() as session:
-        if tokens > 0 or cost > 0:
-            await session.execute(
-                update(ProtocolRun)
-                .where(ProtocolRun.id == state.run.id)
-                .values(
-                    tokens_used=ProtocolRun.tokens_used + tokens,
-                    cost_usd=ProtocolRun.cost_usd + cost,
-                )
-            )
-            if step_id is not None:
-                await session.execute(
-                    update(StepRun)
-                    .where(StepRun.id == step_id)
-                    .values(
-                        tokens_used=StepRun.tokens_used + tokens, cost_usd=StepRun.cost_usd + cost
-                    )
-                )
-        session.add(
-            new_event(
-                f"engine.{result.outcome}",
-                f"{engine_id} {call.phase}: {result.outcome} in {result.duration_s:.1f}s, "
-                f"{tokens} tokens",
-                project_id=state.project.id,
-                protocol_run_id=state.run.id,
-                step_run_id=step_id,
-                metadata={
-                    "engine": engine_id,
-                    "model": model,
-                    "phase": call.phase,
-                    "exit_code": result.exit_code,
-                    "usage": result.usage.to_dict(),
-                    "thread_usage": result.thread_usage.to_dict(),
-                    "thread_id": result.thread_id,
-                    "error": result.error,
-                    # the engine's own event log, trimmed: enough to see what it did
-                    "engine_events": [_trim_event(e) for e in result.events[-200:]],
-                },
-            )
-        )
+    event = new_event(
+        f"engine.{result.outcome}",
+        f"{engine_id} {call.phase}: {result.outcome} in {result.duration_s:.1f}s, {tokens} tokens",
+        project_id=state.project.id,
+        protocol_run_id=state.run.id,
+        step_run_id=step_id,
+        metadata={
+            "engine": engine_id,
+            "model": model,
+            "phase": call.phase,
+            "exit_code": result.exit_code,
+            "usage": result.usage.to_dict(),
+            "thread_usage": result.thread_usage.to_dict(),
+            "thread_id": result.thread_id,
+            "error": result.error,
+            # the engine's own event log, trimmed: enough to see what it did
+            "engine_events": [_trim_event(e) for e in result.events[-200:]],
+        },
+    )
+    await record_usage(env.db, state.run.id, step_id, tokens, cost, event)
     state.run.tokens_used = (state.run.tokens_used or 0) + tokens
     if call.step is not None:
         call.step.tokens_used = (call.step.tokens_used or 0) + tokens

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -336,6 +336,72 @@ async def update_step(db: Database, step_id: int, **values: Any) -> None:
         await session.execute(
             update(StepRun).where(StepRun.id == step_id).values(updated_at=utcnow(), **values)
         )
+
+
+def _usage_updates(run_id: int, step_id: int | None, tokens: int, cost_usd: float) -> list[Any]:
+    """The UPDATEs that add a turn's tokens and cost to the run and its step (none: nothing)."""
+    if tokens <= 0 and cost_usd <= 0:
+        return []
+    runs, steps = cast(Table, ProtocolRun.__table__), cast(Table, StepRun.__table__)
+    run, step = runs.c, steps.c
+    now = utcnow()
+    updates = [
+        update(runs)
+        .where(run.id == run_id)
+        .values(tokens_used=run.tokens_used + tokens, cost_usd=run.cost_usd + cost_usd)
+        .values(updated_at=now)
+    ]
+    if step_id is not None:
+        updates.append(
+            update(steps)
+            .where(step.id == step_id)
+            .values(tokens_used=step.tokens_used + tokens, cost_usd=step.cost_usd + cost_usd)
+            .values(updated_at=now)
+        )
+    return updates
+
+
+async def record_usage(
+    db: Database,
+    run_id: int,
+    step_id: int | None,
+    tokens: int,
+    cost_usd: float,
+    event: Event,
+) -> None:
+    """Add an engine turn's tokens and cost to the run (and step) and store its event: all or
+    nothing.
+
+    On Postgres one statement, its own transaction in autocommit: the UPDATEs are data-modifying
+    CTEs of the event's INSERT (Postgres runs them whether or not the INSERT reads them), where
+    a transaction of three statements cost five round trips with its BEGIN and COMMIT. Every
+    step runs this once.
+    """
+    updates = _usage_updates(run_id, step_id, tokens, cost_usd)
+    if db.is_sqlite:
+        async with db.sessions.begin() as session:
+            for statement in updates:
+                await session.execute(statement)
+            session.add(event)
+        return
+    events = cast(Table, Event.__table__)
+    c = events.c
+    insert_event = insert(events).values(
+        {
+            c.event_type: event.event_type,
+            c.message: event.message,
+            c.project_id: event.project_id,
+            c.protocol_run_id: event.protocol_run_id,
+            c.step_run_id: event.step_run_id,
+            c.delivery_id: event.delivery_id,
+            c.metadata: event.metadata_,
+            c.created_at: event.created_at,
+        }
+    )
+    for n, statement in enumerate(updates):
+        insert_event = insert_event.add_cte(statement.cte(f"usage_{n}"))
+    async with db.one_statement() as conn:
+        await conn.execute(insert_event)
 
 
 async def add_tokens(
