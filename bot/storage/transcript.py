@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 
 from bot.storage.db import Database, sqlite_file
 from bot.storage.models import TranscriptChunk, utcnow
@@ -258,6 +258,18 @@ _INSERT_SQL = (
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
 
+# A batch on Postgres, in autocommit: the rows as arrays, and set_config(…, true), which is SET
+# LOCAL, for the statement's own transaction (volatile, so run for each row before it is
+# inserted; the commit reads the setting before it is reset): one round trip where BEGIN, SET
+# LOCAL, the INSERT and COMMIT were four, each turn's last one on the step's path.
+_PG_INSERT = text(
+    "INSERT INTO transcript_chunks (protocol_run_id, step_run_id, phase, lines, body, created_at)"
+    " SELECT r.p, r.s, r.ph, r.n, r.b, :created"
+    " FROM unnest(CAST(:p AS integer[]), CAST(:s AS integer[]), CAST(:ph AS varchar[]),"
+    " CAST(:n AS integer[]), CAST(:b AS text[])) AS r(p, s, ph, n, b)"
+    " WHERE set_config('synchronous_commit', 'off', true) = 'off'"
+)
+
 
 class TranscriptRecorder:
     """An engine sink that stores a turn's events in batches from a writer thread of its own.
@@ -434,14 +446,20 @@ class TranscriptRecorder:
         # skip the wait for the disk (synchronous_commit off); a machine crash may lose the
         # last batch, an application crash loses nothing committed.
         now = utcnow()
+        if self.db.autocommit is not None:  # Postgres: one statement, one round trip
+            columns: dict[str, list[Any]] = {"p": [], "s": [], "ph": [], "n": [], "b": []}
+            for row in rows:
+                for values, value in zip(columns.values(), row, strict=True):
+                    values.append(value)
+            async with self.db.autocommit.connect() as conn:
+                await conn.execute(_PG_INSERT, {**columns, "created": now})
+            return
         values = [
             {"protocol_run_id": p, "step_run_id": s, "phase": ph, "lines": n, "body": b,
              "created_at": now}
             for p, s, ph, n, b in rows
         ]  # fmt: skip
         async with self.db.engine.connect() as conn:
-            if not self.db.is_sqlite:
-                await conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
             await conn.execute(insert(TranscriptChunk), values)
             await conn.commit()
 

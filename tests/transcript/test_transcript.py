@@ -203,6 +203,13 @@ async def test_recorder_on_sqlite_and_postgres(db_url: str, tmp_path: Path) -> N
         items = await transcript_page(db, step_run_id=9)
         assert [i["text"] for i in items] == [f"r{n} {REDACTED}" for n in range(3)]
         assert items[0]["phase"] == "qa" and items[0]["created_at"]
+        # a protocol-level turn (planning): no step
+        planning = TranscriptRecorder(db, protocol_run_id=2, step_run_id=None, phase="plan")
+        event = {"type": "item.completed", "item": {"type": "agent_message", "text": "plan"}}
+        planning.add(event, json.dumps(event).encode())
+        await planning.close()
+        items = await transcript_page(db, protocol_run_id=2)
+        assert [(i["text"], i["step_run_id"]) for i in items] == [("plan", None)]
     finally:
         await db.dispose()
 
