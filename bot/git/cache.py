@@ -355,12 +355,11 @@ class GitCache:
         path = self.worktree_path(repo_url, branch)
         async with mirror_lock(mirror):
             await self._ensure_mirror_locked(mirror, repo_url, auth_header, fetch=fetch)
-            refs = await self._refs(mirror, [remote_ref(branch), remote_ref(base)])
+            refs, head = await self._refs_and_head(mirror, path, branch, base)
             self._note_base(mirror, base, refs.get(remote_ref(base)))
             remote_sha = refs.get(remote_ref(branch))
-            existing = await self._inspect(path, mirror)
-            if existing is not None and existing[1] == f"refs/heads/{branch}":
-                head = await self._reconcile(path, existing[0], remote_sha)
+            if head is not None:
+                head = await self._reconcile(path, head, remote_sha)
                 return Worktree(path, branch, mirror, head, created=False)
             if path.exists() or path.is_symlink():
                 log.warning("rebuilding broken worktree %s", path)
@@ -450,15 +449,54 @@ class GitCache:
                 out[name] = sha
         return out
 
-    async def _inspect(self, path: Path, mirror: Path) -> tuple[str, str] | None:
-        """(HEAD sha, HEAD symref) of a complete worktree of this mirror, else None."""
+    async def _refs_and_head(
+        self, mirror: Path, path: Path, branch: str, base: str
+    ) -> tuple[dict[str, str], str | None]:
+        """The remote branch and base heads, and the HEAD of the protocol's worktree when it is
+        complete and on its branch (else None: it is to be rebuilt).
+
+        One `for-each-ref` run in the worktree answers both (its refs are the mirror's, and
+        %(HEAD) marks the branch the worktree's own HEAD names), where reading the mirror's refs
+        and then asking the worktree for its HEAD took two git processes per step.
+        """
+        names = [remote_ref(branch), remote_ref(base)]
+        local = f"refs/heads/{branch}"
+        if not self._usable(path, mirror):
+            return await self._refs(mirror, names), None
+        res = await run_git(
+            ["for-each-ref", "--format=%(objectname) %(HEAD) %(refname)", *names, local],
+            cwd=path,
+            timeout=self.local_timeout,
+            check=False,
+        )
+        if res.returncode != 0:
+            return await self._refs(mirror, names), None
+        refs: dict[str, str] = {}
+        head: str | None = None
+        for line in res.out.splitlines():
+            sha, _, rest = line.partition(" ")
+            marker, name = rest[:1], rest[2:]
+            if name in names:  # for-each-ref also matches refs *below* a given name
+                refs[name] = sha
+            elif name == local and marker == "*":
+                head = sha
+        return refs, head
+
+    def _usable(self, path: Path, mirror: Path) -> bool:
+        """A complete worktree of this mirror whose `.git` link is intact (checked both ways)."""
         if not _looks_complete(path, mirror):
-            return None
+            return False
         try:
             check_worktree_link(path, mirror)
         except GitLinkError as exc:
             # Tampered with (by the agent, or a crash): rebuilt from the pushed branch, never used.
             log.warning("%s", exc)
+            return False
+        return True
+
+    async def _inspect(self, path: Path, mirror: Path) -> tuple[str, str] | None:
+        """(HEAD sha, HEAD symref) of a complete worktree of this mirror, else None."""
+        if not self._usable(path, mirror):
             return None
         res = await run_git(
             ["rev-parse", "--show-toplevel", "HEAD", "--symbolic-full-name", "HEAD"],

@@ -330,3 +330,17 @@ async def test_base_file_falls_back_to_the_branch_when_the_commit_is_gone(
 
     monkeypatch.setattr(ops, "read_file_at", gone_at_shas)
     assert await cache.base_file(origin.url, "main", "prompt.md", ops.read_file_at) == "one\n"
+
+
+async def test_worktree_off_its_branch_is_rebuilt(
+    cache: GitCache, origin: Origin, git: Git
+) -> None:
+    """A worktree whose HEAD left the protocol branch (detached by hand, another branch checked
+    out) is not reused as if it were on it: it is rebuilt on the branch."""
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    again = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    assert (again.created, again.head) == (False, wt.head)
+    git("checkout", "--quiet", "--detach", "HEAD~1", cwd=wt.path)
+    rebuilt = await cache.ensure_worktree(origin.url, BRANCH, "main")
+    assert rebuilt.created and rebuilt.head == git("rev-parse", "main", cwd=origin.bare)
+    assert git("symbolic-ref", "HEAD", cwd=rebuilt.path) == f"refs/heads/{BRANCH}"
