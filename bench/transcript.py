@@ -145,7 +145,10 @@ async def one_turn(
     request = EngineRequest(prompt="bench", workdir=workdir, phase="execute", timeout_s=60,
                             sink=recorder.add if recorder else None,
                             lines_sink=recorder.add_lines if recorder else None)  # fmt: skip
-    started, cpu, loop_cpu = time.perf_counter(), time.process_time(), time.thread_time()
+    cpu, loop_cpu = time.process_time(), time.thread_time()  # the writer's start included
+    if recorder is not None:
+        recorder.start()  # as the step runner does, before the turn
+    started = time.perf_counter()
     try:
         result = await engine.run(request)
     finally:

@@ -109,6 +109,7 @@ async def run_engine(env: JobEnv, state: RunState, call: EngineCall) -> EngineRe
     with log_context(protocol_run_id=state.run.id, step_run_id=step_id):
         log.info("engine %s (%s, model %s) starting", engine_id, call.phase, request.model)
         try:
+            recorder.start()
             # redacted and capped before anything stores, commits or publishes it
             result: EngineResult = sanitize_result(
                 await stoppable(env, state.run.id, engine.run(request))

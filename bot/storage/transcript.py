@@ -364,8 +364,16 @@ class TranscriptRecorder:
             line = json.dumps({"type": "deksdenflow.oversized", **entry}).encode()
         return line + b"\n"
 
+    def start(self) -> None:
+        """Start the writer thread now, before the turn, rather than at the first hand-over.
+
+        Starting a thread waits for it to run and take the GIL: paid here, not on the engine's
+        reading loop. After it, finish() or close() must follow on every path.
+        """
+        if self._thread is None:
+            self._start()
+
     def _start(self) -> None:
-        # at the first hand-over, not the first line: a burst's reading never pays for it
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         self._done = self._loop.create_future()
