@@ -392,3 +392,24 @@ async def test_the_writer_keeps_a_small_page_cache_and_stores_chunks_larger_than
             assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         await db.dispose()
+
+
+async def test_a_writer_started_before_a_turn_without_events_ends_with_it(tmp_path: Path) -> None:
+    from bot.storage.db import create_database
+    from bot.storage.migrate import upgrade_head
+
+    path = tmp_path / "idle.sqlite3"
+    upgrade_head(f"sqlite:///{path}")
+    db = create_database(f"sqlite+aiosqlite:///{path}")
+    try:
+        recorder = TranscriptRecorder(db, protocol_run_id=1, step_run_id=12, phase="execute")
+        recorder.start()  # as the step runner does before the engine runs
+        thread = recorder._thread
+        assert thread is not None and thread.is_alive()
+        recorder.finish()
+        await recorder.wait_stored()
+        thread.join(timeout=10)
+        assert not thread.is_alive() and recorder.stored == 0
+        assert await transcript_page(db, step_run_id=12) == []
+    finally:
+        await db.dispose()
