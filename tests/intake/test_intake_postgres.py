@@ -4,6 +4,7 @@ held connection; exact ids and flags, durable commits, and a fresh connection af
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,9 +13,10 @@ import psycopg
 import pytest
 
 from bot.handlers.sansio import IncomingDelivery
-from bot.storage.db import postgres_connector
-from bot.storage.intake import _Pending
+from bot.storage.db import create_database, postgres_connector
+from bot.storage.intake import DeliveryStore, _Pending
 from bot.storage.intake_pg import PostgresWriter, resolve
+from bot.storage.queue import JobSpec
 from tests.conftest import _truncate_postgres
 from tests.intake.helpers import rows
 
@@ -59,6 +61,26 @@ async def _hold_key(other: Any, key: str) -> None:
         " VALUES ('github', %s, 'issue_comment', 'pending', '{}', '{}', '{}', 0, now())",
         (key,),
     )
+
+
+@contextlib.asynccontextmanager
+async def _started_store(pg_url: str, **attrs: float) -> AsyncIterator[DeliveryStore]:
+    """A running DeliveryStore on the test database (its class knobs set per test), stopped and
+    disposed after; what it stores is not enqueued anywhere."""
+
+    async def on_stored(jobs: list[JobSpec]) -> None:
+        pass
+
+    db = create_database(_plain(pg_url).replace("postgresql://", "postgresql+psycopg://"))
+    store = DeliveryStore(db, on_stored)
+    for name, value in attrs.items():
+        setattr(store, name, value)
+    store.start()
+    try:
+        yield store
+    finally:
+        await store.stop()
+        await db.dispose()
 
 
 def _plain(url: str) -> str:
@@ -229,9 +251,6 @@ async def test_a_second_batch_commits_while_the_first_waits_and_a_racing_key_is_
 ) -> None:
     """Two commits in flight: one blocked on a key another transaction holds does not hold up
     the next batch, and once that transaction commits, the blocked delivery is its duplicate."""
-    from bot.storage.db import create_database
-    from bot.storage.intake import DeliveryStore
-    from bot.storage.queue import JobSpec
 
     enqueued: list[JobSpec] = []
 
@@ -272,9 +291,6 @@ async def test_a_few_deliveries_wait_for_the_commit_under_way_and_go_in_one_batc
 ) -> None:
     """Fewer than PG_SECOND_BATCH_MIN deliveries wait for the commit under way (one commit for
     them, not one each); that many start a second commit at once."""
-    from bot.storage.db import create_database
-    from bot.storage.intake import DeliveryStore
-    from bot.storage.queue import JobSpec
 
     sizes: list[int] = []
     write = PostgresWriter.write
@@ -325,19 +341,8 @@ async def test_a_few_deliveries_behind_a_stuck_commit_go_when_the_wait_ends(
     """Arrivals that find the hold armed do not wake the batching loop (store() skips it); the
     hold's timer does, so a few deliveries behind a commit stuck on a lock still commit once
     PG_SECOND_BATCH_WAIT_S has passed, in one batch, while that commit is still stuck."""
-    from bot.storage.db import create_database
-    from bot.storage.intake import DeliveryStore
-    from bot.storage.queue import JobSpec
-
-    async def on_stored(jobs: list[JobSpec]) -> None:
-        pass
-
-    db = create_database(_plain(pg_url).replace("postgresql://", "postgresql+psycopg://"))
-    store = DeliveryStore(db, on_stored)
-    store.PG_SECOND_BATCH_WAIT_S = 0.3
-    store.start()
     loop = asyncio.get_running_loop()
-    try:
+    async with _started_store(pg_url, PG_SECOND_BATCH_WAIT_S=0.3) as store:
         async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as other:
             await _hold_key(other, "held")
             held = asyncio.ensure_future(store.store(_pending("held", loop).delivery))
@@ -354,9 +359,6 @@ async def test_a_few_deliveries_behind_a_stuck_commit_go_when_the_wait_ends(
             await other.rollback()
         outcome, _ = await asyncio.wait_for(held, 5)
         assert outcome == "accepted"
-    finally:
-        await store.stop()
-        await db.dispose()
 
 
 async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_still_commit(
@@ -364,19 +366,8 @@ async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_sti
 ) -> None:
     """One timer for every waiter: a delivery whose commit is stuck past `deadline_s` fails with
     TimeoutError (the edge's 503) at its deadline, and the deliveries after it are unaffected."""
-    from bot.storage.db import create_database
-    from bot.storage.intake import DeliveryStore
-    from bot.storage.queue import JobSpec
-
-    async def on_stored(jobs: list[JobSpec]) -> None:
-        pass
-
-    db = create_database(_plain(pg_url).replace("postgresql://", "postgresql+psycopg://"))
-    store = DeliveryStore(db, on_stored)
-    store.deadline_s = 0.5
-    store.start()
     loop = asyncio.get_running_loop()
-    try:
+    async with _started_store(pg_url, deadline_s=0.5) as store:
         async with await psycopg.AsyncConnection.connect(_plain(pg_url)) as other:
             await _hold_key(other, "stuck")
             started = loop.time()
@@ -388,9 +379,6 @@ async def test_a_commit_past_the_deadline_answers_timeout_and_later_requests_sti
                 outcome, _ = await asyncio.wait_for(store.store(_pending(key, loop).delivery), 5)
                 assert outcome == "accepted"
             await other.rollback()
-    finally:
-        await store.stop()
-        await db.dispose()
 
 
 async def test_the_text_array_dumper_round_trips_nulls_non_ascii_and_empty_arrays(
