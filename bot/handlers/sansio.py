@@ -11,7 +11,6 @@ from functools import cached_property
 from typing import Any
 
 import msgspec
-import orjson
 
 from bot.core.errors import WebhookError
 from bot.core.jsonlimits import MAX_JSON_DEPTH, too_deep
@@ -50,10 +49,12 @@ class IncomingDelivery:
     def payload(self) -> dict[str, Any]:
         """The body as a dict, parsed on first use: the intake only checks it, handlers read it."""
         try:
-            parsed = orjson.loads(self.body)
-        except orjson.JSONDecodeError:
+            # msgspec, not orjson: orjson reads an integer beyond 64 bits as a float, silently
+            # changing it; msgspec keeps it exact
+            parsed = msgspec.json.decode(self.body)
+        except msgspec.DecodeError:
             try:
-                parsed = json.loads(self.body)  # integers beyond 64 bits, which orjson refuses
+                parsed = json.loads(self.body)  # NaN and the like, which msgspec refuses
             except ValueError:
                 return {}
         return parsed if isinstance(parsed, dict) else {}

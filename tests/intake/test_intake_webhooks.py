@@ -11,8 +11,9 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from bot.handlers.sansio import github_delivery
 from bot.web.app import create_app
-from tests.conftest import LiveServer, make_settings
+from tests.conftest import GITHUB_SECRET, LiveServer, make_settings
 from tests.intake.helpers import comment_body, github_headers, gitlab_headers, rows, sign
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -325,3 +326,13 @@ def test_readyz_names_the_failing_queue(tmp_path: Path, sqlite_url: str) -> None
         assert res.status_code == 503
         assert "queue" in res.json()["failing"]
         assert "database" not in res.json()["failing"]
+
+
+def test_a_handler_reads_an_integer_beyond_64_bits_exactly() -> None:
+    """A forge's id past 2**64 (or a crafted one) reaches the handlers as the same integer,
+    never rounded to a float."""
+    big = 2**70 + 1
+    body = json.dumps({"action": "created", "comment": {"id": big}, "n": 1.5}).encode()
+    delivery = github_delivery(github_headers(body), body, GITHUB_SECRET)
+    assert delivery.payload["comment"]["id"] == big
+    assert delivery.payload["n"] == 1.5
