@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import psycopg
+from psycopg.types.json import set_json_dumps, set_json_loads
 from sqlalchemy import event, exc, make_url, text
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.ext.asyncio import (
@@ -24,6 +25,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from bot.core.settings import Settings
+from bot.storage import jsoncodec
 
 # How long any one database operation may take before the request gets a 503 (issue 20): the
 # forges give a delivery 10 s, an operator should not stare at a hung page.
@@ -111,6 +113,8 @@ def create_database(url: str, timeout_s: float = DEFAULT_DB_TIMEOUT_S) -> Databa
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": timeout_s}
+        # on Postgres the driver decodes JSON columns (postgres_connector sets the codec there)
+        kwargs.update(json_serializer=jsoncodec.dumps_text, json_deserializer=jsoncodec.loads)
     else:
         kwargs.update(
             pool_size=10,
@@ -308,6 +312,9 @@ def postgres_connector(url: str, timeout_s: float) -> Any:
                     options=f"-c statement_timeout={ms} -c lock_timeout={ms}",
                     cursor_factory=cursor_class,
                 )
+                # psycopg reads and writes the JSON columns itself: with the faster codec
+                set_json_loads(jsoncodec.loads, conn)
+                set_json_dumps(jsoncodec.dumps, conn)
                 return conn
         except TimeoutError:
             raise DatabaseTimeout(
