@@ -19,6 +19,7 @@ from bot.git import (
     slugify,
 )
 from bot.git.guard import HARDENING_CONFIG
+from bot.git.runner import shown_argv
 
 
 @pytest.mark.parametrize(
@@ -120,3 +121,26 @@ def test_redact() -> None:
     out = redact(text, ["Authorization: Basic dXNlcjpwYXNz"])
     assert "pw@" not in out and "dXNlcjpwYXNz" not in out and "abc.def" not in out
     assert redact("plain", []) == "plain"
+
+
+def test_shown_redacts_each_argument_only_where_needed() -> None:
+    clean = ["git", "-c", "core.pager=cat", "fetch", "--quiet", "origin"]
+    assert shown_argv(clean, ["s3cr3t-token"]) == clean
+    argv = [
+        "git",
+        "-c",
+        "http.extraheader=Authorization: Bearer abc.def",
+        "push",
+        "https://user:pw@host/r.git",
+        "HEAD:refs/heads/x",
+        "note s3cr3t-token",
+    ]
+    assert shown_argv(argv, ["s3cr3t-token"]) == [
+        "git",
+        "-c",
+        "http.extraheader=***",
+        "push",
+        "https://***@host/r.git",
+        "HEAD:refs/heads/x",  # the header's `.*` must not run on into the next arguments
+        "note ***",
+    ]
