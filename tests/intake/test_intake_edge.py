@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
+import time
 import uuid
 from collections.abc import MutableMapping
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +188,41 @@ async def test_sqlite_writer_ids_and_flags_for_new_mixed_and_old_batches(sqlite_
     )[0]
     assert json.loads(headers) == {"x-github-event": "issue_comment"}
     assert json.loads(outcome) == {} and status == "pending"
+
+
+def _in_database_file(path: str) -> int:
+    """Rows in the database file itself, leaving the WAL aside: what checkpoints copied."""
+    for _ in range(20):
+        try:
+            with closing(sqlite3.connect(f"file:{path}?immutable=1", uri=True)) as conn:
+                return int(conn.execute("SELECT count(*) FROM webhook_deliveries").fetchone()[0])
+        except sqlite3.DatabaseError:  # read while a checkpoint was writing the pages: again
+            time.sleep(0.01)
+    raise AssertionError("the database file could not be read")
+
+
+async def test_a_bursts_last_writes_are_checkpointed_without_a_further_write(
+    sqlite_url: str,
+) -> None:
+    """The WAL a burst leaves is copied into the database file while no delivery comes, not
+    by the first one after the pause (whose commit would wait for that copy's disk writes)."""
+    loop = asyncio.get_running_loop()
+    path = sqlite_url.removeprefix("sqlite:///")
+    writer = SqliteWriter(path)
+    writer.CHECKPOINT_EVERY_S = 0.2
+    try:
+        await writer.write([_pending(f"k{i}", loop) for i in range(3)])
+        await asyncio.sleep(0.3)  # the first write's checkpoint (due at once) has run
+        for i in range(3, 40):
+            await writer.write([_pending(f"k{i}", loop)])
+        assert _in_database_file(path) < 40  # the burst is in the WAL, within the interval
+        for _ in range(50):  # then the quiet: a checkpoint comes on its own
+            if _in_database_file(path) == 40:
+                break
+            await asyncio.sleep(0.05)
+        assert _in_database_file(path) == 40
+    finally:
+        writer.close()
 
 
 # --- the Lua enqueue ---------------------------------------------------------------------------
