@@ -13,7 +13,8 @@ from bot.core.settings import Settings
 from bot.storage import jsoncodec
 from bot.storage.db import database_from_settings
 from bot.storage.models import StepRun
-from bot.storage.runs import create_run, get_or_create_project, load_run
+from bot.storage.runs import load_run
+from tests.protocol.run_support import project_and_run
 
 STATE: dict[str, Any] = {
     "attempt": 2,
@@ -28,12 +29,7 @@ STATE: dict[str, Any] = {
 async def test_runtime_state_round_trips_exactly(db_url: str) -> None:
     db = database_from_settings(Settings(db_url=db_url))
     try:
-        project = await get_or_create_project(
-            db, name="p", provider="local", git_url="/x", base_branch="main"
-        )
-        run = await create_run(
-            db, project=project, protocol_name="0001-x", description="x", base_branch="main"
-        )
+        _, run = await project_and_run(db)
         async with db.sessions.begin() as session:
             session.add(
                 StepRun(protocol_run_id=run.id, step_index=1, step_name="one", runtime_state=STATE)
@@ -56,12 +52,7 @@ async def test_rows_the_old_encoder_wrote_still_read(db_url: str) -> None:
     """json.dumps wrote spaces, `\\uXXXX` escapes and, on SQLite, a bare NaN."""
     db = database_from_settings(Settings(db_url=db_url))
     try:
-        project = await get_or_create_project(
-            db, name="p", provider="local", git_url="/x", base_branch="main"
-        )
-        run = await create_run(
-            db, project=project, protocol_name="0001-x", description="x", base_branch="main"
-        )
+        _, run = await project_and_run(db)
         async with db.sessions.begin() as session:
             session.add(StepRun(protocol_run_id=run.id, step_index=1, step_name="one"))
         old = '{"a": [1, 2], "s": "\\u00fc\\ud83d\\ude00"' + (

@@ -8,18 +8,14 @@ from sqlalchemy import select
 from bot.core.settings import Settings
 from bot.storage.db import database_from_settings
 from bot.storage.models import Event, StepRun
-from bot.storage.runs import create_run, get_or_create_project, load_run, new_event, record_usage
+from bot.storage.runs import load_run, new_event, record_usage
+from tests.protocol.run_support import project_and_run
 
 
 async def test_usage_lands_on_run_step_and_event_together(db_url: str) -> None:
     db = database_from_settings(Settings(db_url=db_url))
     try:
-        project = await get_or_create_project(
-            db, name="p", provider="local", git_url="/x", base_branch="main"
-        )
-        run = await create_run(
-            db, project=project, protocol_name="0001-x", description="x", base_branch="main"
-        )
+        project, run = await project_and_run(db)
         async with db.sessions.begin() as session:
             step = StepRun(protocol_run_id=run.id, step_index=1, step_name="one")
             session.add(step)
