@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from bot.core import jsoncodec
 from bot.core.errors import WebhookError
 from bot.core.jsonlimits import MAX_JSON_DEPTH, too_deep
 from bot.forge.kinds import forge_kind
@@ -49,14 +50,10 @@ class IncomingDelivery:
     def payload(self) -> dict[str, Any]:
         """The body as a dict, parsed on first use: the intake only checks it, handlers read it."""
         try:
-            # msgspec, not orjson: orjson reads an integer beyond 64 bits as a float, silently
-            # changing it; msgspec keeps it exact
-            parsed = msgspec.json.decode(self.body)
-        except msgspec.DecodeError:
-            try:
-                parsed = json.loads(self.body)  # NaN and the like, which msgspec refuses
-            except ValueError:
-                return {}
+            # exact integers beyond 64 bits (orjson would read them as floats)
+            parsed = jsoncodec.loads(self.body)
+        except ValueError:
+            return {}
         return parsed if isinstance(parsed, dict) else {}
 
     @property

@@ -24,8 +24,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from bot.core import jsoncodec
 from bot.core.settings import Settings
-from bot.storage import jsoncodec
 
 # How long any one database operation may take before the request gets a 503 (issue 20): the
 # forges give a delivery 10 s, an operator should not stare at a hung page.

@@ -1,4 +1,4 @@
-"""The JSON columns (bot/storage/jsoncodec.py) on both databases: what a step keeps in its
+"""The JSON columns (bot/core/jsoncodec.py) on both databases: what a step keeps in its
 runtime state comes back equal, exact integers beyond 64 bits included, and rows written by the
 standard library's encoder before the change still read."""
 
@@ -9,8 +9,8 @@ from typing import Any
 
 from sqlalchemy import text, update
 
+from bot.core import jsoncodec
 from bot.core.settings import Settings
-from bot.storage import jsoncodec
 from bot.storage.db import database_from_settings
 from bot.storage.models import StepRun
 from bot.storage.runs import load_run

@@ -1,4 +1,7 @@
-"""How the JSON columns are written and read: msgspec, with the standard library behind it.
+"""JSON as the project writes and reads it: msgspec, with the standard library behind it.
+
+Used for the database's JSON columns (bot/storage/db.py) and for a webhook's payload
+(bot/handlers/sansio.py).
 
 A step loads its run several times (`load_run`: the run, its project and every step in one
 query), and the driver decodes each JSON column of each row, so the standard library's decoder
@@ -25,7 +28,7 @@ _DECODER = msgspec.json.Decoder()
 
 
 def dumps(value: Any) -> bytes:
-    """JSON bytes for a column, for drivers that take bytes (psycopg)."""
+    """JSON bytes, for drivers that take bytes (psycopg)."""
     try:
         return _ENCODER.encode(value)
     except (TypeError, ValueError):  # a lone surrogate (UnicodeEncodeError), a bool key
@@ -35,14 +38,11 @@ def dumps(value: Any) -> bytes:
 def dumps_text(value: Any) -> str:
     """JSON text for a column, for drivers that store what they are given as is (SQLite: bytes
     would become a BLOB)."""
-    try:
-        return _ENCODER.encode(value).decode()
-    except (TypeError, ValueError):
-        return json.dumps(value)
+    return dumps(value).decode()
 
 
 def loads(data: str | bytes | bytearray | memoryview) -> Any:
-    """A column's value from its JSON text."""
+    """A value from its JSON text (ValueError when it is not JSON)."""
     try:
         return _DECODER.decode(data)
     except msgspec.DecodeError:  # NaN and the like, which json.dumps wrote and json reads
