@@ -27,14 +27,20 @@ from bot.web.http_limits import limit_options
 log = logging.getLogger("bot.cli.doctor")
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (IPv6 when the host is an IPv6 address)."""
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on host:port (IPv6 when the host is an IPv6 address).
+
+    `reuse_port`: several processes each bind their own socket on the same port and the kernel
+    spreads new connections over them (SO_REUSEPORT), as a balancer spreads them over replicas.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # The protocol named, not left 0: asyncio sets TCP_NODELAY only on connections whose
     # socket says IPPROTO_TCP, and without it an answer's second write (uvicorn sends the
     # headers and the body apart) waits for the client's delayed ACK, up to 40 ms.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
         sock.listen(128)

@@ -291,3 +291,24 @@ async def test_serves_socket_gives_connections_tcp_nodelay_on_asyncio() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_reuse_port_sockets_share_a_port_and_plain_ones_do_not() -> None:
+    """bench/intake.py's `--workers N` gives each server process its own listening socket on
+    one port (SO_REUSEPORT) so that the kernel spreads connections over them; without the
+    option a second bind on a port in use still fails (serve's clear "port in use" line)."""
+    import errno
+
+    from bot.web.serving import bind_socket
+
+    first = bind_socket("127.0.0.1", 0, reuse_port=True)
+    port = first.getsockname()[1]
+    try:
+        second = bind_socket("127.0.0.1", port, reuse_port=True)
+        assert second.getsockname()[1] == port
+        second.close()
+        with pytest.raises(OSError) as refused:
+            bind_socket("127.0.0.1", port).close()
+        assert refused.value.errno == errno.EADDRINUSE
+    finally:
+        first.close()
