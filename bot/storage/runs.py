@@ -85,17 +85,14 @@ async def transition(
     Returns the previous status. Raises TransitionConflict with the current status when the
     row moved on (another worker, an operator) and NotFound when it does not exist. A caller
     that holds the row already passes `known` (its status and ids): the CAS is the same, the
-    three look-ups are skipped.
+    look-up of those is skipped.
     """
     allowed = sorted(set(allowed_from))
-    if known is not None:
-        current: Any = known.status
-    else:
-        current = (
-            await session.execute(select(model.status).where(model.id == entity_id))
-        ).scalar()
-    if current is None:
+    if known is None:
+        known = await _known_row(session, model, entity_id)
+    if known is None:
         raise NotFound(f"{model.__tablename__} {entity_id} does not exist")
+    current = known.status
     result = await session.execute(
         update(model)
         .where(model.id == entity_id, model.status.in_(allowed), model.status == current)
@@ -111,7 +108,7 @@ async def transition(
             raise TransitionConflict("step", int(index or 0), str(now), wanted)
         raise TransitionConflict(model.__name__, entity_id, str(now), wanted)
     kind = "step" if model is StepRun else "protocol"
-    ids = await _event_ids(session, model, entity_id, known)
+    ids = _event_ids(model, entity_id, known)
     session.add(
         new_event(
             f"{kind}.{wanted}",
@@ -123,32 +120,34 @@ async def transition(
     return str(current)
 
 
-async def _event_ids(
-    session: AsyncSession, model: type[M], entity_id: int, known: KnownRow | None
-) -> dict[str, Any]:
-    """project, run (and step) ids for a transition's event: known by the caller, or looked up."""
+async def _known_row(session: AsyncSession, model: type[M], entity_id: int) -> KnownRow | None:
+    """The row's status with the ids its transition's event needs, in one round trip (None when
+    there is no such row). Three look-ups before: the status, then the run, then the project."""
     if model is StepRun:
-        run_id = (
-            known.run_id
-            if known
-            else (
-                await session.execute(
-                    select(StepRun.protocol_run_id).where(StepRun.id == entity_id)
-                )
-            ).scalar()
+        query = (
+            select(StepRun.status, StepRun.protocol_run_id, ProtocolRun.project_id)
+            .join(ProtocolRun, ProtocolRun.id == StepRun.protocol_run_id)
+            .where(StepRun.id == entity_id)
         )
-        ids: dict[str, Any] = {"protocol_run_id": run_id, "step_run_id": entity_id}
     else:
-        run_id = entity_id
-        ids = {"protocol_run_id": entity_id}
-    ids["project_id"] = (
-        known.project_id
-        if known
-        else (
-            await session.execute(select(ProtocolRun.project_id).where(ProtocolRun.id == run_id))
-        ).scalar()
-    )
-    return ids
+        query = select(ProtocolRun.status, ProtocolRun.id, ProtocolRun.project_id).where(
+            ProtocolRun.id == entity_id
+        )
+    row = (await session.execute(query)).one_or_none()
+    if row is None:
+        return None
+    return KnownRow(status=row[0], run_id=row[1], project_id=row[2])
+
+
+def _event_ids(model: type[M], entity_id: int, known: KnownRow) -> dict[str, Any]:
+    """project, run (and step) ids for a transition's event."""
+    if model is StepRun:
+        return {
+            "protocol_run_id": known.run_id,
+            "step_run_id": entity_id,
+            "project_id": known.project_id,
+        }
+    return {"protocol_run_id": entity_id, "project_id": known.project_id}
 
 
 @dataclass
