@@ -344,19 +344,16 @@ class Server:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
 
     def processes(self) -> list[int]:
-        """The serving processes: uvicorn itself, or with --workers its worker processes."""
+        """The serving processes: uvicorn itself, or with --workers the launcher's children (one
+        server each, bench/_launch.py)."""
         if self.workers == 1:
             return [self.proc.pid]
-        # multiprocessing's spawn start method adds a resource tracker: not a server
-        return [
-            pid
-            for pid in children(self.proc.pid)
-            if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
-        ]
+        return children(self.proc.pid)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        # uvicorn binds only after the lifespan's startup finished: a connect means ready. With
-        # --workers the supervisor binds first, so wait for every worker to have started too.
+        # The launcher binds before uvicorn starts, so a connect only means the port is open:
+        # connections wait in the backlog until the lifespan has started (the warm-up absorbs
+        # that). With --workers, wait for every server process, then for their lifespans.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
