@@ -9,7 +9,7 @@ from typing import Any
 
 from bot import git as gitops
 from bot.core.settings import Settings
-from bot.jobs.placement import branch_for
+from bot.jobs.placement import branch_for, parallel
 from bot.storage.db import Database
 from bot.storage.runs import RunState, run_branch, update_run
 
@@ -78,8 +78,15 @@ class JobEnv:
                 state.project.git_url, branch, run_branch(state.run), self.auth(state)
             )
             return Path(child.path), str(child.head)
+        # A protocol without a graph reads no remote branch but its own and the base: fetch only
+        # those. A graph's jobs merge its steps' child branches (jobs/integrate.py), which a PR
+        # branch's pattern would not cover: they fetch everything, as before.
         wt = await self.git.ensure_worktree(
-            state.project.git_url, run_branch(state.run), state.run.base_branch, self.auth(state)
+            state.project.git_url,
+            run_branch(state.run),
+            state.run.base_branch,
+            self.auth(state),
+            narrow=not parallel(state),
         )
         path = Path(wt.path)
         if state.run.worktree_path != str(path):

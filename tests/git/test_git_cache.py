@@ -344,3 +344,40 @@ async def test_worktree_off_its_branch_is_rebuilt(
     rebuilt = await cache.ensure_worktree(origin.url, BRANCH, "main")
     assert rebuilt.created and rebuilt.head == git("rev-parse", "main", cwd=origin.bare)
     assert git("symbolic-ref", "HEAD", cwd=rebuilt.path) == f"refs/heads/{BRANCH}"
+
+
+async def test_narrow_fetch_brings_the_branch_and_base_only(
+    cache: GitCache, origin: Origin, git: Git
+) -> None:
+    """`narrow`: another protocol's new commits stay on the remote; the protocol's own branch,
+    its `--NN` children and the base come, and a deleted one of them is pruned."""
+    mirror = await cache.ensure_mirror(origin.url)
+    origin.commit({"other.txt": "1\n"}, "another protocol", branch="0009-other")
+    origin.commit({"c.txt": "1\n"}, "a child", branch=f"{BRANCH}--01")
+    base = origin.commit({"base.txt": "1\n"}, "the base moved")
+
+    # a new protocol: its branch does not exist on the remote yet, which must not fail the fetch
+    wt = await cache.ensure_worktree(origin.url, BRANCH, "main", narrow=True)
+    assert wt.created and wt.head == base
+    refs = git("for-each-ref", "--format=%(refname)", cwd=mirror).split()
+    assert remote_ref("main") in refs and remote_ref(f"{BRANCH}--01") in refs
+    assert remote_ref("0009-other") not in refs  # not fetched
+
+    pushed = origin.commit({"x.txt": "1\n"}, "someone pushed to the protocol branch", BRANCH)
+    again = await cache.ensure_worktree(origin.url, BRANCH, "main", narrow=True)
+    assert again.head == pushed and (again.path / "x.txt").exists()
+
+    git("push", "-q", "origin", f":{BRANCH}--01", cwd=origin.seed)
+    await cache.ensure_worktree(origin.url, BRANCH, "main", narrow=True)
+    refs = git("for-each-ref", "--format=%(refname)", cwd=mirror).split()
+    assert remote_ref(f"{BRANCH}--01") not in refs  # pruned under the pattern
+
+    await cache.ensure_mirror(origin.url)  # a full fetch brings the rest
+    assert remote_ref("0009-other") in git("for-each-ref", "--format=%(refname)", cwd=mirror)
+
+
+async def test_narrow_fetch_with_an_unknown_base_is_still_that_error(
+    cache: GitCache, origin: Origin
+) -> None:
+    with pytest.raises(GitError, match="base branch"):
+        await cache.ensure_worktree(origin.url, BRANCH, "develop", narrow=True)
