@@ -5,13 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import socket
+import uuid
 from typing import Any
 
 from arq.constants import in_progress_key_prefix
-from arq.utils import poll
+from arq.utils import poll, timestamp_ms
 from arq.worker import Worker
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bot.jobs.affinity import (
+    RELEASE_LUA,
+    WARM_TTL_MS,
+    Queued,
+    pickable,
+    run_of,
+    runs_of,
+    warm_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +73,61 @@ class ResilientWorker(Worker):
         self.in_progress_renew_s = in_progress_renew_s
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+        # who this worker is in the warm marks (bot/jobs/affinity.py), and what it marked
+        self.affinity_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._warm: set[int] = set()
+        self._releasing: asyncio.Task[None] | None = None
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's start_jobs, on the queued jobs this worker may take now (bot/jobs/affinity.py):
+        jobs of a protocol whose worktree another worker holds wait a moment for that worker."""
+        ids = [job_id.decode() for job_id in job_ids]
+        runs = runs_of(ids)
+        if runs:
+            ids = await self._pickable(ids, runs)
+        await super().start_jobs([job_id.encode() for job_id in ids])
+        started = runs_of(job_id for job_id in ids if job_id in self.tasks)
+        if started:
+            await self._mark_warm(started)
+
+    async def _pickable(self, ids: list[str], runs: list[int]) -> list[str]:
+        async with self.pool.pipeline(transaction=False) as pipe:
+            pipe.mget([warm_key(run) for run in runs])
+            for job_id in ids:
+                pipe.zscore(self.queue_name, job_id)
+            held, *scores = await pipe.execute()
+        owners = {
+            run: owner.decode() for run, owner in zip(runs, held, strict=True) if owner is not None
+        }
+        queued = [
+            Queued(job_id, run_of(job_id), score) for job_id, score in zip(ids, scores, strict=True)
+        ]
+        return pickable(queued, owners, self.affinity_id, timestamp_ms())
+
+    async def _mark_warm(self, runs: list[int]) -> None:
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for run in runs:
+                pipe.set(warm_key(run), self.affinity_id, px=WARM_TTL_MS)
+            await pipe.execute()
+        self._warm.update(runs)
+
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        """arq's SIGTERM handler (it stops taking jobs), and the warm marks go at once: the next
+        jobs of this worker's protocols, handed back or queued by a step finishing in the
+        grace period, are for the other workers now, without waiting out a grace for this one."""
+        super().handle_sig_wait_for_completion(signum)
+        self._releasing = self.loop.create_task(self._release_warm())
+
+    async def _release_warm(self) -> None:
+        """On the way out: this worker's worktrees go with it, so nobody need wait for it."""
+        if not self._warm:
+            return
+        keys = [warm_key(run) for run in self._warm]
+        try:
+            await self.pool.eval(RELEASE_LUA, len(keys), *keys, self.affinity_id)  # type: ignore[misc]
+        except REDIS_DOWN as exc:  # the marks expire; meanwhile others wait out the grace
+            log.warning("could not release %d warm mark(s): %s", len(keys), exc)
+        self._warm.clear()
 
     async def _renew_in_progress(self) -> None:
         while True:
@@ -96,6 +165,8 @@ class ResilientWorker(Worker):
         for job_id, task in list(self.tasks.items()):
             if task.done():
                 del self.tasks[job_id]
+        if self._pool is not None:
+            await self._release_warm()
         await super().close()
 
     async def _until_redis_answers(self) -> None:
