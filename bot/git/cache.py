@@ -373,8 +373,9 @@ class GitCache:
 
         `narrow` fetches only the branch and the base (and the branches named after them), for
         a caller that reads no other remote branch: with many protocols pushing to one
-        repository, a full fetch brings every other protocol's new commits on every step
-        (on the scale bench, 8 workers: a third of a step's CPU went to git, most of it there).
+        repository, a full fetch brings every other protocol's new commits on every step. (On
+        the scale bench at 8 workers git took 0.12–0.16 s of a step's 0.29–0.34 s of CPU; with
+        this and worktree affinity, 0.07–0.09 s of 0.23 s.)
         """
         branch = check_branch_name(protocol_branch)
         base = check_branch_name(base_branch)

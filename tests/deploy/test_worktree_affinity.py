@@ -10,6 +10,7 @@ from typing import Any
 from arq.worker import func
 
 from bot.core.settings import Settings
+from bot.jobs import catalogue
 from bot.jobs.affinity import (
     FAIR_MS,
     GRACE_MS,
@@ -33,6 +34,12 @@ def test_run_of_reads_the_protocol_jobs_ids() -> None:
     for other in ("delivery:github:abc", "setup:3:x", "onboard:3:x", "exec:x:1", "cron:reclaim"):
         assert run_of(other) is None
     assert runs_of(["exec:3:1:0", "qa:3:1:a", "exec:4:1:0", "delivery:x"]) == [3, 4]
+    # the ids the job catalogue builds: the parse follows their format
+    assert run_of(catalogue.execute_step(21, 2, "0").job_id) == 21
+    assert run_of(catalogue.run_quality(22, 2, "a").job_id) == 22
+    assert run_of(catalogue.plan_protocol(23).job_id) == 23
+    assert run_of(catalogue.project_setup(24, "x").job_id) is None
+    assert run_of(catalogue.process_delivery(25, "github", "abc").job_id) is None
 
 
 def _q(job_id: str, age_ms: float | None, now: float = 100_000) -> Queued:
