@@ -170,6 +170,9 @@ def functions(settings: Settings) -> list[Function]:
     ]
 
 
+CRON_TRIES = 2
+
+
 def _relay_seconds(settings: Settings) -> set[int]:
     step = max(1, min(59, int(settings.relay_interval_s)))
     return set(range(0, 60, step))
@@ -178,10 +181,20 @@ def _relay_seconds(settings: Settings) -> set[int]:
 def cron_jobs(settings: Settings) -> list[CronJob]:
     """The outbox relay (every RELAY_INTERVAL_S, and at start-up), hourly delivery retention,
     and the reclaim of steps whose worker's lease expired."""
+    # Two tries: a cron run whose worker was killed is run again by another worker once its
+    # in-progress key expires. With arq's default of one, that second start was recorded as a
+    # failed job ("max 1 retries exceeded"; seen in tests/deploy/test_cross_host.py), though
+    # every cron here is idempotent and the run simply had not happened.
     return [
-        cron(relay_pending, second=_relay_seconds(settings), run_at_startup=True, unique=True),
+        cron(
+            relay_pending,
+            second=_relay_seconds(settings),
+            run_at_startup=True,
+            unique=True,
+            max_tries=CRON_TRIES,
+        ),
         # hourly, at an odd minute so it does not meet other hourly work
-        cron(prune_old_deliveries, minute={17}, second={30}, unique=True),
+        cron(prune_old_deliveries, minute={17}, second={30}, unique=True, max_tries=CRON_TRIES),
         # twice a minute: with a 60 s lease a dead worker's step moves on within 2 minutes
-        cron(reclaim_expired, second={7, 37}, unique=True),
+        cron(reclaim_expired, second={7, 37}, unique=True, max_tries=CRON_TRIES),
     ]

@@ -61,6 +61,8 @@ def test_deksdenflow_worker_runs_every_job_and_the_crons(tmp_path: Path) -> None
         "cron:prune_old_deliveries",
         "cron:reclaim_expired",
     }
+    # a run lost with its killed worker is run again, not recorded as failed
+    assert all(c.max_tries == 2 for c in kwargs["cron_jobs"])
 
 
 def test_arq_worker_settings_load_at_start_not_import(
